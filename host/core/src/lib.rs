@@ -1,0 +1,14 @@
+//! Starling's domain core: configuration, profiles, enrichments, conditions, audiences and the
+//! actions they fire. Pure logic: no I/O, no clock, no WebAssembly.
+
+pub mod condition;
+pub mod config;
+pub mod engine;
+pub mod profile;
+pub mod time;
+pub mod value;
+
+pub use config::{ConfigErrors, Diagnostic, Model, parse};
+pub use engine::{CustomEnrichers, Event, NoCustomEnrichers, Outcome, PendingAction, apply_event};
+pub use profile::Profile;
+pub use value::Value;

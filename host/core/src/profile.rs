@@ -1,0 +1,81 @@
+//! A visitor profile: preloaded counters, declared attributes, badges and audience memberships.
+
+use crate::value::Value;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    pub id: String,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub event_count: u64,
+    pub visit_count: u64,
+    pub visit_start_ms: i64,
+    pub visit_event_count: u64,
+    #[serde(default)]
+    pub attributes: BTreeMap<String, Value>,
+    #[serde(default)]
+    pub badges: BTreeSet<String>,
+    #[serde(default)]
+    pub audiences: BTreeSet<String>,
+}
+
+impl Profile {
+    /// A profile never seen before; its first event starts its first visit.
+    pub fn new(id: impl Into<String>) -> Profile {
+        Profile {
+            id: id.into(),
+            first_seen_ms: 0,
+            last_seen_ms: 0,
+            event_count: 0,
+            visit_count: 0,
+            visit_start_ms: 0,
+            visit_event_count: 0,
+            attributes: BTreeMap::new(),
+            badges: BTreeSet::new(),
+            audiences: BTreeSet::new(),
+        }
+    }
+
+    pub fn is_new(&self) -> bool {
+        self.event_count == 0
+    }
+
+    /// The current value of a declared or preloaded attribute. Badges read as `true` when assigned.
+    pub fn get(&self, name: &str) -> Option<Value> {
+        if self.is_new() {
+            return self.attributes.get(name).cloned();
+        }
+        match name {
+            "first_seen" => Some(Value::Date(self.first_seen_ms)),
+            "last_seen" => Some(Value::Date(self.last_seen_ms)),
+            "event_count" => Some(Value::Number(self.event_count as f64)),
+            "visit_count" => Some(Value::Number(self.visit_count as f64)),
+            "visit_start" => Some(Value::Date(self.visit_start_ms)),
+            "visit_event_count" => Some(Value::Number(self.visit_event_count as f64)),
+            "visit_duration_ms" => Some(Value::Number((self.last_seen_ms - self.visit_start_ms) as f64)),
+            _ if self.badges.contains(name) => Some(Value::Boolean(true)),
+            _ => self.attributes.get(name).cloned(),
+        }
+    }
+
+    /// The profile as the API shows it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let attributes: serde_json::Map<String, serde_json::Value> =
+            self.attributes.iter().map(|(k, v)| (k.clone(), v.to_json())).collect();
+        let date = |ms| serde_json::Value::String(crate::time::format_rfc3339(ms));
+        serde_json::json!({
+            "id": self.id,
+            "first_seen": date(self.first_seen_ms),
+            "last_seen": date(self.last_seen_ms),
+            "event_count": self.event_count,
+            "visit_count": self.visit_count,
+            "visit_start": date(self.visit_start_ms),
+            "visit_event_count": self.visit_event_count,
+            "attributes": attributes,
+            "badges": self.badges,
+            "audiences": self.audiences,
+        })
+    }
+}

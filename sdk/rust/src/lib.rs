@@ -1,0 +1,142 @@
+//! # starling-sdk
+//!
+//! Write a Starling plugin in Rust. Enable the `connector` or `enricher` feature, implement
+//! [`Connector`] or [`Enricher`] for a type, and export it with one macro line:
+//!
+//! ```ignore
+//! use starling_sdk::{Action, Connector, DeliveryError, export_connector};
+//!
+//! struct Hello;
+//! impl Connector for Hello {
+//!     fn deliver(actions: Vec<Action>) -> Vec<Result<(), DeliveryError>> {
+//!         actions.iter().map(|_| Ok(())).collect()
+//!     }
+//! }
+//! export_connector!(Hello);
+//! ```
+//!
+//! The WIT bindings are generated inside this crate; plugin authors use the types re-exported
+//! here and never the generated code.
+
+#[cfg(all(feature = "connector", feature = "enricher"))]
+compile_error!("enable exactly one of the `connector` and `enricher` features");
+
+#[cfg(not(any(feature = "connector", feature = "enricher")))]
+compile_error!("enable one of the `connector` or `enricher` features");
+
+#[doc(hidden)]
+pub mod bindings {
+    #[cfg(feature = "connector")]
+    wit_bindgen::generate!({
+        world: "starling:plugin/connector@0.1.0",
+        path: "../../wit",
+        pub_export_macro: true,
+        export_macro_name: "export_world",
+        default_bindings_module: "::starling_sdk::bindings",
+        generate_all,
+    });
+
+    #[cfg(feature = "enricher")]
+    wit_bindgen::generate!({
+        world: "starling:plugin/enricher@0.1.0",
+        path: "../../wit",
+        pub_export_macro: true,
+        export_macro_name: "export_world",
+        default_bindings_module: "::starling_sdk::bindings",
+    });
+}
+
+mod values;
+
+pub use bindings::starling::plugin::types::{
+    Action, Attribute, AttributeUpdate, AttributeValue, ConnectorInfo, DeliveryError, Event, Parameter,
+    ProfileView, RateLimited, TimelineEntry, Trigger,
+};
+
+/// The plugin's configuration, as set in the `[plugin.NAME]` table of the host's configuration.
+pub mod config {
+    /// The value of `key`, if configured.
+    pub fn get(key: &str) -> Option<String> {
+        crate::bindings::starling::plugin::config::get(key)
+    }
+}
+
+/// Logging into the host's log, tagged with the plugin's name.
+pub mod log {
+    use crate::bindings::starling::plugin::log::{Level, log};
+    pub fn debug(message: &str) {
+        log(Level::Debug, message)
+    }
+    pub fn info(message: &str) {
+        log(Level::Info, message)
+    }
+    pub fn warn(message: &str) {
+        log(Level::Warn, message)
+    }
+    pub fn error(message: &str) {
+        log(Level::Error, message)
+    }
+}
+
+#[cfg(feature = "connector")]
+pub mod http;
+
+/// A connector: delivers actions to an outside service.
+#[cfg(feature = "connector")]
+pub trait Connector {
+    /// The connector's settings and parameters, for documentation and validation.
+    fn describe() -> ConnectorInfo {
+        ConnectorInfo { description: String::new(), settings: Vec::new(), params: Vec::new() }
+    }
+
+    /// Delivers a batch of actions, returning one result per action, in order.
+    fn deliver(actions: Vec<Action>) -> Vec<Result<(), DeliveryError>>;
+}
+
+/// An enricher: computes attribute updates from an event and the profile it applies to.
+#[cfg(feature = "enricher")]
+pub trait Enricher {
+    fn enrich(event: Event, profile: ProfileView) -> Result<Vec<AttributeUpdate>, String>;
+}
+
+/// Exports a type implementing [`Connector`] as the component's `connector` world.
+#[cfg(feature = "connector")]
+#[macro_export]
+macro_rules! export_connector {
+    ($ty:ty) => {
+        const _: () = {
+            struct StarlingExport;
+            impl $crate::bindings::exports::starling::plugin::deliver::Guest for StarlingExport {
+                fn describe() -> $crate::ConnectorInfo {
+                    <$ty as $crate::Connector>::describe()
+                }
+                fn deliver(
+                    actions: ::std::vec::Vec<$crate::Action>,
+                ) -> ::std::vec::Vec<::std::result::Result<(), $crate::DeliveryError>> {
+                    <$ty as $crate::Connector>::deliver(actions)
+                }
+            }
+            $crate::bindings::export_world!(StarlingExport with_types_in $crate::bindings);
+        };
+    };
+}
+
+/// Exports a type implementing [`Enricher`] as the component's `enricher` world.
+#[cfg(feature = "enricher")]
+#[macro_export]
+macro_rules! export_enricher {
+    ($ty:ty) => {
+        const _: () = {
+            struct StarlingExport;
+            impl $crate::bindings::exports::starling::plugin::enrich::Guest for StarlingExport {
+                fn enrich(
+                    event: $crate::Event,
+                    profile: $crate::ProfileView,
+                ) -> ::std::result::Result<::std::vec::Vec<$crate::AttributeUpdate>, ::std::string::String> {
+                    <$ty as $crate::Enricher>::enrich(event, profile)
+                }
+            }
+            $crate::bindings::export_world!(StarlingExport with_types_in $crate::bindings);
+        };
+    };
+}

@@ -1,1 +1,430 @@
-// placeholder
+//! Starling's WebAssembly runtime: loads connector and enricher components on wasmtime, checks
+//! they implement the world they claim, and runs each call in a fresh sandbox with the memory
+//! cap, deadline and outbound hosts of the plugin's manifest.
+
+mod bindings;
+pub mod convert;
+pub mod egress;
+pub mod manifest;
+
+pub use bindings::types;
+pub use manifest::{Kind, Manifest};
+
+use bindings::{connector, enricher};
+use egress::{Egress, HostPattern};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+/// How often the epoch advances; deadlines are counted in these ticks.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// Host-side slack on top of a plugin's deadline before its call is abandoned.
+const HOST_GRACE: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("plugin `{0}` is not loaded")]
+    NotLoaded(String),
+    #[error("plugin `{plugin}` is a {actual}, not a {expected}")]
+    WrongKind { plugin: String, actual: &'static str, expected: &'static str },
+    #[error("plugin at {path}: {message}")]
+    Load { path: PathBuf, message: String },
+    #[error("plugin `{plugin}` exceeded its {timeout_ms} ms deadline and was stopped")]
+    Timeout { plugin: String, timeout_ms: u64 },
+    #[error("plugin `{plugin}` failed: {message}")]
+    Trap { plugin: String, message: String },
+}
+
+/// What every call of one plugin shares.
+struct PluginMeta {
+    name: Arc<str>,
+    config: BTreeMap<String, String>,
+    allowed_hosts: Arc<[HostPattern]>,
+    memory_bytes: usize,
+    timeout: Duration,
+}
+
+enum Pre {
+    Connector(connector::ConnectorPre<PluginState>),
+    Enricher(enricher::EnricherPre<PluginState>),
+}
+
+/// A loaded, validated plugin.
+pub struct Plugin {
+    pub manifest: Manifest,
+    pub sha256: String,
+    meta: Arc<PluginMeta>,
+    pre: Pre,
+}
+
+/// The state of one sandboxed call.
+pub struct PluginState {
+    meta: Arc<PluginMeta>,
+    table: ResourceTable,
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    egress: Egress,
+    limits: StoreLimits,
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl WasiHttpView for PluginState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.egress }
+    }
+}
+
+impl types::Host for PluginState {}
+
+impl connector::starling::plugin::log::Host for PluginState {
+    fn log(&mut self, level: connector::starling::plugin::log::Level, message: String) {
+        use connector::starling::plugin::log::Level;
+        let message: String = message.chars().take(4_096).collect();
+        let plugin = &*self.meta.name;
+        match level {
+            Level::Trace => tracing::trace!(plugin, "{message}"),
+            Level::Debug => tracing::debug!(plugin, "{message}"),
+            Level::Info => tracing::info!(plugin, "{message}"),
+            Level::Warn => tracing::warn!(plugin, "{message}"),
+            Level::Error => tracing::error!(plugin, "{message}"),
+        }
+    }
+}
+
+impl connector::starling::plugin::config::Host for PluginState {
+    fn get(&mut self, key: String) -> Option<String> {
+        self.meta.config.get(&key).cloned()
+    }
+}
+
+/// Advances the engine's epoch until dropped.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    fn start(engine: &Engine) -> EpochTicker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (engine, flag) = (engine.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("starling-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawning the epoch thread");
+        EpochTicker { stop }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Loads plugins and runs their calls.
+pub struct PluginHost {
+    engine: Engine,
+    connector_linker: Linker<PluginState>,
+    enricher_linker: Linker<PluginState>,
+    plugins: RwLock<HashMap<String, Arc<Plugin>>>,
+    _ticker: EpochTicker,
+}
+
+impl PluginHost {
+    pub fn new() -> Result<PluginHost, PluginError> {
+        let fail = |e: wasmtime::Error| PluginError::Load { path: PathBuf::new(), message: e.to_string() };
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        config.wasm_component_model(true);
+        let engine = Engine::new(&config).map_err(fail)?;
+
+        let mut enricher_linker = Linker::new(&engine);
+        add_starling_imports(&mut enricher_linker).map_err(fail)?;
+
+        let mut connector_linker = Linker::new(&engine);
+        add_starling_imports(&mut connector_linker).map_err(fail)?;
+        wasmtime_wasi::p2::add_to_linker_proxy_interfaces_async(&mut connector_linker).map_err(fail)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut connector_linker).map_err(fail)?;
+
+        let ticker = EpochTicker::start(&engine);
+        Ok(PluginHost {
+            engine,
+            connector_linker,
+            enricher_linker,
+            plugins: RwLock::new(HashMap::new()),
+            _ticker: ticker,
+        })
+    }
+
+    /// Loads every plugin in `dir` (one subdirectory with a `plugin.toml` each), giving each its
+    /// configuration from `config` by plugin name.
+    pub fn load_dir(
+        &self,
+        dir: &Path,
+        config: &BTreeMap<String, BTreeMap<String, String>>,
+    ) -> Result<Vec<Arc<Plugin>>, PluginError> {
+        let load_err = |message: String| PluginError::Load { path: dir.to_path_buf(), message };
+        let mut manifests: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| load_err(e.to_string()))?
+            .filter_map(|entry| entry.ok().map(|e| e.path().join("plugin.toml")))
+            .filter(|p| p.is_file())
+            .collect();
+        manifests.sort();
+        let mut loaded = Vec::new();
+        for path in manifests {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| PluginError::Load { path: path.clone(), message: e.to_string() })?;
+            let name = Manifest::parse(&text)
+                .map_err(|message| PluginError::Load { path: path.clone(), message })?
+                .name;
+            loaded.push(self.load(&path, config.get(&name).cloned().unwrap_or_default())?);
+        }
+        Ok(loaded)
+    }
+
+    /// Loads (or replaces) one plugin from its manifest.
+    pub fn load(&self, manifest_path: &Path, config: BTreeMap<String, String>) -> Result<Arc<Plugin>, PluginError> {
+        let err = |message: String| PluginError::Load { path: manifest_path.to_path_buf(), message };
+        let text = std::fs::read_to_string(manifest_path).map_err(|e| err(e.to_string()))?;
+        let manifest = Manifest::parse(&text).map_err(err)?;
+        let component_path = manifest_path.parent().unwrap_or(Path::new(".")).join(&manifest.component);
+        let bytes = std::fs::read(&component_path)
+            .map_err(|e| err(format!("reading {}: {e}", component_path.display())))?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        if let Some(expected) = &manifest.sha256
+            && !expected.eq_ignore_ascii_case(&sha256)
+        {
+            return Err(err(format!("sha256 mismatch: manifest says {expected}, component is {sha256}")));
+        }
+        let plugin = self.compile(manifest, sha256, &bytes, config).map_err(err)?;
+        let plugin = Arc::new(plugin);
+        self.plugins.write().expect("plugin table").insert(plugin.manifest.name.clone(), plugin.clone());
+        Ok(plugin)
+    }
+
+    fn compile(
+        &self,
+        manifest: Manifest,
+        sha256: String,
+        bytes: &[u8],
+        config: BTreeMap<String, String>,
+    ) -> Result<Plugin, String> {
+        if !wasmparser::Parser::is_component(bytes) {
+            return Err("not a WebAssembly component (a core module must be componentized first)".into());
+        }
+        let component = Component::from_binary(&self.engine, bytes).map_err(|e| format!("compiling: {e}"))?;
+        check_imports(&self.engine, &component, manifest.kind)?;
+        let pre = match manifest.kind {
+            Kind::Connector => Pre::Connector(
+                self.connector_linker
+                    .instantiate_pre(&component)
+                    .and_then(connector::ConnectorPre::new)
+                    .map_err(|e| format!("does not implement {}: {e}", manifest.world))?,
+            ),
+            Kind::Enricher => Pre::Enricher(
+                self.enricher_linker
+                    .instantiate_pre(&component)
+                    .and_then(enricher::EnricherPre::new)
+                    .map_err(|e| format!("does not implement {}: {e}", manifest.world))?,
+            ),
+        };
+        let allowed_hosts = manifest
+            .capabilities
+            .allowed_hosts
+            .iter()
+            .map(|p| HostPattern::parse(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let meta = Arc::new(PluginMeta {
+            name: manifest.name.as_str().into(),
+            config,
+            allowed_hosts: allowed_hosts.into(),
+            memory_bytes: (manifest.limits.memory_mib * 1024 * 1024) as usize,
+            timeout: Duration::from_millis(manifest.limits.timeout_ms),
+        });
+        Ok(Plugin { manifest, sha256, meta, pre })
+    }
+
+    pub fn get(&self, name: &str) -> Result<Arc<Plugin>, PluginError> {
+        self.plugins
+            .read()
+            .expect("plugin table")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| PluginError::NotLoaded(name.to_string()))
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.plugins.read().expect("plugin table").keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    fn store(&self, meta: &Arc<PluginMeta>) -> Store<PluginState> {
+        let state = PluginState {
+            meta: meta.clone(),
+            table: ResourceTable::new(),
+            wasi: WasiCtxBuilder::new().build(),
+            http: WasiHttpCtx::new(),
+            egress: Egress { plugin: meta.name.clone(), allowed: meta.allowed_hosts.clone() },
+            limits: StoreLimitsBuilder::new().memory_size(meta.memory_bytes).instances(32).build(),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        let ticks = meta.timeout.as_millis().div_ceil(EPOCH_TICK.as_millis()) as u64 + 1;
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+        store
+    }
+
+    /// Runs `call` under the plugin's deadline, bounding time in host calls (outbound HTTP) too.
+    async fn guarded<T>(
+        meta: &PluginMeta,
+        call: impl Future<Output = wasmtime::Result<T>>,
+    ) -> Result<T, PluginError> {
+        let timeout = || PluginError::Timeout {
+            plugin: meta.name.to_string(),
+            timeout_ms: meta.timeout.as_millis() as u64,
+        };
+        match tokio::time::timeout(meta.timeout + HOST_GRACE, call).await {
+            Err(_) => Err(timeout()),
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) => Err(timeout()),
+            Ok(Err(e)) => Err(PluginError::Trap { plugin: meta.name.to_string(), message: describe_error(&e) }),
+        }
+    }
+
+    /// Delivers a batch of actions through a connector; one result per action.
+    pub async fn deliver(
+        &self,
+        name: &str,
+        actions: &[types::Action],
+    ) -> Result<Vec<Result<(), types::DeliveryError>>, PluginError> {
+        let plugin = self.get(name)?;
+        let Pre::Connector(pre) = &plugin.pre else {
+            return Err(PluginError::WrongKind { plugin: name.into(), actual: "enricher", expected: "connector" });
+        };
+        let mut store = self.store(&plugin.meta);
+        let results = Self::guarded(&plugin.meta, async {
+            let instance = pre.instantiate_async(&mut store).await?;
+            instance.starling_plugin_deliver().call_deliver(&mut store, actions).await
+        })
+        .await?;
+        if results.len() != actions.len() {
+            return Err(PluginError::Trap {
+                plugin: name.into(),
+                message: format!("returned {} results for {} actions", results.len(), actions.len()),
+            });
+        }
+        Ok(results)
+    }
+
+    /// Asks a connector to describe itself.
+    pub async fn describe(&self, name: &str) -> Result<types::ConnectorInfo, PluginError> {
+        let plugin = self.get(name)?;
+        let Pre::Connector(pre) = &plugin.pre else {
+            return Err(PluginError::WrongKind { plugin: name.into(), actual: "enricher", expected: "connector" });
+        };
+        let mut store = self.store(&plugin.meta);
+        Self::guarded(&plugin.meta, async {
+            let instance = pre.instantiate_async(&mut store).await?;
+            instance.starling_plugin_deliver().call_describe(&mut store).await
+        })
+        .await
+    }
+
+    /// Runs an enricher on an event and profile.
+    pub async fn enrich(
+        &self,
+        name: &str,
+        event: &types::Event,
+        profile: &types::ProfileView,
+    ) -> Result<Result<Vec<types::AttributeUpdate>, String>, PluginError> {
+        let plugin = self.get(name)?;
+        let Pre::Enricher(pre) = &plugin.pre else {
+            return Err(PluginError::WrongKind { plugin: name.into(), actual: "connector", expected: "enricher" });
+        };
+        let mut store = self.store(&plugin.meta);
+        Self::guarded(&plugin.meta, async {
+            let instance = pre.instantiate_async(&mut store).await?;
+            instance.starling_plugin_enrich().call_enrich(&mut store, event, profile).await
+        })
+        .await
+    }
+}
+
+fn add_starling_imports(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
+    connector::starling::plugin::types::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    connector::starling::plugin::log::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    connector::starling::plugin::config::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    Ok(())
+}
+
+/// Interfaces a plugin of each kind may import; anything else is refused at load.
+fn import_allowed(kind: Kind, name: &str) -> bool {
+    const STARLING: &[&str] = &["starling:plugin/types@0.1.", "starling:plugin/log@0.1.", "starling:plugin/config@0.1."];
+    const HTTP: &[&str] = &[
+        "wasi:http/types@0.2.",
+        "wasi:http/outgoing-handler@0.2.",
+        "wasi:io/poll@0.2.",
+        "wasi:io/error@0.2.",
+        "wasi:io/streams@0.2.",
+        "wasi:clocks/monotonic-clock@0.2.",
+        "wasi:clocks/wall-clock@0.2.",
+        "wasi:random/random@0.2.",
+        "wasi:cli/stdout@0.2.",
+        "wasi:cli/stderr@0.2.",
+        "wasi:cli/stdin@0.2.",
+    ];
+    let matches = |list: &[&str]| list.iter().any(|p| name.starts_with(p));
+    match kind {
+        Kind::Enricher => matches(STARLING),
+        Kind::Connector => matches(STARLING) || matches(HTTP),
+    }
+}
+
+fn check_imports(engine: &Engine, component: &Component, kind: Kind) -> Result<(), String> {
+    let refused: Vec<String> = component
+        .component_type()
+        .imports(engine)
+        .map(|(name, _)| name.to_string())
+        .filter(|name| !import_allowed(kind, name))
+        .collect();
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("imports what the {} world does not grant: {}", kind.name(), refused.join(", ")))
+    }
+}
+
+fn describe_error(e: &wasmtime::Error) -> String {
+    if let Some(trap) = e.downcast_ref::<Trap>() {
+        return format!("wasm trap: {trap}");
+    }
+    let text = format!("{e:?}");
+    text.lines().next().unwrap_or("unknown error").to_string()
+}
+
+/// Turns a core module built with wit-bindgen (carrying its world in a custom section) into a
+/// component.
+pub fn componentize(module: &[u8]) -> Result<Vec<u8>, String> {
+    wit_component::ComponentEncoder::default()
+        .module(module)
+        .and_then(|e| e.validate(true).encode())
+        .map_err(|e| format!("componentizing: {e:#}"))
+}

@@ -105,11 +105,19 @@ impl Request {
         self.header("content-type", "application/json").body(value.to_string())
     }
 
-    /// Sends the request and reads the whole response.
+    fn method_sends_body(&self) -> bool {
+        matches!(self.method, Method::Post | Method::Put | Method::Patch)
+    }
+
+    /// Sends the request (with a `content-length`, so destinations need no chunked decoding)
+    /// and reads the whole response.
     pub fn send(self) -> Result<Response, HttpError> {
         let (scheme, authority, path) = split_url(&self.url)?;
         let fields = Fields::new();
-        for (name, value) in &self.headers {
+        let has_length = self.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-length"));
+        let length = (!has_length && (!self.body.is_empty() || self.method_sends_body()))
+            .then(|| ("content-length".to_string(), self.body.len().to_string()));
+        for (name, value) in self.headers.iter().chain(length.iter()) {
             fields
                 .append(name, &value.as_bytes().to_vec())
                 .map_err(|e| HttpError::InvalidUrl(format!("header `{name}`: {e:?}")))?;

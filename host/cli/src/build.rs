@@ -1,0 +1,146 @@
+//! `starling plugin build`: Rust plugin sources to components, with their manifests.
+//!
+//! Uses rustup's `wasm32-unknown-unknown` target when it is installed; otherwise Debian's Rust
+//! (`rustc-web`) with a rebuilt standard library and `wasm-ld-19`, installing those packages
+//! when missing. The core module is turned into a component in-process (wit-component).
+
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const TARGET: &str = "wasm32-unknown-unknown";
+const DEBIAN_PACKAGES: &[&str] =
+    &["rustc-web", "cargo-web", "rust-web-src", "libstd-rust-web-dev", "wasi-libc", "clang-19", "lld-19"];
+
+enum Toolchain {
+    Rustup,
+    Debian,
+}
+
+pub fn build_all(dirs: &[PathBuf], out: &Path) -> Result<()> {
+    let mut sources = Vec::new();
+    for dir in dirs {
+        if dir.join("plugin.toml").is_file() {
+            sources.push(dir.clone());
+        } else {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+                .with_context(|| format!("reading {}", dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.join("plugin.toml").is_file())
+                .collect();
+            found.sort();
+            sources.extend(found);
+        }
+    }
+    if sources.is_empty() {
+        bail!("no plugin sources (directories with a plugin.toml) in {}", dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "));
+    }
+    let toolchain = toolchain()?;
+    let target_dir = std::path::absolute(out.parent().unwrap_or(Path::new(".")).join("guest"))?;
+    for source in sources {
+        let built = build_one(&source, out, &target_dir, &toolchain)
+            .with_context(|| format!("building {}", source.display()))?;
+        println!("built {}", built.display());
+    }
+    Ok(())
+}
+
+fn toolchain() -> Result<Toolchain> {
+    let rustup_has_target = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == TARGET))
+        .unwrap_or(false);
+    if rustup_has_target {
+        return Ok(Toolchain::Rustup);
+    }
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(false)
+        })
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("installing the wasm guest toolchain from Debian: {}", missing.join(" "));
+        let root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false);
+        let apt = |args: &[&str]| -> Result<bool> {
+            let mut cmd = if root { Command::new("apt-get") } else { let mut c = Command::new("sudo"); c.arg("apt-get"); c };
+            Ok(cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive").status()?.success())
+        };
+        let mut install = vec!["install", "-y", "-q"];
+        install.extend(&missing);
+        if !apt(&install)? && !(apt(&["update", "-q"])? && apt(&install)?) {
+            bail!("could not install {}; install them, or `rustup target add {TARGET}`", missing.join(" "));
+        }
+    }
+    Ok(Toolchain::Debian)
+}
+
+fn build_one(source: &Path, out: &Path, target_dir: &Path, toolchain: &Toolchain) -> Result<PathBuf> {
+    let manifest_text = std::fs::read_to_string(source.join("plugin.toml"))?;
+    let manifest = starling_runtime::Manifest::parse(&manifest_text).map_err(|e| anyhow::anyhow!("plugin.toml:{e}"))?;
+    let cargo_toml: toml::Table = toml::from_str(&std::fs::read_to_string(source.join("Cargo.toml"))?)?;
+    let crate_name = cargo_toml
+        .get("package")
+        .and_then(|p| p.get("name"))
+        .and_then(|n| n.as_str())
+        .context("Cargo.toml has no package name")?
+        .replace('-', "_");
+
+    let mut cargo = match toolchain {
+        Toolchain::Rustup => Command::new("cargo"),
+        Toolchain::Debian => {
+            let mut c = Command::new("/usr/bin/cargo");
+            // Debian's rustc must come first on PATH, before rustup's shims.
+            let path = std::env::var("PATH").unwrap_or_default();
+            c.env("PATH", format!("/usr/bin:{path}"))
+                .env("RUSTC", "/usr/bin/rustc")
+                .env("RUSTC_BOOTSTRAP", "1")
+                .env("CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER", "wasm-ld-19")
+                .env_remove("RUSTUP_TOOLCHAIN")
+                .env_remove("RUSTC_WRAPPER");
+            c
+        }
+    };
+    cargo
+        .current_dir(source)
+        .args(["build", "--release", "--target", TARGET])
+        .env("CARGO_TARGET_DIR", target_dir);
+    if matches!(toolchain, Toolchain::Debian) {
+        cargo.arg("-Zbuild-std=std,panic_abort");
+    }
+    let status = cargo.status().context("running cargo")?;
+    if !status.success() {
+        bail!("cargo build failed ({status})");
+    }
+
+    let module_path = target_dir.join(TARGET).join("release").join(format!("{crate_name}.wasm"));
+    let dest = out.join(&manifest.name);
+    std::fs::create_dir_all(&dest)?;
+    let component_path = dest.join(&manifest.component);
+    let fresh = match (std::fs::metadata(&module_path), std::fs::metadata(&component_path)) {
+        (Ok(m), Ok(c)) => c.modified()? >= m.modified()?,
+        _ => false,
+    };
+    if !fresh {
+        let module = std::fs::read(&module_path).with_context(|| format!("reading {}", module_path.display()))?;
+        let component = starling_runtime::componentize(&module).map_err(anyhow::Error::msg)?;
+        std::fs::write(&component_path, component)?;
+    }
+    let component = std::fs::read(&component_path)?;
+    let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&component));
+    let mut built: toml::Table = toml::from_str(&manifest_text)?;
+    built.insert("sha256".into(), toml::Value::String(sha256));
+    let text = format!(
+        "# Built by `starling plugin build` from {}; do not edit.\n{}",
+        source.display(),
+        toml::to_string(&built)?
+    );
+    std::fs::write(dest.join("plugin.toml"), text)?;
+    Ok(component_path)
+}

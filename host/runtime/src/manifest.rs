@@ -1,0 +1,160 @@
+//! The plugin manifest (`plugin.toml`): identity, the world it targets, limits and capabilities.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+pub const CONNECTOR_WORLD: &str = "starling:plugin/connector@0.1.0";
+pub const ENRICHER_WORLD: &str = "starling:plugin/enricher@0.1.0";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Connector,
+    Enricher,
+}
+
+impl Kind {
+    pub fn world(self) -> &'static str {
+        match self {
+            Kind::Connector => CONNECTOR_WORLD,
+            Kind::Enricher => ENRICHER_WORLD,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Connector => "connector",
+            Kind::Enricher => "enricher",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub name: String,
+    pub version: String,
+    pub kind: Kind,
+    /// The WIT world and version the component implements.
+    pub world: String,
+    /// The component file, relative to the manifest.
+    pub component: String,
+    /// Hex sha256 of the component; checked at load when present.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub capabilities: Capabilities,
+    /// Configuration keys the plugin reads, and which are secrets.
+    #[serde(default)]
+    pub config: BTreeMap<String, ConfigKey>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { memory_mib: default_memory_mib(), timeout_ms: default_timeout_ms() }
+    }
+}
+
+fn default_memory_mib() -> u64 {
+    64
+}
+fn default_timeout_ms() -> u64 {
+    1_000
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capabilities {
+    /// Outbound HTTP destinations, `scheme://host[:port]`; `*` matches any port, any host, or
+    /// (as `*.example.com`) any subdomain.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigKey {
+    #[serde(default)]
+    pub secret: bool,
+    #[serde(default)]
+    pub description: String,
+}
+
+impl Manifest {
+    pub fn parse(text: &str) -> Result<Manifest, String> {
+        let m: Manifest = toml::from_str(text).map_err(|e| {
+            let at = e.span().map(|s| {
+                let before = &text[..s.start];
+                let line = before.matches('\n').count() + 1;
+                let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                format!("{line}:{col}: ")
+            });
+            format!("{}{}", at.unwrap_or_default(), e.message().trim())
+        })?;
+        if m.world != m.kind.world() {
+            return Err(format!(
+                "a {} must target world `{}`, manifest says `{}`",
+                m.kind.name(),
+                m.kind.world(),
+                m.world
+            ));
+        }
+        if m.limits.memory_mib == 0 || m.limits.timeout_ms == 0 {
+            return Err("limits.memory_mib and limits.timeout_ms must be positive".into());
+        }
+        for pattern in &m.capabilities.allowed_hosts {
+            crate::egress::HostPattern::parse(pattern)?;
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "webhook"
+version = "0.1.0"
+kind = "connector"
+world = "starling:plugin/connector@0.1.0"
+component = "webhook.wasm"
+[limits]
+memory_mib = 16
+[capabilities]
+allowed_hosts = ["https://*.example.com"]
+[config]
+token = { secret = true }
+"#;
+
+    #[test]
+    fn parses() {
+        let m = Manifest::parse(GOOD).unwrap();
+        assert_eq!(m.limits.memory_mib, 16);
+        assert_eq!(m.limits.timeout_ms, 1_000);
+        assert!(m.config["token"].secret);
+    }
+
+    #[test]
+    fn refuses_unknown_fields_with_position() {
+        let err = Manifest::parse(&format!("{GOOD}\nnetwork = true\n")).unwrap_err();
+        assert!(err.contains("network") && err.starts_with("15:"), "{err}");
+    }
+
+    #[test]
+    fn world_must_match_kind() {
+        let err = Manifest::parse(&GOOD.replace("kind = \"connector\"", "kind = \"enricher\"")).unwrap_err();
+        assert!(err.contains("must target world `starling:plugin/enricher@0.1.0`"), "{err}");
+    }
+}

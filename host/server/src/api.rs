@@ -1,0 +1,154 @@
+//! The HTTP API.
+
+use crate::pipeline::IngestJob;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use rusqlite::Connection;
+use starling_core::Model;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot};
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Seconds a client is asked to wait when the server is saturated.
+const RETRY_AFTER_SECS: &str = "1";
+
+#[derive(Clone)]
+pub struct AppState {
+    pub jobs: mpsc::Sender<IngestJob>,
+    pub read: Arc<Mutex<Connection>>,
+    pub model: Arc<Model>,
+    pub clock: fn() -> i64,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/events", post(post_events))
+        .route("/v1/profiles/{id}", get(get_profile))
+        .route("/v1/audiences", get(get_audiences))
+        .route("/v1/actions", get(get_actions))
+        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// An error answer: a status and a message naming the problem, as `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(serde_json::json!({ "error": self.message }))).into_response();
+        if matches!(self.status, StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS) {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+        }
+        response
+    }
+}
+
+impl From<starling_store::StoreError> for ApiError {
+    fn from(e: starling_store::StoreError) -> Self {
+        tracing::error!("{e}");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage error")
+    }
+}
+
+async fn post_events(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let body = body.map_err(|rejection| {
+        let status = rejection.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("request body is larger than {MAX_BODY_BYTES} bytes")
+        } else {
+            rejection.body_text()
+        };
+        ApiError::new(status, message)
+    })?;
+    let events = crate::ingest::parse_events(&body, (state.clock)())
+        .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, m))?;
+    let (reply, answer) = oneshot::channel();
+    state.jobs.try_send(IngestJob { events, reply }).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(_) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "ingestion queue is full; retry later")
+        }
+        mpsc::error::TrySendError::Closed(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+    })?;
+    let report = answer
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("events not stored: {e}")))?;
+    Ok((StatusCode::ACCEPTED, Json(serde_json::to_value(report).expect("report serializes"))))
+}
+
+async fn read<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&Connection) -> starling_store::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    let conn = state.read.clone();
+    Ok(tokio::task::spawn_blocking(move || f(&conn.lock().expect("read connection")))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "read task failed"))??)
+}
+
+async fn get_profile(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    let lookup = id.clone();
+    match read(&state, move |c| starling_store::find_profile(c, &lookup)).await? {
+        Some(profile) => Ok(Json(profile.to_json())),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no profile for id `{id}`"))),
+    }
+}
+
+async fn get_audiences(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let sizes = read(&state, starling_store::audience_sizes).await?;
+    let audiences: Vec<serde_json::Value> = state
+        .model
+        .audiences
+        .iter()
+        .map(|a| {
+            let mut reads = Vec::new();
+            a.rule.attributes(&mut reads);
+            let size = sizes.iter().find(|(n, _)| *n == a.name).map_or(0, |(_, s)| *s);
+            serde_json::json!({ "name": a.name, "size": size, "reads": reads })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "audiences": audiences })))
+}
+
+#[derive(serde::Deserialize)]
+struct ActionsQuery {
+    status: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn get_actions(
+    State(state): State<AppState>,
+    Query(q): Query<ActionsQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if let Some(s) = &q.status
+        && !["pending", "delivered", "failed", "dead"].contains(&s.as_str())
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("status: `{s}` is not one of pending, delivered, failed, dead"),
+        ));
+    }
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let rows = read(&state, move |c| starling_store::list_actions(c, q.status.as_deref(), limit)).await?;
+    Ok(Json(serde_json::json!({ "actions": rows })))
+}

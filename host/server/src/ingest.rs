@@ -1,0 +1,136 @@
+//! Reading `POST /v1/events` bodies: one event or `{"events": [...]}`, every field checked, with
+//! errors that name the field.
+
+use starling_core::Event;
+
+/// Most events one request may carry.
+pub const MAX_EVENTS_PER_REQUEST: usize = 10_000;
+const MAX_NAME_CHARS: usize = 200;
+const MAX_ID_CHARS: usize = 256;
+
+/// Parses a request body into events, stamping those without a timestamp with `now_ms`.
+pub fn parse_events(body: &[u8], now_ms: i64) -> Result<Vec<Event>, String> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| format!("malformed JSON at line {} column {}: {}", e.line(), e.column(), strip_position(&e)))?;
+    let serde_json::Value::Object(mut top) = value else {
+        return Err("body must be an event object or {\"events\": [...]}".into());
+    };
+    if let Some(events) = top.remove("events") {
+        if let Some(extra) = top.keys().next() {
+            return Err(format!("{extra}: unknown field (a batch has only `events`)"));
+        }
+        let serde_json::Value::Array(items) = events else {
+            return Err("events: expected an array".into());
+        };
+        if items.is_empty() {
+            return Err("events: the batch is empty".into());
+        }
+        if items.len() > MAX_EVENTS_PER_REQUEST {
+            return Err(format!("events: {} events, at most {MAX_EVENTS_PER_REQUEST} per request", items.len()));
+        }
+        items.into_iter().enumerate().map(|(i, item)| parse_event(item, &format!("events[{i}]."), now_ms)).collect()
+    } else {
+        Ok(vec![parse_event(serde_json::Value::Object(top), "", now_ms)?])
+    }
+}
+
+fn strip_position(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" at line ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+fn parse_event(value: serde_json::Value, at: &str, now_ms: i64) -> Result<Event, String> {
+    let serde_json::Value::Object(mut obj) = value else {
+        return Err(format!("{}: expected an event object", at.trim_end_matches('.')));
+    };
+    let name = required_string(&mut obj, at, "event", MAX_NAME_CHARS)?;
+    let visitor_id = required_string(&mut obj, at, "visitor_id", MAX_ID_CHARS)?;
+    let id = match obj.remove("id") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) if !s.is_empty() && s.chars().count() <= MAX_ID_CHARS => Some(s),
+        Some(serde_json::Value::String(_)) => {
+            return Err(format!("{at}id: must be 1 to {MAX_ID_CHARS} characters"));
+        }
+        Some(other) => return Err(format!("{at}id: expected a string, found {}", kind(&other))),
+    };
+    let timestamp_ms = match obj.remove("timestamp") {
+        None | Some(serde_json::Value::Null) => now_ms,
+        Some(serde_json::Value::String(s)) => starling_core::time::parse_rfc3339(&s)
+            .ok_or_else(|| format!("{at}timestamp: `{s}` is not an RFC 3339 timestamp like 2024-05-01T12:00:00Z"))?,
+        Some(other) => return Err(format!("{at}timestamp: expected an RFC 3339 string, found {}", kind(&other))),
+    };
+    let data = match obj.remove("data") {
+        None | Some(serde_json::Value::Null) => serde_json::Map::new(),
+        Some(serde_json::Value::Object(m)) => m,
+        Some(other) => return Err(format!("{at}data: expected an object, found {}", kind(&other))),
+    };
+    if let Some(extra) = obj.keys().next() {
+        return Err(format!("{at}{extra}: unknown field (an event has event, visitor_id, id, timestamp, data)"));
+    }
+    Ok(Event { id, name, visitor_id, timestamp_ms, data })
+}
+
+fn required_string(
+    obj: &mut serde_json::Map<String, serde_json::Value>,
+    at: &str,
+    field: &str,
+    max_chars: usize,
+) -> Result<String, String> {
+    match obj.remove(field) {
+        None | Some(serde_json::Value::Null) => Err(format!("{at}{field}: missing field")),
+        Some(serde_json::Value::String(s)) if s.trim().is_empty() => Err(format!("{at}{field}: must not be empty")),
+        Some(serde_json::Value::String(s)) if s.chars().count() > max_chars => {
+            Err(format!("{at}{field}: longer than {max_chars} characters"))
+        }
+        Some(serde_json::Value::String(s)) => Ok(s),
+        Some(other) => Err(format!("{at}{field}: expected a string, found {}", kind(&other))),
+    }
+}
+
+fn kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_event_or_a_batch() {
+        let one = parse_events(br#"{"event":"view","visitor_id":"a","data":{"x":1}}"#, 7).unwrap();
+        assert_eq!((one.len(), one[0].timestamp_ms), (1, 7));
+        let two = parse_events(
+            br#"{"events":[{"event":"view","visitor_id":"a"},{"event":"buy","visitor_id":"b","id":"e2","timestamp":"1970-01-01T00:00:01Z"}]}"#,
+            7,
+        )
+        .unwrap();
+        assert_eq!(two[1].id.as_deref(), Some("e2"));
+        assert_eq!(two[1].timestamp_ms, 1_000);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: &[(&[u8], &str)] = &[
+            (br#"{"event":"view"}"#, "visitor_id: missing field"),
+            (br#"{"events":[{"event":"v","visitor_id":"a"},{"event":5,"visitor_id":"b"}]}"#, "events[1].event: expected a string, found a number"),
+            (br#"{"event":"v","visitor_id":"a","data":[1]}"#, "data: expected an object, found an array"),
+            (br#"{"event":"v","visitor_id":"a","timestamp":"soon"}"#, "timestamp: `soon` is not an RFC 3339 timestamp like 2024-05-01T12:00:00Z"),
+            (br#"{"event":"v","visitor_id":"a","colour":1}"#, "colour: unknown field (an event has event, visitor_id, id, timestamp, data)"),
+            (br#"{"events":{}}"#, "events: expected an array"),
+            (b"{\"event\":\"v\",\n\"visitor_id\": }", "malformed JSON at line 2 column 15: expected value"),
+        ];
+        for (body, expected) in cases {
+            assert_eq!(parse_events(body, 0).unwrap_err(), *expected);
+        }
+    }
+}

@@ -130,19 +130,16 @@ impl Request {
         request.set_path_with_query(Some(path)).map_err(|_| bad("path"))?;
         let body = request.body().map_err(|_| HttpError::Transport("request body unavailable".into()))?;
         let pending = outgoing_handler::handle(request, None).map_err(error_code)?;
-        {
-            let stream = body.write().map_err(|_| HttpError::Transport("request body stream".into()))?;
-            for chunk in self.body.chunks(4096) {
-                stream.blocking_write_and_flush(chunk).map_err(|e| HttpError::Transport(format!("writing body: {e:?}")))?;
-            }
-        }
-        OutgoingBody::finish(body, None).map_err(error_code)?;
+        let written = write_body(&body, &self.body);
+        let finished = written.and_then(|()| OutgoingBody::finish(body, None).map_err(error_code));
         pending.subscribe().block();
         let response = match pending.get() {
             Some(Ok(Ok(r))) => r,
+            // A refused or failed request closes the body stream: report why it failed.
             Some(Ok(Err(code))) => return Err(error_code(code)),
             Some(Err(())) | None => return Err(HttpError::Transport("response already taken".into())),
         };
+        finished?;
         let status = response.status();
         let headers = response
             .headers()
@@ -155,6 +152,14 @@ impl Request {
         drop(incoming);
         Ok(Response { status, headers, body })
     }
+}
+
+fn write_body(body: &OutgoingBody, bytes: &[u8]) -> Result<(), HttpError> {
+    let stream = body.write().map_err(|_| HttpError::Transport("request body stream".into()))?;
+    for chunk in bytes.chunks(4096) {
+        stream.blocking_write_and_flush(chunk).map_err(|e| HttpError::Transport(format!("writing body: {e:?}")))?;
+    }
+    Ok(())
 }
 
 fn read_body(incoming: &IncomingBody) -> Result<Vec<u8>, HttpError> {

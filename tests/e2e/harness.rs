@@ -1,0 +1,189 @@
+//! What the end-to-end tests share: built plugins, a `starling serve` child process on a
+//! temporary SQLite file, and a loopback HTTP receiver that records what it gets.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repository root")
+}
+
+/// Builds `sources` into `out` once per test run with `starling plugin build`.
+fn build_plugins(cell: &'static OnceLock<PathBuf>, sources: &str, out: &str) -> &'static Path {
+    cell.get_or_init(|| {
+        let root = root();
+        let output = Command::new(env!("CARGO_BIN_EXE_starling"))
+            .current_dir(&root)
+            .args(["plugin", "build", sources, "--out", out])
+            .output()
+            .expect("running starling plugin build");
+        assert!(
+            output.status.success(),
+            "starling plugin build {sources} failed:\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        root.join(out)
+    })
+}
+
+/// The plugins in `connectors/`, built.
+pub fn connectors() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    build_plugins(&BUILT, "connectors", "target/plugins")
+}
+
+/// The hostile test plugins in `tests/plugins/`, built.
+pub fn test_plugins() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    build_plugins(&BUILT, "tests/plugins", "target/test-plugins")
+}
+
+/// Copies a built plugin into a test's plugin directory, optionally rewriting its manifest.
+pub fn install(from: &Path, name: &str, plugins_dir: &Path, edit_manifest: impl Fn(String) -> String) {
+    let dest = plugins_dir.join(name);
+    std::fs::create_dir_all(&dest).unwrap();
+    for entry in std::fs::read_dir(from.join(name)).unwrap() {
+        let path = entry.unwrap().path();
+        let target = dest.join(path.file_name().unwrap());
+        if path.file_name().unwrap() == "plugin.toml" {
+            std::fs::write(target, edit_manifest(std::fs::read_to_string(&path).unwrap())).unwrap();
+        } else {
+            std::fs::copy(&path, target).unwrap();
+        }
+    }
+}
+
+/// A running `starling serve`.
+pub struct Server {
+    child: Child,
+    pub url: String,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts the server on `config` and waits until it listens.
+    pub fn start(config: &Path) -> Server {
+        let log = config.with_extension("log");
+        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_starling"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("starting starling");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(url.to_string());
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(url) => Server { child, url, log },
+            Err(_) => {
+                let _ = child.kill();
+                panic!("starling did not start:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+        }
+    }
+
+    /// Stops the server with SIGTERM (a graceful shutdown) and waits for it.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("starling did not stop on SIGTERM");
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One request a [`Receiver`] got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: serde_json::Value,
+}
+
+/// A loopback HTTP server standing in for an outside service; it records every request.
+#[derive(Clone)]
+pub struct Receiver {
+    pub url: String,
+    got: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        let got: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let app = axum::Router::new()
+            .fallback(|State(got): State<Arc<Mutex<Vec<Received>>>>, method: axum::http::Method, uri: axum::http::Uri, headers: HeaderMap, body: axum::body::Bytes| async move {
+                let body = serde_json::from_slice(&body).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&body).into()));
+                got.lock().unwrap().push(Received { method: method.to_string(), path: uri.path().to_string(), headers, body });
+                StatusCode::OK
+            })
+            .with_state(got.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Receiver { url, got }
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T>(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
+}
+
+pub async fn post_json(url: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let r = client().post(url).json(body).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+pub async fn get_json(url: &str) -> (u16, serde_json::Value) {
+    let r = client().get(url).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}

@@ -5,6 +5,7 @@ pub mod connector {
         path: "../../wit",
         world: "starling:plugin/connector@0.1.0",
         exports: { default: async },
+        additional_derives: [PartialEq],
         with: {
             "wasi:io": wasmtime_wasi::p2::bindings::io,
             "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,

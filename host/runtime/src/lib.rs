@@ -64,6 +64,16 @@ pub struct Plugin {
     pre: Pre,
 }
 
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.manifest.name)
+            .field("kind", &self.manifest.kind)
+            .field("sha256", &self.sha256)
+            .finish()
+    }
+}
+
 /// The state of one sandboxed call.
 pub struct PluginState {
     meta: Arc<PluginMeta>,

@@ -148,8 +148,8 @@ token = { secret = true }
 
     #[test]
     fn refuses_unknown_fields_with_position() {
-        let err = Manifest::parse(&format!("{GOOD}\nnetwork = true\n")).unwrap_err();
-        assert!(err.contains("network") && err.starts_with("15:"), "{err}");
+        let err = Manifest::parse(&format!("network = true\n{GOOD}")).unwrap_err();
+        assert!(err.contains("network") && err.starts_with("1:1:"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,197 @@
+//! Runtime tests on WAT component fixtures: no guest toolchain needed. Each fixture is a core
+//! module written in WAT, given its world's metadata and turned into a component here.
+
+use starling_runtime::{PluginError, PluginHost, types};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const ALLOCATOR: &str = r#"
+  (memory (export "memory") 2)
+  (global $next (mut i32) (i32.const 8192))
+  (func (export "cabi_realloc") (param i32 i32) (param $align i32) (param $size i32) (result i32)
+    (local $ptr i32)
+    (local.set $ptr
+      (i32.and
+        (i32.add (global.get $next) (i32.sub (local.get $align) (i32.const 1)))
+        (i32.xor (i32.sub (local.get $align) (i32.const 1)) (i32.const -1))))
+    (global.set $next (i32.add (local.get $ptr) (local.get $size)))
+    (local.get $ptr))
+"#;
+
+/// An enricher whose `enrich` runs `body`, which must leave a result pointer on the stack.
+/// Offset 1024 holds zeroes: `ok(empty list)`.
+fn enricher(body: &str) -> String {
+    format!(
+        r#"(module {ALLOCATOR}
+  (func (export "starling:plugin/enrich@0.1.0#enrich") (param i32) (result i32) {body}))"#
+    )
+}
+
+const CONNECTOR: &str = r#"(module
+  (memory (export "memory") 2)
+  (global $next (mut i32) (i32.const 8192))
+  (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32) (global.get $next))
+  (func (export "starling:plugin/deliver@0.1.0#describe") (result i32) (i32.const 1024))
+  (func (export "starling:plugin/deliver@0.1.0#deliver") (param i32 i32) (result i32) (i32.const 1024)))"#;
+
+fn wit_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../wit")
+}
+
+/// Turns a WAT core module into a component of `world`, which may be given inline as WIT.
+fn component(wat: &str, world: &str, extra_wit: Option<&str>) -> Vec<u8> {
+    let mut module = wat::parse_str(wat).expect("fixture WAT parses");
+    let mut resolve = wit_parser::Resolve::default();
+    let (mut package, _) = resolve.push_dir(wit_dir()).expect("wit/ parses");
+    if let Some(wit) = extra_wit {
+        package = resolve.push_str("fixture.wit", wit).expect("fixture WIT parses");
+    }
+    let world = resolve.select_world(&[package], Some(world)).expect("world exists");
+    wit_component::embed_component_metadata(&mut module, &resolve, world, wit_component::StringEncoding::UTF8)
+        .expect("metadata embeds");
+    starling_runtime::componentize(&module).expect("componentizes")
+}
+
+/// Writes a plugin (manifest and component) into `dir` and returns the manifest path.
+fn plugin(dir: &Path, name: &str, kind: &str, bytes: &[u8], extra: &str) -> PathBuf {
+    let plugin_dir = dir.join(name);
+    std::fs::create_dir_all(&plugin_dir).unwrap();
+    std::fs::write(plugin_dir.join("c.wasm"), bytes).unwrap();
+    let manifest = format!(
+        "name = \"{name}\"\nversion = \"0.1.0\"\nkind = \"{kind}\"\nworld = \"starling:plugin/{kind}@0.1.0\"\ncomponent = \"c.wasm\"\n{extra}"
+    );
+    std::fs::write(plugin_dir.join("plugin.toml"), manifest).unwrap();
+    plugin_dir.join("plugin.toml")
+}
+
+fn event() -> types::Event {
+    types::Event {
+        id: None,
+        name: "view".into(),
+        visitor_id: "v".into(),
+        timestamp_ms: 0,
+        data_json: "{}".into(),
+    }
+}
+
+fn profile() -> types::ProfileView {
+    types::ProfileView { id: "v".into(), attributes: vec![], badges: vec![], audiences: vec![] }
+}
+
+#[tokio::test]
+async fn an_enricher_is_called() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = PluginHost::new().unwrap();
+    let bytes = component(&enricher("(i32.const 1024)"), "enricher", None);
+    host.load(&plugin(dir.path(), "ok", "enricher", &bytes, ""), BTreeMap::new()).unwrap();
+    let updates = host.enrich("ok", &event(), &profile()).await.unwrap();
+    assert_eq!(updates, Ok(vec![]));
+}
+
+#[tokio::test]
+async fn a_loop_is_stopped_at_its_deadline_and_other_calls_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = PluginHost::new().unwrap();
+    let looping = component(&enricher("(loop $l (br $l)) (unreachable)"), "enricher", None);
+    host.load(&plugin(dir.path(), "spin", "enricher", &looping, "[limits]\ntimeout_ms = 50\n"), BTreeMap::new())
+        .unwrap();
+    let ok = component(&enricher("(i32.const 1024)"), "enricher", None);
+    host.load(&plugin(dir.path(), "ok", "enricher", &ok, ""), BTreeMap::new()).unwrap();
+
+    let started = Instant::now();
+    let err = host.enrich("spin", &event(), &profile()).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(matches!(err, PluginError::Timeout { timeout_ms: 50, .. }), "{err}");
+    // Generous upper bound: test machines are noisy. Typically stopped within one 10 ms epoch tick.
+    assert!(took >= Duration::from_millis(50) && took < Duration::from_millis(400), "stopped soon after the deadline: {took:?}");
+    assert_eq!(host.enrich("ok", &event(), &profile()).await.unwrap(), Ok(vec![]));
+}
+
+#[tokio::test]
+async fn a_trap_fails_only_that_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = PluginHost::new().unwrap();
+    let trapping = component(&enricher("(unreachable)"), "enricher", None);
+    host.load(&plugin(dir.path(), "trap", "enricher", &trapping, ""), BTreeMap::new()).unwrap();
+    let err = host.enrich("trap", &event(), &profile()).await.unwrap_err();
+    assert!(matches!(&err, PluginError::Trap { message, .. } if message.contains("unreachable")), "{err}");
+    // The same plugin can be called again: each call gets a fresh instance.
+    assert!(host.enrich("trap", &event(), &profile()).await.is_err());
+}
+
+#[tokio::test]
+async fn memory_is_capped_by_the_manifest() {
+    // Grows memory by 100 MiB: answers ok(empty) if the growth is refused, traps if it succeeds.
+    let grow = enricher(
+        "(if (i32.eq (memory.grow (i32.const 1600)) (i32.const -1)) (then (return (i32.const 1024)))) (unreachable)",
+    );
+    let bytes = component(&grow, "enricher", None);
+    let dir = tempfile::tempdir().unwrap();
+    let host = PluginHost::new().unwrap();
+    host.load(&plugin(dir.path(), "small", "enricher", &bytes, "[limits]\nmemory_mib = 16\n"), BTreeMap::new())
+        .unwrap();
+    host.load(&plugin(dir.path(), "large", "enricher", &bytes, "[limits]\nmemory_mib = 256\n"), BTreeMap::new())
+        .unwrap();
+    assert_eq!(host.enrich("small", &event(), &profile()).await.unwrap(), Ok(vec![]), "growth past 16 MiB refused");
+    assert!(host.enrich("large", &event(), &profile()).await.is_err(), "growth within 256 MiB allowed");
+}
+
+#[tokio::test]
+async fn a_connector_is_described_and_called() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = PluginHost::new().unwrap();
+    let bytes = component(CONNECTOR, "connector", None);
+    host.load(&plugin(dir.path(), "c", "connector", &bytes, ""), BTreeMap::new()).unwrap();
+    let info = host.describe("c").await.unwrap();
+    assert_eq!((info.description.as_str(), info.settings.len()), ("", 0));
+    assert_eq!(host.deliver("c", &[]).await.unwrap(), vec![]);
+    let err = host.enrich("c", &event(), &profile()).await.unwrap_err();
+    assert!(matches!(err, PluginError::WrongKind { .. }), "{err}");
+}
+
+#[test]
+fn a_component_must_implement_the_world_it_claims() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = PluginHost::new().unwrap();
+    let connector = component(CONNECTOR, "connector", None);
+    let err = host.load(&plugin(dir.path(), "liar", "enricher", &connector, ""), BTreeMap::new()).unwrap_err();
+    assert!(err.to_string().contains("does not implement starling:plugin/enricher@0.1.0"), "{err}");
+}
+
+#[test]
+fn an_enricher_may_not_import_the_filesystem() {
+    let wit = r#"package test:evil;
+world evil {
+  import wasi:filesystem/preopens@0.2.12;
+  export starling:plugin/enrich@0.1.0;
+}"#;
+    let wat = format!(
+        r#"(module
+  (import "wasi:filesystem/preopens@0.2.12" "get-directories" (func $dirs (param i32)))
+  {ALLOCATOR}
+  (func (export "starling:plugin/enrich@0.1.0#enrich") (param i32) (result i32)
+    (call $dirs (i32.const 2048)) (i32.const 1024)))"#
+    );
+    let bytes = component(&wat, "evil", Some(wit));
+    let dir = tempfile::tempdir().unwrap();
+    let host = PluginHost::new().unwrap();
+    let err = host.load(&plugin(dir.path(), "evil", "enricher", &bytes, ""), BTreeMap::new()).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("imports what the enricher world does not grant") && text.contains("wasi:filesystem/preopens"), "{text}");
+}
+
+#[test]
+fn core_modules_and_bad_hashes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = PluginHost::new().unwrap();
+    let module = wat::parse_str("(module)").unwrap();
+    let err = host.load(&plugin(dir.path(), "m", "enricher", &module, ""), BTreeMap::new()).unwrap_err();
+    assert!(err.to_string().contains("not a WebAssembly component"), "{err}");
+
+    let bytes = component(&enricher("(i32.const 1024)"), "enricher", None);
+    let err = host
+        .load(&plugin(dir.path(), "h", "enricher", &bytes, &format!("sha256 = \"{}\"\n", "0".repeat(64))), BTreeMap::new())
+        .unwrap_err();
+    assert!(err.to_string().contains("sha256 mismatch"), "{err}");
+}

@@ -59,11 +59,34 @@ pub struct ServerSettings {
     /// Directory of built plugins, one subdirectory (with a `plugin.toml`) per plugin.
     #[serde(default)]
     pub plugins: Option<String>,
+    /// Requests each ingestion partition may hold before the API answers 503.
+    #[serde(default = "default_ingest_queue")]
+    pub ingest_queue: usize,
+    /// Ingestion partitions (worker threads); default: the number of CPUs.
+    #[serde(default)]
+    pub partitions: Option<usize>,
+    /// How long an event `id` is remembered for deduplication.
+    #[serde(default = "default_dedup_window_hours")]
+    pub dedup_window_hours: u64,
+}
+
+fn default_ingest_queue() -> usize {
+    256
+}
+fn default_dedup_window_hours() -> u64 {
+    7 * 24
 }
 
 impl Default for ServerSettings {
     fn default() -> Self {
-        ServerSettings { listen: default_listen(), database: default_database(), plugins: None }
+        ServerSettings {
+            listen: default_listen(),
+            database: default_database(),
+            plugins: None,
+            ingest_queue: default_ingest_queue(),
+            partitions: None,
+            dedup_window_hours: default_dedup_window_hours(),
+        }
     }
 }
 
@@ -157,6 +180,36 @@ pub struct ActionDef {
     pub connector_span: Range<usize>,
     pub settings: BTreeMap<String, String>,
     pub params: Vec<(String, Source)>,
+    pub delivery: DeliveryPolicy,
+}
+
+/// How an action's deliveries are paced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryPolicy {
+    /// At most one action per visitor within this period; later firings are dropped.
+    pub cooldown_ms: Option<i64>,
+    /// Deliver this long after the trigger, and only if the visitor is still in (for `joined`)
+    /// or still out of (for `left`) the audience then.
+    pub delay_ms: Option<i64>,
+    pub batch: Option<BatchPolicy>,
+    /// Calls of this action's connector in flight at once.
+    pub concurrency: usize,
+    /// Attempts before an action becomes a dead letter.
+    pub max_attempts: u32,
+}
+
+impl Default for DeliveryPolicy {
+    fn default() -> Self {
+        DeliveryPolicy { cooldown_ms: None, delay_ms: None, batch: None, concurrency: 4, max_attempts: 12 }
+    }
+}
+
+/// Actions are handed to the connector together once any limit is reached.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchPolicy {
+    pub max_items: usize,
+    pub max_age_ms: i64,
+    pub max_bytes: usize,
 }
 
 /// A validated configuration.
@@ -295,6 +348,19 @@ struct RawAction {
     settings: BTreeMap<String, String>,
     #[serde(default)]
     params: BTreeMap<String, Spanned<String>>,
+    cooldown: Option<Spanned<String>>,
+    delay: Option<Spanned<String>>,
+    batch: Option<Spanned<RawBatch>>,
+    concurrency: Option<Spanned<u64>>,
+    max_attempts: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBatch {
+    max_items: Option<u64>,
+    max_age: Option<String>,
+    max_bytes: Option<u64>,
 }
 
 /// Parses and validates a configuration file, reporting every error found.
@@ -432,6 +498,7 @@ impl Validator<'_> {
                     Err(msg) => self.error(src.span(), format!("params.{key}: {msg}")),
                 }
             }
+            let delivery = self.delivery_policy(a);
             if let Some(trigger) = trigger {
                 actions.push(ActionDef {
                     name: name.clone(),
@@ -441,6 +508,7 @@ impl Validator<'_> {
                     connector_span: a.connector.span(),
                     settings: a.settings.clone(),
                     params,
+                    delivery,
                 });
             }
         }
@@ -457,6 +525,52 @@ impl Validator<'_> {
             plugin_config: raw.plugin,
             source: self.source.to_string(),
         }
+    }
+
+    fn duration(&mut self, raw: &Option<Spanned<String>>) -> Option<i64> {
+        let raw = raw.as_ref()?;
+        match parse_duration(raw.get_ref()) {
+            Ok(ms) => Some(ms),
+            Err(msg) => {
+                self.error(raw.span(), msg);
+                None
+            }
+        }
+    }
+
+    fn delivery_policy(&mut self, a: &RawAction) -> DeliveryPolicy {
+        let mut policy = DeliveryPolicy {
+            cooldown_ms: self.duration(&a.cooldown),
+            delay_ms: self.duration(&a.delay),
+            ..DeliveryPolicy::default()
+        };
+        if let Some(c) = &a.concurrency {
+            match *c.get_ref() {
+                1..=256 => policy.concurrency = *c.get_ref() as usize,
+                _ => self.error(c.span(), "concurrency must be between 1 and 256"),
+            }
+        }
+        if let Some(m) = &a.max_attempts {
+            match *m.get_ref() {
+                1..=1000 => policy.max_attempts = *m.get_ref() as u32,
+                _ => self.error(m.span(), "max_attempts must be between 1 and 1000"),
+            }
+        }
+        if let Some(b) = &a.batch {
+            let raw = b.get_ref();
+            let max_age_ms = match raw.max_age.as_deref().map(parse_duration) {
+                None => Ok(1_000),
+                Some(r) => r,
+            };
+            match (raw.max_items.unwrap_or(100), max_age_ms, raw.max_bytes.unwrap_or(1_000_000)) {
+                (0, _, _) | (_, _, 0) => self.error(b.span(), "batch.max_items and batch.max_bytes must be positive"),
+                (_, Err(msg), _) => self.error(b.span(), format!("batch.max_age: {msg}")),
+                (items, Ok(age), bytes) => {
+                    policy.batch = Some(BatchPolicy { max_items: items as usize, max_age_ms: age, max_bytes: bytes as usize })
+                }
+            }
+        }
+        policy
     }
 
     fn enrichment(
@@ -660,6 +774,23 @@ impl Validator<'_> {
     }
 }
 
+/// Parses `500ms`, `30s`, `15m`, `2h` or `7d` into milliseconds.
+pub fn parse_duration(s: &str) -> Result<i64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: i64 = number.parse().map_err(|_| format!("`{s}` is not a duration like 30s, 15m, 2h or 7d"))?;
+    let unit_ms = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("`{s}` is not a duration like 30s, 15m, 2h or 7d")),
+    };
+    n.checked_mul(unit_ms).filter(|ms| *ms > 0).ok_or_else(|| format!("`{s}` must be positive and not absurdly long"))
+}
+
 fn is_identifier(s: &str) -> bool {
     !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
@@ -792,6 +923,25 @@ connector = "webhook"
                 "18:12: unknown audience `huge`",
             ]
         );
+    }
+
+    #[test]
+    fn delivery_policies() {
+        let src = format!("{GOOD}cooldown = \"1h\"\ndelay = \"2d\"\nbatch = {{ max_items = 50, max_age = \"5s\" }}\nconcurrency = 2\n");
+        let m = parse(&src).unwrap();
+        let p = &m.actions[0].delivery;
+        assert_eq!((p.cooldown_ms, p.delay_ms, p.concurrency), (Some(3_600_000), Some(172_800_000), 2));
+        assert_eq!(p.batch, Some(BatchPolicy { max_items: 50, max_age_ms: 5_000, max_bytes: 1_000_000 }));
+        let errs = parse(&format!("{GOOD}cooldown = \"soon\"\n")).unwrap_err().0;
+        assert_eq!(errs[0].message, "`soon` is not a duration like 30s, 15m, 2h or 7d");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(250));
+        assert_eq!(parse_duration("15m"), Ok(900_000));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5 years").is_err());
     }
 
     #[test]

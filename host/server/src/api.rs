@@ -1,6 +1,6 @@
 //! The HTTP API.
 
-use crate::pipeline::IngestJob;
+use crate::pipeline::{Ingest, IngestError};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -11,7 +11,6 @@ use bytes::Bytes;
 use rusqlite::Connection;
 use starling_core::Model;
 use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, oneshot};
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -20,7 +19,7 @@ const RETRY_AFTER_SECS: &str = "1";
 
 #[derive(Clone)]
 pub struct AppState {
-    pub jobs: mpsc::Sender<IngestJob>,
+    pub ingest: Arc<Ingest>,
     pub read: Arc<Mutex<Connection>>,
     pub model: Arc<Model>,
     pub clock: fn() -> i64,
@@ -32,6 +31,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/profiles/{id}", get(get_profile))
         .route("/v1/audiences", get(get_audiences))
         .route("/v1/actions", get(get_actions))
+        .route("/v1/dead-letters", get(get_dead_letters))
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -82,17 +82,10 @@ async fn post_events(
     })?;
     let events = crate::ingest::parse_events(&body, (state.clock)())
         .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, m))?;
-    let (reply, answer) = oneshot::channel();
-    state.jobs.try_send(IngestJob { events, reply }).map_err(|e| match e {
-        mpsc::error::TrySendError::Full(_) => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "ingestion queue is full; retry later")
-        }
-        mpsc::error::TrySendError::Closed(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+    let report = state.ingest.submit(events).await.map_err(|e| match e {
+        IngestError::Busy | IngestError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        IngestError::Failed(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     })?;
-    let report = answer
-        .await
-        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("events not stored: {e}")))?;
     Ok((StatusCode::ACCEPTED, Json(serde_json::to_value(report).expect("report serializes"))))
 }
 
@@ -141,14 +134,23 @@ async fn get_actions(
     Query(q): Query<ActionsQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     if let Some(s) = &q.status
-        && !["pending", "delivered", "failed", "dead"].contains(&s.as_str())
+        && !["pending", "delivered", "failed", "cancelled"].contains(&s.as_str())
     {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            format!("status: `{s}` is not one of pending, delivered, failed, dead"),
+            format!("status: `{s}` is not one of pending, delivered, failed, cancelled"),
         ));
     }
     let limit = q.limit.unwrap_or(100).min(10_000);
     let rows = read(&state, move |c| starling_store::list_actions(c, q.status.as_deref(), limit)).await?;
     Ok(Json(serde_json::json!({ "actions": rows })))
+}
+
+async fn get_dead_letters(
+    State(state): State<AppState>,
+    Query(q): Query<ActionsQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let rows = read(&state, move |c| starling_store::dead_letters(c, limit)).await?;
+    Ok(Json(serde_json::json!({ "dead_letters": rows })))
 }

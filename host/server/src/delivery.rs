@@ -1,67 +1,194 @@
-//! Delivering the outbox: due actions are grouped by connector, handed to the connector's
-//! component, and each result recorded: delivered, retried with backoff and jitter (or after the
-//! destination's Retry-After), failed for good on a permanent error, or dead after too many tries.
+//! Delivering the outbox. Each action has its own lane: its own queue (its outbox rows), its own
+//! concurrency limit and its own circuit breaker, so a slow or dead destination never holds up
+//! another. A lane hands due rows to the action's connector (one per call, or in batches when
+//! the action batches) and records each result: delivered; retried with backoff and jitter (or
+//! after the destination's Retry-After); failed for good on a permanent error; moved to the dead
+//! letters after the action's maximum attempts.
 
 use rusqlite::Connection;
 use starling_core::Value;
+use starling_core::config::ActionDef;
 use starling_runtime::{PluginHost, convert, types};
 use starling_store::{Attempt, OutboxEntry};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 
-/// Attempts before an action is moved to the dead letters.
-pub const MAX_ATTEMPTS: i64 = 12;
 const FIRST_RETRY_MS: i64 = 1_000;
 const MAX_RETRY_MS: i64 = 10 * 60 * 1_000;
-/// Longest sleep between outbox scans when nothing wakes the loop.
+/// Longest sleep between outbox scans when nothing wakes a lane.
 const IDLE_POLL: Duration = Duration::from_millis(500);
-const BATCH: usize = 256;
+/// Consecutive failed calls that open a lane's circuit breaker.
+const BREAKER_THRESHOLD: u32 = 5;
+const BREAKER_FIRST_OPEN_MS: i64 = 1_000;
+const BREAKER_MAX_OPEN_MS: i64 = 30_000;
+/// Rows one unbatched scan may start.
+const SCAN: usize = 256;
 
-pub struct Delivery {
+/// One action's delivery lane.
+pub struct Lane {
+    pub action: ActionDef,
     pub plugins: Arc<PluginHost>,
     pub conn: Arc<Mutex<Connection>>,
-    pub outbox: Arc<Notify>,
+    pub wake: Arc<Notify>,
     pub clock: fn() -> i64,
 }
 
-impl Delivery {
+/// Opens after repeated failed calls; while open the lane makes no calls, and its rows wait.
+#[derive(Default)]
+struct Breaker {
+    failures: u32,
+    opened: u32,
+    open_until_ms: i64,
+}
+
+impl Breaker {
+    fn record(&mut self, ok: bool, now: i64, lane: &str) {
+        if ok {
+            *self = Breaker::default();
+            return;
+        }
+        self.failures += 1;
+        if self.failures >= BREAKER_THRESHOLD {
+            let open_ms = (BREAKER_FIRST_OPEN_MS << self.opened.min(5)).min(BREAKER_MAX_OPEN_MS);
+            self.opened += 1;
+            self.failures = 0;
+            self.open_until_ms = now + open_ms;
+            tracing::warn!(action = lane, open_ms, "circuit breaker open: destination keeps failing");
+        }
+    }
+}
+
+impl Lane {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let name = self.action.name.clone();
+        let policy = self.action.delivery.clone();
+        let slots = Arc::new(Semaphore::new(policy.concurrency));
+        let in_flight: Arc<Mutex<HashSet<i64>>> = Arc::default();
+        let breaker: Arc<Mutex<Breaker>> = Arc::default();
+        let mut calls = tokio::task::JoinSet::new();
+        let limit = policy.batch.as_ref().map_or(SCAN, |b| b.max_items);
         loop {
             if *shutdown.borrow() {
-                return;
+                break;
             }
+            while calls.try_join_next().is_some() {}
             let now = (self.clock)();
-            let due = match self.db(move |c| starling_store::due_actions(c, now, BATCH)).await {
-                Ok(due) => due,
-                Err(e) => {
-                    tracing::error!("reading the outbox: {e}");
-                    Vec::new()
-                }
-            };
-            if due.is_empty() {
-                let next = self.db(starling_store::next_due).await.ok().flatten();
-                let wait = next.map_or(IDLE_POLL, |t| Duration::from_millis((t - now).clamp(0, 500) as u64));
-                tokio::select! {
-                    _ = self.outbox.notified() => {}
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.changed() => {}
-                }
+            let open_until = breaker.lock().expect("breaker").open_until_ms;
+            if open_until > now {
+                self.pause(Some(open_until - now), &mut shutdown).await;
                 continue;
             }
-            let mut by_connector: HashMap<String, Vec<OutboxEntry>> = HashMap::new();
-            for entry in due {
-                by_connector.entry(entry.connector.clone()).or_default().push(entry);
+            let busy: HashSet<i64> = in_flight.lock().expect("in flight").clone();
+            let action = name.clone();
+            let due = self
+                .db(move |c| starling_store::due_actions(c, &action, now, limit + busy.len()))
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::error!(action = %name, "reading the outbox: {e}");
+                    Vec::new()
+                });
+            let busy = in_flight.lock().expect("in flight").clone();
+            let mut due: Vec<OutboxEntry> = due.into_iter().filter(|e| !busy.contains(&e.id)).take(limit).collect();
+            if due.is_empty() {
+                let action = name.clone();
+                let next = self.db(move |c| starling_store::next_due(c, &action)).await.ok().flatten();
+                let wait = match next {
+                    Some(t) if t > now => Some(t - now),
+                    Some(_) => Some(20),
+                    None => None,
+                };
+                self.pause(wait, &mut shutdown).await;
+                continue;
             }
-            let mut tasks = tokio::task::JoinSet::new();
-            for (connector, entries) in by_connector {
+            due = self.check_conditions(due, now).await;
+            if due.is_empty() {
+                continue;
+            }
+            if let Some(batch) = &policy.batch {
+                let bytes: usize = due.iter().map(|e| e.payload.len()).sum();
+                let oldest = due.iter().map(|e| e.next_attempt_ms).min().unwrap_or(now);
+                let flush_at = oldest + batch.max_age_ms;
+                if due.len() < batch.max_items && bytes < batch.max_bytes && flush_at > now {
+                    self.pause(Some(flush_at - now), &mut shutdown).await;
+                    continue;
+                }
+            }
+            let groups: Vec<Vec<OutboxEntry>> = if policy.batch.is_some() {
+                vec![due]
+            } else {
+                due.into_iter().map(|e| vec![e]).collect()
+            };
+            for group in groups {
+                let permit = tokio::select! {
+                    p = slots.clone().acquire_owned() => p.expect("semaphore open"),
+                    _ = shutdown.changed() => break,
+                };
+                in_flight.lock().expect("in flight").extend(group.iter().map(|e| e.id));
                 let (plugins, conn, clock) = (self.plugins.clone(), self.conn.clone(), self.clock);
-                tasks.spawn(async move { deliver_group(&plugins, &conn, clock, &connector, entries).await });
+                let (flying, health) = (in_flight.clone(), breaker.clone());
+                let (connector, lane, max_attempts) =
+                    (self.action.connector.clone(), name.clone(), policy.max_attempts as i64);
+                calls.spawn(async move {
+                    let ok = deliver(&plugins, &conn, clock, &connector, &group, max_attempts).await;
+                    health.lock().expect("breaker").record(ok, clock(), &lane);
+                    let mut flying = flying.lock().expect("in flight");
+                    for e in &group {
+                        flying.remove(&e.id);
+                    }
+                    drop(permit);
+                });
+                if breaker.lock().expect("breaker").open_until_ms > (self.clock)() {
+                    break;
+                }
             }
-            while tasks.join_next().await.is_some() {}
         }
+        // Let calls under way finish and record their results.
+        while calls.join_next().await.is_some() {}
+    }
+
+    async fn pause(&self, wait_ms: Option<i64>, shutdown: &mut watch::Receiver<bool>) {
+        let wait = wait_ms.map_or(IDLE_POLL, |ms| Duration::from_millis(ms.clamp(1, 500) as u64));
+        tokio::select! {
+            _ = self.wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+
+    /// Cancels delayed actions whose membership condition no longer holds.
+    async fn check_conditions(&self, due: Vec<OutboxEntry>, now: i64) -> Vec<OutboxEntry> {
+        if due.iter().all(|e| e.condition.is_none()) {
+            return due;
+        }
+        self.db(move |c| {
+            let mut keep = Vec::with_capacity(due.len());
+            for entry in due {
+                let wanted = match entry.condition.as_deref() {
+                    Some("member") => true,
+                    Some("not_member") => false,
+                    _ => {
+                        keep.push(entry);
+                        continue;
+                    }
+                };
+                if starling_store::is_member(c, &entry.profile_id, &entry.audience)? == wanted {
+                    keep.push(entry);
+                } else {
+                    let reason = format!(
+                        "cancelled: visitor is no longer {} `{}`",
+                        if wanted { "in" } else { "out of" },
+                        entry.audience
+                    );
+                    starling_store::record_attempt(c, entry.id, &Attempt::Cancel { reason }, now)?;
+                }
+            }
+            Ok(keep)
+        })
+        .await
+        .unwrap_or_default()
     }
 
     async fn db<T: Send + 'static>(
@@ -75,52 +202,62 @@ impl Delivery {
     }
 }
 
-async fn deliver_group(
+/// One connector call for `entries`; returns whether the destination is healthy (anything but
+/// a failed call or all-retryable results).
+async fn deliver(
     plugins: &PluginHost,
     conn: &Mutex<Connection>,
     clock: fn() -> i64,
     connector: &str,
-    entries: Vec<OutboxEntry>,
-) {
+    entries: &[OutboxEntry],
+    max_attempts: i64,
+) -> bool {
     let actions: Vec<types::Action> = entries.iter().map(to_wit).collect();
     let outcome = plugins.deliver(connector, &actions).await;
     let now = clock();
     let attempts: Vec<Attempt> = match outcome {
-        Ok(results) => entries.iter().zip(results).map(|(e, r)| attempt_for(e, r, now)).collect(),
+        Ok(results) => entries.iter().zip(results).map(|(e, r)| attempt_for(e, r, now, max_attempts)).collect(),
         Err(err) => {
             tracing::warn!(connector, "delivery call failed: {err}");
-            entries.iter().map(|e| retry(e, now, err.to_string(), None)).collect()
+            entries.iter().map(|e| retry(e, now, err.to_string(), None, max_attempts)).collect()
         }
     };
+    let healthy = attempts.iter().any(|a| matches!(a, Attempt::Delivered | Attempt::GiveUp { status: "failed", .. }));
     let conn = conn.lock().expect("delivery connection");
     for (entry, attempt) in entries.iter().zip(&attempts) {
         if let Err(e) = starling_store::record_attempt(&conn, entry.id, attempt, now) {
             tracing::error!(action = entry.id, "recording a delivery attempt: {e}");
         }
         match attempt {
-            Attempt::Delivered => tracing::debug!(action = entry.id, connector, "delivered"),
-            Attempt::Retry { error, .. } => tracing::info!(action = entry.id, connector, "will retry: {error}"),
-            Attempt::GiveUp { status, error } => tracing::warn!(action = entry.id, connector, status, "{error}"),
+            Attempt::Delivered => tracing::debug!(id = entry.id, action = %entry.action, "delivered"),
+            Attempt::Retry { error, .. } => tracing::info!(id = entry.id, action = %entry.action, "will retry: {error}"),
+            Attempt::GiveUp { status, error } => tracing::warn!(id = entry.id, action = %entry.action, status, "{error}"),
+            Attempt::Cancel { .. } => {}
         }
     }
+    healthy
 }
 
-fn attempt_for(entry: &OutboxEntry, result: Result<(), types::DeliveryError>, now: i64) -> Attempt {
+fn attempt_for(entry: &OutboxEntry, result: Result<(), types::DeliveryError>, now: i64, max_attempts: i64) -> Attempt {
     match result {
         Ok(()) => Attempt::Delivered,
         Err(types::DeliveryError::Permanent(m)) => Attempt::GiveUp { status: "failed", error: format!("permanent: {m}") },
-        Err(types::DeliveryError::Retryable(m)) => retry(entry, now, format!("retryable: {m}"), None),
-        Err(types::DeliveryError::RateLimited(r)) => {
-            retry(entry, now, format!("rate limited: {}", r.message), Some(r.retry_after_ms as i64))
-        }
+        Err(types::DeliveryError::Retryable(m)) => retry(entry, now, format!("retryable: {m}"), None, max_attempts),
+        Err(types::DeliveryError::RateLimited(r)) => retry(
+            entry,
+            now,
+            format!("rate limited: {}", r.message),
+            Some(r.retry_after_ms as i64),
+            max_attempts,
+        ),
     }
 }
 
 /// The next attempt: after `after_ms` when the destination asked, else exponential backoff
-/// with ±20% jitter; dead after [`MAX_ATTEMPTS`].
-fn retry(entry: &OutboxEntry, now: i64, error: String, after_ms: Option<i64>) -> Attempt {
-    if entry.attempts + 1 >= MAX_ATTEMPTS {
-        return Attempt::GiveUp { status: "dead", error: format!("{error} (gave up after {MAX_ATTEMPTS} attempts)") };
+/// with ±20% jitter; a dead letter after `max_attempts`.
+fn retry(entry: &OutboxEntry, now: i64, error: String, after_ms: Option<i64>, max_attempts: i64) -> Attempt {
+    if entry.attempts + 1 >= max_attempts {
+        return Attempt::GiveUp { status: "dead", error: format!("{error} (gave up after {max_attempts} attempts)") };
     }
     let delay = after_ms.unwrap_or_else(|| {
         let base = (FIRST_RETRY_MS << entry.attempts.min(20)).min(MAX_RETRY_MS);
@@ -177,28 +314,43 @@ mod tests {
             next_attempt_ms: 0,
             last_error: None,
             delivered_ms: None,
+            condition: None,
         }
     }
 
     #[test]
     fn backoff_grows_with_jitter_and_honours_retry_after() {
         for attempts in 0..5 {
-            let Attempt::Retry { at_ms, .. } = retry(&entry(attempts), 0, "x".into(), None) else { panic!() };
+            let Attempt::Retry { at_ms, .. } = retry(&entry(attempts), 0, "x".into(), None, 12) else { panic!() };
             let base = FIRST_RETRY_MS << attempts;
             assert!((base * 4 / 5..=base * 6 / 5).contains(&at_ms), "{attempts}: {at_ms}");
         }
-        let Attempt::Retry { at_ms, .. } = retry(&entry(0), 100, "x".into(), Some(30_000)) else { panic!() };
+        let Attempt::Retry { at_ms, .. } = retry(&entry(0), 100, "x".into(), Some(30_000), 12) else { panic!() };
         assert_eq!(at_ms, 30_100);
     }
 
     #[test]
     fn retries_end_in_the_dead_letters() {
-        assert!(matches!(retry(&entry(MAX_ATTEMPTS - 1), 0, "x".into(), None), Attempt::GiveUp { status: "dead", .. }));
+        assert!(matches!(retry(&entry(11), 0, "x".into(), None, 12), Attempt::GiveUp { status: "dead", .. }));
+        assert!(matches!(retry(&entry(1), 0, "x".into(), None, 3), Attempt::Retry { .. }));
     }
 
     #[test]
     fn permanent_errors_are_not_retried() {
-        let a = attempt_for(&entry(0), Err(types::DeliveryError::Permanent("HTTP 400".into())), 0);
+        let a = attempt_for(&entry(0), Err(types::DeliveryError::Permanent("HTTP 400".into())), 0, 12);
         assert_eq!(a, Attempt::GiveUp { status: "failed", error: "permanent: HTTP 400".into() });
+    }
+
+    #[test]
+    fn the_breaker_opens_after_repeated_failures_and_closes_on_success() {
+        let mut b = Breaker::default();
+        for _ in 0..BREAKER_THRESHOLD - 1 {
+            b.record(false, 0, "t");
+        }
+        assert_eq!(b.open_until_ms, 0);
+        b.record(false, 0, "t");
+        assert_eq!(b.open_until_ms, BREAKER_FIRST_OPEN_MS);
+        b.record(true, 10, "t");
+        assert_eq!((b.failures, b.open_until_ms), (0, 0));
     }
 }

@@ -10,11 +10,9 @@ use starling_core::{Diagnostic, Model};
 use starling_runtime::{Kind, PluginHost};
 use std::future::Future;
 use std::path::PathBuf;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use tokio::sync::{Notify, mpsc, watch};
-
-/// Requests waiting for the pipeline before new ones are answered 503.
-const INGEST_QUEUE: usize = 1_024;
+use tokio::sync::{Notify, watch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -58,11 +56,11 @@ pub fn check_plugins(model: &Model, plugins: &PluginHost) -> Vec<Diagnostic> {
     problems
 }
 
-/// A started engine: the pipeline thread and delivery task are running; call [`App::serve`].
+/// A started engine: ingestion workers and delivery lanes are running; call [`App::serve`].
 pub struct App {
     state: api::AppState,
-    pipeline: std::thread::JoinHandle<()>,
-    delivery: tokio::task::JoinHandle<()>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    lanes: Vec<tokio::task::JoinHandle<()>>,
     stop_delivery: watch::Sender<bool>,
     pub plugins: Arc<PluginHost>,
 }
@@ -85,28 +83,47 @@ impl App {
             return Err(ServerError::Plugins(problems));
         }
 
-        let write = starling_store::open(&options.database)?;
-        let read = Arc::new(Mutex::new(starling_store::open(&options.database)?));
-        let delivery_conn = Arc::new(Mutex::new(starling_store::open(&options.database)?));
+        let database = options.database.clone();
+        let read = Arc::new(Mutex::new(starling_store::open(&database)?));
 
-        let outbox = Arc::new(Notify::new());
-        let (jobs, receiver) = mpsc::channel(INGEST_QUEUE);
-        let pipeline = pipeline::Pipeline {
+        let (stop_delivery, stopped) = watch::channel(false);
+        let mut wake = HashMap::new();
+        let mut lanes = Vec::new();
+        for action in &model.actions {
+            let notify = Arc::new(Notify::new());
+            wake.insert(action.name.clone(), notify.clone());
+            let lane = delivery::Lane {
+                action: action.clone(),
+                plugins: plugins.clone(),
+                conn: Arc::new(Mutex::new(starling_store::open(&database)?)),
+                wake: notify,
+                clock,
+            };
+            lanes.push(tokio::spawn(lane.run(stopped.clone())));
+        }
+
+        let shared = pipeline::Shared {
             model: model.clone(),
             plugins: plugins.clone(),
             runtime: tokio::runtime::Handle::current(),
-            outbox: outbox.clone(),
+            lanes: Arc::new(wake),
             clock,
         };
-        let pipeline = std::thread::Builder::new()
-            .name("starling-pipeline".into())
-            .spawn(move || pipeline.run(write, receiver))?;
+        let partitions = model
+            .server
+            .partitions
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .max(1);
+        let (ingest, workers) =
+            pipeline::start(shared, partitions, model.server.ingest_queue.max(1), || starling_store::open(&database))?;
 
-        let (stop_delivery, stopped) = watch::channel(false);
-        let delivery = delivery::Delivery { plugins: plugins.clone(), conn: delivery_conn, outbox, clock };
-        let delivery = tokio::spawn(delivery.run(stopped));
-
-        Ok(App { state: api::AppState { jobs, read, model, clock }, pipeline, delivery, stop_delivery, plugins })
+        Ok(App {
+            state: api::AppState { ingest: Arc::new(ingest), read, model, clock },
+            workers,
+            lanes,
+            stop_delivery,
+            plugins,
+        })
     }
 
     pub fn router(&self) -> axum::Router {
@@ -114,7 +131,7 @@ impl App {
     }
 
     /// Serves HTTP until `shutdown` resolves, then drains: in-flight requests finish, queued
-    /// events are committed, and delivery stops between attempts.
+    /// events are committed, and delivery stops after the calls under way.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
@@ -125,12 +142,16 @@ impl App {
         Ok(())
     }
 
-    /// Stops the pipeline (after its queued work) and the delivery loop.
+    /// Stops the ingestion workers (after their queued work) and the delivery lanes.
     pub async fn stop(self) {
-        let App { state, pipeline, delivery, stop_delivery, .. } = self;
+        let App { state, workers, lanes, stop_delivery, .. } = self;
         drop(state);
-        let _ = tokio::task::spawn_blocking(move || pipeline.join()).await;
+        for worker in workers {
+            let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+        }
         let _ = stop_delivery.send(true);
-        let _ = delivery.await;
+        for lane in lanes {
+            let _ = lane.await;
+        }
     }
 }

@@ -1,11 +1,14 @@
-//! The event pipeline: one thread owns the write connection, applies events to profiles and
-//! commits many requests per transaction (group commit). A request is answered only after the
-//! transaction holding its events has committed.
+//! The event pipeline. Events are partitioned by visitor over worker threads, so one profile is
+//! only ever updated by one worker. Each worker applies a group of queued requests in memory,
+//! then writes everything in one SQLite transaction (group commit); a request is answered only
+//! after every transaction holding its events has committed.
 
+use starling_core::config::{ActionDef, Trigger};
 use starling_core::{CustomEnrichers, Event, Model, PendingAction, Profile, apply_event};
 use starling_runtime::{PluginHost, convert};
 use starling_store::{Batch, StoreError};
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::Arc;
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -13,8 +16,10 @@ use tokio::sync::{Notify, mpsc, oneshot};
 const MAX_JOBS_PER_COMMIT: usize = 256;
 /// Profiles kept in memory between batches before the cache is emptied.
 const PROFILE_CACHE_LIMIT: usize = 100_000;
+/// How often worker 0 forgets event ids older than the dedup window.
+const PRUNE_EVERY_MS: i64 = 60_000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct IngestReport {
     pub accepted: usize,
     pub duplicates: usize,
@@ -25,19 +30,114 @@ pub struct IngestJob {
     pub reply: oneshot::Sender<Result<IngestReport, String>>,
 }
 
-pub struct Pipeline {
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("ingestion queue is full; retry later")]
+    Busy,
+    #[error("shutting down")]
+    Closed,
+    #[error("events not stored: {0}")]
+    Failed(String),
+}
+
+/// The front of the pipeline: routes each event to its visitor's partition.
+pub struct Ingest {
+    partitions: Vec<mpsc::Sender<IngestJob>>,
+}
+
+impl Ingest {
+    /// Queues `events` on their partitions, all or nothing, and waits until they are durable.
+    pub async fn submit(&self, events: Vec<Event>) -> Result<IngestReport, IngestError> {
+        let n = self.partitions.len();
+        let mut groups: Vec<Vec<Event>> = (0..n).map(|_| Vec::new()).collect();
+        for event in events {
+            groups[partition_of(&event.visitor_id, n)].push(event);
+        }
+        // Reserve room on every partition first, so a full queue refuses the whole request.
+        let mut permits = Vec::new();
+        for (i, group) in groups.iter().enumerate() {
+            if !group.is_empty() {
+                let permit = self.partitions[i].try_reserve().map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(()) => IngestError::Busy,
+                    mpsc::error::TrySendError::Closed(()) => IngestError::Closed,
+                })?;
+                permits.push((i, permit));
+            }
+        }
+        let mut answers = Vec::with_capacity(permits.len());
+        for (i, permit) in permits {
+            let (reply, answer) = oneshot::channel();
+            permit.send(IngestJob { events: std::mem::take(&mut groups[i]), reply });
+            answers.push(answer);
+        }
+        let mut total = IngestReport::default();
+        for answer in answers {
+            let report = answer.await.map_err(|_| IngestError::Closed)?.map_err(IngestError::Failed)?;
+            total.accepted += report.accepted;
+            total.duplicates += report.duplicates;
+        }
+        Ok(total)
+    }
+}
+
+/// The partition a visitor's events go to; stable across restarts.
+pub fn partition_of(visitor_id: &str, partitions: usize) -> usize {
+    (BuildHasherDefault::<DefaultHasher>::default().hash_one(visitor_id) % partitions as u64) as usize
+}
+
+/// Everything a worker needs.
+#[derive(Clone)]
+pub struct Shared {
     pub model: Arc<Model>,
     pub plugins: Arc<PluginHost>,
     pub runtime: tokio::runtime::Handle,
-    /// Woken when actions were queued.
-    pub outbox: Arc<Notify>,
+    /// Delivery lanes by action name, woken when their actions are queued.
+    pub lanes: Arc<HashMap<String, Arc<Notify>>>,
     pub clock: fn() -> i64,
 }
 
-impl Pipeline {
-    /// Runs until every sender of `jobs` is dropped, then returns after the last commit.
-    pub fn run(self, mut conn: rusqlite::Connection, mut jobs: mpsc::Receiver<IngestJob>) {
-        let mut cache = Cache::default();
+/// Starts `n` workers, each with its own connection from `open`.
+pub fn start(
+    shared: Shared,
+    n: usize,
+    queue: usize,
+    open: impl Fn() -> Result<rusqlite::Connection, StoreError>,
+) -> Result<(Ingest, Vec<std::thread::JoinHandle<()>>), StoreError> {
+    let mut senders = Vec::with_capacity(n);
+    let mut handles = Vec::with_capacity(n);
+    for index in 0..n {
+        let (tx, rx) = mpsc::channel(queue);
+        let worker = Worker { shared: shared.clone(), index, cache: Cache::default(), last_prune_ms: 0 };
+        let conn = open()?;
+        let handle = std::thread::Builder::new()
+            .name(format!("starling-ingest-{index}"))
+            .spawn(move || worker.run(conn, rx))
+            .map_err(|e| StoreError::Corrupt { id: "worker".into(), message: e.to_string() })?;
+        senders.push(tx);
+        handles.push(handle);
+    }
+    Ok((Ingest { partitions: senders }, handles))
+}
+
+struct Worker {
+    shared: Shared,
+    index: usize,
+    cache: Cache,
+    last_prune_ms: i64,
+}
+
+/// A write decided while applying events, performed at commit.
+enum Write {
+    Link { visitor: String, profile: String },
+    Event { job: usize, event: usize, profile: String },
+    Join { profile: String, audience: String, at_ms: i64 },
+    Leave { profile: String, audience: String },
+    Enqueue { action: PendingAction, due_ms: i64, condition: Option<&'static str> },
+    Fired { action: String, profile: String, at_ms: i64 },
+}
+
+impl Worker {
+    fn run(mut self, mut conn: rusqlite::Connection, mut jobs: mpsc::Receiver<IngestJob>) {
         while let Some(first) = jobs.blocking_recv() {
             let mut batch = vec![first];
             while batch.len() < MAX_JOBS_PER_COMMIT {
@@ -46,104 +146,165 @@ impl Pipeline {
                     Err(_) => break,
                 }
             }
-            match self.apply(&mut conn, &mut cache, &batch) {
-                Ok((reports, queued)) => {
-                    if queued {
-                        self.outbox.notify_one();
+            match self.apply(&mut conn, &batch) {
+                Ok((reports, woken)) => {
+                    for action in woken {
+                        if let Some(lane) = self.shared.lanes.get(&action) {
+                            lane.notify_one();
+                        }
                     }
                     for (job, report) in batch.into_iter().zip(reports) {
                         let _ = job.reply.send(Ok(report));
                     }
                 }
                 Err(e) => {
-                    tracing::error!("event batch not stored: {e}");
-                    cache = Cache::default();
+                    tracing::error!(partition = self.index, "event batch not stored: {e}");
+                    self.cache = Cache::default();
                     for job in batch {
                         let _ = job.reply.send(Err(e.to_string()));
                     }
                 }
             }
+            self.prune(&conn);
         }
     }
 
+    fn prune(&mut self, conn: &rusqlite::Connection) {
+        let now = (self.shared.clock)();
+        if self.index != 0 || now - self.last_prune_ms < PRUNE_EVERY_MS {
+            return;
+        }
+        self.last_prune_ms = now;
+        let window_ms = self.shared.model.server.dedup_window_hours as i64 * 3_600_000;
+        match starling_store::prune_seen_events(conn, now - window_ms) {
+            Ok(n) if n > 0 => tracing::info!("forgot {n} event ids older than the dedup window"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("pruning event ids: {e}"),
+        }
+    }
+
+    /// Applies a group of jobs in memory, then writes it in one transaction.
     fn apply(
-        &self,
+        &mut self,
         conn: &mut rusqlite::Connection,
-        cache: &mut Cache,
         jobs: &[IngestJob],
-    ) -> Result<(Vec<IngestReport>, bool), StoreError> {
-        let now = (self.clock)();
-        let mut enrichers = WasmEnrichers { plugins: &self.plugins, runtime: &self.runtime };
-        // Profiles touched by this batch, taken out of the cache so a failed commit leaves it clean.
+    ) -> Result<(Vec<IngestReport>, HashSet<String>), StoreError> {
+        let model = self.shared.model.clone();
+        let now = (self.shared.clock)();
+        let dedup_since = now - model.server.dedup_window_hours as i64 * 3_600_000;
+        let mut enrichers = WasmEnrichers { plugins: &self.shared.plugins, runtime: &self.shared.runtime };
+        // Profiles touched by this batch, out of the cache so a failed commit leaves it clean.
         let mut touched: HashMap<String, Profile> = HashMap::new();
-        let mut new_links: Vec<(String, String)> = Vec::new();
+        let mut links: HashMap<String, String> = HashMap::new();
+        let mut fired: HashMap<(String, String), i64> = HashMap::new();
         let mut seen_ids: HashSet<&str> = HashSet::new();
-        let mut queued = false;
+        let mut writes = Vec::new();
         let mut reports = Vec::with_capacity(jobs.len());
-        let batch = Batch::begin(conn)?;
-        for job in jobs {
-            let mut report = IngestReport { accepted: 0, duplicates: 0 };
-            for event in &job.events {
+        let mut woken = HashSet::new();
+
+        for (j, job) in jobs.iter().enumerate() {
+            let mut report = IngestReport::default();
+            for (e, event) in job.events.iter().enumerate() {
                 if let Some(id) = event.id.as_deref()
-                    && (!seen_ids.insert(id) || starling_store::event_seen(batch.connection(), id)?)
+                    && (!seen_ids.insert(id) || starling_store::event_seen(conn, id, dedup_since)?)
                 {
                     report.duplicates += 1;
                     continue;
                 }
-                let profile_id = match cache.identities.get(&event.visitor_id).or_else(|| {
-                    new_links.iter().find(|(v, _)| *v == event.visitor_id).map(|(_, p)| p)
-                }) {
+                let profile_id = match self.cache.identities.get(&event.visitor_id).or(links.get(&event.visitor_id)) {
                     Some(pid) => pid.clone(),
-                    None => match starling_store::resolve_identity(batch.connection(), &event.visitor_id)? {
+                    None => match starling_store::resolve_identity(conn, &event.visitor_id)? {
                         Some(pid) => pid,
                         None => {
-                            batch.link_identity(&event.visitor_id, &event.visitor_id)?;
-                            new_links.push((event.visitor_id.clone(), event.visitor_id.clone()));
+                            links.insert(event.visitor_id.clone(), event.visitor_id.clone());
+                            writes.push(Write::Link { visitor: event.visitor_id.clone(), profile: event.visitor_id.clone() });
                             event.visitor_id.clone()
                         }
                     },
                 };
                 if !touched.contains_key(&profile_id) {
-                    let profile = match cache.profiles.remove(&profile_id) {
+                    let profile = match self.cache.profiles.remove(&profile_id) {
                         Some(p) => p,
-                        None => starling_store::load_profile(batch.connection(), &profile_id)?
+                        None => starling_store::load_profile(conn, &profile_id)?
                             .unwrap_or_else(|| Profile::new(profile_id.clone())),
                     };
                     touched.insert(profile_id.clone(), profile);
                 }
                 let profile = touched.get_mut(&profile_id).expect("inserted above");
-                let outcome = apply_event(&self.model, profile, event, &mut enrichers);
+                let outcome = apply_event(&model, profile, event, &mut enrichers);
                 for warning in &outcome.warnings {
                     tracing::warn!(visitor = %event.visitor_id, event = %event.name, "{warning}");
                 }
-                batch.log_event(event, &profile_id)?;
+                writes.push(Write::Event { job: j, event: e, profile: profile_id.clone() });
                 for audience in &outcome.joined {
-                    batch.join(&profile_id, audience, event.timestamp_ms)?;
+                    writes.push(Write::Join { profile: profile_id.clone(), audience: audience.clone(), at_ms: event.timestamp_ms });
                 }
                 for audience in &outcome.left {
-                    batch.leave(&profile_id, audience)?;
+                    writes.push(Write::Leave { profile: profile_id.clone(), audience: audience.clone() });
                 }
-                for action in &outcome.actions {
-                    batch.enqueue(action, &action_payload(action))?;
-                    queued = true;
+                for action in outcome.actions {
+                    let def = model.actions.iter().find(|a| a.name == action.action).expect("actions come from the model");
+                    let key = (action.action.clone(), profile_id.clone());
+                    if let Some(cooldown) = def.delivery.cooldown_ms {
+                        let last = match fired.get(&key) {
+                            Some(t) => Some(*t),
+                            None => starling_store::last_fired(conn, &action.action, &profile_id)?,
+                        };
+                        if last.is_some_and(|t| action.occurred_at_ms - t < cooldown) {
+                            tracing::debug!(action = %action.action, profile = %profile_id, "frequency cap: not fired");
+                            continue;
+                        }
+                        fired.insert(key, action.occurred_at_ms);
+                        writes.push(Write::Fired { action: action.action.clone(), profile: profile_id.clone(), at_ms: action.occurred_at_ms });
+                    }
+                    let (due_ms, condition) = schedule(def, &action, now);
+                    woken.insert(action.action.clone());
+                    writes.push(Write::Enqueue { action, due_ms, condition });
                 }
                 report.accepted += 1;
             }
             reports.push(report);
         }
+
+        let batch = Batch::begin(conn)?;
+        for write in &writes {
+            match write {
+                Write::Link { visitor, profile } => batch.link_identity(visitor, profile)?,
+                Write::Event { job, event, profile } => batch.log_event(&jobs[*job].events[*event], profile, now)?,
+                Write::Join { profile, audience, at_ms } => batch.join(profile, audience, *at_ms)?,
+                Write::Leave { profile, audience } => batch.leave(profile, audience)?,
+                Write::Enqueue { action, due_ms, condition } => {
+                    batch.enqueue(action, &action_payload(action), *due_ms, *condition)?;
+                }
+                Write::Fired { action, profile, at_ms } => batch.mark_fired(action, profile, *at_ms)?,
+            }
+        }
         for profile in touched.values() {
             batch.save_profile(profile, now)?;
         }
         batch.commit()?;
-        if cache.profiles.len() + touched.len() > PROFILE_CACHE_LIMIT {
-            *cache = Cache::default();
+        if self.cache.profiles.len() + touched.len() > PROFILE_CACHE_LIMIT {
+            self.cache = Cache::default();
         }
-        cache.identities.extend(new_links);
-        cache.profiles.extend(touched);
-        Ok((reports, queued))
+        self.cache.identities.extend(links);
+        self.cache.profiles.extend(touched);
+        Ok((reports, woken))
     }
 }
 
+/// When an action is due, and for delayed actions the membership it requires then.
+fn schedule(def: &ActionDef, action: &PendingAction, now: i64) -> (i64, Option<&'static str>) {
+    match def.delivery.delay_ms {
+        None => (now, None),
+        Some(delay) => {
+            let condition = match action.trigger {
+                Trigger::Joined => "member",
+                Trigger::Left => "not_member",
+            };
+            (action.occurred_at_ms.max(now) + delay, Some(condition))
+        }
+    }
+}
 
 /// What the outbox keeps to rebuild an action at delivery time.
 pub fn action_payload(action: &PendingAction) -> serde_json::Value {
@@ -159,7 +320,7 @@ struct Cache {
     profiles: HashMap<String, Profile>,
 }
 
-/// Runs Wasm enrichers from the pipeline thread.
+/// Runs Wasm enrichers from a worker thread.
 struct WasmEnrichers<'a> {
     plugins: &'a PluginHost,
     runtime: &'a tokio::runtime::Handle,
@@ -178,5 +339,17 @@ impl CustomEnrichers for WasmEnrichers<'_> {
             .block_on(self.plugins.enrich(plugin, &event, &view))
             .map_err(|e| e.to_string())??;
         convert::updates_from_wit(updates)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_are_stable_and_spread() {
+        assert_eq!(partition_of("anon-1", 4), partition_of("anon-1", 4));
+        let used: HashSet<usize> = (0..100).map(|i| partition_of(&format!("v{i}"), 4)).collect();
+        assert_eq!(used.len(), 4);
     }
 }

@@ -86,7 +86,7 @@ async fn bad_input_is_refused_with_the_field_named() {
     let (status, _, _) = call(&app, "GET", "/v1/profiles/a", "").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "nothing from the rejected request was applied");
     let (status, body, _) = call(&app, "GET", "/v1/actions?status=lost", "").await;
-    assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("status: `lost` is not one of pending, delivered, failed, dead")));
+    assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("status: `lost` is not one of pending, delivered, failed, cancelled")));
     let big = format!(r#"{{"event":"buy","visitor_id":"a","data":{{"x":"{}"}}}}"#, "y".repeat(1_100_000));
     let (status, body, _) = call(&app, "POST", "/v1/events", &big).await;
     assert_eq!((status, body["error"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("request body is larger than 1048576 bytes")));

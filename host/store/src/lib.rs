@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS memberships (
 CREATE INDEX IF NOT EXISTS memberships_by_audience ON memberships(audience);
 CREATE TABLE IF NOT EXISTS events (
     seq         INTEGER PRIMARY KEY,
-    event_id    TEXT UNIQUE,
+    event_id    TEXT,
     profile_id  TEXT NOT NULL,
     name        TEXT NOT NULL,
     ts_ms       INTEGER NOT NULL,
@@ -60,9 +60,35 @@ CREATE TABLE IF NOT EXISTS outbox (
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_ms INTEGER NOT NULL,
     last_error      TEXT,
-    delivered_ms    INTEGER
+    delivered_ms    INTEGER,
+    -- For delayed actions: 'member' or 'not_member' of `audience` when due, else cancelled.
+    condition       TEXT
 );
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox(status, next_attempt_ms);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(status, action, next_attempt_ms);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id              INTEGER PRIMARY KEY,
+    action          TEXT NOT NULL,
+    connector       TEXT NOT NULL,
+    trigger         TEXT NOT NULL,
+    audience        TEXT NOT NULL,
+    profile_id      TEXT NOT NULL,
+    occurred_ms     INTEGER NOT NULL,
+    payload         TEXT NOT NULL,
+    attempts        INTEGER NOT NULL,
+    last_error      TEXT,
+    condition       TEXT,
+    died_ms         INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS action_fired (
+    action      TEXT NOT NULL,
+    profile_id  TEXT NOT NULL,
+    last_ms     INTEGER NOT NULL,
+    PRIMARY KEY (action, profile_id)
+);
+CREATE TABLE IF NOT EXISTS seen_events (
+    event_id    TEXT PRIMARY KEY,
+    seen_ms     INTEGER NOT NULL
+);
 ";
 
 /// Opens (creating if needed) the database and brings its schema up to date.
@@ -107,10 +133,32 @@ pub fn find_profile(conn: &Connection, any_id: &str) -> Result<Option<Profile>> 
     }
 }
 
-pub fn event_seen(conn: &Connection, event_id: &str) -> Result<bool> {
+/// Whether an event with this id was applied at or after `since_ms` (the dedup window).
+pub fn event_seen(conn: &Connection, event_id: &str, since_ms: i64) -> Result<bool> {
     Ok(conn
-        .prepare_cached("SELECT 1 FROM events WHERE event_id = ?1")?
-        .query_row([event_id], |_| Ok(()))
+        .prepare_cached("SELECT 1 FROM seen_events WHERE event_id = ?1 AND seen_ms >= ?2")?
+        .query_row(params![event_id, since_ms], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// Forgets event ids seen before `before_ms`; returns how many.
+pub fn prune_seen_events(conn: &Connection, before_ms: i64) -> Result<usize> {
+    Ok(conn.execute("DELETE FROM seen_events WHERE seen_ms < ?1", [before_ms])?)
+}
+
+/// When `action` last fired for `profile_id`, for frequency capping.
+pub fn last_fired(conn: &Connection, action: &str, profile_id: &str) -> Result<Option<i64>> {
+    Ok(conn
+        .prepare_cached("SELECT last_ms FROM action_fired WHERE action = ?1 AND profile_id = ?2")?
+        .query_row([action, profile_id], |r| r.get(0))
+        .optional()?)
+}
+
+pub fn is_member(conn: &Connection, profile_id: &str, audience: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM memberships WHERE profile_id = ?1 AND audience = ?2")?
+        .query_row([profile_id, audience], |_| Ok(()))
         .optional()?
         .is_some())
 }
@@ -137,7 +185,12 @@ impl<'c> Batch<'c> {
         Ok(())
     }
 
-    pub fn log_event(&self, event: &starling_core::Event, profile_id: &str) -> Result<()> {
+    pub fn log_event(&self, event: &starling_core::Event, profile_id: &str, now_ms: i64) -> Result<()> {
+        if let Some(id) = &event.id {
+            self.tx
+                .prepare_cached("INSERT OR REPLACE INTO seen_events (event_id, seen_ms) VALUES (?1, ?2)")?
+                .execute(params![id, now_ms])?;
+        }
         let data = serde_json::Value::Object(event.data.clone()).to_string();
         self.tx
             .prepare_cached("INSERT INTO events (event_id, profile_id, name, ts_ms, data) VALUES (?1, ?2, ?3, ?4, ?5)")?
@@ -170,12 +223,19 @@ impl<'c> Batch<'c> {
         Ok(())
     }
 
-    /// Queues an action for delivery; returns its outbox id.
-    pub fn enqueue(&self, action: &PendingAction, payload: &serde_json::Value) -> Result<i64> {
+    /// Queues an action for delivery at `due_ms`; returns its outbox id. `condition`
+    /// (`member` / `not_member`) is checked when a delayed action comes due.
+    pub fn enqueue(
+        &self,
+        action: &PendingAction,
+        payload: &serde_json::Value,
+        due_ms: i64,
+        condition: Option<&str>,
+    ) -> Result<i64> {
         self.tx
             .prepare_cached(
-                "INSERT INTO outbox (action, connector, trigger, audience, profile_id, occurred_ms, payload, next_attempt_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6)",
+                "INSERT INTO outbox (action, connector, trigger, audience, profile_id, occurred_ms, payload, next_attempt_ms, condition)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?
             .execute(params![
                 action.action,
@@ -185,8 +245,21 @@ impl<'c> Batch<'c> {
                 action.profile_id,
                 action.occurred_at_ms,
                 payload.to_string(),
+                due_ms,
+                condition,
             ])?;
         Ok(self.tx.last_insert_rowid())
+    }
+
+    /// Records that `action` fired for `profile_id`, for frequency capping.
+    pub fn mark_fired(&self, action: &str, profile_id: &str, at_ms: i64) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO action_fired (action, profile_id, last_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(action, profile_id) DO UPDATE SET last_ms = excluded.last_ms",
+            )?
+            .execute(params![action, profile_id, at_ms])?;
+        Ok(())
     }
 
     pub fn commit(self) -> Result<()> {
@@ -211,6 +284,7 @@ pub struct OutboxEntry {
     pub next_attempt_ms: i64,
     pub last_error: Option<String>,
     pub delivered_ms: Option<i64>,
+    pub condition: Option<String>,
 }
 
 impl OutboxEntry {
@@ -234,25 +308,28 @@ impl OutboxEntry {
             next_attempt_ms: r.get(10)?,
             last_error: r.get(11)?,
             delivered_ms: r.get(12)?,
+            condition: r.get(13)?,
         })
     }
 }
 
-const OUTBOX_COLUMNS: &str = "id, action, connector, trigger, audience, profile_id, occurred_ms, payload, status, attempts, next_attempt_ms, last_error, delivered_ms";
+const OUTBOX_COLUMNS: &str = "id, action, connector, trigger, audience, profile_id, occurred_ms, payload, status, attempts, next_attempt_ms, last_error, delivered_ms, condition";
 
-/// Pending actions due at `now_ms`, oldest first.
-pub fn due_actions(conn: &Connection, now_ms: i64, limit: usize) -> Result<Vec<OutboxEntry>> {
+/// Pending rows of one action due at `now_ms`, oldest first.
+pub fn due_actions(conn: &Connection, action: &str, now_ms: i64, limit: usize) -> Result<Vec<OutboxEntry>> {
     let sql = format!(
-        "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE status = 'pending' AND next_attempt_ms <= ?1 ORDER BY id LIMIT ?2"
+        "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE status = 'pending' AND action = ?1 AND next_attempt_ms <= ?2 ORDER BY id LIMIT ?3"
     );
     let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map(params![now_ms, limit as i64], OutboxEntry::from_row)?;
+    let rows = stmt.query_map(params![action, now_ms, limit as i64], OutboxEntry::from_row)?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-/// The time the next pending action is due, if any.
-pub fn next_due(conn: &Connection) -> Result<Option<i64>> {
-    Ok(conn.query_row("SELECT MIN(next_attempt_ms) FROM outbox WHERE status = 'pending'", [], |r| r.get(0))?)
+/// When the next pending row of `action` is due, if any.
+pub fn next_due(conn: &Connection, action: &str) -> Result<Option<i64>> {
+    Ok(conn
+        .prepare_cached("SELECT MIN(next_attempt_ms) FROM outbox WHERE status = 'pending' AND action = ?1")?
+        .query_row([action], |r| r.get(0))?)
 }
 
 /// Outbox rows, newest first, optionally with one status.
@@ -271,8 +348,11 @@ pub enum Attempt {
     Delivered,
     /// Try again at the given time.
     Retry { at_ms: i64, error: String },
-    /// Give up: `failed` for permanent errors, `dead` for exhausted retries.
+    /// Give up: `failed` for permanent errors, `dead` (moved to the dead letters) for exhausted
+    /// retries.
     GiveUp { status: &'static str, error: String },
+    /// A delayed action whose condition no longer holds.
+    Cancel { reason: String },
 }
 
 pub fn record_attempt(conn: &Connection, id: i64, attempt: &Attempt, now_ms: i64) -> Result<()> {
@@ -285,12 +365,79 @@ pub fn record_attempt(conn: &Connection, id: i64, attempt: &Attempt, now_ms: i64
             "UPDATE outbox SET attempts = attempts + 1, next_attempt_ms = ?2, last_error = ?3 WHERE id = ?1",
             params![id, at_ms, error],
         )?,
+        Attempt::GiveUp { status: "dead", error } => {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute(
+                "INSERT INTO dead_letters (id, action, connector, trigger, audience, profile_id, occurred_ms, payload, attempts, last_error, condition, died_ms)
+                 SELECT id, action, connector, trigger, audience, profile_id, occurred_ms, payload, attempts + 1, ?2, condition, ?3 FROM outbox WHERE id = ?1",
+                params![id, error, now_ms],
+            )?;
+            tx.execute("DELETE FROM outbox WHERE id = ?1", [id])?;
+            tx.commit()?;
+            1
+        }
         Attempt::GiveUp { status, error } => conn.execute(
             "UPDATE outbox SET status = ?2, attempts = attempts + 1, last_error = ?3 WHERE id = ?1",
             params![id, status, error],
         )?,
+        Attempt::Cancel { reason } => conn.execute(
+            "UPDATE outbox SET status = 'cancelled', last_error = ?2 WHERE id = ?1",
+            params![id, reason],
+        )?,
     };
     Ok(())
+}
+
+/// A dead letter: an action that exhausted its retries.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub action: String,
+    pub connector: String,
+    pub trigger: String,
+    pub audience: String,
+    pub profile_id: String,
+    pub occurred_ms: i64,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    pub died_ms: i64,
+}
+
+pub fn dead_letters(conn: &Connection, limit: usize) -> Result<Vec<DeadLetter>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, action, connector, trigger, audience, profile_id, occurred_ms, attempts, last_error, died_ms
+         FROM dead_letters ORDER BY id DESC LIMIT ?1",
+    )?;
+    let rows = stmt.query_map([limit as i64], |r| {
+        Ok(DeadLetter {
+            id: r.get(0)?,
+            action: r.get(1)?,
+            connector: r.get(2)?,
+            trigger: r.get(3)?,
+            audience: r.get(4)?,
+            profile_id: r.get(5)?,
+            occurred_ms: r.get(6)?,
+            attempts: r.get(7)?,
+            last_error: r.get(8)?,
+            died_ms: r.get(9)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Moves dead letters (one id, or all when `None`) back to the outbox as pending, due now,
+/// with their attempts reset. They keep their id, hence their idempotency key. Returns how many.
+pub fn replay_dead_letters(conn: &mut Connection, id: Option<i64>, now_ms: i64) -> Result<usize> {
+    let tx = conn.transaction()?;
+    let moved = tx.execute(
+        "INSERT INTO outbox (id, action, connector, trigger, audience, profile_id, occurred_ms, payload, status, attempts, next_attempt_ms, last_error, condition)
+         SELECT id, action, connector, trigger, audience, profile_id, occurred_ms, payload, 'pending', 0, ?2, last_error, condition
+         FROM dead_letters WHERE ?1 IS NULL OR id = ?1",
+        params![id, now_ms],
+    )?;
+    tx.execute("DELETE FROM dead_letters WHERE ?1 IS NULL OR id = ?1", params![id])?;
+    tx.commit()?;
+    Ok(moved)
 }
 
 /// Current member count of every audience that has members.
@@ -331,15 +478,15 @@ mod tests {
             batch.link_identity("anon-1", "p1").unwrap();
             batch.save_profile(&p, 10).unwrap();
             batch.join("p1", "vips", 10).unwrap();
-            batch.enqueue(&action(), &serde_json::json!({})).unwrap();
+            batch.enqueue(&action(), &serde_json::json!({}), 5, None).unwrap();
             batch.commit().unwrap();
         }
         let conn = open(&path).unwrap();
         let p = find_profile(&conn, "anon-1").unwrap().unwrap();
         assert_eq!(p.event_count, 3);
         assert_eq!(audience_sizes(&conn).unwrap(), vec![("vips".to_string(), 1)]);
-        assert_eq!(due_actions(&conn, 5, 10).unwrap().len(), 1);
-        assert_eq!(due_actions(&conn, 4, 10).unwrap().len(), 0);
+        assert_eq!(due_actions(&conn, "hook", 5, 10).unwrap().len(), 1);
+        assert_eq!(due_actions(&conn, "hook", 4, 10).unwrap().len(), 0);
     }
 
     #[test]
@@ -359,14 +506,50 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open(&dir.path().join("s.db")).unwrap();
         let batch = Batch::begin(&mut conn).unwrap();
-        let id = batch.enqueue(&action(), &serde_json::json!({})).unwrap();
+        let id = batch.enqueue(&action(), &serde_json::json!({}), 5, None).unwrap();
         batch.commit().unwrap();
         record_attempt(&conn, id, &Attempt::Retry { at_ms: 100, error: "HTTP 503".into() }, 6).unwrap();
-        assert!(due_actions(&conn, 99, 10).unwrap().is_empty());
-        let row = &due_actions(&conn, 100, 10).unwrap()[0];
+        assert!(due_actions(&conn, "hook", 99, 10).unwrap().is_empty());
+        let row = &due_actions(&conn, "hook", 100, 10).unwrap()[0];
         assert_eq!((row.attempts, row.last_error.as_deref()), (1, Some("HTTP 503")));
         record_attempt(&conn, id, &Attempt::Delivered, 101).unwrap();
         assert_eq!(list_actions(&conn, Some("delivered"), 10).unwrap()[0].delivered_ms, Some(101));
-        assert_eq!(next_due(&conn).unwrap(), None);
+        assert_eq!(next_due(&conn, "hook").unwrap(), None);
+    }
+
+    #[test]
+    fn dead_letters_keep_their_error_and_replay_with_the_same_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir.path().join("s.db")).unwrap();
+        let batch = Batch::begin(&mut conn).unwrap();
+        let id = batch.enqueue(&action(), &serde_json::json!({"x": 1}), 5, None).unwrap();
+        batch.commit().unwrap();
+        record_attempt(&conn, id, &Attempt::GiveUp { status: "dead", error: "HTTP 500".into() }, 9).unwrap();
+        assert!(list_actions(&conn, None, 10).unwrap().is_empty());
+        let dead = dead_letters(&conn, 10).unwrap();
+        assert_eq!((dead[0].id, dead[0].attempts, dead[0].last_error.as_deref()), (id, 1, Some("HTTP 500")));
+        assert_eq!(replay_dead_letters(&mut conn, None, 20).unwrap(), 1);
+        assert!(dead_letters(&conn, 10).unwrap().is_empty());
+        let again = &due_actions(&conn, "hook", 20, 10).unwrap()[0];
+        assert_eq!((again.id, again.attempts, again.payload.as_str()), (id, 0, r#"{"x":1}"#));
+    }
+
+    #[test]
+    fn event_ids_are_remembered_for_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir.path().join("s.db")).unwrap();
+        let event = starling_core::Event {
+            id: Some("e1".into()),
+            name: "x".into(),
+            visitor_id: "v".into(),
+            timestamp_ms: 0,
+            data: Default::default(),
+        };
+        let batch = Batch::begin(&mut conn).unwrap();
+        batch.log_event(&event, "v", 1_000).unwrap();
+        batch.commit().unwrap();
+        assert!(event_seen(&conn, "e1", 500).unwrap());
+        assert!(!event_seen(&conn, "e1", 1_001).unwrap(), "outside the window");
+        assert_eq!(prune_seen_events(&conn, 2_000).unwrap(), 1);
     }
 }

@@ -111,6 +111,22 @@ impl Server {
         panic!("starling did not stop on SIGTERM");
     }
 
+    /// Kills the server with SIGKILL: no shutdown, no flushing.
+    pub fn kill9(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaping");
+    }
+
+    /// Resident memory of the server process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -130,29 +146,87 @@ pub struct Received {
     pub path: String,
     pub headers: HeaderMap,
     pub body: serde_json::Value,
+    pub at: Instant,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+}
+
+/// Decides the answer to the n-th request (from 0): a status and extra headers.
+pub type Responder = Arc<dyn Fn(usize) -> (u16, Vec<(&'static str, String)>) + Send + Sync>;
+
+#[derive(Clone)]
+struct ReceiverState {
+    got: Arc<Mutex<Vec<Received>>>,
+    respond: Responder,
 }
 
 /// A loopback HTTP server standing in for an outside service; it records every request.
-#[derive(Clone)]
 pub struct Receiver {
     pub url: String,
+    pub addr: std::net::SocketAddr,
     got: Arc<Mutex<Vec<Received>>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Receiver {
+    /// A receiver answering 200 to everything, on a free port.
     pub async fn start() -> Receiver {
+        Receiver::start_on("127.0.0.1:0", Arc::new(|_| (200, vec![]))).await
+    }
+
+    pub async fn start_on(addr: &str, respond: Responder) -> Receiver {
         let got: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let state = ReceiverState { got: got.clone(), respond };
         let app = axum::Router::new()
-            .fallback(|State(got): State<Arc<Mutex<Vec<Received>>>>, method: axum::http::Method, uri: axum::http::Uri, headers: HeaderMap, body: axum::body::Bytes| async move {
-                let body = serde_json::from_slice(&body).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&body).into()));
-                got.lock().unwrap().push(Received { method: method.to_string(), path: uri.path().to_string(), headers, body });
-                StatusCode::OK
-            })
-            .with_state(got.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Receiver { url, got }
+            .fallback(
+                |State(state): State<ReceiverState>,
+                 method: axum::http::Method,
+                 uri: axum::http::Uri,
+                 headers: HeaderMap,
+                 body: axum::body::Bytes| async move {
+                    let at = Instant::now();
+                    let body = serde_json::from_slice(&body)
+                        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&body).into()));
+                    let n = {
+                        let mut got = state.got.lock().unwrap();
+                        got.push(Received { method: method.to_string(), path: uri.path().to_string(), headers, body, at });
+                        got.len() - 1
+                    };
+                    let (status, extra) = (state.respond)(n);
+                    let mut response = axum::response::Response::new(axum::body::Body::empty());
+                    *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                    for (k, v) in extra {
+                        response.headers_mut().insert(k, v.parse().unwrap());
+                    }
+                    response
+                },
+            )
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            axum::serve(listener, app).with_graceful_shutdown(async { let _ = stopped.await; }).await.unwrap()
+        });
+        Receiver { url: format!("http://{addr}"), addr, got, stop: Some(stop) }
+    }
+
+    /// Stops listening: later connections are refused.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(self.addr).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("receiver on {} did not stop", self.addr);
     }
 
     pub fn received(&self) -> Vec<Received> {

@@ -1,6 +1,8 @@
 //! End-to-end tests: the `starling` binary over real loopback HTTP, on a real SQLite file, with
 //! components built from this repository's sources, calling loopback receivers.
 
+mod delivery;
+mod durability;
 mod harness;
 
 use harness::{Receiver, Server, eventually, get_json, post_json};

@@ -43,6 +43,64 @@ enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
+    /// Inspect the action outbox and the dead letters; replay dead letters.
+    Actions {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(subcommand)]
+        command: ActionsCommand,
+    },
+}
+
+/// Which database to open: the one a configuration file names, or a file given directly.
+#[derive(clap::Args)]
+struct DatabaseArgs {
+    /// The configuration file whose `server.database` to open.
+    #[arg(long, short, global = true, conflicts_with = "database")]
+    config: Option<PathBuf>,
+    /// The SQLite database file.
+    #[arg(long, global = true)]
+    database: Option<PathBuf>,
+}
+
+impl DatabaseArgs {
+    fn open(&self) -> Result<rusqlite::Connection> {
+        let path = match (&self.config, &self.database) {
+            (_, Some(db)) => db.clone(),
+            (Some(config), None) => relative_to(config, &load_model(config)?.server.database),
+            (None, None) => bail!("give --config FILE or --database FILE"),
+        };
+        if !path.is_file() {
+            bail!("no database at {}", path.display());
+        }
+        Ok(starling_store::open(&path)?)
+    }
+}
+
+#[derive(Subcommand)]
+enum ActionsCommand {
+    /// List outbox rows, newest first.
+    List {
+        /// Only rows with this status: pending, delivered, failed or cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// List dead letters: actions that exhausted their retries, with their last error.
+    DeadLetters {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Move dead letters back to the outbox; a running server delivers them again.
+    Replay {
+        /// The dead letter's id.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<i64>,
+        /// Replay every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -76,6 +134,7 @@ fn main() -> std::process::ExitCode {
             serve(&config, listen, database, plugins)
         }
         Command::Config { command: ConfigCommand::Check { file, plugins } } => check(&file, plugins),
+        Command::Actions { db, command } => actions(&db, command),
         Command::Plugin { command: PluginCommand::Build { dirs, out } } => {
             let dirs = if dirs.is_empty() { vec![PathBuf::from("connectors")] } else { dirs };
             build::build_all(&dirs, &out)
@@ -88,6 +147,45 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn actions(db: &DatabaseArgs, command: ActionsCommand) -> Result<()> {
+    let mut conn = db.open()?;
+    match command {
+        ActionsCommand::List { status, limit } => {
+            if let Some(s) = &status
+                && !["pending", "delivered", "failed", "cancelled"].contains(&s.as_str())
+            {
+                bail!("--status: `{s}` is not one of pending, delivered, failed, cancelled");
+            }
+            let rows = starling_store::list_actions(&conn, status.as_deref(), limit)?;
+            println!("{:>8}  {:<10} {:<20} {:<8} {:<24} {:>8}  last error", "id", "status", "action", "trigger", "profile", "attempts");
+            for r in rows {
+                println!(
+                    "{:>8}  {:<10} {:<20} {:<8} {:<24} {:>8}  {}",
+                    r.id, r.status, r.action, r.trigger, r.profile_id, r.attempts, r.last_error.unwrap_or_default()
+                );
+            }
+        }
+        ActionsCommand::DeadLetters { limit } => {
+            let rows = starling_store::dead_letters(&conn, limit)?;
+            println!("{:>8}  {:<20} {:<8} {:<24} {:>8}  last error", "id", "action", "trigger", "profile", "attempts");
+            for r in rows {
+                println!(
+                    "{:>8}  {:<20} {:<8} {:<24} {:>8}  {}",
+                    r.id, r.action, r.trigger, r.profile_id, r.attempts, r.last_error.unwrap_or_default()
+                );
+            }
+        }
+        ActionsCommand::Replay { id, all: _ } => {
+            let moved = starling_store::replay_dead_letters(&mut conn, id, starling_server::system_clock())?;
+            if moved == 0 {
+                bail!("no dead letter{} to replay", id.map(|i| format!(" with id {i}")).unwrap_or_default());
+            }
+            println!("replayed {moved} dead letter(s)");
+        }
+    }
+    Ok(())
 }
 
 fn init_logging(json: bool) {

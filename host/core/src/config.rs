@@ -196,11 +196,22 @@ pub struct DeliveryPolicy {
     pub concurrency: usize,
     /// Attempts before an action becomes a dead letter.
     pub max_attempts: u32,
+    /// Backoff before the first retry; it doubles per attempt (with jitter) up to `retry_max_ms`.
+    pub retry_initial_ms: i64,
+    pub retry_max_ms: i64,
 }
 
 impl Default for DeliveryPolicy {
     fn default() -> Self {
-        DeliveryPolicy { cooldown_ms: None, delay_ms: None, batch: None, concurrency: 4, max_attempts: 12 }
+        DeliveryPolicy {
+            cooldown_ms: None,
+            delay_ms: None,
+            batch: None,
+            concurrency: 4,
+            max_attempts: 12,
+            retry_initial_ms: 1_000,
+            retry_max_ms: 10 * 60_000,
+        }
     }
 }
 
@@ -353,6 +364,8 @@ struct RawAction {
     batch: Option<Spanned<RawBatch>>,
     concurrency: Option<Spanned<u64>>,
     max_attempts: Option<Spanned<u64>>,
+    retry_initial: Option<Spanned<String>>,
+    retry_max: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -544,6 +557,17 @@ impl Validator<'_> {
             delay_ms: self.duration(&a.delay),
             ..DeliveryPolicy::default()
         };
+        if let Some(ms) = self.duration(&a.retry_initial) {
+            policy.retry_initial_ms = ms;
+        }
+        if let Some(ms) = self.duration(&a.retry_max) {
+            policy.retry_max_ms = ms;
+        }
+        if policy.retry_max_ms < policy.retry_initial_ms
+            && let Some(span) = a.retry_max.as_ref().map(|r| r.span())
+        {
+            self.error(span, "retry_max must not be shorter than retry_initial");
+        }
         if let Some(c) = &a.concurrency {
             match *c.get_ref() {
                 1..=256 => policy.concurrency = *c.get_ref() as usize,

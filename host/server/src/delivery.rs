@@ -16,8 +16,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore, watch};
 
-const FIRST_RETRY_MS: i64 = 1_000;
-const MAX_RETRY_MS: i64 = 10 * 60 * 1_000;
 /// Longest sleep between outbox scans when nothing wakes a lane.
 const IDLE_POLL: Duration = Duration::from_millis(500);
 /// Consecutive failed calls that open a lane's circuit breaker.
@@ -129,10 +127,10 @@ impl Lane {
                 in_flight.lock().expect("in flight").extend(group.iter().map(|e| e.id));
                 let (plugins, conn, clock) = (self.plugins.clone(), self.conn.clone(), self.clock);
                 let (flying, health) = (in_flight.clone(), breaker.clone());
-                let (connector, lane, max_attempts) =
-                    (self.action.connector.clone(), name.clone(), policy.max_attempts as i64);
+                let (connector, lane, retries) =
+                    (self.action.connector.clone(), name.clone(), Retries::of(&policy));
                 calls.spawn(async move {
-                    let ok = deliver(&plugins, &conn, clock, &connector, &group, max_attempts).await;
+                    let ok = deliver(&plugins, &conn, clock, &connector, &group, retries).await;
                     health.lock().expect("breaker").record(ok, clock(), &lane);
                     let mut flying = flying.lock().expect("in flight");
                     for e in &group {
@@ -202,6 +200,24 @@ impl Lane {
     }
 }
 
+/// The retry policy of one action.
+#[derive(Debug, Clone, Copy)]
+struct Retries {
+    max_attempts: i64,
+    initial_ms: i64,
+    max_ms: i64,
+}
+
+impl Retries {
+    fn of(policy: &starling_core::config::DeliveryPolicy) -> Retries {
+        Retries {
+            max_attempts: policy.max_attempts as i64,
+            initial_ms: policy.retry_initial_ms,
+            max_ms: policy.retry_max_ms,
+        }
+    }
+}
+
 /// One connector call for `entries`; returns whether the destination is healthy (anything but
 /// a failed call or all-retryable results).
 async fn deliver(
@@ -210,16 +226,16 @@ async fn deliver(
     clock: fn() -> i64,
     connector: &str,
     entries: &[OutboxEntry],
-    max_attempts: i64,
+    retries: Retries,
 ) -> bool {
     let actions: Vec<types::Action> = entries.iter().map(to_wit).collect();
     let outcome = plugins.deliver(connector, &actions).await;
     let now = clock();
     let attempts: Vec<Attempt> = match outcome {
-        Ok(results) => entries.iter().zip(results).map(|(e, r)| attempt_for(e, r, now, max_attempts)).collect(),
+        Ok(results) => entries.iter().zip(results).map(|(e, r)| attempt_for(e, r, now, retries)).collect(),
         Err(err) => {
             tracing::warn!(connector, "delivery call failed: {err}");
-            entries.iter().map(|e| retry(e, now, err.to_string(), None, max_attempts)).collect()
+            entries.iter().map(|e| retry(e, now, err.to_string(), None, retries)).collect()
         }
     };
     let healthy = attempts.iter().any(|a| matches!(a, Attempt::Delivered | Attempt::GiveUp { status: "failed", .. }));
@@ -238,29 +254,26 @@ async fn deliver(
     healthy
 }
 
-fn attempt_for(entry: &OutboxEntry, result: Result<(), types::DeliveryError>, now: i64, max_attempts: i64) -> Attempt {
+fn attempt_for(entry: &OutboxEntry, result: Result<(), types::DeliveryError>, now: i64, retries: Retries) -> Attempt {
     match result {
         Ok(()) => Attempt::Delivered,
         Err(types::DeliveryError::Permanent(m)) => Attempt::GiveUp { status: "failed", error: format!("permanent: {m}") },
-        Err(types::DeliveryError::Retryable(m)) => retry(entry, now, format!("retryable: {m}"), None, max_attempts),
-        Err(types::DeliveryError::RateLimited(r)) => retry(
-            entry,
-            now,
-            format!("rate limited: {}", r.message),
-            Some(r.retry_after_ms as i64),
-            max_attempts,
-        ),
+        Err(types::DeliveryError::Retryable(m)) => retry(entry, now, format!("retryable: {m}"), None, retries),
+        Err(types::DeliveryError::RateLimited(r)) => {
+            retry(entry, now, format!("rate limited: {}", r.message), Some(r.retry_after_ms as i64), retries)
+        }
     }
 }
 
 /// The next attempt: after `after_ms` when the destination asked, else exponential backoff
-/// with ±20% jitter; a dead letter after `max_attempts`.
-fn retry(entry: &OutboxEntry, now: i64, error: String, after_ms: Option<i64>, max_attempts: i64) -> Attempt {
-    if entry.attempts + 1 >= max_attempts {
-        return Attempt::GiveUp { status: "dead", error: format!("{error} (gave up after {max_attempts} attempts)") };
+/// with ±20% jitter; a dead letter after the last attempt.
+fn retry(entry: &OutboxEntry, now: i64, error: String, after_ms: Option<i64>, retries: Retries) -> Attempt {
+    if entry.attempts + 1 >= retries.max_attempts {
+        let max = retries.max_attempts;
+        return Attempt::GiveUp { status: "dead", error: format!("{error} (gave up after {max} attempts)") };
     }
     let delay = after_ms.unwrap_or_else(|| {
-        let base = (FIRST_RETRY_MS << entry.attempts.min(20)).min(MAX_RETRY_MS);
+        let base = retries.initial_ms.saturating_mul(1 << entry.attempts.min(20)).min(retries.max_ms);
         let spread = base / 5;
         let noise = std::collections::hash_map::RandomState::new().hash_one((entry.id, entry.attempts)) as i64;
         base - spread + noise.rem_euclid(2 * spread + 1)
@@ -318,26 +331,29 @@ mod tests {
         }
     }
 
+    const RETRIES: Retries = Retries { max_attempts: 12, initial_ms: 1_000, max_ms: 10_000 };
+
     #[test]
-    fn backoff_grows_with_jitter_and_honours_retry_after() {
-        for attempts in 0..5 {
-            let Attempt::Retry { at_ms, .. } = retry(&entry(attempts), 0, "x".into(), None, 12) else { panic!() };
-            let base = FIRST_RETRY_MS << attempts;
+    fn backoff_grows_with_jitter_up_to_its_cap_and_honours_retry_after() {
+        for attempts in 0..8 {
+            let Attempt::Retry { at_ms, .. } = retry(&entry(attempts), 0, "x".into(), None, RETRIES) else { panic!() };
+            let base = (1_000 << attempts).min(10_000);
             assert!((base * 4 / 5..=base * 6 / 5).contains(&at_ms), "{attempts}: {at_ms}");
         }
-        let Attempt::Retry { at_ms, .. } = retry(&entry(0), 100, "x".into(), Some(30_000), 12) else { panic!() };
+        let Attempt::Retry { at_ms, .. } = retry(&entry(0), 100, "x".into(), Some(30_000), RETRIES) else { panic!() };
         assert_eq!(at_ms, 30_100);
     }
 
     #[test]
     fn retries_end_in_the_dead_letters() {
-        assert!(matches!(retry(&entry(11), 0, "x".into(), None, 12), Attempt::GiveUp { status: "dead", .. }));
-        assert!(matches!(retry(&entry(1), 0, "x".into(), None, 3), Attempt::Retry { .. }));
+        assert!(matches!(retry(&entry(11), 0, "x".into(), None, RETRIES), Attempt::GiveUp { status: "dead", .. }));
+        let three = Retries { max_attempts: 3, ..RETRIES };
+        assert!(matches!(retry(&entry(1), 0, "x".into(), None, three), Attempt::Retry { .. }));
     }
 
     #[test]
     fn permanent_errors_are_not_retried() {
-        let a = attempt_for(&entry(0), Err(types::DeliveryError::Permanent("HTTP 400".into())), 0, 12);
+        let a = attempt_for(&entry(0), Err(types::DeliveryError::Permanent("HTTP 400".into())), 0, RETRIES);
         assert_eq!(a, Attempt::GiveUp { status: "failed", error: "permanent: HTTP 400".into() });
     }
 

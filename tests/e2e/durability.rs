@@ -1,0 +1,177 @@
+//! Durability and backpressure: nothing acknowledged is lost, on kill -9 or under overload.
+
+use crate::harness::{self, Receiver, Server, eventually, get_json};
+use serde_json::json;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const VISITORS: usize = 500;
+const ROUNDS: usize = 100;
+
+fn regulars_config(dir: &Path, receiver: &str, server_extra: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[server]
+database = "starling.db"
+plugins = "plugins"
+{server_extra}
+
+[[audience]]
+name = "regulars"
+rule = {{ attribute = "event_count", op = ">=", value = {ROUNDS} }}
+
+[[action]]
+name = "welcome"
+audience = "regulars"
+trigger = "joined"
+connector = "webhook"
+settings = {{ url = "{receiver}/welcome" }}
+params = {{ who = "profile_id" }}
+"#
+    );
+    let path = dir.join("starling.toml");
+    std::fs::write(&path, text).unwrap();
+    harness::install(harness::connectors(), "webhook", &dir.join("plugins"), |m| m);
+    path
+}
+
+/// Round `r`: one event for each visitor, each with its own id.
+fn round(r: usize) -> serde_json::Value {
+    let events: Vec<_> = (0..VISITORS)
+        .map(|v| json!({"event": "view", "visitor_id": format!("v{v}"), "id": format!("v{v}-r{r}"), "data": {"round": r}}))
+        .collect();
+    json!({ "events": events })
+}
+
+async fn post(client: &reqwest::Client, url: &str, body: &serde_json::Value) -> Result<u16, reqwest::Error> {
+    Ok(client.post(url).json(body).send().await?.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn acknowledged_events_survive_kill_9_and_their_actions_are_delivered() {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = regulars_config(dir.path(), &receiver.url, "");
+    let server = Server::start(&config);
+    let url = format!("{}/v1/events", server.url);
+
+    // Four clients post the 100 rounds (50,000 events) in batches; the server is killed midway.
+    let next = Arc::new(AtomicUsize::new(0));
+    let acked: Arc<std::sync::Mutex<HashSet<usize>>> = Arc::default();
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (next, acked, url) = (next.clone(), acked.clone(), url.clone());
+        clients.spawn(async move {
+            let client = harness::client();
+            loop {
+                let r = next.fetch_add(1, Ordering::SeqCst);
+                if r >= ROUNDS {
+                    return;
+                }
+                match post(&client, &url, &round(r)).await {
+                    Ok(202) => {
+                        acked.lock().unwrap().insert(r);
+                    }
+                    _ => return,
+                }
+            }
+        });
+    }
+    eventually("a third of the rounds acknowledged", Duration::from_secs(120), async || {
+        (acked.lock().unwrap().len() >= ROUNDS / 3).then_some(())
+    })
+    .await;
+    server.kill9();
+    while clients.join_next().await.is_some() {}
+    let acked: HashSet<usize> = acked.lock().unwrap().clone();
+    assert!(acked.len() < ROUNDS, "the kill must land mid-stream");
+
+    let server = Server::start(&config);
+    let client = harness::client();
+    for v in [0, VISITORS / 2, VISITORS - 1] {
+        let (_, p) = get_json(&format!("{}/v1/profiles/v{v}", server.url)).await;
+        let count = p["event_count"].as_u64().unwrap() as usize;
+        assert!(count >= acked.len(), "visitor v{v}: {count} events stored, {} acknowledged", acked.len());
+    }
+    // The sender retries every round it has no acknowledgement for; ids make that safe.
+    for r in (0..ROUNDS).filter(|r| !acked.contains(r)) {
+        assert_eq!(post(&client, &url_of(&server), &round(r)).await.unwrap(), 202);
+    }
+    for v in 0..VISITORS {
+        let (_, p) = get_json(&format!("{}/v1/profiles/v{v}", server.url)).await;
+        assert_eq!(p["event_count"].as_u64(), Some(ROUNDS as u64), "visitor v{v}: every event exactly once");
+    }
+    let got = eventually("every visitor's welcome", Duration::from_secs(120), async || {
+        let got = receiver.received();
+        let who: HashSet<String> = got.iter().map(|r| r.header("x-starling-profile").to_string()).collect();
+        (who.len() == VISITORS).then_some(got)
+    })
+    .await;
+    let mut keys: HashMap<String, HashSet<String>> = HashMap::new();
+    for r in &got {
+        keys.entry(r.header("x-starling-profile").to_string()).or_default().insert(r.header("idempotency-key").to_string());
+    }
+    assert!(keys.values().all(|k| k.len() == 1), "a visitor's repeated deliveries carry one idempotency key");
+    server.stop();
+}
+
+fn url_of(server: &Server) -> String {
+    format!("{}/v1/events", server.url)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn overload_is_refused_with_retry_after_memory_stays_bounded_and_nothing_acknowledged_is_lost() {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = regulars_config(dir.path(), &receiver.url, "partitions = 1\ningest_queue = 2");
+    let server = Server::start(&config);
+    let url = format!("{}/v1/events", server.url);
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let outcomes: Arc<std::sync::Mutex<Vec<(usize, u16, bool)>>> = Arc::default();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..24 {
+        let (next, outcomes, url) = (next.clone(), outcomes.clone(), url.clone());
+        clients.spawn(async move {
+            let client = harness::client();
+            while Instant::now() < deadline {
+                let b = next.fetch_add(1, Ordering::SeqCst);
+                let events: Vec<_> =
+                    (0..1_000).map(|i| json!({"event": "view", "visitor_id": format!("b{b}"), "data": {"i": i}})).collect();
+                let r = client.post(&url).json(&json!({"events": events})).send().await.unwrap();
+                let retry_after = r.headers().get("retry-after").is_some();
+                outcomes.lock().unwrap().push((b, r.status().as_u16(), retry_after));
+            }
+        });
+    }
+    let mut peak_kib = 0;
+    while !clients.is_empty() {
+        peak_kib = peak_kib.max(server.rss_kib());
+        tokio::select! {
+            _ = clients.join_next() => {}
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+    let outcomes = outcomes.lock().unwrap().clone();
+    let accepted: Vec<usize> = outcomes.iter().filter(|o| o.1 == 202).map(|o| o.0).collect();
+    let refused: Vec<&(usize, u16, bool)> = outcomes.iter().filter(|o| o.1 == 503).collect();
+    eprintln!("overload: {} batches accepted, {} refused, peak RSS {} MiB", accepted.len(), refused.len(), peak_kib / 1024);
+    assert!(!refused.is_empty(), "a client faster than the server must be told to back off");
+    assert!(refused.iter().all(|o| o.2), "every 503 carries Retry-After");
+    assert_eq!(accepted.len() + refused.len(), outcomes.len(), "only 202 or 503: {outcomes:?}");
+    assert!(peak_kib < 400 * 1024, "resident memory stayed bounded: peak {} MiB", peak_kib / 1024);
+
+    for b in accepted {
+        let (status, p) = get_json(&format!("{}/v1/profiles/b{b}", server.url)).await;
+        assert_eq!((status, p["event_count"].as_u64()), (200, Some(1_000)), "acknowledged batch b{b}");
+    }
+    for (b, _, _) in refused.iter().take(20) {
+        let (status, _) = get_json(&format!("{}/v1/profiles/b{b}", server.url)).await;
+        assert_eq!(status, 404, "a refused batch is not applied");
+    }
+    server.stop();
+}

@@ -74,6 +74,7 @@ async fn median_latency(server: &Server, receiver: &Receiver, prefix: &str, samp
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_destination_does_not_slow_a_healthy_one_and_catches_up_after_recovery() {
+    let _alone = harness::exclusive().await;
     let healthy = Receiver::start().await;
     let mut flaky = Receiver::start().await;
     let flaky_addr = flaky.addr.to_string();

@@ -52,6 +52,7 @@ async fn post(client: &reqwest::Client, url: &str, body: &serde_json::Value) -> 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn acknowledged_events_survive_kill_9_and_their_actions_are_delivered() {
+    let _alone = harness::exclusive().await;
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
     let config = regulars_config(dir.path(), &receiver.url, "");
@@ -124,6 +125,7 @@ fn url_of(server: &Server) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn overload_is_refused_with_retry_after_memory_stays_bounded_and_nothing_acknowledged_is_lost() {
+    let _alone = harness::exclusive().await;
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
     let config = regulars_config(dir.path(), &receiver.url, "partitions = 1\ningest_queue = 2");

@@ -261,3 +261,9 @@ pub async fn get_json(url: &str) -> (u16, serde_json::Value) {
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(serde_json::Value::Null))
 }
+
+/// Held by tests that load the machine heavily or measure latency, so they never overlap.
+pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}

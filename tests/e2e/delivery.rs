@@ -46,8 +46,11 @@ pub fn action(name: &str, url: &str, extra: &str) -> String {
 }
 
 pub async fn toggle(server: &Server, visitor: &str, on: bool) {
-    let (status, body) =
-        post_json(&format!("{}/v1/events", server.url), &json!({"event": "toggle", "visitor_id": visitor, "data": {"on": on}})).await;
+    let (status, body) = post_json(
+        &format!("{}/v1/events", server.url),
+        &json!({"event": "toggle", "visitor_id": visitor, "data": {"on": on}}),
+    )
+    .await;
     assert_eq!(status, 202, "{body}");
 }
 
@@ -79,14 +82,19 @@ async fn a_failing_destination_does_not_slow_a_healthy_one_and_catches_up_after_
     let mut flaky = Receiver::start().await;
     let flaky_addr = flaky.addr.to_string();
     let dir = tempfile::tempdir().unwrap();
-    let actions = format!("{}{}", action("to_healthy", &format!("{}/h", healthy.url), ""), action("to_flaky", &format!("{}/f", flaky.url), "retry_max = \"2s\""));
+    let actions = format!(
+        "{}{}",
+        action("to_healthy", &format!("{}/h", healthy.url), ""),
+        action("to_flaky", &format!("{}/f", flaky.url), "retry_max = \"2s\"")
+    );
     let server = Server::start(&toggle_config(dir.path(), &actions));
 
     let baseline = median_latency(&server, &healthy, "base", 30).await;
 
     // The flaky destination goes away (connection refused) while visitors keep joining.
     flaky.stop().await;
-    let before_outage: Vec<String> = flaky.received().iter().map(|r| r.header("x-starling-profile").to_string()).collect();
+    let before_outage: Vec<String> =
+        flaky.received().iter().map(|r| r.header("x-starling-profile").to_string()).collect();
     let during = median_latency(&server, &healthy, "down", 30).await;
     // Then it answers 500 for a while.
     let serving_ok = Arc::new(AtomicBool::new(false));
@@ -94,11 +102,16 @@ async fn a_failing_destination_does_not_slow_a_healthy_one_and_catches_up_after_
     let responder: Responder = Arc::new(move |_| (if ok.load(Ordering::SeqCst) { 200 } else { 500 }, vec![]));
     let flaky = Receiver::start_on(&flaky_addr, responder).await;
     let during_500s = median_latency(&server, &healthy, "errors", 20).await;
-    eprintln!("healthy destination p50 latency: baseline {baseline:?}, other refusing {during:?}, other answering 500 {during_500s:?}");
+    eprintln!(
+        "healthy destination p50 latency: baseline {baseline:?}, other refusing {during:?}, other answering 500 {during_500s:?}"
+    );
     // Ratios measured in one run; 2 ms of slack absorbs scheduler noise at millisecond scale.
     let bound = baseline.mul_f64(1.5) + Duration::from_millis(2);
     assert!(during <= bound, "healthy latency {during:?} vs baseline {baseline:?} while the other refused connections");
-    assert!(during_500s <= bound, "healthy latency {during_500s:?} vs baseline {baseline:?} while the other answered 500");
+    assert!(
+        during_500s <= bound,
+        "healthy latency {during_500s:?} vs baseline {baseline:?} while the other answered 500"
+    );
 
     // Recovery: every action for the flaky destination arrives.
     serving_ok.store(true, Ordering::SeqCst);
@@ -108,8 +121,11 @@ async fn a_failing_destination_does_not_slow_a_healthy_one_and_catches_up_after_
         .collect();
     eventually("every action of the recovered destination", Duration::from_secs(60), async || {
         let got = flaky.received();
-        let ok: std::collections::HashSet<String> =
-            got.iter().map(|r| r.header("x-starling-profile").to_string()).chain(before_outage.iter().cloned()).collect();
+        let ok: std::collections::HashSet<String> = got
+            .iter()
+            .map(|r| r.header("x-starling-profile").to_string())
+            .chain(before_outage.iter().cloned())
+            .collect();
         let (_, pending) = get_json(&format!("{}/v1/actions?status=pending", server.url)).await;
         (expected.iter().all(|v| ok.contains(v)) && pending["actions"].as_array().unwrap().is_empty()).then_some(())
     })
@@ -146,8 +162,11 @@ async fn a_rate_limited_destination_is_retried_no_sooner_than_asked() {
 async fn exhausted_actions_become_dead_letters_and_replay_with_the_same_key() {
     let accepting = Arc::new(AtomicBool::new(false));
     let ok = accepting.clone();
-    let receiver =
-        Receiver::start_on("127.0.0.1:0", Arc::new(move |_| (if ok.load(Ordering::SeqCst) { 200 } else { 500 }, vec![]))).await;
+    let receiver = Receiver::start_on(
+        "127.0.0.1:0",
+        Arc::new(move |_| (if ok.load(Ordering::SeqCst) { 200 } else { 500 }, vec![])),
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let config = toggle_config(dir.path(), &action("doomed", &format!("{}/x", receiver.url), "max_attempts = 2"));
     let server = Server::start(&config);
@@ -162,7 +181,12 @@ async fn exhausted_actions_become_dead_letters_and_replay_with_the_same_key() {
     assert_eq!(receiver.received().len(), 2);
 
     let cli = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_starling")).args(args).arg("--config").arg(&config).output().unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
         (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
     };
     let (ok, listing) = cli(&["actions", "dead-letters"]);
@@ -201,7 +225,10 @@ async fn a_frequency_cap_holds_across_a_restart() {
     toggle(&server, "v1", false).await;
     toggle(&server, "v1", true).await;
     toggle(&server, "v2", true).await;
-    eventually("v2's call", Duration::from_secs(10), async || (!arrivals_for(&receiver, "v2").is_empty()).then_some(())).await;
+    eventually("v2's call", Duration::from_secs(10), async || {
+        (!arrivals_for(&receiver, "v2").is_empty()).then_some(())
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(arrivals_for(&receiver, "v1").len(), 1, "joined three times within the cooldown: one call");
     server.stop();
@@ -228,7 +255,8 @@ async fn batches_flush_on_count_and_on_age() {
 
     let started = Instant::now();
     toggle(&server, "v5", true).await;
-    eventually("the aged batch", Duration::from_secs(10), async || (receiver.received().len() == 6).then_some(())).await;
+    eventually("the aged batch", Duration::from_secs(10), async || (receiver.received().len() == 6).then_some(()))
+        .await;
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(2_900), "a lone item waits for max_age: {waited:?}");
     server.stop();
@@ -246,7 +274,10 @@ async fn delayed_actions_fire_only_if_still_in_the_audience_even_across_a_restar
     toggle(&server, "leaves", false).await;
     server.stop();
     let server = Server::start(&config);
-    let arrived = eventually("the delayed call", Duration::from_secs(15), async || arrivals_for(&receiver, "stays").first().copied()).await;
+    let arrived = eventually("the delayed call", Duration::from_secs(15), async || {
+        arrivals_for(&receiver, "stays").first().copied()
+    })
+    .await;
     assert!(arrived - joined >= Duration::from_secs(2), "sent {:?} after joining", arrived - joined);
     let cancelled = eventually("the cancelled action", Duration::from_secs(10), async || {
         let (_, rows) = get_json(&format!("{}/v1/actions?status=cancelled", server.url)).await;

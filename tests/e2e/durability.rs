@@ -113,7 +113,9 @@ async fn acknowledged_events_survive_kill_9_and_their_actions_are_delivered() {
     .await;
     let mut keys: HashMap<String, HashSet<String>> = HashMap::new();
     for r in &got {
-        keys.entry(r.header("x-starling-profile").to_string()).or_default().insert(r.header("idempotency-key").to_string());
+        keys.entry(r.header("x-starling-profile").to_string())
+            .or_default()
+            .insert(r.header("idempotency-key").to_string());
     }
     assert!(keys.values().all(|k| k.len() == 1), "a visitor's repeated deliveries carry one idempotency key");
     server.stop();
@@ -142,8 +144,9 @@ async fn overload_is_refused_with_retry_after_memory_stays_bounded_and_nothing_a
             let client = harness::client();
             while Instant::now() < deadline {
                 let b = next.fetch_add(1, Ordering::SeqCst);
-                let events: Vec<_> =
-                    (0..1_000).map(|i| json!({"event": "view", "visitor_id": format!("b{b}"), "data": {"i": i}})).collect();
+                let events: Vec<_> = (0..1_000)
+                    .map(|i| json!({"event": "view", "visitor_id": format!("b{b}"), "data": {"i": i}}))
+                    .collect();
                 let r = client.post(&url).json(&json!({"events": events})).send().await.unwrap();
                 let retry_after = r.headers().get("retry-after").is_some();
                 outcomes.lock().unwrap().push((b, r.status().as_u16(), retry_after));
@@ -161,7 +164,12 @@ async fn overload_is_refused_with_retry_after_memory_stays_bounded_and_nothing_a
     let outcomes = outcomes.lock().unwrap().clone();
     let accepted: Vec<usize> = outcomes.iter().filter(|o| o.1 == 202).map(|o| o.0).collect();
     let refused: Vec<&(usize, u16, bool)> = outcomes.iter().filter(|o| o.1 == 503).collect();
-    eprintln!("overload: {} batches accepted, {} refused, peak RSS {} MiB", accepted.len(), refused.len(), peak_kib / 1024);
+    eprintln!(
+        "overload: {} batches accepted, {} refused, peak RSS {} MiB",
+        accepted.len(),
+        refused.len(),
+        peak_kib / 1024
+    );
     assert!(!refused.is_empty(), "a client faster than the server must be told to back off");
     assert!(refused.iter().all(|o| o.2), "every 503 carries Retry-After");
     assert_eq!(accepted.len() + refused.len(), outcomes.len(), "only 202 or 503: {outcomes:?}");

@@ -193,7 +193,13 @@ impl Receiver {
                         .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&body).into()));
                     let n = {
                         let mut got = state.got.lock().unwrap();
-                        got.push(Received { method: method.to_string(), path: uri.path().to_string(), headers, body, at });
+                        got.push(Received {
+                            method: method.to_string(),
+                            path: uri.path().to_string(),
+                            headers,
+                            body,
+                            at,
+                        });
                         got.len() - 1
                     };
                     let (status, extra) = (state.respond)(n);
@@ -210,7 +216,12 @@ impl Receiver {
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
-            axum::serve(listener, app).with_graceful_shutdown(async { let _ = stopped.await; }).await.unwrap()
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap()
         });
         Receiver { url: format!("http://{addr}"), addr, got, stop: Some(stop) }
     }

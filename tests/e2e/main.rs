@@ -115,7 +115,9 @@ async fn an_event_stream_builds_a_profile_joins_an_audience_and_calls_the_webhoo
     assert_eq!(profile["audiences"], json!([]));
     assert_eq!(profile["attributes"]["tier"], "bronze");
 
-    let (status, _) = post_json(&events, &json!({"events": [purchase("anon-42", 30.0, None), purchase("anon-42", 15.5, None)]})).await;
+    let (status, _) =
+        post_json(&events, &json!({"events": [purchase("anon-42", 30.0, None), purchase("anon-42", 15.5, None)]}))
+            .await;
     assert_eq!(status, 202);
 
     let (status, profile) = get_json(&format!("{}/v1/profiles/anon-42", server.url)).await;
@@ -161,7 +163,8 @@ async fn profiles_and_memberships_survive_a_restart() {
     harness::install(harness::connectors(), "webhook", &dir.path().join("plugins"), |m| m);
 
     let server = Server::start(&config);
-    let (status, _) = post_json(&format!("{}/v1/events", server.url), &purchase("v-1", 250.0, Some("v1@example.com"))).await;
+    let (status, _) =
+        post_json(&format!("{}/v1/events", server.url), &purchase("v-1", 250.0, Some("v1@example.com"))).await;
     assert_eq!(status, 202);
     let (_, before) = get_json(&format!("{}/v1/profiles/v-1", server.url)).await;
     server.stop();
@@ -189,14 +192,21 @@ async fn bad_requests_get_a_clear_error_and_nothing_is_applied() {
     let server = Server::start(&config);
     let events = format!("{}/v1/events", server.url);
 
-    let batch = json!({"events": [purchase("good-1", 500.0, Some("g@example.com")), {"event": "purchase", "data": {}}]});
+    let batch =
+        json!({"events": [purchase("good-1", 500.0, Some("g@example.com")), {"event": "purchase", "data": {}}]});
     let (status, body) = post_json(&events, &batch).await;
     assert_eq!((status, body["error"].as_str()), (400, Some("events[1].visitor_id: missing field")));
 
     let (status, body) = post_json(&events, &json!({"event": "purchase", "visitor_id": 7})).await;
     assert_eq!((status, body["error"].as_str()), (400, Some("visitor_id: expected a string, found a number")));
 
-    let r = harness::client().post(&events).header("content-type", "application/json").body("{\"event\": ").send().await.unwrap();
+    let r = harness::client()
+        .post(&events)
+        .header("content-type", "application/json")
+        .body("{\"event\": ")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 400);
     let body: serde_json::Value = r.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().starts_with("malformed JSON at line 1 column 10"), "{body}");
@@ -223,7 +233,8 @@ async fn a_connector_may_not_call_a_host_its_manifest_does_not_allow() {
         format!("{}allowed_hosts = [\"https://api.example.com\"]{}", &manifest[..start], &manifest[end..])
     });
     let server = Server::start(&config);
-    let (status, _) = post_json(&format!("{}/v1/events", server.url), &purchase("v-9", 150.0, Some("v9@example.com"))).await;
+    let (status, _) =
+        post_json(&format!("{}/v1/events", server.url), &purchase("v-9", 150.0, Some("v9@example.com"))).await;
     assert_eq!(status, 202);
 
     let failed = eventually("the action to fail", Duration::from_secs(20), async || {
@@ -291,7 +302,11 @@ fn config_check_reports_every_error_with_file_line_and_column() {
         "[[attribute]]\nname = \"spend\"\nscope = \"visitor\"\ntype = \"numbr\"\n\n[[audience]]\nname = \"a\"\nrule = { attribute = \"spnd\", op = \">\", value = 1 }\n",
     )
     .unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_starling")).args(["config", "check"]).arg(&path).output().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     let file = path.display();

@@ -33,7 +33,10 @@ pub fn build_all(dirs: &[PathBuf], out: &Path) -> Result<()> {
         }
     }
     if sources.is_empty() {
-        bail!("no plugin sources (directories with a plugin.toml) in {}", dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "));
+        bail!(
+            "no plugin sources (directories with a plugin.toml) in {}",
+            dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+        );
     }
     let toolchain = toolchain()?;
     let target_dir = std::path::absolute(out.parent().unwrap_or(Path::new(".")).join("guest"))?;
@@ -69,12 +72,19 @@ fn toolchain() -> Result<Toolchain> {
         eprintln!("installing the wasm guest toolchain from Debian: {}", missing.join(" "));
         let root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false);
         let apt = |args: &[&str]| -> Result<bool> {
-            let mut cmd = if root { Command::new("apt-get") } else { let mut c = Command::new("sudo"); c.arg("apt-get"); c };
+            let mut cmd = if root {
+                Command::new("apt-get")
+            } else {
+                let mut c = Command::new("sudo");
+                c.arg("apt-get");
+                c
+            };
             Ok(cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive").status()?.success())
         };
         let mut install = vec!["install", "-y", "-q"];
         install.extend(&missing);
-        if !apt(&install)? && !(apt(&["update", "-q"])? && apt(&install)?) {
+        let installed = apt(&install)? || (apt(&["update", "-q"])? && apt(&install)?);
+        if !installed {
             bail!("could not install {}; install them, or `rustup target add {TARGET}`", missing.join(" "));
         }
     }
@@ -107,10 +117,7 @@ fn build_one(source: &Path, out: &Path, target_dir: &Path, toolchain: &Toolchain
             c
         }
     };
-    cargo
-        .current_dir(source)
-        .args(["build", "--release", "--target", TARGET])
-        .env("CARGO_TARGET_DIR", target_dir);
+    cargo.current_dir(source).args(["build", "--release", "--target", TARGET]).env("CARGO_TARGET_DIR", target_dir);
     if matches!(toolchain, Toolchain::Debian) {
         cargo.arg("-Zbuild-std=std,panic_abort");
     }

@@ -159,11 +159,20 @@ fn actions(db: &DatabaseArgs, command: ActionsCommand) -> Result<()> {
                 bail!("--status: `{s}` is not one of pending, delivered, failed, cancelled");
             }
             let rows = starling_store::list_actions(&conn, status.as_deref(), limit)?;
-            println!("{:>8}  {:<10} {:<20} {:<8} {:<24} {:>8}  last error", "id", "status", "action", "trigger", "profile", "attempts");
+            println!(
+                "{:>8}  {:<10} {:<20} {:<8} {:<24} {:>8}  last error",
+                "id", "status", "action", "trigger", "profile", "attempts"
+            );
             for r in rows {
                 println!(
                     "{:>8}  {:<10} {:<20} {:<8} {:<24} {:>8}  {}",
-                    r.id, r.status, r.action, r.trigger, r.profile_id, r.attempts, r.last_error.unwrap_or_default()
+                    r.id,
+                    r.status,
+                    r.action,
+                    r.trigger,
+                    r.profile_id,
+                    r.attempts,
+                    r.last_error.unwrap_or_default()
                 );
             }
         }
@@ -173,7 +182,12 @@ fn actions(db: &DatabaseArgs, command: ActionsCommand) -> Result<()> {
             for r in rows {
                 println!(
                     "{:>8}  {:<20} {:<8} {:<24} {:>8}  {}",
-                    r.id, r.action, r.trigger, r.profile_id, r.attempts, r.last_error.unwrap_or_default()
+                    r.id,
+                    r.action,
+                    r.trigger,
+                    r.profile_id,
+                    r.attempts,
+                    r.last_error.unwrap_or_default()
                 );
             }
         }
@@ -202,7 +216,8 @@ fn init_logging(json: bool) {
 /// Reads and validates a configuration file; errors are rendered as `file:line:column: message`.
 fn load_model(file: &Path) -> Result<starling_core::Model> {
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    starling_core::parse(&text).map_err(|errors| anyhow::anyhow!("{}", errors.render(&file.display().to_string()).trim_end()))
+    starling_core::parse(&text)
+        .map_err(|errors| anyhow::anyhow!("{}", errors.render(&file.display().to_string()).trim_end()))
 }
 
 /// A path from the configuration file, relative to the file's directory.
@@ -244,7 +259,8 @@ fn serve(config: &Path, listen: Option<String>, database: Option<PathBuf>, plugi
     runtime.block_on(async move {
         let app = starling_server::App::start(starling_server::Options { model, database: database.clone(), plugins })
             .await?;
-        let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("listening on {listen}"))?;
+        let listener =
+            tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("listening on {listen}"))?;
         let addr = listener.local_addr()?;
         tracing::info!(database = %database.display(), "starling listening on http://{addr}");
         println!("listening on http://{addr}");

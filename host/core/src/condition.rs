@@ -236,7 +236,10 @@ mod tests {
             ignore_case: false,
         };
         let resolve = |_: &Operand| Some(Value::Number(5.0));
-        let c = Condition::All(vec![leaf(CmpOp::Gt, 1.0), Condition::Any(vec![leaf(CmpOp::Lt, 0.0), leaf(CmpOp::Eq, 5.0)])]);
+        let c = Condition::All(vec![
+            leaf(CmpOp::Gt, 1.0),
+            Condition::Any(vec![leaf(CmpOp::Lt, 0.0), leaf(CmpOp::Eq, 5.0)]),
+        ]);
         assert!(c.eval(&resolve));
         assert!(!Condition::Not(Box::new(c)).eval(&resolve));
     }

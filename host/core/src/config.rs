@@ -456,20 +456,15 @@ impl Validator<'_> {
             attribute_index.insert(name.clone(), attributes.len());
             attributes.push(AttributeDef { name: name.clone(), scope, ty });
         }
-        let types: HashMap<String, AttrType> =
-            attributes.iter().map(|a| (a.name.clone(), a.ty)).collect();
+        let types: HashMap<String, AttrType> = attributes.iter().map(|a| (a.name.clone(), a.ty)).collect();
         let lookup = |name: &str| types.get(name).copied().or_else(|| preloaded_type(name));
 
-        let enrichments =
-            raw.enrichment.iter().filter_map(|e| self.enrichment(e, &lookup)).collect();
+        let enrichments = raw.enrichment.iter().filter_map(|e| self.enrichment(e, &lookup)).collect();
 
         let enrichers = raw
             .enricher
             .iter()
-            .map(|e| EnricherRef {
-                plugin: e.get_ref().plugin.get_ref().clone(),
-                span: e.get_ref().plugin.span(),
-            })
+            .map(|e| EnricherRef { plugin: e.get_ref().plugin.get_ref().clone(), span: e.get_ref().plugin.span() })
             .collect();
 
         let mut audiences: Vec<Audience> = Vec::new();
@@ -590,7 +585,8 @@ impl Validator<'_> {
                 (0, _, _) | (_, _, 0) => self.error(b.span(), "batch.max_items and batch.max_bytes must be positive"),
                 (_, Err(msg), _) => self.error(b.span(), format!("batch.max_age: {msg}")),
                 (items, Ok(age), bytes) => {
-                    policy.batch = Some(BatchPolicy { max_items: items as usize, max_age_ms: age, max_bytes: bytes as usize })
+                    policy.batch =
+                        Some(BatchPolicy { max_items: items as usize, max_age_ms: age, max_bytes: bytes as usize })
                 }
             }
         }
@@ -641,8 +637,12 @@ impl Validator<'_> {
             s
         };
         let operation = match (ty, op) {
-            (AttrType::Number, "increment") => Operation::Increment(source.unwrap_or(Source::Const(Value::Number(1.0)))),
-            (AttrType::Number, "decrement") => Operation::Decrement(source.unwrap_or(Source::Const(Value::Number(1.0)))),
+            (AttrType::Number, "increment") => {
+                Operation::Increment(source.unwrap_or(Source::Const(Value::Number(1.0))))
+            }
+            (AttrType::Number, "decrement") => {
+                Operation::Decrement(source.unwrap_or(Source::Const(Value::Number(1.0))))
+            }
             (AttrType::Number | AttrType::String | AttrType::Boolean | AttrType::Date, "set") => {
                 Operation::Set(need_source(self, source)?)
             }
@@ -707,7 +707,10 @@ impl Validator<'_> {
         let c = raw.get_ref();
         let forms = [c.all.is_some(), c.any.is_some(), c.not.is_some(), c.attribute.is_some()];
         if forms.iter().filter(|f| **f).count() != 1 {
-            self.error(raw.span(), "a condition is exactly one of: `all = [...]`, `any = [...]`, `not = {...}`, or `attribute` with `op`");
+            self.error(
+                raw.span(),
+                "a condition is exactly one of: `all = [...]`, `any = [...]`, `not = {...}`, or `attribute` with `op`",
+            );
             return None;
         }
         let group = |v: &mut Self, items: &[Spanned<RawCondition>]| {
@@ -760,7 +763,10 @@ impl Validator<'_> {
         if let Some(ty) = ty
             && !op.applies_to(ty)
         {
-            self.error(op_raw.span(), format!("operator `{}` does not apply to {} attribute `{name}`", op.symbol(), ty.name()));
+            self.error(
+                op_raw.span(),
+                format!("operator `{}` does not apply to {} attribute `{name}`", op.symbol(), ty.name()),
+            );
             return None;
         }
         let value = match (op.takes_value(), &c.value) {
@@ -951,7 +957,9 @@ connector = "webhook"
 
     #[test]
     fn delivery_policies() {
-        let src = format!("{GOOD}cooldown = \"1h\"\ndelay = \"2d\"\nbatch = {{ max_items = 50, max_age = \"5s\" }}\nconcurrency = 2\n");
+        let src = format!(
+            "{GOOD}cooldown = \"1h\"\ndelay = \"2d\"\nbatch = {{ max_items = 50, max_age = \"5s\" }}\nconcurrency = 2\n"
+        );
         let m = parse(&src).unwrap();
         let p = &m.actions[0].delivery;
         assert_eq!((p.cooldown_ms, p.delay_ms, p.concurrency), (Some(3_600_000), Some(172_800_000), 2));
@@ -977,9 +985,8 @@ connector = "webhook"
 
     #[test]
     fn unknown_fields_are_refused() {
-        let errs = parse("[[attribute]]\nname = \"x\"\nscope = \"visit\"\ntype = \"string\"\ncolour = 1\n")
-            .unwrap_err()
-            .0;
+        let errs =
+            parse("[[attribute]]\nname = \"x\"\nscope = \"visit\"\ntype = \"string\"\ncolour = 1\n").unwrap_err().0;
         assert!(errs[0].message.contains("colour"), "{:?}", errs[0]);
         assert_eq!(errs[0].line, 5);
     }

@@ -69,12 +69,7 @@ impl CustomEnrichers for NoCustomEnrichers {
 
 /// Applies `event` to `profile` in the documented order: visit bookkeeping, built-in
 /// enrichments in file order, custom enrichers in file order, then audience evaluation.
-pub fn apply_event(
-    model: &Model,
-    profile: &mut Profile,
-    event: &Event,
-    custom: &mut dyn CustomEnrichers,
-) -> Outcome {
+pub fn apply_event(model: &Model, profile: &mut Profile, event: &Event, custom: &mut dyn CustomEnrichers) -> Outcome {
     let mut out = Outcome { new_visitor: profile.is_new(), ..Outcome::default() };
     let t = event.timestamp_ms;
     out.new_visit = out.new_visitor || t - profile.last_seen_ms > model.visit_timeout_ms;
@@ -284,12 +279,13 @@ fn apply_operation(
             }
         }
         Operation::AddToSet(src) | Operation::RemoveFromSet(src) => {
-            let members = match operand(event, src, AttrType::SetOfStrings).or_else(|_| operand(event, src, AttrType::String))? {
-                None => return Ok(()),
-                Some(Value::Set(s)) => s.into_iter().collect::<Vec<_>>(),
-                Some(Value::String(s)) => vec![s],
-                Some(other) => return Err(format!("expected string, found {}", other.kind())),
-            };
+            let members =
+                match operand(event, src, AttrType::SetOfStrings).or_else(|_| operand(event, src, AttrType::String))? {
+                    None => return Ok(()),
+                    Some(Value::Set(s)) => s.into_iter().collect::<Vec<_>>(),
+                    Some(Value::String(s)) => vec![s],
+                    Some(other) => return Err(format!("expected string, found {}", other.kind())),
+                };
             let entry = profile.attributes.entry(name.to_string()).or_insert_with(|| Value::Set(Default::default()));
             let Value::Set(set) = entry else { unreachable!("type checked at load") };
             for m in members {
@@ -439,11 +435,26 @@ connector = "webhook"
     fn a_visitor_qualifies_and_an_action_fires_once() {
         let model = parse(MODEL).unwrap();
         let mut p = Profile::new("v1");
-        let o = apply_event(&model, &mut p, &event("page_view", 1_000, serde_json::json!({"category": "shoes"})), &mut NoCustomEnrichers);
+        let o = apply_event(
+            &model,
+            &mut p,
+            &event("page_view", 1_000, serde_json::json!({"category": "shoes"})),
+            &mut NoCustomEnrichers,
+        );
         assert!(o.new_visitor && o.new_visit && o.joined.is_empty());
-        let o = apply_event(&model, &mut p, &event("purchase", 2_000, serde_json::json!({"total": 60, "email": "a@b.c"})), &mut NoCustomEnrichers);
+        let o = apply_event(
+            &model,
+            &mut p,
+            &event("purchase", 2_000, serde_json::json!({"total": 60, "email": "a@b.c"})),
+            &mut NoCustomEnrichers,
+        );
         assert!(o.joined.is_empty());
-        let o = apply_event(&model, &mut p, &event("purchase", 3_000, serde_json::json!({"total": "45.5", "order_id": "o-9"})), &mut NoCustomEnrichers);
+        let o = apply_event(
+            &model,
+            &mut p,
+            &event("purchase", 3_000, serde_json::json!({"total": "45.5", "order_id": "o-9"})),
+            &mut NoCustomEnrichers,
+        );
         assert_eq!(o.joined, vec!["vips"]);
         assert_eq!(o.actions.len(), 1);
         let a = &o.actions[0];
@@ -484,7 +495,12 @@ connector = "webhook"
     fn wrong_event_types_warn_and_change_nothing() {
         let model = parse(MODEL).unwrap();
         let mut p = Profile::new("v1");
-        let o = apply_event(&model, &mut p, &event("purchase", 0, serde_json::json!({"total": "lots"})), &mut NoCustomEnrichers);
+        let o = apply_event(
+            &model,
+            &mut p,
+            &event("purchase", 0, serde_json::json!({"total": "lots"})),
+            &mut NoCustomEnrichers,
+        );
         assert_eq!(o.warnings.len(), 1, "{:?}", o.warnings);
         assert!(o.warnings[0].contains("event field `total`"));
         assert_eq!(p.get("spend"), None);
@@ -507,7 +523,11 @@ connector = "webhook"
             ("spend".into(), Some(Value::String("many".into()))),
         ]);
         let o = apply_event(&model, &mut p, &event("x", 0, serde_json::json!({})), &mut bad);
-        assert!(o.warnings[0].contains("attribute `spend` is number, update is string; nothing applied"), "{:?}", o.warnings);
+        assert!(
+            o.warnings[0].contains("attribute `spend` is number, update is string; nothing applied"),
+            "{:?}",
+            o.warnings
+        );
         assert_eq!(p.get("email"), None);
         let mut good = Fixed(vec![("email".into(), Some(Value::String("x@y.z".into())))]);
         apply_event(&model, &mut p, &event("x", 1, serde_json::json!({})), &mut good);

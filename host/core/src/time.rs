@@ -63,12 +63,7 @@ pub fn format_rfc3339(ms: i64) -> String {
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        sod / 3_600,
-        (sod % 3_600) / 60,
-        sod % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", sod / 3_600, (sod % 3_600) / 60, sod % 60)
 }
 
 fn is_leap(y: i64) -> bool {
@@ -121,10 +116,7 @@ mod tests {
 
     #[test]
     fn applies_offsets() {
-        assert_eq!(
-            parse_rfc3339("2024-01-01T02:00:00+02:00"),
-            parse_rfc3339("2024-01-01T00:00:00Z")
-        );
+        assert_eq!(parse_rfc3339("2024-01-01T02:00:00+02:00"), parse_rfc3339("2024-01-01T00:00:00Z"));
     }
 
     #[test]

@@ -82,14 +82,12 @@ impl Value {
     pub fn to_json(&self) -> serde_json::Value {
         match self {
             Value::String(s) => serde_json::Value::String(s.clone()),
-            Value::Number(n) => serde_json::Number::from_f64(*n)
-                .map(serde_json::Value::Number)
-                .unwrap_or(serde_json::Value::Null),
+            Value::Number(n) => {
+                serde_json::Number::from_f64(*n).map(serde_json::Value::Number).unwrap_or(serde_json::Value::Null)
+            }
             Value::Boolean(b) => serde_json::Value::Bool(*b),
             Value::Date(ms) => serde_json::Value::String(crate::time::format_rfc3339(*ms)),
-            Value::Set(s) => serde_json::Value::Array(
-                s.iter().cloned().map(serde_json::Value::String).collect(),
-            ),
+            Value::Set(s) => serde_json::Value::Array(s.iter().cloned().map(serde_json::Value::String).collect()),
         }
     }
 }

@@ -43,11 +43,12 @@ pub fn event_to_wit(e: &Event) -> types::Event {
 pub fn profile_to_wit(p: &Profile) -> types::ProfileView {
     let mut attributes: Vec<types::Attribute> = starling_core::config::PRELOADED
         .iter()
-        .filter_map(|(name, _)| p.get(name).map(|v| types::Attribute { name: name.to_string(), value: value_to_wit(&v) }))
+        .filter_map(|(name, _)| {
+            p.get(name).map(|v| types::Attribute { name: name.to_string(), value: value_to_wit(&v) })
+        })
         .collect();
-    attributes.extend(
-        p.attributes.iter().map(|(name, v)| types::Attribute { name: name.clone(), value: value_to_wit(v) }),
-    );
+    attributes
+        .extend(p.attributes.iter().map(|(name, v)| types::Attribute { name: name.clone(), value: value_to_wit(v) }));
     types::ProfileView {
         id: p.id.clone(),
         attributes,

@@ -104,10 +104,8 @@ mod tests {
     use super::*;
 
     fn allowed(patterns: &[&str], uri: &str) -> bool {
-        let egress = Egress {
-            plugin: "t".into(),
-            allowed: patterns.iter().map(|p| HostPattern::parse(p).unwrap()).collect(),
-        };
+        let egress =
+            Egress { plugin: "t".into(), allowed: patterns.iter().map(|p| HostPattern::parse(p).unwrap()).collect() };
         egress.check(&uri.parse().unwrap()).is_ok()
     }
 

@@ -200,9 +200,8 @@ impl PluginHost {
         for path in manifests {
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| PluginError::Load { path: path.clone(), message: e.to_string() })?;
-            let name = Manifest::parse(&text)
-                .map_err(|message| PluginError::Load { path: path.clone(), message })?
-                .name;
+            let name =
+                Manifest::parse(&text).map_err(|message| PluginError::Load { path: path.clone(), message })?.name;
             loaded.push(self.load(&path, config.get(&name).cloned().unwrap_or_default())?);
         }
         Ok(loaded)
@@ -214,8 +213,8 @@ impl PluginHost {
         let text = std::fs::read_to_string(manifest_path).map_err(|e| err(e.to_string()))?;
         let manifest = Manifest::parse(&text).map_err(err)?;
         let component_path = manifest_path.parent().unwrap_or(Path::new(".")).join(&manifest.component);
-        let bytes = std::fs::read(&component_path)
-            .map_err(|e| err(format!("reading {}: {e}", component_path.display())))?;
+        let bytes =
+            std::fs::read(&component_path).map_err(|e| err(format!("reading {}: {e}", component_path.display())))?;
         let sha256 = hex::encode(Sha256::digest(&bytes));
         if let Some(expected) = &manifest.sha256
             && !expected.eq_ignore_ascii_case(&sha256)
@@ -254,12 +253,8 @@ impl PluginHost {
                     .map_err(|e| format!("does not implement {}: {e}", manifest.world))?,
             ),
         };
-        let allowed_hosts = manifest
-            .capabilities
-            .allowed_hosts
-            .iter()
-            .map(|p| HostPattern::parse(p))
-            .collect::<Result<Vec<_>, _>>()?;
+        let allowed_hosts =
+            manifest.capabilities.allowed_hosts.iter().map(|p| HostPattern::parse(p)).collect::<Result<Vec<_>, _>>()?;
         let meta = Arc::new(PluginMeta {
             name: manifest.name.as_str().into(),
             config,
@@ -303,14 +298,9 @@ impl PluginHost {
     }
 
     /// Runs `call` under the plugin's deadline, bounding time in host calls (outbound HTTP) too.
-    async fn guarded<T>(
-        meta: &PluginMeta,
-        call: impl Future<Output = wasmtime::Result<T>>,
-    ) -> Result<T, PluginError> {
-        let timeout = || PluginError::Timeout {
-            plugin: meta.name.to_string(),
-            timeout_ms: meta.timeout.as_millis() as u64,
-        };
+    async fn guarded<T>(meta: &PluginMeta, call: impl Future<Output = wasmtime::Result<T>>) -> Result<T, PluginError> {
+        let timeout =
+            || PluginError::Timeout { plugin: meta.name.to_string(), timeout_ms: meta.timeout.as_millis() as u64 };
         match tokio::time::timeout(meta.timeout + HOST_GRACE, call).await {
             Err(_) => Err(timeout()),
             Ok(Ok(v)) => Ok(v),
@@ -387,7 +377,8 @@ fn add_starling_imports(linker: &mut Linker<PluginState>) -> wasmtime::Result<()
 
 /// Interfaces a plugin of each kind may import; anything else is refused at load.
 fn import_allowed(kind: Kind, name: &str) -> bool {
-    const STARLING: &[&str] = &["starling:plugin/types@0.1.", "starling:plugin/log@0.1.", "starling:plugin/config@0.1."];
+    const STARLING: &[&str] =
+        &["starling:plugin/types@0.1.", "starling:plugin/log@0.1.", "starling:plugin/config@0.1."];
     const HTTP: &[&str] = &[
         "wasi:http/types@0.2.",
         "wasi:http/outgoing-handler@0.2.",

@@ -66,13 +66,7 @@ fn plugin(dir: &Path, name: &str, kind: &str, bytes: &[u8], extra: &str) -> Path
 }
 
 fn event() -> types::Event {
-    types::Event {
-        id: None,
-        name: "view".into(),
-        visitor_id: "v".into(),
-        timestamp_ms: 0,
-        data_json: "{}".into(),
-    }
+    types::Event { id: None, name: "view".into(), visitor_id: "v".into(), timestamp_ms: 0, data_json: "{}".into() }
 }
 
 fn profile() -> types::ProfileView {
@@ -104,7 +98,10 @@ async fn a_loop_is_stopped_at_its_deadline_and_other_calls_go_on() {
     let took = started.elapsed();
     assert!(matches!(err, PluginError::Timeout { timeout_ms: 50, .. }), "{err}");
     // Generous upper bound: test machines are noisy. Typically stopped within one 10 ms epoch tick.
-    assert!(took >= Duration::from_millis(50) && took < Duration::from_millis(400), "stopped soon after the deadline: {took:?}");
+    assert!(
+        took >= Duration::from_millis(50) && took < Duration::from_millis(400),
+        "stopped soon after the deadline: {took:?}"
+    );
     assert_eq!(host.enrich("ok", &event(), &profile()).await.unwrap(), Ok(vec![]));
 }
 
@@ -178,7 +175,10 @@ world evil {
     let host = PluginHost::new().unwrap();
     let err = host.load(&plugin(dir.path(), "evil", "enricher", &bytes, ""), BTreeMap::new()).unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("imports what the enricher world does not grant") && text.contains("wasi:filesystem/preopens"), "{text}");
+    assert!(
+        text.contains("imports what the enricher world does not grant") && text.contains("wasi:filesystem/preopens"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -191,7 +191,10 @@ fn core_modules_and_bad_hashes_are_refused() {
 
     let bytes = component(&enricher("(i32.const 1024)"), "enricher", None);
     let err = host
-        .load(&plugin(dir.path(), "h", "enricher", &bytes, &format!("sha256 = \"{}\"\n", "0".repeat(64))), BTreeMap::new())
+        .load(
+            &plugin(dir.path(), "h", "enricher", &bytes, &format!("sha256 = \"{}\"\n", "0".repeat(64))),
+            BTreeMap::new(),
+        )
         .unwrap_err();
     assert!(err.to_string().contains("sha256 mismatch"), "{err}");
 }

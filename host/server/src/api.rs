@@ -80,8 +80,8 @@ async fn post_events(
         };
         ApiError::new(status, message)
     })?;
-    let events = crate::ingest::parse_events(&body, (state.clock)())
-        .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, m))?;
+    let events =
+        crate::ingest::parse_events(&body, (state.clock)()).map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, m))?;
     let report = state.ingest.submit(events).await.map_err(|e| match e {
         IngestError::Busy | IngestError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         IngestError::Failed(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
@@ -99,7 +99,10 @@ async fn read<T: Send + 'static>(
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "read task failed"))??)
 }
 
-async fn get_profile(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn get_profile(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let lookup = id.clone();
     match read(&state, move |c| starling_store::find_profile(c, &lookup)).await? {
         Some(profile) => Ok(Json(profile.to_json())),

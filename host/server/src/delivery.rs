@@ -114,11 +114,8 @@ impl Lane {
                     continue;
                 }
             }
-            let groups: Vec<Vec<OutboxEntry>> = if policy.batch.is_some() {
-                vec![due]
-            } else {
-                due.into_iter().map(|e| vec![e]).collect()
-            };
+            let groups: Vec<Vec<OutboxEntry>> =
+                if policy.batch.is_some() { vec![due] } else { due.into_iter().map(|e| vec![e]).collect() };
             for group in groups {
                 let permit = tokio::select! {
                     p = slots.clone().acquire_owned() => p.expect("semaphore open"),
@@ -127,8 +124,7 @@ impl Lane {
                 in_flight.lock().expect("in flight").extend(group.iter().map(|e| e.id));
                 let (plugins, conn, clock) = (self.plugins.clone(), self.conn.clone(), self.clock);
                 let (flying, health) = (in_flight.clone(), breaker.clone());
-                let (connector, lane, retries) =
-                    (self.action.connector.clone(), name.clone(), Retries::of(&policy));
+                let (connector, lane, retries) = (self.action.connector.clone(), name.clone(), Retries::of(&policy));
                 calls.spawn(async move {
                     let ok = deliver(&plugins, &conn, clock, &connector, &group, retries).await;
                     health.lock().expect("breaker").record(ok, clock(), &lane);
@@ -194,9 +190,7 @@ impl Lane {
         f: impl FnOnce(&Connection) -> starling_store::Result<T> + Send + 'static,
     ) -> starling_store::Result<T> {
         let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || f(&conn.lock().expect("delivery connection")))
-            .await
-            .expect("outbox task")
+        tokio::task::spawn_blocking(move || f(&conn.lock().expect("delivery connection"))).await.expect("outbox task")
     }
 }
 
@@ -246,8 +240,12 @@ async fn deliver(
         }
         match attempt {
             Attempt::Delivered => tracing::debug!(id = entry.id, action = %entry.action, "delivered"),
-            Attempt::Retry { error, .. } => tracing::info!(id = entry.id, action = %entry.action, "will retry: {error}"),
-            Attempt::GiveUp { status, error } => tracing::warn!(id = entry.id, action = %entry.action, status, "{error}"),
+            Attempt::Retry { error, .. } => {
+                tracing::info!(id = entry.id, action = %entry.action, "will retry: {error}")
+            }
+            Attempt::GiveUp { status, error } => {
+                tracing::warn!(id = entry.id, action = %entry.action, status, "{error}")
+            }
             Attempt::Cancel { .. } => {}
         }
     }
@@ -257,7 +255,9 @@ async fn deliver(
 fn attempt_for(entry: &OutboxEntry, result: Result<(), types::DeliveryError>, now: i64, retries: Retries) -> Attempt {
     match result {
         Ok(()) => Attempt::Delivered,
-        Err(types::DeliveryError::Permanent(m)) => Attempt::GiveUp { status: "failed", error: format!("permanent: {m}") },
+        Err(types::DeliveryError::Permanent(m)) => {
+            Attempt::GiveUp { status: "failed", error: format!("permanent: {m}") }
+        }
         Err(types::DeliveryError::Retryable(m)) => retry(entry, now, format!("retryable: {m}"), None, retries),
         Err(types::DeliveryError::RateLimited(r)) => {
             retry(entry, now, format!("rate limited: {}", r.message), Some(r.retry_after_ms as i64), retries)
@@ -287,8 +287,8 @@ fn to_wit(entry: &OutboxEntry) -> types::Action {
         settings: BTreeMap<String, String>,
         params: Vec<(String, Value)>,
     }
-    let payload: Payload = serde_json::from_str(&entry.payload)
-        .unwrap_or(Payload { settings: BTreeMap::new(), params: Vec::new() });
+    let payload: Payload =
+        serde_json::from_str(&entry.payload).unwrap_or(Payload { settings: BTreeMap::new(), params: Vec::new() });
     let trigger = match entry.trigger.as_str() {
         "left" => types::Trigger::Left,
         "visit_started" => types::Trigger::VisitStarted,

@@ -122,10 +122,19 @@ mod tests {
     fn errors_name_the_field() {
         let cases: &[(&[u8], &str)] = &[
             (br#"{"event":"view"}"#, "visitor_id: missing field"),
-            (br#"{"events":[{"event":"v","visitor_id":"a"},{"event":5,"visitor_id":"b"}]}"#, "events[1].event: expected a string, found a number"),
+            (
+                br#"{"events":[{"event":"v","visitor_id":"a"},{"event":5,"visitor_id":"b"}]}"#,
+                "events[1].event: expected a string, found a number",
+            ),
             (br#"{"event":"v","visitor_id":"a","data":[1]}"#, "data: expected an object, found an array"),
-            (br#"{"event":"v","visitor_id":"a","timestamp":"soon"}"#, "timestamp: `soon` is not an RFC 3339 timestamp like 2024-05-01T12:00:00Z"),
-            (br#"{"event":"v","visitor_id":"a","colour":1}"#, "colour: unknown field (an event has event, visitor_id, id, timestamp, data)"),
+            (
+                br#"{"event":"v","visitor_id":"a","timestamp":"soon"}"#,
+                "timestamp: `soon` is not an RFC 3339 timestamp like 2024-05-01T12:00:00Z",
+            ),
+            (
+                br#"{"event":"v","visitor_id":"a","colour":1}"#,
+                "colour: unknown field (an event has event, visitor_id, id, timestamp, data)",
+            ),
             (br#"{"events":{}}"#, "events: expected an array"),
             (b"{\"event\":\"v\",\n\"visitor_id\": }", "malformed JSON at line 2 column 15: expected value"),
         ];

@@ -8,9 +8,9 @@ pub mod pipeline;
 
 use starling_core::{Diagnostic, Model};
 use starling_runtime::{Kind, PluginHost};
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, watch};
 
@@ -34,9 +34,7 @@ pub struct Options {
 
 /// Milliseconds since the Unix epoch.
 pub fn system_clock() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Every action and enricher of `model` must name a loaded plugin of the right kind.
@@ -44,7 +42,9 @@ pub fn check_plugins(model: &Model, plugins: &PluginHost) -> Vec<Diagnostic> {
     let mut problems = Vec::new();
     let mut check = |name: &str, span: &std::ops::Range<usize>, kind: Kind| match plugins.get(name) {
         Ok(p) if p.manifest.kind == kind => {}
-        Ok(p) => problems.push(model.diagnostic(span, format!("plugin `{name}` is a {}, not a {}", p.manifest.kind.name(), kind.name()))),
+        Ok(p) => problems.push(
+            model.diagnostic(span, format!("plugin `{name}` is a {}, not a {}", p.manifest.kind.name(), kind.name())),
+        ),
         Err(_) => problems.push(model.diagnostic(span, format!("no plugin named `{name}` is installed"))),
     };
     for action in &model.actions {

@@ -217,7 +217,10 @@ impl Worker {
                         Some(pid) => pid,
                         None => {
                             links.insert(event.visitor_id.clone(), event.visitor_id.clone());
-                            writes.push(Write::Link { visitor: event.visitor_id.clone(), profile: event.visitor_id.clone() });
+                            writes.push(Write::Link {
+                                visitor: event.visitor_id.clone(),
+                                profile: event.visitor_id.clone(),
+                            });
                             event.visitor_id.clone()
                         }
                     },
@@ -237,13 +240,18 @@ impl Worker {
                 }
                 writes.push(Write::Event { job: j, event: e, profile: profile_id.clone() });
                 for audience in &outcome.joined {
-                    writes.push(Write::Join { profile: profile_id.clone(), audience: audience.clone(), at_ms: event.timestamp_ms });
+                    writes.push(Write::Join {
+                        profile: profile_id.clone(),
+                        audience: audience.clone(),
+                        at_ms: event.timestamp_ms,
+                    });
                 }
                 for audience in &outcome.left {
                     writes.push(Write::Leave { profile: profile_id.clone(), audience: audience.clone() });
                 }
                 for action in outcome.actions {
-                    let def = model.actions.iter().find(|a| a.name == action.action).expect("actions come from the model");
+                    let def =
+                        model.actions.iter().find(|a| a.name == action.action).expect("actions come from the model");
                     let key = (action.action.clone(), profile_id.clone());
                     if let Some(cooldown) = def.delivery.cooldown_ms {
                         let last = match fired.get(&key) {
@@ -255,7 +263,11 @@ impl Worker {
                             continue;
                         }
                         fired.insert(key, action.occurred_at_ms);
-                        writes.push(Write::Fired { action: action.action.clone(), profile: profile_id.clone(), at_ms: action.occurred_at_ms });
+                        writes.push(Write::Fired {
+                            action: action.action.clone(),
+                            profile: profile_id.clone(),
+                            at_ms: action.occurred_at_ms,
+                        });
                     }
                     let (due_ms, condition) = schedule(def, &action, now);
                     woken.insert(action.action.clone());
@@ -334,10 +346,8 @@ impl CustomEnrichers for WasmEnrichers<'_> {
         profile: &Profile,
     ) -> Result<Vec<starling_core::engine::Update>, String> {
         let (event, view) = (convert::event_to_wit(event), convert::profile_to_wit(profile));
-        let updates = self
-            .runtime
-            .block_on(self.plugins.enrich(plugin, &event, &view))
-            .map_err(|e| e.to_string())??;
+        let updates =
+            self.runtime.block_on(self.plugins.enrich(plugin, &event, &view)).map_err(|e| e.to_string())??;
         convert::updates_from_wit(updates)
     }
 }

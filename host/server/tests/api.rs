@@ -81,14 +81,24 @@ async fn an_event_id_is_applied_once() {
 async fn bad_input_is_refused_with_the_field_named() {
     let dir = tempfile::tempdir().unwrap();
     let app = app(dir.path()).await;
-    let (status, body, _) = call(&app, "POST", "/v1/events", r#"{"events":[{"event":"buy","visitor_id":"a"},{"event":"buy"}]}"#).await;
-    assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("events[1].visitor_id: missing field")));
+    let (status, body, _) =
+        call(&app, "POST", "/v1/events", r#"{"events":[{"event":"buy","visitor_id":"a"},{"event":"buy"}]}"#).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("events[1].visitor_id: missing field"))
+    );
     let (status, _, _) = call(&app, "GET", "/v1/profiles/a", "").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "nothing from the rejected request was applied");
     let (status, body, _) = call(&app, "GET", "/v1/actions?status=lost", "").await;
-    assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("status: `lost` is not one of pending, delivered, failed, cancelled")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("status: `lost` is not one of pending, delivered, failed, cancelled"))
+    );
     let big = format!(r#"{{"event":"buy","visitor_id":"a","data":{{"x":"{}"}}}}"#, "y".repeat(1_100_000));
     let (status, body, _) = call(&app, "POST", "/v1/events", &big).await;
-    assert_eq!((status, body["error"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("request body is larger than 1048576 bytes")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("request body is larger than 1048576 bytes"))
+    );
     app.stop().await;
 }

@@ -334,9 +334,8 @@ pub fn next_due(conn: &Connection, action: &str) -> Result<Option<i64>> {
 
 /// Outbox rows, newest first, optionally with one status.
 pub fn list_actions(conn: &Connection, status: Option<&str>, limit: usize) -> Result<Vec<OutboxEntry>> {
-    let sql = format!(
-        "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE (?1 IS NULL OR status = ?1) ORDER BY id DESC LIMIT ?2"
-    );
+    let sql =
+        format!("SELECT {OUTBOX_COLUMNS} FROM outbox WHERE (?1 IS NULL OR status = ?1) ORDER BY id DESC LIMIT ?2");
     let mut stmt = conn.prepare_cached(&sql)?;
     let rows = stmt.query_map(params![status, limit as i64], OutboxEntry::from_row)?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -347,12 +346,20 @@ pub fn list_actions(conn: &Connection, status: Option<&str>, limit: usize) -> Re
 pub enum Attempt {
     Delivered,
     /// Try again at the given time.
-    Retry { at_ms: i64, error: String },
+    Retry {
+        at_ms: i64,
+        error: String,
+    },
     /// Give up: `failed` for permanent errors, `dead` (moved to the dead letters) for exhausted
     /// retries.
-    GiveUp { status: &'static str, error: String },
+    GiveUp {
+        status: &'static str,
+        error: String,
+    },
     /// A delayed action whose condition no longer holds.
-    Cancel { reason: String },
+    Cancel {
+        reason: String,
+    },
 }
 
 pub fn record_attempt(conn: &Connection, id: i64, attempt: &Attempt, now_ms: i64) -> Result<()> {

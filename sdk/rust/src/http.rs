@@ -190,7 +190,8 @@ fn error_code(code: ErrorCode) -> HttpError {
 }
 
 fn split_url(url: &str) -> Result<(Scheme, &str, &str), HttpError> {
-    let (scheme, rest) = url.split_once("://").ok_or_else(|| HttpError::InvalidUrl(format!("`{url}` has no scheme")))?;
+    let (scheme, rest) =
+        url.split_once("://").ok_or_else(|| HttpError::InvalidUrl(format!("`{url}` has no scheme")))?;
     let scheme = match scheme.to_ascii_lowercase().as_str() {
         "http" => Scheme::Http,
         "https" => Scheme::Https,

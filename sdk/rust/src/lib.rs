@@ -49,8 +49,8 @@ pub mod bindings {
 mod values;
 
 pub use bindings::starling::plugin::types::{
-    Action, Attribute, AttributeUpdate, AttributeValue, ConnectorInfo, DeliveryError, Event, Parameter,
-    ProfileView, RateLimited, TimelineEntry, Trigger,
+    Action, Attribute, AttributeUpdate, AttributeValue, ConnectorInfo, DeliveryError, Event, Parameter, ProfileView,
+    RateLimited, TimelineEntry, Trigger,
 };
 
 /// The plugin's configuration, as set in the `[plugin.NAME]` table of the host's configuration.
@@ -116,7 +116,7 @@ macro_rules! export_connector {
                     <$ty as $crate::Connector>::deliver(actions)
                 }
             }
-            $crate::bindings::export_world!(StarlingExport with_types_in $crate::bindings);
+    $crate::bindings::export_world!(StarlingExport with_types_in $crate::bindings);
         };
     };
 }
@@ -136,7 +136,7 @@ macro_rules! export_enricher {
                     <$ty as $crate::Enricher>::enrich(event, profile)
                 }
             }
-            $crate::bindings::export_world!(StarlingExport with_types_in $crate::bindings);
+    $crate::bindings::export_world!(StarlingExport with_types_in $crate::bindings);
         };
     };
 }

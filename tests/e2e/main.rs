@@ -4,6 +4,7 @@
 mod delivery;
 mod durability;
 mod harness;
+mod registry;
 
 use harness::{Receiver, Server, eventually, get_json, post_json};
 use serde_json::json;

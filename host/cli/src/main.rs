@@ -1,6 +1,7 @@
 //! The `starling` command.
 
 mod build;
+mod registry;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -38,8 +39,10 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
-    /// Work with plugins.
+    /// Build plugins, and install and manage them in a server's registry.
     Plugin {
+        #[command(flatten)]
+        db: DatabaseArgs,
         #[command(subcommand)]
         command: PluginCommand,
     },
@@ -64,16 +67,28 @@ struct DatabaseArgs {
 }
 
 impl DatabaseArgs {
-    fn open(&self) -> Result<rusqlite::Connection> {
-        let path = match (&self.config, &self.database) {
+    /// The database file's path.
+    fn path(&self) -> Result<PathBuf> {
+        Ok(match (&self.config, &self.database) {
             (_, Some(db)) => db.clone(),
             (Some(config), None) => relative_to(config, &load_model(config)?.server.database),
             (None, None) => bail!("give --config FILE or --database FILE"),
-        };
+        })
+    }
+
+    /// Opens an existing database.
+    fn open(&self) -> Result<rusqlite::Connection> {
+        let path = self.path()?;
         if !path.is_file() {
             bail!("no database at {}", path.display());
         }
         Ok(starling_store::open(&path)?)
+    }
+
+    /// `server.trusted_keys` of the configuration file, resolved.
+    fn trusted_keys(&self) -> Result<Option<PathBuf>> {
+        let Some(config) = &self.config else { return Ok(None) };
+        Ok(load_model(config)?.server.trusted_keys.map(|k| relative_to(config, &k)))
     }
 }
 
@@ -124,6 +139,37 @@ enum PluginCommand {
         #[arg(long, default_value = "target/plugins")]
         out: PathBuf,
     },
+    /// Install a built plugin (a directory with `plugin.toml`, the component, and optionally
+    /// `plugin.sig`): validates it, stores it by hash and precompiles it.
+    Add {
+        path: PathBuf,
+        /// Trusted public keys (default: `server.trusted_keys`); unsigned plugins are refused.
+        #[arg(long)]
+        trusted_keys: Option<PathBuf>,
+    },
+    /// List installed plugins.
+    List,
+    /// Show an installed plugin: world, imports, exports, limits, size, status, failures.
+    Inspect { name: String },
+    /// Uninstall a plugin.
+    Remove { name: String },
+    /// Enable a plugin (also after the host disabled it for failing).
+    Enable { name: String },
+    /// Disable a plugin: running servers stop calling it.
+    Disable { name: String },
+    /// Check installed plugins: stored component hash, signature and world.
+    Verify { name: Option<String> },
+    /// Create an ed25519 key pair: PREFIX.secret and PREFIX.pub.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a built plugin directory with a secret key, writing its `plugin.sig`.
+    Sign {
+        dir: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -135,10 +181,11 @@ fn main() -> std::process::ExitCode {
         }
         Command::Config { command: ConfigCommand::Check { file, plugins } } => check(&file, plugins),
         Command::Actions { db, command } => actions(&db, command),
-        Command::Plugin { command: PluginCommand::Build { dirs, out } } => {
+        Command::Plugin { command: PluginCommand::Build { dirs, out }, .. } => {
             let dirs = if dirs.is_empty() { vec![PathBuf::from("connectors")] } else { dirs };
             build::build_all(&dirs, &out)
         }
+        Command::Plugin { db, command } => registry::run(&db, command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -205,7 +252,11 @@ fn actions(db: &DatabaseArgs, command: ActionsCommand) -> Result<()> {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if json {
         builder.json().init();
     } else {

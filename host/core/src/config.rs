@@ -68,6 +68,16 @@ pub struct ServerSettings {
     /// How long an event `id` is remembered for deduplication.
     #[serde(default = "default_dedup_window_hours")]
     pub dedup_window_hours: u64,
+    /// File of trusted ed25519 public keys: when set, only plugins signed by one install.
+    #[serde(default)]
+    pub trusted_keys: Option<String>,
+    /// Consecutive failed calls (traps, timeouts) after which a plugin is disabled.
+    #[serde(default = "default_plugin_failure_limit")]
+    pub plugin_failure_limit: u64,
+}
+
+fn default_plugin_failure_limit() -> u64 {
+    10
 }
 
 fn default_ingest_queue() -> usize {
@@ -86,6 +96,8 @@ impl Default for ServerSettings {
             ingest_queue: default_ingest_queue(),
             partitions: None,
             dedup_window_hours: default_dedup_window_hours(),
+            trusted_keys: None,
+            plugin_failure_limit: default_plugin_failure_limit(),
         }
     }
 }

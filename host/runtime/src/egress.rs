@@ -35,6 +35,11 @@ impl HostPattern {
         Ok(HostPattern { scheme, host: host.to_ascii_lowercase(), port })
     }
 
+    /// Whether the pattern names one host (not `*` or `*.domain`).
+    pub fn is_exact(&self) -> bool {
+        !self.host.contains('*')
+    }
+
     pub fn matches(&self, scheme: &str, host: &str, port: u16) -> bool {
         let host = host.to_ascii_lowercase();
         let host_ok = match self.host.strip_prefix("*.") {
@@ -53,18 +58,63 @@ pub struct Egress {
 }
 
 impl Egress {
-    /// Whether a request to `uri` may leave, and if not, why.
-    pub fn check(&self, uri: &http::Uri) -> Result<(), String> {
-        let scheme = uri.scheme_str().unwrap_or("");
-        let host = uri.host().ok_or("request has no host")?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
-        if self.allowed.iter().any(|p| p.matches(scheme, host, port)) {
-            Ok(())
-        } else {
+    /// Whether a request to `uri` may leave, and if not, why. `Ok(true)` when a pattern names
+    /// the host exactly; a host reached only through a wildcard must resolve to public addresses.
+    pub fn check(&self, uri: &http::Uri) -> Result<bool, String> {
+        let (scheme, host, port) = target(uri)?;
+        let matching: Vec<&HostPattern> = self.allowed.iter().filter(|p| p.matches(scheme, host, port)).collect();
+        if matching.is_empty() {
             Err(format!("{scheme}://{host}:{port} is not in the plugin's allowed hosts"))
+        } else {
+            Ok(matching.iter().any(|p| p.is_exact()))
         }
     }
+}
+
+fn target(uri: &http::Uri) -> Result<(&str, &str, u16), String> {
+    let scheme = uri.scheme_str().unwrap_or("");
+    let host = uri.host().ok_or("request has no host")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
+    Ok((scheme, host, port))
+}
+
+/// Loopback, private, link-local and other non-public addresses: reachable only when the
+/// manifest names the host, never through a wildcard.
+pub fn is_internal(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || (a == 100 && (64..128).contains(&b))
+                || a == 0
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_internal(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            v6.is_loopback() || v6.is_unspecified() || (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// Resolves the request's host and refuses internal addresses.
+async fn refuse_internal(uri: &http::Uri) -> Result<(), String> {
+    let (_, host, port) = target(uri)?;
+    let addrs = tokio::net::lookup_host((host, port)).await.map_err(|e| format!("resolving {host}: {e}"))?;
+    for addr in addrs {
+        if is_internal(addr.ip()) {
+            return Err(format!("{host} resolves to internal address {}, which a wildcard does not allow", addr.ip()));
+        }
+    }
+    Ok(())
 }
 
 type ResponseFuture = Box<
@@ -84,12 +134,20 @@ impl WasiHttpHooks for Egress {
         fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
     ) -> ResponseFuture {
         _ = fut;
-        if let Err(why) = self.check(request.uri()) {
-            tracing::warn!(plugin = %self.plugin, "outbound request refused: {why}");
-            return Box::new(async { Err(HttpError::HttpRequestDenied) });
-        }
+        let exact = match self.check(request.uri()) {
+            Ok(exact) => exact,
+            Err(why) => {
+                tracing::warn!(plugin = %self.plugin, "outbound request refused: {why}");
+                return Box::new(async { Err(HttpError::HttpRequestDenied) });
+            }
+        };
+        let plugin = self.plugin.clone();
         Box::new(async move {
             use http_body_util::BodyExt;
+            if !exact && let Err(why) = refuse_internal(request.uri()).await {
+                tracing::warn!(plugin = %plugin, "outbound request refused: {why}");
+                return Err(HttpError::DestinationIpProhibited);
+            }
             let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
             Ok((
                 response.map(BodyExt::boxed_unsync),
@@ -125,6 +183,33 @@ mod tests {
         assert!(!allowed(&["https://*.example.com"], "https://notexample.com/"));
         assert!(allowed(&["https://*"], "https://anything.org/"));
         assert!(!allowed(&[], "https://anything.org/"));
+    }
+
+    #[test]
+    fn only_exact_patterns_reach_internal_hosts() {
+        let egress = Egress {
+            plugin: "t".into(),
+            allowed: ["http://127.0.0.1:*", "https://*"].iter().map(|p| HostPattern::parse(p).unwrap()).collect(),
+        };
+        assert_eq!(egress.check(&"http://127.0.0.1:9000/x".parse().unwrap()), Ok(true));
+        assert_eq!(egress.check(&"https://10.0.0.5/x".parse().unwrap()), Ok(false));
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "192.168.0.1",
+            "172.16.5.5",
+            "169.254.169.254",
+            "100.64.0.1",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(is_internal(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["93.184.216.34", "8.8.8.8", "2606:4700::1111"] {
+            assert!(!is_internal(ip.parse().unwrap()), "{ip}");
+        }
     }
 
     #[test]

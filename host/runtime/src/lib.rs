@@ -6,6 +6,7 @@ mod bindings;
 pub mod convert;
 pub mod egress;
 pub mod manifest;
+pub mod signing;
 
 pub use bindings::types;
 pub use manifest::{Kind, Manifest};
@@ -15,8 +16,8 @@ use egress::{Egress, HostPattern};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
@@ -40,6 +41,31 @@ pub enum PluginError {
     Timeout { plugin: String, timeout_ms: u64 },
     #[error("plugin `{plugin}` failed: {message}")]
     Trap { plugin: String, message: String },
+    #[error("plugin `{plugin}` is disabled: {reason}")]
+    Disabled { plugin: String, reason: String },
+}
+
+/// Settings of a [`PluginHost`].
+#[derive(Debug, Clone)]
+pub struct HostOptions {
+    /// Where compiled components are cached, so a restart does not compile them again.
+    pub cache_dir: Option<PathBuf>,
+    /// Consecutive failed calls (traps, timeouts) after which a plugin is disabled.
+    pub failure_limit: u64,
+}
+
+impl Default for HostOptions {
+    fn default() -> Self {
+        HostOptions { cache_dir: None, failure_limit: 10 }
+    }
+}
+
+/// A plugin's call record since it was loaded.
+#[derive(Debug, Default)]
+struct Health {
+    failures: AtomicU64,
+    consecutive: AtomicU64,
+    disabled: Mutex<Option<String>>,
 }
 
 /// What every call of one plugin shares.
@@ -60,8 +86,24 @@ enum Pre {
 pub struct Plugin {
     pub manifest: Manifest,
     pub sha256: String,
+    pub size: usize,
+    /// Interfaces the component imports and exports.
+    pub imports: Vec<String>,
+    pub exports: Vec<String>,
     meta: Arc<PluginMeta>,
     pre: Pre,
+    health: Health,
+}
+
+impl Plugin {
+    /// Failed calls, consecutive failed calls, and why the plugin was disabled if it was.
+    pub fn health(&self) -> (u64, u64, Option<String>) {
+        (
+            self.health.failures.load(Ordering::Relaxed),
+            self.health.consecutive.load(Ordering::Relaxed),
+            self.health.disabled.lock().expect("health").clone(),
+        )
+    }
 }
 
 impl std::fmt::Debug for Plugin {
@@ -150,6 +192,7 @@ impl Drop for EpochTicker {
 /// Loads plugins and runs their calls.
 pub struct PluginHost {
     engine: Engine,
+    failure_limit: u64,
     connector_linker: Linker<PluginState>,
     enricher_linker: Linker<PluginState>,
     plugins: RwLock<HashMap<String, Arc<Plugin>>>,
@@ -158,8 +201,17 @@ pub struct PluginHost {
 
 impl PluginHost {
     pub fn new() -> Result<PluginHost, PluginError> {
+        Self::with_options(HostOptions::default())
+    }
+
+    pub fn with_options(options: HostOptions) -> Result<PluginHost, PluginError> {
         let fail = |e: wasmtime::Error| PluginError::Load { path: PathBuf::new(), message: e.to_string() };
         let mut config = Config::new();
+        if let Some(dir) = &options.cache_dir {
+            let mut cache = wasmtime::CacheConfig::new();
+            cache.with_directory(dir);
+            config.cache(Some(wasmtime::Cache::new(cache).map_err(fail)?));
+        }
         config.epoch_interruption(true);
         config.wasm_component_model(true);
         let engine = Engine::new(&config).map_err(fail)?;
@@ -175,6 +227,7 @@ impl PluginHost {
         let ticker = EpochTicker::start(&engine);
         Ok(PluginHost {
             engine,
+            failure_limit: options.failure_limit.max(1),
             connector_linker,
             enricher_linker,
             plugins: RwLock::new(HashMap::new()),
@@ -207,7 +260,7 @@ impl PluginHost {
         Ok(loaded)
     }
 
-    /// Loads (or replaces) one plugin from its manifest.
+    /// Loads (or replaces) one plugin from its manifest file.
     pub fn load(&self, manifest_path: &Path, config: BTreeMap<String, String>) -> Result<Arc<Plugin>, PluginError> {
         let err = |message: String| PluginError::Load { path: manifest_path.to_path_buf(), message };
         let text = std::fs::read_to_string(manifest_path).map_err(|e| err(e.to_string()))?;
@@ -215,30 +268,46 @@ impl PluginHost {
         let component_path = manifest_path.parent().unwrap_or(Path::new(".")).join(&manifest.component);
         let bytes =
             std::fs::read(&component_path).map_err(|e| err(format!("reading {}: {e}", component_path.display())))?;
-        let sha256 = hex::encode(Sha256::digest(&bytes));
-        if let Some(expected) = &manifest.sha256
-            && !expected.eq_ignore_ascii_case(&sha256)
-        {
-            return Err(err(format!("sha256 mismatch: manifest says {expected}, component is {sha256}")));
-        }
-        let plugin = self.compile(manifest, sha256, &bytes, config).map_err(err)?;
-        let plugin = Arc::new(plugin);
+        self.install(manifest, &bytes, config).map_err(err)
+    }
+
+    /// Validates and compiles a component; does not make it callable.
+    pub fn validate(&self, manifest: Manifest, bytes: &[u8]) -> Result<Plugin, String> {
+        self.compile(manifest, bytes, BTreeMap::new())
+    }
+
+    /// Loads (or replaces, without disturbing calls under way) a plugin from its bytes.
+    pub fn install(
+        &self,
+        manifest: Manifest,
+        bytes: &[u8],
+        config: BTreeMap<String, String>,
+    ) -> Result<Arc<Plugin>, String> {
+        let plugin = Arc::new(self.compile(manifest, bytes, config)?);
         self.plugins.write().expect("plugin table").insert(plugin.manifest.name.clone(), plugin.clone());
         Ok(plugin)
     }
 
-    fn compile(
-        &self,
-        manifest: Manifest,
-        sha256: String,
-        bytes: &[u8],
-        config: BTreeMap<String, String>,
-    ) -> Result<Plugin, String> {
+    /// Unloads a plugin; calls under way finish.
+    pub fn remove(&self, name: &str) -> bool {
+        self.plugins.write().expect("plugin table").remove(name).is_some()
+    }
+
+    fn compile(&self, manifest: Manifest, bytes: &[u8], config: BTreeMap<String, String>) -> Result<Plugin, String> {
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        if let Some(expected) = &manifest.sha256
+            && !expected.eq_ignore_ascii_case(&sha256)
+        {
+            return Err(format!("sha256 mismatch: manifest says {expected}, component is {sha256}"));
+        }
         if !wasmparser::Parser::is_component(bytes) {
             return Err("not a WebAssembly component (a core module must be componentized first)".into());
         }
         let component = Component::from_binary(&self.engine, bytes).map_err(|e| format!("compiling: {e}"))?;
         check_imports(&self.engine, &component, manifest.kind)?;
+        let ty = component.component_type();
+        let imports = ty.imports(&self.engine).map(|(n, _)| n.to_string()).collect();
+        let exports = ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect();
         let pre = match manifest.kind {
             Kind::Connector => Pre::Connector(
                 self.connector_linker
@@ -262,7 +331,7 @@ impl PluginHost {
             memory_bytes: (manifest.limits.memory_mib * 1024 * 1024) as usize,
             timeout: Duration::from_millis(manifest.limits.timeout_ms),
         });
-        Ok(Plugin { manifest, sha256, meta, pre })
+        Ok(Plugin { manifest, sha256, size: bytes.len(), imports, exports, meta, pre, health: Health::default() })
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<Plugin>, PluginError> {
@@ -297,16 +366,45 @@ impl PluginHost {
         store
     }
 
-    /// Runs `call` under the plugin's deadline, bounding time in host calls (outbound HTTP) too.
-    async fn guarded<T>(meta: &PluginMeta, call: impl Future<Output = wasmtime::Result<T>>) -> Result<T, PluginError> {
+    /// Runs `call` under the plugin's deadline, bounding time in host calls (outbound HTTP) too,
+    /// and keeps the plugin's health: too many failures in a row disable it.
+    async fn guarded<T>(
+        &self,
+        plugin: &Plugin,
+        call: impl Future<Output = wasmtime::Result<T>>,
+    ) -> Result<T, PluginError> {
+        let meta = &plugin.meta;
         let timeout =
             || PluginError::Timeout { plugin: meta.name.to_string(), timeout_ms: meta.timeout.as_millis() as u64 };
-        match tokio::time::timeout(meta.timeout + HOST_GRACE, call).await {
+        let result = match tokio::time::timeout(meta.timeout + HOST_GRACE, call).await {
             Err(_) => Err(timeout()),
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) => Err(timeout()),
             Ok(Err(e)) => Err(PluginError::Trap { plugin: meta.name.to_string(), message: describe_error(&e) }),
+        };
+        let health = &plugin.health;
+        match &result {
+            Ok(_) => health.consecutive.store(0, Ordering::Relaxed),
+            Err(e) => {
+                health.failures.fetch_add(1, Ordering::Relaxed);
+                let streak = health.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
+                if streak >= self.failure_limit {
+                    let reason = format!("disabled after {streak} consecutive failures; last: {e}");
+                    tracing::error!(plugin = %meta.name, "{reason}");
+                    *health.disabled.lock().expect("health") = Some(reason);
+                }
+            }
         }
+        result
+    }
+
+    /// The plugin, if it is loaded and not disabled.
+    fn callable(&self, name: &str) -> Result<Arc<Plugin>, PluginError> {
+        let plugin = self.get(name)?;
+        if let Some(reason) = plugin.health.disabled.lock().expect("health").clone() {
+            return Err(PluginError::Disabled { plugin: name.to_string(), reason });
+        }
+        Ok(plugin)
     }
 
     /// Delivers a batch of actions through a connector; one result per action.
@@ -315,16 +413,17 @@ impl PluginHost {
         name: &str,
         actions: &[types::Action],
     ) -> Result<Vec<Result<(), types::DeliveryError>>, PluginError> {
-        let plugin = self.get(name)?;
+        let plugin = self.callable(name)?;
         let Pre::Connector(pre) = &plugin.pre else {
             return Err(PluginError::WrongKind { plugin: name.into(), actual: "enricher", expected: "connector" });
         };
         let mut store = self.store(&plugin.meta);
-        let results = Self::guarded(&plugin.meta, async {
-            let instance = pre.instantiate_async(&mut store).await?;
-            instance.starling_plugin_deliver().call_deliver(&mut store, actions).await
-        })
-        .await?;
+        let results = self
+            .guarded(&plugin, async {
+                let instance = pre.instantiate_async(&mut store).await?;
+                instance.starling_plugin_deliver().call_deliver(&mut store, actions).await
+            })
+            .await?;
         if results.len() != actions.len() {
             return Err(PluginError::Trap {
                 plugin: name.into(),
@@ -336,12 +435,12 @@ impl PluginHost {
 
     /// Asks a connector to describe itself.
     pub async fn describe(&self, name: &str) -> Result<types::ConnectorInfo, PluginError> {
-        let plugin = self.get(name)?;
+        let plugin = self.callable(name)?;
         let Pre::Connector(pre) = &plugin.pre else {
             return Err(PluginError::WrongKind { plugin: name.into(), actual: "enricher", expected: "connector" });
         };
         let mut store = self.store(&plugin.meta);
-        Self::guarded(&plugin.meta, async {
+        self.guarded(&plugin, async {
             let instance = pre.instantiate_async(&mut store).await?;
             instance.starling_plugin_deliver().call_describe(&mut store).await
         })
@@ -355,12 +454,12 @@ impl PluginHost {
         event: &types::Event,
         profile: &types::ProfileView,
     ) -> Result<Result<Vec<types::AttributeUpdate>, String>, PluginError> {
-        let plugin = self.get(name)?;
+        let plugin = self.callable(name)?;
         let Pre::Enricher(pre) = &plugin.pre else {
             return Err(PluginError::WrongKind { plugin: name.into(), actual: "connector", expected: "enricher" });
         };
         let mut store = self.store(&plugin.meta);
-        Self::guarded(&plugin.meta, async {
+        self.guarded(&plugin, async {
             let instance = pre.instantiate_async(&mut store).await?;
             instance.starling_plugin_enrich().call_enrich(&mut store, event, profile).await
         })

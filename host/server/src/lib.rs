@@ -5,9 +5,10 @@ pub mod api;
 pub mod delivery;
 pub mod ingest;
 pub mod pipeline;
+pub mod registry;
 
 use starling_core::{Diagnostic, Model};
-use starling_runtime::{Kind, PluginHost};
+use starling_runtime::{HostOptions, Kind, PluginHost};
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -42,10 +43,13 @@ pub fn check_plugins(model: &Model, plugins: &PluginHost) -> Vec<Diagnostic> {
     let mut problems = Vec::new();
     let mut check = |name: &str, span: &std::ops::Range<usize>, kind: Kind| match plugins.get(name) {
         Ok(p) if p.manifest.kind == kind => {}
+        Err(starling_runtime::PluginError::NotLoaded(_)) => {
+            problems.push(model.diagnostic(span, format!("no plugin named `{name}` is installed")))
+        }
         Ok(p) => problems.push(
             model.diagnostic(span, format!("plugin `{name}` is a {}, not a {}", p.manifest.kind.name(), kind.name())),
         ),
-        Err(_) => problems.push(model.diagnostic(span, format!("no plugin named `{name}` is installed"))),
+        Err(e) => problems.push(model.diagnostic(span, e.to_string())),
     };
     for action in &model.actions {
         check(&action.connector, &action.connector_span, Kind::Connector);
@@ -72,18 +76,25 @@ impl App {
 
     pub async fn start_with_clock(options: Options, clock: fn() -> i64) -> Result<App, ServerError> {
         let model = Arc::new(options.model);
-        let plugins = Arc::new(PluginHost::new()?);
+        let database = options.database.clone();
+        let blobs = starling_store::blob_dir(&database);
+        let plugins = Arc::new(PluginHost::with_options(HostOptions {
+            cache_dir: Some(blobs.join("cache")),
+            failure_limit: model.server.plugin_failure_limit,
+        })?);
         if let Some(dir) = &options.plugins {
             for plugin in plugins.load_dir(dir, &model.plugin_config)? {
                 tracing::info!(plugin = %plugin.manifest.name, kind = plugin.manifest.kind.name(), sha256 = %plugin.sha256, "plugin loaded");
             }
         }
+        let mut registry =
+            registry::Registry::new(plugins.clone(), model.clone(), starling_store::open(&database)?, blobs, clock);
+        registry.sync()?;
         let problems = check_plugins(&model, &plugins);
         if !problems.is_empty() {
             return Err(ServerError::Plugins(problems));
         }
 
-        let database = options.database.clone();
         let read = Arc::new(Mutex::new(starling_store::open(&database)?));
 
         let (stop_delivery, stopped) = watch::channel(false);
@@ -101,6 +112,7 @@ impl App {
             };
             lanes.push(tokio::spawn(lane.run(stopped.clone())));
         }
+        lanes.push(tokio::spawn(registry.run(stopped.clone())));
 
         let shared = pipeline::Shared {
             model: model.clone(),

@@ -560,3 +560,166 @@ mod tests {
         assert_eq!(prune_seen_events(&conn, 2_000).unwrap(), 1);
     }
 }
+
+/// Where installed plugin components are kept, by sha256, next to the database file.
+pub fn blob_dir(database: &Path) -> std::path::PathBuf {
+    let mut name = database.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".plugins");
+    database.with_file_name(name)
+}
+
+/// A plugin in the registry.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InstalledPlugin {
+    pub name: String,
+    pub version: String,
+    pub kind: String,
+    pub world: String,
+    pub sha256: String,
+    pub size: i64,
+    /// The manifest as installed.
+    pub manifest: String,
+    /// Hex public key that signed the plugin, if it was signed.
+    pub signed_by: Option<String>,
+    /// The `plugin.sig` it was installed with.
+    #[serde(skip)]
+    pub signature: Option<String>,
+    pub enabled: bool,
+    /// Why the plugin is in its state (for example why it was disabled).
+    pub status: String,
+    pub failures: i64,
+    pub consecutive_failures: i64,
+    pub installed_ms: i64,
+    /// Changes whenever the plugin is installed, enabled or disabled: servers reload on it.
+    pub updated_ms: i64,
+}
+
+const REGISTRY_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS plugins (
+    name                 TEXT PRIMARY KEY,
+    version              TEXT NOT NULL,
+    kind                 TEXT NOT NULL,
+    world                TEXT NOT NULL,
+    sha256               TEXT NOT NULL,
+    size                 INTEGER NOT NULL,
+    manifest             TEXT NOT NULL,
+    signed_by            TEXT,
+    signature            TEXT,
+    enabled              INTEGER NOT NULL,
+    status               TEXT NOT NULL,
+    failures             INTEGER NOT NULL DEFAULT 0,
+    consecutive_failures INTEGER NOT NULL DEFAULT 0,
+    installed_ms         INTEGER NOT NULL,
+    updated_ms           INTEGER NOT NULL
+);
+";
+
+fn ensure_registry(conn: &Connection) -> Result<()> {
+    conn.execute_batch(REGISTRY_SCHEMA)?;
+    Ok(())
+}
+
+const PLUGIN_COLUMNS: &str = "name, version, kind, world, sha256, size, manifest, signed_by, signature, enabled, status, failures, consecutive_failures, installed_ms, updated_ms";
+
+fn plugin_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstalledPlugin> {
+    Ok(InstalledPlugin {
+        name: r.get(0)?,
+        version: r.get(1)?,
+        kind: r.get(2)?,
+        world: r.get(3)?,
+        sha256: r.get(4)?,
+        size: r.get(5)?,
+        manifest: r.get(6)?,
+        signed_by: r.get(7)?,
+        signature: r.get(8)?,
+        enabled: r.get(9)?,
+        status: r.get(10)?,
+        failures: r.get(11)?,
+        consecutive_failures: r.get(12)?,
+        installed_ms: r.get(13)?,
+        updated_ms: r.get(14)?,
+    })
+}
+
+/// Installs a plugin, replacing any installed version of the same name.
+pub fn install_plugin(conn: &Connection, p: &InstalledPlugin) -> Result<()> {
+    ensure_registry(conn)?;
+    conn.execute(
+        &format!(
+            "INSERT OR REPLACE INTO plugins ({PLUGIN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+        ),
+        params![
+            p.name,
+            p.version,
+            p.kind,
+            p.world,
+            p.sha256,
+            p.size,
+            p.manifest,
+            p.signed_by,
+            p.signature,
+            p.enabled,
+            p.status,
+            p.failures,
+            p.consecutive_failures,
+            p.installed_ms,
+            p.updated_ms
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn installed_plugins(conn: &Connection) -> Result<Vec<InstalledPlugin>> {
+    ensure_registry(conn)?;
+    let mut stmt = conn.prepare_cached(&format!("SELECT {PLUGIN_COLUMNS} FROM plugins ORDER BY name"))?;
+    let rows = stmt.query_map([], plugin_from_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+pub fn installed_plugin(conn: &Connection, name: &str) -> Result<Option<InstalledPlugin>> {
+    ensure_registry(conn)?;
+    Ok(conn
+        .prepare_cached(&format!("SELECT {PLUGIN_COLUMNS} FROM plugins WHERE name = ?1"))?
+        .query_row([name], plugin_from_row)
+        .optional()?)
+}
+
+/// Removes a plugin; returns whether it was installed.
+pub fn remove_plugin(conn: &Connection, name: &str) -> Result<bool> {
+    ensure_registry(conn)?;
+    Ok(conn.execute("DELETE FROM plugins WHERE name = ?1", [name])? > 0)
+}
+
+/// Enables or disables a plugin, resetting its consecutive failures; returns whether it exists.
+pub fn set_plugin_enabled(conn: &Connection, name: &str, enabled: bool, status: &str, now_ms: i64) -> Result<bool> {
+    ensure_registry(conn)?;
+    Ok(conn.execute(
+        "UPDATE plugins SET enabled = ?2, status = ?3, consecutive_failures = 0, updated_ms = ?4 WHERE name = ?1",
+        params![name, enabled, status, now_ms],
+    )? > 0)
+}
+
+/// Records a running server's view of a plugin's health. A plugin the server disabled is
+/// disabled in the registry too, with the reason.
+pub fn record_plugin_health(
+    conn: &Connection,
+    name: &str,
+    failures: i64,
+    consecutive: i64,
+    disabled: Option<&str>,
+    now_ms: i64,
+) -> Result<()> {
+    ensure_registry(conn)?;
+    match disabled {
+        None => conn.execute(
+            "UPDATE plugins SET failures = ?2, consecutive_failures = ?3 WHERE name = ?1",
+            params![name, failures, consecutive],
+        )?,
+        Some(reason) => conn.execute(
+            "UPDATE plugins SET failures = ?2, consecutive_failures = ?3, enabled = 0, status = ?4, updated_ms = ?5
+             WHERE name = ?1 AND enabled = 1",
+            params![name, failures, consecutive, reason, now_ms],
+        )?,
+    };
+    Ok(())
+}

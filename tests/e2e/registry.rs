@@ -1,0 +1,216 @@
+//! The plugin registry and the hardened sandbox: install, inspect, verify, sign, hot reload,
+//! disable after repeated failures, and refused egress to internal addresses.
+
+use crate::delivery::{action, toggle, toggle_config};
+use crate::harness::{self, Receiver, Server, eventually, get_json};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn starling(config: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_starling")).args(args).arg("--config").arg(config).output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// A copy of a built plugin in `dir/name`, its manifest edited.
+fn copy_plugin(from: &Path, name: &str, dir: &Path, edit: impl Fn(String) -> String) -> std::path::PathBuf {
+    harness::install(from, name, dir, edit);
+    dir.join(name)
+}
+
+/// A registry-only configuration: no `server.plugins` directory.
+fn registry_config(dir: &Path, actions: &str, extra_server: &str) -> std::path::PathBuf {
+    let config = toggle_config(dir, actions);
+    let text = std::fs::read_to_string(&config).unwrap().replace("plugins = \"plugins\"\n", extra_server);
+    std::fs::write(&config, text).unwrap();
+    std::fs::remove_dir_all(dir.join("plugins")).unwrap();
+    config
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn installed_plugins_are_inspected_verified_and_hot_reloaded() {
+    // The receiver holds its first answer for a second, so that call is under way during the swap.
+    let receiver = Receiver::start_on(
+        "127.0.0.1:0",
+        Arc::new(|n| {
+            if n == 0 {
+                std::thread::sleep(Duration::from_millis(1_000));
+            }
+            (200, vec![])
+        }),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = registry_config(dir.path(), &action("hook", &format!("{}/x", receiver.url), ""), "");
+    let staging = dir.path().join("staging");
+    let v1 = copy_plugin(harness::connectors(), "webhook", &staging.join("v1"), |m| m);
+
+    let (ok, out) = starling(&config, &["plugin", "add", v1.to_str().unwrap()]);
+    assert!(ok && out.contains("installed webhook 0.1.0 (starling:plugin/connector@0.1.0"), "{out}");
+    let (ok, out) = starling(&config, &["plugin", "list"]);
+    assert!(ok && out.contains("webhook") && out.contains("installed"), "{out}");
+    let (ok, out) = starling(&config, &["plugin", "inspect", "webhook"]);
+    assert!(ok, "{out}");
+    for expected in [
+        "world:     starling:plugin/connector@0.1.0",
+        "limits:    32 MiB memory, 5000 ms per call",
+        "wasi:http/outgoing-handler@0.2",
+        "starling:plugin/deliver@0.1.0",
+        "secret: auth_header",
+    ] {
+        assert!(out.contains(expected), "inspect lacks `{expected}`:\n{out}");
+    }
+    let (ok, out) = starling(&config, &["plugin", "verify"]);
+    assert!(ok && out.contains("webhook: ok"), "{out}");
+
+    let server = Server::start(&config);
+    toggle(&server, "first", true).await;
+    eventually("the first call to be under way", Duration::from_secs(10), async || {
+        (!receiver.received().is_empty()).then_some(())
+    })
+    .await;
+
+    // Version 0.2.0 may only reach another host: installed while the first call is in flight.
+    let v2 = copy_plugin(harness::connectors(), "webhook", &staging.join("v2"), |m| {
+        let start = m.find("allowed_hosts").unwrap();
+        let end = start + m[start..].find('\n').unwrap();
+        format!("{}allowed_hosts = [\"https://api.example.com\"]{}", &m[..start], &m[end..])
+            .replace("version = \"0.1.0\"", "version = \"0.2.0\"")
+    });
+    let (ok, out) = starling(&config, &["plugin", "add", v2.to_str().unwrap()]);
+    assert!(ok && out.contains("installed webhook 0.2.0") && out.contains("replacing 0.1.0"), "{out}");
+    eventually("the in-flight call to complete as delivered", Duration::from_secs(10), async || {
+        let (_, rows) = get_json(&format!("{}/v1/actions?status=delivered", server.url)).await;
+        (rows["actions"].as_array().unwrap().len() == 1).then_some(())
+    })
+    .await;
+    eventually("the new version to be loaded", Duration::from_secs(10), async || {
+        server.logs().contains("version=0.2.0").then_some(())
+    })
+    .await;
+    toggle(&server, "second", true).await;
+    let failed = eventually("the second action, under 0.2.0, to be refused", Duration::from_secs(10), async || {
+        let (_, rows) = get_json(&format!("{}/v1/actions?status=failed", server.url)).await;
+        rows["actions"].as_array().and_then(|a| a.first().cloned())
+    })
+    .await;
+    assert_eq!(failed["profile_id"], "second");
+    assert_eq!(receiver.received().len(), 1, "no restart, and 0.2.0 sent nothing");
+
+    // Disable, then tamper with the stored component: verify notices.
+    let (ok, _) = starling(&config, &["plugin", "disable", "webhook"]);
+    assert!(ok);
+    let (_, out) = starling(&config, &["plugin", "list"]);
+    assert!(out.contains("disabled by an operator"), "{out}");
+    let blobs = dir.path().join("starling.db.plugins");
+    let blob = std::fs::read_dir(&blobs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "wasm"))
+        .unwrap();
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&blob, bytes).unwrap();
+    let (ok, out) = starling(&config, &["plugin", "verify", "webhook"]);
+    assert!(!ok && out.contains("webhook: FAILED: stored component has sha256"), "{out}");
+    let (ok, out) = starling(&config, &["plugin", "remove", "webhook"]);
+    assert!(ok && out.contains("removed webhook"), "{out}");
+    server.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_trusted_keys_only_correctly_signed_plugins_install() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = registry_config(dir.path(), "", "trusted_keys = \"trusted.keys\"\n");
+    let keys = dir.path().join("release");
+    let (ok, out) = starling(&config, &["plugin", "keygen", "--out", keys.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    std::fs::copy(keys.with_extension("pub"), dir.path().join("trusted.keys")).unwrap();
+
+    let unsigned = copy_plugin(harness::connectors(), "webhook", &dir.path().join("unsigned"), |m| m);
+    let (ok, out) = starling(&config, &["plugin", "add", unsigned.to_str().unwrap()]);
+    assert!(!ok && out.contains("refused webhook: unsigned, and trusted keys are configured"), "{out}");
+
+    let signed = copy_plugin(harness::connectors(), "webhook", &dir.path().join("signed"), |m| m);
+    let secret = keys.with_extension("secret");
+    let (ok, out) = starling(&config, &["plugin", "sign", signed.to_str().unwrap(), "--key", secret.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    // Widening the allowed hosts after signing breaks the signature.
+    let manifest = signed.join("plugin.toml");
+    let original = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, original.replace("allowed_hosts = [", "allowed_hosts = [\"http://*:*\", ")).unwrap();
+    let (ok, out) = starling(&config, &["plugin", "add", signed.to_str().unwrap()]);
+    assert!(!ok && out.contains("signature does not match the manifest and component"), "{out}");
+    std::fs::write(&manifest, original).unwrap();
+    let (ok, out) = starling(&config, &["plugin", "add", signed.to_str().unwrap()]);
+    let public = std::fs::read_to_string(keys.with_extension("pub")).unwrap();
+    assert!(ok && out.contains(&format!("signed by {}", public.trim())), "{out}");
+
+    let (other, _) = (dir.path().join("other"), ());
+    starling(&config, &["plugin", "keygen", "--out", other.to_str().unwrap()]);
+    let stranger = copy_plugin(harness::connectors(), "webhook", &dir.path().join("stranger"), |m| m);
+    starling(
+        &config,
+        &["plugin", "sign", stranger.to_str().unwrap(), "--key", other.with_extension("secret").to_str().unwrap()],
+    );
+    let (ok, out) = starling(&config, &["plugin", "add", stranger.to_str().unwrap()]);
+    assert!(!ok && out.contains("which is not a trusted key"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_failing_repeatedly_is_disabled_until_enabled() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = registry_config(dir.path(), "", "plugin_failure_limit = 2\n");
+    let text = std::fs::read_to_string(&config).unwrap() + "\n[[enricher]]\nplugin = \"spin-forever\"\n";
+    std::fs::write(&config, text).unwrap();
+    let spin = copy_plugin(harness::test_plugins(), "spin-forever", &dir.path().join("staging"), |m| m);
+    let (ok, out) = starling(&config, &["plugin", "add", spin.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let server = Server::start(&config);
+    for i in 0..3 {
+        toggle(&server, &format!("v{i}"), true).await;
+    }
+    assert!(server.logs().contains("disabled after 2 consecutive failures"), "{}", server.logs());
+    let (_, out) = eventually("the registry to show it disabled", Duration::from_secs(10), async || {
+        let (ok, out) = starling(&config, &["plugin", "list"]);
+        out.contains("disabled after 2 consecutive failures").then_some((ok, out))
+    })
+    .await;
+    assert!(out.contains("false"), "{out}");
+    let (ok, out) = starling(&config, &["plugin", "inspect", "spin-forever"]);
+    assert!(ok && out.contains("failures:  2 (2 consecutive)"), "{out}");
+    let (ok, _) = starling(&config, &["plugin", "enable", "spin-forever"]);
+    assert!(ok);
+    eventually("the plugin to be loaded again", Duration::from_secs(10), async || {
+        (server.logs().matches("plugin loaded from the registry").count() >= 2).then_some(())
+    })
+    .await;
+    let (_, profile) = get_json(&format!("{}/v1/profiles/v2", server.url)).await;
+    assert_eq!(profile["attributes"]["on"], true, "events kept flowing while the plugin failed");
+    server.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wildcard_host_never_reaches_an_internal_address() {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = toggle_config(dir.path(), &action("hook", &format!("{}/x", receiver.url), ""));
+    harness::install(harness::connectors(), "webhook", &dir.path().join("plugins"), |m| {
+        let start = m.find("allowed_hosts").unwrap();
+        let end = start + m[start..].find('\n').unwrap();
+        format!("{}allowed_hosts = [\"http://*:*\"]{}", &m[..start], &m[end..])
+    });
+    let server = Server::start(&config);
+    toggle(&server, "v1", true).await;
+    let failed = eventually("the refused action", Duration::from_secs(10), async || {
+        let (_, rows) = get_json(&format!("{}/v1/actions?status=failed", server.url)).await;
+        rows["actions"].as_array().and_then(|a| a.first().cloned())
+    })
+    .await;
+    assert!(failed["last_error"].as_str().unwrap().contains("denied"), "{failed}");
+    assert!(server.logs().contains("resolves to internal address 127.0.0.1, which a wildcard does not allow"));
+    assert!(receiver.received().is_empty());
+    server.stop();
+}

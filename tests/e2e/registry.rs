@@ -214,3 +214,45 @@ async fn a_wildcard_host_never_reaches_an_internal_address() {
     assert!(receiver.received().is_empty());
     server.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_plugins_fail_alone_and_see_nothing_of_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = toggle_config(dir.path(), "");
+    let text = std::fs::read_to_string(&config).unwrap()
+        + "\n[[attribute]]\nname = \"snooped\"\nscope = \"visitor\"\ntype = \"string\"\n\n[[enricher]]\nplugin = \"hostile\"\n";
+    std::fs::write(&config, text).unwrap();
+    harness::install(harness::test_plugins(), "hostile", &dir.path().join("plugins"), |m| m);
+    let server = Server::start(&config);
+    let post = |name: &'static str, visitor: &'static str| {
+        let url = format!("{}/v1/events", server.url);
+        async move {
+            harness::post_json(&url, &serde_json::json!({"event": name, "visitor_id": visitor, "data": {"on": true}}))
+                .await
+        }
+    };
+
+    // While a plugin call exhausts its memory, other requests are answered.
+    let bomb = tokio::spawn(post("bomb", "v-bomb"));
+    let (status, _) = get_json(&format!("{}/healthz", server.url)).await;
+    assert_eq!(status, 200);
+    assert_eq!(bomb.await.unwrap().0, 202, "the event is applied even though the enricher failed");
+    assert_eq!(post("trap", "v-trap").await.0, 202);
+    assert_eq!(post("snoop", "v-snoop").await.0, 202);
+    assert_eq!(post("page", "v-after").await.0, 202);
+
+    let logs = server.logs();
+    assert!(logs.contains("enricher `hostile` failed: plugin `hostile` failed"), "{logs}");
+    assert!(
+        logs.matches("enricher `hostile` failed").count() >= 2,
+        "the bomb and the trap each fail their call: {logs}"
+    );
+    let (_, snooped) = get_json(&format!("{}/v1/profiles/v-snoop", server.url)).await;
+    let seen = snooped["attributes"]["snooped"].as_str().unwrap();
+    assert!(seen.starts_with("file error:") && seen.contains("env error:"), "the plugin saw: {seen}");
+    for visitor in ["v-bomb", "v-trap", "v-after"] {
+        let (status, p) = get_json(&format!("{}/v1/profiles/{visitor}", server.url)).await;
+        assert_eq!((status, &p["attributes"]["on"]), (200, &serde_json::json!(true)), "{visitor}");
+    }
+    server.stop();
+}

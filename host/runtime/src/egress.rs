@@ -55,6 +55,8 @@ impl HostPattern {
 pub struct Egress {
     pub plugin: Arc<str>,
     pub allowed: Arc<[HostPattern]>,
+    /// Cap on connect, first-byte and between-bytes waits: the plugin's own call deadline.
+    pub timeout: std::time::Duration,
 }
 
 impl Egress {
@@ -142,6 +144,12 @@ impl WasiHttpHooks for Egress {
             }
         };
         let plugin = self.plugin.clone();
+        let cap = |t: Option<std::time::Duration>| Some(t.map_or(self.timeout, |t| t.min(self.timeout)));
+        let options = Some(RequestOptions {
+            connect_timeout: cap(options.and_then(|o| o.connect_timeout)),
+            first_byte_timeout: cap(options.and_then(|o| o.first_byte_timeout)),
+            between_bytes_timeout: cap(options.and_then(|o| o.between_bytes_timeout)),
+        });
         Box::new(async move {
             use http_body_util::BodyExt;
             if !exact && let Err(why) = refuse_internal(request.uri()).await {
@@ -162,8 +170,11 @@ mod tests {
     use super::*;
 
     fn allowed(patterns: &[&str], uri: &str) -> bool {
-        let egress =
-            Egress { plugin: "t".into(), allowed: patterns.iter().map(|p| HostPattern::parse(p).unwrap()).collect() };
+        let egress = Egress {
+            plugin: "t".into(),
+            allowed: patterns.iter().map(|p| HostPattern::parse(p).unwrap()).collect(),
+            timeout: std::time::Duration::from_secs(1),
+        };
         egress.check(&uri.parse().unwrap()).is_ok()
     }
 
@@ -190,6 +201,7 @@ mod tests {
         let egress = Egress {
             plugin: "t".into(),
             allowed: ["http://127.0.0.1:*", "https://*"].iter().map(|p| HostPattern::parse(p).unwrap()).collect(),
+            timeout: std::time::Duration::from_secs(1),
         };
         assert_eq!(egress.check(&"http://127.0.0.1:9000/x".parse().unwrap()), Ok(true));
         assert_eq!(egress.check(&"https://10.0.0.5/x".parse().unwrap()), Ok(false));

@@ -355,7 +355,7 @@ impl PluginHost {
             table: ResourceTable::new(),
             wasi: WasiCtxBuilder::new().build(),
             http: WasiHttpCtx::new(),
-            egress: Egress { plugin: meta.name.clone(), allowed: meta.allowed_hosts.clone() },
+            egress: Egress { plugin: meta.name.clone(), allowed: meta.allowed_hosts.clone(), timeout: meta.timeout },
             limits: StoreLimitsBuilder::new().memory_size(meta.memory_bytes).instances(32).build(),
         };
         let mut store = Store::new(&self.engine, state);

@@ -198,3 +198,25 @@ fn core_modules_and_bad_hashes_are_refused() {
         .unwrap_err();
     assert!(err.to_string().contains("sha256 mismatch"), "{err}");
 }
+
+#[tokio::test]
+async fn repeated_failures_disable_a_plugin_and_a_reload_brings_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let host =
+        starling_runtime::PluginHost::with_options(starling_runtime::HostOptions { cache_dir: None, failure_limit: 2 })
+            .unwrap();
+    let trapping = component(&enricher("(unreachable)"), "enricher", None);
+    let manifest = plugin(dir.path(), "flaky", "enricher", &trapping, "");
+    host.load(&manifest, BTreeMap::new()).unwrap();
+    for _ in 0..2 {
+        assert!(matches!(host.enrich("flaky", &event(), &profile()).await, Err(PluginError::Trap { .. })));
+    }
+    let err = host.enrich("flaky", &event(), &profile()).await.unwrap_err();
+    assert!(
+        matches!(&err, PluginError::Disabled { reason, .. } if reason.contains("disabled after 2 consecutive failures")),
+        "{err}"
+    );
+    assert_eq!(host.get("flaky").unwrap().health().0, 2, "a disabled plugin is not called");
+    host.load(&manifest, BTreeMap::new()).unwrap();
+    assert!(matches!(host.enrich("flaky", &event(), &profile()).await, Err(PluginError::Trap { .. })));
+}

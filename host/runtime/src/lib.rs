@@ -208,6 +208,8 @@ impl PluginHost {
         let fail = |e: wasmtime::Error| PluginError::Load { path: PathBuf::new(), message: e.to_string() };
         let mut config = Config::new();
         if let Some(dir) = &options.cache_dir {
+            let dir = std::path::absolute(dir)
+                .map_err(|e| PluginError::Load { path: dir.clone(), message: e.to_string() })?;
             let mut cache = wasmtime::CacheConfig::new();
             cache.with_directory(dir);
             config.cache(Some(wasmtime::Cache::new(cache).map_err(fail)?));

@@ -71,9 +71,11 @@ impl Server {
     pub fn start(config: &Path) -> Server {
         let log = config.with_extension("log");
         let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        // Run from the configuration's directory with a relative path, as an operator would.
         let mut child = Command::new(env!("CARGO_BIN_EXE_starling"))
+            .current_dir(config.parent().unwrap())
             .args(["serve", "--config"])
-            .arg(config)
+            .arg(config.file_name().unwrap())
             .args(["--listen", "127.0.0.1:0"])
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())

@@ -256,3 +256,40 @@ async fn hostile_plugins_fail_alone_and_see_nothing_of_the_host() {
     }
     server.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_python_enricher_runs_and_the_compiled_code_cache_makes_the_second_start_fast() {
+    let _alone = harness::exclusive().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = toggle_config(dir.path(), "");
+    let text = std::fs::read_to_string(&config).unwrap()
+        + "\n[[attribute]]\nname = \"device\"\nscope = \"visitor\"\ntype = \"string\"\n\
+           [[attribute]]\nname = \"browser\"\nscope = \"visitor\"\ntype = \"string\"\n\
+           [[attribute]]\nname = \"os\"\nscope = \"visitor\"\ntype = \"string\"\n\
+           [[enricher]]\nplugin = \"user-agent\"\n";
+    std::fs::write(&config, text).unwrap();
+    harness::install(harness::connectors(), "user-agent", &dir.path().join("plugins"), |m| m);
+
+    let cold = std::time::Instant::now();
+    let server = Server::start(&config);
+    let cold = cold.elapsed();
+    let agent = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1";
+    let (status, _) = harness::post_json(
+        &format!("{}/v1/events", server.url),
+        &serde_json::json!({"event": "page_view", "visitor_id": "phone-1", "data": {"user_agent": agent}}),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let (_, profile) = get_json(&format!("{}/v1/profiles/phone-1", server.url)).await;
+    assert_eq!(profile["attributes"]["device"], "mobile", "{}", server.logs());
+    assert_eq!(profile["attributes"]["browser"], "Safari");
+    assert_eq!(profile["attributes"]["os"], "iOS");
+    server.stop();
+
+    let warm = std::time::Instant::now();
+    let server = Server::start(&config);
+    let warm = warm.elapsed();
+    eprintln!("start with an 18 MB Python component: cold {cold:?}, warm {warm:?}");
+    assert!(warm * 3 < cold, "the second start uses the compiled-code cache: cold {cold:?}, warm {warm:?}");
+    server.stop();
+}

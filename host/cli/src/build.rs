@@ -1,8 +1,12 @@
-//! `starling plugin build`: Rust plugin sources to components, with their manifests.
+//! `starling plugin build`: plugin sources to components, with their manifests.
 //!
-//! Uses rustup's `wasm32-unknown-unknown` target when it is installed; otherwise Debian's Rust
-//! (`rustc-web`) with a rebuilt standard library and `wasm-ld-19`, installing those packages
-//! when missing. The core module is turned into a component in-process (wit-component).
+//! Rust plugins (a `Cargo.toml`): built with rustup's `wasm32-unknown-unknown` target when it is
+//! installed, otherwise with Debian's Rust (`rustc-web`) and a rebuilt standard library and
+//! `wasm-ld-19`, installing those packages when missing; the core module is turned into a
+//! component in-process (wit-component).
+//!
+//! Python plugins (an `app.py`): built with componentize-py (installed with pip when missing),
+//! with WASI stubbed out so the component imports only what its world grants.
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -38,13 +42,97 @@ pub fn build_all(dirs: &[PathBuf], out: &Path) -> Result<()> {
             dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
         );
     }
-    let toolchain = toolchain()?;
     let target_dir = std::path::absolute(out.parent().unwrap_or(Path::new(".")).join("guest"))?;
+    let mut rust = None;
     for source in sources {
-        let built = build_one(&source, out, &target_dir, &toolchain)
-            .with_context(|| format!("building {}", source.display()))?;
+        let built = if source.join("Cargo.toml").is_file() {
+            if rust.is_none() {
+                rust = Some(toolchain()?);
+            }
+            build_rust(&source, out, &target_dir, rust.as_ref().expect("set above"))
+        } else if source.join("app.py").is_file() {
+            build_python(&source, out)
+        } else {
+            Err(anyhow::anyhow!("neither a Cargo.toml nor an app.py: unknown plugin language"))
+        };
+        let built = built.with_context(|| format!("building {}", source.display()))?;
         println!("built {}", built.display());
     }
+    Ok(())
+}
+
+const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
+
+fn build_python(source: &Path, out: &Path) -> Result<PathBuf> {
+    let manifest_text = std::fs::read_to_string(source.join("plugin.toml"))?;
+    let manifest = starling_runtime::Manifest::parse(&manifest_text).map_err(|e| anyhow::anyhow!("plugin.toml:{e}"))?;
+    let dest = out.join(&manifest.name);
+    std::fs::create_dir_all(&dest)?;
+    let component_path = dest.join(&manifest.component);
+    let wit = wit_dir()?;
+    let newest_input = newest_mtime(source, "py")?.max(newest_mtime(&wit, "wit")?);
+    let fresh = std::fs::metadata(&component_path).and_then(|m| m.modified()).is_ok_and(|built| built >= newest_input);
+    if !fresh {
+        let installed = Command::new("componentize-py").arg("--version").output().is_ok_and(|o| o.status.success());
+        if !installed {
+            eprintln!("installing {COMPONENTIZE_PY}");
+            let ok = Command::new("python3").args(["-m", "pip", "install", "-q", COMPONENTIZE_PY]).status()?.success();
+            if !ok {
+                bail!("could not install {COMPONENTIZE_PY} with pip");
+            }
+        }
+        let status = Command::new("componentize-py")
+            .arg("-d")
+            .arg(&wit)
+            .args(["-w", &manifest.world, "componentize", "--stub-wasi", "-p"])
+            .arg(source)
+            .arg("app")
+            .arg("-o")
+            .arg(&component_path)
+            .status()
+            .context("running componentize-py")?;
+        if !status.success() {
+            bail!("componentize-py failed ({status})");
+        }
+    }
+    write_manifest(source, &manifest_text, &dest, &component_path)?;
+    Ok(component_path)
+}
+
+/// The repository's `wit/` directory: found from the working directory upwards.
+fn wit_dir() -> Result<PathBuf> {
+    let cwd = std::env::current_dir()?;
+    cwd.ancestors()
+        .map(|d| d.join("wit"))
+        .find(|d| d.join("plugin.wit").is_file())
+        .context("no wit/plugin.wit in this directory or above it")
+}
+
+fn newest_mtime(dir: &Path, ext: &str) -> Result<std::time::SystemTime> {
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            newest = newest.max(newest_mtime(&path, ext)?);
+        } else if path.extension().is_some_and(|e| e == ext) {
+            newest = newest.max(std::fs::metadata(&path)?.modified()?);
+        }
+    }
+    Ok(newest)
+}
+
+/// Writes the built manifest, with the component's sha256.
+fn write_manifest(source: &Path, manifest_text: &str, dest: &Path, component_path: &Path) -> Result<()> {
+    let component = std::fs::read(component_path)?;
+    let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&component));
+    let mut built: toml::Table = toml::from_str(manifest_text)?;
+    built.insert("sha256".into(), toml::Value::String(sha256));
+    let text = format!(
+        "# Built by `starling plugin build` from {}; do not edit.\n{}",
+        source.display(),
+        toml::to_string(&built)?
+    );
+    std::fs::write(dest.join("plugin.toml"), text)?;
     Ok(())
 }
 
@@ -91,7 +179,7 @@ fn toolchain() -> Result<Toolchain> {
     Ok(Toolchain::Debian)
 }
 
-fn build_one(source: &Path, out: &Path, target_dir: &Path, toolchain: &Toolchain) -> Result<PathBuf> {
+fn build_rust(source: &Path, out: &Path, target_dir: &Path, toolchain: &Toolchain) -> Result<PathBuf> {
     let manifest_text = std::fs::read_to_string(source.join("plugin.toml"))?;
     let manifest = starling_runtime::Manifest::parse(&manifest_text).map_err(|e| anyhow::anyhow!("plugin.toml:{e}"))?;
     let cargo_toml: toml::Table = toml::from_str(&std::fs::read_to_string(source.join("Cargo.toml"))?)?;
@@ -139,15 +227,6 @@ fn build_one(source: &Path, out: &Path, target_dir: &Path, toolchain: &Toolchain
         let component = starling_runtime::componentize(&module).map_err(anyhow::Error::msg)?;
         std::fs::write(&component_path, component)?;
     }
-    let component = std::fs::read(&component_path)?;
-    let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&component));
-    let mut built: toml::Table = toml::from_str(&manifest_text)?;
-    built.insert("sha256".into(), toml::Value::String(sha256));
-    let text = format!(
-        "# Built by `starling plugin build` from {}; do not edit.\n{}",
-        source.display(),
-        toml::to_string(&built)?
-    );
-    std::fs::write(dest.join("plugin.toml"), text)?;
+    write_manifest(source, &manifest_text, &dest, &component_path)?;
     Ok(component_path)
 }

@@ -281,7 +281,12 @@ fn check(file: &Path, plugins: Option<PathBuf>) -> Result<()> {
     let model = load_model(file)?;
     let plugins = plugins.or_else(|| model.server.plugins.as_deref().map(|p| relative_to(file, p)));
     if let Some(dir) = plugins.filter(|d| d.is_dir()) {
-        let host = starling_runtime::PluginHost::new()?;
+        // Share the server's compiled-code cache: large components compile once.
+        let cache_dir = Some(starling_store::blob_dir(&relative_to(file, &model.server.database)).join("cache"));
+        let host = starling_runtime::PluginHost::with_options(starling_runtime::HostOptions {
+            cache_dir,
+            ..Default::default()
+        })?;
         host.load_dir(&dir, &model.plugin_config)?;
         let problems = starling_server::check_plugins(&model, &host);
         if !problems.is_empty() {

@@ -358,7 +358,8 @@ impl PluginHost {
             wasi: WasiCtxBuilder::new().build(),
             http: WasiHttpCtx::new(),
             egress: Egress { plugin: meta.name.clone(), allowed: meta.allowed_hosts.clone(), timeout: meta.timeout },
-            limits: StoreLimitsBuilder::new().memory_size(meta.memory_bytes).instances(32).build(),
+            // Components from language toolchains (Python, JavaScript) hold dozens of core instances.
+            limits: StoreLimitsBuilder::new().memory_size(meta.memory_bytes).instances(256).build(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);

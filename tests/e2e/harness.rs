@@ -91,7 +91,8 @@ impl Server {
                 }
             }
         });
-        match rx.recv_timeout(Duration::from_secs(60)) {
+        // Generous: a first start compiles large (Python, JavaScript) components.
+        match rx.recv_timeout(Duration::from_secs(240)) {
             Ok(url) => Server { child, url, log },
             Err(_) => {
                 let _ = child.kill();

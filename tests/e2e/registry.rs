@@ -258,7 +258,7 @@ async fn hostile_plugins_fail_alone_and_see_nothing_of_the_host() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_python_enricher_runs_and_the_compiled_code_cache_makes_the_second_start_fast() {
+async fn python_and_javascript_enrichers_run_and_the_compiled_code_cache_makes_the_second_start_fast() {
     let _alone = harness::exclusive().await;
     let dir = tempfile::tempdir().unwrap();
     let config = toggle_config(dir.path(), "");
@@ -266,9 +266,12 @@ async fn a_python_enricher_runs_and_the_compiled_code_cache_makes_the_second_sta
         + "\n[[attribute]]\nname = \"device\"\nscope = \"visitor\"\ntype = \"string\"\n\
            [[attribute]]\nname = \"browser\"\nscope = \"visitor\"\ntype = \"string\"\n\
            [[attribute]]\nname = \"os\"\nscope = \"visitor\"\ntype = \"string\"\n\
-           [[enricher]]\nplugin = \"user-agent\"\n";
+           [[attribute]]\nname = \"engagement\"\nscope = \"visitor\"\ntype = \"number\"\n\
+           [[enricher]]\nplugin = \"user-agent\"\n\
+           [[enricher]]\nplugin = \"engagement\"\n";
     std::fs::write(&config, text).unwrap();
     harness::install(harness::connectors(), "user-agent", &dir.path().join("plugins"), |m| m);
+    harness::install(harness::connectors(), "engagement", &dir.path().join("plugins"), |m| m);
 
     let cold = std::time::Instant::now();
     let server = Server::start(&config);
@@ -284,12 +287,13 @@ async fn a_python_enricher_runs_and_the_compiled_code_cache_makes_the_second_sta
     assert_eq!(profile["attributes"]["device"], "mobile", "{}", server.logs());
     assert_eq!(profile["attributes"]["browser"], "Safari");
     assert_eq!(profile["attributes"]["os"], "iOS");
+    assert_eq!(profile["attributes"]["engagement"], 7.0, "JavaScript: 1 event this visit × 2 + 1 visit × 5");
     server.stop();
 
     let warm = std::time::Instant::now();
     let server = Server::start(&config);
     let warm = warm.elapsed();
-    eprintln!("start with an 18 MB Python component: cold {cold:?}, warm {warm:?}");
+    eprintln!("start with an 18 MB Python and a 12 MB JavaScript component: cold {cold:?}, warm {warm:?}");
     assert!(warm * 3 < cold, "the second start uses the compiled-code cache: cold {cold:?}, warm {warm:?}");
     server.stop();
 }

@@ -7,6 +7,9 @@
 //!
 //! Python plugins (an `app.py`): built with componentize-py (installed with pip when missing),
 //! with WASI stubbed out so the component imports only what its world grants.
+//!
+//! JavaScript plugins (an `app.js`): built with componentize-js (installed with npm under
+//! `target/guest/js` when missing), with every WASI feature disabled.
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -52,6 +55,8 @@ pub fn build_all(dirs: &[PathBuf], out: &Path) -> Result<()> {
             build_rust(&source, out, &target_dir, rust.as_ref().expect("set above"))
         } else if source.join("app.py").is_file() {
             build_python(&source, out)
+        } else if source.join("app.js").is_file() {
+            build_js(&source, out, &target_dir)
         } else {
             Err(anyhow::anyhow!("neither a Cargo.toml nor an app.py: unknown plugin language"))
         };
@@ -62,6 +67,49 @@ pub fn build_all(dirs: &[PathBuf], out: &Path) -> Result<()> {
 }
 
 const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
+const COMPONENTIZE_JS: &str = "@bytecodealliance/componentize-js@0.23.0";
+
+fn build_js(source: &Path, out: &Path, target_dir: &Path) -> Result<PathBuf> {
+    let manifest_text = std::fs::read_to_string(source.join("plugin.toml"))?;
+    let manifest = starling_runtime::Manifest::parse(&manifest_text).map_err(|e| anyhow::anyhow!("plugin.toml:{e}"))?;
+    let dest = out.join(&manifest.name);
+    std::fs::create_dir_all(&dest)?;
+    let component_path = dest.join(&manifest.component);
+    let wit = wit_dir()?;
+    let newest_input = newest_mtime(source, "js")?.max(newest_mtime(&wit, "wit")?);
+    let fresh = std::fs::metadata(&component_path).and_then(|m| m.modified()).is_ok_and(|built| built >= newest_input);
+    if !fresh {
+        let tools = target_dir.join("js");
+        let tool = tools.join("node_modules/.bin/componentize-js");
+        if !tool.is_file() {
+            eprintln!("installing {COMPONENTIZE_JS} into {}", tools.display());
+            std::fs::create_dir_all(&tools)?;
+            let ok = Command::new("npm")
+                .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+                .arg(&tools)
+                .arg(COMPONENTIZE_JS)
+                .status()
+                .context("running npm (Node.js is needed to build JavaScript plugins)")?
+                .success();
+            if !ok {
+                bail!("could not install {COMPONENTIZE_JS} with npm");
+            }
+        }
+        let status = Command::new(&tool)
+            .arg(source.join("app.js"))
+            .arg("--wit")
+            .arg(&wit)
+            .args(["-n", &manifest.world, "-d", "stdio", "random", "clocks", "http", "fetch-event", "-o"])
+            .arg(&component_path)
+            .status()
+            .context("running componentize-js")?;
+        if !status.success() {
+            bail!("componentize-js failed ({status})");
+        }
+    }
+    write_manifest(source, &manifest_text, &dest, &component_path)?;
+    Ok(component_path)
+}
 
 fn build_python(source: &Path, out: &Path) -> Result<PathBuf> {
     let manifest_text = std::fs::read_to_string(source.join("plugin.toml"))?;

@@ -58,7 +58,7 @@ pub fn build_all(dirs: &[PathBuf], out: &Path) -> Result<()> {
         } else if source.join("app.js").is_file() {
             build_js(&source, out, &target_dir)
         } else {
-            Err(anyhow::anyhow!("neither a Cargo.toml nor an app.py: unknown plugin language"))
+            Err(anyhow::anyhow!("no Cargo.toml, app.py or app.js: unknown plugin language"))
         };
         let built = built.with_context(|| format!("building {}", source.display()))?;
         println!("built {}", built.display());
@@ -69,16 +69,42 @@ pub fn build_all(dirs: &[PathBuf], out: &Path) -> Result<()> {
 const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
 const COMPONENTIZE_JS: &str = "@bytecodealliance/componentize-js@0.23.0";
 
+/// A plugin built by a language toolchain from sources with extension `ext`.
+struct ToolchainBuild {
+    manifest_text: String,
+    manifest: starling_runtime::Manifest,
+    dest: PathBuf,
+    component_path: PathBuf,
+    wit: PathBuf,
+    /// The component is newer than every source and WIT file.
+    fresh: bool,
+}
+
+impl ToolchainBuild {
+    fn prepare(source: &Path, out: &Path, ext: &str) -> Result<ToolchainBuild> {
+        let manifest_text = std::fs::read_to_string(source.join("plugin.toml"))?;
+        let manifest =
+            starling_runtime::Manifest::parse(&manifest_text).map_err(|e| anyhow::anyhow!("plugin.toml:{e}"))?;
+        let dest = out.join(&manifest.name);
+        std::fs::create_dir_all(&dest)?;
+        let component_path = dest.join(&manifest.component);
+        let wit = wit_dir()?;
+        let newest_input = newest_mtime(source, ext)?.max(newest_mtime(&wit, "wit")?);
+        let fresh =
+            std::fs::metadata(&component_path).and_then(|m| m.modified()).is_ok_and(|built| built >= newest_input);
+        Ok(ToolchainBuild { manifest_text, manifest, dest, component_path, wit, fresh })
+    }
+
+    fn finish(self, source: &Path) -> Result<PathBuf> {
+        write_manifest(source, &self.manifest_text, &self.dest, &self.component_path)?;
+        Ok(self.component_path)
+    }
+}
+
 fn build_js(source: &Path, out: &Path, target_dir: &Path) -> Result<PathBuf> {
-    let manifest_text = std::fs::read_to_string(source.join("plugin.toml"))?;
-    let manifest = starling_runtime::Manifest::parse(&manifest_text).map_err(|e| anyhow::anyhow!("plugin.toml:{e}"))?;
-    let dest = out.join(&manifest.name);
-    std::fs::create_dir_all(&dest)?;
-    let component_path = dest.join(&manifest.component);
-    let wit = wit_dir()?;
-    let newest_input = newest_mtime(source, "js")?.max(newest_mtime(&wit, "wit")?);
-    let fresh = std::fs::metadata(&component_path).and_then(|m| m.modified()).is_ok_and(|built| built >= newest_input);
-    if !fresh {
+    let build = ToolchainBuild::prepare(source, out, "js")?;
+    let (manifest, component_path, wit) = (&build.manifest, &build.component_path, &build.wit);
+    if !build.fresh {
         let tools = target_dir.join("js");
         let tool = tools.join("node_modules/.bin/componentize-js");
         if !tool.is_file() {
@@ -98,29 +124,22 @@ fn build_js(source: &Path, out: &Path, target_dir: &Path) -> Result<PathBuf> {
         let status = Command::new(&tool)
             .arg(source.join("app.js"))
             .arg("--wit")
-            .arg(&wit)
+            .arg(wit)
             .args(["-n", &manifest.world, "-d", "stdio", "random", "clocks", "http", "fetch-event", "-o"])
-            .arg(&component_path)
+            .arg(component_path)
             .status()
             .context("running componentize-js")?;
         if !status.success() {
             bail!("componentize-js failed ({status})");
         }
     }
-    write_manifest(source, &manifest_text, &dest, &component_path)?;
-    Ok(component_path)
+    build.finish(source)
 }
 
 fn build_python(source: &Path, out: &Path) -> Result<PathBuf> {
-    let manifest_text = std::fs::read_to_string(source.join("plugin.toml"))?;
-    let manifest = starling_runtime::Manifest::parse(&manifest_text).map_err(|e| anyhow::anyhow!("plugin.toml:{e}"))?;
-    let dest = out.join(&manifest.name);
-    std::fs::create_dir_all(&dest)?;
-    let component_path = dest.join(&manifest.component);
-    let wit = wit_dir()?;
-    let newest_input = newest_mtime(source, "py")?.max(newest_mtime(&wit, "wit")?);
-    let fresh = std::fs::metadata(&component_path).and_then(|m| m.modified()).is_ok_and(|built| built >= newest_input);
-    if !fresh {
+    let build = ToolchainBuild::prepare(source, out, "py")?;
+    let (manifest, component_path, wit) = (&build.manifest, &build.component_path, &build.wit);
+    if !build.fresh {
         let installed = Command::new("componentize-py").arg("--version").output().is_ok_and(|o| o.status.success());
         if !installed {
             eprintln!("installing {COMPONENTIZE_PY}");
@@ -131,20 +150,19 @@ fn build_python(source: &Path, out: &Path) -> Result<PathBuf> {
         }
         let status = Command::new("componentize-py")
             .arg("-d")
-            .arg(&wit)
+            .arg(wit)
             .args(["-w", &manifest.world, "componentize", "--stub-wasi", "-p"])
             .arg(source)
             .arg("app")
             .arg("-o")
-            .arg(&component_path)
+            .arg(component_path)
             .status()
             .context("running componentize-py")?;
         if !status.success() {
             bail!("componentize-py failed ({status})");
         }
     }
-    write_manifest(source, &manifest_text, &dest, &component_path)?;
-    Ok(component_path)
+    build.finish(source)
 }
 
 /// The repository's `wit/` directory: found from the working directory upwards.

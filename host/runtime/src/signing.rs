@@ -88,7 +88,7 @@ mod tests {
     fn signatures_cover_manifest_and_component() {
         let (secret, public) = generate().unwrap();
         let sig = sign(&secret, "name = \"x\"", "abc").unwrap();
-        assert_eq!(verify(&sig, "name = \"x\"", "abc", Some(&[public.clone()])), Ok(public.clone()));
+        assert_eq!(verify(&sig, "name = \"x\"", "abc", Some(std::slice::from_ref(&public))), Ok(public.clone()));
         assert!(verify(&sig, "name = \"y\"", "abc", None).is_err(), "manifest changed");
         assert!(verify(&sig, "name = \"x\"", "abd", None).is_err(), "component changed");
         let (_, other) = generate().unwrap();

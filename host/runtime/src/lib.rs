@@ -48,7 +48,7 @@ pub enum PluginError {
 /// Settings of a [`PluginHost`].
 #[derive(Debug, Clone)]
 pub struct HostOptions {
-    /// Where compiled components are cached, so a restart does not compile them again.
+    /// Where compiled components are kept, so a restart does not compile them again.
     pub cache_dir: Option<PathBuf>,
     /// Consecutive failed calls (traps, timeouts) after which a plugin is disabled.
     pub failure_limit: u64,
@@ -192,6 +192,8 @@ impl Drop for EpochTicker {
 /// Loads plugins and runs their calls.
 pub struct PluginHost {
     engine: Engine,
+    /// Where precompiled components are kept, by component hash and engine compatibility.
+    artifacts: Option<PathBuf>,
     failure_limit: u64,
     connector_linker: Linker<PluginState>,
     enricher_linker: Linker<PluginState>,
@@ -207,13 +209,6 @@ impl PluginHost {
     pub fn with_options(options: HostOptions) -> Result<PluginHost, PluginError> {
         let fail = |e: wasmtime::Error| PluginError::Load { path: PathBuf::new(), message: e.to_string() };
         let mut config = Config::new();
-        if let Some(dir) = &options.cache_dir {
-            let dir = std::path::absolute(dir)
-                .map_err(|e| PluginError::Load { path: dir.clone(), message: e.to_string() })?;
-            let mut cache = wasmtime::CacheConfig::new();
-            cache.with_directory(dir);
-            config.cache(Some(wasmtime::Cache::new(cache).map_err(fail)?));
-        }
         config.epoch_interruption(true);
         config.wasm_component_model(true);
         let engine = Engine::new(&config).map_err(fail)?;
@@ -229,6 +224,7 @@ impl PluginHost {
         let ticker = EpochTicker::start(&engine);
         Ok(PluginHost {
             engine,
+            artifacts: options.cache_dir,
             failure_limit: options.failure_limit.max(1),
             connector_linker,
             enricher_linker,
@@ -305,7 +301,7 @@ impl PluginHost {
         if !wasmparser::Parser::is_component(bytes) {
             return Err("not a WebAssembly component (a core module must be componentized first)".into());
         }
-        let component = Component::from_binary(&self.engine, bytes).map_err(|e| format!("compiling: {e}"))?;
+        let component = self.component(bytes, &sha256)?;
         check_imports(&self.engine, &component, manifest.kind)?;
         let ty = component.component_type();
         let imports = ty.imports(&self.engine).map(|(n, _)| n.to_string()).collect();
@@ -334,6 +330,33 @@ impl PluginHost {
             timeout: Duration::from_millis(manifest.limits.timeout_ms),
         });
         Ok(Plugin { manifest, sha256, size: bytes.len(), imports, exports, meta, pre, health: Health::default() })
+    }
+
+    /// Compiles a component, or maps its precompiled artifact from the artifact directory:
+    /// compiling a large (Python, JavaScript) component takes seconds, mapping it milliseconds.
+    fn component(&self, bytes: &[u8], sha256: &str) -> Result<Component, String> {
+        let Some(dir) = &self.artifacts else {
+            return Component::from_binary(&self.engine, bytes).map_err(|e| format!("compiling: {e}"));
+        };
+        let mut hasher = std::hash::DefaultHasher::new();
+        std::hash::Hash::hash(&self.engine.precompile_compatibility_hash(), &mut hasher);
+        let path = dir.join(format!("{sha256}-{:016x}.cwasm", std::hash::Hasher::finish(&hasher)));
+        if !path.is_file() {
+            let artifact = self.engine.precompile_component(bytes).map_err(|e| format!("compiling: {e}"))?;
+            std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            // Write then rename, so a reader never maps a half-written artifact.
+            let partial = path.with_extension(format!("partial{}", std::process::id()));
+            std::fs::write(&partial, artifact)
+                .and_then(|()| std::fs::rename(&partial, &path))
+                .map_err(|e| format!("storing the compiled component: {e}"))?;
+        }
+        // SAFETY: the artifact was produced by `precompile_component` of an engine with the same
+        // compatibility hash (it is in the file name), from the component whose sha256 names it,
+        // and written to the host's own artifact directory with an atomic rename; wasmtime also
+        // checks the artifact's header against this engine before using it.
+        #[allow(unsafe_code)]
+        unsafe { Component::deserialize_file(&self.engine, &path) }
+            .map_err(|e| format!("loading {}: {e}", path.display()))
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<Plugin>, PluginError> {

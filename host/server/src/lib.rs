@@ -78,6 +78,7 @@ impl App {
         let model = Arc::new(options.model);
         let database = options.database.clone();
         let blobs = starling_store::blob_dir(&database);
+        let loading = std::time::Instant::now();
         let plugins = Arc::new(PluginHost::with_options(HostOptions {
             cache_dir: Some(blobs.join("cache")),
             failure_limit: model.server.plugin_failure_limit,
@@ -90,6 +91,11 @@ impl App {
         let mut registry =
             registry::Registry::new(plugins.clone(), model.clone(), starling_store::open(&database)?, blobs, clock);
         registry.sync()?;
+        tracing::info!(
+            plugins = plugins.names().len(),
+            elapsed_ms = loading.elapsed().as_millis() as u64,
+            "plugins ready"
+        );
         let problems = check_plugins(&model, &plugins);
         if !problems.is_empty() {
             return Err(ServerError::Plugins(problems));

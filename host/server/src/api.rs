@@ -1,6 +1,6 @@
 //! The HTTP API.
 
-use crate::pipeline::{Ingest, IngestError};
+use crate::pipeline::Ingest;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -82,10 +82,9 @@ async fn post_events(
     })?;
     let events =
         crate::ingest::parse_events(&body, (state.clock)()).map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, m))?;
-    let report = state.ingest.submit(events).await.map_err(|e| match e {
-        IngestError::Busy | IngestError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        IngestError::Failed(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-    })?;
+    // Busy, shutting down or a failed commit: nothing was acknowledged, the client may retry.
+    let report =
+        state.ingest.submit(events).await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     Ok((StatusCode::ACCEPTED, Json(serde_json::to_value(report).expect("report serializes"))))
 }
 

@@ -70,12 +70,12 @@ impl Registry {
     }
 
     fn load(&self, row: &InstalledPlugin) -> Result<(), String> {
-        let manifest = Manifest::parse(&row.manifest)?;
+        let mut manifest = Manifest::parse(&row.manifest)?;
+        // The stored blob must still be the component that was installed.
+        manifest.sha256 = Some(row.sha256.clone());
         let bytes =
             std::fs::read(self.blobs.join(format!("{}.wasm", row.sha256))).map_err(|e| format!("reading blob: {e}"))?;
         let config = self.model.plugin_config.get(&row.name).cloned().unwrap_or_default();
-        let mut manifest = manifest;
-        manifest.sha256 = Some(row.sha256.clone());
         self.plugins.install(manifest, &bytes, config).map(|_| ())
     }
 

@@ -33,6 +33,10 @@ enum Command {
         /// Log as JSON lines.
         #[arg(long)]
         log_json: bool,
+        /// Let `POST /v1/test/clock` move the server's clock forward, to test visit ends and
+        /// time-relative audiences without waiting. Never in production.
+        #[arg(long)]
+        test_clock: bool,
     },
     /// Work with configuration files.
     Config {
@@ -175,9 +179,9 @@ enum PluginCommand {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { config, listen, database, plugins, log_json } => {
+        Command::Serve { config, listen, database, plugins, log_json, test_clock } => {
             init_logging(log_json);
-            serve(&config, listen, database, plugins)
+            serve(&config, ServeOverrides { listen, database, plugins, test_clock })
         }
         Command::Config { command: ConfigCommand::Check { file, plugins } } => check(&file, plugins),
         Command::Actions { db, command } => actions(&db, command),
@@ -306,15 +310,29 @@ fn check(file: &Path, plugins: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-fn serve(config: &Path, listen: Option<String>, database: Option<PathBuf>, plugins: Option<PathBuf>) -> Result<()> {
+/// Command-line settings that take precedence over the configuration file.
+struct ServeOverrides {
+    listen: Option<String>,
+    database: Option<PathBuf>,
+    plugins: Option<PathBuf>,
+    test_clock: bool,
+}
+
+fn serve(config: &Path, overrides: ServeOverrides) -> Result<()> {
     let model = load_model(config)?;
-    let listen = listen.unwrap_or_else(|| model.server.listen.clone());
-    let database = database.unwrap_or_else(|| relative_to(config, &model.server.database));
-    let plugins = plugins.or_else(|| model.server.plugins.as_deref().map(|p| relative_to(config, p)));
+    let listen = overrides.listen.unwrap_or_else(|| model.server.listen.clone());
+    let database = overrides.database.unwrap_or_else(|| relative_to(config, &model.server.database));
+    let plugins = overrides.plugins.or_else(|| model.server.plugins.as_deref().map(|p| relative_to(config, p)));
+    let test_clock = overrides.test_clock;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        let app = starling_server::App::start(starling_server::Options { model, database: database.clone(), plugins })
-            .await?;
+        let app = starling_server::App::start(starling_server::Options {
+            model,
+            database: database.clone(),
+            plugins,
+            test_clock,
+        })
+        .await?;
         let listener =
             tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("listening on {listen}"))?;
         let addr = listener.local_addr()?;

@@ -1,7 +1,10 @@
 //! The configuration file: TOML in, a validated [`Model`] out, or every error found with its position.
 
-use crate::condition::{CmpOp, Condition, Operand};
-use crate::value::{AttrType, Scope, Value};
+use crate::condition::{CmpOp, Condition, Derived, Expected, Operand};
+use crate::value::{
+    AttrType, DEFAULT_TIMELINE_AGE_MS, DEFAULT_TIMELINE_ENTRIES, MAX_ARRAY_ITEMS, MAX_FUNNEL_STEPS, MAX_ROLLING_WINDOW,
+    MAX_TIMELINE_ENTRIES, Scope, Value,
+};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -18,6 +21,9 @@ pub const PRELOADED: &[(&str, AttrType)] = &[
     ("visit_event_count", AttrType::Number),
     ("visit_duration_ms", AttrType::Number),
 ];
+
+/// Preloaded attributes that change with every event.
+pub const CHANGED_BY_EVERY_EVENT: &[&str] = &["last_seen", "event_count", "visit_event_count", "visit_duration_ms"];
 
 pub const DEFAULT_VISIT_TIMEOUT_MINUTES: u64 = 30;
 const MAX_VISIT_TIMEOUT_MINUTES: u64 = 24 * 60;
@@ -74,12 +80,17 @@ pub struct ServerSettings {
     /// Consecutive failed calls (traps, timeouts) after which a plugin is disabled.
     #[serde(default = "default_plugin_failure_limit")]
     pub plugin_failure_limit: u64,
+    /// How often audience sizes are sampled for their history, for example `1m`.
+    #[serde(default = "default_size_sample_interval")]
+    pub audience_size_interval: String,
 }
 
 fn default_plugin_failure_limit() -> u64 {
     10
 }
-
+fn default_size_sample_interval() -> String {
+    "1m".into()
+}
 fn default_ingest_queue() -> usize {
     256
 }
@@ -98,6 +109,7 @@ impl Default for ServerSettings {
             dedup_window_hours: default_dedup_window_hours(),
             trusted_keys: None,
             plugin_failure_limit: default_plugin_failure_limit(),
+            audience_size_interval: default_size_sample_interval(),
         }
     }
 }
@@ -114,6 +126,20 @@ pub struct AttributeDef {
     pub name: String,
     pub scope: Scope,
     pub ty: AttrType,
+    /// Event scope: where in the event's `data` the value is read.
+    pub field: Option<Vec<String>>,
+    /// Arrays and timelines: most items kept (oldest dropped first).
+    pub max_entries: usize,
+    /// Timelines: age after which entries expire.
+    pub max_age_ms: i64,
+    /// Funnels: the steps, in order.
+    pub steps: Vec<FunnelStepDef>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FunnelStepDef {
+    pub name: String,
+    pub required: bool,
 }
 
 /// When an enrichment runs.
@@ -122,6 +148,8 @@ pub enum When {
     AnyEvent,
     NewVisitor,
     NewVisit,
+    /// From the visit-end timer (or the first event after the timeout, whichever comes first).
+    VisitEnded,
     Event(String),
 }
 
@@ -138,13 +166,43 @@ pub enum Source {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Operation {
+    // number
     Increment(Source),
     Decrement(Source),
+    Min(Source),
+    Max(Source),
+    RollingSum { source: Source, window: usize },
+    RollingAvg { source: Source, window: usize },
+    // any single value
     Set(Source),
-    AddToSet(Source),
-    RemoveFromSet(Source),
+    // string
+    CaptureFirst(Source),
+    CaptureMostFrequent(Source),
+    Lowercase(Option<Source>),
+    Uppercase(Option<Source>),
+    // boolean
+    Toggle,
+    // badge
     AssignBadge,
     RemoveBadge,
+    // set of strings and arrays
+    AddToSet(Source),
+    RemoveFromSet(Source),
+    Union(String),
+    Difference(String),
+    TopKeys { tally: String, n: usize },
+    Append(Source),
+    // tally
+    TallyIncrement { key: Source, by: Source },
+    TallySet { key: Source, to: Source },
+    TallyRemove { key: Source },
+    // timeline
+    CaptureEntry { fields: Vec<(String, Source)> },
+    // funnel
+    Advance { step: usize, fields: Vec<(String, Source)> },
+    Reset,
+    // any
+    Clear,
 }
 
 #[derive(Debug, Clone)]
@@ -166,19 +224,35 @@ pub struct EnricherRef {
 pub struct Audience {
     pub name: String,
     pub rule: Condition,
+    /// The attributes the rule reads.
+    pub inputs: Vec<String>,
+    /// Whether membership can change with the passing of time alone.
+    pub time_relative: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
     Joined,
     Left,
+    /// The visitor is in the audience when a visit starts (after its first event).
+    VisitStarted,
+    /// The visitor is in the audience when a visit ends.
+    VisitEnded,
+    /// Every event that matches (an event feed; no audience).
+    Event,
 }
 
 impl Trigger {
+    pub const ALL: [Trigger; 5] =
+        [Trigger::Joined, Trigger::Left, Trigger::VisitStarted, Trigger::VisitEnded, Trigger::Event];
+
     pub fn name(self) -> &'static str {
         match self {
             Trigger::Joined => "joined",
             Trigger::Left => "left",
+            Trigger::VisitStarted => "visit_started",
+            Trigger::VisitEnded => "visit_ended",
+            Trigger::Event => "event",
         }
     }
 }
@@ -186,8 +260,13 @@ impl Trigger {
 #[derive(Debug, Clone)]
 pub struct ActionDef {
     pub name: String,
+    /// The audience the trigger is about; empty for event feeds.
     pub audience: String,
     pub trigger: Trigger,
+    /// Event feeds: only events of this name.
+    pub event: Option<String>,
+    /// Event feeds: only events (and profiles) matching this.
+    pub condition: Option<Condition>,
     pub connector: String,
     pub connector_span: Range<usize>,
     pub settings: BTreeMap<String, String>,
@@ -240,11 +319,16 @@ pub struct BatchPolicy {
 pub struct Model {
     pub server: ServerSettings,
     pub visit_timeout_ms: i64,
+    pub audience_size_interval_ms: i64,
     pub attributes: Vec<AttributeDef>,
     attribute_index: HashMap<String, usize>,
     pub enrichments: Vec<Enrichment>,
     pub enrichers: Vec<EnricherRef>,
     pub audiences: Vec<Audience>,
+    /// Attribute name → indexes of the audiences whose rules read it.
+    readers: HashMap<String, Vec<usize>>,
+    /// Indexes of the audiences with time-relative rules.
+    pub time_relative: Vec<usize>,
     pub actions: Vec<ActionDef>,
     /// Per-plugin configuration values, handed to the plugin through its `config` interface.
     pub plugin_config: BTreeMap<String, BTreeMap<String, String>>,
@@ -259,6 +343,15 @@ impl Model {
     /// The type of a declared or preloaded attribute.
     pub fn attribute_type(&self, name: &str) -> Option<AttrType> {
         self.attribute(name).map(|a| a.ty).or_else(|| preloaded_type(name))
+    }
+
+    /// Indexes of the audiences that read attribute `name`.
+    pub fn readers(&self, name: &str) -> &[usize] {
+        self.readers.get(name).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn audience(&self, name: &str) -> Option<&Audience> {
+        self.audiences.iter().find(|a| a.name == name)
     }
 
     /// 1-based line and column of a byte offset in the source this model was read from.
@@ -320,6 +413,22 @@ struct RawAttribute {
     scope: Spanned<String>,
     #[serde(rename = "type")]
     ty: Spanned<String>,
+    field: Option<Spanned<String>>,
+    max_entries: Option<Spanned<u64>>,
+    max_age: Option<Spanned<String>>,
+    steps: Option<Spanned<Vec<RawStep>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    name: String,
+    #[serde(default = "yes")]
+    required: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Deserialize)]
@@ -329,6 +438,12 @@ struct RawEnrichment {
     op: Spanned<String>,
     value: Option<Spanned<toml::Value>>,
     event: Option<Spanned<String>>,
+    from: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
+    window: Option<Spanned<u64>>,
+    n: Option<Spanned<u64>>,
+    step: Option<Spanned<String>>,
+    fields: Option<BTreeMap<String, Spanned<String>>>,
     when: Option<Spanned<String>>,
     #[serde(rename = "if")]
     condition: Option<Spanned<RawCondition>>,
@@ -354,6 +469,7 @@ struct RawCondition {
     any: Option<Vec<Spanned<RawCondition>>>,
     not: Option<Box<Spanned<RawCondition>>>,
     attribute: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
     op: Option<Spanned<String>>,
     value: Option<Spanned<toml::Value>>,
     #[serde(default)]
@@ -364,8 +480,11 @@ struct RawCondition {
 #[serde(deny_unknown_fields)]
 struct RawAction {
     name: Spanned<String>,
-    audience: Spanned<String>,
+    audience: Option<Spanned<String>>,
     trigger: Spanned<String>,
+    event: Option<Spanned<String>>,
+    #[serde(rename = "if")]
+    condition: Option<Spanned<RawCondition>>,
     connector: Spanned<String>,
     #[serde(default)]
     settings: BTreeMap<String, String>,
@@ -394,20 +513,39 @@ pub fn parse(source: &str) -> Result<Model, ConfigErrors> {
         let (line, column) = e.span().map_or((1, 1), |s| line_col(source, s.start));
         ConfigErrors(vec![Diagnostic { line, column, message: e.message().trim().to_string() }])
     })?;
-    let mut v = Validator { source, errors: Vec::new() };
+    let mut v = Validator { source, errors: Vec::new(), attributes: HashMap::new() };
     let model = v.model(raw);
     if v.errors.is_empty() { Ok(model) } else { Err(ConfigErrors(v.errors)) }
+}
+
+/// Where a rule may be used, which decides what it may read.
+#[derive(Clone, Copy, PartialEq)]
+enum RuleUse {
+    /// Audiences read stored attributes only.
+    Audience,
+    /// Enrichment conditions and event feeds also read the current event.
+    WithEvent,
 }
 
 struct Validator<'a> {
     source: &'a str,
     errors: Vec<Diagnostic>,
+    /// Declared attributes, by name.
+    attributes: HashMap<String, AttributeDef>,
 }
 
 impl Validator<'_> {
     fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
         let (line, column) = line_col(self.source, span.start);
         self.errors.push(Diagnostic { line, column, message: message.into() });
+    }
+
+    fn lookup(&self, name: &str) -> Option<AttrType> {
+        self.attributes.get(name).map(|a| a.ty).or_else(|| preloaded_type(name))
+    }
+
+    fn scope(&self, name: &str) -> Option<Scope> {
+        self.attributes.get(name).map(|a| a.scope)
     }
 
     fn model(&mut self, raw: RawConfig) -> Model {
@@ -422,56 +560,25 @@ impl Validator<'_> {
             Some(t) => *t.get_ref(),
             None => DEFAULT_VISIT_TIMEOUT_MINUTES,
         };
+        let audience_size_interval_ms = match parse_duration(&raw.server.audience_size_interval) {
+            Ok(ms) => ms,
+            Err(msg) => {
+                self.error(0..0, format!("server.audience_size_interval: {msg}"));
+                60_000
+            }
+        };
 
         let mut attributes = Vec::new();
         let mut attribute_index = HashMap::new();
         for a in &raw.attribute {
-            let a = a.get_ref();
-            let name = a.name.get_ref();
-            if !is_identifier(name) {
-                self.error(a.name.span(), format!("attribute name `{name}` must be letters, digits and `_`"));
-                continue;
+            if let Some(def) = self.attribute(a.get_ref(), &attribute_index) {
+                attribute_index.insert(def.name.clone(), attributes.len());
+                self.attributes.insert(def.name.clone(), def.clone());
+                attributes.push(def);
             }
-            if preloaded_type(name).is_some() {
-                self.error(a.name.span(), format!("attribute `{name}` is preloaded; choose another name"));
-                continue;
-            }
-            if attribute_index.contains_key(name) {
-                self.error(a.name.span(), format!("attribute `{name}` is declared twice"));
-                continue;
-            }
-            let scope = match a.scope.get_ref().as_str() {
-                "visit" => Scope::Visit,
-                "visitor" => Scope::Visitor,
-                other => {
-                    self.error(a.scope.span(), format!("unknown scope `{other}`: expected `visit` or `visitor`"));
-                    continue;
-                }
-            };
-            let ty = match a.ty.get_ref().as_str() {
-                "string" => AttrType::String,
-                "number" => AttrType::Number,
-                "boolean" => AttrType::Boolean,
-                "date" => AttrType::Date,
-                "badge" => AttrType::Badge,
-                "set_of_strings" => AttrType::SetOfStrings,
-                other => {
-                    self.error(
-                        a.ty.span(),
-                        format!(
-                            "unknown type `{other}`: expected string, number, boolean, date, badge or set_of_strings"
-                        ),
-                    );
-                    continue;
-                }
-            };
-            attribute_index.insert(name.clone(), attributes.len());
-            attributes.push(AttributeDef { name: name.clone(), scope, ty });
         }
-        let types: HashMap<String, AttrType> = attributes.iter().map(|a| (a.name.clone(), a.ty)).collect();
-        let lookup = |name: &str| types.get(name).copied().or_else(|| preloaded_type(name));
 
-        let enrichments = raw.enrichment.iter().filter_map(|e| self.enrichment(e, &lookup)).collect();
+        let enrichments = raw.enrichment.iter().filter_map(|e| self.enrichment(e)).collect();
 
         let enrichers = raw
             .enricher
@@ -487,63 +594,243 @@ impl Validator<'_> {
                 self.error(a.name.span(), format!("audience `{name}` is declared twice"));
                 continue;
             }
-            if let Some(rule) = self.condition(&a.rule, &lookup, false) {
-                audiences.push(Audience { name: name.clone(), rule });
+            if let Some(rule) = self.condition(&a.rule, RuleUse::Audience) {
+                let mut inputs = Vec::new();
+                rule.attributes(&mut inputs);
+                let time_relative = rule.is_time_relative();
+                audiences.push(Audience { name: name.clone(), rule, inputs, time_relative });
             }
         }
+        let mut readers: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, audience) in audiences.iter().enumerate() {
+            for input in &audience.inputs {
+                readers.entry(input.clone()).or_default().push(i);
+            }
+        }
+        let time_relative = audiences.iter().enumerate().filter(|(_, a)| a.time_relative).map(|(i, _)| i).collect();
 
         let mut actions: Vec<ActionDef> = Vec::new();
         for a in &raw.action {
-            let a = a.get_ref();
-            let name = a.name.get_ref();
-            if actions.iter().any(|x| &x.name == name) {
-                self.error(a.name.span(), format!("action `{name}` is declared twice"));
-            }
-            let audience = a.audience.get_ref();
-            if !raw.audience.iter().any(|x| x.get_ref().name.get_ref() == audience) {
-                self.error(a.audience.span(), format!("unknown audience `{audience}`"));
-            }
-            let trigger = match a.trigger.get_ref().as_str() {
-                "joined" => Some(Trigger::Joined),
-                "left" => Some(Trigger::Left),
-                other => {
-                    self.error(a.trigger.span(), format!("unknown trigger `{other}`: expected `joined` or `left`"));
-                    None
+            if let Some(action) = self.action(a.get_ref(), &raw.audience) {
+                if actions.iter().any(|x| x.name == action.name) {
+                    self.error(a.get_ref().name.span(), format!("action `{}` is declared twice", action.name));
                 }
-            };
-            let mut params = Vec::new();
-            for (key, src) in &a.params {
-                match parse_reference(src.get_ref(), &lookup) {
-                    Ok(source) => params.push((key.clone(), source)),
-                    Err(msg) => self.error(src.span(), format!("params.{key}: {msg}")),
-                }
-            }
-            let delivery = self.delivery_policy(a);
-            if let Some(trigger) = trigger {
-                actions.push(ActionDef {
-                    name: name.clone(),
-                    audience: audience.clone(),
-                    trigger,
-                    connector: a.connector.get_ref().clone(),
-                    connector_span: a.connector.span(),
-                    settings: a.settings.clone(),
-                    params,
-                    delivery,
-                });
+                actions.push(action);
             }
         }
 
         Model {
             server: raw.server,
             visit_timeout_ms: (visit_timeout_minutes * 60_000) as i64,
+            audience_size_interval_ms,
             attributes,
             attribute_index,
             enrichments,
             enrichers,
             audiences,
+            readers,
+            time_relative,
             actions,
             plugin_config: raw.plugin,
             source: self.source.to_string(),
+        }
+    }
+
+    fn attribute(&mut self, a: &RawAttribute, declared: &HashMap<String, usize>) -> Option<AttributeDef> {
+        let name = a.name.get_ref();
+        if !is_identifier(name) {
+            self.error(a.name.span(), format!("attribute name `{name}` must be letters, digits and `_`"));
+            return None;
+        }
+        if preloaded_type(name).is_some() {
+            self.error(a.name.span(), format!("attribute `{name}` is preloaded; choose another name"));
+            return None;
+        }
+        if declared.contains_key(name) {
+            self.error(a.name.span(), format!("attribute `{name}` is declared twice"));
+            return None;
+        }
+        let scope = match a.scope.get_ref().as_str() {
+            "event" => Scope::Event,
+            "visit" => Scope::Visit,
+            "visitor" => Scope::Visitor,
+            "omnichannel" => Scope::Omnichannel,
+            other => {
+                self.error(
+                    a.scope.span(),
+                    format!("unknown scope `{other}`: expected event, visit, visitor or omnichannel"),
+                );
+                return None;
+            }
+        };
+        let Some(ty) = AttrType::parse(a.ty.get_ref()) else {
+            let names: Vec<&str> = AttrType::ALL.iter().map(|t| t.name()).collect();
+            self.error(a.ty.span(), format!("unknown type `{}`: expected one of {}", a.ty.get_ref(), names.join(", ")));
+            return None;
+        };
+        let mut def = AttributeDef {
+            name: name.clone(),
+            scope,
+            ty,
+            field: None,
+            max_entries: if ty == AttrType::Timeline { DEFAULT_TIMELINE_ENTRIES } else { MAX_ARRAY_ITEMS },
+            max_age_ms: DEFAULT_TIMELINE_AGE_MS,
+            steps: Vec::new(),
+        };
+        match (&a.field, scope) {
+            (Some(f), Scope::Event) => match parse_event_path(f.get_ref()) {
+                Some(path) => def.field = Some(path),
+                None => self.error(f.span(), format!("`{}` is not a field path like `order.total`", f.get_ref())),
+            },
+            (None, Scope::Event) => self.error(a.name.span(), format!("event attribute `{name}` needs `field`")),
+            (Some(f), _) => self.error(f.span(), "`field` is only for attributes of scope `event`"),
+            (None, _) => {}
+        }
+        if scope == Scope::Event
+            && !matches!(
+                ty,
+                AttrType::String
+                    | AttrType::Number
+                    | AttrType::Boolean
+                    | AttrType::Date
+                    | AttrType::SetOfStrings
+                    | AttrType::ArrayOfStrings
+                    | AttrType::ArrayOfNumbers
+                    | AttrType::ArrayOfBooleans
+            )
+        {
+            self.error(a.ty.span(), format!("an event attribute cannot be a {}", ty.name()));
+        }
+        if let Some(m) = &a.max_entries {
+            let limit = if ty == AttrType::Timeline { MAX_TIMELINE_ENTRIES } else { MAX_ARRAY_ITEMS };
+            match (ty, *m.get_ref() as usize) {
+                (
+                    AttrType::Timeline
+                    | AttrType::ArrayOfStrings
+                    | AttrType::ArrayOfNumbers
+                    | AttrType::ArrayOfBooleans,
+                    n,
+                ) if (1..=limit).contains(&n) => def.max_entries = n,
+                (
+                    AttrType::Timeline
+                    | AttrType::ArrayOfStrings
+                    | AttrType::ArrayOfNumbers
+                    | AttrType::ArrayOfBooleans,
+                    _,
+                ) => self.error(m.span(), format!("max_entries must be between 1 and {limit}")),
+                _ => self.error(m.span(), "`max_entries` is only for arrays and timelines"),
+            }
+        }
+        if let Some(age) = &a.max_age {
+            if ty != AttrType::Timeline {
+                self.error(age.span(), "`max_age` is only for timelines");
+            } else {
+                match parse_duration(age.get_ref()) {
+                    Ok(ms) => def.max_age_ms = ms,
+                    Err(msg) => self.error(age.span(), msg),
+                }
+            }
+        }
+        match (&a.steps, ty) {
+            (Some(steps), AttrType::Funnel) => {
+                let list = steps.get_ref();
+                if list.is_empty() || list.len() > MAX_FUNNEL_STEPS {
+                    self.error(steps.span(), format!("a funnel has between 1 and {MAX_FUNNEL_STEPS} steps"));
+                } else if !list.iter().any(|s| s.required) {
+                    self.error(steps.span(), "a funnel needs at least one required step");
+                }
+                for (i, s) in list.iter().enumerate() {
+                    if list[..i].iter().any(|p| p.name == s.name) {
+                        self.error(steps.span(), format!("funnel step `{}` is declared twice", s.name));
+                    }
+                }
+                def.steps = list.iter().map(|s| FunnelStepDef { name: s.name.clone(), required: s.required }).collect();
+            }
+            (None, AttrType::Funnel) => self.error(a.ty.span(), format!("funnel `{name}` needs `steps`")),
+            (Some(steps), _) => self.error(steps.span(), "`steps` is only for funnels"),
+            (None, _) => {}
+        }
+        Some(def)
+    }
+
+    fn action(&mut self, a: &RawAction, declared: &[Spanned<RawAudience>]) -> Option<ActionDef> {
+        let name = a.name.get_ref();
+        let trigger = match Trigger::ALL.into_iter().find(|t| t.name() == a.trigger.get_ref()) {
+            Some(t) => Some(t),
+            None => {
+                let names: Vec<&str> = Trigger::ALL.iter().map(|t| t.name()).collect();
+                self.error(
+                    a.trigger.span(),
+                    format!("unknown trigger `{}`: expected one of {}", a.trigger.get_ref(), names.join(", ")),
+                );
+                None
+            }
+        };
+        let audience = match (&a.audience, trigger) {
+            (Some(aud), Some(Trigger::Event)) => {
+                self.error(
+                    aud.span(),
+                    "an event feed (trigger = \"event\") has no audience; filter with `event` and `if`",
+                );
+                None
+            }
+            (Some(aud), _) => {
+                if !declared.iter().any(|x| x.get_ref().name.get_ref() == aud.get_ref()) {
+                    self.error(aud.span(), format!("unknown audience `{}`", aud.get_ref()));
+                }
+                Some(aud.get_ref().clone())
+            }
+            (None, Some(Trigger::Event)) => Some(String::new()),
+            (None, _) => {
+                self.error(a.name.span(), format!("action `{name}` needs `audience`"));
+                None
+            }
+        };
+        let is_feed = trigger == Some(Trigger::Event);
+        if !is_feed && let Some(e) = &a.event {
+            self.error(e.span(), "`event` filters event feeds only (trigger = \"event\")");
+        }
+        let condition = match &a.condition {
+            Some(c) if !is_feed => {
+                self.error(c.span(), "`if` filters event feeds only (trigger = \"event\")");
+                None
+            }
+            Some(c) => Some(self.condition(c, RuleUse::WithEvent)?),
+            None => None,
+        };
+        let mut params = Vec::new();
+        for (key, src) in &a.params {
+            match self.reference(src.get_ref()) {
+                Ok(source) => params.push((key.clone(), source)),
+                Err(msg) => self.error(src.span(), format!("params.{key}: {msg}")),
+            }
+        }
+        let delivery = self.delivery_policy(a);
+        Some(ActionDef {
+            name: name.clone(),
+            audience: audience?,
+            trigger: trigger?,
+            event: a.event.as_ref().map(|e| e.get_ref().clone()),
+            condition,
+            connector: a.connector.get_ref().clone(),
+            connector_span: a.connector.span(),
+            settings: a.settings.clone(),
+            params,
+            delivery,
+        })
+    }
+
+    /// A parameter reference: an attribute name, `profile_id`, or `event.PATH`.
+    fn reference(&self, s: &str) -> Result<Source, String> {
+        if let Some(path) = s.strip_prefix("event.") {
+            return parse_event_path(path)
+                .map(Source::Event)
+                .ok_or_else(|| format!("`{s}` is not a field path like `event.order.total`"));
+        }
+        if s == "profile_id" || self.lookup(s).is_some() {
+            Ok(Source::Attribute(s.to_string()))
+        } else {
+            Err(format!("unknown attribute `{s}` (use an attribute name, `profile_id` or `event.FIELD`)"))
         }
     }
 
@@ -605,14 +892,10 @@ impl Validator<'_> {
         policy
     }
 
-    fn enrichment(
-        &mut self,
-        raw: &Spanned<RawEnrichment>,
-        lookup: &dyn Fn(&str) -> Option<AttrType>,
-    ) -> Option<Enrichment> {
+    fn enrichment(&mut self, raw: &Spanned<RawEnrichment>) -> Option<Enrichment> {
         let e = raw.get_ref();
         let name = e.attribute.get_ref();
-        let Some(ty) = lookup(name) else {
+        let Some(ty) = self.lookup(name) else {
             self.error(e.attribute.span(), format!("unknown attribute `{name}`"));
             return None;
         };
@@ -620,102 +903,289 @@ impl Validator<'_> {
             self.error(e.attribute.span(), format!("attribute `{name}` is preloaded and maintained by the engine"));
             return None;
         }
+        if self.scope(name) == Some(Scope::Event) {
+            self.error(
+                e.attribute.span(),
+                format!("event attribute `{name}` is read from each event; it cannot be enriched"),
+            );
+            return None;
+        }
         let when = match e.when.as_ref().map(|w| w.get_ref().as_str()) {
             None | Some("any") => When::AnyEvent,
             Some("new_visitor") => When::NewVisitor,
             Some("new_visit") => When::NewVisit,
+            Some("visit_ended") => When::VisitEnded,
             Some(other) => match other.strip_prefix("event:") {
                 Some(ev) if !ev.is_empty() => When::Event(ev.to_string()),
                 _ => {
                     let span = e.when.as_ref().map_or(raw.span(), |w| w.span());
                     self.error(
                         span,
-                        format!("unknown trigger `{other}`: expected any, new_visitor, new_visit or event:NAME"),
+                        format!(
+                            "unknown trigger `{other}`: expected any, new_visitor, new_visit, visit_ended or event:NAME"
+                        ),
                     );
                     return None;
                 }
             },
         };
         let condition = match &e.condition {
-            Some(c) => Some(self.condition(c, lookup, true)?),
+            Some(c) => Some(self.condition(c, RuleUse::WithEvent)?),
             None => None,
         };
         let op = e.op.get_ref().as_str();
-        let source = self.source_for(e, ty)?;
-        let need_source = |v: &mut Self, s: Option<Source>| {
-            if s.is_none() {
-                v.error(e.op.span(), format!("`{op}` needs `value` or `event`"));
+        let element = ty.element().unwrap_or(ty);
+        use AttrType as T;
+        let (operation, allowed): (Operation, &[&str]) = match (ty, op) {
+            (T::Number, "increment" | "decrement") => {
+                let by = self.source_for(e, T::Number)?.unwrap_or(Source::Const(Value::Number(1.0)));
+                let operation = if op == "increment" { Operation::Increment(by) } else { Operation::Decrement(by) };
+                (operation, &["value", "event", "from"])
             }
-            s
-        };
-        let operation = match (ty, op) {
-            (AttrType::Number, "increment") => {
-                Operation::Increment(source.unwrap_or(Source::Const(Value::Number(1.0))))
+            (T::Number, "min" | "max") => {
+                let s = self.required_source(e, T::Number)?;
+                (if op == "min" { Operation::Min(s) } else { Operation::Max(s) }, &["value", "event", "from"])
             }
-            (AttrType::Number, "decrement") => {
-                Operation::Decrement(source.unwrap_or(Source::Const(Value::Number(1.0))))
-            }
-            (AttrType::Number | AttrType::String | AttrType::Boolean | AttrType::Date, "set") => {
-                Operation::Set(need_source(self, source)?)
-            }
-            (AttrType::SetOfStrings, "add") => Operation::AddToSet(need_source(self, source)?),
-            (AttrType::SetOfStrings, "remove") => Operation::RemoveFromSet(need_source(self, source)?),
-            (AttrType::Badge, "assign") => Operation::AssignBadge,
-            (AttrType::Badge, "remove") => Operation::RemoveBadge,
-            _ => {
-                let allowed = match ty {
-                    AttrType::Number => "increment, decrement, set",
-                    AttrType::String | AttrType::Boolean | AttrType::Date => "set",
-                    AttrType::SetOfStrings => "add, remove",
-                    AttrType::Badge => "assign, remove",
+            (T::Number, "rolling_sum" | "rolling_avg") => {
+                let source = self.required_source(e, T::Number)?;
+                let window = match &e.window {
+                    Some(w) if (1..=MAX_ROLLING_WINDOW as u64).contains(w.get_ref()) => *w.get_ref() as usize,
+                    Some(w) => {
+                        self.error(w.span(), format!("window must be between 1 and {MAX_ROLLING_WINDOW} values"));
+                        return None;
+                    }
+                    None => {
+                        self.error(e.op.span(), format!("`{op}` needs `window` (how many recent values)"));
+                        return None;
+                    }
                 };
+                let operation = if op == "rolling_sum" {
+                    Operation::RollingSum { source, window }
+                } else {
+                    Operation::RollingAvg { source, window }
+                };
+                (operation, &["value", "event", "from", "window"])
+            }
+            (T::Number | T::String | T::VisitorId | T::Boolean | T::Date, "set")
+            | (T::ArrayOfStrings | T::ArrayOfNumbers | T::ArrayOfBooleans | T::SetOfStrings, "set") => {
+                (Operation::Set(self.required_source(e, ty)?), &["value", "event", "from"])
+            }
+            (T::String, "capture_first") => {
+                (Operation::CaptureFirst(self.required_source(e, ty)?), &["value", "event", "from"])
+            }
+            (T::String, "capture_last") => (Operation::Set(self.required_source(e, ty)?), &["value", "event", "from"]),
+            (T::String, "capture_most_frequent") => {
+                (Operation::CaptureMostFrequent(self.required_source(e, ty)?), &["value", "event", "from"])
+            }
+            (T::String, "lowercase") => (Operation::Lowercase(self.source_for(e, ty)?), &["value", "event", "from"]),
+            (T::String, "uppercase") => (Operation::Uppercase(self.source_for(e, ty)?), &["value", "event", "from"]),
+            (T::Boolean, "toggle") => (Operation::Toggle, &[]),
+            (T::Badge, "assign") => (Operation::AssignBadge, &[]),
+            (T::Badge, "remove") => (Operation::RemoveBadge, &[]),
+            (T::SetOfStrings, "add") => {
+                (Operation::AddToSet(self.required_source(e, element)?), &["value", "event", "from"])
+            }
+            (T::SetOfStrings, "remove") => {
+                (Operation::RemoveFromSet(self.required_source(e, element)?), &["value", "event", "from"])
+            }
+            (T::SetOfStrings, "union" | "difference") => {
+                let from = self.from_attribute(e, &[T::SetOfStrings, T::ArrayOfStrings])?;
+                (if op == "union" { Operation::Union(from) } else { Operation::Difference(from) }, &["from"])
+            }
+            (T::SetOfStrings, "top_keys") => {
+                let tally = self.from_attribute(e, &[T::Tally])?;
+                let n = match &e.n {
+                    Some(n) if (1..=1000).contains(n.get_ref()) => *n.get_ref() as usize,
+                    Some(n) => {
+                        self.error(n.span(), "n must be between 1 and 1000");
+                        return None;
+                    }
+                    None => {
+                        self.error(e.op.span(), "`top_keys` needs `n` (how many keys)");
+                        return None;
+                    }
+                };
+                (Operation::TopKeys { tally, n }, &["from", "n"])
+            }
+            (T::ArrayOfStrings | T::ArrayOfNumbers | T::ArrayOfBooleans, "append") => {
+                (Operation::Append(self.required_source(e, element)?), &["value", "event", "from"])
+            }
+            (T::Tally, "increment" | "set_key") => {
+                let key = self.key(e)?;
+                let operation = if op == "increment" {
+                    let by = self.source_for(e, T::Number)?.unwrap_or(Source::Const(Value::Number(1.0)));
+                    Operation::TallyIncrement { key, by }
+                } else {
+                    Operation::TallySet { key, to: self.required_source(e, T::Number)? }
+                };
+                (operation, &["key", "value", "event", "from"])
+            }
+            (T::Tally, "remove_key") => (Operation::TallyRemove { key: self.key(e)? }, &["key"]),
+            (T::Timeline, "capture") => (Operation::CaptureEntry { fields: self.fields(e) }, &["fields"]),
+            (T::Funnel, "advance") => {
+                let steps = self.attributes.get(name).map(|a| a.steps.clone()).unwrap_or_default();
+                let Some(step) = &e.step else {
+                    self.error(e.op.span(), "`advance` needs `step`");
+                    return None;
+                };
+                let Some(index) = steps.iter().position(|s| s.name == *step.get_ref()) else {
+                    let names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
+                    self.error(
+                        step.span(),
+                        format!("funnel `{name}` has no step `{}` (steps: {})", step.get_ref(), names.join(", ")),
+                    );
+                    return None;
+                };
+                (Operation::Advance { step: index, fields: self.fields(e) }, &["step", "fields"])
+            }
+            (T::Funnel, "reset") => (Operation::Reset, &[]),
+            (t, "clear") if t != T::Badge => (Operation::Clear, &[]),
+            _ => {
                 self.error(
                     e.op.span(),
-                    format!("operation `{op}` does not apply to {} attribute `{name}` (use: {allowed})", ty.name()),
+                    format!(
+                        "operation `{op}` does not apply to {} attribute `{name}` (use: {})",
+                        ty.name(),
+                        operations_for(ty)
+                    ),
                 );
                 return None;
             }
         };
+        let present = [
+            ("value", e.value.as_ref().map(|v| v.span())),
+            ("event", e.event.as_ref().map(|v| v.span())),
+            ("from", e.from.as_ref().map(|v| v.span())),
+            ("key", e.key.as_ref().map(|v| v.span())),
+            ("window", e.window.as_ref().map(|v| v.span())),
+            ("n", e.n.as_ref().map(|v| v.span())),
+            ("step", e.step.as_ref().map(|v| v.span())),
+            ("fields", e.fields.as_ref().and_then(|f| f.values().next()).map(|v| v.span())),
+        ];
+        for (field, span) in present {
+            if let Some(span) = span
+                && !allowed.contains(&field)
+            {
+                self.error(span, format!("`{field}` does not apply to operation `{op}`"));
+            }
+        }
         Some(Enrichment { attribute: name.clone(), operation, when, condition })
     }
 
-    /// The value source of an enrichment, checked against the attribute's type.
+    fn required_source(&mut self, e: &RawEnrichment, ty: AttrType) -> Option<Source> {
+        let source = self.source_for(e, ty)?;
+        if source.is_none() {
+            self.error(e.op.span(), format!("`{}` needs `value`, `event` or `from`", e.op.get_ref()));
+        }
+        source
+    }
+
+    /// The value source of an enrichment (`value`, `event` or `from`), checked against `ty`.
+    /// `None` on error; `Some(None)` when none is given.
     fn source_for(&mut self, e: &RawEnrichment, ty: AttrType) -> Option<Option<Source>> {
-        match (&e.value, &e.event) {
-            (Some(v), Some(_)) => {
-                self.error(v.span(), "give either `value` or `event`, not both");
-                None
-            }
-            (None, Some(path)) => match parse_event_path(path.get_ref()) {
+        let given =
+            [e.value.as_ref().map(|v| v.span()), e.event.as_ref().map(|v| v.span()), e.from.as_ref().map(|v| v.span())];
+        if given.iter().flatten().count() > 1 {
+            self.error(
+                given.iter().flatten().nth(1).cloned().unwrap_or_default(),
+                "give one of `value`, `event` or `from`",
+            );
+            return None;
+        }
+        if let Some(path) = &e.event {
+            return match parse_event_path(path.get_ref()) {
                 Some(p) => Some(Some(Source::Event(p))),
                 None => {
                     self.error(path.span(), format!("`{}` is not a field path like `order.total`", path.get_ref()));
                     None
                 }
-            },
-            (Some(v), None) => {
-                if ty == AttrType::Date && v.get_ref().as_str() == Some("now") {
-                    return Some(Some(Source::Now));
-                }
-                let element = if ty == AttrType::SetOfStrings { AttrType::String } else { ty };
-                match literal(v.get_ref(), element) {
-                    Ok(val) => Some(Some(Source::Const(val))),
-                    Err(msg) => {
-                        self.error(v.span(), msg);
-                        None
-                    }
-                }
+            };
+        }
+        if let Some(from) = &e.from {
+            let name = from.get_ref();
+            let Some(from_ty) = self.lookup(name) else {
+                self.error(from.span(), format!("unknown attribute `{name}`"));
+                return None;
+            };
+            let compatible = from_ty == ty
+                || matches!(
+                    (from_ty, ty),
+                    (AttrType::String | AttrType::VisitorId, AttrType::String | AttrType::VisitorId)
+                )
+                || ty.element() == Some(from_ty);
+            if !compatible {
+                self.error(from.span(), format!("attribute `{name}` is {}, expected {}", from_ty.name(), ty.name()));
+                return None;
             }
-            (None, None) => Some(None),
+            return Some(Some(Source::Attribute(name.clone())));
+        }
+        let Some(v) = &e.value else { return Some(None) };
+        if ty == AttrType::Date && v.get_ref().as_str() == Some("now") {
+            return Some(Some(Source::Now));
+        }
+        let literal_ty = ty.element().filter(|_| !v.get_ref().is_array()).unwrap_or(ty);
+        match literal(v.get_ref(), literal_ty) {
+            Ok(val) => Some(Some(Source::Const(val))),
+            Err(msg) => {
+                self.error(v.span(), msg);
+                None
+            }
         }
     }
 
-    fn condition(
-        &mut self,
-        raw: &Spanned<RawCondition>,
-        lookup: &dyn Fn(&str) -> Option<AttrType>,
-        allow_event: bool,
-    ) -> Option<Condition> {
+    fn from_attribute(&mut self, e: &RawEnrichment, types: &[AttrType]) -> Option<String> {
+        let Some(from) = &e.from else {
+            self.error(e.op.span(), format!("`{}` needs `from` (an attribute)", e.op.get_ref()));
+            return None;
+        };
+        match self.lookup(from.get_ref()) {
+            Some(t) if types.contains(&t) => Some(from.get_ref().clone()),
+            Some(t) => {
+                let names: Vec<&str> = types.iter().map(|t| t.name()).collect();
+                self.error(
+                    from.span(),
+                    format!("attribute `{}` is {}, expected {}", from.get_ref(), t.name(), names.join(" or ")),
+                );
+                None
+            }
+            None => {
+                self.error(from.span(), format!("unknown attribute `{}`", from.get_ref()));
+                None
+            }
+        }
+    }
+
+    /// A tally key: a constant, or `event.PATH`.
+    fn key(&mut self, e: &RawEnrichment) -> Option<Source> {
+        let Some(key) = &e.key else {
+            self.error(e.op.span(), format!("`{}` needs `key` (a constant or `event.FIELD`)", e.op.get_ref()));
+            return None;
+        };
+        match key.get_ref().strip_prefix("event.") {
+            Some(path) => match parse_event_path(path) {
+                Some(p) => Some(Source::Event(p)),
+                None => {
+                    self.error(key.span(), format!("`{}` is not a field path like `event.category`", key.get_ref()));
+                    None
+                }
+            },
+            None => Some(Source::Const(Value::String(key.get_ref().clone()))),
+        }
+    }
+
+    /// Captured values of a timeline entry or funnel step: name → attribute or `event.PATH`.
+    fn fields(&mut self, e: &RawEnrichment) -> Vec<(String, Source)> {
+        let mut out = Vec::new();
+        for (key, src) in e.fields.iter().flatten() {
+            match self.reference(src.get_ref()) {
+                Ok(source) => out.push((key.clone(), source)),
+                Err(msg) => self.error(src.span(), format!("fields.{key}: {msg}")),
+            }
+        }
+        out
+    }
+
+    fn condition(&mut self, raw: &Spanned<RawCondition>, used: RuleUse) -> Option<Condition> {
         let c = raw.get_ref();
         let forms = [c.all.is_some(), c.any.is_some(), c.not.is_some(), c.attribute.is_some()];
         if forms.iter().filter(|f| **f).count() != 1 {
@@ -726,7 +1196,7 @@ impl Validator<'_> {
             return None;
         }
         let group = |v: &mut Self, items: &[Spanned<RawCondition>]| {
-            let parts: Vec<_> = items.iter().map(|i| v.condition(i, lookup, allow_event)).collect();
+            let parts: Vec<_> = items.iter().map(|i| v.condition(i, used)).collect();
             parts.into_iter().collect::<Option<Vec<_>>>()
         };
         if let Some(items) = &c.all {
@@ -736,7 +1206,7 @@ impl Validator<'_> {
             return Some(Condition::Any(group(self, items)?));
         }
         if let Some(inner) = &c.not {
-            return Some(Condition::Not(Box::new(self.condition(inner, lookup, allow_event)?)));
+            return Some(Condition::Not(Box::new(self.condition(inner, used)?)));
         }
         let attr = c.attribute.as_ref().expect("checked above");
         let Some(op_raw) = &c.op else {
@@ -754,35 +1224,25 @@ impl Validator<'_> {
             );
             return None;
         };
-        let name = attr.get_ref();
-        let (operand, ty) = if let Some(path) = name.strip_prefix("event.") {
-            if !allow_event {
-                self.error(attr.span(), "audiences read profile attributes only, not `event.` fields");
-                return None;
-            }
-            let Some(path) = parse_event_path(path) else {
-                self.error(attr.span(), format!("`{name}` is not a field path like `event.order.total`"));
-                return None;
-            };
-            (Operand::Event(path), None)
-        } else {
-            let Some(ty) = lookup(name) else {
-                self.error(attr.span(), format!("unknown attribute `{name}`"));
-                return None;
-            };
-            (Operand::Attribute(name.clone()), Some(ty))
-        };
+        let (operand, ty) = self.operand(attr, c.key.as_ref(), used)?;
         if let Some(ty) = ty
             && !op.applies_to(ty)
         {
+            let applicable: Vec<&str> = CmpOp::ALL.iter().filter(|o| o.applies_to(ty)).map(|o| o.symbol()).collect();
             self.error(
                 op_raw.span(),
-                format!("operator `{}` does not apply to {} attribute `{name}`", op.symbol(), ty.name()),
+                format!(
+                    "operator `{}` does not apply to {} `{}` (use: {})",
+                    op.symbol(),
+                    ty.name(),
+                    operand.label(),
+                    applicable.join(", ")
+                ),
             );
             return None;
         }
-        let value = match (op.takes_value(), &c.value) {
-            (false, None) => None,
+        let expected = match (op.takes_value(), &c.value) {
+            (false, None) => Expected::None,
             (false, Some(v)) => {
                 self.error(v.span(), format!("operator `{}` takes no value", op.symbol()));
                 return None;
@@ -791,28 +1251,136 @@ impl Validator<'_> {
                 self.error(op_raw.span(), format!("operator `{}` needs a `value`", op.symbol()));
                 return None;
             }
-            (true, Some(v)) => {
-                let expected = match (ty, op) {
-                    (Some(AttrType::SetOfStrings), _) => Some(AttrType::String),
-                    (Some(AttrType::String), CmpOp::Contains | CmpOp::StartsWith | CmpOp::EndsWith) => {
-                        Some(AttrType::String)
-                    }
-                    (t, _) => t,
-                };
-                let parsed = match expected {
-                    Some(t) => literal(v.get_ref(), t),
-                    None => untyped_literal(v.get_ref()),
-                };
-                match parsed {
-                    Ok(val) => Some(val),
-                    Err(msg) => {
-                        self.error(v.span(), msg);
-                        return None;
-                    }
+            (true, Some(v)) => match expected_value(op, ty, v.get_ref(), c.ignore_case) {
+                Ok(x) => x,
+                Err(msg) => {
+                    self.error(v.span(), msg);
+                    return None;
                 }
-            }
+            },
         };
-        Some(Condition::Leaf { operand, op, value, ignore_case: c.ignore_case })
+        Some(Condition::Leaf { operand, op, expected, ignore_case: c.ignore_case })
+    }
+
+    /// What a leaf reads, and its type (`None` for untyped event fields).
+    fn operand(
+        &mut self,
+        attr: &Spanned<String>,
+        key: Option<&Spanned<String>>,
+        used: RuleUse,
+    ) -> Option<(Operand, Option<AttrType>)> {
+        let name = attr.get_ref();
+        if let Some(path) = name.strip_prefix("event.") {
+            if used == RuleUse::Audience {
+                self.error(attr.span(), "audiences read profile attributes only, not `event.` fields");
+                return None;
+            }
+            let Some(path) = parse_event_path(path) else {
+                self.error(attr.span(), format!("`{name}` is not a field path like `event.order.total`"));
+                return None;
+            };
+            return Some((Operand::Event(path), None));
+        }
+        let (base, derived) = match name.split_once('.') {
+            Some((base, prop)) => match Derived::ALL.into_iter().find(|d| d.name() == prop) {
+                Some(d) => (base, Some(d)),
+                None => {
+                    let names: Vec<&str> = Derived::ALL.iter().map(|d| d.name()).collect();
+                    self.error(attr.span(), format!("unknown property `{prop}` (properties: {})", names.join(", ")));
+                    return None;
+                }
+            },
+            None => (name.as_str(), None),
+        };
+        let Some(ty) = self.lookup(base) else {
+            self.error(attr.span(), format!("unknown attribute `{base}`"));
+            return None;
+        };
+        if used == RuleUse::Audience && self.scope(base) == Some(Scope::Event) {
+            self.error(attr.span(), format!("audiences read profile attributes only; `{base}` is an event attribute"));
+            return None;
+        }
+        match (derived, key) {
+            (Some(_), Some(k)) => {
+                self.error(k.span(), "give either `key` or a `.property`, not both");
+                None
+            }
+            (Some(d), None) => match d.ty(ty) {
+                Some(t) => Some((Operand::Derived(base.to_string(), d), Some(t))),
+                None => {
+                    self.error(attr.span(), format!("{} attribute `{base}` has no `{}`", ty.name(), d.name()));
+                    None
+                }
+            },
+            (None, Some(k)) if ty == AttrType::Tally => {
+                Some((Operand::TallyKey(base.to_string(), k.get_ref().clone()), Some(AttrType::Number)))
+            }
+            (None, Some(k)) => {
+                self.error(k.span(), format!("`key` applies to tallies; `{base}` is {}", ty.name()));
+                None
+            }
+            (None, None) => Some((Operand::Attribute(base.to_string()), Some(ty))),
+        }
+    }
+}
+
+/// The operations an attribute type accepts, for error messages.
+fn operations_for(ty: AttrType) -> &'static str {
+    match ty {
+        AttrType::Number => "increment, decrement, set, min, max, rolling_sum, rolling_avg, clear",
+        AttrType::String => "set, capture_first, capture_last, capture_most_frequent, lowercase, uppercase, clear",
+        AttrType::VisitorId | AttrType::Date => "set, clear",
+        AttrType::Boolean => "set, toggle, clear",
+        AttrType::Badge => "assign, remove",
+        AttrType::SetOfStrings => "add, remove, union, difference, top_keys, set, clear",
+        AttrType::ArrayOfStrings | AttrType::ArrayOfNumbers | AttrType::ArrayOfBooleans => "append, set, clear",
+        AttrType::Tally => "increment, set_key, remove_key, clear",
+        AttrType::Timeline => "capture, clear",
+        AttrType::Funnel => "advance, reset, clear",
+    }
+}
+
+/// The right-hand side of a comparison, read for operator `op` on a value of type `ty`.
+fn expected_value(op: CmpOp, ty: Option<AttrType>, v: &toml::Value, ignore_case: bool) -> Result<Expected, String> {
+    let typed = |v: &toml::Value, t: Option<AttrType>| match t {
+        Some(t) => literal(v, t),
+        None => untyped_literal(v),
+    };
+    match op {
+        CmpOp::Regex => {
+            let pattern = v.as_str().ok_or_else(|| format!("expected a regular expression, found {}", v.type_str()))?;
+            regex::RegexBuilder::new(pattern)
+                .case_insensitive(ignore_case)
+                .size_limit(1 << 20)
+                .build()
+                .map(Expected::Regex)
+                .map_err(|e| format!("invalid regular expression: {e}"))
+        }
+        CmpOp::WithinLast | CmpOp::NotWithinLast => {
+            let s = v.as_str().ok_or_else(|| format!("expected a duration like \"30d\", found {}", v.type_str()))?;
+            parse_duration(s).map(Expected::Duration)
+        }
+        CmpOp::Between => match v.as_array().map(Vec::as_slice) {
+            Some([lo, hi]) => {
+                let (lo, hi) = (typed(lo, ty)?, typed(hi, ty)?);
+                Ok(Expected::Range(lo, hi))
+            }
+            _ => Err("`between` needs `value = [low, high]`".into()),
+        },
+        CmpOp::HasKey => v
+            .as_str()
+            .map(|s| Expected::Value(Value::String(s.into())))
+            .ok_or_else(|| format!("expected a key (string), found {}", v.type_str())),
+        _ => {
+            let t = match ty {
+                Some(t) => Some(t.element().unwrap_or(match t {
+                    AttrType::VisitorId => AttrType::String,
+                    other => other,
+                })),
+                None => None,
+            };
+            typed(v, t).map(Expected::Value)
+        }
     }
 }
 
@@ -835,20 +1403,6 @@ fn parse_event_path(s: &str) -> Option<Vec<String>> {
     parts.iter().all(|p| !p.is_empty()).then_some(parts)
 }
 
-/// A parameter reference: an attribute name, or `event.PATH`.
-fn parse_reference(s: &str, lookup: &dyn Fn(&str) -> Option<AttrType>) -> Result<Source, String> {
-    if let Some(path) = s.strip_prefix("event.") {
-        return parse_event_path(path)
-            .map(Source::Event)
-            .ok_or_else(|| format!("`{s}` is not a field path like `event.order.total`"));
-    }
-    if s == "profile_id" || lookup(s).is_some() {
-        Ok(Source::Attribute(s.to_string()))
-    } else {
-        Err(format!("unknown attribute `{s}` (use an attribute name, `profile_id` or `event.FIELD`)"))
-    }
-}
-
 /// A constant of the given type from its TOML form.
 fn literal(v: &toml::Value, ty: AttrType) -> Result<Value, String> {
     match (ty, v) {
@@ -862,6 +1416,52 @@ fn literal(v: &toml::Value, ty: AttrType) -> Result<Value, String> {
         (AttrType::Date, toml::Value::Datetime(d)) => crate::time::parse_rfc3339(&d.to_string())
             .map(Value::Date)
             .ok_or_else(|| format!("`{d}` needs a date, a time and an offset")),
+        (AttrType::VisitorId, toml::Value::String(s)) => Ok(Value::String(s.clone())),
+        (
+            AttrType::SetOfStrings | AttrType::ArrayOfStrings | AttrType::ArrayOfNumbers | AttrType::ArrayOfBooleans,
+            toml::Value::Array(items),
+        ) => {
+            let element = ty.element().expect("collections have elements");
+            let values = items.iter().map(|i| literal(i, element)).collect::<Result<Vec<_>, _>>()?;
+            Ok(match ty {
+                AttrType::SetOfStrings => Value::Set(
+                    values
+                        .into_iter()
+                        .filter_map(|v| match v {
+                            Value::String(s) => Some(s),
+                            _ => None,
+                        })
+                        .collect(),
+                ),
+                AttrType::ArrayOfStrings => Value::Strings(
+                    values
+                        .into_iter()
+                        .filter_map(|v| match v {
+                            Value::String(s) => Some(s),
+                            _ => None,
+                        })
+                        .collect(),
+                ),
+                AttrType::ArrayOfNumbers => Value::Numbers(
+                    values
+                        .into_iter()
+                        .filter_map(|v| match v {
+                            Value::Number(n) => Some(n),
+                            _ => None,
+                        })
+                        .collect(),
+                ),
+                _ => Value::Booleans(
+                    values
+                        .into_iter()
+                        .filter_map(|v| match v {
+                            Value::Boolean(b) => Some(b),
+                            _ => None,
+                        })
+                        .collect(),
+                ),
+            })
+        }
         (ty, other) => Err(format!("expected a {} value, found {}", ty.name(), other.type_str())),
     }
 }
@@ -952,8 +1552,8 @@ connector = "webhook"
         assert_eq!(
             rendered,
             vec![
-                "4:9: unknown scope `forever`: expected `visit` or `visitor`",
-                "10:8: unknown type `colour`: expected string, number, boolean, date, badge or set_of_strings",
+                "4:9: unknown scope `forever`: expected event, visit, visitor or omnichannel",
+                "10:8: unknown type `colour`: expected one of string, number, boolean, date, badge, set_of_strings, array_of_strings, array_of_numbers, array_of_booleans, tally, timeline, funnel, visitor_id",
                 "14:22: unknown attribute `spnd`",
                 "18:12: unknown audience `huge`",
             ]

@@ -1,10 +1,22 @@
-//! Applying one event to one profile: visit bookkeeping, enrichments, audiences, actions.
+//! Applying one event (or the passing of time) to one profile: visit bookkeeping,
+//! enrichments, audiences, actions.
+//!
+//! Order for an event: end the previous visit if it timed out (visit-ended enrichments,
+//! audiences, visit-ended actions), start a new visit if needed, update the preloaded
+//! attributes, run built-in enrichments in file order, then Wasm enrichers in file order, then
+//! re-evaluate the audiences whose inputs changed (all of them on a visit's first event), then
+//! fire actions.
 
 use crate::condition::Operand;
-use crate::config::{Model, Operation, Source, Trigger, When};
+use crate::config::{AttributeDef, CHANGED_BY_EVERY_EVENT, Model, Operation, Source, Trigger, When};
 use crate::profile::Profile;
-use crate::value::{AttrType, MAX_SET_MEMBERS, Scope, Value, clamp_string};
+use crate::value::{
+    AttrType, FunnelStep, MAX_SET_MEMBERS, MAX_TALLY_KEYS, Scope, TimelineEntry, Value, clamp_string, tally_top,
+};
 use std::collections::BTreeMap;
+
+/// Most distinct values a "most frequent" capture counts; further new values are not counted.
+pub const MAX_FREQUENCY_VALUES: usize = 1_000;
 
 /// A validated incoming event.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,16 +50,40 @@ pub struct PendingAction {
     pub params: Vec<(String, Value)>,
 }
 
-/// What applying an event did.
+/// What applying an event or a timer did.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Outcome {
     pub new_visitor: bool,
     pub new_visit: bool,
-    pub joined: Vec<String>,
-    pub left: Vec<String>,
+    /// A visit ended (by timeout) during this step.
+    pub visit_ended: bool,
+    /// Membership changes, in order (an audience may be left at visit end and joined again).
+    pub changes: Vec<Membership>,
     pub actions: Vec<PendingAction>,
     /// Problems that did not stop the event (an event value of the wrong type, an enricher error).
     pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Membership {
+    Joined { audience: String, at_ms: i64 },
+    Left { audience: String, at_ms: i64 },
+}
+
+impl Outcome {
+    pub fn joined(&self) -> Vec<&str> {
+        self.changes
+            .iter()
+            .filter_map(|c| if let Membership::Joined { audience, .. } = c { Some(audience.as_str()) } else { None })
+            .collect()
+    }
+
+    pub fn left(&self) -> Vec<&str> {
+        self.changes
+            .iter()
+            .filter_map(|c| if let Membership::Left { audience, .. } = c { Some(audience.as_str()) } else { None })
+            .collect()
+    }
 }
 
 /// An attribute update requested by a custom (Wasm) enricher; `None` removes the attribute.
@@ -67,12 +103,36 @@ impl CustomEnrichers for NoCustomEnrichers {
     }
 }
 
-/// Applies `event` to `profile` in the documented order: visit bookkeeping, built-in
-/// enrichments in file order, custom enrichers in file order, then audience evaluation.
+/// Audiences to re-evaluate: those reading an attribute that changed.
+struct Dirty<'m> {
+    model: &'m Model,
+    audiences: Vec<usize>,
+}
+
+impl<'m> Dirty<'m> {
+    fn new(model: &'m Model) -> Self {
+        Dirty { model, audiences: model.time_relative.clone() }
+    }
+
+    fn mark(&mut self, attribute: &str) {
+        self.audiences.extend_from_slice(self.model.readers(attribute));
+    }
+
+    fn into_sorted(mut self) -> Vec<usize> {
+        self.audiences.sort_unstable();
+        self.audiences.dedup();
+        self.audiences
+    }
+}
+
+/// Applies `event` to `profile` in the order described at the top of this module.
 pub fn apply_event(model: &Model, profile: &mut Profile, event: &Event, custom: &mut dyn CustomEnrichers) -> Outcome {
     let mut out = Outcome { new_visitor: profile.is_new(), ..Outcome::default() };
     let t = event.timestamp_ms;
-    out.new_visit = out.new_visitor || t - profile.last_seen_ms > model.visit_timeout_ms;
+    if !out.new_visitor && !profile.visit_ended && t - profile.last_seen_ms > model.visit_timeout_ms {
+        end_visit(model, profile, profile.last_seen_ms + model.visit_timeout_ms, &mut out);
+    }
+    out.new_visit = out.new_visitor || profile.visit_ended;
     if out.new_visitor {
         profile.first_seen_ms = t;
     }
@@ -84,99 +144,246 @@ pub fn apply_event(model: &Model, profile: &mut Profile, event: &Event, custom: 
     profile.last_seen_ms = profile.last_seen_ms.max(t);
     profile.first_seen_ms = profile.first_seen_ms.min(t);
 
-    for e in &model.enrichments {
-        let runs = match &e.when {
-            When::AnyEvent => true,
-            When::NewVisitor => out.new_visitor,
-            When::NewVisit => out.new_visit,
-            When::Event(name) => *name == event.name,
-        };
-        if !runs {
-            continue;
-        }
-        if let Some(c) = &e.condition
-            && !c.eval(&|o| resolve(profile, event, o))
-        {
-            continue;
-        }
-        if let Err(w) = apply_operation(model, profile, event, &e.attribute, &e.operation) {
-            out.warnings.push(format!("enrichment of `{}`: {w}", e.attribute));
-        }
+    let mut dirty = Dirty::new(model);
+    for name in CHANGED_BY_EVERY_EVENT {
+        dirty.mark(name);
     }
-
+    let (new_visitor, new_visit) = (out.new_visitor, out.new_visit);
+    let runs = |when: &When| match when {
+        When::AnyEvent => true,
+        When::NewVisitor => new_visitor,
+        When::NewVisit => new_visit,
+        When::VisitEnded => false,
+        When::Event(name) => *name == event.name,
+    };
+    run_enrichments(model, profile, Some(event), t, &runs, &mut dirty, &mut out.warnings);
     for enricher in &model.enrichers {
         match custom.enrich(&enricher.plugin, event, profile) {
-            Ok(updates) => {
-                if let Err(w) = apply_updates(model, profile, updates) {
-                    out.warnings.push(format!("enricher `{}`: {w}; nothing applied", enricher.plugin));
-                }
-            }
+            Ok(updates) => match apply_updates(model, profile, updates) {
+                Ok(names) => names.iter().for_each(|n| dirty.mark(n)),
+                Err(w) => out.warnings.push(format!("enricher `{}`: {w}; nothing applied", enricher.plugin)),
+            },
             Err(e) => out.warnings.push(format!("enricher `{}` failed: {e}", enricher.plugin)),
         }
     }
 
-    for audience in &model.audiences {
-        let now_in = audience.rule.eval(&|o| resolve(profile, event, o));
-        let was_in = profile.audiences.contains(&audience.name);
-        if now_in && !was_in {
-            profile.audiences.insert(audience.name.clone());
-            out.joined.push(audience.name.clone());
-        } else if was_in && !now_in {
-            profile.audiences.remove(&audience.name);
-            out.left.push(audience.name.clone());
-        }
-    }
-
-    for action in &model.actions {
-        let fired = match action.trigger {
-            Trigger::Joined => out.joined.contains(&action.audience),
-            Trigger::Left => out.left.contains(&action.audience),
-        };
-        if fired {
-            let params = action
-                .params
-                .iter()
-                .filter_map(|(k, src)| source_value(profile, event, src).map(|v| (k.clone(), v)))
-                .collect();
-            out.actions.push(PendingAction {
-                action: action.name.clone(),
-                connector: action.connector.clone(),
-                trigger: action.trigger,
-                audience: action.audience.clone(),
-                profile_id: profile.id.clone(),
-                occurred_at_ms: t,
-                settings: action.settings.clone(),
-                params,
-            });
-        }
-    }
+    let to_evaluate = if out.new_visit { (0..model.audiences.len()).collect() } else { dirty.into_sorted() };
+    let first = out.changes.len();
+    evaluate(model, profile, Some(event), t, &to_evaluate, &mut out);
+    let changes = out.changes[first..].to_vec();
+    fire(model, profile, Some(event), t, &changes, out.new_visit, false, &mut out);
+    profile.wakeup_ms = next_wakeup(model, profile, t);
     out
+}
+
+/// What the passing of time does to `profile` at instant `now`: ends a visit that timed out,
+/// and re-evaluates audiences with time-relative rules. Called when `profile.wakeup_ms` is due.
+pub fn apply_time(model: &Model, profile: &mut Profile, now: i64) -> Outcome {
+    let mut out = Outcome::default();
+    if profile.is_new() {
+        profile.wakeup_ms = None;
+        return out;
+    }
+    let visit_end = profile.last_seen_ms + model.visit_timeout_ms;
+    if !profile.visit_ended && now > visit_end {
+        end_visit(model, profile, visit_end, &mut out);
+    }
+    expire_timelines(model, profile, now);
+    let mut to_evaluate = model.time_relative.clone();
+    for a in model.attributes.iter().filter(|a| a.ty == AttrType::Timeline) {
+        to_evaluate.extend_from_slice(model.readers(&a.name));
+    }
+    to_evaluate.sort_unstable();
+    to_evaluate.dedup();
+    let first = out.changes.len();
+    evaluate(model, profile, None, now, &to_evaluate, &mut out);
+    let changes = out.changes[first..].to_vec();
+    fire(model, profile, None, now, &changes, false, false, &mut out);
+    profile.wakeup_ms = next_wakeup(model, profile, now);
+    out
+}
+
+/// When the engine must next look at `profile` without an event, as of instant `now`.
+pub fn next_wakeup(model: &Model, profile: &Profile, now: i64) -> Option<i64> {
+    if profile.is_new() {
+        return None;
+    }
+    let visit_end = (!profile.visit_ended).then(|| profile.last_seen_ms + model.visit_timeout_ms + 1);
+    let resolve = |o: &Operand| resolve(model, profile, None, o);
+    let change = model.time_relative.iter().filter_map(|&i| model.audiences[i].rule.next_change(&resolve, now)).min();
+    match (visit_end, change) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Why `profile` is or is not in `audience` at instant `now`: the rule with every leaf's value.
+pub fn explain(model: &Model, profile: &Profile, audience: &str, now: i64) -> Option<serde_json::Value> {
+    let a = model.audience(audience)?;
+    let resolve = |o: &Operand| resolve(model, profile, None, o);
+    Some(serde_json::json!({
+        "audience": a.name,
+        "member": profile.audiences.contains(&a.name),
+        "result": a.rule.eval(&resolve, now),
+        "reads": a.inputs,
+        "time_relative": a.time_relative,
+        "rule": a.rule.explain(&resolve, now),
+    }))
+}
+
+/// Ends the current visit at `at`: visit-ended enrichments, every audience re-evaluated, and
+/// visit-ended actions for the audiences the visitor is in.
+fn end_visit(model: &Model, profile: &mut Profile, at: i64, out: &mut Outcome) {
+    profile.visit_ended = true;
+    out.visit_ended = true;
+    let mut dirty = Dirty::new(model);
+    run_enrichments(model, profile, None, at, &|w| *w == When::VisitEnded, &mut dirty, &mut out.warnings);
+    let all: Vec<usize> = (0..model.audiences.len()).collect();
+    let first = out.changes.len();
+    evaluate(model, profile, None, at, &all, out);
+    let changes = out.changes[first..].to_vec();
+    fire(model, profile, None, at, &changes, false, true, out);
 }
 
 fn start_visit(model: &Model, profile: &mut Profile, t: i64) {
     profile.visit_count += 1;
     profile.visit_start_ms = t;
     profile.visit_event_count = 0;
+    profile.visit_ended = false;
     for a in model.attributes.iter().filter(|a| a.scope == Scope::Visit) {
         profile.attributes.remove(&a.name);
         profile.badges.remove(&a.name);
+        profile.rolling.remove(&a.name);
+        profile.frequencies.remove(&a.name);
     }
 }
 
-fn resolve(profile: &Profile, event: &Event, operand: &Operand) -> Option<Value> {
+fn run_enrichments(
+    model: &Model,
+    profile: &mut Profile,
+    event: Option<&Event>,
+    now: i64,
+    runs: &dyn Fn(&When) -> bool,
+    dirty: &mut Dirty,
+    warnings: &mut Vec<String>,
+) {
+    for e in &model.enrichments {
+        if !runs(&e.when) {
+            continue;
+        }
+        if let Some(c) = &e.condition
+            && !c.eval(&|o| resolve(model, profile, event, o), now)
+        {
+            continue;
+        }
+        let def = model.attribute(&e.attribute).expect("validated at load");
+        match apply_operation(model, profile, event, now, def, &e.operation) {
+            Ok(()) => dirty.mark(&e.attribute),
+            Err(w) => warnings.push(format!("enrichment of `{}`: {w}", e.attribute)),
+        }
+    }
+}
+
+/// Re-evaluates the audiences at `indexes`, recording membership changes at instant `now`.
+fn evaluate(
+    model: &Model,
+    profile: &mut Profile,
+    event: Option<&Event>,
+    now: i64,
+    indexes: &[usize],
+    out: &mut Outcome,
+) {
+    for &i in indexes {
+        let audience = &model.audiences[i];
+        let now_in = audience.rule.eval(&|o| resolve(model, profile, event, o), now);
+        let was_in = profile.audiences.contains(&audience.name);
+        if now_in && !was_in {
+            profile.audiences.insert(audience.name.clone());
+            out.changes.push(Membership::Joined { audience: audience.name.clone(), at_ms: now });
+        } else if was_in && !now_in {
+            profile.audiences.remove(&audience.name);
+            out.changes.push(Membership::Left { audience: audience.name.clone(), at_ms: now });
+        }
+    }
+}
+
+/// Queues the actions that `changes` (and a visit starting or ending, or the event itself) fire.
+#[allow(clippy::too_many_arguments)]
+fn fire(
+    model: &Model,
+    profile: &Profile,
+    event: Option<&Event>,
+    at: i64,
+    changes: &[Membership],
+    visit_started: bool,
+    visit_ended: bool,
+    out: &mut Outcome,
+) {
+    let resolve = |o: &Operand| resolve(model, profile, event, o);
+    for action in &model.actions {
+        let fired = match action.trigger {
+            Trigger::Joined => {
+                changes.iter().any(|c| matches!(c, Membership::Joined { audience, .. } if *audience == action.audience))
+            }
+            Trigger::Left => {
+                changes.iter().any(|c| matches!(c, Membership::Left { audience, .. } if *audience == action.audience))
+            }
+            Trigger::VisitStarted => visit_started && profile.audiences.contains(&action.audience),
+            Trigger::VisitEnded => visit_ended && profile.audiences.contains(&action.audience),
+            Trigger::Event => event.is_some_and(|e| {
+                action.event.as_ref().is_none_or(|name| *name == e.name)
+                    && action.condition.as_ref().is_none_or(|c| c.eval(&resolve, at))
+            }),
+        };
+        if !fired {
+            continue;
+        }
+        let params = action
+            .params
+            .iter()
+            .filter_map(|(k, src)| source_value(model, profile, event, at, src).map(|v| (k.clone(), v)))
+            .collect();
+        out.actions.push(PendingAction {
+            action: action.name.clone(),
+            connector: action.connector.clone(),
+            trigger: action.trigger,
+            audience: action.audience.clone(),
+            profile_id: profile.id.clone(),
+            occurred_at_ms: at,
+            settings: action.settings.clone(),
+            params,
+        });
+    }
+}
+
+/// The current value of what a condition reads.
+fn resolve(model: &Model, profile: &Profile, event: Option<&Event>, operand: &Operand) -> Option<Value> {
     match operand {
-        Operand::Attribute(name) => profile.get(name),
-        Operand::Event(path) => event.field(path).and_then(json_to_value),
+        Operand::Attribute(name) => attribute_value(model, profile, event, name),
+        Operand::Derived(name, property) => property.of(&attribute_value(model, profile, event, name)?),
+        Operand::TallyKey(name, key) => match profile.attributes.get(name) {
+            Some(Value::Tally(t)) => t.get(key).map(|n| Value::Number(*n)),
+            _ => None,
+        },
+        Operand::Event(path) => event?.field(path).and_then(json_to_value),
     }
 }
 
-fn source_value(profile: &Profile, event: &Event, src: &Source) -> Option<Value> {
+/// A stored attribute, or an event attribute read from the current event.
+fn attribute_value(model: &Model, profile: &Profile, event: Option<&Event>, name: &str) -> Option<Value> {
+    match model.attribute(name) {
+        Some(AttributeDef { scope: Scope::Event, field: Some(path), ty, .. }) => typed(event?.field(path)?, *ty).ok(),
+        _ => profile.get(name),
+    }
+}
+
+fn source_value(model: &Model, profile: &Profile, event: Option<&Event>, now: i64, src: &Source) -> Option<Value> {
     match src {
         Source::Const(v) => Some(v.clone()),
-        Source::Now => Some(Value::Date(event.timestamp_ms)),
-        Source::Event(path) => event.field(path).and_then(json_to_value),
+        Source::Now => Some(Value::Date(now)),
+        Source::Event(path) => event?.field(path).and_then(json_to_value),
         Source::Attribute(name) if name == "profile_id" => Some(Value::String(profile.id.clone())),
-        Source::Attribute(name) => profile.get(name),
+        Source::Attribute(name) => attribute_value(model, profile, event, name),
     }
 }
 
@@ -187,7 +394,11 @@ fn json_to_value(v: &serde_json::Value) -> Option<Value> {
         serde_json::Value::Number(n) => n.as_f64().map(Value::Number),
         serde_json::Value::Bool(b) => Some(Value::Boolean(*b)),
         serde_json::Value::Array(items) => {
-            items.iter().map(|i| i.as_str().map(str::to_string)).collect::<Option<_>>().map(Value::Set)
+            if let Some(strings) = items.iter().map(|i| i.as_str().map(str::to_string)).collect::<Option<Vec<_>>>() {
+                Some(Value::Strings(strings))
+            } else {
+                items.iter().map(serde_json::Value::as_f64).collect::<Option<Vec<_>>>().map(Value::Numbers)
+            }
         }
         _ => None,
     }
@@ -197,13 +408,19 @@ fn json_to_value(v: &serde_json::Value) -> Option<Value> {
 /// RFC 3339 strings or epoch milliseconds.
 fn typed(v: &serde_json::Value, ty: AttrType) -> Result<Value, String> {
     let found = || format!("expected {}, found {}", ty.name(), json_kind(v));
+    let items = |element: AttrType| -> Result<Vec<Value>, String> {
+        match v {
+            serde_json::Value::Array(items) => items.iter().map(|i| typed(i, element)).collect(),
+            _ => Err(found()),
+        }
+    };
     match ty {
         AttrType::Number => match v {
             serde_json::Value::Number(n) => n.as_f64().map(Value::Number).ok_or_else(found),
             serde_json::Value::String(s) => s.trim().parse().map(Value::Number).map_err(|_| found()),
             _ => Err(found()),
         },
-        AttrType::String => match v {
+        AttrType::String | AttrType::VisitorId => match v {
             serde_json::Value::String(s) => Ok(Value::String(clamp_string(s.clone()))),
             serde_json::Value::Number(n) => Ok(Value::String(n.to_string())),
             serde_json::Value::Bool(b) => Ok(Value::String(b.to_string())),
@@ -215,16 +432,29 @@ fn typed(v: &serde_json::Value, ty: AttrType) -> Result<Value, String> {
             serde_json::Value::Number(n) => n.as_i64().map(Value::Date).ok_or_else(found),
             _ => Err(found()),
         },
-        AttrType::SetOfStrings => match v {
-            serde_json::Value::Array(items) => items
-                .iter()
-                .map(|i| i.as_str().map(str::to_string))
-                .collect::<Option<_>>()
-                .map(Value::Set)
-                .ok_or_else(found),
-            _ => Err(found()),
-        },
+        AttrType::SetOfStrings => Ok(Value::Set(strings(items(AttrType::String)?).into_iter().collect())),
+        AttrType::ArrayOfStrings => Ok(Value::Strings(strings(items(AttrType::String)?))),
+        AttrType::ArrayOfNumbers => {
+            Ok(Value::Numbers(items(AttrType::Number)?.into_iter().filter_map(|v| as_number(&v)).collect()))
+        }
+        AttrType::ArrayOfBooleans => Ok(Value::Booleans(
+            items(AttrType::Boolean)?
+                .into_iter()
+                .filter_map(|v| if let Value::Boolean(b) = v { Some(b) } else { None })
+                .collect(),
+        )),
+        AttrType::Tally | AttrType::Timeline | AttrType::Funnel => {
+            Err(format!("{} values are not read from events", ty.name()))
+        }
     }
+}
+
+fn strings(values: Vec<Value>) -> Vec<String> {
+    values.into_iter().filter_map(|v| if let Value::String(s) = v { Some(s) } else { None }).collect()
+}
+
+fn as_number(v: &Value) -> Option<f64> {
+    if let Value::Number(n) = v { Some(*n) } else { None }
 }
 
 fn json_kind(v: &serde_json::Value) -> &'static str {
@@ -238,65 +468,165 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
     }
 }
 
-/// The operand of an operation, read as `ty`. `Ok(None)` when the event lacks the field.
-fn operand(event: &Event, src: &Source, ty: AttrType) -> Result<Option<Value>, String> {
+/// The operand of an operation, read as `ty`. `Ok(None)` when the event or profile lacks it.
+fn operand(
+    model: &Model,
+    profile: &Profile,
+    event: Option<&Event>,
+    now: i64,
+    src: &Source,
+    ty: AttrType,
+) -> Result<Option<Value>, String> {
     match src {
         Source::Const(v) => Ok(Some(v.clone())),
-        Source::Now => Ok(Some(Value::Date(event.timestamp_ms))),
-        Source::Event(path) => match event.field(path) {
+        Source::Now => Ok(Some(Value::Date(now))),
+        Source::Event(path) => match event.and_then(|e| e.field(path)) {
             None | Some(serde_json::Value::Null) => Ok(None),
             Some(v) => typed(v, ty).map(Some).map_err(|e| format!("event field `{}`: {e}", path.join("."))),
         },
-        Source::Attribute(_) => unreachable!("attribute sources are only used by action params"),
+        Source::Attribute(name) => Ok(attribute_value(model, profile, event, name)),
     }
+}
+
+/// The operand of a collection operation as a list of elements (one value or many).
+fn elements(
+    model: &Model,
+    profile: &Profile,
+    event: Option<&Event>,
+    now: i64,
+    src: &Source,
+    collection: AttrType,
+) -> Result<Vec<Value>, String> {
+    let element = collection.element().expect("collections have elements");
+    let value = match operand(model, profile, event, now, src, collection) {
+        Ok(v) => v,
+        Err(_) => operand(model, profile, event, now, src, element)?,
+    };
+    Ok(match value {
+        None => Vec::new(),
+        Some(Value::Set(s)) => s.into_iter().map(Value::String).collect(),
+        Some(Value::Strings(v)) => v.into_iter().map(Value::String).collect(),
+        Some(Value::Numbers(v)) => v.into_iter().map(Value::Number).collect(),
+        Some(Value::Booleans(v)) => v.into_iter().map(Value::Boolean).collect(),
+        Some(single) => vec![single],
+    })
+}
+
+fn number(v: Option<Value>) -> Option<f64> {
+    v.as_ref().and_then(as_number)
+}
+
+fn key_string(v: Option<Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(clamp_string(s)),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn finite(n: f64) -> Result<f64, String> {
+    if n.is_finite() { Ok(n) } else { Err(format!("result {n} is not a finite number; value kept")) }
 }
 
 fn apply_operation(
     model: &Model,
     profile: &mut Profile,
-    event: &Event,
-    name: &str,
+    event: Option<&Event>,
+    now: i64,
+    def: &AttributeDef,
     op: &Operation,
 ) -> Result<(), String> {
-    let ty = model.attribute_type(name).expect("validated at load");
+    let name = def.name.as_str();
+    let ty = def.ty;
+    let read = |src: &Source, ty: AttrType, p: &Profile| operand(model, p, event, now, src, ty);
+    let current_number = |p: &Profile| match p.attributes.get(name) {
+        Some(Value::Number(n)) => Some(*n),
+        _ => None,
+    };
+    let set = |p: &mut Profile, v: Value| {
+        p.attributes.insert(name.to_string(), v);
+    };
     match op {
         Operation::Increment(src) | Operation::Decrement(src) => {
-            let Some(Value::Number(by)) = operand(event, src, AttrType::Number)? else { return Ok(()) };
+            let Some(by) = number(read(src, AttrType::Number, profile)?) else { return Ok(()) };
             let by = if matches!(op, Operation::Decrement(_)) { -by } else { by };
-            let current = match profile.attributes.get(name) {
-                Some(Value::Number(n)) => *n,
-                _ => 0.0,
+            let next = finite(current_number(profile).unwrap_or(0.0) + by)?;
+            set(profile, Value::Number(next));
+        }
+        Operation::Min(src) | Operation::Max(src) => {
+            let Some(n) = number(read(src, AttrType::Number, profile)?) else { return Ok(()) };
+            let next = match (current_number(profile), op) {
+                (None, _) => n,
+                (Some(c), Operation::Min(_)) => c.min(n),
+                (Some(c), _) => c.max(n),
             };
-            let next = current + by;
-            if !next.is_finite() {
-                return Err(format!("result {next} is not a finite number; value kept"));
-            }
-            profile.attributes.insert(name.to_string(), Value::Number(next));
+            set(profile, Value::Number(next));
         }
-        Operation::Set(src) => {
-            if let Some(v) = operand(event, src, ty)? {
-                profile.attributes.insert(name.to_string(), v);
+        Operation::RollingSum { source, window } | Operation::RollingAvg { source, window } => {
+            let Some(n) = number(read(source, AttrType::Number, profile)?) else { return Ok(()) };
+            finite(n)?;
+            let samples = profile.rolling.entry(name.to_string()).or_default();
+            samples.push_back(n);
+            while samples.len() > *window {
+                samples.pop_front();
             }
+            let sum: f64 = samples.iter().sum();
+            let value = if matches!(op, Operation::RollingSum { .. }) { sum } else { sum / samples.len() as f64 };
+            set(profile, Value::Number(value));
         }
-        Operation::AddToSet(src) | Operation::RemoveFromSet(src) => {
-            let members =
-                match operand(event, src, AttrType::SetOfStrings).or_else(|_| operand(event, src, AttrType::String))? {
-                    None => return Ok(()),
-                    Some(Value::Set(s)) => s.into_iter().collect::<Vec<_>>(),
-                    Some(Value::String(s)) => vec![s],
-                    Some(other) => return Err(format!("expected string, found {}", other.kind())),
-                };
-            let entry = profile.attributes.entry(name.to_string()).or_insert_with(|| Value::Set(Default::default()));
-            let Value::Set(set) = entry else { unreachable!("type checked at load") };
-            for m in members {
-                if matches!(op, Operation::RemoveFromSet(_)) {
-                    set.remove(&m);
-                } else if set.len() < MAX_SET_MEMBERS {
-                    set.insert(clamp_string(m));
-                } else if !set.contains(&m) {
-                    return Err(format!("set is full ({MAX_SET_MEMBERS} members); `{m}` refused"));
+        Operation::Set(src) => match ty.element() {
+            Some(_) => {
+                let items = elements(model, profile, event, now, src, ty)?;
+                if items.is_empty() && read(src, ty, profile)?.is_none() {
+                    return Ok(());
+                }
+                let mut value = Value::Set(Default::default());
+                fill(def, &mut value, items, true)?;
+                set(profile, value);
+            }
+            None => {
+                if let Some(v) = read(src, ty, profile)? {
+                    set(profile, if let Value::String(s) = v { Value::String(clamp_string(s)) } else { v });
                 }
             }
+        },
+        Operation::CaptureFirst(src) => {
+            if !profile.attributes.contains_key(name)
+                && let Some(Value::String(s)) = read(src, ty, profile)?
+            {
+                set(profile, Value::String(clamp_string(s)));
+            }
+        }
+        Operation::CaptureMostFrequent(src) => {
+            let Some(Value::String(s)) = read(src, ty, profile)? else { return Ok(()) };
+            let s = clamp_string(s);
+            let counts = profile.frequencies.entry(name.to_string()).or_default();
+            if counts.len() >= MAX_FREQUENCY_VALUES && !counts.contains_key(&s) {
+                return Err(format!("more than {MAX_FREQUENCY_VALUES} distinct values; `{s}` not counted"));
+            }
+            let count = *counts.entry(s.clone()).and_modify(|c| *c += 1).or_insert(1);
+            let leader = match profile.attributes.get(name) {
+                Some(Value::String(cur)) => counts.get(cur).copied().unwrap_or(0),
+                _ => 0,
+            };
+            if count > leader || profile.attributes.get(name) == Some(&Value::String(s.clone())) {
+                set(profile, Value::String(s));
+            }
+        }
+        Operation::Lowercase(src) | Operation::Uppercase(src) => {
+            let value = match src {
+                Some(src) => read(src, ty, profile)?,
+                None => profile.attributes.get(name).cloned(),
+            };
+            if let Some(Value::String(s)) = value {
+                let s = if matches!(op, Operation::Lowercase(_)) { s.to_lowercase() } else { s.to_uppercase() };
+                set(profile, Value::String(clamp_string(s)));
+            }
+        }
+        Operation::Toggle => {
+            let current = matches!(profile.attributes.get(name), Some(Value::Boolean(true)));
+            set(profile, Value::Boolean(!current));
         }
         Operation::AssignBadge => {
             profile.badges.insert(name.to_string());
@@ -304,44 +634,267 @@ fn apply_operation(
         Operation::RemoveBadge => {
             profile.badges.remove(name);
         }
+        Operation::AddToSet(src) | Operation::Append(src) => {
+            let items = elements(model, profile, event, now, src, ty)?;
+            if items.is_empty() {
+                return Ok(());
+            }
+            let mut value = profile.attributes.remove(name).unwrap_or_else(|| empty(ty));
+            let result = fill(def, &mut value, items, false);
+            set(profile, value);
+            result?;
+        }
+        Operation::RemoveFromSet(src) => {
+            let items = elements(model, profile, event, now, src, ty)?;
+            if let Some(Value::Set(s)) = profile.attributes.get_mut(name) {
+                for item in items {
+                    if let Value::String(m) = item {
+                        s.remove(&m);
+                    }
+                }
+            }
+        }
+        Operation::Union(from) | Operation::Difference(from) => {
+            let others: Vec<String> = match profile.attributes.get(from) {
+                Some(Value::Set(s)) => s.iter().cloned().collect(),
+                Some(Value::Strings(v)) => v.clone(),
+                _ => Vec::new(),
+            };
+            let mut value = profile.attributes.remove(name).unwrap_or_else(|| empty(ty));
+            let result = if matches!(op, Operation::Union(_)) {
+                fill(def, &mut value, others.into_iter().map(Value::String).collect(), false)
+            } else {
+                if let Value::Set(s) = &mut value {
+                    others.iter().for_each(|o| {
+                        s.remove(o);
+                    });
+                }
+                Ok(())
+            };
+            set(profile, value);
+            result?;
+        }
+        Operation::TopKeys { tally, n } => {
+            let top = match profile.attributes.get(tally) {
+                Some(Value::Tally(t)) => tally_top(t, *n),
+                _ => Vec::new(),
+            };
+            set(profile, Value::Set(top.into_iter().collect()));
+        }
+        Operation::TallyIncrement { key, by } | Operation::TallySet { key, to: by } => {
+            let Some(key) = key_string(read(key, AttrType::String, profile)?) else { return Ok(()) };
+            let Some(amount) = number(read(by, AttrType::Number, profile)?) else { return Ok(()) };
+            let entry = profile.attributes.entry(name.to_string()).or_insert_with(|| Value::Tally(BTreeMap::new()));
+            let Value::Tally(tally) = entry else { unreachable!("type checked at load") };
+            if !tally.contains_key(&key) && tally.len() >= MAX_TALLY_KEYS {
+                return Err(format!("tally is full ({MAX_TALLY_KEYS} keys); key `{key}` refused"));
+            }
+            let next = match op {
+                Operation::TallyIncrement { .. } => tally.get(&key).copied().unwrap_or(0.0) + amount,
+                _ => amount,
+            };
+            tally.insert(key, finite(next)?);
+        }
+        Operation::TallyRemove { key } => {
+            let Some(key) = key_string(read(key, AttrType::String, profile)?) else { return Ok(()) };
+            if let Some(Value::Tally(t)) = profile.attributes.get_mut(name) {
+                t.remove(&key);
+            }
+        }
+        Operation::CaptureEntry { fields } => {
+            let data = capture(model, profile, event, now, fields);
+            let mut entries = match profile.attributes.remove(name) {
+                Some(Value::Timeline(e)) => e,
+                _ => Vec::new(),
+            };
+            let at = entries.partition_point(|e| e.at_ms <= now);
+            entries.insert(at, TimelineEntry { at_ms: now, data });
+            trim_timeline(def, &mut entries, now);
+            set(profile, Value::Timeline(entries));
+        }
+        Operation::Advance { step, fields } => {
+            let mut state = match profile.attributes.get(name) {
+                Some(Value::Funnel(f)) => f.clone(),
+                _ => Default::default(),
+            };
+            if state.completed_ms.is_some() {
+                return Ok(());
+            }
+            let last = state.reached.last().and_then(|r| def.steps.iter().position(|s| s.name == r.step));
+            let from = last.map_or(0, |l| l + 1);
+            if *step < from {
+                return Ok(());
+            }
+            if let Some(skipped) = def.steps[from..*step].iter().find(|s| s.required) {
+                return Err(format!(
+                    "step `{}` reached before required step `{}`; funnel unchanged",
+                    def.steps[*step].name, skipped.name
+                ));
+            }
+            let data = capture(model, profile, event, now, fields);
+            state.reached.push(FunnelStep { step: def.steps[*step].name.clone(), at_ms: now, data });
+            if !def.steps[*step + 1..].iter().any(|s| s.required) {
+                state.completed_ms = Some(now);
+            }
+            set(profile, Value::Funnel(state));
+        }
+        Operation::Reset | Operation::Clear => {
+            profile.attributes.remove(name);
+            profile.rolling.remove(name);
+            profile.frequencies.remove(name);
+        }
     }
     Ok(())
 }
 
-/// Applies a custom enricher's updates all or nothing: each must name a declared attribute
-/// and carry a value of its type.
-fn apply_updates(model: &Model, profile: &mut Profile, updates: Vec<Update>) -> Result<(), String> {
+fn empty(ty: AttrType) -> Value {
+    match ty {
+        AttrType::ArrayOfStrings => Value::Strings(Vec::new()),
+        AttrType::ArrayOfNumbers => Value::Numbers(Vec::new()),
+        AttrType::ArrayOfBooleans => Value::Booleans(Vec::new()),
+        _ => Value::Set(Default::default()),
+    }
+}
+
+/// Adds `items` to a set or array (emptied first when `replace`), within the documented
+/// limits: a full set refuses new members, an array drops its oldest items.
+fn fill(def: &AttributeDef, value: &mut Value, items: Vec<Value>, replace: bool) -> Result<(), String> {
+    if replace {
+        *value = empty(def.ty);
+    }
+    let mut refused = None;
+    match value {
+        Value::Set(set) => {
+            for item in items {
+                if let Value::String(m) = item {
+                    let m = clamp_string(m);
+                    if set.len() < MAX_SET_MEMBERS || set.contains(&m) {
+                        set.insert(m);
+                    } else {
+                        refused.get_or_insert(m);
+                    }
+                }
+            }
+        }
+        Value::Strings(v) => v.extend(items.into_iter().filter_map(|i| key_string(Some(i)))),
+        Value::Numbers(v) => v.extend(items.iter().filter_map(as_number)),
+        Value::Booleans(v) => {
+            v.extend(items.into_iter().filter_map(|i| if let Value::Boolean(b) = i { Some(b) } else { None }))
+        }
+        _ => {}
+    }
+    let overflow = value.size().unwrap_or(0).saturating_sub(def.max_entries);
+    match value {
+        Value::Strings(v) => drop(v.drain(..overflow)),
+        Value::Numbers(v) => drop(v.drain(..overflow)),
+        Value::Booleans(v) => drop(v.drain(..overflow)),
+        _ => {}
+    }
+    match refused {
+        Some(m) => Err(format!("set is full ({MAX_SET_MEMBERS} members); `{m}` refused")),
+        None => Ok(()),
+    }
+}
+
+/// Values captured into a timeline entry or funnel step.
+fn capture(
+    model: &Model,
+    profile: &Profile,
+    event: Option<&Event>,
+    now: i64,
+    fields: &[(String, Source)],
+) -> BTreeMap<String, serde_json::Value> {
+    fields
+        .iter()
+        .filter_map(|(k, src)| {
+            let v = match src {
+                Source::Event(path) => event?.field(path).cloned(),
+                other => source_value(model, profile, event, now, other).map(|v| v.to_json()),
+            }?;
+            Some((k.clone(), v))
+        })
+        .collect()
+}
+
+/// Drops entries past the timeline's age and count limits (oldest first).
+fn trim_timeline(def: &AttributeDef, entries: &mut Vec<TimelineEntry>, now: i64) {
+    let cutoff = now.saturating_sub(def.max_age_ms);
+    entries.retain(|e| e.at_ms >= cutoff);
+    let overflow = entries.len().saturating_sub(def.max_entries);
+    entries.drain(..overflow);
+}
+
+fn expire_timelines(model: &Model, profile: &mut Profile, now: i64) {
+    for def in model.attributes.iter().filter(|a| a.ty == AttrType::Timeline) {
+        if let Some(Value::Timeline(entries)) = profile.attributes.get_mut(&def.name) {
+            trim_timeline(def, entries, now);
+        }
+    }
+}
+
+/// Applies a custom enricher's updates all or nothing: each must name a declared, stored
+/// attribute and carry a value of its type. Returns the names of the attributes changed.
+fn apply_updates(model: &Model, profile: &mut Profile, updates: Vec<Update>) -> Result<Vec<String>, String> {
     for (name, value) in &updates {
         let Some(def) = model.attribute(name) else {
             return Err(format!("unknown attribute `{name}`"));
         };
+        if def.scope == Scope::Event {
+            return Err(format!("event attribute `{name}` is read from the event, not set"));
+        }
         if let Some(v) = value
             && !def.ty.admits(v)
         {
             return Err(format!("attribute `{name}` is {}, update is {}", def.ty.name(), v.kind()));
         }
+        let limit = match value {
+            Some(Value::Set(_)) => MAX_SET_MEMBERS,
+            Some(Value::Tally(_)) => MAX_TALLY_KEYS,
+            _ => usize::MAX,
+        };
+        if value.as_ref().and_then(Value::size).is_some_and(|n| n > limit) {
+            return Err(format!("attribute `{name}` may hold at most {limit} members or keys"));
+        }
     }
+    let mut changed = Vec::with_capacity(updates.len());
     for (name, value) in updates {
-        let ty = model.attribute(&name).map(|d| d.ty);
-        match (ty, value) {
-            (Some(AttrType::Badge), Some(_)) => {
-                profile.badges.insert(name);
+        let def = model.attribute(&name).expect("checked above");
+        match (def.ty, value) {
+            (AttrType::Badge, Some(_)) => {
+                profile.badges.insert(name.clone());
             }
-            (Some(AttrType::Badge), None) => {
+            (AttrType::Badge, None) => {
                 profile.badges.remove(&name);
-            }
-            (_, Some(Value::String(s))) => {
-                profile.attributes.insert(name, Value::String(clamp_string(s)));
-            }
-            (_, Some(v)) => {
-                profile.attributes.insert(name, v);
             }
             (_, None) => {
                 profile.attributes.remove(&name);
             }
+            (_, Some(Value::String(s))) => {
+                profile.attributes.insert(name.clone(), Value::String(clamp_string(s)));
+            }
+            (AttrType::Timeline, Some(Value::Timeline(mut entries))) => {
+                entries.sort_by_key(|e| e.at_ms);
+                let newest = entries.last().map_or(0, |e| e.at_ms);
+                trim_timeline(def, &mut entries, newest);
+                profile.attributes.insert(name.clone(), Value::Timeline(entries));
+            }
+            (_, Some(mut v)) => {
+                if def.ty.element().is_some() {
+                    let items: Vec<Value> = match &v {
+                        Value::Set(s) => s.iter().cloned().map(Value::String).collect(),
+                        Value::Strings(s) => s.iter().cloned().map(Value::String).collect(),
+                        Value::Numbers(n) => n.iter().copied().map(Value::Number).collect(),
+                        Value::Booleans(b) => b.iter().copied().map(Value::Boolean).collect(),
+                        _ => Vec::new(),
+                    };
+                    fill(def, &mut v, items, true)?;
+                }
+                profile.attributes.insert(name.clone(), v);
+            }
         }
+        changed.push(name);
     }
-    Ok(())
+    Ok(changed)
 }
 
 #[cfg(test)]
@@ -441,21 +994,21 @@ connector = "webhook"
             &event("page_view", 1_000, serde_json::json!({"category": "shoes"})),
             &mut NoCustomEnrichers,
         );
-        assert!(o.new_visitor && o.new_visit && o.joined.is_empty());
+        assert!(o.new_visitor && o.new_visit && o.joined().is_empty());
         let o = apply_event(
             &model,
             &mut p,
             &event("purchase", 2_000, serde_json::json!({"total": 60, "email": "a@b.c"})),
             &mut NoCustomEnrichers,
         );
-        assert!(o.joined.is_empty());
+        assert!(o.joined().is_empty());
         let o = apply_event(
             &model,
             &mut p,
             &event("purchase", 3_000, serde_json::json!({"total": "45.5", "order_id": "o-9"})),
             &mut NoCustomEnrichers,
         );
-        assert_eq!(o.joined, vec!["vips"]);
+        assert_eq!(o.joined(), vec!["vips"]);
         assert_eq!(o.actions.len(), 1);
         let a = &o.actions[0];
         assert_eq!(a.action, "welcome");
@@ -472,7 +1025,7 @@ connector = "webhook"
         assert_eq!(p.event_count, 3);
         assert!(p.badges.contains("vip"));
         let o = apply_event(&model, &mut p, &event("page_view", 4_000, serde_json::json!({})), &mut NoCustomEnrichers);
-        assert!(o.joined.is_empty() && o.actions.is_empty(), "no second join");
+        assert!(o.joined().is_empty() && o.actions.is_empty(), "no second join");
     }
 
     #[test]

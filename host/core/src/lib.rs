@@ -9,6 +9,8 @@ pub mod time;
 pub mod value;
 
 pub use config::{ConfigErrors, Diagnostic, Model, parse};
-pub use engine::{CustomEnrichers, Event, NoCustomEnrichers, Outcome, PendingAction, apply_event};
+pub use engine::{
+    CustomEnrichers, Event, Membership, NoCustomEnrichers, Outcome, PendingAction, apply_event, apply_time,
+};
 pub use profile::Profile;
 pub use value::Value;

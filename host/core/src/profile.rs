@@ -2,7 +2,7 @@
 
 use crate::value::Value;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Profile {
@@ -19,6 +19,19 @@ pub struct Profile {
     pub badges: BTreeSet<String>,
     #[serde(default)]
     pub audiences: BTreeSet<String>,
+    /// Recent values behind rolling sums and averages, by attribute.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rolling: BTreeMap<String, VecDeque<f64>>,
+    /// Value counts behind "most frequent" captures, by attribute.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub frequencies: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Whether the current visit has ended (by timeout); the next event starts a new one.
+    #[serde(default)]
+    pub visit_ended: bool,
+    /// When the engine must look at this profile again without an event (visit end, or a
+    /// time-relative audience changing).
+    #[serde(default)]
+    pub wakeup_ms: Option<i64>,
 }
 
 impl Profile {
@@ -35,6 +48,10 @@ impl Profile {
             attributes: BTreeMap::new(),
             badges: BTreeSet::new(),
             audiences: BTreeSet::new(),
+            rolling: BTreeMap::new(),
+            frequencies: BTreeMap::new(),
+            visit_ended: false,
+            wakeup_ms: None,
         }
     }
 
@@ -76,6 +93,7 @@ impl Profile {
             "attributes": attributes,
             "badges": self.badges,
             "audiences": self.audiences,
+            "visit_open": !self.visit_ended,
         })
     }
 }

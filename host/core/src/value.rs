@@ -1,21 +1,49 @@
-//! Attribute values and the types that constrain them.
+//! Attribute values, the types that constrain them, and their documented limits.
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Longest string an attribute holds; longer values are truncated at a char boundary.
 pub const MAX_STRING_CHARS: usize = 1_000;
 /// Most members a set of strings holds; further additions are refused.
 pub const MAX_SET_MEMBERS: usize = 30_000;
+/// Most items an array holds; appending past it drops the oldest items.
+pub const MAX_ARRAY_ITEMS: usize = 1_000;
+/// Most keys a tally holds; new keys past it are refused (existing keys still count).
+pub const MAX_TALLY_KEYS: usize = 30_000;
+/// Default and largest entry count of a timeline; older entries drop out first.
+pub const DEFAULT_TIMELINE_ENTRIES: usize = 100;
+pub const MAX_TIMELINE_ENTRIES: usize = 1_000;
+/// Default age after which timeline entries expire.
+pub const DEFAULT_TIMELINE_AGE_MS: i64 = 365 * 24 * 3_600_000;
+/// Most steps a funnel may declare.
+pub const MAX_FUNNEL_STEPS: usize = 32;
+/// Largest window of a rolling sum or average, in samples.
+pub const MAX_ROLLING_WINDOW: usize = 1_000;
 
-/// Scope of an attribute: how long its value lives.
+/// Scope of an attribute: where its value comes from and how long it lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Scope {
+    /// A field of the current event, read through the attribute's type; never stored.
+    Event,
     /// Reset when a visit starts.
     Visit,
     /// Lives as long as the profile.
     Visitor,
+    /// A visitor attribute fed by offline data (file imports) as well as by events.
+    Omnichannel,
+}
+
+impl Scope {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Event => "event",
+            Scope::Visit => "visit",
+            Scope::Visitor => "visitor",
+            Scope::Omnichannel => "omnichannel",
+        }
+    }
 }
 
 /// Declared type of an attribute.
@@ -28,9 +56,32 @@ pub enum AttrType {
     Date,
     Badge,
     SetOfStrings,
+    ArrayOfStrings,
+    ArrayOfNumbers,
+    ArrayOfBooleans,
+    Tally,
+    Timeline,
+    Funnel,
+    VisitorId,
 }
 
 impl AttrType {
+    pub const ALL: [AttrType; 13] = [
+        AttrType::String,
+        AttrType::Number,
+        AttrType::Boolean,
+        AttrType::Date,
+        AttrType::Badge,
+        AttrType::SetOfStrings,
+        AttrType::ArrayOfStrings,
+        AttrType::ArrayOfNumbers,
+        AttrType::ArrayOfBooleans,
+        AttrType::Tally,
+        AttrType::Timeline,
+        AttrType::Funnel,
+        AttrType::VisitorId,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             AttrType::String => "string",
@@ -39,21 +90,71 @@ impl AttrType {
             AttrType::Date => "date",
             AttrType::Badge => "badge",
             AttrType::SetOfStrings => "set_of_strings",
+            AttrType::ArrayOfStrings => "array_of_strings",
+            AttrType::ArrayOfNumbers => "array_of_numbers",
+            AttrType::ArrayOfBooleans => "array_of_booleans",
+            AttrType::Tally => "tally",
+            AttrType::Timeline => "timeline",
+            AttrType::Funnel => "funnel",
+            AttrType::VisitorId => "visitor_id",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<AttrType> {
+        AttrType::ALL.into_iter().find(|t| t.name() == s)
     }
 
     /// Whether `value` is a value of this type.
     pub fn admits(self, value: &Value) -> bool {
         matches!(
             (self, value),
-            (AttrType::String, Value::String(_))
+            (AttrType::String | AttrType::VisitorId, Value::String(_))
                 | (AttrType::Number, Value::Number(_))
                 | (AttrType::Boolean, Value::Boolean(_))
                 | (AttrType::Date, Value::Date(_))
                 | (AttrType::Badge, Value::Boolean(true))
                 | (AttrType::SetOfStrings, Value::Set(_))
+                | (AttrType::ArrayOfStrings, Value::Strings(_))
+                | (AttrType::ArrayOfNumbers, Value::Numbers(_))
+                | (AttrType::ArrayOfBooleans, Value::Booleans(_))
+                | (AttrType::Tally, Value::Tally(_))
+                | (AttrType::Timeline, Value::Timeline(_))
+                | (AttrType::Funnel, Value::Funnel(_))
         )
     }
+
+    /// The type of one element, for collections that hold simple values.
+    pub fn element(self) -> Option<AttrType> {
+        match self {
+            AttrType::SetOfStrings | AttrType::ArrayOfStrings => Some(AttrType::String),
+            AttrType::ArrayOfNumbers => Some(AttrType::Number),
+            AttrType::ArrayOfBooleans => Some(AttrType::Boolean),
+            _ => None,
+        }
+    }
+}
+
+/// One entry of a timeline: when, and the values captured from the event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimelineEntry {
+    pub at_ms: i64,
+    pub data: BTreeMap<String, serde_json::Value>,
+}
+
+/// Where a visitor is in a funnel.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FunnelState {
+    /// Steps reached, in order.
+    pub reached: Vec<FunnelStep>,
+    /// When the last required step was reached.
+    pub completed_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunnelStep {
+    pub step: String,
+    pub at_ms: i64,
+    pub data: BTreeMap<String, serde_json::Value>,
 }
 
 /// A stored attribute value. Dates are milliseconds since the Unix epoch, UTC.
@@ -65,6 +166,13 @@ pub enum Value {
     Boolean(bool),
     Date(i64),
     Set(BTreeSet<String>),
+    Strings(Vec<String>),
+    Numbers(Vec<f64>),
+    Booleans(Vec<bool>),
+    Tally(BTreeMap<String, f64>),
+    /// Oldest entry first.
+    Timeline(Vec<TimelineEntry>),
+    Funnel(FunnelState),
 }
 
 impl Value {
@@ -75,21 +183,78 @@ impl Value {
             Value::Boolean(_) => "boolean",
             Value::Date(_) => "date",
             Value::Set(_) => "set_of_strings",
+            Value::Strings(_) => "array_of_strings",
+            Value::Numbers(_) => "array_of_numbers",
+            Value::Booleans(_) => "array_of_booleans",
+            Value::Tally(_) => "tally",
+            Value::Timeline(_) => "timeline",
+            Value::Funnel(_) => "funnel",
+        }
+    }
+
+    /// Number of members, items, keys or entries of a collection.
+    pub fn size(&self) -> Option<usize> {
+        match self {
+            Value::Set(s) => Some(s.len()),
+            Value::Strings(v) => Some(v.len()),
+            Value::Numbers(v) => Some(v.len()),
+            Value::Booleans(v) => Some(v.len()),
+            Value::Tally(t) => Some(t.len()),
+            Value::Timeline(t) => Some(t.len()),
+            Value::Funnel(f) => Some(f.reached.len()),
+            _ => None,
         }
     }
 
     /// The value as plain JSON, the way the profile API shows it (dates as RFC 3339).
     pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::{Value as J, json};
+        let date = |ms: i64| J::String(crate::time::format_rfc3339(ms));
         match self {
-            Value::String(s) => serde_json::Value::String(s.clone()),
-            Value::Number(n) => {
-                serde_json::Number::from_f64(*n).map(serde_json::Value::Number).unwrap_or(serde_json::Value::Null)
+            Value::String(s) => J::String(s.clone()),
+            Value::Number(n) => number_json(*n),
+            Value::Boolean(b) => J::Bool(*b),
+            Value::Date(ms) => date(*ms),
+            Value::Set(s) => J::Array(s.iter().cloned().map(J::String).collect()),
+            Value::Strings(v) => J::Array(v.iter().cloned().map(J::String).collect()),
+            Value::Numbers(v) => J::Array(v.iter().map(|n| number_json(*n)).collect()),
+            Value::Booleans(v) => J::Array(v.iter().map(|b| J::Bool(*b)).collect()),
+            Value::Tally(t) => json!({
+                "counts": t.iter().map(|(k, v)| (k.clone(), number_json(*v))).collect::<serde_json::Map<_, _>>(),
+                "favorite": tally_favorite(t),
+            }),
+            Value::Timeline(entries) => {
+                J::Array(entries.iter().map(|e| json!({"at": date(e.at_ms), "data": e.data})).collect())
             }
-            Value::Boolean(b) => serde_json::Value::Bool(*b),
-            Value::Date(ms) => serde_json::Value::String(crate::time::format_rfc3339(*ms)),
-            Value::Set(s) => serde_json::Value::Array(s.iter().cloned().map(serde_json::Value::String).collect()),
+            Value::Funnel(f) => json!({
+                "steps": f.reached.iter().map(|s| json!({"step": s.step, "at": date(s.at_ms), "data": s.data})).collect::<Vec<_>>(),
+                "completed": f.completed_ms.is_some(),
+                "completed_at": f.completed_ms.map(date),
+            }),
         }
     }
+}
+
+fn number_json(n: f64) -> serde_json::Value {
+    serde_json::Number::from_f64(n).map(serde_json::Value::Number).unwrap_or(serde_json::Value::Null)
+}
+
+/// The key with the highest count; ties go to the alphabetically first key.
+pub fn tally_favorite(tally: &BTreeMap<String, f64>) -> Option<String> {
+    let mut best: Option<(&String, f64)> = None;
+    for (k, v) in tally {
+        if best.is_none_or(|(_, b)| *v > b) {
+            best = Some((k, *v));
+        }
+    }
+    best.map(|(k, _)| k.clone())
+}
+
+/// The `n` keys with the highest counts, highest first (ties alphabetical).
+pub fn tally_top(tally: &BTreeMap<String, f64>, n: usize) -> Vec<String> {
+    let mut pairs: Vec<(&String, f64)> = tally.iter().map(|(k, v)| (k, *v)).collect();
+    pairs.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    pairs.into_iter().take(n).map(|(k, _)| k.clone()).collect()
 }
 
 /// Truncates `s` to [`MAX_STRING_CHARS`] characters.
@@ -117,5 +282,19 @@ mod tests {
         assert!(!AttrType::Number.admits(&Value::String("1".into())));
         assert!(AttrType::Badge.admits(&Value::Boolean(true)));
         assert!(!AttrType::Badge.admits(&Value::Boolean(false)));
+        assert!(AttrType::VisitorId.admits(&Value::String("abc".into())));
+        assert!(AttrType::ArrayOfNumbers.admits(&Value::Numbers(vec![1.0])));
+        assert!(!AttrType::ArrayOfStrings.admits(&Value::Numbers(vec![1.0])));
+        for t in AttrType::ALL {
+            assert_eq!(AttrType::parse(t.name()), Some(t));
+        }
+    }
+
+    #[test]
+    fn tally_favorite_and_top() {
+        let t: BTreeMap<String, f64> = [("a".into(), 2.0), ("b".into(), 5.0), ("c".into(), 5.0)].into();
+        assert_eq!(tally_favorite(&t).as_deref(), Some("b"));
+        assert_eq!(tally_top(&t, 2), vec!["b", "c"]);
+        assert_eq!(tally_favorite(&BTreeMap::new()), None);
     }
 }

@@ -1,33 +1,61 @@
 //! Conversions between the domain core's types and the WIT types plugins see.
 
 use crate::types;
+use starling_core::value::TimelineEntry;
 use starling_core::{Event, Profile, Value};
 
 pub fn value_to_wit(v: &Value) -> types::AttributeValue {
+    use types::AttributeValue as W;
     match v {
-        Value::String(s) => types::AttributeValue::Text(s.clone()),
-        Value::Number(n) => types::AttributeValue::Number(*n),
-        Value::Boolean(b) => types::AttributeValue::Boolean(*b),
-        Value::Date(ms) => types::AttributeValue::Date(*ms),
-        Value::Set(s) => types::AttributeValue::StringSet(s.iter().cloned().collect()),
+        Value::String(s) => W::Text(s.clone()),
+        Value::Number(n) => W::Number(*n),
+        Value::Boolean(b) => W::Boolean(*b),
+        Value::Date(ms) => W::Date(*ms),
+        Value::Set(s) => W::StringSet(s.iter().cloned().collect()),
+        Value::Strings(v) => W::StringArray(v.clone()),
+        Value::Numbers(v) => W::NumberArray(v.clone()),
+        Value::Booleans(v) => W::BooleanArray(v.clone()),
+        Value::Tally(t) => W::Tally(t.iter().map(|(k, v)| (k.clone(), *v)).collect()),
+        Value::Timeline(entries) => W::Timeline(
+            entries
+                .iter()
+                .map(|e| types::TimelineEntry {
+                    at_ms: e.at_ms,
+                    data_json: serde_json::to_string(&e.data).unwrap_or_default(),
+                })
+                .collect(),
+        ),
+        Value::Funnel(f) => W::Json(serde_json::to_string(f).unwrap_or_default()),
     }
 }
 
-/// The core value for a WIT value, or the name of a kind the core does not store.
-pub fn value_from_wit(v: types::AttributeValue) -> Result<Value, &'static str> {
-    match v {
-        types::AttributeValue::Text(s) => Ok(Value::String(s)),
-        types::AttributeValue::Number(n) => Ok(Value::Number(n)),
-        types::AttributeValue::Boolean(b) => Ok(Value::Boolean(b)),
-        types::AttributeValue::Date(ms) => Ok(Value::Date(ms)),
-        types::AttributeValue::StringSet(s) => Ok(Value::Set(s.into_iter().collect())),
-        types::AttributeValue::StringArray(_) => Err("string-array"),
-        types::AttributeValue::NumberArray(_) => Err("number-array"),
-        types::AttributeValue::BooleanArray(_) => Err("boolean-array"),
-        types::AttributeValue::Tally(_) => Err("tally"),
-        types::AttributeValue::Timeline(_) => Err("timeline"),
-        types::AttributeValue::Json(_) => Err("json"),
-    }
+/// The core value for a WIT value, or why it cannot be one.
+pub fn value_from_wit(v: types::AttributeValue) -> Result<Value, String> {
+    use types::AttributeValue as W;
+    Ok(match v {
+        W::Text(s) => Value::String(s),
+        W::Number(n) => Value::Number(n),
+        W::Boolean(b) => Value::Boolean(b),
+        W::Date(ms) => Value::Date(ms),
+        W::StringSet(s) => Value::Set(s.into_iter().collect()),
+        W::StringArray(v) => Value::Strings(v),
+        W::NumberArray(v) => Value::Numbers(v),
+        W::BooleanArray(v) => Value::Booleans(v),
+        W::Tally(pairs) => Value::Tally(pairs.into_iter().collect()),
+        W::Timeline(entries) => Value::Timeline(
+            entries
+                .into_iter()
+                .map(|e| {
+                    let data = serde_json::from_str(&e.data_json)
+                        .map_err(|err| format!("timeline entry data is not a JSON object: {err}"))?;
+                    Ok(TimelineEntry { at_ms: e.at_ms, data })
+                })
+                .collect::<Result<_, String>>()?,
+        ),
+        W::Json(text) => {
+            Value::Funnel(serde_json::from_str(&text).map_err(|err| format!("not a funnel state: {err}"))?)
+        }
+    })
 }
 
 pub fn event_to_wit(e: &Event) -> types::Event {
@@ -63,9 +91,9 @@ pub fn updates_from_wit(updates: Vec<types::AttributeUpdate>) -> Result<Vec<(Str
         .into_iter()
         .map(|u| match u.value {
             None => Ok((u.name, None)),
-            Some(v) => value_from_wit(v)
-                .map(|v| (u.name.clone(), Some(v)))
-                .map_err(|kind| format!("attribute `{}`: {kind} values are not supported", u.name)),
+            Some(v) => {
+                value_from_wit(v).map(|v| (u.name.clone(), Some(v))).map_err(|e| format!("attribute `{}`: {e}", u.name))
+            }
         })
         .collect()
 }

@@ -23,13 +23,19 @@ pub struct AppState {
     pub read: Arc<Mutex<Connection>>,
     pub model: Arc<Model>,
     pub clock: fn() -> i64,
+    /// Whether `POST /v1/test/clock` may move the clock (for tests of time-driven behaviour).
+    pub test_clock: bool,
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let router =
+        if state.test_clock { Router::new().route("/v1/test/clock", post(advance_clock)) } else { Router::new() };
+    router
         .route("/v1/events", post(post_events))
         .route("/v1/profiles/{id}", get(get_profile))
+        .route("/v1/profiles/{id}/explain/{audience}", get(explain_membership))
         .route("/v1/audiences", get(get_audiences))
+        .route("/v1/audiences/{name}/history", get(get_audience_history))
         .route("/v1/actions", get(get_actions))
         .route("/v1/dead-letters", get(get_dead_letters))
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
@@ -116,13 +122,78 @@ async fn get_audiences(State(state): State<AppState>) -> Result<Json<serde_json:
         .audiences
         .iter()
         .map(|a| {
-            let mut reads = Vec::new();
-            a.rule.attributes(&mut reads);
             let size = sizes.iter().find(|(n, _)| *n == a.name).map_or(0, |(_, s)| *s);
-            serde_json::json!({ "name": a.name, "size": size, "reads": reads })
+            serde_json::json!({
+                "name": a.name,
+                "size": size,
+                "reads": a.inputs,
+                "time_relative": a.time_relative,
+                "rule": a.rule.describe(),
+            })
         })
         .collect();
     Ok(Json(serde_json::json!({ "audiences": audiences })))
+}
+
+#[derive(serde::Deserialize)]
+struct HistoryQuery {
+    /// RFC 3339; default: 24 hours ago.
+    since: Option<String>,
+}
+
+async fn get_audience_history(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if state.model.audience(&name).is_none() {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no audience named `{name}`")));
+    }
+    let since = match &q.since {
+        None => (state.clock)() - 24 * 3_600_000,
+        Some(s) => starling_core::time::parse_rfc3339(s).ok_or_else(|| {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("since: `{s}` is not an RFC 3339 timestamp"))
+        })?,
+    };
+    let audience = name.clone();
+    let samples = read(&state, move |c| starling_store::audience_size_history(c, &audience, since)).await?;
+    let samples: Vec<_> = samples
+        .into_iter()
+        .map(|(at, size)| serde_json::json!({ "at": starling_core::time::format_rfc3339(at), "size": size }))
+        .collect();
+    Ok(Json(serde_json::json!({ "audience": name, "samples": samples })))
+}
+
+async fn explain_membership(
+    State(state): State<AppState>,
+    Path((id, audience)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if state.model.audience(&audience).is_none() {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no audience named `{audience}`")));
+    }
+    let lookup = id.clone();
+    let Some(profile) = read(&state, move |c| starling_store::find_profile(c, &lookup)).await? else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no profile for id `{id}`")));
+    };
+    let explained = starling_core::engine::explain(&state.model, &profile, &audience, (state.clock)())
+        .expect("audience checked above");
+    Ok(Json(explained))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClockChange {
+    advance: String,
+}
+
+async fn advance_clock(
+    body: Result<Json<ClockChange>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(change) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let ms = starling_core::config::parse_duration(&change.advance)
+        .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, format!("advance: {m}")))?;
+    let now = crate::advance_clock(ms);
+    Ok(Json(serde_json::json!({ "now": starling_core::time::format_rfc3339(now) })))
 }
 
 #[derive(serde::Deserialize)]

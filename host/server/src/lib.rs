@@ -12,6 +12,7 @@ use starling_runtime::{HostOptions, Kind, PluginHost};
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, watch};
 
@@ -31,12 +32,35 @@ pub struct Options {
     pub model: Model,
     pub database: PathBuf,
     pub plugins: Option<PathBuf>,
+    /// Run on a clock that `POST /v1/test/clock` can move forward (for tests of visit ends and
+    /// time-relative audiences).
+    pub test_clock: bool,
 }
 
 /// Milliseconds since the Unix epoch.
 pub fn system_clock() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
+
+static CLOCK_OFFSET_MS: AtomicI64 = AtomicI64::new(0);
+
+/// The system clock plus however far [`advance_clock`] has moved it.
+pub fn adjustable_clock() -> i64 {
+    system_clock() + CLOCK_OFFSET_MS.load(Ordering::SeqCst)
+}
+
+/// Moves [`adjustable_clock`] forward by `ms`; returns the new time.
+pub fn advance_clock(ms: i64) -> i64 {
+    CLOCK_OFFSET_MS.fetch_add(ms, Ordering::SeqCst);
+    adjustable_clock()
+}
+
+/// How often the wake-up table is polled.
+const WAKEUP_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+/// Most profiles woken per pipeline submission.
+const WAKEUP_BATCH: usize = 512;
+/// How long sampled audience sizes are kept.
+const SIZE_HISTORY_KEEP_MS: i64 = 90 * 24 * 3_600_000;
 
 /// Every action and enricher of `model` must name a loaded plugin of the right kind.
 pub fn check_plugins(model: &Model, plugins: &PluginHost) -> Vec<Diagnostic> {
@@ -64,6 +88,9 @@ pub fn check_plugins(model: &Model, plugins: &PluginHost) -> Vec<Diagnostic> {
 pub struct App {
     state: api::AppState,
     workers: Vec<std::thread::JoinHandle<()>>,
+    /// Tasks that feed the pipeline (wake-ups); stopped before the workers.
+    feeders: Vec<tokio::task::JoinHandle<()>>,
+    stop_feeders: watch::Sender<bool>,
     lanes: Vec<tokio::task::JoinHandle<()>>,
     stop_delivery: watch::Sender<bool>,
     pub plugins: Arc<PluginHost>,
@@ -71,10 +98,12 @@ pub struct App {
 
 impl App {
     pub async fn start(options: Options) -> Result<App, ServerError> {
-        Self::start_with_clock(options, system_clock).await
+        let clock = if options.test_clock { adjustable_clock } else { system_clock };
+        Self::start_with_clock(options, clock).await
     }
 
     pub async fn start_with_clock(options: Options, clock: fn() -> i64) -> Result<App, ServerError> {
+        let test_clock = options.test_clock;
         let model = Arc::new(options.model);
         let database = options.database.clone();
         let blobs = starling_store::blob_dir(&database);
@@ -135,9 +164,22 @@ impl App {
         let (ingest, workers) =
             pipeline::start(shared, partitions, model.server.ingest_queue.max(1), || starling_store::open(&database))?;
 
+        let ingest = Arc::new(ingest);
+        lanes.push(tokio::spawn(sample_audience_sizes(
+            model.clone(),
+            starling_store::open(&database)?,
+            clock,
+            stopped.clone(),
+        )));
+        let (stop_feeders, feeders_stopped) = watch::channel(false);
+        let feeders =
+            vec![tokio::spawn(run_wakeups(ingest.clone(), starling_store::open(&database)?, clock, feeders_stopped))];
+
         Ok(App {
-            state: api::AppState { ingest: Arc::new(ingest), read, model, clock },
+            state: api::AppState { ingest, read, model, clock, test_clock },
             workers,
+            feeders,
+            stop_feeders,
             lanes,
             stop_delivery,
             plugins,
@@ -162,7 +204,11 @@ impl App {
 
     /// Stops the ingestion workers (after their queued work) and the delivery lanes.
     pub async fn stop(self) {
-        let App { state, workers, lanes, stop_delivery, .. } = self;
+        let App { state, workers, feeders, stop_feeders, lanes, stop_delivery, .. } = self;
+        let _ = stop_feeders.send(true);
+        for feeder in feeders {
+            let _ = feeder.await;
+        }
         drop(state);
         for worker in workers {
             let _ = tokio::task::spawn_blocking(move || worker.join()).await;
@@ -170,6 +216,65 @@ impl App {
         let _ = stop_delivery.send(true);
         for lane in lanes {
             let _ = lane.await;
+        }
+    }
+}
+
+/// Hands profiles whose wake-up time has come to the pipeline, which ends their visits and
+/// re-evaluates their time-relative audiences. Wake-ups live in the database, so they survive
+/// restarts.
+async fn run_wakeups(
+    ingest: Arc<pipeline::Ingest>,
+    conn: rusqlite::Connection,
+    clock: fn() -> i64,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(WAKEUP_POLL) => {}
+            _ = stop.changed() => return,
+        }
+        loop {
+            let due = match starling_store::due_wakeups(&conn, clock(), WAKEUP_BATCH) {
+                Ok(due) => due,
+                Err(e) => {
+                    tracing::warn!("reading wake-ups: {e}");
+                    break;
+                }
+            };
+            let full = due.len() == WAKEUP_BATCH;
+            if due.is_empty() {
+                break;
+            }
+            match ingest.wake(due).await {
+                Ok(_) if full => continue,
+                Ok(_) | Err(pipeline::IngestError::Busy) => break,
+                Err(pipeline::IngestError::Closed) => return,
+                Err(e) => {
+                    tracing::warn!("wake-ups not applied: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Records every audience's size at the configured interval, for the size history.
+async fn sample_audience_sizes(
+    model: Arc<Model>,
+    mut conn: rusqlite::Connection,
+    clock: fn() -> i64,
+    mut stop: watch::Receiver<bool>,
+) {
+    let names: Vec<String> = model.audiences.iter().map(|a| a.name.clone()).collect();
+    let every = std::time::Duration::from_millis(model.audience_size_interval_ms as u64);
+    loop {
+        if let Err(e) = starling_store::sample_audience_sizes(&mut conn, &names, clock(), SIZE_HISTORY_KEEP_MS) {
+            tracing::warn!("sampling audience sizes: {e}");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
         }
     }
 }

@@ -4,7 +4,9 @@
 //! after every transaction holding its events has committed.
 
 use starling_core::config::{ActionDef, Trigger};
-use starling_core::{CustomEnrichers, Event, Model, PendingAction, Profile, apply_event};
+use starling_core::{
+    CustomEnrichers, Event, Membership, Model, Outcome, PendingAction, Profile, apply_event, apply_time,
+};
 use starling_runtime::{PluginHost, convert};
 use starling_store::{Batch, StoreError};
 use std::collections::{HashMap, HashSet};
@@ -26,8 +28,15 @@ pub struct IngestReport {
 }
 
 pub struct IngestJob {
-    pub events: Vec<Event>,
+    pub work: Work,
     pub reply: oneshot::Sender<Result<IngestReport, String>>,
+}
+
+/// What a partition worker is asked to do.
+pub enum Work {
+    Events(Vec<Event>),
+    /// Profiles whose wake-up time has come (visit end, time-relative audiences).
+    Wakeups(Vec<String>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,10 +62,25 @@ impl Ingest {
         for event in events {
             groups[partition_of(&event.visitor_id, n)].push(event);
         }
+        self.queue(groups.into_iter().map(|g| (!g.is_empty()).then_some(Work::Events(g))).collect()).await
+    }
+
+    /// Queues due profiles on their partitions and waits until what time did to them is durable.
+    pub async fn wake(&self, profiles: Vec<String>) -> Result<IngestReport, IngestError> {
+        let n = self.partitions.len();
+        let mut groups: Vec<Vec<String>> = (0..n).map(|_| Vec::new()).collect();
+        for id in profiles {
+            groups[partition_of(&id, n)].push(id);
+        }
+        self.queue(groups.into_iter().map(|g| (!g.is_empty()).then_some(Work::Wakeups(g))).collect()).await
+    }
+
+    /// Sends one piece of work per partition (index = partition), all or nothing.
+    async fn queue(&self, mut work: Vec<Option<Work>>) -> Result<IngestReport, IngestError> {
         // Reserve room on every partition first, so a full queue refuses the whole request.
         let mut permits = Vec::new();
-        for (i, group) in groups.iter().enumerate() {
-            if !group.is_empty() {
+        for (i, w) in work.iter().enumerate() {
+            if w.is_some() {
                 let permit = self.partitions[i].try_reserve().map_err(|e| match e {
                     mpsc::error::TrySendError::Full(()) => IngestError::Busy,
                     mpsc::error::TrySendError::Closed(()) => IngestError::Closed,
@@ -67,7 +91,7 @@ impl Ingest {
         let mut answers = Vec::with_capacity(permits.len());
         for (i, permit) in permits {
             let (reply, answer) = oneshot::channel();
-            permit.send(IngestJob { events: std::mem::take(&mut groups[i]), reply });
+            permit.send(IngestJob { work: work[i].take().expect("reserved for work"), reply });
             answers.push(answer);
         }
         let mut total = IngestReport::default();
@@ -193,96 +217,76 @@ impl Worker {
         let now = (self.shared.clock)();
         let dedup_since = now - model.server.dedup_window_hours as i64 * 3_600_000;
         let mut enrichers = WasmEnrichers { plugins: &self.shared.plugins, runtime: &self.shared.runtime };
-        // Profiles touched by this batch, out of the cache so a failed commit leaves it clean.
-        let mut touched: HashMap<String, Profile> = HashMap::new();
+        // Profiles touched by this batch (with the wake-up time they were loaded with), out of
+        // the cache so a failed commit leaves it clean.
+        let mut touched: HashMap<String, (Profile, Option<i64>)> = HashMap::new();
         let mut links: HashMap<String, String> = HashMap::new();
-        let mut fired: HashMap<(String, String), i64> = HashMap::new();
         let mut seen_ids: HashSet<&str> = HashSet::new();
-        let mut writes = Vec::new();
+        let mut effects = Effects::default();
         let mut reports = Vec::with_capacity(jobs.len());
-        let mut woken = HashSet::new();
 
         for (j, job) in jobs.iter().enumerate() {
             let mut report = IngestReport::default();
-            for (e, event) in job.events.iter().enumerate() {
-                if let Some(id) = event.id.as_deref()
-                    && (!seen_ids.insert(id) || starling_store::event_seen(conn, id, dedup_since)?)
-                {
-                    report.duplicates += 1;
-                    continue;
-                }
-                let profile_id = match self.cache.identities.get(&event.visitor_id).or(links.get(&event.visitor_id)) {
-                    Some(pid) => pid.clone(),
-                    None => match starling_store::resolve_identity(conn, &event.visitor_id)? {
-                        Some(pid) => pid,
-                        None => {
-                            links.insert(event.visitor_id.clone(), event.visitor_id.clone());
-                            writes.push(Write::Link {
-                                visitor: event.visitor_id.clone(),
-                                profile: event.visitor_id.clone(),
-                            });
-                            event.visitor_id.clone()
-                        }
-                    },
-                };
-                if !touched.contains_key(&profile_id) {
-                    let profile = match self.cache.profiles.remove(&profile_id) {
-                        Some(p) => p,
-                        None => starling_store::load_profile(conn, &profile_id)?
-                            .unwrap_or_else(|| Profile::new(profile_id.clone())),
-                    };
-                    touched.insert(profile_id.clone(), profile);
-                }
-                let profile = touched.get_mut(&profile_id).expect("inserted above");
-                let outcome = apply_event(&model, profile, event, &mut enrichers);
-                for warning in &outcome.warnings {
-                    tracing::warn!(visitor = %event.visitor_id, event = %event.name, "{warning}");
-                }
-                writes.push(Write::Event { job: j, event: e, profile: profile_id.clone() });
-                for audience in &outcome.joined {
-                    writes.push(Write::Join {
-                        profile: profile_id.clone(),
-                        audience: audience.clone(),
-                        at_ms: event.timestamp_ms,
-                    });
-                }
-                for audience in &outcome.left {
-                    writes.push(Write::Leave { profile: profile_id.clone(), audience: audience.clone() });
-                }
-                for action in outcome.actions {
-                    let def =
-                        model.actions.iter().find(|a| a.name == action.action).expect("actions come from the model");
-                    let key = (action.action.clone(), profile_id.clone());
-                    if let Some(cooldown) = def.delivery.cooldown_ms {
-                        let last = match fired.get(&key) {
-                            Some(t) => Some(*t),
-                            None => starling_store::last_fired(conn, &action.action, &profile_id)?,
-                        };
-                        if last.is_some_and(|t| action.occurred_at_ms - t < cooldown) {
-                            tracing::debug!(action = %action.action, profile = %profile_id, "frequency cap: not fired");
+            match &job.work {
+                Work::Events(events) => {
+                    for (e, event) in events.iter().enumerate() {
+                        if let Some(id) = event.id.as_deref()
+                            && (!seen_ids.insert(id) || starling_store::event_seen(conn, id, dedup_since)?)
+                        {
+                            report.duplicates += 1;
                             continue;
                         }
-                        fired.insert(key, action.occurred_at_ms);
-                        writes.push(Write::Fired {
-                            action: action.action.clone(),
-                            profile: profile_id.clone(),
-                            at_ms: action.occurred_at_ms,
-                        });
+                        let profile_id =
+                            match self.cache.identities.get(&event.visitor_id).or(links.get(&event.visitor_id)) {
+                                Some(pid) => pid.clone(),
+                                None => match starling_store::resolve_identity(conn, &event.visitor_id)? {
+                                    Some(pid) => pid,
+                                    None => {
+                                        links.insert(event.visitor_id.clone(), event.visitor_id.clone());
+                                        effects.writes.push(Write::Link {
+                                            visitor: event.visitor_id.clone(),
+                                            profile: event.visitor_id.clone(),
+                                        });
+                                        event.visitor_id.clone()
+                                    }
+                                },
+                            };
+                        let profile = load(&mut self.cache, conn, &mut touched, &profile_id)?;
+                        let outcome = apply_event(&model, profile, event, &mut enrichers);
+                        for warning in &outcome.warnings {
+                            tracing::warn!(visitor = %event.visitor_id, event = %event.name, "{warning}");
+                        }
+                        effects.writes.push(Write::Event { job: j, event: e, profile: profile_id.clone() });
+                        effects.record(conn, &model, &profile_id, outcome, now)?;
+                        report.accepted += 1;
                     }
-                    let (due_ms, condition) = schedule(def, &action, now);
-                    woken.insert(action.action.clone());
-                    writes.push(Write::Enqueue { action, due_ms, condition });
                 }
-                report.accepted += 1;
+                Work::Wakeups(ids) => {
+                    for profile_id in ids {
+                        let profile = load(&mut self.cache, conn, &mut touched, profile_id)?;
+                        if profile.wakeup_ms.is_some_and(|due| due <= now) {
+                            let outcome = apply_time(&model, profile, now);
+                            effects.record(conn, &model, profile_id, outcome, now)?;
+                        }
+                        // Written even when nothing was due, so a stale row cannot wake it again.
+                        if let Some((_, loaded)) = touched.get_mut(profile_id) {
+                            *loaded = Some(i64::MIN);
+                        }
+                        report.accepted += 1;
+                    }
+                }
             }
             reports.push(report);
         }
 
         let batch = Batch::begin(conn)?;
-        for write in &writes {
+        for write in &effects.writes {
             match write {
                 Write::Link { visitor, profile } => batch.link_identity(visitor, profile)?,
-                Write::Event { job, event, profile } => batch.log_event(&jobs[*job].events[*event], profile, now)?,
+                Write::Event { job, event, profile } => {
+                    let Work::Events(events) = &jobs[*job].work else { unreachable!("event writes come from events") };
+                    batch.log_event(&events[*event], profile, now)?
+                }
                 Write::Join { profile, audience, at_ms } => batch.join(profile, audience, *at_ms)?,
                 Write::Leave { profile, audience } => batch.leave(profile, audience)?,
                 Write::Enqueue { action, due_ms, condition } => {
@@ -291,16 +295,95 @@ impl Worker {
                 Write::Fired { action, profile, at_ms } => batch.mark_fired(action, profile, *at_ms)?,
             }
         }
-        for profile in touched.values() {
+        for (profile, loaded_wakeup) in touched.values() {
             batch.save_profile(profile, now)?;
+            if profile.wakeup_ms != *loaded_wakeup {
+                batch.set_wakeup(&profile.id, profile.wakeup_ms)?;
+            }
         }
         batch.commit()?;
         if self.cache.profiles.len() + touched.len() > PROFILE_CACHE_LIMIT {
             self.cache = Cache::default();
         }
         self.cache.identities.extend(links);
-        self.cache.profiles.extend(touched);
-        Ok((reports, woken))
+        self.cache.profiles.extend(touched.into_iter().map(|(id, (p, _))| (id, p)));
+        Ok((reports, effects.woken))
+    }
+}
+
+/// The profile for `profile_id` in this batch, loading it from the cache or the store.
+fn load<'t>(
+    cache: &mut Cache,
+    conn: &rusqlite::Connection,
+    touched: &'t mut HashMap<String, (Profile, Option<i64>)>,
+    profile_id: &str,
+) -> Result<&'t mut Profile, StoreError> {
+    if !touched.contains_key(profile_id) {
+        let profile = match cache.profiles.remove(profile_id) {
+            Some(p) => p,
+            None => {
+                starling_store::load_profile(conn, profile_id)?.unwrap_or_else(|| Profile::new(profile_id.to_string()))
+            }
+        };
+        let wakeup = profile.wakeup_ms;
+        touched.insert(profile_id.to_string(), (profile, wakeup));
+    }
+    Ok(&mut touched.get_mut(profile_id).expect("inserted above").0)
+}
+
+/// Writes and wake-ups decided while applying a batch.
+#[derive(Default)]
+struct Effects {
+    writes: Vec<Write>,
+    /// Last firing per (action, profile) within this batch, for frequency caps.
+    fired: HashMap<(String, String), i64>,
+    /// Actions with new work for their delivery lanes.
+    woken: HashSet<String>,
+}
+
+impl Effects {
+    /// Turns an outcome into writes: membership changes in order, then actions (frequency
+    /// capped, delayed as configured).
+    fn record(
+        &mut self,
+        conn: &rusqlite::Connection,
+        model: &Model,
+        profile_id: &str,
+        outcome: Outcome,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        for change in outcome.changes {
+            self.writes.push(match change {
+                Membership::Joined { audience, at_ms } => {
+                    Write::Join { profile: profile_id.to_string(), audience, at_ms }
+                }
+                Membership::Left { audience, .. } => Write::Leave { profile: profile_id.to_string(), audience },
+            });
+        }
+        for action in outcome.actions {
+            let def = model.actions.iter().find(|a| a.name == action.action).expect("actions come from the model");
+            let key = (action.action.clone(), profile_id.to_string());
+            if let Some(cooldown) = def.delivery.cooldown_ms {
+                let last = match self.fired.get(&key) {
+                    Some(t) => Some(*t),
+                    None => starling_store::last_fired(conn, &action.action, profile_id)?,
+                };
+                if last.is_some_and(|t| action.occurred_at_ms - t < cooldown) {
+                    tracing::debug!(action = %action.action, profile = %profile_id, "frequency cap: not fired");
+                    continue;
+                }
+                self.fired.insert(key, action.occurred_at_ms);
+                self.writes.push(Write::Fired {
+                    action: action.action.clone(),
+                    profile: profile_id.to_string(),
+                    at_ms: action.occurred_at_ms,
+                });
+            }
+            let (due_ms, condition) = schedule(def, &action, now);
+            self.woken.insert(action.action.clone());
+            self.writes.push(Write::Enqueue { action, due_ms, condition });
+        }
+        Ok(())
     }
 }
 
@@ -310,10 +393,11 @@ fn schedule(def: &ActionDef, action: &PendingAction, now: i64) -> (i64, Option<&
         None => (now, None),
         Some(delay) => {
             let condition = match action.trigger {
-                Trigger::Joined => "member",
-                Trigger::Left => "not_member",
+                Trigger::Joined | Trigger::VisitStarted | Trigger::VisitEnded => Some("member"),
+                Trigger::Left => Some("not_member"),
+                Trigger::Event => None,
             };
-            (action.occurred_at_ms.max(now) + delay, Some(condition))
+            (action.occurred_at_ms.max(now) + delay, condition)
         }
     }
 }

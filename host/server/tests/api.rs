@@ -8,6 +8,9 @@ use starling_server::{App, Options};
 use tower::ServiceExt;
 
 const CONFIG: &str = r#"
+[server]
+audience_size_interval = "50ms"
+
 [[attribute]]
 name = "spend"
 scope = "visitor"
@@ -25,7 +28,7 @@ rule = { attribute = "spend", op = ">", value = 10 }
 
 async fn app(dir: &std::path::Path) -> App {
     let model = starling_core::parse(CONFIG).unwrap();
-    App::start(Options { model, database: dir.join("t.db"), plugins: None }).await.unwrap()
+    App::start(Options { model, database: dir.join("t.db"), plugins: None, test_clock: false }).await.unwrap()
 }
 
 async fn call(app: &App, method: &str, uri: &str, body: &str) -> (StatusCode, serde_json::Value, Option<String>) {
@@ -59,7 +62,29 @@ async fn events_are_applied_and_visible() {
     assert_eq!(profile["attributes"]["spend"], 12.0);
     assert_eq!(profile["audiences"], serde_json::json!(["spenders"]));
     let (_, audiences, _) = call(&app, "GET", "/v1/audiences", "").await;
-    assert_eq!(audiences["audiences"][0], serde_json::json!({"name": "spenders", "size": 1, "reads": ["spend"]}));
+    assert_eq!(
+        audiences["audiences"][0],
+        serde_json::json!({
+            "name": "spenders",
+            "size": 1,
+            "reads": ["spend"],
+            "time_relative": false,
+            "rule": {"attribute": "spend", "op": ">", "value": 10.0},
+        })
+    );
+    let (status, why, _) = call(&app, "GET", "/v1/profiles/a/explain/spenders", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!((why["member"].clone(), why["rule"]["actual"].clone()), (true.into(), 12.0.into()));
+    let (status, _, _) = call(&app, "GET", "/v1/profiles/a/explain/nobody", "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Sizes are sampled every 50 ms: the history goes from 0 (at start) to 1.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let (status, history, _) = call(&app, "GET", "/v1/audiences/spenders/history", "").await;
+    assert_eq!(status, StatusCode::OK);
+    let sizes: Vec<i64> = history["samples"].as_array().unwrap().iter().map(|s| s["size"].as_i64().unwrap()).collect();
+    assert!(sizes.len() >= 2 && sizes.last() == Some(&1), "{history}");
+    let (status, body, _) = call(&app, "GET", "/v1/audiences/spenders/history?since=yesterday", "").await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("since: `yesterday` is not an RFC 3339 timestamp")));
     app.stop().await;
 }
 

@@ -18,7 +18,7 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS profiles (
@@ -84,6 +84,19 @@ CREATE TABLE IF NOT EXISTS action_fired (
     profile_id  TEXT NOT NULL,
     last_ms     INTEGER NOT NULL,
     PRIMARY KEY (action, profile_id)
+);
+-- When each profile must be looked at without an event (visit end, time-relative audiences).
+CREATE TABLE IF NOT EXISTS wakeups (
+    profile_id  TEXT PRIMARY KEY,
+    due_ms      INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS wakeups_due ON wakeups(due_ms);
+-- Sampled audience sizes, for plotting.
+CREATE TABLE IF NOT EXISTS audience_sizes (
+    at_ms       INTEGER NOT NULL,
+    audience    TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    PRIMARY KEY (audience, at_ms)
 );
 CREATE TABLE IF NOT EXISTS seen_events (
     event_id    TEXT PRIMARY KEY,
@@ -259,6 +272,23 @@ impl<'c> Batch<'c> {
                  ON CONFLICT(action, profile_id) DO UPDATE SET last_ms = excluded.last_ms",
             )?
             .execute(params![action, profile_id, at_ms])?;
+        Ok(())
+    }
+
+    /// Records when the profile must next be woken; `None` forgets it.
+    pub fn set_wakeup(&self, profile_id: &str, due_ms: Option<i64>) -> Result<()> {
+        match due_ms {
+            Some(due) => self
+                .tx
+                .prepare_cached(
+                    "INSERT INTO wakeups (profile_id, due_ms) VALUES (?1, ?2)
+                 ON CONFLICT(profile_id) DO UPDATE SET due_ms = excluded.due_ms",
+                )?
+                .execute(params![profile_id, due])?,
+            None => {
+                self.tx.prepare_cached("DELETE FROM wakeups WHERE profile_id = ?1")?.execute(params![profile_id])?
+            }
+        };
         Ok(())
     }
 
@@ -451,6 +481,45 @@ pub fn replay_dead_letters(conn: &mut Connection, id: Option<i64>, now_ms: i64) 
 pub fn audience_sizes(conn: &Connection) -> Result<Vec<(String, i64)>> {
     let mut stmt = conn.prepare_cached("SELECT audience, COUNT(*) FROM memberships GROUP BY audience")?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Profiles whose wake-up time has come, earliest first.
+pub fn due_wakeups(conn: &Connection, now_ms: i64, limit: usize) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached("SELECT profile_id FROM wakeups WHERE due_ms <= ?1 ORDER BY due_ms LIMIT ?2")?;
+    let rows = stmt.query_map(params![now_ms, limit as i64], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// The member count of one audience.
+pub fn audience_size(conn: &Connection, audience: &str) -> Result<i64> {
+    Ok(conn
+        .prepare_cached("SELECT COUNT(*) FROM memberships WHERE audience = ?1")?
+        .query_row([audience], |r| r.get(0))?)
+}
+
+/// Records the current size of every audience in `audiences` at `now_ms`, and forgets samples
+/// older than `keep_ms`.
+pub fn sample_audience_sizes(conn: &mut Connection, audiences: &[String], now_ms: i64, keep_ms: i64) -> Result<()> {
+    let sizes: std::collections::HashMap<String, i64> = audience_sizes(conn)?.into_iter().collect();
+    let tx = conn.transaction()?;
+    {
+        let mut insert =
+            tx.prepare_cached("INSERT OR REPLACE INTO audience_sizes (at_ms, audience, size) VALUES (?1, ?2, ?3)")?;
+        for a in audiences {
+            insert.execute(params![now_ms, a, sizes.get(a).copied().unwrap_or(0)])?;
+        }
+        tx.execute("DELETE FROM audience_sizes WHERE at_ms < ?1", [now_ms - keep_ms])?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Sampled sizes of `audience` since `since_ms`, oldest first.
+pub fn audience_size_history(conn: &Connection, audience: &str, since_ms: i64) -> Result<Vec<(i64, i64)>> {
+    let mut stmt = conn
+        .prepare_cached("SELECT at_ms, size FROM audience_sizes WHERE audience = ?1 AND at_ms >= ?2 ORDER BY at_ms")?;
+    let rows = stmt.query_map(params![audience, since_ms], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 

@@ -69,6 +69,11 @@ pub struct Server {
 impl Server {
     /// Starts the server on `config` and waits until it listens.
     pub fn start(config: &Path) -> Server {
+        Server::start_with(config, &[])
+    }
+
+    /// Starts the server on `config` with extra `serve` arguments.
+    pub fn start_with(config: &Path, extra: &[&str]) -> Server {
         let log = config.with_extension("log");
         let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         // Run from the configuration's directory with a relative path, as an operator would.
@@ -77,6 +82,7 @@ impl Server {
             .args(["serve", "--config"])
             .arg(config.file_name().unwrap())
             .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(stderr)

@@ -5,6 +5,7 @@ mod delivery;
 mod durability;
 mod harness;
 mod registry;
+mod segments;
 
 use harness::{Receiver, Server, eventually, get_json, post_json};
 use serde_json::json;

@@ -318,7 +318,9 @@ pub struct BatchPolicy {
 #[derive(Debug, Clone)]
 pub struct Model {
     pub server: ServerSettings,
+    /// Inactivity after which a visit ends, unless its data source has its own.
     pub visit_timeout_ms: i64,
+    visit_timeout_by_source: HashMap<String, i64>,
     pub audience_size_interval_ms: i64,
     pub attributes: Vec<AttributeDef>,
     attribute_index: HashMap<String, usize>,
@@ -343,6 +345,11 @@ impl Model {
     /// The type of a declared or preloaded attribute.
     pub fn attribute_type(&self, name: &str) -> Option<AttrType> {
         self.attribute(name).map(|a| a.ty).or_else(|| preloaded_type(name))
+    }
+
+    /// The visit timeout for events from `source`.
+    pub fn visit_timeout_for(&self, source: Option<&str>) -> i64 {
+        source.and_then(|s| self.visit_timeout_by_source.get(s)).copied().unwrap_or(self.visit_timeout_ms)
     }
 
     /// Indexes of the audiences that read attribute `name`.
@@ -404,6 +411,9 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawVisits {
     timeout_minutes: Option<Spanned<u64>>,
+    /// Per data source (the event's `source`), minutes.
+    #[serde(default)]
+    timeout_minutes_by_source: BTreeMap<String, Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -560,6 +570,20 @@ impl Validator<'_> {
             Some(t) => *t.get_ref(),
             None => DEFAULT_VISIT_TIMEOUT_MINUTES,
         };
+        let mut visit_timeout_by_source = HashMap::new();
+        for (source, minutes) in &raw.visits.timeout_minutes_by_source {
+            match *minutes.get_ref() {
+                m @ 1..=MAX_VISIT_TIMEOUT_MINUTES => {
+                    visit_timeout_by_source.insert(source.clone(), (m * 60_000) as i64);
+                }
+                _ => self.error(
+                    minutes.span(),
+                    format!(
+                        "visits.timeout_minutes_by_source.{source} must be between 1 and {MAX_VISIT_TIMEOUT_MINUTES}"
+                    ),
+                ),
+            }
+        }
         let audience_size_interval_ms = match parse_duration(&raw.server.audience_size_interval) {
             Ok(ms) => ms,
             Err(msg) => {
@@ -622,6 +646,7 @@ impl Validator<'_> {
         Model {
             server: raw.server,
             visit_timeout_ms: (visit_timeout_minutes * 60_000) as i64,
+            visit_timeout_by_source,
             audience_size_interval_ms,
             attributes,
             attribute_index,

@@ -24,6 +24,8 @@ pub struct Event {
     pub id: Option<String>,
     pub name: String,
     pub visitor_id: String,
+    /// The data source that sent it (web, app, ...), which decides its visit timeout.
+    pub source: Option<String>,
     pub timestamp_ms: i64,
     /// The event's `data` object.
     pub data: serde_json::Map<String, serde_json::Value>,
@@ -129,8 +131,9 @@ impl<'m> Dirty<'m> {
 pub fn apply_event(model: &Model, profile: &mut Profile, event: &Event, custom: &mut dyn CustomEnrichers) -> Outcome {
     let mut out = Outcome { new_visitor: profile.is_new(), ..Outcome::default() };
     let t = event.timestamp_ms;
-    if !out.new_visitor && !profile.visit_ended && t - profile.last_seen_ms > model.visit_timeout_ms {
-        end_visit(model, profile, profile.last_seen_ms + model.visit_timeout_ms, &mut out);
+    let timeout = visit_timeout(model, profile);
+    if !out.new_visitor && !profile.visit_ended && t - profile.last_seen_ms > timeout {
+        end_visit(model, profile, profile.last_seen_ms + timeout, &mut out);
     }
     out.new_visit = out.new_visitor || profile.visit_ended;
     if out.new_visitor {
@@ -143,6 +146,8 @@ pub fn apply_event(model: &Model, profile: &mut Profile, event: &Event, custom: 
     profile.visit_event_count += 1;
     profile.last_seen_ms = profile.last_seen_ms.max(t);
     profile.first_seen_ms = profile.first_seen_ms.min(t);
+    let timeout = model.visit_timeout_for(event.source.as_deref());
+    profile.visit_timeout_ms = (timeout != model.visit_timeout_ms).then_some(timeout);
 
     let mut dirty = Dirty::new(model);
     for name in CHANGED_BY_EVERY_EVENT {
@@ -184,7 +189,7 @@ pub fn apply_time(model: &Model, profile: &mut Profile, now: i64) -> Outcome {
         profile.wakeup_ms = None;
         return out;
     }
-    let visit_end = profile.last_seen_ms + model.visit_timeout_ms;
+    let visit_end = profile.last_seen_ms + visit_timeout(model, profile);
     if !profile.visit_ended && now > visit_end {
         end_visit(model, profile, visit_end, &mut out);
     }
@@ -208,13 +213,18 @@ pub fn next_wakeup(model: &Model, profile: &Profile, now: i64) -> Option<i64> {
     if profile.is_new() {
         return None;
     }
-    let visit_end = (!profile.visit_ended).then(|| profile.last_seen_ms + model.visit_timeout_ms + 1);
+    let visit_end = (!profile.visit_ended).then(|| profile.last_seen_ms + visit_timeout(model, profile) + 1);
     let resolve = |o: &Operand| resolve(model, profile, None, o);
     let change = model.time_relative.iter().filter_map(|&i| model.audiences[i].rule.next_change(&resolve, now)).min();
     match (visit_end, change) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
+}
+
+/// The inactivity timeout of the profile's current visit.
+fn visit_timeout(model: &Model, profile: &Profile) -> i64 {
+    profile.visit_timeout_ms.unwrap_or(model.visit_timeout_ms)
 }
 
 /// Why `profile` is or is not in `audience` at instant `now`: the rule with every leaf's value.
@@ -979,6 +989,7 @@ connector = "webhook"
             id: None,
             name: name.into(),
             visitor_id: "v1".into(),
+            source: None,
             timestamp_ms: t,
             data: data.as_object().cloned().unwrap_or_default(),
         }

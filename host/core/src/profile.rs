@@ -28,6 +28,10 @@ pub struct Profile {
     /// Whether the current visit has ended (by timeout); the next event starts a new one.
     #[serde(default)]
     pub visit_ended: bool,
+    /// The current visit's inactivity timeout when it is not the default (set by the data
+    /// source of its latest event).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub visit_timeout_ms: Option<i64>,
     /// When the engine must look at this profile again without an event (visit end, or a
     /// time-relative audience changing).
     #[serde(default)]
@@ -51,6 +55,7 @@ impl Profile {
             rolling: BTreeMap::new(),
             frequencies: BTreeMap::new(),
             visit_ended: false,
+            visit_timeout_ms: None,
             wakeup_ms: None,
         }
     }

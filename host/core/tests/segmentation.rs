@@ -16,6 +16,7 @@ fn event(name: &str, t: i64, data: serde_json::Value) -> Event {
         id: None,
         name: name.into(),
         visitor_id: "v1".into(),
+        source: None,
         timestamp_ms: t,
         data: data.as_object().cloned().unwrap_or_default(),
     }
@@ -837,4 +838,25 @@ fn configuration_errors_name_the_problem_and_position() {
         let line: usize = errs[0].split(':').next().unwrap().parse().unwrap();
         assert!(line > base_lines, "the error points into the added lines: {errs:?}");
     }
+}
+
+#[test]
+fn each_data_source_has_its_own_visit_timeout() {
+    let config = "[visits]\ntimeout_minutes = 30\ntimeout_minutes_by_source = { app = 120 }\n";
+    let mut v = Visitor::new(config);
+    let from =
+        |source: Option<&str>, t: i64| Event { source: source.map(str::to_string), ..event("view", t, json!({})) };
+    let mut send = |e: Event, v: &mut Visitor| apply_event(&v.model, &mut v.profile, &e, &mut NoCustomEnrichers);
+    send(from(Some("app"), T0), &mut v);
+    assert_eq!(v.profile.wakeup_ms, Some(T0 + 120 * MINUTE + 1));
+    let o = send(from(Some("app"), T0 + 90 * MINUTE), &mut v);
+    assert!(!o.new_visit, "90 minutes is within the app's timeout");
+    let o = send(from(None, T0 + 100 * MINUTE), &mut v);
+    assert!(!o.new_visit);
+    let o = send(from(None, T0 + 140 * MINUTE), &mut v);
+    assert!(o.new_visit && o.visit_ended, "web events fall back to the default 30 minutes");
+    assert_eq!(
+        errors("[visits]\ntimeout_minutes_by_source = { app = 5000 }\n"),
+        vec!["2:37: visits.timeout_minutes_by_source.app must be between 1 and 1440"]
+    );
 }

@@ -56,6 +56,14 @@ fn parse_event(value: serde_json::Value, at: &str, now_ms: i64) -> Result<Event,
         }
         Some(other) => return Err(format!("{at}id: expected a string, found {}", kind(&other))),
     };
+    let source = match obj.remove("source") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) if !s.is_empty() && s.chars().count() <= MAX_NAME_CHARS => Some(s),
+        Some(serde_json::Value::String(_)) => {
+            return Err(format!("{at}source: must be 1 to {MAX_NAME_CHARS} characters"));
+        }
+        Some(other) => return Err(format!("{at}source: expected a string, found {}", kind(&other))),
+    };
     let timestamp_ms = match obj.remove("timestamp") {
         None | Some(serde_json::Value::Null) => now_ms,
         Some(serde_json::Value::String(s)) => starling_core::time::parse_rfc3339(&s)
@@ -68,9 +76,11 @@ fn parse_event(value: serde_json::Value, at: &str, now_ms: i64) -> Result<Event,
         Some(other) => return Err(format!("{at}data: expected an object, found {}", kind(&other))),
     };
     if let Some(extra) = obj.keys().next() {
-        return Err(format!("{at}{extra}: unknown field (an event has event, visitor_id, id, timestamp, data)"));
+        return Err(format!(
+            "{at}{extra}: unknown field (an event has event, visitor_id, id, source, timestamp, data)"
+        ));
     }
-    Ok(Event { id, name, visitor_id, timestamp_ms, data })
+    Ok(Event { id, name, visitor_id, source, timestamp_ms, data })
 }
 
 fn required_string(
@@ -133,7 +143,7 @@ mod tests {
             ),
             (
                 br#"{"event":"v","visitor_id":"a","colour":1}"#,
-                "colour: unknown field (an event has event, visitor_id, id, timestamp, data)",
+                "colour: unknown field (an event has event, visitor_id, id, source, timestamp, data)",
             ),
             (br#"{"events":{}}"#, "events: expected an array"),
             (b"{\"event\":\"v\",\n\"visitor_id\": }", "malformed JSON at line 2 column 15: expected value"),

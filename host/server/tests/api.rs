@@ -84,7 +84,10 @@ async fn events_are_applied_and_visible() {
     let sizes: Vec<i64> = history["samples"].as_array().unwrap().iter().map(|s| s["size"].as_i64().unwrap()).collect();
     assert!(sizes.len() >= 2 && sizes.last() == Some(&1), "{history}");
     let (status, body, _) = call(&app, "GET", "/v1/audiences/spenders/history?since=yesterday", "").await;
-    assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("since: `yesterday` is not an RFC 3339 timestamp")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("since: `yesterday` is not an RFC 3339 timestamp"))
+    );
     app.stop().await;
 }
 

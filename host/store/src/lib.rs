@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS events (
     profile_id  TEXT NOT NULL,
     name        TEXT NOT NULL,
     ts_ms       INTEGER NOT NULL,
-    data        TEXT NOT NULL
+    data        TEXT NOT NULL,
+    source      TEXT
 );
 CREATE INDEX IF NOT EXISTS events_by_profile ON events(profile_id, seq);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -113,6 +114,10 @@ pub fn open(path: &Path) -> Result<Connection> {
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if version < SCHEMA_VERSION {
+        if version == 1 {
+            // Version 2 records each event's data source.
+            conn.execute_batch("ALTER TABLE events ADD COLUMN source TEXT")?;
+        }
         conn.execute_batch(SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     }
@@ -206,8 +211,10 @@ impl<'c> Batch<'c> {
         }
         let data = serde_json::Value::Object(event.data.clone()).to_string();
         self.tx
-            .prepare_cached("INSERT INTO events (event_id, profile_id, name, ts_ms, data) VALUES (?1, ?2, ?3, ?4, ?5)")?
-            .execute(params![event.id, profile_id, event.name, event.timestamp_ms, data])?;
+            .prepare_cached(
+                "INSERT INTO events (event_id, profile_id, name, ts_ms, data, source) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![event.id, profile_id, event.name, event.timestamp_ms, data, event.source])?;
         Ok(())
     }
 
@@ -618,6 +625,7 @@ mod tests {
             id: Some("e1".into()),
             name: "x".into(),
             visitor_id: "v".into(),
+            source: None,
             timestamp_ms: 0,
             data: Default::default(),
         };

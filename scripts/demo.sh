@@ -37,6 +37,7 @@ plugins, about 40 s; later starts use the compiled-code cache). In another termi
     {"event": "purchase",  "visitor_id": "anon-1", "data": {"order_total": 250}}]}'
   curl -s localhost:8080/v1/profiles/anon-1
   curl -s localhost:8080/v1/audiences
+  curl -s localhost:8080/v1/profiles/anon-1/explain/recent_buyers
   curl -s localhost:8080/v1/actions
 
 HELP

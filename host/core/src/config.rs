@@ -331,6 +331,8 @@ pub struct Model {
     readers: HashMap<String, Vec<usize>>,
     /// Indexes of the audiences with time-relative rules.
     pub time_relative: Vec<usize>,
+    /// Indexes of the timeline attributes, whose entries expire.
+    timelines: Vec<usize>,
     pub actions: Vec<ActionDef>,
     /// Per-plugin configuration values, handed to the plugin through its `config` interface.
     pub plugin_config: BTreeMap<String, BTreeMap<String, String>>,
@@ -345,6 +347,11 @@ impl Model {
     /// The type of a declared or preloaded attribute.
     pub fn attribute_type(&self, name: &str) -> Option<AttrType> {
         self.attribute(name).map(|a| a.ty).or_else(|| preloaded_type(name))
+    }
+
+    /// The timeline attributes.
+    pub fn timelines(&self) -> impl Iterator<Item = &AttributeDef> {
+        self.timelines.iter().map(|&i| &self.attributes[i])
     }
 
     /// The visit timeout for events from `source`.
@@ -643,6 +650,7 @@ impl Validator<'_> {
             }
         }
 
+        let timelines = (0..attributes.len()).filter(|&i| attributes[i].ty == AttrType::Timeline).collect();
         Model {
             server: raw.server,
             visit_timeout_ms: (visit_timeout_minutes * 60_000) as i64,
@@ -655,6 +663,7 @@ impl Validator<'_> {
             audiences,
             readers,
             time_relative,
+            timelines,
             actions,
             plugin_config: raw.plugin,
             source: self.source.to_string(),

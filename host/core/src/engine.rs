@@ -153,6 +153,7 @@ pub fn apply_event(model: &Model, profile: &mut Profile, event: &Event, custom: 
     for name in CHANGED_BY_EVERY_EVENT {
         dirty.mark(name);
     }
+    expire_timelines(model, profile, t, &mut dirty);
     let (new_visitor, new_visit) = (out.new_visitor, out.new_visit);
     let runs = |when: &When| match when {
         When::AnyEvent => true,
@@ -193,13 +194,9 @@ pub fn apply_time(model: &Model, profile: &mut Profile, now: i64) -> Outcome {
     if !profile.visit_ended && now > visit_end {
         end_visit(model, profile, visit_end, &mut out);
     }
-    expire_timelines(model, profile, now);
-    let mut to_evaluate = model.time_relative.clone();
-    for a in model.attributes.iter().filter(|a| a.ty == AttrType::Timeline) {
-        to_evaluate.extend_from_slice(model.readers(&a.name));
-    }
-    to_evaluate.sort_unstable();
-    to_evaluate.dedup();
+    let mut dirty = Dirty::new(model);
+    expire_timelines(model, profile, now, &mut dirty);
+    let to_evaluate = dirty.into_sorted();
     let first = out.changes.len();
     evaluate(model, profile, None, now, &to_evaluate, &mut out);
     let changes = out.changes[first..].to_vec();
@@ -216,10 +213,16 @@ pub fn next_wakeup(model: &Model, profile: &Profile, now: i64) -> Option<i64> {
     let visit_end = (!profile.visit_ended).then(|| profile.last_seen_ms + visit_timeout(model, profile) + 1);
     let resolve = |o: &Operand| resolve(model, profile, None, o);
     let change = model.time_relative.iter().filter_map(|&i| model.audiences[i].rule.next_change(&resolve, now)).min();
-    match (visit_end, change) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
+    // An audience reading a timeline may change when its oldest entry expires.
+    let expiry = model
+        .timelines()
+        .filter(|def| !model.readers(&def.name).is_empty())
+        .filter_map(|def| match profile.attributes.get(&def.name) {
+            Some(Value::Timeline(entries)) => entries.first().map(|e| e.at_ms.saturating_add(def.max_age_ms) + 1),
+            _ => None,
+        })
+        .min();
+    [visit_end, change, expiry].into_iter().flatten().min()
 }
 
 /// The inactivity timeout of the profile's current visit.
@@ -834,10 +837,15 @@ fn trim_timeline(def: &AttributeDef, entries: &mut Vec<TimelineEntry>, now: i64)
     entries.drain(..overflow);
 }
 
-fn expire_timelines(model: &Model, profile: &mut Profile, now: i64) {
-    for def in model.attributes.iter().filter(|a| a.ty == AttrType::Timeline) {
+/// Drops expired timeline entries, marking the audiences that read a timeline that changed.
+fn expire_timelines(model: &Model, profile: &mut Profile, now: i64, dirty: &mut Dirty) {
+    for def in model.timelines() {
         if let Some(Value::Timeline(entries)) = profile.attributes.get_mut(&def.name) {
+            let before = entries.len();
             trim_timeline(def, entries, now);
+            if entries.len() != before {
+                dirty.mark(&def.name);
+            }
         }
     }
 }

@@ -30,6 +30,14 @@ type = "number"
 name = "pages_last_visit"
 scope = "visitor"
 type = "number"
+[[attribute]]
+name = "visitors"
+scope = "visitor"
+type = "number"
+[[attribute]]
+name = "visits"
+scope = "visitor"
+type = "number"
 
 [[enrichment]]
 attribute = "spend"
@@ -44,6 +52,14 @@ when = "event:purchase"
 [[enrichment]]
 attribute = "pages"
 op = "increment"
+[[enrichment]]
+attribute = "visitors"
+op = "increment"
+when = "new_visitor"
+[[enrichment]]
+attribute = "visits"
+op = "increment"
+when = "new_visit"
 [[enrichment]]
 attribute = "pages_last_visit"
 op = "set"
@@ -160,6 +176,12 @@ async fn every_action_trigger_fires_over_http_as_events_arrive_and_time_passes()
     assert_eq!((left[0].header("x-starling-trigger"), &left[0].body), ("left", &json!({ "spend": 120.0 })));
     let (_, profile) = get_json(&profile_url).await;
     assert_eq!(profile["audiences"], json!(["spenders"]));
+    // Enrichment triggers: any (pages), event:purchase (spend), new_visitor, new_visit, visit_ended.
+    let attributes = &profile["attributes"];
+    assert_eq!(
+        [&attributes["spend"], &attributes["visitors"], &attributes["visits"], &attributes["pages_last_visit"]],
+        [&json!(120.0), &json!(1.0), &json!(2.0), &json!(1.0)]
+    );
     let (_, why) = get_json(&format!("{profile_url}/explain/recent_buyers")).await;
     assert_eq!((why["member"].clone(), why["result"].clone()), (json!(false), json!(false)));
 

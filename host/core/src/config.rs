@@ -1023,11 +1023,11 @@ impl Validator<'_> {
                 (Operation::RemoveFromSet(self.required_source(e, element)?), &["value", "event", "from"])
             }
             (T::SetOfStrings, "union" | "difference") => {
-                let from = self.from_attribute(e, &[T::SetOfStrings, T::ArrayOfStrings])?;
+                let from = self.source_attribute(e, &[T::SetOfStrings, T::ArrayOfStrings])?;
                 (if op == "union" { Operation::Union(from) } else { Operation::Difference(from) }, &["from"])
             }
             (T::SetOfStrings, "top_keys") => {
-                let tally = self.from_attribute(e, &[T::Tally])?;
+                let tally = self.source_attribute(e, &[T::Tally])?;
                 let n = match &e.n {
                     Some(n) if (1..=1000).contains(n.get_ref()) => *n.get_ref() as usize,
                     Some(n) => {
@@ -1167,7 +1167,7 @@ impl Validator<'_> {
         }
     }
 
-    fn from_attribute(&mut self, e: &RawEnrichment, types: &[AttrType]) -> Option<String> {
+    fn source_attribute(&mut self, e: &RawEnrichment, types: &[AttrType]) -> Option<String> {
         let Some(from) = &e.from else {
             self.error(e.op.span(), format!("`{}` needs `from` (an attribute)", e.op.get_ref()));
             return None;
@@ -1406,13 +1406,12 @@ fn expected_value(op: CmpOp, ty: Option<AttrType>, v: &toml::Value, ignore_case:
             .map(|s| Expected::Value(Value::String(s.into())))
             .ok_or_else(|| format!("expected a key (string), found {}", v.type_str())),
         _ => {
-            let t = match ty {
-                Some(t) => Some(t.element().unwrap_or(match t {
+            let t = ty.map(|t| {
+                t.element().unwrap_or(match t {
                     AttrType::VisitorId => AttrType::String,
                     other => other,
-                })),
-                None => None,
-            };
+                })
+            });
             typed(v, t).map(Expected::Value)
         }
     }

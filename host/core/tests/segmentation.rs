@@ -846,7 +846,7 @@ fn each_data_source_has_its_own_visit_timeout() {
     let mut v = Visitor::new(config);
     let from =
         |source: Option<&str>, t: i64| Event { source: source.map(str::to_string), ..event("view", t, json!({})) };
-    let mut send = |e: Event, v: &mut Visitor| apply_event(&v.model, &mut v.profile, &e, &mut NoCustomEnrichers);
+    let send = |e: Event, v: &mut Visitor| apply_event(&v.model, &mut v.profile, &e, &mut NoCustomEnrichers);
     send(from(Some("app"), T0), &mut v);
     assert_eq!(v.profile.wakeup_ms, Some(T0 + 120 * MINUTE + 1));
     let o = send(from(Some("app"), T0 + 90 * MINUTE), &mut v);

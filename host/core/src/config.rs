@@ -1,6 +1,7 @@
 //! The configuration file: TOML in, a validated [`Model`] out, or every error found with its position.
 
 use crate::condition::{CmpOp, Condition, Derived, Expected, Operand};
+use crate::stitch::{IdentitySettings, MergeRule};
 use crate::value::{
     AttrType, DEFAULT_TIMELINE_AGE_MS, DEFAULT_TIMELINE_ENTRIES, MAX_ARRAY_ITEMS, MAX_FUNNEL_STEPS, MAX_ROLLING_WINDOW,
     MAX_TIMELINE_ENTRIES, Scope, Value,
@@ -134,6 +135,8 @@ pub struct AttributeDef {
     pub max_age_ms: i64,
     /// Funnels: the steps, in order.
     pub steps: Vec<FunnelStepDef>,
+    /// How the values of two stitched profiles combine.
+    pub merge: MergeRule,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -322,6 +325,8 @@ pub struct Model {
     pub visit_timeout_ms: i64,
     visit_timeout_by_source: HashMap<String, i64>,
     pub audience_size_interval_ms: i64,
+    /// Which ids may stitch profiles.
+    pub identity: IdentitySettings,
     pub attributes: Vec<AttributeDef>,
     attribute_index: HashMap<String, usize>,
     pub enrichments: Vec<Enrichment>,
@@ -401,6 +406,8 @@ struct RawConfig {
     #[serde(default)]
     visits: RawVisits,
     #[serde(default)]
+    identity: RawIdentity,
+    #[serde(default)]
     attribute: Vec<Spanned<RawAttribute>>,
     #[serde(default)]
     enrichment: Vec<Spanned<RawEnrichment>>,
@@ -434,6 +441,15 @@ struct RawAttribute {
     max_entries: Option<Spanned<u64>>,
     max_age: Option<Spanned<String>>,
     steps: Option<Spanned<Vec<RawStep>>>,
+    merge: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    min_length: Option<Spanned<u64>>,
+    blocked: Option<Vec<String>>,
+    max_ids_per_profile: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -650,12 +666,14 @@ impl Validator<'_> {
             }
         }
 
+        let identity = self.identity(&raw.identity);
         let timelines = (0..attributes.len()).filter(|&i| attributes[i].ty == AttrType::Timeline).collect();
         Model {
             server: raw.server,
             visit_timeout_ms: (visit_timeout_minutes * 60_000) as i64,
             visit_timeout_by_source,
             audience_size_interval_ms,
+            identity,
             attributes,
             attribute_index,
             enrichments,
@@ -710,7 +728,26 @@ impl Validator<'_> {
             max_entries: if ty == AttrType::Timeline { DEFAULT_TIMELINE_ENTRIES } else { MAX_ARRAY_ITEMS },
             max_age_ms: DEFAULT_TIMELINE_AGE_MS,
             steps: Vec::new(),
+            merge: MergeRule::default_for(ty),
         };
+        if let Some(m) = &a.merge {
+            let allowed = MergeRule::allowed_for(ty);
+            match MergeRule::parse(m.get_ref()) {
+                Some(rule) if allowed.contains(&rule) => def.merge = rule,
+                _ => {
+                    let names: Vec<&str> = allowed.iter().map(|r| r.name()).collect();
+                    self.error(
+                        m.span(),
+                        format!(
+                            "merge rule `{}` does not apply to {} (use: {})",
+                            m.get_ref(),
+                            ty.name(),
+                            names.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
         match (&a.field, scope) {
             (Some(f), Scope::Event) => match parse_event_path(f.get_ref()) {
                 Some(path) => def.field = Some(path),
@@ -785,6 +822,26 @@ impl Validator<'_> {
             (None, _) => {}
         }
         Some(def)
+    }
+
+    fn identity(&mut self, raw: &RawIdentity) -> IdentitySettings {
+        let mut settings = IdentitySettings::default();
+        if let Some(n) = &raw.min_length {
+            match *n.get_ref() {
+                1..=256 => settings.min_length = *n.get_ref() as usize,
+                _ => self.error(n.span(), "identity.min_length must be between 1 and 256"),
+            }
+        }
+        if let Some(blocked) = &raw.blocked {
+            settings.blocked = blocked.iter().map(|s| s.trim().to_lowercase()).collect();
+        }
+        if let Some(n) = &raw.max_ids_per_profile {
+            match *n.get_ref() {
+                2..=100_000 => settings.max_ids_per_profile = *n.get_ref() as usize,
+                _ => self.error(n.span(), "identity.max_ids_per_profile must be between 2 and 100000"),
+            }
+        }
+        settings
     }
 
     fn action(&mut self, a: &RawAction, declared: &[Spanned<RawAudience>]) -> Option<ActionDef> {

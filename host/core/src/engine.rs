@@ -13,7 +13,7 @@ use crate::profile::Profile;
 use crate::value::{
     AttrType, FunnelStep, MAX_SET_MEMBERS, MAX_TALLY_KEYS, Scope, TimelineEntry, Value, clamp_string, tally_top,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Most distinct values a "most frequent" capture counts; further new values are not counted.
 pub const MAX_FREQUENCY_VALUES: usize = 1_000;
@@ -203,6 +203,54 @@ pub fn apply_time(model: &Model, profile: &mut Profile, now: i64) -> Outcome {
     fire(model, profile, None, now, &changes, false, false, &mut out);
     profile.wakeup_ms = next_wakeup(model, profile, now);
     out
+}
+
+/// Stitches `absorbed` into `survivor` at instant `now`: attributes merge by their rules, then
+/// every audience is evaluated once against the memberships either profile had. An audience
+/// both were in and the merged profile still qualifies for changes nothing; one only the merged
+/// profile qualifies for is one `joined`.
+pub fn apply_merge(model: &Model, survivor: &mut Profile, absorbed: Profile, now: i64) -> Outcome {
+    let mut out = Outcome::default();
+    let before: BTreeSet<String> = survivor.audiences.union(&absorbed.audiences).cloned().collect();
+    crate::stitch::merge_profiles(model, survivor, absorbed);
+    survivor.audiences = before;
+    reevaluate_all(model, survivor, now, &mut out);
+    out
+}
+
+/// Rebuilds profile `id` from `events` (oldest first), as when a wrongly stitched id is split
+/// back out. Nothing fires for the replayed history: the outcome holds only the membership
+/// changes between `before` and the rebuilt profile at `now`, and their actions.
+pub fn rebuild(
+    model: &Model,
+    id: &str,
+    events: &[Event],
+    before: &BTreeSet<String>,
+    custom: &mut dyn CustomEnrichers,
+    now: i64,
+) -> (Profile, Outcome) {
+    let mut profile = Profile::new(id);
+    let mut out = Outcome::default();
+    for event in events {
+        out.warnings.extend(apply_event(model, &mut profile, event, custom).warnings);
+    }
+    if !profile.is_new() && now - profile.last_seen_ms > visit_timeout(model, &profile) {
+        profile.visit_ended = true;
+    }
+    profile.audiences = before.clone();
+    reevaluate_all(model, &mut profile, now, &mut out);
+    (profile, out)
+}
+
+fn reevaluate_all(model: &Model, profile: &mut Profile, now: i64, out: &mut Outcome) {
+    let mut dirty = Dirty::new(model);
+    expire_timelines(model, profile, now, &mut dirty);
+    let all: Vec<usize> = (0..model.audiences.len()).collect();
+    let first = out.changes.len();
+    evaluate(model, profile, None, now, &all, out);
+    let changes = out.changes[first..].to_vec();
+    fire(model, profile, None, now, &changes, false, false, out);
+    profile.wakeup_ms = next_wakeup(model, profile, now);
 }
 
 /// When the engine must next look at `profile` without an event, as of instant `now`.

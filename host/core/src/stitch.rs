@@ -1,0 +1,280 @@
+//! Identity stitching: the merge rule of each attribute type, and the guards that keep
+//! unreliable ids (too short, placeholders, ids shared by too many people) from stitching.
+
+use crate::config::{AttributeDef, Model};
+use crate::profile::Profile;
+use crate::value::{AttrType, FunnelState, MAX_SET_MEMBERS, MAX_TALLY_KEYS, Scope, Value};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// How two profiles' values of one attribute combine when the profiles are stitched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeRule {
+    /// Numbers add; tallies add per key.
+    Add,
+    Min,
+    Max,
+    /// The value of the profile seen most recently (if it has one).
+    Latest,
+    /// The value of the profile seen first (if it has one).
+    Earliest,
+    /// Sets and badges: members of either.
+    Union,
+    /// Arrays: the earlier profile's items, then the later one's (then capped).
+    Append,
+    /// Timelines: entries of both, in time order (then capped).
+    Interleave,
+    /// Funnels: the one that reached more steps (a completed one wins).
+    MostAdvanced,
+}
+
+impl MergeRule {
+    pub const ALL: [MergeRule; 9] = [
+        MergeRule::Add,
+        MergeRule::Min,
+        MergeRule::Max,
+        MergeRule::Latest,
+        MergeRule::Earliest,
+        MergeRule::Union,
+        MergeRule::Append,
+        MergeRule::Interleave,
+        MergeRule::MostAdvanced,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MergeRule::Add => "add",
+            MergeRule::Min => "min",
+            MergeRule::Max => "max",
+            MergeRule::Latest => "latest",
+            MergeRule::Earliest => "earliest",
+            MergeRule::Union => "union",
+            MergeRule::Append => "append",
+            MergeRule::Interleave => "interleave",
+            MergeRule::MostAdvanced => "most_advanced",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<MergeRule> {
+        MergeRule::ALL.into_iter().find(|r| r.name() == s)
+    }
+
+    /// The rule used for a type unless the attribute names another.
+    pub fn default_for(ty: AttrType) -> MergeRule {
+        match ty {
+            AttrType::Number | AttrType::Tally => MergeRule::Add,
+            AttrType::String | AttrType::VisitorId | AttrType::Boolean => MergeRule::Latest,
+            AttrType::Date => MergeRule::Max,
+            AttrType::Badge | AttrType::SetOfStrings => MergeRule::Union,
+            AttrType::ArrayOfStrings | AttrType::ArrayOfNumbers | AttrType::ArrayOfBooleans => MergeRule::Append,
+            AttrType::Timeline => MergeRule::Interleave,
+            AttrType::Funnel => MergeRule::MostAdvanced,
+        }
+    }
+
+    /// The rules an attribute of type `ty` may use.
+    pub fn allowed_for(ty: AttrType) -> &'static [MergeRule] {
+        use MergeRule::*;
+        match ty {
+            AttrType::Number => &[Add, Min, Max, Latest, Earliest],
+            AttrType::Date => &[Max, Min, Latest, Earliest],
+            AttrType::String | AttrType::VisitorId | AttrType::Boolean => &[Latest, Earliest],
+            AttrType::Badge | AttrType::SetOfStrings => &[Union, Latest, Earliest],
+            AttrType::ArrayOfStrings | AttrType::ArrayOfNumbers | AttrType::ArrayOfBooleans => {
+                &[Append, Latest, Earliest]
+            }
+            AttrType::Tally => &[Add, Max, Latest, Earliest],
+            AttrType::Timeline => &[Interleave, Latest, Earliest],
+            AttrType::Funnel => &[MostAdvanced, Latest, Earliest],
+        }
+    }
+}
+
+/// Which ids may stitch profiles together.
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    pub min_length: usize,
+    /// Compared case-insensitively.
+    pub blocked: BTreeSet<String>,
+    /// Most ids one profile may hold; a stitch past it is refused and reported.
+    pub max_ids_per_profile: usize,
+}
+
+pub const DEFAULT_BLOCKED_IDS: &[&str] =
+    &["undefined", "null", "nil", "none", "0", "-1", "anonymous", "unknown", "test", "n/a", "[object object]"];
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        IdentitySettings {
+            min_length: 4,
+            blocked: DEFAULT_BLOCKED_IDS.iter().map(|s| s.to_string()).collect(),
+            max_ids_per_profile: 50,
+        }
+    }
+}
+
+impl IdentitySettings {
+    /// Why `id` may not link profiles, if it may not.
+    pub fn refuses(&self, id: &str) -> Option<String> {
+        let trimmed = id.trim();
+        if trimmed.chars().count() < self.min_length {
+            return Some(format!("`{id}` is shorter than identity.min_length ({})", self.min_length));
+        }
+        if self.blocked.contains(&trimmed.to_lowercase()) {
+            return Some(format!("`{id}` is on identity.blocked"));
+        }
+        None
+    }
+}
+
+/// Merges `absorbed` into `survivor`, attribute by attribute, by each attribute's rule. The
+/// survivor keeps its id; audiences are left for the caller to re-evaluate.
+pub fn merge_profiles(model: &Model, survivor: &mut Profile, absorbed: Profile) {
+    let survivor_is_newer = survivor.last_seen_ms >= absorbed.last_seen_ms;
+    let survivor_is_older = survivor.first_seen_ms <= absorbed.first_seen_ms;
+    for def in model.attributes.iter().filter(|d| d.scope != Scope::Event) {
+        let rule = def.merge;
+        if def.ty == AttrType::Badge {
+            let (mine, theirs) = (survivor.badges.contains(&def.name), absorbed.badges.contains(&def.name));
+            let keep = match rule {
+                MergeRule::Latest => {
+                    if survivor_is_newer {
+                        mine
+                    } else {
+                        theirs
+                    }
+                }
+                MergeRule::Earliest => {
+                    if survivor_is_older {
+                        mine
+                    } else {
+                        theirs
+                    }
+                }
+                _ => mine || theirs,
+            };
+            if keep {
+                survivor.badges.insert(def.name.clone());
+            } else {
+                survivor.badges.remove(&def.name);
+            }
+            continue;
+        }
+        let theirs = absorbed.attributes.get(&def.name).cloned();
+        let mine = survivor.attributes.remove(&def.name);
+        let merged = match (mine, theirs) {
+            (None, None) => None,
+            (Some(v), None) | (None, Some(v)) => Some(v),
+            (Some(a), Some(b)) => Some(merge_values(def, a, b, survivor_is_newer, survivor_is_older)),
+        };
+        if let Some(v) = merged {
+            survivor.attributes.insert(def.name.clone(), v);
+        }
+    }
+    for (name, counts) in absorbed.frequencies {
+        let mine = survivor.frequencies.entry(name).or_default();
+        for (value, n) in counts {
+            *mine.entry(value).or_default() += n;
+        }
+    }
+    if !survivor_is_newer {
+        survivor.rolling = absorbed.rolling;
+        survivor.visit_start_ms = absorbed.visit_start_ms;
+        survivor.visit_event_count = absorbed.visit_event_count;
+        survivor.visit_ended = absorbed.visit_ended;
+        survivor.visit_timeout_ms = absorbed.visit_timeout_ms;
+    }
+    survivor.first_seen_ms = survivor.first_seen_ms.min(absorbed.first_seen_ms);
+    survivor.last_seen_ms = survivor.last_seen_ms.max(absorbed.last_seen_ms);
+    survivor.event_count += absorbed.event_count;
+    survivor.visit_count += absorbed.visit_count;
+}
+
+/// `a` is the survivor's value, `b` the absorbed profile's.
+fn merge_values(def: &AttributeDef, a: Value, b: Value, a_is_newer: bool, a_is_older: bool) -> Value {
+    match (def.merge, a, b) {
+        (MergeRule::Latest, a, b) => {
+            if a_is_newer {
+                a
+            } else {
+                b
+            }
+        }
+        (MergeRule::Earliest, a, b) => {
+            if a_is_older {
+                a
+            } else {
+                b
+            }
+        }
+        (MergeRule::Add, Value::Number(x), Value::Number(y)) if (x + y).is_finite() => Value::Number(x + y),
+        (MergeRule::Add | MergeRule::Max, Value::Tally(mut x), Value::Tally(y)) => {
+            for (k, v) in y {
+                if !x.contains_key(&k) && x.len() >= MAX_TALLY_KEYS {
+                    continue;
+                }
+                let entry = x.entry(k).or_insert(if def.merge == MergeRule::Add { 0.0 } else { v });
+                *entry = if def.merge == MergeRule::Add { *entry + v } else { entry.max(v) };
+            }
+            Value::Tally(x)
+        }
+        (MergeRule::Min, Value::Number(x), Value::Number(y)) => Value::Number(x.min(y)),
+        (MergeRule::Max, Value::Number(x), Value::Number(y)) => Value::Number(x.max(y)),
+        (MergeRule::Min, Value::Date(x), Value::Date(y)) => Value::Date(x.min(y)),
+        (MergeRule::Max, Value::Date(x), Value::Date(y)) => Value::Date(x.max(y)),
+        (MergeRule::Union, Value::Set(mut x), Value::Set(y)) => {
+            for m in y {
+                if x.len() >= MAX_SET_MEMBERS {
+                    break;
+                }
+                x.insert(m);
+            }
+            Value::Set(x)
+        }
+        (MergeRule::Append, a, b) => {
+            let (first, second) = if a_is_older { (a, b) } else { (b, a) };
+            let cap = def.max_entries;
+            match (first, second) {
+                (Value::Strings(x), Value::Strings(y)) => Value::Strings(concat_capped(x, y, cap)),
+                (Value::Numbers(x), Value::Numbers(y)) => Value::Numbers(concat_capped(x, y, cap)),
+                (Value::Booleans(x), Value::Booleans(y)) => Value::Booleans(concat_capped(x, y, cap)),
+                (first, _) => first,
+            }
+        }
+        (MergeRule::Interleave, Value::Timeline(mut x), Value::Timeline(y)) => {
+            x.extend(y);
+            x.sort_by_key(|e| e.at_ms);
+            let overflow = x.len().saturating_sub(def.max_entries);
+            x.drain(..overflow);
+            Value::Timeline(x)
+        }
+        (MergeRule::MostAdvanced, Value::Funnel(x), Value::Funnel(y)) => Value::Funnel(most_advanced(x, y)),
+        // A sum that is not finite keeps the survivor's value, as an increment would.
+        (_, a, _) => a,
+    }
+}
+
+/// `x` then `y`, keeping the last `cap` items.
+fn concat_capped<T>(mut x: Vec<T>, y: Vec<T>, cap: usize) -> Vec<T> {
+    x.extend(y);
+    let overflow = x.len().saturating_sub(cap);
+    x.drain(..overflow);
+    x
+}
+
+fn most_advanced(a: FunnelState, b: FunnelState) -> FunnelState {
+    let rank = |f: &FunnelState| (f.completed_ms.is_some(), f.reached.len());
+    if rank(&b) > rank(&a) { b } else { a }
+}
+
+/// Visitor ids held in the profile's `visitor_id` attributes, by attribute.
+pub fn visitor_ids(model: &Model, profile: &Profile) -> BTreeMap<String, String> {
+    model
+        .attributes
+        .iter()
+        .filter(|d| d.ty == AttrType::VisitorId)
+        .filter_map(|d| match profile.attributes.get(&d.name) {
+            Some(Value::String(s)) if !s.is_empty() => Some((d.name.clone(), s.clone())),
+            _ => None,
+        })
+        .collect()
+}

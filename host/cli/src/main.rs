@@ -50,6 +50,14 @@ enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
+    /// Look up profiles and their identity graph on a running server; split a wrongly stitched id.
+    Profile {
+        /// The server's address.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        server: String,
+        #[command(subcommand)]
+        command: ProfileCommand,
+    },
     /// Inspect the action outbox and the dead letters; replay dead letters.
     Actions {
         #[command(flatten)]
@@ -57,6 +65,17 @@ enum Command {
         #[command(subcommand)]
         command: ActionsCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum ProfileCommand {
+    /// The profile an id belongs to.
+    Show { id: String },
+    /// The ids linked to the profile an id belongs to, and how each was linked.
+    Identity { id: String },
+    /// Split `id` out of the profile it was stitched into; both profiles are rebuilt from their
+    /// events and the resulting audience changes fire.
+    Unstitch { id: String },
 }
 
 /// Which database to open: the one a configuration file names, or a file given directly.
@@ -185,6 +204,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Config { command: ConfigCommand::Check { file, plugins } } => check(&file, plugins),
         Command::Actions { db, command } => actions(&db, command),
+        Command::Profile { server, command } => profile(&server, command),
         Command::Plugin { command: PluginCommand::Build { dirs, out }, .. } => {
             let dirs = if dirs.is_empty() { vec![PathBuf::from("connectors")] } else { dirs };
             build::build_all(&dirs, &out)
@@ -351,4 +371,35 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term.recv() => {}
     }
+}
+
+fn profile(server: &str, command: ProfileCommand) -> Result<()> {
+    let (method, id, tail) = match &command {
+        ProfileCommand::Show { id } => (reqwest::Method::GET, id, None),
+        ProfileCommand::Identity { id } => (reqwest::Method::GET, id, Some("identity")),
+        ProfileCommand::Unstitch { id } => (reqwest::Method::POST, id, Some("unstitch")),
+    };
+    let mut url = reqwest::Url::parse(server).with_context(|| format!("--server: `{server}` is not a URL"))?;
+    url.path_segments_mut()
+        .map_err(|()| anyhow::anyhow!("--server: `{server}` cannot take a path"))?
+        .pop_if_empty()
+        .extend(["v1", "profiles", id.as_str()])
+        .extend(tail);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (status, body) = runtime.block_on(async {
+        let response = reqwest::Client::new()
+            .request(method, url.clone())
+            .send()
+            .await
+            .with_context(|| format!("calling {url}"))?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.with_context(|| format!("reading the answer of {url}"))?;
+        anyhow::Ok((status, body))
+    })?;
+    if !status.is_success() {
+        let reason = body["error"].as_str().map_or_else(|| body.to_string(), str::to_string);
+        anyhow::bail!("{status}: {reason}");
+    }
+    println!("{}", serde_json::to_string_pretty(&body)?);
+    Ok(())
 }

@@ -34,6 +34,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/events", post(post_events))
         .route("/v1/profiles/{id}", get(get_profile))
         .route("/v1/profiles/{id}/explain/{audience}", get(explain_membership))
+        .route("/v1/profiles/{id}/identity", get(get_identity))
+        .route("/v1/profiles/{id}/unstitch", post(unstitch))
         .route("/v1/audiences", get(get_audiences))
         .route("/v1/audiences/{name}/history", get(get_audience_history))
         .route("/v1/actions", get(get_actions))
@@ -112,6 +114,29 @@ async fn get_profile(
     match read(&state, move |c| starling_store::find_profile(c, &lookup)).await? {
         Some(profile) => Ok(Json(profile.to_json())),
         None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no profile for id `{id}`"))),
+    }
+}
+
+async fn get_identity(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let lookup = id.clone();
+    let graph = read(&state, move |c| {
+        let Some(profile) = starling_store::resolve_identity(c, &lookup)? else { return Ok(None) };
+        let ids = starling_store::ids_of(c, &profile)?;
+        let history = starling_store::identity_history(c, &profile)?;
+        Ok(Some(serde_json::json!({ "profile_id": profile, "ids": ids, "history": history })))
+    })
+    .await?;
+    graph.map(Json).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no profile for id `{id}`")))
+}
+
+async fn unstitch(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    match state.ingest.unstitch(&id).await {
+        Ok(result) => Ok(Json(result)),
+        Err(crate::pipeline::IngestError::Failed(reason)) => Err(ApiError::new(StatusCode::CONFLICT, reason)),
+        Err(e) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
     }
 }
 

@@ -1,18 +1,26 @@
-//! The event pipeline. Events are partitioned by visitor over worker threads, so one profile is
-//! only ever updated by one worker. Each worker applies a group of queued requests in memory,
-//! then writes everything in one SQLite transaction (group commit); a request is answered only
-//! after every transaction holding its events has committed.
+//! The event pipeline. Events are partitioned over worker threads by the profile they belong
+//! to, so one profile is only ever updated by one worker. Each worker applies a group of queued
+//! requests in memory, then writes everything in one SQLite transaction (group commit); a
+//! request is answered only after every transaction holding its events has committed.
+//!
+//! Stitching moves ids between profiles, and so between partitions. A shared directory maps
+//! every id whose profile is named differently to that profile; the router and the workers
+//! consult it. When a worker finds that an id it applied belongs to a profile another worker
+//! owns, it commits, points the directory at the surviving profile, and sends that worker a
+//! merge; events for the absorbed profile still queued on it are forwarded behind the merge.
 
 use starling_core::config::{ActionDef, Trigger};
+use starling_core::engine::rebuild;
+use starling_core::stitch::visitor_ids;
 use starling_core::{
-    CustomEnrichers, Event, Membership, Model, Outcome, PendingAction, Profile, apply_event, apply_time,
+    CustomEnrichers, Event, Membership, Model, Outcome, PendingAction, Profile, apply_event, apply_merge, apply_time,
 };
 use starling_runtime::{PluginHost, convert};
-use starling_store::{Batch, StoreError};
-use std::collections::{HashMap, HashSet};
+use starling_store::{Batch, IdentityLink, StoreError};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-use std::sync::Arc;
-use tokio::sync::{Notify, mpsc, oneshot};
+use std::sync::{Arc, RwLock};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 /// Most requests folded into one transaction.
 const MAX_JOBS_PER_COMMIT: usize = 256;
@@ -27,9 +35,19 @@ pub struct IngestReport {
     pub duplicates: usize,
 }
 
+/// A worker's answer to a job.
+pub struct Reply {
+    pub report: IngestReport,
+    /// Answers of the work this job handed to other partitions (forwarded events, merges);
+    /// the job is done when they are.
+    pub handed_on: Vec<oneshot::Receiver<Result<Reply, String>>>,
+}
+
 pub struct IngestJob {
     pub work: Work,
-    pub reply: oneshot::Sender<Result<IngestReport, String>>,
+    pub reply: oneshot::Sender<Result<Reply, String>>,
+    /// Room on the partition's bounded queue, held until the job is applied (client work only).
+    _room: Option<OwnedSemaphorePermit>,
 }
 
 /// What a partition worker is asked to do.
@@ -37,6 +55,23 @@ pub enum Work {
     Events(Vec<Event>),
     /// Profiles whose wake-up time has come (visit end, time-relative audiences).
     Wakeups(Vec<String>),
+    /// Stitch one profile into another this partition owns.
+    Merge(MergeRequest),
+    /// Split a wrongly stitched id back out of its profile.
+    Unstitch {
+        id: String,
+        done: oneshot::Sender<Result<serde_json::Value, String>>,
+    },
+}
+
+/// Absorb profile `absorbed` into `survivor`, because id `via` links them.
+#[derive(Debug, Clone)]
+pub struct MergeRequest {
+    pub survivor: String,
+    pub absorbed: String,
+    pub via: String,
+    pub attribute: String,
+    pub event_id: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,9 +84,38 @@ pub enum IngestError {
     Failed(String),
 }
 
-/// The front of the pipeline: routes each event to its visitor's partition.
+/// Ids whose profile is named differently (stitched ids) → their profile id. Any other id names
+/// its own profile.
+#[derive(Clone, Default)]
+pub struct Directory(Arc<RwLock<HashMap<String, String>>>);
+
+impl Directory {
+    pub fn load(conn: &rusqlite::Connection) -> Result<Directory, StoreError> {
+        Ok(Directory(Arc::new(RwLock::new(starling_store::stitched_ids(conn)?.into_iter().collect()))))
+    }
+
+    /// The profile an id belongs to.
+    pub fn profile_of(&self, id: &str) -> String {
+        self.0.read().expect("directory lock").get(id).cloned().unwrap_or_else(|| id.to_string())
+    }
+
+    fn point(&self, ids: impl IntoIterator<Item = (String, String)>) {
+        let mut map = self.0.write().expect("directory lock");
+        for (id, profile) in ids {
+            if id == profile {
+                map.remove(&id);
+            } else {
+                map.insert(id, profile);
+            }
+        }
+    }
+}
+
+/// The front of the pipeline: routes work to the partition that owns its profile.
 pub struct Ingest {
-    partitions: Vec<mpsc::Sender<IngestJob>>,
+    partitions: Vec<mpsc::UnboundedSender<IngestJob>>,
+    room: Vec<Arc<Semaphore>>,
+    directory: Directory,
 }
 
 impl Ingest {
@@ -60,9 +124,9 @@ impl Ingest {
         let n = self.partitions.len();
         let mut groups: Vec<Vec<Event>> = (0..n).map(|_| Vec::new()).collect();
         for event in events {
-            groups[partition_of(&event.visitor_id, n)].push(event);
+            groups[partition_of(&self.directory.profile_of(&event.visitor_id), n)].push(event);
         }
-        self.queue(groups.into_iter().map(|g| (!g.is_empty()).then_some(Work::Events(g))).collect()).await
+        self.queue(groups.into_iter().map(|g| (!g.is_empty()).then_some(Work::Events(g))).collect(), true).await
     }
 
     /// Queues due profiles on their partitions and waits until what time did to them is durable.
@@ -72,41 +136,53 @@ impl Ingest {
         for id in profiles {
             groups[partition_of(&id, n)].push(id);
         }
-        self.queue(groups.into_iter().map(|g| (!g.is_empty()).then_some(Work::Wakeups(g))).collect()).await
+        self.queue(groups.into_iter().map(|g| (!g.is_empty()).then_some(Work::Wakeups(g))).collect(), false).await
     }
 
-    /// Sends one piece of work per partition (index = partition), all or nothing.
-    async fn queue(&self, mut work: Vec<Option<Work>>) -> Result<IngestReport, IngestError> {
-        // Reserve room on every partition first, so a full queue refuses the whole request.
-        let mut permits = Vec::new();
+    /// Splits `id` out of the profile it is stitched into, rebuilding both from their events.
+    pub async fn unstitch(&self, id: &str) -> Result<serde_json::Value, IngestError> {
+        let n = self.partitions.len();
+        let (done, result) = oneshot::channel();
+        let mut work: Vec<Option<Work>> = (0..n).map(|_| None).collect();
+        work[partition_of(&self.directory.profile_of(id), n)] = Some(Work::Unstitch { id: id.to_string(), done });
+        self.queue(work, false).await?;
+        result.await.map_err(|_| IngestError::Closed)?.map_err(IngestError::Failed)
+    }
+
+    /// Sends one piece of work per partition (index = partition). Client work must find room
+    /// on every partition it goes to, or none of it is queued.
+    async fn queue(&self, mut work: Vec<Option<Work>>, client: bool) -> Result<IngestReport, IngestError> {
+        let mut rooms = Vec::new();
         for (i, w) in work.iter().enumerate() {
             if w.is_some() {
-                let permit = self.partitions[i].try_reserve().map_err(|e| match e {
-                    mpsc::error::TrySendError::Full(()) => IngestError::Busy,
-                    mpsc::error::TrySendError::Closed(()) => IngestError::Closed,
-                })?;
-                permits.push((i, permit));
+                let room = match client {
+                    true => Some(self.room[i].clone().try_acquire_owned().map_err(|_| IngestError::Busy)?),
+                    false => None,
+                };
+                rooms.push((i, room));
             }
         }
-        let mut answers = Vec::with_capacity(permits.len());
-        for (i, permit) in permits {
+        let mut pending = VecDeque::with_capacity(rooms.len());
+        for (i, room) in rooms {
             let (reply, answer) = oneshot::channel();
-            permit.send(IngestJob { work: work[i].take().expect("reserved for work"), reply });
-            answers.push(answer);
+            let job = IngestJob { work: work[i].take().expect("queued work"), reply, _room: room };
+            self.partitions[i].send(job).map_err(|_| IngestError::Closed)?;
+            pending.push_back(answer);
         }
         let mut total = IngestReport::default();
-        for answer in answers {
-            let report = answer.await.map_err(|_| IngestError::Closed)?.map_err(IngestError::Failed)?;
-            total.accepted += report.accepted;
-            total.duplicates += report.duplicates;
+        while let Some(answer) = pending.pop_front() {
+            let reply = answer.await.map_err(|_| IngestError::Closed)?.map_err(IngestError::Failed)?;
+            total.accepted += reply.report.accepted;
+            total.duplicates += reply.report.duplicates;
+            pending.extend(reply.handed_on);
         }
         Ok(total)
     }
 }
 
-/// The partition a visitor's events go to; stable across restarts.
-pub fn partition_of(visitor_id: &str, partitions: usize) -> usize {
-    (BuildHasherDefault::<DefaultHasher>::default().hash_one(visitor_id) % partitions as u64) as usize
+/// The partition a profile's work goes to; stable across restarts.
+pub fn partition_of(profile_id: &str, partitions: usize) -> usize {
+    (BuildHasherDefault::<DefaultHasher>::default().hash_one(profile_id) % partitions as u64) as usize
 }
 
 /// Everything a worker needs.
@@ -127,25 +203,38 @@ pub fn start(
     queue: usize,
     open: impl Fn() -> Result<rusqlite::Connection, StoreError>,
 ) -> Result<(Ingest, Vec<std::thread::JoinHandle<()>>), StoreError> {
-    let mut senders = Vec::with_capacity(n);
+    let directory = Directory::load(&open()?)?;
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
+    // Workers hold weak handles to each other, so the queues close when the `Ingest` is dropped.
+    let peers: Vec<_> = senders.iter().map(mpsc::UnboundedSender::downgrade).collect();
     let mut handles = Vec::with_capacity(n);
-    for index in 0..n {
-        let (tx, rx) = mpsc::channel(queue);
-        let worker = Worker { shared: shared.clone(), index, cache: Cache::default(), last_prune_ms: 0 };
+    for (index, rx) in receivers.into_iter().enumerate() {
+        let worker = Worker {
+            shared: shared.clone(),
+            index,
+            partitions: n,
+            peers: peers.clone(),
+            directory: directory.clone(),
+            cache: Cache::default(),
+            last_prune_ms: 0,
+        };
         let conn = open()?;
         let handle = std::thread::Builder::new()
             .name(format!("starling-ingest-{index}"))
             .spawn(move || worker.run(conn, rx))
             .map_err(|e| StoreError::Corrupt { id: "worker".into(), message: e.to_string() })?;
-        senders.push(tx);
         handles.push(handle);
     }
-    Ok((Ingest { partitions: senders }, handles))
+    let room = (0..n).map(|_| Arc::new(Semaphore::new(queue))).collect();
+    Ok((Ingest { partitions: senders, room, directory }, handles))
 }
 
 struct Worker {
     shared: Shared,
     index: usize,
+    partitions: usize,
+    peers: Vec<mpsc::WeakUnboundedSender<IngestJob>>,
+    directory: Directory,
     cache: Cache,
     last_prune_ms: i64,
 }
@@ -158,39 +247,104 @@ enum Write {
     Leave { profile: String, audience: String },
     Enqueue { action: PendingAction, due_ms: i64, condition: Option<&'static str> },
     Fired { action: String, profile: String, at_ms: i64 },
+    Identity(IdentityLink),
+    Merge { absorbed: String, survivor: String },
+    Split { id: String, from: String },
+}
+
+/// Everything one batch decides, applied at commit.
+#[derive(Default)]
+struct Pending {
+    /// Profiles touched (with the wake-up time they were loaded with), out of the cache so a
+    /// failed commit leaves it clean.
+    touched: HashMap<String, (Profile, Option<i64>)>,
+    /// Ids linked in this batch → profile.
+    links: HashMap<String, String>,
+    /// Profiles absorbed in this batch → their survivor.
+    moved: HashMap<String, String>,
+    /// Profiles deleted in this batch (absorbed): not saved.
+    gone: HashSet<String>,
+    effects: Effects,
+    /// Directory changes to publish after commit.
+    directory: Vec<(String, String)>,
+    /// Merges for other partitions, sent after commit, with the job that caused them.
+    merges: Vec<(usize, MergeRequest)>,
+    /// Events for profiles other partitions own, per job and partition.
+    forwards: Vec<(usize, usize, Vec<Event>)>,
+    /// Profiles whose merge into another partition's profile is sent after commit.
+    leaving: HashSet<String>,
+    /// Unstitch results, sent after commit.
+    unstitched: Vec<(oneshot::Sender<Result<serde_json::Value, String>>, serde_json::Value)>,
 }
 
 impl Worker {
-    fn run(mut self, mut conn: rusqlite::Connection, mut jobs: mpsc::Receiver<IngestJob>) {
-        while let Some(first) = jobs.blocking_recv() {
+    fn run(mut self, mut conn: rusqlite::Connection, mut jobs: mpsc::UnboundedReceiver<IngestJob>) {
+        // An unstitch rebuilds profiles from the event log, so it runs in a batch of its own,
+        // after everything queued before it is committed.
+        let mut carried: Option<IngestJob> = None;
+        loop {
+            let Some(first) = carried.take().or_else(|| jobs.blocking_recv()) else { break };
             let mut batch = vec![first];
-            while batch.len() < MAX_JOBS_PER_COMMIT {
+            while batch.len() < MAX_JOBS_PER_COMMIT && !matches!(batch[0].work, Work::Unstitch { .. }) {
                 match jobs.try_recv() {
+                    Ok(job) if matches!(job.work, Work::Unstitch { .. }) => {
+                        carried = Some(job);
+                        break;
+                    }
                     Ok(job) => batch.push(job),
                     Err(_) => break,
                 }
             }
-            match self.apply(&mut conn, &batch) {
-                Ok((reports, woken)) => {
-                    for action in woken {
-                        if let Some(lane) = self.shared.lanes.get(&action) {
+            let mut pending = Pending::default();
+            match self.apply(&mut conn, &mut batch, &mut pending) {
+                Ok(reports) => {
+                    for action in &pending.effects.woken {
+                        if let Some(lane) = self.shared.lanes.get(action) {
                             lane.notify_one();
                         }
                     }
-                    for (job, report) in batch.into_iter().zip(reports) {
-                        let _ = job.reply.send(Ok(report));
+                    let handed_on = self.hand_on(&mut pending, batch.len());
+                    for (done, result) in pending.unstitched {
+                        let _ = done.send(Ok(result));
+                    }
+                    for ((job, report), handed_on) in batch.into_iter().zip(reports).zip(handed_on) {
+                        let _ = job.reply.send(Ok(Reply { report, handed_on }));
                     }
                 }
                 Err(e) => {
                     tracing::error!(partition = self.index, "event batch not stored: {e}");
                     self.cache = Cache::default();
+                    for (done, _) in pending.unstitched {
+                        let _ = done.send(Err(e.to_string()));
+                    }
                     for job in batch {
+                        if let Work::Unstitch { done, .. } = job.work {
+                            let _ = done.send(Err(e.to_string()));
+                        }
                         let _ = job.reply.send(Err(e.to_string()));
                     }
                 }
             }
             self.prune(&conn);
         }
+    }
+
+    /// After a commit: publishes directory changes, then sends merges and forwarded events to
+    /// the partitions that own their profiles. Returns, per job, the answers to wait for.
+    fn hand_on(&mut self, pending: &mut Pending, jobs: usize) -> Vec<Vec<oneshot::Receiver<Result<Reply, String>>>> {
+        self.directory.point(pending.directory.drain(..));
+        let mut handed_on: Vec<Vec<_>> = (0..jobs).map(|_| Vec::new()).collect();
+        let merges =
+            pending.merges.drain(..).map(|(job, m)| (job, partition_of(&m.survivor, self.partitions), Work::Merge(m)));
+        let forwards = pending.forwards.drain(..).map(|(job, to, events)| (job, to, Work::Events(events)));
+        for (job, to, work) in merges.collect::<Vec<_>>().into_iter().chain(forwards) {
+            let (reply, answer) = oneshot::channel();
+            match self.peers[to].upgrade() {
+                Some(peer) if peer.send(IngestJob { work, reply, _room: None }).is_ok() => handed_on[job].push(answer),
+                _ => tracing::warn!(partition = to, "shutting down: work for another partition dropped"),
+            }
+        }
+        handed_on
     }
 
     fn prune(&mut self, conn: &rusqlite::Connection) {
@@ -211,103 +365,390 @@ impl Worker {
     fn apply(
         &mut self,
         conn: &mut rusqlite::Connection,
-        jobs: &[IngestJob],
-    ) -> Result<(Vec<IngestReport>, HashSet<String>), StoreError> {
+        batch: &mut [IngestJob],
+        p: &mut Pending,
+    ) -> Result<Vec<IngestReport>, StoreError> {
         let model = self.shared.model.clone();
         let now = (self.shared.clock)();
         let dedup_since = now - model.server.dedup_window_hours as i64 * 3_600_000;
-        let mut enrichers = WasmEnrichers { plugins: &self.shared.plugins, runtime: &self.shared.runtime };
-        // Profiles touched by this batch (with the wake-up time they were loaded with), out of
-        // the cache so a failed commit leaves it clean.
-        let mut touched: HashMap<String, (Profile, Option<i64>)> = HashMap::new();
-        let mut links: HashMap<String, String> = HashMap::new();
-        let mut seen_ids: HashSet<&str> = HashSet::new();
-        let mut effects = Effects::default();
-        let mut reports = Vec::with_capacity(jobs.len());
+        let (plugins, runtime) = (self.shared.plugins.clone(), self.shared.runtime.clone());
+        let mut enrichers = WasmEnrichers { plugins: &plugins, runtime: &runtime };
+        let mut seen_ids: HashSet<String> = HashSet::new();
+        let mut reports = Vec::with_capacity(batch.len());
 
-        for (j, job) in jobs.iter().enumerate() {
+        for (j, job) in batch.iter_mut().enumerate() {
             let mut report = IngestReport::default();
-            match &job.work {
+            match &mut job.work {
                 Work::Events(events) => {
                     for (e, event) in events.iter().enumerate() {
+                        let pid = self.follow(p, &self.profile_of(p, &event.visitor_id));
+                        let owner = partition_of(&pid, self.partitions);
+                        if owner != self.index {
+                            forward(p, j, owner, event.clone());
+                            continue;
+                        }
                         if let Some(id) = event.id.as_deref()
-                            && (!seen_ids.insert(id) || starling_store::event_seen(conn, id, dedup_since)?)
+                            && (!seen_ids.insert(id.to_string()) || starling_store::event_seen(conn, id, dedup_since)?)
                         {
                             report.duplicates += 1;
                             continue;
                         }
-                        let profile_id =
-                            match self.cache.identities.get(&event.visitor_id).or(links.get(&event.visitor_id)) {
-                                Some(pid) => pid.clone(),
-                                None => match starling_store::resolve_identity(conn, &event.visitor_id)? {
-                                    Some(pid) => pid,
-                                    None => {
-                                        links.insert(event.visitor_id.clone(), event.visitor_id.clone());
-                                        effects.writes.push(Write::Link {
-                                            visitor: event.visitor_id.clone(),
-                                            profile: event.visitor_id.clone(),
-                                        });
-                                        event.visitor_id.clone()
-                                    }
-                                },
-                            };
-                        let profile = load(&mut self.cache, conn, &mut touched, &profile_id)?;
+                        self.link_own_id(conn, p, &event.visitor_id, &pid)?;
+                        let profile = load(&mut self.cache, conn, &mut p.touched, &pid)?;
                         let outcome = apply_event(&model, profile, event, &mut enrichers);
                         for warning in &outcome.warnings {
                             tracing::warn!(visitor = %event.visitor_id, event = %event.name, "{warning}");
                         }
-                        effects.writes.push(Write::Event { job: j, event: e, profile: profile_id.clone() });
-                        effects.record(conn, &model, &profile_id, outcome, now)?;
+                        p.effects.writes.push(Write::Event { job: j, event: e, profile: pid.clone() });
+                        p.effects.record(conn, &model, &pid, outcome, now)?;
+                        self.check_ids(conn, p, &model, &pid, event, j, now)?;
                         report.accepted += 1;
                     }
                 }
                 Work::Wakeups(ids) => {
-                    for profile_id in ids {
-                        let profile = load(&mut self.cache, conn, &mut touched, profile_id)?;
+                    for profile_id in ids.iter() {
+                        if p.moved.contains_key(profile_id) || partition_of(profile_id, self.partitions) != self.index {
+                            continue;
+                        }
+                        let profile = load(&mut self.cache, conn, &mut p.touched, profile_id)?;
                         if profile.wakeup_ms.is_some_and(|due| due <= now) {
                             let outcome = apply_time(&model, profile, now);
-                            effects.record(conn, &model, profile_id, outcome, now)?;
+                            p.effects.record(conn, &model, profile_id, outcome, now)?;
                         }
                         // Written even when nothing was due, so a stale row cannot wake it again.
-                        if let Some((_, loaded)) = touched.get_mut(profile_id) {
+                        if let Some((_, loaded)) = p.touched.get_mut(profile_id) {
                             *loaded = Some(i64::MIN);
                         }
                         report.accepted += 1;
+                    }
+                }
+                Work::Merge(request) => {
+                    let request = request.clone();
+                    self.merge(conn, p, &model, request, j, now)?;
+                }
+                Work::Unstitch { id, done } => {
+                    let (placeholder, _) = oneshot::channel();
+                    let done = std::mem::replace(done, placeholder);
+                    match self.unstitch(conn, p, &model, id, &mut enrichers, now)? {
+                        Ok(result) => p.unstitched.push((done, result)),
+                        Err(refusal) => {
+                            let _ = done.send(Err(refusal));
+                        }
                     }
                 }
             }
             reports.push(report);
         }
 
-        let batch = Batch::begin(conn)?;
-        for write in &effects.writes {
+        let tx = Batch::begin(conn)?;
+        for write in &p.effects.writes {
             match write {
-                Write::Link { visitor, profile } => batch.link_identity(visitor, profile)?,
+                Write::Link { visitor, profile } => tx.link_identity(visitor, profile)?,
                 Write::Event { job, event, profile } => {
-                    let Work::Events(events) = &jobs[*job].work else { unreachable!("event writes come from events") };
-                    batch.log_event(&events[*event], profile, now)?
+                    let Work::Events(events) = &batch[*job].work else { unreachable!("event writes come from events") };
+                    tx.log_event(&events[*event], profile, now)?
                 }
-                Write::Join { profile, audience, at_ms } => batch.join(profile, audience, *at_ms)?,
-                Write::Leave { profile, audience } => batch.leave(profile, audience)?,
+                Write::Join { profile, audience, at_ms } => tx.join(profile, audience, *at_ms)?,
+                Write::Leave { profile, audience } => tx.leave(profile, audience)?,
                 Write::Enqueue { action, due_ms, condition } => {
-                    batch.enqueue(action, &action_payload(action), *due_ms, *condition)?;
+                    tx.enqueue(action, &action_payload(action), *due_ms, *condition)?;
                 }
-                Write::Fired { action, profile, at_ms } => batch.mark_fired(action, profile, *at_ms)?,
+                Write::Fired { action, profile, at_ms } => tx.mark_fired(action, profile, *at_ms)?,
+                Write::Identity(link) => tx.record_identity(link)?,
+                Write::Merge { absorbed, survivor } => tx.merge_profiles(absorbed, survivor)?,
+                Write::Split { id, from } => tx.split_identity(id, from)?,
             }
         }
-        for (profile, loaded_wakeup) in touched.values() {
-            batch.save_profile(profile, now)?;
+        for (id, (profile, loaded_wakeup)) in &p.touched {
+            tx.save_profile(profile, now)?;
             if profile.wakeup_ms != *loaded_wakeup {
-                batch.set_wakeup(&profile.id, profile.wakeup_ms)?;
+                tx.set_wakeup(id, profile.wakeup_ms)?;
             }
         }
-        batch.commit()?;
-        if self.cache.profiles.len() + touched.len() > PROFILE_CACHE_LIMIT {
+        tx.commit()?;
+
+        if self.cache.profiles.len() + p.touched.len() > PROFILE_CACHE_LIMIT {
             self.cache = Cache::default();
         }
-        self.cache.identities.extend(links);
-        self.cache.profiles.extend(touched.into_iter().map(|(id, (p, _))| (id, p)));
-        Ok((reports, effects.woken))
+        let gone = &p.gone;
+        self.cache.identities.retain(|_, profile| !gone.contains(profile));
+        self.cache.identities.extend(p.links.drain());
+        for id in p.gone.iter().chain(&p.leaving) {
+            self.cache.profiles.remove(id);
+        }
+        let leaving = &p.leaving;
+        self.cache
+            .profiles
+            .extend(p.touched.drain().filter(|(id, _)| !leaving.contains(id)).map(|(id, (pr, _))| (id, pr)));
+        Ok(reports)
+    }
+
+    /// The profile an id belongs to, as far as this batch knows.
+    fn profile_of(&self, p: &Pending, id: &str) -> String {
+        p.links.get(id).cloned().unwrap_or_else(|| self.directory.profile_of(id))
+    }
+
+    /// Follows profiles absorbed in this batch to their survivor.
+    fn follow(&self, p: &Pending, profile: &str) -> String {
+        let mut current = profile.to_string();
+        while let Some(next) = p.moved.get(&current) {
+            current = next.clone();
+        }
+        current
+    }
+
+    /// Records the link of an id to the profile named after it, the first time it is seen.
+    fn link_own_id(
+        &mut self,
+        conn: &rusqlite::Connection,
+        p: &mut Pending,
+        visitor: &str,
+        profile: &str,
+    ) -> Result<(), StoreError> {
+        if self.cache.identities.contains_key(visitor) || p.links.contains_key(visitor) {
+            return Ok(());
+        }
+        match starling_store::resolve_identity(conn, visitor)? {
+            Some(pid) => {
+                self.cache.identities.insert(visitor.to_string(), pid);
+            }
+            None => {
+                p.links.insert(visitor.to_string(), profile.to_string());
+                p.effects.writes.push(Write::Link { visitor: visitor.to_string(), profile: profile.to_string() });
+            }
+        }
+        Ok(())
+    }
+
+    /// The profile an id is linked to, if any.
+    fn owner_of(&self, conn: &rusqlite::Connection, p: &Pending, id: &str) -> Result<Option<String>, StoreError> {
+        let owner = match p.links.get(id).or_else(|| self.cache.identities.get(id)) {
+            Some(o) => Some(o.clone()),
+            None => starling_store::resolve_identity(conn, id)?,
+        };
+        Ok(owner.map(|o| self.follow(p, &self.directory.profile_of(&o))))
+    }
+
+    /// How many ids are linked to a profile, counting this batch's links.
+    fn id_count(&self, conn: &rusqlite::Connection, p: &Pending, profile: &str) -> Result<usize, StoreError> {
+        let stored = starling_store::ids_of(conn, profile)?;
+        let new = p.links.iter().filter(|(id, owner)| *owner == profile && !stored.contains(id)).count();
+        Ok(stored.len() + new)
+    }
+
+    /// Links the visitor ids an event left on the profile: a new id is linked to it; an id that
+    /// another profile holds stitches the two, into the profile that held the id.
+    #[allow(clippy::too_many_arguments)]
+    fn check_ids(
+        &mut self,
+        conn: &rusqlite::Connection,
+        p: &mut Pending,
+        model: &Model,
+        pid: &str,
+        event: &Event,
+        job: usize,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        if p.leaving.contains(pid) {
+            return Ok(());
+        }
+        let ids = match p.touched.get(pid) {
+            Some((profile, _)) => visitor_ids(model, profile),
+            None => return Ok(()),
+        };
+        for (attribute, id) in ids {
+            if id == pid
+                || p.links.get(&id).is_some_and(|o| o == pid)
+                || self.cache.identities.get(&id).is_some_and(|o| o == pid)
+            {
+                continue;
+            }
+            let record = |kind, other: Option<&str>, detail: Option<String>| {
+                Write::Identity(IdentityLink {
+                    profile_id: pid.to_string(),
+                    visitor_id: id.clone(),
+                    kind,
+                    other_id: other.map(str::to_string),
+                    attribute: Some(attribute.clone()),
+                    event_id: event.id.clone(),
+                    at_ms: now,
+                    detail,
+                })
+            };
+            if let Some(reason) = model.identity.refuses(&id) {
+                if self.cache.refused.insert((id.clone(), pid.to_string())) {
+                    tracing::warn!(profile = %pid, attribute = %attribute, "id not linked: {reason}");
+                    p.effects.writes.push(record("refused", None, Some(reason)));
+                }
+                continue;
+            }
+            let owner = self.owner_of(conn, p, &id)?;
+            if owner.as_deref() == Some(pid) {
+                self.cache.identities.insert(id, pid.to_string());
+                continue;
+            }
+            if starling_store::was_unstitched(conn, &id, pid)? {
+                continue;
+            }
+            let cap = model.identity.max_ids_per_profile;
+            let total = self.id_count(conn, p, pid)? + owner.as_deref().map_or(Ok(1), |o| self.id_count(conn, p, o))?;
+            if total > cap {
+                let reason = match &owner {
+                    Some(o) => format!(
+                        "stitching with profile `{o}` would link {total} ids (identity.max_ids_per_profile = {cap})"
+                    ),
+                    None => format!("the profile would hold {total} ids (identity.max_ids_per_profile = {cap})"),
+                };
+                if self.cache.refused.insert((id.clone(), pid.to_string())) {
+                    tracing::warn!(profile = %pid, id = %id, "not stitched: {reason}");
+                    p.effects.writes.push(record("refused", owner.as_deref(), Some(reason)));
+                }
+                continue;
+            }
+            match owner {
+                None => {
+                    p.links.insert(id.clone(), pid.to_string());
+                    p.effects.writes.push(Write::Link { visitor: id.clone(), profile: pid.to_string() });
+                    p.effects.writes.push(record("link", None, None));
+                    p.directory.push((id, pid.to_string()));
+                }
+                Some(survivor) => {
+                    let request = MergeRequest {
+                        survivor,
+                        absorbed: pid.to_string(),
+                        via: id,
+                        attribute,
+                        event_id: event.id.clone(),
+                    };
+                    self.merge(conn, p, model, request, job, now)?;
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Absorbs `request.absorbed` into `request.survivor` here if this partition owns the
+    /// survivor; otherwise hands the merge to the partition that does, after commit.
+    fn merge(
+        &mut self,
+        conn: &rusqlite::Connection,
+        p: &mut Pending,
+        model: &Model,
+        request: MergeRequest,
+        job: usize,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let survivor = self.follow(p, &self.directory.profile_of(&request.survivor));
+        let absorbed = self.follow(p, &request.absorbed);
+        if survivor == absorbed {
+            return Ok(());
+        }
+        let mut ids: BTreeSet<String> = starling_store::ids_of(conn, &absorbed)?.into_iter().collect();
+        ids.extend(p.links.iter().filter(|(_, o)| **o == absorbed).map(|(id, _)| id.clone()));
+        ids.insert(absorbed.clone());
+        if partition_of(&survivor, self.partitions) != self.index {
+            // The survivor's partition merges, after this batch (holding the absorbed
+            // profile's last state) commits; from then on its ids route there.
+            p.leaving.insert(absorbed.clone());
+            p.directory.extend(ids.into_iter().map(|id| (id, survivor.clone())));
+            p.merges.push((job, MergeRequest { survivor, absorbed, ..request }));
+            return Ok(());
+        }
+        let absorbed_profile = match p.touched.remove(&absorbed) {
+            Some((profile, _)) => Some(profile),
+            None => match self.cache.profiles.remove(&absorbed) {
+                Some(profile) => Some(profile),
+                None => starling_store::load_profile(conn, &absorbed)?,
+            },
+        };
+        let Some(absorbed_profile) = absorbed_profile else {
+            tracing::warn!(absorbed = %absorbed, survivor = %survivor, "nothing to merge: profile not found");
+            return Ok(());
+        };
+        let survivor_profile = load(&mut self.cache, conn, &mut p.touched, &survivor)?;
+        let outcome = apply_merge(model, survivor_profile, absorbed_profile, now);
+        tracing::info!(survivor = %survivor, absorbed = %absorbed, via = %request.via, "profiles stitched");
+        p.effects.writes.push(Write::Merge { absorbed: absorbed.clone(), survivor: survivor.clone() });
+        p.effects.writes.push(Write::Identity(IdentityLink {
+            profile_id: survivor.clone(),
+            visitor_id: request.via.clone(),
+            kind: "merge",
+            other_id: Some(absorbed.clone()),
+            attribute: Some(request.attribute.clone()),
+            event_id: request.event_id.clone(),
+            at_ms: now,
+            detail: Some(format!("ids moved: {}", ids.iter().cloned().collect::<Vec<_>>().join(", "))),
+        }));
+        p.effects.record(conn, model, &survivor, outcome, now)?;
+        for (_, owner) in p.links.iter_mut().filter(|(_, o)| **o == absorbed) {
+            *owner = survivor.clone();
+        }
+        p.directory.extend(ids.into_iter().map(|id| (id, survivor.clone())));
+        p.moved.insert(absorbed.clone(), survivor);
+        p.gone.insert(absorbed);
+        Ok(())
+    }
+
+    /// Splits `id` out of its profile: both are rebuilt from their logged events, and the
+    /// resulting audience changes fire. `Ok(Err(..))` when there is nothing to split.
+    fn unstitch(
+        &mut self,
+        conn: &rusqlite::Connection,
+        p: &mut Pending,
+        model: &Model,
+        id: &str,
+        enrichers: &mut dyn CustomEnrichers,
+        now: i64,
+    ) -> Result<Result<serde_json::Value, String>, StoreError> {
+        let from = self.follow(p, &self.directory.profile_of(id));
+        if from == id {
+            return Ok(Err(match starling_store::resolve_identity(conn, id)? {
+                None => format!("no profile has the id `{id}`"),
+                Some(_) => format!("`{id}` is not stitched to another profile"),
+            }));
+        }
+        if partition_of(&from, self.partitions) != self.index {
+            return Ok(Err(format!("`{id}` moved while being unstitched; try again")));
+        }
+        let before = load(&mut self.cache, conn, &mut p.touched, &from)?.audiences.clone();
+        let (split_events, kept_events): (Vec<Event>, Vec<Event>) =
+            starling_store::profile_events(conn, &from)?.into_iter().partition(|e| e.visitor_id == id);
+        let (kept, kept_outcome) = rebuild(model, &from, &kept_events, &before, enrichers, now);
+        let (split, split_outcome) = rebuild(model, id, &split_events, &BTreeSet::new(), enrichers, now);
+        let result = serde_json::json!({
+            "id": id,
+            "from": from,
+            "events": { from.as_str(): kept_events.len(), id: split_events.len() },
+            "profiles": [kept.to_json(), split.to_json()],
+        });
+        p.effects.writes.push(Write::Split { id: id.to_string(), from: from.clone() });
+        p.effects.writes.push(Write::Identity(IdentityLink {
+            profile_id: id.to_string(),
+            visitor_id: id.to_string(),
+            kind: "unstitched",
+            other_id: Some(from.clone()),
+            attribute: None,
+            event_id: None,
+            at_ms: now,
+            detail: Some(format!("{} event(s) moved", split_events.len())),
+        }));
+        p.effects.record(conn, model, &from, kept_outcome, now)?;
+        p.effects.record(conn, model, id, split_outcome, now)?;
+        p.touched.get_mut(&from).expect("loaded above").0 = kept;
+        p.touched.insert(id.to_string(), (split, None));
+        p.directory.push((id.to_string(), id.to_string()));
+        self.cache.identities.insert(id.to_string(), id.to_string());
+        tracing::info!(id = %id, from = %from, "id unstitched");
+        Ok(Ok(result))
+    }
+}
+
+/// Queues an event for the partition that owns its profile.
+fn forward(p: &mut Pending, job: usize, to: usize, event: Event) {
+    match p.forwards.iter_mut().find(|(j, t, _)| *j == job && *t == to) {
+        Some((_, _, events)) => events.push(event),
+        None => p.forwards.push((job, to, vec![event])),
     }
 }
 
@@ -414,6 +855,8 @@ pub fn action_payload(action: &PendingAction) -> serde_json::Value {
 struct Cache {
     identities: HashMap<String, String>,
     profiles: HashMap<String, Profile>,
+    /// (id, profile) pairs already refused and reported.
+    refused: HashSet<(String, String)>,
 }
 
 /// Runs Wasm enrichers from a worker thread.

@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS events (
     name        TEXT NOT NULL,
     ts_ms       INTEGER NOT NULL,
     data        TEXT NOT NULL,
-    source      TEXT
+    source      TEXT,
+    visitor_id  TEXT
 );
 CREATE INDEX IF NOT EXISTS events_by_profile ON events(profile_id, seq);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -92,6 +93,22 @@ CREATE TABLE IF NOT EXISTS wakeups (
     due_ms      INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS wakeups_due ON wakeups(due_ms);
+-- Provenance of every identity decision: links, merges, refusals, unstitches.
+CREATE TABLE IF NOT EXISTS identity_links (
+    seq         INTEGER PRIMARY KEY,
+    profile_id  TEXT NOT NULL,
+    visitor_id  TEXT NOT NULL,
+    -- 'link' | 'merge' | 'refused' | 'unstitched'
+    kind        TEXT NOT NULL,
+    -- merge: the absorbed profile; unstitched: the profile it was split from
+    other_id    TEXT,
+    attribute   TEXT,
+    event_id    TEXT,
+    at_ms       INTEGER NOT NULL,
+    detail      TEXT
+);
+CREATE INDEX IF NOT EXISTS identity_links_by_profile ON identity_links(profile_id, seq);
+CREATE INDEX IF NOT EXISTS identity_links_by_visitor ON identity_links(visitor_id, kind);
 -- Sampled audience sizes, for plotting.
 CREATE TABLE IF NOT EXISTS audience_sizes (
     at_ms       INTEGER NOT NULL,
@@ -116,7 +133,9 @@ pub fn open(path: &Path) -> Result<Connection> {
     if version < SCHEMA_VERSION {
         if version == 1 {
             // Version 2 records each event's data source.
-            conn.execute_batch("ALTER TABLE events ADD COLUMN source TEXT")?;
+            conn.execute_batch(
+                "ALTER TABLE events ADD COLUMN source TEXT; ALTER TABLE events ADD COLUMN visitor_id TEXT;",
+            )?;
         }
         conn.execute_batch(SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -212,9 +231,18 @@ impl<'c> Batch<'c> {
         let data = serde_json::Value::Object(event.data.clone()).to_string();
         self.tx
             .prepare_cached(
-                "INSERT INTO events (event_id, profile_id, name, ts_ms, data, source) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO events (event_id, profile_id, name, ts_ms, data, source, visitor_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
-            .execute(params![event.id, profile_id, event.name, event.timestamp_ms, data, event.source])?;
+            .execute(params![
+                event.id,
+                profile_id,
+                event.name,
+                event.timestamp_ms,
+                data,
+                event.source,
+                event.visitor_id
+            ])?;
         Ok(())
     }
 
@@ -279,6 +307,54 @@ impl<'c> Batch<'c> {
                  ON CONFLICT(action, profile_id) DO UPDATE SET last_ms = excluded.last_ms",
             )?
             .execute(params![action, profile_id, at_ms])?;
+        Ok(())
+    }
+
+    /// Records an identity decision (see the `identity_links` table).
+    pub fn record_identity(&self, link: &IdentityLink) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO identity_links (profile_id, visitor_id, kind, other_id, attribute, event_id, at_ms, detail)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                link.profile_id,
+                link.visitor_id,
+                link.kind,
+                link.other_id,
+                link.attribute,
+                link.event_id,
+                link.at_ms,
+                link.detail
+            ])?;
+        Ok(())
+    }
+
+    /// Moves everything of profile `absorbed` to `survivor`: its ids, event log and memberships
+    /// (the survivor's own rows win); then deletes the absorbed profile.
+    pub fn merge_profiles(&self, absorbed: &str, survivor: &str) -> Result<()> {
+        let tx = &self.tx;
+        tx.prepare_cached("UPDATE identities SET profile_id = ?2 WHERE profile_id = ?1")?
+            .execute([absorbed, survivor])?;
+        tx.prepare_cached("UPDATE events SET profile_id = ?2 WHERE profile_id = ?1")?.execute([absorbed, survivor])?;
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO memberships (profile_id, audience, joined_ms)
+             SELECT ?2, audience, joined_ms FROM memberships WHERE profile_id = ?1",
+        )?
+        .execute([absorbed, survivor])?;
+        tx.prepare_cached("DELETE FROM memberships WHERE profile_id = ?1")?.execute([absorbed])?;
+        tx.prepare_cached("DELETE FROM profiles WHERE id = ?1")?.execute([absorbed])?;
+        tx.prepare_cached("DELETE FROM wakeups WHERE profile_id = ?1")?.execute([absorbed])?;
+        Ok(())
+    }
+
+    /// Splits visitor id `id` out of profile `from` into a profile of its own (named `id`): the
+    /// id and the events sent with it move.
+    pub fn split_identity(&self, id: &str, from: &str) -> Result<()> {
+        let tx = &self.tx;
+        tx.prepare_cached("UPDATE identities SET profile_id = ?1 WHERE visitor_id = ?1")?.execute([id])?;
+        tx.prepare_cached("UPDATE events SET profile_id = ?1 WHERE profile_id = ?2 AND visitor_id = ?1")?
+            .execute([id, from])?;
         Ok(())
     }
 
@@ -489,6 +565,84 @@ pub fn audience_sizes(conn: &Connection) -> Result<Vec<(String, i64)>> {
     let mut stmt = conn.prepare_cached("SELECT audience, COUNT(*) FROM memberships GROUP BY audience")?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// One identity decision, as recorded in `identity_links`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct IdentityLink {
+    pub profile_id: String,
+    pub visitor_id: String,
+    pub kind: &'static str,
+    pub other_id: Option<String>,
+    pub attribute: Option<String>,
+    pub event_id: Option<String>,
+    pub at_ms: i64,
+    pub detail: Option<String>,
+}
+
+/// The ids linked to a profile.
+pub fn ids_of(conn: &Connection, profile_id: &str) -> Result<Vec<String>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT visitor_id FROM identities WHERE profile_id = ?1 ORDER BY visitor_id")?;
+    let rows = stmt.query_map([profile_id], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Every id linked to a profile other than the one named after it: (visitor id, profile id).
+pub fn stitched_ids(conn: &Connection) -> Result<Vec<(String, String)>> {
+    let mut stmt = conn.prepare("SELECT visitor_id, profile_id FROM identities WHERE visitor_id <> profile_id")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Whether `id` was split out of `profile_id` (it may not stitch to it again).
+pub fn was_unstitched(conn: &Connection, id: &str, profile_id: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT 1 FROM identity_links WHERE visitor_id = ?1 AND kind = 'unstitched' AND other_id = ?2 LIMIT 1",
+        )?
+        .query_row([id, profile_id], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// The identity history of a profile, oldest first.
+pub fn identity_history(conn: &Connection, profile_id: &str) -> Result<Vec<serde_json::Value>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT visitor_id, kind, other_id, attribute, event_id, at_ms, detail FROM identity_links
+         WHERE profile_id = ?1 OR other_id = ?1 ORDER BY seq",
+    )?;
+    let rows = stmt.query_map([profile_id], |r| {
+        Ok(serde_json::json!({
+            "id": r.get::<_, String>(0)?,
+            "kind": r.get::<_, String>(1)?,
+            "other_profile": r.get::<_, Option<String>>(2)?,
+            "attribute": r.get::<_, Option<String>>(3)?,
+            "event_id": r.get::<_, Option<String>>(4)?,
+            "at": starling_core::time::format_rfc3339(r.get(5)?),
+            "detail": r.get::<_, Option<String>>(6)?,
+        }))
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// The logged events of a profile, oldest first, as they were received.
+pub fn profile_events(conn: &Connection, profile_id: &str) -> Result<Vec<starling_core::Event>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT event_id, name, COALESCE(visitor_id, profile_id), source, ts_ms, data FROM events
+         WHERE profile_id = ?1 ORDER BY ts_ms, seq",
+    )?;
+    let rows = stmt.query_map([profile_id], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get::<_, String>(5)?))
+    })?;
+    let mut events = Vec::new();
+    for row in rows {
+        let (id, name, visitor_id, source, timestamp_ms, data) = row?;
+        let data = serde_json::from_str(&data)
+            .map_err(|e| StoreError::Corrupt { id: profile_id.to_string(), message: format!("event data: {e}") })?;
+        events.push(starling_core::Event { id, name, visitor_id, source, timestamp_ms, data });
+    }
+    Ok(events)
 }
 
 /// Profiles whose wake-up time has come, earliest first.

@@ -6,6 +6,7 @@ mod durability;
 mod harness;
 mod registry;
 mod segments;
+mod stitching;
 
 use harness::{Receiver, Server, eventually, get_json, post_json};
 use serde_json::json;

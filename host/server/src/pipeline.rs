@@ -587,7 +587,10 @@ impl Worker {
                 self.cache.identities.insert(id, pid.to_string());
                 continue;
             }
-            if starling_store::was_unstitched(conn, &id, pid)? {
+            // A profile split out of another is not stitched back to it by the same ids.
+            if let Some(o) = &owner
+                && (starling_store::was_unstitched(conn, pid, o)? || starling_store::was_unstitched(conn, o, pid)?)
+            {
                 continue;
             }
             let cap = model.identity.max_ids_per_profile;

@@ -595,7 +595,7 @@ pub fn stitched_ids(conn: &Connection) -> Result<Vec<(String, String)>> {
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-/// Whether `id` was split out of `profile_id` (it may not stitch to it again).
+/// Whether profile `id` was split out of profile `profile_id` (they may not stitch again).
 pub fn was_unstitched(conn: &Connection, id: &str, profile_id: &str) -> Result<bool> {
     Ok(conn
         .prepare_cached(

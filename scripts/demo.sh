@@ -38,6 +38,15 @@ plugins, about 40 s; later starts use the compiled-code cache). In another termi
   curl -s localhost:8080/v1/profiles/anon-1
   curl -s localhost:8080/v1/audiences
   curl -s localhost:8080/v1/profiles/anon-1/explain/recent_buyers
+
+A second device logging in with the same email hash is stitched into the same profile:
+
+  curl -s -XPOST localhost:8080/v1/events -d '{"events": [
+    {"event": "login", "visitor_id": "anon-1", "data": {"email_hash": "b58996c504c5638798eb6b511e6f49af"}},
+    {"event": "page_view", "visitor_id": "tablet-7", "data": {"category": "bags"}},
+    {"event": "login", "visitor_id": "tablet-7", "data": {"email_hash": "b58996c504c5638798eb6b511e6f49af"}}]}'
+  curl -s localhost:8080/v1/profiles/tablet-7/identity
+  ./target/debug/starling profile unstitch tablet-7
   curl -s localhost:8080/v1/actions
 
 HELP

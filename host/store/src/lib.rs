@@ -18,7 +18,7 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS profiles (
@@ -131,16 +131,27 @@ pub fn open(path: &Path) -> Result<Connection> {
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if version < SCHEMA_VERSION {
-        if version == 1 {
-            // Version 2 records each event's data source.
-            conn.execute_batch(
-                "ALTER TABLE events ADD COLUMN source TEXT; ALTER TABLE events ADD COLUMN visitor_id TEXT;",
-            )?;
+        if version >= 1 {
+            // Later versions record each event's data source and the id it was sent with.
+            add_column_if_missing(&conn, "events", "source", "TEXT")?;
+            add_column_if_missing(&conn, "events", "visitor_id", "TEXT")?;
         }
         conn.execute_batch(SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     }
     Ok(conn)
+}
+
+fn add_column_if_missing(conn: &Connection, table: &str, column: &str, decl: &str) -> Result<()> {
+    let exists = conn
+        .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?
+        .query_row([column], |_| Ok(()))
+        .optional()?
+        .is_some();
+    if !exists {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+    }
+    Ok(())
 }
 
 /// The profile id a visitor id is linked to, if any.

@@ -1,6 +1,7 @@
 //! The `starling` command.
 
 mod build;
+mod loadgen;
 mod registry;
 
 use anyhow::{Context, Result, bail};
@@ -58,6 +59,8 @@ enum Command {
         #[command(subcommand)]
         command: ProfileCommand,
     },
+    /// Post a generated event stream to a running server; report throughput and latency.
+    Loadgen(loadgen::Options),
     /// Inspect the action outbox and the dead letters; replay dead letters.
     Actions {
         #[command(flatten)]
@@ -205,6 +208,7 @@ fn main() -> std::process::ExitCode {
         Command::Config { command: ConfigCommand::Check { file, plugins } } => check(&file, plugins),
         Command::Actions { db, command } => actions(&db, command),
         Command::Profile { server, command } => profile(&server, command),
+        Command::Loadgen(options) => loadgen::run(options),
         Command::Plugin { command: PluginCommand::Build { dirs, out }, .. } => {
             let dirs = if dirs.is_empty() { vec![PathBuf::from("connectors")] } else { dirs };
             build::build_all(&dirs, &out)

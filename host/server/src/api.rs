@@ -75,8 +75,16 @@ impl From<starling_store::StoreError> for ApiError {
     }
 }
 
+#[derive(serde::Deserialize)]
+struct EventsQuery {
+    /// Only parse and validate: nothing is queued or stored.
+    #[serde(default)]
+    dry_run: bool,
+}
+
 async fn post_events(
     State(state): State<AppState>,
+    Query(query): Query<EventsQuery>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let body = body.map_err(|rejection| {
@@ -90,6 +98,9 @@ async fn post_events(
     })?;
     let events =
         crate::ingest::parse_events(&body, (state.clock)()).map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, m))?;
+    if query.dry_run {
+        return Ok((StatusCode::OK, Json(serde_json::json!({ "valid": events.len() }))));
+    }
     // Busy, shutting down or a failed commit: nothing was acknowledged, the client may retry.
     let report =
         state.ingest.submit(events).await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;

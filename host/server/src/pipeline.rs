@@ -476,10 +476,15 @@ impl Worker {
         for id in p.gone.iter().chain(&p.leaving) {
             self.cache.profiles.remove(id);
         }
-        let leaving = &p.leaving;
-        self.cache
-            .profiles
-            .extend(p.touched.drain().filter(|(id, _)| !leaving.contains(id)).map(|(id, (pr, _))| (id, pr)));
+        // Only profiles this partition owns are cached: a profile split out for another
+        // partition (unstitch) or handed over (merge) is read from the store by its owner.
+        let (leaving, index, partitions) = (&p.leaving, self.index, self.partitions);
+        self.cache.profiles.extend(
+            p.touched
+                .drain()
+                .filter(|(id, _)| !leaving.contains(id) && partition_of(id, partitions) == index)
+                .map(|(id, (profile, _))| (id, profile)),
+        );
         Ok(reports)
     }
 

@@ -1,0 +1,377 @@
+//! `starling loadgen`: posts a realistic event stream to a running server over keep-alive
+//! connections, reports throughput and latency percentiles, and checks afterwards that every
+//! person's profile adds up.
+//!
+//! The stream: people browse (page views with a category and a user agent), add to cart, buy,
+//! and some use two devices and log in on both with the same email hash, so their profiles
+//! stitch. It is generated up front from a seed, so runs are repeatable and the expected totals
+//! per person are known.
+
+use anyhow::{Context, Result, bail};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::Mutex;
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// The server.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// Distinct people.
+    #[arg(long, default_value_t = 10_000)]
+    people: usize,
+    /// Events to send in total.
+    #[arg(long, default_value_t = 200_000)]
+    events: usize,
+    /// Events per request.
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// Requests in flight at once, one keep-alive connection each.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// Share of people with two devices who log in on both (their profiles stitch).
+    #[arg(long, default_value_t = 0.2)]
+    two_devices: f64,
+    /// At most this many events per second; 0: as fast as the server takes them.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Have the server only parse and validate the requests (`?dry_run=true`), to measure the
+    /// ceiling that parsing and HTTP put on ingestion.
+    #[arg(long)]
+    parse_only: bool,
+    /// Afterwards, check every person's profile: events, purchases and spend must add up.
+    #[arg(long)]
+    verify: bool,
+    /// Mark one event in N as traced (`data.trace = true`, `data.sent_us` = send time); with
+    /// `--receiver`, measure how long until a connector's request for it arrives.
+    #[arg(long, default_value_t = 0)]
+    trace_every: usize,
+    /// Listen here for the connector requests of traced events (they must carry `sent_us`).
+    #[arg(long)]
+    receiver: Option<String>,
+    /// Seed of the generated stream.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Prefix of every id, so runs against one database do not mix.
+    #[arg(long, default_value = "lg")]
+    prefix: String,
+}
+
+const CATEGORIES: &[&str] = &["shoes", "hats", "bags", "shirts", "coats", "socks", "belts", "watches"];
+const USER_AGENTS: &[&str] = &[
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) Version/17.4 Mobile/15E148 Safari/604.1",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36",
+    "Mozilla/5.0 (X11; Linux x86_64; rv:125.0) Gecko/20100101 Firefox/125.0",
+];
+
+/// One generated event, before it becomes JSON.
+#[derive(Clone)]
+enum Kind {
+    Login { email_hash: String },
+    PageView { category: &'static str, user_agent: &'static str },
+    AddToCart { price: u32 },
+    Purchase { total: u32 },
+}
+
+#[derive(Clone)]
+struct Planned {
+    device: String,
+    kind: Kind,
+    traced: bool,
+}
+
+/// What a person's profile must show once every event is applied.
+#[derive(Default, Clone)]
+struct Expected {
+    events: u64,
+    purchases: u64,
+    spend: u64,
+    devices: Vec<String>,
+}
+
+fn plan(o: &Options) -> (Vec<Planned>, Vec<Expected>) {
+    let mut rng = SmallRng::seed_from_u64(o.seed);
+    let mut people: Vec<Expected> = (0..o.people)
+        .map(|p| {
+            let mut devices = vec![format!("{}-{p}-a", o.prefix)];
+            if rng.random_bool(o.two_devices) {
+                devices.push(format!("{}-{p}-b", o.prefix));
+            }
+            Expected { devices, ..Expected::default() }
+        })
+        .collect();
+    let mut started = vec![[false; 2]; o.people];
+    let mut events = Vec::with_capacity(o.events);
+    while events.len() < o.events {
+        let p = rng.random_range(0..o.people);
+        let d = rng.random_range(0..people[p].devices.len());
+        let device = people[p].devices[d].clone();
+        // Someone with two devices logs in first on each, so both profiles stitch.
+        let kind = if people[p].devices.len() == 2 && !started[p][d] {
+            Kind::Login { email_hash: format!("{:032x}", (o.seed as u128) << 64 | p as u128) }
+        } else {
+            match rng.random_range(0..100) {
+                0..70 => Kind::PageView {
+                    category: CATEGORIES[rng.random_range(0..CATEGORIES.len())],
+                    user_agent: USER_AGENTS[rng.random_range(0..USER_AGENTS.len())],
+                },
+                70..88 => Kind::AddToCart { price: rng.random_range(5..300) },
+                _ => Kind::Purchase { total: rng.random_range(5..500) },
+            }
+        };
+        started[p][d] = true;
+        let person = &mut people[p];
+        person.events += 1;
+        if let Kind::Purchase { total } = kind {
+            person.purchases += 1;
+            person.spend += u64::from(total);
+        }
+        let traced = o.trace_every > 0 && events.len() % o.trace_every == 0;
+        events.push(Planned { device, kind, traced });
+    }
+    (events, people)
+}
+
+fn to_json(e: &Planned) -> serde_json::Value {
+    let mut data = match &e.kind {
+        Kind::Login { email_hash } => json!({ "email_hash": email_hash }),
+        Kind::PageView { category, user_agent } => json!({ "category": category, "user_agent": user_agent }),
+        Kind::AddToCart { price } => json!({ "price": price }),
+        Kind::Purchase { total } => json!({ "order_total": total }),
+    };
+    if e.traced {
+        data["trace"] = json!(true);
+        data["sent_us"] = json!(now_us());
+    }
+    let name = match e.kind {
+        Kind::Login { .. } => "login",
+        Kind::PageView { .. } => "page_view",
+        Kind::AddToCart { .. } => "add_to_cart",
+        Kind::Purchase { .. } => "purchase",
+    };
+    json!({ "event": name, "visitor_id": e.device, "data": data })
+}
+
+fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<Duration>,
+    accepted: u64,
+    duplicates: u64,
+    refused: u64,
+}
+
+pub fn run(o: Options) -> Result<()> {
+    if o.people == 0 || o.events == 0 || o.batch == 0 || o.connections == 0 {
+        bail!("--people, --events, --batch and --connections must be positive");
+    }
+    let started = Instant::now();
+    let (events, people) = plan(&o);
+    println!(
+        "planned {} events for {} people ({} with two devices) in {:.1} s",
+        events.len(),
+        people.len(),
+        people.iter().filter(|p| p.devices.len() == 2).count(),
+        started.elapsed().as_secs_f64()
+    );
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(drive(o, events, people))
+}
+
+async fn drive(o: Options, events: Vec<Planned>, people: Vec<Expected>) -> Result<()> {
+    let traces = Arc::new(Mutex::new(Vec::<Duration>::new()));
+    if let Some(addr) = &o.receiver {
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--receiver: listening on {addr}"))?;
+        let traces = traces.clone();
+        let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+            let traces = traces.clone();
+            async move {
+                let arrived = now_us();
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
+                    // One action, or a batch of them.
+                    let items = v.as_array().cloned().unwrap_or_else(|| vec![v]);
+                    let mut t = traces.lock().await;
+                    for item in items {
+                        if let Some(sent) = item["sent_us"].as_f64() {
+                            t.push(Duration::from_micros(arrived.saturating_sub(sent as u64)));
+                        }
+                    }
+                }
+                axum::http::StatusCode::OK
+            }
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+    }
+
+    let url =
+        format!("{}/v1/events{}", o.server.trim_end_matches('/'), if o.parse_only { "?dry_run=true" } else { "" });
+    let batches: Arc<Vec<Vec<Planned>>> = Arc::new(events.chunks(o.batch).map(<[Planned]>::to_vec).collect());
+    let next = Arc::new(AtomicUsize::new(0));
+    let scheduled = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..o.connections {
+        let (batches, next, scheduled, url) = (batches.clone(), next.clone(), scheduled.clone(), url.clone());
+        let rate = o.rate;
+        let client = reqwest::Client::builder().pool_max_idle_per_host(1).build()?;
+        tasks.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(batch) = batches.get(i) else { break };
+                if rate > 0 {
+                    let slot = scheduled.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    tokio::time::sleep_until((start + Duration::from_secs_f64(slot as f64 / rate as f64)).into()).await;
+                }
+                let body = json!({ "events": batch.iter().map(to_json).collect::<Vec<_>>() }).to_string();
+                loop {
+                    let sent = Instant::now();
+                    let response = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await
+                        .context("posting events")?;
+                    let status = response.status();
+                    let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok());
+                    let answer: serde_json::Value = response.json().await.unwrap_or_default();
+                    if status.as_u16() == 503 || status.as_u16() == 429 {
+                        tally.refused += 1;
+                        tokio::time::sleep(Duration::from_secs(retry_after.unwrap_or(1))).await;
+                        continue;
+                    }
+                    if !status.is_success() {
+                        bail!("the server answered {status}: {answer}");
+                    }
+                    tally.latencies.push(sent.elapsed());
+                    tally.accepted += answer["accepted"].as_u64().or(answer["valid"].as_u64()).unwrap_or(0);
+                    tally.duplicates += answer["duplicates"].as_u64().unwrap_or(0);
+                    break;
+                }
+            }
+            anyhow::Ok(tally)
+        }));
+    }
+    let mut total = Tally::default();
+    for task in tasks {
+        let t = task.await??;
+        total.latencies.extend(t.latencies);
+        total.accepted += t.accepted;
+        total.duplicates += t.duplicates;
+        total.refused += t.refused;
+    }
+    let elapsed = start.elapsed();
+    let sent = events.len() as f64;
+    println!(
+        "{} {} events in {:.2} s: {:.0} events/s ({} requests of {} over {} connections; {} refused with 503 and retried)",
+        if o.parse_only { "parsed" } else { "applied" },
+        total.accepted,
+        elapsed.as_secs_f64(),
+        sent / elapsed.as_secs_f64(),
+        total.latencies.len(),
+        o.batch,
+        o.connections,
+        total.refused
+    );
+    println!("request latency (until the answer): {}", percentiles(&mut total.latencies));
+    if total.accepted + total.duplicates != events.len() as u64 {
+        bail!("sent {} events, the server accounted for {}", events.len(), total.accepted + total.duplicates);
+    }
+    if o.receiver.is_some() {
+        let traced = events.iter().filter(|e| e.traced).count();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while traces.lock().await.len() < traced && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut t = traces.lock().await.clone();
+        println!("event -> connector request ({} of {traced} traced events arrived): {}", t.len(), percentiles(&mut t));
+    }
+    if o.verify && !o.parse_only {
+        verify(&o, &people).await?;
+    }
+    Ok(())
+}
+
+fn percentiles(samples: &mut [Duration]) -> String {
+    if samples.is_empty() {
+        return "no samples".into();
+    }
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    format!(
+        "p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        ms(at(0.5)),
+        ms(at(0.9)),
+        ms(at(0.99)),
+        ms(samples[samples.len() - 1])
+    )
+}
+
+/// Reads every person's profile (through each of their devices) and compares it with what was
+/// sent: one profile per person, event count, purchase count and spend.
+async fn verify(o: &Options, people: &[Expected]) -> Result<()> {
+    let client = reqwest::Client::new();
+    let base = o.server.trim_end_matches('/').to_string();
+    let checked = Arc::new(AtomicUsize::new(0));
+    let problems = Arc::new(Mutex::new(Vec::new()));
+    let people: Arc<Vec<Expected>> = Arc::new(people.iter().filter(|p| p.events > 0).cloned().collect());
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..o.connections {
+        let (client, base, people, next, checked, problems) =
+            (client.clone(), base.clone(), people.clone(), next.clone(), checked.clone(), problems.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(person) = people.get(i) else { break };
+                let mut ids = Vec::new();
+                for device in &person.devices {
+                    let response = client.get(format!("{base}/v1/profiles/{device}")).send().await?;
+                    if response.status() == 404 {
+                        continue; // a device that sent nothing
+                    }
+                    let profile: serde_json::Value = response.json().await?;
+                    ids.push(profile["id"].clone());
+                    let got = (
+                        profile["event_count"].as_u64().unwrap_or(0),
+                        profile["attributes"]["purchase_count"].as_f64().unwrap_or(0.0) as u64,
+                        profile["attributes"]["lifetime_spend"].as_f64().unwrap_or(0.0) as u64,
+                    );
+                    if got != (person.events, person.purchases, person.spend) {
+                        problems.lock().await.push(format!(
+                            "{device}: events, purchases, spend = {got:?}, expected {:?}",
+                            (person.events, person.purchases, person.spend)
+                        ));
+                    }
+                }
+                if ids.windows(2).any(|w| w[0] != w[1]) {
+                    problems.lock().await.push(format!("{:?} are not one profile: {ids:?}", person.devices));
+                }
+                checked.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let problems = problems.lock().await;
+    println!("verified {} people: {} mismatches", checked.load(Ordering::Relaxed), problems.len());
+    for p in problems.iter().take(10) {
+        println!("  {p}");
+    }
+    if !problems.is_empty() {
+        bail!("{} profiles do not add up", problems.len());
+    }
+    Ok(())
+}

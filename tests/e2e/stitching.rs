@@ -281,3 +281,33 @@ async fn events_for_both_ids_during_a_merge_lose_no_update() {
     }
     server.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_load_generator_finds_every_profile_adding_up_on_the_benchmark_configuration() {
+    let _heavy = harness::exclusive().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = std::fs::read_to_string(harness::root().join("examples/benchmark.toml"))
+        .unwrap()
+        .replace("../target/bench/starling.db", "starling.db")
+        .replace("../target/plugins", "plugins")
+        .replace("[server]\n", &format!("[server]\npartitions = {PARTITIONS}\n"));
+    let path = dir.path().join("starling.toml");
+    std::fs::write(&path, config).unwrap();
+    for plugin in ["webhook", "value-tier"] {
+        harness::install(harness::connectors(), plugin, &dir.path().join("plugins"), |m| m);
+    }
+    let server = Server::start(&path);
+    // Many people with two devices log in at about the same time on different partitions:
+    // concurrent claims of one id must end as one profile, with nothing lost.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args(["loadgen", "--server", &server.url, "--people", "400", "--events", "8000", "--batch", "50"])
+        .args(["--connections", "8", "--two-devices", "0.5", "--verify"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("applied 8000 events"), "{stdout}");
+    assert!(stdout.contains(": 0 mismatches"), "{stdout}");
+    server.stop();
+}

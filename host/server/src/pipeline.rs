@@ -241,15 +241,46 @@ struct Worker {
 
 /// A write decided while applying events, performed at commit.
 enum Write {
-    Link { visitor: String, profile: String },
-    Event { job: usize, event: usize, profile: String },
-    Join { profile: String, audience: String, at_ms: i64 },
-    Leave { profile: String, audience: String },
-    Enqueue { action: PendingAction, due_ms: i64, condition: Option<&'static str> },
-    Fired { action: String, profile: String, at_ms: i64 },
+    /// `claim`: a known id this profile claims (with the job and the record of the claim). Two
+    /// partitions may claim one id at once; the one whose commit comes second merges instead.
+    Link {
+        visitor: String,
+        profile: String,
+        claim: Option<(usize, IdentityLink)>,
+    },
+    Event {
+        job: usize,
+        event: usize,
+        profile: String,
+    },
+    Join {
+        profile: String,
+        audience: String,
+        at_ms: i64,
+    },
+    Leave {
+        profile: String,
+        audience: String,
+    },
+    Enqueue {
+        action: PendingAction,
+        due_ms: i64,
+        condition: Option<&'static str>,
+    },
+    Fired {
+        action: String,
+        profile: String,
+        at_ms: i64,
+    },
     Identity(IdentityLink),
-    Merge { absorbed: String, survivor: String },
-    Split { id: String, from: String },
+    Merge {
+        absorbed: String,
+        survivor: String,
+    },
+    Split {
+        id: String,
+        from: String,
+    },
 }
 
 /// Everything one batch decides, applied at commit.
@@ -441,9 +472,22 @@ impl Worker {
         }
 
         let tx = Batch::begin(conn)?;
+        let mut lost_claims = Vec::new();
         for write in &p.effects.writes {
             match write {
-                Write::Link { visitor, profile } => tx.link_identity(visitor, profile)?,
+                Write::Link { visitor, profile, claim } => {
+                    let linked = tx.link_identity(visitor, profile)?;
+                    match claim {
+                        Some((_, record)) if linked => tx.record_identity(record)?,
+                        Some((job, record)) => {
+                            let owner = starling_store::resolve_identity(tx.connection(), visitor)?;
+                            if let Some(owner) = owner.filter(|o| o != profile) {
+                                lost_claims.push((*job, record.clone(), owner));
+                            }
+                        }
+                        None => {}
+                    }
+                }
                 Write::Event { job, event, profile } => {
                     let Work::Events(events) = &batch[*job].work else { unreachable!("event writes come from events") };
                     tx.log_event(&events[*event], profile, now)?
@@ -466,6 +510,9 @@ impl Worker {
             }
         }
         tx.commit()?;
+        for (job, claim, owner) in lost_claims {
+            self.lost_claim(conn, p, job, claim, owner)?;
+        }
 
         if self.cache.profiles.len() + p.touched.len() > PROFILE_CACHE_LIMIT {
             self.cache = Cache::default();
@@ -486,6 +533,39 @@ impl Worker {
                 .map(|(id, (profile, _))| (id, profile)),
         );
         Ok(reports)
+    }
+
+    /// Another partition linked the id this batch's profile claimed, first: the profile is
+    /// merged into that one, as if the link had been seen before the claim.
+    fn lost_claim(
+        &mut self,
+        conn: &rusqlite::Connection,
+        p: &mut Pending,
+        job: usize,
+        claim: IdentityLink,
+        owner: String,
+    ) -> Result<(), StoreError> {
+        let (id, absorbed) = (claim.visitor_id, claim.profile_id);
+        p.links.remove(&id);
+        p.directory.retain(|(d, _)| *d != id);
+        self.cache.identities.insert(id.clone(), owner.clone());
+        let survivor = self.directory.profile_of(&owner);
+        let mut ids = starling_store::ids_of(conn, &absorbed)?;
+        ids.push(absorbed.clone());
+        p.leaving.insert(absorbed.clone());
+        p.directory.extend(ids.into_iter().map(|i| (i, survivor.clone())));
+        tracing::info!(id = %id, profile = %absorbed, owner = %survivor, "id claimed concurrently; merging");
+        p.merges.push((
+            job,
+            MergeRequest {
+                survivor,
+                absorbed,
+                via: id,
+                attribute: claim.attribute.unwrap_or_default(),
+                event_id: claim.event_id,
+            },
+        ));
+        Ok(())
     }
 
     /// The profile an id belongs to, as far as this batch knows.
@@ -519,7 +599,11 @@ impl Worker {
             }
             None => {
                 p.links.insert(visitor.to_string(), profile.to_string());
-                p.effects.writes.push(Write::Link { visitor: visitor.to_string(), profile: profile.to_string() });
+                p.effects.writes.push(Write::Link {
+                    visitor: visitor.to_string(),
+                    profile: profile.to_string(),
+                    claim: None,
+                });
             }
         }
         Ok(())
@@ -616,8 +700,11 @@ impl Worker {
             match owner {
                 None => {
                     p.links.insert(id.clone(), pid.to_string());
-                    p.effects.writes.push(Write::Link { visitor: id.clone(), profile: pid.to_string() });
-                    p.effects.writes.push(record("link", None, None));
+                    let claim = match record("link", None, None) {
+                        Write::Identity(link) => Some((job, link)),
+                        _ => unreachable!("record makes identity writes"),
+                    };
+                    p.effects.writes.push(Write::Link { visitor: id.clone(), profile: pid.to_string(), claim });
                     p.directory.push((id, pid.to_string()));
                 }
                 Some(survivor) => {

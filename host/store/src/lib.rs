@@ -226,11 +226,14 @@ impl<'c> Batch<'c> {
         &self.tx
     }
 
-    pub fn link_identity(&self, visitor_id: &str, profile_id: &str) -> Result<()> {
-        self.tx
+    /// Links `visitor_id` to `profile_id` unless it is linked already; returns whether it was
+    /// this call that linked it.
+    pub fn link_identity(&self, visitor_id: &str, profile_id: &str) -> Result<bool> {
+        let inserted = self
+            .tx
             .prepare_cached("INSERT OR IGNORE INTO identities (visitor_id, profile_id) VALUES (?1, ?2)")?
             .execute([visitor_id, profile_id])?;
-        Ok(())
+        Ok(inserted == 1)
     }
 
     pub fn log_event(&self, event: &starling_core::Event, profile_id: &str, now_ms: i64) -> Result<()> {

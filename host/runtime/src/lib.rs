@@ -20,7 +20,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder, Trap,
+};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
@@ -211,6 +213,7 @@ impl PluginHost {
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.wasm_component_model(true);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool()));
         let engine = Engine::new(&config).map_err(fail)?;
 
         let mut enricher_linker = Linker::new(&engine);
@@ -491,6 +494,26 @@ impl PluginHost {
         })
         .await
     }
+}
+
+/// Every call instantiates its plugin afresh; the pooling allocator keeps memories, tables and
+/// async stacks mapped between calls, so an instantiation reuses a warm slot instead of mapping
+/// and unmapping memory each time. Sized for the calls one server runs at once (ingestion
+/// workers and delivery lanes), with room for components from language toolchains, which hold
+/// dozens of core instances and large function tables.
+fn pool() -> PoolingAllocationConfig {
+    const CONCURRENT_CALLS: u32 = 128;
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(CONCURRENT_CALLS)
+        .total_stacks(CONCURRENT_CALLS)
+        .total_core_instances(CONCURRENT_CALLS * 16)
+        .total_memories(CONCURRENT_CALLS * 4)
+        .total_tables(CONCURRENT_CALLS * 8)
+        .max_memories_per_component(16)
+        .max_tables_per_component(64)
+        .table_elements(100_000)
+        .max_memory_size((manifest::MAX_MEMORY_MIB << 20) as usize);
+    pool
 }
 
 fn add_starling_imports(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {

@@ -66,6 +66,9 @@ impl Default for Limits {
     }
 }
 
+/// Largest linear memory a plugin may ask for; also the size of the pooled memory slots.
+pub const MAX_MEMORY_MIB: u64 = 1024;
+
 fn default_memory_mib() -> u64 {
     64
 }
@@ -112,6 +115,9 @@ impl Manifest {
         }
         if m.limits.memory_mib == 0 || m.limits.timeout_ms == 0 {
             return Err("limits.memory_mib and limits.timeout_ms must be positive".into());
+        }
+        if m.limits.memory_mib > MAX_MEMORY_MIB {
+            return Err(format!("limits.memory_mib is {}, at most {MAX_MEMORY_MIB}", m.limits.memory_mib));
         }
         for pattern in &m.capabilities.allowed_hosts {
             crate::egress::HostPattern::parse(pattern)?;

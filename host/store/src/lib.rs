@@ -127,6 +127,9 @@ pub fn open(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
+    // Reads through a shared memory map instead of a read() copy per page; one mapping serves
+    // every connection of the process.
+    conn.pragma_update(None, "mmap_size", 256i64 << 20)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;

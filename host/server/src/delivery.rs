@@ -79,16 +79,15 @@ impl Lane {
                 self.pause(Some(open_until - now), &mut shutdown).await;
                 continue;
             }
+            // Rows in flight when the query starts are skipped. The set must not be read again
+            // after the query: a call finishing in between would have been read as still
+            // pending, and be delivered twice.
             let busy: HashSet<i64> = in_flight.lock().expect("in flight").clone();
-            let action = name.clone();
-            let due = self
-                .db(move |c| starling_store::due_actions(c, &action, now, limit + busy.len()))
-                .await
-                .unwrap_or_else(|e| {
-                    tracing::error!(action = %name, "reading the outbox: {e}");
-                    Vec::new()
-                });
-            let busy = in_flight.lock().expect("in flight").clone();
+            let (action, scan) = (name.clone(), limit + busy.len());
+            let due = self.db(move |c| starling_store::due_actions(c, &action, now, scan)).await.unwrap_or_else(|e| {
+                tracing::error!(action = %name, "reading the outbox: {e}");
+                Vec::new()
+            });
             let mut due: Vec<OutboxEntry> = due.into_iter().filter(|e| !busy.contains(&e.id)).take(limit).collect();
             if due.is_empty() {
                 let action = name.clone();

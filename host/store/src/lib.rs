@@ -195,6 +195,7 @@ pub fn event_seen(conn: &Connection, event_id: &str, since_ms: i64) -> Result<bo
 
 /// Forgets event ids seen before `before_ms`; returns how many.
 pub fn prune_seen_events(conn: &Connection, before_ms: i64) -> Result<usize> {
+    let _gate = write_gate();
     Ok(conn.execute("DELETE FROM seen_events WHERE seen_ms < ?1", [before_ms])?)
 }
 
@@ -214,14 +215,26 @@ pub fn is_member(conn: &Connection, profile_id: &str, audience: &str) -> Result<
         .is_some())
 }
 
+static WRITE_GATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Serializes this process's write transactions. SQLite allows one writer at a time and makes
+/// the others sleep and retry (in steps of milliseconds); queueing on a mutex instead hands the
+/// lock over as soon as it is free. Other processes still wait through the busy timeout.
+fn write_gate() -> std::sync::MutexGuard<'static, ()> {
+    WRITE_GATE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Writes made while applying a batch of events; committed together.
 pub struct Batch<'c> {
+    // Declared before the gate, so the transaction ends before the gate opens.
     tx: Transaction<'c>,
+    _gate: std::sync::MutexGuard<'static, ()>,
 }
 
 impl<'c> Batch<'c> {
     pub fn begin(conn: &'c mut Connection) -> Result<Batch<'c>> {
-        Ok(Batch { tx: conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)? })
+        let gate = write_gate();
+        Ok(Batch { tx: conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?, _gate: gate })
     }
 
     /// The transaction's connection, for reads that must see this batch's writes.
@@ -493,6 +506,7 @@ pub enum Attempt {
 }
 
 pub fn record_attempt(conn: &Connection, id: i64, attempt: &Attempt, now_ms: i64) -> Result<()> {
+    let _gate = write_gate();
     match attempt {
         Attempt::Delivered => conn.execute(
             "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, delivered_ms = ?2, last_error = NULL WHERE id = ?1",
@@ -565,6 +579,7 @@ pub fn dead_letters(conn: &Connection, limit: usize) -> Result<Vec<DeadLetter>> 
 /// Moves dead letters (one id, or all when `None`) back to the outbox as pending, due now,
 /// with their attempts reset. They keep their id, hence their idempotency key. Returns how many.
 pub fn replay_dead_letters(conn: &mut Connection, id: Option<i64>, now_ms: i64) -> Result<usize> {
+    let _gate = write_gate();
     let tx = conn.transaction()?;
     let moved = tx.execute(
         "INSERT INTO outbox (id, action, connector, trigger, audience, profile_id, occurred_ms, payload, status, attempts, next_attempt_ms, last_error, condition)
@@ -679,6 +694,7 @@ pub fn audience_size(conn: &Connection, audience: &str) -> Result<i64> {
 /// Records the current size of every audience in `audiences` at `now_ms`, and forgets samples
 /// older than `keep_ms`.
 pub fn sample_audience_sizes(conn: &mut Connection, audiences: &[String], now_ms: i64, keep_ms: i64) -> Result<()> {
+    let _gate = write_gate();
     let sizes: std::collections::HashMap<String, i64> = audience_sizes(conn)?.into_iter().collect();
     let tx = conn.transaction()?;
     {
@@ -891,6 +907,7 @@ fn plugin_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstalledPlugin> {
 
 /// Installs a plugin, replacing any installed version of the same name.
 pub fn install_plugin(conn: &Connection, p: &InstalledPlugin) -> Result<()> {
+    let _gate = write_gate();
     ensure_registry(conn)?;
     conn.execute(
         &format!(
@@ -934,12 +951,14 @@ pub fn installed_plugin(conn: &Connection, name: &str) -> Result<Option<Installe
 
 /// Removes a plugin; returns whether it was installed.
 pub fn remove_plugin(conn: &Connection, name: &str) -> Result<bool> {
+    let _gate = write_gate();
     ensure_registry(conn)?;
     Ok(conn.execute("DELETE FROM plugins WHERE name = ?1", [name])? > 0)
 }
 
 /// Enables or disables a plugin, resetting its consecutive failures; returns whether it exists.
 pub fn set_plugin_enabled(conn: &Connection, name: &str, enabled: bool, status: &str, now_ms: i64) -> Result<bool> {
+    let _gate = write_gate();
     ensure_registry(conn)?;
     Ok(conn.execute(
         "UPDATE plugins SET enabled = ?2, status = ?3, consecutive_failures = 0, updated_ms = ?4 WHERE name = ?1",
@@ -957,6 +976,7 @@ pub fn record_plugin_health(
     disabled: Option<&str>,
     now_ms: i64,
 ) -> Result<()> {
+    let _gate = write_gate();
     ensure_registry(conn)?;
     match disabled {
         None => conn.execute(

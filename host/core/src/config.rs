@@ -1513,44 +1513,7 @@ fn literal(v: &toml::Value, ty: AttrType) -> Result<Value, String> {
         ) => {
             let element = ty.element().expect("collections have elements");
             let values = items.iter().map(|i| literal(i, element)).collect::<Result<Vec<_>, _>>()?;
-            Ok(match ty {
-                AttrType::SetOfStrings => Value::Set(
-                    values
-                        .into_iter()
-                        .filter_map(|v| match v {
-                            Value::String(s) => Some(s),
-                            _ => None,
-                        })
-                        .collect(),
-                ),
-                AttrType::ArrayOfStrings => Value::Strings(
-                    values
-                        .into_iter()
-                        .filter_map(|v| match v {
-                            Value::String(s) => Some(s),
-                            _ => None,
-                        })
-                        .collect(),
-                ),
-                AttrType::ArrayOfNumbers => Value::Numbers(
-                    values
-                        .into_iter()
-                        .filter_map(|v| match v {
-                            Value::Number(n) => Some(n),
-                            _ => None,
-                        })
-                        .collect(),
-                ),
-                _ => Value::Booleans(
-                    values
-                        .into_iter()
-                        .filter_map(|v| match v {
-                            Value::Boolean(b) => Some(b),
-                            _ => None,
-                        })
-                        .collect(),
-                ),
-            })
+            Ok(Value::collection(ty, values))
         }
         (ty, other) => Err(format!("expected a {} value, found {}", ty.name(), other.type_str())),
     }

@@ -493,29 +493,13 @@ fn typed(v: &serde_json::Value, ty: AttrType) -> Result<Value, String> {
             serde_json::Value::Number(n) => n.as_i64().map(Value::Date).ok_or_else(found),
             _ => Err(found()),
         },
-        AttrType::SetOfStrings => Ok(Value::Set(strings(items(AttrType::String)?).into_iter().collect())),
-        AttrType::ArrayOfStrings => Ok(Value::Strings(strings(items(AttrType::String)?))),
-        AttrType::ArrayOfNumbers => {
-            Ok(Value::Numbers(items(AttrType::Number)?.into_iter().filter_map(|v| as_number(&v)).collect()))
+        AttrType::SetOfStrings | AttrType::ArrayOfStrings | AttrType::ArrayOfNumbers | AttrType::ArrayOfBooleans => {
+            Ok(Value::collection(ty, items(ty.element().expect("collections have elements"))?))
         }
-        AttrType::ArrayOfBooleans => Ok(Value::Booleans(
-            items(AttrType::Boolean)?
-                .into_iter()
-                .filter_map(|v| if let Value::Boolean(b) = v { Some(b) } else { None })
-                .collect(),
-        )),
         AttrType::Tally | AttrType::Timeline | AttrType::Funnel => {
             Err(format!("{} values are not read from events", ty.name()))
         }
     }
-}
-
-fn strings(values: Vec<Value>) -> Vec<String> {
-    values.into_iter().filter_map(|v| if let Value::String(s) = v { Some(s) } else { None }).collect()
-}
-
-fn as_number(v: &Value) -> Option<f64> {
-    if let Value::Number(n) = v { Some(*n) } else { None }
 }
 
 fn json_kind(v: &serde_json::Value) -> &'static str {
@@ -574,7 +558,7 @@ fn elements(
 }
 
 fn number(v: Option<Value>) -> Option<f64> {
-    v.as_ref().and_then(as_number)
+    v.as_ref().and_then(Value::as_number)
 }
 
 fn key_string(v: Option<Value>) -> Option<String> {
@@ -809,12 +793,7 @@ fn apply_operation(
 }
 
 fn empty(ty: AttrType) -> Value {
-    match ty {
-        AttrType::ArrayOfStrings => Value::Strings(Vec::new()),
-        AttrType::ArrayOfNumbers => Value::Numbers(Vec::new()),
-        AttrType::ArrayOfBooleans => Value::Booleans(Vec::new()),
-        _ => Value::Set(Default::default()),
-    }
+    Value::collection(ty, Vec::new())
 }
 
 /// Adds `items` to a set or array (emptied first when `replace`), within the documented
@@ -838,7 +817,7 @@ fn fill(def: &AttributeDef, value: &mut Value, items: Vec<Value>, replace: bool)
             }
         }
         Value::Strings(v) => v.extend(items.into_iter().filter_map(|i| key_string(Some(i)))),
-        Value::Numbers(v) => v.extend(items.iter().filter_map(as_number)),
+        Value::Numbers(v) => v.extend(items.iter().filter_map(Value::as_number)),
         Value::Booleans(v) => {
             v.extend(items.into_iter().filter_map(|i| if let Value::Boolean(b) = i { Some(b) } else { None }))
         }

@@ -192,6 +192,25 @@ impl Value {
         }
     }
 
+    /// A set or array of type `ty` holding the `items` of its element type (others are left
+    /// out); an empty set for any other type.
+    pub fn collection(ty: AttrType, items: Vec<Value>) -> Value {
+        let strings =
+            |items: Vec<Value>| items.into_iter().filter_map(|v| if let Value::String(s) = v { Some(s) } else { None });
+        match ty {
+            AttrType::ArrayOfStrings => Value::Strings(strings(items).collect()),
+            AttrType::ArrayOfNumbers => Value::Numbers(items.iter().filter_map(Value::as_number).collect()),
+            AttrType::ArrayOfBooleans => Value::Booleans(
+                items.iter().filter_map(|v| if let Value::Boolean(b) = v { Some(*b) } else { None }).collect(),
+            ),
+            _ => Value::Set(strings(items).collect()),
+        }
+    }
+
+    pub fn as_number(&self) -> Option<f64> {
+        if let Value::Number(n) = self { Some(*n) } else { None }
+    }
+
     /// Number of members, items, keys or entries of a collection.
     pub fn size(&self) -> Option<usize> {
         match self {

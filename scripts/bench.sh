@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 what=${1:-all}
 people=${PEOPLE:-20000}
-events=${EVENTS:-400000}
+events=${EVENTS:-200000}
 
 cargo build --release -p starling-cli
 starling=target/release/starling
@@ -19,10 +19,13 @@ rm -rf target/bench && mkdir -p target/bench
 $starling serve --config examples/benchmark.toml > target/bench/server.log 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do
+# A cold start compiles every plugin in target/plugins (the Python and JavaScript ones take
+# about a minute); later starts use the compiled-code cache.
+for _ in $(seq 1 600); do
     curl -sf localhost:8080/healthz > /dev/null && break
-    sleep 0.2
+    sleep 0.5
 done
+curl -sf localhost:8080/healthz > /dev/null || { echo "the server did not start:"; cat target/bench/server.log; exit 1; }
 
 rss() { awk '/VmRSS/ { print $2 / 1024 " MiB" }' "/proc/$server/status"; }
 

@@ -220,6 +220,8 @@ pub struct Enrichment {
 #[derive(Debug, Clone)]
 pub struct EnricherRef {
     pub plugin: String,
+    /// The attributes the enricher is shown; all stored ones when not given.
+    pub reads: Option<Vec<String>>,
     pub span: Range<usize>,
 }
 
@@ -486,6 +488,8 @@ struct RawEnrichment {
 #[serde(deny_unknown_fields)]
 struct RawEnricher {
     plugin: Spanned<String>,
+    #[serde(default)]
+    reads: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -573,6 +577,26 @@ impl Validator<'_> {
         self.errors.push(Diagnostic { line, column, message: message.into() });
     }
 
+    fn enricher(&mut self, raw: &RawEnricher) -> EnricherRef {
+        let reads = raw.reads.as_ref().map(|names| {
+            for name in names {
+                match self.scope(name.get_ref()) {
+                    Some(Scope::Event) => self.error(
+                        name.span(),
+                        format!("enricher reads `{}`, an event attribute; it sees the event itself", name.get_ref()),
+                    ),
+                    None if preloaded_type(name.get_ref()).is_none() => self.error(
+                        name.span(),
+                        format!("enricher reads `{}`, which is not a declared attribute", name.get_ref()),
+                    ),
+                    _ => {}
+                }
+            }
+            names.iter().map(|n| n.get_ref().clone()).collect()
+        });
+        EnricherRef { plugin: raw.plugin.get_ref().clone(), reads, span: raw.plugin.span() }
+    }
+
     fn lookup(&self, name: &str) -> Option<AttrType> {
         self.attributes.get(name).map(|a| a.ty).or_else(|| preloaded_type(name))
     }
@@ -627,11 +651,7 @@ impl Validator<'_> {
 
         let enrichments = raw.enrichment.iter().filter_map(|e| self.enrichment(e)).collect();
 
-        let enrichers = raw
-            .enricher
-            .iter()
-            .map(|e| EnricherRef { plugin: e.get_ref().plugin.get_ref().clone(), span: e.get_ref().plugin.span() })
-            .collect();
+        let enrichers = raw.enricher.iter().map(|e| self.enricher(e.get_ref())).collect();
 
         let mut audiences: Vec<Audience> = Vec::new();
         for a in &raw.audience {
@@ -1609,6 +1629,25 @@ connector = "webhook"
                 "10:8: unknown type `colour`: expected one of string, number, boolean, date, badge, set_of_strings, array_of_strings, array_of_numbers, array_of_booleans, tally, timeline, funnel, visitor_id",
                 "14:22: unknown attribute `spnd`",
                 "18:12: unknown audience `huge`",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_enricher_reads_only_declared_stored_attributes() {
+        let src = format!(
+            "{GOOD}\n[[attribute]]\nname = \"total\"\nscope = \"event\"\ntype = \"number\"\nfield = \"total\"\n\n[[enricher]]\nplugin = \"tier\"\nreads = [\"spend\", \"event_count\"]\n"
+        );
+        let m = parse(&src).unwrap();
+        assert_eq!(m.enrichers[0].reads, Some(vec!["spend".to_string(), "event_count".to_string()]));
+        let bad = src.replace("reads = [\"spend\", \"event_count\"]", "reads = [\"spnd\", \"total\"]");
+        let rendered: Vec<String> = parse(&bad).unwrap_err().0.iter().map(|d| d.to_string()).collect();
+        let line = bad.lines().position(|l| l.starts_with("reads")).unwrap() + 1;
+        assert_eq!(
+            rendered,
+            vec![
+                format!("{line}:10: enricher reads `spnd`, which is not a declared attribute"),
+                format!("{line}:18: enricher reads `total`, an event attribute; it sees the event itself"),
             ]
         );
     }

@@ -8,7 +8,7 @@
 //! fire actions.
 
 use crate::condition::Operand;
-use crate::config::{AttributeDef, CHANGED_BY_EVERY_EVENT, Model, Operation, Source, Trigger, When};
+use crate::config::{AttributeDef, CHANGED_BY_EVERY_EVENT, EnricherRef, Model, Operation, Source, Trigger, When};
 use crate::profile::Profile;
 use crate::value::{
     AttrType, FunnelStep, MAX_SET_MEMBERS, MAX_TALLY_KEYS, Scope, TimelineEntry, Value, clamp_string, tally_top,
@@ -93,15 +93,15 @@ pub type Update = (String, Option<Value>);
 
 /// Runs custom enrichers; implemented by the host runtime.
 pub trait CustomEnrichers {
-    fn enrich(&mut self, plugin: &str, event: &Event, profile: &Profile) -> Result<Vec<Update>, String>;
+    fn enrich(&mut self, enricher: &EnricherRef, event: &Event, profile: &Profile) -> Result<Vec<Update>, String>;
 }
 
 /// For models without custom enrichers, and for tests.
 pub struct NoCustomEnrichers;
 
 impl CustomEnrichers for NoCustomEnrichers {
-    fn enrich(&mut self, plugin: &str, _: &Event, _: &Profile) -> Result<Vec<Update>, String> {
-        Err(format!("enricher `{plugin}` is not loaded"))
+    fn enrich(&mut self, enricher: &EnricherRef, _: &Event, _: &Profile) -> Result<Vec<Update>, String> {
+        Err(format!("enricher `{}` is not loaded", enricher.plugin))
     }
 }
 
@@ -164,7 +164,7 @@ pub fn apply_event(model: &Model, profile: &mut Profile, event: &Event, custom: 
     };
     run_enrichments(model, profile, Some(event), t, &runs, &mut dirty, &mut out.warnings);
     for enricher in &model.enrichers {
-        match custom.enrich(&enricher.plugin, event, profile) {
+        match custom.enrich(enricher, event, profile) {
             Ok(updates) => match apply_updates(model, profile, updates) {
                 Ok(names) => names.iter().for_each(|n| dirty.mark(n)),
                 Err(w) => out.warnings.push(format!("enricher `{}`: {w}; nothing applied", enricher.plugin)),
@@ -1107,7 +1107,7 @@ connector = "webhook"
 
     struct Fixed(Vec<Update>);
     impl CustomEnrichers for Fixed {
-        fn enrich(&mut self, _: &str, _: &Event, _: &Profile) -> Result<Vec<Update>, String> {
+        fn enrich(&mut self, _: &EnricherRef, _: &Event, _: &Profile) -> Result<Vec<Update>, String> {
             Ok(self.0.clone())
         }
     }

@@ -68,15 +68,21 @@ pub fn event_to_wit(e: &Event) -> types::Event {
     }
 }
 
-pub fn profile_to_wit(p: &Profile) -> types::ProfileView {
-    let mut attributes: Vec<types::Attribute> = starling_core::config::PRELOADED
-        .iter()
-        .filter_map(|(name, _)| {
-            p.get(name).map(|v| types::Attribute { name: name.to_string(), value: value_to_wit(&v) })
-        })
-        .collect();
-    attributes
-        .extend(p.attributes.iter().map(|(name, v)| types::Attribute { name: name.clone(), value: value_to_wit(v) }));
+/// The profile as an enricher sees it: every attribute, or only those named in `reads`.
+pub fn profile_to_wit(p: &Profile, reads: Option<&[String]>) -> types::ProfileView {
+    let attribute =
+        |name: &str| p.get(name).map(|v| types::Attribute { name: name.to_string(), value: value_to_wit(&v) });
+    let attributes = match reads {
+        Some(names) => names.iter().filter_map(|name| attribute(name)).collect(),
+        None => {
+            let mut all: Vec<types::Attribute> =
+                starling_core::config::PRELOADED.iter().filter_map(|(name, _)| attribute(name)).collect();
+            all.extend(
+                p.attributes.iter().map(|(name, v)| types::Attribute { name: name.clone(), value: value_to_wit(v) }),
+            );
+            all
+        }
+    };
     types::ProfileView {
         id: p.id.clone(),
         attributes,

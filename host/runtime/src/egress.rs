@@ -1,5 +1,7 @@
 //! Outbound HTTP policy: a connector reaches only the hosts its manifest allows, checked by the
 //! host on every request (redirects are not followed, so each hop is a new, checked request).
+//! A host allowed through a wildcard must resolve to public addresses only, and plain HTTP then
+//! goes to the very address that was checked.
 
 use std::sync::Arc;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
@@ -107,15 +109,27 @@ pub fn is_internal(ip: std::net::IpAddr) -> bool {
     }
 }
 
-/// Resolves the request's host and refuses internal addresses.
-async fn refuse_internal(uri: &http::Uri) -> Result<(), String> {
+/// Resolves the request's host, refuses internal addresses, and returns the address to use.
+async fn public_address(uri: &http::Uri) -> Result<std::net::SocketAddr, String> {
     let (_, host, port) = target(uri)?;
-    let addrs = tokio::net::lookup_host((host, port)).await.map_err(|e| format!("resolving {host}: {e}"))?;
-    for addr in addrs {
-        if is_internal(addr.ip()) {
-            return Err(format!("{host} resolves to internal address {}, which a wildcard does not allow", addr.ip()));
-        }
+    let addrs: Vec<_> =
+        tokio::net::lookup_host((host, port)).await.map_err(|e| format!("resolving {host}: {e}"))?.collect();
+    if let Some(addr) = addrs.iter().find(|a| is_internal(a.ip())) {
+        return Err(format!("{host} resolves to internal address {}, which a wildcard does not allow", addr.ip()));
     }
+    addrs.first().copied().ok_or_else(|| format!("{host} has no address"))
+}
+
+/// Points a plain-HTTP request at the address that was checked, so a second lookup cannot
+/// answer differently (DNS rebinding); the Host header keeps the name. HTTPS keeps the name:
+/// the certificate must match it, so a rebound address cannot complete the handshake.
+fn pin(request: &mut http::Request<WasiBody>, addr: std::net::SocketAddr) -> Result<(), String> {
+    if request.uri().scheme_str() != Some("http") {
+        return Ok(());
+    }
+    let mut parts = request.uri().clone().into_parts();
+    parts.authority = Some(addr.to_string().parse().map_err(|e| format!("pinning {addr}: {e}"))?);
+    *request.uri_mut() = http::Uri::from_parts(parts).map_err(|e| format!("pinning {addr}: {e}"))?;
     Ok(())
 }
 
@@ -131,7 +145,7 @@ type ResponseFuture = Box<
 impl WasiHttpHooks for Egress {
     fn send_request(
         &mut self,
-        request: http::Request<WasiBody>,
+        mut request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
         fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
     ) -> ResponseFuture {
@@ -152,9 +166,15 @@ impl WasiHttpHooks for Egress {
         });
         Box::new(async move {
             use http_body_util::BodyExt;
-            if !exact && let Err(why) = refuse_internal(request.uri()).await {
-                tracing::warn!(plugin = %plugin, "outbound request refused: {why}");
-                return Err(HttpError::DestinationIpProhibited);
+            if !exact {
+                let vetted = match public_address(request.uri()).await {
+                    Ok(addr) => pin(&mut request, addr),
+                    Err(why) => Err(why),
+                };
+                if let Err(why) = vetted {
+                    tracing::warn!(plugin = %plugin, "outbound request refused: {why}");
+                    return Err(HttpError::DestinationIpProhibited);
+                }
             }
             let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
             Ok((
@@ -222,6 +242,26 @@ mod tests {
         for ip in ["93.184.216.34", "8.8.8.8", "2606:4700::1111"] {
             assert!(!is_internal(ip.parse().unwrap()), "{ip}");
         }
+    }
+
+    #[test]
+    fn plain_http_is_pinned_to_the_checked_address_and_keeps_its_host_header() {
+        let mut request = http::Request::builder()
+            .uri("http://hooks.example.com:8080/a?b=1")
+            .header(http::header::HOST, "hooks.example.com:8080")
+            .body(WasiBody::default())
+            .unwrap();
+        pin(&mut request, "93.184.216.34:8080".parse().unwrap()).unwrap();
+        assert_eq!(request.uri().to_string(), "http://93.184.216.34:8080/a?b=1");
+        assert_eq!(request.headers()[http::header::HOST], "hooks.example.com:8080");
+
+        let mut v6 = http::Request::builder().uri("http://h.example.com/").body(WasiBody::default()).unwrap();
+        pin(&mut v6, "[2606:4700::1111]:80".parse().unwrap()).unwrap();
+        assert_eq!(v6.uri().to_string(), "http://[2606:4700::1111]:80/");
+
+        let mut tls = http::Request::builder().uri("https://h.example.com/").body(WasiBody::default()).unwrap();
+        pin(&mut tls, "93.184.216.34:443".parse().unwrap()).unwrap();
+        assert_eq!(tls.uri().to_string(), "https://h.example.com/");
     }
 
     #[test]

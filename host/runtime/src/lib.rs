@@ -95,7 +95,24 @@ pub struct Plugin {
     meta: Arc<PluginMeta>,
     pre: Pre,
     health: Health,
+    /// Enricher instances that finished a call cleanly, ready for the next one.
+    idle: Mutex<Vec<IdleEnricher>>,
 }
+
+/// An enricher instance kept between calls. Instantiating costs far more than an enricher's
+/// work, and enrichers have no outbound access through which state could leave; an instance is
+/// dropped after any failed call and after [`ENRICHER_REUSE`] calls, so a plugin that leaks
+/// memory or corrupts its state gets a fresh one.
+struct IdleEnricher {
+    store: Store<PluginState>,
+    instance: enricher::Enricher,
+    calls: u32,
+}
+
+/// Calls one enricher instance serves before it is replaced.
+const ENRICHER_REUSE: u32 = 10_000;
+/// Idle instances kept per enricher: one per caller running at once is enough.
+const MAX_IDLE_ENRICHERS: usize = 16;
 
 impl Plugin {
     /// Failed calls, consecutive failed calls, and why the plugin was disabled if it was.
@@ -332,7 +349,17 @@ impl PluginHost {
             memory_bytes: (manifest.limits.memory_mib * 1024 * 1024) as usize,
             timeout: Duration::from_millis(manifest.limits.timeout_ms),
         });
-        Ok(Plugin { manifest, sha256, size: bytes.len(), imports, exports, meta, pre, health: Health::default() })
+        Ok(Plugin {
+            manifest,
+            sha256,
+            size: bytes.len(),
+            imports,
+            exports,
+            meta,
+            pre,
+            health: Health::default(),
+            idle: Mutex::default(),
+        })
     }
 
     /// Compiles a component, or maps its precompiled artifact from the artifact directory:
@@ -389,10 +416,15 @@ impl PluginHost {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        self.reset_deadline(&mut store, meta);
+        store
+    }
+
+    /// Gives the next call the plugin's whole time budget, counted from now.
+    fn reset_deadline(&self, store: &mut Store<PluginState>, meta: &PluginMeta) {
         let ticks = meta.timeout.as_millis().div_ceil(EPOCH_TICK.as_millis()) as u64 + 1;
         store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
-        store
     }
 
     /// Runs `call` under the plugin's deadline, bounding time in host calls (outbound HTTP) too,
@@ -476,7 +508,7 @@ impl PluginHost {
         .await
     }
 
-    /// Runs an enricher on an event and profile.
+    /// Runs an enricher on an event and profile, on an idle instance of it when there is one.
     pub async fn enrich(
         &self,
         name: &str,
@@ -487,12 +519,32 @@ impl PluginHost {
         let Pre::Enricher(pre) = &plugin.pre else {
             return Err(PluginError::WrongKind { plugin: name.into(), actual: "connector", expected: "enricher" });
         };
-        let mut store = self.store(&plugin.meta);
-        self.guarded(&plugin, async {
-            let instance = pre.instantiate_async(&mut store).await?;
-            instance.starling_plugin_enrich().call_enrich(&mut store, event, profile).await
-        })
-        .await
+        let idle = plugin.idle.lock().expect("idle enrichers").pop();
+        let (mut store, instance, calls) = match idle {
+            Some(IdleEnricher { mut store, instance, calls }) => {
+                self.reset_deadline(&mut store, &plugin.meta);
+                (store, Some(instance), calls)
+            }
+            None => (self.store(&plugin.meta), None, 0),
+        };
+        let result = self
+            .guarded(&plugin, async {
+                let instance = match instance {
+                    Some(instance) => instance,
+                    None => pre.instantiate_async(&mut store).await?,
+                };
+                let result = instance.starling_plugin_enrich().call_enrich(&mut store, event, profile).await?;
+                Ok((instance, result))
+            })
+            .await;
+        let (instance, result) = result?;
+        if calls + 1 < ENRICHER_REUSE {
+            let mut idle = plugin.idle.lock().expect("idle enrichers");
+            if idle.len() < MAX_IDLE_ENRICHERS {
+                idle.push(IdleEnricher { store, instance, calls: calls + 1 });
+            }
+        }
+        Ok(result)
     }
 }
 
@@ -567,6 +619,35 @@ fn describe_error(e: &wasmtime::Error) -> String {
     }
     let text = format!("{e:?}");
     text.lines().next().unwrap_or("unknown error").to_string()
+}
+
+/// Runs a model's Wasm enrichers for the engine, from a thread outside the async runtime.
+pub struct WasmEnrichers<'a> {
+    plugins: &'a PluginHost,
+    runtime: &'a tokio::runtime::Handle,
+}
+
+impl<'a> WasmEnrichers<'a> {
+    pub fn new(plugins: &'a PluginHost, runtime: &'a tokio::runtime::Handle) -> Self {
+        WasmEnrichers { plugins, runtime }
+    }
+}
+
+impl starling_core::CustomEnrichers for WasmEnrichers<'_> {
+    fn enrich(
+        &mut self,
+        enricher: &starling_core::config::EnricherRef,
+        event: &starling_core::Event,
+        profile: &starling_core::Profile,
+    ) -> Result<Vec<starling_core::engine::Update>, String> {
+        let event = convert::event_to_wit(event);
+        let view = convert::profile_to_wit(profile, enricher.reads.as_deref());
+        let updates = self
+            .runtime
+            .block_on(self.plugins.enrich(&enricher.plugin, &event, &view))
+            .map_err(|e| e.to_string())??;
+        convert::updates_from_wit(updates)
+    }
 }
 
 /// Turns a core module built with wit-bindgen (carrying its world in a custom section) into a

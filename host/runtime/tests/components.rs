@@ -113,8 +113,31 @@ async fn a_trap_fails_only_that_call() {
     host.load(&plugin(dir.path(), "trap", "enricher", &trapping, ""), BTreeMap::new()).unwrap();
     let err = host.enrich("trap", &event(), &profile()).await.unwrap_err();
     assert!(matches!(&err, PluginError::Trap { message, .. } if message.contains("unreachable")), "{err}");
-    // The same plugin can be called again: each call gets a fresh instance.
+    // The same plugin can be called again: a failed call's instance is not reused.
     assert!(host.enrich("trap", &event(), &profile()).await.is_err());
+}
+
+#[tokio::test]
+async fn an_enricher_instance_serves_calls_until_one_fails() {
+    // Counts its calls in a global and traps on its second: only a reused instance gets there.
+    let counting = enricher(
+        r#"(global.set $calls (i32.add (global.get $calls) (i32.const 1)))
+           (if (i32.eq (global.get $calls) (i32.const 2)) (then (unreachable)))
+           (i32.const 1024)"#,
+    )
+    .replace("(module", "(module (global $calls (mut i32) (i32.const 0))");
+    let bytes = component(&counting, "enricher", None);
+    let dir = tempfile::tempdir().unwrap();
+    let host = PluginHost::new().unwrap();
+    host.load(&plugin(dir.path(), "counting", "enricher", &bytes, ""), BTreeMap::new()).unwrap();
+    assert_eq!(host.enrich("counting", &event(), &profile()).await.unwrap(), Ok(vec![]));
+    let err = host.enrich("counting", &event(), &profile()).await.unwrap_err();
+    assert!(matches!(&err, PluginError::Trap { .. }), "the second call reached the same instance: {err}");
+    assert_eq!(
+        host.enrich("counting", &event(), &profile()).await.unwrap(),
+        Ok(vec![]),
+        "after a failure the next call gets a fresh instance"
+    );
 }
 
 #[tokio::test]

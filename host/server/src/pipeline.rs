@@ -15,7 +15,7 @@ use starling_core::stitch::visitor_ids;
 use starling_core::{
     CustomEnrichers, Event, Membership, Model, Outcome, PendingAction, Profile, apply_event, apply_merge, apply_time,
 };
-use starling_runtime::{PluginHost, convert};
+use starling_runtime::{PluginHost, WasmEnrichers};
 use starling_store::{Batch, IdentityLink, StoreError};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
@@ -403,7 +403,7 @@ impl Worker {
         let now = (self.shared.clock)();
         let dedup_since = now - model.server.dedup_window_hours as i64 * 3_600_000;
         let (plugins, runtime) = (self.shared.plugins.clone(), self.shared.runtime.clone());
-        let mut enrichers = WasmEnrichers { plugins: &plugins, runtime: &runtime };
+        let mut enrichers = WasmEnrichers::new(&plugins, &runtime);
         let mut seen_ids: HashSet<String> = HashSet::new();
         let mut reports = Vec::with_capacity(batch.len());
 
@@ -952,26 +952,6 @@ struct Cache {
     profiles: HashMap<String, Profile>,
     /// (id, profile) pairs already refused and reported.
     refused: HashSet<(String, String)>,
-}
-
-/// Runs Wasm enrichers from a worker thread.
-struct WasmEnrichers<'a> {
-    plugins: &'a PluginHost,
-    runtime: &'a tokio::runtime::Handle,
-}
-
-impl CustomEnrichers for WasmEnrichers<'_> {
-    fn enrich(
-        &mut self,
-        plugin: &str,
-        event: &Event,
-        profile: &Profile,
-    ) -> Result<Vec<starling_core::engine::Update>, String> {
-        let (event, view) = (convert::event_to_wit(event), convert::profile_to_wit(profile));
-        let updates =
-            self.runtime.block_on(self.plugins.enrich(plugin, &event, &view)).map_err(|e| e.to_string())??;
-        convert::updates_from_wit(updates)
-    }
 }
 
 #[cfg(test)]

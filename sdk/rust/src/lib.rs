@@ -55,9 +55,20 @@ pub use bindings::starling::plugin::types::{
 
 /// The plugin's configuration, as set in the `[plugin.NAME]` table of the host's configuration.
 pub mod config {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    thread_local! {
+        /// A plugin's configuration is fixed for the life of its instance, and the host may
+        /// reuse an instance for many calls: each key crosses the boundary once.
+        static SEEN: RefCell<HashMap<String, Option<String>>> = RefCell::new(HashMap::new());
+    }
+
     /// The value of `key`, if configured.
     pub fn get(key: &str) -> Option<String> {
-        crate::bindings::starling::plugin::config::get(key)
+        SEEN.with_borrow_mut(|seen| {
+            seen.entry(key.to_string()).or_insert_with(|| crate::bindings::starling::plugin::config::get(key)).clone()
+        })
     }
 }
 

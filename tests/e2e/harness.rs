@@ -167,10 +167,14 @@ impl Received {
 /// Decides the answer to the n-th request (from 0): a status and extra headers.
 pub type Responder = Arc<dyn Fn(usize) -> (u16, Vec<(&'static str, String)>) + Send + Sync>;
 
+/// Decides the whole answer to the n-th request from the request itself: status, extra headers
+/// and body.
+pub type Answer = Arc<dyn Fn(usize, &Received) -> (u16, Vec<(&'static str, String)>, String) + Send + Sync>;
+
 #[derive(Clone)]
 struct ReceiverState {
     got: Arc<Mutex<Vec<Received>>>,
-    respond: Responder,
+    answer: Answer,
 }
 
 /// A loopback HTTP server standing in for an outside service; it records every request.
@@ -188,8 +192,16 @@ impl Receiver {
     }
 
     pub async fn start_on(addr: &str, respond: Responder) -> Receiver {
+        let answer: Answer = Arc::new(move |n, _| {
+            let (status, headers) = respond(n);
+            (status, headers, String::new())
+        });
+        Receiver::answering(addr, answer).await
+    }
+
+    pub async fn answering(addr: &str, answer: Answer) -> Receiver {
         let got: Arc<Mutex<Vec<Received>>> = Arc::default();
-        let state = ReceiverState { got: got.clone(), respond };
+        let state = ReceiverState { got: got.clone(), answer };
         let app = axum::Router::new()
             .fallback(
                 |State(state): State<ReceiverState>,
@@ -200,19 +212,15 @@ impl Receiver {
                     let at = Instant::now();
                     let body = serde_json::from_slice(&body)
                         .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&body).into()));
+                    let received =
+                        Received { method: method.to_string(), path: uri.path().to_string(), headers, body, at };
                     let n = {
                         let mut got = state.got.lock().unwrap();
-                        got.push(Received {
-                            method: method.to_string(),
-                            path: uri.path().to_string(),
-                            headers,
-                            body,
-                            at,
-                        });
+                        got.push(received.clone());
                         got.len() - 1
                     };
-                    let (status, extra) = (state.respond)(n);
-                    let mut response = axum::response::Response::new(axum::body::Body::empty());
+                    let (status, extra, body) = (state.answer)(n, &received);
+                    let mut response = axum::response::Response::new(axum::body::Body::from(body));
                     *response.status_mut() = StatusCode::from_u16(status).unwrap();
                     for (k, v) in extra {
                         response.headers_mut().insert(k, v.parse().unwrap());

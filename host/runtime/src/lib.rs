@@ -417,12 +417,12 @@ impl PluginHost {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
-        self.reset_deadline(&mut store, meta);
+        Self::reset_deadline(&mut store, meta);
         store
     }
 
     /// Gives the next call the plugin's whole time budget, counted from now.
-    fn reset_deadline(&self, store: &mut Store<PluginState>, meta: &PluginMeta) {
+    fn reset_deadline(store: &mut Store<PluginState>, meta: &PluginMeta) {
         let ticks = meta.timeout.as_millis().div_ceil(EPOCH_TICK.as_millis()) as u64 + 1;
         store.set_epoch_deadline(ticks);
     }
@@ -522,7 +522,7 @@ impl PluginHost {
         let idle = plugin.idle.lock().expect("idle enrichers").pop();
         let (mut store, instance, calls) = match idle {
             Some(IdleEnricher { mut store, instance, calls }) => {
-                self.reset_deadline(&mut store, &plugin.meta);
+                Self::reset_deadline(&mut store, &plugin.meta);
                 (store, Some(instance), calls)
             }
             None => (self.store(&plugin.meta), None, 0),
@@ -548,9 +548,9 @@ impl PluginHost {
     }
 }
 
-/// Every call instantiates its plugin afresh; the pooling allocator keeps memories, tables and
-/// async stacks mapped between calls, so an instantiation reuses a warm slot instead of mapping
-/// and unmapping memory each time. Sized for the calls one server runs at once (ingestion
+/// Connector calls (and enrichers after a failure) instantiate afresh; the pooling allocator
+/// keeps memories, tables and async stacks mapped between calls, so an instantiation reuses a
+/// warm slot instead of mapping and unmapping memory each time. Sized for the calls one server runs at once (ingestion
 /// workers and delivery lanes), with room for components from language toolchains, which hold
 /// dozens of core instances and large function tables.
 fn pool() -> PoolingAllocationConfig {

@@ -253,3 +253,43 @@ async fn the_ad_audience_connector_sends_only_hashed_identifiers_in_batches() {
     assert!(!server.logs().contains("tok-secret"), "the token stays out of the logs");
     server.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_c_enricher_derives_the_email_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    let enricher = r#"
+[[attribute]]
+name = "email_domain"
+scope = "visitor"
+type = "string"
+
+[[attribute]]
+name = "business_email"
+scope = "visitor"
+type = "boolean"
+
+[[enricher]]
+plugin = "email-domain"
+reads = ["email", "email_domain", "business_email"]
+"#;
+    let server = Server::start(&config(dir.path(), "email-domain", enricher, ""));
+    signup(&server, "ann", "Ann", "Ann@Example.COM ", "trial").await;
+    signup(&server, "bob", "Bob", "bob@gmail.com", "trial").await;
+    signup(&server, "cy", "Cy", "no address", "trial").await;
+    let profile = |id: &'static str| {
+        let url = format!("{}/v1/profiles/{id}", server.url);
+        async move { get_json(&url).await.1["attributes"].clone() }
+    };
+    let ann = profile("ann").await;
+    assert_eq!((&ann["email_domain"], &ann["business_email"]), (&json!("example.com"), &json!(true)), "{ann}");
+    let bob = profile("bob").await;
+    assert_eq!((&bob["email_domain"], &bob["business_email"]), (&json!("gmail.com"), &json!(false)), "{bob}");
+    let cy = profile("cy").await;
+    assert!(cy.get("email_domain").is_none() && cy.get("business_email").is_none(), "{cy}");
+    // Ann moves to a free-mail address: the enricher sees its earlier output and updates it.
+    signup(&server, "ann", "Ann", "ann@proton.me", "trial").await;
+    let ann = profile("ann").await;
+    assert_eq!((&ann["email_domain"], &ann["business_email"]), (&json!("proton.me"), &json!(false)), "{ann}");
+    assert!(!server.logs().contains("enricher `email-domain`"), "no enricher warning: {}", server.logs());
+    server.stop();
+}

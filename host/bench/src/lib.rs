@@ -82,8 +82,9 @@ impl ExtismValueTier {
     pub fn load(config: &BTreeMap<String, String>) -> ExtismValueTier {
         let wasm = repo().join("target/guest/wasm32-unknown-unknown/release/extism_value_tier.wasm");
         assert!(wasm.is_file(), "{} is missing: run scripts/bench-enricher.sh", wasm.display());
-        let manifest = extism::Manifest::new([extism::Wasm::file(wasm)])
-            .with_config(config.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let manifest =
+            extism::Manifest::new([extism::Wasm::data(std::fs::read(wasm).expect("reading the Extism plugin"))])
+                .with_config(config.iter().map(|(k, v)| (k.clone(), v.clone())));
         ExtismValueTier { plugin: extism::Plugin::new(&manifest, [], false).expect("loading the Extism plugin") }
     }
 }

@@ -10,6 +10,10 @@
 //!
 //! JavaScript plugins (an `app.js`): built with componentize-js (installed with npm under
 //! `target/guest/js` when missing), with every WASI feature disabled.
+//!
+//! C plugins (a `plugin.c`, and any other `.c` files beside it): bindings generated in-process
+//! from `wit/` (wit-bindgen's C generator), compiled and linked by Debian's `clang-19` against
+//! `wasi-libc` (installed when missing), then componentized like a Rust module.
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -18,6 +22,7 @@ use std::process::Command;
 const TARGET: &str = "wasm32-unknown-unknown";
 const DEBIAN_PACKAGES: &[&str] =
     &["rustc-web", "cargo-web", "rust-web-src", "libstd-rust-web-dev", "wasi-libc", "clang-19", "lld-19"];
+const DEBIAN_C_PACKAGES: &[&str] = &["wasi-libc", "clang-19", "lld-19", "libclang-rt-19-dev-wasm32"];
 
 enum Toolchain {
     Rustup,
@@ -57,8 +62,10 @@ pub fn build_all(dirs: &[PathBuf], out: &Path) -> Result<()> {
             build_python(&source, out)
         } else if source.join("app.js").is_file() {
             build_js(&source, out, &target_dir)
+        } else if source.join("plugin.c").is_file() {
+            build_c(&source, out, &target_dir)
         } else {
-            Err(anyhow::anyhow!("no Cargo.toml, app.py or app.js: unknown plugin language"))
+            Err(anyhow::anyhow!("no Cargo.toml, app.py, app.js or plugin.c: unknown plugin language"))
         };
         let built = built.with_context(|| format!("building {}", source.display()))?;
         println!("built {}", built.display());
@@ -165,6 +172,56 @@ fn build_python(source: &Path, out: &Path) -> Result<PathBuf> {
     build.finish(source)
 }
 
+fn build_c(source: &Path, out: &Path, target_dir: &Path) -> Result<PathBuf> {
+    let build = ToolchainBuild::prepare(source, out, "c")?;
+    if !build.fresh {
+        install_debian_packages(DEBIAN_C_PACKAGES)?;
+        let generated = target_dir.join("c").join(&build.manifest.name);
+        std::fs::create_dir_all(&generated)?;
+        let objects = c_bindings(&build.wit, &build.manifest.world, &generated)?;
+        let mut sources: Vec<PathBuf> = std::fs::read_dir(source)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "c"))
+            .collect();
+        sources.sort();
+        let module = generated.join("module.wasm");
+        let status = Command::new("clang-19")
+            .args(["--target=wasm32-wasi", "-mexec-model=reactor", "-O2", "-Wall", "-Wl,--strip-debug", "-I"])
+            .arg(&generated)
+            .args(&sources)
+            .args(&objects)
+            .arg("-o")
+            .arg(&module)
+            .status()
+            .context("running clang-19")?;
+        if !status.success() {
+            bail!("clang-19 failed ({status})");
+        }
+        let component = starling_runtime::componentize(&std::fs::read(&module)?).map_err(anyhow::Error::msg)?;
+        std::fs::write(&build.component_path, component)?;
+    }
+    build.finish(source)
+}
+
+/// Writes wit-bindgen's C bindings for `world` into `dir`: the header and source to compile,
+/// and the object carrying the world's type information; returns the files to compile with.
+fn c_bindings(wit: &Path, world: &str, dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut resolve = wit_parser::Resolve::default();
+    let (package, _) = resolve.push_dir(wit).with_context(|| format!("reading {}", wit.display()))?;
+    let world = resolve.select_world(&[package], Some(world))?;
+    let mut files = wit_bindgen_core::Files::default();
+    wit_bindgen_c::Opts::default().build().generate(&mut resolve, world, &mut files)?;
+    let mut compile = Vec::new();
+    for (name, bytes) in files.iter() {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes)?;
+        if !name.ends_with(".h") {
+            compile.push(path);
+        }
+    }
+    Ok(compile)
+}
+
 /// The repository's `wit/` directory: found from the working directory upwards.
 fn wit_dir() -> Result<PathBuf> {
     let cwd = std::env::current_dir()?;
@@ -211,7 +268,13 @@ fn toolchain() -> Result<Toolchain> {
     if rustup_has_target {
         return Ok(Toolchain::Rustup);
     }
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    install_debian_packages(DEBIAN_PACKAGES)?;
+    Ok(Toolchain::Debian)
+}
+
+/// Installs the Debian packages of `packages` that are missing (apt, as root or through sudo).
+fn install_debian_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -239,10 +302,10 @@ fn toolchain() -> Result<Toolchain> {
         install.extend(&missing);
         let installed = apt(&install)? || (apt(&["update", "-q"])? && apt(&install)?);
         if !installed {
-            bail!("could not install {}; install them, or `rustup target add {TARGET}`", missing.join(" "));
+            bail!("could not install {}; install them and try again", missing.join(" "));
         }
     }
-    Ok(Toolchain::Debian)
+    Ok(())
 }
 
 fn build_rust(source: &Path, out: &Path, target_dir: &Path, toolchain: &Toolchain) -> Result<PathBuf> {

@@ -293,3 +293,75 @@ reads = ["email", "email_domain", "business_email"]
     assert!(!server.logs().contains("enricher `email-domain`"), "no enricher warning: {}", server.logs());
     server.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_javascript_crm_connector_upserts_contacts_with_fetch_within_its_allowed_hosts() {
+    // The leave request is rate limited once, then accepted.
+    let answer: Answer = Arc::new(|n, _| match n {
+        1 => (429, vec![("retry-after", "1".to_string())], r#"{"message":"slow down"}"#.to_string()),
+        _ => (200, vec![("content-type", "application/json".to_string())], r#"{"status":"COMPLETE"}"#.to_string()),
+    });
+    let receiver = Receiver::answering("127.0.0.1:0", answer).await;
+    let dir = tempfile::tempdir().unwrap();
+    let settings = r#"{ property = "in_trial" }"#;
+    let params = r#"{ email = "email", firstname = "name" }"#;
+    let actions = batched("crm_join", "crm", "joined", settings, params, 2)
+        + &batched("crm_leave", "crm", "left", settings, params, 2);
+    let plugin_config = format!("[plugin.crm]\naccess_token = \"pat-na1-secret\"\napi_base = \"{}\"\n", receiver.url);
+    let server = Server::start(&config(dir.path(), "crm", &actions, &plugin_config));
+
+    signup(&server, "ann", "Ann", "Ann@Example.com", "trial").await;
+    signup(&server, "bob", "Bob", "bob@example.com", "trial").await;
+    let got = eventually("the upsert", Duration::from_secs(30), async || {
+        let got = receiver.received();
+        (!got.is_empty()).then_some(got)
+    })
+    .await;
+    let upsert = &got[0];
+    assert_eq!((upsert.method.as_str(), upsert.path.as_str()), ("POST", "/crm/v3/objects/contacts/batch/upsert"));
+    assert_eq!(upsert.header("authorization"), "Bearer pat-na1-secret");
+    assert_eq!(upsert.header("content-type"), "application/json");
+    let mut inputs = upsert.body["inputs"].as_array().unwrap().clone();
+    inputs.sort_by_key(|i| i["id"].as_str().unwrap().to_string());
+    let contact = |email: &str, name: &str, member: &str| json!({"idProperty": "email", "id": email, "properties": {"in_trial": member, "firstname": name}});
+    assert_eq!(inputs, vec![contact("ann@example.com", "Ann", "true"), contact("bob@example.com", "Bob", "true")]);
+
+    signup(&server, "bob", "Bob", "bob@example.com", "paid").await;
+    let got = eventually("the leave, retried after the 429", Duration::from_secs(30), async || {
+        let got = receiver.received();
+        (got.len() == 3).then_some(got)
+    })
+    .await;
+    assert_eq!(got[1].body, json!({"inputs": [contact("bob@example.com", "Bob", "false")]}));
+    assert_eq!(got[2].body, got[1].body, "the same batch again");
+    assert!(got[2].at - got[1].at >= Duration::from_secs(1), "no sooner than Retry-After");
+    server.stop();
+
+    // The same connector limited to the real service's host: fetch is refused by the host.
+    let denied = tempfile::tempdir().unwrap();
+    let path = config(denied.path(), "crm", &actions, &plugin_config);
+    harness::install(harness::connectors(), "crm", &denied.path().join("plugins"), |manifest| {
+        let start = manifest.find("allowed_hosts").expect("manifest lists allowed hosts");
+        let end = start + manifest[start..].find('\n').unwrap();
+        format!("{}allowed_hosts = [\"https://api.hubapi.com\"]{}", &manifest[..start], &manifest[end..])
+    });
+    let before = receiver.received().len();
+    let server = Server::start(&path);
+    signup(&server, "cy", "Cy", "cy@example.com", "trial").await;
+    // StarlingMonkey's fetch traps rather than rejecting when the host refuses the request, so
+    // the call fails as a whole and the action stays queued for retry; nothing leaves.
+    let failed = eventually("the refused upsert to fail", Duration::from_secs(30), async || {
+        let (_, rows) = get_json(&format!("{}/v1/actions", server.url)).await;
+        rows["actions"]
+            .as_array()?
+            .iter()
+            .find(|a| a["profile_id"] == "cy" && a["attempts"].as_u64() >= Some(1))
+            .cloned()
+    })
+    .await;
+    assert_ne!(failed["status"], "delivered", "{failed}");
+    assert!(failed["last_error"].as_str().unwrap().contains("plugin `crm` failed"), "{failed}");
+    assert_eq!(receiver.received().len(), before, "nothing reached the receiver");
+    assert!(server.logs().contains("is not in the plugin's allowed hosts"), "{}", server.logs());
+    server.stop();
+}

@@ -9,7 +9,8 @@
 //! with WASI stubbed out so the component imports only what its world grants.
 //!
 //! JavaScript plugins (an `app.js`): built with componentize-js (installed with npm under
-//! `target/guest/js` when missing), with every WASI feature disabled.
+//! `target/guest/js` when missing), with every WASI feature disabled except, for connectors,
+//! what `fetch` needs.
 //!
 //! C plugins (a `plugin.c`, and any other `.c` files beside it): bindings generated in-process
 //! from `wit/` (wit-bindgen's C generator), compiled and linked by Debian's `clang-19` against
@@ -132,7 +133,9 @@ fn build_js(source: &Path, out: &Path, target_dir: &Path) -> Result<PathBuf> {
             .arg(source.join("app.js"))
             .arg("--wit")
             .arg(wit)
-            .args(["-n", &manifest.world, "-d", "stdio", "random", "clocks", "http", "fetch-event", "-o"])
+            .args(["-n", &manifest.world, "-d"])
+            .args(js_disabled_features(manifest.kind))
+            .arg("-o")
             .arg(component_path)
             .status()
             .context("running componentize-js")?;
@@ -141,6 +144,16 @@ fn build_js(source: &Path, out: &Path, target_dir: &Path) -> Result<PathBuf> {
         }
     }
     build.finish(source)
+}
+
+/// StarlingMonkey features turned off: an enricher gets none, a connector keeps `fetch` (over
+/// wasi:http, with the clocks and randomness it uses) and loses only stdio and the incoming
+/// HTTP handler.
+fn js_disabled_features(kind: starling_runtime::Kind) -> &'static [&'static str] {
+    match kind {
+        starling_runtime::Kind::Enricher => &["stdio", "random", "clocks", "http", "fetch-event"],
+        starling_runtime::Kind::Connector => &["stdio", "fetch-event"],
+    }
 }
 
 fn build_python(source: &Path, out: &Path) -> Result<PathBuf> {

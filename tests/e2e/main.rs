@@ -6,6 +6,7 @@ mod delivery;
 mod durability;
 mod harness;
 mod registry;
+mod scaffold;
 mod segments;
 mod stitching;
 

@@ -2,7 +2,9 @@
 
 mod build;
 mod loadgen;
+mod plugin_test;
 mod registry;
+mod scaffold;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -165,6 +167,19 @@ enum PluginCommand {
         #[arg(long, default_value = "target/plugins")]
         out: PathBuf,
     },
+    /// Create a plugin to start from: sources, manifest and test cases, ready to build and test.
+    New {
+        name: String,
+        #[arg(long, value_enum)]
+        lang: scaffold::Lang,
+        #[arg(long, value_enum)]
+        kind: scaffold::PluginKind,
+        /// The directory to create it in.
+        #[arg(long, default_value = "connectors")]
+        dir: PathBuf,
+    },
+    /// Build a plugin and run the cases in its `tests.toml` in the sandbox the server uses.
+    Test { dir: PathBuf },
     /// Install a built plugin (a directory with `plugin.toml`, the component, and optionally
     /// `plugin.sig`): validates it, stores it by hash and precompiles it.
     Add {
@@ -213,6 +228,13 @@ fn main() -> std::process::ExitCode {
             let dirs = if dirs.is_empty() { vec![PathBuf::from("connectors")] } else { dirs };
             build::build_all(&dirs, &out)
         }
+        Command::Plugin { command: PluginCommand::New { name, lang, kind, dir }, .. } => {
+            scaffold::create(&name, lang, kind, &dir).map(|created| {
+                println!("created {}", created.display());
+                println!("try it: starling plugin test {}", created.display());
+            })
+        }
+        Command::Plugin { command: PluginCommand::Test { dir }, .. } => plugin_test::run(&dir),
         Command::Plugin { db, command } => registry::run(&db, command),
     };
     match result {

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 pub fn run(db: &DatabaseArgs, command: PluginCommand) -> Result<()> {
     let now = starling_server::system_clock();
     match command {
-        PluginCommand::Build { .. } => unreachable!("handled by main"),
+        PluginCommand::Build { .. } | PluginCommand::New { .. } | PluginCommand::Test { .. } => {
+            unreachable!("handled by main")
+        }
         PluginCommand::Keygen { out } => {
             let (secret, public) = signing::generate().map_err(anyhow::Error::msg)?;
             let secret_path = out.with_extension("secret");

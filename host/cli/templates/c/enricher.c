@@ -1,0 +1,48 @@
+// {{name}}: a Starling enricher in C. Sets a string attribute (configuration `attribute`, default
+// `last_event`) to the name of the latest event.
+//
+// `enricher.h` is generated from the WIT world by `starling plugin build`. The arguments of an
+// exported function belong to it (freed here); what it returns is freed by the generated code.
+
+#include "enricher.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+typedef starling_plugin_types_attribute_update_t update_t;
+
+bool exports_starling_plugin_enrich_enrich(exports_starling_plugin_enrich_event_t *event,
+                                           exports_starling_plugin_enrich_profile_view_t *profile,
+                                           exports_starling_plugin_enrich_list_attribute_update_t *ret,
+                                           enricher_string_t *err) {
+    (void)err;
+    enricher_string_t key, attribute;
+    enricher_string_set(&key, "attribute");
+    if (!starling_plugin_config_get(&key, &attribute)) {
+        enricher_string_dup(&attribute, "last_event");
+    }
+    bool unchanged = false;
+    for (size_t i = 0; i < profile->attributes.len; i++) {
+        starling_plugin_types_attribute_t *a = &profile->attributes.ptr[i];
+        if (a->name.len == attribute.len && memcmp(a->name.ptr, attribute.ptr, attribute.len) == 0 &&
+            a->value.tag == STARLING_PLUGIN_TYPES_ATTRIBUTE_VALUE_TEXT && a->value.val.text.len == event->name.len &&
+            memcmp(a->value.val.text.ptr, event->name.ptr, event->name.len) == 0) {
+            unchanged = true;
+        }
+    }
+    ret->ptr = NULL;
+    ret->len = 0;
+    if (unchanged) {
+        enricher_string_free(&attribute);
+    } else {
+        ret->ptr = calloc(1, sizeof(update_t));
+        ret->len = 1;
+        ret->ptr[0].name = attribute;  // ownership moves into the result
+        ret->ptr[0].value.is_some = true;
+        ret->ptr[0].value.val.tag = STARLING_PLUGIN_TYPES_ATTRIBUTE_VALUE_TEXT;
+        enricher_string_dup_n(&ret->ptr[0].value.val.val.text, (const char *)event->name.ptr, event->name.len);
+    }
+    exports_starling_plugin_enrich_event_free(event);
+    exports_starling_plugin_enrich_profile_view_free(profile);
+    return true;
+}

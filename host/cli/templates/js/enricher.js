@@ -1,0 +1,13 @@
+// {{name}}: a Starling enricher. Sets a string attribute (configuration `attribute`, default
+// `last_event`) to the name of the latest event.
+
+import { get } from 'starling:plugin/config@0.1.0';
+
+export const enrich = {
+  enrich(event, profile) {
+    const attribute = get('attribute') ?? 'last_event';
+    const current = profile.attributes.find((a) => a.name === attribute);
+    if (current && current.value.tag === 'text' && current.value.val === event.name) return [];
+    return [{ name: attribute, value: { tag: 'text', val: event.name } }];
+  },
+};

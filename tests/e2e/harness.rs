@@ -110,14 +110,15 @@ impl Server {
     /// Stops the server with SIGTERM (a graceful shutdown) and waits for it.
     pub fn stop(mut self) {
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Generous: with every core busy compiling other tests' plugins, draining can be slow.
+        let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("starling did not stop on SIGTERM");
+        panic!("starling did not stop on SIGTERM:\n{}", self.logs());
     }
 
     /// Kills the server with SIGKILL: no shutdown, no flushing.

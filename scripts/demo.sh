@@ -29,7 +29,7 @@ trap 'kill $receiver 2>/dev/null || true' EXIT
 cat <<'HELP'
 
 Starling is starting on http://127.0.0.1:8080 (the first start compiles the Python and JavaScript
-plugins, about 40 s; later starts use the compiled-code cache). In another terminal, try:
+plugins, about a minute; later starts use the compiled-code cache). In another terminal, try:
 
   curl -s -XPOST localhost:8080/v1/events -d '{"events": [
     {"event": "page_view", "visitor_id": "anon-1", "data": {"category": "shoes", "user_agent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) Version/17.4 Mobile/15E148 Safari/604.1"}},

@@ -19,16 +19,19 @@ if [[ $what == all || $what == enricher ]]; then
     # which `starling plugin build` above has installed).
     guest=(cargo)
     build_std=()
+    guest_env=()
     if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown; then
-        export PATH=/usr/bin:$PATH RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1
-        export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER=wasm-ld-19
         guest=(/usr/bin/cargo)
         build_std=(-Zbuild-std=std,panic_abort)
+        guest_env=(PATH="/usr/bin:$PATH" RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1
+            CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER=wasm-ld-19)
     fi
-    CARGO_TARGET_DIR=$PWD/target/guest "${guest[@]}" build --release --target wasm32-unknown-unknown \
-        --manifest-path host/bench/extism-value-tier/Cargo.toml "${build_std[@]}"
-    (unset RUSTC RUSTC_BOOTSTRAP; PATH=${PATH#/usr/bin:} cargo bench -p starling-bench --features extism --bench enricher)
+    env "${guest_env[@]}" CARGO_TARGET_DIR="$PWD/target/guest" "${guest[@]}" build --release \
+        --target wasm32-unknown-unknown --manifest-path host/bench/extism-value-tier/Cargo.toml "${build_std[@]}"
 fi
-if [[ $what == all || $what == warm_start ]]; then
-    cargo bench -p starling-bench --bench warm_start
-fi
+# One build serves both benches: the Extism side is a feature of the bench crate.
+case $what in
+    all) cargo bench -p starling-bench --features extism ;;
+    enricher) cargo bench -p starling-bench --features extism --bench enricher ;;
+    warm_start) cargo bench -p starling-bench --bench warm_start ;;
+esac

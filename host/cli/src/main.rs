@@ -370,6 +370,15 @@ fn serve(config: &Path, overrides: ServeOverrides) -> Result<()> {
     let database = overrides.database.unwrap_or_else(|| relative_to(config, &model.server.database));
     let plugins = overrides.plugins.or_else(|| model.server.plugins.as_deref().map(|p| relative_to(config, p)));
     let test_clock = overrides.test_clock;
+    let tls = match (&model.server.tls_cert, &model.server.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            starling_server::tls::server_config(&relative_to(config, cert), &relative_to(config, key))
+                .map_err(|e| anyhow::anyhow!("{}: server.{e}", config.display()))?,
+        ),
+        (None, None) => None,
+        _ => bail!("{}: server.tls_cert and server.tls_key go together", config.display()),
+    };
+    let admin_token = std::env::var("STARLING_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let app = starling_server::App::start(starling_server::Options {
@@ -377,14 +386,19 @@ fn serve(config: &Path, overrides: ServeOverrides) -> Result<()> {
             database: database.clone(),
             plugins,
             test_clock,
+            admin_token,
         })
         .await?;
         let listener =
             tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("listening on {listen}"))?;
         let addr = listener.local_addr()?;
-        tracing::info!(database = %database.display(), "starling listening on http://{addr}");
-        println!("listening on http://{addr}");
-        app.serve(listener, shutdown_signal()).await?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(database = %database.display(), "starling listening on {scheme}://{addr}");
+        println!("listening on {scheme}://{addr}");
+        match tls {
+            Some(tls) => app.serve_tls(starling_server::tls::TlsListener::new(listener, tls)?, shutdown_signal()).await?,
+            None => app.serve(listener, shutdown_signal()).await?,
+        }
         tracing::info!("stopped");
         Ok(())
     })

@@ -6,6 +6,9 @@ use crate::value::{
     AttrType, DEFAULT_TIMELINE_AGE_MS, DEFAULT_TIMELINE_ENTRIES, MAX_ARRAY_ITEMS, MAX_FUNNEL_STEPS, MAX_ROLLING_WINDOW,
     MAX_TIMELINE_ENTRIES, Scope, Value,
 };
+use crate::operations::{
+    EventSpec, FieldSpec, FieldType, ImportDef, OnViolation, Retention, SourceDef,
+};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -84,6 +87,15 @@ pub struct ServerSettings {
     /// How often audience sizes are sampled for their history, for example `1m`.
     #[serde(default = "default_size_sample_interval")]
     pub audience_size_interval: String,
+    /// Token every request other than ingestion and health must carry (`Authorization: Bearer`).
+    /// `STARLING_ADMIN_TOKEN` in the environment overrides it.
+    #[serde(default)]
+    pub admin_token: Option<String>,
+    /// PEM certificate chain and private key: with both, the server speaks HTTPS only.
+    #[serde(default)]
+    pub tls_cert: Option<String>,
+    #[serde(default)]
+    pub tls_key: Option<String>,
 }
 
 fn default_plugin_failure_limit() -> u64 {
@@ -111,6 +123,9 @@ impl Default for ServerSettings {
             trusted_keys: None,
             plugin_failure_limit: default_plugin_failure_limit(),
             audience_size_interval: default_size_sample_interval(),
+            admin_token: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -245,11 +260,14 @@ pub enum Trigger {
     VisitEnded,
     /// Every event that matches (an event feed; no audience).
     Event,
+    /// The profile is deleted (on request or by retention): every deleted profile, or with an
+    /// audience only its members. Connectors see it as leaving that audience.
+    Deleted,
 }
 
 impl Trigger {
-    pub const ALL: [Trigger; 5] =
-        [Trigger::Joined, Trigger::Left, Trigger::VisitStarted, Trigger::VisitEnded, Trigger::Event];
+    pub const ALL: [Trigger; 6] =
+        [Trigger::Joined, Trigger::Left, Trigger::VisitStarted, Trigger::VisitEnded, Trigger::Event, Trigger::Deleted];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -258,6 +276,7 @@ impl Trigger {
             Trigger::VisitStarted => "visit_started",
             Trigger::VisitEnded => "visit_ended",
             Trigger::Event => "event",
+            Trigger::Deleted => "deleted",
         }
     }
 }
@@ -343,6 +362,11 @@ pub struct Model {
     pub actions: Vec<ActionDef>,
     /// Per-plugin configuration values, handed to the plugin through its `config` interface.
     pub plugin_config: BTreeMap<String, BTreeMap<String, String>>,
+    /// Data sources with their ingestion keys; when any is declared, ingestion requires a key.
+    pub sources: Vec<SourceDef>,
+    pub event_specs: Vec<EventSpec>,
+    pub retention: Option<Retention>,
+    pub imports: Vec<ImportDef>,
     source: String,
 }
 
@@ -373,6 +397,15 @@ impl Model {
 
     pub fn audience(&self, name: &str) -> Option<&Audience> {
         self.audiences.iter().find(|a| a.name == name)
+    }
+
+    /// The spec events named `event` must follow.
+    pub fn event_spec(&self, event: &str) -> Option<&EventSpec> {
+        self.event_specs.iter().find(|s| s.event == event)
+    }
+
+    pub fn import(&self, name: &str) -> Option<&ImportDef> {
+        self.imports.iter().find(|i| i.name == name)
     }
 
     /// 1-based line and column of a byte offset in the source this model was read from.
@@ -421,6 +454,52 @@ struct RawConfig {
     action: Vec<Spanned<RawAction>>,
     #[serde(default)]
     plugin: BTreeMap<String, BTreeMap<String, String>>,
+    #[serde(default)]
+    source: Vec<Spanned<RawSource>>,
+    #[serde(default)]
+    event_spec: Vec<Spanned<RawEventSpec>>,
+    retention: Option<Spanned<RawRetention>>,
+    #[serde(default)]
+    import: Vec<Spanned<RawImport>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    name: Spanned<String>,
+    api_key: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEventSpec {
+    event: Spanned<String>,
+    /// Field path → type; a trailing `?` makes the field optional.
+    #[serde(default)]
+    fields: BTreeMap<String, Spanned<String>>,
+    #[serde(default = "yes")]
+    allow_other_fields: bool,
+    on_violation: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    inactive_after: Spanned<String>,
+    check_every: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawImport {
+    name: Spanned<String>,
+    event: Spanned<String>,
+    #[serde(rename = "match")]
+    matches: Spanned<String>,
+    key: Option<Spanned<String>>,
+    #[serde(default)]
+    columns: BTreeMap<String, Spanned<String>>,
+    timestamp: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -687,6 +766,10 @@ impl Validator<'_> {
         }
 
         let identity = self.identity(&raw.identity);
+        let sources = self.sources(&raw.source);
+        let event_specs = self.event_specs(&raw.event_spec);
+        let retention = raw.retention.as_ref().and_then(|r| self.retention(r.get_ref()));
+        let imports = self.imports(&raw.import);
         let timelines = (0..attributes.len()).filter(|&i| attributes[i].ty == AttrType::Timeline).collect();
         Model {
             server: raw.server,
@@ -704,6 +787,10 @@ impl Validator<'_> {
             timelines,
             actions,
             plugin_config: raw.plugin,
+            sources,
+            event_specs,
+            retention,
+            imports,
             source: self.source.to_string(),
         }
     }
@@ -844,6 +931,137 @@ impl Validator<'_> {
         Some(def)
     }
 
+    fn sources(&mut self, raw: &[Spanned<RawSource>]) -> Vec<SourceDef> {
+        let mut sources: Vec<SourceDef> = Vec::new();
+        for s in raw.iter().map(Spanned::get_ref) {
+            let name = s.name.get_ref();
+            if name.is_empty() || name.len() > 200 {
+                self.error(s.name.span(), "source name must be 1 to 200 characters");
+            } else if sources.iter().any(|x| x.name == *name) {
+                self.error(s.name.span(), format!("source `{name}` is declared twice"));
+            } else if s.api_key.get_ref().len() < 16 {
+                self.error(s.api_key.span(), format!("source `{name}`: api_key must be at least 16 characters"));
+            } else if sources.iter().any(|x| x.api_key == *s.api_key.get_ref()) {
+                self.error(s.api_key.span(), format!("source `{name}`: api_key is already another source's key"));
+            } else {
+                sources.push(SourceDef { name: name.clone(), api_key: s.api_key.get_ref().clone() });
+            }
+        }
+        sources
+    }
+
+    fn event_specs(&mut self, raw: &[Spanned<RawEventSpec>]) -> Vec<EventSpec> {
+        let mut specs: Vec<EventSpec> = Vec::new();
+        for spec in raw.iter().map(Spanned::get_ref) {
+            let event = spec.event.get_ref();
+            if specs.iter().any(|x| x.event == *event) {
+                self.error(spec.event.span(), format!("event `{event}` has two specs"));
+                continue;
+            }
+            let on_violation = match spec.on_violation.as_ref().map(|o| (o.get_ref().as_str(), o.span())) {
+                None | Some(("reject", _)) => OnViolation::Reject,
+                Some(("warn", _)) => OnViolation::Warn,
+                Some((other, span)) => {
+                    self.error(span, format!("on_violation `{other}`: expected reject or warn"));
+                    OnViolation::Reject
+                }
+            };
+            let mut fields = Vec::new();
+            for (path, ty) in &spec.fields {
+                let (name, required) = match ty.get_ref().strip_suffix('?') {
+                    Some(t) => (t, false),
+                    None => (ty.get_ref().as_str(), true),
+                };
+                let Some(field_type) = FieldType::parse(name) else {
+                    let names: Vec<&str> = FieldType::ALL.iter().map(|t| t.name()).collect();
+                    self.error(
+                        ty.span(),
+                        format!(
+                            "fields.{path}: unknown type `{name}`: expected {} (with `?` when optional)",
+                            names.join(", ")
+                        ),
+                    );
+                    continue;
+                };
+                match parse_event_path(path) {
+                    Some(path) => fields.push(FieldSpec { path, ty: field_type, required }),
+                    None => self.error(ty.span(), format!("fields.{path}: not a field path like `order.total`")),
+                }
+            }
+            specs.push(EventSpec { event: event.clone(), fields, allow_other_fields: spec.allow_other_fields, on_violation });
+        }
+        specs
+    }
+
+    fn retention(&mut self, raw: &RawRetention) -> Option<Retention> {
+        let inactive_after_ms = self.duration(&Some(raw.inactive_after.clone()))?;
+        let check_every_ms = match &raw.check_every {
+            None => 3_600_000,
+            some => self.duration(some)?,
+        };
+        if inactive_after_ms < 60_000 {
+            self.error(raw.inactive_after.span(), "retention.inactive_after must be at least 1m");
+            return None;
+        }
+        Some(Retention { inactive_after_ms, check_every_ms: check_every_ms.max(1_000) })
+    }
+
+    fn imports(&mut self, raw: &[Spanned<RawImport>]) -> Vec<ImportDef> {
+        let mut imports: Vec<ImportDef> = Vec::new();
+        for i in raw.iter().map(Spanned::get_ref) {
+            let name = i.name.get_ref();
+            if !is_identifier(name) {
+                self.error(i.name.span(), format!("import name `{name}` must be letters, digits and `_`"));
+                continue;
+            }
+            if imports.iter().any(|x| x.name == *name) {
+                self.error(i.name.span(), format!("import `{name}` is declared twice"));
+                continue;
+            }
+            let matches = i.matches.get_ref();
+            match self.attributes.get(matches) {
+                Some(a) if a.ty == AttrType::VisitorId => {}
+                Some(_) => {
+                    self.error(i.matches.span(), format!("match: `{matches}` is not a visitor_id attribute"));
+                    continue;
+                }
+                None => {
+                    self.error(i.matches.span(), format!("match: unknown attribute `{matches}`"));
+                    continue;
+                }
+            }
+            let key = i.key.as_ref().map_or_else(|| matches.clone(), |k| k.get_ref().clone());
+            let mut columns = Vec::new();
+            for (column, ty) in &i.columns {
+                match FieldType::parse(ty.get_ref()) {
+                    Some(t) => columns.push((column.clone(), t)),
+                    None => {
+                        let names: Vec<&str> = FieldType::ALL.iter().map(|t| t.name()).collect();
+                        self.error(
+                            ty.span(),
+                            format!("columns.{column}: unknown type `{}`: expected {}", ty.get_ref(), names.join(", ")),
+                        );
+                    }
+                }
+            }
+            let timestamp = i.timestamp.as_ref().map(|t| t.get_ref().clone());
+            if let Some(t) = &i.timestamp
+                && !columns.iter().any(|(c, ty)| c == t.get_ref() && *ty == FieldType::Timestamp)
+            {
+                self.error(t.span(), format!("timestamp: `{}` must be a column of type timestamp", t.get_ref()));
+            }
+            imports.push(ImportDef {
+                name: name.clone(),
+                event: i.event.get_ref().clone(),
+                matches: matches.clone(),
+                key,
+                columns,
+                timestamp,
+            });
+        }
+        imports
+    }
+
     fn identity(&mut self, raw: &RawIdentity) -> IdentitySettings {
         let mut settings = IdentitySettings::default();
         if let Some(n) = &raw.min_length {
@@ -891,7 +1109,7 @@ impl Validator<'_> {
                 }
                 Some(aud.get_ref().clone())
             }
-            (None, Some(Trigger::Event)) => Some(String::new()),
+            (None, Some(Trigger::Event | Trigger::Deleted)) => Some(String::new()),
             (None, _) => {
                 self.error(a.name.span(), format!("action `{name}` needs `audience`"));
                 None

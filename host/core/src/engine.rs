@@ -391,6 +391,7 @@ fn fire(
             }
             Trigger::VisitStarted => visit_started && profile.audiences.contains(&action.audience),
             Trigger::VisitEnded => visit_ended && profile.audiences.contains(&action.audience),
+            Trigger::Deleted => false,
             Trigger::Event => event.is_some_and(|e| {
                 action.event.as_ref().is_none_or(|name| *name == e.name)
                     && action.condition.as_ref().is_none_or(|c| c.eval(&resolve, at))
@@ -415,6 +416,33 @@ fn fire(
             params,
         });
     }
+}
+
+/// The actions that deleting `profile` fires: every `deleted` action without an audience, and
+/// those whose audience the profile was in. Parameters are read before the profile goes.
+pub fn apply_delete(model: &Model, profile: &Profile, now: i64) -> Outcome {
+    let mut out = Outcome::default();
+    for action in model.actions.iter().filter(|a| a.trigger == Trigger::Deleted) {
+        if !action.audience.is_empty() && !profile.audiences.contains(&action.audience) {
+            continue;
+        }
+        let params = action
+            .params
+            .iter()
+            .filter_map(|(k, src)| source_value(model, profile, None, now, src).map(|v| (k.clone(), v)))
+            .collect();
+        out.actions.push(PendingAction {
+            action: action.name.clone(),
+            connector: action.connector.clone(),
+            trigger: Trigger::Deleted,
+            audience: action.audience.clone(),
+            profile_id: profile.id.clone(),
+            occurred_at_ms: now,
+            settings: action.settings.clone(),
+            params,
+        });
+    }
+    out
 }
 
 /// The current value of what a condition reads.

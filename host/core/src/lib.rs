@@ -4,6 +4,7 @@
 pub mod condition;
 pub mod config;
 pub mod engine;
+pub mod operations;
 pub mod profile;
 pub mod stitch;
 pub mod time;
@@ -11,7 +12,7 @@ pub mod value;
 
 pub use config::{ConfigErrors, Diagnostic, Model, parse};
 pub use engine::{
-    CustomEnrichers, Event, Membership, NoCustomEnrichers, Outcome, PendingAction, apply_event, apply_merge, apply_time,
+    CustomEnrichers, Event, Membership, NoCustomEnrichers, Outcome, PendingAction, apply_delete, apply_event, apply_merge, apply_time,
 };
 pub use profile::Profile;
 pub use value::Value;

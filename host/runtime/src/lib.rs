@@ -65,6 +65,9 @@ impl Default for HostOptions {
 /// A plugin's call record since it was loaded.
 #[derive(Debug, Default)]
 struct Health {
+    calls: AtomicU64,
+    /// Wall time spent in calls, in microseconds.
+    call_micros: AtomicU64,
     failures: AtomicU64,
     consecutive: AtomicU64,
     disabled: Mutex<Option<String>>,
@@ -115,6 +118,11 @@ const ENRICHER_REUSE: u32 = 10_000;
 const MAX_IDLE_ENRICHERS: usize = 16;
 
 impl Plugin {
+    /// Calls made and the seconds they took in all, for metrics.
+    pub fn call_time(&self) -> (u64, f64) {
+        (self.health.calls.load(Ordering::Relaxed), self.health.call_micros.load(Ordering::Relaxed) as f64 / 1e6)
+    }
+
     /// Failed calls, consecutive failed calls, and why the plugin was disabled if it was.
     pub fn health(&self) -> (u64, u64, Option<String>) {
         (
@@ -437,6 +445,7 @@ impl PluginHost {
         let meta = &plugin.meta;
         let timeout =
             || PluginError::Timeout { plugin: meta.name.to_string(), timeout_ms: meta.timeout.as_millis() as u64 };
+        let started = std::time::Instant::now();
         let result = match tokio::time::timeout(meta.timeout + HOST_GRACE, call).await {
             Err(_) => Err(timeout()),
             Ok(Ok(v)) => Ok(v),
@@ -444,6 +453,8 @@ impl PluginHost {
             Ok(Err(e)) => Err(PluginError::Trap { plugin: meta.name.to_string(), message: describe_error(&e) }),
         };
         let health = &plugin.health;
+        health.calls.fetch_add(1, Ordering::Relaxed);
+        health.call_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         match &result {
             Ok(_) => health.consecutive.store(0, Ordering::Relaxed),
             Err(e) => {

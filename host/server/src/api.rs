@@ -3,13 +3,16 @@
 use crate::pipeline::Ingest;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use crate::auth::{Denied, Keys};
+use crate::telemetry::{ActionLabel, NameLabel, PartitionLabel, Telemetry};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use rusqlite::Connection;
 use starling_core::Model;
+use starling_runtime::PluginHost;
 use std::sync::{Arc, Mutex};
 
 /// Largest request body accepted.
@@ -25,14 +28,20 @@ pub struct AppState {
     pub clock: fn() -> i64,
     /// Whether `POST /v1/test/clock` may move the clock (for tests of time-driven behaviour).
     pub test_clock: bool,
+    pub telemetry: Arc<Telemetry>,
+    pub keys: Arc<Keys>,
+    pub plugins: Arc<PluginHost>,
+    /// Requests each ingestion partition may hold.
+    pub queue_capacity: usize,
 }
 
+/// The OpenAPI document of this API.
+pub const OPENAPI: &str = include_str!("openapi.json");
+const ADMIN_PAGE: &str = include_str!("admin.html");
+
 pub fn router(state: AppState) -> Router {
-    let router =
-        if state.test_clock { Router::new().route("/v1/test/clock", post(advance_clock)) } else { Router::new() };
-    router
-        .route("/v1/events", post(post_events))
-        .route("/v1/profiles/{id}", get(get_profile))
+    let admin = Router::new()
+        .route("/v1/profiles/{id}", get(get_profile).delete(delete_profile))
         .route("/v1/profiles/{id}/explain/{audience}", get(explain_membership))
         .route("/v1/profiles/{id}/identity", get(get_identity))
         .route("/v1/profiles/{id}/unstitch", post(unstitch))
@@ -40,9 +49,39 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audiences/{name}/history", get(get_audience_history))
         .route("/v1/actions", get(get_actions))
         .route("/v1/dead-letters", get(get_dead_letters))
+        .route("/v1/trace/{id}", get(trace))
+        .route("/v1/imports/{definition}", post(post_import))
+        .route("/v1/imports/{definition}/{file_sha256}", get(get_import))
+        .route("/v1/audit", get(get_audit))
+        .route("/v1/plugins", get(get_plugins))
+        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_admin));
+    let admin = if state.test_clock { admin.route("/v1/test/clock", post(advance_clock)) } else { admin };
+    Router::new()
+        .route("/v1/events", post(post_events))
+        .merge(admin)
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
+        .route("/admin", get(|| async { axum::response::Html(ADMIN_PAGE) }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+async fn require_admin(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match state.keys.check_admin(request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(denied) => unauthorized(&denied, "Bearer").into_response(),
+    }
+}
+
+fn unauthorized(denied: &Denied, scheme: &'static str) -> impl IntoResponse {
+    let mut response = ApiError::new(StatusCode::UNAUTHORIZED, denied.message()).into_response();
+    response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(scheme));
+    response
 }
 
 /// An error answer: a status and a message naming the problem, as `{"error": "..."}`.
@@ -85,26 +124,57 @@ struct EventsQuery {
 async fn post_events(
     State(state): State<AppState>,
     Query(query): Query<EventsQuery>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<(StatusCode, Json<serde_json::Value>), Response> {
+    let metrics = &state.telemetry.metrics;
+    let key_source = state.keys.check_source(&headers).map_err(|denied| {
+        metrics.reject("unauthorized", 1);
+        unauthorized(&denied, "ApiKey").into_response()
+    })?;
     let body = body.map_err(|rejection| {
         let status = rejection.status();
-        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            format!("request body is larger than {MAX_BODY_BYTES} bytes")
-        } else {
-            rejection.body_text()
-        };
-        ApiError::new(status, message)
+        metrics.reject(if status == StatusCode::PAYLOAD_TOO_LARGE { "too_large" } else { "invalid" }, 1);
+        body_error(rejection).into_response()
     })?;
-    let events =
-        crate::ingest::parse_events(&body, (state.clock)()).map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, m))?;
-    if query.dry_run {
-        return Ok((StatusCode::OK, Json(serde_json::json!({ "valid": events.len() }))));
+    let invalid = |reason: &str, message: String| {
+        metrics.reject(reason, 1);
+        ApiError::new(StatusCode::BAD_REQUEST, message).into_response()
+    };
+    let (mut events, batch) =
+        crate::ingest::parse_request(&body, (state.clock)()).map_err(|m| invalid("invalid", m))?;
+    let warnings = crate::ingest::check_events(&mut events, batch, key_source.as_deref(), &state.model)
+        .map_err(|m| invalid("spec", m))?;
+    for warning in &warnings {
+        tracing::warn!(source = key_source.as_deref().unwrap_or("-"), "event accepted with a warning: {warning}");
     }
+    if query.dry_run {
+        return Ok((StatusCode::OK, Json(serde_json::json!({ "valid": events.len(), "warnings": warnings }))));
+    }
+    let n = events.len() as u64;
     // Busy, shutting down or a failed commit: nothing was acknowledged, the client may retry.
-    let report =
-        state.ingest.submit(events).await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    Ok((StatusCode::ACCEPTED, Json(serde_json::to_value(report).expect("report serializes"))))
+    let report = state.ingest.submit(events).await.map_err(|e| {
+        metrics.reject("unavailable", n);
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response()
+    })?;
+    metrics.events_accepted.inc_by(report.accepted as u64);
+    metrics.events_duplicate.inc_by(report.duplicates as u64);
+    metrics.spec_warnings.inc_by(warnings.len() as u64);
+    let mut answer = serde_json::to_value(report).expect("report serializes");
+    if !warnings.is_empty() {
+        answer["warnings"] = serde_json::json!(warnings);
+    }
+    Ok((StatusCode::ACCEPTED, Json(answer)))
+}
+
+fn body_error(rejection: BytesRejection) -> ApiError {
+    let status = rejection.status();
+    let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        format!("request body is larger than {MAX_BODY_BYTES} bytes")
+    } else {
+        rejection.body_text()
+    };
+    ApiError::new(status, message)
 }
 
 async fn read<T: Send + 'static>(
@@ -262,4 +332,177 @@ async fn get_dead_letters(
     let limit = q.limit.unwrap_or(100).min(10_000);
     let rows = read(&state, move |c| starling_store::dead_letters(c, limit)).await?;
     Ok(Json(serde_json::json!({ "dead_letters": rows })))
+}
+
+async fn delete_profile(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let records = state
+        .ingest
+        .delete(vec![id.clone()], "request", None)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    match records.into_iter().next() {
+        Some(record) => Ok(Json(serde_json::json!({ "deleted": true, "audit": record }))),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no profile for id `{id}`"))),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct LimitQuery {
+    limit: Option<usize>,
+}
+
+async fn get_audit(
+    State(state): State<AppState>,
+    Query(q): Query<LimitQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let records = read(&state, move |c| starling_store::audit_records(c, limit)).await?;
+    Ok(Json(serde_json::json!({ "audit": records })))
+}
+
+async fn get_plugins(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let plugins: Vec<serde_json::Value> = state
+        .plugins
+        .names()
+        .into_iter()
+        .filter_map(|name| state.plugins.get(&name).ok())
+        .map(|p| {
+            let (calls, seconds) = p.call_time();
+            let (failures, consecutive, disabled) = p.health();
+            serde_json::json!({
+                "name": p.manifest.name,
+                "version": p.manifest.version,
+                "kind": p.manifest.kind.name(),
+                "sha256": p.sha256,
+                "status": if disabled.is_some() { "disabled" } else { "enabled" },
+                "disabled_reason": disabled,
+                "calls": calls,
+                "call_seconds": seconds,
+                "failures": failures,
+                "consecutive_failures": consecutive,
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "plugins": plugins })))
+}
+
+async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let m = &state.telemetry.metrics;
+    let (sizes, pending) =
+        read(&state, |c| Ok((starling_store::audience_sizes(c)?, starling_store::pending_actions(c)?))).await?;
+    for audience in &state.model.audiences {
+        let size = sizes.iter().find(|(n, _)| *n == audience.name).map_or(0, |(_, s)| *s);
+        m.audience_size.get_or_create(&NameLabel { name: audience.name.clone() }).set(size);
+    }
+    for action in &state.model.actions {
+        let n = pending.iter().find(|(a, _)| *a == action.name).map_or(0, |(_, n)| *n);
+        m.actions_pending.get_or_create(&ActionLabel { action: action.name.clone() }).set(n);
+    }
+    for (i, depth) in state.ingest.queue_depths(state.queue_capacity).into_iter().enumerate() {
+        m.ingest_queue_depth.get_or_create(&PartitionLabel { partition: i.to_string() }).set(depth as i64);
+    }
+    for name in state.plugins.names() {
+        let Ok(plugin) = state.plugins.get(&name) else { continue };
+        let label = NameLabel { name };
+        let (calls, seconds) = plugin.call_time();
+        let (failures, _, disabled) = plugin.health();
+        m.plugin_calls.get_or_create(&label).set(calls as i64);
+        m.plugin_call_seconds.get_or_create(&label).set(seconds);
+        m.plugin_failures.get_or_create(&label).set(failures as i64);
+        m.plugin_disabled.get_or_create(&label).set(disabled.is_some() as i64);
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], m.render()).into_response())
+}
+
+/// Follows a visitor's events live as server-sent events: one message per step, named by the
+/// step (`received`, `enriched`, `evaluated`, `queued`, `committed`, `delivery`, `deleted`).
+async fn trace(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> axum::response::sse::Sse<impl futures_core::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>>
+{
+    use axum::response::sse::{Event as Sse, KeepAlive};
+    use tokio_stream::StreamExt;
+    use tokio_stream::wrappers::BroadcastStream;
+    let profile = state.ingest.profile_of(&id);
+    let rx = state.telemetry.tracer.subscribe(&[id.clone(), profile.clone()]);
+    let started = serde_json::json!({ "step": "tracing", "id": id, "profile_id": profile });
+    let first = tokio_stream::once(Ok(Sse::default().event("tracing").data(started.to_string())));
+    let steps = BroadcastStream::new(rx).map(|step| {
+        Ok(match step {
+            Ok(step) => Sse::default().event(step["step"].as_str().unwrap_or("step")).data(step.to_string()),
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                Sse::default().event("lagged").data(serde_json::json!({ "step": "lagged", "missed": n }).to_string())
+            }
+        })
+    });
+    axum::response::sse::Sse::new(first.chain(steps)).keep_alive(KeepAlive::default())
+}
+
+#[derive(serde::Deserialize)]
+struct ImportQuery {
+    format: Option<crate::import::Format>,
+    /// The whole file's SHA-256, when the body is one part of it.
+    file: Option<String>,
+    /// The number of the body's first row in the file (1 = first data row).
+    #[serde(default = "first_row")]
+    first_row: i64,
+}
+
+fn first_row() -> i64 {
+    1
+}
+
+async fn post_import(
+    State(state): State<AppState>,
+    Path(definition): Path<String>,
+    Query(q): Query<ImportQuery>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<crate::import::Summary>, ApiError> {
+    let body = body.map_err(body_error)?;
+    let Some(def) = state.model.import(&definition) else {
+        let known: Vec<&str> = state.model.imports.iter().map(|i| i.name.as_str()).collect();
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no import definition `{definition}` (configured: {})", known.join(", ")),
+        ));
+    };
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let format = match q.format {
+        Some(f) => f,
+        None if content_type.starts_with("text/csv") => crate::import::Format::Csv,
+        None if content_type.contains("ndjson") || content_type.contains("jsonl") => crate::import::Format::Jsonl,
+        None => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "format: say csv or jsonl (?format=, or Content-Type text/csv or application/x-ndjson)",
+            ));
+        }
+    };
+    let importer = crate::import::Importer {
+        ingest: state.ingest.clone(),
+        read: state.read.clone(),
+        telemetry: state.telemetry.clone(),
+        clock: state.clock,
+    };
+    importer.run(def, format, &body, q.file, q.first_row).await.map(Json).map_err(|e| match e {
+        crate::import::ImportError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
+        crate::import::ImportError::Ingest(e) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        crate::import::ImportError::Store(e) => e.into(),
+    })
+}
+
+async fn get_import(
+    State(state): State<AppState>,
+    Path((definition, file)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (d, f) = (definition.clone(), file.clone());
+    match read(&state, move |c| starling_store::import_progress(c, &f, &d)).await? {
+        Some(progress) => Ok(Json(serde_json::json!({ "definition": definition, "file_sha256": file, "progress": progress }))),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no import of file {file} with `{definition}`"))),
+    }
 }

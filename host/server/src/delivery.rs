@@ -5,6 +5,7 @@
 //! after the destination's Retry-After); failed for good on a permanent error; moved to the dead
 //! letters after the action's maximum attempts.
 
+use crate::telemetry::{ActionLabel, ResultLabel, Telemetry};
 use rusqlite::Connection;
 use starling_core::Value;
 use starling_core::config::ActionDef;
@@ -32,6 +33,7 @@ pub struct Lane {
     pub conn: Arc<Mutex<Connection>>,
     pub wake: Arc<Notify>,
     pub clock: fn() -> i64,
+    pub telemetry: Arc<Telemetry>,
 }
 
 /// Opens after repeated failed calls; while open the lane makes no calls, and its rows wait.
@@ -122,10 +124,11 @@ impl Lane {
                 };
                 in_flight.lock().expect("in flight").extend(group.iter().map(|e| e.id));
                 let (plugins, conn, clock) = (self.plugins.clone(), self.conn.clone(), self.clock);
+                let telemetry = self.telemetry.clone();
                 let (flying, health) = (in_flight.clone(), breaker.clone());
                 let (connector, lane, retries) = (self.action.connector.clone(), name.clone(), Retries::of(&policy));
                 calls.spawn(async move {
-                    let ok = deliver(&plugins, &conn, clock, &connector, &group, retries).await;
+                    let ok = deliver(&plugins, &conn, clock, &telemetry, &connector, &group, retries).await;
                     health.lock().expect("breaker").record(ok, clock(), &lane);
                     let mut flying = flying.lock().expect("in flight");
                     for e in &group {
@@ -217,12 +220,15 @@ async fn deliver(
     plugins: &PluginHost,
     conn: &Mutex<Connection>,
     clock: fn() -> i64,
+    telemetry: &Telemetry,
     connector: &str,
     entries: &[OutboxEntry],
     retries: Retries,
 ) -> bool {
     let actions: Vec<types::Action> = entries.iter().map(to_wit).collect();
+    let started = std::time::Instant::now();
     let outcome = plugins.deliver(connector, &actions).await;
+    let elapsed = started.elapsed().as_secs_f64();
     let now = clock();
     let attempts: Vec<Attempt> = match outcome {
         Ok(results) => entries.iter().zip(results).map(|(e, r)| attempt_for(e, r, now, retries)).collect(),
@@ -237,6 +243,39 @@ async fn deliver(
         if let Err(e) = starling_store::record_attempt(&conn, entry.id, attempt, now) {
             tracing::error!(action = entry.id, "recording a delivery attempt: {e}");
         }
+        // The request to forget a deleted person has been carried out: keep nothing of it.
+        if entry.trigger == "deleted"
+            && matches!(attempt, Attempt::Delivered | Attempt::GiveUp { .. })
+            && let Err(e) = starling_store::forget_action(&conn, entry.id)
+        {
+            tracing::error!(action = entry.id, "removing a delivered deletion: {e}");
+        }
+        let result = match attempt {
+            Attempt::Delivered => "delivered",
+            Attempt::Retry { .. } => "retry",
+            Attempt::GiveUp { status, .. } => status,
+            Attempt::Cancel { .. } => "cancelled",
+        };
+        let metrics = &telemetry.metrics;
+        let action = entry.action.clone();
+        metrics.delivery_seconds.get_or_create(&ActionLabel { action: action.clone() }).observe(elapsed);
+        metrics.deliveries.get_or_create(&ResultLabel { action, result: result.to_string() }).inc();
+        let error = match attempt {
+            Attempt::Retry { error, .. } | Attempt::GiveUp { error, .. } => Some(error.as_str()),
+            _ => None,
+        };
+        telemetry.tracer.emit(
+            &[&entry.profile_id],
+            serde_json::json!({
+                "step": "delivery",
+                "action": entry.action,
+                "connector": connector,
+                "attempt": entry.attempts + 1,
+                "result": result,
+                "error": error,
+                "elapsed_ms": elapsed * 1e3,
+            }),
+        );
         match attempt {
             Attempt::Delivered => tracing::debug!(id = entry.id, action = %entry.action, "delivered"),
             Attempt::Retry { error, .. } => {
@@ -289,7 +328,8 @@ fn to_wit(entry: &OutboxEntry) -> types::Action {
     let payload: Payload =
         serde_json::from_str(&entry.payload).unwrap_or(Payload { settings: BTreeMap::new(), params: Vec::new() });
     let trigger = match entry.trigger.as_str() {
-        "left" => types::Trigger::Left,
+        // A deleted person leaves every audience; connectors remove them as they would on leaving.
+        "left" | "deleted" => types::Trigger::Left,
         "visit_started" => types::Trigger::VisitStarted,
         "visit_ended" => types::Trigger::VisitEnded,
         "event" => types::Trigger::Event,

@@ -1,7 +1,8 @@
 //! Reading `POST /v1/events` bodies: one event or `{"events": [...]}`, every field checked, with
 //! errors that name the field.
 
-use starling_core::Event;
+use starling_core::operations::OnViolation;
+use starling_core::{Event, Model};
 
 /// Most events one request may carry.
 pub const MAX_EVENTS_PER_REQUEST: usize = 10_000;
@@ -10,6 +11,48 @@ const MAX_ID_CHARS: usize = 256;
 
 /// Parses a request body into events, stamping those without a timestamp with `now_ms`.
 pub fn parse_events(body: &[u8], now_ms: i64) -> Result<Vec<Event>, String> {
+    parse_request(body, now_ms).map(|(events, _)| events)
+}
+
+/// Checks events against the data source their API key belongs to and against their event
+/// specs. Events without a `source` take the key's. Returns the warnings of specs that accept
+/// events breaking them, or the first reason to refuse the request; `batch` says how fields are
+/// named (`events[i].data.x`).
+pub fn check_events(
+    events: &mut [Event],
+    batch: bool,
+    key_source: Option<&str>,
+    model: &Model,
+) -> Result<Vec<String>, String> {
+    let mut warnings = Vec::new();
+    for (i, event) in events.iter_mut().enumerate() {
+        let at = if batch { format!("events[{i}].") } else { String::new() };
+        if let Some(key_source) = key_source {
+            match &event.source {
+                None => event.source = Some(key_source.to_string()),
+                Some(s) if s != key_source => {
+                    return Err(format!("{at}source: `{s}` is not the data source of this API key (`{key_source}`)"));
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(spec) = model.event_spec(&event.name) {
+            let problems = spec.violations(event);
+            if problems.is_empty() {
+                continue;
+            }
+            let problems: Vec<String> = problems.into_iter().map(|p| format!("{at}{p}")).collect();
+            match spec.on_violation {
+                OnViolation::Reject => return Err(problems.join("; ")),
+                OnViolation::Warn => warnings.extend(problems),
+            }
+        }
+    }
+    Ok(warnings)
+}
+
+/// Parses a request body; also says whether it was a batch.
+pub fn parse_request(body: &[u8], now_ms: i64) -> Result<(Vec<Event>, bool), String> {
     let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| format!("malformed JSON at line {} column {}: {}", e.line(), e.column(), strip_position(&e)))?;
     let serde_json::Value::Object(mut top) = value else {
@@ -28,9 +71,14 @@ pub fn parse_events(body: &[u8], now_ms: i64) -> Result<Vec<Event>, String> {
         if items.len() > MAX_EVENTS_PER_REQUEST {
             return Err(format!("events: {} events, at most {MAX_EVENTS_PER_REQUEST} per request", items.len()));
         }
-        items.into_iter().enumerate().map(|(i, item)| parse_event(item, &format!("events[{i}]."), now_ms)).collect()
+        let events = items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| parse_event(item, &format!("events[{i}]."), now_ms))
+            .collect::<Result<_, _>>()?;
+        Ok((events, true))
     } else {
-        Ok(vec![parse_event(serde_json::Value::Object(top), "", now_ms)?])
+        Ok((vec![parse_event(serde_json::Value::Object(top), "", now_ms)?], false))
     }
 }
 

@@ -2,10 +2,14 @@
 //! delivery, on one SQLite file.
 
 pub mod api;
+pub mod auth;
 pub mod delivery;
+pub mod import;
 pub mod ingest;
 pub mod pipeline;
 pub mod registry;
+pub mod telemetry;
+pub mod tls;
 
 use starling_core::{Diagnostic, Model};
 use starling_runtime::{HostOptions, Kind, PluginHost};
@@ -35,6 +39,8 @@ pub struct Options {
     /// Run on a clock that `POST /v1/test/clock` can move forward (for tests of visit ends and
     /// time-relative audiences).
     pub test_clock: bool,
+    /// Overrides `server.admin_token` (from `STARLING_ADMIN_TOKEN`).
+    pub admin_token: Option<String>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -132,6 +138,7 @@ impl App {
 
         let read = Arc::new(Mutex::new(starling_store::open(&database)?));
 
+        let telemetry = Arc::new(telemetry::Telemetry::default());
         let (stop_delivery, stopped) = watch::channel(false);
         let mut wake = HashMap::new();
         let mut lanes = Vec::new();
@@ -144,6 +151,7 @@ impl App {
                 conn: Arc::new(Mutex::new(starling_store::open(&database)?)),
                 wake: notify,
                 clock,
+                telemetry: telemetry.clone(),
             };
             lanes.push(tokio::spawn(lane.run(stopped.clone())));
         }
@@ -155,6 +163,7 @@ impl App {
             runtime: tokio::runtime::Handle::current(),
             lanes: Arc::new(wake),
             clock,
+            telemetry: telemetry.clone(),
         };
         let partitions = model
             .server
@@ -172,11 +181,34 @@ impl App {
             stopped.clone(),
         )));
         let (stop_feeders, feeders_stopped) = watch::channel(false);
-        let feeders =
-            vec![tokio::spawn(run_wakeups(ingest.clone(), starling_store::open(&database)?, clock, feeders_stopped))];
+        let mut feeders = vec![tokio::spawn(run_wakeups(
+            ingest.clone(),
+            starling_store::open(&database)?,
+            clock,
+            feeders_stopped.clone(),
+        ))];
+        if let Some(retention) = model.retention {
+            feeders.push(tokio::spawn(run_retention(
+                ingest.clone(),
+                starling_store::open(&database)?,
+                retention,
+                clock,
+                feeders_stopped,
+            )));
+        }
 
         Ok(App {
-            state: api::AppState { ingest, read, model, clock, test_clock },
+            state: api::AppState {
+                ingest,
+                read,
+                model: model.clone(),
+                clock,
+                test_clock,
+                telemetry,
+                keys: Arc::new(auth::Keys::new(&model, options.admin_token.as_deref())),
+                plugins: plugins.clone(),
+                queue_capacity: model.server.ingest_queue.max(1),
+            },
             workers,
             feeders,
             stop_feeders,
@@ -195,6 +227,17 @@ impl App {
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await?;
+        self.stop().await;
+        Ok(())
+    }
+
+    /// As [`App::serve`], over HTTPS.
+    pub async fn serve_tls(
+        self,
+        listener: tls::TlsListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await?;
@@ -252,6 +295,51 @@ async fn run_wakeups(
                 Err(pipeline::IngestError::Closed) => return,
                 Err(e) => {
                     tracing::warn!("wake-ups not applied: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Most profiles deleted per pipeline submission by the retention job.
+const RETENTION_BATCH: usize = 500;
+
+/// Deletes profiles inactive for longer than the retention, as a deletion on request would.
+async fn run_retention(
+    ingest: Arc<pipeline::Ingest>,
+    conn: rusqlite::Connection,
+    retention: starling_core::operations::Retention,
+    clock: fn() -> i64,
+    mut stop: watch::Receiver<bool>,
+) {
+    let every = std::time::Duration::from_millis(retention.check_every_ms as u64);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        let cutoff = clock() - retention.inactive_after_ms;
+        loop {
+            let due = match starling_store::inactive_profiles(&conn, cutoff, RETENTION_BATCH) {
+                Ok(due) if due.is_empty() => break,
+                Ok(due) => due,
+                Err(e) => {
+                    tracing::warn!("reading inactive profiles: {e}");
+                    break;
+                }
+            };
+            let full = due.len() == RETENTION_BATCH;
+            match ingest.delete(due, "retention", Some(cutoff)).await {
+                Ok(deleted) => {
+                    tracing::info!(deleted = deleted.len(), "retention: inactive profiles deleted");
+                    if !full || deleted.is_empty() {
+                        break;
+                    }
+                }
+                Err(pipeline::IngestError::Closed) => return,
+                Err(e) => {
+                    tracing::warn!("retention: {e}");
                     break;
                 }
             }

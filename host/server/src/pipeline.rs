@@ -13,9 +13,11 @@ use starling_core::config::{ActionDef, Trigger};
 use starling_core::engine::rebuild;
 use starling_core::stitch::visitor_ids;
 use starling_core::{
-    CustomEnrichers, Event, Membership, Model, Outcome, PendingAction, Profile, apply_event, apply_merge, apply_time,
+    CustomEnrichers, Event, Membership, Model, Outcome, PendingAction, Profile, apply_delete, apply_event, apply_merge,
+    apply_time,
 };
 use starling_runtime::{PluginHost, WasmEnrichers};
+use crate::telemetry::Telemetry;
 use starling_store::{Batch, IdentityLink, StoreError};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
@@ -62,6 +64,22 @@ pub enum Work {
         id: String,
         done: oneshot::Sender<Result<serde_json::Value, String>>,
     },
+    /// Delete the profiles these ids belong to, everywhere; with `inactive_before`, only those
+    /// still inactive since then (retention). Answers the audit record of each deletion.
+    Delete {
+        ids: Vec<String>,
+        reason: &'static str,
+        inactive_before: Option<i64>,
+        done: oneshot::Sender<Result<Vec<serde_json::Value>, String>>,
+    },
+}
+
+impl Work {
+    /// Work that reads the store as committed, so it runs in a batch of its own after
+    /// everything queued before it.
+    fn runs_alone(&self) -> bool {
+        matches!(self, Work::Unstitch { .. } | Work::Delete { .. })
+    }
 }
 
 /// Absorb profile `absorbed` into `survivor`, because id `via` links them.
@@ -149,6 +167,44 @@ impl Ingest {
         result.await.map_err(|_| IngestError::Closed)?.map_err(IngestError::Failed)
     }
 
+    /// Deletes the profiles `ids` belong to, with everything about them; fires `deleted` actions.
+    /// Answers one audit record per profile deleted (none for an unknown id).
+    pub async fn delete(
+        &self,
+        ids: Vec<String>,
+        reason: &'static str,
+        inactive_before: Option<i64>,
+    ) -> Result<Vec<serde_json::Value>, IngestError> {
+        let n = self.partitions.len();
+        let mut groups: Vec<Vec<String>> = (0..n).map(|_| Vec::new()).collect();
+        for id in ids {
+            groups[partition_of(&self.directory.profile_of(&id), n)].push(id);
+        }
+        let mut work: Vec<Option<Work>> = (0..n).map(|_| None).collect();
+        let mut answers = Vec::new();
+        for (i, ids) in groups.into_iter().enumerate().filter(|(_, g)| !g.is_empty()) {
+            let (done, answer) = oneshot::channel();
+            work[i] = Some(Work::Delete { ids, reason, inactive_before, done });
+            answers.push(answer);
+        }
+        self.queue(work, false).await?;
+        let mut records = Vec::new();
+        for answer in answers {
+            records.extend(answer.await.map_err(|_| IngestError::Closed)?.map_err(IngestError::Failed)?);
+        }
+        Ok(records)
+    }
+
+    /// The profile an id belongs to now.
+    pub fn profile_of(&self, id: &str) -> String {
+        self.directory.profile_of(id)
+    }
+
+    /// Requests queued on each partition, for the queue-depth metric.
+    pub fn queue_depths(&self, capacity: usize) -> Vec<usize> {
+        self.room.iter().map(|r| capacity.saturating_sub(r.available_permits())).collect()
+    }
+
     /// Sends one piece of work per partition (index = partition). Client work must find room
     /// on every partition it goes to, or none of it is queued.
     async fn queue(&self, mut work: Vec<Option<Work>>, client: bool) -> Result<IngestReport, IngestError> {
@@ -194,6 +250,7 @@ pub struct Shared {
     /// Delivery lanes by action name, woken when their actions are queued.
     pub lanes: Arc<HashMap<String, Arc<Notify>>>,
     pub clock: fn() -> i64,
+    pub telemetry: Arc<Telemetry>,
 }
 
 /// Starts `n` workers, each with its own connection from `open`.
@@ -217,6 +274,7 @@ pub fn start(
             directory: directory.clone(),
             cache: Cache::default(),
             last_prune_ms: 0,
+            deletions: 0,
         };
         let conn = open()?;
         let handle = std::thread::Builder::new()
@@ -237,6 +295,8 @@ struct Worker {
     directory: Directory,
     cache: Cache,
     last_prune_ms: i64,
+    /// Deletions made, to tell them apart in audit records.
+    deletions: u64,
 }
 
 /// A write decided while applying events, performed at commit.
@@ -281,6 +341,11 @@ enum Write {
         id: String,
         from: String,
     },
+    /// Remove the profile everywhere and leave an audit record (`detail` gains what was removed).
+    Delete {
+        profile: String,
+        detail: serde_json::Value,
+    },
 }
 
 /// Everything one batch decides, applied at commit.
@@ -306,6 +371,10 @@ struct Pending {
     leaving: HashSet<String>,
     /// Unstitch results, sent after commit.
     unstitched: Vec<(oneshot::Sender<Result<serde_json::Value, String>>, serde_json::Value)>,
+    /// Trace steps for traced visitors (the ids they are traced by), sent after commit.
+    traces: Vec<(Vec<String>, Vec<serde_json::Value>)>,
+    /// Audit records of deletions, sent after commit.
+    deleted: Vec<(oneshot::Sender<Result<Vec<serde_json::Value>, String>>, Vec<serde_json::Value>)>,
 }
 
 impl Worker {
@@ -316,9 +385,9 @@ impl Worker {
         loop {
             let Some(first) = carried.take().or_else(|| jobs.blocking_recv()) else { break };
             let mut batch = vec![first];
-            while batch.len() < MAX_JOBS_PER_COMMIT && !matches!(batch[0].work, Work::Unstitch { .. }) {
+            while batch.len() < MAX_JOBS_PER_COMMIT && !batch[0].work.runs_alone() {
                 match jobs.try_recv() {
-                    Ok(job) if matches!(job.work, Work::Unstitch { .. }) => {
+                    Ok(job) if job.work.runs_alone() => {
                         carried = Some(job);
                         break;
                     }
@@ -338,6 +407,17 @@ impl Worker {
                     for (done, result) in pending.unstitched {
                         let _ = done.send(Ok(result));
                     }
+                    let tracer = &self.shared.telemetry.tracer;
+                    for (ids, steps) in pending.traces {
+                        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                        for step in steps {
+                            tracer.emit(&ids, step);
+                        }
+                        tracer.emit(&ids, serde_json::json!({ "step": "committed" }));
+                    }
+                    for (done, records) in pending.deleted {
+                        let _ = done.send(Ok(records));
+                    }
                     for ((job, report), handed_on) in batch.into_iter().zip(reports).zip(handed_on) {
                         let _ = job.reply.send(Ok(Reply { report, handed_on }));
                     }
@@ -348,9 +428,18 @@ impl Worker {
                     for (done, _) in pending.unstitched {
                         let _ = done.send(Err(e.to_string()));
                     }
+                    for (done, _) in pending.deleted {
+                        let _ = done.send(Err(e.to_string()));
+                    }
                     for job in batch {
-                        if let Work::Unstitch { done, .. } = job.work {
-                            let _ = done.send(Err(e.to_string()));
+                        match job.work {
+                            Work::Unstitch { done, .. } => {
+                                let _ = done.send(Err(e.to_string()));
+                            }
+                            Work::Delete { done, .. } => {
+                                let _ = done.send(Err(e.to_string()));
+                            }
+                            _ => {}
                         }
                         let _ = job.reply.send(Err(e.to_string()));
                     }
@@ -404,6 +493,7 @@ impl Worker {
         let dedup_since = now - model.server.dedup_window_hours as i64 * 3_600_000;
         let (plugins, runtime) = (self.shared.plugins.clone(), self.shared.runtime.clone());
         let mut enrichers = WasmEnrichers::new(&plugins, &runtime);
+        let telemetry = self.shared.telemetry.clone();
         let mut seen_ids: HashSet<String> = HashSet::new();
         let mut reports = Vec::with_capacity(batch.len());
 
@@ -426,7 +516,15 @@ impl Worker {
                         }
                         self.link_own_id(conn, p, &event.visitor_id, &pid)?;
                         let profile = load(&mut self.cache, conn, &mut p.touched, &pid)?;
+                        let traced = telemetry.tracer.watches(&[&event.visitor_id, &pid]);
+                        let before = traced.then(|| profile.to_json());
+                        let started = std::time::Instant::now();
                         let outcome = apply_event(&model, profile, event, &mut enrichers);
+                        telemetry.metrics.event_apply_seconds.observe(started.elapsed().as_secs_f64());
+                        if let Some(before) = before {
+                            let steps = trace_steps(&model, event, &before, profile, &outcome, now);
+                            p.traces.push((vec![event.visitor_id.clone(), pid.clone()], steps));
+                        }
                         for warning in &outcome.warnings {
                             tracing::warn!(visitor = %event.visitor_id, event = %event.name, "{warning}");
                         }
@@ -457,6 +555,18 @@ impl Worker {
                     let request = request.clone();
                     self.merge(conn, p, &model, request, j, now)?;
                 }
+                Work::Delete { ids, reason, inactive_before, done } => {
+                    let (placeholder, _) = oneshot::channel();
+                    let done = std::mem::replace(done, placeholder);
+                    let mut records = Vec::new();
+                    for id in ids.iter() {
+                        if let Some(record) = self.delete(conn, p, &model, id, reason, *inactive_before, now)? {
+                            records.push(record);
+                            report.accepted += 1;
+                        }
+                    }
+                    p.deleted.push((done, records));
+                }
                 Work::Unstitch { id, done } => {
                     let (placeholder, _) = oneshot::channel();
                     let done = std::mem::replace(done, placeholder);
@@ -471,6 +581,7 @@ impl Worker {
             reports.push(report);
         }
 
+        let committing = std::time::Instant::now();
         let tx = Batch::begin(conn)?;
         let mut lost_claims = Vec::new();
         for write in &p.effects.writes {
@@ -501,6 +612,15 @@ impl Worker {
                 Write::Identity(link) => tx.record_identity(link)?,
                 Write::Merge { absorbed, survivor } => tx.merge_profiles(absorbed, survivor)?,
                 Write::Split { id, from } => tx.split_identity(id, from)?,
+                Write::Delete { profile, detail } => {
+                    let removed = tx.delete_profile(profile)?;
+                    let mut detail = detail.clone();
+                    detail["removed"] = serde_json::json!(removed);
+                    tx.audit(now, "profile_deleted", &detail)?;
+                    if let Some(record) = p.deleted.iter_mut().flat_map(|(_, r)| r.iter_mut()).find(|r| r["deletion"] == detail["deletion"]) {
+                        *record = detail;
+                    }
+                }
             }
         }
         for (id, (profile, loaded_wakeup)) in &p.touched {
@@ -510,6 +630,7 @@ impl Worker {
             }
         }
         tx.commit()?;
+        self.shared.telemetry.metrics.commit_seconds.observe(committing.elapsed().as_secs_f64());
         for (job, claim, owner) in lost_claims {
             self.lost_claim(conn, p, job, claim, owner)?;
         }
@@ -785,6 +906,69 @@ impl Worker {
         Ok(())
     }
 
+    /// Deletes the profile `id` belongs to: `deleted` actions are queued with what they need
+    /// from the profile, then everything about it is removed at commit. `None` when there is no
+    /// such profile, or (retention) it has been active since `inactive_before`.
+    #[allow(clippy::too_many_arguments)]
+    fn delete(
+        &mut self,
+        conn: &rusqlite::Connection,
+        p: &mut Pending,
+        model: &Model,
+        id: &str,
+        reason: &str,
+        inactive_before: Option<i64>,
+        now: i64,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
+        let pid = self.follow(p, &self.directory.profile_of(id));
+        if partition_of(&pid, self.partitions) != self.index || p.gone.contains(&pid) {
+            return Ok(None);
+        }
+        let stored = match p.touched.remove(&pid) {
+            Some((profile, _)) => Some(profile),
+            None => match self.cache.profiles.remove(&pid) {
+                Some(profile) => Some(profile),
+                None => starling_store::load_profile(conn, &pid)?,
+            },
+        };
+        let Some(profile) = stored else { return Ok(None) };
+        if inactive_before.is_some_and(|before| profile.last_seen_ms >= before) {
+            self.cache.profiles.insert(pid, profile);
+            return Ok(None);
+        }
+        let mut ids: BTreeSet<String> = starling_store::ids_of(conn, &pid)?.into_iter().collect();
+        ids.insert(pid.clone());
+        p.links.retain(|id, owner| {
+            if *owner == pid {
+                ids.insert(id.clone());
+            }
+            *owner != pid
+        });
+        let outcome = apply_delete(model, &profile, now);
+        self.deletions += 1;
+        // Identifies the deletion within this answer; the audit record carries no personal data.
+        let deletion = format!("{}-{}-{}", self.index, now, self.deletions);
+        let detail = serde_json::json!({
+            "deletion": deletion,
+            "reason": reason,
+            "ids": ids.len(),
+            "audiences": profile.audiences.len(),
+            "actions_fired": outcome.actions.iter().map(|a| a.action.clone()).collect::<Vec<_>>(),
+        });
+        p.effects.writes.push(Write::Delete { profile: pid.clone(), detail: detail.clone() });
+        p.effects.record(conn, model, &pid, outcome, now)?;
+        p.directory.extend(ids.iter().map(|id| (id.clone(), id.clone())));
+        self.cache.identities.retain(|_, owner| *owner != pid);
+        tracing::info!(reason, ids = ids.len(), "profile deleted");
+        self.shared.telemetry.metrics.profiles_deleted.get_or_create(&crate::telemetry::ReasonLabel { reason: reason.to_string() }).inc();
+        p.traces.push((
+            ids.iter().cloned().collect(),
+            vec![serde_json::json!({ "step": "deleted", "reason": reason, "actions_queued": detail["actions_fired"] })],
+        ));
+        p.gone.insert(pid);
+        Ok(Some(detail))
+    }
+
     /// Splits `id` out of its profile: both are rebuilt from their logged events, and the
     /// resulting audience changes fire. `Ok(Err(..))` when there is nothing to split.
     fn unstitch(
@@ -837,6 +1021,69 @@ impl Worker {
         tracing::info!(id = %id, from = %from, "id unstitched");
         Ok(Ok(result))
     }
+}
+
+/// What applying one event did, step by step, for a trace: the event, the attributes the
+/// enrichments changed, the audiences it joined and left with the conditions that decided it,
+/// and the actions it queued.
+fn trace_steps(
+    model: &Model,
+    event: &Event,
+    before: &serde_json::Value,
+    after: &Profile,
+    outcome: &Outcome,
+    now: i64,
+) -> Vec<serde_json::Value> {
+    let after_json = after.to_json();
+    let changed: serde_json::Map<String, serde_json::Value> = after_json["attributes"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(name, value)| before["attributes"].get(name.as_str()) != Some(*value))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    let removed: Vec<&String> = before["attributes"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(name, _)| name)
+        .filter(|name| after_json["attributes"].get(name.as_str()).is_none())
+        .collect();
+    let conditions: serde_json::Map<String, serde_json::Value> = outcome
+        .changes
+        .iter()
+        .map(|c| match c {
+            Membership::Joined { audience, .. } | Membership::Left { audience, .. } => audience,
+        })
+        .filter_map(|a| Some((a.clone(), starling_core::engine::explain(model, after, a, now)?)))
+        .collect();
+    let actions: Vec<serde_json::Value> = outcome
+        .actions
+        .iter()
+        .map(|a| serde_json::json!({ "action": a.action, "connector": a.connector, "trigger": a.trigger.name(), "audience": a.audience }))
+        .collect();
+    vec![
+        serde_json::json!({
+            "step": "received",
+            "event": event.name,
+            "id": event.id,
+            "visitor_id": event.visitor_id,
+            "profile_id": after.id,
+            "timestamp": starling_core::time::format_rfc3339(event.timestamp_ms),
+            "data": event.data,
+            "new_visitor": outcome.new_visitor,
+            "new_visit": outcome.new_visit,
+        }),
+        serde_json::json!({ "step": "enriched", "changed": changed, "removed": removed, "warnings": outcome.warnings }),
+        serde_json::json!({
+            "step": "evaluated",
+            "joined": outcome.joined(),
+            "left": outcome.left(),
+            "audiences": after.audiences,
+            "conditions": conditions,
+        }),
+        serde_json::json!({ "step": "queued", "actions": actions }),
+    ]
 }
 
 /// Queues an event for the partition that owns its profile.
@@ -931,7 +1178,7 @@ fn schedule(def: &ActionDef, action: &PendingAction, now: i64) -> (i64, Option<&
             let condition = match action.trigger {
                 Trigger::Joined | Trigger::VisitStarted | Trigger::VisitEnded => Some("member"),
                 Trigger::Left => Some("not_member"),
-                Trigger::Event => None,
+                Trigger::Event | Trigger::Deleted => None,
             };
             (action.occurred_at_ms.max(now) + delay, condition)
         }

@@ -28,7 +28,7 @@ rule = { attribute = "spend", op = ">", value = 10 }
 
 async fn app(dir: &std::path::Path) -> App {
     let model = starling_core::parse(CONFIG).unwrap();
-    App::start(Options { model, database: dir.join("t.db"), plugins: None, test_clock: false }).await.unwrap()
+    App::start(Options { model, database: dir.join("t.db"), plugins: None, test_clock: false, admin_token: None }).await.unwrap()
 }
 
 async fn call(app: &App, method: &str, uri: &str, body: &str) -> (StatusCode, serde_json::Value, Option<String>) {

@@ -6,6 +6,7 @@
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use starling_core::{PendingAction, Profile};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
@@ -18,14 +19,17 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS profiles (
     id          TEXT PRIMARY KEY,
     data        TEXT NOT NULL,
-    updated_ms  INTEGER NOT NULL
+    updated_ms  INTEGER NOT NULL,
+    -- The latest event's time, for retention.
+    last_seen_ms INTEGER
 );
+CREATE INDEX IF NOT EXISTS profiles_by_last_seen ON profiles(last_seen_ms);
 CREATE TABLE IF NOT EXISTS identities (
     visitor_id  TEXT PRIMARY KEY,
     profile_id  TEXT NOT NULL
@@ -120,6 +124,25 @@ CREATE TABLE IF NOT EXISTS seen_events (
     event_id    TEXT PRIMARY KEY,
     seen_ms     INTEGER NOT NULL
 );
+-- What was done to people's data, without personal data: deletions and their reasons.
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq         INTEGER PRIMARY KEY,
+    at_ms       INTEGER NOT NULL,
+    kind        TEXT NOT NULL,
+    detail      TEXT NOT NULL
+);
+-- Progress of offline imports, per file (by content hash) and definition, so they resume.
+CREATE TABLE IF NOT EXISTS imports (
+    file_sha256 TEXT NOT NULL,
+    definition  TEXT NOT NULL,
+    rows_done   INTEGER NOT NULL,
+    applied     INTEGER NOT NULL,
+    unmatched   INTEGER NOT NULL,
+    rejected    INTEGER NOT NULL,
+    started_ms  INTEGER NOT NULL,
+    updated_ms  INTEGER NOT NULL,
+    PRIMARY KEY (file_sha256, definition)
+);
 ";
 
 /// Opens (creating if needed) the database and brings its schema up to date.
@@ -138,6 +161,10 @@ pub fn open(path: &Path) -> Result<Connection> {
             // Later versions record each event's data source and the id it was sent with.
             add_column_if_missing(&conn, "events", "source", "TEXT")?;
             add_column_if_missing(&conn, "events", "visitor_id", "TEXT")?;
+            if !has_column(&conn, "profiles", "last_seen_ms")? {
+                add_column_if_missing(&conn, "profiles", "last_seen_ms", "INTEGER")?;
+                conn.execute_batch("UPDATE profiles SET last_seen_ms = json_extract(data, '$.last_seen_ms')")?;
+            }
         }
         conn.execute_batch(SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -145,15 +172,100 @@ pub fn open(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-fn add_column_if_missing(conn: &Connection, table: &str, column: &str, decl: &str) -> Result<()> {
-    let exists = conn
+fn has_column(conn: &Connection, table: &str, column: &str) -> Result<bool> {
+    Ok(conn
         .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?
         .query_row([column], |_| Ok(()))
         .optional()?
-        .is_some();
-    if !exists {
+        .is_some())
+}
+
+fn add_column_if_missing(conn: &Connection, table: &str, column: &str, decl: &str) -> Result<()> {
+    if !has_column(conn, table, column)? {
         conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
     }
+    Ok(())
+}
+
+/// Profiles whose latest event is older than `before_ms`, oldest first.
+pub fn inactive_profiles(conn: &Connection, before_ms: i64, limit: usize) -> Result<Vec<String>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT id FROM profiles WHERE last_seen_ms < ?1 ORDER BY last_seen_ms LIMIT ?2")?;
+    let rows = stmt.query_map(params![before_ms, limit as i64], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// The latest audit records, newest first.
+pub fn audit_records(conn: &Connection, limit: usize) -> Result<Vec<serde_json::Value>> {
+    let mut stmt = conn.prepare_cached("SELECT seq, at_ms, kind, detail FROM audit_log ORDER BY seq DESC LIMIT ?1")?;
+    let rows = stmt.query_map([limit as i64], |r| {
+        let detail: String = r.get(3)?;
+        Ok(serde_json::json!({
+            "seq": r.get::<_, i64>(0)?,
+            "at_ms": r.get::<_, i64>(1)?,
+            "kind": r.get::<_, String>(2)?,
+            "detail": serde_json::from_str::<serde_json::Value>(&detail).unwrap_or(serde_json::Value::Null),
+        }))
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Removes an outbox row.
+pub fn forget_action(conn: &Connection, id: i64) -> Result<()> {
+    conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?.execute([id])?;
+    Ok(())
+}
+
+/// Pending actions per action name, for the queue-depth metric.
+pub fn pending_actions(conn: &Connection) -> Result<Vec<(String, i64)>> {
+    let mut stmt = conn.prepare_cached("SELECT action, COUNT(*) FROM outbox WHERE status = 'pending' GROUP BY action")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// How far an import of one file with one definition has come.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ImportProgress {
+    pub rows_done: i64,
+    pub applied: i64,
+    pub unmatched: i64,
+    pub rejected: i64,
+}
+
+pub fn import_progress(conn: &Connection, file_sha256: &str, definition: &str) -> Result<Option<ImportProgress>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT rows_done, applied, unmatched, rejected FROM imports WHERE file_sha256 = ?1 AND definition = ?2",
+        )?
+        .query_row([file_sha256, definition], |r| {
+            Ok(ImportProgress { rows_done: r.get(0)?, applied: r.get(1)?, unmatched: r.get(2)?, rejected: r.get(3)? })
+        })
+        .optional()?)
+}
+
+pub fn record_import_progress(
+    conn: &Connection,
+    file_sha256: &str,
+    definition: &str,
+    progress: &ImportProgress,
+    now_ms: i64,
+) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO imports (file_sha256, definition, rows_done, applied, unmatched, rejected, started_ms, updated_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)
+         ON CONFLICT(file_sha256, definition) DO UPDATE SET rows_done = excluded.rows_done,
+         applied = excluded.applied, unmatched = excluded.unmatched, rejected = excluded.rejected,
+         updated_ms = excluded.updated_ms",
+    )?
+    .execute(params![
+        file_sha256,
+        definition,
+        progress.rows_done,
+        progress.applied,
+        progress.unmatched,
+        progress.rejected,
+        now_ms
+    ])?;
     Ok(())
 }
 
@@ -280,10 +392,11 @@ impl<'c> Batch<'c> {
         let data = serde_json::to_string(profile).expect("profiles serialize");
         self.tx
             .prepare_cached(
-                "INSERT INTO profiles (id, data, updated_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(id) DO UPDATE SET data = excluded.data, updated_ms = excluded.updated_ms",
+                "INSERT INTO profiles (id, data, updated_ms, last_seen_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(id) DO UPDATE SET data = excluded.data, updated_ms = excluded.updated_ms,
+                 last_seen_ms = excluded.last_seen_ms",
             )?
-            .execute(params![profile.id, data, now_ms])?;
+            .execute(params![profile.id, data, now_ms, profile.last_seen_ms])?;
         Ok(())
     }
 
@@ -385,6 +498,36 @@ impl<'c> Batch<'c> {
         tx.prepare_cached("UPDATE identities SET profile_id = ?1 WHERE visitor_id = ?1")?.execute([id])?;
         tx.prepare_cached("UPDATE events SET profile_id = ?1 WHERE profile_id = ?2 AND visitor_id = ?1")?
             .execute([id, from])?;
+        Ok(())
+    }
+
+    /// Removes every row about profile `profile_id`: the profile, its ids and their history,
+    /// event log, memberships, actions (pending or done) and dead letters, frequency caps and
+    /// wake-ups. Returns how many rows of each went, for the audit record.
+    pub fn delete_profile(&self, profile_id: &str) -> Result<BTreeMap<&'static str, usize>> {
+        let tx = &self.tx;
+        let mut removed = BTreeMap::new();
+        for (what, sql) in [
+            ("profile", "DELETE FROM profiles WHERE id = ?1"),
+            ("ids", "DELETE FROM identities WHERE profile_id = ?1"),
+            ("identity_records", "DELETE FROM identity_links WHERE profile_id = ?1 OR other_id = ?1"),
+            ("events", "DELETE FROM events WHERE profile_id = ?1"),
+            ("memberships", "DELETE FROM memberships WHERE profile_id = ?1"),
+            ("actions", "DELETE FROM outbox WHERE profile_id = ?1"),
+            ("dead_letters", "DELETE FROM dead_letters WHERE profile_id = ?1"),
+            ("frequency_caps", "DELETE FROM action_fired WHERE profile_id = ?1"),
+            ("wakeups", "DELETE FROM wakeups WHERE profile_id = ?1"),
+        ] {
+            removed.insert(what, tx.prepare_cached(sql)?.execute([profile_id])?);
+        }
+        Ok(removed)
+    }
+
+    /// Appends an audit record; `detail` must hold no personal data.
+    pub fn audit(&self, at_ms: i64, kind: &str, detail: &serde_json::Value) -> Result<()> {
+        self.tx
+            .prepare_cached("INSERT INTO audit_log (at_ms, kind, detail) VALUES (?1, ?2, ?3)")?
+            .execute(params![at_ms, kind, detail.to_string()])?;
         Ok(())
     }
 

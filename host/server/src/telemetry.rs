@@ -1,0 +1,192 @@
+//! What the engine tells its operators: Prometheus metrics, and live traces of chosen visitors.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use tokio::sync::broadcast;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabel {
+    pub action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub action: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NameLabel {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabel {
+    pub partition: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ImportLabel {
+    pub definition: String,
+    pub outcome: String,
+}
+
+/// Every metric the server exports. Counters and histograms are updated where things happen;
+/// gauges read from the store and the plugin host are set when `/metrics` is scraped.
+pub struct Metrics {
+    registry: Registry,
+    pub events_accepted: Counter,
+    pub events_duplicate: Counter,
+    pub events_rejected: Family<ReasonLabel, Counter>,
+    pub spec_warnings: Counter,
+    pub event_apply_seconds: Histogram,
+    pub commit_seconds: Histogram,
+    pub delivery_seconds: Family<ActionLabel, Histogram>,
+    pub deliveries: Family<ResultLabel, Counter>,
+    pub profiles_deleted: Family<ReasonLabel, Counter>,
+    pub import_rows: Family<ImportLabel, Counter>,
+    pub ingest_queue_depth: Family<PartitionLabel, Gauge>,
+    pub actions_pending: Family<ActionLabel, Gauge>,
+    pub audience_size: Family<NameLabel, Gauge>,
+    pub plugin_calls: Family<NameLabel, Gauge>,
+    pub plugin_call_seconds: Family<NameLabel, Gauge<f64, AtomicU64>>,
+    pub plugin_failures: Family<NameLabel, Gauge>,
+    pub plugin_disabled: Family<NameLabel, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let latency = || Histogram::new(exponential_buckets(0.000_005, 2.0, 22));
+        let mut m = Metrics {
+            registry: Registry::with_prefix("starling"),
+            events_accepted: Counter::default(),
+            events_duplicate: Counter::default(),
+            events_rejected: Family::default(),
+            spec_warnings: Counter::default(),
+            event_apply_seconds: latency(),
+            commit_seconds: latency(),
+            delivery_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_05, 2.0, 20))),
+            deliveries: Family::default(),
+            profiles_deleted: Family::default(),
+            import_rows: Family::default(),
+            ingest_queue_depth: Family::default(),
+            actions_pending: Family::default(),
+            audience_size: Family::default(),
+            plugin_calls: Family::default(),
+            plugin_call_seconds: Family::default(),
+            plugin_failures: Family::default(),
+            plugin_disabled: Family::default(),
+        };
+        let r = &mut m.registry;
+        r.register("events_accepted", "Events stored and applied", m.events_accepted.clone());
+        r.register("events_duplicate", "Events skipped as already seen (same id)", m.events_duplicate.clone());
+        r.register("events_rejected", "Events refused, by reason", m.events_rejected.clone());
+        r.register("event_spec_warnings", "Events applied although they break their spec", m.spec_warnings.clone());
+        r.register(
+            "event_apply_seconds",
+            "Time to apply one event: identity, enrichment, audience evaluation",
+            m.event_apply_seconds.clone(),
+        );
+        r.register("commit_seconds", "Time to write one batch of changes to SQLite", m.commit_seconds.clone());
+        r.register("delivery_seconds", "Time of one connector call, by action", m.delivery_seconds.clone());
+        r.register("deliveries", "Delivery attempts by action and result", m.deliveries.clone());
+        r.register("profiles_deleted", "Profiles deleted, by reason", m.profiles_deleted.clone());
+        r.register("import_rows", "Rows of offline imports, by definition and outcome", m.import_rows.clone());
+        r.register("ingest_queue_depth", "Requests queued per ingestion partition", m.ingest_queue_depth.clone());
+        r.register("actions_pending", "Actions waiting in the outbox, by action", m.actions_pending.clone());
+        r.register("audience_size", "Profiles in each audience", m.audience_size.clone());
+        r.register("plugin_calls", "Calls made to each plugin", m.plugin_calls.clone());
+        r.register("plugin_call_seconds", "Seconds spent in calls to each plugin", m.plugin_call_seconds.clone());
+        r.register("plugin_failures", "Failed calls (traps, timeouts) per plugin", m.plugin_failures.clone());
+        r.register("plugin_disabled", "1 when a plugin is disabled after repeated failures", m.plugin_disabled.clone());
+        m
+    }
+}
+
+impl Metrics {
+    pub fn reject(&self, reason: &str, events: u64) {
+        self.events_rejected.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc_by(events);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a string");
+        out
+    }
+}
+
+/// Live traces: subscribers per visitor or profile id, each receiving every step of that
+/// visitor's events as JSON. Costs one atomic load per event while nobody traces.
+#[derive(Default)]
+pub struct Tracer {
+    active: AtomicU64,
+    channels: RwLock<HashMap<String, broadcast::Sender<Arc<serde_json::Value>>>>,
+}
+
+/// Steps kept for a subscriber that reads slowly; older ones are dropped (and counted).
+const TRACE_BACKLOG: usize = 1024;
+
+impl Tracer {
+    /// Follows `ids` (a visitor id and the profile it belongs to) on one channel.
+    pub fn subscribe(&self, ids: &[String]) -> broadcast::Receiver<Arc<serde_json::Value>> {
+        let mut channels = self.channels.write().expect("tracer lock");
+        channels.retain(|_, tx| tx.receiver_count() > 0);
+        let tx = ids
+            .iter()
+            .find_map(|id| channels.get(id).cloned())
+            .unwrap_or_else(|| broadcast::channel(TRACE_BACKLOG).0);
+        let rx = tx.subscribe();
+        for id in ids {
+            channels.insert(id.clone(), tx.clone());
+        }
+        self.active.store(channels.len() as u64, Ordering::Release);
+        rx
+    }
+
+    /// Whether anyone traces any of `ids`.
+    pub fn watches(&self, ids: &[&str]) -> bool {
+        if self.active.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let channels = self.channels.read().expect("tracer lock");
+        ids.iter().any(|id| channels.get(*id).is_some_and(|tx| tx.receiver_count() > 0))
+    }
+
+    /// Sends `step` to whoever traces any of `ids` (once per channel).
+    pub fn emit(&self, ids: &[&str], step: serde_json::Value) {
+        if self.active.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let channels = self.channels.read().expect("tracer lock");
+        let step = Arc::new(step);
+        let mut sent: Vec<&broadcast::Sender<_>> = Vec::new();
+        for id in ids {
+            if let Some(tx) = channels.get(*id)
+                && !sent.iter().any(|s| s.same_channel(tx))
+            {
+                let _ = tx.send(step.clone());
+                sent.push(tx);
+            }
+        }
+    }
+}
+
+/// Metrics and traces, shared by the API, the pipeline and the delivery lanes.
+#[derive(Default)]
+pub struct Telemetry {
+    pub metrics: Metrics,
+    pub tracer: Tracer,
+}

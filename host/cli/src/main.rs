@@ -1,10 +1,13 @@
 //! The `starling` command.
 
 mod build;
+mod client;
+mod import;
 mod loadgen;
 mod plugin_test;
 mod registry;
 mod scaffold;
+mod trace;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -53,14 +56,18 @@ enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
-    /// Look up profiles and their identity graph on a running server; split a wrongly stitched id.
+    /// Look up profiles and their identity graph on a running server; split a wrongly stitched
+    /// id; delete a person.
     Profile {
-        /// The server's address.
-        #[arg(long, default_value = "http://127.0.0.1:8080")]
-        server: String,
+        #[command(flatten)]
+        server: client::ServerArgs,
         #[command(subcommand)]
         command: ProfileCommand,
     },
+    /// Load an offline file (CSV or JSON lines) into omnichannel attributes on a running server.
+    Import(import::Options),
+    /// Follow a visitor's events live through every step, on a running server.
+    Trace(trace::Options),
     /// Post a generated event stream to a running server; report throughput and latency.
     Loadgen(loadgen::Options),
     /// Inspect the action outbox and the dead letters; replay dead letters.
@@ -81,6 +88,9 @@ enum ProfileCommand {
     /// Split `id` out of the profile it was stitched into; both profiles are rebuilt from their
     /// events and the resulting audience changes fire.
     Unstitch { id: String },
+    /// Delete the person an id belongs to everywhere (profile, ids, events, memberships,
+    /// actions); `deleted` actions fire, an audit record without personal data stays.
+    Delete { id: String },
 }
 
 /// Which database to open: the one a configuration file names, or a file given directly.
@@ -224,6 +234,8 @@ fn main() -> std::process::ExitCode {
         Command::Actions { db, command } => actions(&db, command),
         Command::Profile { server, command } => profile(&server, command),
         Command::Loadgen(options) => loadgen::run(options),
+        Command::Import(options) => import::run(options),
+        Command::Trace(options) => trace::run(options),
         Command::Plugin { command: PluginCommand::Build { dirs, out }, .. } => {
             let dirs = if dirs.is_empty() { vec![PathBuf::from("connectors")] } else { dirs };
             build::build_all(&dirs, &out)
@@ -413,33 +425,17 @@ async fn shutdown_signal() {
     }
 }
 
-fn profile(server: &str, command: ProfileCommand) -> Result<()> {
+fn profile(server: &client::ServerArgs, command: ProfileCommand) -> Result<()> {
     let (method, id, tail) = match &command {
         ProfileCommand::Show { id } => (reqwest::Method::GET, id, None),
         ProfileCommand::Identity { id } => (reqwest::Method::GET, id, Some("identity")),
         ProfileCommand::Unstitch { id } => (reqwest::Method::POST, id, Some("unstitch")),
+        ProfileCommand::Delete { id } => (reqwest::Method::DELETE, id, None),
     };
-    let mut url = reqwest::Url::parse(server).with_context(|| format!("--server: `{server}` is not a URL"))?;
-    url.path_segments_mut()
-        .map_err(|()| anyhow::anyhow!("--server: `{server}` cannot take a path"))?
-        .pop_if_empty()
-        .extend(["v1", "profiles", id.as_str()])
-        .extend(tail);
+    let client = client::Client::new(server)?;
+    let url = client.url(["v1", "profiles", id.as_str()].into_iter().chain(tail));
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let (status, body) = runtime.block_on(async {
-        let response = reqwest::Client::new()
-            .request(method, url.clone())
-            .send()
-            .await
-            .with_context(|| format!("calling {url}"))?;
-        let status = response.status();
-        let body: serde_json::Value = response.json().await.with_context(|| format!("reading the answer of {url}"))?;
-        anyhow::Ok((status, body))
-    })?;
-    if !status.is_success() {
-        let reason = body["error"].as_str().map_or_else(|| body.to_string(), str::to_string);
-        anyhow::bail!("{status}: {reason}");
-    }
+    let body = runtime.block_on(client.json(client.request(method, url)))?;
     println!("{}", serde_json::to_string_pretty(&body)?);
     Ok(())
 }

@@ -450,6 +450,9 @@ struct ImportQuery {
     /// The number of the body's first row in the file (1 = first data row).
     #[serde(default = "first_row")]
     first_row: i64,
+    /// Lines of the file before the body's first line (to report file lines).
+    #[serde(default)]
+    line_offset: u64,
 }
 
 fn first_row() -> i64 {
@@ -489,7 +492,7 @@ async fn post_import(
         telemetry: state.telemetry.clone(),
         clock: state.clock,
     };
-    importer.run(def, format, &body, q.file, q.first_row).await.map(Json).map_err(|e| match e {
+    importer.run(def, format, &body, q.file, q.first_row, q.line_offset).await.map(Json).map_err(|e| match e {
         crate::import::ImportError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
         crate::import::ImportError::Ingest(e) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         crate::import::ImportError::Store(e) => e.into(),

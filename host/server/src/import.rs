@@ -79,7 +79,8 @@ pub struct Importer {
 }
 
 impl Importer {
-    /// Imports `body` (the whole file, or the part of it starting at row `first_row`).
+    /// Imports `body`: the whole file, or the part of it whose first row is row `first_row` of
+    /// the file and whose line 1 is line `line_offset + 1`.
     pub async fn run(
         &self,
         def: &ImportDef,
@@ -87,6 +88,7 @@ impl Importer {
         body: &[u8],
         file_sha256: Option<String>,
         first_row: i64,
+        line_offset: u64,
     ) -> Result<Summary, ImportError> {
         let file_sha256 = file_sha256.unwrap_or_else(|| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body)));
         if file_sha256.len() != 64 || !file_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -95,10 +97,13 @@ impl Importer {
         if first_row < 1 {
             return Err(ImportError::Invalid("first_row: rows are numbered from 1".into()));
         }
-        let rows = match format {
+        let mut rows = match format {
             Format::Csv => csv_rows(def, body, first_row)?,
             Format::Jsonl => jsonl_rows(def, body, first_row)?,
         };
+        for row in &mut rows {
+            row.line += line_offset;
+        }
         let (sha, name) = (file_sha256.clone(), def.name.clone());
         let mut progress = self.db(move |c| starling_store::import_progress(c, &sha, &name)).await?.unwrap_or_default();
         let mut summary = Summary {

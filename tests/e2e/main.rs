@@ -5,6 +5,7 @@ mod connectors;
 mod delivery;
 mod durability;
 mod harness;
+mod operations;
 mod registry;
 mod scaffold;
 mod segments;

@@ -150,7 +150,8 @@ async fn deleting_a_person_fires_the_delete_action_and_retention_deletes_the_ina
     let config = ops_config(dir.path(), &receiver.url, "");
     let server = Server::start_with(&config, &["--test-clock"]);
     for (visitor, email) in [("ann", "ann@example.com"), ("bob", "bob@example.com"), ("cat", "cat@example.com")] {
-        ingest(&server, json!({"event": "purchase", "visitor_id": visitor, "data": {"email": email, "total": 120}})).await;
+        ingest(&server, json!({"event": "purchase", "visitor_id": visitor, "data": {"email": email, "total": 120}}))
+            .await;
     }
     eventually("three welcome calls", Duration::from_secs(20), async || {
         (receiver.received().iter().filter(|r| r.path == "/joined").count() == 3).then_some(())
@@ -196,7 +197,8 @@ async fn deleting_a_person_fires_the_delete_action_and_retention_deletes_the_ina
     .await;
     assert_eq!(admin_get(&server, "/v1/profiles/bob").await.0, 200);
     let (_, audit) = admin_get(&server, "/v1/audit").await;
-    let reasons: Vec<&str> = audit["audit"].as_array().unwrap().iter().map(|r| r["detail"]["reason"].as_str().unwrap()).collect();
+    let reasons: Vec<&str> =
+        audit["audit"].as_array().unwrap().iter().map(|r| r["detail"]["reason"].as_str().unwrap()).collect();
     assert_eq!(reasons, ["retention", "request"]);
     eventually("the delete action for cat", Duration::from_secs(20), async || {
         receiver.received().into_iter().find(|r| r.path == "/forget" && r.body == json!({"email": "cat@example.com"}))
@@ -252,9 +254,7 @@ async fn the_import_command_applies_rows_reports_rejects_and_continues_after_an_
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        stdout.contains(
-            "12 rows, 6 applied, 1 unmatched, 1 rejected, 0 already applied (continued after row 4)"
-        ),
+        stdout.contains("12 rows, 6 applied, 1 unmatched, 1 rejected, 0 already applied (continued after row 4)"),
         "{stdout}"
     );
     assert!(stdout.contains("row 12 (line 13): amount: `lots` is not a number"), "{stdout}");
@@ -314,14 +314,21 @@ async fn the_trace_command_follows_a_visitor_through_every_step() {
     let mut seen = Vec::new();
     let wait_for = |marker: &str, seen: &mut Vec<String>| {
         while !seen.iter().any(|l| l.contains(marker)) {
-            seen.push(lines.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("no `{marker}` in {seen:#?}")));
+            seen.push(
+                lines.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("no `{marker}` in {seen:#?}")),
+            );
         }
     };
     wait_for("tracing", &mut seen);
     ingest(&server, json!({"event": "purchase", "visitor_id": "someone-else", "data": {"total": 500}})).await;
-    ingest(&server, json!({"event": "purchase", "visitor_id": "dee", "data": {"email": "dee@example.com", "total": 150}})).await;
+    ingest(
+        &server,
+        json!({"event": "purchase", "visitor_id": "dee", "data": {"email": "dee@example.com", "total": 150}}),
+    )
+    .await;
     wait_for("delivery of welcome", &mut seen);
     let _ = trace.kill();
+    let _ = trace.wait();
     let text = seen.join("\n");
     for expected in [
         "purchase from dee → profile dee, new visitor, new visit",
@@ -344,7 +351,11 @@ async fn metrics_count_what_happened_and_logs_can_be_json() {
     let dir = tempfile::tempdir().unwrap();
     let config = ops_config(dir.path(), &receiver.url, "");
     let server = Server::start_with(&config, &["--log-json"]);
-    ingest(&server, json!({"event": "purchase", "visitor_id": "eve", "data": {"email": "eve@example.com", "total": 100}})).await;
+    ingest(
+        &server,
+        json!({"event": "purchase", "visitor_id": "eve", "data": {"email": "eve@example.com", "total": 100}}),
+    )
+    .await;
     let r = harness::client()
         .post(format!("{}/v1/events", server.url))
         .header("x-api-key", KEY)
@@ -423,8 +434,16 @@ async fn the_admin_page_looks_up_a_profile_in_headless_chromium() {
     let dir = tempfile::tempdir().unwrap();
     let config = ops_config(dir.path(), &receiver.url, "");
     let server = Server::start(&config);
-    ingest(&server, json!({"event": "purchase", "visitor_id": "fay", "data": {"email": "fay@example.com", "total": 130}})).await;
-    ingest(&server, json!({"event": "purchase", "visitor_id": "gus", "data": {"email": "gus@example.com", "total": 20}})).await;
+    ingest(
+        &server,
+        json!({"event": "purchase", "visitor_id": "fay", "data": {"email": "fay@example.com", "total": 130}}),
+    )
+    .await;
+    ingest(
+        &server,
+        json!({"event": "purchase", "visitor_id": "gus", "data": {"email": "gus@example.com", "total": 20}}),
+    )
+    .await;
     // Let a few size samples accumulate for the charts.
     tokio::time::sleep(Duration::from_millis(800)).await;
     let shot = dir.path().join("admin.png");

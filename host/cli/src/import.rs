@@ -186,11 +186,17 @@ mod tests {
     fn parts_keep_row_numbers_and_file_lines() {
         let csv = b"k,v\na,1\nb,\"two\nlines\"\nc,3\n";
         let parts = csv_parts(csv, 2).unwrap();
-        assert_eq!(parts.iter().map(|p| (p.first_row, p.last_row, p.line_offset)).collect::<Vec<_>>(), [(1, 2, 0), (3, 3, 3)]);
+        assert_eq!(
+            parts.iter().map(|p| (p.first_row, p.last_row, p.line_offset)).collect::<Vec<_>>(),
+            [(1, 2, 0), (3, 3, 3)]
+        );
         assert_eq!(parts[1].body, b"k,v\nc,3\n");
         let jsonl = b"{\"a\":1}\n\n{\"a\":2}\n{\"a\":3}\n";
         let parts = jsonl_parts(jsonl, 2).unwrap();
-        assert_eq!(parts.iter().map(|p| (p.first_row, p.last_row, p.line_offset)).collect::<Vec<_>>(), [(1, 2, 0), (3, 3, 3)]);
+        assert_eq!(
+            parts.iter().map(|p| (p.first_row, p.last_row, p.line_offset)).collect::<Vec<_>>(),
+            [(1, 2, 0), (3, 3, 3)]
+        );
         assert_eq!(parts[0].body, b"{\"a\":1}\n\n{\"a\":2}");
     }
 }

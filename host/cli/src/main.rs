@@ -408,7 +408,9 @@ fn serve(config: &Path, overrides: ServeOverrides) -> Result<()> {
         tracing::info!(database = %database.display(), "starling listening on {scheme}://{addr}");
         println!("listening on {scheme}://{addr}");
         match tls {
-            Some(tls) => app.serve_tls(starling_server::tls::TlsListener::new(listener, tls)?, shutdown_signal()).await?,
+            Some(tls) => {
+                app.serve_tls(starling_server::tls::TlsListener::new(listener, tls)?, shutdown_signal()).await?
+            }
             None => app.serve(listener, shutdown_signal()).await?,
         }
         tracing::info!("stopped");

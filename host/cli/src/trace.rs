@@ -61,10 +61,11 @@ fn describe(step: &serde_json::Value) -> String {
             step["data"]
         ),
         "enriched" => {
-            let changed = step["changed"].as_object().map_or(String::new(), |m| {
-                m.iter().map(|(k, v)| format!("{k} = {v}")).collect::<Vec<_>>().join(", ")
-            });
-            let mut line = format!("  enriched: {}", if changed.is_empty() { "nothing changed".into() } else { changed });
+            let changed = step["changed"]
+                .as_object()
+                .map_or(String::new(), |m| m.iter().map(|(k, v)| format!("{k} = {v}")).collect::<Vec<_>>().join(", "));
+            let mut line =
+                format!("  enriched: {}", if changed.is_empty() { "nothing changed".into() } else { changed });
             for w in step["warnings"].as_array().into_iter().flatten() {
                 line.push_str(&format!("\n  warning: {}", w.as_str().unwrap_or_default()));
             }
@@ -86,7 +87,12 @@ fn describe(step: &serde_json::Value) -> String {
             Some(a) if !a.is_empty() => format!(
                 "  queued: {}",
                 a.iter()
-                    .map(|x| format!("{} via {} ({})", x["action"].as_str().unwrap_or_default(), x["connector"].as_str().unwrap_or_default(), x["trigger"].as_str().unwrap_or_default()))
+                    .map(|x| format!(
+                        "{} via {} ({})",
+                        x["action"].as_str().unwrap_or_default(),
+                        x["connector"].as_str().unwrap_or_default(),
+                        x["trigger"].as_str().unwrap_or_default()
+                    ))
                     .collect::<Vec<_>>()
                     .join(", ")
             ),

@@ -1,13 +1,11 @@
 //! The configuration file: TOML in, a validated [`Model`] out, or every error found with its position.
 
 use crate::condition::{CmpOp, Condition, Derived, Expected, Operand};
+use crate::operations::{EventSpec, FieldSpec, FieldType, ImportDef, OnViolation, Retention, SourceDef};
 use crate::stitch::{IdentitySettings, MergeRule};
 use crate::value::{
     AttrType, DEFAULT_TIMELINE_AGE_MS, DEFAULT_TIMELINE_ENTRIES, MAX_ARRAY_ITEMS, MAX_FUNNEL_STEPS, MAX_ROLLING_WINDOW,
     MAX_TIMELINE_ENTRIES, Scope, Value,
-};
-use crate::operations::{
-    EventSpec, FieldSpec, FieldType, ImportDef, OnViolation, Retention, SourceDef,
 };
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
@@ -988,7 +986,12 @@ impl Validator<'_> {
                     None => self.error(ty.span(), format!("fields.{path}: not a field path like `order.total`")),
                 }
             }
-            specs.push(EventSpec { event: event.clone(), fields, allow_other_fields: spec.allow_other_fields, on_violation });
+            specs.push(EventSpec {
+                event: event.clone(),
+                fields,
+                allow_other_fields: spec.allow_other_fields,
+                on_violation,
+            });
         }
         specs
     }
@@ -1919,5 +1922,101 @@ connector = "webhook"
         let src = "[[attribute]]\nname = \"n\"\nscope = \"visit\"\ntype = \"number\"\n[[audience]]\nname = \"a\"\nrule = { attribute = \"n\", op = \">\", value = \"ten\" }\n";
         let errs = parse(src).unwrap_err().0;
         assert_eq!(errs[0].message, "expected a number value, found string");
+    }
+
+    #[test]
+    fn operating_sections_are_checked_with_positions() {
+        let src = r#"[[attribute]]
+name = "email"
+scope = "visitor"
+type = "visitor_id"
+
+[[attribute]]
+name = "spend"
+scope = "visitor"
+type = "number"
+
+[[source]]
+name = "web"
+api_key = "short"
+
+[[event_spec]]
+event = "purchase"
+on_violation = "shrug"
+fields = { total = "numbr", "order..id" = "string" }
+
+[retention]
+inactive_after = "forever"
+
+[[import]]
+name = "store"
+event = "store_purchase"
+match = "spend"
+columns = { amount = "number" }
+
+[[import]]
+name = "pos"
+event = "pos"
+match = "email"
+columns = { at = "string" }
+timestamp = "at"
+"#;
+        let errs: Vec<String> = parse(src).unwrap_err().0.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errs,
+            [
+                "13:11: source `web`: api_key must be at least 16 characters",
+                "17:16: on_violation `shrug`: expected reject or warn",
+                "18:43: fields.order..id: not a field path like `order.total`",
+                "18:20: fields.total: unknown type `numbr`: expected string, number, integer, boolean, array, object, timestamp (with `?` when optional)",
+                "21:18: `forever` is not a duration like 30s, 15m, 2h or 7d",
+                "26:9: match: `spend` is not a visitor_id attribute",
+                "34:13: timestamp: `at` must be a column of type timestamp",
+            ]
+        );
+        let good = r#"[[attribute]]
+name = "email"
+scope = "visitor"
+type = "visitor_id"
+
+[[source]]
+name = "web"
+api_key = "0123456789abcdef"
+
+[[event_spec]]
+event = "purchase"
+on_violation = "warn"
+allow_other_fields = false
+fields = { "order.total" = "number", coupon = "string?" }
+
+[retention]
+inactive_after = "400d"
+
+[[import]]
+name = "pos"
+event = "pos"
+match = "email"
+key = "mail"
+columns = { at = "timestamp" }
+timestamp = "at"
+
+[[action]]
+name = "forget"
+trigger = "deleted"
+connector = "webhook"
+"#;
+        let model = parse(good).unwrap();
+        assert_eq!(model.sources, [SourceDef { name: "web".into(), api_key: "0123456789abcdef".into() }]);
+        let spec = model.event_spec("purchase").unwrap();
+        assert_eq!((spec.on_violation, spec.allow_other_fields), (OnViolation::Warn, false));
+        assert_eq!(
+            spec.fields[1],
+            FieldSpec { path: vec!["order".into(), "total".into()], ty: FieldType::Number, required: true }
+        );
+        assert!(!spec.fields[0].required);
+        assert_eq!(model.retention, Some(Retention { inactive_after_ms: 400 * 86_400_000, check_every_ms: 3_600_000 }));
+        let import = model.import("pos").unwrap();
+        assert_eq!((import.key.as_str(), import.timestamp.as_deref()), ("mail", Some("at")));
+        assert_eq!((model.actions[0].trigger, model.actions[0].audience.as_str()), (Trigger::Deleted, ""));
     }
 }

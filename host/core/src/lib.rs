@@ -12,7 +12,8 @@ pub mod value;
 
 pub use config::{ConfigErrors, Diagnostic, Model, parse};
 pub use engine::{
-    CustomEnrichers, Event, Membership, NoCustomEnrichers, Outcome, PendingAction, apply_delete, apply_event, apply_merge, apply_time,
+    CustomEnrichers, Event, Membership, NoCustomEnrichers, Outcome, PendingAction, apply_delete, apply_event,
+    apply_merge, apply_time,
 };
 pub use profile::Profile;
 pub use value::Value;

@@ -1,10 +1,10 @@
 //! The HTTP API.
 
+use crate::auth::{Denied, Keys};
 use crate::pipeline::Ingest;
+use crate::telemetry::{ActionLabel, NameLabel, PartitionLabel, Telemetry};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use crate::auth::{Denied, Keys};
-use crate::telemetry::{ActionLabel, NameLabel, PartitionLabel, Telemetry};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -422,8 +422,9 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
 async fn trace(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> axum::response::sse::Sse<impl futures_core::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>>
-{
+) -> axum::response::sse::Sse<
+    impl futures_core::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
     use axum::response::sse::{Event as Sse, KeepAlive};
     use tokio_stream::StreamExt;
     use tokio_stream::wrappers::BroadcastStream;
@@ -505,7 +506,9 @@ async fn get_import(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let (d, f) = (definition.clone(), file.clone());
     match read(&state, move |c| starling_store::import_progress(c, &f, &d)).await? {
-        Some(progress) => Ok(Json(serde_json::json!({ "definition": definition, "file_sha256": file, "progress": progress }))),
+        Some(progress) => {
+            Ok(Json(serde_json::json!({ "definition": definition, "file_sha256": file, "progress": progress })))
+        }
         None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no import of file {file} with `{definition}`"))),
     }
 }

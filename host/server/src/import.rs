@@ -222,7 +222,9 @@ fn to_event(
     };
     let timestamp_ms = match &def.timestamp {
         Some(column) => match fields.get(column).and_then(|v| v.as_str()) {
-            Some(s) => starling_core::time::parse_rfc3339(s).ok_or_else(|| format!("{column}: `{s}` is not RFC 3339"))?,
+            Some(s) => {
+                starling_core::time::parse_rfc3339(s).ok_or_else(|| format!("{column}: `{s}` is not RFC 3339"))?
+            }
             None => return Err(format!("{column}: missing (the row's time)")),
         },
         None => now,
@@ -404,8 +406,10 @@ mod tests {
             h3,3,yesterday,Oslo,x\n\
             ,3,2024-05-01T10:00:00Z,Oslo,x\n";
         let rows = csv_rows(&def(), body, 1).unwrap();
-        let events: Vec<Result<Event, String>> =
-            rows.into_iter().map(|r| r.fields.and_then(|f| to_event(&def(), &"ab".repeat(32), r.number, f, 0))).collect();
+        let events: Vec<Result<Event, String>> = rows
+            .into_iter()
+            .map(|r| r.fields.and_then(|f| to_event(&def(), &"ab".repeat(32), r.number, f, 0)))
+            .collect();
         let first = events[0].as_ref().unwrap();
         assert_eq!(first.visitor_id, "h1");
         assert_eq!(first.data["amount"], serde_json::json!(12.5));
@@ -414,7 +418,9 @@ mod tests {
         assert_eq!(events[1].as_ref().unwrap_err(), "amount: `lots` is not a number");
         assert_eq!(events[2].as_ref().unwrap_err(), "bought_at: `yesterday` is not an RFC 3339 timestamp");
         assert_eq!(events[3].as_ref().unwrap_err(), "email_hash: missing (the visitor id to match)");
-        assert!(matches!(csv_rows(&def(), b"id,amount\n1,2\n", 1), Err(ImportError::Invalid(m)) if m.contains("no `email_hash` column")));
+        assert!(
+            matches!(csv_rows(&def(), b"id,amount\n1,2\n", 1), Err(ImportError::Invalid(m)) if m.contains("no `email_hash` column"))
+        );
     }
 
     #[test]

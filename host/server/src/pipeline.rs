@@ -9,6 +9,7 @@
 //! owns, it commits, points the directory at the surviving profile, and sends that worker a
 //! merge; events for the absorbed profile still queued on it are forwarded behind the merge.
 
+use crate::telemetry::Telemetry;
 use starling_core::config::{ActionDef, Trigger};
 use starling_core::engine::rebuild;
 use starling_core::stitch::visitor_ids;
@@ -17,7 +18,6 @@ use starling_core::{
     apply_time,
 };
 use starling_runtime::{PluginHost, WasmEnrichers};
-use crate::telemetry::Telemetry;
 use starling_store::{Batch, IdentityLink, StoreError};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
@@ -70,7 +70,7 @@ pub enum Work {
         ids: Vec<String>,
         reason: &'static str,
         inactive_before: Option<i64>,
-        done: oneshot::Sender<Result<Vec<serde_json::Value>, String>>,
+        done: DeletionReply,
     },
 }
 
@@ -348,6 +348,9 @@ enum Write {
     },
 }
 
+/// Where the audit records of a deletion request go.
+type DeletionReply = oneshot::Sender<Result<Vec<serde_json::Value>, String>>;
+
 /// Everything one batch decides, applied at commit.
 #[derive(Default)]
 struct Pending {
@@ -374,7 +377,7 @@ struct Pending {
     /// Trace steps for traced visitors (the ids they are traced by), sent after commit.
     traces: Vec<(Vec<String>, Vec<serde_json::Value>)>,
     /// Audit records of deletions, sent after commit.
-    deleted: Vec<(oneshot::Sender<Result<Vec<serde_json::Value>, String>>, Vec<serde_json::Value>)>,
+    deleted: Vec<(DeletionReply, Vec<serde_json::Value>)>,
 }
 
 impl Worker {
@@ -617,7 +620,12 @@ impl Worker {
                     let mut detail = detail.clone();
                     detail["removed"] = serde_json::json!(removed);
                     tx.audit(now, "profile_deleted", &detail)?;
-                    if let Some(record) = p.deleted.iter_mut().flat_map(|(_, r)| r.iter_mut()).find(|r| r["deletion"] == detail["deletion"]) {
+                    if let Some(record) = p
+                        .deleted
+                        .iter_mut()
+                        .flat_map(|(_, r)| r.iter_mut())
+                        .find(|r| r["deletion"] == detail["deletion"])
+                    {
                         *record = detail;
                     }
                 }
@@ -960,7 +968,12 @@ impl Worker {
         p.directory.extend(ids.iter().map(|id| (id.clone(), id.clone())));
         self.cache.identities.retain(|_, owner| *owner != pid);
         tracing::info!(reason, ids = ids.len(), "profile deleted");
-        self.shared.telemetry.metrics.profiles_deleted.get_or_create(&crate::telemetry::ReasonLabel { reason: reason.to_string() }).inc();
+        self.shared
+            .telemetry
+            .metrics
+            .profiles_deleted
+            .get_or_create(&crate::telemetry::ReasonLabel { reason: reason.to_string() })
+            .inc();
         p.traces.push((
             ids.iter().cloned().collect(),
             vec![serde_json::json!({ "step": "deleted", "reason": reason, "actions_queued": detail["actions_fired"] })],

@@ -144,10 +144,8 @@ impl Tracer {
     pub fn subscribe(&self, ids: &[String]) -> broadcast::Receiver<Arc<serde_json::Value>> {
         let mut channels = self.channels.write().expect("tracer lock");
         channels.retain(|_, tx| tx.receiver_count() > 0);
-        let tx = ids
-            .iter()
-            .find_map(|id| channels.get(id).cloned())
-            .unwrap_or_else(|| broadcast::channel(TRACE_BACKLOG).0);
+        let tx =
+            ids.iter().find_map(|id| channels.get(id).cloned()).unwrap_or_else(|| broadcast::channel(TRACE_BACKLOG).0);
         let rx = tx.subscribe();
         for id in ids {
             channels.insert(id.clone(), tx.clone());

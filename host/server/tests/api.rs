@@ -28,7 +28,9 @@ rule = { attribute = "spend", op = ">", value = 10 }
 
 async fn app(dir: &std::path::Path) -> App {
     let model = starling_core::parse(CONFIG).unwrap();
-    App::start(Options { model, database: dir.join("t.db"), plugins: None, test_clock: false, admin_token: None }).await.unwrap()
+    App::start(Options { model, database: dir.join("t.db"), plugins: None, test_clock: false, admin_token: None })
+        .await
+        .unwrap()
 }
 
 async fn call(app: &App, method: &str, uri: &str, body: &str) -> (StatusCode, serde_json::Value, Option<String>) {
@@ -238,7 +240,8 @@ async fn ingestion_needs_a_source_key_and_everything_else_the_admin_token() {
     let (status, body, _) = send(&app, "POST", "/v1/events", &[("x-api-key", "web-key-0123456789")], event).await;
     assert_eq!((status, body), (StatusCode::ACCEPTED, serde_json::json!({"accepted": 1, "duplicates": 0})));
     // A key speaks for its own source only.
-    let claimed = r#"{"events":[{"event":"view","visitor_id":"a"},{"event":"view","visitor_id":"a","source":"store"}]}"#;
+    let claimed =
+        r#"{"events":[{"event":"view","visitor_id":"a"},{"event":"view","visitor_id":"a","source":"store"}]}"#;
     let (status, body, _) = send(&app, "POST", "/v1/events", &[("x-api-key", "web-key-0123456789")], claimed).await;
     assert_eq!(
         (status, body["error"].as_str()),
@@ -247,7 +250,11 @@ async fn ingestion_needs_a_source_key_and_everything_else_the_admin_token() {
 
     for uri in ["/v1/profiles/a", "/v1/audiences", "/metrics", "/v1/audit", "/v1/plugins"] {
         let (status, body, _) = send(&app, "GET", uri, &[], "").await;
-        assert_eq!((status, body["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("admin token (Authorization: Bearer) required")), "{uri}");
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("admin token (Authorization: Bearer) required")),
+            "{uri}"
+        );
         let (status, _, _) = send(&app, "GET", uri, &[("authorization", "Bearer admin-token-012345678")], "").await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{uri}: a near miss is refused");
         let (status, _, _) = send(&app, "GET", uri, &[("authorization", ADMIN)], "").await;
@@ -318,7 +325,10 @@ async fn an_offline_file_fills_omnichannel_attributes_and_resumes() {
         send(&app, "POST", &format!("/v1/imports/store_purchases?file={sha}"), &admin, part).await;
     assert_eq!(status, StatusCode::OK, "{summary}");
     assert_eq!((summary["applied"].as_i64(), summary["rejected_count"].as_i64()), (Some(1), Some(1)));
-    assert_eq!(summary["rejected"][0], serde_json::json!({"row": 2, "line": 3, "reason": "amount: `oops` is not a number"}));
+    assert_eq!(
+        summary["rejected"][0],
+        serde_json::json!({"row": 2, "line": 3, "reason": "amount: `oops` is not a number"})
+    );
     // Sent again whole, it continues after row 2.
     let (_, summary, _) = send(&app, "POST", "/v1/imports/store_purchases", &admin, file).await;
     assert_eq!(
@@ -335,10 +345,16 @@ async fn an_offline_file_fills_omnichannel_attributes_and_resumes() {
     assert_eq!(a["audiences"], serde_json::json!(["store_buyers"]), "imports evaluate audiences");
     let (_, b, _) = send(&app, "GET", "/v1/profiles/b", &[("authorization", ADMIN)], "").await;
     assert_eq!(b["attributes"]["store_spend"], 7.0);
-    assert_eq!(send(&app, "GET", "/v1/profiles/hash-0009", &[("authorization", ADMIN)], "").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        send(&app, "GET", "/v1/profiles/hash-0009", &[("authorization", ADMIN)], "").await.0,
+        StatusCode::NOT_FOUND
+    );
 
     let (status, body, _) = send(&app, "POST", "/v1/imports/nope", &admin, file).await;
-    assert_eq!((status, body["error"].as_str()), (StatusCode::NOT_FOUND, Some("no import definition `nope` (configured: store_purchases)")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("no import definition `nope` (configured: store_purchases)"))
+    );
     let (status, body, _) = send(&app, "POST", "/v1/imports/store_purchases", &admin, "id,amount\n1,2\n").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body["error"].as_str().unwrap().contains("no `email_hash` column"), "{body}");
@@ -352,7 +368,8 @@ async fn deleting_a_person_removes_every_trace_and_keeps_an_anonymous_audit_reco
     let key = [("x-api-key", "web-key-0123456789")];
     let admin = [("authorization", ADMIN)];
     for (visitor, hash) in [("a", "hash-0001"), ("phone-a", "hash-0001"), ("b", "hash-0002")] {
-        let event = format!(r#"{{"event":"login","visitor_id":"{visitor}","data":{{"email_hash":"{hash}","total":3}}}}"#);
+        let event =
+            format!(r#"{{"event":"login","visitor_id":"{visitor}","data":{{"email_hash":"{hash}","total":3}}}}"#);
         assert_eq!(send(&app, "POST", "/v1/events", &key, &event).await.0, StatusCode::ACCEPTED);
     }
     let (status, body, _) = send(&app, "DELETE", "/v1/profiles/phone-a", &admin, "").await;
@@ -402,7 +419,8 @@ async fn a_trace_streams_each_step_of_a_visitors_events() {
     let mut text = String::new();
     let mut read_until = async |marker: &str, text: &mut String| {
         while !text.contains(marker) {
-            let frame = tokio::time::timeout(std::time::Duration::from_secs(10), body.frame()).await.unwrap().unwrap().unwrap();
+            let frame =
+                tokio::time::timeout(std::time::Duration::from_secs(10), body.frame()).await.unwrap().unwrap().unwrap();
             if let Ok(data) = frame.into_data() {
                 text.push_str(&String::from_utf8_lossy(&data));
             }
@@ -452,16 +470,29 @@ async fn the_openapi_document_matches_the_router() {
 
     let dir = tempfile::tempdir().unwrap();
     let model = starling_core::parse(OPERATIONS).unwrap();
-    let app = App::start(Options { model, database: dir.path().join("t.db"), plugins: None, test_clock: true, admin_token: None })
-        .await
-        .unwrap();
+    let app = App::start(Options {
+        model,
+        database: dir.path().join("t.db"),
+        plugins: None,
+        test_clock: true,
+        admin_token: None,
+    })
+    .await
+    .unwrap();
+    let parameter = regex::Regex::new(r"\{[^}]+\}").unwrap();
     for (path, method) in &documented {
         if path == "/v1/trace/{id}" {
             continue; // an endless stream; covered by its own test
         }
-        let uri = regex::Regex::new(r"\{[^}]+\}").unwrap().replace_all(path, "x");
-        let (status, body, _) =
-            send(&app, &method.to_uppercase(), &uri, &[("authorization", ADMIN), ("x-api-key", "web-key-0123456789")], "{}").await;
+        let uri = parameter.replace_all(path, "x");
+        let (status, body, _) = send(
+            &app,
+            &method.to_uppercase(),
+            &uri,
+            &[("authorization", ADMIN), ("x-api-key", "web-key-0123456789")],
+            "{}",
+        )
+        .await;
         let unrouted = status == StatusCode::METHOD_NOT_ALLOWED || (status == StatusCode::NOT_FOUND && body.is_null());
         assert!(!unrouted, "{method} {path}: {status}");
         let declared = &doc["paths"][path][method]["responses"];

@@ -218,7 +218,8 @@ pub fn forget_action(conn: &Connection, id: i64) -> Result<()> {
 
 /// Pending actions per action name, for the queue-depth metric.
 pub fn pending_actions(conn: &Connection) -> Result<Vec<(String, i64)>> {
-    let mut stmt = conn.prepare_cached("SELECT action, COUNT(*) FROM outbox WHERE status = 'pending' GROUP BY action")?;
+    let mut stmt =
+        conn.prepare_cached("SELECT action, COUNT(*) FROM outbox WHERE status = 'pending' GROUP BY action")?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
@@ -525,9 +526,11 @@ impl<'c> Batch<'c> {
 
     /// Appends an audit record; `detail` must hold no personal data.
     pub fn audit(&self, at_ms: i64, kind: &str, detail: &serde_json::Value) -> Result<()> {
-        self.tx
-            .prepare_cached("INSERT INTO audit_log (at_ms, kind, detail) VALUES (?1, ?2, ?3)")?
-            .execute(params![at_ms, kind, detail.to_string()])?;
+        self.tx.prepare_cached("INSERT INTO audit_log (at_ms, kind, detail) VALUES (?1, ?2, ?3)")?.execute(params![
+            at_ms,
+            kind,
+            detail.to_string()
+        ])?;
         Ok(())
     }
 

@@ -366,24 +366,29 @@ async fn metrics_count_what_happened_and_logs_can_be_json() {
     assert_eq!(r.status().as_u16(), 400);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "data.total: expected number by the `purchase` spec, found a string");
-    let metrics = eventually("the delivery in the metrics", Duration::from_secs(20), async || {
-        let (_, m) = admin_get(&server, "/metrics").await;
-        let m = m.as_str().unwrap().to_string();
-        m.contains("starling_deliveries_total{action=\"welcome\",result=\"delivered\"} 1").then_some(m)
-    })
-    .await;
-    for line in [
+    let expected = [
         "starling_events_accepted_total 1",
         "starling_events_rejected_total{reason=\"spec\"} 1",
+        "starling_deliveries_total{action=\"welcome\",result=\"delivered\"} 1",
         "starling_audience_size{name=\"spenders\"} 1",
         "starling_actions_pending{action=\"welcome\"} 0",
         "starling_plugin_calls{name=\"webhook\"} 1",
         "starling_plugin_failures{name=\"webhook\"} 0",
         "starling_delivery_seconds_count{action=\"welcome\"} 1",
         "starling_event_apply_seconds_count 1",
-    ] {
-        assert!(metrics.lines().any(|l| l == line), "`{line}` not in\n{metrics}");
-    }
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let last = loop {
+        let (_, m) = admin_get(&server, "/metrics").await;
+        let last = m.as_str().unwrap().to_string();
+        let missing: Vec<&&str> = expected.iter().filter(|e| !last.lines().any(|l| l == **e)).collect();
+        if missing.is_empty() {
+            break last;
+        }
+        assert!(std::time::Instant::now() < deadline, "{missing:?} not in\n{last}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(last.contains("# TYPE starling_commit_seconds histogram"), "{last}");
     assert_eq!(harness::client().get(format!("{}/metrics", server.url)).send().await.unwrap().status().as_u16(), 401);
     server.stop();
     let logs = std::fs::read_to_string(config.with_extension("log")).unwrap();

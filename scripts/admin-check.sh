@@ -8,9 +8,18 @@
 # (`/admin#token=…&profile=…`), which the browser never sends to the server.
 set -euo pipefail
 url=$1 profile=$2 screenshot=$3 token=${4:-}
-browser=$(command -v chromium || command -v chromium-browser || command -v google-chrome || true)
+find_browser() { command -v chromium || command -v chromium-browser || command -v google-chrome || true; }
+browser=$(find_browser)
+if [ -z "$browser" ] && command -v apt-get >/dev/null; then
+    # Like `starling plugin build` with its toolchains: install what is missing from Debian.
+    sudo_cmd=""
+    [ "$(id -u)" = 0 ] || sudo_cmd="sudo -n"
+    echo "admin-check: installing Chromium from Debian" >&2
+    { $sudo_cmd apt-get update -q && DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -q chromium; } >&2 || true
+    browser=$(find_browser)
+fi
 if [ -z "$browser" ]; then
-    echo "admin-check: no Chromium found (Debian: apt-get install chromium)" >&2
+    echo "admin-check: no Chromium found and it could not be installed (Debian: apt-get install chromium)" >&2
     exit 2
 fi
 page="$url/admin#profile=$profile"

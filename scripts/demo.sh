@@ -49,5 +49,14 @@ A second device logging in with the same email hash is stitched into the same pr
   ./target/debug/starling profile unstitch tablet-7
   curl -s localhost:8080/v1/actions
 
+Offline store purchases fill omnichannel attributes; follow a visitor live; delete a person:
+
+  ./target/debug/starling import examples/store-purchases.csv --definition store_purchases
+  ./target/debug/starling trace anon-1         # then send more events for anon-1
+  ./target/debug/starling profile delete anon-1
+  curl -s localhost:8080/metrics
+
+The admin page: http://127.0.0.1:8080/admin
+
 HELP
 ./target/debug/starling serve --config examples/starling.toml

@@ -123,31 +123,35 @@ impl Importer {
             }
         };
         for group in rows.chunks(ROWS_PER_SUBMIT) {
-            let mut events = Vec::new();
-            let (mut unmatched, mut rejected) = (0, 0);
+            let mut candidates = Vec::new();
+            let mut rejected = 0;
             for row in group {
                 if row.number <= progress.rows_done {
                     summary.skipped += 1;
                     continue;
                 }
                 let event = row.fields.clone().and_then(|fields| to_event(def, &file_sha256, row.number, fields, now));
-                let event = match event {
-                    Ok(e) => e,
+                match event {
+                    Ok(e) => candidates.push(e),
                     Err(reason) => {
                         rejected += 1;
                         if summary.rejected.len() < MAX_REJECTIONS_LISTED {
                             summary.rejected.push(Rejected { row: row.number, line: row.line, reason });
                         }
-                        continue;
                     }
-                };
-                let key = event.visitor_id.clone();
-                if self.db(move |c| starling_store::resolve_identity(c, &key)).await?.is_none() {
-                    unmatched += 1;
-                    continue;
                 }
-                events.push(event);
             }
+            // Only rows whose id is linked to a profile apply: an import never creates profiles.
+            let keys: Vec<String> = candidates.iter().map(|e| e.visitor_id.clone()).collect();
+            let known = self
+                .db(move |c| {
+                    keys.iter()
+                        .map(|k| starling_store::resolve_identity(c, k).map(|p| p.is_some()))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .await?;
+            let unmatched = known.iter().filter(|k| !**k).count() as i64;
+            let events: Vec<Event> = candidates.into_iter().zip(known).filter(|(_, k)| *k).map(|(e, _)| e).collect();
             let submitted = events.len() as i64;
             let report = if events.is_empty() { Default::default() } else { self.submit(events).await? };
             let duplicates = report.duplicates as i64;

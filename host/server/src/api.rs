@@ -50,7 +50,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/actions", get(get_actions))
         .route("/v1/dead-letters", get(get_dead_letters))
         .route("/v1/trace/{id}", get(trace))
-        .route("/v1/imports/{definition}", post(post_import))
+        .route(
+            "/v1/imports/{definition}",
+            post(post_import).layer(DefaultBodyLimit::max(crate::import::MAX_UPLOAD_BYTES)),
+        )
         .route("/v1/imports/{definition}/{file_sha256}", get(get_import))
         .route("/v1/audit", get(get_audit))
         .route("/v1/plugins", get(get_plugins))
@@ -464,10 +467,9 @@ async fn post_import(
     State(state): State<AppState>,
     Path(definition): Path<String>,
     Query(q): Query<ImportQuery>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: axum::extract::Request,
 ) -> Result<Json<crate::import::Summary>, ApiError> {
-    let body = body.map_err(body_error)?;
+    use axum::extract::FromRequest;
     let Some(def) = state.model.import(&definition) else {
         let known: Vec<&str> = state.model.imports.iter().map(|i| i.name.as_str()).collect();
         return Err(ApiError::new(
@@ -475,15 +477,36 @@ async fn post_import(
             format!("no import definition `{definition}` (configured: {})", known.join(", ")),
         ));
     };
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let format = match q.format {
-        Some(f) => f,
-        None if content_type.starts_with("text/csv") => crate::import::Format::Csv,
-        None if content_type.contains("ndjson") || content_type.contains("jsonl") => crate::import::Format::Jsonl,
-        None => {
+    let content_type =
+        request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    // A form upload (`curl -F file=@store.csv`) or the file as the body.
+    let (body, file_name) = if content_type.starts_with("multipart/form-data") {
+        let mut form = axum::extract::Multipart::from_request(request, &state)
+            .await
+            .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+        let mut upload = None;
+        while let Some(field) = form.next_field().await.map_err(|e| ApiError::new(e.status(), e.body_text()))? {
+            if field.name() == Some("file") {
+                let name = field.file_name().map(str::to_string);
+                upload = Some((field.bytes().await.map_err(|e| ApiError::new(e.status(), e.body_text()))?, name));
+                break;
+            }
+        }
+        upload.ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "file: the form has no `file` field"))?
+    } else {
+        (Bytes::from_request(request, &state).await.map_err(body_error)?, None)
+    };
+    let extension = file_name.as_deref().and_then(|n| n.rsplit_once('.')).map(|(_, e)| e.to_ascii_lowercase());
+    let format = match (q.format, extension.as_deref()) {
+        (Some(f), _) => f,
+        (None, Some("csv")) => crate::import::Format::Csv,
+        (None, Some("jsonl" | "ndjson")) => crate::import::Format::Jsonl,
+        _ if content_type.starts_with("text/csv") => crate::import::Format::Csv,
+        _ if content_type.contains("ndjson") || content_type.contains("jsonl") => crate::import::Format::Jsonl,
+        _ => {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
-                "format: say csv or jsonl (?format=, or Content-Type text/csv or application/x-ndjson)",
+                "format: say csv or jsonl (?format=, a .csv or .jsonl file name, or Content-Type text/csv or application/x-ndjson)",
             ));
         }
     };

@@ -14,6 +14,8 @@ use starling_core::operations::{FieldType, ImportDef, json_kind};
 use starling_store::ImportProgress;
 use std::sync::{Arc, Mutex};
 
+/// Largest file accepted in one upload; larger files go in parts (as `starling import` sends them).
+pub const MAX_UPLOAD_BYTES: usize = 64 * 1024 * 1024;
 /// Rows handed to the pipeline at once; progress is recorded after each group.
 const ROWS_PER_SUBMIT: usize = 500;
 /// Rejected rows listed in a summary; the count covers them all.

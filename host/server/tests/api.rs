@@ -343,12 +343,21 @@ async fn an_offline_file_fills_omnichannel_attributes_and_resumes() {
     let (_, a, _) = send(&app, "GET", "/v1/profiles/hash-0001", &[("authorization", ADMIN)], "").await;
     assert_eq!((a["id"].as_str(), a["attributes"]["store_spend"].as_f64()), (Some("a"), Some(110.0)));
     assert_eq!(a["audiences"], serde_json::json!(["store_buyers"]), "imports evaluate audiences");
-    let (_, b, _) = send(&app, "GET", "/v1/profiles/b", &[("authorization", ADMIN)], "").await;
-    assert_eq!(b["attributes"]["store_spend"], 7.0);
+    let (_, before, _) = send(&app, "GET", "/v1/profiles/b", &[("authorization", ADMIN)], "").await;
+    assert_eq!(before["attributes"]["store_spend"], 7.0);
     assert_eq!(
         send(&app, "GET", "/v1/profiles/hash-0009", &[("authorization", ADMIN)], "").await.0,
         StatusCode::NOT_FOUND
     );
+
+    // A form upload; the format comes from the file name.
+    let form = "--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"more.jsonl\"\r\n\r\n\
+        {\"email_hash\":\"hash-0002\",\"amount\":3}\n\r\n--XyZ--\r\n";
+    let multipart = [("authorization", ADMIN), ("content-type", "multipart/form-data; boundary=XyZ")];
+    let (status, summary, _) = send(&app, "POST", "/v1/imports/store_purchases", &multipart, form).await;
+    assert_eq!((status, summary["applied"].as_i64()), (StatusCode::OK, Some(1)), "{summary}");
+    let (_, b, _) = send(&app, "GET", "/v1/profiles/b", &[("authorization", ADMIN)], "").await;
+    assert_eq!(b["attributes"]["store_spend"], 10.0);
 
     let (status, body, _) = send(&app, "POST", "/v1/imports/nope", &admin, file).await;
     assert_eq!(

@@ -18,7 +18,7 @@ pub struct Options {
     #[arg(long)]
     format: Option<String>,
     /// Rows sent per request.
-    #[arg(long, default_value_t = 1_000)]
+    #[arg(long, default_value_t = 5_000)]
     rows_per_request: usize,
     #[command(flatten)]
     server: ServerArgs,

@@ -6,12 +6,13 @@
 //! carries an id made of the file hash and row number, so a row applied twice is recognised as a
 //! duplicate, and a file sent again continues after the last row recorded.
 
-use crate::pipeline::{Ingest, IngestError};
+use crate::pipeline::{Ingest, IngestError, Queued};
 use crate::telemetry::ImportLabel;
 use rusqlite::Connection;
 use starling_core::Event;
 use starling_core::operations::{FieldType, ImportDef, json_kind};
 use starling_store::ImportProgress;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 /// Largest file accepted in one upload; larger files go in parts (as `starling import` sends them).
@@ -20,6 +21,8 @@ pub const MAX_UPLOAD_BYTES: usize = 64 * 1024 * 1024;
 const ROWS_PER_SUBMIT: usize = 500;
 /// Rejected rows listed in a summary; the count covers them all.
 const MAX_REJECTIONS_LISTED: usize = 1_000;
+/// Groups sent to the pipeline before the oldest must be durable.
+const GROUPS_IN_FLIGHT: usize = 4;
 /// How long a full ingestion queue is waited for before the import gives up.
 const BUSY_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -28,6 +31,16 @@ const BUSY_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 pub enum Format {
     Csv,
     Jsonl,
+}
+
+/// A group of rows handed to the pipeline, and what to count when it is durable.
+struct Sent {
+    queued: Option<Queued>,
+    /// The group's last row, when it moves the import's progress.
+    last_row: Option<i64>,
+    submitted: i64,
+    unmatched: i64,
+    rejected: i64,
 }
 
 /// One row of the file, by its number (1 = first data row) and the file line it starts on.
@@ -115,15 +128,7 @@ impl Importer {
             ..Summary::default()
         };
         let now = (self.clock)();
-        let metrics = &self.telemetry.metrics;
-        let count = |outcome: &str, n: i64| {
-            if n > 0 {
-                metrics
-                    .import_rows
-                    .get_or_create(&ImportLabel { definition: def.name.clone(), outcome: outcome.to_string() })
-                    .inc_by(n as u64);
-            }
-        };
+        let mut in_flight: VecDeque<Sent> = VecDeque::new();
         for group in rows.chunks(ROWS_PER_SUBMIT) {
             let mut candidates = Vec::new();
             let mut rejected = 0;
@@ -154,25 +159,40 @@ impl Importer {
                 .await?;
             let unmatched = known.iter().filter(|k| !**k).count() as i64;
             let events: Vec<Event> = candidates.into_iter().zip(known).filter(|(_, k)| *k).map(|(e, _)| e).collect();
-            let submitted = events.len() as i64;
-            let report = if events.is_empty() { Default::default() } else { self.submit(events).await? };
-            let duplicates = report.duplicates as i64;
-            summary.applied += submitted - duplicates;
-            summary.duplicates += duplicates;
-            summary.unmatched += unmatched;
-            summary.rejected_count += rejected;
-            count("applied", submitted - duplicates);
-            count("duplicate", duplicates);
-            count("unmatched", unmatched);
-            count("rejected", rejected);
-            let Some(last) = group.last().map(|r| r.number).filter(|&n| n > progress.rows_done) else { continue };
-            progress.rows_done = last;
-            progress.applied += submitted - duplicates;
-            progress.unmatched += unmatched;
-            progress.rejected += rejected;
-            let (sha, name, p) = (file_sha256.clone(), def.name.clone(), progress.clone());
-            let at = (self.clock)();
-            self.db(move |c| starling_store::record_import_progress(c, &sha, &name, &p, at)).await?;
+            let sent = Sent {
+                queued: None,
+                last_row: group.last().map(|r| r.number).filter(|&n| n > progress.rows_done),
+                submitted: events.len() as i64,
+                unmatched,
+                rejected,
+            };
+            // Groups are sent while earlier ones commit; progress advances in file order.
+            let queued = if events.is_empty() {
+                None
+            } else {
+                let started = std::time::Instant::now();
+                loop {
+                    match self.ingest.send(events.clone()) {
+                        Ok(queued) => break Some(queued),
+                        Err(IngestError::Busy) => match in_flight.pop_front() {
+                            Some(front) => self.settle(front, def, &file_sha256, &mut summary, &mut progress).await?,
+                            None if started.elapsed() < BUSY_PATIENCE => {
+                                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+                            }
+                            None => return Err(IngestError::Busy.into()),
+                        },
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            };
+            in_flight.push_back(Sent { queued, ..sent });
+            while in_flight.len() > GROUPS_IN_FLIGHT {
+                let front = in_flight.pop_front().expect("non-empty");
+                self.settle(front, def, &file_sha256, &mut summary, &mut progress).await?;
+            }
+        }
+        while let Some(front) = in_flight.pop_front() {
+            self.settle(front, def, &file_sha256, &mut summary, &mut progress).await?;
         }
         tracing::info!(
             definition = %def.name,
@@ -187,17 +207,47 @@ impl Importer {
         Ok(summary)
     }
 
-    /// Submits events, waiting for room while live traffic fills the queues.
-    async fn submit(&self, events: Vec<Event>) -> Result<crate::pipeline::IngestReport, IngestError> {
-        let started = std::time::Instant::now();
-        loop {
-            match self.ingest.submit(events.clone()).await {
-                Err(IngestError::Busy) if started.elapsed() < BUSY_PATIENCE => {
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await
-                }
-                other => return other,
+    /// Waits for a sent group to be durable, then counts it and records the progress.
+    async fn settle(
+        &self,
+        sent: Sent,
+        def: &ImportDef,
+        file_sha256: &str,
+        summary: &mut Summary,
+        progress: &mut ImportProgress,
+    ) -> Result<(), ImportError> {
+        let report = match sent.queued {
+            Some(queued) => queued.durable().await?,
+            None => Default::default(),
+        };
+        let duplicates = report.duplicates as i64;
+        let applied = sent.submitted - duplicates;
+        summary.applied += applied;
+        summary.duplicates += duplicates;
+        summary.unmatched += sent.unmatched;
+        summary.rejected_count += sent.rejected;
+        let metrics = &self.telemetry.metrics;
+        for (outcome, n) in [
+            ("applied", applied),
+            ("duplicate", duplicates),
+            ("unmatched", sent.unmatched),
+            ("rejected", sent.rejected),
+        ] {
+            if n > 0 {
+                metrics
+                    .import_rows
+                    .get_or_create(&ImportLabel { definition: def.name.clone(), outcome: outcome.to_string() })
+                    .inc_by(n as u64);
             }
         }
+        let Some(last) = sent.last_row else { return Ok(()) };
+        progress.rows_done = last;
+        progress.applied += applied;
+        progress.unmatched += sent.unmatched;
+        progress.rejected += sent.rejected;
+        let (sha, name, p) = (file_sha256.to_string(), def.name.clone(), progress.clone());
+        let at = (self.clock)();
+        self.db(move |c| starling_store::record_import_progress(c, &sha, &name, &p, at)).await
     }
 
     async fn db<T: Send + 'static>(

@@ -139,12 +139,7 @@ pub struct Ingest {
 impl Ingest {
     /// Queues `events` on their partitions, all or nothing, and waits until they are durable.
     pub async fn submit(&self, events: Vec<Event>) -> Result<IngestReport, IngestError> {
-        let n = self.partitions.len();
-        let mut groups: Vec<Vec<Event>> = (0..n).map(|_| Vec::new()).collect();
-        for event in events {
-            groups[partition_of(&self.directory.profile_of(&event.visitor_id), n)].push(event);
-        }
-        self.queue(groups.into_iter().map(|g| (!g.is_empty()).then_some(Work::Events(g))).collect(), true).await
+        self.send(events)?.durable().await
     }
 
     /// Queues due profiles on their partitions and waits until what time did to them is durable.
@@ -205,9 +200,25 @@ impl Ingest {
         self.room.iter().map(|r| capacity.saturating_sub(r.available_permits())).collect()
     }
 
-    /// Sends one piece of work per partition (index = partition). Client work must find room
-    /// on every partition it goes to, or none of it is queued.
-    async fn queue(&self, mut work: Vec<Option<Work>>, client: bool) -> Result<IngestReport, IngestError> {
+    /// Sends one piece of work per partition (index = partition) and waits for it to be durable.
+    async fn queue(&self, work: Vec<Option<Work>>, client: bool) -> Result<IngestReport, IngestError> {
+        self.dispatch(work, client)?.durable().await
+    }
+
+    /// Queues `events` without waiting: work sent later for the same profiles is applied after
+    /// it. Wait for the answer with [`Queued::durable`].
+    pub fn send(&self, events: Vec<Event>) -> Result<Queued, IngestError> {
+        let n = self.partitions.len();
+        let mut groups: Vec<Vec<Event>> = (0..n).map(|_| Vec::new()).collect();
+        for event in events {
+            groups[partition_of(&self.directory.profile_of(&event.visitor_id), n)].push(event);
+        }
+        self.dispatch(groups.into_iter().map(|g| (!g.is_empty()).then_some(Work::Events(g))).collect(), true)
+    }
+
+    /// Sends one piece of work per partition. Client work must find room on every partition it
+    /// goes to, or none of it is queued.
+    fn dispatch(&self, mut work: Vec<Option<Work>>, client: bool) -> Result<Queued, IngestError> {
         let mut rooms = Vec::new();
         for (i, w) in work.iter().enumerate() {
             if w.is_some() {
@@ -225,12 +236,24 @@ impl Ingest {
             self.partitions[i].send(job).map_err(|_| IngestError::Closed)?;
             pending.push_back(answer);
         }
+        Ok(Queued { pending })
+    }
+}
+
+/// Work sent to the partitions, not yet known to be durable.
+pub struct Queued {
+    pending: VecDeque<oneshot::Receiver<Result<Reply, String>>>,
+}
+
+impl Queued {
+    /// Waits until the work, and everything it handed on to other partitions, is committed.
+    pub async fn durable(mut self) -> Result<IngestReport, IngestError> {
         let mut total = IngestReport::default();
-        while let Some(answer) = pending.pop_front() {
+        while let Some(answer) = self.pending.pop_front() {
             let reply = answer.await.map_err(|_| IngestError::Closed)?.map_err(IngestError::Failed)?;
             total.accepted += reply.report.accepted;
             total.duplicates += reply.report.duplicates;
-            pending.extend(reply.handed_on);
+            self.pending.extend(reply.handed_on);
         }
         Ok(total)
     }

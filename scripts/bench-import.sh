@@ -36,3 +36,22 @@ start=$(date +%s.%N)
 ./target/release/starling import "$work/store.csv" --definition store_purchases --server http://127.0.0.1:8088
 end=$(date +%s.%N)
 python3 -c "import sys; s=float(sys.argv[2])-float(sys.argv[1]); print(f'{int(sys.argv[3])} rows in {s:.2f} s: {int(sys.argv[3])/s:,.0f} rows/s')" "$start" "$end" "$rows"
+# Where the time went, from the server's own metrics.
+curl -s http://127.0.0.1:8088/metrics | python3 -c '
+import sys
+m = {}
+for line in sys.stdin:
+    if line.startswith("#") or " " not in line: continue
+    k, v = line.rsplit(" ", 1); m[k] = float(v)
+n = m["starling_event_apply_seconds_count"]
+apply_us = 1e6 * m["starling_event_apply_seconds_sum"] / n
+print(f"apply per event (identity, enrichments, 4 Wasm enrichers, audiences): {apply_us:.0f} µs over {n:.0f} events")
+for name in ("value-tier", "user-agent", "engagement", "email-domain"):
+    calls = m.get("starling_plugin_calls{name=\"%s\"}" % name, 0)
+    if calls:
+        spent = m["starling_plugin_call_seconds{name=\"%s\"}" % name]
+        print(f"  {name}: {1e6 * spent / calls:.1f} µs per call")
+c = m["starling_commit_seconds_count"]
+commit_ms = 1e3 * m["starling_commit_seconds_sum"] / c
+print(f"commit: {commit_ms:.1f} ms mean over {c:.0f} commits")
+'

@@ -148,7 +148,7 @@ impl App {
             let lane = delivery::Lane {
                 action: action.clone(),
                 plugins: plugins.clone(),
-                conn: Arc::new(Mutex::new(starling_store::open(&database)?)),
+                conn: Arc::new(Mutex::new(starling_store::open_relaxed(&database)?)),
                 wake: notify,
                 clock,
                 telemetry: telemetry.clone(),
@@ -156,6 +156,7 @@ impl App {
             lanes.push(tokio::spawn(lane.run(stopped.clone())));
         }
         lanes.push(tokio::spawn(registry.run(stopped.clone())));
+        lanes.push(tokio::spawn(run_checkpoints(starling_store::open(&database)?, stopped.clone())));
 
         let shared = pipeline::Shared {
             model: model.clone(),
@@ -170,8 +171,9 @@ impl App {
             .partitions
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
             .max(1);
-        let (ingest, workers) =
-            pipeline::start(shared, partitions, model.server.ingest_queue.max(1), || starling_store::open(&database))?;
+        let (ingest, workers) = pipeline::start(shared, partitions, model.server.ingest_queue.max(1), || {
+            starling_store::open_writer(&database)
+        })?;
 
         let ingest = Arc::new(ingest);
         lanes.push(tokio::spawn(sample_audience_sizes(
@@ -298,6 +300,25 @@ async fn run_wakeups(
                     break;
                 }
             }
+        }
+    }
+}
+
+/// How often the WAL is copied back into the database.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Checkpoints the WAL in the background, so that no ingestion commit pays for it.
+async fn run_checkpoints(conn: rusqlite::Connection, mut stop: watch::Receiver<bool>) {
+    let conn = Arc::new(Mutex::new(conn));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
+            _ = stop.changed() => return,
+        }
+        let conn = conn.clone();
+        let done = tokio::task::spawn_blocking(move || starling_store::checkpoint(&conn.lock().expect("checkpoint")));
+        if let Ok(Err(e)) = done.await {
+            tracing::warn!("checkpointing the WAL: {e}");
         }
     }
 }

@@ -26,8 +26,9 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 /// Most requests folded into one transaction.
 const MAX_JOBS_PER_COMMIT: usize = 256;
-/// Profiles kept in memory between batches before the cache is emptied.
-const PROFILE_CACHE_LIMIT: usize = 100_000;
+/// Profiles kept in memory between batches, per partition, before the cache is emptied: enough
+/// for the visitors active at once; a larger cache costs memory without saving many reads.
+const PROFILE_CACHE_LIMIT: usize = 10_000;
 /// How often worker 0 forgets event ids older than the dedup window.
 const PRUNE_EVERY_MS: i64 = 60_000;
 
@@ -669,8 +670,13 @@ impl Worker {
         if self.cache.profiles.len() + p.touched.len() > PROFILE_CACHE_LIMIT {
             self.cache = Cache::default();
         }
-        let gone = &p.gone;
-        self.cache.identities.retain(|_, profile| !gone.contains(profile));
+        // Every id of a merged or deleted profile was repointed in the directory: forgetting
+        // those ids is enough, without scanning the whole cache.
+        if !p.gone.is_empty() {
+            for (id, _) in &p.directory {
+                self.cache.identities.remove(id);
+            }
+        }
         self.cache.identities.extend(p.links.drain());
         for id in p.gone.iter().chain(&p.leaving) {
             self.cache.profiles.remove(id);

@@ -145,14 +145,54 @@ CREATE TABLE IF NOT EXISTS imports (
 );
 ";
 
+/// Opens the database for writes whose loss in a power failure is harmless: their commits do
+/// not wait for the disk (WAL, `synchronous = NORMAL`: the database stays consistent, and the
+/// next fully synchronous commit of any connection makes them durable too). Delivery results
+/// are written this way: a result lost with the machine's power means the action is delivered
+/// again with the same idempotency key, which at-least-once delivery allows.
+pub fn open_relaxed(path: &Path) -> Result<Connection> {
+    let conn = open_writer(path)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    Ok(conn)
+}
+
+/// Opens the database for a writer whose commits must not pay for checkpoints: the WAL is
+/// copied back into the database by [`checkpoint`], called from elsewhere, instead of by
+/// whichever commit crosses SQLite's threshold (a latency spike of many milliseconds).
+pub fn open_writer(path: &Path) -> Result<Connection> {
+    let conn = open(path)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    Ok(conn)
+}
+
+/// WAL frames (4 KiB pages) past which a fully checkpointed WAL is truncated.
+const WAL_RESTART_FRAMES: i64 = 4_096;
+
+/// Copies what it can of the WAL into the database without blocking writers or readers. Once
+/// the WAL is large and fully copied, truncates it: SQLite only starts a WAL over when no
+/// reader is using it at the moment a writer begins, which a busy server never offers, so left
+/// alone the file grows without bound. Returns the frames in the WAL and how many of them are
+/// checkpointed.
+pub fn checkpoint(conn: &Connection) -> Result<(i64, i64)> {
+    let pages = |sql| conn.query_row(sql, [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)));
+    let (log, done) = pages("PRAGMA wal_checkpoint(PASSIVE)")?;
+    if log >= WAL_RESTART_FRAMES && log == done {
+        // Waits for readers to leave the WAL, holding off this process's writers meanwhile.
+        let _gate = write_gate();
+        return Ok(pages("PRAGMA wal_checkpoint(RESTART)")?);
+    }
+    Ok((log, done))
+}
+
 /// Opens (creating if needed) the database and brings its schema up to date.
 pub fn open(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
-    // Reads through a shared memory map instead of a read() copy per page; one mapping serves
-    // every connection of the process.
-    conn.pragma_update(None, "mmap_size", 256i64 << 20)?;
+    // The hottest pages are read through a memory map instead of a read() copy per page. Each
+    // connection maps the file on its own and every mapped page counts as resident memory, so
+    // the map is kept small.
+    conn.pragma_update(None, "mmap_size", 32i64 << 20)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
@@ -867,6 +907,33 @@ pub fn audience_size_history(conn: &Connection, audience: &str, since_ms: i64) -
 mod tests {
     use super::*;
     use starling_core::config::Trigger;
+
+    #[test]
+    fn the_wal_starts_over_once_checkpointed_even_while_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut writer = open_writer(&path).unwrap();
+        let checkpointer = open(&path).unwrap();
+        let reader = open(&path).unwrap();
+        let write_pages = |conn: &mut Connection, round: usize, n: usize| {
+            let tx = Batch::begin(conn).unwrap();
+            for i in 0..n {
+                tx.save_profile(&Profile::new(format!("p{round}-{i}-{}", "x".repeat(4000))), 0).unwrap();
+            }
+            tx.commit().unwrap();
+        };
+        for round in 0..6 {
+            write_pages(&mut writer, round, 1_000);
+            // A reader is always somewhere in the WAL on a busy server.
+            let _: i64 = reader.query_row("SELECT COUNT(*) FROM profiles", [], |r| r.get(0)).unwrap();
+        }
+        let (log, done) = checkpoint(&checkpointer).unwrap();
+        assert!(log >= WAL_RESTART_FRAMES, "enough frames to restart: {log}");
+        assert_eq!(log, done);
+        write_pages(&mut writer, 99, 1);
+        let (log, _) = checkpoint(&checkpointer).unwrap();
+        assert!(log < 100, "the next write started the WAL over: {log} frames");
+    }
 
     fn action() -> PendingAction {
         PendingAction {

@@ -323,7 +323,7 @@ fn csv_rows(def: &ImportDef, body: &[u8], first_row: i64) -> Result<Vec<Row>, Im
         let (line, fields) = match record {
             Err(e) => {
                 let line = e.position().map_or(0, |p| p.line());
-                (line, Err(format!("malformed CSV: {}", strip_position(&e.to_string()))))
+                (line, Err(format!("malformed CSV: {}", strip_csv_position(&e.to_string()))))
             }
             Ok(record) => {
                 let line = record.position().map_or(0, |p| p.line());
@@ -354,7 +354,8 @@ fn csv_rows(def: &ImportDef, body: &[u8], first_row: i64) -> Result<Vec<Row>, Im
     Ok(rows)
 }
 
-fn strip_position(message: &str) -> String {
+/// A csv error's message without its trailing position (the summary names the row and line).
+fn strip_csv_position(message: &str) -> String {
     message.split(" (line").next().unwrap_or(message).to_string()
 }
 
@@ -406,7 +407,7 @@ fn jsonl_rows(def: &ImportDef, body: &[u8], first_row: i64) -> Result<Vec<Row>, 
             continue;
         }
         let fields = match serde_json::from_str::<serde_json::Value>(line) {
-            Err(e) => Err(format!("malformed JSON at column {}: {}", e.column(), strip_json_position(&e))),
+            Err(e) => Err(format!("malformed JSON at column {}: {}", e.column(), crate::ingest::strip_position(&e))),
             Ok(serde_json::Value::Object(obj)) => check_object(def, obj),
             Ok(other) => Err(format!("expected an object, found {}", json_kind(&other))),
         };
@@ -414,11 +415,6 @@ fn jsonl_rows(def: &ImportDef, body: &[u8], first_row: i64) -> Result<Vec<Row>, 
         number += 1;
     }
     Ok(rows)
-}
-
-fn strip_json_position(e: &serde_json::Error) -> String {
-    let text = e.to_string();
-    text.rfind(" at line ").map_or(text.clone(), |i| text[..i].to_string())
 }
 
 fn check_object(

@@ -1,7 +1,7 @@
 //! Reading `POST /v1/events` bodies: one event or `{"events": [...]}`, every field checked, with
 //! errors that name the field.
 
-use starling_core::operations::OnViolation;
+use starling_core::operations::{OnViolation, json_kind};
 use starling_core::{Event, Model};
 
 /// Most events one request may carry.
@@ -82,7 +82,8 @@ pub fn parse_request(body: &[u8], now_ms: i64) -> Result<(Vec<Event>, bool), Str
     }
 }
 
-fn strip_position(e: &serde_json::Error) -> String {
+/// A serde_json error's message without its trailing position (callers say where).
+pub(crate) fn strip_position(e: &serde_json::Error) -> String {
     let text = e.to_string();
     match text.rfind(" at line ") {
         Some(i) => text[..i].to_string(),
@@ -102,7 +103,7 @@ fn parse_event(value: serde_json::Value, at: &str, now_ms: i64) -> Result<Event,
         Some(serde_json::Value::String(_)) => {
             return Err(format!("{at}id: must be 1 to {MAX_ID_CHARS} characters"));
         }
-        Some(other) => return Err(format!("{at}id: expected a string, found {}", kind(&other))),
+        Some(other) => return Err(format!("{at}id: expected a string, found {}", json_kind(&other))),
     };
     let source = match obj.remove("source") {
         None | Some(serde_json::Value::Null) => None,
@@ -110,18 +111,18 @@ fn parse_event(value: serde_json::Value, at: &str, now_ms: i64) -> Result<Event,
         Some(serde_json::Value::String(_)) => {
             return Err(format!("{at}source: must be 1 to {MAX_NAME_CHARS} characters"));
         }
-        Some(other) => return Err(format!("{at}source: expected a string, found {}", kind(&other))),
+        Some(other) => return Err(format!("{at}source: expected a string, found {}", json_kind(&other))),
     };
     let timestamp_ms = match obj.remove("timestamp") {
         None | Some(serde_json::Value::Null) => now_ms,
         Some(serde_json::Value::String(s)) => starling_core::time::parse_rfc3339(&s)
             .ok_or_else(|| format!("{at}timestamp: `{s}` is not an RFC 3339 timestamp like 2024-05-01T12:00:00Z"))?,
-        Some(other) => return Err(format!("{at}timestamp: expected an RFC 3339 string, found {}", kind(&other))),
+        Some(other) => return Err(format!("{at}timestamp: expected an RFC 3339 string, found {}", json_kind(&other))),
     };
     let data = match obj.remove("data") {
         None | Some(serde_json::Value::Null) => serde_json::Map::new(),
         Some(serde_json::Value::Object(m)) => m,
-        Some(other) => return Err(format!("{at}data: expected an object, found {}", kind(&other))),
+        Some(other) => return Err(format!("{at}data: expected an object, found {}", json_kind(&other))),
     };
     if let Some(extra) = obj.keys().next() {
         return Err(format!(
@@ -144,18 +145,7 @@ fn required_string(
             Err(format!("{at}{field}: longer than {max_chars} characters"))
         }
         Some(serde_json::Value::String(s)) => Ok(s),
-        Some(other) => Err(format!("{at}{field}: expected a string, found {}", kind(&other))),
-    }
-}
-
-fn kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
+        Some(other) => Err(format!("{at}{field}: expected a string, found {}", json_kind(&other))),
     }
 }
 

@@ -36,6 +36,11 @@ pub struct Profile {
     /// time-relative audience changing).
     #[serde(default)]
     pub wakeup_ms: Option<i64>,
+    /// The wake-up the store has scheduled. It may come before `wakeup_ms`: each event moves
+    /// the visit's end, and rescheduling it every time would cost a write per event, so an
+    /// early wake-up finds nothing due and schedules the real one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_wakeup_ms: Option<i64>,
 }
 
 impl Profile {
@@ -57,6 +62,7 @@ impl Profile {
             visit_ended: false,
             visit_timeout_ms: None,
             wakeup_ms: None,
+            scheduled_wakeup_ms: None,
         }
     }
 

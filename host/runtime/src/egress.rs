@@ -1,10 +1,47 @@
 //! Outbound HTTP policy: a connector reaches only the hosts its manifest allows, checked by the
 //! host on every request (redirects are not followed, so each hop is a new, checked request).
 //! A host allowed through a wildcard must resolve to public addresses only, and plain HTTP then
-//! goes to the very address that was checked.
+//! goes to the very address that was checked. Requests go through a per-plugin pool of
+//! keep-alive connections, so a connector's calls to one destination do not each pay for a
+//! TCP (and TLS) handshake.
 
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use std::sync::Arc;
+use std::time::Duration;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
+
+/// Keep-alive connections of one plugin, over plain HTTP or TLS (Mozilla's root certificates).
+pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, WasiBody>;
+
+/// Idle connections kept per destination, and for how long.
+const POOL_IDLE_PER_HOST: usize = 32;
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A connection pool for a plugin whose connects may take up to `connect_timeout`.
+pub fn http_client(connect_timeout: Duration) -> HttpClient {
+    static TLS: std::sync::OnceLock<rustls::ClientConfig> = std::sync::OnceLock::new();
+    let tls = TLS.get_or_init(|| {
+        let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.into() };
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth()
+    });
+    let mut tcp = HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(Some(connect_timeout));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls.clone())
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(tcp);
+    Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(POOL_IDLE_PER_HOST)
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .build(connector)
+}
 
 /// One allowed destination: `scheme://host[:port]` with `*` wildcards.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,8 +94,10 @@ impl HostPattern {
 pub struct Egress {
     pub plugin: Arc<str>,
     pub allowed: Arc<[HostPattern]>,
-    /// Cap on connect, first-byte and between-bytes waits: the plugin's own call deadline.
-    pub timeout: std::time::Duration,
+    /// Cap on the wait for a response: the plugin's own call deadline (which also bounds
+    /// connecting and reading the body).
+    pub timeout: Duration,
+    pub client: HttpClient,
 }
 
 impl Egress {
@@ -158,12 +197,8 @@ impl WasiHttpHooks for Egress {
             }
         };
         let plugin = self.plugin.clone();
-        let cap = |t: Option<std::time::Duration>| Some(t.map_or(self.timeout, |t| t.min(self.timeout)));
-        let options = Some(RequestOptions {
-            connect_timeout: cap(options.and_then(|o| o.connect_timeout)),
-            first_byte_timeout: cap(options.and_then(|o| o.first_byte_timeout)),
-            between_bytes_timeout: cap(options.and_then(|o| o.between_bytes_timeout)),
-        });
+        let first_byte = options.and_then(|o| o.first_byte_timeout).map_or(self.timeout, |t| t.min(self.timeout));
+        let client = self.client.clone();
         Box::new(async move {
             use http_body_util::BodyExt;
             if !exact {
@@ -176,12 +211,35 @@ impl WasiHttpHooks for Egress {
                     return Err(HttpError::DestinationIpProhibited);
                 }
             }
-            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
-            Ok((
-                response.map(BodyExt::boxed_unsync),
-                Box::new(io) as Box<dyn Future<Output = Result<(), HttpError>> + Send>,
-            ))
+            let response = match tokio::time::timeout(first_byte, client.request(request)).await {
+                Err(_) => return Err(HttpError::HttpResponseTimeout),
+                Ok(Err(e)) => return Err(request_error(&plugin, e)),
+                Ok(Ok(response)) => response,
+            };
+            // The pool drives the connection; there is nothing more to wait for.
+            let done = Box::new(async { Ok(()) }) as Box<dyn Future<Output = Result<(), HttpError>> + Send>;
+            Ok((response.map(|body| body.map_err(HttpError::Hyper).boxed_unsync()), done))
         })
+    }
+}
+
+/// The wasi:http error for a request the pool could not complete.
+fn request_error(plugin: &str, error: hyper_util::client::legacy::Error) -> HttpError {
+    use std::error::Error;
+    let causes = || std::iter::successors(error.source(), |e| (*e).source());
+    if error.is_connect() {
+        tracing::debug!(plugin, "connecting: {error:?}");
+        let timed_out = causes()
+            .any(|e| e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut));
+        return if timed_out { HttpError::ConnectionTimeout } else { HttpError::ConnectionRefused };
+    }
+    match causes().find_map(|e| e.downcast_ref::<hyper::Error>()) {
+        Some(e) if e.is_timeout() => HttpError::HttpResponseTimeout,
+        Some(e) if e.is_incomplete_message() || e.is_closed() => HttpError::ConnectionTerminated,
+        _ => {
+            tracing::debug!(plugin, "request failed: {error:?}");
+            HttpError::HttpProtocolError
+        }
     }
 }
 
@@ -193,7 +251,8 @@ mod tests {
         let egress = Egress {
             plugin: "t".into(),
             allowed: patterns.iter().map(|p| HostPattern::parse(p).unwrap()).collect(),
-            timeout: std::time::Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            client: http_client(Duration::from_secs(1)),
         };
         egress.check(&uri.parse().unwrap()).is_ok()
     }
@@ -221,7 +280,8 @@ mod tests {
         let egress = Egress {
             plugin: "t".into(),
             allowed: ["http://127.0.0.1:*", "https://*"].iter().map(|p| HostPattern::parse(p).unwrap()).collect(),
-            timeout: std::time::Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            client: http_client(Duration::from_secs(1)),
         };
         assert_eq!(egress.check(&"http://127.0.0.1:9000/x".parse().unwrap()), Ok(true));
         assert_eq!(egress.check(&"https://10.0.0.5/x".parse().unwrap()), Ok(false));

@@ -80,6 +80,8 @@ struct PluginMeta {
     allowed_hosts: Arc<[HostPattern]>,
     memory_bytes: usize,
     timeout: Duration,
+    /// Keep-alive connections for the plugin's outbound requests.
+    http: egress::HttpClient,
 }
 
 enum Pre {
@@ -356,6 +358,7 @@ impl PluginHost {
             allowed_hosts: allowed_hosts.into(),
             memory_bytes: (manifest.limits.memory_mib * 1024 * 1024) as usize,
             timeout: Duration::from_millis(manifest.limits.timeout_ms),
+            http: egress::http_client(Duration::from_millis(manifest.limits.timeout_ms)),
         });
         Ok(Plugin {
             manifest,
@@ -418,7 +421,12 @@ impl PluginHost {
             table: ResourceTable::new(),
             wasi: WasiCtxBuilder::new().build(),
             http: WasiHttpCtx::new(),
-            egress: Egress { plugin: meta.name.clone(), allowed: meta.allowed_hosts.clone(), timeout: meta.timeout },
+            egress: Egress {
+                plugin: meta.name.clone(),
+                allowed: meta.allowed_hosts.clone(),
+                timeout: meta.timeout,
+                client: meta.http.clone(),
+            },
             // Components from language toolchains (Python, JavaScript) hold dozens of core instances.
             limits: StoreLimitsBuilder::new().memory_size(meta.memory_bytes).instances(256).build(),
         };

@@ -378,9 +378,8 @@ type DeletionReply = oneshot::Sender<Result<Vec<serde_json::Value>, String>>;
 /// Everything one batch decides, applied at commit.
 #[derive(Default)]
 struct Pending {
-    /// Profiles touched (with the wake-up time they were loaded with), out of the cache so a
-    /// failed commit leaves it clean.
-    touched: HashMap<String, (Profile, Option<i64>)>,
+    /// Profiles touched, out of the cache so a failed commit leaves it clean.
+    touched: HashMap<String, (Profile, Loaded)>,
     /// Ids linked in this batch → profile.
     links: HashMap<String, String>,
     /// Profiles absorbed in this batch → their survivor.
@@ -571,9 +570,9 @@ impl Worker {
                             let outcome = apply_time(&model, profile, now);
                             p.effects.record(conn, &model, profile_id, outcome, now)?;
                         }
-                        // Written even when nothing was due, so a stale row cannot wake it again.
+                        // Rescheduled even when nothing was due, so a stale row cannot wake it again.
                         if let Some((_, loaded)) = p.touched.get_mut(profile_id) {
-                            *loaded = Some(i64::MIN);
+                            loaded.woken = true;
                         }
                         report.accepted += 1;
                     }
@@ -655,11 +654,13 @@ impl Worker {
                 }
             }
         }
-        for (id, (profile, loaded_wakeup)) in &p.touched {
-            tx.save_profile(profile, now)?;
-            if profile.wakeup_ms != *loaded_wakeup {
-                tx.set_wakeup(id, profile.wakeup_ms)?;
+        for (id, (profile, loaded)) in p.touched.iter_mut() {
+            if let Some(due) = loaded.reschedule(profile) {
+                tx.set_wakeup(id, due)?;
+                profile.scheduled_wakeup_ms = due;
             }
+            let index = last_seen_step(profile.last_seen_ms);
+            tx.save_profile(profile, now, (loaded.last_seen_step != Some(index)).then_some(index))?;
         }
         tx.commit()?;
         self.shared.telemetry.metrics.commit_seconds.observe(committing.elapsed().as_secs_f64());
@@ -1057,7 +1058,7 @@ impl Worker {
         p.effects.record(conn, model, &from, kept_outcome, now)?;
         p.effects.record(conn, model, id, split_outcome, now)?;
         p.touched.get_mut(&from).expect("loaded above").0 = kept;
-        p.touched.insert(id.to_string(), (split, None));
+        p.touched.insert(id.to_string(), (split, Loaded::default()));
         p.directory.push((id.to_string(), id.to_string()));
         self.cache.identities.insert(id.to_string(), id.to_string());
         tracing::info!(id = %id, from = %from, "id unstitched");
@@ -1136,22 +1137,52 @@ fn forward(p: &mut Pending, job: usize, to: usize, event: Event) {
     }
 }
 
+/// Granularity of the retention index on profiles: a profile's entry moves at most once per
+/// step, not with every event.
+const LAST_SEEN_STEP_MS: i64 = 3_600_000;
+
+fn last_seen_step(last_seen_ms: i64) -> i64 {
+    last_seen_ms - last_seen_ms.rem_euclid(LAST_SEEN_STEP_MS)
+}
+
+/// What the store holds for a touched profile, to write only what changed.
+#[derive(Default)]
+struct Loaded {
+    /// The retention index's value, when the profile is stored.
+    last_seen_step: Option<i64>,
+    /// Its scheduled wake-up came due in this batch.
+    woken: bool,
+}
+
+impl Loaded {
+    /// The wake-up to schedule (`Some(None)`: none), if the scheduled one must change: an
+    /// earlier one is needed, or the scheduled one came due. A later one waits for the
+    /// scheduled one, which then finds nothing due and reschedules.
+    fn reschedule(&self, profile: &Profile) -> Option<Option<i64>> {
+        let scheduled = profile.scheduled_wakeup_ms;
+        match profile.wakeup_ms {
+            Some(due) if self.woken || scheduled.is_none_or(|s| due < s) => Some(Some(due)),
+            None if self.woken => Some(None),
+            _ => None,
+        }
+    }
+}
+
 /// The profile for `profile_id` in this batch, loading it from the cache or the store.
 fn load<'t>(
     cache: &mut Cache,
     conn: &rusqlite::Connection,
-    touched: &'t mut HashMap<String, (Profile, Option<i64>)>,
+    touched: &'t mut HashMap<String, (Profile, Loaded)>,
     profile_id: &str,
 ) -> Result<&'t mut Profile, StoreError> {
     if !touched.contains_key(profile_id) {
-        let profile = match cache.profiles.remove(profile_id) {
-            Some(p) => p,
-            None => {
-                starling_store::load_profile(conn, profile_id)?.unwrap_or_else(|| Profile::new(profile_id.to_string()))
-            }
+        let stored = match cache.profiles.remove(profile_id) {
+            Some(p) => Some(p),
+            None => starling_store::load_profile(conn, profile_id)?,
         };
-        let wakeup = profile.wakeup_ms;
-        touched.insert(profile_id.to_string(), (profile, wakeup));
+        let loaded = Loaded { last_seen_step: stored.as_ref().map(|p| last_seen_step(p.last_seen_ms)), woken: false };
+        let profile = stored.unwrap_or_else(|| Profile::new(profile_id.to_string()));
+        touched.insert(profile_id.to_string(), (profile, loaded));
     }
     Ok(&mut touched.get_mut(profile_id).expect("inserted above").0)
 }
@@ -1252,5 +1283,28 @@ mod tests {
         assert_eq!(partition_of("anon-1", 4), partition_of("anon-1", 4));
         let used: HashSet<usize> = (0..100).map(|i| partition_of(&format!("v{i}"), 4)).collect();
         assert_eq!(used.len(), 4);
+    }
+
+    #[test]
+    fn a_later_wakeup_waits_for_the_scheduled_one_and_an_earlier_one_replaces_it() {
+        let profile = |wakeup_ms, scheduled_wakeup_ms| Profile { wakeup_ms, scheduled_wakeup_ms, ..Profile::new("p") };
+        let (quiet, woken) = (Loaded::default(), Loaded { woken: true, ..Loaded::default() });
+        // Nothing scheduled yet: schedule it.
+        assert_eq!(quiet.reschedule(&profile(Some(100), None)), Some(Some(100)));
+        // Each event moves the visit's end later: the scheduled wake-up stays.
+        assert_eq!(quiet.reschedule(&profile(Some(200), Some(100))), None);
+        assert_eq!(quiet.reschedule(&profile(None, Some(100))), None);
+        // Something due earlier replaces it.
+        assert_eq!(quiet.reschedule(&profile(Some(50), Some(100))), Some(Some(50)));
+        // The scheduled one came due: the real one (or none) takes its place.
+        assert_eq!(woken.reschedule(&profile(Some(200), Some(100))), Some(Some(200)));
+        assert_eq!(woken.reschedule(&profile(None, Some(100))), Some(None));
+    }
+
+    #[test]
+    fn the_retention_index_moves_once_per_step() {
+        assert_eq!(last_seen_step(LAST_SEEN_STEP_MS + 5), LAST_SEEN_STEP_MS);
+        assert_eq!(last_seen_step(2 * LAST_SEEN_STEP_MS - 1), LAST_SEEN_STEP_MS);
+        assert!(last_seen_step(12_345) <= 12_345);
     }
 }

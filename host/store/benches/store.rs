@@ -52,7 +52,7 @@ fn group_commit(c: &mut Criterion) {
                 let batch = starling_store::Batch::begin(&mut conn).unwrap();
                 for (e, p) in events.iter().zip(&profiles) {
                     batch.log_event(e, &p.id, 0).unwrap();
-                    batch.save_profile(p, 0).unwrap();
+                    batch.save_profile(p, 0, Some(0)).unwrap();
                     batch.set_wakeup(&p.id, Some(1_000)).unwrap();
                 }
                 batch.commit().unwrap();

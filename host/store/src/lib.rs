@@ -19,14 +19,15 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS profiles (
     id          TEXT PRIMARY KEY,
     data        TEXT NOT NULL,
     updated_ms  INTEGER NOT NULL,
-    -- The latest event's time, for retention.
+    -- For retention: no later than the latest event's time (rounded down, so that the index
+    -- changes rarely); candidates are checked against the profile itself.
     last_seen_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS profiles_by_last_seen ON profiles(last_seen_ms);
@@ -120,10 +121,11 @@ CREATE TABLE IF NOT EXISTS audience_sizes (
     size        INTEGER NOT NULL,
     PRIMARY KEY (audience, at_ms)
 );
+-- Without a rowid: one B-tree keyed by the id, instead of a table and its key's index.
 CREATE TABLE IF NOT EXISTS seen_events (
     event_id    TEXT PRIMARY KEY,
     seen_ms     INTEGER NOT NULL
-);
+) WITHOUT ROWID;
 -- What was done to people's data, without personal data: deletions and their reasons.
 CREATE TABLE IF NOT EXISTS audit_log (
     seq         INTEGER PRIMARY KEY,
@@ -158,10 +160,16 @@ pub fn open_relaxed(path: &Path) -> Result<Connection> {
 
 /// Opens the database for a writer whose commits must not pay for checkpoints: the WAL is
 /// copied back into the database by [`checkpoint`], called from elsewhere, instead of by
-/// whichever commit crosses SQLite's threshold (a latency spike of many milliseconds).
+/// whichever commit crosses SQLite's threshold (a latency spike of many milliseconds). Its page
+/// cache is large enough to hold a big batch's B-tree pages without spilling them to the WAL
+/// mid-transaction; it has no memory map, because SQLite drops a connection's cache, and unmaps
+/// its map, whenever another connection has committed, and a writer sharing the file with
+/// others would spend its time mapping and unmapping.
 pub fn open_writer(path: &Path) -> Result<Connection> {
     let conn = open(path)?;
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    conn.pragma_update(None, "mmap_size", 0)?;
+    conn.pragma_update(None, "cache_size", -32768)?;
     Ok(conn)
 }
 
@@ -205,6 +213,17 @@ pub fn open(path: &Path) -> Result<Connection> {
                 add_column_if_missing(&conn, "profiles", "last_seen_ms", "INTEGER")?;
                 conn.execute_batch("UPDATE profiles SET last_seen_ms = json_extract(data, '$.last_seen_ms')")?;
             }
+        }
+        if (1..5).contains(&version) {
+            conn.execute_batch(
+                "BEGIN;
+                 CREATE TABLE IF NOT EXISTS seen_events (event_id TEXT PRIMARY KEY, seen_ms INTEGER NOT NULL);
+                 CREATE TABLE seen_events_v5 (event_id TEXT PRIMARY KEY, seen_ms INTEGER NOT NULL) WITHOUT ROWID;
+                 INSERT INTO seen_events_v5 SELECT event_id, seen_ms FROM seen_events;
+                 DROP TABLE seen_events;
+                 ALTER TABLE seen_events_v5 RENAME TO seen_events;
+                 COMMIT;",
+            )?;
         }
         conn.execute_batch(SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -429,15 +448,26 @@ impl<'c> Batch<'c> {
         Ok(())
     }
 
-    pub fn save_profile(&self, profile: &Profile, now_ms: i64) -> Result<()> {
+    /// Writes the profile. `last_seen_index` is the value for the retention index (no later
+    /// than the profile's last event), or `None` to leave the stored row's value as it is.
+    pub fn save_profile(&self, profile: &Profile, now_ms: i64, last_seen_index: Option<i64>) -> Result<()> {
         let data = serde_json::to_string(profile).expect("profiles serialize");
+        if last_seen_index.is_none() {
+            let updated = self
+                .tx
+                .prepare_cached("UPDATE profiles SET data = ?2, updated_ms = ?3 WHERE id = ?1")?
+                .execute(params![profile.id, data, now_ms])?;
+            if updated == 1 {
+                return Ok(());
+            }
+        }
         self.tx
             .prepare_cached(
                 "INSERT INTO profiles (id, data, updated_ms, last_seen_ms) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(id) DO UPDATE SET data = excluded.data, updated_ms = excluded.updated_ms,
                  last_seen_ms = excluded.last_seen_ms",
             )?
-            .execute(params![profile.id, data, now_ms, profile.last_seen_ms])?;
+            .execute(params![profile.id, data, now_ms, last_seen_index.unwrap_or(profile.last_seen_ms)])?;
         Ok(())
     }
 
@@ -909,6 +939,30 @@ mod tests {
     use starling_core::config::Trigger;
 
     #[test]
+    fn a_version_4_database_keeps_its_seen_event_ids_in_the_new_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v4.db");
+        {
+            // Today's schema with version 4's table of seen ids.
+            let old = open(&path).unwrap();
+            old.execute_batch(
+                "DROP TABLE seen_events;
+                 CREATE TABLE seen_events (event_id TEXT PRIMARY KEY, seen_ms INTEGER NOT NULL);
+                 INSERT INTO seen_events VALUES ('evt-1', 1000);
+                 PRAGMA user_version = 4;",
+            )
+            .unwrap();
+        }
+        let conn = open(&path).unwrap();
+        assert!(event_seen(&conn, "evt-1", 0).unwrap());
+        assert!(!event_seen(&conn, "evt-2", 0).unwrap());
+        let sql: String =
+            conn.query_row("SELECT sql FROM sqlite_master WHERE name = 'seen_events'", [], |r| r.get(0)).unwrap();
+        assert!(sql.ends_with("WITHOUT ROWID"), "{sql}");
+        assert_eq!(conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0)).unwrap(), SCHEMA_VERSION);
+    }
+
+    #[test]
     fn the_wal_starts_over_once_checkpointed_even_while_read() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
@@ -918,7 +972,7 @@ mod tests {
         let write_pages = |conn: &mut Connection, round: usize, n: usize| {
             let tx = Batch::begin(conn).unwrap();
             for i in 0..n {
-                tx.save_profile(&Profile::new(format!("p{round}-{i}-{}", "x".repeat(4000))), 0).unwrap();
+                tx.save_profile(&Profile::new(format!("p{round}-{i}-{}", "x".repeat(4000))), 0, Some(0)).unwrap();
             }
             tx.commit().unwrap();
         };
@@ -959,7 +1013,7 @@ mod tests {
             p.event_count = 3;
             p.audiences.insert("vips".into());
             batch.link_identity("anon-1", "p1").unwrap();
-            batch.save_profile(&p, 10).unwrap();
+            batch.save_profile(&p, 10, Some(0)).unwrap();
             batch.join("p1", "vips", 10).unwrap();
             batch.enqueue(&action(), &serde_json::json!({}), 5, None).unwrap();
             batch.commit().unwrap();
@@ -979,7 +1033,7 @@ mod tests {
         {
             let batch = Batch::begin(&mut conn).unwrap();
             batch.link_identity("anon-1", "p1").unwrap();
-            batch.save_profile(&Profile::new("p1"), 1).unwrap();
+            batch.save_profile(&Profile::new("p1"), 1, Some(0)).unwrap();
         }
         assert!(find_profile(&conn, "anon-1").unwrap().is_none());
     }

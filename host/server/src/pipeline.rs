@@ -29,8 +29,10 @@ const MAX_JOBS_PER_COMMIT: usize = 256;
 /// Profiles kept in memory between batches, per partition, before the cache is emptied: enough
 /// for the visitors active at once; a larger cache costs memory without saving many reads.
 const PROFILE_CACHE_LIMIT: usize = 10_000;
-/// How often worker 0 forgets event ids older than the dedup window.
+/// How often worker 0 starts forgetting event ids older than the dedup window, and how many
+/// ids it looks at after each batch until it has been through them all.
 const PRUNE_EVERY_MS: i64 = 60_000;
+const PRUNE_CHUNK: usize = 2_000;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct IngestReport {
@@ -298,6 +300,7 @@ pub fn start(
             directory: directory.clone(),
             cache: Cache::default(),
             last_prune_ms: 0,
+            pruning: None,
             deletions: 0,
         };
         let conn = open()?;
@@ -319,6 +322,8 @@ struct Worker {
     directory: Directory,
     cache: Cache,
     last_prune_ms: i64,
+    /// The id after which the pass through seen event ids under way continues.
+    pruning: Option<String>,
     /// Deletions made, to tell them apart in audit records.
     deletions: u64,
 }
@@ -495,14 +500,25 @@ impl Worker {
 
     fn prune(&mut self, conn: &rusqlite::Connection) {
         let now = (self.shared.clock)();
-        if self.index != 0 || now - self.last_prune_ms < PRUNE_EVERY_MS {
+        if self.index != 0 {
             return;
         }
-        self.last_prune_ms = now;
+        if self.pruning.is_none() {
+            if now - self.last_prune_ms < PRUNE_EVERY_MS {
+                return;
+            }
+            self.last_prune_ms = now;
+            self.pruning = Some(String::new());
+        }
         let window_ms = self.shared.model.server.dedup_window_hours as i64 * 3_600_000;
-        match starling_store::prune_seen_events(conn, now - window_ms) {
-            Ok(n) if n > 0 => tracing::info!("forgot {n} event ids older than the dedup window"),
-            Ok(_) => {}
+        let after = self.pruning.take().unwrap_or_default();
+        match starling_store::prune_seen_events(conn, now - window_ms, &after, PRUNE_CHUNK) {
+            Ok((forgotten, next)) => {
+                if forgotten > 0 {
+                    tracing::debug!("forgot {forgotten} event ids older than the dedup window");
+                }
+                self.pruning = next;
+            }
             Err(e) => tracing::warn!("pruning event ids: {e}"),
         }
     }

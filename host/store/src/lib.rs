@@ -365,10 +365,27 @@ pub fn event_seen(conn: &Connection, event_id: &str, since_ms: i64) -> Result<bo
         .is_some())
 }
 
-/// Forgets event ids seen before `before_ms`; returns how many.
-pub fn prune_seen_events(conn: &Connection, before_ms: i64) -> Result<usize> {
+/// Forgets event ids seen before `before_ms` among the next `chunk` ids after `after` in key
+/// order. Returns how many it forgot and the id to continue after, or `None` at the end. Ids
+/// have no index by time (one more B-tree written per event), so the table is walked a chunk at
+/// a time, each a short transaction, instead of in one scan that holds off every writer.
+pub fn prune_seen_events(
+    conn: &Connection,
+    before_ms: i64,
+    after: &str,
+    chunk: usize,
+) -> Result<(usize, Option<String>)> {
+    let last: Option<String> = conn
+        .prepare_cached(
+            "SELECT max(event_id) FROM (SELECT event_id FROM seen_events WHERE event_id > ?1 ORDER BY event_id LIMIT ?2)",
+        )?
+        .query_row(params![after, chunk as i64], |r| r.get(0))?;
+    let Some(last) = last else { return Ok((0, None)) };
     let _gate = write_gate();
-    Ok(conn.execute("DELETE FROM seen_events WHERE seen_ms < ?1", [before_ms])?)
+    let forgotten = conn
+        .prepare_cached("DELETE FROM seen_events WHERE event_id > ?1 AND event_id <= ?2 AND seen_ms < ?3")?
+        .execute(params![after, last, before_ms])?;
+    Ok((forgotten, Some(last)))
 }
 
 /// When `action` last fired for `profile_id`, for frequency capping.
@@ -1088,7 +1105,9 @@ mod tests {
         batch.commit().unwrap();
         assert!(event_seen(&conn, "e1", 500).unwrap());
         assert!(!event_seen(&conn, "e1", 1_001).unwrap(), "outside the window");
-        assert_eq!(prune_seen_events(&conn, 2_000).unwrap(), 1);
+        let (forgotten, next) = prune_seen_events(&conn, 2_000, "", 10).unwrap();
+        assert_eq!((forgotten, next.as_deref()), (1, Some("e1")));
+        assert_eq!(prune_seen_events(&conn, 2_000, "e1", 10).unwrap(), (0, None), "the end of the table");
     }
 }
 

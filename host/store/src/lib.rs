@@ -169,7 +169,7 @@ pub fn open_writer(path: &Path) -> Result<Connection> {
     let conn = open(path)?;
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.pragma_update(None, "mmap_size", 0)?;
-    conn.pragma_update(None, "cache_size", -32768)?;
+    conn.pragma_update(None, "cache_size", -16384)?;
     Ok(conn)
 }
 

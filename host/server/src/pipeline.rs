@@ -21,7 +21,7 @@ use starling_runtime::{PluginHost, WasmEnrichers};
 use starling_store::{Batch, IdentityLink, StoreError};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 /// Most requests folded into one transaction.
@@ -279,7 +279,10 @@ pub struct Shared {
     pub telemetry: Arc<Telemetry>,
 }
 
-/// Starts `n` workers, each with its own connection from `open`.
+/// Starts `n` workers, each reading through its own connection from `open` and committing
+/// through one more, shared. SQLite drops a connection's page cache whenever another connection
+/// has committed, so one connection for every worker's commits keeps the B-tree pages they
+/// write to warm (commits take turns on SQLite's one write lock anyway).
 pub fn start(
     shared: Shared,
     n: usize,
@@ -287,6 +290,7 @@ pub fn start(
     open: impl Fn() -> Result<rusqlite::Connection, StoreError>,
 ) -> Result<(Ingest, Vec<std::thread::JoinHandle<()>>), StoreError> {
     let directory = Directory::load(&open()?)?;
+    let writer = Arc::new(Mutex::new(open()?));
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
     // Workers hold weak handles to each other, so the queues close when the `Ingest` is dropped.
     let peers: Vec<_> = senders.iter().map(mpsc::UnboundedSender::downgrade).collect();
@@ -298,6 +302,7 @@ pub fn start(
             partitions: n,
             peers: peers.clone(),
             directory: directory.clone(),
+            writer: writer.clone(),
             cache: Cache::default(),
             last_prune_ms: 0,
             pruning: None,
@@ -320,6 +325,8 @@ struct Worker {
     partitions: usize,
     peers: Vec<mpsc::WeakUnboundedSender<IngestJob>>,
     directory: Directory,
+    /// The connection every worker commits through.
+    writer: Arc<Mutex<rusqlite::Connection>>,
     cache: Cache,
     last_prune_ms: i64,
     /// The id after which the pass through seen event ids under way continues.
@@ -476,7 +483,7 @@ impl Worker {
                     }
                 }
             }
-            self.prune(&conn);
+            self.prune();
         }
     }
 
@@ -498,7 +505,7 @@ impl Worker {
         handed_on
     }
 
-    fn prune(&mut self, conn: &rusqlite::Connection) {
+    fn prune(&mut self) {
         let now = (self.shared.clock)();
         if self.index != 0 {
             return;
@@ -512,7 +519,8 @@ impl Worker {
         }
         let window_ms = self.shared.model.server.dedup_window_hours as i64 * 3_600_000;
         let after = self.pruning.take().unwrap_or_default();
-        match starling_store::prune_seen_events(conn, now - window_ms, &after, PRUNE_CHUNK) {
+        let writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match starling_store::prune_seen_events(&writer, now - window_ms, &after, PRUNE_CHUNK) {
             Ok((forgotten, next)) => {
                 if forgotten > 0 {
                     tracing::debug!("forgot {forgotten} event ids older than the dedup window");
@@ -624,7 +632,8 @@ impl Worker {
         }
 
         let committing = std::time::Instant::now();
-        let tx = Batch::begin(conn)?;
+        let mut writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let tx = Batch::begin(&mut writer)?;
         let mut lost_claims = Vec::new();
         for write in &p.effects.writes {
             match write {
@@ -679,6 +688,7 @@ impl Worker {
             tx.save_profile(profile, now, (loaded.last_seen_step != Some(index)).then_some(index))?;
         }
         tx.commit()?;
+        drop(writer);
         self.shared.telemetry.metrics.commit_seconds.observe(committing.elapsed().as_secs_f64());
         for (job, claim, owner) in lost_claims {
             self.lost_claim(conn, p, job, claim, owner)?;

@@ -171,9 +171,13 @@ impl App {
             .partitions
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
             .max(1);
-        let (ingest, workers) = pipeline::start(shared, partitions, model.server.ingest_queue.max(1), || {
-            starling_store::open_writer(&database)
-        })?;
+        let (ingest, workers) = pipeline::start(
+            shared,
+            partitions,
+            model.server.ingest_queue.max(1),
+            || starling_store::open_writer(&database),
+            || starling_store::open_reader(&database),
+        )?;
 
         let ingest = Arc::new(ingest);
         lanes.push(tokio::spawn(sample_audience_sizes(

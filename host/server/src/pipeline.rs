@@ -279,18 +279,20 @@ pub struct Shared {
     pub telemetry: Arc<Telemetry>,
 }
 
-/// Starts `n` workers, each reading through its own connection from `open` and committing
-/// through one more, shared. SQLite drops a connection's page cache whenever another connection
+/// Starts `n` workers, each reading through its own connection from `open_reader` and
+/// committing through one from `open_writer`, shared. SQLite drops a connection's page cache whenever another connection
 /// has committed, so one connection for every worker's commits keeps the B-tree pages they
 /// write to warm (commits take turns on SQLite's one write lock anyway).
 pub fn start(
     shared: Shared,
     n: usize,
     queue: usize,
-    open: impl Fn() -> Result<rusqlite::Connection, StoreError>,
+    open_writer: impl Fn() -> Result<rusqlite::Connection, StoreError>,
+    open_reader: impl Fn() -> Result<rusqlite::Connection, StoreError>,
 ) -> Result<(Ingest, Vec<std::thread::JoinHandle<()>>), StoreError> {
-    let directory = Directory::load(&open()?)?;
-    let writer = Arc::new(Mutex::new(open()?));
+    let writer = open_writer()?;
+    let directory = Directory::load(&writer)?;
+    let writer = Arc::new(Mutex::new(writer));
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
     // Workers hold weak handles to each other, so the queues close when the `Ingest` is dropped.
     let peers: Vec<_> = senders.iter().map(mpsc::UnboundedSender::downgrade).collect();
@@ -308,7 +310,7 @@ pub fn start(
             pruning: None,
             deletions: 0,
         };
-        let conn = open()?;
+        let conn = open_reader()?;
         let handle = std::thread::Builder::new()
             .name(format!("starling-ingest-{index}"))
             .spawn(move || worker.run(conn, rx))

@@ -279,10 +279,10 @@ pub struct Shared {
     pub telemetry: Arc<Telemetry>,
 }
 
-/// Starts `n` workers, each reading through its own connection from `open_reader` and
-/// committing through one from `open_writer`, shared. SQLite drops a connection's page cache whenever another connection
-/// has committed, so one connection for every worker's commits keeps the B-tree pages they
-/// write to warm (commits take turns on SQLite's one write lock anyway).
+/// Starts `n` workers, each reading through its own connection from `open_reader` and all
+/// committing through one from `open_writer`. SQLite drops a connection's page cache whenever
+/// another connection has committed, so one connection for every worker's commits keeps the
+/// B-tree pages they write to warm (commits take turns on SQLite's one write lock anyway).
 pub fn start(
     shared: Shared,
     n: usize,

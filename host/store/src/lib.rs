@@ -151,8 +151,8 @@ CREATE TABLE IF NOT EXISTS imports (
 /// not wait for the disk (WAL, `synchronous = NORMAL`: the database stays consistent, and the
 /// next fully synchronous commit of any connection makes them durable too). Delivery results
 /// are written this way: a result lost with the machine's power means the action is delivered
-/// again with the same idempotency key, which at-least-once delivery allows.
-/// Its writes are small, so it keeps SQLite's default page cache.
+/// again with the same idempotency key, which at-least-once delivery allows. Its writes are
+/// small, so it keeps SQLite's default page cache.
 pub fn open_relaxed(path: &Path) -> Result<Connection> {
     let conn = open(path)?;
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
@@ -179,10 +179,8 @@ pub fn open_reader(path: &Path) -> Result<Connection> {
 /// its map, whenever another connection has committed, and a writer sharing the file with
 /// others would spend its time mapping and unmapping.
 pub fn open_writer(path: &Path) -> Result<Connection> {
-    let conn = open(path)?;
+    let conn = open_reader(path)?;
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-    conn.pragma_update(None, "mmap_size", 0)?;
-    conn.pragma_update(None, "cache_size", -16384)?;
     Ok(conn)
 }
 

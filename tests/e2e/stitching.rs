@@ -3,7 +3,7 @@
 
 use crate::harness::{self, Receiver, Server, eventually, get_json, post_json};
 use serde_json::json;
-use starling_server::pipeline::partition_of;
+use starling_server::pipeline::worker_of;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -94,7 +94,7 @@ fn devices(prefix: &str, apart: bool) -> (String, String) {
     let phone = format!("{prefix}-phone");
     let laptop = (0..1000)
         .map(|i| format!("{prefix}-laptop-{i}"))
-        .find(|l| (partition_of(l, PARTITIONS) != partition_of(&phone, PARTITIONS)) == apart)
+        .find(|l| (worker_of(l, PARTITIONS) != worker_of(&phone, PARTITIONS)) == apart)
         .unwrap();
     (phone, laptop)
 }

@@ -399,6 +399,7 @@ fn serve(config: &Path, overrides: ServeOverrides) -> Result<()> {
             plugins,
             test_clock,
             admin_token,
+            event_log: None,
         })
         .await?;
         let listener =

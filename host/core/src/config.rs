@@ -1,7 +1,7 @@
 //! The configuration file: TOML in, a validated [`Model`] out, or every error found with its position.
 
 use crate::condition::{CmpOp, Condition, Derived, Expected, Operand};
-use crate::operations::{EventSpec, FieldSpec, FieldType, ImportDef, OnViolation, Retention, SourceDef};
+use crate::operations::{EventSpec, FieldSpec, FieldType, History, ImportDef, OnViolation, Retention, SourceDef};
 use crate::stitch::{IdentitySettings, MergeRule};
 use crate::value::{
     AttrType, DEFAULT_TIMELINE_AGE_MS, DEFAULT_TIMELINE_ENTRIES, MAX_ARRAY_ITEMS, MAX_FUNNEL_STEPS, MAX_ROLLING_WINDOW,
@@ -94,6 +94,18 @@ pub struct ServerSettings {
     pub tls_cert: Option<String>,
     #[serde(default)]
     pub tls_key: Option<String>,
+    /// Where acknowledged work is recorded: `file` (segment files next to the database, the
+    /// default) or `memory` (not durable: for measuring the pipeline without the disk).
+    #[serde(default)]
+    pub event_log: EventLogKind,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventLogKind {
+    #[default]
+    File,
+    Memory,
 }
 
 fn default_plugin_failure_limit() -> u64 {
@@ -124,6 +136,7 @@ impl Default for ServerSettings {
             admin_token: None,
             tls_cert: None,
             tls_key: None,
+            event_log: EventLogKind::File,
         }
     }
 }
@@ -364,6 +377,8 @@ pub struct Model {
     pub sources: Vec<SourceDef>,
     pub event_specs: Vec<EventSpec>,
     pub retention: Option<Retention>,
+    /// How much history and how many finished actions are kept.
+    pub history: History,
     pub imports: Vec<ImportDef>,
     source: String,
 }
@@ -483,8 +498,11 @@ struct RawEventSpec {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRetention {
-    inactive_after: Spanned<String>,
+    inactive_after: Option<Spanned<String>>,
     check_every: Option<Spanned<String>>,
+    events: Option<Spanned<String>>,
+    events_per_profile: Option<Spanned<i64>>,
+    actions_kept: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -767,6 +785,7 @@ impl Validator<'_> {
         let sources = self.sources(&raw.source);
         let event_specs = self.event_specs(&raw.event_spec);
         let retention = raw.retention.as_ref().and_then(|r| self.retention(r.get_ref()));
+        let history = raw.retention.as_ref().map_or_else(History::default, |r| self.history(r.get_ref()));
         let imports = self.imports(&raw.import);
         let timelines = (0..attributes.len()).filter(|&i| attributes[i].ty == AttrType::Timeline).collect();
         Model {
@@ -788,6 +807,7 @@ impl Validator<'_> {
             sources,
             event_specs,
             retention,
+            history,
             imports,
             source: self.source.to_string(),
         }
@@ -996,14 +1016,39 @@ impl Validator<'_> {
         specs
     }
 
+    fn history(&mut self, raw: &RawRetention) -> History {
+        let default = History::default();
+        let at_least_a_minute =
+            |this: &mut Self, raw: &Option<Spanned<String>>, name: &str, default: i64| match this.duration(raw) {
+                Some(ms) if ms < 60_000 => {
+                    this.error(raw.as_ref().expect("parsed").span(), format!("retention.{name} must be at least 1m"));
+                    default
+                }
+                Some(ms) => ms,
+                None => default,
+            };
+        let events_ms = at_least_a_minute(self, &raw.events, "events", default.events_ms);
+        let actions_kept_ms = at_least_a_minute(self, &raw.actions_kept, "actions_kept", default.actions_kept_ms);
+        let events_per_profile = match &raw.events_per_profile {
+            Some(n) if *n.get_ref() < 1 => {
+                self.error(n.span(), "retention.events_per_profile must be at least 1");
+                default.events_per_profile
+            }
+            Some(n) => *n.get_ref() as usize,
+            None => default.events_per_profile,
+        };
+        History { events_ms, events_per_profile, actions_kept_ms }
+    }
+
     fn retention(&mut self, raw: &RawRetention) -> Option<Retention> {
-        let inactive_after_ms = self.duration(&Some(raw.inactive_after.clone()))?;
+        let inactive_after = raw.inactive_after.as_ref()?;
+        let inactive_after_ms = self.duration(&Some(inactive_after.clone()))?;
         let check_every_ms = match &raw.check_every {
             None => 3_600_000,
             some => self.duration(some)?,
         };
         if inactive_after_ms < 60_000 {
-            self.error(raw.inactive_after.span(), "retention.inactive_after must be at least 1m");
+            self.error(inactive_after.span(), "retention.inactive_after must be at least 1m");
             return None;
         }
         Some(Retention { inactive_after_ms, check_every_ms: check_every_ms.max(1_000) })
@@ -1991,6 +2036,8 @@ fields = { "order.total" = "number", coupon = "string?" }
 
 [retention]
 inactive_after = "400d"
+events = "30d"
+events_per_profile = 200
 
 [[import]]
 name = "pos"
@@ -2015,6 +2062,10 @@ connector = "webhook"
         );
         assert!(!spec.fields[0].required);
         assert_eq!(model.retention, Some(Retention { inactive_after_ms: 400 * 86_400_000, check_every_ms: 3_600_000 }));
+        assert_eq!(
+            model.history,
+            History { events_ms: 30 * 86_400_000, events_per_profile: 200, actions_kept_ms: 7 * 86_400_000 }
+        );
         let import = model.import("pos").unwrap();
         assert_eq!((import.key.as_str(), import.timestamp.as_deref()), ("mail", Some("at")));
         assert_eq!((model.actions[0].trigger, model.actions[0].audience.as_str()), (Trigger::Deleted, ""));

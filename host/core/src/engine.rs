@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 pub const MAX_FREQUENCY_VALUES: usize = 1_000;
 
 /// A validated incoming event.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Event {
     pub id: Option<String>,
     pub name: String,

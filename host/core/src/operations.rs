@@ -139,6 +139,22 @@ pub struct Retention {
     pub check_every_ms: i64,
 }
 
+/// What the store keeps of the past: each profile's event history (for unstitch and rebuilds),
+/// by age (`retention.events`) and count (`retention.events_per_profile`), and finished
+/// actions (`retention.actions_kept`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct History {
+    pub events_ms: i64,
+    pub events_per_profile: usize,
+    pub actions_kept_ms: i64,
+}
+
+impl Default for History {
+    fn default() -> History {
+        History { events_ms: 90 * 86_400_000, events_per_profile: 1_500, actions_kept_ms: 7 * 86_400_000 }
+    }
+}
+
 /// How rows of an offline file (CSV or JSON lines) become events for omnichannel attributes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImportDef {

@@ -367,6 +367,7 @@ mod tests {
             last_error: None,
             delivered_ms: None,
             condition: None,
+            origin: None,
         }
     }
 

@@ -1,5 +1,5 @@
 //! Starling's engine and HTTP API: ingestion → identity → enrichment → audiences → outbox →
-//! delivery, on one SQLite file.
+//! delivery, recorded in an event log and materialized in one SQLite file.
 
 pub mod api;
 pub mod auth;
@@ -11,7 +11,10 @@ pub mod registry;
 pub mod telemetry;
 pub mod tls;
 
+use starling_core::config::EventLogKind;
+use starling_core::operations::History;
 use starling_core::{Diagnostic, Model};
+use starling_log::{EventLog, MemoryLog, SegmentLog};
 use starling_runtime::{HostOptions, Kind, PluginHost};
 use std::collections::HashMap;
 use std::future::Future;
@@ -30,6 +33,10 @@ pub enum ServerError {
     Plugins(Vec<Diagnostic>),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Log(#[from] starling_log::LogError),
+    #[error("replaying the event log: {0}")]
+    Replay(String),
 }
 
 pub struct Options {
@@ -41,6 +48,8 @@ pub struct Options {
     pub test_clock: bool,
     /// Overrides `server.admin_token` (from `STARLING_ADMIN_TOKEN`).
     pub admin_token: Option<String>,
+    /// An event log to record in instead of the one `server.event_log` names.
+    pub event_log: Option<Arc<dyn EventLog>>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -156,7 +165,15 @@ impl App {
             lanes.push(tokio::spawn(lane.run(stopped.clone())));
         }
         lanes.push(tokio::spawn(registry.run(stopped.clone())));
-        lanes.push(tokio::spawn(run_checkpoints(starling_store::open(&database)?, stopped.clone())));
+
+        let log: Arc<dyn EventLog> = match (options.event_log, model.server.event_log) {
+            (Some(log), _) => log,
+            (None, EventLogKind::File) => Arc::new(SegmentLog::open(&starling_store::log_dir(&database))?),
+            (None, EventLogKind::Memory) => {
+                tracing::warn!("server.event_log = \"memory\": acknowledged events do not survive a restart");
+                Arc::new(MemoryLog::new())
+            }
+        };
 
         let shared = pipeline::Shared {
             model: model.clone(),
@@ -165,6 +182,7 @@ impl App {
             lanes: Arc::new(wake),
             clock,
             telemetry: telemetry.clone(),
+            log,
         };
         let partitions = model
             .server
@@ -179,7 +197,23 @@ impl App {
             || starling_store::open_reader(&database),
         )?;
 
+        let replaying = std::time::Instant::now();
+        let replayed = ingest.replay().await.map_err(|e| ServerError::Replay(e.to_string()))?;
+        telemetry.metrics.log_records_replayed.inc_by(replayed as u64);
+        tracing::info!(
+            records = replayed,
+            elapsed_ms = replaying.elapsed().as_millis() as u64,
+            "event log replayed after the stored state"
+        );
         let ingest = Arc::new(ingest);
+        lanes.push(tokio::spawn(run_checkpoints(
+            starling_store::open(&database)?,
+            ingest.log_state(),
+            model.history,
+            telemetry.clone(),
+            clock,
+            stopped.clone(),
+        )));
         lanes.push(tokio::spawn(sample_audience_sizes(
             model.clone(),
             starling_store::open(&database)?,
@@ -310,19 +344,60 @@ async fn run_wakeups(
 
 /// How often the WAL is copied back into the database.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+/// How often expired history and finished actions are pruned, and how many rows at a time.
+const PRUNE_EVERY_MS: i64 = 1_000;
+const PRUNE_CHUNK: usize = 2_000;
 
-/// Checkpoints the WAL in the background, so that no ingestion commit pays for it.
-async fn run_checkpoints(conn: rusqlite::Connection, mut stop: watch::Receiver<bool>) {
+/// Checkpoints the WAL in the background, so that no ingestion commit pays for it, then lets
+/// the event log forget what the checkpoint made durable; prunes history and finished actions
+/// past their retention.
+async fn run_checkpoints(
+    conn: rusqlite::Connection,
+    log: pipeline::LogState,
+    history: History,
+    telemetry: Arc<telemetry::Telemetry>,
+    clock: fn() -> i64,
+    mut stop: watch::Receiver<bool>,
+) {
     let conn = Arc::new(Mutex::new(conn));
+    let mut last_prune_ms = 0;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
             _ = stop.changed() => return,
         }
-        let conn = conn.clone();
-        let done = tokio::task::spawn_blocking(move || starling_store::checkpoint(&conn.lock().expect("checkpoint")));
+        let (conn, state, telemetry) = (conn.clone(), log.clone(), telemetry.clone());
+        let now = clock();
+        let prune = now - last_prune_ms >= PRUNE_EVERY_MS;
+        if prune {
+            last_prune_ms = now;
+        }
+        let done = tokio::task::spawn_blocking(move || -> Result<(), ServerError> {
+            let conn = conn.lock().expect("checkpoint");
+            let log = &state.log;
+            // Read before the checkpoint: every record before it is in a commit the checkpoint
+            // syncs (SQLite syncs the WAL before copying it back).
+            let safe = state.truncation_point();
+            let sealing = state.take_deletion();
+            starling_store::checkpoint(&conn)?;
+            if sealing {
+                log.seal()?;
+            }
+            let freed = log.truncate_before(safe)?;
+            telemetry.metrics.log_bytes_truncated.inc_by(freed);
+            telemetry.metrics.log_bytes.set(log.size_bytes() as i64);
+            if prune {
+                starling_store::prune_handoffs(&conn, safe)?;
+                let events = starling_store::prune_history(&conn, now - history.events_ms, PRUNE_CHUNK)?;
+                let actions = starling_store::prune_done_actions(&conn, now - history.actions_kept_ms, PRUNE_CHUNK)?;
+                if events + actions > 0 {
+                    tracing::debug!(events, actions, "forgot history and finished actions past their retention");
+                }
+            }
+            Ok(())
+        });
         if let Ok(Err(e)) = done.await {
-            tracing::warn!("checkpointing the WAL: {e}");
+            tracing::warn!("checkpointing: {e}");
         }
     }
 }

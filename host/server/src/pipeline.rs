@@ -1,7 +1,10 @@
-//! The event pipeline. Events are partitioned over worker threads by the profile they belong
-//! to, so one profile is only ever updated by one worker. Each worker applies a group of queued
-//! requests in memory, then writes everything in one SQLite transaction (group commit); a
-//! request is answered only after every transaction holding its events has committed.
+//! The event pipeline. Profiles are spread over the event log's virtual partitions by a stable
+//! hash, and partitions over worker threads, so one profile is only ever updated by one worker.
+//! Each worker applies a group of queued requests in memory, appends what it applied to the
+//! event log (one record per request and partition), writes the derived state in one SQLite
+//! transaction that records the log positions it includes, and syncs the log (one sync shared
+//! by the workers); a request is answered only after every record holding its work is synced.
+//! At start, each worker replays its partitions' records after the stored positions.
 //!
 //! Stitching moves ids between profiles, and so between partitions. A shared directory maps
 //! every id whose profile is named differently to that profile; the router and the workers
@@ -17,10 +20,11 @@ use starling_core::{
     CustomEnrichers, Event, Membership, Model, Outcome, PendingAction, Profile, apply_delete, apply_event, apply_merge,
     apply_time,
 };
+use starling_log::{EventLog, Partition, Position};
 use starling_runtime::{PluginHost, WasmEnrichers};
 use starling_store::{Batch, IdentityLink, StoreError};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
-use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
@@ -53,6 +57,24 @@ pub struct IngestJob {
     pub reply: oneshot::Sender<Result<Reply, String>>,
     /// Room on the partition's bounded queue, held until the job is applied (client work only).
     _room: Option<OwnedSemaphorePermit>,
+    /// The log record this job applies again, at start.
+    replay: Option<ReplayOf>,
+}
+
+impl IngestJob {
+    /// Work that reads the store as committed, or a replayed record (committed with its own
+    /// position), runs in a batch of its own after everything queued before it.
+    fn runs_alone(&self) -> bool {
+        self.replay.is_some() || matches!(self.work, Work::Unstitch { .. } | Work::Delete { .. })
+    }
+}
+
+/// A record of the event log, applied again.
+#[derive(Debug, Clone, Copy)]
+struct ReplayOf {
+    partition: Partition,
+    position: Position,
+    now_ms: i64,
 }
 
 /// What a partition worker is asked to do.
@@ -77,22 +99,18 @@ pub enum Work {
     },
 }
 
-impl Work {
-    /// Work that reads the store as committed, so it runs in a batch of its own after
-    /// everything queued before it.
-    fn runs_alone(&self) -> bool {
-        matches!(self, Work::Unstitch { .. } | Work::Delete { .. })
-    }
-}
-
 /// Absorb profile `absorbed` into `survivor`, because id `via` links them.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct MergeRequest {
     pub survivor: String,
     pub absorbed: String,
     pub via: String,
     pub attribute: String,
     pub event_id: Option<String>,
+    /// The log record (`position.index`) of the partition that handed the merge on: a replay
+    /// of that record hands it on again, and the survivor's partition applies it once.
+    #[serde(default)]
+    pub origin: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +121,69 @@ pub enum IngestError {
     Closed,
     #[error("events not stored: {0}")]
     Failed(String),
+}
+
+/// A record of the event log: one piece of work as applied, with the time it was applied at,
+/// so that a replay decides exactly what the first run decided.
+#[derive(serde::Deserialize)]
+#[serde(tag = "work", rename_all = "snake_case")]
+enum Logged {
+    Events { now_ms: i64, events: Vec<Event> },
+    Wakeups { now_ms: i64, profiles: Vec<String> },
+    Merge { now_ms: i64, merge: MergeRequest },
+    Unstitch { now_ms: i64, id: String },
+    Delete { now_ms: i64, ids: Vec<String>, reason: String, inactive_before: Option<i64> },
+}
+
+/// [`Logged`] as written, borrowing from the batch.
+#[derive(serde::Serialize)]
+#[serde(tag = "work", rename_all = "snake_case")]
+enum LoggedRef<'a> {
+    Events { now_ms: i64, events: Vec<&'a Event> },
+    Wakeups { now_ms: i64, profiles: &'a [String] },
+    Merge { now_ms: i64, merge: &'a MergeRequest },
+    Unstitch { now_ms: i64, id: &'a str },
+    Delete { now_ms: i64, ids: &'a [String], reason: &'a str, inactive_before: Option<i64> },
+}
+
+impl Logged {
+    /// The work to apply again, and when it was first applied.
+    fn into_work(self) -> (Work, i64) {
+        let reason = |r: &str| -> &'static str {
+            match r {
+                "retention" => "retention",
+                _ => "request",
+            }
+        };
+        match self {
+            Logged::Events { now_ms, events } => (Work::Events(events), now_ms),
+            Logged::Wakeups { now_ms, profiles } => (Work::Wakeups(profiles), now_ms),
+            Logged::Merge { now_ms, merge } => (Work::Merge(merge), now_ms),
+            Logged::Unstitch { now_ms, id } => (Work::Unstitch { id, done: oneshot::channel().0 }, now_ms),
+            Logged::Delete { now_ms, ids, reason: r, inactive_before } => {
+                (Work::Delete { ids, reason: reason(&r), inactive_before, done: oneshot::channel().0 }, now_ms)
+            }
+        }
+    }
+}
+
+/// What a record of this batch will hold, by job and partition.
+enum Draft {
+    /// Indices into the job's events.
+    Events(Vec<usize>),
+    Wakeups(Vec<String>),
+    Merge(MergeRequest),
+    Unstitch(String),
+    Delete(Vec<String>),
+}
+
+/// The log position from which each worker has appended records whose state is not yet
+/// committed (`u64::MAX`: none). Records before the lowest are in SQLite.
+#[derive(Default)]
+pub struct Materialized {
+    inflight: Vec<AtomicU64>,
+    /// A deletion was committed since the log was last sealed.
+    deleted: AtomicBool,
 }
 
 /// Ids whose profile is named differently (stitched ids) → their profile id. Any other id names
@@ -137,6 +218,10 @@ pub struct Ingest {
     partitions: Vec<mpsc::UnboundedSender<IngestJob>>,
     room: Vec<Arc<Semaphore>>,
     directory: Directory,
+    log: Arc<dyn EventLog>,
+    materialized: Arc<Materialized>,
+    /// The log position each partition's stored state included at start.
+    stored: HashMap<Partition, Position>,
 }
 
 impl Ingest {
@@ -150,7 +235,7 @@ impl Ingest {
         let n = self.partitions.len();
         let mut groups: Vec<Vec<String>> = (0..n).map(|_| Vec::new()).collect();
         for id in profiles {
-            groups[partition_of(&id, n)].push(id);
+            groups[worker_of(&id, n)].push(id);
         }
         self.queue(groups.into_iter().map(|g| (!g.is_empty()).then_some(Work::Wakeups(g))).collect(), false).await
     }
@@ -160,7 +245,7 @@ impl Ingest {
         let n = self.partitions.len();
         let (done, result) = oneshot::channel();
         let mut work: Vec<Option<Work>> = (0..n).map(|_| None).collect();
-        work[partition_of(&self.directory.profile_of(id), n)] = Some(Work::Unstitch { id: id.to_string(), done });
+        work[worker_of(&self.directory.profile_of(id), n)] = Some(Work::Unstitch { id: id.to_string(), done });
         self.queue(work, false).await?;
         result.await.map_err(|_| IngestError::Closed)?.map_err(IngestError::Failed)
     }
@@ -176,7 +261,7 @@ impl Ingest {
         let n = self.partitions.len();
         let mut groups: Vec<Vec<String>> = (0..n).map(|_| Vec::new()).collect();
         for id in ids {
-            groups[partition_of(&self.directory.profile_of(&id), n)].push(id);
+            groups[worker_of(&self.directory.profile_of(&id), n)].push(id);
         }
         let mut work: Vec<Option<Work>> = (0..n).map(|_| None).collect();
         let mut answers = Vec::new();
@@ -198,6 +283,44 @@ impl Ingest {
         self.directory.profile_of(id)
     }
 
+    /// What the checkpoint task needs to trim the log; it holds no queue, so it does not keep
+    /// the workers running.
+    pub fn log_state(&self) -> LogState {
+        LogState { log: self.log.clone(), materialized: self.materialized.clone() }
+    }
+
+    /// Applies again, in log order, every record after the position its partition's stored
+    /// state includes: what was acknowledged but not yet committed to SQLite when the last run
+    /// stopped. Each record is applied at the time it was first applied, by its partition's
+    /// worker, one at a time with the work it hands on, as it was the first time. Returns how
+    /// many records were applied. Until it returns, the log is not truncated.
+    pub async fn replay(&self) -> Result<usize, IngestError> {
+        let after: Vec<(Partition, Position)> =
+            (0..starling_log::PARTITIONS).map(|vp| (vp, self.stored.get(&vp).copied().unwrap_or(0))).collect();
+        let mut entries = Vec::new();
+        let log = self.log.clone();
+        let read =
+            tokio::task::spawn_blocking(move || log.read(&after, &mut |entry| entries.push(entry)).map(|()| entries));
+        let entries = read
+            .await
+            .map_err(|e| IngestError::Failed(e.to_string()))?
+            .map_err(|e| IngestError::Failed(format!("reading the event log: {e}")))?;
+        let n = self.partitions.len();
+        for entry in &entries {
+            let logged: Logged = serde_json::from_slice(&entry.payload)
+                .map_err(|e| IngestError::Failed(format!("event log record {} is unreadable: {e}", entry.position)))?;
+            let (work, now_ms) = logged.into_work();
+            let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
+            jobs[entry.partition as usize % n] = Some(work);
+            let replay = ReplayOf { partition: entry.partition, position: entry.position, now_ms };
+            self.dispatch_replay(jobs, false, Some(replay))?.durable().await?;
+        }
+        for inflight in &self.materialized.inflight {
+            inflight.store(u64::MAX, Ordering::SeqCst);
+        }
+        Ok(entries.len())
+    }
+
     /// Requests queued on each partition, for the queue-depth metric.
     pub fn queue_depths(&self, capacity: usize) -> Vec<usize> {
         self.room.iter().map(|r| capacity.saturating_sub(r.available_permits())).collect()
@@ -214,14 +337,23 @@ impl Ingest {
         let n = self.partitions.len();
         let mut groups: Vec<Vec<Event>> = (0..n).map(|_| Vec::new()).collect();
         for event in events {
-            groups[partition_of(&self.directory.profile_of(&event.visitor_id), n)].push(event);
+            groups[worker_of(&self.directory.profile_of(&event.visitor_id), n)].push(event);
         }
         self.dispatch(groups.into_iter().map(|g| (!g.is_empty()).then_some(Work::Events(g))).collect(), true)
     }
 
     /// Sends one piece of work per partition. Client work must find room on every partition it
     /// goes to, or none of it is queued.
-    fn dispatch(&self, mut work: Vec<Option<Work>>, client: bool) -> Result<Queued, IngestError> {
+    fn dispatch(&self, work: Vec<Option<Work>>, client: bool) -> Result<Queued, IngestError> {
+        self.dispatch_replay(work, client, None)
+    }
+
+    fn dispatch_replay(
+        &self,
+        mut work: Vec<Option<Work>>,
+        client: bool,
+        replay: Option<ReplayOf>,
+    ) -> Result<Queued, IngestError> {
         let mut rooms = Vec::new();
         for (i, w) in work.iter().enumerate() {
             if w.is_some() {
@@ -235,11 +367,33 @@ impl Ingest {
         let mut pending = VecDeque::with_capacity(rooms.len());
         for (i, room) in rooms {
             let (reply, answer) = oneshot::channel();
-            let job = IngestJob { work: work[i].take().expect("queued work"), reply, _room: room };
+            let job = IngestJob { work: work[i].take().expect("queued work"), reply, _room: room, replay };
             self.partitions[i].send(job).map_err(|_| IngestError::Closed)?;
             pending.push_back(answer);
         }
         Ok(Queued { pending })
+    }
+}
+
+/// The event log and how far its records are materialized.
+#[derive(Clone)]
+pub struct LogState {
+    pub log: Arc<dyn EventLog>,
+    materialized: Arc<Materialized>,
+}
+
+impl LogState {
+    /// The position before which every record's state is committed to SQLite: once a
+    /// checkpoint has made those commits durable, the log can forget what is before it.
+    pub fn truncation_point(&self) -> Position {
+        let end = self.log.next_position();
+        self.materialized.inflight.iter().map(|p| p.load(Ordering::SeqCst)).fold(end, Position::min)
+    }
+
+    /// Whether a deletion was committed since the last call: the log's open segment may hold
+    /// the deleted person's events and should be sealed, so the next truncation removes it.
+    pub fn take_deletion(&self) -> bool {
+        self.materialized.deleted.swap(false, Ordering::SeqCst)
     }
 }
 
@@ -262,9 +416,9 @@ impl Queued {
     }
 }
 
-/// The partition a profile's work goes to; stable across restarts.
-pub fn partition_of(profile_id: &str, partitions: usize) -> usize {
-    (BuildHasherDefault::<DefaultHasher>::default().hash_one(profile_id) % partitions as u64) as usize
+/// The worker a profile's work goes to: the owner of its virtual partition.
+pub fn worker_of(profile_id: &str, workers: usize) -> usize {
+    starling_log::partition_of(profile_id) as usize % workers
 }
 
 /// Everything a worker needs.
@@ -277,6 +431,7 @@ pub struct Shared {
     pub lanes: Arc<HashMap<String, Arc<Notify>>>,
     pub clock: fn() -> i64,
     pub telemetry: Arc<Telemetry>,
+    pub log: Arc<dyn EventLog>,
 }
 
 /// Starts `n` workers, each reading through its own connection from `open_reader` and all
@@ -292,7 +447,17 @@ pub fn start(
 ) -> Result<(Ingest, Vec<std::thread::JoinHandle<()>>), StoreError> {
     let writer = open_writer()?;
     let directory = Directory::load(&writer)?;
+    let stored: HashMap<Partition, Position> = starling_store::log_positions(&writer)?.into_iter().collect();
+    // Positions the store recorded are never handed out again, even if the log lost its tail.
+    if let Some(last) = stored.values().max() {
+        shared.log.continue_after(*last);
+    }
     let writer = Arc::new(Mutex::new(writer));
+    // Nothing may be truncated until every worker has replayed its partitions.
+    let materialized = Arc::new(Materialized {
+        inflight: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        deleted: AtomicBool::new(false),
+    });
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
     // Workers hold weak handles to each other, so the queues close when the `Ingest` is dropped.
     let peers: Vec<_> = senders.iter().map(mpsc::UnboundedSender::downgrade).collect();
@@ -309,6 +474,7 @@ pub fn start(
             last_prune_ms: 0,
             pruning: None,
             deletions: 0,
+            materialized: materialized.clone(),
         };
         let conn = open_reader()?;
         let handle = std::thread::Builder::new()
@@ -318,7 +484,8 @@ pub fn start(
         handles.push(handle);
     }
     let room = (0..n).map(|_| Arc::new(Semaphore::new(queue))).collect();
-    Ok((Ingest { partitions: senders, room, directory }, handles))
+    let log = shared.log.clone();
+    Ok((Ingest { partitions: senders, room, directory, log, materialized, stored }, handles))
 }
 
 struct Worker {
@@ -335,6 +502,7 @@ struct Worker {
     pruning: Option<String>,
     /// Deletions made, to tell them apart in audit records.
     deletions: u64,
+    materialized: Arc<Materialized>,
 }
 
 /// A write decided while applying events, performed at commit.
@@ -360,10 +528,12 @@ enum Write {
         profile: String,
         audience: String,
     },
+    /// `record`: the draft whose log position the action's origin is made of.
     Enqueue {
         action: PendingAction,
         due_ms: i64,
         condition: Option<&'static str>,
+        record: usize,
     },
     Fired {
         action: String,
@@ -379,6 +549,8 @@ enum Write {
         id: String,
         from: String,
     },
+    /// A merge handed on from another partition's log record, applied.
+    Handoff(String),
     /// Remove the profile everywhere and leave an audit record (`detail` gains what was removed).
     Delete {
         profile: String,
@@ -403,8 +575,11 @@ struct Pending {
     effects: Effects,
     /// Directory changes to publish after commit.
     directory: Vec<(String, String)>,
-    /// Merges for other partitions, sent after commit, with the job that caused them.
-    merges: Vec<(usize, MergeRequest)>,
+    /// Merges for other partitions, sent after commit, with the job and the draft (log
+    /// record) that caused them.
+    merges: Vec<(usize, usize, MergeRequest)>,
+    /// The log position of each draft, once appended.
+    positions: Vec<Position>,
     /// Events for profiles other partitions own, per job and partition.
     forwards: Vec<(usize, usize, Vec<Event>)>,
     /// Profiles whose merge into another partition's profile is sent after commit.
@@ -415,19 +590,44 @@ struct Pending {
     traces: Vec<(Vec<String>, Vec<serde_json::Value>)>,
     /// Audit records of deletions, sent after commit.
     deleted: Vec<(DeletionReply, Vec<serde_json::Value>)>,
+    /// The log records this batch appends: (job, partition, what).
+    drafts: Vec<(usize, Partition, Draft)>,
+}
+
+impl Pending {
+    /// Notes an item of `job` in its partition's record (`extend` adds it to the record so far,
+    /// if it is of the same kind; `fresh` starts one); actions decided from now on take their
+    /// origin from that record.
+    fn draft(
+        &mut self,
+        job: usize,
+        profile: &str,
+        extend: impl FnOnce(&mut Draft) -> bool,
+        fresh: impl FnOnce() -> Draft,
+    ) {
+        let partition = starling_log::partition_of(profile);
+        let last = self.drafts.iter().rposition(|(j, vp, _)| *j == job && *vp == partition);
+        self.effects.record_index = match last {
+            Some(i) if extend(&mut self.drafts[i].2) => i,
+            _ => {
+                self.drafts.push((job, partition, fresh()));
+                self.drafts.len() - 1
+            }
+        };
+    }
 }
 
 impl Worker {
     fn run(mut self, mut conn: rusqlite::Connection, mut jobs: mpsc::UnboundedReceiver<IngestJob>) {
-        // An unstitch rebuilds profiles from the event log, so it runs in a batch of its own,
-        // after everything queued before it is committed.
+        // An unstitch rebuilds profiles from their stored history, so it runs in a batch of its
+        // own, after everything queued before it is committed.
         let mut carried: Option<IngestJob> = None;
         loop {
             let Some(first) = carried.take().or_else(|| jobs.blocking_recv()) else { break };
             let mut batch = vec![first];
-            while batch.len() < MAX_JOBS_PER_COMMIT && !batch[0].work.runs_alone() {
+            while batch.len() < MAX_JOBS_PER_COMMIT && !batch[0].runs_alone() {
                 match jobs.try_recv() {
-                    Ok(job) if job.work.runs_alone() => {
+                    Ok(job) if job.runs_alone() => {
                         carried = Some(job);
                         break;
                     }
@@ -435,8 +635,27 @@ impl Worker {
                     Err(_) => break,
                 }
             }
+            // A replayed record is applied at the time it was first applied, and alone.
+            let (now, replayed) = match &batch[0].replay {
+                Some(r) => (r.now_ms, Some((r.partition, r.position))),
+                None => ((self.shared.clock)(), None),
+            };
+            self.process(&mut conn, batch, now, replayed);
+            self.prune();
+        }
+    }
+
+    /// Applies a batch and answers its jobs. `replayed`: the batch is that log record again.
+    fn process(
+        &mut self,
+        conn: &mut rusqlite::Connection,
+        mut batch: Vec<IngestJob>,
+        now: i64,
+        replayed: Option<(Partition, Position)>,
+    ) {
+        {
             let mut pending = Pending::default();
-            match self.apply(&mut conn, &mut batch, &mut pending) {
+            match self.apply(conn, &mut batch, &mut pending, now, replayed) {
                 Ok(reports) => {
                     for action in &pending.effects.woken {
                         if let Some(lane) = self.shared.lanes.get(action) {
@@ -485,7 +704,6 @@ impl Worker {
                     }
                 }
             }
-            self.prune();
         }
     }
 
@@ -494,13 +712,23 @@ impl Worker {
     fn hand_on(&mut self, pending: &mut Pending, jobs: usize) -> Vec<Vec<oneshot::Receiver<Result<Reply, String>>>> {
         self.directory.point(pending.directory.drain(..));
         let mut handed_on: Vec<Vec<_>> = (0..jobs).map(|_| Vec::new()).collect();
-        let merges =
-            pending.merges.drain(..).map(|(job, m)| (job, partition_of(&m.survivor, self.partitions), Work::Merge(m)));
+        let mut per_position: HashMap<Position, usize> = HashMap::new();
+        let positions = &pending.positions;
+        let merges = pending.merges.drain(..).map(|(job, record, mut m)| {
+            m.origin = positions.get(record).map(|position| {
+                let n = per_position.entry(*position).or_default();
+                *n += 1;
+                format!("{position}.{}", *n - 1)
+            });
+            (job, worker_of(&m.survivor, self.partitions), Work::Merge(m))
+        });
         let forwards = pending.forwards.drain(..).map(|(job, to, events)| (job, to, Work::Events(events)));
         for (job, to, work) in merges.collect::<Vec<_>>().into_iter().chain(forwards) {
             let (reply, answer) = oneshot::channel();
             match self.peers[to].upgrade() {
-                Some(peer) if peer.send(IngestJob { work, reply, _room: None }).is_ok() => handed_on[job].push(answer),
+                Some(peer) if peer.send(IngestJob { work, reply, _room: None, replay: None }).is_ok() => {
+                    handed_on[job].push(answer)
+                }
                 _ => tracing::warn!(partition = to, "shutting down: work for another partition dropped"),
             }
         }
@@ -539,9 +767,10 @@ impl Worker {
         conn: &mut rusqlite::Connection,
         batch: &mut [IngestJob],
         p: &mut Pending,
-    ) -> Result<Vec<IngestReport>, StoreError> {
+        now: i64,
+        replayed: Option<(Partition, Position)>,
+    ) -> Result<Vec<IngestReport>, BatchError> {
         let model = self.shared.model.clone();
-        let now = (self.shared.clock)();
         let dedup_since = now - model.server.dedup_window_hours as i64 * 3_600_000;
         let (plugins, runtime) = (self.shared.plugins.clone(), self.shared.runtime.clone());
         let mut enrichers = WasmEnrichers::new(&plugins, &runtime);
@@ -555,7 +784,7 @@ impl Worker {
                 Work::Events(events) => {
                     for (e, event) in events.iter().enumerate() {
                         let pid = self.follow(p, &self.profile_of(p, &event.visitor_id));
-                        let owner = partition_of(&pid, self.partitions);
+                        let owner = worker_of(&pid, self.partitions);
                         if owner != self.index {
                             forward(p, j, owner, event.clone());
                             continue;
@@ -566,6 +795,18 @@ impl Worker {
                             report.duplicates += 1;
                             continue;
                         }
+                        p.draft(
+                            j,
+                            &pid,
+                            |d| match d {
+                                Draft::Events(list) => {
+                                    list.push(e);
+                                    true
+                                }
+                                _ => false,
+                            },
+                            || Draft::Events(vec![e]),
+                        );
                         self.link_own_id(conn, p, &event.visitor_id, &pid)?;
                         let profile = load(&mut self.cache, conn, &mut p.touched, &pid)?;
                         let traced = telemetry.tracer.watches(&[&event.visitor_id, &pid]);
@@ -588,9 +829,21 @@ impl Worker {
                 }
                 Work::Wakeups(ids) => {
                     for profile_id in ids.iter() {
-                        if p.moved.contains_key(profile_id) || partition_of(profile_id, self.partitions) != self.index {
+                        if p.moved.contains_key(profile_id) || worker_of(profile_id, self.partitions) != self.index {
                             continue;
                         }
+                        p.draft(
+                            j,
+                            profile_id,
+                            |d| match d {
+                                Draft::Wakeups(list) => {
+                                    list.push(profile_id.clone());
+                                    true
+                                }
+                                _ => false,
+                            },
+                            || Draft::Wakeups(vec![profile_id.clone()]),
+                        );
                         let profile = load(&mut self.cache, conn, &mut p.touched, profile_id)?;
                         if profile.wakeup_ms.is_some_and(|due| due <= now) {
                             let outcome = apply_time(&model, profile, now);
@@ -605,13 +858,38 @@ impl Worker {
                 }
                 Work::Merge(request) => {
                     let request = request.clone();
-                    self.merge(conn, p, &model, request, j, now)?;
+                    let applied = match &request.origin {
+                        Some(origin) => starling_store::handoff_applied(conn, origin)?,
+                        None => false,
+                    };
+                    if !applied {
+                        p.draft(j, &request.survivor, |_| false, || Draft::Merge(request.clone()));
+                        let origin = request.origin.clone();
+                        // A merge that found nothing may find it when its origin is replayed.
+                        if self.merge(conn, p, &model, request, j, now)?
+                            && let Some(origin) = origin
+                        {
+                            p.effects.writes.push(Write::Handoff(origin));
+                        }
+                    }
                 }
                 Work::Delete { ids, reason, inactive_before, done } => {
                     let (placeholder, _) = oneshot::channel();
                     let done = std::mem::replace(done, placeholder);
                     let mut records = Vec::new();
                     for id in ids.iter() {
+                        p.draft(
+                            j,
+                            &self.directory.profile_of(id),
+                            |d| match d {
+                                Draft::Delete(list) => {
+                                    list.push(id.clone());
+                                    true
+                                }
+                                _ => false,
+                            },
+                            || Draft::Delete(vec![id.clone()]),
+                        );
                         if let Some(record) = self.delete(conn, p, &model, id, reason, *inactive_before, now)? {
                             records.push(record);
                             report.accepted += 1;
@@ -622,6 +900,7 @@ impl Worker {
                 Work::Unstitch { id, done } => {
                     let (placeholder, _) = oneshot::channel();
                     let done = std::mem::replace(done, placeholder);
+                    p.draft(j, &self.directory.profile_of(id), |_| false, || Draft::Unstitch(id.clone()));
                     match self.unstitch(conn, p, &model, id, &mut enrichers, now)? {
                         Ok(result) => p.unstitched.push((done, result)),
                         Err(refusal) => {
@@ -634,8 +913,57 @@ impl Worker {
         }
 
         let committing = std::time::Instant::now();
+        let materialized = self.materialized.clone();
+        let inflight = &materialized.inflight[self.index];
+        let positions: Vec<Position> = match replayed {
+            Some((_, position)) => vec![position; p.drafts.len()],
+            None if p.drafts.is_empty() => Vec::new(),
+            None => {
+                let payloads: Vec<Vec<u8>> =
+                    p.drafts.iter().map(|(job, _, draft)| encode(&batch[*job].work, draft, now)).collect();
+                let records: Vec<(Partition, &[u8])> =
+                    p.drafts.iter().zip(&payloads).map(|((_, vp, _), bytes)| (*vp, bytes.as_slice())).collect();
+                inflight.store(self.shared.log.next_position(), Ordering::SeqCst);
+                let appended = self.shared.log.append(&records);
+                if appended.is_err() {
+                    inflight.store(u64::MAX, Ordering::SeqCst);
+                }
+                self.shared.telemetry.metrics.log_bytes_appended.inc_by(payloads.iter().map(|b| b.len() as u64).sum());
+                appended?
+            }
+        };
+        p.positions.clone_from(&positions);
+        let committed = self.commit(p, batch, &positions, replayed, now);
+        inflight.store(u64::MAX, Ordering::SeqCst);
+        let lost_claims = committed?;
+        if let (None, Some(last)) = (replayed, positions.last()) {
+            let syncing = std::time::Instant::now();
+            self.shared.log.sync(*last)?;
+            self.shared.telemetry.metrics.log_sync_seconds.observe(syncing.elapsed().as_secs_f64());
+        }
+        self.shared.telemetry.metrics.commit_seconds.observe(committing.elapsed().as_secs_f64());
+        for (job, claim, owner) in lost_claims {
+            self.lost_claim(conn, p, job, claim, owner)?;
+        }
+        self.settle_cache(p);
+        Ok(reports)
+    }
+
+    /// Writes what the batch decided, with the log positions it includes, in one transaction.
+    /// Returns the claims on ids another partition linked first.
+    fn commit(
+        &mut self,
+        p: &mut Pending,
+        batch: &[IngestJob],
+        positions: &[Position],
+        replayed: Option<(Partition, Position)>,
+        now: i64,
+    ) -> Result<Vec<(usize, IdentityLink, String)>, StoreError> {
+        let history = self.shared.model.history;
         let mut writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let tx = Batch::begin(&mut writer)?;
+        let mut actions_per_position: HashMap<Position, usize> = HashMap::new();
+        let mut deleted = false;
         let mut lost_claims = Vec::new();
         for write in &p.effects.writes {
             match write {
@@ -658,14 +986,21 @@ impl Worker {
                 }
                 Write::Join { profile, audience, at_ms } => tx.join(profile, audience, *at_ms)?,
                 Write::Leave { profile, audience } => tx.leave(profile, audience)?,
-                Write::Enqueue { action, due_ms, condition } => {
-                    tx.enqueue(action, &action_payload(action), *due_ms, *condition)?;
+                Write::Enqueue { action, due_ms, condition, record } => {
+                    let origin = positions.get(*record).map(|position| {
+                        let n = actions_per_position.entry(*position).or_default();
+                        *n += 1;
+                        format!("{position}.{}", *n - 1)
+                    });
+                    tx.enqueue(action, &action_payload(action), *due_ms, *condition, origin.as_deref())?;
                 }
                 Write::Fired { action, profile, at_ms } => tx.mark_fired(action, profile, *at_ms)?,
                 Write::Identity(link) => tx.record_identity(link)?,
                 Write::Merge { absorbed, survivor } => tx.merge_profiles(absorbed, survivor)?,
                 Write::Split { id, from } => tx.split_identity(id, from)?,
+                Write::Handoff(origin) => tx.record_handoff(origin)?,
                 Write::Delete { profile, detail } => {
+                    deleted = true;
                     let removed = tx.delete_profile(profile)?;
                     let mut detail = detail.clone();
                     detail["removed"] = serde_json::json!(removed);
@@ -688,14 +1023,29 @@ impl Worker {
             }
             let index = last_seen_step(profile.last_seen_ms);
             tx.save_profile(profile, now, (loaded.last_seen_step != Some(index)).then_some(index))?;
+            // The history is trimmed each time a profile's count passes a step beyond the cap.
+            let (cap, step) = (history.events_per_profile as u64, HISTORY_TRIM_STEP);
+            if profile.event_count > cap && profile.event_count / step != loaded.event_count / step {
+                tx.trim_history(id, history.events_per_profile)?;
+            }
+        }
+        match replayed {
+            Some((partition, position)) => tx.set_log_position(partition, position)?,
+            None => {
+                for ((_, partition, _), position) in p.drafts.iter().zip(positions) {
+                    tx.set_log_position(*partition, *position)?;
+                }
+            }
         }
         tx.commit()?;
-        drop(writer);
-        self.shared.telemetry.metrics.commit_seconds.observe(committing.elapsed().as_secs_f64());
-        for (job, claim, owner) in lost_claims {
-            self.lost_claim(conn, p, job, claim, owner)?;
+        if deleted {
+            self.materialized.deleted.store(true, Ordering::SeqCst);
         }
+        Ok(lost_claims)
+    }
 
+    /// After a commit, keeps the batch's profiles in the cache.
+    fn settle_cache(&mut self, p: &mut Pending) {
         if self.cache.profiles.len() + p.touched.len() > PROFILE_CACHE_LIMIT {
             self.cache = Cache::default();
         }
@@ -716,10 +1066,9 @@ impl Worker {
         self.cache.profiles.extend(
             p.touched
                 .drain()
-                .filter(|(id, _)| !leaving.contains(id) && partition_of(id, partitions) == index)
+                .filter(|(id, _)| !leaving.contains(id) && worker_of(id, partitions) == index)
                 .map(|(id, (profile, _))| (id, profile)),
         );
-        Ok(reports)
     }
 
     /// Another partition linked the id this batch's profile claimed, first: the profile is
@@ -742,14 +1091,17 @@ impl Worker {
         p.leaving.insert(absorbed.clone());
         p.directory.extend(ids.into_iter().map(|i| (i, survivor.clone())));
         tracing::info!(id = %id, profile = %absorbed, owner = %survivor, "id claimed concurrently; merging");
+        let record = p.drafts.iter().position(|(j, _, _)| *j == job).unwrap_or_default();
         p.merges.push((
             job,
+            record,
             MergeRequest {
                 survivor,
                 absorbed,
                 via: id,
                 attribute: claim.attribute.unwrap_or_default(),
                 event_id: claim.event_id,
+                origin: None,
             },
         ));
         Ok(())
@@ -901,6 +1253,7 @@ impl Worker {
                         via: id,
                         attribute,
                         event_id: event.id.clone(),
+                        origin: None,
                     };
                     self.merge(conn, p, model, request, job, now)?;
                     return Ok(());
@@ -920,22 +1273,23 @@ impl Worker {
         request: MergeRequest,
         job: usize,
         now: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let survivor = self.follow(p, &self.directory.profile_of(&request.survivor));
         let absorbed = self.follow(p, &request.absorbed);
         if survivor == absorbed {
-            return Ok(());
+            return Ok(true);
         }
         let mut ids: BTreeSet<String> = starling_store::ids_of(conn, &absorbed)?.into_iter().collect();
         ids.extend(p.links.iter().filter(|(_, o)| **o == absorbed).map(|(id, _)| id.clone()));
         ids.insert(absorbed.clone());
-        if partition_of(&survivor, self.partitions) != self.index {
+        if worker_of(&survivor, self.partitions) != self.index {
             // The survivor's partition merges, after this batch (holding the absorbed
             // profile's last state) commits; from then on its ids route there.
             p.leaving.insert(absorbed.clone());
             p.directory.extend(ids.into_iter().map(|id| (id, survivor.clone())));
-            p.merges.push((job, MergeRequest { survivor, absorbed, ..request }));
-            return Ok(());
+            let record = p.effects.record_index;
+            p.merges.push((job, record, MergeRequest { survivor, absorbed, origin: None, ..request }));
+            return Ok(true);
         }
         let absorbed_profile = match p.touched.remove(&absorbed) {
             Some((profile, _)) => Some(profile),
@@ -946,7 +1300,7 @@ impl Worker {
         };
         let Some(absorbed_profile) = absorbed_profile else {
             tracing::warn!(absorbed = %absorbed, survivor = %survivor, "nothing to merge: profile not found");
-            return Ok(());
+            return Ok(false);
         };
         let survivor_profile = load(&mut self.cache, conn, &mut p.touched, &survivor)?;
         let outcome = apply_merge(model, survivor_profile, absorbed_profile, now);
@@ -969,7 +1323,7 @@ impl Worker {
         p.directory.extend(ids.into_iter().map(|id| (id, survivor.clone())));
         p.moved.insert(absorbed.clone(), survivor);
         p.gone.insert(absorbed);
-        Ok(())
+        Ok(true)
     }
 
     /// Deletes the profile `id` belongs to: `deleted` actions are queued with what they need
@@ -987,7 +1341,7 @@ impl Worker {
         now: i64,
     ) -> Result<Option<serde_json::Value>, StoreError> {
         let pid = self.follow(p, &self.directory.profile_of(id));
-        if partition_of(&pid, self.partitions) != self.index || p.gone.contains(&pid) {
+        if worker_of(&pid, self.partitions) != self.index || p.gone.contains(&pid) {
             return Ok(None);
         }
         let stored = match p.touched.remove(&pid) {
@@ -1058,7 +1412,7 @@ impl Worker {
                 Some(_) => format!("`{id}` is not stitched to another profile"),
             }));
         }
-        if partition_of(&from, self.partitions) != self.index {
+        if worker_of(&from, self.partitions) != self.index {
             return Ok(Err(format!("`{id}` moved while being unstitched; try again")));
         }
         let before = load(&mut self.cache, conn, &mut p.touched, &from)?.audiences.clone();
@@ -1165,6 +1519,36 @@ fn forward(p: &mut Pending, job: usize, to: usize, event: Event) {
     }
 }
 
+/// A profile's history is trimmed to `retention.events_per_profile` whenever its event count
+/// passes a multiple of this (so not with every event).
+const HISTORY_TRIM_STEP: u64 = 100;
+
+/// Why a batch was not stored.
+#[derive(Debug, thiserror::Error)]
+enum BatchError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Log(#[from] starling_log::LogError),
+}
+
+/// A draft as the log record it becomes.
+fn encode(work: &Work, draft: &Draft, now_ms: i64) -> Vec<u8> {
+    let logged = match (draft, work) {
+        (Draft::Events(indices), Work::Events(events)) => {
+            LoggedRef::Events { now_ms, events: indices.iter().map(|i| &events[*i]).collect() }
+        }
+        (Draft::Wakeups(profiles), _) => LoggedRef::Wakeups { now_ms, profiles },
+        (Draft::Merge(merge), _) => LoggedRef::Merge { now_ms, merge },
+        (Draft::Unstitch(id), _) => LoggedRef::Unstitch { now_ms, id },
+        (Draft::Delete(ids), Work::Delete { reason, inactive_before, .. }) => {
+            LoggedRef::Delete { now_ms, ids, reason, inactive_before: *inactive_before }
+        }
+        _ => unreachable!("a draft is of its job's kind"),
+    };
+    serde_json::to_vec(&logged).expect("log records serialize")
+}
+
 /// Granularity of the retention index on profiles: a profile's entry moves at most once per
 /// step, not with every event.
 const LAST_SEEN_STEP_MS: i64 = 3_600_000;
@@ -1180,6 +1564,8 @@ struct Loaded {
     last_seen_step: Option<i64>,
     /// Its scheduled wake-up came due in this batch.
     woken: bool,
+    /// Its event count when loaded.
+    event_count: u64,
 }
 
 impl Loaded {
@@ -1208,7 +1594,11 @@ fn load<'t>(
             Some(p) => Some(p),
             None => starling_store::load_profile(conn, profile_id)?,
         };
-        let loaded = Loaded { last_seen_step: stored.as_ref().map(|p| last_seen_step(p.last_seen_ms)), woken: false };
+        let loaded = Loaded {
+            last_seen_step: stored.as_ref().map(|p| last_seen_step(p.last_seen_ms)),
+            woken: false,
+            event_count: stored.as_ref().map_or(0, |p| p.event_count),
+        };
         let profile = stored.unwrap_or_else(|| Profile::new(profile_id.to_string()));
         touched.insert(profile_id.to_string(), (profile, loaded));
     }
@@ -1223,6 +1613,8 @@ struct Effects {
     fired: HashMap<(String, String), i64>,
     /// Actions with new work for their delivery lanes.
     woken: HashSet<String>,
+    /// The draft (log record) the work being applied belongs to.
+    record_index: usize,
 }
 
 impl Effects {
@@ -1265,7 +1657,7 @@ impl Effects {
             }
             let (due_ms, condition) = schedule(def, &action, now);
             self.woken.insert(action.action.clone());
-            self.writes.push(Write::Enqueue { action, due_ms, condition });
+            self.writes.push(Write::Enqueue { action, due_ms, condition, record: self.record_index });
         }
         Ok(())
     }
@@ -1308,8 +1700,8 @@ mod tests {
 
     #[test]
     fn partitions_are_stable_and_spread() {
-        assert_eq!(partition_of("anon-1", 4), partition_of("anon-1", 4));
-        let used: HashSet<usize> = (0..100).map(|i| partition_of(&format!("v{i}"), 4)).collect();
+        assert_eq!(worker_of("anon-1", 4), worker_of("anon-1", 4));
+        let used: HashSet<usize> = (0..100).map(|i| worker_of(&format!("v{i}"), 4)).collect();
         assert_eq!(used.len(), 4);
     }
 

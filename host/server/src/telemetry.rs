@@ -53,6 +53,11 @@ pub struct Metrics {
     pub spec_warnings: Counter,
     pub event_apply_seconds: Histogram,
     pub commit_seconds: Histogram,
+    pub log_sync_seconds: Histogram,
+    pub log_bytes_appended: Counter,
+    pub log_records_replayed: Counter,
+    pub log_bytes: Gauge,
+    pub log_bytes_truncated: Counter,
     pub delivery_seconds: Family<ActionLabel, Histogram>,
     pub deliveries: Family<ResultLabel, Counter>,
     pub profiles_deleted: Family<ReasonLabel, Counter>,
@@ -77,6 +82,11 @@ impl Default for Metrics {
             spec_warnings: Counter::default(),
             event_apply_seconds: latency(),
             commit_seconds: latency(),
+            log_sync_seconds: latency(),
+            log_bytes_appended: Counter::default(),
+            log_records_replayed: Counter::default(),
+            log_bytes: Gauge::default(),
+            log_bytes_truncated: Counter::default(),
             delivery_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_05, 2.0, 20))),
             deliveries: Family::default(),
             profiles_deleted: Family::default(),
@@ -99,7 +109,28 @@ impl Default for Metrics {
             "Time to apply one event: identity, enrichment, audience evaluation",
             m.event_apply_seconds.clone(),
         );
-        r.register("commit_seconds", "Time to write one batch of changes to SQLite", m.commit_seconds.clone());
+        r.register(
+            "commit_seconds",
+            "Time to store one batch: event log append, SQLite commit, log sync",
+            m.commit_seconds.clone(),
+        );
+        r.register(
+            "log_sync_seconds",
+            "Time a batch waited for the event log to reach the disk (syncs shared by workers)",
+            m.log_sync_seconds.clone(),
+        );
+        r.register("log_appended_bytes", "Bytes of records appended to the event log", m.log_bytes_appended.clone());
+        r.register(
+            "log_replayed_records",
+            "Event log records applied again at start (after the stored state)",
+            m.log_records_replayed.clone(),
+        );
+        r.register("log_bytes", "Bytes the event log holds on disk", m.log_bytes.clone());
+        r.register(
+            "log_truncated_bytes",
+            "Bytes of the event log freed after checkpoints",
+            m.log_bytes_truncated.clone(),
+        );
         r.register("delivery_seconds", "Time of one connector call, by action", m.delivery_seconds.clone());
         r.register("deliveries", "Delivery attempts by action and result", m.deliveries.clone());
         r.register("profiles_deleted", "Profiles deleted, by reason", m.profiles_deleted.clone());

@@ -28,9 +28,16 @@ rule = { attribute = "spend", op = ">", value = 10 }
 
 async fn app(dir: &std::path::Path) -> App {
     let model = starling_core::parse(CONFIG).unwrap();
-    App::start(Options { model, database: dir.join("t.db"), plugins: None, test_clock: false, admin_token: None })
-        .await
-        .unwrap()
+    App::start(Options {
+        model,
+        database: dir.join("t.db"),
+        plugins: None,
+        test_clock: false,
+        admin_token: None,
+        event_log: None,
+    })
+    .await
+    .unwrap()
 }
 
 async fn call(app: &App, method: &str, uri: &str, body: &str) -> (StatusCode, serde_json::Value, Option<String>) {
@@ -201,9 +208,16 @@ const ADMIN: &str = "Bearer admin-token-0123456789";
 
 async fn operations_app(dir: &std::path::Path) -> App {
     let model = starling_core::parse(OPERATIONS).unwrap();
-    App::start(Options { model, database: dir.join("t.db"), plugins: None, test_clock: false, admin_token: None })
-        .await
-        .unwrap()
+    App::start(Options {
+        model,
+        database: dir.join("t.db"),
+        plugins: None,
+        test_clock: false,
+        admin_token: None,
+        event_log: None,
+    })
+    .await
+    .unwrap()
 }
 
 async fn send(
@@ -485,6 +499,7 @@ async fn the_openapi_document_matches_the_router() {
         plugins: None,
         test_clock: true,
         admin_token: None,
+        event_log: None,
     })
     .await
     .unwrap();
@@ -508,4 +523,165 @@ async fn the_openapi_document_matches_the_router() {
         assert!(declared.get(status.as_str()).is_some(), "{method} {path} answered {status}, not documented: {body}");
     }
     app.stop().await;
+}
+
+/// A log that forgets nothing, so that a test can apply it again from the start.
+#[derive(Default)]
+struct KeepAll(starling_log::MemoryLog);
+
+impl starling_log::EventLog for KeepAll {
+    fn append(&self, records: &[(u16, &[u8])]) -> starling_log::Result<Vec<u64>> {
+        self.0.append(records)
+    }
+    fn sync(&self, position: u64) -> starling_log::Result<()> {
+        self.0.sync(position)
+    }
+    fn read(&self, after: &[(u16, u64)], visit: &mut dyn FnMut(starling_log::Entry)) -> starling_log::Result<()> {
+        self.0.read(after, visit)
+    }
+    fn truncate_before(&self, _position: u64) -> starling_log::Result<u64> {
+        Ok(0)
+    }
+    fn seal(&self) -> starling_log::Result<()> {
+        Ok(())
+    }
+    fn next_position(&self) -> u64 {
+        self.0.next_position()
+    }
+    fn continue_after(&self, position: u64) {
+        self.0.continue_after(position)
+    }
+    fn size_bytes(&self) -> u64 {
+        self.0.size_bytes()
+    }
+}
+
+/// A connector component from WAT that accepts every call (no guest toolchain needed).
+fn hook_plugin(dir: &std::path::Path) -> std::path::PathBuf {
+    const CONNECTOR: &str = r#"(module
+      (memory (export "memory") 2)
+      (global $next (mut i32) (i32.const 8192))
+      (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32) (global.get $next))
+      (func (export "starling:plugin/deliver@0.1.0#describe") (result i32) (i32.const 1024))
+      (func (export "starling:plugin/deliver@0.1.0#deliver") (param i32 i32) (result i32) (i32.const 1024)))"#;
+    let mut module = wat::parse_str(CONNECTOR).unwrap();
+    let mut resolve = wit_parser::Resolve::default();
+    let (package, _) = resolve.push_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../wit")).unwrap();
+    let world = resolve.select_world(&[package], Some("connector")).unwrap();
+    wit_component::embed_component_metadata(&mut module, &resolve, world, wit_component::StringEncoding::UTF8).unwrap();
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(plugins.join("hook")).unwrap();
+    std::fs::write(plugins.join("hook/c.wasm"), starling_runtime::componentize(&module).unwrap()).unwrap();
+    std::fs::write(
+        plugins.join("hook/plugin.toml"),
+        "name = \"hook\"\nversion = \"0.1.0\"\nkind = \"connector\"\nworld = \"starling:plugin/connector@0.1.0\"\ncomponent = \"c.wasm\"\n",
+    )
+    .unwrap();
+    plugins
+}
+
+const REPLAYED: &str = r#"
+[server]
+partitions = 2
+
+[[attribute]]
+name = "email_hash"
+scope = "visitor"
+type = "visitor_id"
+
+[[attribute]]
+name = "spend"
+scope = "visitor"
+type = "number"
+
+[[enrichment]]
+attribute = "email_hash"
+op = "set"
+event = "email_hash"
+when = "event:login"
+
+[[enrichment]]
+attribute = "spend"
+op = "increment"
+event = "total"
+
+[[audience]]
+name = "spenders"
+rule = { attribute = "spend", op = ">", value = 10 }
+
+[[action]]
+name = "welcome"
+trigger = "joined"
+audience = "spenders"
+connector = "hook"
+
+[[action]]
+name = "forget"
+trigger = "deleted"
+connector = "hook"
+"#;
+
+/// Everything the state derived from the log holds, row by row, without what only says when
+/// or in which order rows were written (row ids, delivery attempts).
+fn state_of(database: &std::path::Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open(database).unwrap();
+    let mut rows = Vec::new();
+    for sql in [
+        "SELECT 'profile ' || id || ' ' || data || ' ' || updated_ms FROM profiles",
+        "SELECT 'id ' || visitor_id || ' ' || profile_id FROM identities",
+        "SELECT 'member ' || profile_id || ' ' || audience || ' ' || joined_ms FROM memberships",
+        "SELECT 'action ' || action || ' ' || trigger || ' ' || audience || ' ' || profile_id || ' ' || occurred_ms
+             || ' ' || payload || ' ' || origin FROM outbox",
+        "SELECT 'event ' || profile_id || ' ' || name || ' ' || data || ' ' || coalesce(event_id, '') FROM events",
+        "SELECT 'seen ' || event_id || ' ' || seen_ms FROM seen_events",
+        "SELECT 'wakeup ' || profile_id || ' ' || due_ms FROM wakeups",
+    ] {
+        let mut stmt = conn.prepare(sql).unwrap();
+        rows.extend(stmt.query_map([], |r| r.get::<_, String>(0)).unwrap().map(Result::unwrap));
+    }
+    rows.sort();
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_log_applied_twice_from_scratch_gives_the_same_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = hook_plugin(dir.path());
+    let log: std::sync::Arc<KeepAll> = Default::default();
+    let start = |database: &str| {
+        App::start(Options {
+            model: starling_core::parse(REPLAYED).unwrap(),
+            database: dir.path().join(database),
+            plugins: Some(plugins.clone()),
+            test_clock: false,
+            admin_token: None,
+            event_log: Some(log.clone()),
+        })
+    };
+    let live = start("live.db").await.unwrap();
+    for person in 0..12 {
+        let hash = format!("hash-{person:04}");
+        for (device, total) in [("web", 4), ("phone", 9)] {
+            let visitor = format!("{device}-{person}");
+            let events = format!(
+                r#"{{"events":[{{"event":"view","visitor_id":"{visitor}","id":"{visitor}-1","data":{{"total":{total}}}}},
+                    {{"event":"login","visitor_id":"{visitor}","id":"{visitor}-2","data":{{"email_hash":"{hash}"}}}}]}}"#
+            );
+            assert_eq!(call(&live, "POST", "/v1/events", &events).await.0, StatusCode::ACCEPTED);
+        }
+    }
+    let again = r#"{"events":[{"event":"view","visitor_id":"web-1","id":"web-1-1","data":{"total":100}}]}"#;
+    assert_eq!(call(&live, "POST", "/v1/events", again).await.1["duplicates"], 1);
+    assert_eq!(call(&live, "DELETE", "/v1/profiles/phone-3", "").await.0, StatusCode::OK);
+    live.stop().await;
+    let expected = state_of(&dir.path().join("live.db"));
+    assert!(expected.iter().any(|r| r.starts_with("action welcome")), "{expected:#?}");
+    assert!(expected.iter().any(|r| r.starts_with("action forget")), "{expected:#?}");
+    assert!(expected.iter().filter(|r| r.starts_with("profile ")).count() < 24, "profiles were stitched");
+
+    for database in ["first.db", "second.db"] {
+        start(database).await.unwrap().stop().await;
+        let replayed = state_of(&dir.path().join(database));
+        assert_eq!(replayed, expected, "{database} rebuilt from the log");
+    }
 }

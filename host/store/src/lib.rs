@@ -1,8 +1,10 @@
-//! Starling's storage: one SQLite file (WAL mode) holding profiles, identities, audience
-//! memberships, the event log and the action outbox.
+//! Starling's materialized state: one SQLite file (WAL mode) holding profiles, identities,
+//! audience memberships, each profile's event history and the action outbox, derived from the
+//! event log (`starling-log`), with the log position each partition's state includes.
 //!
-//! Durability: `synchronous = FULL`, so a committed transaction is on disk before `commit`
-//! returns; the server acknowledges events only after the transaction holding them commits.
+//! Durability: the event log is the record. Ingestion commits here do not wait for the disk
+//! (`synchronous = NORMAL`): after a crash, the state is the last commit that reached the disk
+//! plus a replay of the log after the positions it recorded.
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use starling_core::{PendingAction, Profile};
@@ -19,7 +21,7 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS profiles (
@@ -51,9 +53,22 @@ CREATE TABLE IF NOT EXISTS events (
     ts_ms       INTEGER NOT NULL,
     data        TEXT NOT NULL,
     source      TEXT,
-    visitor_id  TEXT
+    visitor_id  TEXT,
+    -- When the server received it, for `retention.events`.
+    received_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS events_by_profile ON events(profile_id, seq);
+-- Merges handed on by another partition's log record (`position.index`) and applied here: a
+-- replay of that record hands them on again.
+CREATE TABLE IF NOT EXISTS handoffs (
+    origin      TEXT PRIMARY KEY,
+    position    INTEGER NOT NULL
+) WITHOUT ROWID;
+-- The log position each virtual partition's state here includes; replay starts after it.
+CREATE TABLE IF NOT EXISTS log_positions (
+    partition   INTEGER PRIMARY KEY,
+    position    INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     id              INTEGER PRIMARY KEY,
     action          TEXT NOT NULL,
@@ -69,9 +84,13 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error      TEXT,
     delivered_ms    INTEGER,
     -- For delayed actions: 'member' or 'not_member' of `audience` when due, else cancelled.
-    condition       TEXT
+    condition       TEXT,
+    -- Where in the event log the action was decided (`position.index`): a replay of that
+    -- record finds the row already there, and the idempotency key is made of it.
+    origin          TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(status, action, next_attempt_ms);
+CREATE UNIQUE INDEX IF NOT EXISTS outbox_by_origin ON outbox(origin) WHERE origin IS NOT NULL;
 CREATE TABLE IF NOT EXISTS dead_letters (
     id              INTEGER PRIMARY KEY,
     action          TEXT NOT NULL,
@@ -84,7 +103,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     attempts        INTEGER NOT NULL,
     last_error      TEXT,
     condition       TEXT,
-    died_ms         INTEGER NOT NULL
+    died_ms         INTEGER NOT NULL,
+    origin          TEXT
 );
 CREATE TABLE IF NOT EXISTS action_fired (
     action      TEXT NOT NULL,
@@ -181,7 +201,50 @@ pub fn open_reader(path: &Path) -> Result<Connection> {
 pub fn open_writer(path: &Path) -> Result<Connection> {
     let conn = open_reader(path)?;
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    // The event log is the record: a commit here need not reach the disk before the answer
+    // (a lost one is replayed from the log), only stay consistent.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
     Ok(conn)
+}
+
+/// The log position each partition's stored state includes.
+pub fn log_positions(conn: &Connection) -> Result<Vec<(u16, u64)>> {
+    let mut stmt = conn.prepare_cached("SELECT partition, position FROM log_positions")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, u16>(0)?, r.get::<_, i64>(1)? as u64)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Whether the merge handed on from log record `origin` was applied.
+pub fn handoff_applied(conn: &Connection, origin: &str) -> Result<bool> {
+    Ok(conn.prepare_cached("SELECT 1 FROM handoffs WHERE origin = ?1")?.exists([origin])?)
+}
+
+/// Forgets applied handoffs from records before `position`, which the log no longer holds.
+pub fn prune_handoffs(conn: &Connection, position: u64) -> Result<usize> {
+    let _gate = write_gate();
+    Ok(conn.execute("DELETE FROM handoffs WHERE position < ?1", [position as i64])?)
+}
+
+/// Forgets up to `limit` history events received before `before_ms`; returns how many went.
+pub fn prune_history(conn: &Connection, before_ms: i64, limit: usize) -> Result<usize> {
+    let _gate = write_gate();
+    Ok(conn.execute(
+        // Oldest first by sequence (the order received): the scan stops at the first one kept.
+        "DELETE FROM events WHERE seq IN (
+             SELECT seq FROM events WHERE coalesce(received_ms, ts_ms) < ?1 ORDER BY seq LIMIT ?2)",
+        params![before_ms, limit as i64],
+    )?)
+}
+
+/// Forgets up to `limit` outbox rows done (delivered, failed or cancelled) whose last attempt
+/// was before `before_ms`.
+pub fn prune_done_actions(conn: &Connection, before_ms: i64, limit: usize) -> Result<usize> {
+    let _gate = write_gate();
+    Ok(conn.execute(
+        "DELETE FROM outbox WHERE id IN (
+             SELECT id FROM outbox WHERE status IN ('delivered', 'failed', 'cancelled') AND next_attempt_ms < ?1 LIMIT ?2)",
+        params![before_ms, limit as i64],
+    )?)
 }
 
 /// WAL frames (4 KiB pages) past which a fully checkpointed WAL is truncated.
@@ -224,6 +287,11 @@ pub fn open(path: &Path) -> Result<Connection> {
                 add_column_if_missing(&conn, "profiles", "last_seen_ms", "INTEGER")?;
                 conn.execute_batch("UPDATE profiles SET last_seen_ms = json_extract(data, '$.last_seen_ms')")?;
             }
+        }
+        if (1..6).contains(&version) {
+            add_column_if_missing(&conn, "events", "received_ms", "INTEGER")?;
+            add_column_if_missing(&conn, "outbox", "origin", "TEXT")?;
+            add_column_if_missing(&conn, "dead_letters", "origin", "TEXT")?;
         }
         if (1..5).contains(&version) {
             conn.execute_batch(
@@ -461,8 +529,8 @@ impl<'c> Batch<'c> {
         let data = serde_json::Value::Object(event.data.clone()).to_string();
         self.tx
             .prepare_cached(
-                "INSERT INTO events (event_id, profile_id, name, ts_ms, data, source, visitor_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO events (event_id, profile_id, name, ts_ms, data, source, visitor_id, received_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?
             .execute(params![
                 event.id,
@@ -471,7 +539,8 @@ impl<'c> Batch<'c> {
                 event.timestamp_ms,
                 data,
                 event.source,
-                event.visitor_id
+                event.visitor_id,
+                now_ms
             ])?;
         Ok(())
     }
@@ -513,19 +582,22 @@ impl<'c> Batch<'c> {
         Ok(())
     }
 
-    /// Queues an action for delivery at `due_ms`; returns its outbox id. `condition`
-    /// (`member` / `not_member`) is checked when a delayed action comes due.
+    /// Queues an action for delivery at `due_ms`; returns its outbox id, or `None` when the
+    /// row from `origin` is there already (a replay of the log). `condition` (`member` /
+    /// `not_member`) is checked when a delayed action comes due.
     pub fn enqueue(
         &self,
         action: &PendingAction,
         payload: &serde_json::Value,
         due_ms: i64,
         condition: Option<&str>,
-    ) -> Result<i64> {
-        self.tx
+        origin: Option<&str>,
+    ) -> Result<Option<i64>> {
+        let inserted = self
+            .tx
             .prepare_cached(
-                "INSERT INTO outbox (action, connector, trigger, audience, profile_id, occurred_ms, payload, next_attempt_ms, condition)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT OR IGNORE INTO outbox (action, connector, trigger, audience, profile_id, occurred_ms, payload, next_attempt_ms, condition, origin)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?
             .execute(params![
                 action.action,
@@ -537,8 +609,40 @@ impl<'c> Batch<'c> {
                 payload.to_string(),
                 due_ms,
                 condition,
+                origin,
             ])?;
-        Ok(self.tx.last_insert_rowid())
+        Ok((inserted == 1).then(|| self.tx.last_insert_rowid()))
+    }
+
+    /// Records that the merge handed on from log record `origin` (`position.index`) is applied.
+    pub fn record_handoff(&self, origin: &str) -> Result<()> {
+        let position: i64 = origin.split('.').next().and_then(|p| p.parse().ok()).unwrap_or_default();
+        self.tx
+            .prepare_cached("INSERT OR IGNORE INTO handoffs (origin, position) VALUES (?1, ?2)")?
+            .execute(params![origin, position])?;
+        Ok(())
+    }
+
+    /// Records that this commit includes the log up to `position` for `partition`.
+    pub fn set_log_position(&self, partition: u16, position: u64) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO log_positions (partition, position) VALUES (?1, ?2)
+                 ON CONFLICT(partition) DO UPDATE SET position = max(position, excluded.position)",
+            )?
+            .execute(params![partition, position as i64])?;
+        Ok(())
+    }
+
+    /// Keeps the newest `keep` events of a profile's history, forgetting older ones.
+    pub fn trim_history(&self, profile_id: &str, keep: usize) -> Result<usize> {
+        Ok(self
+            .tx
+            .prepare_cached(
+                "DELETE FROM events WHERE profile_id = ?1 AND seq <= (
+                     SELECT seq FROM events WHERE profile_id = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
+            )?
+            .execute(params![profile_id, keep as i64])?)
     }
 
     /// Records that `action` fired for `profile_id`, for frequency capping.
@@ -672,12 +776,20 @@ pub struct OutboxEntry {
     pub last_error: Option<String>,
     pub delivered_ms: Option<i64>,
     pub condition: Option<String>,
+    /// Where in the event log the action was decided.
+    #[serde(skip)]
+    pub origin: Option<String>,
 }
 
 impl OutboxEntry {
-    /// Stable across retries and restarts: the key a destination deduplicates on.
+    /// Stable across retries, restarts, replays of the log and dead-letter replays: the key a
+    /// destination deduplicates on. Made of the log position that decided the action, so a
+    /// row lost with the machine's power and rebuilt from the log keeps it.
     pub fn idempotency_key(&self) -> String {
-        format!("{}-{}", self.action, self.id)
+        match &self.origin {
+            Some(origin) => format!("{}-{origin}", self.action),
+            None => format!("{}-{}", self.action, self.id),
+        }
     }
 
     fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxEntry> {
@@ -696,11 +808,12 @@ impl OutboxEntry {
             last_error: r.get(11)?,
             delivered_ms: r.get(12)?,
             condition: r.get(13)?,
+            origin: r.get(14)?,
         })
     }
 }
 
-const OUTBOX_COLUMNS: &str = "id, action, connector, trigger, audience, profile_id, occurred_ms, payload, status, attempts, next_attempt_ms, last_error, delivered_ms, condition";
+const OUTBOX_COLUMNS: &str = "id, action, connector, trigger, audience, profile_id, occurred_ms, payload, status, attempts, next_attempt_ms, last_error, delivered_ms, condition, origin";
 
 /// Pending rows of one action due at `now_ms`, oldest first.
 pub fn due_actions(conn: &Connection, action: &str, now_ms: i64, limit: usize) -> Result<Vec<OutboxEntry>> {
@@ -763,8 +876,8 @@ pub fn record_attempt(conn: &Connection, id: i64, attempt: &Attempt, now_ms: i64
         Attempt::GiveUp { status: "dead", error } => {
             let tx = conn.unchecked_transaction()?;
             tx.execute(
-                "INSERT INTO dead_letters (id, action, connector, trigger, audience, profile_id, occurred_ms, payload, attempts, last_error, condition, died_ms)
-                 SELECT id, action, connector, trigger, audience, profile_id, occurred_ms, payload, attempts + 1, ?2, condition, ?3 FROM outbox WHERE id = ?1",
+                "INSERT INTO dead_letters (id, action, connector, trigger, audience, profile_id, occurred_ms, payload, attempts, last_error, condition, died_ms, origin)
+                 SELECT id, action, connector, trigger, audience, profile_id, occurred_ms, payload, attempts + 1, ?2, condition, ?3, origin FROM outbox WHERE id = ?1",
                 params![id, error, now_ms],
             )?;
             tx.execute("DELETE FROM outbox WHERE id = ?1", [id])?;
@@ -826,8 +939,8 @@ pub fn replay_dead_letters(conn: &mut Connection, id: Option<i64>, now_ms: i64) 
     let _gate = write_gate();
     let tx = conn.transaction()?;
     let moved = tx.execute(
-        "INSERT INTO outbox (id, action, connector, trigger, audience, profile_id, occurred_ms, payload, status, attempts, next_attempt_ms, last_error, condition)
-         SELECT id, action, connector, trigger, audience, profile_id, occurred_ms, payload, 'pending', 0, ?2, last_error, condition
+        "INSERT INTO outbox (id, action, connector, trigger, audience, profile_id, occurred_ms, payload, status, attempts, next_attempt_ms, last_error, condition, origin)
+         SELECT id, action, connector, trigger, audience, profile_id, occurred_ms, payload, 'pending', 0, ?2, last_error, condition, origin
          FROM dead_letters WHERE ?1 IS NULL OR id = ?1",
         params![id, now_ms],
     )?;
@@ -1043,7 +1156,7 @@ mod tests {
             batch.link_identity("anon-1", "p1").unwrap();
             batch.save_profile(&p, 10, Some(0)).unwrap();
             batch.join("p1", "vips", 10).unwrap();
-            batch.enqueue(&action(), &serde_json::json!({}), 5, None).unwrap();
+            batch.enqueue(&action(), &serde_json::json!({}), 5, None, None).unwrap();
             batch.commit().unwrap();
         }
         let conn = open(&path).unwrap();
@@ -1067,11 +1180,52 @@ mod tests {
     }
 
     #[test]
+    fn a_replayed_action_is_stored_once_and_keyed_by_its_log_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir.path().join("s.db")).unwrap();
+        for _ in 0..2 {
+            let batch = Batch::begin(&mut conn).unwrap();
+            batch.enqueue(&action(), &serde_json::json!({}), 5, None, Some("17.0")).unwrap();
+            batch.set_log_position(3, 17).unwrap();
+            batch.set_log_position(3, 12).unwrap();
+            batch.commit().unwrap();
+        }
+        let rows = due_actions(&conn, "hook", 5, 10).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].idempotency_key(), "hook-17.0");
+        assert_eq!(log_positions(&conn).unwrap(), vec![(3, 17)]);
+    }
+
+    #[test]
+    fn history_is_trimmed_to_the_newest_events_and_by_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir.path().join("s.db")).unwrap();
+        let batch = Batch::begin(&mut conn).unwrap();
+        for i in 0..10 {
+            let event = starling_core::Event {
+                id: Some(format!("e{i}")),
+                name: "view".into(),
+                visitor_id: "p1".into(),
+                source: None,
+                timestamp_ms: i,
+                data: Default::default(),
+            };
+            batch.log_event(&event, "p1", i * 100).unwrap();
+        }
+        assert_eq!(batch.trim_history("p1", 6).unwrap(), 4);
+        batch.commit().unwrap();
+        let names: Vec<i64> = profile_events(&conn, "p1").unwrap().iter().map(|e| e.timestamp_ms).collect();
+        assert_eq!(names, vec![4, 5, 6, 7, 8, 9]);
+        assert_eq!(prune_history(&conn, 700, 100).unwrap(), 3);
+        assert_eq!(profile_events(&conn, "p1").unwrap().len(), 3);
+    }
+
+    #[test]
     fn attempts_move_rows_through_their_states() {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open(&dir.path().join("s.db")).unwrap();
         let batch = Batch::begin(&mut conn).unwrap();
-        let id = batch.enqueue(&action(), &serde_json::json!({}), 5, None).unwrap();
+        let id = batch.enqueue(&action(), &serde_json::json!({}), 5, None, None).unwrap().unwrap();
         batch.commit().unwrap();
         record_attempt(&conn, id, &Attempt::Retry { at_ms: 100, error: "HTTP 503".into() }, 6).unwrap();
         assert!(due_actions(&conn, "hook", 99, 10).unwrap().is_empty());
@@ -1087,7 +1241,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open(&dir.path().join("s.db")).unwrap();
         let batch = Batch::begin(&mut conn).unwrap();
-        let id = batch.enqueue(&action(), &serde_json::json!({"x": 1}), 5, None).unwrap();
+        let id = batch.enqueue(&action(), &serde_json::json!({"x": 1}), 5, None, None).unwrap().unwrap();
         batch.commit().unwrap();
         record_attempt(&conn, id, &Attempt::GiveUp { status: "dead", error: "HTTP 500".into() }, 9).unwrap();
         assert!(list_actions(&conn, None, 10).unwrap().is_empty());
@@ -1123,6 +1277,13 @@ mod tests {
 }
 
 /// Where installed plugin components are kept, by sha256, next to the database file.
+/// The directory of the event log's segment files, next to the database.
+pub fn log_dir(database: &Path) -> std::path::PathBuf {
+    let mut name = database.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".log");
+    database.with_file_name(name)
+}
+
 pub fn blob_dir(database: &Path) -> std::path::PathBuf {
     let mut name = database.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".plugins");

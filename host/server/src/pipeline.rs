@@ -375,6 +375,86 @@ impl Ingest {
     }
 }
 
+/// What a batch answers once its records are on disk.
+struct Answers {
+    batch: Vec<IngestJob>,
+    /// Per job, its report and the answers of the work it handed on; or why nothing was stored.
+    outcome: Result<(Vec<IngestReport>, Vec<Vec<oneshot::Receiver<Result<Reply, String>>>>), String>,
+    woken: HashSet<String>,
+    unstitched: Vec<(oneshot::Sender<Result<serde_json::Value, String>>, serde_json::Value)>,
+    traces: Vec<(Vec<String>, Vec<serde_json::Value>)>,
+    deleted: Vec<(DeletionReply, Vec<serde_json::Value>)>,
+}
+
+impl Answers {
+    /// Answers every job; `synced` is whether the log holds the batch on disk.
+    fn send(self, synced: Result<(), String>, shared: &Shared) {
+        let outcome = synced.and(self.outcome);
+        let (reports, handed_on) = match outcome {
+            Ok(done) => done,
+            Err(e) => {
+                for (done, _) in self.unstitched {
+                    let _ = done.send(Err(e.clone()));
+                }
+                for (done, _) in self.deleted {
+                    let _ = done.send(Err(e.clone()));
+                }
+                for job in self.batch {
+                    match job.work {
+                        Work::Unstitch { done, .. } => {
+                            let _ = done.send(Err(e.clone()));
+                        }
+                        Work::Delete { done, .. } => {
+                            let _ = done.send(Err(e.clone()));
+                        }
+                        _ => {}
+                    }
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+                return;
+            }
+        };
+        // Connectors are called only for actions whose cause is on disk.
+        for action in &self.woken {
+            if let Some(lane) = shared.lanes.get(action) {
+                lane.notify_one();
+            }
+        }
+        for (done, result) in self.unstitched {
+            let _ = done.send(Ok(result));
+        }
+        let tracer = &shared.telemetry.tracer;
+        for (ids, steps) in self.traces {
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            for step in steps {
+                tracer.emit(&ids, step);
+            }
+            tracer.emit(&ids, serde_json::json!({ "step": "committed" }));
+        }
+        for (done, records) in self.deleted {
+            let _ = done.send(Ok(records));
+        }
+        for ((job, report), handed_on) in self.batch.into_iter().zip(reports).zip(handed_on) {
+            let _ = job.reply.send(Ok(Reply { report, handed_on }));
+        }
+    }
+}
+
+/// Syncs the log for the workers, in order, and sends each batch's answers once it is on disk.
+/// One sync covers every batch appended before it, so under load the workers' batches share
+/// syncs, and a worker applies its next batch while the last one is being synced.
+fn run_syncer(shared: Shared, batches: std::sync::mpsc::Receiver<(Position, Answers)>) {
+    while let Ok((upto, answers)) = batches.recv() {
+        let syncing = std::time::Instant::now();
+        let synced = shared.log.sync(upto).map_err(|e| format!("event log not synced: {e}"));
+        shared.telemetry.metrics.log_sync_seconds.observe(syncing.elapsed().as_secs_f64());
+        if let Err(e) = &synced {
+            tracing::error!("{e}");
+        }
+        answers.send(synced, &shared);
+    }
+}
+
 /// The event log and how far its records are materialized.
 #[derive(Clone)]
 pub struct LogState {
@@ -461,7 +541,8 @@ pub fn start(
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
     // Workers hold weak handles to each other, so the queues close when the `Ingest` is dropped.
     let peers: Vec<_> = senders.iter().map(mpsc::UnboundedSender::downgrade).collect();
-    let mut handles = Vec::with_capacity(n);
+    let mut handles = Vec::with_capacity(n + 1);
+    let (syncer, batches) = std::sync::mpsc::channel();
     for (index, rx) in receivers.into_iter().enumerate() {
         let worker = Worker {
             shared: shared.clone(),
@@ -475,6 +556,7 @@ pub fn start(
             pruning: None,
             deletions: 0,
             materialized: materialized.clone(),
+            syncer: syncer.clone(),
         };
         let conn = open_reader()?;
         let handle = std::thread::Builder::new()
@@ -483,6 +565,14 @@ pub fn start(
             .map_err(|e| StoreError::Corrupt { id: "worker".into(), message: e.to_string() })?;
         handles.push(handle);
     }
+    // Joined after the workers: it ends once they have all stopped and their answers are sent.
+    let syncing = shared.clone();
+    drop(syncer);
+    let handle = std::thread::Builder::new()
+        .name("starling-log-sync".into())
+        .spawn(move || run_syncer(syncing, batches))
+        .map_err(|e| StoreError::Corrupt { id: "syncer".into(), message: e.to_string() })?;
+    handles.push(handle);
     let room = (0..n).map(|_| Arc::new(Semaphore::new(queue))).collect();
     let log = shared.log.clone();
     Ok((Ingest { partitions: senders, room, directory, log, materialized, stored }, handles))
@@ -503,6 +593,8 @@ struct Worker {
     /// Deletions made, to tell them apart in audit records.
     deletions: u64,
     materialized: Arc<Materialized>,
+    /// Where answers go to wait for the log to reach the disk.
+    syncer: std::sync::mpsc::Sender<(Position, Answers)>,
 }
 
 /// A write decided while applying events, performed at commit.
@@ -645,7 +737,10 @@ impl Worker {
         }
     }
 
-    /// Applies a batch and answers its jobs. `replayed`: the batch is that log record again.
+    /// Applies a batch, hands on what belongs to other partitions, and leaves the answers to
+    /// the syncer, which sends them once the log holds the batch on disk; meanwhile this worker
+    /// goes on with the next batch. `replayed`: the batch is that log record again (on disk
+    /// already).
     fn process(
         &mut self,
         conn: &mut rusqlite::Connection,
@@ -653,55 +748,35 @@ impl Worker {
         now: i64,
         replayed: Option<(Partition, Position)>,
     ) {
-        {
-            let mut pending = Pending::default();
-            match self.apply(conn, &mut batch, &mut pending, now, replayed) {
-                Ok(reports) => {
-                    for action in &pending.effects.woken {
-                        if let Some(lane) = self.shared.lanes.get(action) {
-                            lane.notify_one();
-                        }
-                    }
-                    let handed_on = self.hand_on(&mut pending, batch.len());
-                    for (done, result) in pending.unstitched {
-                        let _ = done.send(Ok(result));
-                    }
-                    let tracer = &self.shared.telemetry.tracer;
-                    for (ids, steps) in pending.traces {
-                        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-                        for step in steps {
-                            tracer.emit(&ids, step);
-                        }
-                        tracer.emit(&ids, serde_json::json!({ "step": "committed" }));
-                    }
-                    for (done, records) in pending.deleted {
-                        let _ = done.send(Ok(records));
-                    }
-                    for ((job, report), handed_on) in batch.into_iter().zip(reports).zip(handed_on) {
-                        let _ = job.reply.send(Ok(Reply { report, handed_on }));
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(partition = self.index, "event batch not stored: {e}");
-                    self.cache = Cache::default();
-                    for (done, _) in pending.unstitched {
-                        let _ = done.send(Err(e.to_string()));
-                    }
-                    for (done, _) in pending.deleted {
-                        let _ = done.send(Err(e.to_string()));
-                    }
-                    for job in batch {
-                        match job.work {
-                            Work::Unstitch { done, .. } => {
-                                let _ = done.send(Err(e.to_string()));
-                            }
-                            Work::Delete { done, .. } => {
-                                let _ = done.send(Err(e.to_string()));
-                            }
-                            _ => {}
-                        }
-                        let _ = job.reply.send(Err(e.to_string()));
-                    }
+        let mut pending = Pending::default();
+        let result = self.apply(conn, &mut batch, &mut pending, now, replayed);
+        let outcome = match result {
+            Ok(reports) => {
+                let handed_on = self.hand_on(&mut pending, batch.len());
+                Ok((reports, handed_on))
+            }
+            Err(e) => {
+                tracing::error!(partition = self.index, "event batch not stored: {e}");
+                self.cache = Cache::default();
+                Err(e.to_string())
+            }
+        };
+        let answers = Answers {
+            batch,
+            outcome,
+            woken: std::mem::take(&mut pending.effects.woken),
+            unstitched: std::mem::take(&mut pending.unstitched),
+            traces: std::mem::take(&mut pending.traces),
+            deleted: std::mem::take(&mut pending.deleted),
+        };
+        match replayed {
+            Some(_) => answers.send(Ok(()), &self.shared),
+            // Everything appended so far, so that no answer (not even "duplicate") comes
+            // before the records it depends on are on disk.
+            None => {
+                let upto = self.shared.log.next_position().saturating_sub(1);
+                if let Err(unsent) = self.syncer.send((upto, answers)) {
+                    unsent.0.1.send(Err("shutting down".into()), &self.shared);
                 }
             }
         }
@@ -936,11 +1011,6 @@ impl Worker {
         let committed = self.commit(p, batch, &positions, replayed, now);
         inflight.store(u64::MAX, Ordering::SeqCst);
         let lost_claims = committed?;
-        if let (None, Some(last)) = (replayed, positions.last()) {
-            let syncing = std::time::Instant::now();
-            self.shared.log.sync(*last)?;
-            self.shared.telemetry.metrics.log_sync_seconds.observe(syncing.elapsed().as_secs_f64());
-        }
         self.shared.telemetry.metrics.commit_seconds.observe(committing.elapsed().as_secs_f64());
         for (job, claim, owner) in lost_claims {
             self.lost_claim(conn, p, job, claim, owner)?;

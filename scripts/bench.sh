@@ -2,55 +2,144 @@
 # End-to-end benchmarks (BENCHMARKS.md): a release build of the server on the benchmark
 # configuration, driven by `starling loadgen` over loopback HTTP.
 #
-#   scripts/bench.sh                 # throughput (parse-only ceiling and durable) and latency
+#   scripts/bench.sh throughput      # parse-only and in-memory-log ceilings, then durable ingest
+#   scripts/bench.sh latency         # event -> connector at 1,000 events/s for 5 minutes
 #   PEOPLE=1000000 EVENTS=2000000 scripts/bench.sh memory
+#   scripts/bench.sh disk            # 10 minutes at 20,000 events/s: sizes on disk each minute
+#   PEOPLE=1000000 scripts/bench.sh recovery   # kill -9 under load, time until serving again
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-what=${1:-all}
+what=${1:-throughput}
 people=${PEOPLE:-20000}
 events=${EVENTS:-200000}
 
 cargo build --release -p starling-cli
-starling=target/release/starling
+starling=${CARGO_TARGET_DIR:-target}/release/starling
 # Only the two plugins the benchmark configuration uses, so that memory figures are the engine's.
 $starling plugin build connectors/webhook connectors/value-tier --out target/bench-plugins
 
-# A fresh database each run; the compiled-plugin cache next to it is kept.
 mkdir -p target/bench
-rm -f target/bench/starling.db target/bench/starling.db-wal target/bench/starling.db-shm
-$starling serve --config examples/benchmark.toml --plugins target/bench-plugins > target/bench/server.log 2>&1 &
-server=$!
+db=target/bench/starling.db
+server=
+
+# The benchmark configuration with `$1` added to its [server] section and `$2` appended.
+variant() {
+    local out=target/bench/variant.toml
+    sed "s|^\[server\]|[server]\n$1|" examples/benchmark.toml > "$out"
+    printf '%s\n' "${2:-}" >> "$out"
+    echo "$out"
+}
+
+# A fresh database and event log, unless `keep` is given.
+start() {
+    local config=$1 keep=${2:-}
+    if [[ -z $keep ]]; then
+        rm -rf $db $db-wal $db-shm $db.log
+    fi
+    $starling serve --config "$config" --database $db --plugins target/bench-plugins >> target/bench/server.log 2>&1 &
+    server=$!
+    # The first start compiles the plugins; later starts use the compiled-code cache.
+    for _ in $(seq 1 600); do
+        curl -sf localhost:8080/healthz > /dev/null && return
+        sleep 0.5
+    done
+    echo "the server did not start:"
+    tail -50 target/bench/server.log
+    exit 1
+}
+
+stop() {
+    kill "$server" 2>/dev/null || true
+    wait "$server" 2>/dev/null || true
+}
 trap 'kill $server 2>/dev/null || true' EXIT
-# The first start compiles the plugins; later starts use the compiled-code cache.
-for _ in $(seq 1 600); do
-    curl -sf localhost:8080/healthz > /dev/null && break
-    sleep 0.5
-done
-curl -sf localhost:8080/healthz > /dev/null || { echo "the server did not start:"; cat target/bench/server.log; exit 1; }
 
 rss() { awk '/VmRSS/ { print $2 / 1024 " MiB" }' "/proc/$server/status"; }
+sizes() {
+    local sqlite=$(( $(stat -c %s $db) + $(stat -c %s $db-wal 2>/dev/null || echo 0) ))
+    local log=$(du -sb $db.log 2>/dev/null | cut -f1)
+    echo "sqlite $sqlite bytes, event log ${log:-0} bytes"
+}
+load() {
+    $starling loadgen --people "$people" --events "$events" --batch 500 --connections 8 "$@"
+}
 
-if [[ $what == all || $what == throughput ]]; then
+: > target/bench/server.log
+case $what in
+throughput)
+    start "$(variant 'event_log = "memory"')"
     echo "== parse-only ceiling"
-    $starling loadgen --people "$people" --events "$events" --batch 500 --connections 8 --parse-only --prefix ceiling
+    load --parse-only --prefix ceiling
+    echo "== in-memory log ceiling (the same pipeline, the log not on disk)"
+    load --trace-every 1000 --receiver 127.0.0.1:9998 --verify --prefix memory
+    stop
+    start examples/benchmark.toml
     echo "== durable ingest"
-    $starling loadgen --people "$people" --events "$events" --batch 500 --connections 8 \
-        --trace-every 1000 --receiver 127.0.0.1:9998 --verify --prefix durable
-    echo "server resident memory: $(rss)"
-fi
-if [[ $what == all || $what == latency ]]; then
-    echo "== event -> connector latency at 1,000 events/s"
-    $starling loadgen --people 5000 --events 30000 --batch 10 --connections 4 --rate 1000 \
+    load --trace-every 1000 --receiver 127.0.0.1:9998 --verify --prefix durable
+    echo "server resident memory: $(rss); $(sizes)"
+    curl -s localhost:8080/metrics | grep -E '^starling_(commit|log_sync|event_apply)_seconds_(sum|count)'
+    ;;
+latency)
+    start examples/benchmark.toml
+    echo "== event -> connector latency at 1,000 events/s for 5 minutes"
+    $starling loadgen --people 5000 --events 300000 --batch 10 --connections 4 --rate 1000 \
         --trace-every 1 --receiver 127.0.0.1:9998 --prefix latency
-fi
-if [[ $what == memory ]]; then
+    curl -s localhost:8080/metrics | grep -E '^starling_(commit|log_sync|event_apply)_seconds_(sum|count)'
+    ;;
+memory)
+    start examples/benchmark.toml
     echo "== $people profiles"
     $starling loadgen --people "$people" --events "$events" --batch 1000 --connections 8 \
         --two-devices 0 --prefix memory
     echo "server resident memory after loading: $(rss)"
-    kill $server; wait $server || true
-    db=target/bench/starling.db
+    stop
     sqlite_bytes=$(( $(stat -c %s $db) + $(stat -c %s $db-wal 2>/dev/null || echo 0) ))
-    echo "database: $sqlite_bytes bytes, $(( sqlite_bytes / people )) bytes per profile (with its event log)"
-fi
+    echo "database: $sqlite_bytes bytes, $(( sqlite_bytes / people )) bytes per profile (with its history); $(sizes)"
+    ;;
+disk)
+    # A short per-profile history, so that 10 minutes reach the cap: the plateau is
+    # people x events_per_profile x bytes per stored event.
+    start "$(variant '' $'[retention]\nevents_per_profile = 100\nactions_kept = "1m"')"
+    $starling loadgen --people 20000 --events 12000000 --batch 500 --connections 8 --rate 20000 \
+        --prefix disk > target/bench/disk-load.log 2>&1 &
+    loader=$!
+    for minute in $(seq 1 10); do
+        sleep 60
+        echo "minute $minute: $(sizes), resident $(rss)"
+    done
+    wait $loader || true
+    tail -4 target/bench/disk-load.log
+    ;;
+recovery)
+    start examples/benchmark.toml
+    echo "== loading $people profiles"
+    $starling loadgen --people "$people" --events "$(( people * 2 ))" --batch 1000 --connections 8 \
+        --two-devices 0 --prefix recovery > /dev/null
+    echo "== full load, then kill -9"
+    $starling loadgen --people "$people" --events 2000000 --batch 500 --connections 8 \
+        --prefix recovery-live > target/bench/recovery-load.log 2>&1 &
+    loader=$!
+    sleep 20
+    kill -9 "$server"
+    wait "$server" 2>/dev/null || true
+    killed=$(date +%s.%N)
+    echo "killed; $(sizes)"
+    kill $loader 2>/dev/null || true
+    $starling serve --config examples/benchmark.toml --database $db --plugins target/bench-plugins \
+        >> target/bench/server.log 2>&1 &
+    server=$!
+    until curl -sf localhost:8080/healthz > /dev/null; do sleep 0.05; done
+    healthy=$(date +%s.%N)
+    curl -sf -X POST localhost:8080/v1/events -H 'content-type: application/json' \
+        -d '{"event":"page_view","visitor_id":"after-recovery"}' > /dev/null
+    accepted=$(date +%s.%N)
+    echo "healthz after $(awk "BEGIN { print $healthy - $killed }") s, an event accepted after $(awk "BEGIN { print $accepted - $killed }") s"
+    grep -E 'replayed|cut' target/bench/server.log | tail -3
+    ;;
+*)
+    echo "unknown benchmark: $what" >&2
+    exit 2
+    ;;
+esac
+stop

@@ -185,3 +185,146 @@ async fn overload_is_refused_with_retry_after_memory_stays_bounded_and_nothing_a
     }
     server.stop();
 }
+
+fn stitching_config(dir: &Path, receiver: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[server]
+database = "starling.db"
+plugins = "plugins"
+partitions = 2
+
+[[attribute]]
+name = "email_hash"
+scope = "visitor"
+type = "visitor_id"
+
+[[enrichment]]
+attribute = "email_hash"
+op = "set"
+event = "email_hash"
+when = "event:login"
+
+[[audience]]
+name = "both_devices"
+rule = {{ attribute = "event_count", op = ">=", value = 4 }}
+
+[[action]]
+name = "welcome"
+audience = "both_devices"
+trigger = "joined"
+connector = "webhook"
+settings = {{ url = "{receiver}/welcome" }}
+params = {{ who = "profile_id" }}
+"#
+    );
+    let path = dir.join("starling.toml");
+    std::fs::write(&path, text).unwrap();
+    harness::install(harness::connectors(), "webhook", &dir.join("plugins"), |m| m);
+    path
+}
+
+const PEOPLE_PER_ROUND: usize = 20;
+
+/// Round `r`: 20 new people, each on a web and a phone device on different workers, each device
+/// viewing a page and logging in with the person's email hash, so their profiles merge across
+/// partitions.
+fn merging_round(r: usize) -> serde_json::Value {
+    let mut events = Vec::new();
+    for i in 0..PEOPLE_PER_ROUND {
+        let person = r * PEOPLE_PER_ROUND + i;
+        for device in devices(person) {
+            events.push(json!({"event": "view", "visitor_id": device, "id": format!("{device}-view")}));
+            events.push(json!({"event": "login", "visitor_id": device, "id": format!("{device}-login"),
+                "data": {"email_hash": format!("hash-{person}")}}));
+        }
+    }
+    json!({ "events": events })
+}
+
+/// Two device ids of one person that belong to different workers (of two).
+fn devices(person: usize) -> [String; 2] {
+    let web = format!("web-{person}");
+    let phone = (0..)
+        .map(|n| format!("phone-{person}-{n}"))
+        .find(|p| starling_server::pipeline::worker_of(p, 2) != starling_server::pipeline::worker_of(&web, 2))
+        .unwrap();
+    [web, phone]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn merges_across_partitions_survive_kill_9_and_fire_once() {
+    let _alone = harness::exclusive().await;
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = stitching_config(dir.path(), &receiver.url);
+    let server = Server::start(&config);
+    let url = url_of(&server);
+    let rounds = 60;
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let acked: Arc<std::sync::Mutex<HashSet<usize>>> = Arc::default();
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (next, acked, url) = (next.clone(), acked.clone(), url.clone());
+        clients.spawn(async move {
+            let client = harness::client();
+            loop {
+                let r = next.fetch_add(1, Ordering::SeqCst);
+                if r >= rounds {
+                    return;
+                }
+                match post(&client, &url, &merging_round(r)).await {
+                    Ok(202) => {
+                        acked.lock().unwrap().insert(r);
+                    }
+                    _ => return,
+                }
+            }
+        });
+    }
+    eventually("a third of the rounds acknowledged", Duration::from_secs(120), async || {
+        (acked.lock().unwrap().len() >= rounds / 3).then_some(())
+    })
+    .await;
+    server.kill9();
+    while clients.join_next().await.is_some() {}
+    let acked: HashSet<usize> = acked.lock().unwrap().clone();
+    assert!(acked.len() < rounds, "the kill must land mid-stream");
+
+    let server = Server::start(&config);
+    // Acknowledged merges are there after the restart, before anything is sent again.
+    for &r in &acked {
+        let person = r * PEOPLE_PER_ROUND;
+        let [web, phone] = devices(person);
+        let (_, a) = get_json(&format!("{}/v1/profiles/{web}", server.url)).await;
+        let (_, b) = get_json(&format!("{}/v1/profiles/{phone}", server.url)).await;
+        assert_eq!(a["id"], b["id"], "person {person} of acknowledged round {r} is one profile");
+        assert_eq!(a["event_count"], 4, "person {person}: both devices' events, once");
+    }
+    let client = harness::client();
+    for r in (0..rounds).filter(|r| !acked.contains(r)) {
+        assert_eq!(post(&client, &url_of(&server), &merging_round(r)).await.unwrap(), 202);
+    }
+    for person in 0..rounds * PEOPLE_PER_ROUND {
+        let [web, phone] = devices(person);
+        let (_, a) = get_json(&format!("{}/v1/profiles/{web}", server.url)).await;
+        let (_, b) = get_json(&format!("{}/v1/profiles/{phone}", server.url)).await;
+        assert_eq!(a["id"], b["id"], "person {person}: one profile");
+        assert_eq!(a["event_count"], 4, "person {person}: every event exactly once");
+    }
+    let got = eventually("every person's welcome", Duration::from_secs(120), async || {
+        let got = receiver.received();
+        let who: HashSet<String> = got.iter().map(|r| r.header("x-starling-profile").to_string()).collect();
+        (who.len() == rounds * PEOPLE_PER_ROUND).then_some(got)
+    })
+    .await;
+    let mut keys: HashMap<String, HashSet<String>> = HashMap::new();
+    for r in &got {
+        keys.entry(r.header("x-starling-profile").to_string())
+            .or_default()
+            .insert(r.header("idempotency-key").to_string());
+    }
+    assert!(keys.values().all(|k| k.len() == 1), "a person's repeated deliveries carry one idempotency key");
+    server.stop();
+}

@@ -222,6 +222,8 @@ pub struct Ingest {
     materialized: Arc<Materialized>,
     /// The log position each partition's stored state included at start.
     stored: HashMap<Partition, Position>,
+    /// Merges handed over to another partition and not yet applied there, at start.
+    handed_over: Vec<MergeRequest>,
 }
 
 impl Ingest {
@@ -314,6 +316,17 @@ impl Ingest {
             jobs[entry.partition as usize % n] = Some(work);
             let replay = ReplayOf { partition: entry.partition, position: entry.position, now_ms };
             self.dispatch_replay(jobs, false, Some(replay))?.durable().await?;
+        }
+        // Merges another partition had not applied when the last run stopped (one it has
+        // applied since, in the replay above, is recognised by its origin and skipped).
+        let resent = self.handed_over.len();
+        for merge in &self.handed_over {
+            let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
+            jobs[worker_of(&merge.survivor, n)] = Some(Work::Merge(merge.clone()));
+            self.dispatch(jobs, false)?.durable().await?;
+        }
+        if resent > 0 {
+            tracing::info!(merges = resent, "merges handed over before the restart sent again");
         }
         for inflight in &self.materialized.inflight {
             inflight.store(u64::MAX, Ordering::SeqCst);
@@ -528,6 +541,16 @@ pub fn start(
     let writer = open_writer()?;
     let directory = Directory::load(&writer)?;
     let stored: HashMap<Partition, Position> = starling_store::log_positions(&writer)?.into_iter().collect();
+    let handed_over = starling_store::handed_over(&writer)?
+        .into_iter()
+        .filter_map(|(origin, request)| match serde_json::from_str::<MergeRequest>(&request) {
+            Ok(merge) => Some(merge),
+            Err(e) => {
+                tracing::error!(origin, "a merge handed over is unreadable, not sent again: {e}");
+                None
+            }
+        })
+        .collect();
     // Positions the store recorded are never handed out again, even if the log lost its tail.
     if let Some(last) = stored.values().max() {
         shared.log.continue_after(*last);
@@ -575,7 +598,7 @@ pub fn start(
     handles.push(handle);
     let room = (0..n).map(|_| Arc::new(Semaphore::new(queue))).collect();
     let log = shared.log.clone();
-    Ok((Ingest { partitions: senders, room, directory, log, materialized, stored }, handles))
+    Ok((Ingest { partitions: senders, room, directory, log, materialized, stored, handed_over }, handles))
 }
 
 struct Worker {
@@ -670,8 +693,6 @@ struct Pending {
     /// Merges for other partitions, sent after commit, with the job and the draft (log
     /// record) that caused them.
     merges: Vec<(usize, usize, MergeRequest)>,
-    /// The log position of each draft, once appended.
-    positions: Vec<Position>,
     /// Events for profiles other partitions own, per job and partition.
     forwards: Vec<(usize, usize, Vec<Event>)>,
     /// Profiles whose merge into another partition's profile is sent after commit.
@@ -787,16 +808,8 @@ impl Worker {
     fn hand_on(&mut self, pending: &mut Pending, jobs: usize) -> Vec<Vec<oneshot::Receiver<Result<Reply, String>>>> {
         self.directory.point(pending.directory.drain(..));
         let mut handed_on: Vec<Vec<_>> = (0..jobs).map(|_| Vec::new()).collect();
-        let mut per_position: HashMap<Position, usize> = HashMap::new();
-        let positions = &pending.positions;
-        let merges = pending.merges.drain(..).map(|(job, record, mut m)| {
-            m.origin = positions.get(record).map(|position| {
-                let n = per_position.entry(*position).or_default();
-                *n += 1;
-                format!("{position}.{}", *n - 1)
-            });
-            (job, worker_of(&m.survivor, self.partitions), Work::Merge(m))
-        });
+        let merges =
+            pending.merges.drain(..).map(|(job, _, m)| (job, worker_of(&m.survivor, self.partitions), Work::Merge(m)));
         let forwards = pending.forwards.drain(..).map(|(job, to, events)| (job, to, Work::Events(events)));
         for (job, to, work) in merges.collect::<Vec<_>>().into_iter().chain(forwards) {
             let (reply, answer) = oneshot::channel();
@@ -1007,13 +1020,12 @@ impl Worker {
                 appended?
             }
         };
-        p.positions.clone_from(&positions);
         let committed = self.commit(p, batch, &positions, replayed, now);
         inflight.store(u64::MAX, Ordering::SeqCst);
         let lost_claims = committed?;
         self.shared.telemetry.metrics.commit_seconds.observe(committing.elapsed().as_secs_f64());
-        for (job, claim, owner) in lost_claims {
-            self.lost_claim(conn, p, job, claim, owner)?;
+        for (claim, owner) in lost_claims {
+            self.lost_claim(conn, p, claim, owner)?;
         }
         self.settle_cache(p);
         Ok(reports)
@@ -1028,13 +1040,14 @@ impl Worker {
         positions: &[Position],
         replayed: Option<(Partition, Position)>,
         now: i64,
-    ) -> Result<Vec<(usize, IdentityLink, String)>, StoreError> {
+    ) -> Result<Vec<(IdentityLink, String)>, StoreError> {
         let history = self.shared.model.history;
         let mut writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let tx = Batch::begin(&mut writer)?;
         let mut actions_per_position: HashMap<Position, usize> = HashMap::new();
         let mut deleted = false;
         let mut lost_claims = Vec::new();
+        let mut handed_over = Vec::new();
         for write in &p.effects.writes {
             match write {
                 Write::Link { visitor, profile, claim } => {
@@ -1044,7 +1057,19 @@ impl Worker {
                         Some((job, record)) => {
                             let owner = starling_store::resolve_identity(tx.connection(), visitor)?;
                             if let Some(owner) = owner.filter(|o| o != profile) {
-                                lost_claims.push((*job, record.clone(), owner));
+                                // Merged into the owner's profile, as if the link had been seen
+                                // before the claim.
+                                let record_index = p.drafts.iter().position(|(j, _, _)| j == job).unwrap_or_default();
+                                let merge = MergeRequest {
+                                    survivor: self.directory.profile_of(&owner),
+                                    absorbed: record.profile_id.clone(),
+                                    via: record.visitor_id.clone(),
+                                    attribute: record.attribute.clone().unwrap_or_default(),
+                                    event_id: record.event_id.clone(),
+                                    origin: None,
+                                };
+                                handed_over.push((*job, record_index, merge));
+                                lost_claims.push((record.clone(), owner));
                             }
                         }
                         None => {}
@@ -1099,6 +1124,20 @@ impl Worker {
                 tx.trim_history(id, history.events_per_profile)?;
             }
         }
+        // Merges for other partitions are named after the record that caused them and kept
+        // until applied, so that one lost with a crash after this commit is sent again at start.
+        p.merges.extend(handed_over);
+        let mut per_position: HashMap<Position, usize> = HashMap::new();
+        for (_, record, merge) in p.merges.iter_mut() {
+            merge.origin = positions.get(*record).map(|position| {
+                let n = per_position.entry(*position).or_default();
+                *n += 1;
+                format!("{position}.{}", *n - 1)
+            });
+            if let Some(origin) = &merge.origin {
+                tx.hand_over(origin, &serde_json::to_string(merge).expect("merges serialize"))?;
+            }
+        }
         match replayed {
             Some((partition, position)) => tx.set_log_position(partition, position)?,
             None => {
@@ -1147,7 +1186,6 @@ impl Worker {
         &mut self,
         conn: &rusqlite::Connection,
         p: &mut Pending,
-        job: usize,
         claim: IdentityLink,
         owner: String,
     ) -> Result<(), StoreError> {
@@ -1161,19 +1199,6 @@ impl Worker {
         p.leaving.insert(absorbed.clone());
         p.directory.extend(ids.into_iter().map(|i| (i, survivor.clone())));
         tracing::info!(id = %id, profile = %absorbed, owner = %survivor, "id claimed concurrently; merging");
-        let record = p.drafts.iter().position(|(j, _, _)| *j == job).unwrap_or_default();
-        p.merges.push((
-            job,
-            record,
-            MergeRequest {
-                survivor,
-                absorbed,
-                via: id,
-                attribute: claim.attribute.unwrap_or_default(),
-                event_id: claim.event_id,
-                origin: None,
-            },
-        ));
         Ok(())
     }
 

@@ -64,6 +64,12 @@ CREATE TABLE IF NOT EXISTS handoffs (
     origin      TEXT PRIMARY KEY,
     position    INTEGER NOT NULL
 ) WITHOUT ROWID;
+-- Merges this node's partitions handed over to another partition (the request as JSON), kept
+-- until that partition has applied them (`handoffs`), so that a crash cannot lose one.
+CREATE TABLE IF NOT EXISTS handed_over (
+    origin      TEXT PRIMARY KEY,
+    request     TEXT NOT NULL
+) WITHOUT ROWID;
 -- The log position each virtual partition's state here includes; replay starts after it.
 CREATE TABLE IF NOT EXISTS log_positions (
     partition   INTEGER PRIMARY KEY,
@@ -219,9 +225,20 @@ pub fn handoff_applied(conn: &Connection, origin: &str) -> Result<bool> {
     Ok(conn.prepare_cached("SELECT 1 FROM handoffs WHERE origin = ?1")?.exists([origin])?)
 }
 
-/// Forgets applied handoffs from records before `position`, which the log no longer holds.
+/// Merges handed over and not yet applied: (origin, request).
+pub fn handed_over(conn: &Connection) -> Result<Vec<(String, String)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT origin, request FROM handed_over WHERE origin NOT IN (SELECT origin FROM handoffs) ORDER BY origin",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Forgets merges handed over that were applied, then applied handoffs from records before
+/// `position`, which the log no longer holds.
 pub fn prune_handoffs(conn: &Connection, position: u64) -> Result<usize> {
     let _gate = write_gate();
+    conn.execute("DELETE FROM handed_over WHERE origin IN (SELECT origin FROM handoffs)", [])?;
     Ok(conn.execute("DELETE FROM handoffs WHERE position < ?1", [position as i64])?)
 }
 
@@ -620,6 +637,14 @@ impl<'c> Batch<'c> {
         self.tx
             .prepare_cached("INSERT OR IGNORE INTO handoffs (origin, position) VALUES (?1, ?2)")?
             .execute(params![origin, position])?;
+        Ok(())
+    }
+
+    /// Keeps a merge handed over to another partition until it is applied there.
+    pub fn hand_over(&self, origin: &str, request: &str) -> Result<()> {
+        self.tx
+            .prepare_cached("INSERT OR IGNORE INTO handed_over (origin, request) VALUES (?1, ?2)")?
+            .execute([origin, request])?;
         Ok(())
     }
 

@@ -388,11 +388,14 @@ impl Ingest {
     }
 }
 
+/// The answer to a piece of work.
+type Answer = oneshot::Receiver<Result<Reply, String>>;
+
 /// What a batch answers once its records are on disk.
 struct Answers {
     batch: Vec<IngestJob>,
     /// Per job, its report and the answers of the work it handed on; or why nothing was stored.
-    outcome: Result<(Vec<IngestReport>, Vec<Vec<oneshot::Receiver<Result<Reply, String>>>>), String>,
+    outcome: Result<(Vec<IngestReport>, Vec<Vec<Answer>>), String>,
     woken: HashSet<String>,
     unstitched: Vec<(oneshot::Sender<Result<serde_json::Value, String>>, serde_json::Value)>,
     traces: Vec<(Vec<String>, Vec<serde_json::Value>)>,
@@ -805,7 +808,7 @@ impl Worker {
 
     /// After a commit: publishes directory changes, then sends merges and forwarded events to
     /// the partitions that own their profiles. Returns, per job, the answers to wait for.
-    fn hand_on(&mut self, pending: &mut Pending, jobs: usize) -> Vec<Vec<oneshot::Receiver<Result<Reply, String>>>> {
+    fn hand_on(&mut self, pending: &mut Pending, jobs: usize) -> Vec<Vec<Answer>> {
         self.directory.point(pending.directory.drain(..));
         let mut handed_on: Vec<Vec<_>> = (0..jobs).map(|_| Vec::new()).collect();
         let merges =

@@ -3,6 +3,7 @@
 # configuration, driven by `starling loadgen` over loopback HTTP.
 #
 #   scripts/bench.sh throughput      # parse-only and in-memory-log ceilings, then durable ingest
+#   scripts/bench.sh lean            # the same with wrk (scripts/wrk-events.lua) as a lean client
 #   scripts/bench.sh latency         # event -> connector at 1,000 events/s for 5 minutes
 #   PEOPLE=1000000 EVENTS=2000000 scripts/bench.sh memory
 #   scripts/bench.sh disk            # 10 minutes at 20,000 events/s: sizes on disk each minute
@@ -79,6 +80,20 @@ throughput)
     load --trace-every 1000 --receiver 127.0.0.1:9998 --verify --prefix durable
     echo "server resident memory: $(rss); $(sizes)"
     curl -s localhost:8080/metrics | grep -E '^starling_(commit|log_sync|event_apply)_seconds_(sum|count)'
+    ;;
+lean)
+    # wrk (Debian's package) posting prepared 500-event bodies: events/s = requests/s x 500.
+    lean() {
+        wrk -t2 -c8 -d30s -s scripts/wrk-events.lua "http://127.0.0.1:8080/v1/events$1" |
+            awk '/Requests\/sec/ { printf "%.0f events/s (%s requests/s)\n", $2 * 500, $2 } /Latency|Non-2xx/'
+    }
+    start "$(variant 'event_log = "memory"')"
+    echo "== parse-only ceiling"; lean "?dry_run=true"
+    echo "== in-memory log ceiling"; lean ""
+    stop
+    start examples/benchmark.toml
+    echo "== durable ingest"; lean ""
+    echo "server resident memory: $(rss); $(sizes)"
     ;;
 latency)
     start examples/benchmark.toml

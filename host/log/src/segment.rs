@@ -18,6 +18,9 @@ const HEADER: usize = 18;
 const MAX_PAYLOAD: usize = 64 << 20;
 /// A segment is closed and a new one started once it holds this many bytes.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
+/// A segment whose records are all materialized is closed (and then deleted) once it holds
+/// this many bytes.
+const ROLL_WHEN_DONE_BYTES: u64 = 1 << 20;
 
 pub struct SegmentLog {
     dir: PathBuf,
@@ -302,10 +305,11 @@ impl EventLog for SegmentLog {
 
     fn truncate_before(&self, position: Position) -> Result<u64> {
         let mut writer = self.writer.lock().expect("log writer");
-        // An active segment that holds only records before `position` is closed, so that it
-        // can go too: a deleted person's events leave the disk at the next checkpoint.
+        // An active segment past a small size that holds only records before `position` is
+        // closed, so that it can go too (rolling a tiny one at every checkpoint would cost a
+        // file and two directory syncs each time for nothing; `seal` closes any).
         let active = writer.segments.back().expect("one segment at least");
-        if active.bytes > 0 && writer.next <= position {
+        if active.bytes >= ROLL_WHEN_DONE_BYTES && writer.next <= position {
             self.roll(&mut writer)?;
         }
         let mut freed = 0;
@@ -423,10 +427,12 @@ mod tests {
         assert!(log.size_bytes() < before);
         let positions: Vec<_> = all(&log).iter().map(|e| e.position).collect();
         assert_eq!(positions, (6..=10).collect::<Vec<_>>());
-        // Everything before the end: the active segment is closed and goes too.
-        log.truncate_before(11).unwrap();
+        // Everything before the end: a sealed active segment goes too.
+        log.append(&[(0, b"y")]).unwrap();
+        log.seal().unwrap();
+        log.truncate_before(12).unwrap();
         assert_eq!(log.size_bytes(), 0);
-        assert_eq!(log.append(&[(0, b"x")]).unwrap(), vec![11]);
+        assert_eq!(log.append(&[(0, b"x")]).unwrap(), vec![12]);
     }
 
     #[test]

@@ -307,6 +307,17 @@ impl Ingest {
             .await
             .map_err(|e| IngestError::Failed(e.to_string()))?
             .map_err(|e| IngestError::Failed(format!("reading the event log: {e}")))?;
+        if let Some(first) = entries.first()
+            && self.stored.is_empty()
+            && first.position > 1
+        {
+            tracing::warn!(
+                first = first.position,
+                "the database holds no state but the event log starts at position {}: its earlier \
+                 records were truncated after an earlier database stored them; replaying what remains",
+                first.position
+            );
+        }
         let n = self.partitions.len();
         for entry in &entries {
             let logged: Logged = serde_json::from_slice(&entry.payload)

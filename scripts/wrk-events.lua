@@ -35,7 +35,7 @@ function request()
 end
 
 function response(status, headers, body)
-  if status ~= 202 then
+  if status >= 300 then
     io.stderr:write("status " .. status .. ": " .. body .. "\n")
   end
 end

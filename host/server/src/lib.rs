@@ -207,7 +207,7 @@ impl App {
         );
         let ingest = Arc::new(ingest);
         lanes.push(tokio::spawn(run_checkpoints(
-            starling_store::open(&database)?,
+            starling_store::open_relaxed(&database)?,
             ingest.log_state(),
             model.history,
             telemetry.clone(),
@@ -361,12 +361,14 @@ async fn run_checkpoints(
 ) {
     let conn = Arc::new(Mutex::new(conn));
     let mut last_prune_ms = 0;
+    // Where the passes through the history and the outbox go on.
+    let cursors = Arc::new(Mutex::new((0i64, 0i64)));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
             _ = stop.changed() => return,
         }
-        let (conn, state, telemetry) = (conn.clone(), log.clone(), telemetry.clone());
+        let (conn, state, telemetry, cursors) = (conn.clone(), log.clone(), telemetry.clone(), cursors.clone());
         let now = clock();
         let prune = now - last_prune_ms >= PRUNE_EVERY_MS;
         if prune {
@@ -388,8 +390,13 @@ async fn run_checkpoints(
             telemetry.metrics.log_bytes.set(log.size_bytes() as i64);
             if prune {
                 starling_store::prune_handoffs(&conn, safe)?;
-                let events = starling_store::prune_history(&conn, now - history.events_ms, PRUNE_CHUNK)?;
-                let actions = starling_store::prune_done_actions(&conn, now - history.actions_kept_ms, PRUNE_CHUNK)?;
+                let mut cursors = cursors.lock().expect("prune cursors");
+                let (events, next) =
+                    starling_store::prune_history(&conn, now - history.events_ms, cursors.0, PRUNE_CHUNK)?;
+                cursors.0 = next.unwrap_or(0);
+                let (actions, next) =
+                    starling_store::prune_done_actions(&conn, now - history.actions_kept_ms, cursors.1, PRUNE_CHUNK)?;
+                cursors.1 = next.unwrap_or(0);
                 if events + actions > 0 {
                     tracing::debug!(events, actions, "forgot history and finished actions past their retention");
                 }

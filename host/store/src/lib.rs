@@ -242,26 +242,49 @@ pub fn prune_handoffs(conn: &Connection, position: u64) -> Result<usize> {
     Ok(conn.execute("DELETE FROM handoffs WHERE position < ?1", [position as i64])?)
 }
 
-/// Forgets up to `limit` history events received before `before_ms`; returns how many went.
-pub fn prune_history(conn: &Connection, before_ms: i64, limit: usize) -> Result<usize> {
-    let _gate = write_gate();
-    Ok(conn.execute(
-        // Oldest first by sequence (the order received): the scan stops at the first one kept.
-        "DELETE FROM events WHERE seq IN (
-             SELECT seq FROM events WHERE coalesce(received_ms, ts_ms) < ?1 ORDER BY seq LIMIT ?2)",
-        params![before_ms, limit as i64],
-    )?)
+/// Looks at the next `limit` history events after sequence `after` (oldest first) and forgets
+/// those received before `before_ms`. Returns how many went and where the next look starts
+/// (`None`: the end was reached, start again from the beginning). Each look reads at most
+/// `limit` rows, so the write lock is never held for a scan of the whole table.
+pub fn prune_history(conn: &Connection, before_ms: i64, after: i64, limit: usize) -> Result<(usize, Option<i64>)> {
+    prune_chunk(
+        conn,
+        "SELECT max(seq), count(*) FROM (SELECT seq FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2)",
+        "DELETE FROM events WHERE seq > ?1 AND seq <= ?2 AND coalesce(received_ms, ts_ms) < ?3",
+        before_ms,
+        after,
+        limit,
+    )
 }
 
-/// Forgets up to `limit` outbox rows done (delivered, failed or cancelled) whose last attempt
-/// was before `before_ms`.
-pub fn prune_done_actions(conn: &Connection, before_ms: i64, limit: usize) -> Result<usize> {
+/// As [`prune_history`], for outbox rows done (delivered, failed or cancelled) whose last
+/// attempt was before `before_ms`.
+pub fn prune_done_actions(conn: &Connection, before_ms: i64, after: i64, limit: usize) -> Result<(usize, Option<i64>)> {
+    prune_chunk(
+        conn,
+        "SELECT max(id), count(*) FROM (SELECT id FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?2)",
+        "DELETE FROM outbox WHERE id > ?1 AND id <= ?2 AND status IN ('delivered', 'failed', 'cancelled')
+         AND next_attempt_ms < ?3",
+        before_ms,
+        after,
+        limit,
+    )
+}
+
+fn prune_chunk(
+    conn: &Connection,
+    range: &str,
+    delete: &str,
+    before_ms: i64,
+    after: i64,
+    limit: usize,
+) -> Result<(usize, Option<i64>)> {
+    let (last, seen): (Option<i64>, i64) =
+        conn.prepare_cached(range)?.query_row(params![after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let Some(last) = last else { return Ok((0, None)) };
     let _gate = write_gate();
-    Ok(conn.execute(
-        "DELETE FROM outbox WHERE id IN (
-             SELECT id FROM outbox WHERE status IN ('delivered', 'failed', 'cancelled') AND next_attempt_ms < ?1 LIMIT ?2)",
-        params![before_ms, limit as i64],
-    )?)
+    let gone = conn.prepare_cached(delete)?.execute(params![after, last, before_ms])?;
+    Ok((gone, (seen as usize == limit).then_some(last)))
 }
 
 /// WAL frames (4 KiB pages) past which a fully checkpointed WAL is truncated.
@@ -1241,7 +1264,9 @@ mod tests {
         batch.commit().unwrap();
         let names: Vec<i64> = profile_events(&conn, "p1").unwrap().iter().map(|e| e.timestamp_ms).collect();
         assert_eq!(names, vec![4, 5, 6, 7, 8, 9]);
-        assert_eq!(prune_history(&conn, 700, 100).unwrap(), 3);
+        // Two rows at a time: the six kept after trimming were received at 400 to 900.
+        assert_eq!(prune_history(&conn, 700, 0, 2).unwrap(), (2, Some(6)));
+        assert_eq!(prune_history(&conn, 700, 6, 100).unwrap(), (1, None));
         assert_eq!(profile_events(&conn, "p1").unwrap().len(), 3);
     }
 

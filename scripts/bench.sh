@@ -130,7 +130,8 @@ recovery)
     start examples/benchmark.toml
     echo "== loading $people profiles"
     $starling loadgen --people "$people" --events "$(( people * 2 ))" --batch 1000 --connections 8 \
-        --two-devices 0 --prefix recovery > /dev/null
+        --two-devices 0 --prefix recovery | grep -E 'applied'
+    echo "resident memory with $people profiles: $(rss); $(sizes)"
     echo "== full load, then kill -9"
     $starling loadgen --people "$people" --events 2000000 --batch 500 --connections 8 \
         --prefix recovery-live > target/bench/recovery-load.log 2>&1 &

@@ -60,35 +60,7 @@ async fn acknowledged_events_survive_kill_9_and_their_actions_are_delivered() {
     let url = format!("{}/v1/events", server.url);
 
     // Four clients post the 100 rounds (50,000 events) in batches; the server is killed midway.
-    let next = Arc::new(AtomicUsize::new(0));
-    let acked: Arc<std::sync::Mutex<HashSet<usize>>> = Arc::default();
-    let mut clients = tokio::task::JoinSet::new();
-    for _ in 0..4 {
-        let (next, acked, url) = (next.clone(), acked.clone(), url.clone());
-        clients.spawn(async move {
-            let client = harness::client();
-            loop {
-                let r = next.fetch_add(1, Ordering::SeqCst);
-                if r >= ROUNDS {
-                    return;
-                }
-                match post(&client, &url, &round(r)).await {
-                    Ok(202) => {
-                        acked.lock().unwrap().insert(r);
-                    }
-                    _ => return,
-                }
-            }
-        });
-    }
-    eventually("a third of the rounds acknowledged", Duration::from_secs(120), async || {
-        (acked.lock().unwrap().len() >= ROUNDS / 3).then_some(())
-    })
-    .await;
-    server.kill9();
-    while clients.join_next().await.is_some() {}
-    let acked: HashSet<usize> = acked.lock().unwrap().clone();
-    assert!(acked.len() < ROUNDS, "the kill must land mid-stream");
+    let acked = post_rounds_and_kill(server, &url, ROUNDS, round).await;
 
     let server = Server::start(&config);
     let client = harness::client();
@@ -119,6 +91,46 @@ async fn acknowledged_events_survive_kill_9_and_their_actions_are_delivered() {
     }
     assert!(keys.values().all(|k| k.len() == 1), "a visitor's repeated deliveries carry one idempotency key");
     server.stop();
+}
+
+/// Four clients post rounds `0..rounds` (`body(r)` each) until a third are acknowledged, then
+/// the server is killed with SIGKILL; returns the rounds acknowledged, fewer than all.
+async fn post_rounds_and_kill(
+    server: Server,
+    url: &str,
+    rounds: usize,
+    body: fn(usize) -> serde_json::Value,
+) -> HashSet<usize> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let acked: Arc<std::sync::Mutex<HashSet<usize>>> = Arc::default();
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (next, acked, url) = (next.clone(), acked.clone(), url.to_string());
+        clients.spawn(async move {
+            let client = harness::client();
+            loop {
+                let r = next.fetch_add(1, Ordering::SeqCst);
+                if r >= rounds {
+                    return;
+                }
+                match post(&client, &url, &body(r)).await {
+                    Ok(202) => {
+                        acked.lock().unwrap().insert(r);
+                    }
+                    _ => return,
+                }
+            }
+        });
+    }
+    eventually("a third of the rounds acknowledged", Duration::from_secs(120), async || {
+        (acked.lock().unwrap().len() >= rounds / 3).then_some(())
+    })
+    .await;
+    server.kill9();
+    while clients.join_next().await.is_some() {}
+    let acked: HashSet<usize> = acked.lock().unwrap().clone();
+    assert!(acked.len() < rounds, "the kill must land mid-stream");
+    acked
 }
 
 fn url_of(server: &Server) -> String {
@@ -261,36 +273,7 @@ async fn merges_across_partitions_survive_kill_9_and_fire_once() {
     let server = Server::start(&config);
     let url = url_of(&server);
     let rounds = 60;
-
-    let next = Arc::new(AtomicUsize::new(0));
-    let acked: Arc<std::sync::Mutex<HashSet<usize>>> = Arc::default();
-    let mut clients = tokio::task::JoinSet::new();
-    for _ in 0..4 {
-        let (next, acked, url) = (next.clone(), acked.clone(), url.clone());
-        clients.spawn(async move {
-            let client = harness::client();
-            loop {
-                let r = next.fetch_add(1, Ordering::SeqCst);
-                if r >= rounds {
-                    return;
-                }
-                match post(&client, &url, &merging_round(r)).await {
-                    Ok(202) => {
-                        acked.lock().unwrap().insert(r);
-                    }
-                    _ => return,
-                }
-            }
-        });
-    }
-    eventually("a third of the rounds acknowledged", Duration::from_secs(120), async || {
-        (acked.lock().unwrap().len() >= rounds / 3).then_some(())
-    })
-    .await;
-    server.kill9();
-    while clients.join_next().await.is_some() {}
-    let acked: HashSet<usize> = acked.lock().unwrap().clone();
-    assert!(acked.len() < rounds, "the kill must land mid-stream");
+    let acked = post_rounds_and_kill(server, &url, rounds, merging_round).await;
 
     let server = Server::start(&config);
     // Acknowledged merges are there after the restart, before anything is sent again.

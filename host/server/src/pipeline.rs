@@ -441,15 +441,10 @@ impl Answers {
                 return;
             }
         };
-        // Connectors are called only for actions whose cause is on disk.
-        for action in &self.woken {
-            if let Some(lane) = shared.lanes.get(action) {
-                lane.notify_one();
-            }
-        }
         for (done, result) in self.unstitched {
             let _ = done.send(Ok(result));
         }
+        // Traces first, so a trace reads queued before the delivery it caused.
         let tracer = &shared.telemetry.tracer;
         for (ids, steps) in self.traces {
             let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
@@ -457,6 +452,12 @@ impl Answers {
                 tracer.emit(&ids, step);
             }
             tracer.emit(&ids, serde_json::json!({ "step": "committed" }));
+        }
+        // Connectors are called only for actions whose cause is on disk.
+        for action in &self.woken {
+            if let Some(lane) = shared.lanes.get(action) {
+                lane.notify_one();
+            }
         }
         for (done, records) in self.deleted {
             let _ = done.send(Ok(records));

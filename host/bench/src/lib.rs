@@ -1,8 +1,8 @@
 //! What the benchmarks share: the value-tier enricher's logic in native Rust, and where the
 //! plugin components built by `starling plugin build` are.
 
-use starling_core::config::EnricherRef;
 use starling_core::engine::Update;
+use starling_core::model::EnricherRef;
 use starling_core::{CustomEnrichers, Event, Profile, Value};
 use std::collections::BTreeMap;
 use std::path::PathBuf;

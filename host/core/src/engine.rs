@@ -7,37 +7,14 @@
 //! re-evaluate the audiences whose inputs changed (all of them on a visit's first event), then
 //! fire actions.
 
+use crate::attribute::{AttributeDef, CHANGED_BY_EVERY_EVENT, ValueSource};
 use crate::condition::Operand;
-use crate::config::{AttributeDef, CHANGED_BY_EVERY_EVENT, EnricherRef, Model, Operation, Source, Trigger, When};
+use crate::enrich::{Inputs, fill, timeline};
+use crate::event::Event;
+use crate::model::{EnricherRef, Model, Trigger, When};
 use crate::profile::Profile;
-use crate::value::{
-    AttrType, FunnelStep, MAX_SET_MEMBERS, MAX_TALLY_KEYS, Scope, TimelineEntry, Value, clamp_string, tally_top,
-};
+use crate::value::{AttrType, MAX_SET_MEMBERS, MAX_TALLY_KEYS, Scope, Value, clamp_string};
 use std::collections::{BTreeMap, BTreeSet};
-
-/// Most distinct values a "most frequent" capture counts; further new values are not counted.
-pub const MAX_FREQUENCY_VALUES: usize = 1_000;
-
-/// A validated incoming event.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Event {
-    pub id: Option<String>,
-    pub name: String,
-    pub visitor_id: String,
-    /// The data source that sent it (web, app, ...), which decides its visit timeout.
-    pub source: Option<String>,
-    pub timestamp_ms: i64,
-    /// The event's `data` object.
-    pub data: serde_json::Map<String, serde_json::Value>,
-}
-
-impl Event {
-    /// The value at a dotted path inside `data`.
-    pub fn field(&self, path: &[String]) -> Option<&serde_json::Value> {
-        let (first, rest) = path.split_first()?;
-        rest.iter().try_fold(self.data.get(first)?, |v, key| v.get(key))
-    }
-}
 
 /// An action to put in the outbox.
 #[derive(Debug, Clone, PartialEq)]
@@ -338,7 +315,7 @@ fn run_enrichments(
             continue;
         }
         let def = model.attribute(&e.attribute).expect("validated at load");
-        match apply_operation(model, profile, event, now, def, &e.operation) {
+        match e.operation.apply(def, profile, &EngineInputs { model, event, now }) {
             Ok(()) => dirty.mark(&e.attribute),
             Err(w) => warnings.push(format!("enrichment of `{}`: {w}", e.attribute)),
         }
@@ -466,13 +443,13 @@ fn attribute_value(model: &Model, profile: &Profile, event: Option<&Event>, name
     }
 }
 
-fn source_value(model: &Model, profile: &Profile, event: Option<&Event>, now: i64, src: &Source) -> Option<Value> {
+fn source_value(model: &Model, profile: &Profile, event: Option<&Event>, now: i64, src: &ValueSource) -> Option<Value> {
     match src {
-        Source::Const(v) => Some(v.clone()),
-        Source::Now => Some(Value::Date(now)),
-        Source::Event(path) => event?.field(path).and_then(json_to_value),
-        Source::Attribute(name) if name == "profile_id" => Some(Value::String(profile.id.clone())),
-        Source::Attribute(name) => attribute_value(model, profile, event, name),
+        ValueSource::Const(v) => Some(v.clone()),
+        ValueSource::Now => Some(Value::Date(now)),
+        ValueSource::Event(path) => event?.field(path).and_then(json_to_value),
+        ValueSource::Attribute(name) if name == "profile_id" => Some(Value::String(profile.id.clone())),
+        ValueSource::Attribute(name) => attribute_value(model, profile, event, name),
     }
 }
 
@@ -547,320 +524,38 @@ fn operand(
     profile: &Profile,
     event: Option<&Event>,
     now: i64,
-    src: &Source,
+    src: &ValueSource,
     ty: AttrType,
 ) -> Result<Option<Value>, String> {
     match src {
-        Source::Const(v) => Ok(Some(v.clone())),
-        Source::Now => Ok(Some(Value::Date(now))),
-        Source::Event(path) => match event.and_then(|e| e.field(path)) {
+        ValueSource::Const(v) => Ok(Some(v.clone())),
+        ValueSource::Now => Ok(Some(Value::Date(now))),
+        ValueSource::Event(path) => match event.and_then(|e| e.field(path)) {
             None | Some(serde_json::Value::Null) => Ok(None),
             Some(v) => typed(v, ty).map(Some).map_err(|e| format!("event field `{}`: {e}", path.join("."))),
         },
-        Source::Attribute(name) => Ok(attribute_value(model, profile, event, name)),
+        ValueSource::Attribute(name) => Ok(attribute_value(model, profile, event, name)),
     }
 }
 
-/// The operand of a collection operation as a list of elements (one value or many).
-fn elements(
-    model: &Model,
-    profile: &Profile,
-    event: Option<&Event>,
+/// What enrichment operations read: the event, the clock and the other attributes.
+struct EngineInputs<'a> {
+    model: &'a Model,
+    event: Option<&'a Event>,
     now: i64,
-    src: &Source,
-    collection: AttrType,
-) -> Result<Vec<Value>, String> {
-    let element = collection.element().expect("collections have elements");
-    let value = match operand(model, profile, event, now, src, collection) {
-        Ok(v) => v,
-        Err(_) => operand(model, profile, event, now, src, element)?,
-    };
-    Ok(match value {
-        None => Vec::new(),
-        Some(Value::Set(s)) => s.into_iter().map(Value::String).collect(),
-        Some(Value::Strings(v)) => v.into_iter().map(Value::String).collect(),
-        Some(Value::Numbers(v)) => v.into_iter().map(Value::Number).collect(),
-        Some(Value::Booleans(v)) => v.into_iter().map(Value::Boolean).collect(),
-        Some(single) => vec![single],
-    })
 }
 
-fn number(v: Option<Value>) -> Option<f64> {
-    v.as_ref().and_then(Value::as_number)
-}
-
-fn key_string(v: Option<Value>) -> Option<String> {
-    match v? {
-        Value::String(s) => Some(clamp_string(s)),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Boolean(b) => Some(b.to_string()),
-        _ => None,
+impl Inputs for EngineInputs<'_> {
+    fn read(&self, source: &ValueSource, ty: AttrType, profile: &Profile) -> Result<Option<Value>, String> {
+        operand(self.model, profile, self.event, self.now, source, ty)
     }
-}
 
-fn finite(n: f64) -> Result<f64, String> {
-    if n.is_finite() { Ok(n) } else { Err(format!("result {n} is not a finite number; value kept")) }
-}
+    fn capture(&self, profile: &Profile, fields: &[(String, ValueSource)]) -> BTreeMap<String, serde_json::Value> {
+        capture(self.model, profile, self.event, self.now, fields)
+    }
 
-fn apply_operation(
-    model: &Model,
-    profile: &mut Profile,
-    event: Option<&Event>,
-    now: i64,
-    def: &AttributeDef,
-    op: &Operation,
-) -> Result<(), String> {
-    let name = def.name.as_str();
-    let ty = def.ty;
-    let read = |src: &Source, ty: AttrType, p: &Profile| operand(model, p, event, now, src, ty);
-    let current_number = |p: &Profile| match p.attributes.get(name) {
-        Some(Value::Number(n)) => Some(*n),
-        _ => None,
-    };
-    let set = |p: &mut Profile, v: Value| {
-        p.attributes.insert(name.to_string(), v);
-    };
-    match op {
-        Operation::Increment(src) | Operation::Decrement(src) => {
-            let Some(by) = number(read(src, AttrType::Number, profile)?) else { return Ok(()) };
-            let by = if matches!(op, Operation::Decrement(_)) { -by } else { by };
-            let next = finite(current_number(profile).unwrap_or(0.0) + by)?;
-            set(profile, Value::Number(next));
-        }
-        Operation::Min(src) | Operation::Max(src) => {
-            let Some(n) = number(read(src, AttrType::Number, profile)?) else { return Ok(()) };
-            let next = match (current_number(profile), op) {
-                (None, _) => n,
-                (Some(c), Operation::Min(_)) => c.min(n),
-                (Some(c), _) => c.max(n),
-            };
-            set(profile, Value::Number(next));
-        }
-        Operation::RollingSum { source, window } | Operation::RollingAvg { source, window } => {
-            let Some(n) = number(read(source, AttrType::Number, profile)?) else { return Ok(()) };
-            finite(n)?;
-            let samples = profile.rolling.entry(name.to_string()).or_default();
-            samples.push_back(n);
-            while samples.len() > *window {
-                samples.pop_front();
-            }
-            let sum: f64 = samples.iter().sum();
-            let value = if matches!(op, Operation::RollingSum { .. }) { sum } else { sum / samples.len() as f64 };
-            set(profile, Value::Number(value));
-        }
-        Operation::Set(src) => match ty.element() {
-            Some(_) => {
-                let items = elements(model, profile, event, now, src, ty)?;
-                if items.is_empty() && read(src, ty, profile)?.is_none() {
-                    return Ok(());
-                }
-                let mut value = Value::Set(Default::default());
-                fill(def, &mut value, items, true)?;
-                set(profile, value);
-            }
-            None => {
-                if let Some(v) = read(src, ty, profile)? {
-                    set(profile, if let Value::String(s) = v { Value::String(clamp_string(s)) } else { v });
-                }
-            }
-        },
-        Operation::CaptureFirst(src) => {
-            if !profile.attributes.contains_key(name)
-                && let Some(Value::String(s)) = read(src, ty, profile)?
-            {
-                set(profile, Value::String(clamp_string(s)));
-            }
-        }
-        Operation::CaptureMostFrequent(src) => {
-            let Some(Value::String(s)) = read(src, ty, profile)? else { return Ok(()) };
-            let s = clamp_string(s);
-            let counts = profile.frequencies.entry(name.to_string()).or_default();
-            if counts.len() >= MAX_FREQUENCY_VALUES && !counts.contains_key(&s) {
-                return Err(format!("more than {MAX_FREQUENCY_VALUES} distinct values; `{s}` not counted"));
-            }
-            let count = *counts.entry(s.clone()).and_modify(|c| *c += 1).or_insert(1);
-            let leader = match profile.attributes.get(name) {
-                Some(Value::String(cur)) => counts.get(cur).copied().unwrap_or(0),
-                _ => 0,
-            };
-            if count > leader || profile.attributes.get(name) == Some(&Value::String(s.clone())) {
-                set(profile, Value::String(s));
-            }
-        }
-        Operation::Lowercase(src) | Operation::Uppercase(src) => {
-            let value = match src {
-                Some(src) => read(src, ty, profile)?,
-                None => profile.attributes.get(name).cloned(),
-            };
-            if let Some(Value::String(s)) = value {
-                let s = if matches!(op, Operation::Lowercase(_)) { s.to_lowercase() } else { s.to_uppercase() };
-                set(profile, Value::String(clamp_string(s)));
-            }
-        }
-        Operation::Toggle => {
-            let current = matches!(profile.attributes.get(name), Some(Value::Boolean(true)));
-            set(profile, Value::Boolean(!current));
-        }
-        Operation::AssignBadge => {
-            profile.badges.insert(name.to_string());
-        }
-        Operation::RemoveBadge => {
-            profile.badges.remove(name);
-        }
-        Operation::AddToSet(src) | Operation::Append(src) => {
-            let items = elements(model, profile, event, now, src, ty)?;
-            if items.is_empty() {
-                return Ok(());
-            }
-            let mut value = profile.attributes.remove(name).unwrap_or_else(|| empty(ty));
-            let result = fill(def, &mut value, items, false);
-            set(profile, value);
-            result?;
-        }
-        Operation::RemoveFromSet(src) => {
-            let items = elements(model, profile, event, now, src, ty)?;
-            if let Some(Value::Set(s)) = profile.attributes.get_mut(name) {
-                for item in items {
-                    if let Value::String(m) = item {
-                        s.remove(&m);
-                    }
-                }
-            }
-        }
-        Operation::Union(from) | Operation::Difference(from) => {
-            let others: Vec<String> = match profile.attributes.get(from) {
-                Some(Value::Set(s)) => s.iter().cloned().collect(),
-                Some(Value::Strings(v)) => v.clone(),
-                _ => Vec::new(),
-            };
-            let mut value = profile.attributes.remove(name).unwrap_or_else(|| empty(ty));
-            let result = if matches!(op, Operation::Union(_)) {
-                fill(def, &mut value, others.into_iter().map(Value::String).collect(), false)
-            } else {
-                if let Value::Set(s) = &mut value {
-                    others.iter().for_each(|o| {
-                        s.remove(o);
-                    });
-                }
-                Ok(())
-            };
-            set(profile, value);
-            result?;
-        }
-        Operation::TopKeys { tally, n } => {
-            let top = match profile.attributes.get(tally) {
-                Some(Value::Tally(t)) => tally_top(t, *n),
-                _ => Vec::new(),
-            };
-            set(profile, Value::Set(top.into_iter().collect()));
-        }
-        Operation::TallyIncrement { key, by } | Operation::TallySet { key, to: by } => {
-            let Some(key) = key_string(read(key, AttrType::String, profile)?) else { return Ok(()) };
-            let Some(amount) = number(read(by, AttrType::Number, profile)?) else { return Ok(()) };
-            let entry = profile.attributes.entry(name.to_string()).or_insert_with(|| Value::Tally(BTreeMap::new()));
-            let Value::Tally(tally) = entry else { unreachable!("type checked at load") };
-            if !tally.contains_key(&key) && tally.len() >= MAX_TALLY_KEYS {
-                return Err(format!("tally is full ({MAX_TALLY_KEYS} keys); key `{key}` refused"));
-            }
-            let next = match op {
-                Operation::TallyIncrement { .. } => tally.get(&key).copied().unwrap_or(0.0) + amount,
-                _ => amount,
-            };
-            tally.insert(key, finite(next)?);
-        }
-        Operation::TallyRemove { key } => {
-            let Some(key) = key_string(read(key, AttrType::String, profile)?) else { return Ok(()) };
-            if let Some(Value::Tally(t)) = profile.attributes.get_mut(name) {
-                t.remove(&key);
-            }
-        }
-        Operation::CaptureEntry { fields } => {
-            let data = capture(model, profile, event, now, fields);
-            let mut entries = match profile.attributes.remove(name) {
-                Some(Value::Timeline(e)) => e,
-                _ => Vec::new(),
-            };
-            let at = entries.partition_point(|e| e.at_ms <= now);
-            entries.insert(at, TimelineEntry { at_ms: now, data });
-            trim_timeline(def, &mut entries, now);
-            set(profile, Value::Timeline(entries));
-        }
-        Operation::Advance { step, fields } => {
-            let mut state = match profile.attributes.get(name) {
-                Some(Value::Funnel(f)) => f.clone(),
-                _ => Default::default(),
-            };
-            if state.completed_ms.is_some() {
-                return Ok(());
-            }
-            let last = state.reached.last().and_then(|r| def.steps.iter().position(|s| s.name == r.step));
-            let from = last.map_or(0, |l| l + 1);
-            if *step < from {
-                return Ok(());
-            }
-            if let Some(skipped) = def.steps[from..*step].iter().find(|s| s.required) {
-                return Err(format!(
-                    "step `{}` reached before required step `{}`; funnel unchanged",
-                    def.steps[*step].name, skipped.name
-                ));
-            }
-            let data = capture(model, profile, event, now, fields);
-            state.reached.push(FunnelStep { step: def.steps[*step].name.clone(), at_ms: now, data });
-            if !def.steps[*step + 1..].iter().any(|s| s.required) {
-                state.completed_ms = Some(now);
-            }
-            set(profile, Value::Funnel(state));
-        }
-        Operation::Reset | Operation::Clear => {
-            profile.attributes.remove(name);
-            profile.rolling.remove(name);
-            profile.frequencies.remove(name);
-        }
-    }
-    Ok(())
-}
-
-fn empty(ty: AttrType) -> Value {
-    Value::collection(ty, Vec::new())
-}
-
-/// Adds `items` to a set or array (emptied first when `replace`), within the documented
-/// limits: a full set refuses new members, an array drops its oldest items.
-fn fill(def: &AttributeDef, value: &mut Value, items: Vec<Value>, replace: bool) -> Result<(), String> {
-    if replace {
-        *value = empty(def.ty);
-    }
-    let mut refused = None;
-    match value {
-        Value::Set(set) => {
-            for item in items {
-                if let Value::String(m) = item {
-                    let m = clamp_string(m);
-                    if set.len() < MAX_SET_MEMBERS || set.contains(&m) {
-                        set.insert(m);
-                    } else {
-                        refused.get_or_insert(m);
-                    }
-                }
-            }
-        }
-        Value::Strings(v) => v.extend(items.into_iter().filter_map(|i| key_string(Some(i)))),
-        Value::Numbers(v) => v.extend(items.iter().filter_map(Value::as_number)),
-        Value::Booleans(v) => {
-            v.extend(items.into_iter().filter_map(|i| if let Value::Boolean(b) = i { Some(b) } else { None }))
-        }
-        _ => {}
-    }
-    let overflow = value.size().unwrap_or(0).saturating_sub(def.max_entries);
-    match value {
-        Value::Strings(v) => drop(v.drain(..overflow)),
-        Value::Numbers(v) => drop(v.drain(..overflow)),
-        Value::Booleans(v) => drop(v.drain(..overflow)),
-        _ => {}
-    }
-    match refused {
-        Some(m) => Err(format!("set is full ({MAX_SET_MEMBERS} members); `{m}` refused")),
-        None => Ok(()),
+    fn now(&self) -> i64 {
+        self.now
     }
 }
 
@@ -870,13 +565,13 @@ fn capture(
     profile: &Profile,
     event: Option<&Event>,
     now: i64,
-    fields: &[(String, Source)],
+    fields: &[(String, ValueSource)],
 ) -> BTreeMap<String, serde_json::Value> {
     fields
         .iter()
         .filter_map(|(k, src)| {
             let v = match src {
-                Source::Event(path) => event?.field(path).cloned(),
+                ValueSource::Event(path) => event?.field(path).cloned(),
                 other => source_value(model, profile, event, now, other).map(|v| v.to_json()),
             }?;
             Some((k.clone(), v))
@@ -884,20 +579,12 @@ fn capture(
         .collect()
 }
 
-/// Drops entries past the timeline's age and count limits (oldest first).
-fn trim_timeline(def: &AttributeDef, entries: &mut Vec<TimelineEntry>, now: i64) {
-    let cutoff = now.saturating_sub(def.max_age_ms);
-    entries.retain(|e| e.at_ms >= cutoff);
-    let overflow = entries.len().saturating_sub(def.max_entries);
-    entries.drain(..overflow);
-}
-
 /// Drops expired timeline entries, marking the audiences that read a timeline that changed.
 fn expire_timelines(model: &Model, profile: &mut Profile, now: i64, dirty: &mut Dirty) {
     for def in model.timelines() {
         if let Some(Value::Timeline(entries)) = profile.attributes.get_mut(&def.name) {
             let before = entries.len();
-            trim_timeline(def, entries, now);
+            timeline::trim(def, entries, now);
             if entries.len() != before {
                 dirty.mark(&def.name);
             }
@@ -948,7 +635,7 @@ fn apply_updates(model: &Model, profile: &mut Profile, updates: Vec<Update>) -> 
             (AttrType::Timeline, Some(Value::Timeline(mut entries))) => {
                 entries.sort_by_key(|e| e.at_ms);
                 let newest = entries.last().map_or(0, |e| e.at_ms);
-                trim_timeline(def, &mut entries, newest);
+                timeline::trim(def, &mut entries, newest);
                 profile.attributes.insert(name.clone(), Value::Timeline(entries));
             }
             (_, Some(mut v)) => {

@@ -71,6 +71,13 @@ impl Profile {
     }
 
     /// The current value of a declared or preloaded attribute. Badges read as `true` when assigned.
+    /// Removes attribute `name`'s value and what it was computed from.
+    pub fn clear(&mut self, name: &str) {
+        self.attributes.remove(name);
+        self.rolling.remove(name);
+        self.frequencies.remove(name);
+    }
+
     pub fn get(&self, name: &str) -> Option<Value> {
         if self.is_new() {
             return self.attributes.get(name).cloned();

@@ -124,6 +124,22 @@ impl AttrType {
     }
 
     /// The type of one element, for collections that hold simple values.
+    /// Whether this is an array type (ordered, capped by dropping the oldest).
+    pub fn is_array(self) -> bool {
+        matches!(self, AttrType::ArrayOfStrings | AttrType::ArrayOfNumbers | AttrType::ArrayOfBooleans)
+    }
+
+    /// Whether an attribute of this type can be the source of a value of type `target`: the
+    /// same type, strings and visitor ids for each other, or an element of a collection.
+    pub fn feeds(self, target: AttrType) -> bool {
+        self == target
+            || matches!(
+                (self, target),
+                (AttrType::String | AttrType::VisitorId, AttrType::String | AttrType::VisitorId)
+            )
+            || target.element() == Some(self)
+    }
+
     pub fn element(self) -> Option<AttrType> {
         match self {
             AttrType::SetOfStrings | AttrType::ArrayOfStrings => Some(AttrType::String),

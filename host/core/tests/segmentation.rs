@@ -2,8 +2,8 @@
 //! enrichment trigger, condition operator and action trigger, and the passing of time.
 
 use serde_json::json;
-use starling_core::config::Trigger;
 use starling_core::engine::{explain, next_wakeup};
+use starling_core::model::Trigger;
 use starling_core::value::MAX_STRING_CHARS;
 use starling_core::{Event, Model, NoCustomEnrichers, Outcome, Profile, Value, apply_event, apply_time, parse};
 

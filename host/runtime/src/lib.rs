@@ -655,7 +655,7 @@ impl<'a> WasmEnrichers<'a> {
 impl starling_core::CustomEnrichers for WasmEnrichers<'_> {
     fn enrich(
         &mut self,
-        enricher: &starling_core::config::EnricherRef,
+        enricher: &starling_core::model::EnricherRef,
         event: &starling_core::Event,
         profile: &starling_core::Profile,
     ) -> Result<Vec<starling_core::engine::Update>, String> {

@@ -299,7 +299,7 @@ async fn advance_clock(
     body: Result<Json<ClockChange>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(change) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let ms = starling_core::config::parse_duration(&change.advance)
+    let ms = starling_core::literal::parse_duration(&change.advance)
         .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, format!("advance: {m}")))?;
     let now = crate::advance_clock(ms);
     Ok(Json(serde_json::json!({ "now": starling_core::time::format_rfc3339(now) })))

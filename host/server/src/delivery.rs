@@ -8,7 +8,7 @@
 use crate::telemetry::{ActionLabel, ResultLabel, Telemetry};
 use rusqlite::Connection;
 use starling_core::Value;
-use starling_core::config::ActionDef;
+use starling_core::model::ActionDef;
 use starling_runtime::{PluginHost, convert, types};
 use starling_store::{Attempt, OutboxEntry};
 use std::collections::{BTreeMap, HashSet};
@@ -205,7 +205,7 @@ struct Retries {
 }
 
 impl Retries {
-    fn of(policy: &starling_core::config::DeliveryPolicy) -> Retries {
+    fn of(policy: &starling_core::model::DeliveryPolicy) -> Retries {
         Retries {
             max_attempts: policy.max_attempts as i64,
             initial_ms: policy.retry_initial_ms,

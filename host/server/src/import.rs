@@ -10,7 +10,7 @@ use crate::pipeline::{Ingest, IngestError, Queued};
 use crate::telemetry::ImportLabel;
 use rusqlite::Connection;
 use starling_core::Event;
-use starling_core::operations::{FieldType, ImportDef, json_kind};
+use starling_core::model::{FieldType, ImportDef, json_kind};
 use starling_store::ImportProgress;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};

@@ -1,7 +1,7 @@
 //! Reading `POST /v1/events` bodies: one event or `{"events": [...]}`, every field checked, with
 //! errors that name the field.
 
-use starling_core::operations::{OnViolation, json_kind};
+use starling_core::model::{OnViolation, json_kind};
 use starling_core::{Event, Model};
 
 /// Most events one request may carry.

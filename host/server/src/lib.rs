@@ -11,8 +11,8 @@ pub mod registry;
 pub mod telemetry;
 pub mod tls;
 
-use starling_core::config::EventLogKind;
-use starling_core::operations::History;
+use starling_core::model::EventLogKind;
+use starling_core::model::History;
 use starling_core::{Diagnostic, Model};
 use starling_log::{EventLog, MemoryLog, SegmentLog};
 use starling_runtime::{HostOptions, Kind, PluginHost};
@@ -416,7 +416,7 @@ const RETENTION_BATCH: usize = 500;
 async fn run_retention(
     ingest: Arc<pipeline::Ingest>,
     conn: rusqlite::Connection,
-    retention: starling_core::operations::Retention,
+    retention: starling_core::model::Retention,
     clock: fn() -> i64,
     mut stop: watch::Receiver<bool>,
 ) {

@@ -13,8 +13,8 @@
 //! merge; events for the absorbed profile still queued on it are forwarded behind the merge.
 
 use crate::telemetry::Telemetry;
-use starling_core::config::{ActionDef, Trigger};
 use starling_core::engine::rebuild;
+use starling_core::model::{ActionDef, Trigger};
 use starling_core::stitch::visitor_ids;
 use starling_core::{
     CustomEnrichers, Event, Membership, Model, Outcome, PendingAction, Profile, apply_delete, apply_event, apply_merge,

@@ -1125,7 +1125,7 @@ pub fn audience_size_history(conn: &Connection, audience: &str, since_ms: i64) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use starling_core::config::Trigger;
+    use starling_core::model::Trigger;
 
     #[test]
     fn a_version_4_database_keeps_its_seen_event_ids_in_the_new_table() {

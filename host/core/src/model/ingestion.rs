@@ -1,7 +1,7 @@
 //! Operating settings read from the configuration: event specs, data sources and their API keys,
 //! retention, and offline import definitions.
 
-use crate::engine::Event;
+use crate::event::Event;
 
 /// The JSON type an event field must have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,7 +127,7 @@ pub fn json_kind(v: &serde_json::Value) -> &'static str {
 
 /// A data source allowed to send events, and the key it must present.
 #[derive(Debug, Clone, PartialEq)]
-pub struct SourceDef {
+pub struct DataSource {
     pub name: String,
     pub api_key: String,
 }

@@ -1,0 +1,157 @@
+//! What an attribute is: its definition, where values come from, how two profiles' values
+//! combine when stitched, and the attributes every profile has.
+
+use crate::literal::parse_event_path;
+use crate::value::{AttrType, Scope, Value};
+
+/// Preloaded attributes every profile has; their names are reserved.
+pub const PRELOADED: &[(&str, AttrType)] = &[
+    ("first_seen", AttrType::Date),
+    ("last_seen", AttrType::Date),
+    ("event_count", AttrType::Number),
+    ("visit_count", AttrType::Number),
+    ("visit_start", AttrType::Date),
+    ("visit_event_count", AttrType::Number),
+    ("visit_duration_ms", AttrType::Number),
+];
+
+/// Preloaded attributes that change with every event.
+pub const CHANGED_BY_EVERY_EVENT: &[&str] = &["last_seen", "event_count", "visit_event_count", "visit_duration_ms"];
+
+pub fn preloaded_type(name: &str) -> Option<AttrType> {
+    PRELOADED.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
+}
+
+#[derive(Debug, Clone)]
+pub struct AttributeDef {
+    pub name: String,
+    pub scope: Scope,
+    pub ty: AttrType,
+    /// Event scope: where in the event's `data` the value is read.
+    pub field: Option<Vec<String>>,
+    /// Arrays and timelines: most items kept (oldest dropped first).
+    pub max_entries: usize,
+    /// Timelines: age after which entries expire.
+    pub max_age_ms: i64,
+    /// Funnels: the steps, in order.
+    pub steps: Vec<FunnelStepDef>,
+    /// How the values of two stitched profiles combine.
+    pub merge: MergeRule,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FunnelStepDef {
+    pub name: String,
+    pub required: bool,
+}
+
+/// Where an enrichment or action parameter takes a value from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ValueSource {
+    Const(Value),
+    /// A dotted path into the event's `data`.
+    Event(Vec<String>),
+    /// The event's time.
+    Now,
+    Attribute(String),
+}
+
+/// How two profiles' values of one attribute combine when the profiles are stitched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeRule {
+    /// Numbers add; tallies add per key.
+    Add,
+    Min,
+    Max,
+    /// The value of the profile seen most recently (if it has one).
+    Latest,
+    /// The value of the profile seen first (if it has one).
+    Earliest,
+    /// Sets and badges: members of either.
+    Union,
+    /// Arrays: the earlier profile's items, then the later one's (then capped).
+    Append,
+    /// Timelines: entries of both, in time order (then capped).
+    Interleave,
+    /// Funnels: the one that reached more steps (a completed one wins).
+    MostAdvanced,
+}
+
+impl MergeRule {
+    pub const ALL: [MergeRule; 9] = [
+        MergeRule::Add,
+        MergeRule::Min,
+        MergeRule::Max,
+        MergeRule::Latest,
+        MergeRule::Earliest,
+        MergeRule::Union,
+        MergeRule::Append,
+        MergeRule::Interleave,
+        MergeRule::MostAdvanced,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MergeRule::Add => "add",
+            MergeRule::Min => "min",
+            MergeRule::Max => "max",
+            MergeRule::Latest => "latest",
+            MergeRule::Earliest => "earliest",
+            MergeRule::Union => "union",
+            MergeRule::Append => "append",
+            MergeRule::Interleave => "interleave",
+            MergeRule::MostAdvanced => "most_advanced",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<MergeRule> {
+        MergeRule::ALL.into_iter().find(|r| r.name() == s)
+    }
+
+    /// The rule used for a type unless the attribute names another.
+    pub fn default_for(ty: AttrType) -> MergeRule {
+        match ty {
+            AttrType::Number | AttrType::Tally => MergeRule::Add,
+            AttrType::String | AttrType::VisitorId | AttrType::Boolean => MergeRule::Latest,
+            AttrType::Date => MergeRule::Max,
+            AttrType::Badge | AttrType::SetOfStrings => MergeRule::Union,
+            AttrType::ArrayOfStrings | AttrType::ArrayOfNumbers | AttrType::ArrayOfBooleans => MergeRule::Append,
+            AttrType::Timeline => MergeRule::Interleave,
+            AttrType::Funnel => MergeRule::MostAdvanced,
+        }
+    }
+
+    /// The rules an attribute of type `ty` may use.
+    pub fn allowed_for(ty: AttrType) -> &'static [MergeRule] {
+        use MergeRule::*;
+        match ty {
+            AttrType::Number => &[Add, Min, Max, Latest, Earliest],
+            AttrType::Date => &[Max, Min, Latest, Earliest],
+            AttrType::String | AttrType::VisitorId | AttrType::Boolean => &[Latest, Earliest],
+            AttrType::Badge | AttrType::SetOfStrings => &[Union, Latest, Earliest],
+            AttrType::ArrayOfStrings | AttrType::ArrayOfNumbers | AttrType::ArrayOfBooleans => {
+                &[Append, Latest, Earliest]
+            }
+            AttrType::Tally => &[Add, Max, Latest, Earliest],
+            AttrType::Timeline => &[Interleave, Latest, Earliest],
+            AttrType::Funnel => &[MostAdvanced, Latest, Earliest],
+        }
+    }
+}
+
+impl ValueSource {
+    /// A reference as written in `fields` and action `params`: an attribute name (for which
+    /// `known` says yes), `profile_id`, or `event.PATH`.
+    pub fn reference(s: &str, known: impl Fn(&str) -> bool) -> Result<ValueSource, String> {
+        if let Some(path) = s.strip_prefix("event.") {
+            return parse_event_path(path)
+                .map(ValueSource::Event)
+                .ok_or_else(|| format!("`{s}` is not a field path like `event.order.total`"));
+        }
+        if s == "profile_id" || known(s) {
+            Ok(ValueSource::Attribute(s.to_string()))
+        } else {
+            Err(format!("unknown attribute `{s}` (use an attribute name, `profile_id` or `event.FIELD`)"))
+        }
+    }
+}

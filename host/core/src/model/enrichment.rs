@@ -1,0 +1,33 @@
+//! Enrichments: which operation runs on which attribute, and when.
+
+use crate::condition::Condition;
+use crate::enrich::Operation;
+use std::ops::Range;
+
+/// When an enrichment runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum When {
+    AnyEvent,
+    NewVisitor,
+    NewVisit,
+    /// From the visit-end timer (or the first event after the timeout, whichever comes first).
+    VisitEnded,
+    Event(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Enrichment {
+    pub attribute: String,
+    pub operation: Operation,
+    pub when: When,
+    pub condition: Option<Condition>,
+}
+
+/// A Wasm enricher to run after the built-in enrichments, in file order.
+#[derive(Debug, Clone)]
+pub struct EnricherRef {
+    pub plugin: String,
+    /// The attributes the enricher is shown; all stored ones when not given.
+    pub reads: Option<Vec<String>>,
+    pub span: Range<usize>,
+}

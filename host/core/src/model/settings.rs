@@ -1,0 +1,95 @@
+//! Server settings: the `[server]` section, read as written.
+
+use serde::Deserialize;
+
+/// Server settings, with paths as written (relative to the configuration file).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default = "default_database")]
+    pub database: String,
+    /// Directory of built plugins, one subdirectory (with a `plugin.toml`) per plugin.
+    #[serde(default)]
+    pub plugins: Option<String>,
+    /// Requests each ingestion partition may hold before the API answers 503.
+    #[serde(default = "default_ingest_queue")]
+    pub ingest_queue: usize,
+    /// Ingestion partitions (worker threads); default: the number of CPUs.
+    #[serde(default)]
+    pub partitions: Option<usize>,
+    /// How long an event `id` is remembered for deduplication.
+    #[serde(default = "default_dedup_window_hours")]
+    pub dedup_window_hours: u64,
+    /// File of trusted ed25519 public keys: when set, only plugins signed by one install.
+    #[serde(default)]
+    pub trusted_keys: Option<String>,
+    /// Consecutive failed calls (traps, timeouts) after which a plugin is disabled.
+    #[serde(default = "default_plugin_failure_limit")]
+    pub plugin_failure_limit: u64,
+    /// How often audience sizes are sampled for their history, for example `1m`.
+    #[serde(default = "default_size_sample_interval")]
+    pub audience_size_interval: String,
+    /// Token every request other than ingestion and health must carry (`Authorization: Bearer`).
+    /// `STARLING_ADMIN_TOKEN` in the environment overrides it.
+    #[serde(default)]
+    pub admin_token: Option<String>,
+    /// PEM certificate chain and private key: with both, the server speaks HTTPS only.
+    #[serde(default)]
+    pub tls_cert: Option<String>,
+    #[serde(default)]
+    pub tls_key: Option<String>,
+    /// Where acknowledged work is recorded: `file` (segment files next to the database, the
+    /// default) or `memory` (not durable: for measuring the pipeline without the disk).
+    #[serde(default)]
+    pub event_log: EventLogKind,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventLogKind {
+    #[default]
+    File,
+    Memory,
+}
+
+fn default_plugin_failure_limit() -> u64 {
+    10
+}
+fn default_size_sample_interval() -> String {
+    "1m".into()
+}
+fn default_ingest_queue() -> usize {
+    256
+}
+fn default_dedup_window_hours() -> u64 {
+    7 * 24
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            listen: default_listen(),
+            database: default_database(),
+            plugins: None,
+            ingest_queue: default_ingest_queue(),
+            partitions: None,
+            dedup_window_hours: default_dedup_window_hours(),
+            trusted_keys: None,
+            plugin_failure_limit: default_plugin_failure_limit(),
+            audience_size_interval: default_size_sample_interval(),
+            admin_token: None,
+            tls_cert: None,
+            tls_key: None,
+            event_log: EventLogKind::File,
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_database() -> String {
+    "starling.db".into()
+}

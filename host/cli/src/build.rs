@@ -210,7 +210,7 @@ fn build_c(source: &Path, out: &Path, target_dir: &Path) -> Result<PathBuf> {
         if !status.success() {
             bail!("clang-19 failed ({status})");
         }
-        let component = starling_runtime::componentize(&std::fs::read(&module)?).map_err(anyhow::Error::msg)?;
+        let component = starling_runtime::componentize(&std::fs::read(&module)?)?;
         std::fs::write(&build.component_path, component)?;
     }
     build.finish(source)
@@ -366,7 +366,7 @@ fn build_rust(source: &Path, out: &Path, target_dir: &Path, toolchain: &Toolchai
     };
     if !fresh {
         let module = std::fs::read(&module_path).with_context(|| format!("reading {}", module_path.display()))?;
-        let component = starling_runtime::componentize(&module).map_err(anyhow::Error::msg)?;
+        let component = starling_runtime::componentize(&module)?;
         std::fs::write(&component_path, component)?;
     }
     write_manifest(source, &manifest_text, &dest, &component_path)?;

@@ -11,6 +11,7 @@ mod trace;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use starling_store::OutboxStatus;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
@@ -262,12 +263,14 @@ fn actions(db: &DatabaseArgs, command: ActionsCommand) -> Result<()> {
     let mut conn = db.open()?;
     match command {
         ActionsCommand::List { status, limit } => {
-            if let Some(s) = &status
-                && !["pending", "delivered", "failed", "cancelled"].contains(&s.as_str())
-            {
-                bail!("--status: `{s}` is not one of pending, delivered, failed, cancelled");
-            }
-            let rows = starling_store::list_actions(&conn, status.as_deref(), limit)?;
+            let status = match status {
+                None => None,
+                Some(s) => Some(OutboxStatus::parse(&s).ok_or_else(|| {
+                    let names: Vec<&str> = OutboxStatus::ALL.iter().map(|s| s.name()).collect();
+                    anyhow::anyhow!("--status: `{s}` is not one of {}", names.join(", "))
+                })?),
+            };
+            let rows = starling_store::list_actions(&conn, status, limit)?;
             println!(
                 "{:>8}  {:<10} {:<20} {:<8} {:<24} {:>8}  last error",
                 "id", "status", "action", "trigger", "profile", "attempts"

@@ -101,8 +101,8 @@ pub fn run(dir: &Path) -> Result<()> {
     crate::build::build_all(&[dir.to_path_buf()], out)?;
     let manifest_text = std::fs::read_to_string(dir.join("plugin.toml"))?;
     let manifest = starling_runtime::Manifest::parse(&manifest_text).map_err(|e| anyhow!("plugin.toml:{e}"))?;
-    let host = PluginHost::new().map_err(|e| anyhow!("{e}"))?;
-    host.load(&out.join(&manifest.name).join("plugin.toml"), suite.config.clone()).map_err(|e| anyhow!("{e}"))?;
+    let host = PluginHost::new()?;
+    host.load(&out.join(&manifest.name).join("plugin.toml"), suite.config.clone())?;
     let runtime = tokio::runtime::Runtime::new()?;
     let mut failed = 0;
     for case in &suite.cases {
@@ -146,8 +146,7 @@ async fn enricher_case(host: &PluginHost, plugin: &str, event: &TestEvent, case:
         .map(|(name, value)| Ok(types::Attribute { name: name.clone(), value: to_wit(name, value)? }))
         .collect::<Result<Vec<_>>>()?;
     let profile = types::ProfileView { id: event.visitor_id.clone(), attributes, badges: vec![], audiences: vec![] };
-    let updates =
-        host.enrich(plugin, &event, &profile).await.map_err(|e| anyhow!("{e}"))?.map_err(|e| anyhow!("{e}"))?;
+    let updates = host.enrich(plugin, &event, &profile).await?.map_err(|e| anyhow!("{e}"))?;
     let got: BTreeMap<String, Json> =
         updates.iter().map(|u| (u.name.clone(), u.value.as_ref().map_or(Json::Null, from_wit))).collect();
     let expected: BTreeMap<String, Json> =

@@ -16,7 +16,7 @@ pub fn run(db: &DatabaseArgs, command: PluginCommand) -> Result<()> {
             unreachable!("handled by main")
         }
         PluginCommand::Keygen { out } => {
-            let (secret, public) = signing::generate().map_err(anyhow::Error::msg)?;
+            let (secret, public) = signing::generate()?;
             let secret_path = out.with_extension("secret");
             write_private(&secret_path, &secret)?;
             std::fs::write(out.with_extension("pub"), format!("{public}\n"))?;
@@ -26,7 +26,7 @@ pub fn run(db: &DatabaseArgs, command: PluginCommand) -> Result<()> {
             let (manifest_text, _, bytes) = read_plugin_dir(&dir)?;
             let secret = std::fs::read_to_string(&key).with_context(|| format!("reading {}", key.display()))?;
             let sha = hex::encode(sha2::Sha256::digest(&bytes));
-            let signature = signing::sign(&secret, &manifest_text, &sha).map_err(anyhow::Error::msg)?;
+            let signature = signing::sign(&secret, &manifest_text, &sha)?;
             std::fs::write(dir.join(SIGNATURE_FILE), signature)?;
             println!("signed {}", dir.display());
         }
@@ -117,13 +117,13 @@ pub fn run(db: &DatabaseArgs, command: PluginCommand) -> Result<()> {
         PluginCommand::Inspect { name } => {
             let conn = db.open()?;
             let p = installed(&conn, &name)?;
-            let manifest = Manifest::parse(&p.manifest).map_err(anyhow::Error::msg)?;
+            let manifest = Manifest::parse(&p.manifest)?;
             let bytes = std::fs::read(blob_path(db, &p)?)?;
             let host = PluginHost::with_options(HostOptions {
                 cache_dir: Some(starling_store::blob_dir(&db.path()?).join("cache")),
                 ..HostOptions::default()
             })?;
-            let plugin = host.validate(manifest.clone(), &bytes).map_err(anyhow::Error::msg)?;
+            let plugin = host.validate(manifest.clone(), &bytes)?;
             println!("name:      {} {}", p.name, p.version);
             println!("kind:      {}", p.kind);
             println!("world:     {}", p.world);
@@ -207,10 +207,10 @@ fn verify_one(db: &DatabaseArgs, host: &PluginHost, p: &starling_store::Installe
         bail!("stored component has sha256 {sha}, installed as {}", p.sha256);
     }
     if let Some(sig) = &p.signature {
-        signing::verify(sig, &p.manifest, &sha, None).map_err(anyhow::Error::msg)?;
+        signing::verify(sig, &p.manifest, &sha, None)?;
     }
-    let manifest = Manifest::parse(&p.manifest).map_err(anyhow::Error::msg)?;
-    host.validate(manifest, &bytes).map_err(anyhow::Error::msg)?;
+    let manifest = Manifest::parse(&p.manifest)?;
+    host.validate(manifest, &bytes)?;
     Ok(())
 }
 

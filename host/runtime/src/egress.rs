@@ -5,6 +5,7 @@
 //! keep-alive connections, so a connector's calls to one destination do not each pay for a
 //! TCP (and TLS) handshake.
 
+use crate::error::EgressError;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,8 +54,8 @@ pub struct HostPattern {
 }
 
 impl HostPattern {
-    pub fn parse(pattern: &str) -> Result<HostPattern, String> {
-        let bad = |why: &str| format!("allowed host `{pattern}`: {why}");
+    pub fn parse(pattern: &str) -> Result<HostPattern, EgressError> {
+        let bad = |why: &'static str| EgressError::Pattern { pattern: pattern.to_string(), why };
         let (scheme, rest) = pattern.split_once("://").ok_or_else(|| bad("expected scheme://host[:port]"))?;
         let scheme = scheme.to_ascii_lowercase();
         if scheme != "http" && scheme != "https" {
@@ -103,11 +104,11 @@ pub struct Egress {
 impl Egress {
     /// Whether a request to `uri` may leave, and if not, why. `Ok(true)` when a pattern names
     /// the host exactly; a host reached only through a wildcard must resolve to public addresses.
-    pub fn check(&self, uri: &http::Uri) -> Result<bool, String> {
-        let (scheme, host, port) = target(uri)?;
+    pub fn check(&self, uri: &http::Uri) -> Result<bool, EgressError> {
+        let (scheme, host, port) = target(uri).map_err(EgressError::Target)?;
         let matching: Vec<&HostPattern> = self.allowed.iter().filter(|p| p.matches(scheme, host, port)).collect();
         if matching.is_empty() {
-            Err(format!("{scheme}://{host}:{port} is not in the plugin's allowed hosts"))
+            Err(EgressError::NotAllowed { scheme: scheme.to_string(), host: host.to_string(), port })
         } else {
             Ok(matching.iter().any(|p| p.is_exact()))
         }

@@ -5,10 +5,12 @@
 mod bindings;
 pub mod convert;
 pub mod egress;
+mod error;
 pub mod manifest;
 pub mod signing;
 
 pub use bindings::types;
+pub use error::{ComponentError, EgressError, ManifestError, PluginError, SignatureError};
 pub use manifest::{Kind, Manifest};
 
 use bindings::{connector, enricher};
@@ -30,22 +32,6 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Host-side slack on top of a plugin's deadline before its call is abandoned.
 const HOST_GRACE: Duration = Duration::from_millis(100);
-
-#[derive(Debug, thiserror::Error)]
-pub enum PluginError {
-    #[error("plugin `{0}` is not loaded")]
-    NotLoaded(String),
-    #[error("plugin `{plugin}` is a {actual}, not a {expected}")]
-    WrongKind { plugin: String, actual: &'static str, expected: &'static str },
-    #[error("plugin at {path}: {message}")]
-    Load { path: PathBuf, message: String },
-    #[error("plugin `{plugin}` exceeded its {timeout_ms} ms deadline and was stopped")]
-    Timeout { plugin: String, timeout_ms: u64 },
-    #[error("plugin `{plugin}` failed: {message}")]
-    Trap { plugin: String, message: String },
-    #[error("plugin `{plugin}` is disabled: {reason}")]
-    Disabled { plugin: String, reason: String },
-}
 
 /// Settings of a [`PluginHost`].
 #[derive(Debug, Clone)]
@@ -281,8 +267,9 @@ impl PluginHost {
         for path in manifests {
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| PluginError::Load { path: path.clone(), message: e.to_string() })?;
-            let name =
-                Manifest::parse(&text).map_err(|message| PluginError::Load { path: path.clone(), message })?.name;
+            let name = Manifest::parse(&text)
+                .map_err(|e| PluginError::Load { path: path.clone(), message: e.to_string() })?
+                .name;
             loaded.push(self.load(&path, config.get(&name).cloned().unwrap_or_default())?);
         }
         Ok(loaded)
@@ -292,15 +279,15 @@ impl PluginHost {
     pub fn load(&self, manifest_path: &Path, config: BTreeMap<String, String>) -> Result<Arc<Plugin>, PluginError> {
         let err = |message: String| PluginError::Load { path: manifest_path.to_path_buf(), message };
         let text = std::fs::read_to_string(manifest_path).map_err(|e| err(e.to_string()))?;
-        let manifest = Manifest::parse(&text).map_err(err)?;
+        let manifest = Manifest::parse(&text).map_err(|e| err(e.to_string()))?;
         let component_path = manifest_path.parent().unwrap_or(Path::new(".")).join(&manifest.component);
         let bytes =
             std::fs::read(&component_path).map_err(|e| err(format!("reading {}: {e}", component_path.display())))?;
-        self.install(manifest, &bytes, config).map_err(err)
+        self.install(manifest, &bytes, config).map_err(|e| err(e.to_string()))
     }
 
     /// Validates and compiles a component; does not make it callable.
-    pub fn validate(&self, manifest: Manifest, bytes: &[u8]) -> Result<Plugin, String> {
+    pub fn validate(&self, manifest: Manifest, bytes: &[u8]) -> Result<Plugin, ComponentError> {
         self.compile(manifest, bytes, BTreeMap::new())
     }
 
@@ -310,7 +297,7 @@ impl PluginHost {
         manifest: Manifest,
         bytes: &[u8],
         config: BTreeMap<String, String>,
-    ) -> Result<Arc<Plugin>, String> {
+    ) -> Result<Arc<Plugin>, ComponentError> {
         let plugin = Arc::new(self.compile(manifest, bytes, config)?);
         self.plugins.write().expect("plugin table").insert(plugin.manifest.name.clone(), plugin.clone());
         Ok(plugin)
@@ -321,35 +308,39 @@ impl PluginHost {
         self.plugins.write().expect("plugin table").remove(name).is_some()
     }
 
-    fn compile(&self, manifest: Manifest, bytes: &[u8], config: BTreeMap<String, String>) -> Result<Plugin, String> {
+    fn compile(
+        &self,
+        manifest: Manifest,
+        bytes: &[u8],
+        config: BTreeMap<String, String>,
+    ) -> Result<Plugin, ComponentError> {
         let sha256 = hex::encode(Sha256::digest(bytes));
         if let Some(expected) = &manifest.sha256
             && !expected.eq_ignore_ascii_case(&sha256)
         {
-            return Err(format!("sha256 mismatch: manifest says {expected}, component is {sha256}"));
+            return Err(ComponentError::Digest { expected: expected.clone(), actual: sha256 });
         }
         if !wasmparser::Parser::is_component(bytes) {
-            return Err("not a WebAssembly component (a core module must be componentized first)".into());
+            return Err(ComponentError::NotAComponent);
         }
         let component = self.component(bytes, &sha256)?;
         check_imports(&self.engine, &component, manifest.kind)?;
         let ty = component.component_type();
         let imports = ty.imports(&self.engine).map(|(n, _)| n.to_string()).collect();
         let exports = ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect();
-        let pre = match manifest.kind {
-            Kind::Connector => Pre::Connector(
-                self.connector_linker
-                    .instantiate_pre(&component)
-                    .and_then(connector::ConnectorPre::new)
-                    .map_err(|e| format!("does not implement {}: {e}", manifest.world))?,
-            ),
-            Kind::Enricher => Pre::Enricher(
-                self.enricher_linker
-                    .instantiate_pre(&component)
-                    .and_then(enricher::EnricherPre::new)
-                    .map_err(|e| format!("does not implement {}: {e}", manifest.world))?,
-            ),
-        };
+        let pre =
+            match manifest.kind {
+                Kind::Connector => Pre::Connector(
+                    self.connector_linker.instantiate_pre(&component).and_then(connector::ConnectorPre::new).map_err(
+                        |e| ComponentError::Exports { world: manifest.world.clone(), message: e.to_string() },
+                    )?,
+                ),
+                Kind::Enricher => Pre::Enricher(
+                    self.enricher_linker.instantiate_pre(&component).and_then(enricher::EnricherPre::new).map_err(
+                        |e| ComponentError::Exports { world: manifest.world.clone(), message: e.to_string() },
+                    )?,
+                ),
+            };
         let allowed_hosts =
             manifest.capabilities.allowed_hosts.iter().map(|p| HostPattern::parse(p)).collect::<Result<Vec<_>, _>>()?;
         let meta = Arc::new(PluginMeta {
@@ -375,21 +366,23 @@ impl PluginHost {
 
     /// Compiles a component, or maps its precompiled artifact from the artifact directory:
     /// compiling a large (Python, JavaScript) component takes seconds, mapping it milliseconds.
-    fn component(&self, bytes: &[u8], sha256: &str) -> Result<Component, String> {
+    fn component(&self, bytes: &[u8], sha256: &str) -> Result<Component, ComponentError> {
         let Some(dir) = &self.artifacts else {
-            return Component::from_binary(&self.engine, bytes).map_err(|e| format!("compiling: {e}"));
+            return Component::from_binary(&self.engine, bytes).map_err(|e| ComponentError::Compile(e.to_string()));
         };
         let mut hasher = std::hash::DefaultHasher::new();
         std::hash::Hash::hash(&self.engine.precompile_compatibility_hash(), &mut hasher);
         let path = dir.join(format!("{sha256}-{:016x}.cwasm", std::hash::Hasher::finish(&hasher)));
         if !path.is_file() {
-            let artifact = self.engine.precompile_component(bytes).map_err(|e| format!("compiling: {e}"))?;
-            std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            let artifact =
+                self.engine.precompile_component(bytes).map_err(|e| ComponentError::Compile(e.to_string()))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| ComponentError::Artifact(format!("creating {}: {e}", dir.display())))?;
             // Write then rename, so a reader never maps a half-written artifact.
             let partial = path.with_extension(format!("partial{}", std::process::id()));
             std::fs::write(&partial, artifact)
                 .and_then(|()| std::fs::rename(&partial, &path))
-                .map_err(|e| format!("storing the compiled component: {e}"))?;
+                .map_err(|e| ComponentError::Artifact(format!("storing the compiled component: {e}")))?;
         }
         // SAFETY: the artifact was produced by `precompile_component` of an engine with the same
         // compatibility hash (it is in the file name), from the component whose sha256 names it,
@@ -397,7 +390,7 @@ impl PluginHost {
         // checks the artifact's header against this engine before using it.
         #[allow(unsafe_code)]
         unsafe { Component::deserialize_file(&self.engine, &path) }
-            .map_err(|e| format!("loading {}: {e}", path.display()))
+            .map_err(|e| ComponentError::Artifact(format!("loading {}: {e}", path.display())))
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<Plugin>, PluginError> {
@@ -618,18 +611,14 @@ fn import_allowed(kind: Kind, name: &str) -> bool {
     }
 }
 
-fn check_imports(engine: &Engine, component: &Component, kind: Kind) -> Result<(), String> {
+fn check_imports(engine: &Engine, component: &Component, kind: Kind) -> Result<(), ComponentError> {
     let refused: Vec<String> = component
         .component_type()
         .imports(engine)
         .map(|(name, _)| name.to_string())
         .filter(|name| !import_allowed(kind, name))
         .collect();
-    if refused.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("imports what the {} world does not grant: {}", kind.name(), refused.join(", ")))
-    }
+    if refused.is_empty() { Ok(()) } else { Err(ComponentError::Imports { world: kind.name(), refused }) }
 }
 
 fn describe_error(e: &wasmtime::Error) -> String {
@@ -671,9 +660,9 @@ impl starling_core::CustomEnrichers for WasmEnrichers<'_> {
 
 /// Turns a core module built with wit-bindgen (carrying its world in a custom section) into a
 /// component.
-pub fn componentize(module: &[u8]) -> Result<Vec<u8>, String> {
+pub fn componentize(module: &[u8]) -> Result<Vec<u8>, ComponentError> {
     wit_component::ComponentEncoder::default()
         .module(module)
         .and_then(|e| e.validate(true).encode())
-        .map_err(|e| format!("componentizing: {e:#}"))
+        .map_err(|e| ComponentError::Componentize(format!("{e:#}")))
 }

@@ -1,5 +1,6 @@
 //! The plugin manifest (`plugin.toml`): identity, the world it targets, limits and capabilities.
 
+use crate::error::ManifestError;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -95,29 +96,27 @@ pub struct ConfigKey {
 }
 
 impl Manifest {
-    pub fn parse(text: &str) -> Result<Manifest, String> {
+    pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
         let m: Manifest = toml::from_str(text).map_err(|e| {
-            let at = e.span().map(|s| {
-                let before = &text[..s.start];
-                let line = before.matches('\n').count() + 1;
-                let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-                format!("{line}:{col}: ")
-            });
-            format!("{}{}", at.unwrap_or_default(), e.message().trim())
+            let message = e.message().trim().to_string();
+            match e.span() {
+                Some(s) => {
+                    let before = &text[..s.start];
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                    ManifestError::Syntax { line, column, message }
+                }
+                None => ManifestError::Unreadable { message },
+            }
         })?;
         if m.world != m.kind.world() {
-            return Err(format!(
-                "a {} must target world `{}`, manifest says `{}`",
-                m.kind.name(),
-                m.kind.world(),
-                m.world
-            ));
+            return Err(ManifestError::WrongWorld { kind: m.kind.name(), expected: m.kind.world(), found: m.world });
         }
         if m.limits.memory_mib == 0 || m.limits.timeout_ms == 0 {
-            return Err("limits.memory_mib and limits.timeout_ms must be positive".into());
+            return Err(ManifestError::ZeroLimit);
         }
         if m.limits.memory_mib > MAX_MEMORY_MIB {
-            return Err(format!("limits.memory_mib is {}, at most {MAX_MEMORY_MIB}", m.limits.memory_mib));
+            return Err(ManifestError::MemoryLimit { given: m.limits.memory_mib, max: MAX_MEMORY_MIB });
         }
         for pattern in &m.capabilities.allowed_hosts {
             crate::egress::HostPattern::parse(pattern)?;
@@ -155,12 +154,16 @@ token = { secret = true }
     #[test]
     fn refuses_unknown_fields_with_position() {
         let err = Manifest::parse(&format!("network = true\n{GOOD}")).unwrap_err();
-        assert!(err.contains("network") && err.starts_with("1:1:"), "{err}");
+        assert!(
+            matches!(&err, ManifestError::Syntax { line: 1, column: 1, message } if message.contains("network")),
+            "{err}"
+        );
     }
 
     #[test]
     fn world_must_match_kind() {
-        let err = Manifest::parse(&GOOD.replace("kind = \"connector\"", "kind = \"enricher\"")).unwrap_err();
+        let err =
+            Manifest::parse(&GOOD.replace("kind = \"connector\"", "kind = \"enricher\"")).unwrap_err().to_string();
         assert!(err.contains("must target world `starling:plugin/enricher@0.1.0`"), "{err}");
     }
 }

@@ -2,6 +2,7 @@
 //! sha256, so neither the code nor its declared limits and allowed hosts can change unnoticed.
 //! It lives in `plugin.sig` next to the manifest: `ed25519 PUBLIC_KEY_HEX SIGNATURE_HEX`.
 
+use crate::error::SignatureError;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 
 pub const SIGNATURE_FILE: &str = "plugin.sig";
@@ -11,26 +12,24 @@ fn message(manifest: &str, component_sha256: &str) -> Vec<u8> {
 }
 
 /// A new key pair, as hex: (secret, public).
-pub fn generate() -> Result<(String, String), String> {
+pub fn generate() -> Result<(String, String), SignatureError> {
     let mut seed = [0u8; 32];
-    getrandom::getrandom(&mut seed).map_err(|e| format!("no randomness: {e}"))?;
+    getrandom::getrandom(&mut seed).map_err(|e| SignatureError::NoRandomness(e.to_string()))?;
     let key = SigningKey::from_bytes(&seed);
     Ok((hex::encode(key.to_bytes()), hex::encode(key.verifying_key().to_bytes())))
 }
 
 /// The content of `plugin.sig` for a manifest and component, signed with a hex secret key.
-pub fn sign(secret_hex: &str, manifest: &str, component_sha256: &str) -> Result<String, String> {
-    let bytes: [u8; 32] = hex::decode(secret_hex.trim())
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .ok_or("the secret key must be 64 hex digits")?;
+pub fn sign(secret_hex: &str, manifest: &str, component_sha256: &str) -> Result<String, SignatureError> {
+    let bytes: [u8; 32] =
+        hex::decode(secret_hex.trim()).ok().and_then(|b| b.try_into().ok()).ok_or(SignatureError::SecretKey)?;
     let key = SigningKey::from_bytes(&bytes);
     let signature = key.sign(&message(manifest, component_sha256));
     Ok(format!("ed25519 {} {}\n", hex::encode(key.verifying_key().to_bytes()), hex::encode(signature.to_bytes())))
 }
 
 /// Reads a trusted-keys file: one hex public key per line; `#` starts a comment.
-pub fn parse_trusted_keys(text: &str) -> Result<Vec<String>, String> {
+pub fn parse_trusted_keys(text: &str) -> Result<Vec<String>, SignatureError> {
     text.lines()
         .enumerate()
         .map(|(i, l)| (i, l.split('#').next().unwrap_or("").trim()))
@@ -41,7 +40,7 @@ pub fn parse_trusted_keys(text: &str) -> Result<Vec<String>, String> {
             if ok {
                 Ok(key.to_ascii_lowercase())
             } else {
-                Err(format!("line {}: `{key}` is not a 64-hex-digit public key", i + 1))
+                Err(SignatureError::TrustedKey { line: i + 1, key: key.to_string() })
             }
         })
         .collect()
@@ -54,28 +53,26 @@ pub fn verify(
     manifest: &str,
     component_sha256: &str,
     trusted: Option<&[String]>,
-) -> Result<String, String> {
+) -> Result<String, SignatureError> {
     let parts: Vec<&str> = signature_file.split_whitespace().collect();
     let [scheme, public, signature] = parts[..] else {
-        return Err(format!("{SIGNATURE_FILE}: expected `ed25519 PUBLIC_KEY SIGNATURE`"));
+        return Err(SignatureError::Format);
     };
     if scheme != "ed25519" {
-        return Err(format!("{SIGNATURE_FILE}: unknown scheme `{scheme}`"));
+        return Err(SignatureError::Scheme(scheme.to_string()));
     }
     let public = public.to_ascii_lowercase();
     let key_bytes: [u8; 32] =
-        hex::decode(&public).ok().and_then(|b| b.try_into().ok()).ok_or(format!("{SIGNATURE_FILE}: bad public key"))?;
-    let sig_bytes: [u8; 64] = hex::decode(signature)
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .ok_or(format!("{SIGNATURE_FILE}: bad signature"))?;
-    let key = VerifyingKey::from_bytes(&key_bytes).map_err(|e| format!("{SIGNATURE_FILE}: {e}"))?;
+        hex::decode(&public).ok().and_then(|b| b.try_into().ok()).ok_or(SignatureError::PublicKey)?;
+    let sig_bytes: [u8; 64] =
+        hex::decode(signature).ok().and_then(|b| b.try_into().ok()).ok_or(SignatureError::Signature)?;
+    let key = VerifyingKey::from_bytes(&key_bytes).map_err(|_| SignatureError::PublicKey)?;
     key.verify(&message(manifest, component_sha256), &Signature::from_bytes(&sig_bytes))
-        .map_err(|_| "signature does not match the manifest and component".to_string())?;
+        .map_err(|_| SignatureError::Mismatch)?;
     if let Some(trusted) = trusted
         && !trusted.contains(&public)
     {
-        return Err(format!("signed by {public}, which is not a trusted key"));
+        return Err(SignatureError::Untrusted(public));
     }
     Ok(public)
 }
@@ -89,19 +86,19 @@ mod tests {
         let (secret, public) = generate().unwrap();
         let sig = sign(&secret, "name = \"x\"", "abc").unwrap();
         assert_eq!(verify(&sig, "name = \"x\"", "abc", Some(std::slice::from_ref(&public))), Ok(public.clone()));
-        assert!(verify(&sig, "name = \"y\"", "abc", None).is_err(), "manifest changed");
-        assert!(verify(&sig, "name = \"x\"", "abd", None).is_err(), "component changed");
+        assert_eq!(verify(&sig, "name = \"y\"", "abc", None), Err(SignatureError::Mismatch), "manifest changed");
+        assert_eq!(verify(&sig, "name = \"x\"", "abd", None), Err(SignatureError::Mismatch), "component changed");
         let (_, other) = generate().unwrap();
-        assert_eq!(
-            verify(&sig, "name = \"x\"", "abc", Some(&[other])),
-            Err(format!("signed by {public}, which is not a trusted key"))
-        );
+        assert_eq!(verify(&sig, "name = \"x\"", "abc", Some(&[other])), Err(SignatureError::Untrusted(public.clone())));
     }
 
     #[test]
     fn trusted_keys_files() {
         let (_, public) = generate().unwrap();
         assert_eq!(parse_trusted_keys(&format!("# ops team\n{public} release key\n\n")).unwrap(), vec![public]);
-        assert_eq!(parse_trusted_keys("nope").unwrap_err(), "line 1: `nope` is not a 64-hex-digit public key");
+        assert_eq!(
+            parse_trusted_keys("nope").unwrap_err().to_string(),
+            "line 1: `nope` is not a 64-hex-digit public key"
+        );
     }
 }

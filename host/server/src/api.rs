@@ -13,6 +13,7 @@ use bytes::Bytes;
 use rusqlite::Connection;
 use starling_core::Model;
 use starling_runtime::PluginHost;
+use starling_store::OutboxStatus;
 use std::sync::{Arc, Mutex};
 
 /// Largest request body accepted.
@@ -315,16 +316,15 @@ async fn get_actions(
     State(state): State<AppState>,
     Query(q): Query<ActionsQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if let Some(s) = &q.status
-        && !["pending", "delivered", "failed", "cancelled"].contains(&s.as_str())
-    {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("status: `{s}` is not one of pending, delivered, failed, cancelled"),
-        ));
-    }
+    let status = match &q.status {
+        None => None,
+        Some(s) => Some(OutboxStatus::parse(s).ok_or_else(|| {
+            let names: Vec<&str> = OutboxStatus::ALL.iter().map(|s| s.name()).collect();
+            ApiError::new(StatusCode::BAD_REQUEST, format!("status: `{s}` is not one of {}", names.join(", ")))
+        })?),
+    };
     let limit = q.limit.unwrap_or(100).min(10_000);
-    let rows = read(&state, move |c| starling_store::list_actions(c, q.status.as_deref(), limit)).await?;
+    let rows = read(&state, move |c| starling_store::list_actions(c, status, limit)).await?;
     Ok(Json(serde_json::json!({ "actions": rows })))
 }
 

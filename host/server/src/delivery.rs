@@ -8,8 +8,10 @@
 use crate::telemetry::{ActionLabel, ResultLabel, Telemetry};
 use rusqlite::Connection;
 use starling_core::Value;
-use starling_core::model::ActionDef;
+use starling_core::model::{ActionDef, Trigger};
 use starling_runtime::{PluginHost, convert, types};
+#[cfg(test)]
+use starling_store::OutboxStatus;
 use starling_store::{Attempt, OutboxEntry};
 use std::collections::{BTreeMap, HashSet};
 use std::hash::BuildHasher;
@@ -237,15 +239,15 @@ async fn deliver(
             entries.iter().map(|e| retry(e, now, err.to_string(), None, retries)).collect()
         }
     };
-    let healthy = attempts.iter().any(|a| matches!(a, Attempt::Delivered | Attempt::GiveUp { status: "failed", .. }));
+    let healthy = attempts.iter().any(|a| matches!(a, Attempt::Delivered | Attempt::Fail { .. }));
     let conn = conn.lock().expect("delivery connection");
     for (entry, attempt) in entries.iter().zip(&attempts) {
         if let Err(e) = starling_store::record_attempt(&conn, entry.id, attempt, now) {
             tracing::error!(action = entry.id, "recording a delivery attempt: {e}");
         }
         // The request to forget a deleted person has been carried out: keep nothing of it.
-        if entry.trigger == "deleted"
-            && matches!(attempt, Attempt::Delivered | Attempt::GiveUp { .. })
+        if entry.trigger == Trigger::Deleted
+            && matches!(attempt, Attempt::Delivered | Attempt::Fail { .. } | Attempt::Bury { .. })
             && let Err(e) = starling_store::forget_action(&conn, entry.id)
         {
             tracing::error!(action = entry.id, "removing a delivered deletion: {e}");
@@ -253,7 +255,8 @@ async fn deliver(
         let result = match attempt {
             Attempt::Delivered => "delivered",
             Attempt::Retry { .. } => "retry",
-            Attempt::GiveUp { status, .. } => status,
+            Attempt::Fail { .. } => "failed",
+            Attempt::Bury { .. } => "dead",
             Attempt::Cancel { .. } => "cancelled",
         };
         let metrics = &telemetry.metrics;
@@ -261,7 +264,7 @@ async fn deliver(
         metrics.delivery_seconds.get_or_create(&ActionLabel { action: action.clone() }).observe(elapsed);
         metrics.deliveries.get_or_create(&ResultLabel { action, result: result.to_string() }).inc();
         let error = match attempt {
-            Attempt::Retry { error, .. } | Attempt::GiveUp { error, .. } => Some(error.as_str()),
+            Attempt::Retry { error, .. } | Attempt::Fail { error } | Attempt::Bury { error } => Some(error.as_str()),
             _ => None,
         };
         telemetry.tracer.emit(
@@ -281,8 +284,9 @@ async fn deliver(
             Attempt::Retry { error, .. } => {
                 tracing::info!(id = entry.id, action = %entry.action, "will retry: {error}")
             }
-            Attempt::GiveUp { status, error } => {
-                tracing::warn!(id = entry.id, action = %entry.action, status, "{error}")
+            Attempt::Fail { error } => tracing::warn!(id = entry.id, action = %entry.action, "failed: {error}"),
+            Attempt::Bury { error } => {
+                tracing::warn!(id = entry.id, action = %entry.action, "moved to the dead letters: {error}")
             }
             Attempt::Cancel { .. } => {}
         }
@@ -293,9 +297,7 @@ async fn deliver(
 fn attempt_for(entry: &OutboxEntry, result: Result<(), types::DeliveryError>, now: i64, retries: Retries) -> Attempt {
     match result {
         Ok(()) => Attempt::Delivered,
-        Err(types::DeliveryError::Permanent(m)) => {
-            Attempt::GiveUp { status: "failed", error: format!("permanent: {m}") }
-        }
+        Err(types::DeliveryError::Permanent(m)) => Attempt::Fail { error: format!("permanent: {m}") },
         Err(types::DeliveryError::Retryable(m)) => retry(entry, now, format!("retryable: {m}"), None, retries),
         Err(types::DeliveryError::RateLimited(r)) => {
             retry(entry, now, format!("rate limited: {}", r.message), Some(r.retry_after_ms as i64), retries)
@@ -308,7 +310,7 @@ fn attempt_for(entry: &OutboxEntry, result: Result<(), types::DeliveryError>, no
 fn retry(entry: &OutboxEntry, now: i64, error: String, after_ms: Option<i64>, retries: Retries) -> Attempt {
     if entry.attempts + 1 >= retries.max_attempts {
         let max = retries.max_attempts;
-        return Attempt::GiveUp { status: "dead", error: format!("{error} (gave up after {max} attempts)") };
+        return Attempt::Bury { error: format!("{error} (gave up after {max} attempts)") };
     }
     let delay = after_ms.unwrap_or_else(|| {
         let base = retries.initial_ms.saturating_mul(1 << entry.attempts.min(20)).min(retries.max_ms);
@@ -327,13 +329,13 @@ fn to_wit(entry: &OutboxEntry) -> types::Action {
     }
     let payload: Payload =
         serde_json::from_str(&entry.payload).unwrap_or(Payload { settings: BTreeMap::new(), params: Vec::new() });
-    let trigger = match entry.trigger.as_str() {
+    let trigger = match entry.trigger {
+        Trigger::Joined => types::Trigger::Joined,
         // A deleted person leaves every audience; connectors remove them as they would on leaving.
-        "left" | "deleted" => types::Trigger::Left,
-        "visit_started" => types::Trigger::VisitStarted,
-        "visit_ended" => types::Trigger::VisitEnded,
-        "event" => types::Trigger::Event,
-        _ => types::Trigger::Joined,
+        Trigger::Left | Trigger::Deleted => types::Trigger::Left,
+        Trigger::VisitStarted => types::Trigger::VisitStarted,
+        Trigger::VisitEnded => types::Trigger::VisitEnded,
+        Trigger::Event => types::Trigger::Event,
     };
     types::Action {
         idempotency_key: entry.idempotency_key(),
@@ -356,12 +358,12 @@ mod tests {
             id: 1,
             action: "a".into(),
             connector: "c".into(),
-            trigger: "joined".into(),
+            trigger: Trigger::Joined,
             audience: "x".into(),
             profile_id: "p".into(),
             occurred_ms: 0,
             payload: "{}".into(),
-            status: "pending".into(),
+            status: OutboxStatus::Pending,
             attempts,
             next_attempt_ms: 0,
             last_error: None,
@@ -386,7 +388,7 @@ mod tests {
 
     #[test]
     fn retries_end_in_the_dead_letters() {
-        assert!(matches!(retry(&entry(11), 0, "x".into(), None, RETRIES), Attempt::GiveUp { status: "dead", .. }));
+        assert!(matches!(retry(&entry(11), 0, "x".into(), None, RETRIES), Attempt::Bury { .. }));
         let three = Retries { max_attempts: 3, ..RETRIES };
         assert!(matches!(retry(&entry(1), 0, "x".into(), None, three), Attempt::Retry { .. }));
     }
@@ -394,7 +396,7 @@ mod tests {
     #[test]
     fn permanent_errors_are_not_retried() {
         let a = attempt_for(&entry(0), Err(types::DeliveryError::Permanent("HTTP 400".into())), 0, RETRIES);
-        assert_eq!(a, Attempt::GiveUp { status: "failed", error: "permanent: HTTP 400".into() });
+        assert_eq!(a, Attempt::Fail { error: "permanent: HTTP 400".into() });
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use rusqlite::Connection;
 use starling_core::Model;
-use starling_runtime::{Manifest, PluginHost};
+use starling_runtime::{Manifest, PluginError, PluginHost};
 use starling_store::InstalledPlugin;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -69,14 +69,15 @@ impl Registry {
         self.record_health(&installed)
     }
 
-    fn load(&self, row: &InstalledPlugin) -> Result<(), String> {
-        let mut manifest = Manifest::parse(&row.manifest)?;
+    fn load(&self, row: &InstalledPlugin) -> Result<(), PluginError> {
+        let path = self.blobs.join(format!("{}.wasm", row.sha256));
+        let failed = |message: String| PluginError::Load { path: path.clone(), message };
+        let mut manifest = Manifest::parse(&row.manifest).map_err(|e| failed(e.to_string()))?;
         // The stored blob must still be the component that was installed.
         manifest.sha256 = Some(row.sha256.clone());
-        let bytes =
-            std::fs::read(self.blobs.join(format!("{}.wasm", row.sha256))).map_err(|e| format!("reading blob: {e}"))?;
+        let bytes = std::fs::read(&path).map_err(|e| failed(format!("reading blob: {e}")))?;
         let config = self.model.plugin_config.get(&row.name).cloned().unwrap_or_default();
-        self.plugins.install(manifest, &bytes, config).map(|_| ())
+        self.plugins.install(manifest, &bytes, config).map(|_| ()).map_err(|e| failed(e.to_string()))
     }
 
     fn record_health(&self, installed: &[InstalledPlugin]) -> Result<(), starling_store::StoreError> {

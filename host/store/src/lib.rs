@@ -7,6 +7,7 @@
 //! plus a replay of the log after the positions it recorded.
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use starling_core::model::Trigger;
 use starling_core::{PendingAction, Profile};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -806,19 +807,82 @@ impl<'c> Batch<'c> {
     }
 }
 
+/// Where an outbox row is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutboxStatus {
+    /// Waiting for its lane (possibly for a retry or a delay).
+    Pending,
+    Delivered,
+    /// Refused by the destination for good.
+    Failed,
+    /// A delayed action whose condition no longer held.
+    Cancelled,
+}
+
+impl OutboxStatus {
+    pub const ALL: [OutboxStatus; 4] =
+        [OutboxStatus::Pending, OutboxStatus::Delivered, OutboxStatus::Failed, OutboxStatus::Cancelled];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OutboxStatus::Pending => "pending",
+            OutboxStatus::Delivered => "delivered",
+            OutboxStatus::Failed => "failed",
+            OutboxStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<OutboxStatus> {
+        OutboxStatus::ALL.into_iter().find(|status| status.name() == s)
+    }
+}
+
+impl std::fmt::Display for OutboxStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+impl rusqlite::ToSql for OutboxStatus {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.name().into())
+    }
+}
+
+impl rusqlite::types::FromSql for OutboxStatus {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        let text = value.as_str()?;
+        OutboxStatus::parse(text)
+            .ok_or_else(|| rusqlite::types::FromSqlError::Other(format!("unknown outbox status `{text}`").into()))
+    }
+}
+
+/// Reads a trigger column.
+fn trigger_at(r: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<Trigger> {
+    let text: String = r.get(column)?;
+    Trigger::parse(&text).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            column,
+            rusqlite::types::Type::Text,
+            format!("unknown trigger `{text}`").into(),
+        )
+    })
+}
+
 /// One row of the outbox.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct OutboxEntry {
     pub id: i64,
     pub action: String,
     pub connector: String,
-    pub trigger: String,
+    pub trigger: Trigger,
     pub audience: String,
     pub profile_id: String,
     pub occurred_ms: i64,
     #[serde(skip)]
     pub payload: String,
-    pub status: String,
+    pub status: OutboxStatus,
     pub attempts: i64,
     pub next_attempt_ms: i64,
     pub last_error: Option<String>,
@@ -845,7 +909,7 @@ impl OutboxEntry {
             id: r.get(0)?,
             action: r.get(1)?,
             connector: r.get(2)?,
-            trigger: r.get(3)?,
+            trigger: trigger_at(r, 3)?,
             audience: r.get(4)?,
             profile_id: r.get(5)?,
             occurred_ms: r.get(6)?,
@@ -881,7 +945,7 @@ pub fn next_due(conn: &Connection, action: &str) -> Result<Option<i64>> {
 }
 
 /// Outbox rows, newest first, optionally with one status.
-pub fn list_actions(conn: &Connection, status: Option<&str>, limit: usize) -> Result<Vec<OutboxEntry>> {
+pub fn list_actions(conn: &Connection, status: Option<OutboxStatus>, limit: usize) -> Result<Vec<OutboxEntry>> {
     let sql =
         format!("SELECT {OUTBOX_COLUMNS} FROM outbox WHERE (?1 IS NULL OR status = ?1) ORDER BY id DESC LIMIT ?2");
     let mut stmt = conn.prepare_cached(&sql)?;
@@ -898,10 +962,12 @@ pub enum Attempt {
         at_ms: i64,
         error: String,
     },
-    /// Give up: `failed` for permanent errors, `dead` (moved to the dead letters) for exhausted
-    /// retries.
-    GiveUp {
-        status: &'static str,
+    /// Give up on a permanent error: the row stays, `failed`.
+    Fail {
+        error: String,
+    },
+    /// Give up after the last retry: the row moves to the dead letters.
+    Bury {
         error: String,
     },
     /// A delayed action whose condition no longer holds.
@@ -921,7 +987,7 @@ pub fn record_attempt(conn: &Connection, id: i64, attempt: &Attempt, now_ms: i64
             "UPDATE outbox SET attempts = attempts + 1, next_attempt_ms = ?2, last_error = ?3 WHERE id = ?1",
             params![id, at_ms, error],
         )?,
-        Attempt::GiveUp { status: "dead", error } => {
+        Attempt::Bury { error } => {
             let tx = conn.unchecked_transaction()?;
             tx.execute(
                 "INSERT INTO dead_letters (id, action, connector, trigger, audience, profile_id, occurred_ms, payload, attempts, last_error, condition, died_ms, origin)
@@ -932,9 +998,9 @@ pub fn record_attempt(conn: &Connection, id: i64, attempt: &Attempt, now_ms: i64
             tx.commit()?;
             1
         }
-        Attempt::GiveUp { status, error } => conn.execute(
+        Attempt::Fail { error } => conn.execute(
             "UPDATE outbox SET status = ?2, attempts = attempts + 1, last_error = ?3 WHERE id = ?1",
-            params![id, status, error],
+            params![id, OutboxStatus::Failed, error],
         )?,
         Attempt::Cancel { reason } => conn.execute(
             "UPDATE outbox SET status = 'cancelled', last_error = ?2 WHERE id = ?1",
@@ -950,7 +1016,7 @@ pub struct DeadLetter {
     pub id: i64,
     pub action: String,
     pub connector: String,
-    pub trigger: String,
+    pub trigger: Trigger,
     pub audience: String,
     pub profile_id: String,
     pub occurred_ms: i64,
@@ -969,7 +1035,7 @@ pub fn dead_letters(conn: &Connection, limit: usize) -> Result<Vec<DeadLetter>> 
             id: r.get(0)?,
             action: r.get(1)?,
             connector: r.get(2)?,
-            trigger: r.get(3)?,
+            trigger: trigger_at(r, 3)?,
             audience: r.get(4)?,
             profile_id: r.get(5)?,
             occurred_ms: r.get(6)?,
@@ -1125,7 +1191,6 @@ pub fn audience_size_history(conn: &Connection, audience: &str, since_ms: i64) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use starling_core::model::Trigger;
 
     #[test]
     fn a_version_4_database_keeps_its_seen_event_ids_in_the_new_table() {
@@ -1282,7 +1347,7 @@ mod tests {
         let row = &due_actions(&conn, "hook", 100, 10).unwrap()[0];
         assert_eq!((row.attempts, row.last_error.as_deref()), (1, Some("HTTP 503")));
         record_attempt(&conn, id, &Attempt::Delivered, 101).unwrap();
-        assert_eq!(list_actions(&conn, Some("delivered"), 10).unwrap()[0].delivered_ms, Some(101));
+        assert_eq!(list_actions(&conn, Some(OutboxStatus::Delivered), 10).unwrap()[0].delivered_ms, Some(101));
         assert_eq!(next_due(&conn, "hook").unwrap(), None);
     }
 
@@ -1293,7 +1358,7 @@ mod tests {
         let batch = Batch::begin(&mut conn).unwrap();
         let id = batch.enqueue(&action(), &serde_json::json!({"x": 1}), 5, None, None).unwrap().unwrap();
         batch.commit().unwrap();
-        record_attempt(&conn, id, &Attempt::GiveUp { status: "dead", error: "HTTP 500".into() }, 9).unwrap();
+        record_attempt(&conn, id, &Attempt::Bury { error: "HTTP 500".into() }, 9).unwrap();
         assert!(list_actions(&conn, None, 10).unwrap().is_empty());
         let dead = dead_letters(&conn, 10).unwrap();
         assert_eq!((dead[0].id, dead[0].attempts, dead[0].last_error.as_deref()), (id, 1, Some("HTTP 500")));

@@ -1,4 +1,3 @@
-
 use super::parse;
 use crate::literal::parse_duration;
 use crate::model::{BatchPolicy, DataSource, FieldSpec, FieldType, History, OnViolation, Retention, Trigger, When};

@@ -5,7 +5,8 @@ use crate::condition::Condition;
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Trigger {
     Joined,
     Left,
@@ -24,6 +25,10 @@ impl Trigger {
     pub const ALL: [Trigger; 6] =
         [Trigger::Joined, Trigger::Left, Trigger::VisitStarted, Trigger::VisitEnded, Trigger::Event, Trigger::Deleted];
 
+    pub fn parse(s: &str) -> Option<Trigger> {
+        Trigger::ALL.into_iter().find(|t| t.name() == s)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Trigger::Joined => "joined",
@@ -33,6 +38,12 @@ impl Trigger {
             Trigger::Event => "event",
             Trigger::Deleted => "deleted",
         }
+    }
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 /// A configuration where a `toggle` event puts a visitor in (`on: true`) or out of audience
 /// `in`, with the given actions appended.
-pub fn toggle_config(dir: &Path, actions: &str) -> PathBuf {
+pub(crate) fn toggle_config(dir: &Path, actions: &str) -> PathBuf {
     let text = format!(
         r#"
 [server]
@@ -39,13 +39,13 @@ rule = {{ attribute = "on", op = "=", value = true }}
     path
 }
 
-pub fn action(name: &str, url: &str, extra: &str) -> String {
+pub(crate) fn action(name: &str, url: &str, extra: &str) -> String {
     format!(
         "\n[[action]]\nname = \"{name}\"\naudience = \"in\"\ntrigger = \"joined\"\nconnector = \"webhook\"\nsettings = {{ url = \"{url}\" }}\nparams = {{ who = \"profile_id\" }}\n{extra}\n"
     )
 }
 
-pub async fn toggle(server: &Server, visitor: &str, on: bool) {
+pub(crate) async fn toggle(server: &Server, visitor: &str, on: bool) {
     let (status, body) = post_json(
         &format!("{}/v1/events", server.url),
         &json!({"event": "toggle", "visitor_id": visitor, "data": {"on": on}}),

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-pub fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repository root")
 }
 
@@ -33,19 +33,19 @@ fn build_plugins(cell: &'static OnceLock<PathBuf>, sources: &str, out: &str) -> 
 }
 
 /// The plugins in `connectors/`, built.
-pub fn connectors() -> &'static Path {
+pub(crate) fn connectors() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     build_plugins(&BUILT, "connectors", "target/plugins")
 }
 
 /// The hostile test plugins in `tests/plugins/`, built.
-pub fn test_plugins() -> &'static Path {
+pub(crate) fn test_plugins() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     build_plugins(&BUILT, "tests/plugins", "target/test-plugins")
 }
 
 /// Copies a built plugin into a test's plugin directory, optionally rewriting its manifest.
-pub fn install(from: &Path, name: &str, plugins_dir: &Path, edit_manifest: impl Fn(String) -> String) {
+pub(crate) fn install(from: &Path, name: &str, plugins_dir: &Path, edit_manifest: impl Fn(String) -> String) {
     let dest = plugins_dir.join(name);
     std::fs::create_dir_all(&dest).unwrap();
     for entry in std::fs::read_dir(from.join(name)).unwrap() {
@@ -60,7 +60,7 @@ pub fn install(from: &Path, name: &str, plugins_dir: &Path, edit_manifest: impl 
 }
 
 /// A running `starling serve`.
-pub struct Server {
+pub(crate) struct Server {
     child: Child,
     pub url: String,
     pub log: PathBuf,
@@ -68,12 +68,12 @@ pub struct Server {
 
 impl Server {
     /// Starts the server on `config` and waits until it listens.
-    pub fn start(config: &Path) -> Server {
+    pub(crate) fn start(config: &Path) -> Server {
         Server::start_with(config, &[])
     }
 
     /// Starts the server on `config` with extra `serve` arguments.
-    pub fn start_with(config: &Path, extra: &[&str]) -> Server {
+    pub(crate) fn start_with(config: &Path, extra: &[&str]) -> Server {
         let log = config.with_extension("log");
         let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         // Run from the configuration's directory with a relative path, as an operator would.
@@ -108,7 +108,7 @@ impl Server {
     }
 
     /// Stops the server with SIGTERM (a graceful shutdown) and waits for it.
-    pub fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
         // Generous: with every core busy compiling other tests' plugins, draining can be slow.
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -122,13 +122,13 @@ impl Server {
     }
 
     /// Kills the server with SIGKILL: no shutdown, no flushing.
-    pub fn kill9(mut self) {
+    pub(crate) fn kill9(mut self) {
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("reaping");
     }
 
     /// Resident memory of the server process, in KiB.
-    pub fn rss_kib(&self) -> u64 {
+    pub(crate) fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
         status
             .lines()
@@ -137,7 +137,7 @@ impl Server {
             .unwrap_or(0)
     }
 
-    pub fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
@@ -151,7 +151,7 @@ impl Drop for Server {
 
 /// One request a [`Receiver`] got.
 #[derive(Debug, Clone)]
-pub struct Received {
+pub(crate) struct Received {
     pub method: String,
     pub path: String,
     pub headers: HeaderMap,
@@ -160,17 +160,17 @@ pub struct Received {
 }
 
 impl Received {
-    pub fn header(&self, name: &str) -> &str {
+    pub(crate) fn header(&self, name: &str) -> &str {
         self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
     }
 }
 
 /// Decides the answer to the n-th request (from 0): a status and extra headers.
-pub type Responder = Arc<dyn Fn(usize) -> (u16, Vec<(&'static str, String)>) + Send + Sync>;
+pub(crate) type Responder = Arc<dyn Fn(usize) -> (u16, Vec<(&'static str, String)>) + Send + Sync>;
 
 /// Decides the whole answer to the n-th request from the request itself: status, extra headers
 /// and body.
-pub type Answer = Arc<dyn Fn(usize, &Received) -> (u16, Vec<(&'static str, String)>, String) + Send + Sync>;
+pub(crate) type Answer = Arc<dyn Fn(usize, &Received) -> (u16, Vec<(&'static str, String)>, String) + Send + Sync>;
 
 #[derive(Clone)]
 struct ReceiverState {
@@ -179,7 +179,7 @@ struct ReceiverState {
 }
 
 /// A loopback HTTP server standing in for an outside service; it records every request.
-pub struct Receiver {
+pub(crate) struct Receiver {
     pub url: String,
     pub addr: std::net::SocketAddr,
     got: Arc<Mutex<Vec<Received>>>,
@@ -188,11 +188,11 @@ pub struct Receiver {
 
 impl Receiver {
     /// A receiver answering 200 to everything, on a free port.
-    pub async fn start() -> Receiver {
+    pub(crate) async fn start() -> Receiver {
         Receiver::start_on("127.0.0.1:0", Arc::new(|_| (200, vec![]))).await
     }
 
-    pub async fn start_on(addr: &str, respond: Responder) -> Receiver {
+    pub(crate) async fn start_on(addr: &str, respond: Responder) -> Receiver {
         let answer: Answer = Arc::new(move |n, _| {
             let (status, headers) = respond(n);
             (status, headers, String::new())
@@ -200,7 +200,7 @@ impl Receiver {
         Receiver::answering(addr, answer).await
     }
 
-    pub async fn answering(addr: &str, answer: Answer) -> Receiver {
+    pub(crate) async fn answering(addr: &str, answer: Answer) -> Receiver {
         let got: Arc<Mutex<Vec<Received>>> = Arc::default();
         let state = ReceiverState { got: got.clone(), answer };
         let app = axum::Router::new()
@@ -245,7 +245,7 @@ impl Receiver {
     }
 
     /// Stops listening: later connections are refused.
-    pub async fn stop(&mut self) {
+    pub(crate) async fn stop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -258,13 +258,13 @@ impl Receiver {
         panic!("receiver on {} did not stop", self.addr);
     }
 
-    pub fn received(&self) -> Vec<Received> {
+    pub(crate) fn received(&self) -> Vec<Received> {
         self.got.lock().unwrap().clone()
     }
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
-pub async fn eventually<T>(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+pub(crate) async fn eventually<T>(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = check().await {
@@ -275,24 +275,24 @@ pub async fn eventually<T>(what: &str, timeout: Duration, mut check: impl AsyncF
     }
 }
 
-pub fn client() -> reqwest::Client {
+pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
 }
 
-pub async fn post_json(url: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+pub(crate) async fn post_json(url: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
     let r = client().post(url).json(body).send().await.unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(serde_json::Value::Null))
 }
 
-pub async fn get_json(url: &str) -> (u16, serde_json::Value) {
+pub(crate) async fn get_json(url: &str) -> (u16, serde_json::Value) {
     let r = client().get(url).send().await.unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(serde_json::Value::Null))
 }
 
 /// Held by tests that load the machine heavily or measure latency, so they never overlap.
-pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+pub(crate) async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     LOCK.lock().await
 }

@@ -30,7 +30,7 @@ enum Toolchain {
     Debian,
 }
 
-pub fn build_all(dirs: &[PathBuf], out: &Path) -> Result<()> {
+pub(crate) fn build_all(dirs: &[PathBuf], out: &Path) -> Result<()> {
     let mut sources = Vec::new();
     for dir in dirs {
         if dir.join("plugin.toml").is_file() {

@@ -4,7 +4,7 @@ use anyhow::{Context, Result, bail};
 
 /// Where the server is and how to authenticate to it.
 #[derive(clap::Args, Clone)]
-pub struct ServerArgs {
+pub(crate) struct ServerArgs {
     /// The server's address.
     #[arg(long, default_value = "http://127.0.0.1:8080", global = true)]
     pub server: String,
@@ -13,14 +13,14 @@ pub struct ServerArgs {
     pub token: Option<String>,
 }
 
-pub struct Client {
+pub(crate) struct Client {
     base: reqwest::Url,
     token: Option<String>,
     pub http: reqwest::Client,
 }
 
 impl Client {
-    pub fn new(args: &ServerArgs) -> Result<Client> {
+    pub(crate) fn new(args: &ServerArgs) -> Result<Client> {
         let base =
             reqwest::Url::parse(&args.server).with_context(|| format!("--server: `{}` is not a URL", args.server))?;
         if base.cannot_be_a_base() {
@@ -30,13 +30,13 @@ impl Client {
     }
 
     /// The URL of the API path made of `segments` (each escaped).
-    pub fn url<'a>(&self, segments: impl IntoIterator<Item = &'a str>) -> reqwest::Url {
+    pub(crate) fn url<'a>(&self, segments: impl IntoIterator<Item = &'a str>) -> reqwest::Url {
         let mut url = self.base.clone();
         url.path_segments_mut().expect("checked in new").pop_if_empty().extend(segments);
         url
     }
 
-    pub fn request(&self, method: reqwest::Method, url: reqwest::Url) -> reqwest::RequestBuilder {
+    pub(crate) fn request(&self, method: reqwest::Method, url: reqwest::Url) -> reqwest::RequestBuilder {
         let request = self.http.request(method, url);
         match &self.token {
             Some(token) => request.bearer_auth(token),
@@ -46,7 +46,7 @@ impl Client {
 
     /// Sends `request` and reads its JSON answer; an error status becomes an error with the
     /// server's message.
-    pub async fn json(&self, request: reqwest::RequestBuilder) -> Result<serde_json::Value> {
+    pub(crate) async fn json(&self, request: reqwest::RequestBuilder) -> Result<serde_json::Value> {
         let request = request.build()?;
         let url = request.url().clone();
         let response = self.http.execute(request).await.with_context(|| format!("calling {url}"))?;

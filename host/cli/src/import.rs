@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
-pub struct Options {
+pub(crate) struct Options {
     /// The CSV (with a header) or JSON-lines file.
     file: PathBuf,
     /// The `[[import]]` definition of the server's configuration that maps the file's columns.
@@ -33,7 +33,7 @@ struct Part {
     line_offset: u64,
 }
 
-pub fn run(options: Options) -> Result<()> {
+pub(crate) fn run(options: Options) -> Result<()> {
     let bytes = std::fs::read(&options.file).with_context(|| format!("reading {}", options.file.display()))?;
     let format = match options.format.as_deref() {
         Some(f @ ("csv" | "jsonl")) => f.to_string(),

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Mutex;
 
 #[derive(clap::Args)]
-pub struct Options {
+pub(crate) struct Options {
     /// The server.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     server: String,
@@ -168,7 +168,7 @@ struct Tally {
     refused: u64,
 }
 
-pub fn run(o: Options) -> Result<()> {
+pub(crate) fn run(o: Options) -> Result<()> {
     if o.people == 0 || o.events == 0 || o.batch == 0 || o.connections == 0 {
         bail!("--people, --events, --batch and --connections must be positive");
     }

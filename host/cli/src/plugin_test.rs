@@ -92,7 +92,7 @@ struct Got {
     body: Json,
 }
 
-pub fn run(dir: &Path) -> Result<()> {
+pub(crate) fn run(dir: &Path) -> Result<()> {
     let suite_path = dir.join("tests.toml");
     let text = std::fs::read_to_string(&suite_path).with_context(|| format!("reading {}", suite_path.display()))?;
     let suite: Suite = toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", suite_path.display()))?;

@@ -9,7 +9,7 @@ use starling_runtime::signing::{self, SIGNATURE_FILE};
 use starling_runtime::{HostOptions, Manifest, PluginHost};
 use std::path::{Path, PathBuf};
 
-pub fn run(db: &DatabaseArgs, command: PluginCommand) -> Result<()> {
+pub(crate) fn run(db: &DatabaseArgs, command: PluginCommand) -> Result<()> {
     let now = starling_server::system_clock();
     match command {
         PluginCommand::Build { .. } | PluginCommand::New { .. } | PluginCommand::Test { .. } => {

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum Lang {
+pub(crate) enum Lang {
     Rust,
     Python,
     Js,
@@ -17,12 +17,12 @@ pub enum Lang {
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum PluginKind {
+pub(crate) enum PluginKind {
     Connector,
     Enricher,
 }
 
-pub fn create(name: &str, lang: Lang, kind: PluginKind, parent: &Path) -> Result<PathBuf> {
+pub(crate) fn create(name: &str, lang: Lang, kind: PluginKind, parent: &Path) -> Result<PathBuf> {
     let valid = !name.is_empty()
         && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && name.starts_with(|c: char| c.is_ascii_lowercase());

@@ -4,7 +4,7 @@ use crate::client::{Client, ServerArgs};
 use anyhow::{Result, bail};
 
 #[derive(clap::Args)]
-pub struct Options {
+pub(crate) struct Options {
     /// A visitor id (or any id linked to the profile).
     id: String,
     /// Print each step as a JSON line instead of text.
@@ -14,7 +14,7 @@ pub struct Options {
     server: ServerArgs,
 }
 
-pub fn run(options: Options) -> Result<()> {
+pub(crate) fn run(options: Options) -> Result<()> {
     let client = Client::new(&options.server)?;
     let url = client.url(["v1", "trace", options.id.as_str()]);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -17,7 +17,7 @@ const HEADER: usize = 18;
 /// Largest payload accepted: a record holds one request's events for one partition.
 const MAX_PAYLOAD: usize = 64 << 20;
 /// A segment is closed and a new one started once it holds this many bytes.
-pub const SEGMENT_BYTES: u64 = 64 << 20;
+pub(crate) const SEGMENT_BYTES: u64 = 64 << 20;
 /// A segment whose records are all materialized is closed (and then deleted) once it holds
 /// this many bytes.
 const ROLL_WHEN_DONE_BYTES: u64 = 1 << 20;

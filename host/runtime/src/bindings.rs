@@ -1,6 +1,6 @@
 //! Host-side bindings generated from the repository's `wit/`.
 
-pub mod connector {
+pub(crate) mod connector {
     wasmtime::component::bindgen!({
         path: "../../wit",
         world: "starling:plugin/connector@0.1.0",
@@ -16,7 +16,7 @@ pub mod connector {
     });
 }
 
-pub mod enricher {
+pub(crate) mod enricher {
     wasmtime::component::bindgen!({
         path: "../../wit",
         world: "starling:plugin/enricher@0.1.0",

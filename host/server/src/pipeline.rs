@@ -1127,7 +1127,9 @@ impl Worker {
             }
         }
         for (id, (profile, loaded)) in p.touched.iter_mut() {
-            if let Some(due) = loaded.reschedule(profile) {
+            let change = loaded.reschedule(profile);
+            if change != Reschedule::Keep {
+                let due = if let Reschedule::At(due) = change { Some(due) } else { None };
                 tx.set_wakeup(id, due)?;
                 profile.scheduled_wakeup_ms = due;
             }
@@ -1679,17 +1681,27 @@ struct Loaded {
 }
 
 impl Loaded {
-    /// The wake-up to schedule (`Some(None)`: none), if the scheduled one must change: an
-    /// earlier one is needed, or the scheduled one came due. A later one waits for the
-    /// scheduled one, which then finds nothing due and reschedules.
-    fn reschedule(&self, profile: &Profile) -> Option<Option<i64>> {
+    /// Whether the scheduled wake-up must change: an earlier one is needed, or the scheduled
+    /// one came due. A later one waits for the scheduled one, which then finds nothing due and
+    /// reschedules.
+    fn reschedule(&self, profile: &Profile) -> Reschedule {
         let scheduled = profile.scheduled_wakeup_ms;
         match profile.wakeup_ms {
-            Some(due) if self.woken || scheduled.is_none_or(|s| due < s) => Some(Some(due)),
-            None if self.woken => Some(None),
-            _ => None,
+            Some(due) if self.woken || scheduled.is_none_or(|s| due < s) => Reschedule::At(due),
+            None if self.woken => Reschedule::Never,
+            _ => Reschedule::Keep,
         }
     }
+}
+
+/// What to do with a profile's scheduled wake-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reschedule {
+    /// Leave it as it is.
+    Keep,
+    At(i64),
+    /// Nothing is due any more.
+    Never,
 }
 
 /// The profile for `profile_id` in this batch, loading it from the cache or the store.
@@ -1820,15 +1832,15 @@ mod tests {
         let profile = |wakeup_ms, scheduled_wakeup_ms| Profile { wakeup_ms, scheduled_wakeup_ms, ..Profile::new("p") };
         let (quiet, woken) = (Loaded::default(), Loaded { woken: true, ..Loaded::default() });
         // Nothing scheduled yet: schedule it.
-        assert_eq!(quiet.reschedule(&profile(Some(100), None)), Some(Some(100)));
+        assert_eq!(quiet.reschedule(&profile(Some(100), None)), Reschedule::At(100));
         // Each event moves the visit's end later: the scheduled wake-up stays.
-        assert_eq!(quiet.reschedule(&profile(Some(200), Some(100))), None);
-        assert_eq!(quiet.reschedule(&profile(None, Some(100))), None);
+        assert_eq!(quiet.reschedule(&profile(Some(200), Some(100))), Reschedule::Keep);
+        assert_eq!(quiet.reschedule(&profile(None, Some(100))), Reschedule::Keep);
         // Something due earlier replaces it.
-        assert_eq!(quiet.reschedule(&profile(Some(50), Some(100))), Some(Some(50)));
+        assert_eq!(quiet.reschedule(&profile(Some(50), Some(100))), Reschedule::At(50));
         // The scheduled one came due: the real one (or none) takes its place.
-        assert_eq!(woken.reschedule(&profile(Some(200), Some(100))), Some(Some(200)));
-        assert_eq!(woken.reschedule(&profile(None, Some(100))), Some(None));
+        assert_eq!(woken.reschedule(&profile(Some(200), Some(100))), Reschedule::At(200));
+        assert_eq!(woken.reschedule(&profile(None, Some(100))), Reschedule::Never);
     }
 
     #[test]

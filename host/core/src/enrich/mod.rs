@@ -68,6 +68,9 @@ pub(crate) enum Parsed {
     Op(Operation, &'static [&'static str]),
 }
 
+/// A problem was recorded; the operation cannot be read.
+pub(crate) struct Refused;
+
 /// An `[[enrichment]]` as written, for the families to read their operation from.
 pub struct Spec<'a> {
     pub attribute: &'a str,
@@ -153,7 +156,7 @@ impl Spec<'_> {
 
     /// The value source (`value`, `event` or `from`), required.
     fn required_source(&mut self, ty: AttrType) -> Option<ValueSource> {
-        let source = self.source_for(ty)?;
+        let source = self.source_for(ty).ok()?;
         if source.is_none() {
             let message = format!("`{}` needs `value`, `event` or `from`", self.op_name());
             self.problem(self.op.span(), message);
@@ -161,23 +164,23 @@ impl Spec<'_> {
         source
     }
 
-    /// The value source (`value`, `event` or `from`), checked against `ty`. `None` on error;
-    /// `Some(None)` when none is given.
-    fn source_for(&mut self, ty: AttrType) -> Option<Option<ValueSource>> {
+    /// The value source (`value`, `event` or `from`), checked against `ty`; `Ok(None)` when
+    /// none is given.
+    fn source_for(&mut self, ty: AttrType) -> Result<Option<ValueSource>, Refused> {
         let given = [self.value.map(Spanned::span), self.event.map(Spanned::span), self.from.map(Spanned::span)];
         if given.iter().flatten().count() > 1 {
             self.problem(
                 given.iter().flatten().nth(1).cloned().unwrap_or_default(),
                 "give one of `value`, `event` or `from`",
             );
-            return None;
+            return Err(Refused);
         }
         if let Some(path) = self.event {
             return match parse_event_path(path.get_ref()) {
-                Some(p) => Some(Some(ValueSource::Event(p))),
+                Some(p) => Ok(Some(ValueSource::Event(p))),
                 None => {
                     self.problem(path.span(), format!("`{}` is not a field path like `order.total`", path.get_ref()));
-                    None
+                    Err(Refused)
                 }
             };
         }
@@ -185,24 +188,24 @@ impl Spec<'_> {
             let name = from.get_ref();
             let Some(from_ty) = (self.lookup)(name) else {
                 self.problem(from.span(), format!("unknown attribute `{name}`"));
-                return None;
+                return Err(Refused);
             };
             if !from_ty.feeds(ty) {
                 self.problem(from.span(), format!("attribute `{name}` is {}, expected {}", from_ty.name(), ty.name()));
-                return None;
+                return Err(Refused);
             }
-            return Some(Some(ValueSource::Attribute(name.clone())));
+            return Ok(Some(ValueSource::Attribute(name.clone())));
         }
-        let Some(v) = self.value else { return Some(None) };
+        let Some(v) = self.value else { return Ok(None) };
         if ty == AttrType::Date && v.get_ref().as_str() == Some("now") {
-            return Some(Some(ValueSource::Now));
+            return Ok(Some(ValueSource::Now));
         }
         let literal_ty = ty.element().filter(|_| !v.get_ref().is_array()).unwrap_or(ty);
         match literal(v.get_ref(), literal_ty) {
-            Ok(val) => Some(Some(ValueSource::Const(val))),
+            Ok(val) => Ok(Some(ValueSource::Const(val))),
             Err(msg) => {
                 self.problem(v.span(), msg);
-                None
+                Err(Refused)
             }
         }
     }

@@ -39,7 +39,7 @@ pub(super) fn parse(spec: &mut Spec<'_>) -> Parsed {
     }
     let op = match spec.op.get_ref().as_str() {
         name @ ("increment" | "decrement") => {
-            let Some(by) = spec.source_for(AttrType::Number) else { return Parsed::Refused };
+            let Ok(by) = spec.source_for(AttrType::Number) else { return Parsed::Refused };
             let by = by.unwrap_or(ValueSource::Const(Value::Number(1.0)));
             if name == "increment" { Op::Increment(by) } else { Op::Decrement(by) }
         }

@@ -43,8 +43,8 @@ pub(super) fn parse(spec: &mut Spec<'_>) -> Parsed {
             };
         }
         "capture_most_frequent" => spec.required_source(ty).map(Op::CaptureMostFrequent),
-        "lowercase" => spec.source_for(ty).map(Op::Lowercase),
-        "uppercase" => spec.source_for(ty).map(Op::Uppercase),
+        "lowercase" => spec.source_for(ty).ok().map(Op::Lowercase),
+        "uppercase" => spec.source_for(ty).ok().map(Op::Uppercase),
         _ => return Parsed::NotHere,
     };
     match op {

@@ -43,6 +43,7 @@ pub(super) fn parse(spec: &mut Spec<'_>) -> Parsed {
     let op = match name {
         "increment" => spec
             .source_for(AttrType::Number)
+            .ok()
             .map(|by| Op::Increment { key, by: by.unwrap_or(ValueSource::Const(Value::Number(1.0))) }),
         "set_key" => spec.required_source(AttrType::Number).map(|to| Op::SetKey { key, to }),
         _ => return Parsed::Op(Operation::Tally(Op::RemoveKey { key }), &["key"]),

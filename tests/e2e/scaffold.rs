@@ -54,3 +54,21 @@ fn new_plugins_in_every_language_build_and_pass_their_generated_tests() {
     let (ok, out) = starling(&["plugin", "new", "Bad_Name", "--lang", "rust", "--kind", "enricher", "--dir", parent]);
     assert!(!ok && out.contains("plugin name `Bad_Name`"), "{out}");
 }
+
+/// The Rust SDK's documentation examples compile and pass for both worlds (the SDK is a
+/// guest crate outside the workspace, so its doc tests run here).
+#[test]
+fn the_rust_sdk_documentation_examples_pass() {
+    let root = harness::root();
+    for world in ["connector", "enricher"] {
+        let output = Command::new(env!("CARGO"))
+            .current_dir(&root)
+            .args(["test", "--doc", "--manifest-path", "sdk/rust/Cargo.toml", "--features", world])
+            .env("CARGO_TARGET_DIR", root.join("target/sdk"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{world}:\n{text}\n{}", String::from_utf8_lossy(&output.stderr));
+        assert!(text.contains("test result: ok.") && !text.contains(" 0 passed"), "{world}: no examples ran:\n{text}");
+    }
+}

@@ -13,6 +13,7 @@ use std::fmt;
 /// Most bytes a response body may have before it is cut off.
 const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 
+/// Why a request got no response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HttpError {
     /// The URL could not be parsed.
@@ -43,6 +44,17 @@ impl From<HttpError> for crate::DeliveryError {
     }
 }
 
+/// An outgoing request, built step by step and sent with [`Request::send`].
+///
+/// ```
+/// use starling_sdk::http::Request;
+///
+/// let request = Request::post("https://hooks.example.com/in")
+///     .header("authorization", "Bearer abc")
+///     .json(&serde_json::json!({ "profile": "p-1" }));
+/// assert_eq!(request.url(), "https://hooks.example.com/in");
+/// assert_eq!(request.headers()[1], ("content-type".to_string(), "application/json".to_string()));
+/// ```
 pub struct Request {
     method: Method,
     url: String,
@@ -50,14 +62,28 @@ pub struct Request {
     body: Vec<u8>,
 }
 
+/// A response, read whole (bodies past 4 MiB are cut off).
+///
+/// ```
+/// use starling_sdk::http::Response;
+/// use starling_sdk::DeliveryError;
+///
+/// let busy = Response { status: 429, headers: vec![("Retry-After".into(), "30".into())], body: Vec::new() };
+/// assert_eq!(busy.header("retry-after"), Some("30"));
+/// assert!(matches!(busy.delivery_result(), Err(DeliveryError::RateLimited(r)) if r.retry_after_ms == 30_000));
+/// ```
 #[derive(Debug, Clone)]
 pub struct Response {
+    /// The HTTP status code.
     pub status: u16,
+    /// Header names and values, in the order received.
     pub headers: Vec<(String, String)>,
+    /// The body's bytes.
     pub body: Vec<u8>,
 }
 
 impl Response {
+    /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
@@ -69,6 +95,7 @@ impl Response {
 }
 
 impl Request {
+    /// A request with any method (`GET`, `POST`, ... or another name).
     pub fn new(method: &str, url: impl Into<String>) -> Self {
         let method = match method.to_ascii_uppercase().as_str() {
             "GET" => Method::Get,
@@ -82,19 +109,23 @@ impl Request {
         Request { method, url: url.into(), headers: Vec::new(), body: Vec::new() }
     }
 
+    /// A `GET` request.
     pub fn get(url: impl Into<String>) -> Self {
         Self::new("GET", url)
     }
 
+    /// A `POST` request.
     pub fn post(url: impl Into<String>) -> Self {
         Self::new("POST", url)
     }
 
+    /// Adds a header.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.push((name.into(), value.into()));
         self
     }
 
+    /// Sets the body.
     pub fn body(mut self, body: impl Into<Vec<u8>>) -> Self {
         self.body = body.into();
         self
@@ -103,6 +134,16 @@ impl Request {
     /// Sets a JSON body and its content type.
     pub fn json(self, value: &serde_json::Value) -> Self {
         self.header("content-type", "application/json").body(value.to_string())
+    }
+
+    /// The URL the request goes to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The headers set so far, in order.
+    pub fn headers(&self) -> &[(String, String)] {
+        &self.headers
     }
 
     fn method_sends_body(&self) -> bool {

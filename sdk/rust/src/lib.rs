@@ -3,7 +3,8 @@
 //! Write a Starling plugin in Rust. Enable the `connector` or `enricher` feature, implement
 //! [`Connector`] or [`Enricher`] for a type, and export it with one macro line:
 //!
-//! ```ignore
+//! ```no_run
+//! # #[cfg(feature = "connector")] mod plugin {
 //! use starling_sdk::{Action, Connector, DeliveryError, export_connector};
 //!
 //! struct Hello;
@@ -13,10 +14,31 @@
 //!     }
 //! }
 //! export_connector!(Hello);
+//! # }
+//! ```
+//!
+//! An enricher is the same shape:
+//!
+//! ```no_run
+//! # #[cfg(feature = "enricher")] mod plugin {
+//! use starling_sdk::{AttributeUpdate, AttributeValue, Enricher, Event, ProfileView, export_enricher};
+//!
+//! struct Domain;
+//! impl Enricher for Domain {
+//!     fn enrich(event: Event, _profile: ProfileView) -> Result<Vec<AttributeUpdate>, String> {
+//!         let data: serde_json::Value = serde_json::from_str(&event.data_json).map_err(|e| e.to_string())?;
+//!         let Some(domain) = data["email"].as_str().and_then(|e| e.split('@').nth(1)) else { return Ok(Vec::new()) };
+//!         Ok(vec![AttributeUpdate { name: "email_domain".into(), value: Some(AttributeValue::Text(domain.into())) }])
+//!     }
+//! }
+//! export_enricher!(Domain);
+//! # }
 //! ```
 //!
 //! The WIT bindings are generated inside this crate; plugin authors use the types re-exported
 //! here and never the generated code.
+
+#![deny(missing_docs)]
 
 #[cfg(all(feature = "connector", feature = "enricher"))]
 compile_error!("enable exactly one of the `connector` and `enricher` features");
@@ -75,15 +97,20 @@ pub mod config {
 /// Logging into the host's log, tagged with the plugin's name.
 pub mod log {
     use crate::bindings::starling::plugin::log::{Level, log};
+
+    /// Logs at debug level.
     pub fn debug(message: &str) {
         log(Level::Debug, message)
     }
+    /// Logs at info level.
     pub fn info(message: &str) {
         log(Level::Info, message)
     }
+    /// Logs at warn level.
     pub fn warn(message: &str) {
         log(Level::Warn, message)
     }
+    /// Logs at error level.
     pub fn error(message: &str) {
         log(Level::Error, message)
     }
@@ -107,6 +134,7 @@ pub trait Connector {
 /// An enricher: computes attribute updates from an event and the profile it applies to.
 #[cfg(feature = "enricher")]
 pub trait Enricher {
+    /// The updates to apply for `event` (all or nothing), or why there are none.
     fn enrich(event: Event, profile: ProfileView) -> Result<Vec<AttributeUpdate>, String>;
 }
 

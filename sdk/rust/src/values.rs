@@ -64,20 +64,31 @@ impl AttributeValue {
 }
 
 impl DeliveryError {
+    /// A failure worth retrying later (the host backs off).
     pub fn retryable(message: impl Into<String>) -> Self {
         DeliveryError::Retryable(message.into())
     }
 
+    /// A failure that will not succeed on retry (the action is marked failed).
     pub fn permanent(message: impl Into<String>) -> Self {
         DeliveryError::Permanent(message.into())
     }
 
+    /// The destination asked to wait `retry_after_ms` before the next call.
     pub fn rate_limited(retry_after_ms: u64, message: impl Into<String>) -> Self {
         DeliveryError::RateLimited(RateLimited { retry_after_ms, message: message.into() })
     }
 
     /// Classifies an HTTP status the usual way: 2xx is success; 429 is rate-limited (honouring
     /// `Retry-After` seconds, default 1 s); 408 and 5xx are retryable; other 4xx are permanent.
+    ///
+    /// ```
+    /// use starling_sdk::DeliveryError;
+    ///
+    /// assert!(DeliveryError::from_status(204, None).is_ok());
+    /// assert!(matches!(DeliveryError::from_status(503, None), Err(DeliveryError::Retryable(m)) if m == "HTTP 503"));
+    /// assert!(matches!(DeliveryError::from_status(404, None), Err(DeliveryError::Permanent(m)) if m == "HTTP 404"));
+    /// ```
     pub fn from_status(status: u16, retry_after: Option<&str>) -> Result<(), DeliveryError> {
         match status {
             200..=299 => Ok(()),

@@ -35,7 +35,7 @@ pub(super) fn parse(spec: &mut Spec<'_>) -> Parsed {
 }
 
 impl Op {
-    pub(super) fn apply(&self, def: &AttributeDef, profile: &mut Profile, inputs: &dyn Inputs) -> Result<(), String> {
+    pub(super) fn apply(&self, def: &AttributeDef, profile: &mut Profile, inputs: &impl Inputs) -> Result<(), String> {
         match self {
             Op::Set(source) if def.ty.element().is_some() => {
                 let items = elements(inputs, profile, source, def.ty)?;

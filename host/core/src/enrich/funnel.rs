@@ -47,7 +47,7 @@ pub(super) fn parse(spec: &mut Spec<'_>) -> Parsed {
 }
 
 impl Op {
-    pub(super) fn apply(&self, def: &AttributeDef, profile: &mut Profile, inputs: &dyn Inputs) -> Result<(), String> {
+    pub(super) fn apply(&self, def: &AttributeDef, profile: &mut Profile, inputs: &impl Inputs) -> Result<(), String> {
         match self {
             Op::Advance { step, fields } => {
                 let mut state = match profile.attributes.get(&def.name) {

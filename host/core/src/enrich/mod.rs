@@ -282,7 +282,7 @@ pub trait Inputs {
 impl Operation {
     /// Applies the operation to attribute `def` of `profile`. An error is a warning: the
     /// operation did what its limits allowed.
-    pub fn apply(&self, def: &AttributeDef, profile: &mut Profile, inputs: &dyn Inputs) -> Result<(), String> {
+    pub fn apply(&self, def: &AttributeDef, profile: &mut Profile, inputs: &impl Inputs) -> Result<(), String> {
         match self {
             Operation::Number(op) => op.apply(def, profile, inputs),
             Operation::String(op) => op.apply(def, profile, inputs),
@@ -321,7 +321,7 @@ fn finite(n: f64) -> Result<f64, String> {
 
 /// The operand of a collection operation as a list of elements (one value or many).
 fn elements(
-    inputs: &dyn Inputs,
+    inputs: &impl Inputs,
     profile: &Profile,
     source: &ValueSource,
     collection: AttrType,

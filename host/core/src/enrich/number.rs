@@ -69,8 +69,8 @@ pub(super) fn parse(spec: &mut Spec<'_>) -> Parsed {
 }
 
 impl Op {
-    pub(super) fn apply(&self, def: &AttributeDef, profile: &mut Profile, inputs: &dyn Inputs) -> Result<(), String> {
-        let current = match profile.attributes.get(&def.name) {
+    pub(super) fn apply(&self, def: &AttributeDef, profile: &mut Profile, inputs: &impl Inputs) -> Result<(), String> {
+        let current = |profile: &Profile| match profile.attributes.get(&def.name) {
             Some(Value::Number(n)) => Some(*n),
             _ => None,
         };
@@ -78,12 +78,12 @@ impl Op {
             Op::Increment(source) | Op::Decrement(source) => {
                 let Some(by) = number(inputs.read(source, AttrType::Number, profile)?) else { return Ok(()) };
                 let by = if matches!(self, Op::Decrement(_)) { -by } else { by };
-                let next = finite(current.unwrap_or(0.0) + by)?;
+                let next = finite(current(profile).unwrap_or(0.0) + by)?;
                 set(profile, def, Value::Number(next));
             }
             Op::Min(source) | Op::Max(source) => {
                 let Some(n) = number(inputs.read(source, AttrType::Number, profile)?) else { return Ok(()) };
-                let next = match (current, self) {
+                let next = match (current(profile), self) {
                     (None, _) => n,
                     (Some(c), Op::Min(_)) => c.min(n),
                     (Some(c), _) => c.max(n),

@@ -56,7 +56,7 @@ pub(super) fn parse(spec: &mut Spec<'_>) -> Parsed {
 }
 
 impl Op {
-    pub(super) fn apply(&self, def: &AttributeDef, profile: &mut Profile, inputs: &dyn Inputs) -> Result<(), String> {
+    pub(super) fn apply(&self, def: &AttributeDef, profile: &mut Profile, inputs: &impl Inputs) -> Result<(), String> {
         match self {
             Op::Add(source) => {
                 let items = elements(inputs, profile, source, def.ty)?;

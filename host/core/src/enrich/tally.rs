@@ -74,7 +74,7 @@ fn key(spec: &mut Spec<'_>) -> Option<ValueSource> {
 }
 
 impl Op {
-    pub(super) fn apply(&self, def: &AttributeDef, profile: &mut Profile, inputs: &dyn Inputs) -> Result<(), String> {
+    pub(super) fn apply(&self, def: &AttributeDef, profile: &mut Profile, inputs: &impl Inputs) -> Result<(), String> {
         match self {
             Op::Increment { key, by: amount } | Op::SetKey { key, to: amount } => {
                 let Some(key) = key_string(inputs.read(key, AttrType::String, profile)?) else { return Ok(()) };

@@ -29,7 +29,7 @@ pub(super) fn parse(spec: &mut Spec<'_>) -> Parsed {
 }
 
 impl Op {
-    pub(super) fn apply(&self, def: &AttributeDef, profile: &mut Profile, inputs: &dyn Inputs) -> Result<(), String> {
+    pub(super) fn apply(&self, def: &AttributeDef, profile: &mut Profile, inputs: &impl Inputs) -> Result<(), String> {
         match self {
             Op::Capture { fields } => {
                 let now = inputs.now();

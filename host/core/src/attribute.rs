@@ -4,22 +4,64 @@
 use crate::literal::parse_event_path;
 use crate::value::{AttrType, Scope, Value};
 
-/// Preloaded attributes every profile has; their names are reserved.
-pub const PRELOADED: &[(&str, AttrType)] = &[
-    ("first_seen", AttrType::Date),
-    ("last_seen", AttrType::Date),
-    ("event_count", AttrType::Number),
-    ("visit_count", AttrType::Number),
-    ("visit_start", AttrType::Date),
-    ("visit_event_count", AttrType::Number),
-    ("visit_duration_ms", AttrType::Number),
-];
+/// The attributes every profile has, kept by the engine; their names are reserved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preloaded {
+    FirstSeen,
+    LastSeen,
+    EventCount,
+    VisitCount,
+    VisitStart,
+    VisitEventCount,
+    VisitDurationMs,
+}
 
-/// Preloaded attributes that change with every event.
-pub const CHANGED_BY_EVERY_EVENT: &[&str] = &["last_seen", "event_count", "visit_event_count", "visit_duration_ms"];
+impl Preloaded {
+    pub const ALL: [Preloaded; 7] = [
+        Preloaded::FirstSeen,
+        Preloaded::LastSeen,
+        Preloaded::EventCount,
+        Preloaded::VisitCount,
+        Preloaded::VisitStart,
+        Preloaded::VisitEventCount,
+        Preloaded::VisitDurationMs,
+    ];
 
+    pub fn name(self) -> &'static str {
+        match self {
+            Preloaded::FirstSeen => "first_seen",
+            Preloaded::LastSeen => "last_seen",
+            Preloaded::EventCount => "event_count",
+            Preloaded::VisitCount => "visit_count",
+            Preloaded::VisitStart => "visit_start",
+            Preloaded::VisitEventCount => "visit_event_count",
+            Preloaded::VisitDurationMs => "visit_duration_ms",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Preloaded> {
+        Preloaded::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    pub fn ty(self) -> AttrType {
+        match self {
+            Preloaded::FirstSeen | Preloaded::LastSeen | Preloaded::VisitStart => AttrType::Date,
+            _ => AttrType::Number,
+        }
+    }
+
+    /// Whether every event changes it (so audiences reading it are evaluated on every event).
+    pub fn changed_by_every_event(self) -> bool {
+        matches!(
+            self,
+            Preloaded::LastSeen | Preloaded::EventCount | Preloaded::VisitEventCount | Preloaded::VisitDurationMs
+        )
+    }
+}
+
+/// The type of a preloaded attribute.
 pub fn preloaded_type(name: &str) -> Option<AttrType> {
-    PRELOADED.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
+    Preloaded::parse(name).map(Preloaded::ty)
 }
 
 #[derive(Debug, Clone)]

@@ -7,7 +7,7 @@
 //! re-evaluate the audiences whose inputs changed (all of them on a visit's first event), then
 //! fire actions.
 
-use crate::attribute::{AttributeDef, CHANGED_BY_EVERY_EVENT, ValueSource};
+use crate::attribute::{AttributeDef, Preloaded, ValueSource};
 use crate::condition::Operand;
 use crate::enrich::{Inputs, fill, timeline};
 use crate::event::Event;
@@ -127,8 +127,8 @@ pub fn apply_event(model: &Model, profile: &mut Profile, event: &Event, custom: 
     profile.visit_timeout_ms = (timeout != model.visit_timeout_ms).then_some(timeout);
 
     let mut dirty = Dirty::new(model);
-    for name in CHANGED_BY_EVERY_EVENT {
-        dirty.mark(name);
+    for preloaded in Preloaded::ALL.into_iter().filter(|p| p.changed_by_every_event()) {
+        dirty.mark(preloaded.name());
     }
     expire_timelines(model, profile, t, &mut dirty);
     let (new_visitor, new_visit) = (out.new_visitor, out.new_visit);
@@ -438,7 +438,7 @@ fn resolve(model: &Model, profile: &Profile, event: Option<&Event>, operand: &Op
 /// A stored attribute, or an event attribute read from the current event.
 fn attribute_value(model: &Model, profile: &Profile, event: Option<&Event>, name: &str) -> Option<Value> {
     match model.attribute(name) {
-        Some(AttributeDef { scope: Scope::Event, field: Some(path), ty, .. }) => typed(event?.field(path)?, *ty).ok(),
+        Some(AttributeDef { scope: Scope::Event, field: Some(path), ty, .. }) => ty.read_json(event?.field(path)?).ok(),
         _ => profile.get(name),
     }
 }
@@ -470,54 +470,6 @@ fn json_to_value(v: &serde_json::Value) -> Option<Value> {
     }
 }
 
-/// Reads an event value as the given type; numeric strings count as numbers, dates are
-/// RFC 3339 strings or epoch milliseconds.
-fn typed(v: &serde_json::Value, ty: AttrType) -> Result<Value, String> {
-    let found = || format!("expected {}, found {}", ty.name(), json_kind(v));
-    let items = |element: AttrType| -> Result<Vec<Value>, String> {
-        match v {
-            serde_json::Value::Array(items) => items.iter().map(|i| typed(i, element)).collect(),
-            _ => Err(found()),
-        }
-    };
-    match ty {
-        AttrType::Number => match v {
-            serde_json::Value::Number(n) => n.as_f64().map(Value::Number).ok_or_else(found),
-            serde_json::Value::String(s) => s.trim().parse().map(Value::Number).map_err(|_| found()),
-            _ => Err(found()),
-        },
-        AttrType::String | AttrType::VisitorId => match v {
-            serde_json::Value::String(s) => Ok(Value::String(clamp_string(s.clone()))),
-            serde_json::Value::Number(n) => Ok(Value::String(n.to_string())),
-            serde_json::Value::Bool(b) => Ok(Value::String(b.to_string())),
-            _ => Err(found()),
-        },
-        AttrType::Boolean | AttrType::Badge => v.as_bool().map(Value::Boolean).ok_or_else(found),
-        AttrType::Date => match v {
-            serde_json::Value::String(s) => crate::time::parse_rfc3339(s).map(Value::Date).ok_or_else(found),
-            serde_json::Value::Number(n) => n.as_i64().map(Value::Date).ok_or_else(found),
-            _ => Err(found()),
-        },
-        AttrType::SetOfStrings | AttrType::ArrayOfStrings | AttrType::ArrayOfNumbers | AttrType::ArrayOfBooleans => {
-            Ok(Value::collection(ty, items(ty.element().expect("collections have elements"))?))
-        }
-        AttrType::Tally | AttrType::Timeline | AttrType::Funnel => {
-            Err(format!("{} values are not read from events", ty.name()))
-        }
-    }
-}
-
-fn json_kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "boolean",
-        serde_json::Value::Number(_) => "number",
-        serde_json::Value::String(_) => "string",
-        serde_json::Value::Array(_) => "array",
-        serde_json::Value::Object(_) => "object",
-    }
-}
-
 /// The operand of an operation, read as `ty`. `Ok(None)` when the event or profile lacks it.
 fn operand(
     model: &Model,
@@ -532,7 +484,7 @@ fn operand(
         ValueSource::Now => Ok(Some(Value::Date(now))),
         ValueSource::Event(path) => match event.and_then(|e| e.field(path)) {
             None | Some(serde_json::Value::Null) => Ok(None),
-            Some(v) => typed(v, ty).map(Some).map_err(|e| format!("event field `{}`: {e}", path.join("."))),
+            Some(v) => ty.read_json(v).map(Some).map_err(|e| format!("event field `{}`: {e}", path.join("."))),
         },
         ValueSource::Attribute(name) => Ok(attribute_value(model, profile, event, name)),
     }

@@ -1,5 +1,6 @@
 //! A visitor profile: preloaded counters, declared attributes, badges and audience memberships.
 
+use crate::attribute::Preloaded;
 use crate::value::Value;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -82,16 +83,25 @@ impl Profile {
         if self.is_new() {
             return self.attributes.get(name).cloned();
         }
-        match name {
-            "first_seen" => Some(Value::Date(self.first_seen_ms)),
-            "last_seen" => Some(Value::Date(self.last_seen_ms)),
-            "event_count" => Some(Value::Number(self.event_count as f64)),
-            "visit_count" => Some(Value::Number(self.visit_count as f64)),
-            "visit_start" => Some(Value::Date(self.visit_start_ms)),
-            "visit_event_count" => Some(Value::Number(self.visit_event_count as f64)),
-            "visit_duration_ms" => Some(Value::Number((self.last_seen_ms - self.visit_start_ms) as f64)),
-            _ if self.badges.contains(name) => Some(Value::Boolean(true)),
-            _ => self.attributes.get(name).cloned(),
+        if let Some(preloaded) = Preloaded::parse(name) {
+            return Some(self.preloaded(preloaded));
+        }
+        if self.badges.contains(name) {
+            return Some(Value::Boolean(true));
+        }
+        self.attributes.get(name).cloned()
+    }
+
+    /// The value of a preloaded attribute.
+    pub fn preloaded(&self, attribute: Preloaded) -> Value {
+        match attribute {
+            Preloaded::FirstSeen => Value::Date(self.first_seen_ms),
+            Preloaded::LastSeen => Value::Date(self.last_seen_ms),
+            Preloaded::EventCount => Value::Number(self.event_count as f64),
+            Preloaded::VisitCount => Value::Number(self.visit_count as f64),
+            Preloaded::VisitStart => Value::Date(self.visit_start_ms),
+            Preloaded::VisitEventCount => Value::Number(self.visit_event_count as f64),
+            Preloaded::VisitDurationMs => Value::Number((self.last_seen_ms - self.visit_start_ms) as f64),
         }
     }
 

@@ -124,6 +124,57 @@ impl AttrType {
     }
 
     /// The type of one element, for collections that hold simple values.
+    /// Reads an event value as the given type; numeric strings count as numbers, dates are
+    /// RFC 3339 strings or epoch milliseconds.
+    pub fn read_json(self, v: &serde_json::Value) -> Result<Value, String> {
+        let ty = self;
+        let found = || format!("expected {}, found {}", ty.name(), json_kind(v));
+        let items = |element: AttrType| -> Result<Vec<Value>, String> {
+            match v {
+                serde_json::Value::Array(items) => items.iter().map(|i| element.read_json(i)).collect(),
+                _ => Err(found()),
+            }
+        };
+        match ty {
+            AttrType::Number => match v {
+                serde_json::Value::Number(n) => n.as_f64().map(Value::Number).ok_or_else(found),
+                serde_json::Value::String(s) => s.trim().parse().map(Value::Number).map_err(|_| found()),
+                _ => Err(found()),
+            },
+            AttrType::String | AttrType::VisitorId => match v {
+                serde_json::Value::String(s) => Ok(Value::String(clamp_string(s.clone()))),
+                serde_json::Value::Number(n) => Ok(Value::String(n.to_string())),
+                serde_json::Value::Bool(b) => Ok(Value::String(b.to_string())),
+                _ => Err(found()),
+            },
+            AttrType::Boolean | AttrType::Badge => v.as_bool().map(Value::Boolean).ok_or_else(found),
+            AttrType::Date => match v {
+                serde_json::Value::String(s) => crate::time::parse_rfc3339(s).map(Value::Date).ok_or_else(found),
+                serde_json::Value::Number(n) => n.as_i64().map(Value::Date).ok_or_else(found),
+                _ => Err(found()),
+            },
+            AttrType::SetOfStrings
+            | AttrType::ArrayOfStrings
+            | AttrType::ArrayOfNumbers
+            | AttrType::ArrayOfBooleans => {
+                Ok(Value::collection(ty, items(ty.element().expect("collections have elements"))?))
+            }
+            AttrType::Tally | AttrType::Timeline | AttrType::Funnel => {
+                Err(format!("{} values are not read from events", ty.name()))
+            }
+        }
+    }
+
+    /// Most entries an attribute of this type may be given with `max_entries` (arrays and
+    /// timelines only).
+    pub fn max_entries_limit(self) -> Option<usize> {
+        match self {
+            AttrType::Timeline => Some(MAX_TIMELINE_ENTRIES),
+            _ if self.is_array() => Some(MAX_ARRAY_ITEMS),
+            _ => None,
+        }
+    }
+
     /// Whether this is an array type (ordered, capped by dropping the oldest).
     pub fn is_array(self) -> bool {
         matches!(self, AttrType::ArrayOfStrings | AttrType::ArrayOfNumbers | AttrType::ArrayOfBooleans)
@@ -298,6 +349,31 @@ pub fn clamp_string(mut s: String) -> String {
         s.truncate(idx);
     }
     s
+}
+
+/// The JSON type of `v`, for messages such as "expected number, found string".
+pub fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
+    }
+}
+
+/// The JSON type of `v` with its article, for messages such as "expected a string, found a
+/// number".
+pub fn json_kind_phrase(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
 }
 
 #[cfg(test)]

@@ -76,7 +76,7 @@ pub fn profile_to_wit(p: &Profile, reads: Option<&[String]>) -> types::ProfileVi
         Some(names) => names.iter().filter_map(|name| attribute(name)).collect(),
         None => {
             let mut all: Vec<types::Attribute> =
-                starling_core::attribute::PRELOADED.iter().filter_map(|(name, _)| attribute(name)).collect();
+                starling_core::attribute::Preloaded::ALL.iter().filter_map(|p| attribute(p.name())).collect();
             all.extend(
                 p.attributes.iter().map(|(name, v)| types::Attribute { name: name.clone(), value: value_to_wit(v) }),
             );

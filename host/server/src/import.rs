@@ -10,7 +10,8 @@ use crate::pipeline::{Ingest, IngestError, Queued};
 use crate::telemetry::ImportLabel;
 use rusqlite::Connection;
 use starling_core::Event;
-use starling_core::model::{FieldType, ImportDef, json_kind};
+use starling_core::model::{FieldType, ImportDef};
+use starling_core::value::json_kind_phrase;
 use starling_store::ImportProgress;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -274,7 +275,7 @@ fn to_event(
         Some(serde_json::Value::Number(n)) => n.to_string(),
         None | Some(serde_json::Value::Null) => return Err(format!("{}: missing (the visitor id to match)", def.key)),
         Some(serde_json::Value::String(_)) => return Err(format!("{}: empty (the visitor id to match)", def.key)),
-        Some(other) => return Err(format!("{}: expected a string, found {}", def.key, json_kind(other))),
+        Some(other) => return Err(format!("{}: expected a string, found {}", def.key, json_kind_phrase(other))),
     };
     let timestamp_ms = match &def.timestamp {
         Some(column) => match fields.get(column).and_then(|v| v.as_str()) {
@@ -390,7 +391,7 @@ fn typed_cell(cell: &str, ty: FieldType) -> Result<Option<serde_json::Value>, St
             let v: serde_json::Value =
                 serde_json::from_str(cell).map_err(|_| format!("`{cell}` is not JSON {}", ty.name()))?;
             if !ty.matches(&v) {
-                return Err(format!("expected {}, found {}", ty.name(), json_kind(&v)));
+                return Err(format!("expected {}, found {}", ty.name(), json_kind_phrase(&v)));
             }
             v
         }
@@ -409,7 +410,7 @@ fn jsonl_rows(def: &ImportDef, body: &[u8], first_row: i64) -> Result<Vec<Row>, 
         let fields = match serde_json::from_str::<serde_json::Value>(line) {
             Err(e) => Err(format!("malformed JSON at column {}: {}", e.column(), crate::ingest::strip_position(&e))),
             Ok(serde_json::Value::Object(obj)) => check_object(def, obj),
-            Ok(other) => Err(format!("expected an object, found {}", json_kind(&other))),
+            Ok(other) => Err(format!("expected an object, found {}", json_kind_phrase(&other))),
         };
         rows.push(Row { number, line: i as u64 + 1, fields });
         number += 1;
@@ -425,7 +426,7 @@ fn check_object(
         if let Some(v) = obj.get(column).filter(|v| !v.is_null())
             && !ty.matches(v)
         {
-            return Err(format!("{column}: expected {}, found {}", ty.name(), json_kind(v)));
+            return Err(format!("{column}: expected {}, found {}", ty.name(), json_kind_phrase(v)));
         }
     }
     Ok(obj)

@@ -1,7 +1,8 @@
 //! Reading `POST /v1/events` bodies: one event or `{"events": [...]}`, every field checked, with
 //! errors that name the field.
 
-use starling_core::model::{OnViolation, json_kind};
+use starling_core::model::OnViolation;
+use starling_core::value::json_kind_phrase;
 use starling_core::{Event, Model};
 
 /// Most events one request may carry.
@@ -103,7 +104,7 @@ fn parse_event(value: serde_json::Value, at: &str, now_ms: i64) -> Result<Event,
         Some(serde_json::Value::String(_)) => {
             return Err(format!("{at}id: must be 1 to {MAX_ID_CHARS} characters"));
         }
-        Some(other) => return Err(format!("{at}id: expected a string, found {}", json_kind(&other))),
+        Some(other) => return Err(format!("{at}id: expected a string, found {}", json_kind_phrase(&other))),
     };
     let source = match obj.remove("source") {
         None | Some(serde_json::Value::Null) => None,
@@ -111,18 +112,20 @@ fn parse_event(value: serde_json::Value, at: &str, now_ms: i64) -> Result<Event,
         Some(serde_json::Value::String(_)) => {
             return Err(format!("{at}source: must be 1 to {MAX_NAME_CHARS} characters"));
         }
-        Some(other) => return Err(format!("{at}source: expected a string, found {}", json_kind(&other))),
+        Some(other) => return Err(format!("{at}source: expected a string, found {}", json_kind_phrase(&other))),
     };
     let timestamp_ms = match obj.remove("timestamp") {
         None | Some(serde_json::Value::Null) => now_ms,
         Some(serde_json::Value::String(s)) => starling_core::time::parse_rfc3339(&s)
             .ok_or_else(|| format!("{at}timestamp: `{s}` is not an RFC 3339 timestamp like 2024-05-01T12:00:00Z"))?,
-        Some(other) => return Err(format!("{at}timestamp: expected an RFC 3339 string, found {}", json_kind(&other))),
+        Some(other) => {
+            return Err(format!("{at}timestamp: expected an RFC 3339 string, found {}", json_kind_phrase(&other)));
+        }
     };
     let data = match obj.remove("data") {
         None | Some(serde_json::Value::Null) => serde_json::Map::new(),
         Some(serde_json::Value::Object(m)) => m,
-        Some(other) => return Err(format!("{at}data: expected an object, found {}", json_kind(&other))),
+        Some(other) => return Err(format!("{at}data: expected an object, found {}", json_kind_phrase(&other))),
     };
     if let Some(extra) = obj.keys().next() {
         return Err(format!(
@@ -145,7 +148,7 @@ fn required_string(
             Err(format!("{at}{field}: longer than {max_chars} characters"))
         }
         Some(serde_json::Value::String(s)) => Ok(s),
-        Some(other) => Err(format!("{at}{field}: expected a string, found {}", json_kind(&other))),
+        Some(other) => Err(format!("{at}{field}: expected a string, found {}", json_kind_phrase(&other))),
     }
 }
 

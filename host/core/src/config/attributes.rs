@@ -5,8 +5,7 @@ use super::raw::RawAttribute;
 use crate::attribute::{AttributeDef, FunnelStepDef, MergeRule, preloaded_type};
 use crate::literal::{is_identifier, parse_duration, parse_event_path};
 use crate::value::{
-    AttrType, DEFAULT_TIMELINE_AGE_MS, DEFAULT_TIMELINE_ENTRIES, MAX_ARRAY_ITEMS, MAX_FUNNEL_STEPS,
-    MAX_TIMELINE_ENTRIES, Scope,
+    AttrType, DEFAULT_TIMELINE_AGE_MS, DEFAULT_TIMELINE_ENTRIES, MAX_ARRAY_ITEMS, MAX_FUNNEL_STEPS, Scope,
 };
 use std::collections::HashMap;
 
@@ -96,23 +95,12 @@ impl Validator<'_> {
             self.error(a.ty.span(), format!("an event attribute cannot be a {}", ty.name()));
         }
         if let Some(m) = &a.max_entries {
-            let limit = if ty == AttrType::Timeline { MAX_TIMELINE_ENTRIES } else { MAX_ARRAY_ITEMS };
-            match (ty, *m.get_ref() as usize) {
-                (
-                    AttrType::Timeline
-                    | AttrType::ArrayOfStrings
-                    | AttrType::ArrayOfNumbers
-                    | AttrType::ArrayOfBooleans,
-                    n,
-                ) if (1..=limit).contains(&n) => def.max_entries = n,
-                (
-                    AttrType::Timeline
-                    | AttrType::ArrayOfStrings
-                    | AttrType::ArrayOfNumbers
-                    | AttrType::ArrayOfBooleans,
-                    _,
-                ) => self.error(m.span(), format!("max_entries must be between 1 and {limit}")),
-                _ => self.error(m.span(), "`max_entries` is only for arrays and timelines"),
+            match ty.max_entries_limit() {
+                Some(limit) if (1..=limit).contains(&(*m.get_ref() as usize)) => {
+                    def.max_entries = *m.get_ref() as usize
+                }
+                Some(limit) => self.error(m.span(), format!("max_entries must be between 1 and {limit}")),
+                None => self.error(m.span(), "`max_entries` is only for arrays and timelines"),
             }
         }
         if let Some(age) = &a.max_age {

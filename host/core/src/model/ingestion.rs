@@ -2,6 +2,7 @@
 //! retention, and offline import definitions.
 
 use crate::event::Event;
+use crate::value::json_kind_phrase;
 
 /// The JSON type an event field must have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +99,7 @@ impl EventSpec {
                     "data.{name}: expected {} by the `{}` spec, found {}",
                     field.ty.name(),
                     self.event,
-                    json_kind(v)
+                    json_kind_phrase(v)
                 )),
                 Some(_) => {}
             }
@@ -111,17 +112,6 @@ impl EventSpec {
             }
         }
         problems
-    }
-}
-
-pub fn json_kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
     }
 }
 

@@ -11,9 +11,7 @@ pub use action::{ActionDef, BatchPolicy, DeliveryPolicy, Trigger};
 pub use audience::Audience;
 pub use enrichment::{EnricherRef, Enrichment, When};
 pub use identity::{DEFAULT_BLOCKED_IDS, IdentitySettings};
-pub use ingestion::{
-    DataSource, EventSpec, FieldSpec, FieldType, History, ImportDef, OnViolation, Retention, json_kind,
-};
+pub use ingestion::{DataSource, EventSpec, FieldSpec, FieldType, History, ImportDef, OnViolation, Retention};
 pub use settings::{EventLogKind, ServerSettings};
 
 use crate::attribute::{AttributeDef, preloaded_type};

@@ -252,3 +252,24 @@ connector = "webhook"
     assert_eq!((import.key.as_str(), import.timestamp.as_deref()), ("mail", Some("at")));
     assert_eq!((model.actions[0].trigger, model.actions[0].audience.as_str()), (Trigger::Deleted, ""));
 }
+
+#[test]
+fn retention_values_out_of_range_are_refused_with_their_position() {
+    let errors: Vec<String> = parse(
+        "[retention]\nevents = \"30s\"\nevents_per_profile = 0\nactions_kept = \"forever\"\ninactive_after = \"10s\"\n",
+    )
+    .unwrap_err()
+    .0
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    assert_eq!(
+        errors,
+        [
+            "5:18: retention.inactive_after must be at least 1m",
+            "2:10: retention.events must be at least 1m",
+            "4:16: `forever` is not a duration like 30s, 15m, 2h or 7d",
+            "3:22: retention.events_per_profile must be at least 1",
+        ]
+    );
+}

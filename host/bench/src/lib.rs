@@ -1,7 +1,7 @@
 //! What the benchmarks share: the value-tier enricher's logic in native Rust, and where the
 //! plugin components built by `starling plugin build` are.
 
-use starling_core::engine::Update;
+use starling_core::engine::{EnricherError, Update};
 use starling_core::model::EnricherRef;
 use starling_core::{CustomEnrichers, Event, Profile, Value};
 use std::collections::BTreeMap;
@@ -44,11 +44,11 @@ impl NativeValueTier {
 }
 
 impl CustomEnrichers for NativeValueTier {
-    fn enrich(&mut self, _: &EnricherRef, _: &Event, profile: &Profile) -> Result<Vec<Update>, String> {
+    fn enrich(&mut self, _: &EnricherRef, _: &Event, profile: &Profile) -> Result<Vec<Update>, EnricherError> {
         let spend_attribute = self.config.get("spend_attribute").cloned().unwrap_or_else(|| "lifetime_spend".into());
         let tier_attribute = self.config.get("tier_attribute").cloned().unwrap_or_else(|| "value_tier".into());
-        let silver = self.threshold("silver", 100.0)?;
-        let gold = self.threshold("gold", 500.0)?;
+        let silver = self.threshold("silver", 100.0).map_err(EnricherError::Answered)?;
+        let gold = self.threshold("gold", 500.0).map_err(EnricherError::Answered)?;
         let Some(Value::Number(spend)) = profile.attributes.get(&spend_attribute) else {
             return Ok(Vec::new());
         };
@@ -91,7 +91,12 @@ impl ExtismValueTier {
 
 #[cfg(feature = "extism")]
 impl CustomEnrichers for ExtismValueTier {
-    fn enrich(&mut self, enricher: &EnricherRef, event: &Event, profile: &Profile) -> Result<Vec<Update>, String> {
+    fn enrich(
+        &mut self,
+        enricher: &EnricherRef,
+        event: &Event,
+        profile: &Profile,
+    ) -> Result<Vec<Update>, EnricherError> {
         // The same view a Starling enricher gets: the attributes it reads, or all of them.
         let attributes: serde_json::Map<String, serde_json::Value> = match &enricher.reads {
             Some(names) => names.iter().filter_map(|n| profile.get(n).map(|v| (n.clone(), v.to_json()))).collect(),
@@ -106,13 +111,18 @@ impl CustomEnrichers for ExtismValueTier {
                 "id": profile.id, "attributes": attributes, "badges": profile.badges, "audiences": profile.audiences,
             },
         });
-        let output = self.plugin.call::<String, &[u8]>("enrich", input.to_string()).map_err(|e| e.to_string())?;
-        let updates: Vec<serde_json::Value> = serde_json::from_slice(output).map_err(|e| e.to_string())?;
+        let output = self
+            .plugin
+            .call::<String, &[u8]>("enrich", input.to_string())
+            .map_err(|e| EnricherError::Call(e.to_string()))?;
+        let updates: Vec<serde_json::Value> =
+            serde_json::from_slice(output).map_err(|e| EnricherError::Unreadable(e.to_string()))?;
         updates
             .into_iter()
             .map(|u| {
-                let name = u["name"].as_str().ok_or("update without a name")?.to_string();
-                let value = u["value"].as_str().ok_or("update without a text value")?.to_string();
+                let unreadable = |what: &str| EnricherError::Unreadable(what.to_string());
+                let name = u["name"].as_str().ok_or_else(|| unreadable("update without a name"))?.to_string();
+                let value = u["value"].as_str().ok_or_else(|| unreadable("update without a text value"))?.to_string();
                 Ok((name, Some(Value::String(value))))
             })
             .collect()

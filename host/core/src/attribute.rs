@@ -40,7 +40,17 @@ impl Preloaded {
     }
 
     pub fn parse(name: &str) -> Option<Preloaded> {
-        Preloaded::ALL.into_iter().find(|p| p.name() == name)
+        // A match, not a search of `ALL`: every attribute read by a rule asks this first.
+        Some(match name {
+            "first_seen" => Preloaded::FirstSeen,
+            "last_seen" => Preloaded::LastSeen,
+            "event_count" => Preloaded::EventCount,
+            "visit_count" => Preloaded::VisitCount,
+            "visit_start" => Preloaded::VisitStart,
+            "visit_event_count" => Preloaded::VisitEventCount,
+            "visit_duration_ms" => Preloaded::VisitDurationMs,
+            _ => return None,
+        })
     }
 
     pub fn ty(self) -> AttrType {

@@ -68,17 +68,36 @@ impl Outcome {
 /// An attribute update requested by a custom (Wasm) enricher; `None` removes the attribute.
 pub type Update = (String, Option<Value>);
 
+/// Why a custom enricher gave no updates; applying the event goes on without them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnricherError {
+    /// The enricher could not be called (not loaded, disabled, trapped, out of time).
+    #[error("{0}")]
+    Call(String),
+    /// The enricher ran and answered an error of its own.
+    #[error("{0}")]
+    Answered(String),
+    /// The enricher's answer could not be read as updates.
+    #[error("{0}")]
+    Unreadable(String),
+}
+
 /// Runs custom enrichers; implemented by the host runtime.
 pub trait CustomEnrichers {
-    fn enrich(&mut self, enricher: &EnricherRef, event: &Event, profile: &Profile) -> Result<Vec<Update>, String>;
+    fn enrich(
+        &mut self,
+        enricher: &EnricherRef,
+        event: &Event,
+        profile: &Profile,
+    ) -> Result<Vec<Update>, EnricherError>;
 }
 
 /// For models without custom enrichers, and for tests.
 pub struct NoCustomEnrichers;
 
 impl CustomEnrichers for NoCustomEnrichers {
-    fn enrich(&mut self, enricher: &EnricherRef, _: &Event, _: &Profile) -> Result<Vec<Update>, String> {
-        Err(format!("enricher `{}` is not loaded", enricher.plugin))
+    fn enrich(&mut self, enricher: &EnricherRef, _: &Event, _: &Profile) -> Result<Vec<Update>, EnricherError> {
+        Err(EnricherError::Call(format!("enricher `{}` is not loaded", enricher.plugin)))
     }
 }
 
@@ -774,7 +793,7 @@ connector = "webhook"
 
     struct Fixed(Vec<Update>);
     impl CustomEnrichers for Fixed {
-        fn enrich(&mut self, _: &EnricherRef, _: &Event, _: &Profile) -> Result<Vec<Update>, String> {
+        fn enrich(&mut self, _: &EnricherRef, _: &Event, _: &Profile) -> Result<Vec<Update>, EnricherError> {
             Ok(self.0.clone())
         }
     }

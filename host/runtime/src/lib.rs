@@ -641,20 +641,23 @@ impl<'a> WasmEnrichers<'a> {
     }
 }
 
+use starling_core::engine::EnricherError;
+
 impl starling_core::CustomEnrichers for WasmEnrichers<'_> {
     fn enrich(
         &mut self,
         enricher: &starling_core::model::EnricherRef,
         event: &starling_core::Event,
         profile: &starling_core::Profile,
-    ) -> Result<Vec<starling_core::engine::Update>, String> {
+    ) -> Result<Vec<starling_core::engine::Update>, EnricherError> {
         let event = convert::event_to_wit(event);
         let view = convert::profile_to_wit(profile, enricher.reads.as_deref());
         let updates = self
             .runtime
             .block_on(self.plugins.enrich(&enricher.plugin, &event, &view))
-            .map_err(|e| e.to_string())??;
-        convert::updates_from_wit(updates)
+            .map_err(|e| EnricherError::Call(e.to_string()))?
+            .map_err(EnricherError::Answered)?;
+        convert::updates_from_wit(updates).map_err(EnricherError::Unreadable)
     }
 }
 

@@ -2,13 +2,21 @@
 
 use crate::value::{AttrType, Value};
 
+/// A duration that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("`{0}` is not a duration like 30s, 15m, 2h or 7d")]
+    Unreadable(String),
+    #[error("`{0}` must be positive and not absurdly long")]
+    OutOfRange(String),
+}
+
 /// Parses a duration like `500ms`, `30s`, `15m`, `2h` or `7d` into milliseconds.
-pub fn parse_duration(s: &str) -> Result<i64, String> {
-    let not_one = || format!("`{s}` is not a duration like 30s, 15m, 2h or 7d");
-    let d = humantime::parse_duration(s.trim()).map_err(|_| not_one())?;
+pub fn parse_duration(s: &str) -> Result<i64, DurationError> {
+    let d = humantime::parse_duration(s.trim()).map_err(|_| DurationError::Unreadable(s.to_string()))?;
     match i64::try_from(d.as_millis()) {
         Ok(ms) if ms > 0 => Ok(ms),
-        _ => Err(format!("`{s}` must be positive and not absurdly long")),
+        _ => Err(DurationError::OutOfRange(s.to_string())),
     }
 }
 

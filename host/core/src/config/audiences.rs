@@ -166,7 +166,7 @@ fn expected_value(op: CmpOp, ty: Option<AttrType>, v: &toml::Value, ignore_case:
         }
         CmpOp::WithinLast | CmpOp::NotWithinLast => {
             let s = v.as_str().ok_or_else(|| format!("expected a duration like \"30d\", found {}", v.type_str()))?;
-            parse_duration(s).map(Expected::Duration)
+            parse_duration(s).map(Expected::Duration).map_err(|e| e.to_string())
         }
         CmpOp::Between => match v.as_array().map(Vec::as_slice) {
             Some([lo, hi]) => {

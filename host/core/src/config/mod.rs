@@ -51,9 +51,9 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    pub(super) fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
+    pub(super) fn error(&mut self, span: Range<usize>, message: impl std::fmt::Display) {
         let (line, column) = line_col(self.source, span.start);
-        self.errors.push(Diagnostic { line, column, message: message.into() });
+        self.errors.push(Diagnostic { line, column, message: message.to_string() });
     }
 
     pub(super) fn enricher(&mut self, raw: &RawEnricher) -> EnricherRef {

@@ -1,5 +1,5 @@
 use super::parse;
-use crate::literal::parse_duration;
+use crate::literal::{DurationError, parse_duration};
 use crate::model::{BatchPolicy, DataSource, FieldSpec, FieldType, History, OnViolation, Retention, Trigger, When};
 
 const GOOD: &str = r#"
@@ -118,8 +118,8 @@ fn delivery_policies() {
 fn durations() {
     assert_eq!(parse_duration("250ms"), Ok(250));
     assert_eq!(parse_duration("15m"), Ok(900_000));
-    assert!(parse_duration("0s").is_err());
-    assert!(parse_duration("5 parsecs").is_err());
+    assert_eq!(parse_duration("0s"), Err(DurationError::OutOfRange("0s".into())));
+    assert_eq!(parse_duration("5 parsecs"), Err(DurationError::Unreadable("5 parsecs".into())));
     assert_eq!(parse_duration("1h 30m"), Ok(5_400_000));
 }
 

@@ -118,6 +118,13 @@ impl From<starling_store::StoreError> for ApiError {
     }
 }
 
+/// A read could not wait for the state it must see (the pipeline is shutting down or failing).
+impl From<crate::pipeline::IngestError> for ApiError {
+    fn from(e: crate::pipeline::IngestError) -> Self {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    }
+}
+
 #[derive(serde::Deserialize)]
 struct EventsQuery {
     /// Only parse and validate: nothing is queued or stored.
@@ -185,6 +192,8 @@ async fn read<T: Send + 'static>(
     state: &AppState,
     f: impl FnOnce(&Connection) -> starling_store::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
+    // Every answered request is visible to the reads that follow it.
+    state.ingest.materialize().await?;
     let conn = state.read.clone();
     Ok(tokio::task::spawn_blocking(move || f(&conn.lock().expect("read connection")))
         .await

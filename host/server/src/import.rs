@@ -151,6 +151,7 @@ impl Importer {
             }
             // Only rows whose id is linked to a profile apply: an import never creates profiles.
             let keys: Vec<String> = candidates.iter().map(|e| e.visitor_id.clone()).collect();
+            self.ingest.materialize().await?;
             let known = self
                 .db(move |c| {
                     keys.iter()

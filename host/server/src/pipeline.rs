@@ -1,10 +1,12 @@
 //! The event pipeline. Profiles are spread over the event log's virtual partitions by a stable
 //! hash, and partitions over worker threads, so one profile is only ever updated by one worker.
-//! Each worker applies a group of queued requests in memory, appends what it applied to the
-//! event log (one record per request and partition), writes the derived state in one SQLite
-//! transaction that records the log positions it includes, and syncs the log (one sync shared
-//! by the workers); a request is answered only after every record holding its work is synced.
-//! At start, each worker replays its partitions' records after the stored positions.
+//! Each worker applies a group of queued requests onto the state it holds in memory, appends
+//! what it applied to the event log (one record per request and partition), and syncs the log
+//! (one sync shared by the workers); a request is answered only after every record holding its
+//! work is synced. The derived state is written to SQLite later, in larger transactions that
+//! record the log positions they include (at once for what other parts of the server must read
+//! from SQLite without delay); reads of the store first ask for it to be written. At start,
+//! each worker replays its partitions' records after the stored positions.
 //!
 //! Stitching moves ids between profiles, and so between partitions. A shared directory maps
 //! every id whose profile is named differently to that profile; the router and the workers
@@ -28,8 +30,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-/// Most requests folded into one transaction.
-const MAX_JOBS_PER_COMMIT: usize = 256;
+/// Most requests applied as one batch (one log append, one answer).
+const MAX_JOBS_PER_BATCH: usize = 256;
+/// How long applied state may stay in a worker's memory before it is written to SQLite, and
+/// how many events it may gather: a profile touched many times in between is written once, in
+/// one transaction. Work that other parts of the server read from SQLite at once (actions for
+/// the delivery lanes, merges for another partition, new claims on ids) is written right away.
+const MATERIALIZE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+const MATERIALIZE_EVENTS: usize = 50_000;
 /// Profiles kept in memory between batches, per partition, before the cache is emptied: enough
 /// for the visitors active at once; a larger cache costs memory without saving many reads.
 const PROFILE_CACHE_LIMIT: usize = 10_000;
@@ -65,7 +73,12 @@ impl IngestJob {
     /// Work that reads the store as committed, or a replayed record (committed with its own
     /// position), runs in a batch of its own after everything queued before it.
     fn runs_alone(&self) -> bool {
-        self.replay.is_some() || matches!(self.work, Work::Unstitch { .. } | Work::Delete { .. })
+        self.replay.is_some() || self.reads_committed()
+    }
+
+    /// Work that reads what SQLite holds (a profile's history, its ids) as the whole truth.
+    fn reads_committed(&self) -> bool {
+        matches!(self.work, Work::Unstitch { .. } | Work::Delete { .. })
     }
 }
 
@@ -97,6 +110,8 @@ pub enum Work {
         inactive_before: Option<i64>,
         done: DeletionReply,
     },
+    /// Write what the partition holds in memory to SQLite, so that reads see it.
+    Materialize,
 }
 
 /// Absorb profile `absorbed` into `survivor`, because id `via` links them.
@@ -186,28 +201,51 @@ pub struct Materialized {
     deleted: AtomicBool,
 }
 
-/// Ids whose profile is named differently (stitched ids) → their profile id. Any other id names
-/// its own profile.
+/// Ids whose profile is named differently (stitched ids) → their profile id, and back. Any
+/// other id names its own profile. Published after each batch, so it is ahead of SQLite while
+/// workers hold state in memory.
 #[derive(Clone, Default)]
-pub struct Directory(Arc<RwLock<HashMap<String, String>>>);
+pub struct Directory(Arc<RwLock<Stitched>>);
+
+#[derive(Default)]
+struct Stitched {
+    profile_of: HashMap<String, String>,
+    ids_of: HashMap<String, HashSet<String>>,
+}
 
 impl Directory {
     pub fn load(conn: &rusqlite::Connection) -> Result<Directory, StoreError> {
-        Ok(Directory(Arc::new(RwLock::new(starling_store::stitched_ids(conn)?.into_iter().collect()))))
+        let directory = Directory::default();
+        directory.point(starling_store::stitched_ids(conn)?);
+        Ok(directory)
     }
 
     /// The profile an id belongs to.
     pub fn profile_of(&self, id: &str) -> String {
-        self.0.read().expect("directory lock").get(id).cloned().unwrap_or_else(|| id.to_string())
+        self.0.read().expect("directory lock").profile_of.get(id).cloned().unwrap_or_else(|| id.to_string())
+    }
+
+    /// The ids stitched into a profile (its own id aside).
+    fn stitched_into(&self, profile: &str) -> Vec<String> {
+        let stitched = self.0.read().expect("directory lock");
+        stitched.ids_of.get(profile).map(|ids| ids.iter().cloned().collect()).unwrap_or_default()
     }
 
     fn point(&self, ids: impl IntoIterator<Item = (String, String)>) {
-        let mut map = self.0.write().expect("directory lock");
+        let mut stitched = self.0.write().expect("directory lock");
+        let Stitched { profile_of, ids_of } = &mut *stitched;
         for (id, profile) in ids {
-            if id == profile {
-                map.remove(&id);
-            } else {
-                map.insert(id, profile);
+            if let Some(before) = profile_of.remove(&id)
+                && let Some(set) = ids_of.get_mut(&before)
+            {
+                set.remove(&id);
+                if set.is_empty() {
+                    ids_of.remove(&before);
+                }
+            }
+            if id != profile {
+                ids_of.entry(profile.clone()).or_default().insert(id.clone());
+                profile_of.insert(id, profile);
             }
         }
     }
@@ -280,6 +318,16 @@ impl Ingest {
         Ok(records)
     }
 
+    /// Waits until everything applied so far is written to SQLite, so that a read of the store
+    /// sees every answered request (workers otherwise keep recent changes in memory for a while).
+    pub async fn materialize(&self) -> Result<(), IngestError> {
+        if self.materialized.inflight.iter().all(|p| p.load(Ordering::SeqCst) == u64::MAX) {
+            return Ok(());
+        }
+        let n = self.partitions.len();
+        self.queue((0..n).map(|_| Some(Work::Materialize)).collect(), false).await.map(|_| ())
+    }
+
     /// The profile an id belongs to now.
     pub fn profile_of(&self, id: &str) -> String {
         self.directory.profile_of(id)
@@ -339,6 +387,8 @@ impl Ingest {
         if resent > 0 {
             tracing::info!(merges = resent, "merges handed over before the restart sent again");
         }
+        // What the replay applied is written before the log may forget anything.
+        self.queue((0..n).map(|_| Some(Work::Materialize)).collect(), false).await?;
         for inflight in &self.materialized.inflight {
             inflight.store(u64::MAX, Ordering::SeqCst);
         }
@@ -590,6 +640,9 @@ pub fn start(
             directory: directory.clone(),
             writer: writer.clone(),
             cache: Cache::default(),
+            pending: Pending::default(),
+            recovering: false,
+            failed: None,
             last_prune_ms: 0,
             pruning: None,
             deletions: 0,
@@ -625,6 +678,12 @@ struct Worker {
     /// The connection every worker commits through.
     writer: Arc<Mutex<rusqlite::Connection>>,
     cache: Cache,
+    /// What is applied and logged but not yet in SQLite.
+    pending: Pending,
+    /// Applying this worker's log records again after a batch failed.
+    recovering: bool,
+    /// Why this worker takes no more work: its state could not be derived again.
+    failed: Option<String>,
     last_prune_ms: i64,
     /// The id after which the pass through seen event ids under way continues.
     pruning: Option<String>,
@@ -637,17 +696,19 @@ struct Worker {
 
 /// A write decided while applying events, performed at commit.
 enum Write {
-    /// `claim`: a known id this profile claims (with the job and the record of the claim). Two
+    /// `claim`: a known id this profile claims (with the job and the log record of the claim,
+    /// the job meaning something only while its batch is being applied). Two
     /// partitions may claim one id at once; the one whose commit comes second merges instead.
     Link {
         visitor: String,
         profile: String,
-        claim: Option<(usize, IdentityLink)>,
+        claim: Option<(usize, Cause, IdentityLink)>,
     },
+    /// An event for the profile's history, applied at `now_ms`.
     Event {
-        job: usize,
-        event: usize,
+        event: HistoryEvent,
         profile: String,
+        now_ms: i64,
     },
     Join {
         profile: String,
@@ -658,12 +719,12 @@ enum Write {
         profile: String,
         audience: String,
     },
-    /// `record`: the draft whose log position the action's origin is made of.
+    /// `cause`: the log record the action's origin is made of.
     Enqueue {
         action: PendingAction,
         due_ms: i64,
         condition: Option<&'static str>,
-        record: usize,
+        cause: Cause,
     },
     Fired {
         action: String,
@@ -685,19 +746,59 @@ enum Write {
     Delete {
         profile: String,
         detail: serde_json::Value,
+        now_ms: i64,
     },
+}
+
+/// The log record that decided a write: a draft of the batch being applied, then, once the
+/// batch is appended, that record's position (none for work that is not logged).
+#[derive(Debug, Clone, Copy)]
+enum Cause {
+    Draft(usize),
+    Record(Option<Position>),
+}
+
+impl Cause {
+    fn position(self) -> Option<Position> {
+        match self {
+            Cause::Record(position) => position,
+            Cause::Draft(_) => unreachable!("causes are resolved when their batch is appended"),
+        }
+    }
+}
+
+/// An event to keep in the profile's history: where it is in the batch being applied, then,
+/// once the batch is appended, the event itself (the batch goes on to be answered).
+enum HistoryEvent {
+    InBatch { job: usize, event: usize },
+    Taken(Event),
 }
 
 /// Where the audit records of a deletion request go.
 type DeletionReply = oneshot::Sender<Result<Vec<serde_json::Value>, String>>;
 
-/// Everything one batch decides, applied at commit.
+/// What a worker has applied and logged but not yet written to SQLite (the state its reads
+/// must see on top of the store's), and what the batch being applied hands on once appended.
 #[derive(Default)]
 struct Pending {
-    /// Profiles touched, out of the cache so a failed commit leaves it clean.
+    /// Profiles touched since the last materialization (out of the cache, which holds only
+    /// what SQLite holds).
     touched: HashMap<String, (Profile, Loaded)>,
-    /// Ids linked in this batch → profile.
+    /// Ids linked since the last materialization → profile.
     links: HashMap<String, String>,
+    /// Event ids applied since the last materialization.
+    seen: HashSet<String>,
+    /// Merges handed on by other partitions applied since the last materialization.
+    handoffs: HashSet<String>,
+    /// The last log position of each partition the state includes.
+    positions: HashMap<Partition, Position>,
+    /// Events applied since the last materialization, and when its first batch was applied.
+    events: usize,
+    since: Option<std::time::Instant>,
+    /// Where the writes of the batch being applied start in `effects.writes`.
+    batch_start: usize,
+    /// The batch must be materialized before it is answered.
+    urgent: bool,
     /// Profiles absorbed in this batch → their survivor.
     moved: HashMap<String, String>,
     /// Profiles deleted in this batch (absorbed): not saved.
@@ -705,9 +806,9 @@ struct Pending {
     effects: Effects,
     /// Directory changes to publish after commit.
     directory: Vec<(String, String)>,
-    /// Merges for other partitions, sent after commit, with the job and the draft (log
-    /// record) that caused them.
-    merges: Vec<(usize, usize, MergeRequest)>,
+    /// Merges for other partitions, sent after commit, with the job (if it is in the batch
+    /// being applied) and the log record that caused them.
+    merges: Vec<(Option<usize>, Cause, MergeRequest)>,
     /// Events for profiles other partitions own, per job and partition.
     forwards: Vec<(usize, usize, Vec<Event>)>,
     /// Profiles whose merge into another partition's profile is sent after commit.
@@ -748,12 +849,12 @@ impl Pending {
 impl Worker {
     fn run(mut self, mut conn: rusqlite::Connection, mut jobs: mpsc::UnboundedReceiver<IngestJob>) {
         // An unstitch rebuilds profiles from their stored history, so it runs in a batch of its
-        // own, after everything queued before it is committed.
+        // own, after everything applied before it is written to SQLite.
         let mut carried: Option<IngestJob> = None;
         loop {
-            let Some(first) = carried.take().or_else(|| jobs.blocking_recv()) else { break };
+            let Some(first) = carried.take().or_else(|| self.next_job(&conn, &mut jobs)) else { break };
             let mut batch = vec![first];
-            while batch.len() < MAX_JOBS_PER_COMMIT && !batch[0].runs_alone() {
+            while batch.len() < MAX_JOBS_PER_BATCH && !batch[0].runs_alone() {
                 match jobs.try_recv() {
                     Ok(job) if job.runs_alone() => {
                         carried = Some(job);
@@ -771,12 +872,33 @@ impl Worker {
             self.process(&mut conn, batch, now, replayed);
             self.prune();
         }
+        // Everything applied is in SQLite before the worker stops (the log has it anyway).
+        self.materialize(&conn, &mut []);
+    }
+
+    /// Waits for the next job; meanwhile writes what is held in memory to SQLite once it is due.
+    fn next_job(
+        &mut self,
+        conn: &rusqlite::Connection,
+        jobs: &mut mpsc::UnboundedReceiver<IngestJob>,
+    ) -> Option<IngestJob> {
+        loop {
+            let Some(since) = self.pending.since else { return jobs.blocking_recv() };
+            let wait = (since + MATERIALIZE_EVERY).saturating_duration_since(std::time::Instant::now());
+            if !wait.is_zero()
+                && let Ok(job) = self.shared.runtime.block_on(async { tokio::time::timeout(wait, jobs.recv()).await })
+            {
+                return job;
+            }
+            self.materialize(conn, &mut []);
+        }
     }
 
     /// Applies a batch, hands on what belongs to other partitions, and leaves the answers to
     /// the syncer, which sends them once the log holds the batch on disk; meanwhile this worker
-    /// goes on with the next batch. `replayed`: the batch is that log record again (on disk
-    /// already).
+    /// goes on with the next batch. What the batch changed stays in memory until it is due to
+    /// be written to SQLite (or must be at once). `replayed`: the batch is that log record
+    /// again (on disk already).
     fn process(
         &mut self,
         conn: &mut rusqlite::Connection,
@@ -784,26 +906,22 @@ impl Worker {
         now: i64,
         replayed: Option<(Partition, Position)>,
     ) {
-        let mut pending = Pending::default();
-        let result = self.apply(conn, &mut batch, &mut pending, now, replayed);
-        let outcome = match result {
-            Ok(reports) => {
-                let handed_on = self.hand_on(&mut pending, batch.len());
-                Ok((reports, handed_on))
-            }
-            Err(e) => {
-                tracing::error!(partition = self.index, "event batch not stored: {e}");
-                self.cache = Cache::default();
-                Err(e.to_string())
-            }
+        // Work that reads the store as committed sees everything applied before it.
+        if batch[0].reads_committed() {
+            self.materialize(conn, &mut []);
+        }
+        let outcome = match self.refusal(batch[0].reads_committed()) {
+            Some(refused) => Err(refused),
+            None => self.apply_batch(conn, &mut batch, now, replayed),
         };
+        let p = &mut self.pending;
         let answers = Answers {
             batch,
             outcome,
-            woken: std::mem::take(&mut pending.effects.woken),
-            unstitched: std::mem::take(&mut pending.unstitched),
-            traces: std::mem::take(&mut pending.traces),
-            deleted: std::mem::take(&mut pending.deleted),
+            woken: std::mem::take(&mut p.effects.woken),
+            unstitched: std::mem::take(&mut p.unstitched),
+            traces: std::mem::take(&mut p.traces),
+            deleted: std::mem::take(&mut p.deleted),
         };
         match replayed {
             Some(_) => answers.send(Ok(()), &self.shared),
@@ -818,24 +936,194 @@ impl Worker {
         }
     }
 
-    /// After a commit: publishes directory changes, then sends merges and forwarded events to
-    /// the partitions that own their profiles. Returns, per job, the answers to wait for.
-    fn hand_on(&mut self, pending: &mut Pending, jobs: usize) -> Vec<Vec<Answer>> {
+    /// Applies a batch onto what is held in memory, writes it all to SQLite when that is due,
+    /// and hands on what belongs to other partitions. Returns per job its report and the answers
+    /// of the work it handed on.
+    #[allow(clippy::type_complexity)]
+    fn apply_batch(
+        &mut self,
+        conn: &mut rusqlite::Connection,
+        batch: &mut [IngestJob],
+        now: i64,
+        replayed: Option<(Partition, Position)>,
+    ) -> Result<(Vec<IngestReport>, Vec<Vec<Answer>>), String> {
+        let mut p = std::mem::take(&mut self.pending);
+        p.batch_start = p.effects.writes.len();
+        p.urgent = false;
+        let result = self.apply(conn, batch, &mut p, now, replayed).map_err(|e| e.to_string());
+        match result {
+            Ok(reports) => {
+                self.pending = p;
+                let mut handed_on: Vec<Vec<Answer>> = (0..batch.len()).map(|_| Vec::new()).collect();
+                let due = self.pending.events >= MATERIALIZE_EVENTS
+                    || self.pending.since.is_some_and(|since| since.elapsed() >= MATERIALIZE_EVERY);
+                if self.pending.urgent || due || batch[0].reads_committed() || !self.write_early() {
+                    self.materialize(conn, &mut handed_on);
+                }
+                self.settle_batch();
+                self.hand_on(&mut handed_on);
+                Ok((reports, handed_on))
+            }
+            Err(e) => {
+                tracing::error!(partition = self.index, "event batch not applied: {e}");
+                // What this worker held in memory may be half changed by the batch: it is
+                // derived again from SQLite and the log.
+                if self.recovering {
+                    self.failed = Some(format!("the partition's state could not be derived again: {e}"));
+                } else {
+                    self.recover(conn);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Why new work cannot be taken now: the partition's state is lost until a restart, or
+    /// what is held in memory could not be written to SQLite for so long that it would grow
+    /// without bound.
+    fn refusal(&self, reads_committed: bool) -> Option<String> {
+        if let Some(failed) = &self.failed {
+            return Some(failed.clone());
+        }
+        let p = &self.pending;
+        if reads_committed && p.since.is_some() {
+            return Some("the database is not up to date with the event log; retry later".into());
+        }
+        (p.events >= 4 * MATERIALIZE_EVENTS)
+            .then(|| format!("{} applied events could not be written to the database; retry later", p.events))
+    }
+
+    /// Writes what is held in memory to SQLite in one transaction with the log positions it
+    /// includes, then settles the cache. Merges decided at commit (an id claimed concurrently)
+    /// are sent to their partitions, answered to the jobs in `handed_on` they belong to. On
+    /// failure everything stays in memory (the log holds it) and is tried again later.
+    fn materialize(&mut self, conn: &rusqlite::Connection, handed_on: &mut [Vec<Answer>]) {
+        let mut p = std::mem::take(&mut self.pending);
+        if p.since.is_none() && p.effects.writes.is_empty() && p.touched.is_empty() {
+            self.pending = p;
+            if !self.recovering {
+                self.materialized.inflight[self.index].store(u64::MAX, Ordering::SeqCst);
+            }
+            return;
+        }
+        let committing = std::time::Instant::now();
+        match self.commit(&mut p) {
+            Ok(lost_claims) => {
+                self.shared.telemetry.metrics.commit_seconds.observe(committing.elapsed().as_secs_f64());
+                for (claim, owner) in lost_claims {
+                    if let Err(e) = self.lost_claim(conn, &mut p, claim, owner) {
+                        tracing::error!(partition = self.index, "merging an id claimed concurrently: {e}");
+                    }
+                }
+                self.settle_cache(&mut p);
+                p.effects.writes.clear();
+                p.effects.fired.clear();
+                p.seen.clear();
+                p.handoffs.clear();
+                p.positions.clear();
+                p.events = 0;
+                p.since = None;
+                p.batch_start = 0;
+                if !self.recovering {
+                    self.materialized.inflight[self.index].store(u64::MAX, Ordering::SeqCst);
+                }
+                self.pending = p;
+                self.hand_on(handed_on);
+            }
+            Err(e) => {
+                tracing::error!(
+                    partition = self.index,
+                    "applied state not written to the database, kept to try again: {e}"
+                );
+                // Tried again one interval from now; merges held until then are answered to nobody.
+                p.since = Some(std::time::Instant::now());
+                for (job, _, _) in &mut p.merges {
+                    *job = None;
+                }
+                self.pending = p;
+            }
+        }
+    }
+
+    /// After a batch that could not be applied whole: forgets what is held in memory and
+    /// applies again, from the log, what this worker's partitions logged after the positions
+    /// SQLite holds (its records hand nothing on: a record that does is written to SQLite
+    /// before its merge is sent).
+    fn recover(&mut self, conn: &mut rusqlite::Connection) {
+        self.pending = Pending::default();
+        self.cache = Cache::default();
+        // Nothing is truncated from the log until the records are applied again.
+        let materialized = self.materialized.clone();
+        let inflight = &materialized.inflight[self.index];
+        inflight.store(0, Ordering::SeqCst);
+        self.recovering = true;
+        self.apply_own_records(conn);
+        self.recovering = false;
+        if self.failed.is_none() {
+            self.materialize(conn, &mut []);
+        }
+    }
+
+    fn apply_own_records(&mut self, conn: &mut rusqlite::Connection) {
+        let stored: HashMap<Partition, Position> = match starling_store::log_positions(conn) {
+            Ok(positions) => positions.into_iter().collect(),
+            Err(e) => {
+                self.failed = Some(format!("reading the stored log positions: {e}"));
+                return;
+            }
+        };
+        let after: Vec<(Partition, Position)> = (0..starling_log::PARTITIONS)
+            .filter(|vp| *vp as usize % self.partitions == self.index)
+            .map(|vp| (vp, stored.get(&vp).copied().unwrap_or(0)))
+            .collect();
+        let mut entries = Vec::new();
+        if let Err(e) = self.shared.log.read(&after, &mut |entry| entries.push(entry)) {
+            self.failed = Some(format!("reading the event log: {e}"));
+            return;
+        }
+        let replayed = entries.len();
+        for entry in entries {
+            let logged: Logged = match serde_json::from_slice(&entry.payload) {
+                Ok(logged) => logged,
+                Err(e) => {
+                    self.failed = Some(format!("event log record {} is unreadable: {e}", entry.position));
+                    return;
+                }
+            };
+            let (work, now_ms) = logged.into_work();
+            let (reply, _) = oneshot::channel();
+            let replay = ReplayOf { partition: entry.partition, position: entry.position, now_ms };
+            let job = IngestJob { work, reply, _room: None, replay: Some(replay) };
+            self.process(conn, vec![job], now_ms, Some((entry.partition, entry.position)));
+        }
+        tracing::info!(partition = self.index, records = replayed, "state derived again from the log");
+    }
+
+    /// Publishes directory changes, then sends merges (once written to SQLite) and forwarded
+    /// events to the partitions that own their profiles; the answers to wait for go to the jobs
+    /// of the batch being answered (`handed_on`, by job).
+    fn hand_on(&mut self, handed_on: &mut [Vec<Answer>]) {
+        let pending = &mut self.pending;
         self.directory.point(pending.directory.drain(..));
-        let mut handed_on: Vec<Vec<_>> = (0..jobs).map(|_| Vec::new()).collect();
+        let merges = match pending.since {
+            // Not yet written: the survivor's partition would read the absorbed profile stale.
+            Some(_) => Vec::new(),
+            None => pending.merges.drain(..).collect(),
+        };
         let merges =
-            pending.merges.drain(..).map(|(job, _, m)| (job, worker_of(&m.survivor, self.partitions), Work::Merge(m)));
-        let forwards = pending.forwards.drain(..).map(|(job, to, events)| (job, to, Work::Events(events)));
+            merges.into_iter().map(|(job, _, m)| (job, worker_of(&m.survivor, self.partitions), Work::Merge(m)));
+        let forwards = pending.forwards.drain(..).map(|(job, to, events)| (Some(job), to, Work::Events(events)));
         for (job, to, work) in merges.collect::<Vec<_>>().into_iter().chain(forwards) {
             let (reply, answer) = oneshot::channel();
             match self.peers[to].upgrade() {
                 Some(peer) if peer.send(IngestJob { work, reply, _room: None, replay: None }).is_ok() => {
-                    handed_on[job].push(answer)
+                    if let Some(waiting) = job.and_then(|j| handed_on.get_mut(j)) {
+                        waiting.push(answer);
+                    }
                 }
                 _ => tracing::warn!(partition = to, "shutting down: work for another partition dropped"),
             }
         }
-        handed_on
     }
 
     fn prune(&mut self) {
@@ -878,7 +1166,6 @@ impl Worker {
         let (plugins, runtime) = (self.shared.plugins.clone(), self.shared.runtime.clone());
         let mut enrichers = WasmEnrichers::new(&plugins, &runtime);
         let telemetry = self.shared.telemetry.clone();
-        let mut seen_ids: HashSet<String> = HashSet::new();
         let mut reports = Vec::with_capacity(batch.len());
 
         for (j, job) in batch.iter_mut().enumerate() {
@@ -893,7 +1180,7 @@ impl Worker {
                             continue;
                         }
                         if let Some(id) = event.id.as_deref()
-                            && (!seen_ids.insert(id.to_string()) || starling_store::event_seen(conn, id, dedup_since)?)
+                            && (!p.seen.insert(id.to_string()) || starling_store::event_seen(conn, id, dedup_since)?)
                         {
                             report.duplicates += 1;
                             continue;
@@ -911,7 +1198,7 @@ impl Worker {
                             || Draft::Events(vec![e]),
                         );
                         self.link_own_id(conn, p, &event.visitor_id, &pid)?;
-                        let profile = load(&mut self.cache, conn, &mut p.touched, &pid)?;
+                        let profile = load(&mut self.cache, conn, &mut p.touched, now, &pid)?;
                         let traced = telemetry.tracer.watches(&[&event.visitor_id, &pid]);
                         let before = traced.then(|| profile.to_json());
                         let started = std::time::Instant::now();
@@ -924,13 +1211,19 @@ impl Worker {
                         for warning in &outcome.warnings {
                             tracing::warn!(visitor = %event.visitor_id, event = %event.name, "{warning}");
                         }
-                        p.effects.writes.push(Write::Event { job: j, event: e, profile: pid.clone() });
+                        p.effects.writes.push(Write::Event {
+                            event: HistoryEvent::InBatch { job: j, event: e },
+                            profile: pid.clone(),
+                            now_ms: now,
+                        });
                         p.effects.record(conn, &model, &pid, outcome, now)?;
                         self.check_ids(conn, p, &model, &pid, event, j, now)?;
                         report.accepted += 1;
                     }
                 }
                 Work::Wakeups(ids) => {
+                    // Written at once: the wake-up task reads the rescheduled times from SQLite.
+                    p.urgent = true;
                     for profile_id in ids.iter() {
                         if p.moved.contains_key(profile_id) || worker_of(profile_id, self.partitions) != self.index {
                             continue;
@@ -947,7 +1240,7 @@ impl Worker {
                             },
                             || Draft::Wakeups(vec![profile_id.clone()]),
                         );
-                        let profile = load(&mut self.cache, conn, &mut p.touched, profile_id)?;
+                        let profile = load(&mut self.cache, conn, &mut p.touched, now, profile_id)?;
                         if profile.wakeup_ms.is_some_and(|due| due <= now) {
                             let outcome = apply_time(&model, profile, now);
                             p.effects.record(conn, &model, profile_id, outcome, now)?;
@@ -962,7 +1255,7 @@ impl Worker {
                 Work::Merge(request) => {
                     let request = request.clone();
                     let applied = match &request.origin {
-                        Some(origin) => starling_store::handoff_applied(conn, origin)?,
+                        Some(origin) => p.handoffs.contains(origin) || starling_store::handoff_applied(conn, origin)?,
                         None => false,
                     };
                     if !applied {
@@ -972,6 +1265,7 @@ impl Worker {
                         if self.merge(conn, p, &model, request, j, now)?
                             && let Some(origin) = origin
                         {
+                            p.handoffs.insert(origin.clone());
                             p.effects.writes.push(Write::Handoff(origin));
                         }
                     }
@@ -1011,110 +1305,150 @@ impl Worker {
                         }
                     }
                 }
+                Work::Materialize => p.urgent = true,
             }
             reports.push(report);
         }
 
-        let committing = std::time::Instant::now();
-        let materialized = self.materialized.clone();
-        let inflight = &materialized.inflight[self.index];
+        // The log keeps everything from the first record whose state is not in SQLite.
+        let inflight = &self.materialized.inflight[self.index];
         let positions: Vec<Position> = match replayed {
-            Some((_, position)) => vec![position; p.drafts.len()],
+            Some((_, position)) => {
+                if inflight.load(Ordering::SeqCst) == u64::MAX {
+                    inflight.store(position, Ordering::SeqCst);
+                }
+                vec![position; p.drafts.len()]
+            }
             None if p.drafts.is_empty() => Vec::new(),
             None => {
                 let payloads: Vec<Vec<u8>> =
                     p.drafts.iter().map(|(job, _, draft)| encode(&batch[*job].work, draft, now)).collect();
                 let records: Vec<(Partition, &[u8])> =
                     p.drafts.iter().zip(&payloads).map(|((_, vp, _), bytes)| (*vp, bytes.as_slice())).collect();
-                inflight.store(self.shared.log.next_position(), Ordering::SeqCst);
-                let appended = self.shared.log.append(&records);
-                if appended.is_err() {
-                    inflight.store(u64::MAX, Ordering::SeqCst);
+                if inflight.load(Ordering::SeqCst) == u64::MAX {
+                    inflight.store(self.shared.log.next_position(), Ordering::SeqCst);
                 }
+                let appended = self.shared.log.append(&records)?;
                 self.shared.telemetry.metrics.log_bytes_appended.inc_by(payloads.iter().map(|b| b.len() as u64).sum());
-                appended?
+                appended
             }
         };
-        let committed = self.commit(p, batch, &positions, replayed, now);
-        inflight.store(u64::MAX, Ordering::SeqCst);
-        let lost_claims = committed?;
-        self.shared.telemetry.metrics.commit_seconds.observe(committing.elapsed().as_secs_f64());
-        for (claim, owner) in lost_claims {
-            self.lost_claim(conn, p, claim, owner)?;
+        // The batch is in the log: what it decided now names its records, and owns its events.
+        let mut events: Vec<Vec<Option<Event>>> = batch
+            .iter_mut()
+            .map(|job| match &mut job.work {
+                Work::Events(list) => std::mem::take(list).into_iter().map(Some).collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        let resolve = |cause: &mut Cause| {
+            if let Cause::Draft(i) = *cause {
+                *cause = Cause::Record(positions.get(i).copied());
+            }
+        };
+        for write in &mut p.effects.writes[p.batch_start..] {
+            match write {
+                Write::Event { event, .. } => {
+                    if let HistoryEvent::InBatch { job, event: e } = *event {
+                        *event = HistoryEvent::Taken(events[job][e].take().expect("each event is kept once"));
+                    }
+                }
+                Write::Enqueue { cause, .. } => resolve(cause),
+                Write::Link { claim: Some((_, cause, _)), .. } => resolve(cause),
+                _ => {}
+            }
         }
-        self.settle_cache(p);
+        let mut per_position: HashMap<Position, usize> = HashMap::new();
+        for (_, cause, merge) in p.merges.iter_mut() {
+            resolve(cause);
+            // Named after the record that caused them, so a replay of it hands on nothing twice.
+            merge.origin = cause.position().map(|position| {
+                let n = per_position.entry(position).or_default();
+                *n += 1;
+                format!("{position}.{}", *n - 1)
+            });
+        }
+        for ((_, partition, _), position) in p.drafts.iter().zip(&positions) {
+            p.positions.insert(*partition, *position);
+        }
+        if let Some((partition, position)) = replayed {
+            p.positions.insert(partition, position);
+        }
+        p.drafts.clear();
+        p.events += reports.iter().map(|r| r.accepted).sum::<usize>();
+        if p.since.is_none() && (!p.effects.writes.is_empty() || !p.touched.is_empty() || !p.positions.is_empty()) {
+            p.since = Some(std::time::Instant::now());
+        }
+        // A merge for another partition needs the absorbed profile in SQLite; a delayed action
+        // checks memberships in SQLite when it comes due.
+        p.urgent |= !p.merges.is_empty()
+            || p.effects.writes[p.batch_start..].iter().any(|w| matches!(w, Write::Enqueue { condition: Some(_), .. }));
         Ok(reports)
     }
 
-    /// Writes what the batch decided, with the log positions it includes, in one transaction.
-    /// Returns the claims on ids another partition linked first.
-    fn commit(
-        &mut self,
-        p: &mut Pending,
-        batch: &[IngestJob],
-        positions: &[Position],
-        replayed: Option<(Partition, Position)>,
-        now: i64,
-    ) -> Result<Vec<(IdentityLink, String)>, StoreError> {
+    /// Writes what is held in memory, with the log positions it includes, in one transaction.
+    /// Returns the claims on ids another partition linked first, with the job of the batch
+    /// being applied each came from, if it did.
+    fn commit(&mut self, p: &mut Pending) -> Result<Vec<(IdentityLink, String)>, StoreError> {
         let history = self.shared.model.history;
         let mut writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let tx = Batch::begin(&mut writer)?;
-        let mut actions_per_position: HashMap<Position, usize> = HashMap::new();
+        let mut actions_per_position = HashMap::new();
+        let mut claims_per_position: HashMap<Option<Position>, usize> = HashMap::new();
         let mut deleted = false;
         let mut lost_claims = Vec::new();
         let mut handed_over = Vec::new();
-        for write in &p.effects.writes {
+        for (index, write) in p.effects.writes.iter().enumerate() {
             match write {
                 Write::Link { visitor, profile, claim } => {
                     let linked = tx.link_identity(visitor, profile)?;
                     match claim {
-                        Some((_, record)) if linked => tx.record_identity(record)?,
-                        Some((job, record)) => {
+                        Some((_, _, record)) if linked => tx.record_identity(record)?,
+                        Some((job, cause, record)) => {
                             let owner = starling_store::resolve_identity(tx.connection(), visitor)?;
                             if let Some(owner) = owner.filter(|o| o != profile) {
                                 // Merged into the owner's profile, as if the link had been seen
-                                // before the claim.
-                                let record_index = p.drafts.iter().position(|(j, _, _)| j == job).unwrap_or_default();
+                                // before the claim; named apart from the merges its record
+                                // decided while being applied.
+                                let position = cause.position();
+                                let n = claims_per_position.entry(position).or_default();
+                                *n += 1;
                                 let merge = MergeRequest {
                                     survivor: self.directory.profile_of(&owner),
                                     absorbed: record.profile_id.clone(),
                                     via: record.visitor_id.clone(),
                                     attribute: record.attribute.clone().unwrap_or_default(),
                                     event_id: record.event_id.clone(),
-                                    origin: None,
+                                    origin: position.map(|position| format!("{position}.claim{}", *n - 1)),
                                 };
-                                handed_over.push((*job, record_index, merge));
+                                let job = (index >= p.batch_start).then_some(*job);
+                                handed_over.push((job, *cause, merge));
                                 lost_claims.push((record.clone(), owner));
                             }
                         }
                         None => {}
                     }
                 }
-                Write::Event { job, event, profile } => {
-                    let Work::Events(events) = &batch[*job].work else { unreachable!("event writes come from events") };
-                    tx.log_event(&events[*event], profile, now)?
+                Write::Event { event: HistoryEvent::Taken(event), profile, now_ms } => {
+                    tx.log_event(event, profile, *now_ms)?
+                }
+                Write::Event { event: HistoryEvent::InBatch { .. }, .. } => {
+                    unreachable!("events are taken when their batch is appended")
                 }
                 Write::Join { profile, audience, at_ms } => tx.join(profile, audience, *at_ms)?,
                 Write::Leave { profile, audience } => tx.leave(profile, audience)?,
-                Write::Enqueue { action, due_ms, condition, record } => {
-                    let origin = positions.get(*record).map(|position| {
-                        let n = actions_per_position.entry(*position).or_default();
-                        *n += 1;
-                        format!("{position}.{}", *n - 1)
-                    });
-                    tx.enqueue(action, &action_payload(action), *due_ms, *condition, origin.as_deref())?;
-                }
+                Write::Enqueue { .. } => enqueue(&tx, write, &mut actions_per_position)?,
                 Write::Fired { action, profile, at_ms } => tx.mark_fired(action, profile, *at_ms)?,
                 Write::Identity(link) => tx.record_identity(link)?,
                 Write::Merge { absorbed, survivor } => tx.merge_profiles(absorbed, survivor)?,
                 Write::Split { id, from } => tx.split_identity(id, from)?,
                 Write::Handoff(origin) => tx.record_handoff(origin)?,
-                Write::Delete { profile, detail } => {
+                Write::Delete { profile, detail, now_ms } => {
                     deleted = true;
                     let removed = tx.delete_profile(profile)?;
                     let mut detail = detail.clone();
                     detail["removed"] = serde_json::json!(removed);
-                    tx.audit(now, "profile_deleted", &detail)?;
+                    tx.audit(*now_ms, "profile_deleted", &detail)?;
                     if let Some(record) = p
                         .deleted
                         .iter_mut()
@@ -1126,64 +1460,85 @@ impl Worker {
                 }
             }
         }
-        for (id, (profile, loaded)) in p.touched.iter_mut() {
+        let mut rescheduled = Vec::new();
+        for (id, (profile, loaded)) in p.touched.iter() {
             let change = loaded.reschedule(profile);
             if change != Reschedule::Keep {
                 let due = if let Reschedule::At(due) = change { Some(due) } else { None };
                 tx.set_wakeup(id, due)?;
-                profile.scheduled_wakeup_ms = due;
+                rescheduled.push((id.clone(), due));
             }
             let index = last_seen_step(profile.last_seen_ms);
-            tx.save_profile(profile, now, (loaded.last_seen_step != Some(index)).then_some(index))?;
+            tx.save_profile(profile, loaded.now_ms, (loaded.last_seen_step != Some(index)).then_some(index))?;
             // The history is trimmed each time a profile's count passes a step beyond the cap.
             let (cap, step) = (history.events_per_profile as u64, HISTORY_TRIM_STEP);
             if profile.event_count > cap && profile.event_count / step != loaded.event_count / step {
                 tx.trim_history(id, history.events_per_profile)?;
             }
         }
-        // Merges for other partitions are named after the record that caused them and kept
-        // until applied, so that one lost with a crash after this commit is sent again at start.
-        p.merges.extend(handed_over);
-        let mut per_position: HashMap<Position, usize> = HashMap::new();
-        for (_, record, merge) in p.merges.iter_mut() {
-            merge.origin = positions.get(*record).map(|position| {
-                let n = per_position.entry(*position).or_default();
-                *n += 1;
-                format!("{position}.{}", *n - 1)
-            });
+        // Merges for other partitions are kept until applied, so that one lost with a crash
+        // after this commit is sent again at start.
+        for (_, _, merge) in p.merges.iter().chain(&handed_over) {
             if let Some(origin) = &merge.origin {
                 tx.hand_over(origin, &serde_json::to_string(merge).expect("merges serialize"))?;
             }
         }
-        match replayed {
-            Some((partition, position)) => tx.set_log_position(partition, position)?,
-            None => {
-                for ((_, partition, _), position) in p.drafts.iter().zip(positions) {
-                    tx.set_log_position(*partition, *position)?;
-                }
-            }
+        for (partition, position) in &p.positions {
+            tx.set_log_position(*partition, *position)?;
         }
         tx.commit()?;
+        p.merges.extend(handed_over);
+        for (id, due) in rescheduled {
+            if let Some((profile, _)) = p.touched.get_mut(&id) {
+                profile.scheduled_wakeup_ms = due;
+            }
+        }
         if deleted {
             self.materialized.deleted.store(true, Ordering::SeqCst);
         }
         Ok(lost_claims)
     }
 
-    /// After a commit, keeps the batch's profiles in the cache.
+    /// Writes the batch's actions and ids linked at once, in a transaction of their own.
+    /// Returns whether that was enough: when another partition claimed one of the ids first, or
+    /// the write failed, everything must be written (and the claim settled) instead.
+    fn write_early(&mut self) -> bool {
+        let mut writes = std::mem::take(&mut self.pending.effects.writes);
+        let start = self.pending.batch_start;
+        let early: HashSet<usize> = (start..writes.len()).filter(|i| written_early(&writes[*i])).collect();
+        if early.is_empty() {
+            self.pending.effects.writes = writes;
+            return true;
+        }
+        let written = {
+            let mut writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            write_early_in(&mut writer, early.iter().map(|i| &writes[*i]))
+        };
+        let done = match written {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::warn!(partition = self.index, "actions and claims not written at once: {e}");
+                false
+            }
+        };
+        if done {
+            let mut index = 0;
+            writes.retain(|_| {
+                index += 1;
+                !early.contains(&(index - 1))
+            });
+        }
+        self.pending.effects.writes = writes;
+        done
+    }
+
+    /// After a commit, keeps the profiles it wrote in the cache.
     fn settle_cache(&mut self, p: &mut Pending) {
         if self.cache.profiles.len() + p.touched.len() > PROFILE_CACHE_LIMIT {
             self.cache = Cache::default();
         }
-        // Every id of a merged or deleted profile was repointed in the directory: forgetting
-        // those ids is enough, without scanning the whole cache.
-        if !p.gone.is_empty() {
-            for (id, _) in &p.directory {
-                self.cache.identities.remove(id);
-            }
-        }
         self.cache.identities.extend(p.links.drain());
-        for id in p.gone.iter().chain(&p.leaving) {
+        for id in &p.leaving {
             self.cache.profiles.remove(id);
         }
         // Only profiles this partition owns are cached: a profile split out for another
@@ -1195,6 +1550,24 @@ impl Worker {
                 .filter(|(id, _)| !leaving.contains(id) && worker_of(id, partitions) == index)
                 .map(|(id, (profile, _))| (id, profile)),
         );
+        p.leaving.clear();
+    }
+
+    /// After a batch: forgets what it made stale in the cache. Every id of a merged or deleted
+    /// profile was repointed in the directory: forgetting those ids is enough, without scanning
+    /// the whole cache.
+    fn settle_batch(&mut self) {
+        let p = &mut self.pending;
+        if !p.gone.is_empty() {
+            for (id, _) in &p.directory {
+                self.cache.identities.remove(id);
+            }
+        }
+        for id in &p.gone {
+            self.cache.profiles.remove(id);
+        }
+        p.gone.clear();
+        p.moved.clear();
     }
 
     /// Another partition linked the id this batch's profile claimed, first: the profile is
@@ -1213,6 +1586,8 @@ impl Worker {
         let survivor = self.directory.profile_of(&owner);
         let mut ids = starling_store::ids_of(conn, &absorbed)?;
         ids.push(absorbed.clone());
+        // The claim may have been published already.
+        ids.push(id.clone());
         p.leaving.insert(absorbed.clone());
         p.directory.extend(ids.into_iter().map(|i| (i, survivor.clone())));
         tracing::info!(id = %id, profile = %absorbed, owner = %survivor, "id claimed concurrently; merging");
@@ -1269,11 +1644,14 @@ impl Worker {
         Ok(owner.map(|o| self.follow(p, &self.directory.profile_of(&o))))
     }
 
-    /// How many ids are linked to a profile, counting this batch's links.
+    /// How many ids are linked to a profile: those SQLite holds, and those linked or stitched
+    /// since, by this worker (held in memory) or any (the directory).
     fn id_count(&self, conn: &rusqlite::Connection, p: &Pending, profile: &str) -> Result<usize, StoreError> {
-        let stored = starling_store::ids_of(conn, profile)?;
-        let new = p.links.iter().filter(|(id, owner)| *owner == profile && !stored.contains(id)).count();
-        Ok(stored.len() + new)
+        let mut ids: HashSet<String> = starling_store::ids_of(conn, profile)?.into_iter().collect();
+        ids.extend(p.links.iter().filter(|(_, owner)| *owner == profile).map(|(id, _)| id.clone()));
+        ids.extend(p.directory.iter().filter(|(_, owner)| owner == profile).map(|(id, _)| id.clone()));
+        ids.extend(self.directory.stitched_into(profile));
+        Ok(ids.len())
     }
 
     /// Links the visitor ids an event left on the profile: a new id is linked to it; an id that
@@ -1352,7 +1730,7 @@ impl Worker {
                 None => {
                     p.links.insert(id.clone(), pid.to_string());
                     let claim = match record("link", None, None) {
-                        Write::Identity(link) => Some((job, link)),
+                        Write::Identity(link) => Some((job, Cause::Draft(p.effects.record_index), link)),
                         _ => unreachable!("record makes identity writes"),
                     };
                     p.effects.writes.push(Write::Link { visitor: id.clone(), profile: pid.to_string(), claim });
@@ -1393,6 +1771,7 @@ impl Worker {
         }
         let mut ids: BTreeSet<String> = starling_store::ids_of(conn, &absorbed)?.into_iter().collect();
         ids.extend(p.links.iter().filter(|(_, o)| **o == absorbed).map(|(id, _)| id.clone()));
+        ids.extend(self.directory.stitched_into(&absorbed));
         ids.insert(absorbed.clone());
         if worker_of(&survivor, self.partitions) != self.index {
             // The survivor's partition merges, after this batch (holding the absorbed
@@ -1400,7 +1779,11 @@ impl Worker {
             p.leaving.insert(absorbed.clone());
             p.directory.extend(ids.into_iter().map(|id| (id, survivor.clone())));
             let record = p.effects.record_index;
-            p.merges.push((job, record, MergeRequest { survivor, absorbed, origin: None, ..request }));
+            p.merges.push((
+                Some(job),
+                Cause::Draft(record),
+                MergeRequest { survivor, absorbed, origin: None, ..request },
+            ));
             return Ok(true);
         }
         let absorbed_profile = match p.touched.remove(&absorbed) {
@@ -1414,7 +1797,7 @@ impl Worker {
             tracing::warn!(absorbed = %absorbed, survivor = %survivor, "nothing to merge: profile not found");
             return Ok(false);
         };
-        let survivor_profile = load(&mut self.cache, conn, &mut p.touched, &survivor)?;
+        let survivor_profile = load(&mut self.cache, conn, &mut p.touched, now, &survivor)?;
         let outcome = apply_merge(model, survivor_profile, absorbed_profile, now);
         tracing::info!(survivor = %survivor, absorbed = %absorbed, via = %request.via, "profiles stitched");
         p.effects.writes.push(Write::Merge { absorbed: absorbed.clone(), survivor: survivor.clone() });
@@ -1429,8 +1812,10 @@ impl Worker {
             detail: Some(format!("ids moved: {}", ids.iter().cloned().collect::<Vec<_>>().join(", "))),
         }));
         p.effects.record(conn, model, &survivor, outcome, now)?;
-        for (_, owner) in p.links.iter_mut().filter(|(_, o)| **o == absorbed) {
-            *owner = survivor.clone();
+        // Until written, the ids moved are known here (finding an id's owner, the ids to move in
+        // a later merge) and in the directory (counting a profile's ids, in any partition).
+        for id in &ids {
+            p.links.insert(id.clone(), survivor.clone());
         }
         p.directory.extend(ids.into_iter().map(|id| (id, survivor.clone())));
         p.moved.insert(absorbed.clone(), survivor);
@@ -1487,7 +1872,7 @@ impl Worker {
             "audiences": profile.audiences.len(),
             "actions_fired": outcome.actions.iter().map(|a| a.action.clone()).collect::<Vec<_>>(),
         });
-        p.effects.writes.push(Write::Delete { profile: pid.clone(), detail: detail.clone() });
+        p.effects.writes.push(Write::Delete { profile: pid.clone(), detail: detail.clone(), now_ms: now });
         p.effects.record(conn, model, &pid, outcome, now)?;
         p.directory.extend(ids.iter().map(|id| (id.clone(), id.clone())));
         self.cache.identities.retain(|_, owner| *owner != pid);
@@ -1527,7 +1912,7 @@ impl Worker {
         if worker_of(&from, self.partitions) != self.index {
             return Ok(Err(format!("`{id}` moved while being unstitched; try again")));
         }
-        let before = load(&mut self.cache, conn, &mut p.touched, &from)?.audiences.clone();
+        let before = load(&mut self.cache, conn, &mut p.touched, now, &from)?.audiences.clone();
         let (split_events, kept_events): (Vec<Event>, Vec<Event>) =
             starling_store::profile_events(conn, &from)?.into_iter().partition(|e| e.visitor_id == id);
         let (kept, kept_outcome) = rebuild(model, &from, &kept_events, &before, enrichers, now);
@@ -1552,7 +1937,7 @@ impl Worker {
         p.effects.record(conn, model, &from, kept_outcome, now)?;
         p.effects.record(conn, model, id, split_outcome, now)?;
         p.touched.get_mut(&from).expect("loaded above").0 = kept;
-        p.touched.insert(id.to_string(), (split, Loaded::default()));
+        p.touched.insert(id.to_string(), (split, Loaded { now_ms: now, ..Loaded::default() }));
         p.directory.push((id.to_string(), id.to_string()));
         self.cache.identities.insert(id.to_string(), id.to_string());
         tracing::info!(id = %id, from = %from, "id unstitched");
@@ -1623,6 +2008,53 @@ fn trace_steps(
     ]
 }
 
+/// Writes an outbox row, keyed by the log position that decided it and its rank among the
+/// actions that position decided (all written in one transaction, in order).
+fn enqueue(tx: &Batch, write: &Write, per_position: &mut HashMap<Position, usize>) -> Result<(), StoreError> {
+    let Write::Enqueue { action, due_ms, condition, cause } = write else { return Ok(()) };
+    let origin = cause.position().map(|position| {
+        let n = per_position.entry(position).or_default();
+        *n += 1;
+        format!("{position}.{}", *n - 1)
+    });
+    tx.enqueue(action, &action_payload(action), *due_ms, *condition, origin.as_deref())?;
+    Ok(())
+}
+
+/// Whether a write is made before the rest of its batch's state, at once: an action for the
+/// delivery lanes (which read the outbox), an id linked to a profile (other partitions find
+/// ids' owners and count profiles' ids in SQLite). Both are idempotent when the whole state is
+/// written later or replayed.
+fn written_early(write: &Write) -> bool {
+    matches!(write, Write::Enqueue { condition: None, .. } | Write::Link { .. })
+}
+
+/// Writes actions and ids linked in one transaction; `false` (and nothing written) when an id
+/// claimed is linked to another profile already.
+fn write_early_in<'w>(
+    writer: &mut rusqlite::Connection,
+    writes: impl Iterator<Item = &'w Write>,
+) -> Result<bool, StoreError> {
+    let tx = Batch::begin(writer)?;
+    let mut per_position = HashMap::new();
+    for write in writes {
+        match write {
+            Write::Link { visitor, profile, claim } => {
+                let linked = tx.link_identity(visitor, profile)?;
+                match claim {
+                    Some((_, _, record)) if linked => tx.record_identity(record)?,
+                    Some(_) => return Ok(false),
+                    None => {}
+                }
+            }
+            Write::Enqueue { .. } => enqueue(&tx, write, &mut per_position)?,
+            _ => unreachable!("only actions and claims are written early"),
+        }
+    }
+    tx.commit()?;
+    Ok(true)
+}
+
 /// Queues an event for the partition that owns its profile.
 fn forward(p: &mut Pending, job: usize, to: usize, event: Event) {
     match p.forwards.iter_mut().find(|(j, t, _)| *j == job && *t == to) {
@@ -1674,10 +2106,12 @@ fn last_seen_step(last_seen_ms: i64) -> i64 {
 struct Loaded {
     /// The retention index's value, when the profile is stored.
     last_seen_step: Option<i64>,
-    /// Its scheduled wake-up came due in this batch.
+    /// Its scheduled wake-up came due since it was loaded.
     woken: bool,
     /// Its event count when loaded.
     event_count: u64,
+    /// When it was last changed (the time of the last batch that touched it).
+    now_ms: i64,
 }
 
 impl Loaded {
@@ -1704,14 +2138,18 @@ enum Reschedule {
     Never,
 }
 
-/// The profile for `profile_id` in this batch, loading it from the cache or the store.
+/// The profile for `profile_id`, changed at `now`: as held in memory, or loaded from the cache
+/// or the store.
 fn load<'t>(
     cache: &mut Cache,
     conn: &rusqlite::Connection,
     touched: &'t mut HashMap<String, (Profile, Loaded)>,
+    now: i64,
     profile_id: &str,
 ) -> Result<&'t mut Profile, StoreError> {
-    if !touched.contains_key(profile_id) {
+    if let Some((_, loaded)) = touched.get_mut(profile_id) {
+        loaded.now_ms = now;
+    } else {
         let stored = match cache.profiles.remove(profile_id) {
             Some(p) => Some(p),
             None => starling_store::load_profile(conn, profile_id)?,
@@ -1720,6 +2158,7 @@ fn load<'t>(
             last_seen_step: stored.as_ref().map(|p| last_seen_step(p.last_seen_ms)),
             woken: false,
             event_count: stored.as_ref().map_or(0, |p| p.event_count),
+            now_ms: now,
         };
         let profile = stored.unwrap_or_else(|| Profile::new(profile_id.to_string()));
         touched.insert(profile_id.to_string(), (profile, loaded));
@@ -1779,7 +2218,7 @@ impl Effects {
             }
             let (due_ms, condition) = schedule(def, &action, now);
             self.woken.insert(action.action.clone());
-            self.writes.push(Write::Enqueue { action, due_ms, condition, record: self.record_index });
+            self.writes.push(Write::Enqueue { action, due_ms, condition, cause: Cause::Draft(self.record_index) });
         }
         Ok(())
     }

@@ -525,12 +525,23 @@ async fn the_openapi_document_matches_the_router() {
     app.stop().await;
 }
 
-/// A log that forgets nothing, so that a test can apply it again from the start.
+/// A log that forgets nothing, so that a test can apply it again from the start; it refuses
+/// appends while `full` is set, as a full disk would.
 #[derive(Default)]
-struct KeepAll(starling_log::MemoryLog);
+struct KeepAll(starling_log::MemoryLog, std::sync::atomic::AtomicBool);
+
+impl KeepAll {
+    fn fill(&self, full: bool) {
+        self.1.store(full, std::sync::atomic::Ordering::SeqCst);
+    }
+}
 
 impl starling_log::EventLog for KeepAll {
     fn append(&self, records: &[(u16, &[u8])]) -> starling_log::Result<Vec<u64>> {
+        if self.1.load(std::sync::atomic::Ordering::SeqCst) {
+            let source = std::io::Error::from_raw_os_error(28);
+            return Err(starling_log::LogError::Io { path: "test log".into(), source });
+        }
         self.0.append(records)
     }
     fn sync(&self, position: u64) -> starling_log::Result<()> {
@@ -684,4 +695,40 @@ async fn the_same_log_applied_twice_from_scratch_gives_the_same_state() {
         let replayed = state_of(&dir.path().join(database));
         assert_eq!(replayed, expected, "{database} rebuilt from the log");
     }
+}
+
+/// A batch the log refuses is answered with an error and applied nowhere. The worker may hold
+/// earlier batches' state in memory only (it writes SQLite later) and that state may be half
+/// changed by the refused batch, so it is derived again from SQLite and the log: nothing
+/// acknowledged is lost and nothing refused is applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_the_log_refuses_is_applied_nowhere_and_what_was_held_in_memory_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let log: std::sync::Arc<KeepAll> = Default::default();
+    let app = App::start(Options {
+        model: starling_core::parse(CONFIG).unwrap(),
+        database: dir.path().join("t.db"),
+        plugins: None,
+        test_clock: false,
+        admin_token: None,
+        event_log: Some(log.clone()),
+    })
+    .await
+    .unwrap();
+    let buy = |total: u32| format!(r#"{{"event":"buy","visitor_id":"v","data":{{"total":{total}}}}}"#);
+    assert_eq!(call(&app, "POST", "/v1/events", &buy(7)).await.0, StatusCode::ACCEPTED);
+    log.fill(true);
+    let (status, body, retry_after) = call(&app, "POST", "/v1/events", &buy(100)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body["error"].as_str().unwrap().contains("test log"), "{body}");
+    assert!(retry_after.is_some());
+    log.fill(false);
+    assert_eq!(call(&app, "POST", "/v1/events", &buy(5)).await.0, StatusCode::ACCEPTED);
+    let (status, profile, _) = call(&app, "GET", "/v1/profiles/v", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (profile["attributes"]["spend"].clone(), profile["event_count"].clone()),
+        (serde_json::json!(12.0), serde_json::json!(2))
+    );
+    app.stop().await;
 }

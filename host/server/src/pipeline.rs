@@ -955,12 +955,12 @@ impl Worker {
             Ok(reports) => {
                 self.pending = p;
                 let mut handed_on: Vec<Vec<Answer>> = (0..batch.len()).map(|_| Vec::new()).collect();
+                self.settle_batch();
                 let due = self.pending.events >= MATERIALIZE_EVENTS
                     || self.pending.since.is_some_and(|since| since.elapsed() >= MATERIALIZE_EVERY);
                 if self.pending.urgent || due || batch[0].reads_committed() || !self.write_early() {
                     self.materialize(conn, &mut handed_on);
                 }
-                self.settle_batch();
                 self.hand_on(&mut handed_on);
                 Ok((reports, handed_on))
             }

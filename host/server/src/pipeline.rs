@@ -38,6 +38,10 @@ const MAX_JOBS_PER_BATCH: usize = 256;
 /// the delivery lanes, merges for another partition, new claims on ids) is written right away.
 const MATERIALIZE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 const MATERIALIZE_EVENTS: usize = 50_000;
+/// How long a worker's queue stays empty before it writes what it holds, if it holds at most
+/// so many events.
+const IDLE_BEFORE_WRITING: std::time::Duration = std::time::Duration::from_millis(2);
+const IDLE_WRITE_EVENTS: usize = 1_000;
 /// Profiles kept in memory between batches, per partition, before the cache is emptied: enough
 /// for the visitors active at once; a larger cache costs memory without saving many reads.
 const PROFILE_CACHE_LIMIT: usize = 10_000;
@@ -876,7 +880,10 @@ impl Worker {
         self.materialize(&conn, &mut []);
     }
 
-    /// Waits for the next job; meanwhile writes what is held in memory to SQLite once it is due.
+    /// Waits for the next job; meanwhile writes what is held in memory to SQLite once it is
+    /// due, or, while little is held (a light load), once the queue has been empty for a moment:
+    /// idle time is free, and a small write holds up the next job less than a large one. Under
+    /// a heavy load the writes stay large, so that a page touched by many events is written once.
     fn next_job(
         &mut self,
         conn: &rusqlite::Connection,
@@ -884,7 +891,11 @@ impl Worker {
     ) -> Option<IngestJob> {
         loop {
             let Some(since) = self.pending.since else { return jobs.blocking_recv() };
-            let wait = (since + MATERIALIZE_EVERY).saturating_duration_since(std::time::Instant::now());
+            let due = (since + MATERIALIZE_EVERY).saturating_duration_since(std::time::Instant::now());
+            let wait = match self.pending.events <= IDLE_WRITE_EVENTS {
+                true => due.min(IDLE_BEFORE_WRITING),
+                false => due,
+            };
             if !wait.is_zero()
                 && let Ok(job) = self.shared.runtime.block_on(async { tokio::time::timeout(wait, jobs.recv()).await })
             {

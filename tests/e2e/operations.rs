@@ -484,3 +484,72 @@ async fn the_admin_page_looks_up_a_profile_in_headless_chromium() {
     assert!(!dom.contains(r#"<strong id="profile-found">"#), "{dom}");
     server.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_page_on_another_site_cannot_use_the_admin_api_or_rebind_a_name_to_it() {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = ops_config(dir.path(), &receiver.url, "");
+    let server = Server::start(&config);
+    ingest(&server, json!({"event": "view", "visitor_id": "ann"})).await;
+    let profile = format!("{}/v1/profiles/ann", server.url);
+    let client = harness::client();
+    let status = |r: reqwest::Response| r.status().as_u16();
+
+    // DNS rebinding: the attacker's name resolves to 127.0.0.1, the browser sends its Host.
+    let rebound = client.get(&profile).bearer_auth(TOKEN).header("host", "attacker.example:80").send().await.unwrap();
+    assert_eq!(rebound.status().as_u16(), 403);
+    assert!(rebound.text().await.unwrap().contains("Host `attacker.example:80` is not a name of this server"));
+    let events = client
+        .post(format!("{}/v1/events", server.url))
+        .header("host", "attacker.example")
+        .header("x-api-key", KEY)
+        .json(&json!({"event": "view", "visitor_id": "ann"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(events), 403, "ingestion too is refused under a name that is not the server's");
+    let local = format!("{}/v1/profiles/ann", server.url.replace("127.0.0.1", "localhost"));
+    assert_eq!(status(client.get(&local).bearer_auth(TOKEN).send().await.unwrap()), 200);
+
+    // A cross-site form post (text/plain, no preflight) to an admin call.
+    let unstitch = client
+        .post(format!("{}/v1/profiles/ann/unstitch", server.url))
+        .bearer_auth(TOKEN)
+        .header("origin", "https://evil.example")
+        .header("content-type", "text/plain")
+        .body(r#"{"id":"ann"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unstitch.status().as_u16(), 403);
+    assert!(unstitch.text().await.unwrap().contains("admin requests from another site's page are refused"));
+    let fetched = client.get(&profile).bearer_auth(TOKEN).header("sec-fetch-site", "cross-site").send().await;
+    assert_eq!(status(fetched.unwrap()), 403);
+    // Tracking code on a shop's pages posts from its own site: ingestion stays open to it.
+    let tracked = client
+        .post(format!("{}/v1/events", server.url))
+        .header("origin", "https://shop.example")
+        .header("x-api-key", KEY)
+        .json(&json!({"event": "view", "visitor_id": "ann"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(tracked), 202);
+    let (_, body) = admin_get(&server, "/v1/profiles/ann").await;
+    assert_eq!(body["event_count"], 2);
+    server.stop();
+
+    // Off loopback, the server does not start without an admin token.
+    let text = std::fs::read_to_string(dir.path().join("starling.toml")).unwrap();
+    std::fs::write(dir.path().join("starling.toml"), text.replace(&format!("admin_token = \"{TOKEN}\""), "")).unwrap();
+    let open = Command::new(env!("CARGO_BIN_EXE_starling"))
+        .current_dir(dir.path())
+        .args(["serve", "--config", "starling.toml", "--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert!(!open.status.success());
+    let said = String::from_utf8_lossy(&open.stderr);
+    assert!(said.contains("refusing to listen on 0.0.0.0:"), "{said}");
+    assert!(said.contains("without an admin token"), "{said}");
+}

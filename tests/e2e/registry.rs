@@ -216,6 +216,29 @@ async fn a_wildcard_host_never_reaches_an_internal_address() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn no_plugin_reaches_the_servers_own_listener() {
+    // The webhook's manifest allows `http://127.0.0.1:*`; the server listens on loopback too.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let own = format!("http://127.0.0.1:{port}/v1/profiles/v1/unstitch");
+    let config = toggle_config(dir.path(), &action("inward", &own, ""));
+    let listen = format!("127.0.0.1:{port}");
+    let server = Server::start_with(&config, &["--listen", &listen]);
+    assert_eq!(server.url, format!("http://{listen}"));
+    toggle(&server, "v1", true).await;
+    let failed = eventually("the refused action", Duration::from_secs(10), async || {
+        let (_, rows) = get_json(&format!("{}/v1/actions?status=failed", server.url)).await;
+        rows["actions"].as_array().and_then(|a| a.first().cloned())
+    })
+    .await;
+    assert!(failed["last_error"].as_str().unwrap().contains("denied"), "{failed}");
+    assert!(server.logs().contains(&format!("127.0.0.1:{port} (127.0.0.1:{port}) is this server's own listener")));
+    let (_, audit) = get_json(&format!("{}/v1/audit", server.url)).await;
+    assert!(!audit.to_string().contains("unstitch"), "the call never reached the admin API: {audit}");
+    server.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn hostile_plugins_fail_alone_and_see_nothing_of_the_host() {
     let dir = tempfile::tempdir().unwrap();
     let config = toggle_config(dir.path(), "");

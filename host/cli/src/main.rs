@@ -23,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the server.
+    /// Run the server. An option given twice takes its last value.
+    #[command(args_override_self = true)]
     Serve {
         /// The configuration file.
         #[arg(long, short)]
@@ -228,7 +229,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config, listen, database, plugins, log_json, test_clock } => {
-            init_logging(log_json);
+            starling_server::logging::init(log_json);
             serve(&config, ServeOverrides { listen, database, plugins, test_clock })
         }
         Command::Config { command: ConfigCommand::Check { file, plugins } } => check(&file, plugins),
@@ -312,21 +313,6 @@ fn actions(db: &DatabaseArgs, command: ActionsCommand) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 /// Reads and validates a configuration file; errors are rendered as `file:line:column: message`.

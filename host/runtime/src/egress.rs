@@ -11,6 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
+/// The addresses the server itself listens on, which no plugin may reach, whatever its
+/// manifest allows: a connector allowed `http://127.0.0.1:*` would otherwise reach the admin API.
+pub type Listeners = Arc<std::sync::RwLock<Vec<std::net::SocketAddr>>>;
+
 /// Keep-alive connections of one plugin, over plain HTTP or TLS (Mozilla's root certificates).
 pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, WasiBody>;
 
@@ -99,6 +103,7 @@ pub struct Egress {
     /// connecting and reading the body).
     pub timeout: Duration,
     pub client: HttpClient,
+    pub listeners: Listeners,
 }
 
 impl Egress {
@@ -123,8 +128,9 @@ fn target(uri: &http::Uri) -> Result<(&str, &str, u16), String> {
     Ok((scheme, host, port))
 }
 
-/// Loopback, private, link-local and other non-public addresses: reachable only when the
-/// manifest names the host, never through a wildcard.
+/// Loopback, private, link-local, multicast, reserved and other non-public addresses (and
+/// IPv6 forms that embed an IPv4 address): reachable only when the manifest names the host,
+/// never through a wildcard.
 pub fn is_internal(ip: std::net::IpAddr) -> bool {
     use std::net::IpAddr;
     match ip {
@@ -136,25 +142,65 @@ pub fn is_internal(ip: std::net::IpAddr) -> bool {
                 || v4.is_unspecified()
                 || v4.is_broadcast()
                 || v4.is_documentation()
+                || v4.is_multicast()
                 || (a == 100 && (64..128).contains(&b))
+                || (a == 198 && (b == 18 || b == 19))
                 || a == 0
+                || a >= 240
         }
         IpAddr::V6(v6) => {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_internal(IpAddr::V4(v4));
             }
-            let first = v6.segments()[0];
-            v6.is_loopback() || v6.is_unspecified() || (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
+            let s = v6.segments();
+            let first = s[0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || (first & 0xfe00) == 0xfc00 // unique local
+                || (first & 0xffc0) == 0xfe80 // link-local
+                || (first & 0xffc0) == 0xfec0 // site-local
+                || (first & 0xff00) == 0xff00 // multicast
+                || first == 0x2002 // 6to4, which carries an IPv4 address
+                || (first == 0x0064 && s[1] == 0xff9b && s[2..6] == [0; 4]) // NAT64
+                || s[..6] == [0; 6] // IPv4-compatible (::/96)
         }
     }
 }
 
-/// Resolves the request's host, refuses internal addresses, and returns the address to use.
-async fn public_address(uri: &http::Uri) -> Result<std::net::SocketAddr, String> {
+/// Whether a connection to `addr` would reach one of the server's own listeners.
+pub fn reaches_listener(addr: std::net::SocketAddr, listeners: &[std::net::SocketAddr]) -> bool {
+    let ip = canonical(addr.ip());
+    listeners.iter().any(|l| {
+        let own = canonical(l.ip());
+        l.port() == addr.port() && (own == ip || (own.is_unspecified() && is_local(ip)))
+    })
+}
+
+/// An IPv4 address written as IPv6 (`::ffff:a.b.c.d`) as the IPv4 address it is.
+fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Whether `ip` is an address of this machine (a listener on all addresses answers there):
+/// binding a socket to it succeeds only if it is.
+fn is_local(ip: std::net::IpAddr) -> bool {
+    ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
+/// Resolves the request's host and refuses the server's own listeners and, for a host allowed
+/// only through a wildcard, internal addresses; returns the address to use.
+async fn vetted_address(uri: &http::Uri, exact: bool, listeners: &Listeners) -> Result<std::net::SocketAddr, String> {
     let (_, host, port) = target(uri)?;
     let addrs: Vec<_> =
         tokio::net::lookup_host((host, port)).await.map_err(|e| format!("resolving {host}: {e}"))?.collect();
-    if let Some(addr) = addrs.iter().find(|a| is_internal(a.ip())) {
+    let own = listeners.read().expect("listeners").clone();
+    if let Some(addr) = addrs.iter().find(|a| reaches_listener(**a, &own)) {
+        return Err(format!("{host}:{port} ({addr}) is this server's own listener, which no plugin may reach"));
+    }
+    if !exact && let Some(addr) = addrs.iter().find(|a| is_internal(a.ip())) {
         return Err(format!("{host} resolves to internal address {}, which a wildcard does not allow", addr.ip()));
     }
     addrs.first().copied().ok_or_else(|| format!("{host} has no address"))
@@ -197,20 +243,18 @@ impl WasiHttpHooks for Egress {
                 return Box::new(async { Err(HttpError::HttpRequestDenied) });
             }
         };
-        let plugin = self.plugin.clone();
+        let (plugin, listeners) = (self.plugin.clone(), self.listeners.clone());
         let first_byte = options.and_then(|o| o.first_byte_timeout).map_or(self.timeout, |t| t.min(self.timeout));
         let client = self.client.clone();
         Box::new(async move {
             use http_body_util::BodyExt;
-            if !exact {
-                let vetted = match public_address(request.uri()).await {
-                    Ok(addr) => pin(&mut request, addr),
-                    Err(why) => Err(why),
-                };
-                if let Err(why) = vetted {
-                    tracing::warn!(plugin = %plugin, "outbound request refused: {why}");
-                    return Err(HttpError::DestinationIpProhibited);
-                }
+            let vetted = match vetted_address(request.uri(), exact, &listeners).await {
+                Ok(addr) => pin(&mut request, addr),
+                Err(why) => Err(why),
+            };
+            if let Err(why) = vetted {
+                tracing::warn!(plugin = %plugin, "outbound request refused: {why}");
+                return Err(HttpError::DestinationIpProhibited);
             }
             let response = match tokio::time::timeout(first_byte, client.request(request)).await {
                 Err(_) => return Err(HttpError::HttpResponseTimeout),
@@ -254,6 +298,7 @@ mod tests {
             allowed: patterns.iter().map(|p| HostPattern::parse(p).unwrap()).collect(),
             timeout: Duration::from_secs(1),
             client: http_client(Duration::from_secs(1)),
+            listeners: Listeners::default(),
         };
         egress.check(&uri.parse().unwrap()).is_ok()
     }
@@ -283,6 +328,7 @@ mod tests {
             allowed: ["http://127.0.0.1:*", "https://*"].iter().map(|p| HostPattern::parse(p).unwrap()).collect(),
             timeout: Duration::from_secs(1),
             client: http_client(Duration::from_secs(1)),
+            listeners: Listeners::default(),
         };
         assert_eq!(egress.check(&"http://127.0.0.1:9000/x".parse().unwrap()), Ok(true));
         assert_eq!(egress.check(&"https://10.0.0.5/x".parse().unwrap()), Ok(false));
@@ -297,12 +343,55 @@ mod tests {
             "fd00::1",
             "fe80::1",
             "::ffff:10.0.0.1",
+            "64:ff9b::a00:1",
+            "2002:a00:1::1",
+            "::a00:1",
+            "ff02::1",
+            "fec0::1",
+            "224.0.0.1",
+            "239.255.255.250",
+            "240.0.0.1",
+            "255.255.255.254",
+            "198.18.0.1",
+            "198.19.255.255",
         ] {
             assert!(is_internal(ip.parse().unwrap()), "{ip}");
         }
-        for ip in ["93.184.216.34", "8.8.8.8", "2606:4700::1111"] {
+        for ip in ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "198.20.0.1", "223.255.255.255"] {
             assert!(!is_internal(ip.parse().unwrap()), "{ip}");
         }
+    }
+
+    #[test]
+    fn the_servers_own_listeners_are_never_reached() {
+        let on = |addr: &str, listeners: &[&str]| {
+            let listeners: Vec<std::net::SocketAddr> = listeners.iter().map(|l| l.parse().unwrap()).collect();
+            reaches_listener(addr.parse().unwrap(), &listeners)
+        };
+        assert!(on("127.0.0.1:8080", &["127.0.0.1:8080"]));
+        assert!(on("[::ffff:127.0.0.1]:8080", &["127.0.0.1:8080"]));
+        assert!(!on("127.0.0.1:8081", &["127.0.0.1:8080"]), "another port on loopback is another service");
+        // A listener on every address answers on loopback and on the machine's own addresses.
+        assert!(on("127.0.0.1:8080", &["0.0.0.0:8080"]));
+        assert!(on("127.0.0.5:8080", &["0.0.0.0:8080"]));
+        assert!(on("0.0.0.0:8080", &["0.0.0.0:8080"]));
+        assert!(on("[::1]:8080", &["[::]:8080"]));
+        assert!(!on("93.184.216.34:8080", &["0.0.0.0:8080"]), "not an address of this machine");
+    }
+
+    #[tokio::test]
+    async fn a_manifest_allowing_loopback_does_not_reach_the_server() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let own = listener.local_addr().unwrap();
+        let listeners = Listeners::default();
+        listeners.write().unwrap().push(own);
+        let uri: http::Uri = format!("http://127.0.0.1:{}/v1/profiles/x", own.port()).parse().unwrap();
+        let refused = vetted_address(&uri, true, &listeners).await.unwrap_err();
+        assert!(refused.contains("this server's own listener"), "{refused}");
+        let named: http::Uri = format!("http://localhost:{}/v1/audit", own.port()).parse().unwrap();
+        assert!(vetted_address(&named, true, &listeners).await.is_err(), "a name resolving to it is refused too");
+        let other: http::Uri = "http://127.0.0.1:9/x".parse().unwrap();
+        assert_eq!(vetted_address(&other, true, &listeners).await.unwrap().port(), 9);
     }
 
     #[test]

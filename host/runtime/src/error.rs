@@ -16,6 +16,10 @@ pub enum ManifestError {
     ZeroLimit,
     #[error("limits.memory_mib is {given}, at most {max}")]
     MemoryLimit { given: u64, max: u64 },
+    #[error("name `{0}`: use 1 to 64 lowercase letters, digits, `-` and `_`, starting with a letter or digit")]
+    BadName(String),
+    #[error("component `{0}`: give the file name of the component beside the manifest, with no directory")]
+    BadComponent(String),
     #[error(transparent)]
     AllowedHost(#[from] EgressError),
 }

@@ -213,6 +213,8 @@ pub struct PluginHost {
     connector_linker: Linker<PluginState>,
     enricher_linker: Linker<PluginState>,
     plugins: RwLock<HashMap<String, Arc<Plugin>>>,
+    /// The server's own listeners, out of every plugin's reach.
+    listeners: egress::Listeners,
     _ticker: EpochTicker,
 }
 
@@ -245,6 +247,7 @@ impl PluginHost {
             connector_linker,
             enricher_linker,
             plugins: RwLock::new(HashMap::new()),
+            listeners: egress::Listeners::default(),
             _ticker: ticker,
         })
     }
@@ -402,6 +405,11 @@ impl PluginHost {
             .ok_or_else(|| PluginError::NotLoaded(name.to_string()))
     }
 
+    /// Puts an address the server listens on out of every plugin's reach.
+    pub fn refuse_listener(&self, addr: std::net::SocketAddr) {
+        self.listeners.write().expect("listeners").push(addr);
+    }
+
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.plugins.read().expect("plugin table").keys().cloned().collect();
         names.sort();
@@ -419,6 +427,7 @@ impl PluginHost {
                 allowed: meta.allowed_hosts.clone(),
                 timeout: meta.timeout,
                 client: meta.http.clone(),
+                listeners: self.listeners.clone(),
             },
             // Components from language toolchains (Python, JavaScript) hold dozens of core instances.
             limits: StoreLimitsBuilder::new().memory_size(meta.memory_bytes).instances(256).build(),

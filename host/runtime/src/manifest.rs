@@ -95,6 +95,14 @@ pub struct ConfigKey {
     pub description: String,
 }
 
+/// Whether `name` can name a plugin, and a directory: `[a-z0-9][a-z0-9_-]{0,63}`.
+pub fn is_plugin_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.len() <= 64
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
 impl Manifest {
     pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
         let m: Manifest = toml::from_str(text).map_err(|e| {
@@ -109,6 +117,19 @@ impl Manifest {
                 None => ManifestError::Unreadable { message },
             }
         })?;
+        // Both become paths: `plugin build` and `plugin add` write under the name, and the
+        // component is read beside the manifest.
+        if !is_plugin_name(&m.name) {
+            return Err(ManifestError::BadName(m.name));
+        }
+        let component = std::path::Path::new(&m.component);
+        let plain_file = component.file_name().is_some_and(|f| f == component.as_os_str())
+            && !m.component.contains(['/', '\\'])
+            && m.component != ".."
+            && m.component != ".";
+        if !plain_file {
+            return Err(ManifestError::BadComponent(m.component));
+        }
         if m.world != m.kind.world() {
             return Err(ManifestError::WrongWorld { kind: m.kind.name(), expected: m.kind.world(), found: m.world });
         }
@@ -158,6 +179,20 @@ token = { secret = true }
             matches!(&err, ManifestError::Syntax { line: 1, column: 1, message } if message.contains("network")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn names_and_component_files_stay_inside_the_plugin_directory() {
+        for name in ["../../etc", "/tmp/x", "a/b", "", "Caps", ".hidden", "a b", &"x".repeat(65)] {
+            let err = Manifest::parse(&GOOD.replace("name = \"webhook\"", &format!("name = {name:?}"))).unwrap_err();
+            assert!(matches!(err, ManifestError::BadName(_)), "{name}: {err}");
+        }
+        for component in ["../other/x.wasm", "/etc/passwd", "sub/x.wasm", "..", ".", "a\\b.wasm"] {
+            let text = GOOD.replace("component = \"webhook.wasm\"", &format!("component = {component:?}"));
+            let err = Manifest::parse(&text).unwrap_err();
+            assert!(matches!(err, ManifestError::BadComponent(_)), "{component}: {err}");
+            assert!(err.to_string().contains("with no directory"), "{err}");
+        }
     }
 
     #[test]

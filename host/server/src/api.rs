@@ -31,6 +31,8 @@ pub struct AppState {
     pub test_clock: bool,
     pub telemetry: Arc<Telemetry>,
     pub keys: Arc<Keys>,
+    /// The names requests may address this server by.
+    pub hosts: Arc<crate::origin::Hosts>,
     pub plugins: Arc<PluginHost>,
     /// Requests each ingestion partition may hold.
     pub queue_capacity: usize,
@@ -58,9 +60,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/imports/{definition}/{file_sha256}", get(get_import))
         .route("/v1/audit", get(get_audit))
         .route("/v1/plugins", get(get_plugins))
-        .route("/metrics", get(metrics))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_admin));
+        .route("/metrics", get(metrics));
+    // Moving the clock is an admin call like any other: it is routed before the admin layer.
     let admin = if state.test_clock { admin.route("/v1/test/clock", post(advance_clock)) } else { admin };
+    let admin = admin.route_layer(axum::middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/v1/events", post(post_events))
         .merge(admin)
@@ -68,7 +71,20 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/admin", get(|| async { axum::response::Html(ADMIN_PAGE) }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), check_host))
         .with_state(state)
+}
+
+/// Refuses requests whose `Host` is not a name of this server.
+async fn check_host(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match crate::origin::refusal(&state.hosts, request.headers(), false) {
+        None => next.run(request).await,
+        Some(why) => ApiError::new(StatusCode::FORBIDDEN, why).into_response(),
+    }
 }
 
 async fn require_admin(
@@ -76,6 +92,9 @@ async fn require_admin(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    if let Some(why) = crate::origin::refusal(&state.hosts, request.headers(), true) {
+        return ApiError::new(StatusCode::FORBIDDEN, why).into_response();
+    }
     match state.keys.check_admin(request.headers()) {
         Ok(()) => next.run(request).await,
         Err(denied) => unauthorized(&denied, "Bearer").into_response(),
@@ -311,7 +330,7 @@ async fn advance_clock(
     let Json(change) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let ms = starling_core::literal::parse_duration(&change.advance)
         .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, format!("advance: {m}")))?;
-    let now = crate::advance_clock(ms);
+    let now = crate::advance_clock(ms).map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, format!("advance: {m}")))?;
     Ok(Json(serde_json::json!({ "now": starling_core::time::format_rfc3339(now) })))
 }
 

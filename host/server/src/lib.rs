@@ -6,6 +6,8 @@ pub mod auth;
 pub mod delivery;
 pub mod import;
 pub mod ingest;
+pub mod logging;
+pub mod origin;
 pub mod pipeline;
 pub mod registry;
 pub mod telemetry;
@@ -37,6 +39,10 @@ pub enum ServerError {
     Log(#[from] starling_log::LogError),
     #[error("replaying the event log: {0}")]
     Replay(String),
+    #[error(
+        "refusing to listen on {0} without an admin token: set server.admin_token or STARLING_ADMIN_TOKEN, or listen on a loopback address"
+    )]
+    Exposed(std::net::SocketAddr),
 }
 
 pub struct Options {
@@ -64,10 +70,20 @@ pub fn adjustable_clock() -> i64 {
     system_clock() + CLOCK_OFFSET_MS.load(Ordering::SeqCst)
 }
 
-/// Moves [`adjustable_clock`] forward by `ms`; returns the new time.
-pub fn advance_clock(ms: i64) -> i64 {
-    CLOCK_OFFSET_MS.fetch_add(ms, Ordering::SeqCst);
-    adjustable_clock()
+/// Furthest [`adjustable_clock`] may be moved ahead of the system clock: a century, far beyond
+/// any retention or delay, and far from the overflow of a millisecond count.
+const MAX_CLOCK_OFFSET_MS: i64 = 100 * 366 * 86_400_000;
+
+/// Moves [`adjustable_clock`] forward by `ms`; returns the new time, or why it was not moved.
+pub fn advance_clock(ms: i64) -> Result<i64, String> {
+    CLOCK_OFFSET_MS
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |offset| {
+            offset.checked_add(ms).filter(|o| (0..=MAX_CLOCK_OFFSET_MS).contains(o))
+        })
+        .map_err(|offset| {
+            format!("the clock may be moved at most 100 years ahead in all; it is {offset} ms ahead already")
+        })?;
+    Ok(adjustable_clock())
 }
 
 /// How often the wake-up table is polled.
@@ -246,6 +262,7 @@ impl App {
                 test_clock,
                 telemetry,
                 keys: Arc::new(auth::Keys::new(&model, options.admin_token.as_deref())),
+                hosts: Arc::new(origin::Hosts::new(&model.server.hostnames)),
                 plugins: plugins.clone(),
                 queue_capacity: model.server.ingest_queue.max(1),
             },
@@ -262,6 +279,18 @@ impl App {
         api::router(self.state.clone())
     }
 
+    /// Checks and records the address served: off loopback, only with an admin token (without
+    /// one, anyone who can reach the port can read and delete profiles); the address is out of
+    /// every plugin's reach, and a name `Host` headers may carry.
+    fn listening_on(&self, addr: std::net::SocketAddr) -> Result<(), ServerError> {
+        if !addr.ip().is_loopback() && !self.state.keys.admin_required() {
+            return Err(ServerError::Exposed(addr));
+        }
+        self.state.plugins.refuse_listener(addr);
+        self.state.hosts.listening_on(addr);
+        Ok(())
+    }
+
     /// Serves HTTP until `shutdown` resolves, then drains: in-flight requests finish, queued
     /// events are committed, and delivery stops after the calls under way.
     pub async fn serve(
@@ -269,6 +298,7 @@ impl App {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
+        self.listening_on(listener.local_addr()?)?;
         axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await?;
         self.stop().await;
         Ok(())
@@ -280,6 +310,7 @@ impl App {
         listener: tls::TlsListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
+        self.listening_on(axum::serve::Listener::local_addr(&listener)?)?;
         axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await?;
         self.stop().await;
         Ok(())

@@ -14,6 +14,7 @@
 //! owns, it commits, points the directory at the surviving profile, and sends that worker a
 //! merge; events for the absorbed profile still queued on it are forwarded behind the merge.
 
+use crate::logging::pseudonym;
 use crate::telemetry::Telemetry;
 use starling_core::engine::rebuild;
 use starling_core::model::{ActionDef, Trigger};
@@ -1220,7 +1221,7 @@ impl Worker {
                             p.traces.push((vec![event.visitor_id.clone(), pid.clone()], steps));
                         }
                         for warning in &outcome.warnings {
-                            tracing::warn!(visitor = %event.visitor_id, event = %event.name, "{warning}");
+                            tracing::warn!(visitor = %pseudonym(&event.visitor_id), event = %event.name, "{warning}");
                         }
                         p.effects.writes.push(Write::Event {
                             event: HistoryEvent::InBatch { job: j, event: e },
@@ -1601,7 +1602,7 @@ impl Worker {
         ids.push(id.clone());
         p.leaving.insert(absorbed.clone());
         p.directory.extend(ids.into_iter().map(|i| (i, survivor.clone())));
-        tracing::info!(id = %id, profile = %absorbed, owner = %survivor, "id claimed concurrently; merging");
+        tracing::debug!(id = %id, profile = %absorbed, owner = %survivor, "id claimed concurrently; merging");
         Ok(())
     }
 
@@ -1706,7 +1707,7 @@ impl Worker {
             };
             if let Some(reason) = model.identity.refuses(&id) {
                 if self.cache.refused.insert((id.clone(), pid.to_string())) {
-                    tracing::warn!(profile = %pid, attribute = %attribute, "id not linked: {reason}");
+                    tracing::warn!(profile = %pseudonym(pid), attribute = %attribute, "id not linked: {reason}");
                     p.effects.writes.push(record("refused", None, Some(reason)));
                 }
                 continue;
@@ -1732,7 +1733,7 @@ impl Worker {
                     None => format!("the profile would hold {total} ids (identity.max_ids_per_profile = {cap})"),
                 };
                 if self.cache.refused.insert((id.clone(), pid.to_string())) {
-                    tracing::warn!(profile = %pid, id = %id, "not stitched: {reason}");
+                    tracing::warn!(profile = %pseudonym(pid), id = %pseudonym(&id), "not stitched: {reason}");
                     p.effects.writes.push(record("refused", owner.as_deref(), Some(reason)));
                 }
                 continue;
@@ -1805,12 +1806,12 @@ impl Worker {
             },
         };
         let Some(absorbed_profile) = absorbed_profile else {
-            tracing::warn!(absorbed = %absorbed, survivor = %survivor, "nothing to merge: profile not found");
+            tracing::warn!(absorbed = %pseudonym(&absorbed), survivor = %pseudonym(&survivor), "nothing to merge: profile not found");
             return Ok(false);
         };
         let survivor_profile = load(&mut self.cache, conn, &mut p.touched, now, &survivor)?;
         let outcome = apply_merge(model, survivor_profile, absorbed_profile, now);
-        tracing::info!(survivor = %survivor, absorbed = %absorbed, via = %request.via, "profiles stitched");
+        tracing::debug!(survivor = %survivor, absorbed = %absorbed, via = %request.via, "profiles stitched");
         p.effects.writes.push(Write::Merge { absorbed: absorbed.clone(), survivor: survivor.clone() });
         p.effects.writes.push(Write::Identity(IdentityLink {
             profile_id: survivor.clone(),
@@ -1951,7 +1952,7 @@ impl Worker {
         p.touched.insert(id.to_string(), (split, Loaded { now_ms: now, ..Loaded::default() }));
         p.directory.push((id.to_string(), id.to_string()));
         self.cache.identities.insert(id.to_string(), id.to_string());
-        tracing::info!(id = %id, from = %from, "id unstitched");
+        tracing::debug!(id = %id, from = %from, "id unstitched");
         Ok(Ok(result))
     }
 }

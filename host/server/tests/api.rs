@@ -732,3 +732,36 @@ async fn a_batch_the_log_refuses_is_applied_nowhere_and_what_was_held_in_memory_
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn moving_the_clock_needs_the_admin_token_and_stays_within_a_century() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(Options {
+        model: starling_core::parse(OPERATIONS).unwrap(),
+        database: dir.path().join("t.db"),
+        plugins: None,
+        test_clock: true,
+        admin_token: Some(ADMIN.trim_start_matches("Bearer ").to_string()),
+        event_log: None,
+    })
+    .await
+    .unwrap();
+    let (status, body, _) = send(&app, "POST", "/v1/test/clock", &[], r#"{"advance":"1d"}"#).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("admin token (Authorization: Bearer) required"))
+    );
+    let with_token = [("authorization", ADMIN), ("content-type", "application/json")];
+    let (status, body, _) = send(&app, "POST", "/v1/test/clock", &with_token, r#"{"advance":"292271000y"}"#).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"].as_str().unwrap().starts_with("advance: "), "{body}");
+    let (status, body, _) = send(&app, "POST", "/v1/test/clock", &with_token, r#"{"advance":"101y"}"#).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (
+            StatusCode::BAD_REQUEST,
+            Some("advance: the clock may be moved at most 100 years ahead in all; it is 0 ms ahead already")
+        )
+    );
+    app.stop().await;
+}

@@ -35,6 +35,10 @@ pub struct ServerSettings {
     /// `STARLING_ADMIN_TOKEN` in the environment overrides it.
     #[serde(default)]
     pub admin_token: Option<String>,
+    /// Names this server is reached by (`Host` headers), besides its listen address and, on
+    /// loopback, `localhost`; other names are refused (DNS rebinding).
+    #[serde(default)]
+    pub hostnames: Vec<String>,
     /// PEM certificate chain and private key: with both, the server speaks HTTPS only.
     #[serde(default)]
     pub tls_cert: Option<String>,
@@ -80,6 +84,7 @@ impl Default for ServerSettings {
             plugin_failure_limit: default_plugin_failure_limit(),
             audience_size_interval: default_size_sample_interval(),
             admin_token: None,
+            hostnames: Vec::new(),
             tls_cert: None,
             tls_key: None,
             event_log: EventLogKind::File,

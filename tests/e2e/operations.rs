@@ -553,3 +553,73 @@ async fn a_page_on_another_site_cannot_use_the_admin_api_or_rebind_a_name_to_it(
     assert!(said.contains("refusing to listen on 0.0.0.0:"), "{said}");
     assert!(said.contains("without an admin token"), "{said}");
 }
+
+/// Sends `bytes` on a new connection and returns what the server answered before it closed
+/// the connection, and how long that took (or `None` if it said nothing within `wait`).
+async fn raw_exchange(addr: &str, bytes: &[u8], wait: Duration) -> (Option<String>, Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = std::time::Instant::now();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut answer = Vec::new();
+    match tokio::time::timeout(wait, stream.read_to_end(&mut answer)).await {
+        Ok(_) => (Some(String::from_utf8_lossy(&answer).into_owned()), started.elapsed()),
+        Err(_) => (None, started.elapsed()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_clients_are_cut_off_and_keys_are_checked_before_bodies() {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let limits = "header_timeout = \"1s\"\nbody_timeout = \"2s\"\nmax_connections = 4";
+    let server = Server::start(&ops_config(dir.path(), &receiver.url, limits));
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let wait = Duration::from_secs(10);
+
+    // A key is checked from the headers: a request without one is answered at once, its
+    // announced megabyte never read.
+    let keyless = "POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n";
+    let (answer, took) = raw_exchange(&addr, keyless.as_bytes(), wait).await;
+    let answer = answer.expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(took < Duration::from_millis(1500), "answered after {took:?}: the body was waited for");
+
+    // Headers trickled and never finished: the connection is closed after header_timeout.
+    let (answer, took) = raw_exchange(&addr, b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\n", wait).await;
+    assert!(answer.is_some(), "the connection stayed open {took:?}");
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "{took:?}");
+
+    // A body that stops coming: 408 after body_timeout, nothing applied.
+    let partial = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Api-Key: {KEY}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"event\":\"view\","
+    );
+    let (answer, took) = raw_exchange(&addr, partial.as_bytes(), wait).await;
+    let answer = answer.expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("did not arrive within server.body_timeout"), "{answer}");
+    assert!(took >= Duration::from_millis(1900) && took < Duration::from_secs(6), "{took:?}");
+
+    // Four connections held open (each sending its headers slowly, a byte at a time) fill the
+    // server; a fifth waits to be accepted until one of them ends.
+    let mut holders = Vec::new();
+    for _ in 0..4 {
+        let addr = addr.clone();
+        holders.push(tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            stream.write_all(b"G").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            drop(stream);
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let (status, _) = admin_get(&server, "/v1/audiences").await;
+    assert_eq!(status, 200);
+    assert!(started.elapsed() >= Duration::from_millis(300), "served at once beyond the cap: {:?}", started.elapsed());
+    for holder in holders {
+        holder.await.unwrap();
+    }
+    server.stop();
+}

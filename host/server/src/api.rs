@@ -5,7 +5,7 @@ use crate::pipeline::Ingest;
 use crate::telemetry::{ActionLabel, NameLabel, PartitionLabel, Telemetry};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -65,12 +65,18 @@ pub fn router(state: AppState) -> Router {
     let admin = if state.test_clock { admin.route("/v1/test/clock", post(advance_clock)) } else { admin };
     let admin = admin.route_layer(axum::middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
-        .route("/v1/events", post(post_events))
+        .route(
+            "/v1/events",
+            post(post_events).layer(axum::middleware::from_fn_with_state(state.clone(), require_source_key)),
+        )
         .merge(admin)
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/admin", get(|| async { axum::response::Html(ADMIN_PAGE) }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(std::time::Duration::from_millis(
+            state.model.body_timeout_ms as u64,
+        )))
         .layer(axum::middleware::from_fn_with_state(state.clone(), check_host))
         .with_state(state)
 }
@@ -84,6 +90,29 @@ async fn check_host(
     match crate::origin::refusal(&state.hosts, request.headers(), false) {
         None => next.run(request).await,
         Some(why) => ApiError::new(StatusCode::FORBIDDEN, why).into_response(),
+    }
+}
+
+/// The data source an ingestion request's key speaks for (`None` without `[[source]]` keys).
+#[derive(Clone)]
+struct SourceKey(Option<String>);
+
+/// Checks an ingestion request's key from its headers, before its body is read: a request
+/// without a valid key costs the server no body.
+async fn require_source_key(
+    State(state): State<AppState>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match state.keys.check_source(request.headers()) {
+        Ok(source) => {
+            request.extensions_mut().insert(SourceKey(source));
+            next.run(request).await
+        }
+        Err(denied) => {
+            state.telemetry.metrics.reject("unauthorized", 1);
+            unauthorized(&denied, "ApiKey").into_response()
+        }
     }
 }
 
@@ -154,14 +183,10 @@ struct EventsQuery {
 async fn post_events(
     State(state): State<AppState>,
     Query(query): Query<EventsQuery>,
-    headers: HeaderMap,
+    axum::Extension(SourceKey(key_source)): axum::Extension<SourceKey>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), Response> {
     let metrics = &state.telemetry.metrics;
-    let key_source = state.keys.check_source(&headers).map_err(|denied| {
-        metrics.reject("unauthorized", 1);
-        unauthorized(&denied, "ApiKey").into_response()
-    })?;
     let body = body.map_err(|rejection| {
         let status = rejection.status();
         metrics.reject(if status == StatusCode::PAYLOAD_TOO_LARGE { "too_large" } else { "invalid" }, 1);
@@ -199,12 +224,20 @@ async fn post_events(
 
 fn body_error(rejection: BytesRejection) -> ApiError {
     let status = rejection.status();
-    let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-        format!("request body is larger than {MAX_BODY_BYTES} bytes")
-    } else {
-        rejection.body_text()
-    };
-    ApiError::new(status, message)
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::new(status, format!("request body is larger than {MAX_BODY_BYTES} bytes"));
+    }
+    let mut cause: Option<&dyn std::error::Error> = Some(&rejection);
+    while let Some(error) = cause {
+        if error.is::<tower_http::timeout::TimeoutError>() {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive within server.body_timeout; nothing was applied",
+            );
+        }
+        cause = error.source();
+    }
+    ApiError::new(status, rejection.body_text())
 }
 
 async fn read<T: Send + 'static>(

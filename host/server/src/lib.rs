@@ -4,6 +4,7 @@
 pub mod api;
 pub mod auth;
 pub mod delivery;
+pub mod http;
 pub mod import;
 pub mod ingest;
 pub mod logging;
@@ -279,6 +280,14 @@ impl App {
         api::router(self.state.clone())
     }
 
+    fn http_limits(&self) -> http::Limits {
+        let model = &self.state.model;
+        http::Limits {
+            max_connections: model.server.max_connections.max(1),
+            header_timeout: std::time::Duration::from_millis(model.header_timeout_ms as u64),
+        }
+    }
+
     /// Checks and records the address served: off loopback, only with an admin token (without
     /// one, anyone who can reach the port can read and delete profiles); the address is out of
     /// every plugin's reach, and a name `Host` headers may carry.
@@ -299,7 +308,7 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         self.listening_on(listener.local_addr()?)?;
-        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await?;
+        http::serve(listener, self.router(), self.http_limits(), shutdown).await;
         self.stop().await;
         Ok(())
     }
@@ -311,7 +320,7 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         self.listening_on(axum::serve::Listener::local_addr(&listener)?)?;
-        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await?;
+        http::serve(listener, self.router(), self.http_limits(), shutdown).await;
         self.stop().await;
         Ok(())
     }

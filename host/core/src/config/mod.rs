@@ -110,13 +110,20 @@ impl Validator<'_> {
                 ),
             }
         }
-        let audience_size_interval_ms = match parse_duration(&raw.server.audience_size_interval) {
+        let mut server_duration = |key: &str, value: &str, fallback: i64| match parse_duration(value) {
             Ok(ms) => ms,
             Err(msg) => {
-                self.error(0..0, format!("server.audience_size_interval: {msg}"));
-                60_000
+                self.error(0..0, format!("server.{key}: {msg}"));
+                fallback
             }
         };
+        let audience_size_interval_ms =
+            server_duration("audience_size_interval", &raw.server.audience_size_interval, 60_000);
+        let header_timeout_ms = server_duration("header_timeout", &raw.server.header_timeout, 10_000);
+        let body_timeout_ms = server_duration("body_timeout", &raw.server.body_timeout, 30_000);
+        if raw.server.max_connections == 0 {
+            self.error(0..0, "server.max_connections must be at least 1".to_string());
+        }
 
         let mut attributes = Vec::new();
         let mut attribute_index = HashMap::new();
@@ -177,6 +184,8 @@ impl Validator<'_> {
             visit_timeout_ms: (visit_timeout_minutes * 60_000) as i64,
             visit_timeout_by_source,
             audience_size_interval_ms,
+            header_timeout_ms,
+            body_timeout_ms,
             identity,
             attributes,
             attribute_index,

@@ -30,6 +30,9 @@ pub struct Model {
     pub visit_timeout_ms: i64,
     pub(crate) visit_timeout_by_source: HashMap<String, i64>,
     pub audience_size_interval_ms: i64,
+    /// How long a client may take over a request's headers, and then over its body.
+    pub header_timeout_ms: i64,
+    pub body_timeout_ms: i64,
     /// Which ids may stitch profiles.
     pub identity: IdentitySettings,
     pub attributes: Vec<AttributeDef>,

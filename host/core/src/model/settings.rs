@@ -39,6 +39,15 @@ pub struct ServerSettings {
     /// loopback, `localhost`; other names are refused (DNS rebinding).
     #[serde(default)]
     pub hostnames: Vec<String>,
+    /// Open connections served at once; beyond them, new ones wait to be accepted.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers, for example `10s`.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout: String,
+    /// How long a client may take to send a request's body once its headers are in.
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout: String,
     /// PEM certificate chain and private key: with both, the server speaks HTTPS only.
     #[serde(default)]
     pub tls_cert: Option<String>,
@@ -58,6 +67,15 @@ pub enum EventLogKind {
     Memory,
 }
 
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_header_timeout() -> String {
+    "10s".into()
+}
+fn default_body_timeout() -> String {
+    "30s".into()
+}
 fn default_plugin_failure_limit() -> u64 {
     10
 }
@@ -85,6 +103,9 @@ impl Default for ServerSettings {
             audience_size_interval: default_size_sample_interval(),
             admin_token: None,
             hostnames: Vec::new(),
+            max_connections: default_max_connections(),
+            header_timeout: default_header_timeout(),
+            body_timeout: default_body_timeout(),
             tls_cert: None,
             tls_key: None,
             event_log: EventLogKind::File,

@@ -161,10 +161,12 @@ pub fn apply_event(model: &Model, profile: &mut Profile, event: &Event, custom: 
     run_enrichments(model, profile, Some(event), t, &runs, &mut dirty, &mut out.warnings);
     for enricher in &model.enrichers {
         match custom.enrich(enricher, event, profile) {
-            Ok(updates) => match apply_updates(model, profile, updates) {
-                Ok(names) => names.iter().for_each(|n| dirty.mark(n)),
-                Err(w) => out.warnings.push(format!("enricher `{}`: {w}; nothing applied", enricher.plugin)),
-            },
+            Ok(updates) => {
+                match granted(model, enricher, &updates).and_then(|()| apply_updates(model, profile, updates)) {
+                    Ok(names) => names.iter().for_each(|n| dirty.mark(n)),
+                    Err(w) => out.warnings.push(format!("enricher `{}`: {w}; nothing applied", enricher.plugin)),
+                }
+            }
             Err(e) => out.warnings.push(format!("enricher `{}` failed: {e}", enricher.plugin)),
         }
     }
@@ -565,6 +567,21 @@ fn expire_timelines(model: &Model, profile: &mut Profile, now: i64, dirty: &mut 
 
 /// Applies a custom enricher's updates all or nothing: each must name a declared, stored
 /// attribute and carry a value of its type. Returns the names of the attributes changed.
+/// Whether every update sets an attribute the enricher may write.
+fn granted(model: &Model, enricher: &EnricherRef, updates: &[Update]) -> Result<(), String> {
+    for (name, _) in updates {
+        if let Some(def) = model.attribute(name)
+            && !enricher.may_write(name, def.ty)
+        {
+            return Err(match &enricher.writes {
+                Some(_) => format!("attribute `{name}` is not in the enricher's `writes`"),
+                None => format!("visitor id `{name}` may be set only when the enricher's `writes` names it"),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn apply_updates(model: &Model, profile: &mut Profile, updates: Vec<Update>) -> Result<Vec<String>, String> {
     for (name, value) in &updates {
         let Some(def) = model.attribute(name) else {
@@ -791,6 +808,7 @@ connector = "webhook"
         assert_eq!(p.get("spend"), None);
     }
 
+    #[derive(Clone)]
     struct Fixed(Vec<Update>);
     impl CustomEnrichers for Fixed {
         fn enrich(&mut self, _: &EnricherRef, _: &Event, _: &Profile) -> Result<Vec<Update>, EnricherError> {
@@ -817,5 +835,38 @@ connector = "webhook"
         let mut good = Fixed(vec![("email".into(), Some(Value::String("x@y.z".into())))]);
         apply_event(&model, &mut p, &event("x", 1, serde_json::json!({})), &mut good);
         assert_eq!(p.get("email"), Some(Value::String("x@y.z".into())));
+    }
+
+    #[test]
+    fn an_enricher_sets_only_what_it_may_write_and_visitor_ids_only_by_name() {
+        let ids =
+            format!("{MODEL}\n[[attribute]]\nname = \"email_hash\"\nscope = \"visitor\"\ntype = \"visitor_id\"\n");
+        let stitching = Fixed(vec![("email_hash".into(), Some(Value::String("victim".into())))]);
+        let apply = |config: &str, enricher: &mut Fixed| {
+            let model = parse(config).unwrap();
+            let mut p = Profile::new("v1");
+            let o = apply_event(&model, &mut p, &event("x", 0, serde_json::json!({})), enricher);
+            (p, o.warnings)
+        };
+        let (p, warnings) = apply(&format!("{ids}\n[[enricher]]\nplugin = \"tier\"\n"), &mut stitching.clone());
+        assert_eq!(p.get("email_hash"), None, "no `writes`: a visitor id is not the enricher's to set");
+        assert!(warnings[0].contains("visitor id `email_hash` may be set only when the enricher's `writes` names it"));
+        let granted = format!("{ids}\n[[enricher]]\nplugin = \"tier\"\nwrites = [\"email_hash\"]\n");
+        let (p, warnings) = apply(&granted, &mut stitching.clone());
+        assert_eq!(p.get("email_hash"), Some(Value::String("victim".into())), "{warnings:?}");
+        let (p, warnings) = apply(&granted, &mut Fixed(vec![("spend".into(), Some(Value::Number(5.0)))]));
+        assert_eq!(p.get("spend"), None);
+        assert!(
+            warnings[0].contains("attribute `spend` is not in the enricher's `writes`; nothing applied"),
+            "{warnings:?}"
+        );
+        let unknown = granted.replace("writes = [\"email_hash\"]", "writes = [\"emial_hash\"]");
+        let errors = parse(&unknown).unwrap_err();
+        assert!(
+            errors
+                .0
+                .iter()
+                .any(|e| e.message.contains("enricher writes `emial_hash`, which is not a declared attribute"))
+        );
     }
 }

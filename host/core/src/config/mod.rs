@@ -73,7 +73,26 @@ impl Validator<'_> {
             }
             names.iter().map(|n| n.get_ref().clone()).collect()
         });
-        EnricherRef { plugin: raw.plugin.get_ref().clone(), reads, span: raw.plugin.span() }
+        let writes = raw.writes.as_ref().map(|names| {
+            for name in names {
+                match self.scope(name.get_ref()) {
+                    Some(Scope::Event) => self.error(
+                        name.span(),
+                        format!(
+                            "enricher writes `{}`, an event attribute, which is read from the event",
+                            name.get_ref()
+                        ),
+                    ),
+                    None => self.error(
+                        name.span(),
+                        format!("enricher writes `{}`, which is not a declared attribute", name.get_ref()),
+                    ),
+                    _ => {}
+                }
+            }
+            names.iter().map(|n| n.get_ref().clone()).collect()
+        });
+        EnricherRef { plugin: raw.plugin.get_ref().clone(), reads, writes, span: raw.plugin.span() }
     }
 
     pub(super) fn lookup(&self, name: &str) -> Option<AttrType> {

@@ -144,6 +144,8 @@ pub(super) struct RawEnricher {
     pub(super) plugin: Spanned<String>,
     #[serde(default)]
     pub(super) reads: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub(super) writes: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]

@@ -29,5 +29,18 @@ pub struct EnricherRef {
     pub plugin: String,
     /// The attributes the enricher is shown; all stored ones when not given.
     pub reads: Option<Vec<String>>,
+    /// The attributes the enricher may set; when not given, every stored one but visitor ids
+    /// (setting one stitches profiles, so it must be granted by name).
+    pub writes: Option<Vec<String>>,
     pub span: Range<usize>,
+}
+
+impl EnricherRef {
+    /// Whether the enricher may set `attribute`, of type `ty`.
+    pub fn may_write(&self, attribute: &str, ty: crate::value::AttrType) -> bool {
+        match &self.writes {
+            Some(writes) => writes.iter().any(|w| w == attribute),
+            None => ty != crate::value::AttrType::VisitorId,
+        }
+    }
 }

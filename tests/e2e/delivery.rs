@@ -224,13 +224,24 @@ async fn a_frequency_cap_holds_across_a_restart() {
     let server = Server::start(&config);
     toggle(&server, "v1", false).await;
     toggle(&server, "v1", true).await;
+    // Timestamps spaced further apart than the cooldown do not defeat it: the cap counts on the
+    // server's clock, not the client's.
+    for (hours_ahead, on) in [(2, false), (3, true), (5, false), (6, true)] {
+        let at = starling_core::time::format_rfc3339(starling_server::system_clock() + hours_ahead * 3_600_000);
+        let (status, body) = harness::post_json(
+            &format!("{}/v1/events", server.url),
+            &json!({"event": "toggle", "visitor_id": "v1", "timestamp": at, "data": {"on": on}}),
+        )
+        .await;
+        assert_eq!(status, 202, "{body}");
+    }
     toggle(&server, "v2", true).await;
     eventually("v2's call", Duration::from_secs(10), async || {
         (!arrivals_for(&receiver, "v2").is_empty()).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(arrivals_for(&receiver, "v1").len(), 1, "joined three times within the cooldown: one call");
+    assert_eq!(arrivals_for(&receiver, "v1").len(), 1, "joined five times within the cooldown: one call");
     server.stop();
 }
 

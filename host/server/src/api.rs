@@ -196,10 +196,14 @@ async fn post_events(
         metrics.reject(reason, 1);
         ApiError::new(StatusCode::BAD_REQUEST, message).into_response()
     };
-    let (mut events, batch) =
-        crate::ingest::parse_request(&body, (state.clock)()).map_err(|m| invalid("invalid", m))?;
-    let warnings = crate::ingest::check_events(&mut events, batch, key_source.as_deref(), &state.model)
+    let received_ms = (state.clock)();
+    let (mut events, batch) = crate::ingest::parse_request(&body, received_ms).map_err(|m| invalid("invalid", m))?;
+    let (mut warnings, clamped) =
+        crate::ingest::bound_times(&mut events, batch, received_ms, &state.model).map_err(|m| invalid("too_old", m))?;
+    let spec_warnings = crate::ingest::check_events(&mut events, batch, key_source.as_deref(), &state.model)
         .map_err(|m| invalid("spec", m))?;
+    let spec_warned = spec_warnings.len() as u64;
+    warnings.extend(spec_warnings);
     for warning in &warnings {
         tracing::warn!(source = key_source.as_deref().unwrap_or("-"), "event accepted with a warning: {warning}");
     }
@@ -214,7 +218,8 @@ async fn post_events(
     })?;
     metrics.events_accepted.inc_by(report.accepted as u64);
     metrics.events_duplicate.inc_by(report.duplicates as u64);
-    metrics.spec_warnings.inc_by(warnings.len() as u64);
+    metrics.spec_warnings.inc_by(spec_warned);
+    metrics.event_times_clamped.inc_by(clamped);
     let mut answer = serde_json::to_value(report).expect("report serializes");
     if !warnings.is_empty() {
         answer["warnings"] = serde_json::json!(warnings);

@@ -280,9 +280,11 @@ fn to_event(
     };
     let timestamp_ms = match &def.timestamp {
         Some(column) => match fields.get(column).and_then(|v| v.as_str()) {
-            Some(s) => {
-                starling_core::time::parse_rfc3339(s).ok_or_else(|| format!("{column}: `{s}` is not RFC 3339"))?
-            }
+            // History of any age is what imports are for; a row dated in the future is applied
+            // at the time it is imported, as an event sent ahead of its receipt would be.
+            Some(s) => starling_core::time::parse_rfc3339(s)
+                .ok_or_else(|| format!("{column}: `{s}` is not RFC 3339"))?
+                .min(now),
             None => return Err(format!("{column}: missing (the row's time)")),
         },
         None => now,

@@ -52,6 +52,39 @@ pub fn check_events(
     Ok(warnings)
 }
 
+/// Bounds client clocks: an event dated after `now_ms` (its receipt) is applied at `now_ms`,
+/// with a warning when it was more than `server.max_clock_skew` ahead, so that no client can
+/// date an event into the future (where it would end visits, expire timelines, keep a profile
+/// from retention, or leave an audience's time window). An event older than
+/// `server.max_event_age` is refused. Returns the warnings and how many times were clamped.
+pub fn bound_times(
+    events: &mut [Event],
+    batch: bool,
+    now_ms: i64,
+    model: &Model,
+) -> Result<(Vec<String>, u64), String> {
+    let (mut warnings, mut clamped) = (Vec::new(), 0);
+    for (i, event) in events.iter_mut().enumerate() {
+        let at = if batch { format!("events[{i}].") } else { String::new() };
+        let written = starling_core::time::format_rfc3339(event.timestamp_ms);
+        if now_ms - event.timestamp_ms > model.max_event_age_ms {
+            return Err(format!(
+                "{at}timestamp: {written} is older than server.max_event_age allows; import older events with `starling import`"
+            ));
+        }
+        if event.timestamp_ms > now_ms {
+            if event.timestamp_ms - now_ms > model.max_clock_skew_ms {
+                warnings.push(format!(
+                    "{at}timestamp: {written} is ahead of the server's clock by more than server.max_clock_skew; applied at its receipt"
+                ));
+            }
+            event.timestamp_ms = now_ms;
+            clamped += 1;
+        }
+    }
+    Ok((warnings, clamped))
+}
+
 /// Parses a request body; also says whether it was a batch.
 pub fn parse_request(body: &[u8], now_ms: i64) -> Result<(Vec<Event>, bool), String> {
     let value: serde_json::Value = serde_json::from_slice(body)

@@ -2217,15 +2217,16 @@ impl Effects {
                     Some(t) => Some(*t),
                     None => starling_store::last_fired(conn, &action.action, profile_id)?,
                 };
-                if last.is_some_and(|t| action.occurred_at_ms - t < cooldown) {
+                // The server's clock, never the event's: spaced timestamps would defeat the cap.
+                if last.is_some_and(|t| now - t < cooldown) {
                     tracing::debug!(action = %action.action, profile = %profile_id, "frequency cap: not fired");
                     continue;
                 }
-                self.fired.insert(key, action.occurred_at_ms);
+                self.fired.insert(key, now);
                 self.writes.push(Write::Fired {
                     action: action.action.clone(),
                     profile: profile_id.to_string(),
-                    at_ms: action.occurred_at_ms,
+                    at_ms: now,
                 });
             }
             let (due_ms, condition) = schedule(def, &action, now);
@@ -2246,7 +2247,7 @@ fn schedule(def: &ActionDef, action: &PendingAction, now: i64) -> (i64, Option<&
                 Trigger::Left => Some("not_member"),
                 Trigger::Event | Trigger::Deleted => None,
             };
-            (action.occurred_at_ms.max(now) + delay, condition)
+            (now + delay, condition)
         }
     }
 }

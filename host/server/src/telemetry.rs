@@ -51,6 +51,7 @@ pub struct Metrics {
     pub events_duplicate: Counter,
     pub events_rejected: Family<ReasonLabel, Counter>,
     pub spec_warnings: Counter,
+    pub event_times_clamped: Counter,
     pub event_apply_seconds: Histogram,
     pub commit_seconds: Histogram,
     pub log_sync_seconds: Histogram,
@@ -80,6 +81,7 @@ impl Default for Metrics {
             events_duplicate: Counter::default(),
             events_rejected: Family::default(),
             spec_warnings: Counter::default(),
+            event_times_clamped: Counter::default(),
             event_apply_seconds: latency(),
             commit_seconds: latency(),
             log_sync_seconds: latency(),
@@ -104,6 +106,11 @@ impl Default for Metrics {
         r.register("events_duplicate", "Events skipped as already seen (same id)", m.events_duplicate.clone());
         r.register("events_rejected", "Events refused, by reason", m.events_rejected.clone());
         r.register("event_spec_warnings", "Events applied although they break their spec", m.spec_warnings.clone());
+        r.register(
+            "event_times_clamped",
+            "Events dated after their receipt, applied at the time they were received",
+            m.event_times_clamped.clone(),
+        );
         r.register(
             "event_apply_seconds",
             "Time to apply one event: identity, enrichment, audience evaluation",

@@ -765,3 +765,55 @@ async fn moving_the_clock_needs_the_admin_token_and_stays_within_a_century() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_client_clock_dates_an_event_into_the_future_or_far_into_the_past() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(dir.path()).await;
+    let before = starling_core::time::format_rfc3339(starling_server::system_clock());
+    let (status, body, _) = call(
+        &app,
+        "POST",
+        "/v1/events",
+        r#"{"events":[{"event":"buy","visitor_id":"a","data":{"total":11}},{"event":"view","visitor_id":"a","timestamp":"9999-01-01T00:00:00Z"}]}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(
+        body["warnings"],
+        serde_json::json!([
+            "events[1].timestamp: 9999-01-01T00:00:00.000Z is ahead of the server's clock by more than server.max_clock_skew; applied at its receipt"
+        ])
+    );
+    let (_, profile, _) = call(&app, "GET", "/v1/profiles/a", "").await;
+    let last_seen = profile["last_seen"].as_str().unwrap().to_string();
+    assert!(last_seen >= before && last_seen.starts_with("20"), "applied at its receipt, not in 9999: {last_seen}");
+    assert_eq!(profile["visit_open"], true);
+    assert_eq!(profile["audiences"], serde_json::json!(["spenders"]));
+
+    // A minute ahead is within the skew: applied at its receipt without a warning.
+    let soon = starling_core::time::format_rfc3339(starling_server::system_clock() + 60_000);
+    let event = format!(r#"{{"event":"view","visitor_id":"b","timestamp":"{soon}"}}"#);
+    let (status, body, _) = call(&app, "POST", "/v1/events", &event).await;
+    assert_eq!((status, body), (StatusCode::ACCEPTED, serde_json::json!({"accepted": 1, "duplicates": 0})));
+    let (_, profile, _) = call(&app, "GET", "/v1/profiles/b", "").await;
+    assert!(profile["last_seen"].as_str().unwrap() < soon.as_str(), "{profile}");
+
+    // Older than server.max_event_age (30 days): refused, nothing applied.
+    let (status, body, _) = call(
+        &app,
+        "POST",
+        "/v1/events",
+        r#"{"events":[{"event":"view","visitor_id":"c"},{"event":"view","visitor_id":"c","timestamp":"0001-01-01T00:00:00Z"}]}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        body["error"],
+        "events[1].timestamp: 0001-01-01T00:00:00.000Z is older than server.max_event_age allows; import older events with `starling import`"
+    );
+    assert_eq!(call(&app, "GET", "/v1/profiles/c", "").await.0, StatusCode::NOT_FOUND);
+    let (_, metrics, _) = send(&app, "GET", "/metrics", &[], "").await;
+    assert!(metrics.as_str().unwrap().contains("starling_event_times_clamped_total 2"), "{metrics}");
+    app.stop().await;
+}

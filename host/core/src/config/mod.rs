@@ -140,6 +140,8 @@ impl Validator<'_> {
             server_duration("audience_size_interval", &raw.server.audience_size_interval, 60_000);
         let header_timeout_ms = server_duration("header_timeout", &raw.server.header_timeout, 10_000);
         let body_timeout_ms = server_duration("body_timeout", &raw.server.body_timeout, 30_000);
+        let max_clock_skew_ms = server_duration("max_clock_skew", &raw.server.max_clock_skew, 600_000);
+        let max_event_age_ms = server_duration("max_event_age", &raw.server.max_event_age, 30 * 86_400_000);
         if raw.server.max_connections == 0 {
             self.error(0..0, "server.max_connections must be at least 1".to_string());
         }
@@ -205,6 +207,8 @@ impl Validator<'_> {
             audience_size_interval_ms,
             header_timeout_ms,
             body_timeout_ms,
+            max_clock_skew_ms,
+            max_event_age_ms,
             identity,
             attributes,
             attribute_index,

@@ -32,6 +32,9 @@ pub struct Model {
     pub audience_size_interval_ms: i64,
     /// How long a client may take over a request's headers, and then over its body.
     pub header_timeout_ms: i64,
+    /// How far ahead of the server an event may be dated without a warning, and how old it may be.
+    pub max_clock_skew_ms: i64,
+    pub max_event_age_ms: i64,
     pub body_timeout_ms: i64,
     /// Which ids may stitch profiles.
     pub identity: IdentitySettings,

@@ -39,6 +39,14 @@ pub struct ServerSettings {
     /// loopback, `localhost`; other names are refused (DNS rebinding).
     #[serde(default)]
     pub hostnames: Vec<String>,
+    /// How far ahead of the server's clock an event's timestamp may be without a warning; any
+    /// event dated after its receipt is applied at the time it was received.
+    #[serde(default = "default_max_clock_skew")]
+    pub max_clock_skew: String,
+    /// How old an event sent to `POST /v1/events` may be; older ones are refused (imports take
+    /// history of any age).
+    #[serde(default = "default_max_event_age")]
+    pub max_event_age: String,
     /// Open connections served at once; beyond them, new ones wait to be accepted.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -67,6 +75,12 @@ pub enum EventLogKind {
     Memory,
 }
 
+fn default_max_clock_skew() -> String {
+    "10m".into()
+}
+fn default_max_event_age() -> String {
+    "30d".into()
+}
 fn default_max_connections() -> usize {
     1024
 }
@@ -103,6 +117,8 @@ impl Default for ServerSettings {
             audience_size_interval: default_size_sample_interval(),
             admin_token: None,
             hostnames: Vec::new(),
+            max_clock_skew: default_max_clock_skew(),
+            max_event_age: default_max_event_age(),
             max_connections: default_max_connections(),
             header_timeout: default_header_timeout(),
             body_timeout: default_body_timeout(),

@@ -14,6 +14,18 @@ pub struct Event {
 }
 
 impl Event {
+    /// What deduplication remembers the event by: its id within its data source, so that one
+    /// source (a web page's public key) cannot take an id another source will use (a
+    /// point-of-sale order number) and have that event dropped as a repeat. `None` without an id.
+    pub fn dedup_key(&self) -> Option<String> {
+        let id = self.id.as_deref()?;
+        Some(match &self.source {
+            // A unit separator cannot occur in a source name.
+            Some(source) => format!("{source}\u{1f}{id}"),
+            None => id.to_string(),
+        })
+    }
+
     /// The value at a dotted path inside `data`.
     pub fn field(&self, path: &[String]) -> Option<&serde_json::Value> {
         let (first, rest) = path.split_first()?;

@@ -1191,8 +1191,8 @@ impl Worker {
                             forward(p, j, owner, event.clone());
                             continue;
                         }
-                        if let Some(id) = event.id.as_deref()
-                            && (!p.seen.insert(id.to_string()) || starling_store::event_seen(conn, id, dedup_since)?)
+                        if let Some(key) = event.dedup_key()
+                            && (!p.seen.insert(key.clone()) || starling_store::event_seen(conn, &key, dedup_since)?)
                         {
                             report.duplicates += 1;
                             continue;

@@ -817,3 +817,23 @@ async fn no_client_clock_dates_an_event_into_the_future_or_far_into_the_past() {
     assert!(metrics.as_str().unwrap().contains("starling_event_times_clamped_total 2"), "{metrics}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_source_cannot_take_an_event_id_another_will_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = operations_app(dir.path()).await;
+    let (web, store) = ([("x-api-key", "web-key-0123456789")], [("x-api-key", "store-key-0123456789")]);
+    // The web key is public: a page sends the point of sale's next order number first.
+    let squatted = r#"{"event":"view","visitor_id":"mallory","id":"pos-order-1001"}"#;
+    let (status, body, _) = send(&app, "POST", "/v1/events", &web, squatted).await;
+    assert_eq!((status, body), (StatusCode::ACCEPTED, serde_json::json!({"accepted": 1, "duplicates": 0})));
+    let real = r#"{"event":"view","visitor_id":"ann","id":"pos-order-1001"}"#;
+    let (status, body, _) = send(&app, "POST", "/v1/events", &store, real).await;
+    assert_eq!((status, body), (StatusCode::ACCEPTED, serde_json::json!({"accepted": 1, "duplicates": 0})));
+    // Within one source an id is still applied once.
+    let (_, body, _) = send(&app, "POST", "/v1/events", &store, real).await;
+    assert_eq!(body, serde_json::json!({"accepted": 0, "duplicates": 1}));
+    let (_, profile, _) = send(&app, "GET", "/v1/profiles/ann", &[("authorization", ADMIN)], "").await;
+    assert_eq!(profile["event_count"], 1);
+    app.stop().await;
+}

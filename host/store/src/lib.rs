@@ -484,7 +484,8 @@ pub fn find_profile(conn: &Connection, any_id: &str) -> Result<Option<Profile>> 
     }
 }
 
-/// Whether an event with this id was applied at or after `since_ms` (the dedup window).
+/// Whether an event with this deduplication key (`Event::dedup_key`: its id within its data
+/// source) was applied at or after `since_ms` (the dedup window).
 pub fn event_seen(conn: &Connection, event_id: &str, since_ms: i64) -> Result<bool> {
     Ok(conn
         .prepare_cached("SELECT 1 FROM seen_events WHERE event_id = ?1 AND seen_ms >= ?2")?
@@ -570,10 +571,10 @@ impl<'c> Batch<'c> {
     }
 
     pub fn log_event(&self, event: &starling_core::Event, profile_id: &str, now_ms: i64) -> Result<()> {
-        if let Some(id) = &event.id {
+        if let Some(key) = event.dedup_key() {
             self.tx
                 .prepare_cached("INSERT OR REPLACE INTO seen_events (event_id, seen_ms) VALUES (?1, ?2)")?
-                .execute(params![id, now_ms])?;
+                .execute(params![key, now_ms])?;
         }
         let data = serde_json::Value::Object(event.data.clone()).to_string();
         self.tx

@@ -245,12 +245,19 @@ async fn deliver(
         if let Err(e) = starling_store::record_attempt(&conn, entry.id, attempt, now) {
             tracing::error!(action = entry.id, "recording a delivery attempt: {e}");
         }
-        // The request to forget a deleted person has been carried out: keep nothing of it.
-        if entry.trigger == Trigger::Deleted
-            && matches!(attempt, Attempt::Delivered | Attempt::Fail { .. } | Attempt::Bury { .. })
-            && let Err(e) = starling_store::forget_action(&conn, entry.id)
-        {
-            tracing::error!(action = entry.id, "removing a delivered deletion: {e}");
+        // A deletion notice names the deleted person: once delivered, or given up on, nothing
+        // of it is kept (a notice given up on leaves an audit record without personal data).
+        if entry.trigger == Trigger::Deleted {
+            let forgotten = match attempt {
+                Attempt::Delivered => starling_store::forget_action(&conn, entry.id),
+                Attempt::Fail { .. } | Attempt::Bury { .. } => {
+                    starling_store::forget_failed_deletion_notice(&conn, entry.id, now)
+                }
+                Attempt::Retry { .. } | Attempt::Cancel { .. } => Ok(()),
+            };
+            if let Err(e) = forgotten {
+                tracing::error!(action = entry.id, "removing a finished deletion notice: {e}");
+            }
         }
         let result = match attempt {
             Attempt::Delivered => "delivered",

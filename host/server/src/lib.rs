@@ -22,7 +22,7 @@ use starling_runtime::{HostOptions, Kind, PluginHost};
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, watch};
 
@@ -403,12 +403,14 @@ async fn run_checkpoints(
     let mut last_prune_ms = 0;
     // Where the passes through the history and the outbox go on.
     let cursors = Arc::new(Mutex::new((0i64, 0i64)));
+    let wal_holds_deleted = Arc::new(AtomicBool::new(false));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
             _ = stop.changed() => return,
         }
         let (conn, state, telemetry, cursors) = (conn.clone(), log.clone(), telemetry.clone(), cursors.clone());
+        let wal_holds_deleted = wal_holds_deleted.clone();
         let now = clock();
         let prune = now - last_prune_ms >= PRUNE_EVERY_MS;
         if prune {
@@ -424,6 +426,12 @@ async fn run_checkpoints(
             starling_store::checkpoint(&conn)?;
             if sealing {
                 log.seal()?;
+                wal_holds_deleted.store(true, Ordering::SeqCst);
+            }
+            // A deletion's rows are zeroed in the database file (secure_delete); the WAL still
+            // holds the pages as they were before it, until it is truncated.
+            if wal_holds_deleted.load(Ordering::SeqCst) && starling_store::truncate_wal(&conn)? {
+                wal_holds_deleted.store(false, Ordering::SeqCst);
             }
             let freed = log.truncate_before(safe)?;
             telemetry.metrics.log_bytes_truncated.inc_by(freed);

@@ -837,3 +837,60 @@ async fn one_source_cannot_take_an_event_id_another_will_use() {
     assert_eq!(profile["event_count"], 1);
     app.stop().await;
 }
+
+/// Whether any of the database's files (SQLite, its WAL, the event log's segments) holds `value`.
+fn files_hold(database: &std::path::Path, value: &str) -> Vec<std::path::PathBuf> {
+    let mut files = vec![database.to_path_buf(), database.with_extension("db-wal")];
+    if let Ok(segments) = std::fs::read_dir(database.with_extension("db.log")) {
+        files.extend(segments.map(|s| s.unwrap().path()));
+    }
+    files
+        .into_iter()
+        .filter(|f| std::fs::read(f).is_ok_and(|bytes| bytes.windows(value.len()).any(|w| w == value.as_bytes())))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_persons_values_leave_every_file_and_their_event_ids_are_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = dir.path().join("t.db");
+    let app = operations_app(dir.path()).await;
+    let key = [("x-api-key", "web-key-0123456789")];
+    let admin = [("authorization", ADMIN)];
+    for i in 0..20 {
+        for (visitor, hash) in [("ann-device-7731", "hash-ann-5c2e9d"), ("bob-device-0042", "hash-bob-77aa01")] {
+            let event = format!(
+                r#"{{"event":"login","visitor_id":"{visitor}","id":"{visitor}-evt-{i}","data":{{"email_hash":"{hash}","total":3}}}}"#
+            );
+            assert_eq!(send(&app, "POST", "/v1/events", &key, &event).await.0, StatusCode::ACCEPTED);
+        }
+    }
+    // Written to SQLite and checkpointed: the values are in the files.
+    let (status, _, _) = send(&app, "GET", "/v1/profiles/ann-device-7731", &admin, "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!files_hold(&database, "hash-ann-5c2e9d").is_empty());
+
+    let (status, body, _) = send(&app, "DELETE", "/v1/profiles/ann-device-7731", &admin, "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["audit"]["removed"]["event_ids"], 20);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let left: Vec<_> =
+            ["hash-ann-5c2e9d", "ann-device-7731"].iter().flat_map(|v| files_hold(&database, v)).collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the deleted person's values are still in {left:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (_, bob, _) = send(&app, "GET", "/v1/profiles/bob-device-0042", &admin, "").await;
+    assert_eq!(
+        (bob["event_count"].as_i64(), bob["attributes"]["email_hash"].as_str()),
+        (Some(20), Some("hash-bob-77aa01"))
+    );
+    // The person's event ids are forgotten too: the same event, sent again, is applied anew.
+    let again = r#"{"event":"login","visitor_id":"ann-device-7731","id":"ann-device-7731-evt-0"}"#;
+    let (_, body, _) = send(&app, "POST", "/v1/events", &key, again).await;
+    assert_eq!(body, serde_json::json!({"accepted": 1, "duplicates": 0}));
+    app.stop().await;
+}

@@ -325,6 +325,9 @@ pub fn open(path: &Path) -> Result<Connection> {
     // the map is kept small.
     conn.pragma_update(None, "mmap_size", 32i64 << 20)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Deleted rows are overwritten with zeros, so that a deleted person's data does not stay
+    // readable in freed pages of the file.
+    conn.pragma_update(None, "secure_delete", "ON")?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if version < SCHEMA_VERSION {
@@ -401,6 +404,43 @@ pub fn audit_records(conn: &Connection, limit: usize) -> Result<Vec<serde_json::
 pub fn forget_action(conn: &Connection, id: i64) -> Result<()> {
     conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?.execute([id])?;
     Ok(())
+}
+
+/// Forgets a deletion notice that could not be delivered: its payload names the deleted person,
+/// so it is not kept as a dead letter; an audit record without personal data says it failed.
+pub fn forget_failed_deletion_notice(conn: &Connection, id: i64, now_ms: i64) -> Result<()> {
+    let _gate = write_gate();
+    let tx = conn.unchecked_transaction()?;
+    let failed: Option<(String, i64, Option<String>)> = tx
+        .query_row(
+            "SELECT action, attempts, last_error FROM dead_letters WHERE id = ?1 UNION ALL
+             SELECT action, attempts, last_error FROM outbox WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    tx.execute("DELETE FROM dead_letters WHERE id = ?1", [id])?;
+    tx.execute("DELETE FROM outbox WHERE id = ?1", [id])?;
+    if let Some((action, attempts, error)) = failed {
+        let detail = serde_json::json!({ "action": action, "attempts": attempts, "error": error });
+        tx.execute(
+            "INSERT INTO audit_log (at_ms, kind, detail) VALUES (?1, 'deletion_notice_failed', ?2)",
+            params![now_ms, detail.to_string()],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Copies the whole WAL into the database and truncates it to nothing, so that the bytes of
+/// deleted rows do not stay in it. Like the restart in [`checkpoint`] it does not wait for
+/// readers: returns `false` when one was still in the WAL, to be tried again.
+pub fn truncate_wal(conn: &Connection) -> Result<bool> {
+    let _gate = write_gate();
+    conn.busy_timeout(std::time::Duration::ZERO)?;
+    let busy = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0));
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(busy? == 0)
 }
 
 /// Pending actions per action name, for the queue-depth metric.
@@ -772,9 +812,22 @@ impl<'c> Batch<'c> {
             ("profile", "DELETE FROM profiles WHERE id = ?1"),
             ("ids", "DELETE FROM identities WHERE profile_id = ?1"),
             ("identity_records", "DELETE FROM identity_links WHERE profile_id = ?1 OR other_id = ?1"),
+            // The ids of the person's events, as deduplication remembers them (`Event::dedup_key`),
+            // before the events go. Ids of events already pruned from the history expire with
+            // the dedup window.
+            (
+                "event_ids",
+                "DELETE FROM seen_events WHERE event_id IN (
+                     SELECT CASE WHEN source IS NULL THEN event_id ELSE source || char(31) || event_id END
+                     FROM events WHERE profile_id = ?1 AND event_id IS NOT NULL)",
+            ),
             ("events", "DELETE FROM events WHERE profile_id = ?1"),
             ("memberships", "DELETE FROM memberships WHERE profile_id = ?1"),
-            ("actions", "DELETE FROM outbox WHERE profile_id = ?1"),
+            // A deletion notice still to be delivered (an earlier deletion of a reused id) stays.
+            (
+                "actions",
+                "DELETE FROM outbox WHERE profile_id = ?1 AND NOT (trigger = 'deleted' AND status = 'pending')",
+            ),
             ("dead_letters", "DELETE FROM dead_letters WHERE profile_id = ?1"),
             ("frequency_caps", "DELETE FROM action_fired WHERE profile_id = ?1"),
             ("wakeups", "DELETE FROM wakeups WHERE profile_id = ?1"),
@@ -1292,6 +1345,43 @@ mod tests {
             settings: Default::default(),
             params: vec![],
         }
+    }
+
+    #[test]
+    fn a_deletion_keeps_an_earlier_deletions_pending_notice_and_a_failed_notice_keeps_nothing_personal() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir.path().join("d.db")).unwrap();
+        let notice = PendingAction { trigger: Trigger::Deleted, audience: String::new(), ..action() };
+        let payload = serde_json::json!({ "email": "ann@example.com" });
+        let first = {
+            let batch = Batch::begin(&mut conn).unwrap();
+            batch.save_profile(&Profile::new("p1"), 0, Some(0)).unwrap();
+            batch.delete_profile("p1").unwrap();
+            let id = batch.enqueue(&notice, &payload, 5, None, None).unwrap().unwrap();
+            batch.commit().unwrap();
+            id
+        };
+        // The id is reused, and its new profile deleted before the first notice went out.
+        let batch = Batch::begin(&mut conn).unwrap();
+        batch.save_profile(&Profile::new("p1"), 0, Some(0)).unwrap();
+        batch.enqueue(&action(), &serde_json::json!({}), 5, None, None).unwrap();
+        let removed = batch.delete_profile("p1").unwrap();
+        batch.commit().unwrap();
+        assert_eq!(removed["actions"], 1, "the joined action goes, the pending notice stays");
+        let pending = due_actions(&conn, "hook", 10, 10).unwrap();
+        assert_eq!(pending.iter().map(|e| e.id).collect::<Vec<_>>(), vec![first]);
+
+        record_attempt(&conn, first, &Attempt::Bury { error: "503 from the destination".into() }, 20).unwrap();
+        forget_failed_deletion_notice(&conn, first, 20).unwrap();
+        let dump: String = conn
+            .query_row(
+                "SELECT coalesce(group_concat(x, '|'), '') FROM (SELECT payload AS x FROM dead_letters UNION ALL SELECT payload FROM outbox UNION ALL SELECT kind || detail FROM audit_log)",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(!dump.contains("ann@example.com"), "{dump}");
+        assert!(dump.contains("deletion_notice_failed") && dump.contains("503 from the destination"), "{dump}");
     }
 
     #[test]

@@ -87,6 +87,9 @@ enum ProfileCommand {
     Show { id: String },
     /// The ids linked to the profile an id belongs to, and how each was linked.
     Identity { id: String },
+    /// Everything held about the person an id belongs to (profile, ids and their history,
+    /// events, memberships, actions with their data), to answer an access request.
+    Export { id: String },
     /// Split `id` out of the profile it was stitched into; both profiles are rebuilt from their
     /// events and the resulting audience changes fire.
     Unstitch { id: String },
@@ -421,6 +424,7 @@ fn profile(server: &client::ServerArgs, command: ProfileCommand) -> Result<()> {
     let (method, id, tail) = match &command {
         ProfileCommand::Show { id } => (reqwest::Method::GET, id, None),
         ProfileCommand::Identity { id } => (reqwest::Method::GET, id, Some("identity")),
+        ProfileCommand::Export { id } => (reqwest::Method::GET, id, Some("export")),
         ProfileCommand::Unstitch { id } => (reqwest::Method::POST, id, Some("unstitch")),
         ProfileCommand::Delete { id } => (reqwest::Method::DELETE, id, None),
     };

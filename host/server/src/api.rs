@@ -47,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/profiles/{id}", get(get_profile).delete(delete_profile))
         .route("/v1/profiles/{id}/explain/{audience}", get(explain_membership))
         .route("/v1/profiles/{id}/identity", get(get_identity))
+        .route("/v1/profiles/{id}/export", get(export_profile))
         .route("/v1/profiles/{id}/unstitch", post(unstitch))
         .route("/v1/audiences", get(get_audiences))
         .route("/v1/audiences/{name}/history", get(get_audience_history))
@@ -281,6 +282,43 @@ async fn get_identity(
     })
     .await?;
     graph.map(Json).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no profile for id `{id}`")))
+}
+
+/// Everything held about the person an id belongs to, for an access request: the profile, its
+/// ids and their history, its events, memberships, and actions with the data each carries.
+async fn export_profile(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let lookup = id.clone();
+    let export = read(&state, move |c| {
+        let Some(profile_id) = starling_store::resolve_identity(c, &lookup)? else { return Ok(None) };
+        let Some(profile) = starling_store::load_profile(c, &profile_id)? else { return Ok(None) };
+        let date = starling_core::time::format_rfc3339;
+        let events: Vec<serde_json::Value> = starling_store::profile_events(c, &profile_id)?
+            .into_iter()
+            .map(|e| {
+                serde_json::json!({
+                    "id": e.id, "event": e.name, "visitor_id": e.visitor_id, "source": e.source,
+                    "timestamp": date(e.timestamp_ms), "data": e.data,
+                })
+            })
+            .collect();
+        let memberships: Vec<serde_json::Value> = starling_store::memberships_of(c, &profile_id)?
+            .into_iter()
+            .map(|(audience, joined_ms)| serde_json::json!({ "audience": audience, "joined": date(joined_ms) }))
+            .collect();
+        Ok(Some(serde_json::json!({
+            "profile": profile.to_json(),
+            "ids": starling_store::ids_of(c, &profile_id)?,
+            "identity_history": starling_store::identity_history(c, &profile_id)?,
+            "events": events,
+            "memberships": memberships,
+            "actions": starling_store::actions_of(c, &profile_id)?,
+        })))
+    })
+    .await?;
+    export.map(Json).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no profile for id `{id}`")))
 }
 
 async fn unstitch(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {

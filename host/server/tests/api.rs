@@ -894,3 +894,37 @@ async fn a_deleted_persons_values_leave_every_file_and_their_event_ids_are_forgo
     assert_eq!(body, serde_json::json!({"accepted": 1, "duplicates": 0}));
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_access_request_is_answered_from_one_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = operations_app(dir.path()).await;
+    let key = [("x-api-key", "web-key-0123456789")];
+    let admin = [("authorization", ADMIN)];
+    for (visitor, id) in [("laptop-ann", "e1"), ("phone-ann", "e2")] {
+        let event = format!(
+            r#"{{"event":"login","visitor_id":"{visitor}","id":"{id}","data":{{"email_hash":"hash-ann","total":30}}}}"#
+        );
+        assert_eq!(send(&app, "POST", "/v1/events", &key, &event).await.0, StatusCode::ACCEPTED);
+    }
+    let (status, export, _) = send(&app, "GET", "/v1/profiles/phone-ann/export", &admin, "").await;
+    assert_eq!(status, StatusCode::OK, "{export}");
+    let mut ids: Vec<&str> = export["ids"].as_array().unwrap().iter().map(|i| i.as_str().unwrap()).collect();
+    ids.sort();
+    assert_eq!(ids, ["hash-ann", "laptop-ann", "phone-ann"]);
+    assert_eq!(export["profile"]["event_count"], 2);
+    let events: Vec<&str> = export["events"].as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(events, ["e1", "e2"]);
+    assert_eq!(export["events"][0]["data"]["email_hash"], "hash-ann");
+    assert!(!export["identity_history"].as_array().unwrap().is_empty(), "{export}");
+    let audiences: Vec<&str> =
+        export["memberships"].as_array().unwrap().iter().map(|m| m["audience"].as_str().unwrap()).collect();
+    assert_eq!(
+        audiences,
+        export["profile"]["audiences"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect::<Vec<_>>()
+    );
+    assert!(export["actions"].is_array());
+    let (status, body, _) = send(&app, "GET", "/v1/profiles/nobody/export", &admin, "").await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::NOT_FOUND, Some("no profile for id `nobody`")));
+    app.stop().await;
+}

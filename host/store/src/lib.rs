@@ -1006,6 +1006,49 @@ pub fn next_due(conn: &Connection, action: &str) -> Result<Option<i64>> {
         .query_row([action], |r| r.get(0))?)
 }
 
+/// A profile's memberships with when each began, by audience.
+pub fn memberships_of(conn: &Connection, profile_id: &str) -> Result<Vec<(String, i64)>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT audience, joined_ms FROM memberships WHERE profile_id = ?1 ORDER BY audience")?;
+    let rows = stmt.query_map([profile_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// A profile's actions (outbox rows and dead letters) with the data each carries, oldest first.
+pub fn actions_of(conn: &Connection, profile_id: &str) -> Result<Vec<serde_json::Value>> {
+    let sql = format!("SELECT {OUTBOX_COLUMNS} FROM outbox WHERE profile_id = ?1 ORDER BY id");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map([profile_id], OutboxEntry::from_row)?;
+    let mut actions = Vec::new();
+    for entry in rows {
+        let entry = entry?;
+        let mut value = serde_json::to_value(&entry).expect("an outbox row serializes");
+        value["data"] = serde_json::from_str(&entry.payload).unwrap_or(serde_json::Value::Null);
+        actions.push(value);
+    }
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, action, trigger, audience, occurred_ms, payload, attempts, last_error, died_ms FROM dead_letters WHERE profile_id = ?1 ORDER BY id",
+    )?;
+    let dead = stmt.query_map([profile_id], |r| {
+        Ok(serde_json::json!({
+            "id": r.get::<_, i64>(0)?,
+            "action": r.get::<_, String>(1)?,
+            "trigger": r.get::<_, String>(2)?,
+            "audience": r.get::<_, String>(3)?,
+            "occurred_ms": r.get::<_, i64>(4)?,
+            "data": serde_json::from_str::<serde_json::Value>(&r.get::<_, String>(5)?).unwrap_or(serde_json::Value::Null),
+            "status": "dead",
+            "attempts": r.get::<_, i64>(6)?,
+            "last_error": r.get::<_, Option<String>>(7)?,
+            "died_ms": r.get::<_, i64>(8)?,
+        }))
+    })?;
+    for row in dead {
+        actions.push(row?);
+    }
+    Ok(actions)
+}
+
 /// Outbox rows, newest first, optionally with one status.
 pub fn list_actions(conn: &Connection, status: Option<OutboxStatus>, limit: usize) -> Result<Vec<OutboxEntry>> {
     let sql =

@@ -75,6 +75,8 @@ pub enum ComponentError {
     Artifact(String),
     #[error("componentizing: {0}")]
     Componentize(String),
+    #[error("{0}")]
+    Ceiling(String),
     #[error(transparent)]
     AllowedHost(#[from] EgressError),
     #[error(transparent)]

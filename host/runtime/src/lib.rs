@@ -40,11 +40,15 @@ pub struct HostOptions {
     pub cache_dir: Option<PathBuf>,
     /// Consecutive failed calls (traps, timeouts) after which a plugin is disabled.
     pub failure_limit: u64,
+    /// The most memory and the longest deadline a manifest may ask for: the operator's
+    /// ceilings over what third-party manifests set for themselves.
+    pub max_memory_mib: u64,
+    pub max_timeout_ms: u64,
 }
 
 impl Default for HostOptions {
     fn default() -> Self {
-        HostOptions { cache_dir: None, failure_limit: 10 }
+        HostOptions { cache_dir: None, failure_limit: 10, max_memory_mib: 256, max_timeout_ms: 30_000 }
     }
 }
 
@@ -138,7 +142,46 @@ pub struct PluginState {
     wasi: WasiCtx,
     http: WasiHttpCtx,
     egress: Egress,
-    limits: StoreLimits,
+    limits: MemoryBudget,
+}
+
+/// A store's limits, with the manifest's memory cap applied to all its linear memories
+/// together: `StoreLimits` caps each memory on its own, so a component with sixteen memories
+/// would get sixteen times the cap.
+struct MemoryBudget {
+    each: StoreLimits,
+    total_bytes: usize,
+    used_bytes: usize,
+}
+
+impl wasmtime::ResourceLimiter for MemoryBudget {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let growth = desired.saturating_sub(current);
+        if self.used_bytes.saturating_add(growth) > self.total_bytes {
+            return Ok(false);
+        }
+        let allowed = self.each.memory_growing(current, desired, maximum)?;
+        if allowed {
+            self.used_bytes += growth;
+        }
+        Ok(allowed)
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.each.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.each.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.each.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.each.memories()
+    }
 }
 
 impl WasiView for PluginState {
@@ -210,6 +253,8 @@ pub struct PluginHost {
     /// Where precompiled components are kept, by component hash and engine compatibility.
     artifacts: Option<PathBuf>,
     failure_limit: u64,
+    max_memory_mib: u64,
+    max_timeout_ms: u64,
     connector_linker: Linker<PluginState>,
     enricher_linker: Linker<PluginState>,
     plugins: RwLock<HashMap<String, Arc<Plugin>>>,
@@ -244,6 +289,8 @@ impl PluginHost {
             engine,
             artifacts: options.cache_dir,
             failure_limit: options.failure_limit.max(1),
+            max_memory_mib: options.max_memory_mib,
+            max_timeout_ms: options.max_timeout_ms,
             connector_linker,
             enricher_linker,
             plugins: RwLock::new(HashMap::new()),
@@ -301,6 +348,19 @@ impl PluginHost {
         bytes: &[u8],
         config: BTreeMap<String, String>,
     ) -> Result<Arc<Plugin>, ComponentError> {
+        let limits = &manifest.limits;
+        if limits.memory_mib > self.max_memory_mib {
+            return Err(ComponentError::Ceiling(format!(
+                "limits.memory_mib is {}, more than this server allows (server.plugin_max_memory_mib = {})",
+                limits.memory_mib, self.max_memory_mib
+            )));
+        }
+        if limits.timeout_ms > self.max_timeout_ms {
+            return Err(ComponentError::Ceiling(format!(
+                "limits.timeout_ms is {}, more than this server allows (server.plugin_max_timeout_ms = {})",
+                limits.timeout_ms, self.max_timeout_ms
+            )));
+        }
         let plugin = Arc::new(self.compile(manifest, bytes, config)?);
         self.plugins.write().expect("plugin table").insert(plugin.manifest.name.clone(), plugin.clone());
         Ok(plugin)
@@ -430,7 +490,11 @@ impl PluginHost {
                 listeners: self.listeners.clone(),
             },
             // Components from language toolchains (Python, JavaScript) hold dozens of core instances.
-            limits: StoreLimitsBuilder::new().memory_size(meta.memory_bytes).instances(256).build(),
+            limits: MemoryBudget {
+                each: StoreLimitsBuilder::new().memory_size(meta.memory_bytes).instances(256).build(),
+                total_bytes: meta.memory_bytes,
+                used_bytes: 0,
+            },
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -583,6 +647,7 @@ fn pool() -> PoolingAllocationConfig {
         .total_memories(CONCURRENT_CALLS * 4)
         .total_tables(CONCURRENT_CALLS * 8)
         .max_memories_per_component(16)
+        .max_memories_per_module(16)
         .max_tables_per_component(64)
         .table_elements(100_000)
         .max_memory_size((manifest::MAX_MEMORY_MIB << 20) as usize);

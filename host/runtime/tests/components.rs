@@ -158,6 +158,50 @@ async fn memory_is_capped_by_the_manifest() {
 }
 
 #[tokio::test]
+async fn the_memory_cap_holds_for_all_of_a_components_memories_together() {
+    // Grows its first memory by 10 MiB, then a second memory by 10 MiB: answers ok(empty) if
+    // the second growth is refused, traps if it succeeds.
+    let grow = enricher(
+        "(drop (memory.grow 1 (i32.const 160)))
+         (if (i32.eq (memory.grow $extra (i32.const 160)) (i32.const -1)) (then (return (i32.const 1024))))
+         (unreachable)",
+    )
+    .replace("(module", "(module (memory $extra 0)");
+    let bytes = component(&grow, "enricher", None);
+    let dir = tempfile::tempdir().unwrap();
+    let host = PluginHost::new().unwrap();
+    host.load(&plugin(dir.path(), "two", "enricher", &bytes, "[limits]\nmemory_mib = 16\n"), BTreeMap::new()).unwrap();
+    assert_eq!(host.enrich("two", &event(), &profile()).await.unwrap(), Ok(vec![]), "20 MiB in two memories refused");
+    host.load(&plugin(dir.path(), "roomy", "enricher", &bytes, "[limits]\nmemory_mib = 32\n"), BTreeMap::new())
+        .unwrap();
+    assert!(host.enrich("roomy", &event(), &profile()).await.is_err(), "20 MiB within 32 MiB allowed");
+}
+
+#[tokio::test]
+async fn the_operator_caps_what_a_manifest_may_ask_for() {
+    let bytes = component(&enricher("(i32.const 1024)"), "enricher", None);
+    let dir = tempfile::tempdir().unwrap();
+    let host = PluginHost::with_options(starling_runtime::HostOptions {
+        max_memory_mib: 32,
+        max_timeout_ms: 1_000,
+        ..Default::default()
+    })
+    .unwrap();
+    let greedy = plugin(dir.path(), "greedy", "enricher", &bytes, "[limits]\nmemory_mib = 64\n");
+    let err = host.load(&greedy, BTreeMap::new()).unwrap_err().to_string();
+    assert!(
+        err.contains("limits.memory_mib is 64, more than this server allows (server.plugin_max_memory_mib = 32)"),
+        "{err}"
+    );
+    let slow = plugin(dir.path(), "slow", "enricher", &bytes, "[limits]\nmemory_mib = 16\ntimeout_ms = 600000\n");
+    let err = host.load(&slow, BTreeMap::new()).unwrap_err().to_string();
+    assert!(err.contains("limits.timeout_ms is 600000"), "{err}");
+    assert!(host.names().is_empty(), "neither was loaded");
+    host.load(&plugin(dir.path(), "modest", "enricher", &bytes, "[limits]\nmemory_mib = 32\n"), BTreeMap::new())
+        .unwrap();
+}
+
+#[tokio::test]
 async fn a_connector_is_described_and_called() {
     let dir = tempfile::tempdir().unwrap();
     let host = PluginHost::new().unwrap();
@@ -225,9 +269,11 @@ fn core_modules_and_bad_hashes_are_refused() {
 #[tokio::test]
 async fn repeated_failures_disable_a_plugin_and_a_reload_brings_it_back() {
     let dir = tempfile::tempdir().unwrap();
-    let host =
-        starling_runtime::PluginHost::with_options(starling_runtime::HostOptions { cache_dir: None, failure_limit: 2 })
-            .unwrap();
+    let host = starling_runtime::PluginHost::with_options(starling_runtime::HostOptions {
+        failure_limit: 2,
+        ..Default::default()
+    })
+    .unwrap();
     let trapping = component(&enricher("(unreachable)"), "enricher", None);
     let manifest = plugin(dir.path(), "flaky", "enricher", &trapping, "");
     host.load(&manifest, BTreeMap::new()).unwrap();

@@ -143,6 +143,8 @@ impl App {
         let plugins = Arc::new(PluginHost::with_options(HostOptions {
             cache_dir: Some(blobs.join("cache")),
             failure_limit: model.server.plugin_failure_limit,
+            max_memory_mib: model.server.plugin_max_memory_mib,
+            max_timeout_ms: model.server.plugin_max_timeout_ms,
         })?);
         if let Some(dir) = &options.plugins {
             for plugin in plugins.load_dir(dir, &model.plugin_config)? {

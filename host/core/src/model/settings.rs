@@ -28,6 +28,12 @@ pub struct ServerSettings {
     /// Consecutive failed calls (traps, timeouts) after which a plugin is disabled.
     #[serde(default = "default_plugin_failure_limit")]
     pub plugin_failure_limit: u64,
+    /// The most memory and the longest call deadline a plugin's manifest may ask for; a plugin
+    /// asking for more is not loaded.
+    #[serde(default = "default_plugin_max_memory_mib")]
+    pub plugin_max_memory_mib: u64,
+    #[serde(default = "default_plugin_max_timeout_ms")]
+    pub plugin_max_timeout_ms: u64,
     /// How often audience sizes are sampled for their history, for example `1m`.
     #[serde(default = "default_size_sample_interval")]
     pub audience_size_interval: String,
@@ -90,6 +96,12 @@ fn default_header_timeout() -> String {
 fn default_body_timeout() -> String {
     "30s".into()
 }
+fn default_plugin_max_memory_mib() -> u64 {
+    256
+}
+fn default_plugin_max_timeout_ms() -> u64 {
+    30_000
+}
 fn default_plugin_failure_limit() -> u64 {
     10
 }
@@ -114,6 +126,8 @@ impl Default for ServerSettings {
             dedup_window_hours: default_dedup_window_hours(),
             trusted_keys: None,
             plugin_failure_limit: default_plugin_failure_limit(),
+            plugin_max_memory_mib: default_plugin_max_memory_mib(),
+            plugin_max_timeout_ms: default_plugin_max_timeout_ms(),
             audience_size_interval: default_size_sample_interval(),
             admin_token: None,
             hostnames: Vec::new(),

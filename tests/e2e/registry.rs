@@ -160,6 +160,60 @@ async fn with_trusted_keys_only_correctly_signed_plugins_install() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn with_trusted_keys_every_load_checks_the_signature() {
+    let dir = tempfile::tempdir().unwrap();
+    // Installed while no keys were trusted: an unsigned row in the registry.
+    let open = registry_config(dir.path(), "", "");
+    let unsigned = copy_plugin(harness::connectors(), "webhook", &dir.path().join("unsigned"), |m| m);
+    let (ok, out) = starling(&open, &["plugin", "add", unsigned.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let (ok, out) = starling(&open, &["plugin", "verify"]);
+    assert!(ok && out.contains("webhook: ok"), "{out}");
+
+    // Now the configuration trusts one key.
+    let keys = dir.path().join("release");
+    let (ok, out) = starling(&open, &["plugin", "keygen", "--out", keys.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    std::fs::copy(keys.with_extension("pub"), dir.path().join("trusted.keys")).unwrap();
+    let text =
+        std::fs::read_to_string(&open).unwrap().replace("[server]\n", "[server]\ntrusted_keys = \"trusted.keys\"\n");
+    std::fs::write(&open, text).unwrap();
+    let (ok, out) = starling(&open, &["plugin", "verify"]);
+    assert!(!ok && out.contains("webhook: FAILED: unsigned, and trusted keys are configured"), "{out}");
+    let server = Server::start(&open);
+    let (_, plugins) = get_json(&format!("{}/v1/plugins", server.url)).await;
+    assert_eq!(plugins["plugins"].as_array().map(Vec::len), Some(0), "the unsigned row was not loaded: {plugins}");
+    assert!(server.logs().contains("cannot load installed plugin: ") && server.logs().contains("unsigned"));
+    server.stop();
+
+    // A plugin directory named by server.plugins is held to the same rule, at start.
+    let text = std::fs::read_to_string(&open).unwrap().replace("[server]\n", "[server]\nplugins = \"plugins\"\n");
+    std::fs::write(&open, text).unwrap();
+    copy_plugin(harness::connectors(), "webhook", &dir.path().join("plugins"), |m| m);
+    let refused = Command::new(env!("CARGO_BIN_EXE_starling"))
+        .current_dir(dir.path())
+        .args(["serve", "--config", "starling.toml", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && said.contains("unsigned, and trusted keys are configured"), "{said}");
+    let (ok, out) = starling(
+        &open,
+        &[
+            "plugin",
+            "sign",
+            dir.path().join("plugins/webhook").to_str().unwrap(),
+            "--key",
+            keys.with_extension("secret").to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}");
+    let server = Server::start(&open);
+    assert!(server.logs().contains("plugin loaded"), "signed, it loads");
+    server.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_plugin_failing_repeatedly_is_disabled_until_enabled() {
     let dir = tempfile::tempdir().unwrap();
     let config = registry_config(dir.path(), "", "plugin_failure_limit = 2\n");

@@ -326,6 +326,12 @@ fn load_model(file: &Path) -> Result<starling_core::Model> {
 }
 
 /// A path from the configuration file, relative to the file's directory.
+/// The public keys of a trusted-keys file.
+fn read_trusted_keys(file: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    starling_runtime::signing::parse_trusted_keys(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
+}
+
 fn relative_to(config: &Path, path: &str) -> PathBuf {
     let path = Path::new(path);
     if path.is_absolute() { path.to_path_buf() } else { config.parent().unwrap_or(Path::new(".")).join(path) }
@@ -383,6 +389,10 @@ fn serve(config: &Path, overrides: ServeOverrides) -> Result<()> {
         _ => bail!("{}: server.tls_cert and server.tls_key go together", config.display()),
     };
     let admin_token = std::env::var("STARLING_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
+    let trusted_keys = match &model.server.trusted_keys {
+        Some(file) => Some(read_trusted_keys(&relative_to(config, file))?),
+        None => None,
+    };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let app = starling_server::App::start(starling_server::Options {
@@ -392,6 +402,7 @@ fn serve(config: &Path, overrides: ServeOverrides) -> Result<()> {
             test_clock,
             admin_token,
             event_log: None,
+            trusted_keys,
         })
         .await?;
         let listener =

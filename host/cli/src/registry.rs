@@ -206,8 +206,16 @@ fn verify_one(db: &DatabaseArgs, host: &PluginHost, p: &starling_store::Installe
     if sha != p.sha256 {
         bail!("stored component has sha256 {sha}, installed as {}", p.sha256);
     }
-    if let Some(sig) = &p.signature {
-        signing::verify(sig, &p.manifest, &sha, None)?;
+    let trusted = match db.trusted_keys()? {
+        Some(file) => Some(signing::parse_trusted_keys(&std::fs::read_to_string(&file)?)?),
+        None => None,
+    };
+    match (&p.signature, &trusted) {
+        (Some(sig), trusted) => {
+            signing::verify(sig, &p.manifest, &sha, trusted.as_deref())?;
+        }
+        (None, Some(_)) => bail!("unsigned, and trusted keys are configured"),
+        (None, None) => {}
     }
     let manifest = Manifest::parse(&p.manifest)?;
     host.validate(manifest, &bytes)?;

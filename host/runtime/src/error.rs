@@ -56,6 +56,8 @@ pub enum SignatureError {
     Mismatch,
     #[error("signed by {0}, which is not a trusted key")]
     Untrusted(String),
+    #[error("unsigned, and trusted keys are configured")]
+    Unsigned,
 }
 
 /// A component that cannot become a plugin.
@@ -77,6 +79,8 @@ pub enum ComponentError {
     Componentize(String),
     #[error("{0}")]
     Ceiling(String),
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
     #[error(transparent)]
     AllowedHost(#[from] EgressError),
     #[error(transparent)]

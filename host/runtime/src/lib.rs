@@ -44,11 +44,20 @@ pub struct HostOptions {
     /// ceilings over what third-party manifests set for themselves.
     pub max_memory_mib: u64,
     pub max_timeout_ms: u64,
+    /// Public keys (hex) one of which must have signed every plugin loaded, from a plugin
+    /// directory or from the registry; `None`: signatures are not required.
+    pub trusted_keys: Option<Vec<String>>,
 }
 
 impl Default for HostOptions {
     fn default() -> Self {
-        HostOptions { cache_dir: None, failure_limit: 10, max_memory_mib: 256, max_timeout_ms: 30_000 }
+        HostOptions {
+            cache_dir: None,
+            failure_limit: 10,
+            max_memory_mib: 256,
+            max_timeout_ms: 30_000,
+            trusted_keys: None,
+        }
     }
 }
 
@@ -255,6 +264,7 @@ pub struct PluginHost {
     failure_limit: u64,
     max_memory_mib: u64,
     max_timeout_ms: u64,
+    trusted_keys: Option<Vec<String>>,
     connector_linker: Linker<PluginState>,
     enricher_linker: Linker<PluginState>,
     plugins: RwLock<HashMap<String, Arc<Plugin>>>,
@@ -291,6 +301,7 @@ impl PluginHost {
             failure_limit: options.failure_limit.max(1),
             max_memory_mib: options.max_memory_mib,
             max_timeout_ms: options.max_timeout_ms,
+            trusted_keys: options.trusted_keys,
             connector_linker,
             enricher_linker,
             plugins: RwLock::new(HashMap::new()),
@@ -330,10 +341,32 @@ impl PluginHost {
         let err = |message: String| PluginError::Load { path: manifest_path.to_path_buf(), message };
         let text = std::fs::read_to_string(manifest_path).map_err(|e| err(e.to_string()))?;
         let manifest = Manifest::parse(&text).map_err(|e| err(e.to_string()))?;
-        let component_path = manifest_path.parent().unwrap_or(Path::new(".")).join(&manifest.component);
+        let dir = manifest_path.parent().unwrap_or(Path::new("."));
+        let component_path = dir.join(&manifest.component);
         let bytes =
             std::fs::read(&component_path).map_err(|e| err(format!("reading {}: {e}", component_path.display())))?;
+        let signature = std::fs::read_to_string(dir.join(signing::SIGNATURE_FILE)).ok();
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        self.check_signature(&text, &sha256, signature.as_deref()).map_err(|e| err(e.to_string()))?;
         self.install(manifest, &bytes, config).map_err(|e| err(e.to_string()))
+    }
+
+    /// With trusted keys configured, a plugin must be signed by one of them: its manifest text
+    /// and component hash as they are now, at every load, not only when it was installed.
+    /// Returns the signer, if it was signed.
+    pub fn check_signature(
+        &self,
+        manifest_text: &str,
+        component_sha256: &str,
+        signature: Option<&str>,
+    ) -> Result<Option<String>, SignatureError> {
+        match (signature, &self.trusted_keys) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err(SignatureError::Unsigned),
+            (Some(signature), trusted) => {
+                signing::verify(signature, manifest_text, component_sha256, trusted.as_deref()).map(Some)
+            }
+        }
     }
 
     /// Validates and compiles a component; does not make it callable.

@@ -55,6 +55,8 @@ pub struct Options {
     pub test_clock: bool,
     /// Overrides `server.admin_token` (from `STARLING_ADMIN_TOKEN`).
     pub admin_token: Option<String>,
+    /// The keys of `server.trusted_keys`, read: every plugin loaded must be signed by one.
+    pub trusted_keys: Option<Vec<String>>,
     /// An event log to record in instead of the one `server.event_log` names.
     pub event_log: Option<Arc<dyn EventLog>>,
 }
@@ -145,6 +147,7 @@ impl App {
             failure_limit: model.server.plugin_failure_limit,
             max_memory_mib: model.server.plugin_max_memory_mib,
             max_timeout_ms: model.server.plugin_max_timeout_ms,
+            trusted_keys: options.trusted_keys.clone(),
         })?);
         if let Some(dir) = &options.plugins {
             for plugin in plugins.load_dir(dir, &model.plugin_config)? {

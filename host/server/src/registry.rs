@@ -76,6 +76,10 @@ impl Registry {
         // The stored blob must still be the component that was installed.
         manifest.sha256 = Some(row.sha256.clone());
         let bytes = std::fs::read(&path).map_err(|e| failed(format!("reading blob: {e}")))?;
+        // Trust is checked at every load: the row may have been written around `plugin add`.
+        self.plugins
+            .check_signature(&row.manifest, &row.sha256, row.signature.as_deref())
+            .map_err(|e| failed(e.to_string()))?;
         let config = self.model.plugin_config.get(&row.name).cloned().unwrap_or_default();
         self.plugins.install(manifest, &bytes, config).map(|_| ()).map_err(|e| failed(e.to_string()))
     }

@@ -35,6 +35,7 @@ async fn app(dir: &std::path::Path) -> App {
         test_clock: false,
         admin_token: None,
         event_log: None,
+        trusted_keys: None,
     })
     .await
     .unwrap()
@@ -215,6 +216,7 @@ async fn operations_app(dir: &std::path::Path) -> App {
         test_clock: false,
         admin_token: None,
         event_log: None,
+        trusted_keys: None,
     })
     .await
     .unwrap()
@@ -500,6 +502,7 @@ async fn the_openapi_document_matches_the_router() {
         test_clock: true,
         admin_token: None,
         event_log: None,
+        trusted_keys: None,
     })
     .await
     .unwrap();
@@ -667,6 +670,7 @@ async fn the_same_log_applied_twice_from_scratch_gives_the_same_state() {
             test_clock: false,
             admin_token: None,
             event_log: Some(log.clone()),
+            trusted_keys: None,
         })
     };
     let live = start("live.db").await.unwrap();
@@ -712,6 +716,7 @@ async fn a_batch_the_log_refuses_is_applied_nowhere_and_what_was_held_in_memory_
         test_clock: false,
         admin_token: None,
         event_log: Some(log.clone()),
+        trusted_keys: None,
     })
     .await
     .unwrap();
@@ -743,6 +748,7 @@ async fn moving_the_clock_needs_the_admin_token_and_stays_within_a_century() {
         test_clock: true,
         admin_token: Some(ADMIN.trim_start_matches("Bearer ").to_string()),
         event_log: None,
+        trusted_keys: None,
     })
     .await
     .unwrap();

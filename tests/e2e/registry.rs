@@ -246,6 +246,16 @@ async fn a_plugin_failing_repeatedly_is_disabled_until_enabled() {
     server.stop();
 }
 
+/// Waits for the first action that failed, and checks the host refused its request.
+async fn refused_action(server: &Server) {
+    let failed = eventually("the refused action", Duration::from_secs(10), async || {
+        let (_, rows) = get_json(&format!("{}/v1/actions?status=failed", server.url)).await;
+        rows["actions"].as_array().and_then(|a| a.first().cloned())
+    })
+    .await;
+    assert!(failed["last_error"].as_str().unwrap().contains("denied"), "{failed}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wildcard_host_never_reaches_an_internal_address() {
     let receiver = Receiver::start().await;
@@ -258,12 +268,7 @@ async fn a_wildcard_host_never_reaches_an_internal_address() {
     });
     let server = Server::start(&config);
     toggle(&server, "v1", true).await;
-    let failed = eventually("the refused action", Duration::from_secs(10), async || {
-        let (_, rows) = get_json(&format!("{}/v1/actions?status=failed", server.url)).await;
-        rows["actions"].as_array().and_then(|a| a.first().cloned())
-    })
-    .await;
-    assert!(failed["last_error"].as_str().unwrap().contains("denied"), "{failed}");
+    refused_action(&server).await;
     assert!(server.logs().contains("resolves to internal address 127.0.0.1, which a wildcard does not allow"));
     assert!(receiver.received().is_empty());
     server.stop();
@@ -280,12 +285,7 @@ async fn no_plugin_reaches_the_servers_own_listener() {
     let server = Server::start_with(&config, &["--listen", &listen]);
     assert_eq!(server.url, format!("http://{listen}"));
     toggle(&server, "v1", true).await;
-    let failed = eventually("the refused action", Duration::from_secs(10), async || {
-        let (_, rows) = get_json(&format!("{}/v1/actions?status=failed", server.url)).await;
-        rows["actions"].as_array().and_then(|a| a.first().cloned())
-    })
-    .await;
-    assert!(failed["last_error"].as_str().unwrap().contains("denied"), "{failed}");
+    refused_action(&server).await;
     assert!(server.logs().contains(&format!("127.0.0.1:{port} (127.0.0.1:{port}) is this server's own listener")));
     let (_, audit) = get_json(&format!("{}/v1/audit", server.url)).await;
     assert!(!audit.to_string().contains("unstitch"), "the call never reached the admin API: {audit}");

@@ -292,6 +292,38 @@ async fn the_import_command_applies_rows_reports_rejects_and_continues_after_an_
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_import_takes_memory_for_a_group_of_rows_not_for_the_file() {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = ops_config(dir.path(), &receiver.url, "");
+    let server = Server::start(&config);
+    ingest(&server, json!({"event": "login", "visitor_id": "ann", "data": {"email": "ann@example.com"}})).await;
+    // 8 MB of rows; parsed all at once they took about 20 times the file.
+    let mut csv = String::from("email,amount,store\n");
+    let mut rows = 0;
+    while csv.len() < 8 << 20 {
+        csv.push_str(&format!("visitor-{rows}@example.com,{}.5,store number {}\n", rows % 500, rows % 17));
+        rows += 1;
+    }
+    let file_kib = csv.len() as u64 / 1024;
+    let before = server.peak_rss_kib();
+    let r = harness::client()
+        .post(format!("{}/v1/imports/store_purchases?format=csv", server.url))
+        .bearer_auth(TOKEN)
+        .body(csv)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let summary: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(summary["rows"], rows);
+    assert_eq!(summary["unmatched"], rows);
+    let grown = server.peak_rss_kib().saturating_sub(before);
+    assert!(grown < 4 * file_kib, "importing {file_kib} KiB took {grown} KiB more memory at the peak");
+    server.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_trace_command_follows_a_visitor_through_every_step() {
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();

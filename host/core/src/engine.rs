@@ -9,11 +9,13 @@
 
 use crate::attribute::{AttributeDef, Preloaded, ValueSource};
 use crate::condition::Operand;
-use crate::enrich::{Inputs, fill, timeline};
+use crate::enrich::{Captured, Inputs, fill, timeline};
 use crate::event::Event;
 use crate::model::{EnricherRef, Model, Trigger, When};
-use crate::profile::Profile;
-use crate::value::{AttrType, MAX_SET_MEMBERS, MAX_TALLY_KEYS, Scope, Value, clamp_string};
+use crate::profile::{Profile, SavedAttribute};
+use crate::value::{
+    AttrType, MAX_CAPTURED_BYTES, MAX_SET_MEMBERS, MAX_TALLY_KEYS, Scope, Value, clamp_string, json_bytes,
+};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// An action to put in the outbox.
@@ -41,6 +43,9 @@ pub struct Outcome {
     pub actions: Vec<PendingAction>,
     /// Problems that did not stop the event (an event value of the wrong type, an enricher error).
     pub warnings: Vec<String>,
+    /// The event's attribute updates were refused: they would have taken the profile past its
+    /// size budget (`server.max_profile_kib`).
+    pub over_budget: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -158,10 +163,14 @@ pub fn apply_event(model: &Model, profile: &mut Profile, event: &Event, custom: 
         When::VisitEnded => false,
         When::Event(name) => *name == event.name,
     };
-    run_enrichments(model, profile, Some(event), t, &runs, &mut dirty, &mut out.warnings);
+    let mut undo = Undo::default();
+    run_enrichments(model, profile, Some(event), t, &runs, &mut dirty, &mut out.warnings, &mut undo);
     for enricher in &model.enrichers {
         match custom.enrich(enricher, event, profile) {
             Ok(updates) => {
+                for (name, _) in &updates {
+                    undo.save(profile, name);
+                }
                 match granted(model, enricher, &updates).and_then(|()| apply_updates(model, profile, updates)) {
                     Ok(names) => names.iter().for_each(|n| dirty.mark(n)),
                     Err(w) => out.warnings.push(format!("enricher `{}`: {w}; nothing applied", enricher.plugin)),
@@ -170,6 +179,7 @@ pub fn apply_event(model: &Model, profile: &mut Profile, event: &Event, custom: 
             Err(e) => out.warnings.push(format!("enricher `{}` failed: {e}", enricher.plugin)),
         }
     }
+    undo.enforce(model, profile, &mut out);
 
     let to_evaluate = if out.new_visit { (0..model.audiences.len()).collect() } else { dirty.into_sorted() };
     let first = out.changes.len();
@@ -296,7 +306,9 @@ fn end_visit(model: &Model, profile: &mut Profile, at: i64, out: &mut Outcome) {
     profile.visit_ended = true;
     out.visit_ended = true;
     let mut dirty = Dirty::new(model);
-    run_enrichments(model, profile, None, at, &|w| *w == When::VisitEnded, &mut dirty, &mut out.warnings);
+    let mut undo = Undo::default();
+    run_enrichments(model, profile, None, at, &|w| *w == When::VisitEnded, &mut dirty, &mut out.warnings, &mut undo);
+    undo.enforce(model, profile, out);
     let all: Vec<usize> = (0..model.audiences.len()).collect();
     let first = out.changes.len();
     evaluate(model, profile, None, at, &all, out);
@@ -317,6 +329,42 @@ fn start_visit(model: &Model, profile: &mut Profile, t: i64) {
     }
 }
 
+/// Attributes as they were before the current event changed them, to put back when the
+/// event's updates would take the profile past its size budget.
+#[derive(Default)]
+struct Undo(Vec<SavedAttribute>);
+
+impl Undo {
+    fn save(&mut self, profile: &Profile, name: &str) {
+        if !self.0.iter().any(|s| s.name == name) {
+            self.0.push(profile.save(name));
+        }
+    }
+
+    /// Puts every saved attribute back when the profile is over its budget and the changes
+    /// since saving grew it (a profile over a lowered budget may still shrink), and says so.
+    fn enforce(self, model: &Model, profile: &mut Profile, out: &mut Outcome) {
+        let limit = model.server.max_profile_kib as usize * 1024;
+        let size = profile.stored_bytes();
+        if size <= limit {
+            return;
+        }
+        let grown: isize = self.0.iter().map(|s| profile.attribute_bytes(&s.name) as isize - s.bytes as isize).sum();
+        if grown <= 0 {
+            return;
+        }
+        for saved in self.0 {
+            profile.restore(saved);
+        }
+        out.over_budget = true;
+        out.warnings.push(format!(
+            "the profile would hold about {size} bytes, over its budget of {limit} (server.max_profile_kib): \
+             this event's attribute updates were refused"
+        ));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run_enrichments(
     model: &Model,
     profile: &mut Profile,
@@ -325,6 +373,7 @@ fn run_enrichments(
     runs: &dyn Fn(&When) -> bool,
     dirty: &mut Dirty,
     warnings: &mut Vec<String>,
+    undo: &mut Undo,
 ) {
     for e in &model.enrichments {
         if !runs(&e.when) {
@@ -336,6 +385,7 @@ fn run_enrichments(
             continue;
         }
         let def = model.attribute(&e.attribute).expect("validated at load");
+        undo.save(profile, &e.attribute);
         match e.operation.apply(def, profile, &EngineInputs { model, event, now }) {
             Ok(()) => dirty.mark(&e.attribute),
             Err(w) => warnings.push(format!("enrichment of `{}`: {w}", e.attribute)),
@@ -523,7 +573,7 @@ impl Inputs for EngineInputs<'_> {
         operand(self.model, profile, self.event, self.now, source, ty)
     }
 
-    fn capture(&self, profile: &Profile, fields: &[(String, ValueSource)]) -> BTreeMap<String, serde_json::Value> {
+    fn capture(&self, profile: &Profile, fields: &[(String, ValueSource)]) -> Captured {
         capture(self.model, profile, self.event, self.now, fields)
     }
 
@@ -532,24 +582,37 @@ impl Inputs for EngineInputs<'_> {
     }
 }
 
-/// Values captured into a timeline entry or funnel step.
+/// Values captured into a timeline entry or funnel step: strings cut to `MAX_STRING_CHARS`,
+/// values still over `MAX_CAPTURED_BYTES` (objects and arrays copied from the event) left out.
 fn capture(
     model: &Model,
     profile: &Profile,
     event: Option<&Event>,
     now: i64,
     fields: &[(String, ValueSource)],
-) -> BTreeMap<String, serde_json::Value> {
-    fields
-        .iter()
-        .filter_map(|(k, src)| {
-            let v = match src {
-                ValueSource::Event(path) => event?.field(path).cloned(),
-                other => source_value(model, profile, event, now, other).map(|v| v.to_json()),
-            }?;
-            Some((k.clone(), v))
-        })
-        .collect()
+) -> Captured {
+    let mut data = BTreeMap::new();
+    let mut too_large = Vec::new();
+    for (k, src) in fields {
+        let value = match src {
+            ValueSource::Event(path) => event.and_then(|e| e.field(path)).cloned(),
+            other => source_value(model, profile, event, now, other).map(|v| v.to_json()),
+        };
+        let value = match value {
+            Some(serde_json::Value::String(s)) => serde_json::Value::String(clamp_string(s)),
+            Some(v) => v,
+            None => continue,
+        };
+        let bytes = json_bytes(&value);
+        if bytes > MAX_CAPTURED_BYTES {
+            too_large.push(format!("`{k}` ({bytes} bytes)"));
+        } else {
+            data.insert(k.clone(), value);
+        }
+    }
+    let left_out = (!too_large.is_empty())
+        .then(|| format!("captured values over {MAX_CAPTURED_BYTES} bytes left out: {}", too_large.join(", ")));
+    Captured { data, left_out }
 }
 
 /// Drops expired timeline entries, marking the audiences that read a timeline that changed.
@@ -867,6 +930,72 @@ connector = "webhook"
                 .0
                 .iter()
                 .any(|e| e.message.contains("enricher writes `emial_hash`, which is not a declared attribute"))
+        );
+    }
+
+    #[test]
+    fn updates_past_the_profile_budget_are_refused_and_the_rest_of_the_event_applies() {
+        let model = parse(&format!("[server]\nmax_profile_kib = 4\n{MODEL}")).unwrap();
+        let mut p = Profile::new("v1");
+        let long = |i: usize| format!("{i:04}{}", "x".repeat(996));
+        for i in 0..3 {
+            let o = apply_event(
+                &model,
+                &mut p,
+                &event("view", i, serde_json::json!({ "category": long(i as usize) })),
+                &mut NoCustomEnrichers,
+            );
+            assert!(!o.over_budget, "{:?}", o.warnings);
+        }
+        let before = p.get("categories");
+        let o = apply_event(
+            &model,
+            &mut p,
+            &event("view", 10, serde_json::json!({ "category": long(3), "email": "a@b.c" })),
+            &mut NoCustomEnrichers,
+        );
+        assert!(o.over_budget);
+        assert!(
+            o.warnings.iter().any(|w| w.contains("over its budget of 4096 (server.max_profile_kib)")),
+            "{:?}",
+            o.warnings
+        );
+        assert_eq!(p.get("categories"), before, "the member that would pass the budget is refused");
+        assert_eq!(p.get("email"), None, "the event's updates are refused together");
+        assert_eq!(p.event_count, 4, "counters still move");
+        assert_eq!(p.last_seen_ms, 10);
+        assert!(p.stored_bytes() <= 4096);
+
+        // A profile over a lowered budget may still shrink or keep its size.
+        let lowered = format!(
+            "[server]\nmax_profile_kib = 1\n{MODEL}\n[[enricher]]\nplugin = \"trim\"\nwrites = [\"categories\"]\n"
+        );
+        let lowered = parse(&lowered).unwrap();
+        let mut custom = Fixed(vec![("categories".into(), None)]);
+        let o = apply_event(&lowered, &mut p, &event("view", 11, serde_json::json!({})), &mut custom);
+        assert!(!o.over_budget, "{:?}", o.warnings);
+        assert_eq!(p.get("categories"), None);
+    }
+
+    #[test]
+    fn captures_cut_strings_and_leave_out_large_values() {
+        let config = "[[attribute]]\nname = \"orders\"\nscope = \"visitor\"\ntype = \"timeline\"\n\
+            [[enrichment]]\nattribute = \"orders\"\nop = \"capture\"\n\
+            fields = { note = \"event.note\", cart = \"event.cart\", total = \"event.total\" }\n";
+        let model = parse(config).unwrap();
+        let mut p = Profile::new("v1");
+        let cart: Vec<String> = (0..500).map(|i| format!("item-{i}")).collect();
+        let data = serde_json::json!({ "note": "n".repeat(5_000), "cart": cart, "total": 12 });
+        let o = apply_event(&model, &mut p, &event("order", 0, data), &mut NoCustomEnrichers);
+        let Some(Value::Timeline(entries)) = p.get("orders") else { panic!("no timeline") };
+        let entry = &entries[0].data;
+        assert_eq!(entry["note"].as_str().unwrap().len(), crate::value::MAX_STRING_CHARS);
+        assert_eq!(entry["total"], serde_json::json!(12));
+        assert!(!entry.contains_key("cart"));
+        assert!(
+            o.warnings.iter().any(|w| w.contains("captured values over 4096 bytes left out: `cart`")),
+            "{:?}",
+            o.warnings
         );
     }
 }

@@ -44,6 +44,18 @@ pub struct Profile {
     pub scheduled_wakeup_ms: Option<i64>,
 }
 
+/// One attribute of a profile as it was at some point (see `Profile::save`).
+#[derive(Debug, Clone)]
+pub struct SavedAttribute {
+    pub name: String,
+    value: Option<Value>,
+    rolling: Option<VecDeque<f64>>,
+    frequencies: Option<BTreeMap<String, u64>>,
+    badge: bool,
+    /// `Profile::attribute_bytes` when saved.
+    pub bytes: usize,
+}
+
 impl Profile {
     /// A profile never seen before; its first event starts its first visit.
     pub fn new(id: impl Into<String>) -> Profile {
@@ -71,7 +83,6 @@ impl Profile {
         self.event_count == 0
     }
 
-    /// The current value of a declared or preloaded attribute. Badges read as `true` when assigned.
     /// Removes attribute `name`'s value and what it was computed from.
     pub fn clear(&mut self, name: &str) {
         self.attributes.remove(name);
@@ -79,6 +90,67 @@ impl Profile {
         self.frequencies.remove(name);
     }
 
+    /// About how many bytes the profile takes stored (see `Value::stored_bytes`).
+    pub fn stored_bytes(&self) -> usize {
+        const FIXED_BYTES: usize = 256;
+        let names = |s: &BTreeSet<String>| s.iter().map(|n| n.len() + 3).sum::<usize>();
+        FIXED_BYTES
+            + self.id.len()
+            + names(&self.badges)
+            + names(&self.audiences)
+            + self
+                .attributes
+                .keys()
+                .chain(self.rolling.keys())
+                .chain(self.frequencies.keys())
+                .map(|n| n.len() + 3)
+                .sum::<usize>()
+            + self.attributes.keys().map(|n| self.attribute_bytes(n)).sum::<usize>()
+    }
+
+    /// About how many bytes attribute `name` takes stored, with what it is computed from.
+    pub fn attribute_bytes(&self, name: &str) -> usize {
+        self.attributes.get(name).map_or(0, Value::stored_bytes)
+            + self.rolling.get(name).map_or(0, |r| r.len() * 16)
+            + self.frequencies.get(name).map_or(0, |f| f.keys().map(|v| v.len() + 19).sum())
+            + if self.badges.contains(name) { name.len() + 3 } else { 0 }
+    }
+
+    /// Attribute `name` as it is now, to put back with `restore`.
+    pub fn save(&self, name: &str) -> SavedAttribute {
+        SavedAttribute {
+            name: name.to_string(),
+            value: self.attributes.get(name).cloned(),
+            rolling: self.rolling.get(name).cloned(),
+            frequencies: self.frequencies.get(name).cloned(),
+            badge: self.badges.contains(name),
+            bytes: self.attribute_bytes(name),
+        }
+    }
+
+    /// Puts back an attribute as it was saved.
+    pub fn restore(&mut self, saved: SavedAttribute) {
+        let name = saved.name;
+        match saved.value {
+            Some(v) => self.attributes.insert(name.clone(), v),
+            None => self.attributes.remove(&name),
+        };
+        match saved.rolling {
+            Some(r) => self.rolling.insert(name.clone(), r),
+            None => self.rolling.remove(&name),
+        };
+        match saved.frequencies {
+            Some(f) => self.frequencies.insert(name.clone(), f),
+            None => self.frequencies.remove(&name),
+        };
+        if saved.badge {
+            self.badges.insert(name);
+        } else {
+            self.badges.remove(&name);
+        }
+    }
+
+    /// The current value of a declared or preloaded attribute. Badges read as `true` when assigned.
     pub fn get(&self, name: &str) -> Option<Value> {
         if self.is_new() {
             return self.attributes.get(name).cloned();

@@ -20,6 +20,11 @@ pub const DEFAULT_TIMELINE_AGE_MS: i64 = 365 * 24 * 3_600_000;
 pub const MAX_FUNNEL_STEPS: usize = 32;
 /// Largest window of a rolling sum or average, in samples.
 pub const MAX_ROLLING_WINDOW: usize = 1_000;
+/// Largest value a timeline entry or funnel step captures from an event, in stored bytes;
+/// larger ones are left out of the capture (strings are cut to `MAX_STRING_CHARS` first).
+pub const MAX_CAPTURED_BYTES: usize = 4_096;
+/// Stored bytes counted for a number, a date or a value's framing.
+const SCALAR_BYTES: usize = 16;
 
 /// Scope of an attribute: where its value comes from and how long it lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -224,6 +229,22 @@ pub struct FunnelStep {
     pub data: BTreeMap<String, serde_json::Value>,
 }
 
+/// Stored bytes of the values a timeline entry or funnel step captured.
+pub fn captured_bytes(data: &BTreeMap<String, serde_json::Value>) -> usize {
+    data.iter().map(|(k, v)| k.len() + 3 + json_bytes(v)).sum()
+}
+
+/// About how many bytes `v` takes as JSON text.
+pub fn json_bytes(v: &serde_json::Value) -> usize {
+    match v {
+        serde_json::Value::Null | serde_json::Value::Bool(_) => 5,
+        serde_json::Value::Number(_) => SCALAR_BYTES,
+        serde_json::Value::String(s) => s.len() + 2,
+        serde_json::Value::Array(a) => 2 + a.iter().map(|x| json_bytes(x) + 1).sum::<usize>(),
+        serde_json::Value::Object(o) => 2 + o.iter().map(|(k, x)| k.len() + 4 + json_bytes(x)).sum::<usize>(),
+    }
+}
+
 /// A stored attribute value. Dates are milliseconds since the Unix epoch, UTC.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "value", rename_all = "snake_case")]
@@ -243,6 +264,26 @@ pub enum Value {
 }
 
 impl Value {
+    /// About how many bytes the value takes stored: its JSON text, give or take a few bytes per
+    /// item. Cheap (no serialization): the profile size budget is checked on every event.
+    pub fn stored_bytes(&self) -> usize {
+        let text = |s: &String| s.len() + 3;
+        SCALAR_BYTES
+            + match self {
+                Value::String(s) => text(s),
+                Value::Number(_) | Value::Date(_) | Value::Boolean(_) => SCALAR_BYTES,
+                Value::Set(s) => s.iter().map(text).sum(),
+                Value::Strings(v) => v.iter().map(text).sum(),
+                Value::Numbers(v) => v.len() * SCALAR_BYTES,
+                Value::Booleans(v) => v.len() * 6,
+                Value::Tally(t) => t.keys().map(|k| text(k) + SCALAR_BYTES).sum(),
+                Value::Timeline(entries) => entries.iter().map(|e| SCALAR_BYTES + captured_bytes(&e.data)).sum(),
+                Value::Funnel(f) => {
+                    f.reached.iter().map(|s| text(&s.step) + SCALAR_BYTES + captured_bytes(&s.data)).sum()
+                }
+            }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Value::String(_) => "string",

@@ -113,24 +113,22 @@ impl Importer {
         if first_row < 1 {
             return Err(ImportError::Invalid("first_row: rows are numbered from 1".into()));
         }
+        // Rows are parsed a group at a time: memory follows the group, not the file.
         let mut rows = match format {
             Format::Csv => csv_rows(def, body, first_row)?,
             Format::Jsonl => jsonl_rows(def, body, first_row)?,
-        };
-        for row in &mut rows {
-            row.line += line_offset;
         }
+        .map(|row| Row { line: row.line + line_offset, ..row });
         let (sha, name) = (file_sha256.clone(), def.name.clone());
         let mut progress = self.db(move |c| starling_store::import_progress(c, &sha, &name)).await?.unwrap_or_default();
-        let mut summary = Summary {
-            definition: def.name.clone(),
-            file_sha256: file_sha256.clone(),
-            rows: rows.len() as i64,
-            ..Summary::default()
-        };
+        let mut summary =
+            Summary { definition: def.name.clone(), file_sha256: file_sha256.clone(), ..Summary::default() };
         let now = (self.clock)();
         let mut in_flight: VecDeque<Sent> = VecDeque::new();
-        for group in rows.chunks(ROWS_PER_SUBMIT) {
+        loop {
+            let group: Vec<Row> = rows.by_ref().take(ROWS_PER_SUBMIT).collect();
+            let Some(last_row) = group.last().map(|r| r.number) else { break };
+            summary.rows += group.len() as i64;
             let mut candidates = Vec::new();
             let mut rejected = 0;
             for row in group {
@@ -138,7 +136,7 @@ impl Importer {
                     summary.skipped += 1;
                     continue;
                 }
-                let event = row.fields.clone().and_then(|fields| to_event(def, &file_sha256, row.number, fields, now));
+                let event = row.fields.and_then(|fields| to_event(def, &file_sha256, row.number, fields, now));
                 match event {
                     Ok(e) => candidates.push(e),
                     Err(reason) => {
@@ -163,7 +161,7 @@ impl Importer {
             let events: Vec<Event> = candidates.into_iter().zip(known).filter(|(_, k)| *k).map(|(e, _)| e).collect();
             let sent = Sent {
                 queued: None,
-                last_row: group.last().map(|r| r.number).filter(|&n| n > progress.rows_done),
+                last_row: Some(last_row).filter(|&n| n > progress.rows_done),
                 submitted: events.len() as i64,
                 unmatched,
                 rejected,
@@ -306,7 +304,12 @@ fn to_event(
     })
 }
 
-fn csv_rows(def: &ImportDef, body: &[u8], first_row: i64) -> Result<Vec<Row>, ImportError> {
+/// The rows of a CSV file, parsed as they are taken; the header is checked first.
+fn csv_rows<'a>(
+    def: &'a ImportDef,
+    body: &'a [u8],
+    first_row: i64,
+) -> Result<Box<dyn Iterator<Item = Row> + Send + 'a>, ImportError> {
     let mut reader = csv::ReaderBuilder::new().flexible(false).from_reader(body);
     let headers = reader
         .headers()
@@ -321,8 +324,7 @@ fn csv_rows(def: &ImportDef, body: &[u8], first_row: i64) -> Result<Vec<Row>, Im
             headers.join(", ")
         )));
     }
-    let mut rows = Vec::new();
-    for (i, record) in reader.records().enumerate() {
+    let rows = reader.into_records().enumerate().map(move |(i, record)| {
         let number = first_row + i as i64;
         let (line, fields) = match record {
             Err(e) => {
@@ -353,9 +355,9 @@ fn csv_rows(def: &ImportDef, body: &[u8], first_row: i64) -> Result<Vec<Row>, Im
                 (line, problem.map_or(Ok(fields), Err))
             }
         };
-        rows.push(Row { number, line, fields });
-    }
-    Ok(rows)
+        Row { number, line, fields }
+    });
+    Ok(Box::new(rows))
 }
 
 /// A csv error's message without its trailing position (the summary names the row and line).
@@ -402,23 +404,23 @@ fn typed_cell(cell: &str, ty: FieldType) -> Result<Option<serde_json::Value>, St
     Ok(Some(value))
 }
 
-fn jsonl_rows(def: &ImportDef, body: &[u8], first_row: i64) -> Result<Vec<Row>, ImportError> {
+/// The rows of a JSON-lines file (blank lines skipped), parsed as they are taken.
+fn jsonl_rows<'a>(
+    def: &'a ImportDef,
+    body: &'a [u8],
+    first_row: i64,
+) -> Result<Box<dyn Iterator<Item = Row> + Send + 'a>, ImportError> {
     let text = std::str::from_utf8(body).map_err(|e| ImportError::Invalid(format!("JSON lines: not UTF-8: {e}")))?;
-    let mut rows = Vec::new();
-    let mut number = first_row;
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
+    let lines = text.lines().enumerate().filter(|(_, line)| !line.trim().is_empty());
+    let rows = lines.zip(first_row..).map(move |((i, line), number)| {
         let fields = match serde_json::from_str::<serde_json::Value>(line) {
             Err(e) => Err(format!("malformed JSON at column {}: {}", e.column(), crate::ingest::strip_position(&e))),
             Ok(serde_json::Value::Object(obj)) => check_object(def, obj),
             Ok(other) => Err(format!("expected an object, found {}", json_kind_phrase(&other))),
         };
-        rows.push(Row { number, line: i as u64 + 1, fields });
-        number += 1;
-    }
-    Ok(rows)
+        Row { number, line: i as u64 + 1, fields }
+    });
+    Ok(Box::new(rows))
 }
 
 fn check_object(
@@ -461,11 +463,10 @@ mod tests {
             h2,lots,2024-05-01T10:00:00Z,Oslo,x\n\
             h3,3,yesterday,Oslo,x\n\
             ,3,2024-05-01T10:00:00Z,Oslo,x\n";
-        let rows = csv_rows(&def(), body, 1).unwrap();
-        let events: Vec<Result<Event, String>> = rows
-            .into_iter()
-            .map(|r| r.fields.and_then(|f| to_event(&def(), &"ab".repeat(32), r.number, f, 0)))
-            .collect();
+        let def = def();
+        let rows = csv_rows(&def, body, 1).unwrap();
+        let events: Vec<Result<Event, String>> =
+            rows.into_iter().map(|r| r.fields.and_then(|f| to_event(&def, &"ab".repeat(32), r.number, f, 0))).collect();
         let first = events[0].as_ref().unwrap();
         assert_eq!(first.visitor_id, "h1");
         assert_eq!(first.data["amount"], serde_json::json!(12.5));
@@ -475,14 +476,15 @@ mod tests {
         assert_eq!(events[2].as_ref().unwrap_err(), "bought_at: `yesterday` is not an RFC 3339 timestamp");
         assert_eq!(events[3].as_ref().unwrap_err(), "email_hash: missing (the visitor id to match)");
         assert!(
-            matches!(csv_rows(&def(), b"id,amount\n1,2\n", 1), Err(ImportError::Invalid(m)) if m.contains("no `email_hash` column"))
+            matches!(csv_rows(&def, b"id,amount\n1,2\n", 1), Err(ImportError::Invalid(m)) if m.contains("no `email_hash` column"))
         );
     }
 
     #[test]
     fn json_lines_are_checked_per_line() {
         let body = b"{\"email_hash\":\"h1\",\"amount\":3,\"bought_at\":\"2024-05-01T10:00:00Z\"}\n\n{\"email_hash\":\"h2\",\"amount\":\"3\"}\n{oops\n";
-        let rows = jsonl_rows(&def(), body, 10).unwrap();
+        let def = def();
+        let rows: Vec<Row> = jsonl_rows(&def, body, 10).unwrap().collect();
         assert_eq!(rows.iter().map(|r| (r.number, r.line)).collect::<Vec<_>>(), vec![(10, 1), (11, 3), (12, 4)]);
         assert!(rows[0].fields.is_ok());
         assert_eq!(rows[1].fields.as_ref().unwrap_err(), "amount: expected number, found a string");

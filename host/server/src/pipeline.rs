@@ -1223,6 +1223,9 @@ impl Worker {
                         for warning in &outcome.warnings {
                             tracing::warn!(visitor = %pseudonym(&event.visitor_id), event = %event.name, "{warning}");
                         }
+                        if outcome.over_budget {
+                            telemetry.metrics.profile_budget_refusals.inc();
+                        }
                         p.effects.writes.push(Write::Event {
                             event: HistoryEvent::InBatch { job: j, event: e },
                             profile: pid.clone(),

@@ -52,6 +52,7 @@ pub struct Metrics {
     pub events_rejected: Family<ReasonLabel, Counter>,
     pub spec_warnings: Counter,
     pub event_times_clamped: Counter,
+    pub profile_budget_refusals: Counter,
     pub event_apply_seconds: Histogram,
     pub commit_seconds: Histogram,
     pub log_sync_seconds: Histogram,
@@ -82,6 +83,7 @@ impl Default for Metrics {
             events_rejected: Family::default(),
             spec_warnings: Counter::default(),
             event_times_clamped: Counter::default(),
+            profile_budget_refusals: Counter::default(),
             event_apply_seconds: latency(),
             commit_seconds: latency(),
             log_sync_seconds: latency(),
@@ -110,6 +112,11 @@ impl Default for Metrics {
             "event_times_clamped",
             "Events dated after their receipt, applied at the time they were received",
             m.event_times_clamped.clone(),
+        );
+        r.register(
+            "profile_budget_refusals",
+            "Events whose attribute updates were refused for taking a profile past server.max_profile_kib",
+            m.profile_budget_refusals.clone(),
         );
         r.register(
             "event_apply_seconds",

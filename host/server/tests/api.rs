@@ -934,3 +934,76 @@ async fn an_access_request_is_answered_from_one_call() {
     assert_eq!((status, body["error"].as_str()), (StatusCode::NOT_FOUND, Some("no profile for id `nobody`")));
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_holder_cannot_grow_a_profile_past_its_budget() {
+    let config = r#"
+[server]
+max_profile_kib = 64
+
+[[attribute]]
+name = "tags"
+scope = "visitor"
+type = "set_of_strings"
+
+[[attribute]]
+name = "views"
+scope = "visitor"
+type = "tally"
+
+[[enrichment]]
+attribute = "tags"
+op = "add"
+event = "tags"
+
+[[enrichment]]
+attribute = "views"
+op = "increment"
+key = "event.page"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(Options {
+        model: starling_core::parse(config).unwrap(),
+        database: dir.path().join("t.db"),
+        plugins: None,
+        test_clock: false,
+        admin_token: None,
+        event_log: None,
+        trusted_keys: None,
+    })
+    .await
+    .unwrap();
+    // The first request adds 20 members of 1,000 characters, each later one 200 (about 200 KB),
+    // and a long tally key.
+    for request in 0..8 {
+        let count = if request == 0 { 20 } else { 200 };
+        let tags: Vec<String> = (0..count).map(|i| format!("{request}-{i}-{}", "x".repeat(990))).collect();
+        let page = format!("{request}-{}", "p".repeat(990));
+        let body =
+            serde_json::json!({ "event": "view", "visitor_id": "attacker", "data": { "tags": tags, "page": page } });
+        let (status, body, _) = call(&app, "POST", "/v1/events", &body.to_string()).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    let (status, profile, _) = call(&app, "GET", "/v1/profiles/attacker", "").await;
+    assert_eq!(status, StatusCode::OK);
+    let size = profile.to_string().len();
+    assert!(size <= 64 * 1024 + 4 * 1024, "the profile shows {size} bytes, over the 64 KiB budget");
+    assert_eq!(profile["event_count"], 8, "every event still counts");
+    assert_eq!(profile["attributes"]["tags"].as_array().map(Vec::len), Some(20), "the first request fits the budget");
+
+    let (_, metrics, _) = send(&app, "GET", "/metrics", &[], "").await;
+    let refused = metrics
+        .as_str()
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("starling_profile_budget_refusals_total "))
+        .map(|n| n.parse::<u64>().unwrap());
+    assert!(refused.is_some_and(|n| n >= 7), "{refused:?}");
+
+    // Other visitors are unaffected.
+    let body = r#"{"event": "view", "visitor_id": "someone", "data": {"tags": ["a"], "page": "home"}}"#;
+    assert_eq!(call(&app, "POST", "/v1/events", body).await.0, StatusCode::ACCEPTED);
+    let (_, other, _) = call(&app, "GET", "/v1/profiles/someone", "").await;
+    assert_eq!(other["attributes"]["tags"], serde_json::json!(["a"]));
+    app.stop().await;
+}

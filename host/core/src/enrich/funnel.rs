@@ -69,16 +69,19 @@ impl Op {
                     ));
                 }
                 let now = inputs.now();
-                let data = inputs.capture(profile, fields);
+                let (data, kept) = inputs.capture(profile, fields).split();
                 state.reached.push(FunnelStep { step: def.steps[*step].name.clone(), at_ms: now, data });
                 if !def.steps[*step + 1..].iter().any(|s| s.required) {
                     state.completed_ms = Some(now);
                 }
                 set(profile, def, Value::Funnel(state));
+                kept
             }
-            Op::Reset => profile.clear(&def.name),
+            Op::Reset => {
+                profile.clear(&def.name);
+                Ok(())
+            }
         }
-        Ok(())
     }
 }
 

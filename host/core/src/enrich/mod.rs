@@ -273,10 +273,25 @@ impl Spec<'_> {
 pub trait Inputs {
     /// The value of `source` as type `ty` (`None` when absent).
     fn read(&self, source: &ValueSource, ty: AttrType, profile: &Profile) -> Result<Option<Value>, String>;
-    /// The values captured into a timeline entry or funnel step.
-    fn capture(&self, profile: &Profile, fields: &[(String, ValueSource)]) -> BTreeMap<String, serde_json::Value>;
+    /// The values captured into a timeline entry or funnel step, and a warning naming the
+    /// fields left out for being larger than `MAX_CAPTURED_BYTES`.
+    fn capture(&self, profile: &Profile, fields: &[(String, ValueSource)]) -> Captured;
     /// The event's time.
     fn now(&self) -> i64;
+}
+
+/// Values captured from an event, within `MAX_CAPTURED_BYTES` each.
+pub struct Captured {
+    pub data: BTreeMap<String, serde_json::Value>,
+    /// Says which fields were too large to keep.
+    pub left_out: Option<String>,
+}
+
+impl Captured {
+    /// The captured values, and the warning to return once they are stored.
+    fn split(self) -> (BTreeMap<String, serde_json::Value>, Result<(), String>) {
+        (self.data, self.left_out.map_or(Ok(()), Err))
+    }
 }
 
 impl Operation {

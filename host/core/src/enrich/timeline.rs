@@ -33,7 +33,7 @@ impl Op {
         match self {
             Op::Capture { fields } => {
                 let now = inputs.now();
-                let data = inputs.capture(profile, fields);
+                let (data, kept) = inputs.capture(profile, fields).split();
                 let mut entries = match profile.attributes.remove(&def.name) {
                     Some(Value::Timeline(e)) => e,
                     _ => Vec::new(),
@@ -42,9 +42,9 @@ impl Op {
                 entries.insert(at, TimelineEntry { at_ms: now, data });
                 trim(def, &mut entries, now);
                 set(profile, def, Value::Timeline(entries));
+                kept
             }
         }
-        Ok(())
     }
 }
 

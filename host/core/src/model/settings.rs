@@ -34,6 +34,10 @@ pub struct ServerSettings {
     pub plugin_max_memory_mib: u64,
     #[serde(default = "default_plugin_max_timeout_ms")]
     pub plugin_max_timeout_ms: u64,
+    /// The most a profile may hold, in KiB: an event whose attribute updates would take a
+    /// profile past it has them refused (its counters and visits still move).
+    #[serde(default = "default_max_profile_kib")]
+    pub max_profile_kib: u64,
     /// How often audience sizes are sampled for their history, for example `1m`.
     #[serde(default = "default_size_sample_interval")]
     pub audience_size_interval: String,
@@ -102,6 +106,9 @@ fn default_plugin_max_memory_mib() -> u64 {
 fn default_plugin_max_timeout_ms() -> u64 {
     30_000
 }
+fn default_max_profile_kib() -> u64 {
+    256
+}
 fn default_plugin_failure_limit() -> u64 {
     10
 }
@@ -128,6 +135,7 @@ impl Default for ServerSettings {
             plugin_failure_limit: default_plugin_failure_limit(),
             plugin_max_memory_mib: default_plugin_max_memory_mib(),
             plugin_max_timeout_ms: default_plugin_max_timeout_ms(),
+            max_profile_kib: default_max_profile_kib(),
             audience_size_interval: default_size_sample_interval(),
             admin_token: None,
             hostnames: Vec::new(),

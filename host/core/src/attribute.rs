@@ -89,6 +89,9 @@ pub struct AttributeDef {
     pub steps: Vec<FunnelStepDef>,
     /// How the values of two stitched profiles combine.
     pub merge: MergeRule,
+    /// Visitor ids: how many different values one profile may hold (a second email hash is
+    /// not set, and profiles holding different ones are not stitched).
+    pub max_per_profile: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

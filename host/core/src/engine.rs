@@ -46,6 +46,26 @@ pub struct Outcome {
     /// The event's attribute updates were refused: they would have taken the profile past its
     /// size budget (`server.max_profile_kib`).
     pub over_budget: bool,
+    /// Visitor ids the event carried that were not set, and why.
+    pub refused_ids: Vec<IdRefusal>,
+}
+
+/// Why a visitor id an event carried was not set on its profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdRefusal {
+    /// The event's data source does not claim the id's attribute.
+    Unclaimed,
+    /// The profile already holds as many values of the attribute as `max_per_profile` allows.
+    MaxPerProfile,
+}
+
+impl IdRefusal {
+    pub fn name(self) -> &'static str {
+        match self {
+            IdRefusal::Unclaimed => "unclaimed",
+            IdRefusal::MaxPerProfile => "max_per_profile",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -164,7 +184,7 @@ pub fn apply_event(model: &Model, profile: &mut Profile, event: &Event, custom: 
         When::Event(name) => *name == event.name,
     };
     let mut undo = Undo::default();
-    run_enrichments(model, profile, Some(event), t, &runs, &mut dirty, &mut out.warnings, &mut undo);
+    run_enrichments(model, profile, Some(event), t, &runs, &mut dirty, &mut out, &mut undo);
     for enricher in &model.enrichers {
         match custom.enrich(enricher, event, profile) {
             Ok(updates) => {
@@ -179,6 +199,8 @@ pub fn apply_event(model: &Model, profile: &mut Profile, event: &Event, custom: 
             Err(e) => out.warnings.push(format!("enricher `{}` failed: {e}", enricher.plugin)),
         }
     }
+    undo.limit_claims(model, event, profile, &mut out);
+    undo.limit_held_ids(model, profile, &mut out);
     undo.enforce(model, profile, &mut out);
 
     let to_evaluate = if out.new_visit { (0..model.audiences.len()).collect() } else { dirty.into_sorted() };
@@ -307,7 +329,7 @@ fn end_visit(model: &Model, profile: &mut Profile, at: i64, out: &mut Outcome) {
     out.visit_ended = true;
     let mut dirty = Dirty::new(model);
     let mut undo = Undo::default();
-    run_enrichments(model, profile, None, at, &|w| *w == When::VisitEnded, &mut dirty, &mut out.warnings, &mut undo);
+    run_enrichments(model, profile, None, at, &|w| *w == When::VisitEnded, &mut dirty, out, &mut undo);
     undo.enforce(model, profile, out);
     let all: Vec<usize> = (0..model.audiences.len()).collect();
     let first = out.changes.len();
@@ -338,6 +360,57 @@ impl Undo {
     fn save(&mut self, profile: &Profile, name: &str) {
         if !self.0.iter().any(|s| s.name == name) {
             self.0.push(profile.save(name));
+        }
+    }
+
+    /// Puts back the visitor ids the event changed that its data source does not claim.
+    fn limit_claims(&mut self, model: &Model, event: &Event, profile: &mut Profile, out: &mut Outcome) {
+        let mut i = 0;
+        while i < self.0.len() {
+            let saved = &self.0[i];
+            let changed = saved.value() != profile.attributes.get(&saved.name);
+            let is_id = model.attribute(&saved.name).is_some_and(|d| d.ty == AttrType::VisitorId);
+            match model.unclaimed(event.source.as_deref(), &saved.name).filter(|_| changed && is_id) {
+                None => i += 1,
+                Some(reason) => {
+                    out.warnings.push(reason);
+                    out.refused_ids.push(IdRefusal::Unclaimed);
+                    let saved = self.0.remove(i);
+                    profile.restore(saved);
+                }
+            }
+        }
+    }
+
+    /// Keeps each visitor-id attribute with `max_per_profile` within it: a new value past the
+    /// limit is put back to what it was.
+    fn limit_held_ids(&mut self, model: &Model, profile: &mut Profile, out: &mut Outcome) {
+        let mut i = 0;
+        while i < self.0.len() {
+            let saved = &self.0[i];
+            let name = saved.name.clone();
+            let (Some(max), Some(Value::String(new))) =
+                (model.attribute(&name).and_then(|d| d.max_per_profile), profile.attributes.get(&name))
+            else {
+                i += 1;
+                continue;
+            };
+            let held = profile.held_ids.entry(name.clone()).or_default();
+            if let Some(Value::String(old)) = saved.value() {
+                held.insert(old.clone());
+            }
+            if held.contains(new) || held.len() < max {
+                held.insert(new.clone());
+                i += 1;
+                continue;
+            }
+            out.warnings.push(format!(
+                "visitor id `{name}`: the profile already holds {} (max_per_profile = {max}); the new one is not set",
+                held.len()
+            ));
+            out.refused_ids.push(IdRefusal::MaxPerProfile);
+            let saved = self.0.remove(i);
+            profile.restore(saved);
         }
     }
 
@@ -372,7 +445,7 @@ fn run_enrichments(
     now: i64,
     runs: &dyn Fn(&When) -> bool,
     dirty: &mut Dirty,
-    warnings: &mut Vec<String>,
+    out: &mut Outcome,
     undo: &mut Undo,
 ) {
     for e in &model.enrichments {
@@ -388,7 +461,7 @@ fn run_enrichments(
         undo.save(profile, &e.attribute);
         match e.operation.apply(def, profile, &EngineInputs { model, event, now }) {
             Ok(()) => dirty.mark(&e.attribute),
-            Err(w) => warnings.push(format!("enrichment of `{}`: {w}", e.attribute)),
+            Err(w) => out.warnings.push(format!("enrichment of `{}`: {w}", e.attribute)),
         }
     }
 }
@@ -628,8 +701,6 @@ fn expire_timelines(model: &Model, profile: &mut Profile, now: i64, dirty: &mut 
     }
 }
 
-/// Applies a custom enricher's updates all or nothing: each must name a declared, stored
-/// attribute and carry a value of its type. Returns the names of the attributes changed.
 /// Whether every update sets an attribute the enricher may write.
 fn granted(model: &Model, enricher: &EnricherRef, updates: &[Update]) -> Result<(), String> {
     for (name, _) in updates {
@@ -645,6 +716,8 @@ fn granted(model: &Model, enricher: &EnricherRef, updates: &[Update]) -> Result<
     Ok(())
 }
 
+/// Applies a custom enricher's updates all or nothing: each must name a declared, stored
+/// attribute and carry a value of its type. Returns the names of the attributes changed.
 fn apply_updates(model: &Model, profile: &mut Profile, updates: Vec<Update>) -> Result<Vec<String>, String> {
     for (name, value) in &updates {
         let Some(def) = model.attribute(name) else {
@@ -997,5 +1070,99 @@ connector = "webhook"
             "{:?}",
             o.warnings
         );
+    }
+
+    const IDS: &str = r#"
+[[source]]
+name = "web"
+api_key = "web-key-0123456789"
+claims = []
+
+[[source]]
+name = "login"
+api_key = "login-key-0123456789"
+claims = ["email_hash"]
+
+[[attribute]]
+name = "email_hash"
+scope = "visitor"
+type = "visitor_id"
+max_per_profile = 1
+
+[[attribute]]
+name = "crm_id"
+scope = "visitor"
+type = "visitor_id"
+
+[[enrichment]]
+attribute = "email_hash"
+op = "set"
+event = "email_hash"
+
+[[enrichment]]
+attribute = "crm_id"
+op = "set"
+event = "crm_id"
+"#;
+
+    fn from(source: &str, t: i64, data: serde_json::Value) -> Event {
+        Event { source: Some(source.into()), ..event("login", t, data) }
+    }
+
+    #[test]
+    fn a_source_sets_only_the_visitor_ids_it_claims() {
+        let model = parse(IDS).unwrap();
+        let mut p = Profile::new("v1");
+        let o = apply_event(
+            &model,
+            &mut p,
+            &from("web", 0, serde_json::json!({"email_hash": "h1"})),
+            &mut NoCustomEnrichers,
+        );
+        assert_eq!(p.get("email_hash"), None);
+        assert_eq!(o.refused_ids, [IdRefusal::Unclaimed]);
+        assert!(o.warnings[0].contains("visitor id `email_hash` is not among the claims of source `web` (none)"));
+        let o = apply_event(
+            &model,
+            &mut p,
+            &from("login", 1, serde_json::json!({"email_hash": "h1", "crm_id": "c1"})),
+            &mut NoCustomEnrichers,
+        );
+        assert_eq!(p.get("email_hash"), Some(Value::String("h1".into())));
+        assert_eq!(p.get("crm_id"), None, "login claims only email_hash");
+        assert_eq!(o.refused_ids, [IdRefusal::Unclaimed]);
+        // Events of no declared source (imports, open ingestion) are not limited.
+        apply_event(&model, &mut p, &event("x", 2, serde_json::json!({"crm_id": "c1"})), &mut NoCustomEnrichers);
+        assert_eq!(p.get("crm_id"), Some(Value::String("c1".into())));
+
+        let errors = parse(&IDS.replace("claims = []", "claims = [\"crm\"]")).unwrap_err();
+        assert!(errors.0[0].message.contains("source `web` claims `crm`, which is not a declared attribute"));
+    }
+
+    #[test]
+    fn a_profile_holds_at_most_max_per_profile_values_of_an_id() {
+        let model = parse(IDS).unwrap();
+        let mut p = Profile::new("v1");
+        let login = |t, hash: &str| from("login", t, serde_json::json!({ "email_hash": hash }));
+        apply_event(&model, &mut p, &login(0, "h1"), &mut NoCustomEnrichers);
+        let o = apply_event(&model, &mut p, &login(1, "h1"), &mut NoCustomEnrichers);
+        assert!(o.refused_ids.is_empty(), "the same id again is fine");
+        let o = apply_event(&model, &mut p, &login(2, "h2"), &mut NoCustomEnrichers);
+        assert_eq!(o.refused_ids, [IdRefusal::MaxPerProfile]);
+        assert!(o.warnings[0].contains("the profile already holds 1 (max_per_profile = 1)"), "{:?}", o.warnings);
+        assert_eq!(p.get("email_hash"), Some(Value::String("h1".into())));
+
+        // Two profiles holding different hashes may not be stitched; one without a hash may.
+        let mut other = Profile::new("v2");
+        apply_event(&model, &mut other, &login(3, "h2"), &mut NoCustomEnrichers);
+        let conflict = crate::stitch::held_ids_conflict(&model, &p, &other).unwrap();
+        assert!(conflict.contains("hold 2 different `email_hash` ids (max_per_profile = 1)"), "{conflict}");
+        let mut anonymous = Profile::new("v3");
+        apply_event(&model, &mut anonymous, &event("view", 4, serde_json::json!({})), &mut NoCustomEnrichers);
+        assert_eq!(crate::stitch::held_ids_conflict(&model, &p, &anonymous), None);
+        // A merged profile remembers what both held.
+        let mut survivor = anonymous.clone();
+        apply_merge(&model, &mut survivor, p.clone(), 5);
+        assert!(crate::stitch::held_ids_conflict(&model, &survivor, &other).is_some());
     }
 }

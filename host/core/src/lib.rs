@@ -26,8 +26,8 @@ pub mod value;
 pub use config::parse;
 pub use diagnostic::{ConfigErrors, Diagnostic};
 pub use engine::{
-    CustomEnrichers, Membership, NoCustomEnrichers, Outcome, PendingAction, apply_delete, apply_event, apply_merge,
-    apply_time,
+    CustomEnrichers, IdRefusal, Membership, NoCustomEnrichers, Outcome, PendingAction, apply_delete, apply_event,
+    apply_merge, apply_time,
 };
 pub use event::Event;
 pub use model::Model;

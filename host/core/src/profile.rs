@@ -26,6 +26,10 @@ pub struct Profile {
     /// Value counts behind "most frequent" captures, by attribute.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub frequencies: BTreeMap<String, BTreeMap<String, u64>>,
+    /// The values each visitor-id attribute with `max_per_profile` has held, so that the
+    /// limit holds when the attribute changes or two profiles are stitched.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub held_ids: BTreeMap<String, BTreeSet<String>>,
     /// Whether the current visit has ended (by timeout); the next event starts a new one.
     #[serde(default)]
     pub visit_ended: bool,
@@ -56,6 +60,13 @@ pub struct SavedAttribute {
     pub bytes: usize,
 }
 
+impl SavedAttribute {
+    /// The attribute's value when saved.
+    pub fn value(&self) -> Option<&Value> {
+        self.value.as_ref()
+    }
+}
+
 impl Profile {
     /// A profile never seen before; its first event starts its first visit.
     pub fn new(id: impl Into<String>) -> Profile {
@@ -72,6 +83,7 @@ impl Profile {
             audiences: BTreeSet::new(),
             rolling: BTreeMap::new(),
             frequencies: BTreeMap::new(),
+            held_ids: BTreeMap::new(),
             visit_ended: false,
             visit_timeout_ms: None,
             wakeup_ms: None,
@@ -98,6 +110,7 @@ impl Profile {
             + self.id.len()
             + names(&self.badges)
             + names(&self.audiences)
+            + self.held_ids.values().map(names).sum::<usize>()
             + self
                 .attributes
                 .keys()

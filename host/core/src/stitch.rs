@@ -51,6 +51,9 @@ pub fn merge_profiles(model: &Model, survivor: &mut Profile, absorbed: Profile) 
             survivor.attributes.insert(def.name.clone(), v);
         }
     }
+    for (name, ids) in absorbed.held_ids {
+        survivor.held_ids.entry(name).or_default().extend(ids);
+    }
     for (name, counts) in absorbed.frequencies {
         let mine = survivor.frequencies.entry(name).or_default();
         for (value, n) in counts {
@@ -148,6 +151,24 @@ fn most_advanced(a: FunnelState, b: FunnelState) -> FunnelState {
 }
 
 /// Visitor ids held in the profile's `visitor_id` attributes, by attribute.
+/// Why profiles `a` and `b` may not be stitched: together they would hold more values of a
+/// visitor-id attribute than its `max_per_profile` (two people's email hashes, say).
+pub fn held_ids_conflict(model: &Model, a: &Profile, b: &Profile) -> Option<String> {
+    model.attributes.iter().find_map(|def| {
+        let max = def.max_per_profile?;
+        let held = |p: &Profile| {
+            let mut ids = p.held_ids.get(&def.name).cloned().unwrap_or_default();
+            if let Some(Value::String(s)) = p.attributes.get(&def.name) {
+                ids.insert(s.clone());
+            }
+            ids
+        };
+        let together = held(a).union(&held(b)).count();
+        (together > max)
+            .then(|| format!("the two profiles hold {together} different `{}` ids (max_per_profile = {max})", def.name))
+    })
+}
+
 pub fn visitor_ids(model: &Model, profile: &Profile) -> BTreeMap<String, String> {
     model
         .attributes

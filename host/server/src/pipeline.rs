@@ -20,8 +20,8 @@ use starling_core::engine::rebuild;
 use starling_core::model::{ActionDef, Trigger};
 use starling_core::stitch::visitor_ids;
 use starling_core::{
-    CustomEnrichers, Event, Membership, Model, Outcome, PendingAction, Profile, apply_delete, apply_event, apply_merge,
-    apply_time,
+    CustomEnrichers, Event, IdRefusal, Membership, Model, Outcome, PendingAction, Profile, apply_delete, apply_event,
+    apply_merge, apply_time,
 };
 use starling_log::{EventLog, Partition, Position};
 use starling_runtime::{PluginHost, WasmEnrichers};
@@ -1226,6 +1226,9 @@ impl Worker {
                         if outcome.over_budget {
                             telemetry.metrics.profile_budget_refusals.inc();
                         }
+                        for refusal in &outcome.refused_ids {
+                            telemetry.metrics.count_id_refusal(*refusal);
+                        }
                         p.effects.writes.push(Write::Event {
                             event: HistoryEvent::InBatch { job: j, event: e },
                             profile: pid.clone(),
@@ -1661,6 +1664,35 @@ impl Worker {
 
     /// How many ids are linked to a profile: those SQLite holds, and those linked or stitched
     /// since, by this worker (held in memory) or any (the directory).
+    /// Why profile `pid` and profile `owner` may not be stitched (see `held_ids_conflict`).
+    fn held_ids_conflict(
+        &self,
+        conn: &rusqlite::Connection,
+        p: &Pending,
+        model: &Model,
+        pid: &str,
+        owner: &str,
+    ) -> Result<Option<String>, StoreError> {
+        if model.attributes.iter().all(|a| a.max_per_profile.is_none()) {
+            return Ok(None);
+        }
+        let Some((profile, _)) = p.touched.get(pid) else { return Ok(None) };
+        // The owner may be another partition's: its stored state then, which lags by at most
+        // the batch it is writing.
+        let stored;
+        let other = match p.touched.get(owner).map(|(o, _)| o).or_else(|| self.cache.profiles.get(owner)) {
+            Some(o) => o,
+            None => match starling_store::load_profile(conn, owner)? {
+                Some(o) => {
+                    stored = o;
+                    &stored
+                }
+                None => return Ok(None),
+            },
+        };
+        Ok(starling_core::stitch::held_ids_conflict(model, profile, other))
+    }
+
     fn id_count(&self, conn: &rusqlite::Connection, p: &Pending, profile: &str) -> Result<usize, StoreError> {
         let mut ids: HashSet<String> = starling_store::ids_of(conn, profile)?.into_iter().collect();
         ids.extend(p.links.iter().filter(|(_, owner)| *owner == profile).map(|(id, _)| id.clone()));
@@ -1724,6 +1756,16 @@ impl Worker {
             if let Some(o) = &owner
                 && (starling_store::was_unstitched(conn, pid, o)? || starling_store::was_unstitched(conn, o, pid)?)
             {
+                continue;
+            }
+            if let Some(o) = &owner
+                && let Some(reason) = self.held_ids_conflict(conn, p, model, pid, o)?
+            {
+                if self.cache.refused.insert((id.clone(), pid.to_string())) {
+                    tracing::warn!(profile = %pseudonym(pid), attribute = %attribute, "not stitched: {reason}");
+                    self.shared.telemetry.metrics.count_id_refusal(IdRefusal::MaxPerProfile);
+                    p.effects.writes.push(record("refused", owner.as_deref(), Some(reason)));
+                }
                 continue;
             }
             let cap = model.identity.max_ids_per_profile;

@@ -53,6 +53,7 @@ pub struct Metrics {
     pub spec_warnings: Counter,
     pub event_times_clamped: Counter,
     pub profile_budget_refusals: Counter,
+    pub identity_refusals: Family<ReasonLabel, Counter>,
     pub event_apply_seconds: Histogram,
     pub commit_seconds: Histogram,
     pub log_sync_seconds: Histogram,
@@ -84,6 +85,7 @@ impl Default for Metrics {
             spec_warnings: Counter::default(),
             event_times_clamped: Counter::default(),
             profile_budget_refusals: Counter::default(),
+            identity_refusals: Family::default(),
             event_apply_seconds: latency(),
             commit_seconds: latency(),
             log_sync_seconds: latency(),
@@ -117,6 +119,11 @@ impl Default for Metrics {
             "profile_budget_refusals",
             "Events whose attribute updates were refused for taking a profile past server.max_profile_kib",
             m.profile_budget_refusals.clone(),
+        );
+        r.register(
+            "identity_refusals",
+            "Visitor ids not set or not stitched: unclaimed by the event's source, or past max_per_profile",
+            m.identity_refusals.clone(),
         );
         r.register(
             "event_apply_seconds",
@@ -163,6 +170,10 @@ impl Default for Metrics {
 impl Metrics {
     pub fn reject(&self, reason: &str, events: u64) {
         self.events_rejected.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc_by(events);
+    }
+
+    pub fn count_id_refusal(&self, refusal: starling_core::IdRefusal) {
+        self.identity_refusals.get_or_create(&ReasonLabel { reason: refusal.name().to_string() }).inc();
     }
 
     /// The Prometheus text exposition.

@@ -1007,3 +1007,112 @@ key = "event.page"
     assert_eq!(other["attributes"]["tags"], serde_json::json!(["a"]));
     app.stop().await;
 }
+
+const IDENTITIES: &str = r#"
+[[source]]
+name = "web"
+api_key = "web-key-0123456789"
+claims = []
+
+[[source]]
+name = "login"
+api_key = "login-key-0123456789"
+claims = ["email_hash", "crm_id"]
+
+[[attribute]]
+name = "email_hash"
+scope = "visitor"
+type = "visitor_id"
+max_per_profile = 1
+
+[[attribute]]
+name = "crm_id"
+scope = "visitor"
+type = "visitor_id"
+
+[[attribute]]
+name = "email"
+scope = "visitor"
+type = "string"
+
+[[enrichment]]
+attribute = "email_hash"
+op = "set"
+event = "email_hash"
+
+[[enrichment]]
+attribute = "crm_id"
+op = "set"
+event = "crm_id"
+
+[[enrichment]]
+attribute = "email"
+op = "set"
+event = "email"
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_holder_cannot_claim_someone_elses_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(Options {
+        model: starling_core::parse(IDENTITIES).unwrap(),
+        database: dir.path().join("t.db"),
+        plugins: None,
+        test_clock: false,
+        admin_token: None,
+        event_log: None,
+        trusted_keys: None,
+    })
+    .await
+    .unwrap();
+    let post = async |key: &str, visitor: &str, data: serde_json::Value| {
+        let body = serde_json::json!({ "event": "login", "visitor_id": visitor, "data": data }).to_string();
+        let (status, body, _) = send(&app, "POST", "/v1/events", &[("x-api-key", key)], &body).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    };
+    let login = "login-key-0123456789";
+    post(
+        login,
+        "victim-phone",
+        serde_json::json!({"email_hash": "hash-victim", "crm_id": "crm-0001", "email": "victim@example.com"}),
+    )
+    .await;
+
+    // The web key is public: it may not set the victim's email hash on the attacker's device.
+    post(
+        "web-key-0123456789",
+        "attacker-laptop",
+        serde_json::json!({"email_hash": "hash-victim", "email": "evil@example.com"}),
+    )
+    .await;
+    let (_, attacker, _) = send(&app, "GET", "/v1/profiles/attacker-laptop", &[], "").await;
+    assert_eq!(attacker["id"], "attacker-laptop", "not stitched into the victim's profile: {attacker}");
+    assert!(attacker["attributes"].get("email_hash").is_none(), "{attacker}");
+
+    // With a login of their own, a second email hash on the same profile is refused ...
+    post(login, "attacker-laptop", serde_json::json!({"email_hash": "hash-attacker"})).await;
+    post(login, "attacker-laptop", serde_json::json!({"email_hash": "hash-victim"})).await;
+    let (_, attacker, _) = send(&app, "GET", "/v1/profiles/attacker-laptop", &[], "").await;
+    assert_eq!(attacker["attributes"]["email_hash"], "hash-attacker", "{attacker}");
+    // ... and so is a stitch, through another id, with a profile holding a different hash.
+    post(login, "attacker-laptop", serde_json::json!({"crm_id": "crm-0001", "email": "evil@example.com"})).await;
+    let (_, victim, _) = send(&app, "GET", "/v1/profiles/victim-phone", &[], "").await;
+    assert_eq!(victim["id"], "victim-phone");
+    assert_eq!(victim["attributes"]["email"], "victim@example.com", "{victim}");
+    let (_, identity, _) = send(&app, "GET", "/v1/profiles/attacker-laptop/identity", &[], "").await;
+    let refused: Vec<&serde_json::Value> =
+        identity["history"].as_array().unwrap().iter().filter(|h| h["kind"] == "refused").collect();
+    assert!(
+        refused
+            .iter()
+            .any(|h| h["detail"].as_str().unwrap().contains("hold 2 different `email_hash` ids (max_per_profile = 1)")),
+        "{identity}"
+    );
+    assert_eq!(identity["ids"], serde_json::json!(["attacker-laptop", "hash-attacker"]));
+
+    let (_, metrics, _) = send(&app, "GET", "/metrics", &[], "").await;
+    let metrics = metrics.as_str().unwrap();
+    assert!(metrics.contains("starling_identity_refusals_total{reason=\"unclaimed\"} 1"), "{metrics}");
+    assert!(metrics.contains("starling_identity_refusals_total{reason=\"max_per_profile\"} 2"), "{metrics}");
+    app.stop().await;
+}

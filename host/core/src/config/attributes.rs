@@ -51,7 +51,17 @@ impl Validator<'_> {
             max_age_ms: DEFAULT_TIMELINE_AGE_MS,
             steps: Vec::new(),
             merge: MergeRule::default_for(ty),
+            max_per_profile: None,
         };
+        if let Some(m) = &a.max_per_profile {
+            match *m.get_ref() {
+                _ if ty != AttrType::VisitorId => {
+                    self.error(m.span(), "`max_per_profile` is only for visitor_id attributes")
+                }
+                n @ 1..=1_000 => def.max_per_profile = Some(n as usize),
+                _ => self.error(m.span(), "max_per_profile must be between 1 and 1000"),
+            }
+        }
         if let Some(m) = &a.merge {
             let allowed = MergeRule::allowed_for(ty);
             match MergeRule::parse(m.get_ref()) {

@@ -21,7 +21,29 @@ impl Validator<'_> {
             } else if sources.iter().any(|x| x.api_key == *s.api_key.get_ref()) {
                 self.error(s.api_key.span(), format!("source `{name}`: api_key is already another source's key"));
             } else {
-                sources.push(DataSource { name: name.clone(), api_key: s.api_key.get_ref().clone() });
+                let claims = s.claims.as_ref().map(|claims| {
+                    for claim in claims {
+                        match self.attributes.get(claim.get_ref()) {
+                            Some(a) if a.ty == AttrType::VisitorId => {}
+                            Some(_) => self.error(
+                                claim.span(),
+                                format!(
+                                    "source `{name}` claims `{}`, which is not a visitor_id attribute",
+                                    claim.get_ref()
+                                ),
+                            ),
+                            None => self.error(
+                                claim.span(),
+                                format!(
+                                    "source `{name}` claims `{}`, which is not a declared attribute",
+                                    claim.get_ref()
+                                ),
+                            ),
+                        }
+                    }
+                    claims.iter().map(|c| c.get_ref().clone()).collect()
+                });
+                sources.push(DataSource { name: name.clone(), api_key: s.api_key.get_ref().clone(), claims });
             }
         }
         sources

@@ -40,6 +40,7 @@ pub(super) struct RawConfig {
 pub(super) struct RawSource {
     pub(super) name: Spanned<String>,
     pub(super) api_key: Spanned<String>,
+    pub(super) claims: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -98,6 +99,7 @@ pub(super) struct RawAttribute {
     pub(super) max_age: Option<Spanned<String>>,
     pub(super) steps: Option<Spanned<Vec<RawStep>>>,
     pub(super) merge: Option<Spanned<String>>,
+    pub(super) max_per_profile: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -235,7 +235,7 @@ trigger = "deleted"
 connector = "webhook"
 "#;
     let model = parse(good).unwrap();
-    assert_eq!(model.sources, [DataSource { name: "web".into(), api_key: "0123456789abcdef".into() }]);
+    assert_eq!(model.sources, [DataSource { name: "web".into(), api_key: "0123456789abcdef".into(), claims: None }]);
     let spec = model.event_spec("purchase").unwrap();
     assert_eq!((spec.on_violation, spec.allow_other_fields), (OnViolation::Warn, false));
     assert_eq!(

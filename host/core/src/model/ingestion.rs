@@ -120,6 +120,8 @@ impl EventSpec {
 pub struct DataSource {
     pub name: String,
     pub api_key: String,
+    /// The visitor-id attributes this source's events may set; `None`: all of them.
+    pub claims: Option<Vec<String>>,
 }
 
 /// Profiles inactive for longer than `inactive_after_ms` are deleted, checked every `check_every_ms`.

@@ -72,6 +72,20 @@ impl Model {
         self.attribute(name).map(|a| a.ty).or_else(|| preloaded_type(name))
     }
 
+    /// Why events from data source `source` may not set visitor-id attribute `attribute`, when
+    /// the source's `claims` leave it out.
+    pub fn unclaimed(&self, source: Option<&str>, attribute: &str) -> Option<String> {
+        let source = self.sources.iter().find(|s| Some(s.name.as_str()) == source)?;
+        let claims = source.claims.as_ref()?;
+        (!claims.iter().any(|c| c == attribute)).then(|| {
+            format!(
+                "visitor id `{attribute}` is not among the claims of source `{}` ({}); not set",
+                source.name,
+                if claims.is_empty() { "none".to_string() } else { claims.join(", ") }
+            )
+        })
+    }
+
     /// The timeline attributes.
     pub fn timelines(&self) -> impl Iterator<Item = &AttributeDef> {
         self.timelines.iter().map(|&i| &self.attributes[i])

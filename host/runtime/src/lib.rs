@@ -2,6 +2,7 @@
 //! they implement the world they claim, and runs each call in a fresh sandbox with the memory
 //! cap, deadline and outbound hosts of the plugin's manifest.
 
+mod artifacts;
 mod bindings;
 pub mod convert;
 pub mod egress;
@@ -32,6 +33,14 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Host-side slack on top of a plugin's deadline before its call is abandoned.
 const HOST_GRACE: Duration = Duration::from_millis(100);
+/// Host-side bounds on what a plugin makes the host hold, which its memory cap does not count:
+/// host resources (HTTP requests, headers, streams) at once, bytes of one header map, log
+/// lines per call and characters of a log line or an error message the host keeps.
+const MAX_HOST_RESOURCES: usize = 1_000;
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+const MAX_LOG_LINES_PER_CALL: u32 = 100;
+const MAX_LOG_CHARS: usize = 4_096;
+const MAX_MESSAGE_CHARS: usize = 1_000;
 
 /// Settings of a [`PluginHost`].
 #[derive(Debug, Clone)]
@@ -47,6 +56,8 @@ pub struct HostOptions {
     /// Public keys (hex) one of which must have signed every plugin loaded, from a plugin
     /// directory or from the registry; `None`: signatures are not required.
     pub trusted_keys: Option<Vec<String>>,
+    /// Threads connector calls run on, apart from the caller's.
+    pub call_threads: usize,
 }
 
 impl Default for HostOptions {
@@ -57,6 +68,38 @@ impl Default for HostOptions {
             max_memory_mib: 256,
             max_timeout_ms: 30_000,
             trusted_keys: None,
+            call_threads: 2,
+        }
+    }
+}
+
+/// The threads connector calls run on. A connector spinning to its deadline holds one of these,
+/// never a thread of the server that answers HTTP requests and schedules deliveries.
+struct CallThreads(Option<tokio::runtime::Runtime>);
+
+impl CallThreads {
+    fn start(threads: usize) -> std::io::Result<CallThreads> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("starling-plugin")
+            .enable_all()
+            .build()?;
+        Ok(CallThreads(Some(runtime)))
+    }
+
+    /// Runs `call` on these threads and waits for it.
+    async fn run<T: Send + 'static>(&self, call: impl Future<Output = T> + Send + 'static) -> Result<T, String> {
+        let runtime = self.0.as_ref().expect("running until dropped");
+        runtime.spawn(call).await.map_err(|e| e.to_string())
+    }
+}
+
+impl Drop for CallThreads {
+    fn drop(&mut self) {
+        // Dropping a runtime may happen on an async thread, where waiting would panic; calls
+        // still under way end at their deadlines.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
         }
     }
 }
@@ -152,6 +195,8 @@ pub struct PluginState {
     http: WasiHttpCtx,
     egress: Egress,
     limits: MemoryBudget,
+    /// Log lines written in the current call.
+    logged: u32,
 }
 
 /// A store's limits, with the manifest's memory cap applied to all its linear memories
@@ -210,8 +255,18 @@ impl types::Host for PluginState {}
 impl connector::starling::plugin::log::Host for PluginState {
     fn log(&mut self, level: connector::starling::plugin::log::Level, message: String) {
         use connector::starling::plugin::log::Level;
-        let message: String = message.chars().take(4_096).collect();
+        self.logged += 1;
         let plugin = &*self.meta.name;
+        if self.logged > MAX_LOG_LINES_PER_CALL {
+            if self.logged == MAX_LOG_LINES_PER_CALL + 1 {
+                tracing::warn!(
+                    plugin,
+                    "more than {MAX_LOG_LINES_PER_CALL} log lines in one call; the rest are dropped"
+                );
+            }
+            return;
+        }
+        let message = bounded(message, MAX_LOG_CHARS);
         match level {
             Level::Trace => tracing::trace!(plugin, "{message}"),
             Level::Debug => tracing::debug!(plugin, "{message}"),
@@ -260,7 +315,7 @@ impl Drop for EpochTicker {
 pub struct PluginHost {
     engine: Engine,
     /// Where precompiled components are kept, by component hash and engine compatibility.
-    artifacts: Option<PathBuf>,
+    artifacts: Option<artifacts::ArtifactCache>,
     failure_limit: u64,
     max_memory_mib: u64,
     max_timeout_ms: u64,
@@ -270,6 +325,7 @@ pub struct PluginHost {
     plugins: RwLock<HashMap<String, Arc<Plugin>>>,
     /// The server's own listeners, out of every plugin's reach.
     listeners: egress::Listeners,
+    calls: CallThreads,
     _ticker: EpochTicker,
 }
 
@@ -294,10 +350,19 @@ impl PluginHost {
         wasmtime_wasi::p2::add_to_linker_proxy_interfaces_async(&mut connector_linker).map_err(fail)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut connector_linker).map_err(fail)?;
 
+        let artifacts = options
+            .cache_dir
+            .map(artifacts::ArtifactCache::open)
+            .transpose()
+            .map_err(|e| PluginError::Load { path: PathBuf::new(), message: e.to_string() })?;
         let ticker = EpochTicker::start(&engine);
+        let calls = CallThreads::start(options.call_threads).map_err(|e| PluginError::Load {
+            path: PathBuf::new(),
+            message: format!("starting plugin threads: {e}"),
+        })?;
         Ok(PluginHost {
             engine,
-            artifacts: options.cache_dir,
+            artifacts,
             failure_limit: options.failure_limit.max(1),
             max_memory_mib: options.max_memory_mib,
             max_timeout_ms: options.max_timeout_ms,
@@ -306,6 +371,7 @@ impl PluginHost {
             enricher_linker,
             plugins: RwLock::new(HashMap::new()),
             listeners: egress::Listeners::default(),
+            calls,
             _ticker: ticker,
         })
     }
@@ -460,33 +526,13 @@ impl PluginHost {
         })
     }
 
-    /// Compiles a component, or maps its precompiled artifact from the artifact directory:
-    /// compiling a large (Python, JavaScript) component takes seconds, mapping it milliseconds.
+    /// Compiles a component, or loads its sealed precompiled artifact: compiling a large
+    /// (Python, JavaScript) component takes seconds, loading it milliseconds.
     fn component(&self, bytes: &[u8], sha256: &str) -> Result<Component, ComponentError> {
-        let Some(dir) = &self.artifacts else {
-            return Component::from_binary(&self.engine, bytes).map_err(|e| ComponentError::Compile(e.to_string()));
-        };
-        let mut hasher = std::hash::DefaultHasher::new();
-        std::hash::Hash::hash(&self.engine.precompile_compatibility_hash(), &mut hasher);
-        let path = dir.join(format!("{sha256}-{:016x}.cwasm", std::hash::Hasher::finish(&hasher)));
-        if !path.is_file() {
-            let artifact =
-                self.engine.precompile_component(bytes).map_err(|e| ComponentError::Compile(e.to_string()))?;
-            std::fs::create_dir_all(dir)
-                .map_err(|e| ComponentError::Artifact(format!("creating {}: {e}", dir.display())))?;
-            // Write then rename, so a reader never maps a half-written artifact.
-            let partial = path.with_extension(format!("partial{}", std::process::id()));
-            std::fs::write(&partial, artifact)
-                .and_then(|()| std::fs::rename(&partial, &path))
-                .map_err(|e| ComponentError::Artifact(format!("storing the compiled component: {e}")))?;
+        match &self.artifacts {
+            Some(cache) => cache.component(&self.engine, bytes, sha256),
+            None => Component::from_binary(&self.engine, bytes).map_err(|e| ComponentError::Compile(e.to_string())),
         }
-        // SAFETY: the artifact was produced by `precompile_component` of an engine with the same
-        // compatibility hash (it is in the file name), from the component whose sha256 names it,
-        // and written to the host's own artifact directory with an atomic rename; wasmtime also
-        // checks the artifact's header against this engine before using it.
-        #[allow(unsafe_code)]
-        unsafe { Component::deserialize_file(&self.engine, &path) }
-            .map_err(|e| ComponentError::Artifact(format!("loading {}: {e}", path.display())))
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<Plugin>, PluginError> {
@@ -510,11 +556,15 @@ impl PluginHost {
     }
 
     fn store(&self, meta: &Arc<PluginMeta>) -> Store<PluginState> {
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_HOST_RESOURCES);
+        let mut http = WasiHttpCtx::new();
+        http.set_field_size_limit(MAX_HEADER_BYTES);
         let state = PluginState {
             meta: meta.clone(),
-            table: ResourceTable::new(),
+            table,
             wasi: WasiCtxBuilder::new().build(),
-            http: WasiHttpCtx::new(),
+            http,
             egress: Egress {
                 plugin: meta.name.clone(),
                 allowed: meta.allowed_hosts.clone(),
@@ -528,6 +578,7 @@ impl PluginHost {
                 total_bytes: meta.memory_bytes,
                 used_bytes: 0,
             },
+            logged: 0,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -538,43 +589,9 @@ impl PluginHost {
 
     /// Gives the next call the plugin's whole time budget, counted from now.
     fn reset_deadline(store: &mut Store<PluginState>, meta: &PluginMeta) {
+        store.data_mut().logged = 0;
         let ticks = meta.timeout.as_millis().div_ceil(EPOCH_TICK.as_millis()) as u64 + 1;
         store.set_epoch_deadline(ticks);
-    }
-
-    /// Runs `call` under the plugin's deadline, bounding time in host calls (outbound HTTP) too,
-    /// and keeps the plugin's health: too many failures in a row disable it.
-    async fn guarded<T>(
-        &self,
-        plugin: &Plugin,
-        call: impl Future<Output = wasmtime::Result<T>>,
-    ) -> Result<T, PluginError> {
-        let meta = &plugin.meta;
-        let timeout =
-            || PluginError::Timeout { plugin: meta.name.to_string(), timeout_ms: meta.timeout.as_millis() as u64 };
-        let started = std::time::Instant::now();
-        let result = match tokio::time::timeout(meta.timeout + HOST_GRACE, call).await {
-            Err(_) => Err(timeout()),
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) => Err(timeout()),
-            Ok(Err(e)) => Err(PluginError::Trap { plugin: meta.name.to_string(), message: describe_error(&e) }),
-        };
-        let health = &plugin.health;
-        health.calls.fetch_add(1, Ordering::Relaxed);
-        health.call_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        match &result {
-            Ok(_) => health.consecutive.store(0, Ordering::Relaxed),
-            Err(e) => {
-                health.failures.fetch_add(1, Ordering::Relaxed);
-                let streak = health.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
-                if streak >= self.failure_limit {
-                    let reason = format!("disabled after {streak} consecutive failures; last: {e}");
-                    tracing::error!(plugin = %meta.name, "{reason}");
-                    *health.disabled.lock().expect("health") = Some(reason);
-                }
-            }
-        }
-        result
     }
 
     /// The plugin, if it is loaded and not disabled.
@@ -592,38 +609,50 @@ impl PluginHost {
         name: &str,
         actions: &[types::Action],
     ) -> Result<Vec<Result<(), types::DeliveryError>>, PluginError> {
-        let plugin = self.callable(name)?;
-        let Pre::Connector(pre) = &plugin.pre else {
-            return Err(PluginError::WrongKind { plugin: name.into(), actual: "enricher", expected: "connector" });
-        };
-        let mut store = self.store(&plugin.meta);
-        let results = self
-            .guarded(&plugin, async {
+        let (plugin, mut store) = self.connector(name)?;
+        let (failure_limit, owned) = (self.failure_limit, actions.to_vec());
+        let call = async move {
+            let Pre::Connector(pre) = &plugin.pre else { unreachable!("a connector") };
+            guarded(failure_limit, &plugin, async {
                 let instance = pre.instantiate_async(&mut store).await?;
-                instance.starling_plugin_deliver().call_deliver(&mut store, actions).await
+                instance.starling_plugin_deliver().call_deliver(&mut store, &owned).await
             })
-            .await?;
+            .await
+        };
+        let results =
+            self.calls.run(call).await.map_err(|message| PluginError::Trap { plugin: name.into(), message })??;
         if results.len() != actions.len() {
             return Err(PluginError::Trap {
                 plugin: name.into(),
                 message: format!("returned {} results for {} actions", results.len(), actions.len()),
             });
         }
-        Ok(results)
+        Ok(results.into_iter().map(bounded_delivery).collect())
     }
 
     /// Asks a connector to describe itself.
     pub async fn describe(&self, name: &str) -> Result<types::ConnectorInfo, PluginError> {
-        let plugin = self.callable(name)?;
-        let Pre::Connector(pre) = &plugin.pre else {
-            return Err(PluginError::WrongKind { plugin: name.into(), actual: "enricher", expected: "connector" });
+        let (plugin, mut store) = self.connector(name)?;
+        let failure_limit = self.failure_limit;
+        let call = async move {
+            let Pre::Connector(pre) = &plugin.pre else { unreachable!("a connector") };
+            guarded(failure_limit, &plugin, async {
+                let instance = pre.instantiate_async(&mut store).await?;
+                instance.starling_plugin_deliver().call_describe(&mut store).await
+            })
+            .await
         };
-        let mut store = self.store(&plugin.meta);
-        self.guarded(&plugin, async {
-            let instance = pre.instantiate_async(&mut store).await?;
-            instance.starling_plugin_deliver().call_describe(&mut store).await
-        })
-        .await
+        self.calls.run(call).await.map_err(|message| PluginError::Trap { plugin: name.into(), message })?
+    }
+
+    /// Connector `name`, if callable, with a fresh store for one call.
+    fn connector(&self, name: &str) -> Result<(Arc<Plugin>, Store<PluginState>), PluginError> {
+        let plugin = self.callable(name)?;
+        if !matches!(plugin.pre, Pre::Connector(_)) {
+            return Err(PluginError::WrongKind { plugin: name.into(), actual: "enricher", expected: "connector" });
+        }
+        let store = self.store(&plugin.meta);
+        Ok((plugin, store))
     }
 
     /// Runs an enricher on an event and profile, on an idle instance of it when there is one.
@@ -645,16 +674,15 @@ impl PluginHost {
             }
             None => (self.store(&plugin.meta), None, 0),
         };
-        let result = self
-            .guarded(&plugin, async {
-                let instance = match instance {
-                    Some(instance) => instance,
-                    None => pre.instantiate_async(&mut store).await?,
-                };
-                let result = instance.starling_plugin_enrich().call_enrich(&mut store, event, profile).await?;
-                Ok((instance, result))
-            })
-            .await;
+        let result = guarded(self.failure_limit, &plugin, async {
+            let instance = match instance {
+                Some(instance) => instance,
+                None => pre.instantiate_async(&mut store).await?,
+            };
+            let result = instance.starling_plugin_enrich().call_enrich(&mut store, event, profile).await?;
+            Ok((instance, result))
+        })
+        .await;
         let (instance, result) = result?;
         if calls + 1 < ENRICHER_REUSE {
             let mut idle = plugin.idle.lock().expect("idle enrichers");
@@ -662,8 +690,43 @@ impl PluginHost {
                 idle.push(IdleEnricher { store, instance, calls: calls + 1 });
             }
         }
-        Ok(result)
+        Ok(result.map_err(|m| bounded(m, MAX_MESSAGE_CHARS)))
     }
+}
+
+/// Runs `call` under the plugin's deadline, bounding time in host calls (outbound HTTP) too,
+/// and keeps the plugin's health: `failure_limit` failures in a row disable it.
+async fn guarded<T>(
+    failure_limit: u64,
+    plugin: &Plugin,
+    call: impl Future<Output = wasmtime::Result<T>>,
+) -> Result<T, PluginError> {
+    let meta = &plugin.meta;
+    let timeout =
+        || PluginError::Timeout { plugin: meta.name.to_string(), timeout_ms: meta.timeout.as_millis() as u64 };
+    let started = std::time::Instant::now();
+    let result = match tokio::time::timeout(meta.timeout + HOST_GRACE, call).await {
+        Err(_) => Err(timeout()),
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) => Err(timeout()),
+        Ok(Err(e)) => Err(PluginError::Trap { plugin: meta.name.to_string(), message: describe_error(&e) }),
+    };
+    let health = &plugin.health;
+    health.calls.fetch_add(1, Ordering::Relaxed);
+    health.call_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    match &result {
+        Ok(_) => health.consecutive.store(0, Ordering::Relaxed),
+        Err(e) => {
+            health.failures.fetch_add(1, Ordering::Relaxed);
+            let streak = health.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
+            if streak >= failure_limit {
+                let reason = format!("disabled after {streak} consecutive failures; last: {e}");
+                tracing::error!(plugin = %meta.name, "{reason}");
+                *health.disabled.lock().expect("health") = Some(reason);
+            }
+        }
+    }
+    result
 }
 
 /// Connector calls (and enrichers after a failure) instantiate afresh; the pooling allocator
@@ -733,7 +796,27 @@ fn describe_error(e: &wasmtime::Error) -> String {
         return format!("wasm trap: {trap}");
     }
     let text = format!("{e:?}");
-    text.lines().next().unwrap_or("unknown error").to_string()
+    bounded(text.lines().next().unwrap_or("unknown error").to_string(), MAX_MESSAGE_CHARS)
+}
+
+/// `text` cut to at most `max` characters.
+fn bounded(mut text: String, max: usize) -> String {
+    if let Some((cut, _)) = text.char_indices().nth(max) {
+        text.truncate(cut);
+    }
+    text
+}
+
+/// A connector's answer for one action, with its message cut to what the host keeps.
+fn bounded_delivery(result: Result<(), types::DeliveryError>) -> Result<(), types::DeliveryError> {
+    result.map_err(|e| match e {
+        types::DeliveryError::Permanent(m) => types::DeliveryError::Permanent(bounded(m, MAX_MESSAGE_CHARS)),
+        types::DeliveryError::Retryable(m) => types::DeliveryError::Retryable(bounded(m, MAX_MESSAGE_CHARS)),
+        types::DeliveryError::RateLimited(mut r) => {
+            r.message = bounded(r.message, MAX_MESSAGE_CHARS);
+            types::DeliveryError::RateLimited(r)
+        }
+    })
 }
 
 /// Runs a model's Wasm enrichers for the engine, from a thread outside the async runtime.

@@ -106,6 +106,49 @@ async fn a_loop_is_stopped_at_its_deadline_and_other_calls_go_on() {
 }
 
 #[tokio::test]
+async fn a_spinning_connector_does_not_hold_the_callers_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = PluginHost::new().unwrap();
+    let spinning = CONNECTOR.replace(
+        "#deliver\") (param i32 i32) (result i32) (i32.const 1024)",
+        "#deliver\") (param i32 i32) (result i32) (loop $l (br $l)) (unreachable)",
+    );
+    assert_ne!(spinning, CONNECTOR);
+    let bytes = component(&spinning, "connector", None);
+    host.load(&plugin(dir.path(), "spin", "connector", &bytes, "[limits]\ntimeout_ms = 300\n"), BTreeMap::new())
+        .unwrap();
+    // This test's runtime has one thread: a connector running on it would stop the ticker.
+    let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let ticker = tokio::spawn({
+        let ticks = ticks.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    let err = host.deliver("spin", &[]).await.unwrap_err();
+    ticker.abort();
+    assert!(matches!(err, PluginError::Timeout { timeout_ms: 300, .. }), "{err}");
+    let ticks = ticks.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(ticks >= 10, "the caller's thread ticked {ticks} times in 300 ms");
+}
+
+#[tokio::test]
+async fn the_host_keeps_at_most_a_thousand_characters_of_a_plugins_message() {
+    // err(string) at 1024: discriminant 1, then a 100,000-byte string of NULs at 2048.
+    let body = "(i32.store (i32.const 1024) (i32.const 1)) (i32.store (i32.const 1028) (i32.const 2048)) \
+                (i32.store (i32.const 1032) (i32.const 100000)) (i32.const 1024)";
+    let bytes = component(&enricher(body), "enricher", None);
+    let dir = tempfile::tempdir().unwrap();
+    let host = PluginHost::new().unwrap();
+    host.load(&plugin(dir.path(), "loud", "enricher", &bytes, ""), BTreeMap::new()).unwrap();
+    let message = host.enrich("loud", &event(), &profile()).await.unwrap().unwrap_err();
+    assert_eq!(message.chars().count(), 1_000);
+}
+
+#[tokio::test]
 async fn a_trap_fails_only_that_call() {
     let dir = tempfile::tempdir().unwrap();
     let host = PluginHost::new().unwrap();
@@ -288,4 +331,38 @@ async fn repeated_failures_disable_a_plugin_and_a_reload_brings_it_back() {
     assert_eq!(host.get("flaky").unwrap().health().0, 2, "a disabled plugin is not called");
     host.load(&manifest, BTreeMap::new()).unwrap();
     assert!(matches!(host.enrich("flaky", &event(), &profile()).await, Err(PluginError::Trap { .. })));
+}
+
+#[tokio::test]
+async fn a_precompiled_artifact_is_used_only_for_the_component_it_was_sealed_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let host_with_cache = |cache: &Path| {
+        PluginHost::with_options(starling_runtime::HostOptions {
+            cache_dir: Some(cache.to_path_buf()),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let artifact_in = |cache: &Path| {
+        std::fs::read_dir(cache)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "cwasm"))
+            .unwrap()
+    };
+    let answering = component(&enricher("(i32.const 1024)"), "enricher", None);
+    let trapping = component(&enricher("(unreachable)"), "enricher", None);
+    let (cache, other_cache) = (dir.path().join("cache"), dir.path().join("other"));
+    host_with_cache(&cache).load(&plugin(dir.path(), "ok", "enricher", &answering, ""), BTreeMap::new()).unwrap();
+    host_with_cache(&other_cache).load(&plugin(dir.path(), "bad", "enricher", &trapping, ""), BTreeMap::new()).unwrap();
+    let (artifact, foreign) = (artifact_in(&cache), artifact_in(&other_cache));
+    let sealed = std::fs::read(&artifact).unwrap();
+    assert!(artifact.with_extension("seal").is_file());
+
+    // Another component's artifact under this one's name is not used: it is compiled again.
+    std::fs::copy(&foreign, &artifact).unwrap();
+    let host = host_with_cache(&cache);
+    host.load(&plugin(dir.path(), "ok", "enricher", &answering, ""), BTreeMap::new()).unwrap();
+    assert_eq!(host.enrich("ok", &event(), &profile()).await.unwrap(), Ok(vec![]));
+    assert_eq!(std::fs::read(&artifact).unwrap().len(), sealed.len(), "the artifact was written again");
 }

@@ -148,6 +148,7 @@ impl App {
             max_memory_mib: model.server.plugin_max_memory_mib,
             max_timeout_ms: model.server.plugin_max_timeout_ms,
             trusted_keys: options.trusted_keys.clone(),
+            call_threads: model.server.plugin_threads,
         })?);
         if let Some(dir) = &options.plugins {
             for plugin in plugins.load_dir(dir, &model.plugin_config)? {

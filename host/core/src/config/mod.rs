@@ -142,6 +142,9 @@ impl Validator<'_> {
         let body_timeout_ms = server_duration("body_timeout", &raw.server.body_timeout, 30_000);
         let max_clock_skew_ms = server_duration("max_clock_skew", &raw.server.max_clock_skew, 600_000);
         let max_event_age_ms = server_duration("max_event_age", &raw.server.max_event_age, 30 * 86_400_000);
+        if !(1..=64).contains(&raw.server.plugin_threads) {
+            self.error(0..0, "server.plugin_threads must be between 1 and 64".to_string());
+        }
         if raw.server.max_profile_kib == 0 {
             self.error(0..0, "server.max_profile_kib must be at least 1".to_string());
         }

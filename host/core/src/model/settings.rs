@@ -34,6 +34,9 @@ pub struct ServerSettings {
     pub plugin_max_memory_mib: u64,
     #[serde(default = "default_plugin_max_timeout_ms")]
     pub plugin_max_timeout_ms: u64,
+    /// Threads connector calls run on, apart from the threads that serve HTTP.
+    #[serde(default = "default_plugin_threads")]
+    pub plugin_threads: usize,
     /// The most a profile may hold, in KiB: an event whose attribute updates would take a
     /// profile past it has them refused (its counters and visits still move).
     #[serde(default = "default_max_profile_kib")]
@@ -109,6 +112,9 @@ fn default_plugin_max_timeout_ms() -> u64 {
 fn default_max_profile_kib() -> u64 {
     256
 }
+fn default_plugin_threads() -> usize {
+    2
+}
 fn default_plugin_failure_limit() -> u64 {
     10
 }
@@ -136,6 +142,7 @@ impl Default for ServerSettings {
             plugin_max_memory_mib: default_plugin_max_memory_mib(),
             plugin_max_timeout_ms: default_plugin_max_timeout_ms(),
             max_profile_kib: default_max_profile_kib(),
+            plugin_threads: default_plugin_threads(),
             audience_size_interval: default_size_sample_interval(),
             admin_token: None,
             hostnames: Vec::new(),

@@ -398,3 +398,60 @@ async fn merges_across_partitions_survive_kill_9_and_fire_once() {
     assert!(keys.values().all(|k| k.len() == 1), "a person's repeated deliveries carry one idempotency key");
     server.stop();
 }
+
+/// SIGTERM while four clients post: requests that arrive after it are answered 503 with
+/// `Retry-After` (nothing applied), those under way are answered, the server exits within 10 s
+/// having written everything to SQLite, and the next start replays nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_under_load_refuses_new_requests_finishes_the_rest_and_exits_within_10_s() {
+    let _alone = harness::exclusive().await;
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = regulars_config(dir.path(), &receiver.url, "");
+    let server = Server::start(&config);
+    let url = url_of(&server);
+    let next = Arc::new(AtomicUsize::new(0));
+    let acked: Arc<std::sync::Mutex<HashSet<usize>>> = Arc::default();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (next, acked, refused, url) = (next.clone(), acked.clone(), refused.clone(), url.clone());
+        clients.spawn(async move {
+            let client = harness::client();
+            let mut r = next.fetch_add(1, Ordering::SeqCst) % ROUNDS;
+            loop {
+                let Ok(response) = client.post(&url).json(&round(r)).send().await else { return };
+                match response.status().as_u16() {
+                    202 => {
+                        acked.lock().unwrap().insert(r);
+                        r = next.fetch_add(1, Ordering::SeqCst) % ROUNDS;
+                    }
+                    503 => {
+                        assert_eq!(response.headers()["retry-after"], "5");
+                        refused.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    other => panic!("unexpected {other}"),
+                }
+            }
+        });
+    }
+    eventually("a third of the rounds acknowledged", Duration::from_secs(120), async || {
+        (acked.lock().unwrap().len() >= ROUNDS / 3).then_some(())
+    })
+    .await;
+    let took = server.terminate_within(Duration::from_secs(10));
+    while clients.join_next().await.is_some() {}
+    let acked = acked.lock().unwrap().clone();
+    assert!(refused.load(Ordering::SeqCst) > 0, "requests after SIGTERM are refused with 503");
+    eprintln!("exited {took:?} after SIGTERM; {} rounds acknowledged", acked.len());
+
+    let server = Server::start(&config);
+    assert_eq!(replayed_records(&server.logs()), 0, "a graceful stop leaves nothing to replay");
+    for v in [0, VISITORS - 1] {
+        let (_, p) = get_json(&format!("{}/v1/profiles/v{v}", server.url)).await;
+        assert!(p["event_count"].as_u64().unwrap() as usize >= acked.len(), "{p}");
+    }
+    resend_and_check_every_visitor(&server, &receiver, &acked).await;
+    server.stop();
+}

@@ -121,6 +121,19 @@ impl Server {
         panic!("starling did not stop on SIGTERM:\n{}", self.logs());
     }
 
+    /// Sends SIGTERM and returns how long the server took to exit (at most `limit`).
+    pub(crate) fn terminate_within(mut self, limit: Duration) -> Duration {
+        let started = Instant::now();
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        while started.elapsed() < limit {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return started.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("starling did not exit within {limit:?} of SIGTERM:\n{}", self.logs());
+    }
+
     /// Kills the server with SIGKILL: no shutdown, no flushing.
     pub(crate) fn kill9(mut self) {
         self.child.kill().expect("SIGKILL");

@@ -36,6 +36,8 @@ pub struct AppState {
     pub plugins: Arc<PluginHost>,
     /// Requests each ingestion partition may hold.
     pub queue_capacity: usize,
+    /// Set when the server is stopping: new requests are refused.
+    pub drain: crate::http::Drain,
 }
 
 /// The OpenAPI document of this API.
@@ -79,7 +81,30 @@ pub fn router(state: AppState) -> Router {
             state.model.body_timeout_ms as u64,
         )))
         .layer(axum::middleware::from_fn_with_state(state.clone(), check_host))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), refuse_while_stopping))
         .with_state(state)
+}
+
+/// Once the server is stopping, answers 503 with `Retry-After` and closes the connection, so
+/// that clients retry elsewhere or after the restart; counts the requests it lets through.
+async fn refuse_while_stopping(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if state.drain.is_stopping() {
+        let mut response = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is stopping; nothing from this request was applied",
+        )
+        .into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+        headers.insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+        return response;
+    }
+    let _under_way = state.drain.enter();
+    next.run(request).await
 }
 
 /// Refuses requests whose `Host` is not a name of this server.

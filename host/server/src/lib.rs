@@ -128,7 +128,12 @@ pub struct App {
     lanes: Vec<tokio::task::JoinHandle<()>>,
     stop_delivery: watch::Sender<bool>,
     pub plugins: Arc<PluginHost>,
+    database: std::path::PathBuf,
 }
+
+/// How long a stop waits for the deliveries under way; what is cut off stays pending in the
+/// outbox and is delivered after the restart, under the same idempotency key.
+const STOP_DELIVERIES: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl App {
     pub async fn start(options: Options) -> Result<App, ServerError> {
@@ -272,12 +277,14 @@ impl App {
                 hosts: Arc::new(origin::Hosts::new(&model.server.hostnames)),
                 plugins: plugins.clone(),
                 queue_capacity: model.server.ingest_queue.max(1),
+                drain: http::Drain::default(),
             },
             workers,
             feeders,
             stop_feeders,
             lanes,
             stop_delivery,
+            database: database.clone(),
             plugins,
         })
     }
@@ -314,7 +321,7 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         self.listening_on(listener.local_addr()?)?;
-        http::serve(listener, self.router(), self.http_limits(), shutdown).await;
+        http::serve(listener, self.router(), self.http_limits(), self.state.drain.clone(), shutdown).await;
         self.stop().await;
         Ok(())
     }
@@ -326,14 +333,16 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         self.listening_on(axum::serve::Listener::local_addr(&listener)?)?;
-        http::serve(listener, self.router(), self.http_limits(), shutdown).await;
+        http::serve(listener, self.router(), self.http_limits(), self.state.drain.clone(), shutdown).await;
         self.stop().await;
         Ok(())
     }
 
-    /// Stops the ingestion workers (after their queued work) and the delivery lanes.
+    /// Stops the ingestion workers (after their queued work, which they write to SQLite) and
+    /// the delivery lanes, and copies the WAL back into the database, so that the next start
+    /// has nothing to replay.
     pub async fn stop(self) {
-        let App { state, workers, feeders, stop_feeders, lanes, stop_delivery, .. } = self;
+        let App { state, workers, feeders, stop_feeders, lanes, stop_delivery, database, .. } = self;
         let _ = stop_feeders.send(true);
         for feeder in feeders {
             let _ = feeder.await;
@@ -343,8 +352,21 @@ impl App {
             let _ = tokio::task::spawn_blocking(move || worker.join()).await;
         }
         let _ = stop_delivery.send(true);
-        for lane in lanes {
-            let _ = lane.await;
+        let deadline = tokio::time::Instant::now() + STOP_DELIVERIES;
+        for mut lane in lanes {
+            if tokio::time::timeout_at(deadline, &mut lane).await.is_err() {
+                lane.abort();
+            }
+        }
+        let checkpoint = tokio::task::spawn_blocking(move || {
+            let conn = starling_store::open(&database)?;
+            starling_store::truncate_wal(&conn)
+        });
+        match checkpoint.await {
+            Ok(Ok(true)) => tracing::info!("database checkpointed"),
+            Ok(Ok(false)) => tracing::info!("database checkpoint put off: a reader is still open"),
+            Ok(Err(e)) => tracing::warn!("final checkpoint: {e}"),
+            Err(e) => tracing::warn!("final checkpoint: {e}"),
         }
     }
 }

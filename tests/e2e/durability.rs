@@ -455,3 +455,66 @@ async fn sigterm_under_load_refuses_new_requests_finishes_the_rest_and_exits_wit
     resend_and_check_every_visitor(&server, &receiver, &acked).await;
     server.stop();
 }
+
+/// `starling check` on a stopped server's files finds nothing on a healthy one; a damaged
+/// SQLite page then stops the start with an error naming the file and the check, and
+/// `starling check` lists the damage and fails.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_database_stops_the_start_and_starling_check_says_what_it_found() {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = regulars_config(dir.path(), &receiver.url, "");
+    let server = Server::start(&config);
+    let client = harness::client();
+    for r in 0..20 {
+        assert_eq!(post(&client, &url_of(&server), &round(r)).await.unwrap(), 202);
+    }
+    server.stop();
+    let check = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+            .args(["check", "--config", config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    let (ok, report) = check();
+    assert!(ok && report.contains("integrity_check ok") && report.contains("no damage found"), "{report}");
+
+    // Scribble over a page in the middle of the file, as a failing disk might.
+    let database = dir.path().join("starling.db");
+    let mut bytes = std::fs::read(&database).unwrap();
+    let page = bytes.len() / 4096 / 2;
+    bytes[page * 4096..page * 4096 + 4096].fill(0x55);
+    std::fs::write(&database, &bytes).unwrap();
+
+    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args(["serve", "--config", config.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = serve.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            serve.kill().unwrap();
+            panic!("the server started on a damaged database");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = serve.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!status.success());
+    assert!(
+        stderr.contains(&format!("database {} is damaged: SQLite's quick_check found", database.display())),
+        "{stderr}"
+    );
+    let (ok, report) = check();
+    assert!(!ok, "{report}");
+    assert!(report.contains("integrity_check found") && report.contains("damage found"), "{report}");
+}

@@ -3,6 +3,7 @@
 mod build;
 mod client;
 mod import;
+mod integrity;
 mod loadgen;
 mod plugin_test;
 mod registry;
@@ -78,6 +79,12 @@ enum Command {
         db: DatabaseArgs,
         #[command(subcommand)]
         command: ActionsCommand,
+    },
+    /// Check a stopped server's files: SQLite's integrity check over the database and every
+    /// event log record's checksum. Fails when it finds damage.
+    Check {
+        #[command(flatten)]
+        db: DatabaseArgs,
     },
 }
 
@@ -237,6 +244,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Config { command: ConfigCommand::Check { file, plugins } } => check(&file, plugins),
         Command::Actions { db, command } => actions(&db, command),
+        Command::Check { db } => db.path().and_then(|path| integrity::run(&path)),
         Command::Profile { server, command } => profile(&server, command),
         Command::Loadgen(options) => loadgen::run(options),
         Command::Import(options) => import::run(options),

@@ -16,7 +16,7 @@ mod segment;
 
 pub use memory::MemoryLog;
 pub use partition::{PARTITIONS, Partition, partition_of};
-pub use segment::SegmentLog;
+pub use segment::{LogCheck, SegmentLog};
 
 /// A record's place in the log. Positions grow within a partition; this crate's backends number
 /// all partitions' records in one sequence, starting at 1.

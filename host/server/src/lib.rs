@@ -145,6 +145,7 @@ impl App {
         let test_clock = options.test_clock;
         let model = Arc::new(options.model);
         let database = options.database.clone();
+        check_database(&database, model.server.check_at_start).await?;
         let blobs = starling_store::blob_dir(&database);
         let loading = std::time::Instant::now();
         let plugins = Arc::new(PluginHost::with_options(HostOptions {
@@ -369,6 +370,31 @@ impl App {
             Err(e) => tracing::warn!("final checkpoint: {e}"),
         }
     }
+}
+
+/// Runs SQLite's consistency check on an existing database before anything reads or writes it:
+/// a damaged page stops the start with an error naming the file and the check, instead of
+/// serving what it holds.
+async fn check_database(
+    database: &std::path::Path,
+    level: starling_core::model::StartCheck,
+) -> Result<(), ServerError> {
+    use starling_core::model::StartCheck;
+    let level = match level {
+        StartCheck::Off => return Ok(()),
+        StartCheck::Quick => starling_store::Integrity::Quick,
+        StartCheck::Full => starling_store::Integrity::Full,
+    };
+    if !database.exists() {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let path = database.to_path_buf();
+    tokio::task::spawn_blocking(move || starling_store::check_integrity(&path, level, 10))
+        .await
+        .map_err(|e| ServerError::Io(std::io::Error::other(e.to_string())))??;
+    tracing::info!(check = ?level, elapsed_ms = started.elapsed().as_millis() as u64, "database checked");
+    Ok(())
 }
 
 /// Hands profiles whose wake-up time has come to the pipeline, which ends their visits and

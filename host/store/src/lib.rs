@@ -18,6 +18,47 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("stored profile `{id}` is unreadable: {message}")]
     Corrupt { id: String, message: String },
+    #[error(
+        "database {path} is damaged: SQLite's {check} found: {}; nothing was started (`starling check` lists every problem; restore a backup with `starling restore`)",
+        problems.join("; ")
+    )]
+    Damaged { path: String, check: &'static str, problems: Vec<String> },
+}
+
+/// How thoroughly [`check_integrity`] reads the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Integrity {
+    /// `PRAGMA quick_check`: every page and b-tree is well formed (not that indexes match).
+    Quick,
+    /// `PRAGMA integrity_check`: the quick check, and every index matches its table.
+    Full,
+}
+
+/// Reads the database at `path` with SQLite's own consistency check; a damaged file is an
+/// error naming it, the check and (up to `max_problems`) what the check found.
+pub fn check_integrity(path: &Path, level: Integrity, max_problems: usize) -> Result<()> {
+    let check = match level {
+        Integrity::Quick => "quick_check",
+        Integrity::Full => "integrity_check",
+    };
+    let damaged = |problems| StoreError::Damaged { path: path.display().to_string(), check, problems };
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let found: rusqlite::Result<Vec<String>> = (|| {
+        let mut stmt = conn.prepare(&format!("PRAGMA {check}({max_problems})"))?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        rows.collect()
+    })();
+    match found {
+        Ok(rows) if rows == ["ok"] => Ok(()),
+        Ok(rows) => Err(damaged(rows)),
+        // SQLite may stop at a page it cannot read at all.
+        Err(rusqlite::Error::SqliteFailure(e, message))
+            if matches!(e.code, rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) =>
+        {
+            Err(damaged(vec![message.unwrap_or_else(|| e.to_string())]))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;

@@ -12,7 +12,7 @@ pub use audience::Audience;
 pub use enrichment::{EnricherRef, Enrichment, When};
 pub use identity::{DEFAULT_BLOCKED_IDS, IdentitySettings};
 pub use ingestion::{DataSource, EventSpec, FieldSpec, FieldType, History, ImportDef, OnViolation, Retention};
-pub use settings::{EventLogKind, ServerSettings};
+pub use settings::{EventLogKind, ServerSettings, StartCheck};
 
 use crate::attribute::{AttributeDef, preloaded_type};
 use crate::diagnostic::{Diagnostic, line_col};

@@ -74,10 +74,23 @@ pub struct ServerSettings {
     pub tls_cert: Option<String>,
     #[serde(default)]
     pub tls_key: Option<String>,
+    /// How the database is checked before the server starts on it: `quick` (SQLite's
+    /// `quick_check`, the default), `full` (`integrity_check`) or `off`.
+    #[serde(default)]
+    pub check_at_start: StartCheck,
     /// Where acknowledged work is recorded: `file` (segment files next to the database, the
     /// default) or `memory` (not durable: for measuring the pipeline without the disk).
     #[serde(default)]
     pub event_log: EventLogKind,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartCheck {
+    #[default]
+    Quick,
+    Full,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -153,6 +166,7 @@ impl Default for ServerSettings {
             body_timeout: default_body_timeout(),
             tls_cert: None,
             tls_key: None,
+            check_at_start: StartCheck::Quick,
             event_log: EventLogKind::File,
         }
     }

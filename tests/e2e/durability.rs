@@ -518,3 +518,91 @@ async fn a_damaged_database_stops_the_start_and_starling_check_says_what_it_foun
     assert!(!ok, "{report}");
     assert!(report.contains("integrity_check found") && report.contains("damage found"), "{report}");
 }
+
+/// `starling backup` copies a serving instance's database while clients post (their requests
+/// keep being answered); a copy restored onto a fresh directory starts a server holding every
+/// profile, membership and pending action the original holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_taken_under_load_restores_every_profile_membership_and_pending_action() {
+    let _alone = harness::exclusive().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens there: the welcomes stay pending, retried.
+    let config = regulars_config(dir.path(), "http://127.0.0.1:9", "");
+    let server = Server::start(&config);
+    let url = url_of(&server);
+    let next = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (next, answered, url) = (next.clone(), answered.clone(), url.clone());
+        clients.spawn(async move {
+            let client = harness::client();
+            loop {
+                let r = next.fetch_add(1, Ordering::SeqCst);
+                if r >= ROUNDS {
+                    return;
+                }
+                assert_eq!(post(&client, &url, &round(r)).await.unwrap(), 202);
+                answered.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    eventually("some rounds in", Duration::from_secs(60), async || {
+        (answered.load(Ordering::SeqCst) >= 10).then_some(())
+    })
+    .await;
+    let backup = |file: &Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+            .args(["backup", file.to_str().unwrap(), "--server", &server.url])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let before = answered.load(Ordering::SeqCst);
+    let report = backup(&dir.path().join("during.db"));
+    let during = answered.load(Ordering::SeqCst) - before;
+    eprintln!("{report}{during} requests answered while the backup was taken");
+    assert!(report.contains("reflecting event log position"), "{report}");
+    while clients.join_next().await.is_some() {}
+
+    // With the stream done, a copy of the serving instance, restored onto a fresh directory.
+    backup(&dir.path().join("after.db"));
+    let fresh = tempfile::tempdir().unwrap();
+    let restored_config = regulars_config(fresh.path(), "http://127.0.0.1:9", "");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args(["restore", dir.path().join("after.db").to_str().unwrap(), "--config", restored_config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let restored = Server::start(&restored_config);
+    assert_eq!(replayed_records(&restored.logs()), 0);
+    for v in 0..VISITORS {
+        let path = format!("/v1/profiles/v{v}");
+        let (_, original) = get_json(&format!("{}{path}", server.url)).await;
+        let (_, copy) = get_json(&format!("{}{path}", restored.url)).await;
+        assert_eq!(original, copy, "visitor v{v}");
+        assert_eq!(original["event_count"], ROUNDS);
+    }
+    let (_, original) = get_json(&format!("{}/v1/audiences", server.url)).await;
+    let (_, copy) = get_json(&format!("{}/v1/audiences", restored.url)).await;
+    assert_eq!(original["audiences"][0]["size"], VISITORS);
+    assert_eq!(original["audiences"][0]["size"], copy["audiences"][0]["size"]);
+    let pending = async |server: &Server| {
+        let (_, actions) = get_json(&format!("{}/v1/actions?limit=10000", server.url)).await;
+        let mut ids: Vec<(i64, String)> = actions["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["status"] != "delivered")
+            .map(|a| (a["id"].as_i64().unwrap(), a["profile_id"].as_str().unwrap().to_string()))
+            .collect();
+        ids.sort();
+        ids
+    };
+    let (original, copy) = (pending(&server).await, pending(&restored).await);
+    assert_eq!(original.len(), VISITORS, "one pending welcome per visitor");
+    assert_eq!(original, copy);
+    restored.stop();
+    server.stop();
+}

@@ -1,5 +1,6 @@
 //! The `starling` command.
 
+mod backup;
 mod build;
 mod client;
 mod import;
@@ -79,6 +80,24 @@ enum Command {
         db: DatabaseArgs,
         #[command(subcommand)]
         command: ActionsCommand,
+    },
+    /// Save a consistent copy of a running server's database (ingestion goes on meanwhile).
+    Backup {
+        /// The file to write (must not exist).
+        file: PathBuf,
+        #[command(flatten)]
+        server: client::ServerArgs,
+    },
+    /// Put a backup in place as the database a configuration names (or `--database`), for a
+    /// server to start from. The server on that database must be stopped.
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+        #[command(flatten)]
+        db: DatabaseArgs,
+        /// Replace an existing database and its event log.
+        #[arg(long)]
+        force: bool,
     },
     /// Check a stopped server's files: SQLite's integrity check over the database and every
     /// event log record's checksum. Fails when it finds damage.
@@ -245,6 +264,8 @@ fn main() -> std::process::ExitCode {
         Command::Config { command: ConfigCommand::Check { file, plugins } } => check(&file, plugins),
         Command::Actions { db, command } => actions(&db, command),
         Command::Check { db } => db.path().and_then(|path| integrity::run(&path)),
+        Command::Backup { file, server } => backup::backup(&server, &file),
+        Command::Restore { file, db, force } => db.path().and_then(|path| backup::restore(&file, &path, force)),
         Command::Profile { server, command } => profile(&server, command),
         Command::Loadgen(options) => loadgen::run(options),
         Command::Import(options) => import::run(options),

@@ -38,6 +38,8 @@ pub struct AppState {
     pub queue_capacity: usize,
     /// Set when the server is stopping: new requests are refused.
     pub drain: crate::http::Drain,
+    /// The SQLite file, for backups.
+    pub database: std::path::PathBuf,
 }
 
 /// The OpenAPI document of this API.
@@ -63,6 +65,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/imports/{definition}/{file_sha256}", get(get_import))
         .route("/v1/audit", get(get_audit))
         .route("/v1/plugins", get(get_plugins))
+        .route("/v1/backup", get(backup))
         .route("/metrics", get(metrics));
     // Moving the clock is an admin call like any other: it is routed before the admin layer.
     let admin = if state.test_clock { admin.route("/v1/test/clock", post(advance_clock)) } else { admin };
@@ -281,6 +284,45 @@ async fn read<T: Send + 'static>(
     Ok(tokio::task::spawn_blocking(move || f(&conn.lock().expect("read connection")))
         .await
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "read task failed"))??)
+}
+
+/// A consistent copy of the database, streamed: everything acknowledged before the request is
+/// in it, ingestion goes on while it is written, and `X-Starling-Log-Position` says which event
+/// log position it reflects.
+async fn backup(State(state): State<AppState>) -> Result<Response, ApiError> {
+    state.ingest.materialize().await?;
+    static BACKUPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = BACKUPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!(".backup-{}-{n}.db", std::process::id());
+    let copy = state.database.with_file_name(name);
+    let (database, into) = (state.database.clone(), copy.clone());
+    let position = tokio::task::spawn_blocking(move || starling_store::snapshot(&database, &into))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backup task failed"));
+    let opened = match position {
+        Ok(Ok(position)) => tokio::fs::File::open(&copy).await.map(|file| (position, file)).map_err(backup_io),
+        Ok(Err(e)) => Err(e.into()),
+        Err(e) => Err(e),
+    };
+    // Open (or failed), the copy leaves the directory at once; the open file streams on.
+    let _ = std::fs::remove_file(&copy);
+    let (position, file) = opened?;
+    let length = file.metadata().await.map_err(backup_io)?.len();
+    tracing::info!(position, bytes = length, "backup taken");
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/vnd.sqlite3".to_string()),
+            (header::CONTENT_LENGTH, length.to_string()),
+            (header::CONTENT_DISPOSITION, "attachment; filename=\"starling-backup.db\"".to_string()),
+            (header::HeaderName::from_static("x-starling-log-position"), position.to_string()),
+        ],
+        axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file)),
+    )
+        .into_response())
+}
+
+fn backup_io(e: std::io::Error) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the backup: {e}"))
 }
 
 async fn get_profile(

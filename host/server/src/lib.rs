@@ -279,6 +279,7 @@ impl App {
                 plugins: plugins.clone(),
                 queue_capacity: model.server.ingest_queue.max(1),
                 drain: http::Drain::default(),
+                database: database.clone(),
             },
             workers,
             feeders,

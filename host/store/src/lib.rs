@@ -262,6 +262,17 @@ pub fn log_positions(conn: &Connection) -> Result<Vec<(u16, u64)>> {
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
+/// Writes a consistent copy of the database at `database` into the new file `into` (SQLite's
+/// `VACUUM INTO`, inside one read transaction: writers go on meanwhile) and returns the last
+/// event log position the copy reflects.
+pub fn snapshot(database: &Path, into: &Path) -> Result<u64> {
+    let conn = Connection::open_with_flags(database, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.execute("VACUUM INTO ?1", [into.to_string_lossy()])?;
+    let copy = Connection::open_with_flags(into, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    Ok(log_positions(&copy)?.into_iter().map(|(_, p)| p).max().unwrap_or(0))
+}
+
 /// Whether the merge handed on from log record `origin` was applied.
 pub fn handoff_applied(conn: &Connection, origin: &str) -> Result<bool> {
     Ok(conn.prepare_cached("SELECT 1 FROM handoffs WHERE origin = ?1")?.exists([origin])?)

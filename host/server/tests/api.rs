@@ -636,19 +636,20 @@ connector = "hook"
 "#;
 
 /// Everything the state derived from the log holds, row by row, without what only says when
-/// or in which order rows were written (row ids, delivery attempts).
+/// or in which order rows were written (row ids, delivery attempts, and how early a profile's
+/// wake-up was scheduled, which depends on how its events fell into batches).
 fn state_of(database: &std::path::Path) -> Vec<String> {
     let conn = rusqlite::Connection::open(database).unwrap();
     let mut rows = Vec::new();
     for sql in [
-        "SELECT 'profile ' || id || ' ' || data || ' ' || updated_ms FROM profiles",
+        "SELECT 'profile ' || id || ' ' || json_remove(data, '$.scheduled_wakeup_ms') || ' ' || updated_ms FROM profiles",
         "SELECT 'id ' || visitor_id || ' ' || profile_id FROM identities",
         "SELECT 'member ' || profile_id || ' ' || audience || ' ' || joined_ms FROM memberships",
         "SELECT 'action ' || action || ' ' || trigger || ' ' || audience || ' ' || profile_id || ' ' || occurred_ms
              || ' ' || payload || ' ' || origin FROM outbox",
         "SELECT 'event ' || profile_id || ' ' || name || ' ' || data || ' ' || coalesce(event_id, '') FROM events",
         "SELECT 'seen ' || event_id || ' ' || seen_ms FROM seen_events",
-        "SELECT 'wakeup ' || profile_id || ' ' || due_ms FROM wakeups",
+        "SELECT 'wakeup ' || profile_id FROM wakeups",
     ] {
         let mut stmt = conn.prepare(sql).unwrap();
         rows.extend(stmt.query_map([], |r| r.get::<_, String>(0)).unwrap().map(Result::unwrap));

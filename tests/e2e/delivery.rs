@@ -299,3 +299,153 @@ async fn delayed_actions_fire_only_if_still_in_the_audience_even_across_a_restar
     assert!(arrivals_for(&receiver, "leaves").is_empty());
     server.stop();
 }
+
+/// How a destination misbehaves once it has read a request.
+#[derive(Clone, Copy)]
+enum Misbehaviour {
+    /// Accepts the connection and never answers.
+    Silent,
+    /// Answers a byte per second, never finishing its headers.
+    Trickle,
+    /// Answers 200 with a 10 GB body, as fast as the connection takes it.
+    Flood,
+}
+
+/// A loopback TCP server misbehaving in `how`; returns its URL and its connection count.
+async fn misbehaving(how: Misbehaviour) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else { return };
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 64 * 1024];
+                let _ = socket.read(&mut request).await;
+                match how {
+                    Misbehaviour::Silent => {
+                        let _ = socket.read(&mut request).await;
+                    }
+                    Misbehaviour::Trickle => {
+                        for byte in b"HTTP/1.1 200 OK\r\nx-slow: ".iter().chain(std::iter::repeat(&b'z')) {
+                            if socket.write_all(&[*byte]).await.is_err() {
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                    Misbehaviour::Flood => {
+                        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 10737418240\r\n\r\n";
+                        let zeros = vec![0u8; 64 * 1024];
+                        if socket.write_all(head).await.is_err() {
+                            return;
+                        }
+                        while socket.write_all(&zeros).await.is_ok() {}
+                    }
+                }
+            });
+        }
+    });
+    (url, connections)
+}
+
+/// Destinations that accept and never answer, trickle a byte a second, or send 10 GB: each
+/// call ends at the connector's deadline or the response-size cap, the lanes back off, the
+/// server's memory stays bounded, and a healthy destination's latency does not change.
+#[tokio::test(flavor = "multi_thread")]
+async fn destinations_that_hang_trickle_or_flood_cost_only_their_own_lanes() {
+    let _alone = harness::exclusive().await;
+    let healthy = Receiver::start().await;
+    let (silent, silent_calls) = misbehaving(Misbehaviour::Silent).await;
+    let (trickle, trickle_calls) = misbehaving(Misbehaviour::Trickle).await;
+    let (flood, flood_calls) = misbehaving(Misbehaviour::Flood).await;
+    let dir = tempfile::tempdir().unwrap();
+    let bad = |name: &str, url: &str| {
+        format!(
+            "\n[[action]]\nname = \"{name}\"\naudience = \"bad\"\ntrigger = \"joined\"\nconnector = \"webhook\"\nsettings = {{ url = \"{url}/x\" }}\nparams = {{ who = \"profile_id\" }}\n"
+        )
+    };
+    let actions = format!(
+        "{}\n[[attribute]]\nname = \"bad\"\nscope = \"visitor\"\ntype = \"boolean\"\n\
+         [[enrichment]]\nattribute = \"bad\"\nop = \"set\"\nevent = \"bad\"\n\
+         [[audience]]\nname = \"bad\"\nrule = {{ attribute = \"bad\", op = \"=\", value = true }}\n{}{}{}",
+        action("to_healthy", &format!("{}/h", healthy.url), ""),
+        bad("to_silent", &silent),
+        bad("to_trickle", &trickle),
+        bad("to_flood", &flood),
+    );
+    let config = toggle_config(dir.path(), &actions);
+    // A 1 s deadline, so that the test sees several calls end.
+    harness::install(harness::connectors(), "webhook", &dir.path().join("plugins"), |m| {
+        m.replace("timeout_ms = 5000", "timeout_ms = 1000")
+    });
+    let server = Server::start(&config);
+    let baseline = median_latency(&server, &healthy, "base", 30).await;
+
+    for i in 0..10 {
+        let (status, _) = post_json(
+            &format!("{}/v1/events", server.url),
+            &json!({"event": "trouble", "visitor_id": format!("bad-{i}"), "data": {"bad": true}}),
+        )
+        .await;
+        assert_eq!(status, 202);
+    }
+    eventually("every bad destination called", Duration::from_secs(20), async || {
+        [&silent_calls, &trickle_calls, &flood_calls].iter().all(|c| c.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    let during = median_latency(&server, &healthy, "during", 30).await;
+    eprintln!("healthy destination p50 latency: baseline {baseline:?}, with three hanging destinations {during:?}");
+    assert!(during <= baseline.mul_f64(1.5) + Duration::from_millis(2), "{during:?} vs {baseline:?}");
+
+    // Calls to each bad destination end, with the reason kept, to be retried later (the lane's
+    // circuit breaker then holds back the rest: the oldest rows probe the destination).
+    let failed = eventually("each bad action's call ended", Duration::from_secs(30), async || {
+        let (_, actions) = get_json(&format!("{}/v1/actions?limit=1000", server.url)).await;
+        let (_, dead) = get_json(&format!("{}/v1/dead-letters?limit=1000", server.url)).await;
+        let failed: Vec<serde_json::Value> = actions["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["status"] == "pending")
+            .chain(dead["dead_letters"].as_array().unwrap())
+            .filter(|a| a["action"] != "to_healthy" && a["last_error"].is_string())
+            .cloned()
+            .collect();
+        let per_action = |name: &str| failed.iter().filter(|a| a["action"] == name).count();
+        ["to_silent", "to_trickle", "to_flood"].iter().all(|n| per_action(n) >= 3).then_some(failed)
+    })
+    .await;
+    let reasons = |name: &str| -> Vec<String> {
+        failed.iter().filter(|a| a["action"] == name).map(|a| a["last_error"].as_str().unwrap().to_string()).collect()
+    };
+    // No answer (or no whole header) within the deadline: the host ends the wait.
+    let timed_out = |r: &String| r.contains("HttpResponseTimeout") || r.contains("exceeded its 1000 ms deadline");
+    assert!(reasons("to_silent").iter().all(timed_out), "{:?}", reasons("to_silent"));
+    assert!(reasons("to_trickle").iter().all(timed_out), "{:?}", reasons("to_trickle"));
+    assert!(
+        reasons("to_flood")
+            .iter()
+            .all(|r| r.contains("too large") || r.contains("HttpResponseBodySize") || timed_out(r)),
+        "{:?}",
+        reasons("to_flood")
+    );
+    assert!(server.rss_kib() < 512 * 1024, "resident memory {} KiB after a 10 GB answer", server.rss_kib());
+    // Backing off: in the next 3 s each lane calls again at most a few times.
+    let before: Vec<usize> =
+        [&silent_calls, &trickle_calls, &flood_calls].iter().map(|c| c.load(Ordering::SeqCst)).collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after: Vec<usize> =
+        [&silent_calls, &trickle_calls, &flood_calls].iter().map(|c| c.load(Ordering::SeqCst)).collect();
+    eprintln!("connections to the bad destinations: {before:?} then, 3 s later, {after:?}");
+    eprintln!("a flood's call ended with: {:?}", reasons("to_flood").first());
+    // Without backing off, a lane of 1 s calls would make dozens in 3 s.
+    assert!(before.iter().zip(&after).all(|(b, a)| a - b <= 10), "{before:?} then {after:?}");
+    // The webhook plugin was not disabled by its destinations' faults.
+    let (_, plugins) = get_json(&format!("{}/v1/plugins", server.url)).await;
+    assert!(plugins.to_string().contains("webhook") && !plugins.to_string().contains("disabled after"), "{plugins}");
+    server.stop();
+}

@@ -263,8 +263,25 @@ impl WasiHttpHooks for Egress {
             };
             // The pool drives the connection; there is nothing more to wait for.
             let done = Box::new(async { Ok(()) }) as Box<dyn Future<Output = Result<(), HttpError>> + Send>;
-            Ok((response.map(|body| body.map_err(HttpError::Hyper).boxed_unsync()), done))
+            // However large a response claims to be, the host passes on at most this much of it.
+            let body =
+                |body| http_body_util::Limited::new(body, MAX_RESPONSE_BYTES).map_err(response_error).boxed_unsync();
+            Ok((response.map(body), done))
         })
+    }
+}
+
+/// The most of one response body a plugin is given; past it, reading fails.
+pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
+/// The wasi:http error for a response body that failed or passed `MAX_RESPONSE_BYTES`.
+fn response_error(error: Box<dyn std::error::Error + Send + Sync>) -> HttpError {
+    match error.downcast::<hyper::Error>() {
+        Ok(e) => HttpError::Hyper(*e),
+        Err(other) if other.is::<http_body_util::LengthLimitError>() => {
+            HttpError::HttpResponseBodySize(Some(MAX_RESPONSE_BYTES as u64))
+        }
+        Err(_) => HttpError::HttpProtocolError,
     }
 }
 

@@ -705,17 +705,23 @@ async fn guarded<T>(
     let timeout =
         || PluginError::Timeout { plugin: meta.name.to_string(), timeout_ms: meta.timeout.as_millis() as u64 };
     let started = std::time::Instant::now();
-    let result = match tokio::time::timeout(meta.timeout + HOST_GRACE, call).await {
-        Err(_) => Err(timeout()),
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) => Err(timeout()),
-        Ok(Err(e)) => Err(PluginError::Trap { plugin: meta.name.to_string(), message: describe_error(&e) }),
+    // A deadline passed while the plugin waited on the host (an outside service that does not
+    // answer) is the destination's doing: it fails the call but does not count towards
+    // disabling the plugin, which a hanging destination would otherwise take from every other.
+    let (result, plugins_doing) = match tokio::time::timeout(meta.timeout + HOST_GRACE, call).await {
+        Err(_) => (Err(timeout()), false),
+        Ok(Ok(v)) => (Ok(v), false),
+        Ok(Err(e)) if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) => (Err(timeout()), true),
+        Ok(Err(e)) => (Err(PluginError::Trap { plugin: meta.name.to_string(), message: describe_error(&e) }), true),
     };
     let health = &plugin.health;
     health.calls.fetch_add(1, Ordering::Relaxed);
     health.call_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
     match &result {
         Ok(_) => health.consecutive.store(0, Ordering::Relaxed),
+        Err(_) if !plugins_doing => {
+            health.failures.fetch_add(1, Ordering::Relaxed);
+        }
         Err(e) => {
             health.failures.fetch_add(1, Ordering::Relaxed);
             let streak = health.consecutive.fetch_add(1, Ordering::Relaxed) + 1;

@@ -606,3 +606,135 @@ async fn a_backup_taken_under_load_restores_every_profile_membership_and_pending
     restored.stop();
     server.stop();
 }
+
+/// A tmpfs mounted for a test, unmounted when dropped.
+struct Mount(tempfile::TempDir);
+
+impl Mount {
+    /// A `size` tmpfs, or `None` (with the reason printed) where mounting is not allowed.
+    fn tmpfs(size: &str) -> Option<Mount> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(out) if out.status.success() => Some(Mount(dir)),
+            Ok(out) => {
+                eprintln!("SKIPPED: mounting a tmpfs is not allowed here: {}", String::from_utf8_lossy(&out.stderr));
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: no mount command: {e}");
+                None
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+/// The database on a small tmpfs that fills up: ingestion answers 507 naming the cause, reads
+/// go on, `/healthz` and `/metrics` say so; once space is freed the server resumes by itself,
+/// and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_refuses_events_with_507_and_the_server_resumes_when_space_is_freed() {
+    let Some(mount) = Mount::tmpfs("64m") else { return };
+    let _alone = harness::exclusive().await;
+    let receiver = Receiver::start().await;
+    let config = regulars_config(mount.path(), &receiver.url, "");
+    let server = Server::start(&config);
+    let url = url_of(&server);
+    let client = harness::client();
+    assert_eq!(post(&client, &url, &round(0)).await.unwrap(), 202);
+    // Leave about 1 MB free.
+    let free = || {
+        let out = std::process::Command::new("df").args(["--output=avail", "-B1"]).arg(mount.path()).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse::<u64>().unwrap()
+    };
+    let filler = mount.path().join("filler");
+    std::fs::write(&filler, vec![0u8; (free() - 1_000_000) as usize]).unwrap();
+
+    let mut acked = HashSet::from([0]);
+    let mut refusal = None;
+    for r in 1..ROUNDS {
+        let response = client.post(&url).json(&round(r)).send().await.unwrap();
+        match response.status().as_u16() {
+            202 => {
+                acked.insert(r);
+            }
+            507 => {
+                assert_eq!(response.headers()["retry-after"], "1");
+                refusal = Some(response.json::<serde_json::Value>().await.unwrap());
+                break;
+            }
+            other => panic!("round {r}: {other} {}", response.text().await.unwrap()),
+        }
+    }
+    let refusal = refusal.expect("the disk filled up");
+    let message = refusal["error"].as_str().unwrap();
+    assert!(
+        message.starts_with("the disk is full (") && message.contains("none of these 500 events was stored"),
+        "{message}"
+    );
+    let (status, health) = get_json(&format!("{}/healthz", server.url)).await;
+    assert_eq!((status, health["status"].as_str()), (503, Some("disk_full")), "{health}");
+    let (_, metrics) = harness::client()
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .map(|t| ((), t))
+        .unwrap();
+    assert!(metrics.contains("starling_disk_full 1"), "{metrics}");
+    let (status, profile) = get_json(&format!("{}/v1/profiles/v1", server.url)).await;
+    assert_eq!(status, 200, "reads go on: {profile}");
+    eprintln!("{} rounds acknowledged before the disk filled; refused with: {message}", acked.len());
+
+    // Space comes back: the server goes on by itself.
+    std::fs::remove_file(&filler).unwrap();
+    let rest: Vec<usize> = (0..ROUNDS).filter(|r| !acked.contains(r)).collect();
+    let accepted = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let response = client.post(&url).json(&round(rest[0])).send().await.unwrap();
+            if response.status() == 202 {
+                return;
+            }
+            eprintln!("{} {}", response.status(), response.text().await.unwrap());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    if accepted.is_err() {
+        let logs = server.logs();
+        let tail: Vec<&str> = logs.lines().rev().filter(|l| !l.contains("kept to try again")).take(15).collect();
+        panic!("ingestion not accepted again; server log ends:\n{}", tail.join("\n"));
+    }
+    for r in &rest {
+        let response = client.post(&url).json(&round(*r)).send().await.unwrap();
+        let status = response.status().as_u16();
+        assert_eq!(status, 202, "round {r}: {}", response.text().await.unwrap());
+    }
+    let (status, health) = get_json(&format!("{}/healthz", server.url)).await;
+    assert_eq!((status, health["status"].as_str()), (200, Some("ok")), "{health}");
+    for v in [0, VISITORS / 2, VISITORS - 1] {
+        let (_, p) = get_json(&format!("{}/v1/profiles/v{v}", server.url)).await;
+        assert_eq!(p["event_count"].as_u64(), Some(ROUNDS as u64), "visitor v{v}: every event once");
+    }
+    server.stop();
+    // Restarted, everything acknowledged is still there.
+    let server = Server::start(&config);
+    let (_, p) = get_json(&format!("{}/v1/profiles/v7", server.url)).await;
+    assert_eq!(p["event_count"].as_u64(), Some(ROUNDS as u64));
+    server.stop();
+}

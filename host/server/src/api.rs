@@ -76,7 +76,7 @@ pub fn router(state: AppState) -> Router {
             post(post_events).layer(axum::middleware::from_fn_with_state(state.clone(), require_source_key)),
         )
         .merge(admin)
-        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route("/healthz", get(health))
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/admin", get(|| async { axum::response::Html(ADMIN_PAGE) }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -86,6 +86,18 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(state.clone(), check_host))
         .layer(axum::middleware::from_fn_with_state(state.clone(), refuse_while_stopping))
         .with_state(state)
+}
+
+/// `ok`; or, while writes fail for lack of space, 503 saying so (reads still work).
+async fn health(State(state): State<AppState>) -> Response {
+    match state.telemetry.storage.full() {
+        None => Json(serde_json::json!({"status": "ok"})).into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "disk_full", "detail": reason, "ingestion": "refused (507)", "reads": "served"})),
+        )
+            .into_response(),
+    }
 }
 
 /// Once the server is stopping, answers 503 with `Retry-After` and closes the connection, so
@@ -181,7 +193,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(serde_json::json!({ "error": self.message }))).into_response();
-        if matches!(self.status, StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS) {
+        if matches!(
+            self.status,
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS | StatusCode::INSUFFICIENT_STORAGE
+        ) {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
         }
         response
@@ -242,6 +257,12 @@ async fn post_events(
     let n = events.len() as u64;
     // Busy, shutting down or a failed commit: nothing was acknowledged, the client may retry.
     let report = state.ingest.submit(events).await.map_err(|e| {
+        if let Some(full) = state.telemetry.storage.full() {
+            metrics.reject("disk_full", n);
+            let message =
+                format!("the disk is full ({full}): none of these {n} events was stored; retry once space is freed");
+            return ApiError::new(StatusCode::INSUFFICIENT_STORAGE, message).into_response();
+        }
         metrics.reject("unavailable", n);
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response()
     })?;
@@ -278,8 +299,13 @@ async fn read<T: Send + 'static>(
     state: &AppState,
     f: impl FnOnce(&Connection) -> starling_store::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
-    // Every answered request is visible to the reads that follow it.
-    state.ingest.materialize().await?;
+    // Every answered request is visible to the reads that follow it. With the disk full, what
+    // is held in memory cannot be written: reads answer what is stored.
+    if let Err(e) = state.ingest.materialize().await
+        && state.telemetry.storage.full().is_none()
+    {
+        return Err(e.into());
+    }
     let conn = state.read.clone();
     Ok(tokio::task::spawn_blocking(move || f(&conn.lock().expect("read connection")))
         .await

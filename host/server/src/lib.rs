@@ -176,7 +176,7 @@ impl App {
 
         let read = Arc::new(Mutex::new(starling_store::open(&database)?));
 
-        let telemetry = Arc::new(telemetry::Telemetry::default());
+        let telemetry = Arc::new(telemetry::Telemetry::new());
         let (stop_delivery, stopped) = watch::channel(false);
         let mut wake = HashMap::new();
         let mut lanes = Vec::new();

@@ -15,7 +15,7 @@
 //! merge; events for the absorbed profile still queued on it are forwarded behind the merge.
 
 use crate::logging::pseudonym;
-use crate::telemetry::Telemetry;
+use crate::telemetry::{Telemetry, Written};
 use starling_core::engine::rebuild;
 use starling_core::model::{ActionDef, Trigger};
 use starling_core::stitch::visitor_ids;
@@ -529,7 +529,10 @@ impl Answers {
 fn run_syncer(shared: Shared, batches: std::sync::mpsc::Receiver<(Position, Answers)>) {
     while let Ok((upto, answers)) = batches.recv() {
         let syncing = std::time::Instant::now();
-        let synced = shared.log.sync(upto).map_err(|e| format!("event log not synced: {e}"));
+        let synced = shared.log.sync(upto).map_err(|e| {
+            shared.telemetry.storage.failed(Written::EventLog, &e);
+            format!("event log not synced: {e}")
+        });
         shared.telemetry.metrics.log_sync_seconds.observe(syncing.elapsed().as_secs_f64());
         if let Err(e) = &synced {
             tracing::error!("{e}");
@@ -962,9 +965,14 @@ impl Worker {
         let mut p = std::mem::take(&mut self.pending);
         p.batch_start = p.effects.writes.len();
         p.urgent = false;
-        let result = self.apply(conn, batch, &mut p, now, replayed).map_err(|e| e.to_string());
+        let result = self.apply(conn, batch, &mut p, now, replayed).map_err(|e| {
+            let to = if matches!(e, BatchError::Log(_)) { Written::EventLog } else { Written::Database };
+            self.shared.telemetry.storage.failed(to, &e);
+            e.to_string()
+        });
         match result {
             Ok(reports) => {
+                self.shared.telemetry.storage.succeeded(Written::EventLog);
                 self.pending = p;
                 let mut handed_on: Vec<Vec<Answer>> = (0..batch.len()).map(|_| Vec::new()).collect();
                 self.settle_batch();
@@ -1021,6 +1029,7 @@ impl Worker {
         let committing = std::time::Instant::now();
         match self.commit(&mut p) {
             Ok(lost_claims) => {
+                self.shared.telemetry.storage.succeeded(Written::Database);
                 self.shared.telemetry.metrics.commit_seconds.observe(committing.elapsed().as_secs_f64());
                 for (claim, owner) in lost_claims {
                     if let Err(e) = self.lost_claim(conn, &mut p, claim, owner) {
@@ -1043,6 +1052,7 @@ impl Worker {
                 self.hand_on(handed_on);
             }
             Err(e) => {
+                self.shared.telemetry.storage.failed(Written::Database, &e);
                 tracing::error!(
                     partition = self.index,
                     "applied state not written to the database, kept to try again: {e}"

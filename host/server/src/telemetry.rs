@@ -74,6 +74,19 @@ pub struct Metrics {
     pub plugin_disabled: Family<NameLabel, Gauge>,
 }
 
+impl Telemetry {
+    /// Registers the gauges kept outside `Metrics`.
+    pub fn new() -> Telemetry {
+        let mut telemetry = Telemetry::default();
+        telemetry.metrics.registry.register(
+            "disk_full",
+            "1 while writes fail for lack of disk space (ingestion answers 507)",
+            telemetry.storage.gauge.clone(),
+        );
+        telemetry
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         let latency = || Histogram::new(exponential_buckets(0.000_005, 2.0, 22));
@@ -243,4 +256,81 @@ impl Tracer {
 pub struct Telemetry {
     pub metrics: Metrics,
     pub tracer: Tracer,
+    pub storage: Storage,
+}
+
+/// What a write that may fail for lack of space went to.
+#[derive(Debug, Clone, Copy)]
+pub enum Written {
+    EventLog = 0,
+    Database = 1,
+}
+
+/// Whether writes are failing for lack of disk space, and why: per file kind, set where a
+/// write to it fails so, cleared by a later write to it that succeeds (the server resumes by
+/// itself once space is freed). A small write may still fit on a nearly full disk while a
+/// larger one does not: a success clears the state only once no write has failed for
+/// `FULL_HOLD`.
+#[derive(Default)]
+pub struct Storage {
+    full: [std::sync::Mutex<Option<(std::time::Instant, String)>>; 2],
+    gauge: Gauge,
+}
+
+const FULL_HOLD: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Storage {
+    /// Records a failed write; says whether it failed for lack of space.
+    pub fn failed(&self, to: Written, error: &(dyn std::error::Error + 'static)) -> bool {
+        if !out_of_space(error) {
+            return false;
+        }
+        let was = self.full[to as usize]
+            .lock()
+            .expect("storage state")
+            .replace((std::time::Instant::now(), error.to_string()));
+        if was.is_none() {
+            self.gauge.set(1);
+            tracing::error!("the disk is full ({to:?}): {error}; new events are refused (507) until space is freed");
+        }
+        true
+    }
+
+    /// Records a write that succeeded.
+    pub fn succeeded(&self, to: Written) {
+        let mut state = self.full[to as usize].lock().expect("storage state");
+        if state.as_ref().is_some_and(|(at, _)| at.elapsed() >= FULL_HOLD) {
+            *state = None;
+            drop(state);
+            tracing::info!("disk space available again ({to:?}): writes resumed");
+            if self.full().is_none() {
+                self.gauge.set(0);
+            }
+        }
+    }
+
+    /// Why writes are failing for lack of space, while they are.
+    pub fn full(&self) -> Option<String> {
+        self.full.iter().find_map(|f| f.lock().expect("storage state").as_ref().map(|(_, why)| why.clone()))
+    }
+}
+
+/// Whether `error`, or an error it was caused by, is the file system's "no space" (or quota)
+/// or SQLite's "database or disk is full".
+pub fn out_of_space(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && (io.kind() == std::io::ErrorKind::StorageFull || matches!(io.raw_os_error(), Some(28 | 122)))
+        {
+            return true;
+        }
+        if let Some(rusqlite::Error::SqliteFailure(f, _)) = e.downcast_ref::<rusqlite::Error>()
+            && f.code == rusqlite::ErrorCode::DiskFull
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }

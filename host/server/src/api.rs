@@ -241,10 +241,10 @@ async fn post_events(
         ApiError::new(StatusCode::BAD_REQUEST, message).into_response()
     };
     let received_ms = (state.clock)();
-    let (mut events, batch) = crate::ingest::parse_request(&body, received_ms).map_err(|m| invalid("invalid", m))?;
+    let (mut events, batch) = starling_core::ingest::parse_request(&body, received_ms).map_err(|m| invalid("invalid", m))?;
     let (mut warnings, clamped) =
-        crate::ingest::bound_times(&mut events, batch, received_ms, &state.model).map_err(|m| invalid("too_old", m))?;
-    let spec_warnings = crate::ingest::check_events(&mut events, batch, key_source.as_deref(), &state.model)
+        starling_core::ingest::bound_times(&mut events, batch, received_ms, &state.model).map_err(|m| invalid("too_old", m))?;
+    let spec_warnings = starling_core::ingest::check_events(&mut events, batch, key_source.as_deref(), &state.model)
         .map_err(|m| invalid("spec", m))?;
     let spec_warned = spec_warnings.len() as u64;
     warnings.extend(spec_warnings);

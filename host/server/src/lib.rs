@@ -6,7 +6,6 @@ pub mod auth;
 pub mod delivery;
 pub mod http;
 pub mod import;
-pub mod ingest;
 pub mod logging;
 pub mod origin;
 pub mod pipeline;

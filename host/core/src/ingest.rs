@@ -1,9 +1,9 @@
 //! Reading `POST /v1/events` bodies: one event or `{"events": [...]}`, every field checked, with
 //! errors that name the field.
 
-use starling_core::model::OnViolation;
-use starling_core::value::json_kind_phrase;
-use starling_core::{Event, Model};
+use crate::model::OnViolation;
+use crate::value::json_kind_phrase;
+use crate::{Event, Model};
 
 /// Most events one request may carry.
 pub const MAX_EVENTS_PER_REQUEST: usize = 10_000;
@@ -66,7 +66,7 @@ pub fn bound_times(
     let (mut warnings, mut clamped) = (Vec::new(), 0);
     for (i, event) in events.iter_mut().enumerate() {
         let at = if batch { format!("events[{i}].") } else { String::new() };
-        let written = starling_core::time::format_rfc3339(event.timestamp_ms);
+        let written = crate::time::format_rfc3339(event.timestamp_ms);
         if now_ms - event.timestamp_ms > model.max_event_age_ms {
             return Err(format!(
                 "{at}timestamp: {written} is older than server.max_event_age allows; import older events with `starling import`"
@@ -117,7 +117,7 @@ pub fn parse_request(body: &[u8], now_ms: i64) -> Result<(Vec<Event>, bool), Str
 }
 
 /// A serde_json error's message without its trailing position (callers say where).
-pub(crate) fn strip_position(e: &serde_json::Error) -> String {
+pub fn strip_position(e: &serde_json::Error) -> String {
     let text = e.to_string();
     match text.rfind(" at line ") {
         Some(i) => text[..i].to_string(),
@@ -149,7 +149,7 @@ fn parse_event(value: serde_json::Value, at: &str, now_ms: i64) -> Result<Event,
     };
     let timestamp_ms = match obj.remove("timestamp") {
         None | Some(serde_json::Value::Null) => now_ms,
-        Some(serde_json::Value::String(s)) => starling_core::time::parse_rfc3339(&s)
+        Some(serde_json::Value::String(s)) => crate::time::parse_rfc3339(&s)
             .ok_or_else(|| format!("{at}timestamp: `{s}` is not an RFC 3339 timestamp like 2024-05-01T12:00:00Z"))?,
         Some(other) => {
             return Err(format!("{at}timestamp: expected an RFC 3339 string, found {}", json_kind_phrase(&other)));

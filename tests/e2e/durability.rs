@@ -650,6 +650,8 @@ async fn a_full_disk_refuses_events_with_507_and_the_server_resumes_when_space_i
     let Some(mount) = Mount::tmpfs("64m") else { return };
     let _alone = harness::exclusive().await;
     let receiver = Receiver::start().await;
+    // Everything on the small file system, the server's own log included: a log that cannot be
+    // written must not stop the server.
     let config = regulars_config(mount.path(), &receiver.url, "");
     let server = Server::start(&config);
     let url = url_of(&server);
@@ -704,18 +706,20 @@ async fn a_full_disk_refuses_events_with_507_and_the_server_resumes_when_space_i
     // Space comes back: the server goes on by itself.
     std::fs::remove_file(&filler).unwrap();
     let rest: Vec<usize> = (0..ROUNDS).filter(|r| !acked.contains(r)).collect();
+    let last_answer = std::sync::Mutex::new(String::new());
     let accepted = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
             let response = client.post(&url).json(&round(rest[0])).send().await.unwrap();
             if response.status() == 202 {
                 return;
             }
-            eprintln!("{} {}", response.status(), response.text().await.unwrap());
+            *last_answer.lock().unwrap() = format!("{} {}", response.status(), response.text().await.unwrap());
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
     .await;
     if accepted.is_err() {
+        eprintln!("the last answer: {}", last_answer.lock().unwrap());
         let logs = server.logs();
         let tail: Vec<&str> = logs.lines().rev().filter(|l| !l.contains("kept to try again")).take(15).collect();
         panic!("ingestion not accepted again; server log ends:\n{}", tail.join("\n"));

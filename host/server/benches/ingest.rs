@@ -23,7 +23,7 @@ fn parse(c: &mut Criterion) {
     let mut group = c.benchmark_group("ingest");
     group.throughput(Throughput::Elements(500));
     group.bench_function("parse_500_events", |b| {
-        b.iter(|| black_box(starling_server::ingest::parse_events(black_box(body.as_bytes()), 0).unwrap()))
+        b.iter(|| black_box(starling_core::ingest::parse_events(black_box(body.as_bytes()), 0).unwrap()))
     });
     group.finish();
 }

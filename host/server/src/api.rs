@@ -241,9 +241,10 @@ async fn post_events(
         ApiError::new(StatusCode::BAD_REQUEST, message).into_response()
     };
     let received_ms = (state.clock)();
-    let (mut events, batch) = starling_core::ingest::parse_request(&body, received_ms).map_err(|m| invalid("invalid", m))?;
-    let (mut warnings, clamped) =
-        starling_core::ingest::bound_times(&mut events, batch, received_ms, &state.model).map_err(|m| invalid("too_old", m))?;
+    let (mut events, batch) =
+        starling_core::ingest::parse_request(&body, received_ms).map_err(|m| invalid("invalid", m))?;
+    let (mut warnings, clamped) = starling_core::ingest::bound_times(&mut events, batch, received_ms, &state.model)
+        .map_err(|m| invalid("too_old", m))?;
     let spec_warnings = starling_core::ingest::check_events(&mut events, batch, key_source.as_deref(), &state.model)
         .map_err(|m| invalid("spec", m))?;
     let spec_warned = spec_warnings.len() as u64;
@@ -259,8 +260,12 @@ async fn post_events(
     let report = state.ingest.submit(events).await.map_err(|e| {
         if let Some(full) = state.telemetry.storage.full() {
             metrics.reject("disk_full", n);
-            let message =
-                format!("the disk is full ({full}): none of these {n} events was stored; retry once space is freed");
+            let lost = if n == 1 {
+                "the event was not stored".to_string()
+            } else {
+                format!("none of these {n} events was stored")
+            };
+            let message = format!("the disk is full ({full}): {lost}; retry once space is freed");
             return ApiError::new(StatusCode::INSUFFICIENT_STORAGE, message).into_response();
         }
         metrics.reject("unavailable", n);

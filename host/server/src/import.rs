@@ -414,7 +414,9 @@ fn jsonl_rows<'a>(
     let lines = text.lines().enumerate().filter(|(_, line)| !line.trim().is_empty());
     let rows = lines.zip(first_row..).map(move |((i, line), number)| {
         let fields = match serde_json::from_str::<serde_json::Value>(line) {
-            Err(e) => Err(format!("malformed JSON at column {}: {}", e.column(), starling_core::ingest::strip_position(&e))),
+            Err(e) => {
+                Err(format!("malformed JSON at column {}: {}", e.column(), starling_core::ingest::strip_position(&e)))
+            }
             Ok(serde_json::Value::Object(obj)) => check_object(def, obj),
             Ok(other) => Err(format!("expected an object, found {}", json_kind_phrase(&other))),
         };

@@ -14,10 +14,13 @@ pub fn init(json: bool) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A log that cannot be written (its disk full) loses lines; it must not stop the server:
+    // reporting the failure on stderr would panic the thread that logged.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_ansi(std::io::stderr().is_terminal())
+        .log_internal_errors(false);
     if json {
         // JSON escapes every string itself.
         builder.json().init();

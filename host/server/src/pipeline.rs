@@ -926,7 +926,10 @@ impl Worker {
             self.materialize(conn, &mut []);
         }
         let outcome = match self.refusal(batch[0].reads_committed()) {
-            Some(refused) => Err(refused),
+            Some(refused) => {
+                tracing::warn!(partition = self.index, "work refused: {refused}");
+                Err(refused)
+            }
             None => self.apply_batch(conn, &mut batch, now, replayed),
         };
         let p = &mut self.pending;

@@ -724,9 +724,14 @@ async fn a_batch_the_log_refuses_is_applied_nowhere_and_what_was_held_in_memory_
     let buy = |total: u32| format!(r#"{{"event":"buy","visitor_id":"v","data":{{"total":{total}}}}}"#);
     assert_eq!(call(&app, "POST", "/v1/events", &buy(7)).await.0, StatusCode::ACCEPTED);
     log.fill(true);
+    // The log is out of space: 507, naming the cause.
     let (status, body, retry_after) = call(&app, "POST", "/v1/events", &buy(100)).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(body["error"].as_str().unwrap().contains("test log"), "{body}");
+    assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE);
+    assert!(
+        body["error"].as_str().unwrap().contains("the disk is full (event log test log: No space left on device"),
+        "{body}"
+    );
+    assert!(body["error"].as_str().unwrap().ends_with("the event was not stored; retry once space is freed"), "{body}");
     assert!(retry_after.is_some());
     log.fill(false);
     assert_eq!(call(&app, "POST", "/v1/events", &buy(5)).await.0, StatusCode::ACCEPTED);

@@ -109,6 +109,9 @@ def main():
     config = re.sub(r'(?m)^listen = .*', f'listen = "127.0.0.1:{PORT}"', config)
     config = re.sub(r'(?m)^database = .*', f'database = "{WORK}/starling.db"', config)
     config = re.sub(r'(?m)^plugins = .*', f'plugins = "{ROOT}/target/plugins"', config)
+    # Event history kept 5 minutes (instead of 90 days), so that within the run pruning
+    # balances growth and the size on disk can level off.
+    config = config.replace("[retention]\n", "[retention]\nevents = \"5m\"\nactions_kept = \"5m\"\n", 1)
     with open(os.path.join(WORK, "starling.toml"), "w") as f:
         f.write(config)
     receiver = socketserver.ThreadingTCPServer(("127.0.0.1", 9999), Flaky)

@@ -112,7 +112,8 @@ fn plan(o: &Options) -> (Vec<Planned>, Vec<Expected>) {
         let device = people[p].devices[d].clone();
         // Someone with two devices logs in first on each, so both profiles stitch.
         let kind = if people[p].devices.len() == 2 && !started[p][d] {
-            Kind::Login { email_hash: format!("{:032x}", (o.seed as u128) << 64 | p as u128) }
+            // The prefix is part of the hash too: runs with other prefixes never stitch with these.
+            Kind::Login { email_hash: format!("{}-{:032x}", o.prefix, (o.seed as u128) << 64 | p as u128) }
         } else {
             match rng.random_range(0..100) {
                 0..70 => Kind::PageView {

@@ -27,7 +27,12 @@ rule = { attribute = "spend", op = ">", value = 10 }
 "#;
 
 async fn app(dir: &std::path::Path) -> App {
-    let model = starling_core::parse(CONFIG).unwrap();
+    app_with(CONFIG, dir).await
+}
+
+/// A server on configuration `config` with its database in `dir`: no plugins, no admin token.
+async fn app_with(config: &str, dir: &std::path::Path) -> App {
+    let model = starling_core::parse(config).unwrap();
     App::start(Options {
         model,
         database: dir.join("t.db"),
@@ -968,17 +973,7 @@ op = "increment"
 key = "event.page"
 "#;
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(Options {
-        model: starling_core::parse(config).unwrap(),
-        database: dir.path().join("t.db"),
-        plugins: None,
-        test_clock: false,
-        admin_token: None,
-        event_log: None,
-        trusted_keys: None,
-    })
-    .await
-    .unwrap();
+    let app = app_with(config, dir.path()).await;
     // The first request adds 20 members of 1,000 characters, each later one 200 (about 200 KB),
     // and a long tally key.
     for request in 0..8 {
@@ -1060,17 +1055,7 @@ event = "email"
 #[tokio::test(flavor = "multi_thread")]
 async fn a_key_holder_cannot_claim_someone_elses_identity() {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(Options {
-        model: starling_core::parse(IDENTITIES).unwrap(),
-        database: dir.path().join("t.db"),
-        plugins: None,
-        test_clock: false,
-        admin_token: None,
-        event_log: None,
-        trusted_keys: None,
-    })
-    .await
-    .unwrap();
+    let app = app_with(IDENTITIES, dir.path()).await;
     let post = async |key: &str, visitor: &str, data: serde_json::Value| {
         let body = serde_json::json!({ "event": "login", "visitor_id": visitor, "data": data }).to_string();
         let (status, body, _) = send(&app, "POST", "/v1/events", &[("x-api-key", key)], &body).await;

@@ -224,6 +224,20 @@ pub enum Expected {
     Duration(i64),
 }
 
+/// Regexes compare by their source: two configurations that write the same rule have equal rules.
+impl PartialEq for Expected {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Expected::None, Expected::None) => true,
+            (Expected::Value(a), Expected::Value(b)) => a == b,
+            (Expected::Range(a, b), Expected::Range(c, d)) => a == c && b == d,
+            (Expected::Regex(a), Expected::Regex(b)) => a.as_str() == b.as_str(),
+            (Expected::Duration(a), Expected::Duration(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
 impl Expected {
     fn to_json(&self) -> serde_json::Value {
         match self {
@@ -238,7 +252,7 @@ impl Expected {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Condition {
     All(Vec<Condition>),
     Any(Vec<Condition>),

@@ -283,6 +283,28 @@ fn reevaluate_all(model: &Model, profile: &mut Profile, now: i64, out: &mut Outc
     profile.wakeup_ms = next_wakeup(model, profile, now);
 }
 
+/// Evaluates `audiences` (indexes into `model.audiences`) for `profile` at instant `now`, as a
+/// backfill does after a configuration change; the outcome holds the membership changes and
+/// the `joined`/`left` actions they fire.
+pub fn reevaluate(model: &Model, profile: &mut Profile, audiences: &[usize], now: i64) -> Outcome {
+    let mut out = Outcome::default();
+    let mut dirty = Dirty::new(model);
+    expire_timelines(model, profile, now, &mut dirty);
+    evaluate(model, profile, None, now, audiences, &mut out);
+    let changes = out.changes.clone();
+    fire(model, profile, None, now, &changes, false, false, &mut out);
+    profile.wakeup_ms = next_wakeup(model, profile, now);
+    out
+}
+
+/// Whether evaluating `audiences` for `profile` at `now` would change a membership.
+pub fn would_change(model: &Model, profile: &Profile, audiences: &[usize], now: i64) -> bool {
+    audiences.iter().any(|&i| {
+        let audience = &model.audiences[i];
+        audience.rule.eval(&|o| resolve(model, profile, None, o), now) != profile.audiences.contains(&audience.name)
+    })
+}
+
 /// When the engine must next look at `profile` without an event, as of instant `now`.
 pub fn next_wakeup(model: &Model, profile: &Profile, now: i64) -> Option<i64> {
     if profile.is_new() {

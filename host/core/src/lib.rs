@@ -16,6 +16,7 @@ pub mod diagnostic;
 pub mod engine;
 pub mod enrich;
 pub mod event;
+pub mod evolve;
 pub mod ingest;
 pub mod literal;
 pub mod model;

@@ -49,6 +49,11 @@ impl Scope {
             Scope::Omnichannel => "omnichannel",
         }
     }
+
+    /// Whether profiles keep values of this scope (event attributes are read from the event).
+    pub fn is_stored(self) -> bool {
+        self != Scope::Event
+    }
 }
 
 /// Declared type of an attribute.

@@ -4,7 +4,7 @@ use super::raw::{RawAction, RawAudience};
 use super::{RuleUse, Validator};
 use crate::attribute::ValueSource;
 use crate::literal::parse_duration;
-use crate::model::{ActionDef, BatchPolicy, DeliveryPolicy, Trigger};
+use crate::model::{ActionDef, BatchPolicy, DeliveryPolicy, OnBackfill, Trigger};
 use toml::Spanned;
 
 impl Validator<'_> {
@@ -61,6 +61,21 @@ impl Validator<'_> {
             }
         }
         let delivery = self.delivery_policy(a);
+        let on_backfill = match &a.on_backfill {
+            None => OnBackfill::Skip,
+            Some(v) => match (v.get_ref().as_str(), trigger) {
+                (_, Some(t)) if !matches!(t, Trigger::Joined | Trigger::Left) => {
+                    self.error(v.span(), "`on_backfill` applies to `joined` and `left` actions only");
+                    OnBackfill::Skip
+                }
+                ("skip", _) => OnBackfill::Skip,
+                ("fire", _) => OnBackfill::Fire,
+                (other, _) => {
+                    self.error(v.span(), format!("unknown on_backfill `{other}`: expected \"skip\" or \"fire\""));
+                    OnBackfill::Skip
+                }
+            },
+        };
         Some(ActionDef {
             name: name.clone(),
             audience: audience?,
@@ -72,6 +87,7 @@ impl Validator<'_> {
             settings: a.settings.clone(),
             params,
             delivery,
+            on_backfill,
         })
     }
 

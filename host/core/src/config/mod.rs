@@ -34,6 +34,46 @@ pub fn parse(source: &str) -> Result<Model, ConfigErrors> {
     if v.errors.is_empty() { Ok(model) } else { Err(ConfigErrors(v.errors)) }
 }
 
+/// An audience rule written on its own (to preview it), read against `model`'s attributes:
+/// TOML (`rule = { ... }`, or the inline table alone) or JSON (`{"rule": {...}}` or the rule
+/// object alone). Errors name their line and column in the text as given.
+pub fn parse_rule(model: &Model, text: &str) -> Result<crate::condition::Condition, ConfigErrors> {
+    let one = |message: String| ConfigErrors(vec![Diagnostic { line: 1, column: 1, message }]);
+    let (source, shift) = match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(json) => {
+            let rule = match json {
+                serde_json::Value::Object(mut fields) if fields.len() == 1 && fields.contains_key("rule") => {
+                    fields.remove("rule").expect("checked")
+                }
+                other => other,
+            };
+            let rule = toml::Value::try_from(rule).map_err(|e| one(format!("the rule is not a rule: {e}")))?;
+            let mut table = toml::Table::new();
+            table.insert("rule".into(), rule);
+            (toml::to_string(&table).map_err(|e| one(format!("the rule is not a rule: {e}")))?, 0)
+        }
+        Err(_) if text.trim_start().starts_with('{') => (format!("rule = {text}"), "rule = ".len()),
+        Err(_) => (text.to_string(), 0),
+    };
+    let raw: raw::RawRule = toml::from_str(&source).map_err(|e| {
+        let (line, column) = e.span().map_or((1, 1), |s| line_col(&source, s.start));
+        let column = if line == 1 { column.saturating_sub(shift).max(1) } else { column };
+        ConfigErrors(vec![Diagnostic { line, column, message: e.message().trim().to_string() }])
+    })?;
+    let attributes = model.attributes.iter().map(|a| (a.name.clone(), a.clone())).collect();
+    let mut v = Validator { source: &source, errors: Vec::new(), attributes };
+    let rule = v.condition(&raw.rule, RuleUse::Audience);
+    if !v.errors.is_empty() {
+        for e in &mut v.errors {
+            if e.line == 1 {
+                e.column = e.column.saturating_sub(shift).max(1);
+            }
+        }
+        return Err(ConfigErrors(v.errors));
+    }
+    rule.ok_or_else(|| one("the rule could not be read".into()))
+}
+
 /// Where a rule may be used, which decides what it may read.
 #[derive(Clone, Copy, PartialEq)]
 enum RuleUse {

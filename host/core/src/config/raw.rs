@@ -150,6 +150,13 @@ pub(super) struct RawEnricher {
     pub(super) writes: Option<Vec<Spanned<String>>>,
 }
 
+/// A rule on its own, as a preview is asked for.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRule {
+    pub(super) rule: Spanned<RawCondition>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAudience {
@@ -192,6 +199,7 @@ pub(super) struct RawAction {
     pub(super) max_attempts: Option<Spanned<u64>>,
     pub(super) retry_initial: Option<Spanned<String>>,
     pub(super) retry_max: Option<Spanned<String>>,
+    pub(super) on_backfill: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

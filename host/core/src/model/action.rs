@@ -62,6 +62,30 @@ pub struct ActionDef {
     pub settings: BTreeMap<String, String>,
     pub params: Vec<(String, ValueSource)>,
     pub delivery: DeliveryPolicy,
+    /// Whether membership changes found by a backfill (after a configuration change) fire it.
+    pub on_backfill: OnBackfill,
+}
+
+impl ActionDef {
+    /// Whether two definitions do the same, wherever they are written in their files.
+    pub fn same_as(&self, other: &ActionDef) -> bool {
+        (&self.name, &self.audience, self.trigger, &self.event, &self.condition, &self.connector)
+            == (&other.name, &other.audience, other.trigger, &other.event, &other.condition, &other.connector)
+            && (&self.settings, &self.params, &self.delivery, self.on_backfill)
+                == (&other.settings, &other.params, &other.delivery, other.on_backfill)
+    }
+}
+
+/// What a `joined` or `left` action does about membership changes a backfill finds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBackfill {
+    /// Only changes made by events and time fire the action (the default: a new audience does
+    /// not greet every stored profile at once).
+    #[default]
+    Skip,
+    /// Changes found by a backfill fire it too, paced by its delivery lane.
+    Fire,
 }
 
 /// How an action's deliveries are paced.

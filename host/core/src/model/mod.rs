@@ -7,7 +7,7 @@ mod identity;
 mod ingestion;
 mod settings;
 
-pub use action::{ActionDef, BatchPolicy, DeliveryPolicy, Trigger};
+pub use action::{ActionDef, BatchPolicy, DeliveryPolicy, OnBackfill, Trigger};
 pub use audience::Audience;
 pub use enrichment::{EnricherRef, Enrichment, When};
 pub use identity::{DEFAULT_BLOCKED_IDS, IdentitySettings};
@@ -108,6 +108,21 @@ impl Model {
     /// The spec events named `event` must follow.
     pub fn event_spec(&self, event: &str) -> Option<&EventSpec> {
         self.event_specs.iter().find(|s| s.event == event)
+    }
+
+    pub fn action(&self, name: &str) -> Option<&ActionDef> {
+        self.actions.iter().find(|a| a.name == name)
+    }
+
+    /// The plugins this configuration names: connectors of its actions and its enrichers.
+    pub fn plugins_named(&self) -> std::collections::BTreeSet<&str> {
+        let connectors = self.actions.iter().map(|a| a.connector.as_str());
+        connectors.chain(self.enrichers.iter().map(|e| e.plugin.as_str())).collect()
+    }
+
+    /// The text this model was read from.
+    pub fn source_text(&self) -> &str {
+        &self.source
     }
 
     pub fn import(&self, name: &str) -> Option<&ImportDef> {

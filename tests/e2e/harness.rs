@@ -134,6 +134,10 @@ impl Server {
         panic!("starling did not exit within {limit:?} of SIGTERM:\n{}", self.logs());
     }
 
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the server with SIGKILL: no shutdown, no flushing.
     pub(crate) fn kill9(mut self) {
         self.child.kill().expect("SIGKILL");

@@ -6,6 +6,7 @@ mod delivery;
 mod durability;
 mod harness;
 mod operations;
+mod reconfigure;
 mod registry;
 mod scaffold;
 mod segments;

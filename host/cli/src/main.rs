@@ -7,6 +7,7 @@ mod import;
 mod integrity;
 mod loadgen;
 mod plugin_test;
+mod reconfigure;
 mod registry;
 mod scaffold;
 mod trace;
@@ -80,6 +81,24 @@ enum Command {
         db: DatabaseArgs,
         #[command(subcommand)]
         command: ActionsCommand,
+    },
+    /// Work with a running server's audiences.
+    Audience {
+        #[command(subcommand)]
+        command: AudienceCommand,
+    },
+    /// Replay the events recorded in a window through the running configuration and through
+    /// FILE, on a running server, delivering nothing; compare audience sizes and actions fired.
+    Backtest {
+        file: PathBuf,
+        /// How far back to replay (`7d`, `12h`).
+        #[arg(long, default_value = "7d")]
+        since: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: client::ServerArgs,
     },
     /// Save a consistent copy of a running server's database (ingestion goes on meanwhile).
     Backup {
@@ -188,6 +207,22 @@ enum ActionsCommand {
 }
 
 #[derive(Subcommand)]
+enum AudienceCommand {
+    /// The exact size of an audience rule over the stored profiles, its overlap with each
+    /// audience and sample profiles; nothing changes.
+    Preview {
+        /// The rule, as written in the configuration file (`{ attribute = "a", op = ">", value = 1 }`)
+        /// or as JSON.
+        #[arg(long)]
+        rule: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: client::ServerArgs,
+    },
+}
+
+#[derive(Subcommand)]
 enum ConfigCommand {
     /// Check a configuration file and report every error with its line and column.
     Check {
@@ -196,6 +231,19 @@ enum ConfigCommand {
         #[arg(long)]
         plugins: Option<PathBuf>,
     },
+    /// Check FILE and make it the running server's configuration, without a restart; follow
+    /// the backfill of added and changed audiences. On any error nothing changes.
+    Apply {
+        file: PathBuf,
+        /// Do not wait for the backfill.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        server: client::ServerArgs,
+    },
+    /// Print what replacing configuration OLD with NEW does to stored data, audiences and
+    /// actions.
+    Diff { old: PathBuf, new: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -254,6 +302,9 @@ enum PluginCommand {
     },
 }
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -262,6 +313,14 @@ fn main() -> std::process::ExitCode {
             serve(&config, ServeOverrides { listen, database, plugins, test_clock })
         }
         Command::Config { command: ConfigCommand::Check { file, plugins } } => check(&file, plugins),
+        Command::Config { command: ConfigCommand::Apply { file, no_wait, server } } => {
+            reconfigure::apply(&server, &file, no_wait)
+        }
+        Command::Config { command: ConfigCommand::Diff { old, new } } => reconfigure::diff(&old, &new),
+        Command::Audience { command: AudienceCommand::Preview { rule, json, server } } => {
+            reconfigure::preview(&server, &rule, json)
+        }
+        Command::Backtest { file, since, json, server } => reconfigure::backtest(&server, &file, &since, json),
         Command::Actions { db, command } => actions(&db, command),
         Command::Check { db } => db.path().and_then(|path| integrity::run(&path)),
         Command::Backup { file, server } => backup::backup(&server, &file),
@@ -432,6 +491,7 @@ fn serve(config: &Path, overrides: ServeOverrides) -> Result<()> {
             admin_token,
             event_log: None,
             trusted_keys,
+            config_path: Some(config.to_path_buf()),
         })
         .await?;
         let listener =

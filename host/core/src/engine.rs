@@ -297,6 +297,12 @@ pub fn reevaluate(model: &Model, profile: &mut Profile, audiences: &[usize], now
     out
 }
 
+/// Whether `profile` meets audience rule `rule` at instant `now` (a rule not in the model, to
+/// preview it).
+pub fn meets(model: &Model, profile: &Profile, rule: &crate::condition::Condition, now: i64) -> bool {
+    rule.eval(&|o| resolve(model, profile, None, o), now)
+}
+
 /// Whether evaluating `audiences` for `profile` at `now` would change a membership.
 pub fn would_change(model: &Model, profile: &Profile, audiences: &[usize], now: i64) -> bool {
     audiences.iter().any(|&i| {

@@ -112,9 +112,9 @@ impl Plan {
             .filter(|a| backfilled.contains(&a.audience))
             .map(|a| a.name.clone())
             .collect();
-        fn enrichers(m: &Model) -> Vec<(&String, &Option<Vec<String>>, &Option<Vec<String>>)> {
-            m.enrichers.iter().map(|e| (&e.plugin, &e.reads, &e.writes)).collect()
-        }
+        let enrichers = |m: &Model| {
+            m.enrichers.iter().map(|e| format!("{} {:?} {:?}", e.plugin, e.reads, e.writes)).collect::<Vec<_>>()
+        };
         plan.enrichments_changed =
             format!("{:?}", old.enrichments) != format!("{:?}", new.enrichments) || enrichers(old) != enrichers(new);
         let (was, is) = (old.plugins_named(), new.plugins_named());

@@ -404,6 +404,24 @@ impl PluginHost {
 
     /// Loads (or replaces) one plugin from its manifest file.
     pub fn load(&self, manifest_path: &Path, config: BTreeMap<String, String>) -> Result<Arc<Plugin>, PluginError> {
+        Ok(self.insert(self.prepare(manifest_path, config)?))
+    }
+
+    /// The manifest file of the plugin named `name` in `dir` (one subdirectory per plugin).
+    pub fn find_in_dir(dir: &Path, name: &str) -> Option<PathBuf> {
+        let entries = std::fs::read_dir(dir).ok()?;
+        entries.filter_map(|e| e.ok().map(|e| e.path().join("plugin.toml"))).find(|path| {
+            std::fs::read_to_string(path)
+                .ok()
+                .and_then(|text| Manifest::parse(&text).ok())
+                .is_some_and(|m| m.name == name)
+        })
+    }
+
+    /// Reads, checks and compiles one plugin from its manifest file, without making it
+    /// callable: [`PluginHost::insert`] does, so that a set of plugins is put in place only
+    /// once every one of them is ready.
+    pub fn prepare(&self, manifest_path: &Path, config: BTreeMap<String, String>) -> Result<Plugin, PluginError> {
         let err = |message: String| PluginError::Load { path: manifest_path.to_path_buf(), message };
         let text = std::fs::read_to_string(manifest_path).map_err(|e| err(e.to_string()))?;
         let manifest = Manifest::parse(&text).map_err(|e| err(e.to_string()))?;
@@ -414,7 +432,14 @@ impl PluginHost {
         let signature = std::fs::read_to_string(dir.join(signing::SIGNATURE_FILE)).ok();
         let sha256 = hex::encode(Sha256::digest(&bytes));
         self.check_signature(&text, &sha256, signature.as_deref()).map_err(|e| err(e.to_string()))?;
-        self.install(manifest, &bytes, config).map_err(|e| err(e.to_string()))
+        self.build(manifest, &bytes, config).map_err(|e| err(e.to_string()))
+    }
+
+    /// Makes a prepared plugin callable (replacing one of the same name; calls under way finish).
+    pub fn insert(&self, plugin: Plugin) -> Arc<Plugin> {
+        let plugin = Arc::new(plugin);
+        self.plugins.write().expect("plugin table").insert(plugin.manifest.name.clone(), plugin.clone());
+        plugin
     }
 
     /// With trusted keys configured, a plugin must be signed by one of them: its manifest text
@@ -447,6 +472,16 @@ impl PluginHost {
         bytes: &[u8],
         config: BTreeMap<String, String>,
     ) -> Result<Arc<Plugin>, ComponentError> {
+        Ok(self.insert(self.build(manifest, bytes, config)?))
+    }
+
+    /// Checks a plugin's limits against this host's ceilings and compiles it.
+    pub fn build(
+        &self,
+        manifest: Manifest,
+        bytes: &[u8],
+        config: BTreeMap<String, String>,
+    ) -> Result<Plugin, ComponentError> {
         let limits = &manifest.limits;
         if limits.memory_mib > self.max_memory_mib {
             return Err(ComponentError::Ceiling(format!(
@@ -460,9 +495,7 @@ impl PluginHost {
                 limits.timeout_ms, self.max_timeout_ms
             )));
         }
-        let plugin = Arc::new(self.compile(manifest, bytes, config)?);
-        self.plugins.write().expect("plugin table").insert(plugin.manifest.name.clone(), plugin.clone());
-        Ok(plugin)
+        self.compile(manifest, bytes, config)
     }
 
     /// Unloads a plugin; calls under way finish.

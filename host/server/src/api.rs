@@ -1,6 +1,6 @@
 //! The HTTP API.
 
-use crate::auth::{Denied, Keys};
+use crate::auth::Denied;
 use crate::pipeline::Ingest;
 use crate::telemetry::{ActionLabel, NameLabel, PartitionLabel, Telemetry};
 use axum::extract::rejection::BytesRejection;
@@ -11,7 +11,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use rusqlite::Connection;
-use starling_core::Model;
 use starling_runtime::PluginHost;
 use starling_store::OutboxStatus;
 use std::sync::{Arc, Mutex};
@@ -25,12 +24,12 @@ const RETRY_AFTER_SECS: &str = "1";
 pub struct AppState {
     pub ingest: Arc<Ingest>,
     pub read: Arc<Mutex<Connection>>,
-    pub model: Arc<Model>,
+    /// The running configuration (it can change while the server runs).
+    pub config: Arc<crate::live::Live>,
     pub clock: fn() -> i64,
     /// Whether `POST /v1/test/clock` may move the clock (for tests of time-driven behaviour).
     pub test_clock: bool,
     pub telemetry: Arc<Telemetry>,
-    pub keys: Arc<Keys>,
     /// The names requests may address this server by.
     pub hosts: Arc<crate::origin::Hosts>,
     pub plugins: Arc<PluginHost>,
@@ -40,6 +39,11 @@ pub struct AppState {
     pub drain: crate::http::Drain,
     /// The SQLite file, for backups.
     pub database: std::path::PathBuf,
+    pub lanes: Arc<crate::delivery::Lanes>,
+    /// Where plugins named by a new configuration are loaded from.
+    pub plugin_dir: Option<std::path::PathBuf>,
+    /// The configuration file, read again on SIGHUP.
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 /// The OpenAPI document of this API.
@@ -54,6 +58,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/profiles/{id}/export", get(export_profile))
         .route("/v1/profiles/{id}/unstitch", post(unstitch))
         .route("/v1/audiences", get(get_audiences))
+        .route("/v1/audiences/preview", post(crate::reconfigure::post_preview))
+        .route("/v1/audiences/{name}", get(crate::reconfigure::get_audience))
+        .route("/v1/config", get(crate::reconfigure::get_config).put(crate::reconfigure::put_config))
+        .route("/v1/config/history", get(crate::reconfigure::get_config_history))
+        .route("/v1/backtest", post(crate::reconfigure::post_backtest))
         .route("/v1/audiences/{name}/history", get(get_audience_history))
         .route("/v1/actions", get(get_actions))
         .route("/v1/dead-letters", get(get_dead_letters))
@@ -81,7 +90,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin", get(|| async { axum::response::Html(ADMIN_PAGE) }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(std::time::Duration::from_millis(
-            state.model.body_timeout_ms as u64,
+            state.config.model().body_timeout_ms as u64,
         )))
         .layer(axum::middleware::from_fn_with_state(state.clone(), check_host))
         .layer(axum::middleware::from_fn_with_state(state.clone(), refuse_while_stopping))
@@ -145,7 +154,7 @@ async fn require_source_key(
     mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    match state.keys.check_source(request.headers()) {
+    match state.config.keys().check_source(request.headers()) {
         Ok(source) => {
             request.extensions_mut().insert(SourceKey(source));
             next.run(request).await
@@ -165,7 +174,7 @@ async fn require_admin(
     if let Some(why) = crate::origin::refusal(&state.hosts, request.headers(), true) {
         return ApiError::new(StatusCode::FORBIDDEN, why).into_response();
     }
-    match state.keys.check_admin(request.headers()) {
+    match state.config.keys().check_admin(request.headers()) {
         Ok(()) => next.run(request).await,
         Err(denied) => unauthorized(&denied, "Bearer").into_response(),
     }
@@ -185,7 +194,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError { status, message: message.into() }
     }
 }
@@ -243,10 +252,12 @@ async fn post_events(
     let received_ms = (state.clock)();
     let (mut events, batch) =
         starling_core::ingest::parse_request(&body, received_ms).map_err(|m| invalid("invalid", m))?;
-    let (mut warnings, clamped) = starling_core::ingest::bound_times(&mut events, batch, received_ms, &state.model)
-        .map_err(|m| invalid("too_old", m))?;
-    let spec_warnings = starling_core::ingest::check_events(&mut events, batch, key_source.as_deref(), &state.model)
-        .map_err(|m| invalid("spec", m))?;
+    let (mut warnings, clamped) =
+        starling_core::ingest::bound_times(&mut events, batch, received_ms, &state.config.model())
+            .map_err(|m| invalid("too_old", m))?;
+    let spec_warnings =
+        starling_core::ingest::check_events(&mut events, batch, key_source.as_deref(), &state.config.model())
+            .map_err(|m| invalid("spec", m))?;
     let spec_warned = spec_warnings.len() as u64;
     warnings.extend(spec_warnings);
     for warning in &warnings {
@@ -300,7 +311,7 @@ fn body_error(rejection: BytesRejection) -> ApiError {
     ApiError::new(status, rejection.body_text())
 }
 
-async fn read<T: Send + 'static>(
+pub(crate) async fn read<T: Send + 'static>(
     state: &AppState,
     f: impl FnOnce(&Connection) -> starling_store::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -362,7 +373,11 @@ async fn get_profile(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let lookup = id.clone();
     match read(&state, move |c| starling_store::find_profile(c, &lookup)).await? {
-        Some(profile) => Ok(Json(profile.to_json())),
+        Some(mut profile) => {
+            // As the running configuration has it, even before a backfill reached it.
+            starling_core::evolve::conform(&state.config.model(), &mut profile);
+            Ok(Json(profile.to_json()))
+        }
         None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no profile for id `{id}`"))),
     }
 }
@@ -389,9 +404,11 @@ async fn export_profile(
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let lookup = id.clone();
+    let model = state.config.model();
     let export = read(&state, move |c| {
         let Some(profile_id) = starling_store::resolve_identity(c, &lookup)? else { return Ok(None) };
-        let Some(profile) = starling_store::load_profile(c, &profile_id)? else { return Ok(None) };
+        let Some(mut profile) = starling_store::load_profile(c, &profile_id)? else { return Ok(None) };
+        starling_core::evolve::conform(&model, &mut profile);
         let date = starling_core::time::format_rfc3339;
         let events: Vec<serde_json::Value> = starling_store::profile_events(c, &profile_id)?
             .into_iter()
@@ -429,8 +446,10 @@ async fn unstitch(State(state): State<AppState>, Path(id): Path<String>) -> Resu
 
 async fn get_audiences(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let sizes = read(&state, starling_store::audience_sizes).await?;
+    let backfill = state.config.backfill();
     let audiences: Vec<serde_json::Value> = state
-        .model
+        .config
+        .model()
         .audiences
         .iter()
         .map(|a| {
@@ -441,6 +460,7 @@ async fn get_audiences(State(state): State<AppState>) -> Result<Json<serde_json:
                 "reads": a.inputs,
                 "time_relative": a.time_relative,
                 "rule": a.rule.describe(),
+                "backfill": backfill.as_ref().filter(|b| b.audiences.contains(&a.name)).map(|b| b.to_json()),
             })
         })
         .collect();
@@ -458,7 +478,7 @@ async fn get_audience_history(
     Path(name): Path<String>,
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if state.model.audience(&name).is_none() {
+    if state.config.model().audience(&name).is_none() {
         return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no audience named `{name}`")));
     }
     let since = match &q.since {
@@ -480,15 +500,17 @@ async fn explain_membership(
     State(state): State<AppState>,
     Path((id, audience)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if state.model.audience(&audience).is_none() {
+    let model = state.config.model();
+    if model.audience(&audience).is_none() {
         return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no audience named `{audience}`")));
     }
     let lookup = id.clone();
-    let Some(profile) = read(&state, move |c| starling_store::find_profile(c, &lookup)).await? else {
+    let Some(mut profile) = read(&state, move |c| starling_store::find_profile(c, &lookup)).await? else {
         return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no profile for id `{id}`")));
     };
-    let explained = starling_core::engine::explain(&state.model, &profile, &audience, (state.clock)())
-        .expect("audience checked above");
+    starling_core::evolve::conform(&model, &mut profile);
+    let explained =
+        starling_core::engine::explain(&model, &profile, &audience, (state.clock)()).expect("audience checked above");
     Ok(Json(explained))
 }
 
@@ -598,11 +620,12 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let m = &state.telemetry.metrics;
     let (sizes, pending) =
         read(&state, |c| Ok((starling_store::audience_sizes(c)?, starling_store::pending_actions(c)?))).await?;
-    for audience in &state.model.audiences {
+    let model = state.config.model();
+    for audience in &model.audiences {
         let size = sizes.iter().find(|(n, _)| *n == audience.name).map_or(0, |(_, s)| *s);
         m.audience_size.get_or_create(&NameLabel { name: audience.name.clone() }).set(size);
     }
-    for action in &state.model.actions {
+    for action in &model.actions {
         let n = pending.iter().find(|(a, _)| *a == action.name).map_or(0, |(_, n)| *n);
         m.actions_pending.get_or_create(&ActionLabel { action: action.name.clone() }).set(n);
     }
@@ -672,8 +695,9 @@ async fn post_import(
     request: axum::extract::Request,
 ) -> Result<Json<crate::import::Summary>, ApiError> {
     use axum::extract::FromRequest;
-    let Some(def) = state.model.import(&definition) else {
-        let known: Vec<&str> = state.model.imports.iter().map(|i| i.name.as_str()).collect();
+    let model = state.config.model();
+    let Some(def) = model.import(&definition) else {
+        let known: Vec<&str> = model.imports.iter().map(|i| i.name.as_str()).collect();
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no import definition `{definition}` (configured: {})", known.join(", ")),

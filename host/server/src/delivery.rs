@@ -38,6 +38,92 @@ pub struct Lane {
     pub telemetry: Arc<Telemetry>,
 }
 
+/// The running lanes, one per configured action; they follow configuration changes.
+pub struct Lanes {
+    pub plugins: Arc<PluginHost>,
+    pub database: std::path::PathBuf,
+    pub clock: fn() -> i64,
+    pub telemetry: Arc<Telemetry>,
+    running: Mutex<std::collections::HashMap<String, Running>>,
+}
+
+struct Running {
+    action: ActionDef,
+    wake: Arc<Notify>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Lanes {
+    pub fn new(
+        plugins: Arc<PluginHost>,
+        database: std::path::PathBuf,
+        clock: fn() -> i64,
+        telemetry: Arc<Telemetry>,
+    ) -> Lanes {
+        Lanes { plugins, database, clock, telemetry, running: Mutex::default() }
+    }
+
+    /// Tells the lane of `action` that it has new work.
+    pub fn wake(&self, action: &str) {
+        if let Some(lane) = self.running.lock().expect("lanes").get(action) {
+            lane.wake.notify_one();
+        }
+    }
+
+    /// Runs one lane per action of `actions`: starts lanes for new actions, stops those of
+    /// actions no longer there, and restarts a lane whose action changed once its calls under
+    /// way are done (so that no row is delivered by both).
+    pub fn follow(&self, actions: &[ActionDef]) -> Result<(), starling_store::StoreError> {
+        let mut running = self.running.lock().expect("lanes");
+        let gone: Vec<String> = running
+            .iter()
+            .filter(|(name, lane)| actions.iter().all(|a| &a.name != *name || !a.same_as(&lane.action)))
+            .map(|(name, _)| name.clone())
+            .collect();
+        let mut ending = std::collections::HashMap::new();
+        for name in gone {
+            let lane = running.remove(&name).expect("listed above");
+            let _ = lane.stop.send(true);
+            ending.insert(name, lane.task);
+        }
+        let starting: Vec<&ActionDef> = actions.iter().filter(|a| !running.contains_key(&a.name)).collect();
+        for action in starting {
+            let (stop, stopped) = watch::channel(false);
+            let wake = Arc::new(Notify::new());
+            let lane = Lane {
+                action: action.clone(),
+                plugins: self.plugins.clone(),
+                conn: Arc::new(Mutex::new(starling_store::open_relaxed(&self.database)?)),
+                wake: wake.clone(),
+                clock: self.clock,
+                telemetry: self.telemetry.clone(),
+            };
+            let previous = ending.remove(&action.name);
+            let task = tokio::spawn(async move {
+                if let Some(previous) = previous {
+                    let _ = previous.await;
+                }
+                lane.run(stopped).await
+            });
+            running.insert(action.name.clone(), Running { action: action.clone(), wake, stop, task });
+        }
+        Ok(())
+    }
+
+    /// Stops every lane; returns their tasks, which end once their calls under way are done.
+    pub fn stop(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut running = self.running.lock().expect("lanes");
+        running
+            .drain()
+            .map(|(_, lane)| {
+                let _ = lane.stop.send(true);
+                lane.task
+            })
+            .collect()
+    }
+}
+
 /// Opens after repeated failed calls; while open the lane makes no calls, and its rows wait.
 #[derive(Default)]
 struct Breaker {

@@ -6,24 +6,24 @@ pub mod auth;
 pub mod delivery;
 pub mod http;
 pub mod import;
+pub mod live;
 pub mod logging;
 pub mod origin;
 pub mod pipeline;
+pub mod reconfigure;
 pub mod registry;
 pub mod telemetry;
 pub mod tls;
 
 use starling_core::model::EventLogKind;
-use starling_core::model::History;
 use starling_core::{Diagnostic, Model};
 use starling_log::{EventLog, MemoryLog, SegmentLog};
 use starling_runtime::{HostOptions, Kind, PluginHost};
-use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -58,6 +58,8 @@ pub struct Options {
     pub trusted_keys: Option<Vec<String>>,
     /// An event log to record in instead of the one `server.event_log` names.
     pub event_log: Option<Arc<dyn EventLog>>,
+    /// The file `model` was read from: SIGHUP reads it again and applies it.
+    pub config_path: Option<PathBuf>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -97,8 +99,16 @@ const SIZE_HISTORY_KEEP_MS: i64 = 90 * 24 * 3_600_000;
 
 /// Every action and enricher of `model` must name a loaded plugin of the right kind.
 pub fn check_plugins(model: &Model, plugins: &PluginHost) -> Vec<Diagnostic> {
+    check_plugins_in(model, |name| plugins.get(name))
+}
+
+/// As [`check_plugins`], with plugins looked up by `get` (loaded ones, and ones about to be).
+pub fn check_plugins_in(
+    model: &Model,
+    get: impl Fn(&str) -> Result<Arc<starling_runtime::Plugin>, starling_runtime::PluginError>,
+) -> Vec<Diagnostic> {
     let mut problems = Vec::new();
-    let mut check = |name: &str, span: &std::ops::Range<usize>, kind: Kind| match plugins.get(name) {
+    let mut check = |name: &str, span: &std::ops::Range<usize>, kind: Kind| match get(name) {
         Ok(p) if p.manifest.kind == kind => {}
         Err(starling_runtime::PluginError::NotLoaded(_)) => {
             problems.push(model.diagnostic(span, format!("no plugin named `{name}` is installed")))
@@ -160,8 +170,9 @@ impl App {
                 tracing::info!(plugin = %plugin.manifest.name, kind = plugin.manifest.kind.name(), sha256 = %plugin.sha256, "plugin loaded");
             }
         }
+        let config = Arc::new(live::Live::new(model.clone(), options.admin_token.clone()));
         let mut registry =
-            registry::Registry::new(plugins.clone(), model.clone(), starling_store::open(&database)?, blobs, clock);
+            registry::Registry::new(plugins.clone(), config.clone(), starling_store::open(&database)?, blobs, clock);
         registry.sync()?;
         tracing::info!(
             plugins = plugins.names().len(),
@@ -177,22 +188,9 @@ impl App {
 
         let telemetry = Arc::new(telemetry::Telemetry::new());
         let (stop_delivery, stopped) = watch::channel(false);
-        let mut wake = HashMap::new();
-        let mut lanes = Vec::new();
-        for action in &model.actions {
-            let notify = Arc::new(Notify::new());
-            wake.insert(action.name.clone(), notify.clone());
-            let lane = delivery::Lane {
-                action: action.clone(),
-                plugins: plugins.clone(),
-                conn: Arc::new(Mutex::new(starling_store::open_relaxed(&database)?)),
-                wake: notify,
-                clock,
-                telemetry: telemetry.clone(),
-            };
-            lanes.push(tokio::spawn(lane.run(stopped.clone())));
-        }
-        lanes.push(tokio::spawn(registry.run(stopped.clone())));
+        let delivery = Arc::new(delivery::Lanes::new(plugins.clone(), database.clone(), clock, telemetry.clone()));
+        delivery.follow(&model.actions)?;
+        let mut lanes = vec![tokio::spawn(registry.run(stopped.clone()))];
 
         let log: Arc<dyn EventLog> = match (options.event_log, model.server.event_log) {
             (Some(log), _) => log,
@@ -204,10 +202,10 @@ impl App {
         };
 
         let shared = pipeline::Shared {
-            model: model.clone(),
+            config: config.clone(),
             plugins: plugins.clone(),
             runtime: tokio::runtime::Handle::current(),
-            lanes: Arc::new(wake),
+            lanes: delivery.clone(),
             clock,
             telemetry: telemetry.clone(),
             log,
@@ -237,13 +235,13 @@ impl App {
         lanes.push(tokio::spawn(run_checkpoints(
             starling_store::open_relaxed(&database)?,
             ingest.log_state(),
-            model.history,
+            config.clone(),
             telemetry.clone(),
             clock,
             stopped.clone(),
         )));
         lanes.push(tokio::spawn(sample_audience_sizes(
-            model.clone(),
+            config.clone(),
             starling_store::open(&database)?,
             clock,
             stopped.clone(),
@@ -255,39 +253,37 @@ impl App {
             clock,
             feeders_stopped.clone(),
         ))];
-        if let Some(retention) = model.retention {
-            feeders.push(tokio::spawn(run_retention(
-                ingest.clone(),
-                starling_store::open(&database)?,
-                retention,
-                clock,
-                feeders_stopped,
-            )));
+        feeders.push(tokio::spawn(run_retention(
+            ingest.clone(),
+            starling_store::open(&database)?,
+            config.clone(),
+            clock,
+            feeders_stopped.clone(),
+        )));
+        let state = api::AppState {
+            ingest,
+            read,
+            config,
+            clock,
+            test_clock,
+            telemetry,
+            hosts: Arc::new(origin::Hosts::new(&model.server.hostnames)),
+            plugins: plugins.clone(),
+            queue_capacity: model.server.ingest_queue.max(1),
+            drain: http::Drain::default(),
+            database: database.clone(),
+            lanes: delivery,
+            plugin_dir: options.plugins.clone(),
+            config_path: options.config_path.clone(),
+        };
+        // The configuration the database was last served with may differ from this one: the
+        // evolution rules apply as they do to a change made live.
+        reconfigure::at_start(&state).await?;
+        if let Some(path) = options.config_path.clone() {
+            feeders.push(tokio::spawn(reconfigure::reload_on_hangup(state.clone(), path, feeders_stopped)));
         }
 
-        Ok(App {
-            state: api::AppState {
-                ingest,
-                read,
-                model: model.clone(),
-                clock,
-                test_clock,
-                telemetry,
-                keys: Arc::new(auth::Keys::new(&model, options.admin_token.as_deref())),
-                hosts: Arc::new(origin::Hosts::new(&model.server.hostnames)),
-                plugins: plugins.clone(),
-                queue_capacity: model.server.ingest_queue.max(1),
-                drain: http::Drain::default(),
-                database: database.clone(),
-            },
-            workers,
-            feeders,
-            stop_feeders,
-            lanes,
-            stop_delivery,
-            database: database.clone(),
-            plugins,
-        })
+        Ok(App { state, workers, feeders, stop_feeders, lanes, stop_delivery, database: database.clone(), plugins })
     }
 
     pub fn router(&self) -> axum::Router {
@@ -295,7 +291,7 @@ impl App {
     }
 
     fn http_limits(&self) -> http::Limits {
-        let model = &self.state.model;
+        let model = self.state.config.model();
         http::Limits {
             max_connections: model.server.max_connections.max(1),
             header_timeout: std::time::Duration::from_millis(model.header_timeout_ms as u64),
@@ -306,7 +302,7 @@ impl App {
     /// one, anyone who can reach the port can read and delete profiles); the address is out of
     /// every plugin's reach, and a name `Host` headers may carry.
     fn listening_on(&self, addr: std::net::SocketAddr) -> Result<(), ServerError> {
-        if !addr.ip().is_loopback() && !self.state.keys.admin_required() {
+        if !addr.ip().is_loopback() && !self.state.config.keys().admin_required() {
             return Err(ServerError::Exposed(addr));
         }
         self.state.plugins.refuse_listener(addr);
@@ -343,16 +339,18 @@ impl App {
     /// the delivery lanes, and copies the WAL back into the database, so that the next start
     /// has nothing to replay.
     pub async fn stop(self) {
-        let App { state, workers, feeders, stop_feeders, lanes, stop_delivery, database, .. } = self;
+        let App { state, workers, feeders, stop_feeders, mut lanes, stop_delivery, database, .. } = self;
         let _ = stop_feeders.send(true);
         for feeder in feeders {
             let _ = feeder.await;
         }
+        let delivery = state.lanes.clone();
         drop(state);
         for worker in workers {
             let _ = tokio::task::spawn_blocking(move || worker.join()).await;
         }
         let _ = stop_delivery.send(true);
+        lanes.extend(delivery.stop());
         let deadline = tokio::time::Instant::now() + STOP_DELIVERIES;
         for mut lane in lanes {
             if tokio::time::timeout_at(deadline, &mut lane).await.is_err() {
@@ -441,6 +439,8 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(1
 /// How often expired history and finished actions are pruned, and how many rows at a time.
 const PRUNE_EVERY_MS: i64 = 1_000;
 const PRUNE_CHUNK: usize = 2_000;
+/// Longest a prune pass goes on deleting history chunk after chunk.
+const PRUNE_BUDGET: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Checkpoints the WAL in the background, so that no ingestion commit pays for it, then lets
 /// the event log forget what the checkpoint made durable; prunes history and finished actions
@@ -448,7 +448,7 @@ const PRUNE_CHUNK: usize = 2_000;
 async fn run_checkpoints(
     conn: rusqlite::Connection,
     log: pipeline::LogState,
-    history: History,
+    config: Arc<live::Live>,
     telemetry: Arc<telemetry::Telemetry>,
     clock: fn() -> i64,
     mut stop: watch::Receiver<bool>,
@@ -466,6 +466,7 @@ async fn run_checkpoints(
         let (conn, state, telemetry, cursors) = (conn.clone(), log.clone(), telemetry.clone(), cursors.clone());
         let wal_holds_deleted = wal_holds_deleted.clone();
         let now = clock();
+        let history = config.model().history;
         let prune = now - last_prune_ms >= PRUNE_EVERY_MS;
         if prune {
             last_prune_ms = now;
@@ -493,12 +494,43 @@ async fn run_checkpoints(
             if prune {
                 starling_store::prune_handoffs(&conn, safe)?;
                 let mut cursors = cursors.lock().expect("prune cursors");
-                let (events, next) =
-                    starling_store::prune_history(&conn, now - history.events_ms, cursors.0, PRUNE_CHUNK)?;
-                cursors.0 = next.unwrap_or(0);
-                let (actions, next) =
-                    starling_store::prune_done_actions(&conn, now - history.actions_kept_ms, cursors.1, PRUNE_CHUNK)?;
-                cursors.1 = next.unwrap_or(0);
+                // History is written in the order it is received: while whole chunks are past
+                // their retention, go on (within a budget, so that pruning keeps up with any
+                // ingestion rate); the first chunk with a row to keep means the rest is
+                // recent, and the next pass starts from the oldest row again.
+                let pruning = std::time::Instant::now();
+                let mut events = 0;
+                loop {
+                    let (gone, next) =
+                        starling_store::prune_history(&conn, now - history.events_ms, cursors.0, PRUNE_CHUNK)?;
+                    events += gone;
+                    match next {
+                        Some(next) if gone == PRUNE_CHUNK => cursors.0 = next,
+                        _ => {
+                            cursors.0 = 0;
+                            break;
+                        }
+                    }
+                    if pruning.elapsed() >= PRUNE_BUDGET {
+                        break;
+                    }
+                }
+                // Finished actions sit between pending ones: the pass goes on from where it was, and on
+                // to the next chunk while most of a chunk went.
+                let mut actions = 0;
+                loop {
+                    let (gone, next) = starling_store::prune_done_actions(
+                        &conn,
+                        now - history.actions_kept_ms,
+                        cursors.1,
+                        PRUNE_CHUNK,
+                    )?;
+                    actions += gone;
+                    cursors.1 = next.unwrap_or(0);
+                    if next.is_none() || gone < PRUNE_CHUNK / 2 || pruning.elapsed() >= 2 * PRUNE_BUDGET {
+                        break;
+                    }
+                }
                 if events + actions > 0 {
                     tracing::debug!(events, actions, "forgot history and finished actions past their retention");
                 }
@@ -511,6 +543,9 @@ async fn run_checkpoints(
     }
 }
 
+/// How often the retention job looks whether the configuration has a retention now.
+const RETENTION_UNSET_POLL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Most profiles deleted per pipeline submission by the retention job.
 const RETENTION_BATCH: usize = 500;
 
@@ -518,16 +553,20 @@ const RETENTION_BATCH: usize = 500;
 async fn run_retention(
     ingest: Arc<pipeline::Ingest>,
     conn: rusqlite::Connection,
-    retention: starling_core::model::Retention,
+    config: Arc<live::Live>,
     clock: fn() -> i64,
     mut stop: watch::Receiver<bool>,
 ) {
-    let every = std::time::Duration::from_millis(retention.check_every_ms as u64);
     loop {
+        // The configuration may change between passes; without retention, look again later.
+        let retention = config.model().retention;
+        let every =
+            retention.map_or(RETENTION_UNSET_POLL, |r| std::time::Duration::from_millis(r.check_every_ms as u64));
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.changed() => return,
         }
+        let Some(retention) = config.model().retention else { continue };
         let cutoff = clock() - retention.inactive_after_ms;
         loop {
             let due = match starling_store::inactive_profiles(&conn, cutoff, RETENTION_BATCH) {
@@ -558,14 +597,15 @@ async fn run_retention(
 
 /// Records every audience's size at the configured interval, for the size history.
 async fn sample_audience_sizes(
-    model: Arc<Model>,
+    config: Arc<live::Live>,
     mut conn: rusqlite::Connection,
     clock: fn() -> i64,
     mut stop: watch::Receiver<bool>,
 ) {
-    let names: Vec<String> = model.audiences.iter().map(|a| a.name.clone()).collect();
-    let every = std::time::Duration::from_millis(model.audience_size_interval_ms as u64);
     loop {
+        let model = config.model();
+        let names: Vec<String> = model.audiences.iter().map(|a| a.name.clone()).collect();
+        let every = std::time::Duration::from_millis(model.audience_size_interval_ms as u64);
         if let Err(e) = starling_store::sample_audience_sizes(&mut conn, &names, clock(), SIZE_HISTORY_KEEP_MS) {
             tracing::warn!("sampling audience sizes: {e}");
         }

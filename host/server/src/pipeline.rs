@@ -29,7 +29,7 @@ use starling_store::{Batch, IdentityLink, StoreError};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 /// Most requests applied as one batch (one log append, one answer).
 const MAX_JOBS_PER_BATCH: usize = 256;
@@ -117,7 +117,47 @@ pub enum Work {
     },
     /// Write what the partition holds in memory to SQLite, so that reads see it.
     Materialize,
+    /// A backfill's work on stored profiles after a configuration change: bring each in line
+    /// with the model and evaluate `audiences` for it. Not logged: until a backfill is recorded
+    /// done, it is made again at start.
+    Reconcile {
+        ids: Vec<String>,
+        audiences: Vec<String>,
+        done: oneshot::Sender<Reconciled>,
+    },
 }
+
+/// What a backfill did to the profiles of one piece of work.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Reconciled {
+    pub examined: u64,
+    /// Profiles whose stored state changed.
+    pub changed: u64,
+    pub joined: u64,
+    pub left: u64,
+    /// Values of a changed type kept (converted) or dropped; values of removed attributes.
+    pub converted: u64,
+    pub dropped: u64,
+    pub removed: u64,
+    /// Actions fired (`on_backfill = "fire"`).
+    pub fired: u64,
+}
+
+impl Reconciled {
+    pub fn add(&mut self, other: &Reconciled) {
+        self.examined += other.examined;
+        self.changed += other.changed;
+        self.joined += other.joined;
+        self.left += other.left;
+        self.converted += other.converted;
+        self.dropped += other.dropped;
+        self.removed += other.removed;
+        self.fired += other.fired;
+    }
+}
+
+/// The draft index of work that is not logged: its actions have no origin record.
+const UNLOGGED: usize = usize::MAX;
 
 /// Absorb profile `absorbed` into `survivor`, because id `via` links them.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -333,6 +373,39 @@ impl Ingest {
         self.queue((0..n).map(|_| Some(Work::Materialize)).collect(), false).await.map(|_| ())
     }
 
+    /// Waits until every partition has applied a batch after this call: from then on, none
+    /// applies anything with a configuration swapped out before it.
+    pub async fn barrier(&self) -> Result<(), IngestError> {
+        let n = self.partitions.len();
+        self.queue((0..n).map(|_| Some(Work::Materialize)).collect(), false).await.map(|_| ())
+    }
+
+    /// A backfill's work on stored profiles `ids` (see [`Work::Reconcile`]).
+    pub async fn reconcile(&self, ids: Vec<String>, audiences: &[String]) -> Result<Reconciled, IngestError> {
+        let n = self.partitions.len();
+        let mut groups: Vec<Vec<String>> = (0..n).map(|_| Vec::new()).collect();
+        for id in ids {
+            groups[worker_of(&id, n)].push(id);
+        }
+        let mut results = Vec::new();
+        let work = groups
+            .into_iter()
+            .map(|ids| {
+                (!ids.is_empty()).then(|| {
+                    let (done, result) = oneshot::channel();
+                    results.push(result);
+                    Work::Reconcile { ids, audiences: audiences.to_vec(), done }
+                })
+            })
+            .collect();
+        self.queue(work, false).await?;
+        let mut total = Reconciled::default();
+        for result in results {
+            total.add(&result.await.map_err(|_| IngestError::Closed)?);
+        }
+        Ok(total)
+    }
+
     /// The profile an id belongs to now.
     pub fn profile_of(&self, id: &str) -> String {
         self.directory.profile_of(id)
@@ -510,9 +583,7 @@ impl Answers {
         }
         // Connectors are called only for actions whose cause is on disk.
         for action in &self.woken {
-            if let Some(lane) = shared.lanes.get(action) {
-                lane.notify_one();
-            }
+            shared.lanes.wake(action);
         }
         for (done, records) in self.deleted {
             let _ = done.send(Ok(records));
@@ -590,11 +661,12 @@ pub fn worker_of(profile_id: &str, workers: usize) -> usize {
 /// Everything a worker needs.
 #[derive(Clone)]
 pub struct Shared {
-    pub model: Arc<Model>,
+    /// The configuration; each batch is applied with the model current when it starts.
+    pub config: Arc<crate::live::Live>,
     pub plugins: Arc<PluginHost>,
     pub runtime: tokio::runtime::Handle,
-    /// Delivery lanes by action name, woken when their actions are queued.
-    pub lanes: Arc<HashMap<String, Arc<Notify>>>,
+    /// Delivery lanes, woken when their actions are queued.
+    pub lanes: Arc<crate::delivery::Lanes>,
     pub clock: fn() -> i64,
     pub telemetry: Arc<Telemetry>,
     pub log: Arc<dyn EventLog>,
@@ -641,6 +713,7 @@ pub fn start(
     let (syncer, batches) = std::sync::mpsc::channel();
     for (index, rx) in receivers.into_iter().enumerate() {
         let worker = Worker {
+            model: shared.config.model(),
             shared: shared.clone(),
             index,
             partitions: n,
@@ -678,6 +751,8 @@ pub fn start(
 }
 
 struct Worker {
+    /// The model the batch under way is applied with.
+    model: Arc<Model>,
     shared: Shared,
     index: usize,
     partitions: usize,
@@ -921,6 +996,10 @@ impl Worker {
         now: i64,
         replayed: Option<(Partition, Position)>,
     ) {
+        let current = self.shared.config.model();
+        if !Arc::ptr_eq(&current, &self.model) {
+            self.adopt(current);
+        }
         // Work that reads the store as committed sees everything applied before it.
         if batch[0].reads_committed() {
             self.materialize(conn, &mut []);
@@ -999,6 +1078,17 @@ impl Worker {
                 Err(e)
             }
         }
+    }
+
+    /// Takes a new configuration between batches: what is held in memory is brought in line
+    /// with it (the evolution rules of `starling_core::evolve`); the cache, which holds what
+    /// SQLite holds, is emptied, and profiles read from SQLite are brought in line as they are.
+    fn adopt(&mut self, model: Arc<Model>) {
+        self.cache.profiles.clear();
+        for (profile, _) in self.pending.touched.values_mut() {
+            starling_core::evolve::conform(&model, profile);
+        }
+        self.model = model;
     }
 
     /// Why new work cannot be taken now: the partition's state is lost until a restart, or
@@ -1163,7 +1253,7 @@ impl Worker {
             self.last_prune_ms = now;
             self.pruning = Some(String::new());
         }
-        let window_ms = self.shared.model.server.dedup_window_hours as i64 * 3_600_000;
+        let window_ms = self.model.server.dedup_window_hours as i64 * 3_600_000;
         let after = self.pruning.take().unwrap_or_default();
         let writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match starling_store::prune_seen_events(&writer, now - window_ms, &after, PRUNE_CHUNK) {
@@ -1186,7 +1276,7 @@ impl Worker {
         now: i64,
         replayed: Option<(Partition, Position)>,
     ) -> Result<Vec<IngestReport>, BatchError> {
-        let model = self.shared.model.clone();
+        let model = self.model.clone();
         let dedup_since = now - model.server.dedup_window_hours as i64 * 3_600_000;
         let (plugins, runtime) = (self.shared.plugins.clone(), self.shared.runtime.clone());
         let mut enrichers = WasmEnrichers::new(&plugins, &runtime);
@@ -1223,7 +1313,7 @@ impl Worker {
                             || Draft::Events(vec![e]),
                         );
                         self.link_own_id(conn, p, &event.visitor_id, &pid)?;
-                        let profile = load(&mut self.cache, conn, &mut p.touched, now, &pid)?;
+                        let profile = load(&model, &mut self.cache, conn, &mut p.touched, now, &pid)?;
                         let traced = telemetry.tracer.watches(&[&event.visitor_id, &pid]);
                         let before = traced.then(|| profile.to_json());
                         let started = std::time::Instant::now();
@@ -1271,7 +1361,7 @@ impl Worker {
                             },
                             || Draft::Wakeups(vec![profile_id.clone()]),
                         );
-                        let profile = load(&mut self.cache, conn, &mut p.touched, now, profile_id)?;
+                        let profile = load(&model, &mut self.cache, conn, &mut p.touched, now, profile_id)?;
                         if profile.wakeup_ms.is_some_and(|due| due <= now) {
                             let outcome = apply_time(&model, profile, now);
                             p.effects.record(conn, &model, profile_id, outcome, now)?;
@@ -1337,6 +1427,47 @@ impl Worker {
                     }
                 }
                 Work::Materialize => p.urgent = true,
+                Work::Reconcile { ids, audiences, done } => {
+                    // Written before it is answered: the backfill's progress counts it as done.
+                    p.urgent = true;
+                    p.effects.record_index = UNLOGGED;
+                    let (placeholder, _) = oneshot::channel();
+                    let done = std::mem::replace(done, placeholder);
+                    let indexes: Vec<usize> =
+                        audiences.iter().filter_map(|a| model.audiences.iter().position(|x| &x.name == a)).collect();
+                    let mut result = Reconciled::default();
+                    for id in ids.iter() {
+                        if p.moved.contains_key(id)
+                            || p.gone.contains(id)
+                            || worker_of(id, self.partitions) != self.index
+                        {
+                            continue;
+                        }
+                        let mut conformed = starling_core::evolve::Conformed::default();
+                        if !p.touched.contains_key(id) {
+                            let stored = match self.cache.profiles.remove(id) {
+                                Some(cached) => Some(cached),
+                                None => starling_store::load_profile(conn, id)?,
+                            };
+                            // Deleted or stitched into another since the scan read it.
+                            let Some(mut stored) = stored else { continue };
+                            conformed = starling_core::evolve::conform(&model, &mut stored);
+                            self.cache.profiles.insert(id.clone(), stored);
+                        }
+                        let profile = load(&model, &mut self.cache, conn, &mut p.touched, now, id)?;
+                        let (_, outcome) = starling_core::evolve::backfill(&model, profile, &indexes, now);
+                        result.examined += 1;
+                        result.changed += u64::from(conformed.changed() || !outcome.changes.is_empty());
+                        result.joined += outcome.joined().len() as u64;
+                        result.left += outcome.left().len() as u64;
+                        result.converted += conformed.converted as u64;
+                        result.dropped += conformed.dropped.len() as u64;
+                        result.removed += conformed.removed as u64;
+                        result.fired += outcome.actions.len() as u64;
+                        p.effects.record(conn, &model, id, outcome, now)?;
+                    }
+                    let _ = done.send(result);
+                }
             }
             reports.push(report);
         }
@@ -1421,7 +1552,7 @@ impl Worker {
     /// Returns the claims on ids another partition linked first, with the job of the batch
     /// being applied each came from, if it did.
     fn commit(&mut self, p: &mut Pending) -> Result<Vec<(IdentityLink, String)>, StoreError> {
-        let history = self.shared.model.history;
+        let history = self.model.history;
         let mut writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let tx = Batch::begin(&mut writer)?;
         let mut actions_per_position = HashMap::new();
@@ -1863,11 +1994,12 @@ impl Worker {
                 None => starling_store::load_profile(conn, &absorbed)?,
             },
         };
-        let Some(absorbed_profile) = absorbed_profile else {
+        let Some(mut absorbed_profile) = absorbed_profile else {
             tracing::warn!(absorbed = %pseudonym(&absorbed), survivor = %pseudonym(&survivor), "nothing to merge: profile not found");
             return Ok(false);
         };
-        let survivor_profile = load(&mut self.cache, conn, &mut p.touched, now, &survivor)?;
+        starling_core::evolve::conform(model, &mut absorbed_profile);
+        let survivor_profile = load(model, &mut self.cache, conn, &mut p.touched, now, &survivor)?;
         let outcome = apply_merge(model, survivor_profile, absorbed_profile, now);
         tracing::debug!(survivor = %survivor, absorbed = %absorbed, via = %request.via, "profiles stitched");
         p.effects.writes.push(Write::Merge { absorbed: absorbed.clone(), survivor: survivor.clone() });
@@ -1982,7 +2114,7 @@ impl Worker {
         if worker_of(&from, self.partitions) != self.index {
             return Ok(Err(format!("`{id}` moved while being unstitched; try again")));
         }
-        let before = load(&mut self.cache, conn, &mut p.touched, now, &from)?.audiences.clone();
+        let before = load(model, &mut self.cache, conn, &mut p.touched, now, &from)?.audiences.clone();
         let (split_events, kept_events): (Vec<Event>, Vec<Event>) =
             starling_store::profile_events(conn, &from)?.into_iter().partition(|e| e.visitor_id == id);
         let (kept, kept_outcome) = rebuild(model, &from, &kept_events, &before, enrichers, now);
@@ -2211,6 +2343,7 @@ enum Reschedule {
 /// The profile for `profile_id`, changed at `now`: as held in memory, or loaded from the cache
 /// or the store.
 fn load<'t>(
+    model: &Model,
     cache: &mut Cache,
     conn: &rusqlite::Connection,
     touched: &'t mut HashMap<String, (Profile, Loaded)>,
@@ -2230,7 +2363,11 @@ fn load<'t>(
             event_count: stored.as_ref().map_or(0, |p| p.event_count),
             now_ms: now,
         };
-        let profile = stored.unwrap_or_else(|| Profile::new(profile_id.to_string()));
+        let mut profile = stored.unwrap_or_else(|| Profile::new(profile_id.to_string()));
+        let conformed = starling_core::evolve::conform(model, &mut profile);
+        if !conformed.dropped.is_empty() {
+            tracing::debug!(profile = %pseudonym(profile_id), dropped = ?conformed.dropped, "values of a changed type dropped");
+        }
         touched.insert(profile_id.to_string(), (profile, loaded));
     }
     Ok(&mut touched.get_mut(profile_id).expect("inserted above").0)

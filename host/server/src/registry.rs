@@ -5,7 +5,6 @@
 //! failures) is written back to the registry.
 
 use rusqlite::Connection;
-use starling_core::Model;
 use starling_runtime::{Manifest, PluginError, PluginHost};
 use starling_store::InstalledPlugin;
 use std::collections::HashMap;
@@ -18,7 +17,7 @@ const POLL: Duration = Duration::from_secs(1);
 
 pub struct Registry {
     pub plugins: Arc<PluginHost>,
-    pub model: Arc<Model>,
+    pub config: Arc<crate::live::Live>,
     pub conn: Arc<Mutex<Connection>>,
     pub blobs: PathBuf,
     pub clock: fn() -> i64,
@@ -29,12 +28,12 @@ pub struct Registry {
 impl Registry {
     pub fn new(
         plugins: Arc<PluginHost>,
-        model: Arc<Model>,
+        config: Arc<crate::live::Live>,
         conn: Connection,
         blobs: PathBuf,
         clock: fn() -> i64,
     ) -> Self {
-        Registry { plugins, model, conn: Arc::new(Mutex::new(conn)), blobs, clock, loaded: HashMap::new() }
+        Registry { plugins, config, conn: Arc::new(Mutex::new(conn)), blobs, clock, loaded: HashMap::new() }
     }
 
     /// Brings the loaded plugins in line with the registry.
@@ -70,18 +69,9 @@ impl Registry {
     }
 
     fn load(&self, row: &InstalledPlugin) -> Result<(), PluginError> {
-        let path = self.blobs.join(format!("{}.wasm", row.sha256));
-        let failed = |message: String| PluginError::Load { path: path.clone(), message };
-        let mut manifest = Manifest::parse(&row.manifest).map_err(|e| failed(e.to_string()))?;
-        // The stored blob must still be the component that was installed.
-        manifest.sha256 = Some(row.sha256.clone());
-        let bytes = std::fs::read(&path).map_err(|e| failed(format!("reading blob: {e}")))?;
-        // Trust is checked at every load: the row may have been written around `plugin add`.
-        self.plugins
-            .check_signature(&row.manifest, &row.sha256, row.signature.as_deref())
-            .map_err(|e| failed(e.to_string()))?;
-        let config = self.model.plugin_config.get(&row.name).cloned().unwrap_or_default();
-        self.plugins.install(manifest, &bytes, config).map(|_| ()).map_err(|e| failed(e.to_string()))
+        let config = self.config.model().plugin_config.get(&row.name).cloned().unwrap_or_default();
+        self.plugins.insert(prepare(&self.plugins, &self.blobs, row, config)?);
+        Ok(())
     }
 
     fn record_health(&self, installed: &[InstalledPlugin]) -> Result<(), starling_store::StoreError> {
@@ -115,4 +105,23 @@ impl Registry {
             }
         }
     }
+}
+
+/// Reads, checks and compiles an installed plugin from its blob, with `config` as its
+/// configuration values, without making it callable.
+pub fn prepare(
+    plugins: &PluginHost,
+    blobs: &std::path::Path,
+    row: &InstalledPlugin,
+    config: std::collections::BTreeMap<String, String>,
+) -> Result<starling_runtime::Plugin, PluginError> {
+    let path = blobs.join(format!("{}.wasm", row.sha256));
+    let failed = |message: String| PluginError::Load { path: path.clone(), message };
+    let mut manifest = Manifest::parse(&row.manifest).map_err(|e| failed(e.to_string()))?;
+    // The stored blob must still be the component that was installed.
+    manifest.sha256 = Some(row.sha256.clone());
+    let bytes = std::fs::read(&path).map_err(|e| failed(format!("reading blob: {e}")))?;
+    // Trust is checked at every load: the row may have been written around `plugin add`.
+    plugins.check_signature(&row.manifest, &row.sha256, row.signature.as_deref()).map_err(|e| failed(e.to_string()))?;
+    plugins.build(manifest, &bytes, config).map_err(|e| failed(e.to_string()))
 }

@@ -40,6 +40,7 @@ async fn app_with(config: &str, dir: &std::path::Path) -> App {
         test_clock: false,
         admin_token: None,
         event_log: None,
+        config_path: None,
         trusted_keys: None,
     })
     .await
@@ -85,6 +86,7 @@ async fn events_are_applied_and_visible() {
             "reads": ["spend"],
             "time_relative": false,
             "rule": {"attribute": "spend", "op": ">", "value": 10.0},
+            "backfill": null,
         })
     );
     let (status, why, _) = call(&app, "GET", "/v1/profiles/a/explain/spenders", "").await;
@@ -221,6 +223,7 @@ async fn operations_app(dir: &std::path::Path) -> App {
         test_clock: false,
         admin_token: None,
         event_log: None,
+        config_path: None,
         trusted_keys: None,
     })
     .await
@@ -507,6 +510,7 @@ async fn the_openapi_document_matches_the_router() {
         test_clock: true,
         admin_token: None,
         event_log: None,
+        config_path: None,
         trusted_keys: None,
     })
     .await
@@ -676,6 +680,7 @@ async fn the_same_log_applied_twice_from_scratch_gives_the_same_state() {
             test_clock: false,
             admin_token: None,
             event_log: Some(log.clone()),
+            config_path: None,
             trusted_keys: None,
         })
     };
@@ -722,6 +727,7 @@ async fn a_batch_the_log_refuses_is_applied_nowhere_and_what_was_held_in_memory_
         test_clock: false,
         admin_token: None,
         event_log: Some(log.clone()),
+        config_path: None,
         trusted_keys: None,
     })
     .await
@@ -759,6 +765,7 @@ async fn moving_the_clock_needs_the_admin_token_and_stays_within_a_century() {
         test_clock: true,
         admin_token: Some(ADMIN.trim_start_matches("Bearer ").to_string()),
         event_log: None,
+        config_path: None,
         trusted_keys: None,
     })
     .await

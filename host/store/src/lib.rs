@@ -12,6 +12,12 @@ use starling_core::{PendingAction, Profile};
 use std::collections::BTreeMap;
 use std::path::Path;
 
+mod configs;
+pub use configs::{
+    ConfigRecord, active_config, cancel_actions, config_history, count_profiles, events_since, finish_backfill,
+    profiles_after, read_profile, record_config, remove_memberships,
+};
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
@@ -63,7 +69,7 @@ pub fn check_integrity(path: &Path, level: Integrity, max_problems: usize) -> Re
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS profiles (
@@ -200,6 +206,18 @@ CREATE TABLE IF NOT EXISTS audit_log (
     at_ms       INTEGER NOT NULL,
     kind        TEXT NOT NULL,
     detail      TEXT NOT NULL
+);
+-- Every configuration this database was served with, newest last; a backfill over stored
+-- profiles after a change is done when `backfilled_ms` is set.
+CREATE TABLE IF NOT EXISTS configurations (
+    version       INTEGER PRIMARY KEY,
+    sha256        TEXT NOT NULL,
+    source        TEXT NOT NULL,
+    applied_ms    INTEGER NOT NULL,
+    -- 'start' | 'apply' | 'reload'
+    how           TEXT NOT NULL,
+    plan          TEXT,
+    backfilled_ms INTEGER
 );
 -- Progress of offline imports, per file (by content hash) and definition, so they resume.
 CREATE TABLE IF NOT EXISTS imports (

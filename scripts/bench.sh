@@ -8,6 +8,7 @@
 #   PEOPLE=10000000 scripts/bench.sh memory   # resident memory per million people loaded
 #   scripts/bench.sh disk            # 10 minutes at 20,000 events/s: sizes on disk each minute
 #   PEOPLE=1000000 scripts/bench.sh recovery   # kill -9 under load, time until serving again
+#   PEOPLE=200000 EVENTS=1000000 scripts/bench.sh reconfigure   # backfills and a backtest after live changes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -68,6 +69,27 @@ load() {
 
 : > target/bench/server.log
 case $what in
+reconfigure)
+    start examples/benchmark.toml
+    load --prefix reconf
+    url=http://127.0.0.1:8080
+    # An added audience few profiles join: the backfill is the scan (read, parse, check).
+    cp examples/benchmark.toml target/bench/few.toml
+    printf '\n[[audience]]\nname = "devoted"\nrule = { attribute = "event_count", op = ">=", value = 100000 }\n' >> target/bench/few.toml
+    echo "== backfill of an audience no profile joins"
+    $starling config apply target/bench/few.toml --server $url
+    grep 'backfill done' target/bench/server.log | tail -1
+    # An added audience every profile joins: each profile is also rewritten by its worker.
+    cp target/bench/few.toml target/bench/many.toml
+    printf '\n[[audience]]\nname = "anyone"\nrule = { attribute = "event_count", op = ">=", value = 1 }\n' >> target/bench/many.toml
+    echo "== backfill of an audience every profile joins"
+    $starling config apply target/bench/many.toml --server $url
+    grep 'backfill done' target/bench/server.log | tail -1
+    echo "== preview of a rule"
+    $starling audience preview --rule '{ attribute = "lifetime_spend", op = ">", value = 100 }' --server $url | head -1
+    echo "== backtest of the recorded events (the Wasm enricher runs as it would live)"
+    $starling backtest target/bench/few.toml --since 1h --server $url | head -1
+    ;;
 throughput)
     start "$(variant 'event_log = "memory"')"
     echo "== parse-only ceiling"

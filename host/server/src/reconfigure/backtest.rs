@@ -110,25 +110,31 @@ pub async fn post_backtest(
     let replayed = tokio::task::spawn_blocking(move || {
         let conn = starling_store::open_reader(&database)?;
         let (mut old, mut new) = (Scratch::new(old_model), Scratch::new(new_model));
-        let mut chunk: Vec<(String, Event)> = Vec::with_capacity(CHUNK);
-        let step = |chunk: &[(String, Event)], old: &mut Scratch, new: &mut Scratch| {
-            replay_both(
-                chunk,
-                old,
-                new,
-                &mut WasmEnrichers::new(&plugins, &runtime),
-                &mut WasmEnrichers::new(&plugins, &runtime),
-            )
-        };
-        let events = starling_store::events_since(&conn, since_ms, |profile, event| {
-            chunk.push((profile.to_string(), event));
-            if chunk.len() == CHUNK {
-                step(&chunk, &mut old, &mut new);
-                chunk.clear();
+        // One thread reads and parses the next chunk while the two replays run.
+        let (chunks, next) = std::sync::mpsc::sync_channel::<Vec<(String, Event)>>(2);
+        let events = std::thread::scope(|scope| {
+            let reader = scope.spawn(move || {
+                let mut chunk = Vec::with_capacity(CHUNK);
+                let events = starling_store::events_since(&conn, since_ms, |profile, event| {
+                    chunk.push((profile.to_string(), event));
+                    if chunk.len() == CHUNK {
+                        // Refused only once the replays stopped (a panic, which the scope reports).
+                        let _ = chunks.send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)));
+                    }
+                    Ok(())
+                });
+                let _ = chunks.send(chunk);
+                drop(chunks);
+                events.map(|events| (events, conn))
+            });
+            let (mut old_enrichers, mut new_enrichers) =
+                (WasmEnrichers::new(&plugins, &runtime), WasmEnrichers::new(&plugins, &runtime));
+            for chunk in next {
+                replay_both(&chunk, &mut old, &mut new, &mut old_enrichers, &mut new_enrichers);
             }
-            Ok(())
-        })?;
-        step(&chunk, &mut old, &mut new);
+            reader.join().expect("backtest reader")
+        });
+        let (events, conn) = events?;
         old.finish(now);
         new.finish(now);
         let live_sizes: HashMap<String, i64> = starling_store::audience_sizes(&conn)?.into_iter().collect();

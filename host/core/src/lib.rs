@@ -17,6 +17,7 @@ pub mod engine;
 pub mod enrich;
 pub mod event;
 pub mod evolve;
+pub mod import;
 pub mod ingest;
 pub mod literal;
 pub mod model;

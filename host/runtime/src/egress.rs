@@ -110,13 +110,18 @@ impl Egress {
     /// Whether a request to `uri` may leave, and if not, why. `Ok(true)` when a pattern names
     /// the host exactly; a host reached only through a wildcard must resolve to public addresses.
     pub fn check(&self, uri: &http::Uri) -> Result<bool, EgressError> {
-        let (scheme, host, port) = target(uri).map_err(EgressError::Target)?;
-        let matching: Vec<&HostPattern> = self.allowed.iter().filter(|p| p.matches(scheme, host, port)).collect();
-        if matching.is_empty() {
-            Err(EgressError::NotAllowed { scheme: scheme.to_string(), host: host.to_string(), port })
-        } else {
-            Ok(matching.iter().any(|p| p.is_exact()))
-        }
+        check_target(&self.allowed, uri)
+    }
+}
+
+/// Whether a request to `uri` may leave under the allow-list `allowed` (see [`Egress::check`]).
+pub fn check_target(allowed: &[HostPattern], uri: &http::Uri) -> Result<bool, EgressError> {
+    let (scheme, host, port) = target(uri).map_err(EgressError::Target)?;
+    let matching: Vec<&HostPattern> = allowed.iter().filter(|p| p.matches(scheme, host, port)).collect();
+    if matching.is_empty() {
+        Err(EgressError::NotAllowed { scheme: scheme.to_string(), host: host.to_string(), port })
+    } else {
+        Ok(matching.iter().any(|p| p.is_exact()))
     }
 }
 

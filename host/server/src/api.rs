@@ -621,6 +621,9 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let (sizes, pending) =
         read(&state, |c| Ok((starling_store::audience_sizes(c)?, starling_store::pending_actions(c)?))).await?;
     let model = state.config.model();
+    // Audiences and actions a configuration change removed leave the gauges.
+    m.audience_size.clear();
+    m.actions_pending.clear();
     for audience in &model.audiences {
         let size = sizes.iter().find(|(n, _)| *n == audience.name).map_or(0, |(_, s)| *s);
         m.audience_size.get_or_create(&NameLabel { name: audience.name.clone() }).set(size);

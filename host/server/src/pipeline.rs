@@ -2353,9 +2353,16 @@ fn load<'t>(
     if let Some((_, loaded)) = touched.get_mut(profile_id) {
         loaded.now_ms = now;
     } else {
+        // The cache holds profiles read since the model last changed: conformed already.
         let stored = match cache.profiles.remove(profile_id) {
             Some(p) => Some(p),
-            None => starling_store::load_profile(conn, profile_id)?,
+            None => starling_store::load_profile(conn, profile_id)?.map(|mut profile| {
+                let conformed = starling_core::evolve::conform(model, &mut profile);
+                if !conformed.dropped.is_empty() {
+                    tracing::debug!(profile = %pseudonym(profile_id), dropped = ?conformed.dropped, "values of a changed type dropped");
+                }
+                profile
+            }),
         };
         let loaded = Loaded {
             last_seen_step: stored.as_ref().map(|p| last_seen_step(p.last_seen_ms)),
@@ -2363,11 +2370,7 @@ fn load<'t>(
             event_count: stored.as_ref().map_or(0, |p| p.event_count),
             now_ms: now,
         };
-        let mut profile = stored.unwrap_or_else(|| Profile::new(profile_id.to_string()));
-        let conformed = starling_core::evolve::conform(model, &mut profile);
-        if !conformed.dropped.is_empty() {
-            tracing::debug!(profile = %pseudonym(profile_id), dropped = ?conformed.dropped, "values of a changed type dropped");
-        }
+        let profile = stored.unwrap_or_else(|| Profile::new(profile_id.to_string()));
         touched.insert(profile_id.to_string(), (profile, loaded));
     }
     Ok(&mut touched.get_mut(profile_id).expect("inserted above").0)

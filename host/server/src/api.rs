@@ -252,12 +252,11 @@ async fn post_events(
     let received_ms = (state.clock)();
     let (mut events, batch) =
         starling_core::ingest::parse_request(&body, received_ms).map_err(|m| invalid("invalid", m))?;
-    let (mut warnings, clamped) =
-        starling_core::ingest::bound_times(&mut events, batch, received_ms, &state.config.model())
-            .map_err(|m| invalid("too_old", m))?;
-    let spec_warnings =
-        starling_core::ingest::check_events(&mut events, batch, key_source.as_deref(), &state.config.model())
-            .map_err(|m| invalid("spec", m))?;
+    let model = state.config.model();
+    let (mut warnings, clamped) = starling_core::ingest::bound_times(&mut events, batch, received_ms, &model)
+        .map_err(|m| invalid("too_old", m))?;
+    let spec_warnings = starling_core::ingest::check_events(&mut events, batch, key_source.as_deref(), &model)
+        .map_err(|m| invalid("spec", m))?;
     let spec_warned = spec_warnings.len() as u64;
     warnings.extend(spec_warnings);
     for warning in &warnings {

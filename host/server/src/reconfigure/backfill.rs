@@ -110,11 +110,7 @@ async fn scan(state: &AppState, backfill: &Arc<Backfill>) -> Result<Option<Recon
         let now = (state.clock)();
         let conn = conn.clone();
         let step = tokio::task::spawn_blocking(move || {
-            let mut rows = Vec::with_capacity(CHUNK);
-            let last = starling_store::profiles_after(&conn.lock().expect("reader"), after, CHUNK, |rowid, data| {
-                rows.push((rowid, data.to_string()));
-                Ok(())
-            })?;
+            let (rows, last) = read_chunk(&conn.lock().expect("reader"), after)?;
             let stale = stale_profiles(&model, &audiences, now, &rows)?;
             Ok::<_, starling_store::StoreError>((stale, rows.len(), last))
         })
@@ -137,6 +133,23 @@ async fn scan(state: &AppState, backfill: &Arc<Backfill>) -> Result<Option<Recon
     let seen = backfill.done.load(Ordering::Relaxed);
     backfill.total.fetch_max(seen, Ordering::Relaxed);
     Ok(Some(done))
+}
+
+/// A stored profile: its row and its JSON.
+pub type StoredRow = (i64, String);
+
+/// Up to a chunk of stored profiles after row `after` (their JSON), and the last row read
+/// (`None` at the end): a scan of every profile reads them this way.
+pub(super) fn read_chunk(
+    conn: &rusqlite::Connection,
+    after: i64,
+) -> Result<(Vec<StoredRow>, Option<i64>), starling_store::StoreError> {
+    let mut rows = Vec::with_capacity(CHUNK);
+    let last = starling_store::profiles_after(conn, after, CHUNK, |rowid, data| {
+        rows.push((rowid, data.to_string()));
+        Ok(())
+    })?;
+    Ok((rows, last))
 }
 
 /// The ids of the profiles among `rows` (stored JSON) that the configuration change concerns,

@@ -1,7 +1,7 @@
 //! Previewing an audience rule: its exact size over every stored profile, its overlap with each
 //! configured audience, and sample profile ids; nothing changes.
 
-use super::backfill::for_each_profile;
+use super::backfill::{for_each_profile, read_chunk};
 use crate::api::{ApiError, AppState};
 use axum::Json;
 use axum::extract::State;
@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 /// Profiles whose ids a preview answers.
 const SAMPLE: usize = 10;
-const CHUNK: usize = 8_192;
 
 /// `POST /v1/audiences/preview`: the body is a rule as written in the configuration file (TOML,
 /// `rule = { ... }` or the inline table alone) or as JSON.
@@ -35,11 +34,7 @@ pub async fn post_preview(State(state): State<AppState>, body: String) -> Result
         let mut sample = Vec::new();
         let mut after = 0;
         loop {
-            let mut rows = Vec::with_capacity(CHUNK);
-            let last = starling_store::profiles_after(&conn, after, CHUNK, |rowid, data| {
-                rows.push((rowid, data.to_string()));
-                Ok(())
-            })?;
+            let (rows, last) = read_chunk(&conn, after)?;
             profiles += rows.len() as u64;
             // Each match: its id and the configured audiences it is in.
             let matched = for_each_profile(&rows, |stored| {

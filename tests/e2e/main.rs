@@ -5,6 +5,7 @@ mod connectors;
 mod delivery;
 mod durability;
 mod harness;
+mod ingestion;
 mod operations;
 mod reconfigure;
 mod registry;

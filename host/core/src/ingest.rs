@@ -7,8 +7,8 @@ use crate::{Event, Model};
 
 /// Most events one request may carry.
 pub const MAX_EVENTS_PER_REQUEST: usize = 10_000;
-const MAX_NAME_CHARS: usize = 200;
-const MAX_ID_CHARS: usize = 256;
+pub(crate) const MAX_NAME_CHARS: usize = 200;
+pub(crate) const MAX_ID_CHARS: usize = 256;
 
 /// Parses a request body into events, stamping those without a timestamp with `now_ms`.
 pub fn parse_events(body: &[u8], now_ms: i64) -> Result<Vec<Event>, String> {
@@ -168,7 +168,7 @@ fn parse_event(value: serde_json::Value, at: &str, now_ms: i64) -> Result<Event,
     Ok(Event { id, name, visitor_id, source, timestamp_ms, data })
 }
 
-fn required_string(
+pub(crate) fn required_string(
     obj: &mut serde_json::Map<String, serde_json::Value>,
     at: &str,
     field: &str,

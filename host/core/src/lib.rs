@@ -25,6 +25,7 @@ pub mod profile;
 pub mod stitch;
 pub mod time;
 pub mod value;
+pub mod wire;
 
 pub use config::parse;
 pub use diagnostic::{ConfigErrors, Diagnostic};

@@ -44,6 +44,8 @@ pub struct AppState {
     pub plugin_dir: Option<std::path::PathBuf>,
     /// The configuration file, read again on SIGHUP.
     pub config_path: Option<std::path::PathBuf>,
+    /// Personalization reads per source key this minute.
+    pub personalization: Arc<crate::personalize::RateLimits>,
 }
 
 /// The OpenAPI document of this API.
@@ -85,6 +87,8 @@ pub fn router(state: AppState) -> Router {
             post(post_events).layer(axum::middleware::from_fn_with_state(state.clone(), require_source_key)),
         )
         .merge(admin)
+        .merge(crate::wire::routes())
+        .merge(crate::personalize::routes(&state))
         .route("/healthz", get(health))
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/admin", get(|| async { axum::response::Html(ADMIN_PAGE) }))
@@ -250,20 +254,40 @@ async fn post_events(
         ApiError::new(StatusCode::BAD_REQUEST, message).into_response()
     };
     let received_ms = (state.clock)();
-    let (mut events, batch) =
+    let (events, batch) =
         starling_core::ingest::parse_request(&body, received_ms).map_err(|m| invalid("invalid", m))?;
+    let answer = admit(&state, events, batch, key_source.as_deref(), received_ms, query.dry_run).await?;
+    Ok((if query.dry_run { StatusCode::OK } else { StatusCode::ACCEPTED }, Json(answer)))
+}
+
+/// Bounds the times of parsed events, checks them against their source and specs, and (unless
+/// `dry_run`) queues them, answering once they are durable: the answer of `POST /v1/events`.
+/// Every ingestion format ends here.
+pub(crate) async fn admit(
+    state: &AppState,
+    mut events: Vec<starling_core::Event>,
+    batch: bool,
+    key_source: Option<&str>,
+    received_ms: i64,
+    dry_run: bool,
+) -> Result<serde_json::Value, Response> {
+    let metrics = &state.telemetry.metrics;
+    let invalid = |reason: &str, message: String| {
+        metrics.reject(reason, 1);
+        ApiError::new(StatusCode::BAD_REQUEST, message).into_response()
+    };
     let model = state.config.model();
     let (mut warnings, clamped) = starling_core::ingest::bound_times(&mut events, batch, received_ms, &model)
         .map_err(|m| invalid("too_old", m))?;
-    let spec_warnings = starling_core::ingest::check_events(&mut events, batch, key_source.as_deref(), &model)
-        .map_err(|m| invalid("spec", m))?;
+    let spec_warnings =
+        starling_core::ingest::check_events(&mut events, batch, key_source, &model).map_err(|m| invalid("spec", m))?;
     let spec_warned = spec_warnings.len() as u64;
     warnings.extend(spec_warnings);
     for warning in &warnings {
-        tracing::warn!(source = key_source.as_deref().unwrap_or("-"), "event accepted with a warning: {warning}");
+        tracing::warn!(source = key_source.unwrap_or("-"), "event accepted with a warning: {warning}");
     }
-    if query.dry_run {
-        return Ok((StatusCode::OK, Json(serde_json::json!({ "valid": events.len(), "warnings": warnings }))));
+    if dry_run {
+        return Ok(serde_json::json!({ "valid": events.len(), "warnings": warnings }));
     }
     let n = events.len() as u64;
     // Busy, shutting down or a failed commit: nothing was acknowledged, the client may retry.
@@ -289,7 +313,7 @@ async fn post_events(
     if !warnings.is_empty() {
         answer["warnings"] = serde_json::json!(warnings);
     }
-    Ok((StatusCode::ACCEPTED, Json(answer)))
+    Ok(answer)
 }
 
 fn body_error(rejection: BytesRejection) -> ApiError {

@@ -69,6 +69,19 @@ impl Keys {
             .and_then(|v| v.to_str().ok())
             .or_else(|| bearer(headers))
             .ok_or(Denied::Missing("API key (X-Api-Key)"))?;
+        self.source_of(presented)
+    }
+
+    /// Whether ingestion needs a key (any source is declared).
+    pub fn sources_required(&self) -> bool {
+        !self.sources.is_empty()
+    }
+
+    /// The data source whose key `presented` is; `None` when no sources are configured.
+    pub fn source_of(&self, presented: &str) -> Result<Option<String>, Denied> {
+        if self.sources.is_empty() {
+            return Ok(None);
+        }
         let presented = digest(presented);
         // Every key is compared, so the time taken does not tell which one came close.
         let mut found = None;

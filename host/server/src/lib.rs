@@ -9,11 +9,13 @@ pub mod import;
 pub mod live;
 pub mod logging;
 pub mod origin;
+pub mod personalize;
 pub mod pipeline;
 pub mod reconfigure;
 pub mod registry;
 pub mod telemetry;
 pub mod tls;
+pub mod wire;
 
 use starling_core::model::EventLogKind;
 use starling_core::{Diagnostic, Model};
@@ -275,6 +277,7 @@ impl App {
             lanes: delivery,
             plugin_dir: options.plugins.clone(),
             config_path: options.config_path.clone(),
+            personalization: Arc::default(),
         };
         // The configuration the database was last served with may differ from this one: the
         // evolution rules apply as they do to a change made live.

@@ -482,11 +482,15 @@ async fn a_trace_streams_each_step_of_a_visitors_events() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_openapi_document_matches_the_router() {
     let doc: serde_json::Value = serde_json::from_str(starling_server::api::OPENAPI).unwrap();
-    let source = include_str!("../src/api.rs");
-    let route = regex::Regex::new(r#"\.route\(\s*"([^"]+)",\s*([a-z]+)\(([^\n]*)"#).unwrap();
+    let source =
+        [include_str!("../src/api.rs"), include_str!("../src/wire.rs"), include_str!("../src/personalize.rs")].concat();
+    let route = regex::Regex::new(r#"^\s*"([^"]+)",\s*([a-z]+)\(([^\n]*)"#).unwrap();
     let chained = regex::Regex::new(r"\)\.(get|post|delete|put|patch)\(").unwrap();
     let mut served = std::collections::BTreeSet::new();
-    for c in route.captures_iter(source) {
+    for path in starling_server::wire::SEGMENT_PATHS {
+        served.insert((format!("/v1/{path}"), "post".to_string()));
+    }
+    for c in source.split(".route(").filter_map(|piece| route.captures(piece)) {
         let path = c[1].to_string();
         served.insert((path.clone(), c[2].to_string()));
         for m in chained.captures_iter(&c[3]) {

@@ -1,9 +1,17 @@
 //! `[[source]]`, `[[event_spec]]`, `[retention]` and `[[import]]`: how data comes in and how long it stays.
 
 use super::Validator;
-use super::raw::{RawEventSpec, RawImport, RawRetention, RawSource};
+use super::raw::{
+    RawEventSpec, RawImport, RawPersonalization, RawRetention, RawSegmentSource, RawSource, RawTealiumSource,
+};
 use crate::literal::{is_identifier, parse_event_path};
-use crate::model::{DataSource, EventSpec, FieldSpec, FieldType, History, ImportDef, OnViolation, Retention};
+use crate::model::{
+    DataSource, EventSpec, FieldSpec, FieldType, History, ImportDef, OnViolation, Personalization, Retention,
+    TealiumKey,
+};
+
+/// Personalization reads one source key may make per minute unless the file says otherwise.
+const DEFAULT_PERSONALIZATION_RATE: u32 = 600;
 use crate::value::AttrType;
 use toml::Spanned;
 
@@ -43,10 +51,132 @@ impl Validator<'_> {
                     }
                     claims.iter().map(|c| c.get_ref().clone()).collect()
                 });
-                sources.push(DataSource { name: name.clone(), api_key: s.api_key.get_ref().clone(), claims });
+                let segment_user_id = s.segment.as_ref().and_then(|m| self.segment_user_id(name, m.get_ref(), &claims));
+                let tealium = s.tealium.as_ref().and_then(|t| self.tealium_key(name, t, &sources));
+                sources.push(DataSource {
+                    name: name.clone(),
+                    api_key: s.api_key.get_ref().clone(),
+                    claims,
+                    segment_user_id,
+                    tealium,
+                });
             }
         }
         sources
+    }
+
+    /// `[source.segment] user_id`: a visitor-id attribute the source may set.
+    fn segment_user_id(
+        &mut self,
+        source: &str,
+        raw: &RawSegmentSource,
+        claims: &Option<Vec<String>>,
+    ) -> Option<String> {
+        let attribute = raw.user_id.as_ref()?;
+        let name = attribute.get_ref();
+        match self.attributes.get(name) {
+            Some(a) if a.ty == AttrType::VisitorId => {}
+            Some(_) => {
+                self.error(
+                    attribute.span(),
+                    format!("source `{source}`: segment.user_id `{name}` is not a visitor_id attribute"),
+                );
+                return None;
+            }
+            None => {
+                self.error(
+                    attribute.span(),
+                    format!("source `{source}`: segment.user_id `{name}` is not a declared attribute"),
+                );
+                return None;
+            }
+        }
+        if claims.as_ref().is_some_and(|claims| !claims.contains(name)) {
+            self.error(
+                attribute.span(),
+                format!("source `{source}`: segment.user_id `{name}` is not among the ids the source claims"),
+            );
+            return None;
+        }
+        Some(name.clone())
+    }
+
+    /// `[source.tealium]`: account, profile and data source, which no other source may name.
+    fn tealium_key(
+        &mut self,
+        source: &str,
+        raw: &Spanned<RawTealiumSource>,
+        others: &[DataSource],
+    ) -> Option<TealiumKey> {
+        let t = raw.get_ref();
+        for (what, value) in [("account", &t.account), ("profile", &t.profile)] {
+            if value.get_ref().is_empty() {
+                self.error(value.span(), format!("source `{source}`: tealium.{what} must not be empty"));
+                return None;
+            }
+        }
+        let key = TealiumKey {
+            account: t.account.get_ref().clone(),
+            profile: t.profile.get_ref().clone(),
+            datasource: t.datasource.as_ref().map(|d| d.get_ref().clone()),
+        };
+        let overlaps = |other: &TealiumKey| {
+            other.account == key.account
+                && other.profile == key.profile
+                && (other.datasource.is_none() || key.datasource.is_none() || other.datasource == key.datasource)
+        };
+        if let Some(other) = others.iter().find(|o| o.tealium.as_ref().is_some_and(overlaps)) {
+            self.error(
+                raw.span(),
+                format!(
+                    "source `{source}`: tealium account, profile and datasource are also source `{}`'s",
+                    other.name
+                ),
+            );
+            return None;
+        }
+        Some(key)
+    }
+
+    pub(super) fn personalization(&mut self, raw: &RawPersonalization) -> Personalization {
+        for attribute in &raw.expose {
+            let name = attribute.get_ref();
+            match self.scope(name) {
+                None => self
+                    .error(attribute.span(), format!("personalization.expose: `{name}` is not a declared attribute")),
+                Some(scope) if !scope.is_stored() => self.error(
+                    attribute.span(),
+                    format!("personalization.expose: `{name}` is an event attribute, which no profile holds"),
+                ),
+                Some(_) => {}
+            }
+        }
+        for origin in &raw.origins {
+            let o = origin.get_ref();
+            let well_formed = o == "*"
+                || ((o.starts_with("https://") || o.starts_with("http://"))
+                    && !o.ends_with('/')
+                    && o.split("://").nth(1).is_some_and(|host| !host.is_empty() && !host.contains('/')));
+            if !well_formed {
+                self.error(
+                    origin.span(),
+                    format!("personalization.origins: `{o}` is not an origin (scheme://host[:port], or \"*\")"),
+                );
+            }
+        }
+        let requests_per_minute = match &raw.requests_per_minute {
+            Some(n) if *n.get_ref() == 0 => {
+                self.error(n.span(), "personalization.requests_per_minute must be at least 1");
+                0
+            }
+            Some(n) => *n.get_ref(),
+            None => DEFAULT_PERSONALIZATION_RATE,
+        };
+        Personalization {
+            expose: raw.expose.iter().map(|a| a.get_ref().clone()).collect(),
+            origins: raw.origins.iter().map(|o| o.get_ref().clone()).collect(),
+            requests_per_minute,
+        }
     }
 
     pub(super) fn event_specs(&mut self, raw: &[Spanned<RawEventSpec>]) -> Vec<EventSpec> {

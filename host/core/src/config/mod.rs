@@ -15,7 +15,9 @@ use crate::attribute::{AttributeDef, preloaded_type};
 use crate::diagnostic::line_col;
 pub use crate::diagnostic::{ConfigErrors, Diagnostic};
 use crate::literal::parse_duration;
-use crate::model::{ActionDef, Audience, DEFAULT_VISIT_TIMEOUT_MINUTES, EnricherRef, History, Model};
+use crate::model::{
+    ActionDef, Audience, DEFAULT_VISIT_TIMEOUT_MINUTES, EnricherRef, Enrichment, History, Model, Personalization,
+};
 use crate::value::{AttrType, Scope};
 use raw::{RawConfig, RawEnricher};
 use std::collections::HashMap;
@@ -202,7 +204,14 @@ impl Validator<'_> {
             }
         }
 
-        let enrichments = raw.enrichment.iter().filter_map(|e| self.enrichment(e)).collect();
+        let sources = self.sources(&raw.source);
+        // A Segment source's `userId` sets its visitor-id attribute before any declared enrichment.
+        let mut enrichments: Vec<Enrichment> = sources
+            .iter()
+            .filter_map(|s| s.segment_user_id.as_ref())
+            .map(|attribute| Enrichment::set_from_field(attribute, crate::wire::segment::USER_ID_FIELD))
+            .collect();
+        enrichments.extend(raw.enrichment.iter().filter_map(|e| self.enrichment(e)));
 
         let enrichers = raw.enricher.iter().map(|e| self.enricher(e.get_ref())).collect();
 
@@ -240,11 +249,12 @@ impl Validator<'_> {
         }
 
         let identity = self.identity(&raw.identity);
-        let sources = self.sources(&raw.source);
         let event_specs = self.event_specs(&raw.event_spec);
         let retention = raw.retention.as_ref().and_then(|r| self.retention(r.get_ref()));
         let history = raw.retention.as_ref().map_or_else(History::default, |r| self.history(r.get_ref()));
         let imports = self.imports(&raw.import);
+        let personalization =
+            raw.personalization.as_ref().map_or_else(Personalization::default, |p| self.personalization(p.get_ref()));
         let timelines = (0..attributes.len()).filter(|&i| attributes[i].ty == AttrType::Timeline).collect();
         Model {
             server: raw.server,
@@ -271,6 +281,7 @@ impl Validator<'_> {
             retention,
             history,
             imports,
+            personalization,
             source: self.source.to_string(),
         }
     }

@@ -33,6 +33,7 @@ pub(super) struct RawConfig {
     pub(super) retention: Option<Spanned<RawRetention>>,
     #[serde(default)]
     pub(super) import: Vec<Spanned<RawImport>>,
+    pub(super) personalization: Option<Spanned<RawPersonalization>>,
 }
 
 #[derive(Deserialize)]
@@ -41,6 +42,35 @@ pub(super) struct RawSource {
     pub(super) name: Spanned<String>,
     pub(super) api_key: Spanned<String>,
     pub(super) claims: Option<Vec<Spanned<String>>>,
+    pub(super) segment: Option<Spanned<RawSegmentSource>>,
+    pub(super) tealium: Option<Spanned<RawTealiumSource>>,
+}
+
+/// How Segment-format messages from a source map onto the profile.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSegmentSource {
+    /// The visitor-id attribute a message's `userId` sets.
+    pub(super) user_id: Option<Spanned<String>>,
+}
+
+/// The Tealium account, profile and data source key whose Collect requests a source receives.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTealiumSource {
+    pub(super) account: Spanned<String>,
+    pub(super) profile: Spanned<String>,
+    pub(super) datasource: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPersonalization {
+    #[serde(default)]
+    pub(super) expose: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(super) origins: Vec<Spanned<String>>,
+    pub(super) requests_per_minute: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]

@@ -235,7 +235,16 @@ trigger = "deleted"
 connector = "webhook"
 "#;
     let model = parse(good).unwrap();
-    assert_eq!(model.sources, [DataSource { name: "web".into(), api_key: "0123456789abcdef".into(), claims: None }]);
+    assert_eq!(
+        model.sources,
+        [DataSource {
+            name: "web".into(),
+            api_key: "0123456789abcdef".into(),
+            claims: None,
+            segment_user_id: None,
+            tealium: None
+        }]
+    );
     let spec = model.event_spec("purchase").unwrap();
     assert_eq!((spec.on_violation, spec.allow_other_fields), (OnViolation::Warn, false));
     assert_eq!(

@@ -23,6 +23,19 @@ pub struct Enrichment {
     pub condition: Option<Condition>,
 }
 
+impl Enrichment {
+    /// Sets `attribute` from the event field `field` on every event that carries it.
+    pub fn set_from_field(attribute: &str, field: &str) -> Enrichment {
+        let source = crate::attribute::ValueSource::Event(vec![field.to_string()]);
+        Enrichment {
+            attribute: attribute.to_string(),
+            operation: crate::enrich::Operation::Any(crate::enrich::any::Op::Set(source)),
+            when: When::AnyEvent,
+            condition: None,
+        }
+    }
+}
+
 /// A Wasm enricher to run after the built-in enrichments, in file order.
 #[derive(Debug, Clone)]
 pub struct EnricherRef {

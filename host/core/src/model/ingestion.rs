@@ -122,6 +122,39 @@ pub struct DataSource {
     pub api_key: String,
     /// The visitor-id attributes this source's events may set; `None`: all of them.
     pub claims: Option<Vec<String>>,
+    /// The visitor-id attribute a Segment message's `userId` sets.
+    pub segment_user_id: Option<String>,
+    /// The Tealium Collect requests this source receives.
+    pub tealium: Option<TealiumKey>,
+}
+
+/// What a Tealium Collect request names to be taken as a source's: its account, profile and
+/// (when given) data source key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TealiumKey {
+    pub account: String,
+    pub profile: String,
+    pub datasource: Option<String>,
+}
+
+impl TealiumKey {
+    /// Whether a request naming `account`, `profile` and `datasource` belongs to this key.
+    pub fn admits(&self, account: &str, profile: &str, datasource: Option<&str>) -> bool {
+        self.account == account
+            && self.profile == profile
+            && (self.datasource.is_none() || self.datasource.as_deref() == datasource)
+    }
+}
+
+/// `[personalization]`: what a page may read of its own visitor's profile.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Personalization {
+    /// Attributes shown besides audiences and badges.
+    pub expose: Vec<String>,
+    /// Origins whose pages may read (CORS); none: only same-origin pages.
+    pub origins: Vec<String>,
+    /// Reads one source key may make per minute.
+    pub requests_per_minute: u32,
 }
 
 /// Profiles inactive for longer than `inactive_after_ms` are deleted, checked every `check_every_ms`.

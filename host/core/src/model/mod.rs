@@ -11,7 +11,10 @@ pub use action::{ActionDef, BatchPolicy, DeliveryPolicy, OnBackfill, Trigger};
 pub use audience::Audience;
 pub use enrichment::{EnricherRef, Enrichment, When};
 pub use identity::{DEFAULT_BLOCKED_IDS, IdentitySettings};
-pub use ingestion::{DataSource, EventSpec, FieldSpec, FieldType, History, ImportDef, OnViolation, Retention};
+pub use ingestion::{
+    DataSource, EventSpec, FieldSpec, FieldType, History, ImportDef, OnViolation, Personalization, Retention,
+    TealiumKey,
+};
 pub use settings::{EventLogKind, ServerSettings, StartCheck};
 
 use crate::attribute::{AttributeDef, preloaded_type};
@@ -59,6 +62,7 @@ pub struct Model {
     /// How much history and how many finished actions are kept.
     pub history: History,
     pub imports: Vec<ImportDef>,
+    pub personalization: Personalization,
     pub(crate) source: String,
 }
 
@@ -108,6 +112,11 @@ impl Model {
     /// The spec events named `event` must follow.
     pub fn event_spec(&self, event: &str) -> Option<&EventSpec> {
         self.event_specs.iter().find(|s| s.event == event)
+    }
+
+    /// The data source whose key this is.
+    pub fn source_by_name(&self, name: &str) -> Option<&DataSource> {
+        self.sources.iter().find(|s| s.name == name)
     }
 
     pub fn action(&self, name: &str) -> Option<&ActionDef> {

@@ -1,0 +1,228 @@
+//! Ingestion in the wire formats tracking code already speaks: Segment's HTTP Tracking API
+//! (`/v1/batch`, `/v1/track`, `/v1/t`, ...) and Tealium's Collect API (`/event`, `/bulk-event`).
+//! Both read their requests into events (`starling_core::wire`) and hand them to the same
+//! admission as `POST /v1/events`.
+
+use crate::api::{AppState, MAX_BODY_BYTES, admit};
+use axum::Router;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use base64::Engine;
+use bytes::Bytes;
+use starling_core::wire::{segment, tealium};
+use std::io::Read;
+
+/// The paths of Segment's calls, with the short forms analytics.js uses.
+pub const SEGMENT_PATHS: [&str; 15] =
+    ["batch", "b", "import", "track", "t", "identify", "i", "page", "p", "screen", "s", "group", "g", "alias", "a"];
+
+/// Routes of both formats. Pages on any site send to them (as to Segment's and Tealium's
+/// collectors), so they answer any origin; the write key or the Tealium data source decides
+/// what is taken.
+pub fn routes() -> Router<AppState> {
+    let mut router = Router::new();
+    for path in SEGMENT_PATHS {
+        let call = segment::Call::from_path(path).expect("every path names a call");
+        router = router.route(
+            &format!("/v1/{path}"),
+            post(move |state: State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>| {
+                segment_call(state, call, headers, body)
+            }),
+        );
+    }
+    router.route("/event", post(tealium_event).get(tealium_pixel)).route("/bulk-event", post(tealium_bulk)).layer(
+        tower_http::cors::CorsLayer::new()
+            .allow_origin(tower_http::cors::Any)
+            .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+            .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, header::CONTENT_ENCODING]),
+    )
+}
+
+/// A refusal in the shape Segment's libraries read: `{"success": false, "error": ...}`.
+fn refuse(state: &AppState, status: StatusCode, reason: &str, message: impl Into<String>) -> Response {
+    state.telemetry.metrics.reject(reason, 1);
+    let mut response =
+        (status, axum::Json(serde_json::json!({"success": false, "error": message.into()}))).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Basic"));
+    }
+    response
+}
+
+/// Why a body was not read: status, metric reason, message.
+type Unread = (StatusCode, &'static str, String);
+
+/// The body, gunzipped when it says it is gzip, and no larger than `limit` once inflated.
+fn inflate(headers: &HeaderMap, body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, Unread> {
+    let body = body.map_err(|rejection| {
+        let status = rejection.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            (status, "too_large", format!("the request is larger than {MAX_BODY_BYTES} bytes"))
+        } else {
+            (status, "invalid", format!("the request could not be read: {rejection}"))
+        }
+    })?;
+    let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).unwrap_or("identity");
+    match encoding.trim().to_ascii_lowercase().as_str() {
+        "identity" | "" => Ok(body),
+        "gzip" => {
+            let mut inflated = Vec::new();
+            // One byte past the limit says it was over, without inflating a bomb further.
+            let read = flate2::read::MultiGzDecoder::new(&body[..]).take(limit as u64 + 1).read_to_end(&mut inflated);
+            match read {
+                Err(e) => Err((StatusCode::BAD_REQUEST, "invalid", format!("the gzip body is damaged: {e}"))),
+                Ok(n) if n > limit => Err((
+                    StatusCode::BAD_REQUEST,
+                    "too_large",
+                    format!("the request inflates to more than {limit} bytes; a batch may have at most {limit}"),
+                )),
+                Ok(_) => Ok(inflated.into()),
+            }
+        }
+        other => Err((
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid",
+            format!("Content-Encoding `{other}` is not supported (gzip is)"),
+        )),
+    }
+}
+
+/// The write key of a Segment request: the HTTP basic user, else the body's `writeKey`.
+fn basic_user(headers: &HeaderMap) -> Option<String> {
+    let encoded = headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    Some(text.split_once(':').map_or(text.clone(), |(user, _)| user.to_string()))
+}
+
+async fn segment_call(
+    State(state): State<AppState>,
+    call: segment::Call,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    // A too large message is one no retry will make smaller: 400, as Segment answers.
+    let limit = if call == segment::Call::Batch { segment::MAX_BATCH_BYTES } else { segment::MAX_MESSAGE_BYTES };
+    let body = match inflate(&headers, body, limit) {
+        Ok(body) => body,
+        Err((status, reason, message)) => return refuse(&state, status, reason, message),
+    };
+    let received_ms = (state.clock)();
+    let request = match segment::parse(&body, call, received_ms) {
+        Ok(request) => request,
+        Err(message) => return refuse(&state, StatusCode::BAD_REQUEST, "invalid", message),
+    };
+    let keys = state.config.keys();
+    let key_source = match basic_user(&headers).or(request.write_key) {
+        Some(key) => match keys.source_of(&key) {
+            Ok(source) => source,
+            Err(denied) => {
+                return refuse(
+                    &state,
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    denied.message().replace("API key", "write key"),
+                );
+            }
+        },
+        None if keys.sources_required() => {
+            return refuse(
+                &state,
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "write key required (HTTP basic user, or writeKey)",
+            );
+        }
+        None => None,
+    };
+    match admit(&state, request.events, call == segment::Call::Batch, key_source.as_deref(), received_ms, false).await {
+        Ok(_) => axum::Json(serde_json::json!({"success": true})).into_response(),
+        Err(refusal) => refusal,
+    }
+}
+
+async fn tealium_event(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let received_ms = (state.clock)();
+    let body = match inflate(&headers, body, MAX_BODY_BYTES) {
+        Ok(body) => body,
+        Err((status, reason, message)) => return collect_refusal(&state, status, reason, message),
+    };
+    collect(&state, tealium::parse_event(&body, received_ms), false, received_ms).await
+}
+
+async fn tealium_bulk(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let received_ms = (state.clock)();
+    let body = match inflate(&headers, body, MAX_BODY_BYTES) {
+        Ok(body) => body,
+        Err((status, reason, message)) => return collect_refusal(&state, status, reason, message),
+    };
+    collect(&state, tealium::parse_bulk(&body, received_ms), true, received_ms).await
+}
+
+/// A 1×1 transparent GIF: what the pixel form answers, so an `<img>` loads.
+const PIXEL: &[u8] = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;";
+
+async fn tealium_pixel(State(state): State<AppState>, Query(pairs): Query<Vec<(String, String)>>) -> Response {
+    let received_ms = (state.clock)();
+    let answer = collect(&state, tealium::parse_query(pairs, received_ms), false, received_ms).await;
+    if !answer.status().is_success() {
+        return answer;
+    }
+    ([(header::CONTENT_TYPE, "image/gif"), (header::CACHE_CONTROL, "no-store")], PIXEL).into_response()
+}
+
+fn collect_refusal(state: &AppState, status: StatusCode, reason: &str, message: String) -> Response {
+    state.telemetry.metrics.reject(reason, 1);
+    crate::api::ApiError::new(status, message).into_response()
+}
+
+/// Takes a Collect request as the data source its account, profile and datasource name.
+async fn collect(
+    state: &AppState,
+    parsed: Result<tealium::Collect, String>,
+    batch: bool,
+    received_ms: i64,
+) -> Response {
+    let request = match parsed {
+        Ok(request) => request,
+        Err(message) => return collect_refusal(state, StatusCode::BAD_REQUEST, "invalid", message),
+    };
+    let model = state.config.model();
+    let key_source = if model.sources.is_empty() {
+        None
+    } else {
+        let datasource = request.datasource.as_deref();
+        match model
+            .sources
+            .iter()
+            .find(|s| s.tealium.as_ref().is_some_and(|t| t.admits(&request.account, &request.profile, datasource)))
+        {
+            Some(source) => Some(source.name.clone()),
+            None => {
+                let message = format!(
+                    "no data source takes tealium_account `{}`, tealium_profile `{}`{}",
+                    request.account,
+                    request.profile,
+                    datasource.map(|d| format!(", tealium_datasource `{d}`")).unwrap_or_default()
+                );
+                return collect_refusal(state, StatusCode::FORBIDDEN, "unauthorized", message);
+            }
+        }
+    };
+    drop(model);
+    match admit(state, request.events, batch, key_source.as_deref(), received_ms, false).await {
+        Ok(answer) => (StatusCode::OK, axum::Json(answer)).into_response(),
+        Err(refusal) => refusal,
+    }
+}

@@ -312,3 +312,111 @@ async fn bad_tracking_requests_are_refused_with_the_reason_and_nothing_applied()
     assert_eq!(px["attributes"]["page_views"], json!(1.0), "{px}");
     server.stop();
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Opens the shop page in headless Chromium with analytics.js pointed at `server`.
+fn open_shop(server: &Server, page_port: u16, revenue: u32) -> Value {
+    clients();
+    let out = Command::new("node")
+        .args(["browser.mjs", &server.url, WRITE_KEY, &revenue.to_string(), &page_port.to_string()])
+        .current_dir(clients())
+        .output()
+        .expect("running node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "browser.mjs failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn analytics_js_in_chromium_tracks_and_the_page_personalises_itself() {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let page_port = free_port();
+    let personalization = format!("expose = [\"page_views\"]\norigins = [\"http://127.0.0.1:{page_port}\"]");
+    let server = Server::start(&tracking_config(dir.path(), &receiver.url, &personalization));
+
+    let big = open_shop(&server, page_port, 150);
+    assert_eq!(big["state"], "done", "{big}");
+    assert_eq!(big["errors"], json!([]), "{big}");
+    let visitor = big["visitor"].as_str().unwrap();
+    let requests: Vec<&str> = big["requests"].as_array().unwrap().iter().map(|r| r.as_str().unwrap()).collect();
+    assert!(requests.contains(&"POST /v1/p") && requests.contains(&"POST /v1/t"), "analytics.js sent: {requests:?}");
+    assert!(requests.contains(&format!("GET /v1/visitor/{visitor}").as_str()), "{requests:?}");
+    assert_eq!(
+        big["view"],
+        json!({"id": visitor, "known": true, "audiences": ["big_spenders"], "badges": [], "attributes": {"page_views": 1}}),
+        "only audiences, badges and the exposed attributes: {big}"
+    );
+    assert_eq!(big["offer"], "Free shipping for our best customers (1 pages seen)", "{big}");
+
+    let (_, profile) = get_json(&format!("{}/v1/profiles/{visitor}/export", server.url)).await;
+    assert_eq!(profile["profile"]["attributes"]["spend"], json!(150.0), "{profile}");
+    let events = profile["events"].as_array().unwrap();
+    let page = events.iter().find(|e| e["event"] == "page").expect("the page call");
+    assert!(page["data"]["context"]["page"]["url"].as_str().unwrap().contains("/shop.html"), "{page}");
+    assert!(page["data"]["context"]["userAgent"].as_str().unwrap().contains("Chrome"), "{page}");
+    assert_eq!(page["data"]["context"]["library"]["name"], "analytics.js", "{page}");
+    eventually("the welcome webhook", Duration::from_secs(20), async || {
+        receiver.received().iter().any(|r| r.path == "/joined").then_some(())
+    })
+    .await;
+
+    let small = open_shop(&server, page_port, 20);
+    assert_eq!(small["state"], "done", "{small}");
+    assert_ne!(small["visitor"], big["visitor"], "a new browser is a new visitor");
+    assert_eq!(small["view"]["audiences"], json!([]), "{small}");
+    assert_eq!(small["offer"], Value::Null, "no offer for a visitor outside the audience: {small}");
+    server.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn personalization_answers_allowed_origins_with_a_key_within_its_rate() {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let personalization = "expose = [\"plan\"]\norigins = [\"https://shop.example\"]\nrequests_per_minute = 3";
+    let server = Server::start(&tracking_config(dir.path(), &receiver.url, personalization));
+    let client = harness::client();
+    let r = client
+        .post(format!("{}/v1/identify", server.url))
+        .basic_auth(WRITE_KEY, Some(""))
+        .json(&json!({"anonymousId": "p-1", "userId": "u-1", "traits": {"plan": "pro", "email": "p@example.com"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let visitor = async |id: &str, key: Option<&str>, origin: &str| {
+        let mut request = client.get(format!("{}/v1/visitor/{id}", server.url)).header("origin", origin);
+        if let Some(key) = key {
+            request = request.header("x-api-key", key);
+        }
+        request.send().await.unwrap()
+    };
+    let r = visitor("p-1", Some(WRITE_KEY), "https://shop.example").await;
+    assert_eq!(r.headers().get("access-control-allow-origin").unwrap(), "https://shop.example");
+    assert_eq!(r.headers().get("cache-control").unwrap(), "no-store, private");
+    let view: Value = r.json().await.unwrap();
+    assert_eq!(view["attributes"], json!({"plan": "pro"}), "email and customer_id are not exposed: {view}");
+    let r = visitor("p-1", Some(WRITE_KEY), "https://evil.example").await;
+    assert!(r.headers().get("access-control-allow-origin").is_none(), "another site's page cannot read the answer");
+    let preflight = client
+        .request(reqwest::Method::OPTIONS, format!("{}/v1/visitor/p-1", server.url))
+        .header("origin", "https://shop.example")
+        .header("access-control-request-method", "GET")
+        .header("access-control-request-headers", "x-api-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.headers().get("access-control-allow-origin").unwrap(), "https://shop.example");
+    let r = visitor("p-1", None, "https://shop.example").await;
+    assert_eq!(r.status().as_u16(), 401);
+    let r = visitor("nobody", Some(WRITE_KEY), "https://shop.example").await;
+    assert_eq!(r.json::<Value>().await.unwrap()["known"], false);
+    let r = visitor("p-1", Some(WRITE_KEY), "https://shop.example").await;
+    assert_eq!(r.status().as_u16(), 429, "the fourth read with this key this minute");
+    let wait: u64 = r.headers().get("retry-after").unwrap().to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    server.stop();
+}

@@ -282,3 +282,67 @@ fn retention_values_out_of_range_are_refused_with_their_position() {
         ]
     );
 }
+
+#[test]
+fn tracking_formats_and_personalization_are_checked_with_positions() {
+    let src = r#"
+[[attribute]]
+name = "user"
+scope = "visitor"
+type = "visitor_id"
+[[attribute]]
+name = "spend"
+scope = "visitor"
+type = "number"
+[[attribute]]
+name = "total"
+scope = "event"
+type = "number"
+field = "total"
+[[source]]
+name = "web"
+api_key = "0123456789abcdef"
+segment = { user_id = "spend" }
+tealium = { account = "acme", profile = "main" }
+
+[[source]]
+name = "app"
+api_key = "0123456789abcdeg"
+claims = []
+segment = { user_id = "user" }
+tealium = { account = "acme", profile = "main", datasource = "ds1" }
+
+[personalization]
+expose = ["spend", "nothing", "total"]
+origins = ["https://shop.example", "shop.example", "https://shop.example/"]
+requests_per_minute = 0
+"#;
+    let errs: Vec<String> = parse(src).unwrap_err().0.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        errs,
+        [
+            "18:23: source `web`: segment.user_id `spend` is not a visitor_id attribute",
+            "25:23: source `app`: segment.user_id `user` is not among the ids the source claims",
+            "26:11: source `app`: tealium account, profile and datasource are also source `web`'s",
+            "29:20: personalization.expose: `nothing` is not a declared attribute",
+            "29:31: personalization.expose: `total` is an event attribute, which no profile holds",
+            "30:36: personalization.origins: `shop.example` is not an origin (scheme://host[:port], or \"*\")",
+            "30:52: personalization.origins: `https://shop.example/` is not an origin (scheme://host[:port], or \"*\")",
+            "31:23: personalization.requests_per_minute must be at least 1",
+        ]
+    );
+    let good = src
+        .replace("user_id = \"spend\"", "user_id = \"user\"")
+        .replace("claims = []\n", "")
+        .replace("profile = \"main\" }\n\n[[source]]", "profile = \"web\" }\n\n[[source]]")
+        .replace("\"nothing\", \"total\"", "\"user\"")
+        .replace(", \"shop.example\", \"https://shop.example/\"", "")
+        .replace("requests_per_minute = 0", "");
+    let model = parse(&good).unwrap();
+    assert_eq!(model.source_by_name("app").unwrap().segment_user_id.as_deref(), Some("user"));
+    let first = &model.enrichments[0];
+    assert_eq!(first.attribute, "user", "userId sets the mapped id before declared enrichments");
+    assert!(model.source_by_name("web").unwrap().tealium.as_ref().unwrap().admits("acme", "web", Some("any")));
+    assert!(!model.source_by_name("app").unwrap().tealium.as_ref().unwrap().admits("acme", "main", Some("ds2")));
+    assert_eq!(model.personalization.requests_per_minute, 600);
+}

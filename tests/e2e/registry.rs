@@ -374,3 +374,72 @@ async fn python_and_javascript_enrichers_run_and_the_compiled_code_cache_makes_t
     assert!(warm * 3 < cold, "the second start uses the compiled-code cache: cold {cold:?}, warm {warm:?}");
     server.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_python_connector_gets_errors_for_files_the_environment_and_sockets_and_nothing_else_happens() {
+    // A real listener on loopback: a socket the plugin opened would reach it.
+    let listener = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret.txt");
+    std::fs::write(&secret, "the host's secret").unwrap();
+    let text = format!(
+        r#"
+[server]
+database = "starling.db"
+plugins = "plugins"
+
+[[attribute]]
+name = "spend"
+scope = "visitor"
+type = "number"
+
+[[enrichment]]
+attribute = "spend"
+op = "increment"
+event = "total"
+
+[[audience]]
+name = "buyers"
+rule = {{ attribute = "spend", op = ">", value = 0 }}
+
+[[action]]
+name = "probe"
+audience = "buyers"
+trigger = "joined"
+connector = "py-sandbox"
+settings = {{ file = "{}", port = "{}" }}
+"#,
+        secret.display(),
+        listener.addr.port()
+    );
+    let config = dir.path().join("starling.toml");
+    std::fs::write(&config, text).unwrap();
+    harness::install(harness::test_plugins(), "py-sandbox", &dir.path().join("plugins"), |m| m);
+    let server = Server::start(&config);
+    let (status, _) = harness::post_json(
+        &format!("{}/v1/events", server.url),
+        &serde_json::json!({"event": "buy", "visitor_id": "v1", "data": {"total": 5}}),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let failed = eventually("the probe's answer", Duration::from_secs(60), async || {
+        let (_, actions) = get_json(&format!("{}/v1/actions?status=failed", server.url)).await;
+        actions["actions"].as_array().and_then(|a| a.first().cloned())
+    })
+    .await;
+    let message = failed["last_error"].as_str().unwrap();
+    let report: serde_json::Value = serde_json::from_str(message.strip_prefix("permanent: ").unwrap()).unwrap();
+    assert_eq!(report["file"]["outcome"], "refused", "{report}");
+    assert!(report["file"]["error"].as_str().unwrap().contains("No such file or directory"), "{report}");
+    assert_eq!(report["listdir"]["outcome"], "refused", "no directory is open to it: {report}");
+    assert_eq!(
+        report["environ"],
+        serde_json::json!({}),
+        "the host's environment (RUST_LOG, PATH...) is not shown: {report}"
+    );
+    assert_eq!(report["socket"]["outcome"], "refused", "{report}");
+    assert!(report["socket"]["error"].as_str().unwrap().contains("Permission denied"), "{report}");
+    assert!(listener.received().is_empty(), "nothing reached the listener");
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "the host's secret");
+    server.stop();
+}

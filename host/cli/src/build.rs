@@ -168,10 +168,15 @@ fn build_python(source: &Path, out: &Path) -> Result<PathBuf> {
                 bail!("could not install {COMPONENTIZE_PY} with pip");
             }
         }
+        // Enrichers import nothing of WASI (all of it is stubbed); connectors keep it: the host
+        // grants them nothing but wasi:http.
+        let stub_wasi: &[&str] = if manifest.kind == starling_runtime::Kind::Enricher { &["--stub-wasi"] } else { &[] };
         let status = Command::new("componentize-py")
             .arg("-d")
             .arg(wit)
-            .args(["-w", &manifest.world, "componentize", "--stub-wasi", "-p"])
+            .args(["-w", &manifest.world, "componentize"])
+            .args(stub_wasi)
+            .arg("-p")
             .arg(source)
             .arg("app")
             .arg("-o")

@@ -2,8 +2,7 @@
 //! builds and passes its `tests.toml` as it is, to start from.
 //!
 //! Enrichers set a string attribute to the latest event's name; connectors POST each action's
-//! parameters as JSON to its `url` setting (the Python one, which cannot send HTTP under the
-//! import policy, logs them). All come with test cases for `starling plugin test`.
+//! parameters as JSON to its `url` setting. All come with test cases for `starling plugin test`.
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -46,17 +45,10 @@ pub(crate) fn create(name: &str, lang: Lang, kind: PluginKind, parent: &Path) ->
         (Lang::C, false) => ("plugin.c", include_str!("../templates/c/enricher.c"), &snake),
         (Lang::C, true) => ("plugin.c", include_str!("../templates/c/connector.c"), &snake),
     };
-    let (manifest, tests) = match (lang, connector) {
-        (Lang::Python, true) => (
-            include_str!("../templates/python.connector.plugin.toml"),
-            include_str!("../templates/python.connector.tests.toml"),
-        ),
-        (_, true) => {
-            (include_str!("../templates/connector.plugin.toml"), include_str!("../templates/connector.tests.toml"))
-        }
-        (_, false) => {
-            (include_str!("../templates/enricher.plugin.toml"), include_str!("../templates/enricher.tests.toml"))
-        }
+    let (manifest, tests) = if connector {
+        (include_str!("../templates/connector.plugin.toml"), include_str!("../templates/connector.tests.toml"))
+    } else {
+        (include_str!("../templates/enricher.plugin.toml"), include_str!("../templates/enricher.tests.toml"))
     };
     // Language runtimes need room: CPython and SpiderMonkey start with tens of MiB.
     let memory = match lang {

@@ -347,7 +347,10 @@ impl PluginHost {
 
         let mut connector_linker = Linker::new(&engine);
         add_starling_imports(&mut connector_linker).map_err(fail)?;
-        wasmtime_wasi::p2::add_to_linker_proxy_interfaces_async(&mut connector_linker).map_err(fail)?;
+        // All of WASI, backed by a context that grants nothing (see `PluginHost::store`): what
+        // language runtimes import to start is there, and every request for a file, a variable
+        // or a socket fails.
+        wasmtime_wasi::p2::add_to_linker_async(&mut connector_linker).map_err(fail)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut connector_linker).map_err(fail)?;
 
         let artifacts = options
@@ -596,7 +599,9 @@ impl PluginHost {
         let state = PluginState {
             meta: meta.clone(),
             table,
-            wasi: WasiCtxBuilder::new().build(),
+            // No directories, no environment, no arguments, no network: connectors reach
+            // outside only through wasi:http, which `egress` checks.
+            wasi: WasiCtxBuilder::new().allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false).build(),
             http,
             egress: Egress {
                 plugin: meta.name.clone(),
@@ -813,10 +818,19 @@ fn import_allowed(kind: Kind, name: &str) -> bool {
         "wasi:cli/stderr@0.2.",
         "wasi:cli/stdin@0.2.",
     ];
+    // Granted nothing by the context connectors run in (`PluginHost::store`).
+    const CAPABILITY_FREE: &[&str] = &[
+        "wasi:cli/environment@0.2.",
+        "wasi:cli/exit@0.2.",
+        "wasi:cli/terminal-",
+        "wasi:filesystem/types@0.2.",
+        "wasi:filesystem/preopens@0.2.",
+        "wasi:sockets/",
+    ];
     let matches = |list: &[&str]| list.iter().any(|p| name.starts_with(p));
     match kind {
         Kind::Enricher => matches(STARLING),
-        Kind::Connector => matches(STARLING) || matches(HTTP),
+        Kind::Connector => matches(STARLING) || matches(HTTP) || matches(CAPABILITY_FREE),
     }
 }
 

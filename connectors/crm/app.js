@@ -11,7 +11,7 @@
 // parameter is written to the contact property of the same name.
 // Configuration: `access_token` (secret), `api_base`.
 
-import { get } from 'starling:plugin/config@0.1.0';
+import { get } from 'starling:plugin/config@0.2.0';
 
 const permanent = (message) => ({ tag: 'err', val: { tag: 'permanent', val: message } });
 const retryable = (message) => ({ tag: 'err', val: { tag: 'retryable', val: message } });
@@ -40,7 +40,7 @@ function input(action) {
   if (!property) return { error: `action \`${action.name}\` has no \`property\` setting` };
   const email = text(param(action, 'email'));
   if (!email || !email.includes('@')) return { error: `profile ${action.profileId} has no email address` };
-  const properties = { [property]: action.trigger === 'left' ? 'false' : 'true' };
+  const properties = { [property]: action.trigger === 'left' || action.trigger === 'deleted' ? 'false' : 'true' };
   for (const [name, value] of action.params) {
     if (name !== 'email') properties[name] = text(value);
   }

@@ -78,10 +78,12 @@ static bool is_free_mail(const char *domain) {
     return false;
 }
 
-bool exports_starling_plugin_enrich_enrich(exports_starling_plugin_enrich_event_t *event,
+// Called for events, and for visit ends when the host's configuration asks for them: the answer
+// depends on the profile only.
+bool exports_starling_plugin_enrich_enrich(exports_starling_plugin_enrich_occasion_t *occasion,
                                            exports_starling_plugin_enrich_profile_view_t *profile,
                                            exports_starling_plugin_enrich_list_attribute_update_t *ret,
-                                           enricher_string_t *err) {
+                                           exports_starling_plugin_enrich_enrich_error_t *err) {
     (void)err;
     char *email_attribute = setting("email_attribute", "email");
     char *domain_attribute = setting("domain_attribute", "email_domain");
@@ -123,7 +125,7 @@ bool exports_starling_plugin_enrich_enrich(exports_starling_plugin_enrich_event_
     free(email_attribute);
     free(domain_attribute);
     free(business_attribute);
-    exports_starling_plugin_enrich_event_free(event);
+    exports_starling_plugin_enrich_occasion_free(occasion);
     exports_starling_plugin_enrich_profile_view_free(profile);
     return true;
 }

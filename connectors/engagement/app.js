@@ -3,13 +3,13 @@
 // score = events this visit × `visit_weight` + lifetime visits × `visit_count_weight`, capped at
 // 100, written to the number attribute named by `score_attribute` (default `engagement`).
 
-import { get } from 'starling:plugin/config@0.1.0';
+import { get } from 'starling:plugin/config@0.2.0';
 
 function number(key, fallback) {
   const raw = get(key);
   if (raw === undefined || raw === null) return fallback;
   const n = Number(raw);
-  if (!Number.isFinite(n)) throw `configuration \`${key}\` = \`${raw}\` is not a number`;
+  if (!Number.isFinite(n)) throw { tag: 'misconfigured', val: `configuration \`${key}\` = \`${raw}\` is not a number` };
   return n;
 }
 
@@ -19,7 +19,8 @@ function attribute(profile, name) {
 }
 
 export const enrich = {
-  enrich(event, profile) {
+  // The same score after each event and when the visit ends.
+  enrich(_occasion, profile) {
     const target = get('score_attribute') ?? 'engagement';
     const visitWeight = number('visit_weight', 2);
     const visitsWeight = number('visit_count_weight', 5);

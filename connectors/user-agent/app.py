@@ -48,7 +48,10 @@ def classify(agent: str) -> tuple[str, str, str]:
 
 
 class Enrich(exports.Enrich):
-    def enrich(self, event: types.Event, profile: types.ProfileView) -> list[types.AttributeUpdate]:
+    def enrich(self, occasion: types.Occasion, profile: types.ProfileView) -> list[types.AttributeUpdate]:
+        if not isinstance(occasion, types.Occasion_Event):
+            return []
+        event = occasion.value
         field = config.get("field") or "user_agent"
         agent = json.loads(event.data_json).get(field)
         if not isinstance(agent, str) or not agent:

@@ -7,6 +7,7 @@ mod durability;
 mod harness;
 mod ingestion;
 mod operations;
+mod plugin_api;
 mod reconfigure;
 mod registry;
 mod scaffold;

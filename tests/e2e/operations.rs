@@ -169,7 +169,7 @@ async fn deleting_a_person_fires_the_delete_action_and_retention_deletes_the_ina
     })
     .await;
     assert_eq!(forget.body, json!({"email": "ann@example.com"}));
-    assert_eq!(forget.header("x-starling-trigger"), "left", "connectors remove a deleted person as one who left");
+    assert_eq!(forget.header("x-starling-trigger"), "deleted", "connectors see a deletion as such");
     assert_eq!(admin_get(&server, "/v1/profiles/ann").await.0, 404);
     // Once carried out, nothing of the deletion request stays in the outbox either.
     eventually("the outbox to forget ann", Duration::from_secs(20), async || {

@@ -47,16 +47,16 @@ async fn installed_plugins_are_inspected_verified_and_hot_reloaded() {
     let v1 = copy_plugin(harness::connectors(), "webhook", &staging.join("v1"), |m| m);
 
     let (ok, out) = starling(&config, &["plugin", "add", v1.to_str().unwrap()]);
-    assert!(ok && out.contains("installed webhook 0.1.0 (starling:plugin/connector@0.1.0"), "{out}");
+    assert!(ok && out.contains("installed webhook 0.1.0 (starling:plugin/connector@0.2.0"), "{out}");
     let (ok, out) = starling(&config, &["plugin", "list"]);
     assert!(ok && out.contains("webhook") && out.contains("installed"), "{out}");
     let (ok, out) = starling(&config, &["plugin", "inspect", "webhook"]);
     assert!(ok, "{out}");
     for expected in [
-        "world:     starling:plugin/connector@0.1.0",
+        "world:     starling:plugin/connector@0.2.0",
         "limits:    32 MiB memory, 5000 ms per call",
         "wasi:http/outgoing-handler@0.2",
-        "starling:plugin/deliver@0.1.0",
+        "starling:plugin/deliver@0.2.0",
         "secret: auth_header",
     ] {
         assert!(out.contains(expected), "inspect lacks `{expected}`:\n{out}");

@@ -55,7 +55,7 @@ impl Connector for AdAudience {
             };
             match row(action, with_phone) {
                 Ok(row) => {
-                    let method = if action.trigger == Trigger::Left { "DELETE" } else { "POST" };
+                    let method = if matches!(action.trigger, Trigger::Left | Trigger::Deleted) { "DELETE" } else { "POST" };
                     requests.entry((audience, method)).or_default().push((i, row));
                 }
                 Err(e) => results[i] = Err(e),

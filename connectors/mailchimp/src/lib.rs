@@ -144,7 +144,7 @@ fn member(action: &Action) -> Result<(&str, Value), DeliveryError> {
         _ => return Err(DeliveryError::permanent(format!("profile {} has no email address", action.profile_id))),
     };
     let status = match action.trigger {
-        Trigger::Left => "unsubscribed",
+        Trigger::Left | Trigger::Deleted => "unsubscribed",
         _ => action.setting("status_on_join").unwrap_or("subscribed"),
     };
     let merge_fields: Map<String, Value> = action

@@ -136,6 +136,7 @@ fn trigger_name(t: Trigger) -> &'static str {
         Trigger::VisitStarted => "visit_started",
         Trigger::VisitEnded => "visit_ended",
         Trigger::Event => "event",
+        Trigger::Deleted => "deleted",
     }
 }
 

@@ -4,16 +4,18 @@
 //! Configuration (all optional): `spend_attribute` (default `lifetime_spend`), `tier_attribute`
 //! (default `value_tier`), `silver` (default 100) and `gold` (default 500) thresholds.
 
-use starling_sdk::{AttributeUpdate, AttributeValue, Enricher, Event, ProfileView, config, export_enricher};
+use starling_sdk::{
+    AttributeUpdate, AttributeValue, EnrichError, Enricher, Event, ProfileView, config, export_enricher,
+};
 
 struct ValueTier;
 
 impl Enricher for ValueTier {
-    fn enrich(_event: Event, profile: ProfileView) -> Result<Vec<AttributeUpdate>, String> {
+    fn enrich(_event: Event, profile: ProfileView) -> Result<Vec<AttributeUpdate>, EnrichError> {
         let spend_attribute = config::get("spend_attribute").unwrap_or_else(|| "lifetime_spend".into());
         let tier_attribute = config::get("tier_attribute").unwrap_or_else(|| "value_tier".into());
-        let silver = threshold("silver", 100.0)?;
-        let gold = threshold("gold", 500.0)?;
+        let silver = threshold("silver", 100.0).map_err(EnrichError::Misconfigured)?;
+        let gold = threshold("gold", 500.0).map_err(EnrichError::Misconfigured)?;
         let Some(spend) = profile.number(&spend_attribute) else {
             return Ok(Vec::new());
         };

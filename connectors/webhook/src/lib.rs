@@ -56,6 +56,7 @@ fn trigger_name(t: Trigger) -> &'static str {
         Trigger::VisitStarted => "visit_started",
         Trigger::VisitEnded => "visit_ended",
         Trigger::Event => "event",
+        Trigger::Deleted => "deleted",
     }
 }
 

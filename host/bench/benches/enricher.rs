@@ -8,6 +8,7 @@
 
 use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main, measurement::WallTime};
 use starling_bench::{NativeValueTier, benchmark_model, built_plugin};
+use starling_core::engine::Occasion;
 use starling_core::{CustomEnrichers, Event, Model, Profile, apply_event};
 use starling_runtime::{PluginHost, WasmEnrichers};
 use std::hint::black_box;
@@ -43,7 +44,7 @@ fn side(group: &mut BenchmarkGroup<WallTime>, label: &str, model: &Model, custom
     let view = event("page_view", 20, serde_json::json!({ "category": "coats" }));
     let enricher = &model.enrichers[0];
     group.bench_function(format!("{label}/call"), |b| {
-        b.iter(|| black_box(custom.enrich(enricher, black_box(&view), &profile).unwrap()))
+        b.iter(|| black_box(custom.enrich(enricher, Occasion::Event(black_box(&view)), &profile).unwrap()))
     });
     group.bench_function(format!("{label}/page_view"), |b| {
         b.iter(|| black_box(apply_event(model, &mut profile, black_box(&view), custom)))

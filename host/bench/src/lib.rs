@@ -1,9 +1,9 @@
 //! What the benchmarks share: the value-tier enricher's logic in native Rust, and where the
 //! plugin components built by `starling plugin build` are.
 
-use starling_core::engine::{EnricherError, Update};
+use starling_core::engine::{EnricherError, Occasion, Update};
 use starling_core::model::EnricherRef;
-use starling_core::{CustomEnrichers, Event, Profile, Value};
+use starling_core::{CustomEnrichers, Profile, Value};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -44,7 +44,7 @@ impl NativeValueTier {
 }
 
 impl CustomEnrichers for NativeValueTier {
-    fn enrich(&mut self, _: &EnricherRef, _: &Event, profile: &Profile) -> Result<Vec<Update>, EnricherError> {
+    fn enrich(&mut self, _: &EnricherRef, _: Occasion<'_>, profile: &Profile) -> Result<Vec<Update>, EnricherError> {
         let spend_attribute = self.config.get("spend_attribute").cloned().unwrap_or_else(|| "lifetime_spend".into());
         let tier_attribute = self.config.get("tier_attribute").cloned().unwrap_or_else(|| "value_tier".into());
         let silver = self.threshold("silver", 100.0).map_err(EnricherError::Answered)?;
@@ -94,9 +94,10 @@ impl CustomEnrichers for ExtismValueTier {
     fn enrich(
         &mut self,
         enricher: &EnricherRef,
-        event: &Event,
+        occasion: Occasion<'_>,
         profile: &Profile,
     ) -> Result<Vec<Update>, EnricherError> {
+        let Occasion::Event(event) = occasion else { return Ok(Vec::new()) };
         // The same view a Starling enricher gets: the attributes it reads, or all of them.
         let attributes: serde_json::Map<String, serde_json::Value> = match &enricher.reads {
             Some(names) => names.iter().filter_map(|n| profile.get(n).map(|v| (n.clone(), v.to_json()))).collect(),

@@ -83,7 +83,9 @@ struct ToolchainBuild {
     manifest: starling_runtime::Manifest,
     dest: PathBuf,
     component_path: PathBuf,
+    /// The WIT the toolchain builds against (see [`guest_wit`]), in `_wit_dir`.
     wit: PathBuf,
+    _wit_dir: tempfile::TempDir,
     /// The component is newer than every source and WIT file.
     fresh: bool,
 }
@@ -96,11 +98,13 @@ impl ToolchainBuild {
         let dest = out.join(&manifest.name);
         std::fs::create_dir_all(&dest)?;
         let component_path = dest.join(&manifest.component);
-        let wit = wit_dir()?;
-        let newest_input = newest_mtime(source, ext)?.max(newest_mtime(&wit, "wit")?);
+        let repository_wit = wit_dir()?;
+        let newest_input = newest_mtime(source, ext)?.max(newest_mtime(&repository_wit, "wit")?);
         let fresh =
             std::fs::metadata(&component_path).and_then(|m| m.modified()).is_ok_and(|built| built >= newest_input);
-        Ok(ToolchainBuild { manifest_text, manifest, dest, component_path, wit, fresh })
+        let wit_dir = tempfile::tempdir()?;
+        let wit = guest_wit(&repository_wit, manifest.api(), wit_dir.path())?;
+        Ok(ToolchainBuild { manifest_text, manifest, dest, component_path, wit, _wit_dir: wit_dir, fresh })
     }
 
     fn finish(self, source: &Path) -> Result<PathBuf> {
@@ -238,6 +242,32 @@ fn c_bindings(wit: &Path, world: &str, dir: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(compile)
+}
+
+/// The WIT a language toolchain builds against, written into `dir`: the Starling package version
+/// the manifest targets as the root, with the WASI packages, and without the other Starling
+/// version, whose presence would make generated names spell out versions
+/// (`starling_plugin_0_2_0_types_...` in C).
+fn guest_wit(wit: &Path, api: starling_runtime::Api, dir: &Path) -> Result<PathBuf> {
+    let root = match api {
+        starling_runtime::Api::V0_2 => wit.join("plugin.wit"),
+        starling_runtime::Api::V0_1 => wit.join("deps/starling-plugin-0.1.0/plugin.wit"),
+    };
+    std::fs::copy(&root, dir.join("plugin.wit")).with_context(|| format!("reading {}", root.display()))?;
+    for dep in std::fs::read_dir(wit.join("deps"))? {
+        let dep = dep?.path();
+        let name = dep.file_name().expect("a directory entry has a name");
+        if name.to_string_lossy().starts_with("starling-plugin-") {
+            continue;
+        }
+        let to = dir.join("deps").join(name);
+        std::fs::create_dir_all(&to)?;
+        for file in std::fs::read_dir(&dep)? {
+            let file = file?.path();
+            std::fs::copy(&file, to.join(file.file_name().expect("a file has a name")))?;
+        }
+    }
+    Ok(dir.to_path_buf())
 }
 
 /// The repository's `wit/` directory: found from the working directory upwards.

@@ -137,6 +137,7 @@ async fn enricher_case(host: &PluginHost, plugin: &str, event: &TestEvent, case:
         id: None,
         name: event.name.clone(),
         visitor_id: event.visitor_id.clone(),
+        source: None,
         timestamp_ms: now_ms(),
         data_json: data.to_string(),
     };
@@ -145,8 +146,10 @@ async fn enricher_case(host: &PluginHost, plugin: &str, event: &TestEvent, case:
         .iter()
         .map(|(name, value)| Ok(types::Attribute { name: name.clone(), value: to_wit(name, value)? }))
         .collect::<Result<Vec<_>>>()?;
-    let profile = types::ProfileView { id: event.visitor_id.clone(), attributes, badges: vec![], audiences: vec![] };
-    let updates = host.enrich(plugin, &event, &profile).await?.map_err(|e| anyhow!("{e}"))?;
+    let visit = types::Visit { number: 1, started_at_ms: event.timestamp_ms, event_count: 1, ended: false };
+    let profile =
+        types::ProfileView { id: event.visitor_id.clone(), attributes, badges: vec![], audiences: vec![], visit };
+    let updates = host.enrich(plugin, &types::Occasion::Event(event), &profile).await?.map_err(|e| anyhow!("{e}"))?;
     let got: BTreeMap<String, Json> =
         updates.iter().map(|u| (u.name.clone(), u.value.as_ref().map_or(Json::Null, from_wit))).collect();
     let expected: BTreeMap<String, Json> =

@@ -107,12 +107,20 @@ pub enum EnricherError {
     Unreadable(String),
 }
 
+/// Why a custom enricher is called: an event, or the end of the visit at an instant (the
+/// profile still holds the visit's attributes).
+#[derive(Debug, Clone, Copy)]
+pub enum Occasion<'a> {
+    Event(&'a Event),
+    VisitEnded(i64),
+}
+
 /// Runs custom enrichers; implemented by the host runtime.
 pub trait CustomEnrichers {
     fn enrich(
         &mut self,
         enricher: &EnricherRef,
-        event: &Event,
+        occasion: Occasion<'_>,
         profile: &Profile,
     ) -> Result<Vec<Update>, EnricherError>;
 }
@@ -121,7 +129,7 @@ pub trait CustomEnrichers {
 pub struct NoCustomEnrichers;
 
 impl CustomEnrichers for NoCustomEnrichers {
-    fn enrich(&mut self, enricher: &EnricherRef, _: &Event, _: &Profile) -> Result<Vec<Update>, EnricherError> {
+    fn enrich(&mut self, enricher: &EnricherRef, _: Occasion<'_>, _: &Profile) -> Result<Vec<Update>, EnricherError> {
         Err(EnricherError::Call(format!("enricher `{}` is not loaded", enricher.plugin)))
     }
 }
@@ -154,7 +162,7 @@ pub fn apply_event(model: &Model, profile: &mut Profile, event: &Event, custom: 
     let t = event.timestamp_ms;
     let timeout = visit_timeout(model, profile);
     if !out.new_visitor && !profile.visit_ended && t - profile.last_seen_ms > timeout {
-        end_visit(model, profile, profile.last_seen_ms + timeout, &mut out);
+        end_visit(model, profile, profile.last_seen_ms + timeout, custom, &mut out);
     }
     out.new_visit = out.new_visitor || profile.visit_ended;
     if out.new_visitor {
@@ -185,20 +193,7 @@ pub fn apply_event(model: &Model, profile: &mut Profile, event: &Event, custom: 
     };
     let mut undo = Undo::default();
     run_enrichments(model, profile, Some(event), t, &runs, &mut dirty, &mut out, &mut undo);
-    for enricher in &model.enrichers {
-        match custom.enrich(enricher, event, profile) {
-            Ok(updates) => {
-                for (name, _) in &updates {
-                    undo.save(profile, name);
-                }
-                match granted(model, enricher, &updates).and_then(|()| apply_updates(model, profile, updates)) {
-                    Ok(names) => names.iter().for_each(|n| dirty.mark(n)),
-                    Err(w) => out.warnings.push(format!("enricher `{}`: {w}; nothing applied", enricher.plugin)),
-                }
-            }
-            Err(e) => out.warnings.push(format!("enricher `{}` failed: {e}", enricher.plugin)),
-        }
-    }
+    run_enrichers(model, profile, Occasion::Event(event), &runs, custom, &mut dirty, &mut out, &mut undo);
     undo.limit_claims(model, event, profile, &mut out);
     undo.limit_held_ids(model, profile, &mut out);
     undo.enforce(model, profile, &mut out);
@@ -214,7 +209,7 @@ pub fn apply_event(model: &Model, profile: &mut Profile, event: &Event, custom: 
 
 /// What the passing of time does to `profile` at instant `now`: ends a visit that timed out,
 /// and re-evaluates audiences with time-relative rules. Called when `profile.wakeup_ms` is due.
-pub fn apply_time(model: &Model, profile: &mut Profile, now: i64) -> Outcome {
+pub fn apply_time(model: &Model, profile: &mut Profile, now: i64, custom: &mut dyn CustomEnrichers) -> Outcome {
     let mut out = Outcome::default();
     if profile.is_new() {
         profile.wakeup_ms = None;
@@ -222,7 +217,7 @@ pub fn apply_time(model: &Model, profile: &mut Profile, now: i64) -> Outcome {
     }
     let visit_end = profile.last_seen_ms + visit_timeout(model, profile);
     if !profile.visit_ended && now > visit_end {
-        end_visit(model, profile, visit_end, &mut out);
+        end_visit(model, profile, visit_end, custom, &mut out);
     }
     let mut dirty = Dirty::new(model);
     expire_timelines(model, profile, now, &mut dirty);
@@ -352,12 +347,15 @@ pub fn explain(model: &Model, profile: &Profile, audience: &str, now: i64) -> Op
 
 /// Ends the current visit at `at`: visit-ended enrichments, every audience re-evaluated, and
 /// visit-ended actions for the audiences the visitor is in.
-fn end_visit(model: &Model, profile: &mut Profile, at: i64, out: &mut Outcome) {
+fn end_visit(model: &Model, profile: &mut Profile, at: i64, custom: &mut dyn CustomEnrichers, out: &mut Outcome) {
     profile.visit_ended = true;
     out.visit_ended = true;
     let mut dirty = Dirty::new(model);
     let mut undo = Undo::default();
-    run_enrichments(model, profile, None, at, &|w| *w == When::VisitEnded, &mut dirty, out, &mut undo);
+    let runs = |w: &When| *w == When::VisitEnded;
+    run_enrichments(model, profile, None, at, &runs, &mut dirty, out, &mut undo);
+    run_enrichers(model, profile, Occasion::VisitEnded(at), &runs, custom, &mut dirty, out, &mut undo);
+    undo.limit_held_ids(model, profile, out);
     undo.enforce(model, profile, out);
     let all: Vec<usize> = (0..model.audiences.len()).collect();
     let first = out.changes.len();
@@ -730,6 +728,34 @@ fn expire_timelines(model: &Model, profile: &mut Profile, now: i64, dirty: &mut 
 }
 
 /// Whether every update sets an attribute the enricher may write.
+/// Runs the custom enrichers whose `when` matches, in file order.
+#[allow(clippy::too_many_arguments)]
+fn run_enrichers(
+    model: &Model,
+    profile: &mut Profile,
+    occasion: Occasion<'_>,
+    runs: &dyn Fn(&When) -> bool,
+    custom: &mut dyn CustomEnrichers,
+    dirty: &mut Dirty<'_>,
+    out: &mut Outcome,
+    undo: &mut Undo,
+) {
+    for enricher in model.enrichers.iter().filter(|e| e.when.iter().any(runs)) {
+        match custom.enrich(enricher, occasion, profile) {
+            Ok(updates) => {
+                for (name, _) in &updates {
+                    undo.save(profile, name);
+                }
+                match granted(model, enricher, &updates).and_then(|()| apply_updates(model, profile, updates)) {
+                    Ok(names) => names.iter().for_each(|n| dirty.mark(n)),
+                    Err(w) => out.warnings.push(format!("enricher `{}`: {w}; nothing applied", enricher.plugin)),
+                }
+            }
+            Err(e) => out.warnings.push(format!("enricher `{}` failed: {e}", enricher.plugin)),
+        }
+    }
+}
+
 fn granted(model: &Model, enricher: &EnricherRef, updates: &[Update]) -> Result<(), String> {
     for (name, _) in updates {
         if let Some(def) = model.attribute(name)
@@ -975,7 +1001,7 @@ connector = "webhook"
     #[derive(Clone)]
     struct Fixed(Vec<Update>);
     impl CustomEnrichers for Fixed {
-        fn enrich(&mut self, _: &EnricherRef, _: &Event, _: &Profile) -> Result<Vec<Update>, EnricherError> {
+        fn enrich(&mut self, _: &EnricherRef, _: Occasion<'_>, _: &Profile) -> Result<Vec<Update>, EnricherError> {
             Ok(self.0.clone())
         }
     }

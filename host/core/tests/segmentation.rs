@@ -36,7 +36,7 @@ impl Visitor {
         apply_event(&self.model, &mut self.profile, &event(name, t, data), &mut NoCustomEnrichers)
     }
     fn tick(&mut self, now: i64) -> Outcome {
-        apply_time(&self.model, &mut self.profile, now)
+        apply_time(&self.model, &mut self.profile, now, &mut NoCustomEnrichers)
     }
     fn get(&self, name: &str) -> Option<Value> {
         self.profile.get(name)

@@ -63,6 +63,7 @@ pub fn event_to_wit(e: &Event) -> types::Event {
         id: e.id.clone(),
         name: e.name.clone(),
         visitor_id: e.visitor_id.clone(),
+        source: e.source.clone(),
         timestamp_ms: e.timestamp_ms,
         data_json: serde_json::Value::Object(e.data.clone()).to_string(),
     }
@@ -88,6 +89,12 @@ pub fn profile_to_wit(p: &Profile, reads: Option<&[String]>) -> types::ProfileVi
         attributes,
         badges: p.badges.iter().cloned().collect(),
         audiences: p.audiences.iter().cloned().collect(),
+        visit: types::Visit {
+            number: p.visit_count.try_into().unwrap_or(u32::MAX),
+            started_at_ms: p.visit_start_ms,
+            event_count: p.visit_event_count.try_into().unwrap_or(u32::MAX),
+            ended: p.visit_ended,
+        },
     }
 }
 
@@ -102,4 +109,122 @@ pub fn updates_from_wit(updates: Vec<types::AttributeUpdate>) -> Result<Vec<(Str
             }
         })
         .collect()
+}
+
+/// The same values as `starling:plugin@0.1.0` has them, for components built against it.
+pub(crate) mod v1 {
+    use super::types;
+    use crate::bindings::v1::types as old;
+
+    fn value(v: types::AttributeValue) -> old::AttributeValue {
+        use types::AttributeValue as W;
+        match v {
+            W::Text(s) => old::AttributeValue::Text(s),
+            W::Number(n) => old::AttributeValue::Number(n),
+            W::Boolean(b) => old::AttributeValue::Boolean(b),
+            W::Date(ms) => old::AttributeValue::Date(ms),
+            W::StringSet(s) => old::AttributeValue::StringSet(s),
+            W::StringArray(v) => old::AttributeValue::StringArray(v),
+            W::NumberArray(v) => old::AttributeValue::NumberArray(v),
+            W::BooleanArray(v) => old::AttributeValue::BooleanArray(v),
+            W::Tally(t) => old::AttributeValue::Tally(t),
+            W::Timeline(entries) => old::AttributeValue::Timeline(
+                entries.into_iter().map(|e| old::TimelineEntry { at_ms: e.at_ms, data_json: e.data_json }).collect(),
+            ),
+            W::Json(text) => old::AttributeValue::Json(text),
+        }
+    }
+
+    fn value_back(v: old::AttributeValue) -> types::AttributeValue {
+        use old::AttributeValue as O;
+        match v {
+            O::Text(s) => types::AttributeValue::Text(s),
+            O::Number(n) => types::AttributeValue::Number(n),
+            O::Boolean(b) => types::AttributeValue::Boolean(b),
+            O::Date(ms) => types::AttributeValue::Date(ms),
+            O::StringSet(s) => types::AttributeValue::StringSet(s),
+            O::StringArray(v) => types::AttributeValue::StringArray(v),
+            O::NumberArray(v) => types::AttributeValue::NumberArray(v),
+            O::BooleanArray(v) => types::AttributeValue::BooleanArray(v),
+            O::Tally(t) => types::AttributeValue::Tally(t),
+            O::Timeline(entries) => types::AttributeValue::Timeline(
+                entries.into_iter().map(|e| types::TimelineEntry { at_ms: e.at_ms, data_json: e.data_json }).collect(),
+            ),
+            O::Json(text) => types::AttributeValue::Json(text),
+        }
+    }
+
+    /// 0.1.0 has no event source.
+    pub(crate) fn event(e: &types::Event) -> old::Event {
+        old::Event {
+            id: e.id.clone(),
+            name: e.name.clone(),
+            visitor_id: e.visitor_id.clone(),
+            timestamp_ms: e.timestamp_ms,
+            data_json: e.data_json.clone(),
+        }
+    }
+
+    /// 0.1.0 has no visit summary.
+    pub(crate) fn profile(p: &types::ProfileView) -> old::ProfileView {
+        old::ProfileView {
+            id: p.id.clone(),
+            attributes: p
+                .attributes
+                .iter()
+                .map(|a| old::Attribute { name: a.name.clone(), value: value(a.value.clone()) })
+                .collect(),
+            badges: p.badges.clone(),
+            audiences: p.audiences.clone(),
+        }
+    }
+
+    pub(crate) fn updates(updates: Vec<old::AttributeUpdate>) -> Vec<types::AttributeUpdate> {
+        updates.into_iter().map(|u| types::AttributeUpdate { name: u.name, value: u.value.map(value_back) }).collect()
+    }
+
+    /// 0.1.0 shows a deletion as leaving.
+    pub(crate) fn action(a: &types::Action) -> old::Action {
+        let trigger = match a.trigger {
+            types::Trigger::Joined => old::Trigger::Joined,
+            types::Trigger::Left | types::Trigger::Deleted => old::Trigger::Left,
+            types::Trigger::VisitStarted => old::Trigger::VisitStarted,
+            types::Trigger::VisitEnded => old::Trigger::VisitEnded,
+            types::Trigger::Event => old::Trigger::Event,
+        };
+        old::Action {
+            idempotency_key: a.idempotency_key.clone(),
+            name: a.name.clone(),
+            trigger,
+            audience: a.audience.clone(),
+            profile_id: a.profile_id.clone(),
+            occurred_at_ms: a.occurred_at_ms,
+            settings: a.settings.clone(),
+            params: a.params.iter().map(|(k, v)| (k.clone(), value(v.clone()))).collect(),
+        }
+    }
+
+    pub(crate) fn delivery_error(e: old::DeliveryError) -> types::DeliveryError {
+        match e {
+            old::DeliveryError::Retryable(m) => types::DeliveryError::Retryable(m),
+            old::DeliveryError::Permanent(m) => types::DeliveryError::Permanent(m),
+            old::DeliveryError::RateLimited(r) => types::DeliveryError::RateLimited(types::RateLimited {
+                retry_after_ms: r.retry_after_ms,
+                message: r.message,
+            }),
+        }
+    }
+
+    pub(crate) fn connector_info(info: old::ConnectorInfo) -> types::ConnectorInfo {
+        let parameters = |list: Vec<old::Parameter>| {
+            list.into_iter()
+                .map(|p| types::Parameter { name: p.name, description: p.description, required: p.required })
+                .collect()
+        };
+        types::ConnectorInfo {
+            description: info.description,
+            settings: parameters(info.settings),
+            params: parameters(info.params),
+        }
+    }
 }

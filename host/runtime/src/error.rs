@@ -10,7 +10,7 @@ pub enum ManifestError {
     Syntax { line: usize, column: usize, message: String },
     #[error("{message}")]
     Unreadable { message: String },
-    #[error("a {kind} must target world `{expected}`, manifest says `{found}`")]
+    #[error("a {kind} must target world `{expected}` (or its 0.1.0), manifest says `{found}`")]
     WrongWorld { kind: &'static str, expected: &'static str, found: String },
     #[error("limits.memory_mib and limits.timeout_ms must be positive")]
     ZeroLimit,

@@ -12,9 +12,9 @@ pub mod signing;
 
 pub use bindings::types;
 pub use error::{ComponentError, EgressError, ManifestError, PluginError, SignatureError};
-pub use manifest::{Kind, Manifest};
+pub use manifest::{Api, Kind, Manifest};
 
-use bindings::{connector, enricher};
+use bindings::{connector, enricher, v1};
 use egress::{Egress, HostPattern};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
@@ -126,9 +126,27 @@ struct PluginMeta {
     http: egress::HttpClient,
 }
 
+/// A component ready to instantiate, by kind and interface version.
 enum Pre {
     Connector(connector::ConnectorPre<PluginState>),
     Enricher(enricher::EnricherPre<PluginState>),
+    ConnectorV1(v1::connector::ConnectorPre<PluginState>),
+    EnricherV1(v1::enricher::EnricherPre<PluginState>),
+}
+
+impl Pre {
+    fn kind(&self) -> Kind {
+        match self {
+            Pre::Connector(_) | Pre::ConnectorV1(_) => Kind::Connector,
+            Pre::Enricher(_) | Pre::EnricherV1(_) => Kind::Enricher,
+        }
+    }
+}
+
+/// An enricher instance of either interface version.
+enum EnricherInstance {
+    Current(enricher::Enricher),
+    V1(v1::enricher::Enricher),
 }
 
 /// A loaded, validated plugin.
@@ -152,7 +170,7 @@ pub struct Plugin {
 /// memory or corrupts its state gets a fresh one.
 struct IdleEnricher {
     store: Store<PluginState>,
-    instance: enricher::Enricher,
+    instance: EnricherInstance,
     calls: u32,
 }
 
@@ -251,10 +269,34 @@ impl WasiHttpView for PluginState {
 }
 
 impl types::Host for PluginState {}
+impl v1::types::Host for PluginState {}
 
-impl connector::starling::plugin::log::Host for PluginState {
-    fn log(&mut self, level: connector::starling::plugin::log::Level, message: String) {
-        use connector::starling::plugin::log::Level;
+use connector::starling::plugin0_2_0::{config as config_api, log as log_api};
+use v1::connector::starling::plugin0_1_0::{config as config_api_v1, log as log_api_v1};
+
+impl log_api_v1::Host for PluginState {
+    fn log(&mut self, level: log_api_v1::Level, message: String) {
+        use log_api::Level;
+        let level = match level {
+            log_api_v1::Level::Trace => Level::Trace,
+            log_api_v1::Level::Debug => Level::Debug,
+            log_api_v1::Level::Info => Level::Info,
+            log_api_v1::Level::Warn => Level::Warn,
+            log_api_v1::Level::Error => Level::Error,
+        };
+        log_api::Host::log(self, level, message)
+    }
+}
+
+impl config_api_v1::Host for PluginState {
+    fn get(&mut self, key: String) -> Option<String> {
+        config_api::Host::get(self, key)
+    }
+}
+
+impl log_api::Host for PluginState {
+    fn log(&mut self, level: log_api::Level, message: String) {
+        use log_api::Level;
         self.logged += 1;
         let plugin = &*self.meta.name;
         if self.logged > MAX_LOG_LINES_PER_CALL {
@@ -277,7 +319,7 @@ impl connector::starling::plugin::log::Host for PluginState {
     }
 }
 
-impl connector::starling::plugin::config::Host for PluginState {
+impl config_api::Host for PluginState {
     fn get(&mut self, key: String) -> Option<String> {
         self.meta.config.get(&key).cloned()
     }
@@ -526,19 +568,34 @@ impl PluginHost {
         let ty = component.component_type();
         let imports = ty.imports(&self.engine).map(|(n, _)| n.to_string()).collect();
         let exports = ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect();
-        let pre =
-            match manifest.kind {
-                Kind::Connector => Pre::Connector(
-                    self.connector_linker.instantiate_pre(&component).and_then(connector::ConnectorPre::new).map_err(
-                        |e| ComponentError::Exports { world: manifest.world.clone(), message: e.to_string() },
-                    )?,
-                ),
-                Kind::Enricher => Pre::Enricher(
-                    self.enricher_linker.instantiate_pre(&component).and_then(enricher::EnricherPre::new).map_err(
-                        |e| ComponentError::Exports { world: manifest.world.clone(), message: e.to_string() },
-                    )?,
-                ),
-            };
+        let exports_error =
+            |e: wasmtime::Error| ComponentError::Exports { world: manifest.world.clone(), message: e.to_string() };
+        let pre = match (manifest.kind, manifest.api()) {
+            (Kind::Connector, Api::V0_2) => Pre::Connector(
+                self.connector_linker
+                    .instantiate_pre(&component)
+                    .and_then(connector::ConnectorPre::new)
+                    .map_err(exports_error)?,
+            ),
+            (Kind::Enricher, Api::V0_2) => Pre::Enricher(
+                self.enricher_linker
+                    .instantiate_pre(&component)
+                    .and_then(enricher::EnricherPre::new)
+                    .map_err(exports_error)?,
+            ),
+            (Kind::Connector, Api::V0_1) => Pre::ConnectorV1(
+                self.connector_linker
+                    .instantiate_pre(&component)
+                    .and_then(v1::connector::ConnectorPre::new)
+                    .map_err(exports_error)?,
+            ),
+            (Kind::Enricher, Api::V0_1) => Pre::EnricherV1(
+                self.enricher_linker
+                    .instantiate_pre(&component)
+                    .and_then(v1::enricher::EnricherPre::new)
+                    .map_err(exports_error)?,
+            ),
+        };
         let allowed_hosts =
             manifest.capabilities.allowed_hosts.iter().map(|p| HostPattern::parse(p)).collect::<Result<Vec<_>, _>>()?;
         let meta = Arc::new(PluginMeta {
@@ -650,10 +707,20 @@ impl PluginHost {
         let (plugin, mut store) = self.connector(name)?;
         let (failure_limit, owned) = (self.failure_limit, actions.to_vec());
         let call = async move {
-            let Pre::Connector(pre) = &plugin.pre else { unreachable!("a connector") };
             guarded(failure_limit, &plugin, async {
-                let instance = pre.instantiate_async(&mut store).await?;
-                instance.starling_plugin_deliver().call_deliver(&mut store, &owned).await
+                match &plugin.pre {
+                    Pre::Connector(pre) => {
+                        let instance = pre.instantiate_async(&mut store).await?;
+                        instance.starling_plugin0_2_0_deliver().call_deliver(&mut store, &owned).await
+                    }
+                    Pre::ConnectorV1(pre) => {
+                        let instance = pre.instantiate_async(&mut store).await?;
+                        let old: Vec<_> = owned.iter().map(convert::v1::action).collect();
+                        let results = instance.starling_plugin0_1_0_deliver().call_deliver(&mut store, &old).await?;
+                        Ok(results.into_iter().map(|r| r.map_err(convert::v1::delivery_error)).collect())
+                    }
+                    Pre::Enricher(_) | Pre::EnricherV1(_) => unreachable!("a connector"),
+                }
             })
             .await
         };
@@ -673,10 +740,19 @@ impl PluginHost {
         let (plugin, mut store) = self.connector(name)?;
         let failure_limit = self.failure_limit;
         let call = async move {
-            let Pre::Connector(pre) = &plugin.pre else { unreachable!("a connector") };
             guarded(failure_limit, &plugin, async {
-                let instance = pre.instantiate_async(&mut store).await?;
-                instance.starling_plugin_deliver().call_describe(&mut store).await
+                match &plugin.pre {
+                    Pre::Connector(pre) => {
+                        let instance = pre.instantiate_async(&mut store).await?;
+                        instance.starling_plugin0_2_0_deliver().call_describe(&mut store).await
+                    }
+                    Pre::ConnectorV1(pre) => {
+                        let instance = pre.instantiate_async(&mut store).await?;
+                        let info = instance.starling_plugin0_1_0_deliver().call_describe(&mut store).await?;
+                        Ok(convert::v1::connector_info(info))
+                    }
+                    Pre::Enricher(_) | Pre::EnricherV1(_) => unreachable!("a connector"),
+                }
             })
             .await
         };
@@ -686,24 +762,29 @@ impl PluginHost {
     /// Connector `name`, if callable, with a fresh store for one call.
     fn connector(&self, name: &str) -> Result<(Arc<Plugin>, Store<PluginState>), PluginError> {
         let plugin = self.callable(name)?;
-        if !matches!(plugin.pre, Pre::Connector(_)) {
+        if plugin.pre.kind() != Kind::Connector {
             return Err(PluginError::WrongKind { plugin: name.into(), actual: "enricher", expected: "connector" });
         }
         let store = self.store(&plugin.meta);
         Ok((plugin, store))
     }
 
-    /// Runs an enricher on an event and profile, on an idle instance of it when there is one.
+    /// Runs an enricher for an occasion (an event, or a visit's end) and a profile, on an idle
+    /// instance of it when there is one. A 0.1.0 enricher knows only events: a visit's end is
+    /// not its occasion, and it is not called (`Ok(Ok([]))`).
     pub async fn enrich(
         &self,
         name: &str,
-        event: &types::Event,
+        occasion: &types::Occasion,
         profile: &types::ProfileView,
-    ) -> Result<Result<Vec<types::AttributeUpdate>, String>, PluginError> {
+    ) -> Result<Result<Vec<types::AttributeUpdate>, types::EnrichError>, PluginError> {
         let plugin = self.callable(name)?;
-        let Pre::Enricher(pre) = &plugin.pre else {
+        if plugin.pre.kind() != Kind::Enricher {
             return Err(PluginError::WrongKind { plugin: name.into(), actual: "connector", expected: "enricher" });
-        };
+        }
+        if matches!((&plugin.pre, occasion), (Pre::EnricherV1(_), types::Occasion::VisitEnded(_))) {
+            return Ok(Ok(Vec::new()));
+        }
         let idle = plugin.idle.lock().expect("idle enrichers").pop();
         let (mut store, instance, calls) = match idle {
             Some(IdleEnricher { mut store, instance, calls }) => {
@@ -713,11 +794,24 @@ impl PluginHost {
             None => (self.store(&plugin.meta), None, 0),
         };
         let result = guarded(self.failure_limit, &plugin, async {
-            let instance = match instance {
-                Some(instance) => instance,
-                None => pre.instantiate_async(&mut store).await?,
+            let instance = match (instance, &plugin.pre) {
+                (Some(instance), _) => instance,
+                (None, Pre::Enricher(pre)) => EnricherInstance::Current(pre.instantiate_async(&mut store).await?),
+                (None, Pre::EnricherV1(pre)) => EnricherInstance::V1(pre.instantiate_async(&mut store).await?),
+                (None, Pre::Connector(_) | Pre::ConnectorV1(_)) => unreachable!("an enricher"),
             };
-            let result = instance.starling_plugin_enrich().call_enrich(&mut store, event, profile).await?;
+            let result = match (&instance, occasion) {
+                (EnricherInstance::Current(current), _) => {
+                    current.starling_plugin0_2_0_enrich().call_enrich(&mut store, occasion, profile).await?
+                }
+                (EnricherInstance::V1(old), types::Occasion::Event(event)) => old
+                    .starling_plugin0_1_0_enrich()
+                    .call_enrich(&mut store, &convert::v1::event(event), &convert::v1::profile(profile))
+                    .await?
+                    .map(convert::v1::updates)
+                    .map_err(types::EnrichError::Failed),
+                (EnricherInstance::V1(_), types::Occasion::VisitEnded(_)) => unreachable!("not called above"),
+            };
             Ok((instance, result))
         })
         .await;
@@ -728,7 +822,7 @@ impl PluginHost {
                 idle.push(IdleEnricher { store, instance, calls: calls + 1 });
             }
         }
-        Ok(result.map_err(|m| bounded(m, MAX_MESSAGE_CHARS)))
+        Ok(result.map_err(bounded_enrich_error))
     }
 }
 
@@ -794,17 +888,27 @@ fn pool() -> PoolingAllocationConfig {
     pool
 }
 
+/// Both interface versions' imports, so that components built against either link.
 fn add_starling_imports(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
-    connector::starling::plugin::types::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
-    connector::starling::plugin::log::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
-    connector::starling::plugin::config::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    types::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    log_api::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    config_api::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    v1::types::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    log_api_v1::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    config_api_v1::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
     Ok(())
 }
 
 /// Interfaces a plugin of each kind may import; anything else is refused at load.
 fn import_allowed(kind: Kind, name: &str) -> bool {
-    const STARLING: &[&str] =
-        &["starling:plugin/types@0.1.", "starling:plugin/log@0.1.", "starling:plugin/config@0.1."];
+    const STARLING: &[&str] = &[
+        "starling:plugin/types@0.2.",
+        "starling:plugin/log@0.2.",
+        "starling:plugin/config@0.2.",
+        "starling:plugin/types@0.1.",
+        "starling:plugin/log@0.1.",
+        "starling:plugin/config@0.1.",
+    ];
     const HTTP: &[&str] = &[
         "wasi:http/types@0.2.",
         "wasi:http/outgoing-handler@0.2.",
@@ -872,6 +976,25 @@ fn bounded_delivery(result: Result<(), types::DeliveryError>) -> Result<(), type
     })
 }
 
+impl std::fmt::Display for types::EnrichError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            types::EnrichError::BadInput(m) => write!(f, "bad input: {m}"),
+            types::EnrichError::Misconfigured(m) => write!(f, "misconfigured: {m}"),
+            types::EnrichError::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+/// An enricher's error, with its message cut to what the host keeps.
+fn bounded_enrich_error(e: types::EnrichError) -> types::EnrichError {
+    match e {
+        types::EnrichError::BadInput(m) => types::EnrichError::BadInput(bounded(m, MAX_MESSAGE_CHARS)),
+        types::EnrichError::Misconfigured(m) => types::EnrichError::Misconfigured(bounded(m, MAX_MESSAGE_CHARS)),
+        types::EnrichError::Failed(m) => types::EnrichError::Failed(bounded(m, MAX_MESSAGE_CHARS)),
+    }
+}
+
 /// Runs a model's Wasm enrichers for the engine, from a thread outside the async runtime.
 pub struct WasmEnrichers<'a> {
     plugins: &'a PluginHost,
@@ -890,16 +1013,19 @@ impl starling_core::CustomEnrichers for WasmEnrichers<'_> {
     fn enrich(
         &mut self,
         enricher: &starling_core::model::EnricherRef,
-        event: &starling_core::Event,
+        occasion: starling_core::engine::Occasion<'_>,
         profile: &starling_core::Profile,
     ) -> Result<Vec<starling_core::engine::Update>, EnricherError> {
-        let event = convert::event_to_wit(event);
+        let occasion = match occasion {
+            starling_core::engine::Occasion::Event(event) => types::Occasion::Event(convert::event_to_wit(event)),
+            starling_core::engine::Occasion::VisitEnded(at_ms) => types::Occasion::VisitEnded(at_ms),
+        };
         let view = convert::profile_to_wit(profile, enricher.reads.as_deref());
         let updates = self
             .runtime
-            .block_on(self.plugins.enrich(&enricher.plugin, &event, &view))
+            .block_on(self.plugins.enrich(&enricher.plugin, &occasion, &view))
             .map_err(|e| EnricherError::Call(e.to_string()))?
-            .map_err(EnricherError::Answered)?;
+            .map_err(|e| EnricherError::Answered(e.to_string()))?;
         convert::updates_from_wit(updates).map_err(EnricherError::Unreadable)
     }
 }

@@ -4,8 +4,26 @@ use crate::error::ManifestError;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
-pub const CONNECTOR_WORLD: &str = "starling:plugin/connector@0.1.0";
-pub const ENRICHER_WORLD: &str = "starling:plugin/enricher@0.1.0";
+pub const CONNECTOR_WORLD: &str = "starling:plugin/connector@0.2.0";
+pub const ENRICHER_WORLD: &str = "starling:plugin/enricher@0.2.0";
+
+/// The versions of the plugin interface the host loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `starling:plugin@0.1.0`, linked for components built before 0.2.0.
+    V0_1,
+    /// `starling:plugin@0.2.0`, what the SDKs and templates target.
+    V0_2,
+}
+
+impl Api {
+    pub fn version(self) -> &'static str {
+        match self {
+            Api::V0_1 => "0.1.0",
+            Api::V0_2 => "0.2.0",
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -28,6 +46,12 @@ impl Kind {
             Kind::Enricher => "enricher",
         }
     }
+
+    /// The interface version a world of this kind names, if the host loads it.
+    pub fn api_of(self, world: &str) -> Option<Api> {
+        let version = world.strip_prefix("starling:plugin/")?.strip_prefix(self.name())?.strip_prefix('@')?;
+        [Api::V0_2, Api::V0_1].into_iter().find(|api| api.version() == version)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -36,7 +60,8 @@ pub struct Manifest {
     pub name: String,
     pub version: String,
     pub kind: Kind,
-    /// The WIT world and version the component implements.
+    /// The WIT world and version the component implements (0.2.0, or 0.1.0 for components built
+    /// before it).
     pub world: String,
     /// The component file, relative to the manifest.
     pub component: String,
@@ -104,6 +129,11 @@ pub fn is_plugin_name(name: &str) -> bool {
 }
 
 impl Manifest {
+    /// The interface version the component implements (checked when parsed).
+    pub fn api(&self) -> Api {
+        self.kind.api_of(&self.world).expect("checked when parsed")
+    }
+
     pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
         let m: Manifest = toml::from_str(text).map_err(|e| {
             let message = e.message().trim().to_string();
@@ -130,7 +160,7 @@ impl Manifest {
         if !plain_file {
             return Err(ManifestError::BadComponent(m.component));
         }
-        if m.world != m.kind.world() {
+        if m.kind.api_of(&m.world).is_none() {
             return Err(ManifestError::WrongWorld { kind: m.kind.name(), expected: m.kind.world(), found: m.world });
         }
         if m.limits.memory_mib == 0 || m.limits.timeout_ms == 0 {
@@ -154,7 +184,7 @@ mod tests {
 name = "webhook"
 version = "0.1.0"
 kind = "connector"
-world = "starling:plugin/connector@0.1.0"
+world = "starling:plugin/connector@0.2.0"
 component = "webhook.wasm"
 [limits]
 memory_mib = 16
@@ -199,6 +229,9 @@ token = { secret = true }
     fn world_must_match_kind() {
         let err =
             Manifest::parse(&GOOD.replace("kind = \"connector\"", "kind = \"enricher\"")).unwrap_err().to_string();
-        assert!(err.contains("must target world `starling:plugin/enricher@0.1.0`"), "{err}");
+        assert!(err.contains("must target world `starling:plugin/enricher@0.2.0` (or its 0.1.0)"), "{err}");
+        let old = Manifest::parse(&GOOD.replace("@0.2.0", "@0.1.0")).unwrap();
+        assert_eq!((old.api(), Manifest::parse(GOOD).unwrap().api()), (Api::V0_1, Api::V0_2));
+        assert!(Manifest::parse(&GOOD.replace("connector@0.2.0", "connector@0.2")).is_err());
     }
 }

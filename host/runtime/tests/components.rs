@@ -1,5 +1,7 @@
 //! Runtime tests on WAT component fixtures: no guest toolchain needed. Each fixture is a core
-//! module written in WAT, given its world's metadata and turned into a component here.
+//! module written in WAT, given its world's metadata and turned into a component here. Most
+//! target `starling:plugin@0.1.0`, so they also show that components built against the earlier
+//! interface keep working beside 0.2.0.
 
 use starling_runtime::{PluginError, PluginHost, types};
 use std::collections::BTreeMap;
@@ -47,7 +49,12 @@ fn component(wat: &str, world: &str, extra_wit: Option<&str>) -> Vec<u8> {
     if let Some(wit) = extra_wit {
         package = resolve.push_str("fixture.wit", wit).expect("fixture WIT parses");
     }
-    let world = resolve.select_world(&[package], Some(world)).expect("world exists");
+    // The repository's worlds by kind name are the 0.1.0 ones these fixtures were written for.
+    let world = match world {
+        "enricher" | "connector" => format!("starling:plugin/{world}@0.1.0"),
+        other => other.to_string(),
+    };
+    let world = resolve.select_world(&[package], Some(&world)).expect("world exists");
     wit_component::embed_component_metadata(&mut module, &resolve, world, wit_component::StringEncoding::UTF8)
         .expect("metadata embeds");
     starling_runtime::componentize(&module).expect("componentizes")
@@ -65,12 +72,20 @@ fn plugin(dir: &Path, name: &str, kind: &str, bytes: &[u8], extra: &str) -> Path
     plugin_dir.join("plugin.toml")
 }
 
-fn event() -> types::Event {
-    types::Event { id: None, name: "view".into(), visitor_id: "v".into(), timestamp_ms: 0, data_json: "{}".into() }
+fn event() -> types::Occasion {
+    types::Occasion::Event(types::Event {
+        id: None,
+        name: "view".into(),
+        visitor_id: "v".into(),
+        source: None,
+        timestamp_ms: 0,
+        data_json: "{}".into(),
+    })
 }
 
 fn profile() -> types::ProfileView {
-    types::ProfileView { id: "v".into(), attributes: vec![], badges: vec![], audiences: vec![] }
+    let visit = types::Visit { number: 1, started_at_ms: 0, event_count: 1, ended: false };
+    types::ProfileView { id: "v".into(), attributes: vec![], badges: vec![], audiences: vec![], visit }
 }
 
 #[tokio::test]
@@ -145,7 +160,7 @@ async fn the_host_keeps_at_most_a_thousand_characters_of_a_plugins_message() {
     let host = PluginHost::new().unwrap();
     host.load(&plugin(dir.path(), "loud", "enricher", &bytes, ""), BTreeMap::new()).unwrap();
     let message = host.enrich("loud", &event(), &profile()).await.unwrap().unwrap_err();
-    assert_eq!(message.chars().count(), 1_000);
+    assert_eq!(message, types::EnrichError::Failed("\0".repeat(1_000)), "0.1.0's string error, cut");
 }
 
 #[tokio::test]
@@ -365,4 +380,33 @@ async fn a_precompiled_artifact_is_used_only_for_the_component_it_was_sealed_for
     host.load(&plugin(dir.path(), "ok", "enricher", &answering, ""), BTreeMap::new()).unwrap();
     assert_eq!(host.enrich("ok", &event(), &profile()).await.unwrap(), Ok(vec![]));
     assert_eq!(std::fs::read(&artifact).unwrap().len(), sealed.len(), "the artifact was written again");
+}
+
+#[tokio::test]
+async fn both_interface_versions_load_side_by_side_and_only_0_2_enrichers_see_visit_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = PluginHost::new().unwrap();
+    let old = component(&enricher("(i32.const 1024)"), "enricher", None);
+    host.load(&plugin(dir.path(), "old", "enricher", &old, ""), BTreeMap::new()).unwrap();
+    let current_wat = enricher("(i32.const 1024)").replace("enrich@0.1.0#enrich", "enrich@0.2.0#enrich");
+    let current = component(&current_wat, "starling:plugin/enricher@0.2.0", None);
+    let manifest = plugin(dir.path(), "current", "enricher", &current, "");
+    let text = std::fs::read_to_string(&manifest).unwrap().replace("enricher@0.1.0", "enricher@0.2.0");
+    std::fs::write(&manifest, text).unwrap();
+    host.load(&manifest, BTreeMap::new()).unwrap();
+
+    let ended = types::Occasion::VisitEnded(60_000);
+    for name in ["old", "current"] {
+        assert_eq!(host.enrich(name, &event(), &profile()).await.unwrap(), Ok(vec![]), "{name}");
+        assert_eq!(host.enrich(name, &ended, &profile()).await.unwrap(), Ok(vec![]), "{name}");
+    }
+    let calls = |name: &str| host.get(name).unwrap().call_time().0;
+    assert_eq!((calls("old"), calls("current")), (1, 2), "a 0.1.0 enricher is not called for a visit's end");
+    assert_eq!(host.get("old").unwrap().manifest.api(), starling_runtime::Api::V0_1);
+
+    // A world that is neither version is refused with what is expected.
+    let text = std::fs::read_to_string(&manifest).unwrap().replace("enricher@0.2.0", "enricher@0.3.0");
+    std::fs::write(&manifest, text).unwrap();
+    let err = host.load(&manifest, BTreeMap::new()).unwrap_err().to_string();
+    assert!(err.contains("must target world `starling:plugin/enricher@0.2.0` (or its 0.1.0)"), "{err}");
 }

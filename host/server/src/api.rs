@@ -626,6 +626,7 @@ async fn get_plugins(State(state): State<AppState>) -> Result<Json<serde_json::V
                 "name": p.manifest.name,
                 "version": p.manifest.version,
                 "kind": p.manifest.kind.name(),
+                "world": p.manifest.world,
                 "sha256": p.sha256,
                 "status": if disabled.is_some() { "disabled" } else { "enabled" },
                 "disabled_reason": disabled,

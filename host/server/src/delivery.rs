@@ -424,8 +424,9 @@ fn to_wit(entry: &OutboxEntry) -> types::Action {
         serde_json::from_str(&entry.payload).unwrap_or(Payload { settings: BTreeMap::new(), params: Vec::new() });
     let trigger = match entry.trigger {
         Trigger::Joined => types::Trigger::Joined,
-        // A deleted person leaves every audience; connectors remove them as they would on leaving.
-        Trigger::Left | Trigger::Deleted => types::Trigger::Left,
+        Trigger::Left => types::Trigger::Left,
+        // Connectors built against 0.1.0 see it as `left` (the runtime converts).
+        Trigger::Deleted => types::Trigger::Deleted,
         Trigger::VisitStarted => types::Trigger::VisitStarted,
         Trigger::VisitEnded => types::Trigger::VisitEnded,
         Trigger::Event => types::Trigger::Event,

@@ -1363,7 +1363,7 @@ impl Worker {
                         );
                         let profile = load(&model, &mut self.cache, conn, &mut p.touched, now, profile_id)?;
                         if profile.wakeup_ms.is_some_and(|due| due <= now) {
-                            let outcome = apply_time(&model, profile, now);
+                            let outcome = apply_time(&model, profile, now, &mut enrichers);
                             p.effects.record(conn, &model, profile_id, outcome, now)?;
                         }
                         // Rescheduled even when nothing was due, so a stale row cannot wake it again.

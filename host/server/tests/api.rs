@@ -589,8 +589,8 @@ fn hook_plugin(dir: &std::path::Path) -> std::path::PathBuf {
       (memory (export "memory") 2)
       (global $next (mut i32) (i32.const 8192))
       (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32) (global.get $next))
-      (func (export "starling:plugin/deliver@0.1.0#describe") (result i32) (i32.const 1024))
-      (func (export "starling:plugin/deliver@0.1.0#deliver") (param i32 i32) (result i32) (i32.const 1024)))"#;
+      (func (export "starling:plugin/deliver@0.2.0#describe") (result i32) (i32.const 1024))
+      (func (export "starling:plugin/deliver@0.2.0#deliver") (param i32 i32) (result i32) (i32.const 1024)))"#;
     let mut module = wat::parse_str(CONNECTOR).unwrap();
     let mut resolve = wit_parser::Resolve::default();
     let (package, _) = resolve.push_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../wit")).unwrap();
@@ -601,7 +601,7 @@ fn hook_plugin(dir: &std::path::Path) -> std::path::PathBuf {
     std::fs::write(plugins.join("hook/c.wasm"), starling_runtime::componentize(&module).unwrap()).unwrap();
     std::fs::write(
         plugins.join("hook/plugin.toml"),
-        "name = \"hook\"\nversion = \"0.1.0\"\nkind = \"connector\"\nworld = \"starling:plugin/connector@0.1.0\"\ncomponent = \"c.wasm\"\n",
+        "name = \"hook\"\nversion = \"0.1.0\"\nkind = \"connector\"\nworld = \"starling:plugin/connector@0.2.0\"\ncomponent = \"c.wasm\"\n",
     )
     .unwrap();
     plugins

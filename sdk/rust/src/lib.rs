@@ -21,12 +21,13 @@
 //!
 //! ```no_run
 //! # #[cfg(feature = "enricher")] mod plugin {
-//! use starling_sdk::{AttributeUpdate, AttributeValue, Enricher, Event, ProfileView, export_enricher};
+//! use starling_sdk::{AttributeUpdate, AttributeValue, EnrichError, Enricher, Event, ProfileView, export_enricher};
 //!
 //! struct Domain;
 //! impl Enricher for Domain {
-//!     fn enrich(event: Event, _profile: ProfileView) -> Result<Vec<AttributeUpdate>, String> {
-//!         let data: serde_json::Value = serde_json::from_str(&event.data_json).map_err(|e| e.to_string())?;
+//!     fn enrich(event: Event, _profile: ProfileView) -> Result<Vec<AttributeUpdate>, EnrichError> {
+//!         let data: serde_json::Value =
+//!             serde_json::from_str(&event.data_json).map_err(|e| EnrichError::BadInput(e.to_string()))?;
 //!         let Some(domain) = data["email"].as_str().and_then(|e| e.split('@').nth(1)) else { return Ok(Vec::new()) };
 //!         Ok(vec![AttributeUpdate { name: "email_domain".into(), value: Some(AttributeValue::Text(domain.into())) }])
 //!     }
@@ -50,7 +51,7 @@ compile_error!("enable one of the `connector` or `enricher` features");
 pub mod bindings {
     #[cfg(feature = "connector")]
     wit_bindgen::generate!({
-        world: "starling:plugin/connector@0.1.0",
+        world: "starling:plugin/connector@0.2.0",
         path: "../../wit",
         pub_export_macro: true,
         export_macro_name: "export_world",
@@ -60,7 +61,7 @@ pub mod bindings {
 
     #[cfg(feature = "enricher")]
     wit_bindgen::generate!({
-        world: "starling:plugin/enricher@0.1.0",
+        world: "starling:plugin/enricher@0.2.0",
         path: "../../wit",
         pub_export_macro: true,
         export_macro_name: "export_world",
@@ -70,10 +71,17 @@ pub mod bindings {
 
 mod values;
 
-pub use bindings::starling::plugin::types::{
-    Action, Attribute, AttributeUpdate, AttributeValue, ConnectorInfo, DeliveryError, Event, Parameter, ProfileView,
-    RateLimited, TimelineEntry, Trigger,
+pub use bindings::starling::plugin0_2_0::types::{
+    Action, Attribute, AttributeUpdate, AttributeValue, ConnectorInfo, DeliveryError, EnrichError, Event, Occasion,
+    Parameter, ProfileView, RateLimited, TimelineEntry, Trigger, Visit,
 };
+
+/// A message as an enricher's failure (`EnrichError::Failed`), so that `?` works on `String` errors.
+impl From<String> for EnrichError {
+    fn from(message: String) -> Self {
+        EnrichError::Failed(message)
+    }
+}
 
 /// The plugin's configuration, as set in the `[plugin.NAME]` table of the host's configuration.
 pub mod config {
@@ -89,14 +97,16 @@ pub mod config {
     /// The value of `key`, if configured.
     pub fn get(key: &str) -> Option<String> {
         SEEN.with_borrow_mut(|seen| {
-            seen.entry(key.to_string()).or_insert_with(|| crate::bindings::starling::plugin::config::get(key)).clone()
+            seen.entry(key.to_string())
+                .or_insert_with(|| crate::bindings::starling::plugin0_2_0::config::get(key))
+                .clone()
         })
     }
 }
 
 /// Logging into the host's log, tagged with the plugin's name.
 pub mod log {
-    use crate::bindings::starling::plugin::log::{Level, log};
+    use crate::bindings::starling::plugin0_2_0::log::{Level, log};
 
     /// Logs at debug level.
     pub fn debug(message: &str) {
@@ -131,11 +141,20 @@ pub trait Connector {
     fn deliver(actions: Vec<Action>) -> Vec<Result<(), DeliveryError>>;
 }
 
-/// An enricher: computes attribute updates from an event and the profile it applies to.
+/// An enricher: computes attribute updates from an event, or at the end of a visit, and the
+/// profile they apply to.
 #[cfg(feature = "enricher")]
 pub trait Enricher {
     /// The updates to apply for `event` (all or nothing), or why there are none.
-    fn enrich(event: Event, profile: ProfileView) -> Result<Vec<AttributeUpdate>, String>;
+    fn enrich(event: Event, profile: ProfileView) -> Result<Vec<AttributeUpdate>, EnrichError>;
+
+    /// The updates to apply when the visit ends at `at_ms`; `profile` still holds the visit's
+    /// attributes. Called only when the host's configuration runs the enricher on
+    /// `visit_ended`; by default, none.
+    fn visit_ended(at_ms: i64, profile: ProfileView) -> Result<Vec<AttributeUpdate>, EnrichError> {
+        let _ = (at_ms, profile);
+        Ok(Vec::new())
+    }
 }
 
 /// Exports a type implementing [`Connector`] as the component's `connector` world.
@@ -145,7 +164,7 @@ macro_rules! export_connector {
     ($ty:ty) => {
         const _: () = {
             struct StarlingExport;
-            impl $crate::bindings::exports::starling::plugin::deliver::Guest for StarlingExport {
+            impl $crate::bindings::exports::starling::plugin0_2_0::deliver::Guest for StarlingExport {
                 fn describe() -> $crate::ConnectorInfo {
                     <$ty as $crate::Connector>::describe()
                 }
@@ -167,12 +186,15 @@ macro_rules! export_enricher {
     ($ty:ty) => {
         const _: () = {
             struct StarlingExport;
-            impl $crate::bindings::exports::starling::plugin::enrich::Guest for StarlingExport {
+            impl $crate::bindings::exports::starling::plugin0_2_0::enrich::Guest for StarlingExport {
                 fn enrich(
-                    event: $crate::Event,
+                    occasion: $crate::Occasion,
                     profile: $crate::ProfileView,
-                ) -> ::std::result::Result<::std::vec::Vec<$crate::AttributeUpdate>, ::std::string::String> {
-                    <$ty as $crate::Enricher>::enrich(event, profile)
+                ) -> ::std::result::Result<::std::vec::Vec<$crate::AttributeUpdate>, $crate::EnrichError> {
+                    match occasion {
+                        $crate::Occasion::Event(event) => <$ty as $crate::Enricher>::enrich(event, profile),
+                        $crate::Occasion::VisitEnded(at_ms) => <$ty as $crate::Enricher>::visit_ended(at_ms, profile),
+                    }
                 }
             }
     $crate::bindings::export_world!(StarlingExport with_types_in $crate::bindings);

@@ -11,11 +11,21 @@
 
 typedef starling_plugin_types_attribute_update_t update_t;
 
-bool exports_starling_plugin_enrich_enrich(exports_starling_plugin_enrich_event_t *event,
+// Called for events, and for visit ends when the host's configuration asks for them (this one
+// answers nothing then).
+bool exports_starling_plugin_enrich_enrich(exports_starling_plugin_enrich_occasion_t *occasion,
                                            exports_starling_plugin_enrich_profile_view_t *profile,
                                            exports_starling_plugin_enrich_list_attribute_update_t *ret,
-                                           enricher_string_t *err) {
+                                           exports_starling_plugin_enrich_enrich_error_t *err) {
     (void)err;
+    ret->ptr = NULL;
+    ret->len = 0;
+    if (occasion->tag != STARLING_PLUGIN_TYPES_OCCASION_EVENT) {
+        exports_starling_plugin_enrich_occasion_free(occasion);
+        exports_starling_plugin_enrich_profile_view_free(profile);
+        return true;
+    }
+    starling_plugin_types_event_t *event = &occasion->val.event;
     enricher_string_t key, attribute;
     enricher_string_set(&key, "attribute");
     if (!starling_plugin_config_get(&key, &attribute)) {
@@ -30,8 +40,6 @@ bool exports_starling_plugin_enrich_enrich(exports_starling_plugin_enrich_event_
             unchanged = true;
         }
     }
-    ret->ptr = NULL;
-    ret->len = 0;
     if (unchanged) {
         enricher_string_free(&attribute);
     } else {
@@ -42,7 +50,7 @@ bool exports_starling_plugin_enrich_enrich(exports_starling_plugin_enrich_event_
         ret->ptr[0].value.val.tag = STARLING_PLUGIN_TYPES_ATTRIBUTE_VALUE_TEXT;
         enricher_string_dup_n(&ret->ptr[0].value.val.val.text, (const char *)event->name.ptr, event->name.len);
     }
-    exports_starling_plugin_enrich_event_free(event);
+    exports_starling_plugin_enrich_occasion_free(occasion);
     exports_starling_plugin_enrich_profile_view_free(profile);
     return true;
 }

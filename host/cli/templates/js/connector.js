@@ -1,7 +1,7 @@
 // {{name}}: a Starling connector. POSTs each action's parameters as a JSON object to its `url`
 // setting with `fetch`, with the bearer token from the secret `token` when configured.
 
-import { get } from 'starling:plugin/config@0.1.0';
+import { get } from 'starling:plugin/config@0.2.0';
 
 const ok = { tag: 'ok', val: undefined };
 const retryable = (message) => ({ tag: 'err', val: { tag: 'retryable', val: message } });

@@ -6,7 +6,11 @@ from wit_world.imports import config, types
 
 
 class Enrich(exports.Enrich):
-    def enrich(self, event: types.Event, profile: types.ProfileView) -> list[types.AttributeUpdate]:
+    def enrich(self, occasion: types.Occasion, profile: types.ProfileView) -> list[types.AttributeUpdate]:
+        # Called for events, and for visit ends when the host's configuration asks for them.
+        if not isinstance(occasion, types.Occasion_Event):
+            return []
+        event = occasion.value
         attribute = config.get("attribute") or "last_event"
         for a in profile.attributes:
             if a.name == attribute and a.value == types.AttributeValue_Text(event.name):

@@ -10,6 +10,29 @@ use crate::value::Scope;
 use toml::Spanned;
 
 impl Validator<'_> {
+    /// A `when` value: any, new_visitor, new_visit, visit_ended or event:NAME.
+    pub(super) fn when(&mut self, raw: &Spanned<String>) -> Option<When> {
+        let when = match raw.get_ref().as_str() {
+            "any" => When::AnyEvent,
+            "new_visitor" => When::NewVisitor,
+            "new_visit" => When::NewVisit,
+            "visit_ended" => When::VisitEnded,
+            other => match other.strip_prefix("event:") {
+                Some(ev) if !ev.is_empty() => When::Event(ev.to_string()),
+                _ => {
+                    self.error(
+                        raw.span(),
+                        format!(
+                            "unknown `when` value `{other}`: expected any, new_visitor, new_visit, visit_ended or event:NAME"
+                        ),
+                    );
+                    return None;
+                }
+            },
+        };
+        Some(when)
+    }
+
     pub(super) fn enrichment(&mut self, raw: &Spanned<RawEnrichment>) -> Option<Enrichment> {
         let e = raw.get_ref();
         let name = e.attribute.get_ref();
@@ -28,24 +51,9 @@ impl Validator<'_> {
             );
             return None;
         }
-        let when = match e.when.as_ref().map(|w| w.get_ref().as_str()) {
-            None | Some("any") => When::AnyEvent,
-            Some("new_visitor") => When::NewVisitor,
-            Some("new_visit") => When::NewVisit,
-            Some("visit_ended") => When::VisitEnded,
-            Some(other) => match other.strip_prefix("event:") {
-                Some(ev) if !ev.is_empty() => When::Event(ev.to_string()),
-                _ => {
-                    let span = e.when.as_ref().map_or(raw.span(), |w| w.span());
-                    self.error(
-                        span,
-                        format!(
-                            "unknown `when` value `{other}`: expected any, new_visitor, new_visit, visit_ended or event:NAME"
-                        ),
-                    );
-                    return None;
-                }
-            },
+        let when = match &e.when {
+            None => When::AnyEvent,
+            Some(w) => self.when(w)?,
         };
         let condition = match &e.condition {
             Some(c) => Some(self.condition(c, RuleUse::WithEvent)?),

@@ -16,7 +16,7 @@ use crate::diagnostic::line_col;
 pub use crate::diagnostic::{ConfigErrors, Diagnostic};
 use crate::literal::parse_duration;
 use crate::model::{
-    ActionDef, Audience, DEFAULT_VISIT_TIMEOUT_MINUTES, EnricherRef, Enrichment, History, Model, Personalization,
+    ActionDef, Audience, DEFAULT_VISIT_TIMEOUT_MINUTES, EnricherRef, Enrichment, History, Model, Personalization, When,
 };
 use crate::value::{AttrType, Scope};
 use raw::{RawConfig, RawEnricher};
@@ -134,7 +134,15 @@ impl Validator<'_> {
             }
             names.iter().map(|n| n.get_ref().clone()).collect()
         });
-        EnricherRef { plugin: raw.plugin.get_ref().clone(), reads, writes, span: raw.plugin.span() }
+        let when = match &raw.when {
+            None => vec![When::AnyEvent],
+            Some(list) if list.is_empty() => {
+                self.error(raw.plugin.span(), format!("enricher `{}`: `when` lists no occasion", raw.plugin.get_ref()));
+                Vec::new()
+            }
+            Some(list) => list.iter().filter_map(|w| self.when(w)).collect(),
+        };
+        EnricherRef { plugin: raw.plugin.get_ref().clone(), reads, writes, when, span: raw.plugin.span() }
     }
 
     pub(super) fn lookup(&self, name: &str) -> Option<AttrType> {

@@ -175,6 +175,8 @@ pub(super) struct RawEnrichment {
 pub(super) struct RawEnricher {
     pub(super) plugin: Spanned<String>,
     #[serde(default)]
+    pub(super) when: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
     pub(super) reads: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     pub(super) writes: Option<Vec<Spanned<String>>>,

@@ -45,6 +45,9 @@ pub struct EnricherRef {
     /// The attributes the enricher may set; when not given, every stored one but visitor ids
     /// (setting one stitches profiles, so it must be granted by name).
     pub writes: Option<Vec<String>>,
+    /// When it runs: on every event unless the file says otherwise; `visit_ended` runs it when
+    /// a visit ends.
+    pub when: Vec<When>,
     pub span: Range<usize>,
 }
 

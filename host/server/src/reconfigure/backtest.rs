@@ -48,10 +48,10 @@ impl Scratch {
     }
 
     /// What time does up to `now` (visits ending, time-relative audiences).
-    fn finish(&mut self, now: i64) {
+    fn finish(&mut self, now: i64, enrichers: &mut dyn CustomEnrichers) {
         for profile in self.profiles.values_mut() {
             if profile.wakeup_ms.is_some_and(|due| due <= now) {
-                for action in starling_core::apply_time(&self.model, profile, now).actions {
+                for action in starling_core::apply_time(&self.model, profile, now, enrichers).actions {
                     *self.fired.entry(action.action).or_default() += 1;
                 }
             }
@@ -132,11 +132,11 @@ pub async fn post_backtest(
             for chunk in next {
                 replay_both(&chunk, &mut old, &mut new, &mut old_enrichers, &mut new_enrichers);
             }
+            old.finish(now, &mut old_enrichers);
+            new.finish(now, &mut new_enrichers);
             reader.join().expect("backtest reader")
         });
         let (events, conn) = events?;
-        old.finish(now);
-        new.finish(now);
         let live_sizes: HashMap<String, i64> = starling_store::audience_sizes(&conn)?.into_iter().collect();
         Ok::<_, starling_store::StoreError>((events, old, new, live_sizes))
     })

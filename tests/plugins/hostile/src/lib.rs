@@ -2,12 +2,12 @@
 //! (an abort, so a trap), `snoop` tries to read a file and an environment variable and reports
 //! what it saw in the `snooped` attribute. Other events pass untouched.
 
-use starling_sdk::{AttributeUpdate, AttributeValue, Enricher, Event, ProfileView, export_enricher};
+use starling_sdk::{AttributeUpdate, AttributeValue, EnrichError, Enricher, Event, ProfileView, export_enricher};
 
 struct Hostile;
 
 impl Enricher for Hostile {
-    fn enrich(event: Event, _profile: ProfileView) -> Result<Vec<AttributeUpdate>, String> {
+    fn enrich(event: Event, _profile: ProfileView) -> Result<Vec<AttributeUpdate>, EnrichError> {
         match event.name.as_str() {
             "bomb" => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();

@@ -1,11 +1,11 @@
 //! An enricher that never returns: the host must stop it at its deadline.
 
-use starling_sdk::{AttributeUpdate, Enricher, Event, ProfileView, export_enricher};
+use starling_sdk::{AttributeUpdate, EnrichError, Enricher, Event, ProfileView, export_enricher};
 
 struct SpinForever;
 
 impl Enricher for SpinForever {
-    fn enrich(_event: Event, _profile: ProfileView) -> Result<Vec<AttributeUpdate>, String> {
+    fn enrich(_event: Event, _profile: ProfileView) -> Result<Vec<AttributeUpdate>, EnrichError> {
         let mut n: u64 = 0;
         loop {
             n = std::hint::black_box(n.wrapping_add(1));

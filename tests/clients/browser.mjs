@@ -3,14 +3,14 @@
 // with as JSON: state, visitor id, the personalization answer, the offer shown, the requests
 // the page made to Starling, and console errors.
 //
-//   node browser.mjs STARLING_URL WRITE_KEY REVENUE PAGE_PORT
+//   node browser.mjs STARLING_URL WRITE_KEY REVENUE PAGE_PORT USER
 import { chromium } from 'playwright-core'
 import { createServer } from 'node:http'
 import { readFile } from 'node:fs/promises'
 import { join, dirname } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
-const [starling, writeKey, revenue, pagePort] = process.argv.slice(2)
+const [starling, writeKey, revenue, pagePort, user] = process.argv.slice(2)
 const here = dirname(fileURLToPath(import.meta.url))
 const bundles = join(here, 'node_modules/@segment/analytics-next/dist/umd')
 
@@ -45,7 +45,7 @@ try {
   page.on('pageerror', (e) => result.errors.push(String(e)))
   page.on('response', (r) => { if (r.status() >= 400) result.errors.push(`${r.status()} ${r.url()}`) })
   page.on('request', (r) => { if (r.url().startsWith(starling)) result.requests.push(`${r.method()} ${new URL(r.url()).pathname}`) })
-  const query = new URLSearchParams({ starling, key: writeKey, revenue })
+  const query = new URLSearchParams({ starling, key: writeKey, revenue, user })
   await page.goto(`${origin}/shop.html?${query}`)
   await page.waitForFunction(() => document.body.dataset.state !== 'loading', null, { timeout: 30000 })
   Object.assign(result, await page.evaluate(() => ({

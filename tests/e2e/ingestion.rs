@@ -199,6 +199,7 @@ async fn segments_python_library_tracks_pages_orders_and_an_identify_that_stitch
     let home = events.iter().find(|e| e["data"]["name"] == "Home").expect("the page call is recorded");
     assert_eq!(home["event"], "page", "{home}");
     assert_eq!(home["data"]["context"]["library"]["name"], "analytics-python", "{home}");
+    assert_eq!(home["data"]["context"]["ip"], "127.0.0.1", "the sender's address, as Segment records it: {home}");
     server.stop();
 }
 
@@ -317,11 +318,12 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// Opens the shop page in headless Chromium with analytics.js pointed at `server`.
-fn open_shop(server: &Server, page_port: u16, revenue: u32) -> Value {
+/// Opens the shop page in headless Chromium with analytics.js pointed at `server`: a page view,
+/// `user` signs in (identify), an order of `revenue`, then the page reads its visitor.
+fn open_shop(server: &Server, page_port: u16, revenue: u32, user: &str) -> Value {
     clients();
     let out = Command::new("node")
-        .args(["browser.mjs", &server.url, WRITE_KEY, &revenue.to_string(), &page_port.to_string()])
+        .args(["browser.mjs", &server.url, WRITE_KEY, &revenue.to_string(), &page_port.to_string(), user])
         .current_dir(clients())
         .output()
         .expect("running node");
@@ -338,12 +340,24 @@ async fn analytics_js_in_chromium_tracks_and_the_page_personalises_itself() {
     let personalization = format!("expose = [\"page_views\"]\norigins = [\"http://127.0.0.1:{page_port}\"]");
     let server = Server::start(&tracking_config(dir.path(), &receiver.url, &personalization));
 
-    let big = open_shop(&server, page_port, 150);
+    // The shopper bought 100 earlier, recorded by the shop's backend with their user id only.
+    let backend = harness::client()
+        .post(format!("{}/v1/track", server.url))
+        .basic_auth(WRITE_KEY, Some(""))
+        .json(&json!({"userId": "shopper-big", "event": "Order Completed", "properties": {"revenue": 100}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(backend.status().as_u16(), 200);
+
+    let big = open_shop(&server, page_port, 50, "shopper-big");
     assert_eq!(big["state"], "done", "{big}");
     assert_eq!(big["errors"], json!([]), "{big}");
     let visitor = big["visitor"].as_str().unwrap();
     let requests: Vec<&str> = big["requests"].as_array().unwrap().iter().map(|r| r.as_str().unwrap()).collect();
-    assert!(requests.contains(&"POST /v1/p") && requests.contains(&"POST /v1/t"), "analytics.js sent: {requests:?}");
+    for call in ["POST /v1/p", "POST /v1/i", "POST /v1/t"] {
+        assert!(requests.contains(&call), "analytics.js sent {call}: {requests:?}");
+    }
     assert!(requests.contains(&format!("GET /v1/visitor/{visitor}").as_str()), "{requests:?}");
     assert_eq!(
         big["view"],
@@ -353,7 +367,10 @@ async fn analytics_js_in_chromium_tracks_and_the_page_personalises_itself() {
     assert_eq!(big["offer"], "Free shipping for our best customers (1 pages seen)", "{big}");
 
     let (_, profile) = get_json(&format!("{}/v1/profiles/{visitor}/export", server.url)).await;
-    assert_eq!(profile["profile"]["attributes"]["spend"], json!(150.0), "{profile}");
+    assert_eq!(profile["profile"]["attributes"]["spend"], json!(150.0), "the browser and the backend order: {profile}");
+    assert_eq!(profile["profile"]["attributes"]["email"], json!("shopper-big@example.com"), "{profile}");
+    let (_, known) = get_json(&format!("{}/v1/profiles/shopper-big", server.url)).await;
+    assert_eq!(known["id"], profile["profile"]["id"], "identify stitched the browser to the shopper: {known}");
     let events = profile["events"].as_array().unwrap();
     let page = events.iter().find(|e| e["event"] == "page").expect("the page call");
     assert!(page["data"]["context"]["page"]["url"].as_str().unwrap().contains("/shop.html"), "{page}");
@@ -364,7 +381,7 @@ async fn analytics_js_in_chromium_tracks_and_the_page_personalises_itself() {
     })
     .await;
 
-    let small = open_shop(&server, page_port, 20);
+    let small = open_shop(&server, page_port, 20, "shopper-small");
     assert_eq!(small["state"], "done", "{small}");
     assert_ne!(small["visitor"], big["visitor"], "a new browser is a new visitor");
     assert_eq!(small["view"]["audiences"], json!([]), "{small}");

@@ -65,7 +65,7 @@ pub struct Limits {
 /// stops accepting, and returns once the connections are closed (or the drain's time is up).
 pub async fn serve<L>(mut listener: L, router: Router, limits: Limits, drain: Drain, shutdown: impl Future<Output = ()>)
 where
-    L: Listener,
+    L: Listener<Addr = std::net::SocketAddr>,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
@@ -101,7 +101,7 @@ where
             }
             _ = &mut drained => break,
         };
-        let (io, _) = tokio::select! {
+        let (io, peer) = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = &mut shutdown, if draining_since.is_none() => {
                 drain.stopping.store(true, Ordering::SeqCst);
@@ -111,7 +111,15 @@ where
             _ = &mut drained => break,
         };
         let (builder, watcher) = (builder.clone(), graceful.watcher());
-        let service = TowerToHyperService::new(router.clone());
+        // Handlers that record where a request came from (Segment's `context.ip`) read it as
+        // axum's `ConnectInfo`.
+        let service = TowerToHyperService::new(tower::ServiceExt::map_request(
+            router.clone(),
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                request
+            },
+        ));
         tokio::spawn(async move {
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             if let Err(e) = watcher.watch(connection).await {

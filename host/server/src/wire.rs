@@ -4,9 +4,10 @@
 //! admission as `POST /v1/events`.
 
 use crate::api::{AppState, MAX_BODY_BYTES, admit};
+use axum::Extension;
 use axum::Router;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -14,6 +15,7 @@ use base64::Engine;
 use bytes::Bytes;
 use starling_core::wire::{segment, tealium};
 use std::io::Read;
+use std::net::SocketAddr;
 
 /// The paths of Segment's calls, with the short forms analytics.js uses.
 pub const SEGMENT_PATHS: [&str; 15] =
@@ -28,9 +30,14 @@ pub fn routes() -> Router<AppState> {
         let call = segment::Call::from_path(path).expect("every path names a call");
         router = router.route(
             &format!("/v1/{path}"),
-            post(move |state: State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>| {
-                segment_call(state, call, headers, body)
-            }),
+            post(
+                move |state: State<AppState>,
+                      peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+                      headers: HeaderMap,
+                      body: Result<Bytes, BytesRejection>| {
+                    segment_call(state, call, peer.map(|Extension(ConnectInfo(peer))| peer), headers, body)
+                },
+            ),
         );
     }
     router.route("/event", post(tealium_event).get(tealium_pixel)).route("/bulk-event", post(tealium_bulk)).layer(
@@ -101,6 +108,7 @@ fn basic_user(headers: &HeaderMap) -> Option<String> {
 async fn segment_call(
     State(state): State<AppState>,
     call: segment::Call,
+    peer: Option<SocketAddr>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -111,10 +119,13 @@ async fn segment_call(
         Err((status, reason, message)) => return refuse(&state, status, reason, message),
     };
     let received_ms = (state.clock)();
-    let request = match segment::parse(&body, call, received_ms) {
+    let mut request = match segment::parse(&body, call, received_ms) {
         Ok(request) => request,
         Err(message) => return refuse(&state, StatusCode::BAD_REQUEST, "invalid", message),
     };
+    if let Some(peer) = peer {
+        segment::fill_ip(&mut request.events, &peer.ip().to_string());
+    }
     let keys = state.config.keys();
     let key_source = match basic_user(&headers).or(request.write_key) {
         Some(key) => match keys.source_of(&key) {

@@ -224,6 +224,17 @@ fn message(
     Ok(Event { id, name, visitor_id, source: None, timestamp_ms, data: obj })
 }
 
+/// Sets `context.ip` to `ip` (the address the request came from) on events whose message did
+/// not give one, as Segment does.
+pub fn fill_ip(events: &mut [Event], ip: &str) {
+    for event in events {
+        let context = event.data.entry("context").or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(context) = context {
+            context.entry("ip").or_insert_with(|| Value::String(ip.to_string()));
+        }
+    }
+}
+
 /// A time field: RFC 3339, or an ISO 8601 time without offset taken as UTC (as some libraries send).
 fn time_field(obj: &Map<String, Value>, at: &str, field: &str) -> Result<Option<i64>, String> {
     match obj.get(field) {
@@ -272,6 +283,16 @@ mod tests {
         assert_eq!(e[3].visitor_id, "old", "an alias is applied to the previous id's profile");
         assert_eq!(e[4].field(&["traits".into(), "plan".into()]), Some(&"pro".into()), "context.traits as traits");
         assert!(e.iter().all(|e| e.timestamp_ms == RECEIVED), "no times: received");
+    }
+
+    #[test]
+    fn the_senders_address_fills_a_missing_context_ip() {
+        let body = br#"{"batch": [{"type": "page", "anonymousId": "a"},
+            {"type": "page", "anonymousId": "b", "context": {"ip": "203.0.113.9"}}]}"#;
+        let mut events = parse(body, Call::Batch, RECEIVED).unwrap().events;
+        fill_ip(&mut events, "198.51.100.1");
+        let ips: Vec<_> = events.iter().map(|e| e.data["context"]["ip"].as_str().unwrap()).collect();
+        assert_eq!(ips, ["198.51.100.1", "203.0.113.9"]);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the fuzz targets in fuzz/ with libFuzzer (cargo fuzz, nightly toolchain), each for
 # SECONDS (default 60): scripts/fuzz.sh [SECONDS] [TARGET...]. Targets: config, events, import,
-# egress, wit_values.
+# egress, wit_values, wire.
 # A crash stops the run and leaves its input in fuzz/artifacts/TARGET/; each one found becomes
 # a regression test next to the code it broke.
 set -euo pipefail
@@ -10,7 +10,7 @@ seconds=${1:-60}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(config events import egress wit_values)
+    targets=(config events import egress wit_values wire)
 fi
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 for target in "${targets[@]}"; do

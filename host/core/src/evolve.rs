@@ -113,7 +113,10 @@ impl Plan {
             .map(|a| a.name.clone())
             .collect();
         let enrichers = |m: &Model| {
-            m.enrichers.iter().map(|e| format!("{} {:?} {:?}", e.plugin, e.reads, e.writes)).collect::<Vec<_>>()
+            m.enrichers
+                .iter()
+                .map(|e| format!("{} {:?} {:?} {:?}", e.plugin, e.reads, e.writes, e.when))
+                .collect::<Vec<_>>()
         };
         plan.enrichments_changed =
             format!("{:?}", old.enrichments) != format!("{:?}", new.enrichments) || enrichers(old) != enrichers(new);

@@ -10,7 +10,9 @@
 use super::optional_id;
 use crate::Event;
 use crate::value::json_kind_phrase;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+use std::collections::HashMap;
 
 /// Largest message, as Segment allows.
 pub const MAX_MESSAGE_BYTES: usize = 32 * 1024;
@@ -86,24 +88,31 @@ pub fn parse(body: &[u8], call: Call, received_ms: i64) -> Result<Request, Strin
     if body.len() > MAX_BATCH_BYTES {
         return Err(format!("the request is {} bytes; a batch may have at most {MAX_BATCH_BYTES}", body.len()));
     }
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        format!("malformed JSON at line {} column {}: {}", e.line(), e.column(), crate::ingest::strip_position(&e))
-    })?;
-    let Value::Object(mut top) = value else {
-        return Err("the body must be a JSON object".into());
-    };
-    let write_key = optional_id(&top, "", "writeKey")?;
     if call != Call::Batch {
         if body.len() > MAX_MESSAGE_BYTES {
             return Err(format!("the message is {} bytes; a message may have at most {MAX_MESSAGE_BYTES}", body.len()));
         }
+        let Value::Object(top) = serde_json::from_slice(body).map_err(|e| malformed(&e))? else {
+            return Err("the body must be a JSON object".into());
+        };
+        let write_key = optional_id(&top, "", "writeKey")?;
         let event = message(top, call, "", None, None, received_ms)?;
         return Ok(Request { events: vec![event], write_key });
     }
-    let items = match top.remove("batch") {
-        Some(Value::Array(items)) => items,
-        None | Some(Value::Null) => return Err("batch: missing field".into()),
-        Some(other) => return Err(format!("batch: expected an array, found {}", json_kind_phrase(&other))),
+    // Messages stay raw until each is read, so that each one's size is the bytes it was sent as.
+    let top: HashMap<String, &RawValue> = serde_json::from_slice(body)
+        .map_err(|e| if e.is_data() { "the body must be a JSON object".to_string() } else { malformed(&e) })?;
+    // A raw value reads as the value it was checked to be.
+    let field = |name: &str| top.get(name).and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok());
+    let batch_fields: Map<String, Value> =
+        ["writeKey", "sentAt"].into_iter().filter_map(|name| Some((name.to_string(), field(name)?))).collect();
+    let write_key = optional_id(&batch_fields, "", "writeKey")?;
+    let items: Vec<&RawValue> = match top.get("batch") {
+        None => return Err("batch: missing field".into()),
+        Some(raw) => serde_json::from_str(raw.get()).map_err(|_| match field("batch") {
+            Some(Value::Null) | None => "batch: missing field".to_string(),
+            Some(other) => format!("batch: expected an array, found {}", json_kind_phrase(&other)),
+        })?,
     };
     if items.is_empty() {
         return Err("batch: the batch is empty".into());
@@ -115,8 +124,8 @@ pub fn parse(body: &[u8], call: Call, received_ms: i64) -> Result<Request, Strin
             crate::ingest::MAX_EVENTS_PER_REQUEST
         ));
     }
-    let sent_at = time_field(&top, "", "sentAt")?;
-    let context = match top.remove("context") {
+    let sent_at = time_field(&batch_fields, "", "sentAt")?;
+    let context = match field("context") {
         None | Some(Value::Null) => None,
         Some(Value::Object(c)) => Some(c),
         Some(other) => return Err(format!("context: expected an object, found {}", json_kind_phrase(&other))),
@@ -124,15 +133,16 @@ pub fn parse(body: &[u8], call: Call, received_ms: i64) -> Result<Request, Strin
     let events = items
         .into_iter()
         .enumerate()
-        .map(|(i, item)| {
+        .map(|(i, raw)| {
             let at = format!("batch[{i}].");
-            let size = serde_json::to_vec(&item).map_or(0, |b| b.len());
+            let size = raw.get().len();
             if size > MAX_MESSAGE_BYTES {
                 return Err(format!(
                     "{}: the message is {size} bytes; a message may have at most {MAX_MESSAGE_BYTES}",
                     at.trim_end_matches('.')
                 ));
             }
+            let item: Value = serde_json::from_str(raw.get()).map_err(|e| malformed(&e))?;
             let Value::Object(obj) = item else {
                 return Err(format!(
                     "{}: expected a message object, found {}",
@@ -151,6 +161,10 @@ pub fn parse(body: &[u8], call: Call, received_ms: i64) -> Result<Request, Strin
         })
         .collect::<Result<_, _>>()?;
     Ok(Request { events, write_key })
+}
+
+fn malformed(e: &serde_json::Error) -> String {
+    format!("malformed JSON at line {} column {}: {}", e.line(), e.column(), crate::ingest::strip_position(e))
 }
 
 fn message(
@@ -329,6 +343,18 @@ mod tests {
             let error = parse(body, call, RECEIVED).unwrap_err();
             assert!(error.starts_with(expected), "{error:?} should start with {expected:?}");
         }
+    }
+
+    #[test]
+    fn numbers_past_f64_and_deep_nesting_are_errors_not_panics() {
+        let huge = br#"{"batch": [{"type": "track", "anonymousId": "a", "event": "x", "properties": {"n": 1e999}}]}"#;
+        assert!(parse(huge, Call::Batch, RECEIVED).is_err());
+        let deep = format!(
+            r#"{{"batch": [{{"type": "page", "anonymousId": "a", "p": {}1{}}}]}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert!(parse(deep.as_bytes(), Call::Batch, RECEIVED).unwrap_err().contains("recursion limit"));
     }
 
     #[test]

@@ -199,6 +199,15 @@ fn message(
         },
         other => other.type_name().to_string(),
     };
+    for field in ["properties", "traits", "context"] {
+        match obj.get(field) {
+            None | Some(Value::Object(_)) => {}
+            Some(Value::Null) => {
+                obj.remove(field);
+            }
+            Some(other) => return Err(format!("{at}{field}: expected an object, found {}", json_kind_phrase(other))),
+        }
+    }
     let id = optional_id(&obj, at, "messageId")?;
     let client_ms = match time_field(&obj, at, "originalTimestamp")? {
         Some(ms) => Some(ms),
@@ -325,7 +334,7 @@ mod tests {
 
     #[test]
     fn bad_messages_are_named_by_position_and_field() {
-        let cases: [(&[u8], Call, &str); 8] = [
+        let cases: [(&[u8], Call, &str); 9] = [
             (br#"{"batch": [{"type": "track", "anonymousId": "a"}]}"#, Call::Batch, "batch[0].event: missing field"),
             (br#"{"batch": [{"type": "page"}]}"#, Call::Batch, "batch[0].anonymousId: missing"),
             (
@@ -338,6 +347,7 @@ mod tests {
             (br#"{"anonymousId": ["a"], "event": "x"}"#, Call::Track, "anonymousId: expected a string, found an array"),
             (br#"{"anonymousId": "a", "timestamp": "yesterday"}"#, Call::Page, "timestamp: `yesterday` is not"),
             (b"{\"anonymousId\": \"a\",\n \"event\": }", Call::Track, "malformed JSON at line 2 column 11"),
+            (br#"{"batch": [{"type": "page", "anonymousId": "a", "context": 42}]}"#, Call::Batch, "batch[0].context: expected an object, found a number"),
         ];
         for (body, call, expected) in cases {
             let error = parse(body, call, RECEIVED).unwrap_err();

@@ -1,0 +1,394 @@
+//! Starling on several nodes, on NATS JetStream: which node owns which virtual partition.
+//!
+//! Each of the 64 virtual partitions (`starling_log::partition_of`) has at most one owner at a
+//! time, held as a lease in the JetStream key-value bucket `starling-partitions` (key `p<N>`,
+//! replicated like the cluster's streams). A lease is a value `{node, until_ms, applied}` and
+//! its KV revision is the fencing token: every renewal and every commit of the partition's
+//! progress (`applied`, the log position its state includes) is a compare-and-set on the
+//! revision the owner last wrote, so an owner that was paused past its lease and woke up after
+//! another node took the partition finds the revision moved and cannot write ([`Fenced`]).
+//!
+//! Nodes announce themselves in the bucket `starling-nodes` (a heartbeat with an expiry). Every
+//! node computes the same target owners from the live nodes and the current owners
+//! ([`assign::assign`]: even, sticky), takes the free partitions the target gives it, renews
+//! those it keeps and releases those the target gives to a node that joined.
+//!
+//! [`Fenced`]: ClusterError::Fenced
+
+pub mod assign;
+pub mod stream;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use starling_log::{PARTITIONS, Partition, Position};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const PARTITIONS_BUCKET: &str = "starling-partitions";
+const NODES_BUCKET: &str = "starling-nodes";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("NATS: {0}")]
+    Nats(String),
+    /// Another node wrote the partition's lease since this node last did: it is no longer the
+    /// owner and must not write anything of the partition.
+    #[error("partition {partition} is no longer this node's (another node holds its lease)")]
+    Fenced { partition: Partition },
+    /// Another node holds an unexpired lease on the partition.
+    #[error("partition {partition} is held by node `{node}`")]
+    Taken { partition: Partition, node: String },
+}
+
+pub type Result<T> = std::result::Result<T, ClusterError>;
+
+fn nats(e: impl std::fmt::Display) -> ClusterError {
+    ClusterError::Nats(e.to_string())
+}
+
+/// How a node takes part.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This node's name, unique in the cluster.
+    pub node: String,
+    /// How long a lease (and a heartbeat) lasts without renewal: how long a dead node's
+    /// partitions wait before another node takes them.
+    pub lease: Duration,
+    /// Copies JetStream keeps of the buckets (3 on a three-server cluster).
+    pub replicas: usize,
+}
+
+/// What the bucket holds for a partition.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Holding {
+    node: String,
+    until_ms: i64,
+    /// The log position the owner's committed state of the partition includes.
+    applied: Position,
+}
+
+/// A partition this node holds: valid while `until_ms` has not passed and `revision` is the
+/// bucket's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub partition: Partition,
+    /// The fencing token: the KV revision this node last wrote.
+    pub revision: u64,
+    pub until_ms: i64,
+    pub applied: Position,
+}
+
+/// The current holder of a partition, as the bucket says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub node: String,
+    pub until_ms: i64,
+    pub applied: Position,
+    pub revision: u64,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn key(partition: Partition) -> String {
+    format!("p{partition}")
+}
+
+/// A connection to the cluster's buckets, as one node.
+pub struct Cluster {
+    settings: Settings,
+    js: jetstream::Context,
+    partitions: kv::Store,
+    nodes: kv::Store,
+}
+
+impl Cluster {
+    /// Connects to the NATS servers at `urls` and opens (creating them the first time) the
+    /// buckets.
+    pub async fn connect(urls: &[String], settings: Settings) -> Result<Cluster> {
+        let addresses: Vec<async_nats::ServerAddr> =
+            urls.iter().map(|u| u.parse().map_err(nats)).collect::<Result<_>>()?;
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("starling {}", settings.node))
+            .retry_on_initial_connect()
+            .connect(addresses)
+            .await
+            .map_err(nats)?;
+        let js = jetstream::new(client);
+        let bucket = |name: &str| kv::Config {
+            bucket: name.to_string(),
+            history: 1,
+            num_replicas: settings.replicas,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        let partitions = js.create_or_update_key_value(bucket(PARTITIONS_BUCKET)).await.map_err(nats)?;
+        let nodes = js.create_or_update_key_value(bucket(NODES_BUCKET)).await.map_err(nats)?;
+        Ok(Cluster { settings, js, partitions, nodes })
+    }
+
+    pub fn node(&self) -> &str {
+        &self.settings.node
+    }
+
+    /// Opens the cluster's event stream (see [`stream`]), keeping repeated record ids out for
+    /// `dedup`.
+    pub async fn events(&self, dedup: Duration) -> Result<stream::EventStream> {
+        stream::EventStream::open(self.js.clone(), self.settings.replicas, dedup).await
+    }
+
+    /// The NATS server leading the leases' replicated stream (its Raft leader), if known.
+    pub async fn leases_leader(&self) -> Result<Option<String>> {
+        let info = self.partitions.stream.get_info().await.map_err(nats)?;
+        Ok(info.cluster.and_then(|c| c.leader))
+    }
+
+    /// Says this node is alive for another lease period.
+    pub async fn heartbeat(&self) -> Result<()> {
+        let until = now_ms() + self.settings.lease.as_millis() as i64;
+        self.nodes.put(&self.settings.node, Bytes::from(until.to_string())).await.map_err(nats)?;
+        Ok(())
+    }
+
+    /// The nodes whose heartbeat has not expired, by name.
+    pub async fn live_nodes(&self) -> Result<Vec<String>> {
+        use futures_util::TryStreamExt;
+        let names: Vec<String> = self.nodes.keys().await.map_err(nats)?.try_collect().await.map_err(nats)?;
+        let now = now_ms();
+        let mut live = Vec::new();
+        for name in names {
+            if let Some(value) = self.nodes.get(&name).await.map_err(nats)?
+                && std::str::from_utf8(&value).ok().and_then(|v| v.parse::<i64>().ok()).is_some_and(|until| until > now)
+            {
+                live.push(name);
+            }
+        }
+        live.sort();
+        Ok(live)
+    }
+
+    async fn holding(&self, partition: Partition) -> Result<Option<(Holding, u64)>> {
+        let Some(entry) = self.partitions.entry(key(partition)).await.map_err(nats)? else { return Ok(None) };
+        if entry.operation != kv::Operation::Put {
+            return Ok(None);
+        }
+        let holding = serde_json::from_slice(&entry.value).map_err(nats)?;
+        Ok(Some((holding, entry.revision)))
+    }
+
+    /// Every partition's last holder, whether its lease has expired or not.
+    pub async fn holders(&self) -> Result<BTreeMap<Partition, Owner>> {
+        let mut holders = BTreeMap::new();
+        for partition in 0..PARTITIONS {
+            if let Some((h, revision)) = self.holding(partition).await? {
+                holders.insert(partition, Owner { node: h.node, until_ms: h.until_ms, applied: h.applied, revision });
+            }
+        }
+        Ok(holders)
+    }
+
+    /// Every partition's holder whose lease has not expired.
+    pub async fn owners(&self) -> Result<BTreeMap<Partition, Owner>> {
+        let now = now_ms();
+        Ok(self.holders().await?.into_iter().filter(|(_, o)| o.until_ms > now).collect())
+    }
+
+    /// Takes `partition` if no other node holds an unexpired lease on it. The lease keeps the
+    /// position the last owner committed.
+    pub async fn acquire(&self, partition: Partition) -> Result<Lease> {
+        let until_ms = now_ms() + self.settings.lease.as_millis() as i64;
+        let written = match self.holding(partition).await? {
+            Some((h, _)) if h.node != self.settings.node && h.until_ms > now_ms() => {
+                return Err(ClusterError::Taken { partition, node: h.node });
+            }
+            Some((h, revision)) => {
+                let holding = Holding { node: self.settings.node.clone(), until_ms, applied: h.applied };
+                self.partitions
+                    .update(key(partition), encode(&holding), revision)
+                    .await
+                    .map(|revision| (revision, h.applied))
+                    .map_err(|e| self.lost_race(partition, e))
+            }
+            None => {
+                let holding = Holding { node: self.settings.node.clone(), until_ms, applied: 0 };
+                match self.partitions.create(key(partition), encode(&holding)).await {
+                    Ok(revision) => Ok((revision, 0)),
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                        Err(ClusterError::Taken { partition, node: "another node".into() })
+                    }
+                    Err(e) => Err(nats(e)),
+                }
+            }
+        };
+        let (revision, applied) = written?;
+        Ok(Lease { partition, revision, until_ms, applied })
+    }
+
+    fn lost_race(&self, partition: Partition, e: kv::UpdateError) -> ClusterError {
+        if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
+            ClusterError::Taken { partition, node: "another node".into() }
+        } else {
+            nats(e)
+        }
+    }
+
+    /// Writes the lease anew (for another lease period, with `applied`), only if this node's
+    /// last write is still the bucket's: the fencing check.
+    async fn write(&self, lease: &mut Lease, until_ms: i64, applied: Position) -> Result<()> {
+        let holding = Holding { node: self.settings.node.clone(), until_ms, applied };
+        match self.partitions.update(key(lease.partition), encode(&holding), lease.revision).await {
+            Ok(revision) => {
+                *lease = Lease { partition: lease.partition, revision, until_ms, applied };
+                Ok(())
+            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                Err(ClusterError::Fenced { partition: lease.partition })
+            }
+            Err(e) => Err(nats(e)),
+        }
+    }
+
+    /// Extends the lease for another period.
+    pub async fn renew(&self, lease: &mut Lease) -> Result<()> {
+        let until = now_ms() + self.settings.lease.as_millis() as i64;
+        self.write(lease, until, lease.applied).await
+    }
+
+    /// Records that the partition's state includes the log up to `applied` (and renews): what a
+    /// later owner restores from. Refused with [`ClusterError::Fenced`] once another node took
+    /// the partition.
+    pub async fn commit(&self, lease: &mut Lease, applied: Position) -> Result<()> {
+        let until = now_ms() + self.settings.lease.as_millis() as i64;
+        self.write(lease, until, applied).await
+    }
+
+    /// Gives the partition up at once (its lease expires now), keeping its committed position.
+    pub async fn release(&self, mut lease: Lease) -> Result<()> {
+        let applied = lease.applied;
+        self.write(&mut lease, 0, applied).await
+    }
+}
+
+fn encode(holding: &Holding) -> Bytes {
+    Bytes::from(serde_json::to_vec(holding).expect("a holding serializes"))
+}
+
+/// What a round of [`Ownership::tick`] changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub gained: Vec<Partition>,
+    /// Given to a node that joined.
+    pub released: Vec<Partition>,
+    /// Taken by another node while this one was not renewing (paused, cut off).
+    pub lost: Vec<Partition>,
+}
+
+/// This node's share of the partitions, kept by calling [`Ownership::tick`] a few times per
+/// lease period.
+pub struct Ownership {
+    cluster: Cluster,
+    held: Mutex<BTreeMap<Partition, Lease>>,
+}
+
+impl Ownership {
+    pub fn new(cluster: Cluster) -> Ownership {
+        Ownership { cluster, held: Mutex::default() }
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// The partitions this node may act for now: held, with a lease that has not expired by this
+    /// node's clock (less a margin for the time a write to the bucket takes).
+    pub fn held(&self) -> Vec<Partition> {
+        let margin = (self.cluster.settings.lease.as_millis() / 5) as i64;
+        let now = now_ms();
+        let held = self.held.lock().expect("held leases");
+        held.values().filter(|l| l.until_ms - margin > now).map(|l| l.partition).collect()
+    }
+
+    /// The lease of a held partition, for committing progress.
+    pub fn lease(&self, partition: Partition) -> Option<Lease> {
+        self.held.lock().expect("held leases").get(&partition).cloned()
+    }
+
+    /// Records progress of a held partition; a fenced commit drops the lease.
+    pub async fn commit(&self, partition: Partition, applied: Position) -> Result<()> {
+        let Some(mut lease) = self.lease(partition) else { return Err(ClusterError::Fenced { partition }) };
+        let result = self.cluster.commit(&mut lease, applied).await;
+        let mut held = self.held.lock().expect("held leases");
+        match &result {
+            Ok(()) => {
+                held.insert(partition, lease);
+            }
+            Err(ClusterError::Fenced { .. }) => {
+                held.remove(&partition);
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// One round: heartbeat, then renew what this node keeps, release what the target gives to
+    /// another node, and take the free partitions the target gives this one.
+    pub async fn tick(&self) -> Result<Changes> {
+        self.cluster.heartbeat().await?;
+        let live = self.cluster.live_nodes().await?;
+        let holders = self.cluster.holders().await?;
+        let now = now_ms();
+        // A partition stays with its last holder while that node is live, even if its lease
+        // lapsed (a pause, a NATS election longer than the lease): it takes the lease back.
+        let current: BTreeMap<Partition, String> = holders
+            .iter()
+            .filter(|(_, o)| o.until_ms > now || live.contains(&o.node))
+            .map(|(p, o)| (*p, o.node.clone()))
+            .collect();
+        let owners: BTreeMap<Partition, Owner> = holders.into_iter().filter(|(_, o)| o.until_ms > now).collect();
+        let target = assign::assign(&live, &current);
+        let me = self.cluster.node().to_string();
+        let mut changes = Changes::default();
+        let held: Vec<Lease> = self.held.lock().expect("held leases").values().cloned().collect();
+        for mut lease in held {
+            let partition = lease.partition;
+            let result = if target.get(&partition) == Some(&me) {
+                self.cluster.renew(&mut lease).await.map(|()| Some(lease))
+            } else {
+                changes.released.push(partition);
+                self.cluster.release(lease).await.map(|()| None)
+            };
+            let mut held = self.held.lock().expect("held leases");
+            match result {
+                Ok(Some(lease)) => {
+                    held.insert(partition, lease);
+                }
+                Ok(None) => {
+                    held.remove(&partition);
+                }
+                Err(ClusterError::Fenced { .. }) => {
+                    held.remove(&partition);
+                    changes.released.retain(|p| *p != partition);
+                    changes.lost.push(partition);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        for (partition, node) in &target {
+            let free = owners.get(partition).is_none_or(|o| o.node == me);
+            if *node != me || !free || self.held.lock().expect("held leases").contains_key(partition) {
+                continue;
+            }
+            match self.cluster.acquire(*partition).await {
+                Ok(lease) => {
+                    self.held.lock().expect("held leases").insert(*partition, lease);
+                    changes.gained.push(*partition);
+                }
+                Err(ClusterError::Taken { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(changes)
+    }
+}

@@ -1,0 +1,100 @@
+//! The cluster's event stream: one JetStream stream, `STARLING_EVENTS`, with a subject per
+//! virtual partition (`starling.events.<N>`), replicated like the buckets. A record is durable
+//! once its publish is acknowledged (the servers sync every write: `sync_interval: always`); a
+//! record published twice under one id (a client's retry) is stored once. Its stream sequence is
+//! its log position: it grows within a partition, and a partition's owner reads its subject
+//! after the position its committed state includes.
+
+use crate::{ClusterError, Result, nats};
+use async_nats::jetstream::{self, consumer, message::PublishMessage, stream};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use starling_log::{Partition, Position};
+use std::time::Duration;
+
+const STREAM: &str = "STARLING_EVENTS";
+const SUBJECT_PREFIX: &str = "starling.events";
+
+fn subject(partition: Partition) -> String {
+    format!("{SUBJECT_PREFIX}.{partition}")
+}
+
+/// A published record's place, and whether the stream already held it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub position: Position,
+    pub duplicate: bool,
+}
+
+/// A handle on the event stream.
+pub struct EventStream {
+    js: jetstream::Context,
+    stream: stream::Stream,
+}
+
+impl EventStream {
+    /// Opens the stream, creating it the first time with `replicas` copies and a window of
+    /// `dedup` during which a repeated record id is recognised.
+    pub async fn open(js: jetstream::Context, replicas: usize, dedup: Duration) -> Result<EventStream> {
+        let config = stream::Config {
+            name: STREAM.to_string(),
+            subjects: vec![format!("{SUBJECT_PREFIX}.*")],
+            num_replicas: replicas,
+            storage: stream::StorageType::File,
+            duplicate_window: dedup,
+            ..Default::default()
+        };
+        let stream = js.get_or_create_stream(config).await.map_err(nats)?;
+        Ok(EventStream { js, stream })
+    }
+
+    /// Publishes `payload` to `partition` under `id` and returns once the stream has it.
+    pub async fn append(&self, partition: Partition, id: &str, payload: Bytes) -> Result<Appended> {
+        let message = PublishMessage::build().payload(payload).message_id(id);
+        let ack = self.js.send_publish(subject(partition), message).await.map_err(nats)?.await.map_err(nats)?;
+        Ok(Appended { position: ack.sequence, duplicate: ack.duplicate })
+    }
+
+    /// Calls `visit` with each record of `partition` after `after`, in order, up to the last one
+    /// the partition holds when the read starts.
+    pub async fn read(
+        &self,
+        partition: Partition,
+        after: Position,
+        visit: &mut (dyn FnMut(Position, Bytes) + Send),
+    ) -> Result<()> {
+        let last = match self.stream.get_last_raw_message_by_subject(&subject(partition)).await {
+            Ok(message) => message.sequence,
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => return Ok(()),
+            Err(e) => return Err(nats(e)),
+        };
+        if last <= after {
+            return Ok(());
+        }
+        let consumer = self
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: subject(partition),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: after + 1 },
+                ..Default::default()
+            })
+            .await
+            .map_err(nats)?;
+        let mut messages = consumer.messages().await.map_err(nats)?;
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(nats)?;
+            let position = message.info().map_err(nats)?.stream_sequence;
+            visit(position, message.payload.clone());
+            if position >= last {
+                return Ok(());
+            }
+        }
+        Err(ClusterError::Nats(format!("the stream ended before position {last} of partition {partition}")))
+    }
+
+    /// The NATS server leading the stream's replicas, if known.
+    pub async fn leader(&self) -> Result<Option<String>> {
+        let info = self.stream.get_info().await.map_err(nats)?;
+        Ok(info.cluster.and_then(|c| c.leader))
+    }
+}

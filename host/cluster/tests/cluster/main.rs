@@ -1,0 +1,5 @@
+//! The cluster crate against real NATS servers: ownership of partitions and the event stream.
+
+mod nats;
+mod ownership;
+mod stream;

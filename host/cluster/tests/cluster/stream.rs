@@ -1,0 +1,90 @@
+//! The event stream: records acknowledged while the server leading the stream is killed are all
+//! there afterwards, once each, in order within their partition; a record sent again under its
+//! id is stored once.
+
+use crate::nats::{NatsCluster, join};
+use bytes::Bytes;
+use starling_log::Partition;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+const PER_SENDER: usize = 1_500;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn records_acknowledged_through_a_leader_failure_are_all_kept_once() {
+    let mut nats = NatsCluster::start();
+    let (a, b) = (join(&nats, "a").await, join(&nats, "b").await);
+    let (events_a, events_b) = (
+        a.cluster().events(Duration::from_secs(120)).await.unwrap(),
+        b.cluster().events(Duration::from_secs(120)).await.unwrap(),
+    );
+    let first = events_a.append(3, "probe", Bytes::from_static(b"probe")).await.unwrap();
+    let again = events_b.append(3, "probe", Bytes::from_static(b"probe")).await.unwrap();
+    assert_eq!((again.position, again.duplicate, first.duplicate), (first.position, true, false), "stored once");
+
+    let leader = events_a.leader().await.unwrap().expect("the stream has a leader");
+    let senders: Vec<_> = [("a", events_a), ("b", events_b)]
+        .into_iter()
+        .map(|(name, events)| {
+            tokio::spawn(async move {
+                let mut acked = BTreeMap::new();
+                let mut longest_wait = Duration::ZERO;
+                for i in 0..PER_SENDER {
+                    let id = format!("{name}-{i}");
+                    let partition = (i % 64) as Partition;
+                    let started = Instant::now();
+                    // A client retries under the same id until acknowledged, as ingestion does.
+                    let appended = loop {
+                        match events.append(partition, &id, Bytes::from(id.clone())).await {
+                            Ok(appended) => break appended,
+                            Err(_) if started.elapsed() < Duration::from_secs(30) => {
+                                tokio::time::sleep(Duration::from_millis(50)).await
+                            }
+                            Err(e) => panic!("{id} not acknowledged within 30 s: {e}"),
+                        }
+                    };
+                    longest_wait = longest_wait.max(started.elapsed());
+                    acked.insert(id, (partition, appended.position));
+                }
+                (acked, longest_wait, events)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let index: usize = leader.trim_start_matches('n').parse().unwrap();
+    nats.kill9(index);
+    let mut acked = BTreeMap::new();
+    let mut pause = Duration::ZERO;
+    let mut reader = None;
+    for sender in senders {
+        let (sent, longest, events) = sender.await.unwrap();
+        acked.extend(sent);
+        pause = pause.max(longest);
+        reader = Some(events);
+    }
+    let reader = reader.unwrap();
+    assert_ne!(reader.leader().await.unwrap().as_deref(), Some(leader.as_str()), "a new leader was elected");
+
+    let mut stored: BTreeMap<String, (Partition, u64)> = BTreeMap::new();
+    for partition in 0..64 {
+        let mut last = 0;
+        reader
+            .read(partition, 0, &mut |position, payload| {
+                assert!(position > last, "positions grow within partition {partition}");
+                last = position;
+                let id = String::from_utf8(payload.to_vec()).unwrap();
+                assert!(stored.insert(id.clone(), (partition, position)).is_none(), "{id} stored twice");
+            })
+            .await
+            .unwrap();
+    }
+    stored.remove("probe");
+    assert_eq!(stored.len(), 2 * PER_SENDER, "every acknowledged record, no other");
+    assert_eq!(stored, acked, "each where and as it was acknowledged");
+    eprintln!("longest wait for an acknowledgement across the leader's loss: {pause:?}");
+    // Read after a position: only what follows.
+    let (partition, position) = acked["a-700"];
+    let mut after = Vec::new();
+    reader.read(partition, position, &mut |p, _| after.push(p)).await.unwrap();
+    assert!(after.iter().all(|p| *p > position) && !after.is_empty());
+}

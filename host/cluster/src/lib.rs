@@ -16,6 +16,7 @@
 //! [`Fenced`]: ClusterError::Fenced
 
 pub mod assign;
+pub mod local;
 pub mod stream;
 
 use async_nats::jetstream::{self, kv};

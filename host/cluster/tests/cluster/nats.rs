@@ -1,79 +1,16 @@
-//! A real three-server NATS JetStream cluster on loopback for the tests (nats-server 2.15.1 from
-//! the pinned wheel, installed by `scripts/nats.sh`), and nodes joining it.
+//! Nodes joining a real NATS JetStream cluster on loopback ([`LocalNats`]).
 
+use starling_cluster::local::LocalNats;
 use starling_cluster::{Changes, Cluster, Ownership, Settings};
 use starling_log::Partition;
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub(crate) const LEASE: Duration = Duration::from_secs(3);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn nats_server() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = Command::new(root.join("scripts/nats.sh")).output().expect("running scripts/nats.sh");
-    assert!(out.status.success(), "scripts/nats.sh: {}", String::from_utf8_lossy(&out.stderr));
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
-/// Three nats-server processes forming one JetStream cluster, every write synced to disk.
-pub(crate) struct NatsCluster {
-    servers: Vec<Option<Child>>,
-    pub urls: Vec<String>,
-    _dir: tempfile::TempDir,
-}
-
-impl NatsCluster {
-    pub(crate) fn start() -> NatsCluster {
-        let binary = nats_server();
-        let dir = tempfile::tempdir().unwrap();
-        let clients: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let route_list: Vec<String> = routes.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
-        let mut servers = Vec::new();
-        for i in 0..3 {
-            let config = format!(
-                "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n\
-                 cluster {{\n  name: starling-test\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
-                clients[i],
-                dir.path().join(format!("n{i}")).display(),
-                routes[i],
-                route_list.join(", ")
-            );
-            let path = dir.path().join(format!("n{i}.conf"));
-            std::fs::write(&path, config).unwrap();
-            let log = std::fs::File::create(dir.path().join(format!("n{i}.log"))).unwrap();
-            let child = Command::new(&binary).arg("-c").arg(&path).stdout(Stdio::null()).stderr(log).spawn().unwrap();
-            servers.push(Some(child));
-        }
-        let urls = clients.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
-        NatsCluster { servers, urls, _dir: dir }
-    }
-
-    pub(crate) fn kill9(&mut self, i: usize) {
-        if let Some(mut child) = self.servers[i].take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for NatsCluster {
-    fn drop(&mut self) {
-        for i in 0..self.servers.len() {
-            self.kill9(i);
-        }
-    }
-}
-
 /// Connects as `node`, waiting for the cluster to elect its JetStream leader.
-pub(crate) async fn join(nats: &NatsCluster, node: &str) -> Arc<Ownership> {
+pub(crate) async fn join(nats: &LocalNats, node: &str) -> Arc<Ownership> {
     let settings = Settings { node: node.into(), lease: LEASE, replicas: 3 };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

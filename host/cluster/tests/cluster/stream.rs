@@ -2,8 +2,9 @@
 //! there afterwards, once each, in order within their partition; a record sent again under its
 //! id is stored once.
 
-use crate::nats::{NatsCluster, join};
+use crate::nats::join;
 use bytes::Bytes;
+use starling_cluster::local::LocalNats;
 use starling_log::Partition;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ const PER_SENDER: usize = 1_500;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn records_acknowledged_through_a_leader_failure_are_all_kept_once() {
-    let mut nats = NatsCluster::start();
+    let mut nats = LocalNats::start(3).unwrap();
     let (a, b) = (join(&nats, "a").await, join(&nats, "b").await);
     let (events_a, events_b) = (
         a.cluster().events(Duration::from_secs(120)).await.unwrap(),

@@ -347,7 +347,11 @@ mod tests {
             (br#"{"anonymousId": ["a"], "event": "x"}"#, Call::Track, "anonymousId: expected a string, found an array"),
             (br#"{"anonymousId": "a", "timestamp": "yesterday"}"#, Call::Page, "timestamp: `yesterday` is not"),
             (b"{\"anonymousId\": \"a\",\n \"event\": }", Call::Track, "malformed JSON at line 2 column 11"),
-            (br#"{"batch": [{"type": "page", "anonymousId": "a", "context": 42}]}"#, Call::Batch, "batch[0].context: expected an object, found a number"),
+            (
+                br#"{"batch": [{"type": "page", "anonymousId": "a", "context": 42}]}"#,
+                Call::Batch,
+                "batch[0].context: expected an object, found a number",
+            ),
         ];
         for (body, call, expected) in cases {
             let error = parse(body, call, RECEIVED).unwrap_err();

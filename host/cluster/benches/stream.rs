@@ -1,0 +1,91 @@
+//! Appending events to the cluster's replicated stream on a three-server NATS cluster on loopback
+//! (R3, every write synced): one append at a time (the latency an ingestion request waits for),
+//! and 256 in flight on one connection (what a node's ingestion can push); afterwards, the bytes
+//! each event costs on disk across the three servers.
+//!
+//! `cargo bench -p starling-cluster --bench stream`
+
+use bytes::Bytes;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use starling_cluster::local::LocalNats;
+use starling_cluster::{Cluster, Settings};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// An event as ingestion would publish it: about 300 bytes of JSON.
+fn event(i: u64) -> Bytes {
+    Bytes::from(format!(
+        r#"{{"event":"page_view","visitor_id":"lg-{i}-a","timestamp_ms":1796000000000,"data":{{"category":"shoes","user_agent":"Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36"}}}}"#
+    ))
+}
+
+fn stream(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let nats = LocalNats::start(3).unwrap();
+    let settings = Settings { node: "bench".into(), lease: Duration::from_secs(3), replicas: 3 };
+    let (cluster, events) = runtime.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let cluster = loop {
+            match Cluster::connect(&nats.urls, settings.clone()).await {
+                Ok(cluster) => break cluster,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("waiting for JetStream: {e}");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let events = cluster.events(Duration::from_secs(120)).await.unwrap();
+        (cluster, events)
+    });
+    let before = nats.disk_bytes();
+    let next = AtomicU64::new(0);
+    let id = || next.fetch_add(1, Ordering::Relaxed);
+    let mut group = c.benchmark_group("stream");
+    group.sample_size(10).measurement_time(Duration::from_secs(10));
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("append_one_at_a_time", |b| {
+        b.iter_custom(|n| {
+            runtime.block_on(async {
+                let started = Instant::now();
+                for _ in 0..n {
+                    let i = id();
+                    events.append((i % 64) as u16, &format!("e{i}"), event(i)).await.unwrap();
+                }
+                started.elapsed()
+            })
+        })
+    });
+    const IN_FLIGHT: u64 = 256;
+    group.throughput(Throughput::Elements(IN_FLIGHT));
+    group.bench_function("append_256_in_flight", |b| {
+        b.iter_custom(|n| {
+            runtime.block_on(async {
+                let started = Instant::now();
+                for _ in 0..n {
+                    let appends = (0..IN_FLIGHT).map(|_| {
+                        let i = id();
+                        let events = &events;
+                        async move { events.append((i % 64) as u16, &format!("e{i}"), event(i)).await.unwrap() }
+                    });
+                    futures_util::future::join_all(appends).await;
+                }
+                started.elapsed()
+            })
+        })
+    });
+    group.finish();
+    let appended = next.load(Ordering::Relaxed);
+    let grown = nats.disk_bytes().saturating_sub(before);
+    println!(
+        "{appended} events of {} bytes appended: {} bytes on disk across 3 servers, {:.0} per event ({:.0} per copy)",
+        event(0).len(),
+        grown,
+        grown as f64 / appended as f64,
+        grown as f64 / appended as f64 / 3.0
+    );
+    drop(cluster);
+}
+
+criterion_group!(benches, stream);
+criterion_main!(benches);

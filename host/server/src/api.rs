@@ -201,6 +201,14 @@ impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError { status, message: message.into() }
     }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -256,7 +264,9 @@ async fn post_events(
     let received_ms = (state.clock)();
     let (events, batch) =
         starling_core::ingest::parse_request(&body, received_ms).map_err(|m| invalid("invalid", m))?;
-    let answer = admit(&state, events, batch, key_source.as_deref(), received_ms, query.dry_run).await?;
+    let answer = admit(&state, events, batch, key_source.as_deref(), received_ms, query.dry_run)
+        .await
+        .map_err(IntoResponse::into_response)?;
     Ok((if query.dry_run { StatusCode::OK } else { StatusCode::ACCEPTED }, Json(answer)))
 }
 
@@ -270,11 +280,11 @@ pub(crate) async fn admit(
     key_source: Option<&str>,
     received_ms: i64,
     dry_run: bool,
-) -> Result<serde_json::Value, Response> {
+) -> Result<serde_json::Value, ApiError> {
     let metrics = &state.telemetry.metrics;
     let invalid = |reason: &str, message: String| {
         metrics.reject(reason, 1);
-        ApiError::new(StatusCode::BAD_REQUEST, message).into_response()
+        ApiError::new(StatusCode::BAD_REQUEST, message)
     };
     let model = state.config.model();
     let (mut warnings, clamped) = starling_core::ingest::bound_times(&mut events, batch, received_ms, &model)
@@ -300,10 +310,10 @@ pub(crate) async fn admit(
                 format!("none of these {n} events was stored")
             };
             let message = format!("the disk is full ({full}): {lost}; retry once space is freed");
-            return ApiError::new(StatusCode::INSUFFICIENT_STORAGE, message).into_response();
+            return ApiError::new(StatusCode::INSUFFICIENT_STORAGE, message);
         }
         metrics.reject("unavailable", n);
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response()
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
     })?;
     metrics.events_accepted.inc_by(report.accepted as u64);
     metrics.events_duplicate.inc_by(report.duplicates as u64);

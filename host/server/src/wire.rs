@@ -151,7 +151,15 @@ async fn segment_call(
     };
     match admit(&state, request.events, call == segment::Call::Batch, key_source.as_deref(), received_ms, false).await {
         Ok(_) => axum::Json(serde_json::json!({"success": true})).into_response(),
-        Err(refusal) => refusal,
+        Err(refusal) => {
+            let message = in_format(refusal.message(), "batch");
+            let mut response =
+                (refusal.status(), axum::Json(serde_json::json!({"success": false, "error": message}))).into_response();
+            if let Some(wait) = refusal.into_response().headers().get(header::RETRY_AFTER) {
+                response.headers_mut().insert(header::RETRY_AFTER, wait.clone());
+            }
+            response
+        }
     }
 }
 
@@ -179,6 +187,14 @@ async fn tealium_bulk(
         Err((status, reason, message)) => return collect_refusal(&state, status, reason, message),
     };
     collect(&state, tealium::parse_bulk(&body, received_ms), true, received_ms).await
+}
+
+/// An admission refusal's message with fields named as the format names them: the events'
+/// array is `list` (`batch[3].` for Segment), and an event's data is the message or data layer
+/// itself (`properties.total`, not `data.properties.total`).
+fn in_format(message: &str, list: &str) -> String {
+    let named = message.replace("events[", &format!("{list}[")).replace("].data.", "].").replace("; data.", "; ");
+    named.strip_prefix("data.").map_or(named.clone(), str::to_string)
 }
 
 /// A 1×1 transparent GIF: what the pixel form answers, so an `<img>` loads.
@@ -234,6 +250,26 @@ async fn collect(
     drop(model);
     match admit(state, request.events, batch, key_source.as_deref(), received_ms, false).await {
         Ok(answer) => (StatusCode::OK, axum::Json(answer)).into_response(),
-        Err(refusal) => refusal,
+        Err(refusal) => {
+            crate::api::ApiError::new(refusal.status(), in_format(refusal.message(), "events")).into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_format;
+
+    #[test]
+    fn refusals_name_fields_as_the_format_does() {
+        assert_eq!(
+            in_format("events[2].data.order_total: required by the `purchase` spec, missing", "batch"),
+            "batch[2].order_total: required by the `purchase` spec, missing"
+        );
+        assert_eq!(
+            in_format("data.total: expected a number; data.id: missing", "batch"),
+            "total: expected a number; id: missing"
+        );
+        assert_eq!(in_format("events[0].timestamp: too old", "events"), "events[0].timestamp: too old");
     }
 }

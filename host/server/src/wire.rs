@@ -163,30 +163,27 @@ async fn segment_call(
     }
 }
 
-async fn tealium_event(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let received_ms = (state.clock)();
-    let body = match inflate(&headers, body, MAX_BODY_BYTES) {
-        Ok(body) => body,
-        Err((status, reason, message)) => return collect_refusal(&state, status, reason, message),
-    };
-    collect(&state, tealium::parse_event(&body, received_ms), false, received_ms).await
+async fn tealium_event(state: State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    tealium_post(state, headers, body, tealium::parse_event, false).await
 }
 
-async fn tealium_bulk(
+async fn tealium_bulk(state: State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    tealium_post(state, headers, body, tealium::parse_bulk, true).await
+}
+
+/// A Collect POST: the body inflated, read with `parse`, taken as its data source's.
+async fn tealium_post(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
+    parse: fn(&[u8], i64) -> Result<tealium::Collect, String>,
+    batch: bool,
 ) -> Response {
     let received_ms = (state.clock)();
-    let body = match inflate(&headers, body, MAX_BODY_BYTES) {
-        Ok(body) => body,
-        Err((status, reason, message)) => return collect_refusal(&state, status, reason, message),
-    };
-    collect(&state, tealium::parse_bulk(&body, received_ms), true, received_ms).await
+    match inflate(&headers, body, MAX_BODY_BYTES) {
+        Ok(body) => collect(&state, parse(&body, received_ms), batch, received_ms).await,
+        Err((status, reason, message)) => collect_refusal(&state, status, reason, message),
+    }
 }
 
 /// An admission refusal's message with fields named as the format names them: the events'

@@ -12,6 +12,9 @@
 //! node computes the same target owners from the live nodes and the current owners
 //! ([`assign::assign`]: even, sticky), takes the free partitions the target gives it, renews
 //! those it keeps and releases those the target gives to a node that joined.
+//! A node back in contact after it could not reach the cluster (a NATS election, a network cut)
+//! waits two lease periods before taking partitions from nodes whose heartbeats lapsed, since
+//! those were most likely cut off the same way: ownership stays put through an outage.
 //!
 //! [`Fenced`]: ClusterError::Fenced
 
@@ -24,6 +27,7 @@ use bytes::Bytes;
 use starling_log::{PARTITIONS, Partition, Position};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const PARTITIONS_BUCKET: &str = "starling-partitions";
@@ -291,11 +295,21 @@ pub struct Changes {
 pub struct Ownership {
     cluster: Cluster,
     held: Mutex<BTreeMap<Partition, Lease>>,
+    /// Whether the last round failed to reach the cluster.
+    cut_off: AtomicBool,
+    /// Until when (ms) this node, back in contact after being cut off, leaves alone the
+    /// partitions of nodes whose heartbeats lapsed: they were most likely cut off too.
+    settling_until_ms: AtomicI64,
 }
 
 impl Ownership {
     pub fn new(cluster: Cluster) -> Ownership {
-        Ownership { cluster, held: Mutex::default() }
+        Ownership {
+            cluster,
+            held: Mutex::default(),
+            cut_off: AtomicBool::new(false),
+            settling_until_ms: AtomicI64::new(0),
+        }
     }
 
     pub fn cluster(&self) -> &Cluster {
@@ -336,10 +350,24 @@ impl Ownership {
     /// One round: heartbeat, then renew what this node keeps, release what the target gives to
     /// another node, and take the free partitions the target gives this one.
     pub async fn tick(&self) -> Result<Changes> {
+        let round = self.round().await;
+        self.cut_off.store(round.is_err(), Ordering::SeqCst);
+        round
+    }
+
+    async fn round(&self) -> Result<Changes> {
         self.cluster.heartbeat().await?;
+        if self.cut_off.load(Ordering::SeqCst) {
+            // A node that could not reach the cluster cannot tell a dead node from one that lost
+            // contact as it did (a NATS election): it waits two lease periods for the others'
+            // heartbeats before taking their lapsed partitions.
+            let settle = 2 * self.cluster.settings.lease.as_millis() as i64;
+            self.settling_until_ms.store(now_ms() + settle, Ordering::SeqCst);
+        }
         let live = self.cluster.live_nodes().await?;
         let holders = self.cluster.holders().await?;
         let now = now_ms();
+        let settling = now < self.settling_until_ms.load(Ordering::SeqCst);
         // A partition stays with its last holder while that node is live, even if its lease
         // lapsed (a pause, a NATS election longer than the lease): it takes the lease back.
         let current: BTreeMap<Partition, String> = holders
@@ -347,7 +375,8 @@ impl Ownership {
             .filter(|(_, o)| o.until_ms > now || live.contains(&o.node))
             .map(|(p, o)| (*p, o.node.clone()))
             .collect();
-        let owners: BTreeMap<Partition, Owner> = holders.into_iter().filter(|(_, o)| o.until_ms > now).collect();
+        let owners: BTreeMap<Partition, Owner> =
+            holders.iter().filter(|(_, o)| o.until_ms > now).map(|(p, o)| (*p, o.clone())).collect();
         let target = assign::assign(&live, &current);
         let me = self.cluster.node().to_string();
         let mut changes = Changes::default();
@@ -377,7 +406,8 @@ impl Ownership {
             }
         }
         for (partition, node) in &target {
-            let free = owners.get(partition).is_none_or(|o| o.node == me);
+            let free = owners.get(partition).is_none_or(|o| o.node == me)
+                && !(settling && holders.get(partition).is_some_and(|o| o.node != me));
             if *node != me || !free || self.held.lock().expect("held leases").contains_key(partition) {
                 continue;
             }

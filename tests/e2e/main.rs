@@ -1,6 +1,7 @@
 //! End-to-end tests: the `starling` binary over real loopback HTTP, on a real SQLite file, with
 //! components built from this repository's sources, calling loopback receivers.
 
+mod cluster;
 mod connectors;
 mod delivery;
 mod durability;

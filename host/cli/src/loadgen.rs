@@ -46,6 +46,10 @@ pub(crate) struct Options {
     /// Afterwards, check every person's profile: events, purchases and spend must add up.
     #[arg(long)]
     verify: bool,
+    /// Send nothing: only check the profiles a run with the same options sent (against another
+    /// node, after a restart).
+    #[arg(long, conflicts_with = "verify")]
+    verify_only: bool,
     /// Mark one event in N as traced (`data.trace = true`, `data.sent_us` = send time); with
     /// `--receiver`, measure how long until a connector's request for it arrives.
     #[arg(long, default_value_t = 0)]
@@ -59,7 +63,16 @@ pub(crate) struct Options {
     /// Prefix of every id, so runs against one database do not mix.
     #[arg(long, default_value = "lg")]
     prefix: String,
+    /// Give every event an id and send a request again when its connection fails (for up to
+    /// 60 s): a server dying under the load does not end the run, and what is sent again is
+    /// applied once.
+    #[arg(long)]
+    resend: bool,
 }
+
+/// How long a request refused for now (503, 429) is sent again, and with `--resend`, one whose
+/// connection failed.
+const RESEND_FOR: Duration = Duration::from_secs(60);
 
 const CATEGORIES: &[&str] = &["shoes", "hats", "bags", "shirts", "coats", "socks", "belts", "watches"];
 const USER_AGENTS: &[&str] = &[
@@ -79,6 +92,8 @@ enum Kind {
 
 #[derive(Clone)]
 struct Planned {
+    /// The event's id: its place in the stream.
+    id: String,
     device: String,
     kind: Kind,
     traced: bool,
@@ -132,12 +147,13 @@ fn plan(o: &Options) -> (Vec<Planned>, Vec<Expected>) {
             person.spend += u64::from(total);
         }
         let traced = o.trace_every > 0 && events.len() % o.trace_every == 0;
-        events.push(Planned { device, kind, traced });
+        let id = format!("{}-e{}", o.prefix, events.len());
+        events.push(Planned { id, device, kind, traced });
     }
     (events, people)
 }
 
-fn to_json(e: &Planned) -> serde_json::Value {
+fn to_json(e: &Planned, with_id: bool) -> serde_json::Value {
     let mut data = match &e.kind {
         Kind::Login { email_hash } => json!({ "email_hash": email_hash }),
         Kind::PageView { category, user_agent } => json!({ "category": category, "user_agent": user_agent }),
@@ -154,7 +170,11 @@ fn to_json(e: &Planned) -> serde_json::Value {
         Kind::AddToCart { .. } => "add_to_cart",
         Kind::Purchase { .. } => "purchase",
     };
-    json!({ "event": name, "visitor_id": e.device, "data": data })
+    let mut event = json!({ "event": name, "visitor_id": e.device, "data": data });
+    if with_id {
+        event["id"] = json!(e.id);
+    }
+    event
 }
 
 fn now_us() -> u64 {
@@ -167,6 +187,7 @@ struct Tally {
     accepted: u64,
     duplicates: u64,
     refused: u64,
+    resent: u64,
 }
 
 pub(crate) fn run(o: Options) -> Result<()> {
@@ -183,6 +204,9 @@ pub(crate) fn run(o: Options) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     let runtime = tokio::runtime::Runtime::new()?;
+    if o.verify_only {
+        return runtime.block_on(verify(&o, &people));
+    }
     runtime.block_on(drive(o, events, people))
 }
 
@@ -221,7 +245,7 @@ async fn drive(o: Options, events: Vec<Planned>, people: Vec<Expected>) -> Resul
     let mut tasks = Vec::new();
     for _ in 0..o.connections {
         let (batches, next, scheduled, url) = (batches.clone(), next.clone(), scheduled.clone(), url.clone());
-        let rate = o.rate;
+        let (rate, resend) = (o.rate, o.resend);
         let client = reqwest::Client::builder().pool_max_idle_per_host(1).build()?;
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally::default();
@@ -232,20 +256,31 @@ async fn drive(o: Options, events: Vec<Planned>, people: Vec<Expected>) -> Resul
                     let slot = scheduled.fetch_add(batch.len() as u64, Ordering::Relaxed);
                     tokio::time::sleep_until((start + Duration::from_secs_f64(slot as f64 / rate as f64)).into()).await;
                 }
-                let body = json!({ "events": batch.iter().map(to_json).collect::<Vec<_>>() }).to_string();
+                let body =
+                    json!({ "events": batch.iter().map(|e| to_json(e, resend)).collect::<Vec<_>>() }).to_string();
+                let first_sent = Instant::now();
                 loop {
                     let sent = Instant::now();
-                    let response = client
+                    let response = match client
                         .post(&url)
                         .header("content-type", "application/json")
                         .body(body.clone())
                         .send()
                         .await
-                        .context("posting events")?;
+                    {
+                        Ok(response) => response,
+                        Err(e) if resend && first_sent.elapsed() < RESEND_FOR => {
+                            tally.resent += 1;
+                            tracing::debug!("sending again after: {e}");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            continue;
+                        }
+                        Err(e) => return Err(anyhow::Error::new(e).context("posting events")),
+                    };
                     let status = response.status();
                     let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok());
                     let answer: serde_json::Value = response.json().await.unwrap_or_default();
-                    if status.as_u16() == 503 || status.as_u16() == 429 {
+                    if (status.as_u16() == 503 || status.as_u16() == 429) && first_sent.elapsed() < RESEND_FOR {
                         tally.refused += 1;
                         tokio::time::sleep(Duration::from_secs(retry_after.unwrap_or(1))).await;
                         continue;
@@ -269,11 +304,12 @@ async fn drive(o: Options, events: Vec<Planned>, people: Vec<Expected>) -> Resul
         total.accepted += t.accepted;
         total.duplicates += t.duplicates;
         total.refused += t.refused;
+        total.resent += t.resent;
     }
     let elapsed = start.elapsed();
     let sent = events.len() as f64;
     println!(
-        "{} {} events in {:.2} s: {:.0} events/s ({} requests of {} over {} connections; {} refused with 503 and retried)",
+        "{} {} events in {:.2} s: {:.0} events/s ({} requests of {} over {} connections; {} refused with 503 and retried, {} sent again after a lost connection)",
         if o.parse_only { "parsed" } else { "applied" },
         total.accepted,
         elapsed.as_secs_f64(),
@@ -281,7 +317,8 @@ async fn drive(o: Options, events: Vec<Planned>, people: Vec<Expected>) -> Resul
         total.latencies.len(),
         o.batch,
         o.connections,
-        total.refused
+        total.refused,
+        total.resent
     );
     println!("request latency (until the answer): {}", percentiles(&mut total.latencies));
     if total.accepted + total.duplicates != events.len() as u64 {

@@ -482,18 +482,31 @@ fn serve(config: &Path, overrides: ServeOverrides) -> Result<()> {
         None => None,
     };
     let runtime = tokio::runtime::Runtime::new()?;
+    if model.cluster.is_some() && tls.is_some() {
+        bail!("{}: a cluster node serves plain HTTP (put TLS in front of the nodes)", config.display());
+    }
+    let options = starling_server::Options {
+        model,
+        database: database.clone(),
+        plugins,
+        test_clock,
+        admin_token,
+        event_log: None,
+        trusted_keys,
+        config_path: Some(config.to_path_buf()),
+    };
     runtime.block_on(async move {
-        let app = starling_server::App::start(starling_server::Options {
-            model,
-            database: database.clone(),
-            plugins,
-            test_clock,
-            admin_token,
-            event_log: None,
-            trusted_keys,
-            config_path: Some(config.to_path_buf()),
-        })
-        .await?;
+        if options.model.cluster.is_some() {
+            let listener =
+                tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("listening on {listen}"))?;
+            let addr = listener.local_addr()?;
+            tracing::info!(database = %database.display(), "starling cluster node listening on http://{addr}");
+            println!("listening on http://{addr}");
+            starling_server::node::serve(options, listener, shutdown_signal()).await?;
+            tracing::info!("stopped");
+            return Ok(());
+        }
+        let app = starling_server::App::start(options).await?;
         let listener =
             tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("listening on {listen}"))?;
         let addr = listener.local_addr()?;

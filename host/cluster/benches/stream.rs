@@ -8,7 +8,7 @@
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use starling_cluster::local::LocalNats;
-use starling_cluster::{Cluster, Settings};
+use starling_cluster::{Cluster, Placement, Settings};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,13 @@ fn event(i: u64) -> Bytes {
 fn stream(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let nats = LocalNats::start(3).unwrap();
-    let settings = Settings { node: "bench".into(), lease: Duration::from_secs(3), replicas: 3 };
+    let settings = Settings {
+        node: "bench".into(),
+        lease: Duration::from_secs(3),
+        replicas: 3,
+        url: None,
+        placement: Placement::Spread,
+    };
     let (cluster, events) = runtime.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(30);
         let cluster = loop {

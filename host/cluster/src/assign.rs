@@ -3,6 +3,22 @@
 //! current owners), so every node reaches the same answer without talking to the others.
 
 use starling_log::{PARTITIONS, Partition};
+
+/// Every partition on one node: the live node that holds the most now (the first in name order
+/// among equals), else the first live node in name order.
+pub fn whole(live: &[String], current: &BTreeMap<Partition, String>) -> BTreeMap<Partition, String> {
+    let mut held: BTreeMap<&String, usize> = live.iter().map(|n| (n, 0)).collect();
+    for owner in current.values() {
+        if let Some(count) = held.get_mut(owner) {
+            *count += 1;
+        }
+    }
+    // Most partitions first; among equals, the first name (the map is in name order).
+    let Some(node) = held.iter().rev().max_by_key(|(_, count)| **count).map(|(n, _)| (*n).clone()) else {
+        return BTreeMap::new();
+    };
+    (0..PARTITIONS).map(|p| (p, node.clone())).collect()
+}
 use std::collections::BTreeMap;
 
 /// The owners partitions should have: each live node gets `PARTITIONS / n` or one more (the
@@ -86,5 +102,15 @@ mod tests {
     fn every_node_computes_the_same_answer() {
         let current = assign(&names(&["a", "b"]), &BTreeMap::new());
         assert_eq!(assign(&names(&["c", "a", "b"]), &current), assign(&names(&["b", "c", "a", "a"]), &current));
+    }
+
+    #[test]
+    fn the_whole_placement_stays_with_its_holder_and_falls_to_the_first_live_node() {
+        let first = whole(&names(&["b", "a"]), &BTreeMap::new());
+        assert_eq!(counts(&first), BTreeMap::from([("a".into(), 64)]));
+        let held_by_b: BTreeMap<Partition, String> = (0..PARTITIONS).map(|p| (p, "b".to_string())).collect();
+        assert_eq!(counts(&whole(&names(&["a", "b"]), &held_by_b)), BTreeMap::from([("b".into(), 64)]));
+        assert_eq!(counts(&whole(&names(&["a", "c"]), &held_by_b)), BTreeMap::from([("a".into(), 64)]), "b is gone");
+        assert!(whole(&[], &held_by_b).is_empty());
     }
 }

@@ -20,6 +20,7 @@
 
 pub mod assign;
 pub mod local;
+pub mod log;
 pub mod stream;
 
 use async_nats::jetstream::{self, kv};
@@ -41,6 +42,9 @@ pub enum ClusterError {
     /// owner and must not write anything of the partition.
     #[error("partition {partition} is no longer this node's (another node holds its lease)")]
     Fenced { partition: Partition },
+    /// The partition's log has records this writer has not seen: another node wrote to it.
+    #[error("partition {partition}'s log has records this node has not applied (another node wrote to it)")]
+    Behind { partition: Partition },
     /// Another node holds an unexpired lease on the partition.
     #[error("partition {partition} is held by node `{node}`")]
     Taken { partition: Partition, node: String },
@@ -62,6 +66,25 @@ pub struct Settings {
     pub lease: Duration,
     /// Copies JetStream keeps of the buckets (3 on a three-server cluster).
     pub replicas: usize,
+    /// The base URL of this node's HTTP API, for the other nodes.
+    pub url: Option<String>,
+    pub placement: Placement,
+}
+
+/// How partitions are placed on the live nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// An even share on every node ([`assign::assign`]).
+    Spread,
+    /// All on one node, the others standing by ([`assign::whole`]).
+    Whole,
+}
+
+/// What a node's heartbeat says.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Heartbeat {
+    until_ms: i64,
+    url: Option<String>,
 }
 
 /// What the bucket holds for a partition.
@@ -93,7 +116,7 @@ pub struct Owner {
     pub revision: u64,
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
@@ -152,26 +175,33 @@ impl Cluster {
 
     /// Says this node is alive for another lease period.
     pub async fn heartbeat(&self) -> Result<()> {
-        let until = now_ms() + self.settings.lease.as_millis() as i64;
-        self.nodes.put(&self.settings.node, Bytes::from(until.to_string())).await.map_err(nats)?;
+        let beat =
+            Heartbeat { until_ms: now_ms() + self.settings.lease.as_millis() as i64, url: self.settings.url.clone() };
+        let value = serde_json::to_vec(&beat).expect("a heartbeat serializes");
+        self.nodes.put(&self.settings.node, Bytes::from(value)).await.map_err(nats)?;
         Ok(())
+    }
+
+    /// The nodes whose heartbeat has not expired, by name, with their HTTP API's URL.
+    pub async fn live_nodes_with_urls(&self) -> Result<BTreeMap<String, Option<String>>> {
+        use futures_util::TryStreamExt;
+        let names: Vec<String> = self.nodes.keys().await.map_err(nats)?.try_collect().await.map_err(nats)?;
+        let now = now_ms();
+        let mut live = BTreeMap::new();
+        for name in names {
+            if let Some(value) = self.nodes.get(&name).await.map_err(nats)?
+                && let Ok(beat) = serde_json::from_slice::<Heartbeat>(&value)
+                && beat.until_ms > now
+            {
+                live.insert(name, beat.url);
+            }
+        }
+        Ok(live)
     }
 
     /// The nodes whose heartbeat has not expired, by name.
     pub async fn live_nodes(&self) -> Result<Vec<String>> {
-        use futures_util::TryStreamExt;
-        let names: Vec<String> = self.nodes.keys().await.map_err(nats)?.try_collect().await.map_err(nats)?;
-        let now = now_ms();
-        let mut live = Vec::new();
-        for name in names {
-            if let Some(value) = self.nodes.get(&name).await.map_err(nats)?
-                && std::str::from_utf8(&value).ok().and_then(|v| v.parse::<i64>().ok()).is_some_and(|until| until > now)
-            {
-                live.push(name);
-            }
-        }
-        live.sort();
-        Ok(live)
+        Ok(self.live_nodes_with_urls().await?.into_keys().collect())
     }
 
     async fn holding(&self, partition: Partition) -> Result<Option<(Holding, u64)>> {
@@ -377,7 +407,10 @@ impl Ownership {
             .collect();
         let owners: BTreeMap<Partition, Owner> =
             holders.iter().filter(|(_, o)| o.until_ms > now).map(|(p, o)| (*p, o.clone())).collect();
-        let target = assign::assign(&live, &current);
+        let target = match self.cluster.settings.placement {
+            Placement::Spread => assign::assign(&live, &current),
+            Placement::Whole => assign::whole(&live, &current),
+        };
         let me = self.cluster.node().to_string();
         let mut changes = Changes::default();
         let held: Vec<Lease> = self.held.lock().expect("held leases").values().cloned().collect();

@@ -55,6 +55,42 @@ impl EventStream {
         Ok(Appended { position: ack.sequence, duplicate: ack.duplicate })
     }
 
+    /// Publishes `payload` to `partition` only if the partition's last record is at `last` (0:
+    /// it has none): a writer that missed another's records is refused
+    /// ([`ClusterError::Behind`]) instead of writing out of order.
+    /// `id` keeps a record sent again (its acknowledgement was lost) from being stored twice.
+    pub async fn append_after(
+        &self,
+        partition: Partition,
+        last: Position,
+        id: &str,
+        payload: Bytes,
+    ) -> Result<Position> {
+        let message = PublishMessage::build().payload(payload).message_id(id).expected_last_subject_sequence(last);
+        let ack = self.js.send_publish(subject(partition), message).await.map_err(nats)?;
+        match ack.await {
+            Ok(ack) => Ok(ack.sequence),
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                Err(ClusterError::Behind { partition })
+            }
+            Err(e) => Err(nats(e)),
+        }
+    }
+
+    /// The position of `partition`'s last record (0: none).
+    pub async fn last_position(&self, partition: Partition) -> Result<Position> {
+        match self.stream.get_last_raw_message_by_subject(&subject(partition)).await {
+            Ok(message) => Ok(message.sequence),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Err(e) => Err(nats(e)),
+        }
+    }
+
+    /// Bytes the stream holds (one copy).
+    pub async fn size_bytes(&self) -> Result<u64> {
+        Ok(self.stream.get_info().await.map_err(nats)?.state.bytes)
+    }
+
     /// Calls `visit` with each record of `partition` after `after`, in order, up to the last one
     /// the partition holds when the read starts.
     pub async fn read(
@@ -63,11 +99,7 @@ impl EventStream {
         after: Position,
         visit: &mut (dyn FnMut(Position, Bytes) + Send),
     ) -> Result<()> {
-        let last = match self.stream.get_last_raw_message_by_subject(&subject(partition)).await {
-            Ok(message) => message.sequence,
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => return Ok(()),
-            Err(e) => return Err(nats(e)),
-        };
+        let last = self.last_position(partition).await?;
         if last <= after {
             return Ok(());
         }

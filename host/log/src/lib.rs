@@ -42,6 +42,9 @@ pub enum LogError {
     Damaged { path: String, offset: u64, reason: String },
     #[error("event log record of {0} bytes is larger than the limit")]
     TooLarge(usize),
+    /// A log kept by servers elsewhere refused or could not take the request.
+    #[error("replicated event log: {0}")]
+    Remote(String),
 }
 
 pub type Result<T> = std::result::Result<T, LogError>;

@@ -8,6 +8,7 @@ pub mod http;
 pub mod import;
 pub mod live;
 pub mod logging;
+pub mod node;
 pub mod origin;
 pub mod personalize;
 pub mod pipeline;
@@ -41,6 +42,12 @@ pub enum ServerError {
     Log(#[from] starling_log::LogError),
     #[error("replaying the event log: {0}")]
     Replay(String),
+    #[error("cluster: {0}")]
+    Cluster(String),
+    #[error(
+        "this node lost its partitions' leases to another node (it was paused or cut off for longer than a lease); it stopped, and may be started again to stand by"
+    )]
+    Fenced,
     #[error(
         "refusing to listen on {0} without an admin token: set server.admin_token or STARLING_ADMIN_TOKEN, or listen on a loopback address"
     )]
@@ -131,7 +138,7 @@ pub fn check_plugins_in(
 
 /// A started engine: ingestion workers and delivery lanes are running; call [`App::serve`].
 pub struct App {
-    state: api::AppState,
+    pub(crate) state: api::AppState,
     workers: Vec<std::thread::JoinHandle<()>>,
     /// Tasks that feed the pipeline (wake-ups); stopped before the workers.
     feeders: Vec<tokio::task::JoinHandle<()>>,
@@ -304,7 +311,7 @@ impl App {
     /// Checks and records the address served: off loopback, only with an admin token (without
     /// one, anyone who can reach the port can read and delete profiles); the address is out of
     /// every plugin's reach, and a name `Host` headers may carry.
-    fn listening_on(&self, addr: std::net::SocketAddr) -> Result<(), ServerError> {
+    pub(crate) fn listening_on(&self, addr: std::net::SocketAddr) -> Result<(), ServerError> {
         if !addr.ip().is_loopback() && !self.state.config.keys().admin_required() {
             return Err(ServerError::Exposed(addr));
         }

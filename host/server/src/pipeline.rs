@@ -188,11 +188,38 @@ pub enum IngestError {
 #[derive(serde::Deserialize)]
 #[serde(tag = "work", rename_all = "snake_case")]
 enum Logged {
-    Events { now_ms: i64, events: Vec<Event> },
-    Wakeups { now_ms: i64, profiles: Vec<String> },
-    Merge { now_ms: i64, merge: MergeRequest },
-    Unstitch { now_ms: i64, id: String },
-    Delete { now_ms: i64, ids: Vec<String>, reason: String, inactive_before: Option<i64> },
+    Events {
+        now_ms: i64,
+        events: Vec<Event>,
+    },
+    Wakeups {
+        now_ms: i64,
+        profiles: Vec<String>,
+    },
+    Merge {
+        now_ms: i64,
+        merge: MergeRequest,
+    },
+    Unstitch {
+        now_ms: i64,
+        id: String,
+    },
+    Delete {
+        now_ms: i64,
+        ids: Vec<String>,
+        reason: String,
+        inactive_before: Option<i64>,
+    },
+    /// A node took the partition (a replicated log's fence): nothing to apply.
+    Owner {
+        #[serde(rename = "node")]
+        _node: String,
+    },
+}
+
+/// The record a node appends to each partition it takes, in a replicated log.
+pub fn owner_record(node: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "work": "owner", "node": node })).expect("a record serializes")
 }
 
 /// [`Logged`] as written, borrowing from the batch.
@@ -207,15 +234,18 @@ enum LoggedRef<'a> {
 }
 
 impl Logged {
-    /// The work to apply again, and when it was first applied.
-    fn into_work(self) -> (Work, i64) {
+    /// The record at `position` as the work to apply again, and when it was first applied;
+    /// `None` for a record with nothing to apply.
+    fn decode(payload: &[u8], position: Position) -> Result<Option<(Work, i64)>, String> {
+        let logged: Logged =
+            serde_json::from_slice(payload).map_err(|e| format!("event log record {position} is unreadable: {e}"))?;
         let reason = |r: &str| -> &'static str {
             match r {
                 "retention" => "retention",
                 _ => "request",
             }
         };
-        match self {
+        Ok(Some(match logged {
             Logged::Events { now_ms, events } => (Work::Events(events), now_ms),
             Logged::Wakeups { now_ms, profiles } => (Work::Wakeups(profiles), now_ms),
             Logged::Merge { now_ms, merge } => (Work::Merge(merge), now_ms),
@@ -223,7 +253,8 @@ impl Logged {
             Logged::Delete { now_ms, ids, reason: r, inactive_before } => {
                 (Work::Delete { ids, reason: reason(&r), inactive_before, done: oneshot::channel().0 }, now_ms)
             }
-        }
+            Logged::Owner { .. } => return Ok(None),
+        }))
     }
 }
 
@@ -446,9 +477,10 @@ impl Ingest {
         }
         let n = self.partitions.len();
         for entry in &entries {
-            let logged: Logged = serde_json::from_slice(&entry.payload)
-                .map_err(|e| IngestError::Failed(format!("event log record {} is unreadable: {e}", entry.position)))?;
-            let (work, now_ms) = logged.into_work();
+            let Some((work, now_ms)) = Logged::decode(&entry.payload, entry.position).map_err(IngestError::Failed)?
+            else {
+                continue;
+            };
             let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
             jobs[entry.partition as usize % n] = Some(work);
             let replay = ReplayOf { partition: entry.partition, position: entry.position, now_ms };
@@ -1198,14 +1230,14 @@ impl Worker {
         }
         let replayed = entries.len();
         for entry in entries {
-            let logged: Logged = match serde_json::from_slice(&entry.payload) {
-                Ok(logged) => logged,
+            let (work, now_ms) = match Logged::decode(&entry.payload, entry.position) {
+                Ok(Some(decoded)) => decoded,
+                Ok(None) => continue,
                 Err(e) => {
-                    self.failed = Some(format!("event log record {} is unreadable: {e}", entry.position));
+                    self.failed = Some(e);
                     return;
                 }
             };
-            let (work, now_ms) = logged.into_work();
             let (reply, _) = oneshot::channel();
             let replay = ReplayOf { partition: entry.partition, position: entry.position, now_ms };
             let job = IngestJob { work, reply, _room: None, replay: Some(replay) };

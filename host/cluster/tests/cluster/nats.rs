@@ -1,7 +1,7 @@
 //! Nodes joining a real NATS JetStream cluster on loopback ([`LocalNats`]).
 
 use starling_cluster::local::LocalNats;
-use starling_cluster::{Changes, Cluster, Ownership, Settings};
+use starling_cluster::{Changes, Cluster, Ownership, Placement, Settings};
 use starling_log::Partition;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ pub(crate) const LEASE: Duration = Duration::from_secs(3);
 
 /// Connects as `node`, waiting for the cluster to elect its JetStream leader.
 pub(crate) async fn join(nats: &LocalNats, node: &str) -> Arc<Ownership> {
-    let settings = Settings { node: node.into(), lease: LEASE, replicas: 3 };
+    let settings = Settings { node: node.into(), lease: LEASE, replicas: 3, url: None, placement: Placement::Spread };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match Cluster::connect(&nats.urls, settings.clone()).await {

@@ -4,6 +4,7 @@
 mod actions;
 mod attributes;
 mod audiences;
+mod cluster;
 mod enrichments;
 mod identity;
 mod ingestion;
@@ -263,6 +264,7 @@ impl Validator<'_> {
         let imports = self.imports(&raw.import);
         let personalization =
             raw.personalization.as_ref().map_or_else(Personalization::default, |p| self.personalization(p.get_ref()));
+        let cluster = raw.cluster.as_ref().and_then(|c| self.cluster(c.get_ref()));
         let timelines = (0..attributes.len()).filter(|&i| attributes[i].ty == AttrType::Timeline).collect();
         Model {
             server: raw.server,
@@ -290,6 +292,7 @@ impl Validator<'_> {
             history,
             imports,
             personalization,
+            cluster,
             source: self.source.to_string(),
         }
     }

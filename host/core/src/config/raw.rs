@@ -34,6 +34,17 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) import: Vec<Spanned<RawImport>>,
     pub(super) personalization: Option<Spanned<RawPersonalization>>,
+    pub(super) cluster: Option<Spanned<RawCluster>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCluster {
+    pub(super) nats: Vec<Spanned<String>>,
+    pub(super) node: Spanned<String>,
+    pub(super) lease: Option<Spanned<String>>,
+    pub(super) replicas: Option<Spanned<u32>>,
+    pub(super) advertise: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -346,3 +346,30 @@ requests_per_minute = 0
     assert!(!model.source_by_name("app").unwrap().tealium.as_ref().unwrap().admits("acme", "main", Some("ds2")));
     assert_eq!(model.personalization.requests_per_minute, 600);
 }
+
+#[test]
+fn a_cluster_section_is_checked_with_positions() {
+    let src = r#"
+[cluster]
+nats = ["nats://127.0.0.1:4222", "http://127.0.0.1:4223"]
+node = "node a"
+lease = "500ms"
+replicas = 7
+advertise = "http://10.0.0.1:8080/"
+"#;
+    let errs: Vec<String> = parse(src).unwrap_err().0.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        errs,
+        [
+            "3:34: cluster.nats: `http://127.0.0.1:4223` is not a NATS server URL (nats://host:port)",
+            "4:8: cluster.node: `node a` must be letters, digits, `-` and `_` (it names the node's keys)",
+            "5:9: cluster.lease must be between 1s and 60s",
+            "6:12: cluster.replicas must be between 1 and 5 (JetStream's limit)",
+            "7:13: cluster.advertise: `http://10.0.0.1:8080/` is not a base URL (http://host:port, no trailing `/`)",
+        ]
+    );
+    let model = parse("[cluster]\nnats = [\"nats://a:4222\", \"nats://b:4222\"]\nnode = \"a-1\"\n").unwrap();
+    let cluster = model.cluster.unwrap();
+    assert_eq!((cluster.node.as_str(), cluster.lease_ms, cluster.replicas), ("a-1", 5_000, 2));
+    assert!(parse("").unwrap().cluster.is_none(), "a single server needs no cluster");
+}

@@ -15,7 +15,7 @@ pub use ingestion::{
     DataSource, EventSpec, FieldSpec, FieldType, History, ImportDef, OnViolation, Personalization, Retention,
     TealiumKey,
 };
-pub use settings::{EventLogKind, ServerSettings, StartCheck};
+pub use settings::{ClusterSettings, EventLogKind, ServerSettings, StartCheck};
 
 use crate::attribute::{AttributeDef, preloaded_type};
 use crate::diagnostic::{Diagnostic, line_col};
@@ -63,6 +63,8 @@ pub struct Model {
     pub history: History,
     pub imports: Vec<ImportDef>,
     pub personalization: Personalization,
+    /// `[cluster]`: this server is one node of a cluster on NATS JetStream.
+    pub cluster: Option<ClusterSettings>,
     pub(crate) source: String,
 }
 

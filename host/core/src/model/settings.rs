@@ -178,3 +178,18 @@ fn default_listen() -> String {
 fn default_database() -> String {
     "starling.db".into()
 }
+
+/// `[cluster]`: the NATS servers the node joins, and how it takes part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// NATS server URLs (`nats://host:port`).
+    pub nats: Vec<String>,
+    /// This node's name, unique in the cluster.
+    pub node: String,
+    /// How long a partition's lease lasts without renewal.
+    pub lease_ms: i64,
+    /// Copies JetStream keeps of the stream and buckets.
+    pub replicas: usize,
+    /// The base URL other nodes reach this one's HTTP API at (none: the address it listens on).
+    pub advertise: Option<String>,
+}

@@ -1,0 +1,215 @@
+//! The event stream as the engine's [`EventLog`]: the node that holds a partition's lease
+//! appends its records to the partition's subject, each publish conditional on the subject's
+//! last position being the one this node last saw. A node whose lease lapsed is refused before
+//! it publishes; one paused between that check and the publish is refused by the stream once
+//! the new owner has written its first record (see [`JetStreamLog::fence`]). Either way a
+//! record is never written out of order, and nothing the new owner wrote is overwritten.
+//!
+//! The engine calls a log from its worker threads; this one runs the client on a Tokio runtime
+//! and waits for it there. An append returns once the stream acknowledged it, so
+//! [`EventLog::sync`] has nothing left to do.
+
+use crate::Ownership;
+use crate::stream::EventStream;
+use bytes::Bytes;
+use starling_log::{Entry, EventLog, LogError, PARTITIONS, Partition, Position};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a reading of the stream's size is reused.
+const SIZE_KEPT: Duration = Duration::from_secs(5);
+/// How long a request the stream cannot take (its servers electing a leader) is tried again.
+const RETRY_FOR: Duration = Duration::from_secs(20);
+const RETRY_EVERY: Duration = Duration::from_millis(100);
+
+/// Runs `attempt` until it succeeds, fails for a reason other than reaching the servers, or
+/// [`RETRY_FOR`] has passed.
+async fn retried<T, F: Future<Output = crate::Result<T>>>(mut attempt: impl FnMut() -> F) -> crate::Result<T> {
+    let started = Instant::now();
+    loop {
+        match attempt().await {
+            Err(crate::ClusterError::Nats(e)) if started.elapsed() < RETRY_FOR => {
+                tracing::debug!("the event stream is unavailable, trying again: {e}");
+                tokio::time::sleep(RETRY_EVERY).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+pub struct JetStreamLog {
+    stream: Arc<EventStream>,
+    ownership: Arc<Ownership>,
+    runtime: tokio::runtime::Handle,
+    /// The last position of each partition's subject that this node wrote or read.
+    last: Vec<AtomicU64>,
+    /// One past the highest position seen.
+    next: AtomicU64,
+    size: Mutex<Option<(Instant, u64)>>,
+    /// Numbers this process's records (with `run`, their ids in the stream).
+    records: AtomicU64,
+    run: String,
+    /// The stream refused an append because another node wrote to the partition: this node's
+    /// state is no longer the partition's.
+    overtaken: AtomicBool,
+}
+
+fn remote(e: impl std::fmt::Display) -> LogError {
+    LogError::Remote(e.to_string())
+}
+
+impl JetStreamLog {
+    pub fn new(stream: Arc<EventStream>, ownership: Arc<Ownership>, runtime: tokio::runtime::Handle) -> JetStreamLog {
+        let run = format!("{}-{}", ownership.cluster().node(), crate::now_ms());
+        JetStreamLog {
+            stream,
+            ownership,
+            runtime,
+            last: (0..PARTITIONS).map(|_| AtomicU64::new(0)).collect(),
+            next: AtomicU64::new(1),
+            size: Mutex::new(None),
+            records: AtomicU64::new(0),
+            run,
+            overtaken: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether another node wrote to a partition this node was writing.
+    pub fn overtaken(&self) -> bool {
+        self.overtaken.load(Ordering::SeqCst)
+    }
+
+    fn saw(&self, partition: Partition, position: Position) {
+        self.last[partition as usize].fetch_max(position, Ordering::SeqCst);
+        self.next.fetch_max(position + 1, Ordering::SeqCst);
+    }
+
+    /// Appends a record that changes nothing to each of `partitions` (just gained): from then
+    /// on the stream refuses any record from a former owner that has not seen it.
+    pub async fn fence(&self, partitions: &[Partition], marker: &[u8]) -> Result<(), LogError> {
+        for &partition in partitions {
+            let last = retried(|| self.stream.last_position(partition)).await.map_err(remote)?;
+            self.saw(partition, last);
+            self.append_in(partition, vec![Bytes::copy_from_slice(marker)]).await?;
+        }
+        Ok(())
+    }
+
+    async fn append_in(&self, partition: Partition, payloads: Vec<Bytes>) -> Result<Vec<Position>, LogError> {
+        let mut positions = Vec::with_capacity(payloads.len());
+        for payload in payloads {
+            let last = self.last[partition as usize].load(Ordering::SeqCst);
+            let id = format!("{}-{}", self.run, self.records.fetch_add(1, Ordering::SeqCst));
+            let appended = retried(|| self.stream.append_after(partition, last, &id, payload.clone())).await;
+            let position = match appended {
+                Ok(position) => position,
+                Err(e) => {
+                    if matches!(e, crate::ClusterError::Behind { .. }) {
+                        self.overtaken.store(true, Ordering::SeqCst);
+                    }
+                    return Err(remote(e));
+                }
+            };
+            self.saw(partition, position);
+            positions.push(position);
+        }
+        Ok(positions)
+    }
+}
+
+impl EventLog for JetStreamLog {
+    fn append(&self, records: &[(Partition, &[u8])]) -> starling_log::Result<Vec<Position>> {
+        // A lease that lapsed while the servers could not be reached (an election) is renewed
+        // once they can: the append waits for that, as long as it would retry the stream.
+        let waiting = Instant::now();
+        loop {
+            let held = self.ownership.held();
+            let Some((partition, _)) = records.iter().find(|(p, _)| !held.contains(p)) else { break };
+            if self.overtaken() || waiting.elapsed() >= RETRY_FOR {
+                return Err(remote(crate::ClusterError::Fenced { partition: *partition }));
+            }
+            self.runtime.block_on(async { tokio::time::sleep(RETRY_EVERY).await });
+        }
+        // Records of one partition go one after another (each is conditional on the last);
+        // partitions go side by side.
+        let mut by_partition: Vec<(Partition, Vec<usize>)> = Vec::new();
+        for (i, (partition, _)) in records.iter().enumerate() {
+            match by_partition.iter_mut().find(|(p, _)| p == partition) {
+                Some((_, indices)) => indices.push(i),
+                None => by_partition.push((*partition, vec![i])),
+            }
+        }
+        let appends = by_partition.iter().map(|(partition, indices)| {
+            let payloads = indices.iter().map(|&i| Bytes::copy_from_slice(records[i].1)).collect();
+            self.append_in(*partition, payloads)
+        });
+        let done = self.runtime.block_on(futures_util::future::join_all(appends));
+        let mut positions = vec![0; records.len()];
+        for ((_, indices), result) in by_partition.iter().zip(done) {
+            for (&i, position) in indices.iter().zip(result?) {
+                positions[i] = position;
+            }
+        }
+        Ok(positions)
+    }
+
+    fn sync(&self, _position: Position) -> starling_log::Result<()> {
+        Ok(())
+    }
+
+    fn read(&self, after: &[(Partition, Position)], visit: &mut dyn FnMut(Entry)) -> starling_log::Result<()> {
+        let mut entries = Vec::new();
+        self.runtime.block_on(async {
+            for &(partition, from) in after {
+                let last = retried(|| self.stream.last_position(partition)).await.map_err(remote)?;
+                self.saw(partition, last);
+                let read = retried(|| async {
+                    let mut records = Vec::new();
+                    let mut visit = |position, payload: Bytes| records.push((position, payload));
+                    self.stream.read(partition, from, &mut visit).await.map(|()| records)
+                })
+                .await
+                .map_err(remote)?;
+                entries.extend(read.into_iter().map(|(position, payload)| Entry {
+                    position,
+                    partition,
+                    payload: payload.to_vec(),
+                }));
+            }
+            Ok::<_, LogError>(())
+        })?;
+        entries.sort_by_key(|e| e.position);
+        entries.into_iter().for_each(visit);
+        Ok(())
+    }
+
+    /// The stream keeps every record (a partition's new owner rebuilds its state from them).
+    fn truncate_before(&self, _position: Position) -> starling_log::Result<u64> {
+        Ok(0)
+    }
+
+    fn seal(&self) -> starling_log::Result<()> {
+        Ok(())
+    }
+
+    fn next_position(&self) -> Position {
+        self.next.load(Ordering::SeqCst)
+    }
+
+    /// The stream numbers records itself, always upwards.
+    fn continue_after(&self, _position: Position) {}
+
+    fn size_bytes(&self) -> u64 {
+        let mut size = self.size.lock().expect("stream size");
+        match *size {
+            Some((at, bytes)) if at.elapsed() < SIZE_KEPT => bytes,
+            _ => {
+                let bytes = self.runtime.block_on(self.stream.size_bytes()).unwrap_or(0);
+                *size = Some((Instant::now(), bytes));
+                bytes
+            }
+        }
+    }
+}

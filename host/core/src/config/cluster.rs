@@ -1,0 +1,77 @@
+//! `[cluster]`: NATS servers, node name, lease, replicas, advertised address.
+
+use super::Validator;
+use super::raw::RawCluster;
+use crate::literal::parse_duration;
+use crate::model::ClusterSettings;
+
+const DEFAULT_LEASE_MS: i64 = 5_000;
+/// A lease shorter than this is renewed more often than a NATS round trip under load allows;
+/// a longer one leaves a dead node's partitions unserved for longer than clients wait.
+const LEASE_RANGE_MS: std::ops::RangeInclusive<i64> = 1_000..=60_000;
+
+impl Validator<'_> {
+    pub(super) fn cluster(&mut self, raw: &RawCluster) -> Option<ClusterSettings> {
+        let errors = self.errors.len();
+        if raw.nats.is_empty() {
+            self.error(raw.node.span(), "cluster.nats: name at least one NATS server (nats://host:port)");
+        }
+        for url in &raw.nats {
+            let u = url.get_ref();
+            let well_formed = ["nats://", "tls://"]
+                .iter()
+                .any(|scheme| u.strip_prefix(scheme).is_some_and(|rest| !rest.is_empty() && !rest.contains('/')));
+            if !well_formed {
+                self.error(url.span(), format!("cluster.nats: `{u}` is not a NATS server URL (nats://host:port)"));
+            }
+        }
+        let node = raw.node.get_ref();
+        if node.is_empty() || !node.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            self.error(
+                raw.node.span(),
+                format!("cluster.node: `{node}` must be letters, digits, `-` and `_` (it names the node's keys)"),
+            );
+        }
+        let lease_ms = match &raw.lease {
+            None => DEFAULT_LEASE_MS,
+            Some(lease) => match parse_duration(lease.get_ref()) {
+                Ok(ms) if LEASE_RANGE_MS.contains(&ms) => ms,
+                Ok(_) => {
+                    self.error(lease.span(), "cluster.lease must be between 1s and 60s");
+                    DEFAULT_LEASE_MS
+                }
+                Err(e) => {
+                    self.error(lease.span(), format!("cluster.lease: {e}"));
+                    DEFAULT_LEASE_MS
+                }
+            },
+        };
+        let replicas = match &raw.replicas {
+            None => raw.nats.len().clamp(1, 3),
+            Some(n) if !(1..=5).contains(n.get_ref()) => {
+                self.error(n.span(), "cluster.replicas must be between 1 and 5 (JetStream's limit)");
+                1
+            }
+            Some(n) => *n.get_ref() as usize,
+        };
+        if let Some(url) = &raw.advertise {
+            let u = url.get_ref();
+            let well_formed = ["http://", "https://"]
+                .iter()
+                .any(|scheme| u.strip_prefix(scheme).is_some_and(|rest| !rest.is_empty() && !rest.ends_with('/')));
+            if !well_formed {
+                self.error(
+                    url.span(),
+                    format!("cluster.advertise: `{u}` is not a base URL (http://host:port, no trailing `/`)"),
+                );
+            }
+        }
+        (self.errors.len() == errors).then(|| ClusterSettings {
+            nats: raw.nats.iter().map(|u| u.get_ref().clone()).collect(),
+            node: node.clone(),
+            lease_ms,
+            replicas,
+            advertise: raw.advertise.as_ref().map(|u| u.get_ref().clone()),
+        })
+    }
+}

@@ -1,0 +1,280 @@
+//! A server as one node of a cluster on NATS JetStream (`[cluster]` in the configuration).
+//!
+//! The event log is the cluster's replicated stream ([`JetStreamLog`]); the virtual
+//! partitions' leases say which node writes it. Partitions are placed whole
+//! ([`Placement::Whole`]): one node holds every lease and runs the engine, the others stand by.
+//! Every node answers the whole HTTP API: a standby forwards each request to the owner it reads
+//! from the leases (`X-Starling-Node` on every answer names the node whose engine answered), so
+//! that reads see exactly what the owner applied, not a copy that may lag. When the owner dies
+//! its leases lapse; a standby takes them, appends a record to every partition that fences off
+//! the former owner, and starts the engine, which derives its state from the stream (after what
+//! its own database holds) and delivers the actions left pending, under the same idempotency
+//! keys (they are made of log positions, which the stream keeps). An owner that finds it lost
+//! a lease (paused past it, cut off) stops at once: its appends are refused from then on.
+
+use crate::{App, Options, ServerError, http};
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use starling_cluster::log::JetStreamLog;
+use starling_cluster::stream::EventStream;
+use starling_cluster::{Cluster, Ownership, Placement, Settings};
+use starling_log::PARTITIONS;
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Names the node whose engine answered.
+pub const NODE_HEADER: &str = "x-starling-node";
+/// Set on a request a standby forwards: the owner does not forward it again.
+const FORWARDED_HEADER: &str = "x-starling-forwarded-by";
+/// How long a stream's record ids are remembered to keep a repeated one out.
+const DEDUP_WINDOW: Duration = Duration::from_secs(120);
+
+/// What the ownership rounds last saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct View {
+    /// Whether this node holds every partition.
+    holds_all: bool,
+    /// Whether another node took a partition this node held, or wrote to one: from then on this
+    /// node's state is not the partitions' (it stays so).
+    overtaken: bool,
+    /// The node holding the leases, and its URL.
+    owner: Option<(String, Option<String>)>,
+    /// Live nodes and their URLs.
+    nodes: Vec<(String, Option<String>)>,
+    held: usize,
+    /// The NATS server leading the event stream's replicas.
+    stream_leader: Option<String>,
+}
+
+struct Front {
+    node: String,
+    engine: RwLock<Option<axum::Router>>,
+    view: watch::Receiver<View>,
+    client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, axum::body::Body>,
+}
+
+/// Serves `listener` as a cluster node until `shutdown` resolves, or until this node loses the
+/// leases it ran the engine with (then returns [`ServerError::Fenced`]).
+pub async fn serve(
+    options: Options,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let settings = options.model.cluster.clone().expect("a cluster node has [cluster] settings");
+    let addr = listener.local_addr()?;
+    let url = settings.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let lease = Duration::from_millis(settings.lease_ms as u64);
+    let cluster = Cluster::connect(
+        &settings.nats,
+        Settings {
+            node: settings.node.clone(),
+            lease,
+            replicas: settings.replicas,
+            url: Some(url.clone()),
+            placement: Placement::Whole,
+        },
+    )
+    .await
+    .map_err(|e| ServerError::Cluster(e.to_string()))?;
+    let stream = Arc::new(cluster.events(DEDUP_WINDOW).await.map_err(|e| ServerError::Cluster(e.to_string()))?);
+    let ownership = Arc::new(Ownership::new(cluster));
+    let log = Arc::new(JetStreamLog::new(stream.clone(), ownership.clone(), tokio::runtime::Handle::current()));
+    tracing::info!(node = %settings.node, %url, "joined the cluster");
+
+    let (view_tx, view) = watch::channel(View::default());
+    let rounds = tokio::spawn(run_rounds(ownership.clone(), stream.clone(), log.clone(), lease, view_tx));
+    let front = Arc::new(Front {
+        node: settings.node.clone(),
+        engine: RwLock::new(None),
+        view: view.clone(),
+        client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http(),
+    });
+    let router =
+        axum::Router::new().route("/v1/cluster", axum::routing::get(status)).fallback(answer).with_state(front.clone());
+
+    let model = options.model.clone();
+    let limits = http::Limits {
+        max_connections: model.server.max_connections.max(1),
+        header_timeout: Duration::from_millis(model.header_timeout_ms as u64),
+    };
+    let drain = http::Drain::default();
+    let (stop_tx, mut stop) = watch::channel(false);
+    let mut stopping = stop.clone();
+    let serving = tokio::spawn(http::serve(listener, router, limits, drain.clone(), async move {
+        let _ = stopping.wait_for(|s| *s).await;
+    }));
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut view_rx = view;
+    let mut options = Some(options);
+    let mut app: Option<App> = None;
+    let outcome = loop {
+        let (holds_all, overtaken) = {
+            let view = view_rx.borrow_and_update();
+            (view.holds_all, view.overtaken)
+        };
+        // A lease that lapsed without another node taking it (NATS unreachable for a while)
+        // only pauses writing: the log refuses appends until this node renews.
+        match (&app, holds_all) {
+            (Some(_), _) if overtaken => {
+                tracing::error!(node = %front.node, "this node lost its partitions' leases to another node; stopping");
+                break Err(ServerError::Fenced);
+            }
+            (None, true) if !overtaken => {
+                let Some(start) = options.take() else { break Ok(()) };
+                match activate(start, &log, &front.node, addr, &drain).await {
+                    Ok(engine) => {
+                        *front.engine.write().expect("engine") = Some(engine.router());
+                        app = Some(engine);
+                    }
+                    Err(e) => break Err(e),
+                }
+            }
+            _ => {}
+        }
+        tokio::select! {
+            changed = view_rx.changed() => if changed.is_err() { break Err(ServerError::Cluster("ownership rounds stopped".into())) },
+            _ = &mut shutdown => break Ok(()),
+        }
+    };
+    front.engine.write().expect("engine").take();
+    let _ = stop_tx.send(true);
+    let _ = stop.wait_for(|s| *s).await;
+    let _ = serving.await;
+    rounds.abort();
+    if let Some(app) = app {
+        app.stop().await;
+    }
+    outcome
+}
+
+/// Fences every partition off from former owners and starts the engine on the stream.
+async fn activate(
+    mut options: Options,
+    log: &Arc<JetStreamLog>,
+    node: &str,
+    addr: std::net::SocketAddr,
+    drain: &http::Drain,
+) -> Result<App, ServerError> {
+    let started = std::time::Instant::now();
+    let partitions: Vec<_> = (0..PARTITIONS).collect();
+    log.fence(&partitions, &crate::pipeline::owner_record(node))
+        .await
+        .map_err(|e| ServerError::Cluster(format!("fencing the partitions: {e}")))?;
+    options.event_log = Some(log.clone());
+    let mut engine = App::start(options).await?;
+    engine.listening_on(addr)?;
+    engine.state.drain = drain.clone();
+    tracing::info!(
+        node,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "this node owns every partition and serves them"
+    );
+    Ok(engine)
+}
+
+/// Keeps this node's leases, a few rounds per lease period, and publishes what it sees.
+async fn run_rounds(
+    ownership: Arc<Ownership>,
+    stream: Arc<EventStream>,
+    log: Arc<JetStreamLog>,
+    lease: Duration,
+    view: watch::Sender<View>,
+) {
+    let cluster = ownership.cluster();
+    let mut overtaken = false;
+    loop {
+        match ownership.tick().await {
+            Ok(changes) if !changes.lost.is_empty() => {
+                tracing::warn!(partitions = changes.lost.len(), "partitions taken by another node");
+                overtaken = true;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("ownership round: {e}"),
+        }
+        let held = ownership.held().len();
+        let nodes = cluster.live_nodes_with_urls().await.unwrap_or_default();
+        let owner = match cluster.owners().await {
+            Ok(owners) => owners.get(&0).map(|o| (o.node.clone(), nodes.get(&o.node).cloned().flatten())),
+            Err(_) => view.borrow().owner.clone(),
+        };
+        let stream_leader = stream.leader().await.unwrap_or_default();
+        overtaken |= log.overtaken();
+        let next = View {
+            holds_all: held == PARTITIONS as usize,
+            overtaken,
+            owner,
+            nodes: nodes.into_iter().collect(),
+            held,
+            stream_leader,
+        };
+        view.send_if_modified(|v| {
+            let changed = *v != next;
+            *v = next;
+            changed
+        });
+        tokio::time::sleep(lease / 4).await;
+    }
+}
+
+/// `GET /v1/cluster`: this node, the owner, the live nodes.
+async fn status(State(front): State<Arc<Front>>) -> Response {
+    let view = front.view.borrow().clone();
+    let serving = front.engine.read().expect("engine").is_some();
+    let body = serde_json::json!({
+        "node": front.node,
+        "placement": "whole",
+        "serving": serving,
+        "partitions_held": view.held,
+        "owner": view.owner.as_ref().map(|(n, _)| n),
+        "stream_leader": view.stream_leader,
+        "nodes": view.nodes.iter().map(|(n, u)| serde_json::json!({"node": n, "url": u})).collect::<Vec<_>>(),
+    });
+    axum::Json(body).into_response()
+}
+
+/// Any other request: to this node's engine if it runs, else to the owner's.
+async fn answer(State(front): State<Arc<Front>>, request: Request) -> Response {
+    let engine = front.engine.read().expect("engine").clone();
+    if let Some(engine) = engine {
+        let mut response = tower::ServiceExt::oneshot(engine, request).await.unwrap_or_else(|e| match e {});
+        if let Ok(node) = HeaderValue::from_str(&front.node) {
+            response.headers_mut().insert(HeaderName::from_static(NODE_HEADER), node);
+        }
+        return response;
+    }
+    let owner = front.view.borrow().owner.clone();
+    match owner {
+        Some((node, Some(url))) if node != front.node && !request.headers().contains_key(FORWARDED_HEADER) => {
+            forward(&front, &url, request).await
+        }
+        _ => unavailable("no node of the cluster serves yet: the partitions' owner is being chosen"),
+    }
+}
+
+async fn forward(front: &Front, base: &str, request: Request) -> Response {
+    let (mut parts, body) = request.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let Ok(uri) = format!("{base}{path}").parse() else { return unavailable("the owner's URL is not usable") };
+    parts.uri = uri;
+    parts.headers.remove(header::HOST);
+    if let Ok(node) = HeaderValue::from_str(&front.node) {
+        parts.headers.insert(HeaderName::from_static(FORWARDED_HEADER), node);
+    }
+    match front.client.request(Request::from_parts(parts, body)).await {
+        Ok(response) => response.map(axum::body::Body::new),
+        Err(e) => {
+            tracing::warn!("forwarding to the owner at {base}: {e}");
+            unavailable("the partitions' owner could not be reached; retry")
+        }
+    }
+}
+
+fn unavailable(message: &str) -> Response {
+    let mut response =
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({ "error": message }))).into_response();
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}

@@ -1,0 +1,231 @@
+//! Starling nodes on a three-server NATS JetStream cluster: one node owns every partition and
+//! runs the engine on the replicated stream, the other stands by and forwards what it is asked.
+//! A dead owner's partitions move to the standby, which rebuilds their state from the stream and
+//! delivers what was pending; an owner paused past its lease cannot write once it wakes.
+
+use crate::harness::{self, Receiver, Server, eventually, get_json, post_json};
+use serde_json::json;
+use starling_cluster::local::LocalNats;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const LEASE: &str = "3s";
+
+/// The benchmark configuration as node `node` of the cluster at `nats`, its action calling
+/// `receiver` for every profile that becomes known.
+fn node_config(dir: &Path, node: &str, nats: &LocalNats, receiver: &str) -> PathBuf {
+    let dir = dir.join(node);
+    std::fs::create_dir_all(&dir).unwrap();
+    let urls: Vec<String> = nats.urls.iter().map(|u| format!("\"{u}\"")).collect();
+    let config = std::fs::read_to_string(harness::root().join("examples/benchmark.toml"))
+        .unwrap()
+        .replace("../target/bench/starling.db", "starling.db")
+        .replace("../target/plugins", "plugins")
+        .replace("http://127.0.0.1:9998/traced", &format!("{receiver}/traced"))
+        + &format!(
+            r#"
+[[action]]
+name = "welcome"
+audience = "known"
+trigger = "joined"
+connector = "webhook"
+settings = {{ url = "{receiver}/welcome" }}
+params = {{ who = "profile_id" }}
+
+[cluster]
+nats = [{}]
+node = "{node}"
+lease = "{LEASE}"
+"#,
+            urls.join(", ")
+        );
+    let path = dir.join("starling.toml");
+    std::fs::write(&path, config).unwrap();
+    for plugin in ["webhook", "value-tier"] {
+        harness::install(harness::connectors(), plugin, &dir.join("plugins"), |m| m);
+    }
+    path
+}
+
+/// What `server` says of the cluster (null while it cannot answer).
+async fn cluster_view(server: &Server) -> serde_json::Value {
+    match harness::client().get(format!("{}/v1/cluster", server.url)).send().await {
+        Ok(response) => response.json().await.unwrap_or_default(),
+        Err(_) => serde_json::Value::Null,
+    }
+}
+
+/// Waits until `server` runs the engine on every partition.
+async fn serving(server: &Server, within: Duration) {
+    assert!(harness::alive(server.pid()), "the node stopped:\n{}", server.logs());
+    eventually("the node to serve every partition", within, async || {
+        let view = cluster_view(server).await;
+        (view["serving"] == true && view["partitions_held"] == 64).then_some(())
+    })
+    .await;
+}
+
+/// A load of `events` from 200 people, `two_devices` of whom stitch two devices.
+async fn loadgen(server: &Server, prefix: &str, events: usize, two_devices: f64) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args(["loadgen", "--server", &server.url, "--people", "200", "--events", &events.to_string()])
+        .args(["--batch", "25", "--connections", "4", "--resend", "--prefix", prefix])
+        .args(["--two-devices", &two_devices.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+async fn finished(child: tokio::process::Child) -> String {
+    let output = child.wait_with_output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    stdout
+}
+
+async fn verify(server: &Server, prefix: &str, events: usize, two_devices: f64) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args(["loadgen", "--server", &server.url, "--people", "200", "--events", &events.to_string()])
+        .args(["--two-devices", &two_devices.to_string(), "--prefix", prefix, "--verify-only"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let trouble = || {
+        let logs = server.logs();
+        logs.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect::<Vec<_>>().join("\n")
+    };
+    if !stdout.contains(": 0 mismatches") {
+        // The history of each profile that does not add up, to tell what was applied twice or lost.
+        let mut histories = String::new();
+        for device in stdout.lines().filter_map(|l| l.trim().split_once(": events").map(|(d, _)| d.to_string())) {
+            let (_, export) = get_json(&format!("{}/v1/profiles/{device}/export", server.url)).await;
+            let events: Vec<String> = export["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| format!("{}:{}", e["id"].as_str().unwrap_or("-"), e["event"].as_str().unwrap_or("-")))
+                .collect();
+            histories += &format!("{device}: {}\n", events.join(" "));
+        }
+        panic!("{stdout}\n{histories}\n{}", trouble());
+    }
+    assert!(output.status.success(), "{stdout}\n{}\n{}", String::from_utf8_lossy(&output.stderr), trouble());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_owner_dies_under_load_and_the_standby_serves_every_profile_with_nothing_lost() {
+    let _heavy = harness::exclusive().await;
+    let mut nats = LocalNats::start(3).unwrap();
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = Server::start(&node_config(dir.path(), "a", &nats, &receiver.url));
+    serving(&a, Duration::from_secs(60)).await;
+    // A node that joins stands by: ownership does not move, no partition is held twice.
+    let b = Server::start(&node_config(dir.path(), "b", &nats, &receiver.url));
+    let view = eventually("b to see both nodes", Duration::from_secs(20), async || {
+        let view = cluster_view(&b).await;
+        (view["nodes"].as_array().map(Vec::len) == Some(2)).then_some(view)
+    })
+    .await;
+    assert_eq!(
+        (view["owner"].as_str(), view["serving"].as_bool(), view["partitions_held"].as_u64()),
+        (Some("a"), Some(false), Some(0))
+    );
+
+    // A read through the standby is answered by the owner's engine.
+    let (status, _) =
+        post_json(&format!("{}/v1/events", b.url), &json!({"event": "page_view", "visitor_id": "probe", "data": {}}))
+            .await;
+    assert_eq!(status, 202);
+    let read = harness::client().get(format!("{}/v1/profiles/probe", b.url)).send().await.unwrap();
+    assert_eq!((read.status().as_u16(), read.headers()["x-starling-node"].to_str().unwrap()), (200, "a"));
+
+    // Load through both nodes; the owner dies in the middle of it.
+    let mut through_a = loadgen(&a, "la", 3_000, 0.0).await;
+    let through_b = loadgen(&b, "lb", 3_000, 0.0).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    a.kill9();
+    let killed = Instant::now();
+    serving(&b, Duration::from_secs(30)).await;
+    let failover = killed.elapsed();
+    // The client of the dead node got no answer for what it sent last: it sends everything
+    // again to the node left (what was acknowledged comes back a duplicate).
+    through_a.kill().await.unwrap();
+    finished(loadgen(&b, "la", 3_000, 0.0).await).await;
+    let stdout = finished(through_b).await;
+    assert!(stdout.contains("sent again after a lost connection") || stdout.contains("refused with 503"), "{stdout}");
+    assert!(failover < Duration::from_secs(10), "the standby served within {failover:?} of the owner's death");
+    println!("failover: the standby served every partition {failover:?} after the owner was killed");
+
+    // The stream's leader dies too: ingestion pauses for the election at most and goes on.
+    let leader = nats_stream_leader(&b).await;
+    let more = loadgen(&b, "lc", 2_000, 0.5).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nats.kill9(leader);
+    finished(more).await;
+
+    for (prefix, events, two_devices) in [("la", 3_000, 0.0), ("lb", 3_000, 0.0), ("lc", 2_000, 0.5)] {
+        verify(&b, prefix, events, two_devices).await;
+    }
+    // Every action delivered, none under two keys.
+    eventually("every action to be delivered", Duration::from_secs(60), async || {
+        let (_, actions) = get_json(&format!("{}/v1/actions?status=pending&limit=1", b.url)).await;
+        actions["actions"].as_array().is_some_and(Vec::is_empty).then_some(())
+    })
+    .await;
+    let mut keys: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for hook in receiver.received().iter().filter(|r| r.path == "/welcome") {
+        keys.entry(hook.body["who"].as_str().unwrap().to_string())
+            .or_default()
+            .insert(hook.header("idempotency-key").to_string());
+    }
+    assert!(keys.len() > 100, "welcomes for the known people: {}", keys.len());
+    let twice: Vec<_> = keys.iter().filter(|(_, k)| k.len() > 1).collect();
+    assert!(twice.is_empty(), "profiles welcomed under two keys: {twice:?}");
+    b.stop();
+}
+
+/// The NATS server (its index) leading the event stream, as the `nats` CLI-free way: the node's
+/// status names it.
+async fn nats_stream_leader(server: &Server) -> usize {
+    let view = cluster_view(server).await;
+    let leader = view["stream_leader"].as_str().unwrap_or_else(|| panic!("no stream leader: {view}"));
+    leader.trim_start_matches('n').parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_owner_paused_past_its_lease_cannot_write_when_it_wakes() {
+    let nats = LocalNats::start(3).unwrap();
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = Server::start(&node_config(dir.path(), "a", &nats, &receiver.url));
+    serving(&a, Duration::from_secs(60)).await;
+    let b = Server::start(&node_config(dir.path(), "b", &nats, &receiver.url));
+    let event = |visitor: &str| json!({"event": "page_view", "visitor_id": visitor, "data": {"category": "hats"}});
+    let (status, _) = post_json(&format!("{}/v1/events", a.url), &event("before")).await;
+    assert_eq!(status, 202);
+
+    let signal = |sig: &str| {
+        std::process::Command::new("kill").arg(sig).arg(a.pid().to_string()).status().unwrap();
+    };
+    signal("-STOP");
+    serving(&b, Duration::from_secs(30)).await;
+    let (status, _) = post_json(&format!("{}/v1/events", b.url), &event("while-paused")).await;
+    assert_eq!(status, 202);
+    signal("-CONT");
+    // Whatever the woken node was doing, it may not write: a request to it is refused, and it
+    // stops once it sees the leases gone.
+    let (status, _) = post_json(&format!("{}/v1/events", a.url), &event("after-waking")).await;
+    assert_ne!(status, 202, "the paused owner acknowledged an event after losing its leases");
+    eventually("the woken owner to stop", Duration::from_secs(30), async || (!harness::alive(a.pid())).then_some(()))
+        .await;
+    assert!(a.logs().contains("lost its partitions' leases"), "{}", a.logs());
+    for (visitor, known) in [("before", 200), ("while-paused", 200), ("after-waking", 404)] {
+        let (status, _) = get_json(&format!("{}/v1/profiles/{visitor}", b.url)).await;
+        assert_eq!(status, known, "{visitor}");
+    }
+    b.stop();
+}

@@ -37,6 +37,7 @@ params = {{ who = "profile_id" }}
 nats = [{}]
 node = "{node}"
 lease = "{LEASE}"
+snapshot_every = "2s"
 "#,
             urls.join(", ")
         );
@@ -66,11 +67,12 @@ async fn serving(server: &Server, within: Duration) {
     .await;
 }
 
-/// A load of `events` from 200 people, `two_devices` of whom stitch two devices.
+/// A load of `events` from 200 people, `two_devices` of whom stitch two devices, at 400 events
+/// a second (so that it is under way when a node or server is killed).
 async fn loadgen(server: &Server, prefix: &str, events: usize, two_devices: f64) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
         .args(["loadgen", "--server", &server.url, "--people", "200", "--events", &events.to_string()])
-        .args(["--batch", "25", "--connections", "4", "--resend", "--prefix", prefix])
+        .args(["--batch", "25", "--connections", "4", "--rate", "400", "--resend", "--prefix", prefix])
         .args(["--two-devices", &two_devices.to_string()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -146,17 +148,35 @@ async fn the_owner_dies_under_load_and_the_standby_serves_every_profile_with_not
     // Load through both nodes; the owner dies in the middle of it.
     let mut through_a = loadgen(&a, "la", 3_000, 0.0).await;
     let through_b = loadgen(&b, "lb", 3_000, 0.0).await;
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Once the owner has stored a snapshot, it dies.
+    eventually("the owner to store a snapshot", Duration::from_secs(20), async || {
+        a.logs().contains("snapshot stored").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let a_log = a.log.clone();
     a.kill9();
     let killed = Instant::now();
     serving(&b, Duration::from_secs(30)).await;
     let failover = killed.elapsed();
+    assert!(
+        b.logs().contains("state restored from the latest snapshot"),
+        "b:\n{}\na:\n{}",
+        b.logs(),
+        std::fs::read_to_string(&a_log).unwrap_or_default()
+    );
     // The client of the dead node got no answer for what it sent last: it sends everything
     // again to the node left (what was acknowledged comes back a duplicate).
     through_a.kill().await.unwrap();
     finished(loadgen(&b, "la", 3_000, 0.0).await).await;
     let stdout = finished(through_b).await;
-    assert!(stdout.contains("sent again after a lost connection") || stdout.contains("refused with 503"), "{stdout}");
+    // The load through the standby went on through the owner's death: some requests were
+    // refused while no node served, or lost with their connection, and sent again.
+    let count_before = |marker: &str| -> u64 {
+        let head = stdout.split(marker).next().filter(|h| h.len() < stdout.len()).unwrap_or_else(|| panic!("{stdout}"));
+        head.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{stdout}"))
+    };
+    assert!(count_before(" refused with 503") + count_before(" sent again") > 0, "{stdout}");
     assert!(failover < Duration::from_secs(10), "the standby served within {failover:?} of the owner's death");
     println!("failover: the standby served every partition {failover:?} after the owner was killed");
 
@@ -227,5 +247,46 @@ async fn an_owner_paused_past_its_lease_cannot_write_when_it_wakes() {
         let (status, _) = get_json(&format!("{}/v1/profiles/{visitor}", b.url)).await;
         assert_eq!(status, known, "{visitor}");
     }
+
+    // An upgrade, one node at a time: a new node stands by, the owner stops cleanly and gives
+    // its partitions up at once, without waiting for its leases to lapse.
+    let c = Server::start(&node_config(dir.path(), "c", &nats, &receiver.url));
+    eventually("c to stand by", Duration::from_secs(20), async || {
+        (cluster_view(&c).await["owner"] == "b").then_some(())
+    })
+    .await;
+    // A configuration change made through a standby reaches the owner, and every node says
+    // which version it runs.
+    let (_, running) = get_json(&format!("{}/v1/config", c.url)).await;
+    let changed = running["source"].as_str().unwrap().to_string()
+        + "\n[[audience]]\nname = \"hat_browsers\"\nrule = { attribute = \"category_views\", key = \"hats\", op = \">=\", value = 1 }\n";
+    let applied = harness::client().put(format!("{}/v1/config", c.url)).body(changed).send().await.unwrap();
+    assert_eq!(applied.status().as_u16(), 200);
+    let version = applied.json::<serde_json::Value>().await.unwrap()["version"].as_i64().unwrap();
+    assert!(version > running["version"].as_i64().unwrap());
+    eventually("every node to report the new version", Duration::from_secs(20), async || {
+        let view = cluster_view(&c).await;
+        let nodes = view["nodes"].as_array()?.clone();
+        (view["config_version"] == version && nodes.iter().all(|n| n["config_version"] == version)).then_some(())
+    })
+    .await;
+
+    let stopped = Instant::now();
     b.stop();
+    serving(&c, Duration::from_secs(30)).await;
+    let handover = stopped.elapsed();
+    for visitor in ["before", "while-paused"] {
+        let (status, profile) = get_json(&format!("{}/v1/profiles/{visitor}", c.url)).await;
+        assert_eq!((status, profile["event_count"].as_u64()), (200, Some(1)), "{visitor}");
+    }
+    // The new owner runs the configuration its predecessor ran, not its own file's.
+    let (_, config) = get_json(&format!("{}/v1/config", c.url)).await;
+    assert!(config["source"].as_str().unwrap().contains("hat_browsers"), "{config}");
+    eventually("the new audience to hold both hat browsers", Duration::from_secs(20), async || {
+        let (_, audience) = get_json(&format!("{}/v1/audiences/hat_browsers", c.url)).await;
+        (audience["size"] == 2).then_some(())
+    })
+    .await;
+    println!("handover: a stopped owner's partitions served by the next node {handover:?} after SIGTERM");
+    c.stop();
 }

@@ -3,12 +3,19 @@
 //! and 256 in flight on one connection (what a node's ingestion can push); afterwards, the bytes
 //! each event costs on disk across the three servers.
 //!
+//! Then the engine's view, the same for both of its logs: a worker's batch (8 records in as many
+//! partitions) appended and made durable, on the embedded segment log (one `fdatasync`) and on
+//! the stream through `JetStreamLog` (fenced appends, each acknowledged by the replicas).
+//!
 //! `cargo bench -p starling-cluster --bench stream`
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use starling_cluster::local::LocalNats;
-use starling_cluster::{Cluster, Placement, Settings};
+use starling_cluster::log::JetStreamLog;
+use starling_cluster::{Cluster, Ownership, Placement, Settings};
+use starling_log::EventLog;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -27,7 +34,7 @@ fn stream(c: &mut Criterion) {
         lease: Duration::from_secs(3),
         replicas: 3,
         url: None,
-        placement: Placement::Spread,
+        placement: Placement::Whole,
     };
     let (cluster, events) = runtime.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -90,7 +97,49 @@ fn stream(c: &mut Criterion) {
         grown as f64 / appended as f64,
         grown as f64 / appended as f64 / 3.0
     );
-    drop(cluster);
+
+    // The engine's two logs, one batch of 8 records at a time.
+    let dir = tempfile::tempdir().unwrap();
+    let segments = starling_log::SegmentLog::open(&dir.path().join("log")).unwrap();
+    let ownership = Arc::new(Ownership::new(cluster));
+    runtime.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ownership.held().len() < 64 {
+            assert!(Instant::now() < deadline, "the bench node took every partition");
+            ownership.tick().await.unwrap();
+        }
+    });
+    let replicated = JetStreamLog::new(Arc::new(events), ownership.clone(), runtime.handle().clone());
+    runtime
+        .block_on(replicated.fence(&(0..64).collect::<Vec<_>>(), b"{\"work\":\"owner\",\"node\":\"bench\"}"))
+        .unwrap();
+    let keep_leases = runtime.spawn({
+        let ownership = ownership.clone();
+        async move {
+            loop {
+                let _ = ownership.tick().await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    });
+    let payloads: Vec<Bytes> = (0..8).map(event).collect();
+    let mut group = c.benchmark_group("event_log");
+    group.sample_size(20).measurement_time(Duration::from_secs(10));
+    group.throughput(Throughput::Elements(8));
+    for (name, log) in [("segment_file", &segments as &dyn EventLog), ("jetstream_r3", &replicated as &dyn EventLog)] {
+        let mut batch = 0u16;
+        group.bench_function(format!("batch_of_8_durable/{name}"), |b| {
+            b.iter(|| {
+                batch = batch.wrapping_add(1);
+                let records: Vec<(u16, &[u8])> =
+                    payloads.iter().enumerate().map(|(i, p)| ((batch * 8 + i as u16) % 64, p.as_ref())).collect();
+                let positions = log.append(&records).unwrap();
+                log.sync(*positions.last().unwrap()).unwrap();
+            })
+        });
+    }
+    group.finish();
+    keep_leases.abort();
 }
 
 criterion_group!(benches, stream);

@@ -21,6 +21,7 @@
 pub mod assign;
 pub mod local;
 pub mod log;
+pub mod snapshot;
 pub mod stream;
 
 use async_nats::jetstream::{self, kv};
@@ -33,6 +34,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const PARTITIONS_BUCKET: &str = "starling-partitions";
 const NODES_BUCKET: &str = "starling-nodes";
+const CONFIG_BUCKET: &str = "starling-config";
+const CONFIG_KEY: &str = "active";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -85,6 +88,27 @@ pub enum Placement {
 struct Heartbeat {
     until_ms: i64,
     url: Option<String>,
+    #[serde(default)]
+    config_version: Option<i64>,
+}
+
+/// A live node, as its heartbeat describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// The base URL of its HTTP API.
+    pub url: Option<String>,
+    /// The version of the configuration it runs (or, standing by, would start with).
+    pub config_version: Option<i64>,
+}
+
+/// The configuration the owner runs, published for every node (bucket `starling-config`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SharedConfig {
+    /// The owner's configuration version (its database's count of configurations applied).
+    pub version: i64,
+    pub sha256: String,
+    /// The file's text.
+    pub text: String,
 }
 
 /// What the bucket holds for a partition.
@@ -130,6 +154,9 @@ pub struct Cluster {
     js: jetstream::Context,
     partitions: kv::Store,
     nodes: kv::Store,
+    config: kv::Store,
+    /// The configuration version this node runs, for its heartbeat.
+    running: Mutex<Option<i64>>,
 }
 
 impl Cluster {
@@ -154,7 +181,8 @@ impl Cluster {
         };
         let partitions = js.create_or_update_key_value(bucket(PARTITIONS_BUCKET)).await.map_err(nats)?;
         let nodes = js.create_or_update_key_value(bucket(NODES_BUCKET)).await.map_err(nats)?;
-        Ok(Cluster { settings, js, partitions, nodes })
+        let config = js.create_or_update_key_value(bucket(CONFIG_BUCKET)).await.map_err(nats)?;
+        Ok(Cluster { settings, js, partitions, nodes, config, running: Mutex::new(None) })
     }
 
     pub fn node(&self) -> &str {
@@ -167,6 +195,11 @@ impl Cluster {
         stream::EventStream::open(self.js.clone(), self.settings.replicas, dedup).await
     }
 
+    /// Opens the snapshot store (see [`snapshot`]).
+    pub async fn snapshots(&self) -> Result<snapshot::Snapshots> {
+        snapshot::Snapshots::open(&self.js, self.settings.replicas).await
+    }
+
     /// The NATS server leading the leases' replicated stream (its Raft leader), if known.
     pub async fn leases_leader(&self) -> Result<Option<String>> {
         let info = self.partitions.stream.get_info().await.map_err(nats)?;
@@ -175,15 +208,47 @@ impl Cluster {
 
     /// Says this node is alive for another lease period.
     pub async fn heartbeat(&self) -> Result<()> {
-        let beat =
-            Heartbeat { until_ms: now_ms() + self.settings.lease.as_millis() as i64, url: self.settings.url.clone() };
+        let beat = Heartbeat {
+            until_ms: now_ms() + self.settings.lease.as_millis() as i64,
+            url: self.settings.url.clone(),
+            config_version: *self.running.lock().expect("running configuration"),
+        };
         let value = serde_json::to_vec(&beat).expect("a heartbeat serializes");
         self.nodes.put(&self.settings.node, Bytes::from(value)).await.map_err(nats)?;
         Ok(())
     }
 
-    /// The nodes whose heartbeat has not expired, by name, with their HTTP API's URL.
-    pub async fn live_nodes_with_urls(&self) -> Result<BTreeMap<String, Option<String>>> {
+    /// Says this node is gone (a heartbeat that has expired already): the others stop counting
+    /// on it at once.
+    pub async fn leave(&self) -> Result<()> {
+        let beat = Heartbeat { until_ms: 0, url: None, config_version: None };
+        let value = serde_json::to_vec(&beat).expect("a heartbeat serializes");
+        self.nodes.put(&self.settings.node, Bytes::from(value)).await.map_err(nats)?;
+        Ok(())
+    }
+
+    /// Says which configuration version this node runs (in its next heartbeats).
+    pub fn set_running_config(&self, version: i64) {
+        *self.running.lock().expect("running configuration") = Some(version);
+    }
+
+    /// Publishes the configuration the owner runs.
+    pub async fn publish_config(&self, config: &SharedConfig) -> Result<()> {
+        let value = serde_json::to_vec(config).expect("a configuration serializes");
+        self.config.put(CONFIG_KEY, Bytes::from(value)).await.map_err(nats)?;
+        Ok(())
+    }
+
+    /// The configuration the owner last published.
+    pub async fn shared_config(&self) -> Result<Option<SharedConfig>> {
+        match self.config.get(CONFIG_KEY).await.map_err(nats)? {
+            Some(value) => Ok(Some(serde_json::from_slice(&value).map_err(nats)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The nodes whose heartbeat has not expired, by name.
+    pub async fn live_peers(&self) -> Result<BTreeMap<String, Peer>> {
         use futures_util::TryStreamExt;
         let names: Vec<String> = self.nodes.keys().await.map_err(nats)?.try_collect().await.map_err(nats)?;
         let now = now_ms();
@@ -193,7 +258,7 @@ impl Cluster {
                 && let Ok(beat) = serde_json::from_slice::<Heartbeat>(&value)
                 && beat.until_ms > now
             {
-                live.insert(name, beat.url);
+                live.insert(name, Peer { url: beat.url, config_version: beat.config_version });
             }
         }
         Ok(live)
@@ -201,7 +266,7 @@ impl Cluster {
 
     /// The nodes whose heartbeat has not expired, by name.
     pub async fn live_nodes(&self) -> Result<Vec<String>> {
-        Ok(self.live_nodes_with_urls().await?.into_keys().collect())
+        Ok(self.live_peers().await?.into_keys().collect())
     }
 
     async fn holding(&self, partition: Partition) -> Result<Option<(Holding, u64)>> {
@@ -375,6 +440,16 @@ impl Ownership {
             Err(_) => {}
         }
         result
+    }
+
+    /// Gives up every partition this node holds (a graceful stop): another node takes them at
+    /// once instead of after their leases lapse.
+    pub async fn release_all(&self) -> Result<()> {
+        let held: Vec<Lease> = std::mem::take(&mut *self.held.lock().expect("held leases")).into_values().collect();
+        for lease in held {
+            self.cluster.release(lease).await?;
+        }
+        self.cluster.leave().await
     }
 
     /// One round: heartbeat, then renew what this node keeps, release what the target gives to

@@ -90,6 +90,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::wire::routes())
         .merge(crate::personalize::routes(&state))
         .route("/healthz", get(health))
+        .route("/v1/cluster", get(not_clustered))
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/admin", get(|| async { axum::response::Html(ADMIN_PAGE) }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -99,6 +100,11 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(state.clone(), check_host))
         .layer(axum::middleware::from_fn_with_state(state.clone(), refuse_while_stopping))
         .with_state(state)
+}
+
+/// `GET /v1/cluster` on a server that is not a cluster node (a node's front answers it first).
+async fn not_clustered() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "this server is not a cluster node (no [cluster] section)")
 }
 
 /// `ok`; or, while writes fail for lack of space, 503 saying so (reads still work).

@@ -16,11 +16,14 @@ use crate::{App, Options, ServerError, http};
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use starling_cluster::log::JetStreamLog;
+use starling_cluster::snapshot::Snapshots;
 use starling_cluster::stream::EventStream;
-use starling_cluster::{Cluster, Ownership, Placement, Settings};
+use starling_cluster::{Cluster, Ownership, Peer, Placement, Settings, SharedConfig};
 use starling_log::PARTITIONS;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -31,6 +34,8 @@ pub const NODE_HEADER: &str = "x-starling-node";
 const FORWARDED_HEADER: &str = "x-starling-forwarded-by";
 /// How long a stream's record ids are remembered to keep a repeated one out.
 const DEDUP_WINDOW: Duration = Duration::from_secs(120);
+/// The snapshot of the whole engine's state (every partition is on one node).
+const SNAPSHOT: &str = "engine";
 
 /// What the ownership rounds last saw.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -42,8 +47,10 @@ struct View {
     overtaken: bool,
     /// The node holding the leases, and its URL.
     owner: Option<(String, Option<String>)>,
-    /// Live nodes and their URLs.
-    nodes: Vec<(String, Option<String>)>,
+    /// Live nodes, as their heartbeats describe them.
+    nodes: Vec<(String, Peer)>,
+    /// The version of the configuration the owner last published.
+    shared_config: Option<i64>,
     held: usize,
     /// The NATS server leading the event stream's replicas.
     stream_leader: Option<String>,
@@ -80,6 +87,7 @@ pub async fn serve(
     .await
     .map_err(|e| ServerError::Cluster(e.to_string()))?;
     let stream = Arc::new(cluster.events(DEDUP_WINDOW).await.map_err(|e| ServerError::Cluster(e.to_string()))?);
+    let snapshots = Arc::new(cluster.snapshots().await.map_err(|e| ServerError::Cluster(e.to_string()))?);
     let ownership = Arc::new(Ownership::new(cluster));
     let log = Arc::new(JetStreamLog::new(stream.clone(), ownership.clone(), tokio::runtime::Handle::current()));
     tracing::info!(node = %settings.node, %url, "joined the cluster");
@@ -92,8 +100,7 @@ pub async fn serve(
         view: view.clone(),
         client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http(),
     });
-    let router =
-        axum::Router::new().route("/v1/cluster", axum::routing::get(status)).fallback(answer).with_state(front.clone());
+    let router = axum::Router::new().route("/v1/cluster", get(status)).fallback(answer).with_state(front.clone());
 
     let model = options.model.clone();
     let limits = http::Limits {
@@ -110,6 +117,10 @@ pub async fn serve(
     let mut view_rx = view;
     let mut options = Some(options);
     let mut app: Option<App> = None;
+    let mut snapshotting = None;
+    let mut published = None;
+    let database = options.as_ref().map(|o| o.database.clone()).expect("options until the engine starts");
+    let snapshot_every = Duration::from_millis(settings.snapshot_every_ms as u64);
     let outcome = loop {
         let (holds_all, overtaken) = {
             let view = view_rx.borrow_and_update();
@@ -124,18 +135,24 @@ pub async fn serve(
             }
             (None, true) if !overtaken => {
                 let Some(start) = options.take() else { break Ok(()) };
-                match activate(start, &log, &front.node, addr, &drain).await {
+                match activate(start, ownership.cluster(), &log, &snapshots, &front.node, addr, &drain).await {
                     Ok(engine) => {
                         *front.engine.write().expect("engine") = Some(engine.router());
                         app = Some(engine);
+                        snapshotting =
+                            Some(tokio::spawn(take_snapshots(database.clone(), snapshots.clone(), snapshot_every)));
                     }
                     Err(e) => break Err(e),
                 }
             }
             _ => {}
         }
+        if let Some(engine) = &app {
+            publish_config(engine, ownership.cluster(), &mut published).await;
+        }
         tokio::select! {
             changed = view_rx.changed() => if changed.is_err() { break Err(ServerError::Cluster("ownership rounds stopped".into())) },
+            _ = tokio::time::sleep(lease / 4) => {}
             _ = &mut shutdown => break Ok(()),
         }
     };
@@ -144,16 +161,28 @@ pub async fn serve(
     let _ = stop.wait_for(|s| *s).await;
     let _ = serving.await;
     rounds.abort();
+    if let Some(task) = snapshotting {
+        task.abort();
+    }
     if let Some(app) = app {
         app.stop().await;
+    }
+    // Stopped cleanly: the next owner need not wait for the leases and the heartbeat to lapse.
+    if outcome.is_ok()
+        && let Err(e) = ownership.release_all().await
+    {
+        tracing::warn!("leaving the cluster: {e}");
     }
     outcome
 }
 
-/// Fences every partition off from former owners and starts the engine on the stream.
+/// Fences every partition off from former owners, restores the latest snapshot if it is ahead
+/// of the local database, and starts the engine on the stream.
 async fn activate(
     mut options: Options,
+    cluster: &Cluster,
     log: &Arc<JetStreamLog>,
+    snapshots: &Snapshots,
     node: &str,
     addr: std::net::SocketAddr,
     drain: &http::Drain,
@@ -163,6 +192,8 @@ async fn activate(
     log.fence(&partitions, &crate::pipeline::owner_record(node))
         .await
         .map_err(|e| ServerError::Cluster(format!("fencing the partitions: {e}")))?;
+    restore(&options.database, snapshots).await?;
+    adopt_shared_config(&mut options, cluster).await?;
     options.event_log = Some(log.clone());
     let mut engine = App::start(options).await?;
     engine.listening_on(addr)?;
@@ -173,6 +204,122 @@ async fn activate(
         "this node owns every partition and serves them"
     );
     Ok(engine)
+}
+
+/// Takes the configuration the last owner published, if there is one: it may have been changed
+/// while running since this node read its own file. (`[cluster]` stays this node's own.)
+async fn adopt_shared_config(options: &mut Options, cluster: &Cluster) -> Result<(), ServerError> {
+    let Some(shared) = cluster.shared_config().await.map_err(|e| ServerError::Cluster(e.to_string()))? else {
+        return Ok(());
+    };
+    if shared.text == options.model.source_text() {
+        return Ok(());
+    }
+    let mut model = starling_core::parse(&shared.text).map_err(|e| {
+        ServerError::Cluster(format!(
+            "the cluster's configuration (version {}) does not load here:\n{e}",
+            shared.version
+        ))
+    })?;
+    model.cluster = options.model.cluster.clone();
+    tracing::info!(version = shared.version, "running the configuration the last owner published");
+    options.model = model;
+    Ok(())
+}
+
+/// Publishes the configuration the engine runs when it changed (at start, or applied live).
+async fn publish_config(app: &App, cluster: &Cluster, published: &mut Option<i64>) {
+    let active = app.state.config.active();
+    if *published == Some(active.version) || active.version == 0 {
+        return;
+    }
+    let model = app.state.config.model();
+    let shared = SharedConfig { version: active.version, sha256: active.sha256, text: model.source_text().to_string() };
+    match cluster.publish_config(&shared).await {
+        Ok(()) => {
+            cluster.set_running_config(shared.version);
+            *published = Some(shared.version);
+            tracing::info!(version = shared.version, "configuration published to the cluster");
+        }
+        Err(e) => tracing::warn!("publishing the configuration: {e}"),
+    }
+}
+
+/// Replaces the local database with the latest snapshot when the snapshot includes more of the
+/// log (a node that never owned the partitions, or did long ago); the engine then applies only
+/// the records after it.
+async fn restore(database: &Path, snapshots: &Snapshots) -> Result<(), ServerError> {
+    let cluster = |e: starling_cluster::ClusterError| ServerError::Cluster(format!("restoring a snapshot: {e}"));
+    let Some(covers) = snapshots.covers(SNAPSHOT).await.map_err(cluster)? else { return Ok(()) };
+    let path = database.to_path_buf();
+    let local = tokio::task::spawn_blocking(move || -> Result<u64, ServerError> {
+        if !path.exists() {
+            return Ok(0);
+        }
+        let conn = starling_store::open(&path)?;
+        Ok(starling_store::log_positions(&conn)?.into_iter().map(|(_, p)| p).max().unwrap_or(0))
+    })
+    .await
+    .map_err(|e| ServerError::Cluster(e.to_string()))??;
+    if covers <= local {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let restoring = database.with_extension("restoring");
+    snapshots.fetch(SNAPSHOT, &restoring).await.map_err(cluster)?;
+    for suffix in ["-wal", "-shm"] {
+        let mut name = database.as_os_str().to_os_string();
+        name.push(suffix);
+        match std::fs::remove_file(&name) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+    }
+    std::fs::rename(&restoring, database)?;
+    tracing::info!(
+        covers,
+        local,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "state restored from the latest snapshot; the log after it is applied next"
+    );
+    Ok(())
+}
+
+/// Stores a snapshot of the database every `every`, for the next owner to start from.
+async fn take_snapshots(database: PathBuf, snapshots: Arc<Snapshots>, every: Duration) {
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(every).await;
+        let started = std::time::Instant::now();
+        let (from, into) = (database.clone(), database.with_extension("snapshot"));
+        let copy = into.clone();
+        let taken = tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_file(&copy);
+            starling_store::snapshot(&from, &copy)
+        })
+        .await;
+        let covers = match taken {
+            Ok(Ok(covers)) => covers,
+            Ok(Err(e)) => {
+                tracing::warn!("taking a snapshot: {e}");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("taking a snapshot: {e}");
+                continue;
+            }
+        };
+        if covers > last {
+            match snapshots.put(SNAPSHOT, &into, covers).await {
+                Ok(()) => {
+                    last = covers;
+                    tracing::info!(covers, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot stored");
+                }
+                Err(e) => tracing::warn!("storing a snapshot: {e}"),
+            }
+        }
+        let _ = std::fs::remove_file(&into);
+    }
 }
 
 /// Keeps this node's leases, a few rounds per lease period, and publishes what it sees.
@@ -195,11 +342,21 @@ async fn run_rounds(
             Err(e) => tracing::warn!("ownership round: {e}"),
         }
         let held = ownership.held().len();
-        let nodes = cluster.live_nodes_with_urls().await.unwrap_or_default();
+        let nodes = cluster.live_peers().await.unwrap_or_default();
         let owner = match cluster.owners().await {
-            Ok(owners) => owners.get(&0).map(|o| (o.node.clone(), nodes.get(&o.node).cloned().flatten())),
+            Ok(owners) => owners.get(&0).map(|o| (o.node.clone(), nodes.get(&o.node).and_then(|p| p.url.clone()))),
             Err(_) => view.borrow().owner.clone(),
         };
+        let shared_config = match cluster.shared_config().await {
+            Ok(shared) => shared.map(|c| c.version),
+            Err(_) => view.borrow().shared_config,
+        };
+        // Standing by, a node would start with the published configuration.
+        if held == 0
+            && let Some(version) = shared_config
+        {
+            cluster.set_running_config(version);
+        }
         let stream_leader = stream.leader().await.unwrap_or_default();
         overtaken |= log.overtaken();
         let next = View {
@@ -207,6 +364,7 @@ async fn run_rounds(
             overtaken,
             owner,
             nodes: nodes.into_iter().collect(),
+            shared_config,
             held,
             stream_leader,
         };
@@ -230,7 +388,8 @@ async fn status(State(front): State<Arc<Front>>) -> Response {
         "partitions_held": view.held,
         "owner": view.owner.as_ref().map(|(n, _)| n),
         "stream_leader": view.stream_leader,
-        "nodes": view.nodes.iter().map(|(n, u)| serde_json::json!({"node": n, "url": u})).collect::<Vec<_>>(),
+        "config_version": view.shared_config,
+        "nodes": view.nodes.iter().map(|(n, p)| serde_json::json!({"node": n, "url": p.url, "config_version": p.config_version})).collect::<Vec<_>>(),
     });
     axum::Json(body).into_response()
 }

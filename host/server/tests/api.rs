@@ -482,8 +482,13 @@ async fn a_trace_streams_each_step_of_a_visitors_events() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_openapi_document_matches_the_router() {
     let doc: serde_json::Value = serde_json::from_str(starling_server::api::OPENAPI).unwrap();
-    let source =
-        [include_str!("../src/api.rs"), include_str!("../src/wire.rs"), include_str!("../src/personalize.rs")].concat();
+    let source = [
+        include_str!("../src/api.rs"),
+        include_str!("../src/wire.rs"),
+        include_str!("../src/personalize.rs"),
+        include_str!("../src/node.rs"),
+    ]
+    .concat();
     let route = regex::Regex::new(r#"^\s*"([^"]+)",\s*([a-z]+)\(([^\n]*)"#).unwrap();
     let chained = regex::Regex::new(r"\)\.(get|post|delete|put|patch)\(").unwrap();
     let mut served = std::collections::BTreeSet::new();

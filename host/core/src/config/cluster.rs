@@ -1,4 +1,4 @@
-//! `[cluster]`: NATS servers, node name, lease, replicas, advertised address.
+//! `[cluster]`: NATS servers, node name, lease, replicas, advertised address, snapshots.
 
 use super::Validator;
 use super::raw::RawCluster;
@@ -6,6 +6,8 @@ use crate::literal::parse_duration;
 use crate::model::ClusterSettings;
 
 const DEFAULT_LEASE_MS: i64 = 5_000;
+const DEFAULT_SNAPSHOT_EVERY_MS: i64 = 60_000;
+const SNAPSHOT_RANGE_MS: std::ops::RangeInclusive<i64> = 1_000..=86_400_000;
 /// A lease shorter than this is renewed more often than a NATS round trip under load allows;
 /// a longer one leaves a dead node's partitions unserved for longer than clients wait.
 const LEASE_RANGE_MS: std::ops::RangeInclusive<i64> = 1_000..=60_000;
@@ -66,12 +68,27 @@ impl Validator<'_> {
                 );
             }
         }
+        let snapshot_every_ms = match &raw.snapshot_every {
+            None => DEFAULT_SNAPSHOT_EVERY_MS,
+            Some(every) => match parse_duration(every.get_ref()) {
+                Ok(ms) if SNAPSHOT_RANGE_MS.contains(&ms) => ms,
+                Ok(_) => {
+                    self.error(every.span(), "cluster.snapshot_every must be between 1s and 1d");
+                    DEFAULT_SNAPSHOT_EVERY_MS
+                }
+                Err(e) => {
+                    self.error(every.span(), format!("cluster.snapshot_every: {e}"));
+                    DEFAULT_SNAPSHOT_EVERY_MS
+                }
+            },
+        };
         (self.errors.len() == errors).then(|| ClusterSettings {
             nats: raw.nats.iter().map(|u| u.get_ref().clone()).collect(),
             node: node.clone(),
             lease_ms,
             replicas,
             advertise: raw.advertise.as_ref().map(|u| u.get_ref().clone()),
+            snapshot_every_ms,
         })
     }
 }

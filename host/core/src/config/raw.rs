@@ -45,6 +45,7 @@ pub(super) struct RawCluster {
     pub(super) lease: Option<Spanned<String>>,
     pub(super) replicas: Option<Spanned<u32>>,
     pub(super) advertise: Option<Spanned<String>>,
+    pub(super) snapshot_every: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

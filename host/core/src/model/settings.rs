@@ -192,4 +192,6 @@ pub struct ClusterSettings {
     pub replicas: usize,
     /// The base URL other nodes reach this one's HTTP API at (none: the address it listens on).
     pub advertise: Option<String>,
+    /// How often the owner stores a snapshot of its state for the next owner to start from.
+    pub snapshot_every_ms: i64,
 }

@@ -9,6 +9,7 @@
 #   scripts/bench.sh disk            # 10 minutes at 20,000 events/s: sizes on disk each minute
 #   PEOPLE=1000000 scripts/bench.sh recovery   # kill -9 under load, time until serving again
 #   PEOPLE=200000 EVENTS=1000000 scripts/bench.sh reconfigure   # backfills and a backtest after live changes
+#   scripts/bench.sh cluster         # embedded log vs JetStream vs through a standby; failover
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -181,6 +182,74 @@ recovery)
     accepted=$(date +%s.%N)
     echo "healthz after $(awk "BEGIN { print $healthy - $killed }") s, an event accepted after $(awk "BEGIN { print $accepted - $killed }") s"
     grep -E 'replayed|cut' target/bench/server.log | tail -3
+    ;;
+cluster)
+    # Three nats-server processes on loopback (R3, every write synced), as in docs/cluster.md.
+    nats=$(scripts/nats.sh)
+    dir=$PWD/target/bench/nats
+    rm -rf "$dir" target/bench/node-*
+    mkdir -p "$dir"
+    nats_pids=()
+    for i in 0 1 2; do
+        cat > "$dir/n$i.conf" <<EOF
+server_name: n$i
+listen: 127.0.0.1:1422$i
+jetstream { store_dir: "$dir/n$i", sync_interval: always }
+cluster {
+  name: starling-bench
+  listen: 127.0.0.1:1622$i
+  routes: [nats-route://127.0.0.1:16220, nats-route://127.0.0.1:16221, nats-route://127.0.0.1:16222]
+}
+EOF
+        "$nats" -c "$dir/n$i.conf" > "$dir/n$i.log" 2>&1 &
+        nats_pids+=($!)
+    done
+    nodes=()
+    trap 'kill $server ${nodes[*]:-} ${nats_pids[*]} 2>/dev/null || true' EXIT
+    echo "== one node, embedded log"
+    start examples/benchmark.toml
+    load --prefix embedded
+    stop
+    # Node `$1` listening on port `$2`, with its own database.
+    node() {
+        mkdir -p "target/bench/node-$1"
+        variant '' "$(printf '[cluster]\nnats = ["nats://127.0.0.1:14220", "nats://127.0.0.1:14221", "nats://127.0.0.1:14222"]\nnode = "%s"\nlease = "3s"' "$1")" > /dev/null
+        cp target/bench/variant.toml "target/bench/node-$1/starling.toml"
+        $starling serve --config "target/bench/node-$1/starling.toml" --database "target/bench/node-$1/starling.db" \
+            --plugins target/bench-plugins --listen "127.0.0.1:$2" >> "target/bench/node-$1.log" 2>&1 &
+        nodes+=($!)
+    }
+    serving() {
+        for _ in $(seq 1 1200); do
+            curl -sf "localhost:$1/v1/cluster" | grep -q '"serving":true' && return
+            sleep 0.05
+        done
+        echo "the node on port $1 did not serve"
+        exit 1
+    }
+    node a 8080
+    serving 8080
+    node b 8081
+    sleep 2
+    echo "== one node on JetStream (the owner)"
+    load --prefix jetstream
+    echo "== through a standby, which forwards to the owner"
+    load --server http://127.0.0.1:8081 --prefix forwarded
+    echo "== kill -9 the owner under load: time until the standby serves"
+    load --server http://127.0.0.1:8081 --resend --prefix failover > target/bench/failover-load.log 2>&1 &
+    loader=$!
+    sleep 3
+    kill -9 "${nodes[0]}"
+    killed=$(date +%s.%N)
+    serving 8081
+    served=$(date +%s.%N)
+    echo "the standby served every partition $(awk "BEGIN { print $served - $killed }") s after the kill"
+    wait $loader || true
+    grep applied target/bench/failover-load.log
+    grep -E 'restored|replayed|owns every' target/bench/node-b.log | tail -3
+    load --server http://127.0.0.1:8081 --prefix failover --verify-only | grep verified
+    echo "stream, buckets and snapshots on disk, three servers: $(du -sb "$dir" | cut -f1) bytes"
+    kill "${nodes[@]}" 2>/dev/null || true
     ;;
 *)
     echo "unknown benchmark: $what" >&2

@@ -338,16 +338,29 @@ impl Cluster {
     /// last write is still the bucket's: the fencing check.
     async fn write(&self, lease: &mut Lease, until_ms: i64, applied: Position) -> Result<()> {
         let holding = Holding { node: self.settings.node.clone(), until_ms, applied };
-        match self.partitions.update(key(lease.partition), encode(&holding), lease.revision).await {
-            Ok(revision) => {
-                *lease = Lease { partition: lease.partition, revision, until_ms, applied };
-                Ok(())
+        let mut revision = lease.revision;
+        // Twice at most: an earlier write of this node may have been stored with its answer lost.
+        for _ in 0..2 {
+            match self.partitions.update(key(lease.partition), encode(&holding), revision).await {
+                Ok(written) => {
+                    *lease = Lease { partition: lease.partition, revision: written, until_ms, applied };
+                    return Ok(());
+                }
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    // Only this node writes its own name: if the bucket holds it, the write that
+                    // moved the revision was this node's (its acknowledgement lost in an
+                    // election), not another node's takeover.
+                    match self.holding(lease.partition).await? {
+                        Some((current, stored)) if current.node == self.settings.node && stored != revision => {
+                            revision = stored;
+                        }
+                        _ => return Err(ClusterError::Fenced { partition: lease.partition }),
+                    }
+                }
+                Err(e) => return Err(nats(e)),
             }
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                Err(ClusterError::Fenced { partition: lease.partition })
-            }
-            Err(e) => Err(nats(e)),
         }
+        Err(ClusterError::Fenced { partition: lease.partition })
     }
 
     /// Extends the lease for another period.

@@ -54,6 +54,7 @@ pub enum ServerError {
     Exposed(std::net::SocketAddr),
 }
 
+#[derive(Clone)]
 pub struct Options {
     pub model: Model,
     pub database: PathBuf,
@@ -136,6 +137,32 @@ pub fn check_plugins_in(
     problems
 }
 
+/// The plugin host a server on `model` runs, its compiled components cached under `blobs`.
+fn plugin_host(
+    model: &Model,
+    blobs: &std::path::Path,
+    trusted_keys: &Option<Vec<String>>,
+) -> Result<PluginHost, ServerError> {
+    Ok(PluginHost::with_options(HostOptions {
+        cache_dir: Some(blobs.join("cache")),
+        failure_limit: model.server.plugin_failure_limit,
+        max_memory_mib: model.server.plugin_max_memory_mib,
+        max_timeout_ms: model.server.plugin_max_timeout_ms,
+        trusted_keys: trusted_keys.clone(),
+        call_threads: model.server.plugin_threads,
+    })?)
+}
+
+/// Compiles the plugins of `options` into the compiled-code cache and drops them, so that a
+/// later [`App::start`] on the same database loads them at once (a cluster node standing by
+/// does this, so that taking over does not wait for the compiler).
+pub fn warm_plugins(options: &Options) -> Result<usize, ServerError> {
+    let Some(dir) = &options.plugins else { return Ok(0) };
+    let blobs = starling_store::blob_dir(&options.database);
+    let plugins = plugin_host(&options.model, &blobs, &options.trusted_keys)?;
+    Ok(plugins.load_dir(dir, &options.model.plugin_config)?.len())
+}
+
 /// A started engine: ingestion workers and delivery lanes are running; call [`App::serve`].
 pub struct App {
     pub(crate) state: api::AppState,
@@ -166,14 +193,7 @@ impl App {
         check_database(&database, model.server.check_at_start).await?;
         let blobs = starling_store::blob_dir(&database);
         let loading = std::time::Instant::now();
-        let plugins = Arc::new(PluginHost::with_options(HostOptions {
-            cache_dir: Some(blobs.join("cache")),
-            failure_limit: model.server.plugin_failure_limit,
-            max_memory_mib: model.server.plugin_max_memory_mib,
-            max_timeout_ms: model.server.plugin_max_timeout_ms,
-            trusted_keys: options.trusted_keys.clone(),
-            call_threads: model.server.plugin_threads,
-        })?);
+        let plugins = Arc::new(plugin_host(&model, &blobs, &options.trusted_keys)?);
         if let Some(dir) = &options.plugins {
             for plugin in plugins.load_dir(dir, &model.plugin_config)? {
                 tracing::info!(plugin = %plugin.manifest.name, kind = plugin.manifest.kind.name(), sha256 = %plugin.sha256, "plugin loaded");

@@ -63,6 +63,20 @@ struct Front {
     client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, axum::body::Body>,
 }
 
+/// How long a node waits before trying again to join a cluster it could not reach.
+const JOIN_RETRY: Duration = Duration::from_secs(1);
+
+/// Connects to the NATS servers and opens the stream and the snapshot store.
+async fn join(
+    urls: &[String],
+    settings: Settings,
+) -> Result<(Cluster, Arc<EventStream>, Arc<Snapshots>), starling_cluster::ClusterError> {
+    let cluster = Cluster::connect(urls, settings).await?;
+    let stream = Arc::new(cluster.events(DEDUP_WINDOW).await?);
+    let snapshots = Arc::new(cluster.snapshots().await?);
+    Ok((cluster, stream, snapshots))
+}
+
 /// Serves `listener` as a cluster node until `shutdown` resolves, or until this node loses the
 /// leases it ran the engine with (then returns [`ServerError::Fenced`]).
 pub async fn serve(
@@ -74,24 +88,42 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     let url = settings.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
     let lease = Duration::from_millis(settings.lease_ms as u64);
-    let cluster = Cluster::connect(
-        &settings.nats,
-        Settings {
-            node: settings.node.clone(),
-            lease,
-            replicas: settings.replicas,
-            url: Some(url.clone()),
-            placement: Placement::Whole,
-        },
-    )
-    .await
-    .map_err(|e| ServerError::Cluster(e.to_string()))?;
-    let stream = Arc::new(cluster.events(DEDUP_WINDOW).await.map_err(|e| ServerError::Cluster(e.to_string()))?);
-    let snapshots = Arc::new(cluster.snapshots().await.map_err(|e| ServerError::Cluster(e.to_string()))?);
+    let settings_for_nats = Settings {
+        node: settings.node.clone(),
+        lease,
+        replicas: settings.replicas,
+        url: Some(url.clone()),
+        placement: Placement::Whole,
+    };
+    let mut shutdown = std::pin::pin!(shutdown);
+    // NATS may still be starting, or electing its JetStream leader: the node waits for it.
+    let (cluster, stream, snapshots) = loop {
+        match join(&settings.nats, settings_for_nats.clone()).await {
+            Ok(joined) => break joined,
+            Err(e) => tracing::warn!("the cluster cannot be joined yet ({e}); trying again"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(JOIN_RETRY) => {}
+            _ = &mut shutdown => return Ok(()),
+        }
+    };
     let ownership = Arc::new(Ownership::new(cluster));
     let log = Arc::new(JetStreamLog::new(stream.clone(), ownership.clone(), tokio::runtime::Handle::current()));
     tracing::info!(node = %settings.node, %url, "joined the cluster");
 
+    // Standing by, the node compiles its plugins, so that taking over does not wait for them.
+    let warming = {
+        let warm = options.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            match crate::warm_plugins(&warm) {
+                Ok(n) => {
+                    tracing::info!(plugins = n, elapsed_ms = started.elapsed().as_millis() as u64, "plugins compiled")
+                }
+                Err(e) => tracing::warn!("compiling the plugins ahead: {e}"),
+            }
+        })
+    };
     let (view_tx, view) = watch::channel(View::default());
     let rounds = tokio::spawn(run_rounds(ownership.clone(), stream.clone(), log.clone(), lease, view_tx));
     let front = Arc::new(Front {
@@ -113,8 +145,8 @@ pub async fn serve(
     let serving = tokio::spawn(http::serve(listener, router, limits, drain.clone(), async move {
         let _ = stopping.wait_for(|s| *s).await;
     }));
-    let mut shutdown = std::pin::pin!(shutdown);
     let mut view_rx = view;
+    let mut warming = Some(warming);
     let mut options = Some(options);
     let mut app: Option<App> = None;
     let mut snapshotting = None;
@@ -135,12 +167,19 @@ pub async fn serve(
             }
             (None, true) if !overtaken => {
                 let Some(start) = options.take() else { break Ok(()) };
+                if let Some(warming) = warming.take() {
+                    let _ = warming.await;
+                }
                 match activate(start, ownership.cluster(), &log, &snapshots, &front.node, addr, &drain).await {
                     Ok(engine) => {
                         *front.engine.write().expect("engine") = Some(engine.router());
                         app = Some(engine);
-                        snapshotting =
-                            Some(tokio::spawn(take_snapshots(database.clone(), snapshots.clone(), snapshot_every)));
+                        snapshotting = Some(tokio::spawn(take_snapshots(
+                            database.clone(),
+                            snapshots.clone(),
+                            ownership.clone(),
+                            snapshot_every,
+                        )));
                     }
                     Err(e) => break Err(e),
                 }
@@ -166,6 +205,12 @@ pub async fn serve(
     }
     if let Some(app) = app {
         app.stop().await;
+    }
+    if matches!(outcome, Err(ServerError::Fenced)) {
+        // What this node holds may include work it could not log once another node had taken
+        // over: the next start restores the latest snapshot and the stream instead.
+        remove_database(&database)?;
+        tracing::warn!("the local state was discarded; the next start rebuilds it from the cluster");
     }
     // Stopped cleanly: the next owner need not wait for the leases and the heartbeat to lapse.
     if outcome.is_ok()
@@ -267,14 +312,7 @@ async fn restore(database: &Path, snapshots: &Snapshots) -> Result<(), ServerErr
     let started = std::time::Instant::now();
     let restoring = database.with_extension("restoring");
     snapshots.fetch(SNAPSHOT, &restoring).await.map_err(cluster)?;
-    for suffix in ["-wal", "-shm"] {
-        let mut name = database.as_os_str().to_os_string();
-        name.push(suffix);
-        match std::fs::remove_file(&name) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-            _ => {}
-        }
-    }
+    remove_database(database)?;
     std::fs::rename(&restoring, database)?;
     tracing::info!(
         covers,
@@ -285,8 +323,21 @@ async fn restore(database: &Path, snapshots: &Snapshots) -> Result<(), ServerErr
     Ok(())
 }
 
+/// Removes the SQLite file and its WAL and shared-memory files.
+fn remove_database(database: &Path) -> std::io::Result<()> {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = database.as_os_str().to_os_string();
+        name.push(suffix);
+        match std::fs::remove_file(&name) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Stores a snapshot of the database every `every`, for the next owner to start from.
-async fn take_snapshots(database: PathBuf, snapshots: Arc<Snapshots>, every: Duration) {
+async fn take_snapshots(database: PathBuf, snapshots: Arc<Snapshots>, ownership: Arc<Ownership>, every: Duration) {
     let mut last = 0;
     loop {
         tokio::time::sleep(every).await;
@@ -309,7 +360,9 @@ async fn take_snapshots(database: PathBuf, snapshots: Arc<Snapshots>, every: Dur
                 continue;
             }
         };
-        if covers > last {
+        // A former owner (woken from a pause) must not replace a newer owner's snapshot.
+        let newer = snapshots.covers(SNAPSHOT).await.ok().flatten().is_some_and(|stored| stored >= covers);
+        if covers > last && !newer && ownership.held().len() == PARTITIONS as usize {
             match snapshots.put(SNAPSHOT, &into, covers).await {
                 Ok(()) => {
                     last = covers;

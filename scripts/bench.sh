@@ -10,6 +10,7 @@
 #   PEOPLE=1000000 scripts/bench.sh recovery   # kill -9 under load, time until serving again
 #   PEOPLE=200000 EVENTS=1000000 scripts/bench.sh reconfigure   # backfills and a backtest after live changes
 #   scripts/bench.sh cluster         # embedded log vs JetStream vs through a standby; failover
+#                                    # (SNAPSHOT_EVERY=60s: the nodes' snapshot interval, default 10s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -213,7 +214,7 @@ EOF
     # Node `$1` listening on port `$2`, with its own database.
     node() {
         mkdir -p "target/bench/node-$1"
-        variant '' "$(printf '[cluster]\nnats = ["nats://127.0.0.1:14220", "nats://127.0.0.1:14221", "nats://127.0.0.1:14222"]\nnode = "%s"\nlease = "3s"' "$1")" > /dev/null
+        variant '' "$(printf '[cluster]\nnats = ["nats://127.0.0.1:14220", "nats://127.0.0.1:14221", "nats://127.0.0.1:14222"]\nnode = "%s"\nlease = "3s"\nsnapshot_every = "%s"' "$1" "${SNAPSHOT_EVERY:-10s}")" > /dev/null
         cp target/bench/variant.toml "target/bench/node-$1/starling.toml"
         $starling serve --config "target/bench/node-$1/starling.toml" --database "target/bench/node-$1/starling.db" \
             --plugins target/bench-plugins --listen "127.0.0.1:$2" >> "target/bench/node-$1.log" 2>&1 &
@@ -246,6 +247,7 @@ EOF
     echo "the standby served every partition $(awk "BEGIN { print $served - $killed }") s after the kill"
     wait $loader || true
     grep applied target/bench/failover-load.log
+    grep -E 'snapshot stored' target/bench/node-a.log | tail -1
     grep -E 'restored|replayed|owns every' target/bench/node-b.log | tail -3
     load --server http://127.0.0.1:8081 --prefix failover --verify-only | grep verified
     echo "stream, buckets and snapshots on disk, three servers: $(du -sb "$dir" | cut -f1) bytes"

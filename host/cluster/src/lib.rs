@@ -289,6 +289,14 @@ impl Cluster {
         Ok(holders)
     }
 
+    /// The holder of `partition` whose lease has not expired, if any (one read).
+    pub async fn owner_of(&self, partition: Partition) -> Result<Option<Owner>> {
+        let now = now_ms();
+        Ok(self.holding(partition).await?.and_then(|(h, revision)| {
+            (h.until_ms > now).then_some(Owner { node: h.node, until_ms: h.until_ms, applied: h.applied, revision })
+        }))
+    }
+
     /// Every partition's holder whose lease has not expired.
     pub async fn owners(&self) -> Result<BTreeMap<Partition, Owner>> {
         let now = now_ms();

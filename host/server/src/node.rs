@@ -396,8 +396,9 @@ async fn run_rounds(
         }
         let held = ownership.held().len();
         let nodes = cluster.live_peers().await.unwrap_or_default();
-        let owner = match cluster.owners().await {
-            Ok(owners) => owners.get(&0).map(|o| (o.node.clone(), nodes.get(&o.node).and_then(|p| p.url.clone()))),
+        // Placed whole, the owner of partition 0 owns them all.
+        let owner = match cluster.owner_of(0).await {
+            Ok(owner) => owner.map(|o| (o.node.clone(), nodes.get(&o.node).and_then(|p| p.url.clone()))),
             Err(_) => view.borrow().owner.clone(),
         };
         let shared_config = match cluster.shared_config().await {

@@ -87,6 +87,15 @@ async fn standing_by(server: &Server) {
 /// run, on a busy machine) compiled its plugins.
 const FIRST_START: Duration = Duration::from_secs(180);
 
+/// Node `a`, serving every partition, and node `b`, standing by with its plugins compiled.
+async fn owner_and_standby(dir: &Path, nats: &LocalNats, receiver: &Receiver) -> (Server, Server) {
+    let a = Server::start(&node_config(dir, "a", nats, &receiver.url));
+    serving(&a, FIRST_START).await;
+    let b = Server::start(&node_config(dir, "b", nats, &receiver.url));
+    standing_by(&b).await;
+    (a, b)
+}
+
 /// A load of `events` from 200 people, `two_devices` of whom stitch two devices, at 400 events
 /// a second (so that it is under way when a node or server is killed).
 async fn loadgen(server: &Server, prefix: &str, events: usize, two_devices: f64) -> tokio::process::Child {
@@ -143,11 +152,8 @@ async fn the_owner_dies_under_load_and_the_standby_serves_every_profile_with_not
     let mut nats = LocalNats::start(3).unwrap();
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let a = Server::start(&node_config(dir.path(), "a", &nats, &receiver.url));
-    serving(&a, FIRST_START).await;
     // A node that joins stands by: ownership does not move, no partition is held twice.
-    let b = Server::start(&node_config(dir.path(), "b", &nats, &receiver.url));
-    standing_by(&b).await;
+    let (a, b) = owner_and_standby(dir.path(), &nats, &receiver).await;
     let view = eventually("b to see both nodes", Duration::from_secs(20), async || {
         let view = cluster_view(&b).await;
         (view["nodes"].as_array().map(Vec::len) == Some(2)).then_some(view)
@@ -246,10 +252,7 @@ async fn an_owner_paused_past_its_lease_cannot_write_when_it_wakes() {
     let nats = LocalNats::start(3).unwrap();
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let a = Server::start(&node_config(dir.path(), "a", &nats, &receiver.url));
-    serving(&a, FIRST_START).await;
-    let b = Server::start(&node_config(dir.path(), "b", &nats, &receiver.url));
-    standing_by(&b).await;
+    let (a, b) = owner_and_standby(dir.path(), &nats, &receiver).await;
     let event = |visitor: &str| json!({"event": "page_view", "visitor_id": visitor, "data": {"category": "hats"}});
     let (status, _) = post_json(&format!("{}/v1/events", a.url), &event("before")).await;
     assert_eq!(status, 202);

@@ -88,7 +88,7 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     let url = settings.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
     let lease = Duration::from_millis(settings.lease_ms as u64);
-    let settings_for_nats = Settings {
+    let node_settings = Settings {
         node: settings.node.clone(),
         lease,
         replicas: settings.replicas,
@@ -98,7 +98,7 @@ pub async fn serve(
     let mut shutdown = std::pin::pin!(shutdown);
     // NATS may still be starting, or electing its JetStream leader: the node waits for it.
     let (cluster, stream, snapshots) = loop {
-        match join(&settings.nats, settings_for_nats.clone()).await {
+        match join(&settings.nats, node_settings.clone()).await {
             Ok(joined) => break joined,
             Err(e) => tracing::warn!("the cluster cannot be joined yet ({e}); trying again"),
         }
@@ -134,24 +134,22 @@ pub async fn serve(
     });
     let router = axum::Router::new().route("/v1/cluster", get(status)).fallback(answer).with_state(front.clone());
 
-    let model = options.model.clone();
     let limits = http::Limits {
-        max_connections: model.server.max_connections.max(1),
-        header_timeout: Duration::from_millis(model.header_timeout_ms as u64),
+        max_connections: options.model.server.max_connections.max(1),
+        header_timeout: Duration::from_millis(options.model.header_timeout_ms as u64),
     };
     let drain = http::Drain::default();
-    let (stop_tx, mut stop) = watch::channel(false);
-    let mut stopping = stop.clone();
+    let (stop_tx, mut stopping) = watch::channel(false);
     let serving = tokio::spawn(http::serve(listener, router, limits, drain.clone(), async move {
         let _ = stopping.wait_for(|s| *s).await;
     }));
     let mut view_rx = view;
     let mut warming = Some(warming);
+    let database = options.database.clone();
     let mut options = Some(options);
     let mut app: Option<App> = None;
     let mut snapshotting = None;
     let mut published = None;
-    let database = options.as_ref().map(|o| o.database.clone()).expect("options until the engine starts");
     let snapshot_every = Duration::from_millis(settings.snapshot_every_ms as u64);
     let outcome = loop {
         let (holds_all, overtaken) = {
@@ -197,7 +195,6 @@ pub async fn serve(
     };
     front.engine.write().expect("engine").take();
     let _ = stop_tx.send(true);
-    let _ = stop.wait_for(|s| *s).await;
     let _ = serving.await;
     rounds.abort();
     if let Some(task) = snapshotting {

@@ -4,6 +4,7 @@ use super::Validator;
 use super::raw::RawCluster;
 use crate::literal::parse_duration;
 use crate::model::ClusterSettings;
+use toml::Spanned;
 
 const DEFAULT_LEASE_MS: i64 = 5_000;
 const DEFAULT_SNAPSHOT_EVERY_MS: i64 = 60_000;
@@ -34,20 +35,8 @@ impl Validator<'_> {
                 format!("cluster.node: `{node}` must be letters, digits, `-` and `_` (it names the node's keys)"),
             );
         }
-        let lease_ms = match &raw.lease {
-            None => DEFAULT_LEASE_MS,
-            Some(lease) => match parse_duration(lease.get_ref()) {
-                Ok(ms) if LEASE_RANGE_MS.contains(&ms) => ms,
-                Ok(_) => {
-                    self.error(lease.span(), "cluster.lease must be between 1s and 60s");
-                    DEFAULT_LEASE_MS
-                }
-                Err(e) => {
-                    self.error(lease.span(), format!("cluster.lease: {e}"));
-                    DEFAULT_LEASE_MS
-                }
-            },
-        };
+        let lease_ms =
+            self.bounded_duration(&raw.lease, "lease", LEASE_RANGE_MS, "between 1s and 60s", DEFAULT_LEASE_MS);
         let replicas = match &raw.replicas {
             None => raw.nats.len().clamp(1, 3),
             Some(n) if !(1..=5).contains(n.get_ref()) => {
@@ -68,20 +57,13 @@ impl Validator<'_> {
                 );
             }
         }
-        let snapshot_every_ms = match &raw.snapshot_every {
-            None => DEFAULT_SNAPSHOT_EVERY_MS,
-            Some(every) => match parse_duration(every.get_ref()) {
-                Ok(ms) if SNAPSHOT_RANGE_MS.contains(&ms) => ms,
-                Ok(_) => {
-                    self.error(every.span(), "cluster.snapshot_every must be between 1s and 1d");
-                    DEFAULT_SNAPSHOT_EVERY_MS
-                }
-                Err(e) => {
-                    self.error(every.span(), format!("cluster.snapshot_every: {e}"));
-                    DEFAULT_SNAPSHOT_EVERY_MS
-                }
-            },
-        };
+        let snapshot_every_ms = self.bounded_duration(
+            &raw.snapshot_every,
+            "snapshot_every",
+            SNAPSHOT_RANGE_MS,
+            "between 1s and 1d",
+            DEFAULT_SNAPSHOT_EVERY_MS,
+        );
         (self.errors.len() == errors).then(|| ClusterSettings {
             nats: raw.nats.iter().map(|u| u.get_ref().clone()).collect(),
             node: node.clone(),
@@ -90,5 +72,29 @@ impl Validator<'_> {
             advertise: raw.advertise.as_ref().map(|u| u.get_ref().clone()),
             snapshot_every_ms,
         })
+    }
+
+    /// `cluster.<key>`, a duration within `range` (`within` says which in words); the default
+    /// when it is absent or wrong (the error is reported).
+    fn bounded_duration(
+        &mut self,
+        raw: &Option<Spanned<String>>,
+        key: &str,
+        range: std::ops::RangeInclusive<i64>,
+        within: &str,
+        default: i64,
+    ) -> i64 {
+        let Some(value) = raw else { return default };
+        match parse_duration(value.get_ref()) {
+            Ok(ms) if range.contains(&ms) => ms,
+            Ok(_) => {
+                self.error(value.span(), format!("cluster.{key} must be {within}"));
+                default
+            }
+            Err(e) => {
+                self.error(value.span(), format!("cluster.{key}: {e}"));
+                default
+            }
+        }
     }
 }

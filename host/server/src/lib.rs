@@ -252,6 +252,17 @@ impl App {
             || starling_store::open_reader(&database),
         )?;
 
+        // Checkpoints run during the replay too: a long one would otherwise grow the WAL, and
+        // every commit into new WAL pages costs more than one into pages a checkpoint freed.
+        // Nothing is truncated from the log before the replay is written.
+        lanes.push(tokio::spawn(run_checkpoints(
+            starling_store::open_relaxed(&database)?,
+            ingest.log_state(),
+            config.clone(),
+            telemetry.clone(),
+            clock,
+            stopped.clone(),
+        )));
         let replaying = std::time::Instant::now();
         let replayed = ingest.replay().await.map_err(|e| ServerError::Replay(e.to_string()))?;
         telemetry.metrics.log_records_replayed.inc_by(replayed as u64);
@@ -261,14 +272,6 @@ impl App {
             "event log replayed after the stored state"
         );
         let ingest = Arc::new(ingest);
-        lanes.push(tokio::spawn(run_checkpoints(
-            starling_store::open_relaxed(&database)?,
-            ingest.log_state(),
-            config.clone(),
-            telemetry.clone(),
-            clock,
-            stopped.clone(),
-        )));
         lanes.push(tokio::spawn(sample_audience_sizes(
             config.clone(),
             starling_store::open(&database)?,

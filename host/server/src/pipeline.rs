@@ -275,6 +275,9 @@ pub struct Materialized {
     inflight: Vec<AtomicU64>,
     /// A deletion was committed since the log was last sealed.
     deleted: AtomicBool,
+    /// The start's replay is applying records: one at a time, so each worker waits on the
+    /// others most of the time, and would otherwise write what it holds while it does.
+    replaying: AtomicBool,
 }
 
 /// Ids whose profile is named differently (stitched ids) → their profile id, and back. Any
@@ -460,10 +463,16 @@ impl Ingest {
         let log = self.log.clone();
         let read =
             tokio::task::spawn_blocking(move || log.read(&after, &mut |entry| entries.push(entry)).map(|()| entries));
+        let reading = std::time::Instant::now();
         let entries = read
             .await
             .map_err(|e| IngestError::Failed(e.to_string()))?
             .map_err(|e| IngestError::Failed(format!("reading the event log: {e}")))?;
+        tracing::info!(
+            records = entries.len(),
+            elapsed_ms = reading.elapsed().as_millis() as u64,
+            "event log read after the stored state"
+        );
         if let Some(first) = entries.first()
             && self.stored.is_empty()
             && first.position > 1
@@ -476,6 +485,7 @@ impl Ingest {
             );
         }
         let n = self.partitions.len();
+        self.materialized.replaying.store(true, Ordering::SeqCst);
         for entry in &entries {
             let Some((work, now_ms)) = Logged::decode(&entry.payload, entry.position).map_err(IngestError::Failed)?
             else {
@@ -486,6 +496,7 @@ impl Ingest {
             let replay = ReplayOf { partition: entry.partition, position: entry.position, now_ms };
             self.dispatch_replay(jobs, false, Some(replay))?.durable().await?;
         }
+        self.materialized.replaying.store(false, Ordering::SeqCst);
         // Merges another partition had not applied when the last run stopped (one it has
         // applied since, in the replay above, is recognised by its origin and skipped).
         let resent = self.handed_over.len();
@@ -655,6 +666,9 @@ impl LogState {
     /// The position before which every record's state is committed to SQLite: once a
     /// checkpoint has made those commits durable, the log can forget what is before it.
     pub fn truncation_point(&self) -> Position {
+        if self.materialized.replaying.load(Ordering::SeqCst) {
+            return 0;
+        }
         let end = self.log.next_position();
         self.materialized.inflight.iter().map(|p| p.load(Ordering::SeqCst)).fold(end, Position::min)
     }
@@ -737,6 +751,7 @@ pub fn start(
     let materialized = Arc::new(Materialized {
         inflight: (0..n).map(|_| AtomicU64::new(0)).collect(),
         deleted: AtomicBool::new(false),
+        replaying: AtomicBool::new(false),
     });
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
     // Workers hold weak handles to each other, so the queues close when the `Ingest` is dropped.
@@ -918,6 +933,9 @@ struct Pending {
     moved: HashMap<String, String>,
     /// Profiles deleted in this batch (absorbed): not saved.
     gone: HashSet<String>,
+    /// Profiles merged into another since the last materialization: SQLite still holds them
+    /// until then, but they are gone, and a second merge of one must not add it twice.
+    absorbed: HashSet<String>,
     effects: Effects,
     /// Directory changes to publish after commit.
     directory: Vec<(String, String)>,
@@ -1003,7 +1021,9 @@ impl Worker {
         loop {
             let Some(since) = self.pending.since else { return jobs.blocking_recv() };
             let due = (since + MATERIALIZE_EVERY).saturating_duration_since(std::time::Instant::now());
-            let wait = match self.pending.events <= IDLE_WRITE_EVENTS {
+            let idle_write =
+                self.pending.events <= IDLE_WRITE_EVENTS && !self.materialized.replaying.load(Ordering::SeqCst);
+            let wait = match idle_write {
                 true => due.min(IDLE_BEFORE_WRITING),
                 false => due,
             };
@@ -1165,6 +1185,7 @@ impl Worker {
                 p.effects.writes.clear();
                 p.effects.fired.clear();
                 p.seen.clear();
+                p.absorbed.clear();
                 p.handoffs.clear();
                 p.positions.clear();
                 p.events = 0;
@@ -1378,7 +1399,10 @@ impl Worker {
                     // Written at once: the wake-up task reads the rescheduled times from SQLite.
                     p.urgent = true;
                     for profile_id in ids.iter() {
-                        if p.moved.contains_key(profile_id) || worker_of(profile_id, self.partitions) != self.index {
+                        if p.moved.contains_key(profile_id)
+                            || p.absorbed.contains(profile_id)
+                            || worker_of(profile_id, self.partitions) != self.index
+                        {
                             continue;
                         }
                         p.draft(
@@ -1471,6 +1495,7 @@ impl Worker {
                     for id in ids.iter() {
                         if p.moved.contains_key(id)
                             || p.gone.contains(id)
+                            || p.absorbed.contains(id)
                             || worker_of(id, self.partitions) != self.index
                         {
                             continue;
@@ -2019,11 +2044,16 @@ impl Worker {
             ));
             return Ok(true);
         }
-        let absorbed_profile = match p.touched.remove(&absorbed) {
-            Some((profile, _)) => Some(profile),
-            None => match self.cache.profiles.remove(&absorbed) {
-                Some(profile) => Some(profile),
-                None => starling_store::load_profile(conn, &absorbed)?,
+        // Merged already by another request (an id claimed twice at once gives two), not yet
+        // written: as once it is, there is nothing left to merge.
+        let absorbed_profile = match p.absorbed.contains(&absorbed) {
+            true => None,
+            false => match p.touched.remove(&absorbed) {
+                Some((profile, _)) => Some(profile),
+                None => match self.cache.profiles.remove(&absorbed) {
+                    Some(profile) => Some(profile),
+                    None => starling_store::load_profile(conn, &absorbed)?,
+                },
             },
         };
         let Some(mut absorbed_profile) = absorbed_profile else {
@@ -2053,6 +2083,7 @@ impl Worker {
         }
         p.directory.extend(ids.into_iter().map(|id| (id, survivor.clone())));
         p.moved.insert(absorbed.clone(), survivor);
+        p.absorbed.insert(absorbed.clone());
         p.gone.insert(absorbed);
         Ok(true)
     }
@@ -2523,6 +2554,66 @@ mod tests {
         // The scheduled one came due: the real one (or none) takes its place.
         assert_eq!(woken.reschedule(&profile(Some(200), Some(100))), Reschedule::At(200));
         assert_eq!(woken.reschedule(&profile(None, Some(100))), Reschedule::Never);
+    }
+
+    /// Two requests to merge one profile into another, with different origins (an id claimed by
+    /// two partitions at once gives a merge from each side), reach the survivor before it writes
+    /// the first: the absorbed profile is added once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_profile_merged_twice_before_it_is_written_is_added_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = dir.path().join("starling.db");
+        drop(starling_store::open(&database).unwrap());
+        let model = Arc::new(starling_core::config::parse("[server]\npartitions = 2\n").unwrap());
+        let plugins = Arc::new(PluginHost::new().unwrap());
+        let telemetry = Arc::new(Telemetry::new());
+        let clock: fn() -> i64 = || 1_700_000_000_000;
+        let shared = Shared {
+            config: Arc::new(crate::live::Live::new(model, None)),
+            plugins: plugins.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            lanes: Arc::new(crate::delivery::Lanes::new(plugins, database.clone(), clock, telemetry.clone())),
+            clock,
+            telemetry,
+            log: Arc::new(starling_log::MemoryLog::new()),
+        };
+        let (ingest, workers) =
+            start(shared, 2, 16, || starling_store::open_writer(&database), || starling_store::open_reader(&database))
+                .unwrap();
+        // Two profiles on different workers.
+        let absorbed = (0..).map(|i| format!("visitor-{i}")).find(|id| worker_of(id, 2) == 1).unwrap();
+        let survivor = (0..).map(|i| format!("visitor-{i}")).find(|id| worker_of(id, 2) == 0).unwrap();
+        let event = |visitor: &str| Event {
+            id: None,
+            name: "view".into(),
+            visitor_id: visitor.into(),
+            source: None,
+            timestamp_ms: clock(),
+            data: serde_json::Map::new(),
+        };
+        ingest.submit(vec![event(&survivor), event(&absorbed), event(&absorbed)]).await.unwrap();
+        ingest.materialize().await.unwrap();
+        let merge = |origin: &str| {
+            Work::Merge(MergeRequest {
+                survivor: survivor.clone(),
+                absorbed: absorbed.clone(),
+                via: "email".into(),
+                attribute: "email_hash".into(),
+                event_id: None,
+                origin: Some(origin.into()),
+            })
+        };
+        ingest.queue(vec![Some(merge("7.0")), None], false).await.unwrap();
+        ingest.queue(vec![Some(merge("7.claim0")), None], false).await.unwrap();
+        ingest.materialize().await.unwrap();
+        let conn = starling_store::open(&database).unwrap();
+        let merged = starling_store::load_profile(&conn, &survivor).unwrap().unwrap();
+        assert_eq!(merged.event_count, 3, "the survivor's event and the absorbed profile's two");
+        assert!(starling_store::load_profile(&conn, &absorbed).unwrap().is_none());
+        drop(ingest);
+        for worker in workers {
+            worker.join().unwrap();
+        }
     }
 
     #[test]

@@ -160,26 +160,28 @@ impl EventLog for JetStreamLog {
     }
 
     fn read(&self, after: &[(Partition, Position)], visit: &mut dyn FnMut(Entry)) -> starling_log::Result<()> {
+        // Partitions are read side by side: each is a consumer of its own, and most of a read's
+        // time is waiting for the servers.
+        let reads = after.iter().map(|&(partition, from)| async move {
+            let last = retried(|| self.stream.last_position(partition)).await.map_err(remote)?;
+            self.saw(partition, last);
+            let read = retried(|| async {
+                let mut records = Vec::new();
+                let mut visit = |position, payload: Bytes| records.push((position, payload));
+                self.stream.read(partition, from, &mut visit).await.map(|()| records)
+            })
+            .await
+            .map_err(remote)?;
+            Ok::<_, LogError>(read.into_iter().map(move |(position, payload)| Entry {
+                position,
+                partition,
+                payload: payload.to_vec(),
+            }))
+        });
         let mut entries = Vec::new();
-        self.runtime.block_on(async {
-            for &(partition, from) in after {
-                let last = retried(|| self.stream.last_position(partition)).await.map_err(remote)?;
-                self.saw(partition, last);
-                let read = retried(|| async {
-                    let mut records = Vec::new();
-                    let mut visit = |position, payload: Bytes| records.push((position, payload));
-                    self.stream.read(partition, from, &mut visit).await.map(|()| records)
-                })
-                .await
-                .map_err(remote)?;
-                entries.extend(read.into_iter().map(|(position, payload)| Entry {
-                    position,
-                    partition,
-                    payload: payload.to_vec(),
-                }));
-            }
-            Ok::<_, LogError>(())
-        })?;
+        for read in self.runtime.block_on(futures_util::future::join_all(reads)) {
+            entries.extend(read?);
+        }
         entries.sort_by_key(|e| e.position);
         entries.into_iter().for_each(visit);
         Ok(())

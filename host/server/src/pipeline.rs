@@ -486,15 +486,30 @@ impl Ingest {
         }
         let n = self.partitions.len();
         self.materialized.replaying.store(true, Ordering::SeqCst);
+        // Consecutive records of one worker are queued together: it applies them in order
+        // without waiting for this loop in between. Before a record of another worker, the
+        // loop waits for them and the work they handed on.
+        let mut queued = Vec::new();
+        let mut last_worker = None;
         for entry in &entries {
             let Some((work, now_ms)) = Logged::decode(&entry.payload, entry.position).map_err(IngestError::Failed)?
             else {
                 continue;
             };
+            let worker = entry.partition as usize % n;
+            if last_worker != Some(worker) {
+                for applied in queued.drain(..) {
+                    Queued::durable(applied).await?;
+                }
+                last_worker = Some(worker);
+            }
             let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
-            jobs[entry.partition as usize % n] = Some(work);
+            jobs[worker] = Some(work);
             let replay = ReplayOf { partition: entry.partition, position: entry.position, now_ms };
-            self.dispatch_replay(jobs, false, Some(replay))?.durable().await?;
+            queued.push(self.dispatch_replay(jobs, false, Some(replay))?);
+        }
+        for applied in queued {
+            applied.durable().await?;
         }
         self.materialized.replaying.store(false, Ordering::SeqCst);
         // Merges another partition had not applied when the last run stopped (one it has

@@ -11,10 +11,17 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const LEASE: &str = "3s";
+/// The Segment write key of the nodes' web source.
+const SEGMENT_KEY: &str = "segment-write-key-0123456789";
 
 /// The benchmark configuration as node `node` of the cluster at `nats`, its action calling
 /// `receiver` for every profile that becomes known.
 fn node_config(dir: &Path, node: &str, nats: &LocalNats, receiver: &str) -> PathBuf {
+    node_config_with(dir, node, nats, receiver, "")
+}
+
+/// [`node_config`] with `sources` added.
+fn node_config_with(dir: &Path, node: &str, nats: &LocalNats, receiver: &str, sources: &str) -> PathBuf {
     let dir = dir.join(node);
     std::fs::create_dir_all(&dir).unwrap();
     let urls: Vec<String> = nats.urls.iter().map(|u| format!("\"{u}\"")).collect();
@@ -33,6 +40,7 @@ connector = "webhook"
 settings = {{ url = "{receiver}/welcome" }}
 params = {{ who = "profile_id" }}
 
+{sources}
 [cluster]
 nats = [{}]
 node = "{node}"
@@ -175,9 +183,13 @@ async fn the_owner_dies_under_load_and_the_standby_serves_every_profile_with_not
     // Load through both nodes; the owner dies in the middle of it.
     let mut through_a = loadgen(&a, "la", 3_000, 0.5).await;
     let through_b = loadgen(&b, "lb", 3_000, 0.5).await;
-    // Once the owner has stored a snapshot, it dies.
-    eventually("the owner to store a snapshot", Duration::from_secs(20), async || {
-        a.logs().contains("snapshot stored").then_some(())
+    // Once the owner has stored a snapshot, and the stream has forgotten the records it
+    // includes (so the standby cannot start from the stream alone), it dies.
+    eventually("the owner to store a snapshot and truncate the stream", Duration::from_secs(20), async || {
+        a.logs()
+            .lines()
+            .any(|line| line.contains("stream truncated before the snapshot") && !line.contains("records=0 "))
+            .then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_millis(1_000)).await;
@@ -318,4 +330,36 @@ async fn an_owner_paused_past_its_lease_cannot_write_when_it_wakes() {
     .await;
     println!("handover: a stopped owner's partitions served by the next node {handover:?} after SIGTERM");
     c.stop();
+}
+
+/// A Segment call sent to a standby is recorded with its sender's address, not the standby's
+/// (Segment's `context.ip`): the standby passes the address on, and the owner takes it from a
+/// node of the cluster only.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_forwarded_by_a_standby_keeps_its_senders_address() {
+    let nats = LocalNats::start(3).unwrap();
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let web = format!("[[source]]\nname = \"web\"\napi_key = \"{SEGMENT_KEY}\"\n[source.segment]\n");
+    let a = Server::start(&node_config_with(dir.path(), "a", &nats, &receiver.url, &web));
+    serving(&a, FIRST_START).await;
+    let b = Server::start(&node_config_with(dir.path(), "b", &nats, &receiver.url, &web));
+    standing_by(&b).await;
+    // The sender is 127.0.0.2; the standby reaches the owner from 127.0.0.1.
+    let sender = reqwest::Client::builder().local_address(std::net::IpAddr::from([127, 0, 0, 2])).build().unwrap();
+    let track = |who: &str| json!({"type": "track", "event": "Probe", "anonymousId": who, "properties": {}});
+    let sent = sender.post(format!("{}/v1/track", b.url)).basic_auth(SEGMENT_KEY, Some("")).json(&track("via-b"));
+    assert_eq!(sent.send().await.unwrap().status(), 200);
+    // A client cannot claim another address: the owner takes the header only from a node.
+    let forged = sender
+        .post(format!("{}/v1/track", a.url))
+        .basic_auth(SEGMENT_KEY, Some(""))
+        .header("x-starling-client", "203.0.113.9")
+        .json(&track("forged"));
+    assert_eq!(forged.send().await.unwrap().status(), 200);
+    for (who, address) in [("via-b", "127.0.0.2"), ("forged", "127.0.0.2")] {
+        let (status, export) = get_json(&format!("{}/v1/profiles/{who}/export", b.url)).await;
+        assert_eq!(status, 200, "{export}");
+        assert_eq!(export["events"][0]["data"]["context"]["ip"], address, "{who}: {export}");
+    }
 }

@@ -187,7 +187,8 @@ impl EventLog for JetStreamLog {
         Ok(())
     }
 
-    /// The stream keeps every record (a partition's new owner rebuilds its state from them).
+    /// The stream forgets records once a stored snapshot includes them (the node's snapshot
+    /// task does it); what the engine has written to SQLite alone is not enough.
     fn truncate_before(&self, _position: Position) -> starling_log::Result<u64> {
         Ok(0)
     }

@@ -2,15 +2,48 @@
 //! replicated like the stream): a new owner restores the latest instead of deriving the state
 //! from the whole stream, then applies only the records after the positions it includes.
 
-use crate::{Result, nats};
+use crate::{ClusterError, Result, nats};
 use async_nats::jetstream::{self, object_store};
-use starling_log::Position;
+use starling_log::{Partition, Position};
 use std::path::Path;
 use tokio::io::AsyncWriteExt;
 
 const BUCKET: &str = "starling-snapshots";
 /// The object's metadata key holding the last log position the snapshot includes.
 const COVERS: &str = "covers";
+/// The metadata key holding each partition's position (`partition:position,...`).
+const POSITIONS: &str = "positions";
+
+/// The log positions a snapshot includes, by partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Covered(pub Vec<(Partition, Position)>);
+
+impl Covered {
+    /// The last position any partition reached.
+    pub fn last(&self) -> Position {
+        self.0.iter().map(|(_, p)| *p).max().unwrap_or(0)
+    }
+
+    /// The position `partition` reached (0: none of its records).
+    pub fn of(&self, partition: Partition) -> Position {
+        self.0.iter().find(|(p, _)| *p == partition).map_or(0, |(_, position)| *position)
+    }
+
+    fn encode(&self) -> String {
+        self.0.iter().map(|(p, position)| format!("{p}:{position}")).collect::<Vec<_>>().join(",")
+    }
+
+    fn decode(text: &str) -> Result<Covered> {
+        let pair = |item: &str| -> Option<(Partition, Position)> {
+            let (p, position) = item.split_once(':')?;
+            Some((p.parse().ok()?, position.parse().ok()?))
+        };
+        let pairs = text.split(',').filter(|item| !item.is_empty()).map(|item| {
+            pair(item).ok_or_else(|| ClusterError::Nats(format!("a snapshot's positions are unreadable: `{item}`")))
+        });
+        Ok(Covered(pairs.collect::<Result<_>>()?))
+    }
+}
 
 pub struct Snapshots {
     store: object_store::ObjectStore,
@@ -33,30 +66,32 @@ impl Snapshots {
         Ok(Snapshots { store })
     }
 
-    /// Stores the file at `path` as snapshot `name`, which includes the log up to `covers`.
-    pub async fn put(&self, name: &str, path: &Path, covers: Position) -> Result<()> {
+    /// Stores the file at `path` as snapshot `name`, which includes the log up to `covered`.
+    pub async fn put(&self, name: &str, path: &Path, covered: &Covered) -> Result<()> {
         let mut file = tokio::fs::File::open(path).await.map_err(nats)?;
         let meta = object_store::ObjectMetadata {
             name: name.to_string(),
-            metadata: [(COVERS.to_string(), covers.to_string())].into(),
+            metadata: [(COVERS.to_string(), covered.last().to_string()), (POSITIONS.to_string(), covered.encode())]
+                .into(),
             ..Default::default()
         };
         self.store.put(meta, &mut file).await.map_err(nats)?;
         Ok(())
     }
 
-    /// The last log position snapshot `name` includes (none: there is no snapshot).
-    pub async fn covers(&self, name: &str) -> Result<Option<Position>> {
+    /// The log positions snapshot `name` includes (none: there is no snapshot, or one stored
+    /// without its partitions' positions).
+    pub async fn covers(&self, name: &str) -> Result<Option<Covered>> {
         match self.store.info(name).await {
-            Ok(info) if !info.deleted => Ok(info.metadata.get(COVERS).and_then(|c| c.parse().ok())),
+            Ok(info) if !info.deleted => info.metadata.get(POSITIONS).map(|text| Covered::decode(text)).transpose(),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => Ok(None),
             Err(e) => Err(nats(e)),
         }
     }
 
-    /// Writes snapshot `name` into the new file `to`; returns the position it includes.
-    pub async fn fetch(&self, name: &str, to: &Path) -> Result<Option<Position>> {
+    /// Writes snapshot `name` into the new file `to`; returns the positions it includes.
+    pub async fn fetch(&self, name: &str, to: &Path) -> Result<Option<Covered>> {
         let Some(covers) = self.covers(name).await? else { return Ok(None) };
         let mut object = self.store.get(name).await.map_err(nats)?;
         let mut file = tokio::fs::File::create(to).await.map_err(nats)?;

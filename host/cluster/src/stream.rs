@@ -86,6 +86,14 @@ impl EventStream {
         }
     }
 
+    /// Forgets `partition`'s records before `position` (a snapshot includes them). The record at
+    /// `position` stays, so the partition's last position, on which every append is
+    /// conditional, never goes back to none. Returns how many records were forgotten.
+    pub async fn forget_before(&self, partition: Partition, position: Position) -> Result<u64> {
+        let purged = self.stream.purge().filter(subject(partition)).sequence(position).await.map_err(nats)?;
+        Ok(purged.purged)
+    }
+
     /// Bytes the stream holds (one copy).
     pub async fn size_bytes(&self) -> Result<u64> {
         Ok(self.stream.get_info().await.map_err(nats)?.state.bytes)

@@ -377,9 +377,12 @@ async fn backup(State(state): State<AppState>) -> Result<Response, ApiError> {
     let name = format!(".backup-{}-{n}.db", std::process::id());
     let copy = state.database.with_file_name(name);
     let (database, into) = (state.database.clone(), copy.clone());
-    let position = tokio::task::spawn_blocking(move || starling_store::snapshot(&database, &into))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backup task failed"));
+    let position = tokio::task::spawn_blocking(move || {
+        starling_store::snapshot(&database, &into)
+            .map(|positions| positions.into_iter().map(|(_, p)| p).max().unwrap_or(0))
+    })
+    .await
+    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backup task failed"));
     let opened = match position {
         Ok(Ok(position)) => tokio::fs::File::open(&copy).await.map(|file| (position, file)).map_err(backup_io),
         Ok(Err(e)) => Err(e.into()),

@@ -13,16 +13,17 @@
 //! a lease (paused past it, cut off) stops at once: its appends are refused from then on.
 
 use crate::{App, Options, ServerError, http};
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use starling_cluster::log::JetStreamLog;
-use starling_cluster::snapshot::Snapshots;
+use starling_cluster::snapshot::{Covered, Snapshots};
 use starling_cluster::stream::EventStream;
 use starling_cluster::{Cluster, Ownership, Peer, Placement, Settings, SharedConfig};
 use starling_log::PARTITIONS;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -32,6 +33,9 @@ use tokio::sync::watch;
 pub const NODE_HEADER: &str = "x-starling-node";
 /// Set on a request a standby forwards: the owner does not forward it again.
 const FORWARDED_HEADER: &str = "x-starling-forwarded-by";
+/// The address of the client a standby forwards for: the owner's engine takes it as the
+/// request's peer (Segment's `context.ip`), if the request comes from a node of the cluster.
+const CLIENT_HEADER: &str = "x-starling-client";
 /// How long a stream's record ids are remembered to keep a repeated one out.
 const DEDUP_WINDOW: Duration = Duration::from_secs(120);
 /// The snapshot of the whole engine's state (every partition is on one node).
@@ -175,6 +179,7 @@ pub async fn serve(
                         snapshotting = Some(tokio::spawn(take_snapshots(
                             database.clone(),
                             snapshots.clone(),
+                            stream.clone(),
                             ownership.clone(),
                             snapshot_every,
                         )));
@@ -287,25 +292,27 @@ async fn publish_config(app: &App, cluster: &Cluster, published: &mut Option<i64
     }
 }
 
-/// Replaces the local database with the latest snapshot when the snapshot includes more of the
-/// log (a node that never owned the partitions, or did long ago); the engine then applies only
-/// the records after it.
+/// Replaces the local database with the latest snapshot when the snapshot includes more of any
+/// partition's log (a node that never owned the partitions, or did long ago): the stream no
+/// longer holds the records before the snapshot's positions. The engine then applies only the
+/// records after them.
 async fn restore(database: &Path, snapshots: &Snapshots) -> Result<(), ServerError> {
     let cluster = |e: starling_cluster::ClusterError| ServerError::Cluster(format!("restoring a snapshot: {e}"));
-    let Some(covers) = snapshots.covers(SNAPSHOT).await.map_err(cluster)? else { return Ok(()) };
+    let Some(covered) = snapshots.covers(SNAPSHOT).await.map_err(cluster)? else { return Ok(()) };
     let path = database.to_path_buf();
-    let local = tokio::task::spawn_blocking(move || -> Result<u64, ServerError> {
+    let local = tokio::task::spawn_blocking(move || -> Result<Covered, ServerError> {
         if !path.exists() {
-            return Ok(0);
+            return Ok(Covered::default());
         }
         let conn = starling_store::open(&path)?;
-        Ok(starling_store::log_positions(&conn)?.into_iter().map(|(_, p)| p).max().unwrap_or(0))
+        Ok(Covered(starling_store::log_positions(&conn)?))
     })
     .await
     .map_err(|e| ServerError::Cluster(e.to_string()))??;
-    if covers <= local {
+    if covered.0.iter().all(|&(partition, position)| position <= local.of(partition)) {
         return Ok(());
     }
+    let (covers, local) = (covered.last(), local.last());
     let started = std::time::Instant::now();
     let restoring = database.with_extension("restoring");
     snapshots.fetch(SNAPSHOT, &restoring).await.map_err(cluster)?;
@@ -333,8 +340,15 @@ fn remove_database(database: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Stores a snapshot of the database every `every`, for the next owner to start from.
-async fn take_snapshots(database: PathBuf, snapshots: Arc<Snapshots>, ownership: Arc<Ownership>, every: Duration) {
+/// Stores a snapshot of the database every `every`, for the next owner to start from, then has
+/// the stream forget the records it includes.
+async fn take_snapshots(
+    database: PathBuf,
+    snapshots: Arc<Snapshots>,
+    stream: Arc<EventStream>,
+    ownership: Arc<Ownership>,
+    every: Duration,
+) {
     let mut last = 0;
     loop {
         tokio::time::sleep(every).await;
@@ -346,8 +360,8 @@ async fn take_snapshots(database: PathBuf, snapshots: Arc<Snapshots>, ownership:
             starling_store::snapshot(&from, &copy)
         })
         .await;
-        let covers = match taken {
-            Ok(Ok(covers)) => covers,
+        let covered = match taken {
+            Ok(Ok(positions)) => Covered(positions),
             Ok(Err(e)) => {
                 tracing::warn!("taking a snapshot: {e}");
                 continue;
@@ -358,18 +372,43 @@ async fn take_snapshots(database: PathBuf, snapshots: Arc<Snapshots>, ownership:
             }
         };
         // A former owner (woken from a pause) must not replace a newer owner's snapshot.
-        let newer = snapshots.covers(SNAPSHOT).await.ok().flatten().is_some_and(|stored| stored >= covers);
+        let covers = covered.last();
+        let newer = snapshots.covers(SNAPSHOT).await.ok().flatten().is_some_and(|stored| stored.last() >= covers);
         if covers > last && !newer && ownership.held().len() == PARTITIONS as usize {
-            match snapshots.put(SNAPSHOT, &into, covers).await {
+            match snapshots.put(SNAPSHOT, &into, &covered).await {
                 Ok(()) => {
                     last = covers;
                     tracing::info!(covers, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot stored");
+                    forget_snapshotted(&stream, &covered).await;
                 }
                 Err(e) => tracing::warn!("storing a snapshot: {e}"),
             }
         }
         let _ = std::fs::remove_file(&into);
     }
+}
+
+/// Has the stream forget each partition's records before the position a stored snapshot
+/// includes: a new owner starts from the snapshot, so the stream's size follows the records
+/// written since, not every record ever written.
+async fn forget_snapshotted(stream: &EventStream, covered: &Covered) {
+    let started = std::time::Instant::now();
+    let mut forgotten = 0;
+    for &(partition, position) in &covered.0 {
+        match stream.forget_before(partition, position).await {
+            Ok(n) => forgotten += n,
+            Err(e) => {
+                // Kept until the next snapshot: nothing is lost by keeping records longer.
+                tracing::warn!(partition, "the stream did not forget records a snapshot includes: {e}");
+                return;
+            }
+        }
+    }
+    tracing::info!(
+        records = forgotten,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "stream truncated before the snapshot"
+    );
 }
 
 /// Keeps this node's leases, a few rounds per lease period, and publishes what it sees.
@@ -449,6 +488,7 @@ async fn status(State(front): State<Arc<Front>>) -> Response {
 async fn answer(State(front): State<Arc<Front>>, request: Request) -> Response {
     let engine = front.engine.read().expect("engine").clone();
     if let Some(engine) = engine {
+        let request = with_client_address(&front, request);
         let mut response = tower::ServiceExt::oneshot(engine, request).await.unwrap_or_else(|e| match e {});
         if let Ok(node) = HeaderValue::from_str(&front.node) {
             response.headers_mut().insert(HeaderName::from_static(NODE_HEADER), node);
@@ -473,6 +513,15 @@ async fn forward(front: &Front, base: &str, request: Request) -> Response {
     if let Ok(node) = HeaderValue::from_str(&front.node) {
         parts.headers.insert(HeaderName::from_static(FORWARDED_HEADER), node);
     }
+    match parts.extensions.get::<ConnectInfo<SocketAddr>>() {
+        Some(ConnectInfo(client)) => {
+            let address = HeaderValue::from_str(&client.ip().to_string()).expect("an address is a header value");
+            parts.headers.insert(HeaderName::from_static(CLIENT_HEADER), address);
+        }
+        None => {
+            parts.headers.remove(CLIENT_HEADER);
+        }
+    }
     match front.client.request(Request::from_parts(parts, body)).await {
         Ok(response) => response.map(axum::body::Body::new),
         Err(e) => {
@@ -480,6 +529,24 @@ async fn forward(front: &Front, base: &str, request: Request) -> Response {
             unavailable("the partitions' owner could not be reached; retry")
         }
     }
+}
+
+/// A request forwarded by a node of the cluster (its address is that of a live node's URL) is
+/// seen by the engine as coming from the client the node forwarded for; from anyone else, the
+/// client header is dropped. Nodes are recognised by the IP address in their URLs.
+fn with_client_address(front: &Front, mut request: Request) -> Request {
+    let claimed = request.headers_mut().remove(CLIENT_HEADER);
+    let Some(&ConnectInfo(peer)) = request.extensions().get::<ConnectInfo<SocketAddr>>() else { return request };
+    let url_address = |url: &str| url.parse::<axum::http::Uri>().ok()?.host()?.parse::<IpAddr>().ok();
+    let from_node =
+        front.view.borrow().nodes.iter().any(|(_, p)| p.url.as_deref().and_then(url_address) == Some(peer.ip()));
+    let client = claimed.and_then(|value| value.to_str().ok()?.parse::<IpAddr>().ok());
+    if let Some(client) = client
+        && from_node
+    {
+        request.extensions_mut().insert(ConnectInfo(SocketAddr::new(client, 0)));
+    }
+    request
 }
 
 fn unavailable(message: &str) -> Response {

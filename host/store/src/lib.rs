@@ -281,14 +281,14 @@ pub fn log_positions(conn: &Connection) -> Result<Vec<(u16, u64)>> {
 }
 
 /// Writes a consistent copy of the database at `database` into the new file `into` (SQLite's
-/// `VACUUM INTO`, inside one read transaction: writers go on meanwhile) and returns the last
-/// event log position the copy reflects.
-pub fn snapshot(database: &Path, into: &Path) -> Result<u64> {
+/// `VACUUM INTO`, inside one read transaction: writers go on meanwhile) and returns the event
+/// log position of each partition the copy reflects.
+pub fn snapshot(database: &Path, into: &Path) -> Result<Vec<(u16, u64)>> {
     let conn = Connection::open_with_flags(database, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.execute("VACUUM INTO ?1", [into.to_string_lossy()])?;
     let copy = Connection::open_with_flags(into, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    Ok(log_positions(&copy)?.into_iter().map(|(_, p)| p).max().unwrap_or(0))
+    log_positions(&copy)
 }
 
 /// Whether the merge handed on from log record `origin` was applied.

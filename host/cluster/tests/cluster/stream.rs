@@ -89,3 +89,42 @@ async fn records_acknowledged_through_a_leader_failure_are_all_kept_once() {
     reader.read(partition, position, &mut |p, _| after.push(p)).await.unwrap();
     assert!(after.iter().all(|p| *p > position) && !after.is_empty());
 }
+
+/// Forgetting a partition's records before a snapshot's position leaves that record and the
+/// later ones, the other partitions untouched, and appends conditional on the last position
+/// going on as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_a_snapshot_includes_are_forgotten_and_appends_go_on() {
+    let nats = LocalNats::start(3).unwrap();
+    let node = join(&nats, "a").await;
+    let events = node.cluster().events(Duration::from_secs(120)).await.unwrap();
+    let mut written: BTreeMap<Partition, Vec<u64>> = BTreeMap::new();
+    for i in 0..30u64 {
+        let partition = (i % 3) as Partition;
+        let last = written.get(&partition).and_then(|p| p.last().copied()).unwrap_or(0);
+        let position =
+            events.append_after(partition, last, &format!("r{i}"), Bytes::from(format!("r{i}"))).await.unwrap();
+        written.entry(partition).or_default().push(position);
+    }
+    let read = |partition: Partition| {
+        let events = &events;
+        async move {
+            let mut positions = Vec::new();
+            events.read(partition, 0, &mut |position, _| positions.push(position)).await.unwrap();
+            positions
+        }
+    };
+    // Partition 1 is snapshotted at its 7th record; partition 2 at its last.
+    let (kept_from, last_of_2) = (written[&1][6], *written[&2].last().unwrap());
+    assert_eq!(events.forget_before(1, kept_from).await.unwrap(), 6);
+    assert_eq!(events.forget_before(2, last_of_2).await.unwrap(), 9);
+    assert_eq!(read(0).await, written[&0], "another partition keeps everything");
+    assert_eq!(read(1).await, written[&1][6..].to_vec());
+    assert_eq!(read(2).await, vec![last_of_2], "a partition keeps its last record");
+    assert_eq!(events.last_position(2).await.unwrap(), last_of_2);
+    // Appends conditional on the last position go on; one that missed a record is refused.
+    let next = events.append_after(2, last_of_2, "after", Bytes::from_static(b"after")).await.unwrap();
+    assert!(next > last_of_2);
+    let stale = events.append_after(2, last_of_2, "stale", Bytes::from_static(b"stale")).await;
+    assert!(matches!(stale, Err(starling_cluster::ClusterError::Behind { partition: 2 })), "{stale:?}");
+}

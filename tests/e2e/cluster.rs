@@ -82,10 +82,11 @@ async fn serving(server: &Server, within: Duration) {
     }
 }
 
-/// Waits until `server` stands by ready: its plugins compiled, the owner known.
+/// Waits until `server` stands by ready: following the stream (its plugins loaded), the owner
+/// known.
 async fn standing_by(server: &Server) {
-    eventually("the node to stand by with its plugins compiled", FIRST_START, async || {
-        let ready = server.logs().contains("plugins compiled") && cluster_view(server).await["owner"].is_string();
+    eventually("the node to stand by, following the stream", FIRST_START, async || {
+        let ready = server.logs().contains("following the stream") && cluster_view(server).await["owner"].is_string();
         ready.then_some(())
     })
     .await;
@@ -95,7 +96,7 @@ async fn standing_by(server: &Server) {
 /// run, on a busy machine) compiled its plugins.
 const FIRST_START: Duration = Duration::from_secs(180);
 
-/// Node `a`, serving every partition, and node `b`, standing by with its plugins compiled.
+/// Node `a`, serving every partition, and node `b`, standing by, following the stream.
 async fn owner_and_standby(dir: &Path, nats: &LocalNats, receiver: &Receiver) -> (Server, Server) {
     let a = Server::start(&node_config(dir, "a", nats, &receiver.url));
     serving(&a, FIRST_START).await;
@@ -198,8 +199,10 @@ async fn the_owner_dies_under_load_and_the_standby_serves_every_profile_with_not
     let killed = Instant::now();
     serving(&b, Duration::from_secs(30)).await;
     let failover = killed.elapsed();
+    // The standby followed the stream: it took over from its own copy (or, had it fallen
+    // behind the latest snapshot, from that), applying only what it had not yet applied.
     assert!(
-        b.logs().contains("state restored from the latest snapshot"),
+        b.logs().contains("following the stream") && b.logs().contains("event log replayed after the stored state"),
         "b:\n{}\na:\n{}",
         b.logs(),
         std::fs::read_to_string(&a_log).unwrap_or_default()
@@ -294,6 +297,9 @@ async fn an_owner_paused_past_its_lease_cannot_write_when_it_wakes() {
     // its partitions up at once, without waiting for its leases to lapse.
     let c = Server::start(&node_config(dir.path(), "c", &nats, &receiver.url));
     standing_by(&c).await;
+    // A node that joins late starts following from the latest snapshot: the stream no longer
+    // holds what the snapshot includes.
+    assert!(c.logs().contains("state restored from the latest snapshot"), "c:\n{}", c.logs());
     assert_eq!(cluster_view(&c).await["owner"], "b");
     // A configuration change made through a standby reaches the owner, and every node says
     // which version it runs.

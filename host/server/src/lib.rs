@@ -4,6 +4,7 @@
 pub mod api;
 pub mod auth;
 pub mod delivery;
+pub mod follow;
 pub mod http;
 pub mod import;
 pub mod live;
@@ -153,14 +154,9 @@ fn plugin_host(
     })?)
 }
 
-/// Compiles the plugins of `options` into the compiled-code cache and drops them, so that a
-/// later [`App::start`] on the same database loads them at once (a cluster node standing by
-/// does this, so that taking over does not wait for the compiler).
-pub fn warm_plugins(options: &Options) -> Result<usize, ServerError> {
-    let Some(dir) = &options.plugins else { return Ok(0) };
-    let blobs = starling_store::blob_dir(&options.database);
-    let plugins = plugin_host(&options.model, &blobs, &options.trusted_keys)?;
-    Ok(plugins.load_dir(dir, &options.model.plugin_config)?.len())
+/// How many pipeline workers apply the partitions: `server.partitions`, or one per core.
+fn workers(model: &Model) -> usize {
+    model.server.partitions.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())).max(1)
 }
 
 /// A started engine: ingestion workers and delivery lanes are running; call [`App::serve`].
@@ -238,15 +234,11 @@ impl App {
             clock,
             telemetry: telemetry.clone(),
             log,
+            following: false,
         };
-        let partitions = model
-            .server
-            .partitions
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
-            .max(1);
         let (ingest, workers) = pipeline::start(
             shared,
-            partitions,
+            workers(&model),
             model.server.ingest_queue.max(1),
             || starling_store::open_writer(&database),
             || starling_store::open_reader(&database),

@@ -12,6 +12,7 @@
 //! keys (they are made of log positions, which the stream keeps). An owner that finds it lost
 //! a lease (paused past it, cut off) stops at once: its appends are refused from then on.
 
+use crate::follow::Follower;
 use crate::{App, Options, ServerError, http};
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
@@ -115,19 +116,6 @@ pub async fn serve(
     let log = Arc::new(JetStreamLog::new(stream.clone(), ownership.clone(), tokio::runtime::Handle::current()));
     tracing::info!(node = %settings.node, %url, "joined the cluster");
 
-    // Standing by, the node compiles its plugins, so that taking over does not wait for them.
-    let warming = {
-        let warm = options.clone();
-        tokio::task::spawn_blocking(move || {
-            let started = std::time::Instant::now();
-            match crate::warm_plugins(&warm) {
-                Ok(n) => {
-                    tracing::info!(plugins = n, elapsed_ms = started.elapsed().as_millis() as u64, "plugins compiled")
-                }
-                Err(e) => tracing::warn!("compiling the plugins ahead: {e}"),
-            }
-        })
-    };
     let (view_tx, view) = watch::channel(View::default());
     let rounds = tokio::spawn(run_rounds(ownership.clone(), stream.clone(), log.clone(), lease, view_tx));
     let front = Arc::new(Front {
@@ -148,18 +136,38 @@ pub async fn serve(
         let _ = stopping.wait_for(|s| *s).await;
     }));
     let mut view_rx = view;
-    let mut warming = Some(warming);
     let database = options.database.clone();
     let mut options = Some(options);
     let mut app: Option<App> = None;
     let mut snapshotting = None;
     let mut published = None;
+    let mut following: Option<Following> = None;
     let snapshot_every = Duration::from_millis(settings.snapshot_every_ms as u64);
     let outcome = loop {
-        let (holds_all, overtaken) = {
+        let (holds_all, overtaken, owner, shared_config) = {
             let view = view_rx.borrow_and_update();
-            (view.holds_all, view.overtaken)
+            (view.holds_all, view.overtaken, view.owner.clone(), view.shared_config)
         };
+        // Standing by, the node follows the stream (restarted when it stopped, and when the
+        // configuration it follows with is no longer the published one).
+        if let Some(follow) = following.take_if(|f| f.task.is_finished() || f.config_version != shared_config) {
+            follow.stop().await;
+        }
+        let another_owner = owner.is_some_and(|(node, _)| node != front.node);
+        if following.is_none()
+            && app.is_none()
+            && another_owner
+            && !holds_all
+            && !overtaken
+            && let Some(start) = &options
+        {
+            let mut start = start.clone();
+            if let Err(e) = adopt_shared_config(&mut start, ownership.cluster()).await {
+                tracing::warn!("following the stream: {e}");
+            } else {
+                following = Some(Following::start(start, log.clone(), snapshots.clone(), shared_config));
+            }
+        }
         // A lease that lapsed without another node taking it (NATS unreachable for a while)
         // only pauses writing: the log refuses appends until this node renews.
         match (&app, holds_all) {
@@ -169,8 +177,8 @@ pub async fn serve(
             }
             (None, true) if !overtaken => {
                 let Some(start) = options.take() else { break Ok(()) };
-                if let Some(warming) = warming.take() {
-                    let _ = warming.await;
+                if let Some(follow) = following.take() {
+                    follow.stop().await;
                 }
                 match activate(start, ownership.cluster(), &log, &snapshots, &front.node, addr, &drain).await {
                     Ok(engine) => {
@@ -201,6 +209,9 @@ pub async fn serve(
     front.engine.write().expect("engine").take();
     let _ = stop_tx.send(true);
     let _ = serving.await;
+    if let Some(follow) = following.take() {
+        follow.stop().await;
+    }
     rounds.abort();
     if let Some(task) = snapshotting {
         task.abort();
@@ -220,6 +231,88 @@ pub async fn serve(
     {
         tracing::warn!("leaving the cluster: {e}");
     }
+    outcome
+}
+
+/// How often a standby applies what the stream gained.
+const FOLLOW_EVERY: Duration = Duration::from_millis(250);
+
+/// A standby following the stream into its database (see [`crate::follow`]).
+struct Following {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), ServerError>>,
+    /// The published configuration version it applies records with.
+    config_version: Option<i64>,
+}
+
+impl Following {
+    fn start(
+        options: Options,
+        log: Arc<JetStreamLog>,
+        snapshots: Arc<Snapshots>,
+        config_version: Option<i64>,
+    ) -> Following {
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(follow(options, log, snapshots, stopped));
+        Following { stop, task, config_version }
+    }
+
+    /// Stops following once what was applied is written to the database.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("following the stream stopped: {e}"),
+            Err(e) => tracing::warn!("following the stream stopped: {e}"),
+        }
+    }
+}
+
+/// Applies the stream into the local database until `stop` is set. It starts from the latest
+/// snapshot when the snapshot includes more of any partition than the database, and stops when
+/// a later snapshot does (the stream forgets what snapshots include, so the records in between
+/// may be gone: the next start restores that snapshot).
+async fn follow(
+    options: Options,
+    log: Arc<JetStreamLog>,
+    snapshots: Arc<Snapshots>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ServerError> {
+    let started = std::time::Instant::now();
+    let database = options.database.clone();
+    restore(&database, &snapshots).await?;
+    let log: Arc<dyn starling_log::EventLog> = log;
+    let mut follower = tokio::task::spawn_blocking(move || Follower::start(&options, log))
+        .await
+        .map_err(|e| ServerError::Cluster(e.to_string()))??;
+    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "following the stream");
+    let outcome = loop {
+        tokio::select! {
+            _ = stop.changed() => break Ok(()),
+            _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+        }
+        let entries = match follower.read().await {
+            Ok(entries) => entries,
+            Err(e) => break Err(e),
+        };
+        // Checked after the read: a snapshot is stored before the stream forgets what it
+        // includes, so one that overtook this read is seen here.
+        let covered = snapshots.covers(SNAPSHOT).await.map_err(|e| ServerError::Cluster(e.to_string()));
+        let positions = follower.positions();
+        match covered {
+            Ok(Some(covered)) if covered.0.iter().any(|(p, at)| *at > positions.get(p).copied().unwrap_or(0)) => {
+                break Err(ServerError::Cluster(
+                    "the latest snapshot overtook the standby's copy; it starts again from it".into(),
+                ));
+            }
+            Err(e) => break Err(e),
+            _ => {}
+        }
+        if let Err(e) = follower.apply(&entries).await {
+            break Err(e);
+        }
+    };
+    follower.stop().await?;
     outcome
 }
 

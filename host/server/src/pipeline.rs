@@ -23,7 +23,7 @@ use starling_core::{
     CustomEnrichers, Event, IdRefusal, Membership, Model, Outcome, PendingAction, Profile, apply_delete, apply_event,
     apply_merge, apply_time,
 };
-use starling_log::{EventLog, Partition, Position};
+use starling_log::{Entry, EventLog, Partition, Position};
 use starling_runtime::{PluginHost, WasmEnrichers};
 use starling_store::{Batch, IdentityLink, StoreError};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
@@ -457,17 +457,8 @@ impl Ingest {
     /// worker, one at a time with the work it hands on, as it was the first time. Returns how
     /// many records were applied. Until it returns, the log is not truncated.
     pub async fn replay(&self) -> Result<usize, IngestError> {
-        let after: Vec<(Partition, Position)> =
-            (0..starling_log::PARTITIONS).map(|vp| (vp, self.stored.get(&vp).copied().unwrap_or(0))).collect();
-        let mut entries = Vec::new();
-        let log = self.log.clone();
-        let read =
-            tokio::task::spawn_blocking(move || log.read(&after, &mut |entry| entries.push(entry)).map(|()| entries));
         let reading = std::time::Instant::now();
-        let entries = read
-            .await
-            .map_err(|e| IngestError::Failed(e.to_string()))?
-            .map_err(|e| IngestError::Failed(format!("reading the event log: {e}")))?;
+        let entries = self.read_after(self.stored_positions()).await?;
         tracing::info!(
             records = entries.len(),
             elapsed_ms = reading.elapsed().as_millis() as u64,
@@ -484,6 +475,46 @@ impl Ingest {
                 first.position
             );
         }
+        self.apply_records(&entries).await?;
+        let n = self.partitions.len();
+        // Merges another partition had not applied when the last run stopped (one it has
+        // applied since, in the replay above, is recognised by its origin and skipped).
+        let resent = self.handed_over.len();
+        for merge in &self.handed_over {
+            let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
+            jobs[worker_of(&merge.survivor, n)] = Some(Work::Merge(merge.clone()));
+            self.dispatch(jobs, false)?.durable().await?;
+        }
+        if resent > 0 {
+            tracing::info!(merges = resent, "merges handed over before the restart sent again");
+        }
+        // What the replay applied is written before the log may forget anything.
+        self.queue((0..n).map(|_| Some(Work::Materialize)).collect(), false).await?;
+        for inflight in &self.materialized.inflight {
+            inflight.store(u64::MAX, Ordering::SeqCst);
+        }
+        Ok(entries.len())
+    }
+
+    /// Each partition's position its stored state included at start.
+    pub fn stored_positions(&self) -> Vec<(Partition, Position)> {
+        (0..starling_log::PARTITIONS).map(|vp| (vp, self.stored.get(&vp).copied().unwrap_or(0))).collect()
+    }
+
+    /// The log's records after the partitions' positions `after`, in log order.
+    pub async fn read_after(&self, after: Vec<(Partition, Position)>) -> Result<Vec<Entry>, IngestError> {
+        let mut entries = Vec::new();
+        let log = self.log.clone();
+        let read =
+            tokio::task::spawn_blocking(move || log.read(&after, &mut |entry| entries.push(entry)).map(|()| entries));
+        read.await
+            .map_err(|e| IngestError::Failed(e.to_string()))?
+            .map_err(|e| IngestError::Failed(format!("reading the event log: {e}")))
+    }
+
+    /// Applies log records again, in log order, each at the time it was first applied, by its
+    /// partition's worker.
+    pub async fn apply_records(&self, entries: &[Entry]) -> Result<(), IngestError> {
         let n = self.partitions.len();
         self.materialized.replaying.store(true, Ordering::SeqCst);
         // Consecutive records of one worker are queued together: it applies them in order
@@ -491,7 +522,7 @@ impl Ingest {
         // loop waits for them and the work they handed on.
         let mut queued = Vec::new();
         let mut last_worker = None;
-        for entry in &entries {
+        for entry in entries {
             let Some((work, now_ms)) = Logged::decode(&entry.payload, entry.position).map_err(IngestError::Failed)?
             else {
                 continue;
@@ -512,23 +543,7 @@ impl Ingest {
             applied.durable().await?;
         }
         self.materialized.replaying.store(false, Ordering::SeqCst);
-        // Merges another partition had not applied when the last run stopped (one it has
-        // applied since, in the replay above, is recognised by its origin and skipped).
-        let resent = self.handed_over.len();
-        for merge in &self.handed_over {
-            let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
-            jobs[worker_of(&merge.survivor, n)] = Some(Work::Merge(merge.clone()));
-            self.dispatch(jobs, false)?.durable().await?;
-        }
-        if resent > 0 {
-            tracing::info!(merges = resent, "merges handed over before the restart sent again");
-        }
-        // What the replay applied is written before the log may forget anything.
-        self.queue((0..n).map(|_| Some(Work::Materialize)).collect(), false).await?;
-        for inflight in &self.materialized.inflight {
-            inflight.store(u64::MAX, Ordering::SeqCst);
-        }
-        Ok(entries.len())
+        Ok(())
     }
 
     /// Requests queued on each partition, for the queue-depth metric.
@@ -731,6 +746,10 @@ pub struct Shared {
     pub clock: fn() -> i64,
     pub telemetry: Arc<Telemetry>,
     pub log: Arc<dyn EventLog>,
+    /// Set on a standby's pipeline, which applies a log another node writes: it appends
+    /// nothing. Work a record hands on (a merge, events whose profile moved) is applied as a
+    /// start's replay applies it, without a record of its own.
+    pub following: bool,
 }
 
 /// Starts `n` workers, each reading through its own connection from `open_reader` and all
@@ -1553,7 +1572,7 @@ impl Worker {
                 }
                 vec![position; p.drafts.len()]
             }
-            None if p.drafts.is_empty() => Vec::new(),
+            None if p.drafts.is_empty() || self.shared.following => Vec::new(),
             None => {
                 let payloads: Vec<Vec<u8>> =
                     p.drafts.iter().map(|(job, _, draft)| encode(&batch[*job].work, draft, now)).collect();
@@ -1739,7 +1758,8 @@ impl Worker {
     fn write_early(&mut self) -> bool {
         let mut writes = std::mem::take(&mut self.pending.effects.writes);
         let start = self.pending.batch_start;
-        let early: HashSet<usize> = (start..writes.len()).filter(|i| written_early(&writes[*i])).collect();
+        // In the order they were decided: an action's key is its rank among its record's.
+        let early: Vec<usize> = (start..writes.len()).filter(|i| written_early(&writes[*i])).collect();
         if early.is_empty() {
             self.pending.effects.writes = writes;
             return true;
@@ -1759,7 +1779,7 @@ impl Worker {
             let mut index = 0;
             writes.retain(|_| {
                 index += 1;
-                !early.contains(&(index - 1))
+                early.binary_search(&(index - 1)).is_err()
             });
         }
         self.pending.effects.writes = writes;
@@ -2591,6 +2611,7 @@ mod tests {
             clock,
             telemetry,
             log: Arc::new(starling_log::MemoryLog::new()),
+            following: false,
         };
         let (ingest, workers) =
             start(shared, 2, 16, || starling_store::open_writer(&database), || starling_store::open_reader(&database))

@@ -262,7 +262,11 @@ async fn a_configuration_applied_live_evolves_stored_data_and_backfills_membersh
     assert!(Command::new("kill").args(["-HUP", &server.pid().to_string()]).status().unwrap().success());
     eventually("the reloaded configuration", Duration::from_secs(30), async || {
         let (_, c) = get_json(&format!("{}/v1/config", server.url)).await;
-        (c["version"] == 3 && c["how"] == "reload" && c["backfill"]["finished"] == true).then_some(())
+        (c["version"] == 3
+            && c["how"] == "reload"
+            && c["backfill"]["version"] == 3
+            && c["backfill"]["finished"] == true)
+            .then_some(())
     })
     .await;
     assert_eq!(size(&server, "small_a").await, 10);
@@ -274,7 +278,8 @@ async fn a_configuration_applied_live_evolves_stored_data_and_backfills_membersh
     let server = Server::start(&config);
     eventually("the backfill after the restart", Duration::from_secs(30), async || {
         let (_, c) = get_json(&format!("{}/v1/config", server.url)).await;
-        (c["version"] == 4 && c["how"] == "start" && c["backfill"]["finished"] == true).then_some(())
+        (c["version"] == 4 && c["how"] == "start" && c["backfill"]["version"] == 4 && c["backfill"]["finished"] == true)
+            .then_some(())
     })
     .await;
     assert_eq!(size(&server, "small_a").await, 20);
@@ -347,7 +352,7 @@ op = "increment"
     }
     eventually("the last backfill", Duration::from_secs(30), async || {
         let (_, c) = get_json(&format!("{url}/v1/config")).await;
-        (c["version"] == 6 && c["backfill"]["finished"] == true).then_some(())
+        (c["version"] == 6 && c["backfill"]["version"] == 6 && c["backfill"]["finished"] == true).then_some(())
     })
     .await;
     assert_eq!(size(&server, "at_least").await, (SENDERS * 20) as u64, "every profile has n = {BATCHES} ≥ 50");

@@ -286,6 +286,8 @@ async fn follow(
         .await
         .map_err(|e| ServerError::Cluster(e.to_string()))??;
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "following the stream");
+    // The latest snapshot whose delivery states this copy has taken.
+    let mut adopted = 0;
     let outcome = loop {
         tokio::select! {
             _ = stop.changed() => break Ok(()),
@@ -297,23 +299,56 @@ async fn follow(
         };
         // Checked after the read: a snapshot is stored before the stream forgets what it
         // includes, so one that overtook this read is seen here.
-        let covered = snapshots.covers(SNAPSHOT).await.map_err(|e| ServerError::Cluster(e.to_string()));
+        let covered = match snapshots.covers(SNAPSHOT).await {
+            Ok(covered) => covered,
+            Err(e) => break Err(ServerError::Cluster(e.to_string())),
+        };
         let positions = follower.positions();
-        match covered {
-            Ok(Some(covered)) if covered.0.iter().any(|(p, at)| *at > positions.get(p).copied().unwrap_or(0)) => {
-                break Err(ServerError::Cluster(
-                    "the latest snapshot overtook the standby's copy; it starts again from it".into(),
-                ));
-            }
-            Err(e) => break Err(e),
-            _ => {}
+        if let Some(covered) = &covered
+            && covered.0.iter().any(|(p, at)| *at > positions.get(p).copied().unwrap_or(0))
+        {
+            break Err(ServerError::Cluster(
+                "the latest snapshot overtook the standby's copy; it starts again from it".into(),
+            ));
         }
         if let Err(e) = follower.apply(&entries).await {
             break Err(e);
         }
+        // What the owner had delivered when it stored its latest snapshot is not delivered
+        // again by this node if it takes over.
+        if let Some(covered) = covered
+            && covered.last() > adopted
+        {
+            match adopt_deliveries(&database, &snapshots).await {
+                Ok(changed) => {
+                    adopted = covered.last();
+                    tracing::debug!(
+                        actions = changed,
+                        covers = adopted,
+                        "delivery states taken from the latest snapshot"
+                    );
+                }
+                Err(e) => tracing::warn!("taking delivery states from the latest snapshot: {e}"),
+            }
+        }
     };
     follower.stop().await?;
     outcome
+}
+
+/// Marks the actions the latest snapshot holds as delivered (or failed, or cancelled) so in the
+/// local database too.
+async fn adopt_deliveries(database: &Path, snapshots: &Snapshots) -> Result<usize, ServerError> {
+    let copy = database.with_extension("deliveries");
+    snapshots.fetch(SNAPSHOT, &copy).await.map_err(|e| ServerError::Cluster(e.to_string()))?;
+    let (local, fetched) = (database.to_path_buf(), copy.clone());
+    let adopted = tokio::task::spawn_blocking(move || {
+        starling_store::adopt_deliveries(&starling_store::open(&local)?, &fetched).map_err(ServerError::from)
+    })
+    .await
+    .map_err(|e| ServerError::Cluster(e.to_string()))?;
+    let _ = std::fs::remove_file(&copy);
+    adopted
 }
 
 /// Fences every partition off from former owners, restores the latest snapshot if it is ahead

@@ -515,8 +515,14 @@ impl Ingest {
     /// Applies log records again, in log order, each at the time it was first applied, by its
     /// partition's worker.
     pub async fn apply_records(&self, entries: &[Entry]) -> Result<(), IngestError> {
-        let n = self.partitions.len();
         self.materialized.replaying.store(true, Ordering::SeqCst);
+        let applied = self.apply_in_order(entries).await;
+        self.materialized.replaying.store(false, Ordering::SeqCst);
+        applied
+    }
+
+    async fn apply_in_order(&self, entries: &[Entry]) -> Result<(), IngestError> {
+        let n = self.partitions.len();
         // Consecutive records of one worker are queued together: it applies them in order
         // without waiting for this loop in between. Before a record of another worker, the
         // loop waits for them and the work they handed on.
@@ -542,7 +548,6 @@ impl Ingest {
         for applied in queued {
             applied.durable().await?;
         }
-        self.materialized.replaying.store(false, Ordering::SeqCst);
         Ok(())
     }
 

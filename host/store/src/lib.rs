@@ -291,6 +291,26 @@ pub fn snapshot(database: &Path, into: &Path) -> Result<Vec<(u16, u64)>> {
     log_positions(&copy)
 }
 
+/// Takes the delivery states of actions from the database at `snapshot` (a copy another node
+/// wrote while delivering them): a row pending here that the copy holds as delivered, failed or
+/// cancelled takes its state. Rows are matched by origin (the log position that decided them),
+/// the same on every node that applied the log. Returns how many rows changed.
+pub fn adopt_deliveries(conn: &Connection, snapshot: &Path) -> Result<usize> {
+    conn.execute("ATTACH DATABASE ?1 AS snapshot", [snapshot.to_string_lossy()])?;
+    let adopted = {
+        let _gate = write_gate();
+        conn.execute(
+            "UPDATE outbox SET status = s.status, attempts = s.attempts, delivered_ms = s.delivered_ms,
+                 last_error = s.last_error
+             FROM snapshot.outbox AS s
+             WHERE outbox.origin = s.origin AND outbox.status = 'pending' AND s.status <> 'pending'",
+            [],
+        )
+    };
+    conn.execute("DETACH DATABASE snapshot", [])?;
+    Ok(adopted?)
+}
+
 /// Whether the merge handed on from log record `origin` was applied.
 pub fn handoff_applied(conn: &Connection, origin: &str) -> Result<bool> {
     Ok(conn.prepare_cached("SELECT 1 FROM handoffs WHERE origin = ?1")?.exists([origin])?)
@@ -1607,6 +1627,28 @@ mod tests {
         assert!(dead_letters(&conn, 10).unwrap().is_empty());
         let again = &due_actions(&conn, "hook", 20, 10).unwrap()[0];
         assert_eq!((again.id, again.attempts, again.payload.as_str()), (id, 0, r#"{"x":1}"#));
+    }
+
+    /// A standby's copy takes the delivery states another node's copy holds, by origin.
+    #[test]
+    fn delivery_states_are_adopted_from_another_copy_by_origin() {
+        let dir = tempfile::tempdir().unwrap();
+        let (here, there) = (dir.path().join("here.db"), dir.path().join("there.db"));
+        let mut ids = Vec::new();
+        for path in [&here, &there] {
+            let mut conn = open(path).unwrap();
+            let batch = Batch::begin(&mut conn).unwrap();
+            let first = batch.enqueue(&action(), &serde_json::json!({"n": 0}), 5, None, Some("7.0")).unwrap().unwrap();
+            batch.enqueue(&action(), &serde_json::json!({"n": 1}), 5, None, Some("7.1")).unwrap();
+            batch.commit().unwrap();
+            ids.push(first);
+        }
+        record_attempt(&open(&there).unwrap(), ids[1], &Attempt::Delivered, 9).unwrap();
+        let conn = open(&here).unwrap();
+        assert_eq!(adopt_deliveries(&conn, &there).unwrap(), 1);
+        let due: Vec<String> = due_actions(&conn, "hook", 20, 10).unwrap().into_iter().map(|a| a.payload).collect();
+        assert_eq!(due, vec![r#"{"n":1}"#.to_string()], "only the action not delivered there is still due here");
+        assert_eq!(adopt_deliveries(&conn, &there).unwrap(), 0, "adopted once");
     }
 
     #[test]

@@ -453,9 +453,9 @@ impl Ingest {
 
     /// Applies again, in log order, every record after the position its partition's stored
     /// state includes: what was acknowledged but not yet committed to SQLite when the last run
-    /// stopped. Each record is applied at the time it was first applied, by its partition's
-    /// worker, one at a time with the work it hands on, as it was the first time. Returns how
-    /// many records were applied. Until it returns, the log is not truncated.
+    /// stopped (see [`Ingest::apply_records`]), then sends again the merges handed over and not
+    /// yet applied. Returns how many records were read. Until it returns, the log is not
+    /// truncated.
     pub async fn replay(&self) -> Result<usize, IngestError> {
         let reading = std::time::Instant::now();
         let entries = self.read_after(self.stored_positions()).await?;
@@ -526,7 +526,7 @@ impl Ingest {
         // Consecutive records of one worker are queued together: it applies them in order
         // without waiting for this loop in between. Before a record of another worker, the
         // loop waits for them and the work they handed on.
-        let mut queued = Vec::new();
+        let mut queued: Vec<Queued> = Vec::new();
         let mut last_worker = None;
         for entry in entries {
             let Some((work, now_ms)) = Logged::decode(&entry.payload, entry.position).map_err(IngestError::Failed)?
@@ -536,7 +536,7 @@ impl Ingest {
             let worker = entry.partition as usize % n;
             if last_worker != Some(worker) {
                 for applied in queued.drain(..) {
-                    Queued::durable(applied).await?;
+                    applied.durable().await?;
                 }
                 last_worker = Some(worker);
             }

@@ -289,8 +289,11 @@ async fn an_owner_paused_past_its_lease_cannot_write_when_it_wakes() {
     assert!(a.logs().contains("lost its partitions' leases"), "{}", a.logs());
     assert!(!dir.path().join("a/starling.db").exists(), "the overtaken node discards its state");
     for (visitor, known) in [("before", 200), ("while-paused", 200), ("after-waking", 404)] {
-        let (status, _) = get_json(&format!("{}/v1/profiles/{visitor}", b.url)).await;
+        let (status, profile) = get_json(&format!("{}/v1/profiles/{visitor}", b.url)).await;
         assert_eq!(status, known, "{visitor}");
+        if known == 200 {
+            assert_eq!(profile["event_count"], 1, "{visitor}: {profile}\nb:\n{}", b.logs());
+        }
     }
 
     // An upgrade, one node at a time: a new node stands by, the owner stops cleanly and gives
@@ -318,13 +321,20 @@ async fn an_owner_paused_past_its_lease_cannot_write_when_it_wakes() {
     .await;
 
     let stopped = Instant::now();
+    let b_logs = b.log.clone();
     b.stop();
     serving(&c, Duration::from_secs(30)).await;
     let handover = stopped.elapsed();
     for visitor in ["before", "while-paused"] {
         let (status, profile) = get_json(&format!("{}/v1/profiles/{visitor}", c.url)).await;
         let (_, export) = get_json(&format!("{}/v1/profiles/{visitor}/export", c.url)).await;
-        assert_eq!((status, profile["event_count"].as_u64()), (200, Some(1)), "{visitor}: {export}\nc:\n{}", c.logs());
+        assert_eq!(
+            (status, profile["event_count"].as_u64()),
+            (200, Some(1)),
+            "{visitor}: {export}\nb:\n{}\nc:\n{}",
+            std::fs::read_to_string(&b_logs).unwrap_or_default(),
+            c.logs()
+        );
     }
     // The new owner runs the configuration its predecessor ran, not its own file's.
     let (_, config) = get_json(&format!("{}/v1/config", c.url)).await;

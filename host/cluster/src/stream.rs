@@ -121,9 +121,18 @@ impl EventStream {
             .await
             .map_err(nats)?;
         let mut messages = consumer.messages().await.map_err(nats)?;
+        let mut visited = after;
         while let Some(message) = messages.next().await {
             let message = message.map_err(nats)?;
             let position = message.info().map_err(nats)?.stream_sequence;
+            // An ordered consumer that the client recreates (a missed heartbeat on a busy
+            // machine) before it delivered anything starts again from the subject's first
+            // record, which a truncated subject keeps at the position a snapshot includes:
+            // a record at or before one already visited is not visited again.
+            if position <= visited {
+                continue;
+            }
+            visited = position;
             visit(position, message.payload.clone());
             if position >= last {
                 return Ok(());

@@ -128,3 +128,51 @@ async fn records_a_snapshot_includes_are_forgotten_and_appends_go_on() {
     let stale = events.append_after(2, last_of_2, "stale", Bytes::from_static(b"stale")).await;
     assert!(matches!(stale, Err(starling_cluster::ClusterError::Behind { partition: 2 })), "{stale:?}");
 }
+
+/// A read of a truncated partition visits only the records after the position it starts from,
+/// each once, even when its consumer is deleted under it and the client recreates it (as a
+/// busy machine's missed heartbeat does): recreated before it delivered anything, a consumer
+/// starts again from the subject's first record, which truncation keeps at the snapshot's
+/// position.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_whose_consumer_is_recreated_visits_each_later_record_once() {
+    use futures_util::StreamExt;
+    let nats = LocalNats::start(3).unwrap();
+    let node = join(&nats, "a").await;
+    let events = node.cluster().events(Duration::from_secs(120)).await.unwrap();
+    let mut written = Vec::new();
+    for i in 0..5 {
+        let last = written.last().copied().unwrap_or(0);
+        written.push(events.append_after(7, last, &format!("r{i}"), Bytes::from(format!("r{i}"))).await.unwrap());
+    }
+    let snapshot = written[1];
+    events.forget_before(7, snapshot).await.unwrap();
+
+    // Another client deletes every consumer of the stream as fast as it can.
+    let client = async_nats::connect(nats.urls.as_slice()).await.unwrap();
+    let stream = async_nats::jetstream::new(client).get_stream("STARLING_EVENTS").await.unwrap();
+    let deleting = tokio::spawn(async move {
+        loop {
+            let names: Vec<String> = stream.consumer_names().filter_map(async |n| n.ok()).collect().await;
+            for name in names {
+                let _ = stream.delete_consumer(&name).await;
+            }
+        }
+    });
+    let mut finished = 0;
+    for _ in 0..40 {
+        let mut visited = Vec::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(2),
+            events.read(7, snapshot, &mut |position, _| visited.push(position)),
+        )
+        .await;
+        if let Ok(Ok(())) = read {
+            finished += 1;
+            assert_eq!(visited, written[2..].to_vec(), "records after {snapshot}");
+        }
+    }
+    deleting.abort();
+    // A read whose consumer is deleted over and over may not finish in time; most do.
+    assert!(finished >= 10, "only {finished} of 40 reads finished");
+}

@@ -1,7 +1,8 @@
 //! Starling nodes on a three-server NATS JetStream cluster: one node owns every partition and
 //! runs the engine on the replicated stream, the other stands by and forwards what it is asked.
 //! A dead owner's partitions move to the standby, which rebuilds their state from the stream and
-//! delivers what was pending; an owner paused past its lease cannot write once it wakes.
+//! delivers what was pending, not what the owner had delivered; an owner paused past its lease
+//! cannot write once it wakes.
 
 use crate::harness::{self, Receiver, Server, eventually, get_json, post_json};
 use serde_json::json;
@@ -378,4 +379,52 @@ async fn a_call_forwarded_by_a_standby_keeps_its_senders_address() {
         assert_eq!(status, 200, "{export}");
         assert_eq!(export["events"][0]["data"]["context"]["ip"], address, "{who}: {export}");
     }
+}
+
+/// What the owner delivered is not delivered again by the node that takes over, even with no
+/// snapshot in between: the owner passes on how its deliveries ended, and the standby ends the
+/// rows of its copy alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_taking_over_does_not_deliver_again_what_the_owner_delivered() {
+    let _heavy = harness::exclusive().await;
+    let nats = LocalNats::start(3).unwrap();
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // No snapshot within the test: the standby's copy holds every action it applied as pending.
+    let config = |node: &str| {
+        let path = node_config(dir.path(), node, &nats, &receiver.url);
+        let text =
+            std::fs::read_to_string(&path).unwrap().replace(r#"snapshot_every = "2s""#, r#"snapshot_every = "1h""#);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let a = Server::start(&config("a"));
+    serving(&a, FIRST_START).await;
+    let b = Server::start(&config("b"));
+    standing_by(&b).await;
+
+    let people = 20;
+    for i in 0..people {
+        let login = json!({"event": "login", "visitor_id": format!("w{i}"), "data": {"email_hash": format!("e{i}")}});
+        assert_eq!(post_json(&format!("{}/v1/events", a.url), &login).await.0, 202);
+    }
+    let welcomes = || receiver.received().iter().filter(|r| r.path == "/welcome").count();
+    eventually("the owner to welcome everyone", Duration::from_secs(30), async || (welcomes() >= people).then_some(()))
+        .await;
+    // The owner passes outcomes on a few times a second (given time to here); then it dies.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    a.kill9();
+    serving(&b, Duration::from_secs(30)).await;
+    // The new owner's lanes start at once: whatever it held as pending would be delivered now.
+    eventually("nothing pending on the new owner", Duration::from_secs(30), async || {
+        let (_, pending) = get_json(&format!("{}/v1/actions?status=pending&limit=1", b.url)).await;
+        pending["actions"].as_array().is_some_and(Vec::is_empty).then_some(())
+    })
+    .await;
+    let (_, delivered) = get_json(&format!("{}/v1/actions?status=delivered&limit=1000", b.url)).await;
+    let welcomed = delivered["actions"].as_array().unwrap().iter().filter(|a| a["action"] == "welcome").count();
+    assert_eq!(welcomed, people, "{delivered}");
+    assert_eq!(welcomes(), people, "welcomes delivered again by the new owner\nb:\n{}", b.logs());
+    let taken = b.logs().lines().find(|l| l.contains("delivery outcomes taken from the owner")).map(String::from);
+    assert!(taken.as_deref().is_some_and(|l| l.contains(&format!("ended={people} "))), "{taken:?}");
 }

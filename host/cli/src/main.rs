@@ -494,6 +494,7 @@ fn serve(config: &Path, overrides: ServeOverrides) -> Result<()> {
         event_log: None,
         trusted_keys,
         config_path: Some(config.to_path_buf()),
+        outcomes: None,
     };
     runtime.block_on(async move {
         if options.model.cluster.is_some() {

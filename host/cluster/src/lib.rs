@@ -21,6 +21,7 @@
 pub mod assign;
 pub mod local;
 pub mod log;
+pub mod outcomes;
 pub mod snapshot;
 pub mod stream;
 
@@ -193,6 +194,11 @@ impl Cluster {
     /// `dedup`.
     pub async fn events(&self, dedup: Duration) -> Result<stream::EventStream> {
         stream::EventStream::open(self.js.clone(), self.settings.replicas, dedup).await
+    }
+
+    /// Opens the stream of delivery outcomes (see [`outcomes`]).
+    pub async fn outcomes(&self) -> Result<outcomes::OutcomeStream> {
+        outcomes::OutcomeStream::open(self.js.clone(), self.settings.replicas).await
     }
 
     /// Opens the snapshot store (see [`snapshot`]).

@@ -79,11 +79,7 @@ impl EventStream {
 
     /// The position of `partition`'s last record (0: none).
     pub async fn last_position(&self, partition: Partition) -> Result<Position> {
-        match self.stream.get_last_raw_message_by_subject(&subject(partition)).await {
-            Ok(message) => Ok(message.sequence),
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
-            Err(e) => Err(nats(e)),
-        }
+        last_of(&self.stream, &subject(partition)).await
     }
 
     /// Forgets `partition`'s records before `position` (a snapshot includes them). The record at
@@ -107,38 +103,7 @@ impl EventStream {
         after: Position,
         visit: &mut (dyn FnMut(Position, Bytes) + Send),
     ) -> Result<()> {
-        let last = self.last_position(partition).await?;
-        if last <= after {
-            return Ok(());
-        }
-        let consumer = self
-            .stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: subject(partition),
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: after + 1 },
-                ..Default::default()
-            })
-            .await
-            .map_err(nats)?;
-        let mut messages = consumer.messages().await.map_err(nats)?;
-        let mut visited = after;
-        while let Some(message) = messages.next().await {
-            let message = message.map_err(nats)?;
-            let position = message.info().map_err(nats)?.stream_sequence;
-            // An ordered consumer that the client recreates (a missed heartbeat on a busy
-            // machine) before it delivered anything starts again from the subject's first
-            // record, which a truncated subject keeps at the position a snapshot includes:
-            // a record at or before one already visited is not visited again.
-            if position <= visited {
-                continue;
-            }
-            visited = position;
-            visit(position, message.payload.clone());
-            if position >= last {
-                return Ok(());
-            }
-        }
-        Err(ClusterError::Nats(format!("the stream ended before position {last} of partition {partition}")))
+        read_subject(&self.stream, &subject(partition), after, visit).await
     }
 
     /// The NATS server leading the stream's replicas, if known.
@@ -146,4 +111,54 @@ impl EventStream {
         let info = self.stream.get_info().await.map_err(nats)?;
         Ok(info.cluster.and_then(|c| c.leader))
     }
+}
+
+/// The sequence of `subject`'s last message in `stream` (0: none).
+pub(crate) async fn last_of(stream: &stream::Stream, subject: &str) -> Result<u64> {
+    match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(message) => Ok(message.sequence),
+        Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
+        Err(e) => Err(nats(e)),
+    }
+}
+
+/// Calls `visit` with each message of `subject` in `stream` after sequence `after`, in order, up
+/// to the last one the subject holds when the read starts.
+pub(crate) async fn read_subject(
+    stream: &stream::Stream,
+    subject: &str,
+    after: u64,
+    visit: &mut (dyn FnMut(u64, Bytes) + Send),
+) -> Result<()> {
+    let last = last_of(stream, subject).await?;
+    if last <= after {
+        return Ok(());
+    }
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: subject.to_string(),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: after + 1 },
+            ..Default::default()
+        })
+        .await
+        .map_err(nats)?;
+    let mut messages = consumer.messages().await.map_err(nats)?;
+    let mut visited = after;
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(nats)?;
+        let sequence = message.info().map_err(nats)?.stream_sequence;
+        // An ordered consumer that the client recreates (a missed heartbeat on a busy machine)
+        // before it delivered anything starts again from the subject's first message, which a
+        // truncated partition keeps at the position a snapshot includes: a message at or
+        // before one already visited is not visited again.
+        if sequence <= visited {
+            continue;
+        }
+        visited = sequence;
+        visit(sequence, message.payload.clone());
+        if sequence >= last {
+            return Ok(());
+        }
+    }
+    Err(ClusterError::Nats(format!("the stream ended before sequence {last} of {subject}")))
 }

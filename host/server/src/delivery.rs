@@ -12,6 +12,7 @@ use starling_core::model::{ActionDef, Trigger};
 use starling_runtime::{PluginHost, convert, types};
 #[cfg(test)]
 use starling_store::OutboxStatus;
+use starling_store::outcomes::Outcome;
 use starling_store::{Attempt, OutboxEntry};
 use std::collections::{BTreeMap, HashSet};
 use std::hash::BuildHasher;
@@ -27,6 +28,28 @@ const BREAKER_FIRST_OPEN_MS: i64 = 1_000;
 const BREAKER_MAX_OPEN_MS: i64 = 30_000;
 /// Rows one unbatched scan may start.
 const SCAN: usize = 256;
+/// Outcomes kept for a cluster node to pass on; beyond it (the stream unreachable for long)
+/// further ones are not kept, and a node taking over delivers those actions again.
+const OUTCOMES_KEPT: usize = 100_000;
+
+/// How the actions of a cluster node's lanes ended, until the node passes them on to the nodes
+/// that follow its stream: those end the rows of their copies alike, and do not deliver them
+/// again if they take over.
+#[derive(Clone, Default)]
+pub struct Outcomes(Arc<Mutex<Vec<Outcome>>>);
+
+impl Outcomes {
+    pub(crate) fn add(&self, ended: Vec<Outcome>) {
+        let mut kept = self.0.lock().expect("outcomes");
+        let room = OUTCOMES_KEPT.saturating_sub(kept.len());
+        kept.extend(ended.into_iter().take(room));
+    }
+
+    /// The outcomes kept so far, no longer kept.
+    pub fn take(&self) -> Vec<Outcome> {
+        std::mem::take(&mut *self.0.lock().expect("outcomes"))
+    }
+}
 
 /// One action's delivery lane.
 pub struct Lane {
@@ -36,6 +59,7 @@ pub struct Lane {
     pub wake: Arc<Notify>,
     pub clock: fn() -> i64,
     pub telemetry: Arc<Telemetry>,
+    pub outcomes: Option<Outcomes>,
 }
 
 /// The running lanes, one per configured action; they follow configuration changes.
@@ -44,6 +68,7 @@ pub struct Lanes {
     pub database: std::path::PathBuf,
     pub clock: fn() -> i64,
     pub telemetry: Arc<Telemetry>,
+    outcomes: Option<Outcomes>,
     running: Mutex<std::collections::HashMap<String, Running>>,
 }
 
@@ -61,7 +86,12 @@ impl Lanes {
         clock: fn() -> i64,
         telemetry: Arc<Telemetry>,
     ) -> Lanes {
-        Lanes { plugins, database, clock, telemetry, running: Mutex::default() }
+        Lanes { plugins, database, clock, telemetry, outcomes: None, running: Mutex::default() }
+    }
+
+    /// Keeps how each action ended in `outcomes` too (see [`Outcomes`]).
+    pub fn reporting_to(self, outcomes: Outcomes) -> Lanes {
+        Lanes { outcomes: Some(outcomes), ..self }
     }
 
     /// Tells the lane of `action` that it has new work.
@@ -98,6 +128,7 @@ impl Lanes {
                 wake: wake.clone(),
                 clock: self.clock,
                 telemetry: self.telemetry.clone(),
+                outcomes: self.outcomes.clone(),
             };
             let previous = ending.remove(&action.name);
             let task = tokio::spawn(async move {
@@ -213,11 +244,14 @@ impl Lane {
                 in_flight.lock().expect("in flight").extend(group.iter().map(|e| e.id));
                 let (plugins, conn, clock) = (self.plugins.clone(), self.conn.clone(), self.clock);
                 let telemetry = self.telemetry.clone();
-                let (flying, health) = (in_flight.clone(), breaker.clone());
+                let (flying, health, outcomes) = (in_flight.clone(), breaker.clone(), self.outcomes.clone());
                 let (connector, lane, retries) = (self.action.connector.clone(), name.clone(), Retries::of(&policy));
                 calls.spawn(async move {
-                    let ok = deliver(&plugins, &conn, clock, &telemetry, &connector, &group, retries).await;
-                    health.lock().expect("breaker").record(ok, clock(), &lane);
+                    let called = deliver(&plugins, &conn, clock, &telemetry, &connector, &group, retries).await;
+                    health.lock().expect("breaker").record(called.healthy, clock(), &lane);
+                    if let Some(outcomes) = outcomes {
+                        outcomes.add(called.ended);
+                    }
                     let mut flying = flying.lock().expect("in flight");
                     for e in &group {
                         flying.remove(&e.id);
@@ -247,32 +281,39 @@ impl Lane {
         if due.iter().all(|e| e.condition.is_none()) {
             return due;
         }
-        self.db(move |c| {
-            let mut keep = Vec::with_capacity(due.len());
-            for entry in due {
-                let wanted = match entry.condition.as_deref() {
-                    Some("member") => true,
-                    Some("not_member") => false,
-                    _ => {
+        let checked = self
+            .db(move |c| {
+                let (mut keep, mut ended) = (Vec::with_capacity(due.len()), Vec::new());
+                for entry in due {
+                    let wanted = match entry.condition.as_deref() {
+                        Some("member") => true,
+                        Some("not_member") => false,
+                        _ => {
+                            keep.push(entry);
+                            continue;
+                        }
+                    };
+                    if starling_store::is_member(c, &entry.profile_id, &entry.audience)? == wanted {
                         keep.push(entry);
-                        continue;
+                    } else {
+                        let reason = format!(
+                            "cancelled: visitor is no longer {} `{}`",
+                            if wanted { "in" } else { "out of" },
+                            entry.audience
+                        );
+                        let attempt = Attempt::Cancel { reason };
+                        starling_store::record_attempt(c, entry.id, &attempt, now)?;
+                        ended.extend(entry.origin.map(|origin| Outcome { origin, attempt, at_ms: now }));
                     }
-                };
-                if starling_store::is_member(c, &entry.profile_id, &entry.audience)? == wanted {
-                    keep.push(entry);
-                } else {
-                    let reason = format!(
-                        "cancelled: visitor is no longer {} `{}`",
-                        if wanted { "in" } else { "out of" },
-                        entry.audience
-                    );
-                    starling_store::record_attempt(c, entry.id, &Attempt::Cancel { reason }, now)?;
                 }
-            }
-            Ok(keep)
-        })
-        .await
-        .unwrap_or_default()
+                Ok((keep, ended))
+            })
+            .await;
+        let (keep, ended) = checked.unwrap_or_default();
+        if let Some(outcomes) = &self.outcomes {
+            outcomes.add(ended);
+        }
+        keep
     }
 
     async fn db<T: Send + 'static>(
@@ -303,7 +344,7 @@ impl Retries {
 }
 
 /// One connector call for `entries`; returns whether the destination is healthy (anything but
-/// a failed call or all-retryable results).
+/// a failed call or all-retryable results), and how the actions that ended did.
 async fn deliver(
     plugins: &PluginHost,
     conn: &Mutex<Connection>,
@@ -312,7 +353,7 @@ async fn deliver(
     connector: &str,
     entries: &[OutboxEntry],
     retries: Retries,
-) -> bool {
+) -> Called {
     let actions: Vec<types::Action> = entries.iter().map(to_wit).collect();
     let started = std::time::Instant::now();
     let outcome = plugins.deliver(connector, &actions).await;
@@ -327,23 +368,13 @@ async fn deliver(
     };
     let healthy = attempts.iter().any(|a| matches!(a, Attempt::Delivered | Attempt::Fail { .. }));
     let conn = conn.lock().expect("delivery connection");
+    let mut ended = Vec::new();
     for (entry, attempt) in entries.iter().zip(&attempts) {
-        if let Err(e) = starling_store::record_attempt(&conn, entry.id, attempt, now) {
-            tracing::error!(action = entry.id, "recording a delivery attempt: {e}");
-        }
-        // A deletion notice names the deleted person: once delivered, or given up on, nothing
-        // of it is kept (a notice given up on leaves an audit record without personal data).
-        if entry.trigger == Trigger::Deleted {
-            let forgotten = match attempt {
-                Attempt::Delivered => starling_store::forget_action(&conn, entry.id),
-                Attempt::Fail { .. } | Attempt::Bury { .. } => {
-                    starling_store::forget_failed_deletion_notice(&conn, entry.id, now)
-                }
-                Attempt::Retry { .. } | Attempt::Cancel { .. } => Ok(()),
-            };
-            if let Err(e) = forgotten {
-                tracing::error!(action = entry.id, "removing a finished deletion notice: {e}");
-            }
+        match starling_store::outcomes::conclude(&conn, entry.id, entry.trigger, attempt, now) {
+            Ok(()) if !matches!(attempt, Attempt::Retry { .. }) => ended
+                .extend(entry.origin.clone().map(|origin| Outcome { origin, attempt: attempt.clone(), at_ms: now })),
+            Ok(()) => {}
+            Err(e) => tracing::error!(action = entry.id, "recording a delivery attempt: {e}"),
         }
         let result = match attempt {
             Attempt::Delivered => "delivered",
@@ -384,7 +415,14 @@ async fn deliver(
             Attempt::Cancel { .. } => {}
         }
     }
-    healthy
+    Called { healthy, ended }
+}
+
+/// What one connector call did.
+struct Called {
+    healthy: bool,
+    /// The actions that ended (all but those to be retried), with an origin to be known by.
+    ended: Vec<Outcome>,
 }
 
 fn attempt_for(entry: &OutboxEntry, result: Result<(), types::DeliveryError>, now: i64, retries: Retries) -> Attempt {

@@ -6,8 +6,10 @@
 use crate::telemetry::Telemetry;
 use crate::{Options, ServerError, delivery, live, pipeline};
 use starling_log::{Entry, EventLog, LogError, Partition, Position};
+use starling_store::outcomes::{Outcome, Taken};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 /// A log another node writes, read here.
 struct ReadOnly(Arc<dyn EventLog>);
@@ -49,8 +51,9 @@ pub struct Follower {
     workers: Vec<std::thread::JoinHandle<()>>,
     /// The last position applied in each partition.
     positions: HashMap<Partition, Position>,
-    /// Checkpoints the WAL the workers' commits grow.
-    checkpoints: Arc<Mutex<rusqlite::Connection>>,
+    /// A connection of its own: it checkpoints the WAL the workers' commits grow, and ends
+    /// rows as the owner's deliveries ended.
+    conn: Arc<Mutex<rusqlite::Connection>>,
 }
 
 impl Follower {
@@ -86,8 +89,8 @@ impl Follower {
             || starling_store::open_reader(&database),
         )?;
         let positions = ingest.stored_positions().into_iter().collect();
-        let checkpoints = Arc::new(Mutex::new(starling_store::open_relaxed(&database)?));
-        Ok(Follower { ingest, workers, positions, checkpoints })
+        let conn = Arc::new(Mutex::new(starling_store::open_relaxed(&database)?));
+        Ok(Follower { ingest, workers, positions, conn })
     }
 
     /// The last position applied in each partition.
@@ -108,22 +111,51 @@ impl Follower {
             let last = self.positions.entry(entry.partition).or_default();
             *last = (*last).max(entry.position);
         }
-        let checkpoints = self.checkpoints.clone();
-        tokio::task::spawn_blocking(move || starling_store::checkpoint(&checkpoints.lock().expect("checkpoint")))
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || starling_store::checkpoint(&conn.lock().expect("connection")))
             .await
             .map_err(|e| ServerError::Replay(e.to_string()))??;
         Ok(())
     }
 
+    /// Waits until what was applied is written to the database.
+    pub async fn materialize(&self) -> Result<(), ServerError> {
+        self.ingest.materialize().await.map_err(|e| ServerError::Replay(e.to_string()))
+    }
+
+    /// Ends this copy's rows as the owner's deliveries ended (see
+    /// [`starling_store::outcomes`]). Returns how many rows ended, and the outcomes (with when
+    /// they were read) of rows this copy does not hold yet.
+    pub async fn take_outcomes(
+        &self,
+        outcomes: Vec<(Instant, Outcome)>,
+    ) -> Result<(usize, Vec<(Instant, Outcome)>), ServerError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || -> Result<_, ServerError> {
+            let conn = conn.lock().expect("connection");
+            let (mut ended, mut not_yet) = (0, Vec::new());
+            for (read, outcome) in outcomes {
+                match starling_store::outcomes::take(&conn, &outcome)? {
+                    Taken::Ended => ended += 1,
+                    Taken::Settled => {}
+                    Taken::NotYet => not_yet.push((read, outcome)),
+                }
+            }
+            Ok((ended, not_yet))
+        })
+        .await
+        .map_err(|e| ServerError::Replay(e.to_string()))?
+    }
+
     /// Stops the workers once they have written what they hold.
     pub async fn stop(self) -> Result<(), ServerError> {
-        let Follower { ingest, workers, checkpoints, .. } = self;
+        let Follower { ingest, workers, conn, .. } = self;
         drop(ingest);
         tokio::task::spawn_blocking(move || {
             for worker in workers {
                 let _ = worker.join();
             }
-            starling_store::checkpoint(&checkpoints.lock().expect("checkpoint")).map(|_| ())
+            starling_store::checkpoint(&conn.lock().expect("connection")).map(|_| ())
         })
         .await
         .map_err(|e| ServerError::Replay(e.to_string()))??;

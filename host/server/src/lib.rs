@@ -71,6 +71,8 @@ pub struct Options {
     pub event_log: Option<Arc<dyn EventLog>>,
     /// The file `model` was read from: SIGHUP reads it again and applies it.
     pub config_path: Option<PathBuf>,
+    /// Where the delivery lanes keep how actions ended, for a cluster node to pass on.
+    pub outcomes: Option<delivery::Outcomes>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -213,7 +215,11 @@ impl App {
 
         let telemetry = Arc::new(telemetry::Telemetry::new());
         let (stop_delivery, stopped) = watch::channel(false);
-        let delivery = Arc::new(delivery::Lanes::new(plugins.clone(), database.clone(), clock, telemetry.clone()));
+        let delivery = delivery::Lanes::new(plugins.clone(), database.clone(), clock, telemetry.clone());
+        let delivery = Arc::new(match options.outcomes {
+            Some(outcomes) => delivery.reporting_to(outcomes),
+            None => delivery,
+        });
         delivery.follow(&model.actions)?;
         let mut lanes = vec![tokio::spawn(registry.run(stopped.clone()))];
 

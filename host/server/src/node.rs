@@ -9,9 +9,12 @@
 //! its leases lapse; a standby takes them, appends a record to every partition that fences off
 //! the former owner, and starts the engine, which derives its state from the stream (after what
 //! its own database holds) and delivers the actions left pending, under the same idempotency
-//! keys (they are made of log positions, which the stream keeps). An owner that finds it lost
+//! keys (they are made of log positions, which the stream keeps); the owner publishes how its
+//! deliveries ended, and a standby's copy ends those rows too, so what was delivered is not
+//! delivered again. An owner that finds it lost
 //! a lease (paused past it, cut off) stops at once: its appends are refused from then on.
 
+use crate::delivery::Outcomes;
 use crate::follow::Follower;
 use crate::{App, Options, ServerError, http};
 use axum::extract::{ConnectInfo, Request, State};
@@ -19,15 +22,18 @@ use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use starling_cluster::log::JetStreamLog;
+use starling_cluster::outcomes::OutcomeStream;
 use starling_cluster::snapshot::{Covered, Snapshots};
 use starling_cluster::stream::EventStream;
 use starling_cluster::{Cluster, Ownership, Peer, Placement, Settings, SharedConfig};
 use starling_log::PARTITIONS;
+use starling_store::outcomes::Outcome;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// Names the node whose engine answered.
@@ -71,15 +77,16 @@ struct Front {
 /// How long a node waits before trying again to join a cluster it could not reach.
 const JOIN_RETRY: Duration = Duration::from_secs(1);
 
-/// Connects to the NATS servers and opens the stream and the snapshot store.
+/// Connects to the NATS servers and opens the streams and the snapshot store.
 async fn join(
     urls: &[String],
     settings: Settings,
-) -> Result<(Cluster, Arc<EventStream>, Arc<Snapshots>), starling_cluster::ClusterError> {
+) -> Result<(Cluster, Arc<EventStream>, Arc<Snapshots>, Arc<OutcomeStream>), starling_cluster::ClusterError> {
     let cluster = Cluster::connect(urls, settings).await?;
     let stream = Arc::new(cluster.events(DEDUP_WINDOW).await?);
     let snapshots = Arc::new(cluster.snapshots().await?);
-    Ok((cluster, stream, snapshots))
+    let outcomes = Arc::new(cluster.outcomes().await?);
+    Ok((cluster, stream, snapshots, outcomes))
 }
 
 /// Serves `listener` as a cluster node until `shutdown` resolves, or until this node loses the
@@ -102,7 +109,7 @@ pub async fn serve(
     };
     let mut shutdown = std::pin::pin!(shutdown);
     // NATS may still be starting, or electing its JetStream leader: the node waits for it.
-    let (cluster, stream, snapshots) = loop {
+    let (cluster, stream, snapshots, outcome_stream) = loop {
         match join(&settings.nats, node_settings.clone()).await {
             Ok(joined) => break joined,
             Err(e) => tracing::warn!("the cluster cannot be joined yet ({e}); trying again"),
@@ -142,6 +149,9 @@ pub async fn serve(
     let mut snapshotting = None;
     let mut published = None;
     let mut following: Option<Following> = None;
+    // How the owner's deliveries ended: kept by its lanes, published, taken by the followers.
+    let (reported, mut passing_on) = (Outcomes::default(), None);
+    let feed = OutcomeFeed { stream: outcome_stream.clone(), read: Arc::default() };
     let snapshot_every = Duration::from_millis(settings.snapshot_every_ms as u64);
     let outcome = loop {
         let (holds_all, overtaken, owner, shared_config) = {
@@ -165,7 +175,7 @@ pub async fn serve(
             if let Err(e) = adopt_shared_config(&mut start, ownership.cluster()).await {
                 tracing::warn!("following the stream: {e}");
             } else {
-                following = Some(Following::start(start, log.clone(), snapshots.clone(), shared_config));
+                following = Some(Following::start(start, log.clone(), snapshots.clone(), feed.clone(), shared_config));
             }
         }
         // A lease that lapsed without another node taking it (NATS unreachable for a while)
@@ -176,7 +186,8 @@ pub async fn serve(
                 break Err(ServerError::Fenced);
             }
             (None, true) if !overtaken => {
-                let Some(start) = options.take() else { break Ok(()) };
+                let Some(mut start) = options.take() else { break Ok(()) };
+                start.outcomes = Some(reported.clone());
                 if let Some(follow) = following.take() {
                     follow.stop().await;
                 }
@@ -184,6 +195,7 @@ pub async fn serve(
                     Ok(engine) => {
                         *front.engine.write().expect("engine") = Some(engine.router());
                         app = Some(engine);
+                        passing_on = Some(tokio::spawn(pass_on_outcomes(reported.clone(), outcome_stream.clone())));
                         snapshotting = Some(tokio::spawn(take_snapshots(
                             database.clone(),
                             snapshots.clone(),
@@ -216,8 +228,13 @@ pub async fn serve(
     if let Some(task) = snapshotting {
         task.abort();
     }
+    if let Some(task) = passing_on {
+        task.abort();
+    }
     if let Some(app) = app {
         app.stop().await;
+        // What the lanes finished while stopping, for the next owner not to deliver again.
+        publish_outcomes(&reported, &outcome_stream).await;
     }
     if matches!(outcome, Err(ServerError::Fenced)) {
         // What this node holds may include work it could not log once another node had taken
@@ -250,10 +267,11 @@ impl Following {
         options: Options,
         log: Arc<JetStreamLog>,
         snapshots: Arc<Snapshots>,
+        feed: OutcomeFeed,
         config_version: Option<i64>,
     ) -> Following {
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(follow(options, log, snapshots, stopped));
+        let task = tokio::spawn(follow(options, log, snapshots, feed, stopped));
         Following { stop, task, config_version }
     }
 
@@ -276,6 +294,7 @@ async fn follow(
     options: Options,
     log: Arc<JetStreamLog>,
     snapshots: Arc<Snapshots>,
+    feed: OutcomeFeed,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ServerError> {
     let started = std::time::Instant::now();
@@ -288,6 +307,8 @@ async fn follow(
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "following the stream");
     // The latest snapshot whose delivery states this copy has taken.
     let mut adopted = 0;
+    // Outcomes of the owner's deliveries whose rows this copy does not hold yet.
+    let (mut waiting, mut ended) = (Vec::new(), 0);
     let outcome = loop {
         tokio::select! {
             _ = stop.changed() => break Ok(()),
@@ -331,9 +352,120 @@ async fn follow(
                 Err(e) => tracing::warn!("taking delivery states from the latest snapshot: {e}"),
             }
         }
+        match take_outcomes(&follower, &feed, &mut waiting).await {
+            Ok(n) => ended += n,
+            Err(e) => tracing::warn!("taking the owner's delivery outcomes: {e}"),
+        }
     };
+    // Stopped to take over (or to start again): the outcomes the owner published last end
+    // their rows here too, once the rows are written.
+    if outcome.is_ok() {
+        let last = match follower.materialize().await {
+            Ok(()) => take_outcomes(&follower, &feed, &mut waiting).await,
+            Err(e) => Err(e),
+        };
+        match last {
+            Ok(n) => ended += n,
+            Err(e) => tracing::warn!("taking the owner's delivery outcomes: {e}"),
+        }
+    }
+    tracing::info!(ended, not_yet_here = waiting.len(), "delivery outcomes taken from the owner");
     follower.stop().await?;
     outcome
+}
+
+/// The owner's delivery outcomes as followers read them: the stream, and how far this node's
+/// followers have read it (a follower started again reads on from there).
+#[derive(Clone)]
+struct OutcomeFeed {
+    stream: Arc<OutcomeStream>,
+    read: Arc<AtomicU64>,
+}
+
+/// How long an outcome waits for the row it ends: the follower applies the record that
+/// decides an action within a round or two of its owner.
+const OUTCOME_WAIT: Duration = Duration::from_secs(30);
+/// Outcomes a follower keeps waiting at most (the newest).
+const OUTCOMES_WAITING: usize = 100_000;
+/// The size of a message of outcomes (NATS's default largest payload is 1 MB).
+const OUTCOME_MESSAGE_BYTES: usize = 256 * 1024;
+
+/// Reads the outcomes published since the last read and ends this copy's rows alike; an
+/// outcome whose row is not here yet waits for it. Returns how many rows ended.
+async fn take_outcomes(
+    follower: &Follower,
+    feed: &OutcomeFeed,
+    waiting: &mut Vec<(Instant, Outcome)>,
+) -> Result<usize, ServerError> {
+    let after = feed.read.load(Ordering::SeqCst);
+    let (mut last, mut messages) = (after, Vec::new());
+    feed.stream
+        .read(after, &mut |sequence, payload| {
+            last = sequence;
+            messages.push(payload);
+        })
+        .await
+        .map_err(|e| ServerError::Cluster(e.to_string()))?;
+    feed.read.store(last, Ordering::SeqCst);
+    let read = Instant::now();
+    for payload in messages {
+        match serde_json::from_slice::<Vec<Outcome>>(&payload) {
+            Ok(outcomes) => waiting.extend(outcomes.into_iter().map(|outcome| (read, outcome))),
+            Err(e) => tracing::warn!("a message of delivery outcomes that does not read: {e}"),
+        }
+    }
+    if waiting.is_empty() {
+        return Ok(0);
+    }
+    let (ended, mut not_yet) = follower.take_outcomes(std::mem::take(waiting)).await?;
+    not_yet.retain(|(read, _)| read.elapsed() < OUTCOME_WAIT);
+    let excess = not_yet.len().saturating_sub(OUTCOMES_WAITING);
+    not_yet.drain(..excess);
+    *waiting = not_yet;
+    Ok(ended)
+}
+
+/// Publishes, a few times a second, how the owner's deliveries ended.
+async fn pass_on_outcomes(reported: Outcomes, stream: Arc<OutcomeStream>) {
+    loop {
+        tokio::time::sleep(FOLLOW_EVERY).await;
+        publish_outcomes(&reported, &stream).await;
+    }
+}
+
+async fn publish_outcomes(reported: &Outcomes, stream: &OutcomeStream) {
+    let outcomes = reported.take();
+    let mut from = 0;
+    while from < outcomes.len() {
+        // As many as fit a message (an error text may be long).
+        let (mut message, mut to) = (b"[".to_vec(), from);
+        while to < outcomes.len() {
+            let item = serde_json::to_vec(&outcomes[to]).expect("an outcome serializes");
+            if item.len() + 2 > OUTCOME_MESSAGE_BYTES {
+                // Its error text is too long to pass on: the action may be delivered again.
+                tracing::warn!(origin = %outcomes[to].origin, "a delivery outcome too large to pass on");
+                to += 1;
+                continue;
+            }
+            if message.len() > 1 && message.len() + item.len() + 2 > OUTCOME_MESSAGE_BYTES {
+                break;
+            }
+            if message.len() > 1 {
+                message.push(b',');
+            }
+            message.extend(item);
+            to += 1;
+        }
+        message.push(b']');
+        if let Err(e) = stream.publish(message.into()).await {
+            // Kept for the next round: a follower that takes over without them delivers those
+            // actions again (under the same keys).
+            tracing::warn!("publishing delivery outcomes: {e}");
+            reported.add(outcomes[from..].to_vec());
+            return;
+        }
+        from = to;
+    }
 }
 
 /// Marks the actions the latest snapshot holds as delivered (or failed, or cancelled) so in the

@@ -42,6 +42,7 @@ async fn app_with(config: &str, dir: &std::path::Path) -> App {
         event_log: None,
         config_path: None,
         trusted_keys: None,
+        outcomes: None,
     })
     .await
     .unwrap()
@@ -225,6 +226,7 @@ async fn operations_app(dir: &std::path::Path) -> App {
         event_log: None,
         config_path: None,
         trusted_keys: None,
+        outcomes: None,
     })
     .await
     .unwrap()
@@ -521,6 +523,7 @@ async fn the_openapi_document_matches_the_router() {
         event_log: None,
         config_path: None,
         trusted_keys: None,
+        outcomes: None,
     })
     .await
     .unwrap();
@@ -691,6 +694,7 @@ async fn the_same_log_applied_twice_from_scratch_gives_the_same_state() {
             event_log: Some(log.clone()),
             config_path: None,
             trusted_keys: None,
+            outcomes: None,
         })
     };
     let live = start("live.db").await.unwrap();
@@ -738,6 +742,7 @@ async fn a_batch_the_log_refuses_is_applied_nowhere_and_what_was_held_in_memory_
         event_log: Some(log.clone()),
         config_path: None,
         trusted_keys: None,
+        outcomes: None,
     })
     .await
     .unwrap();
@@ -776,6 +781,7 @@ async fn moving_the_clock_needs_the_admin_token_and_stays_within_a_century() {
         event_log: None,
         config_path: None,
         trusted_keys: None,
+        outcomes: None,
     })
     .await
     .unwrap();

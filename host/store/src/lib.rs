@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 mod configs;
+pub mod outcomes;
 pub use configs::{
     ConfigRecord, active_config, cancel_actions, config_history, count_profiles, events_since, finish_backfill,
     profiles_after, read_profile, record_config, remove_memberships,
@@ -1149,7 +1150,8 @@ pub fn list_actions(conn: &Connection, status: Option<OutboxStatus>, limit: usiz
 }
 
 /// The result of one delivery attempt.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
 pub enum Attempt {
     Delivered,
     /// Try again at the given time.
@@ -1649,6 +1651,30 @@ mod tests {
         let due: Vec<String> = due_actions(&conn, "hook", 20, 10).unwrap().into_iter().map(|a| a.payload).collect();
         assert_eq!(due, vec![r#"{"n":1}"#.to_string()], "only the action not delivered there is still due here");
         assert_eq!(adopt_deliveries(&conn, &there).unwrap(), 0, "adopted once");
+    }
+
+    #[test]
+    fn an_outcome_from_another_copy_ends_the_row_of_its_origin_once() {
+        use crate::outcomes::{Outcome, Taken, take};
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir.path().join("copy.db")).unwrap();
+        let batch = Batch::begin(&mut conn).unwrap();
+        batch.enqueue(&action(), &serde_json::json!({"n": 0}), 5, None, Some("7.0")).unwrap();
+        batch.enqueue(&action(), &serde_json::json!({"n": 1}), 5, None, Some("7.1")).unwrap();
+        batch.commit().unwrap();
+        let outcome = |origin: &str, attempt: Attempt| Outcome { origin: origin.into(), attempt, at_ms: 9 };
+        let delivered = outcome("7.0", Attempt::Delivered);
+        // Outcomes cross the cluster as JSON.
+        let delivered: Outcome = serde_json::from_str(&serde_json::to_string(&delivered).unwrap()).unwrap();
+        assert_eq!(take(&conn, &delivered).unwrap(), Taken::Ended);
+        assert_eq!(take(&conn, &delivered).unwrap(), Taken::Settled, "ended once");
+        let buried = outcome("7.1", Attempt::Bury { error: "gone".into() });
+        assert_eq!(take(&conn, &buried).unwrap(), Taken::Ended);
+        assert_eq!(take(&conn, &buried).unwrap(), Taken::Settled, "a dead letter is ended");
+        assert_eq!(take(&conn, &outcome("8.0", Attempt::Delivered)).unwrap(), Taken::NotYet);
+        assert!(due_actions(&conn, "hook", 20, 10).unwrap().is_empty(), "nothing left to deliver here");
+        let row = list_actions(&conn, None, 10).unwrap().into_iter().find(|a| a.origin.as_deref() == Some("7.0"));
+        assert_eq!(row.map(|r| (r.status, r.delivered_ms)), Some((OutboxStatus::Delivered, Some(9))));
     }
 
     #[test]

@@ -176,3 +176,28 @@ async fn a_read_whose_consumer_is_recreated_visits_each_later_record_once() {
     // A read whose consumer is deleted over and over may not finish in time; most do.
     assert!(finished >= 10, "only {finished} of 40 reads finished");
 }
+
+/// Delivery outcomes published to their stream are read on from where a reader left off.
+#[tokio::test(flavor = "multi_thread")]
+async fn outcomes_are_read_on_from_where_the_reader_left_off() {
+    let nats = LocalNats::start(3).unwrap();
+    let node = join(&nats, "a").await;
+    let outcomes = node.cluster().outcomes().await.unwrap();
+    let mut sequences = Vec::new();
+    for i in 0..3 {
+        sequences.push(outcomes.publish(Bytes::from(format!("m{i}"))).await.unwrap());
+    }
+    let read = |after: u64| {
+        let outcomes = &outcomes;
+        async move {
+            let mut read = Vec::new();
+            outcomes.read(after, &mut |sequence, payload| read.push((sequence, payload))).await.unwrap();
+            read
+        }
+    };
+    let all = read(0).await;
+    assert_eq!(all.iter().map(|(_, p)| p.as_ref()).collect::<Vec<_>>(), [b"m0", b"m1", b"m2"]);
+    let rest = read(sequences[0]).await;
+    assert_eq!(rest.iter().map(|(s, _)| *s).collect::<Vec<_>>(), sequences[1..].to_vec());
+    assert!(read(sequences[2]).await.is_empty(), "nothing after the last");
+}

@@ -31,7 +31,7 @@ use starling_store::outcomes::Outcome;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -70,6 +70,7 @@ struct View {
 struct Front {
     node: String,
     engine: RwLock<Option<axum::Router>>,
+    following: Arc<FollowProgress>,
     view: watch::Receiver<View>,
     client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, axum::body::Body>,
 }
@@ -128,6 +129,7 @@ pub async fn serve(
     let front = Arc::new(Front {
         node: settings.node.clone(),
         engine: RwLock::new(None),
+        following: Arc::default(),
         view: view.clone(),
         client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http(),
     });
@@ -175,7 +177,15 @@ pub async fn serve(
             if let Err(e) = adopt_shared_config(&mut start, ownership.cluster()).await {
                 tracing::warn!("following the stream: {e}");
             } else {
-                following = Some(Following::start(start, log.clone(), snapshots.clone(), feed.clone(), shared_config));
+                let progress = front.following.clone();
+                following = Some(Following::start(
+                    start,
+                    log.clone(),
+                    snapshots.clone(),
+                    feed.clone(),
+                    progress,
+                    shared_config,
+                ));
             }
         }
         // A lease that lapsed without another node taking it (NATS unreachable for a while)
@@ -268,10 +278,11 @@ impl Following {
         log: Arc<JetStreamLog>,
         snapshots: Arc<Snapshots>,
         feed: OutcomeFeed,
+        progress: Arc<FollowProgress>,
         config_version: Option<i64>,
     ) -> Following {
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(follow(options, log, snapshots, feed, stopped));
+        let task = tokio::spawn(follow(options, log, snapshots, feed, progress, stopped));
         Following { stop, task, config_version }
     }
 
@@ -295,11 +306,13 @@ async fn follow(
     log: Arc<JetStreamLog>,
     snapshots: Arc<Snapshots>,
     feed: OutcomeFeed,
+    progress: Arc<FollowProgress>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ServerError> {
     let started = std::time::Instant::now();
     let database = options.database.clone();
     restore(&database, &snapshots).await?;
+    let stream = log.clone();
     let log: Arc<dyn starling_log::EventLog> = log;
     let mut follower = tokio::task::spawn_blocking(move || Follower::start(&options, log))
         .await
@@ -335,6 +348,8 @@ async fn follow(
         if let Err(e) = follower.apply(&entries).await {
             break Err(e);
         }
+        let last = starling_log::EventLog::next_position(&*stream).saturating_sub(1);
+        progress.applied(follower.positions().values().max().copied().unwrap_or(0), last);
         // What the owner had delivered when it stored its latest snapshot is not delivered
         // again by this node if it takes over.
         if let Some(covered) = covered
@@ -353,10 +368,14 @@ async fn follow(
             }
         }
         match take_outcomes(&follower, &feed, &mut waiting).await {
-            Ok(n) => ended += n,
+            Ok(n) => {
+                ended += n;
+                progress.outcomes_taken.fetch_add(n as u64, Ordering::SeqCst);
+            }
             Err(e) => tracing::warn!("taking the owner's delivery outcomes: {e}"),
         }
     };
+    progress.running.store(false, Ordering::SeqCst);
     // Stopped to take over (or to start again): the outcomes the owner published last end
     // their rows here too, once the rows are written.
     if outcome.is_ok() {
@@ -372,6 +391,39 @@ async fn follow(
     tracing::info!(ended, not_yet_here = waiting.len(), "delivery outcomes taken from the owner");
     follower.stop().await?;
     outcome
+}
+
+/// How far this node's copy follows the stream, for `/v1/cluster`.
+#[derive(Default)]
+struct FollowProgress {
+    running: AtomicBool,
+    /// The highest stream position applied.
+    applied: AtomicU64,
+    /// The stream's last position when the last round read it.
+    stream: AtomicU64,
+    /// Rows of the copy ended by the owner's delivery outcomes.
+    outcomes_taken: AtomicU64,
+}
+
+impl FollowProgress {
+    fn applied(&self, applied: u64, stream: u64) {
+        self.running.store(true, Ordering::SeqCst);
+        self.applied.store(applied, Ordering::SeqCst);
+        self.stream.store(stream, Ordering::SeqCst);
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        if !self.running.load(Ordering::SeqCst) {
+            return serde_json::Value::Null;
+        }
+        let (applied, stream) = (self.applied.load(Ordering::SeqCst), self.stream.load(Ordering::SeqCst));
+        serde_json::json!({
+            "applied_position": applied,
+            "stream_position": stream,
+            "positions_behind": stream.saturating_sub(applied),
+            "delivery_outcomes_taken": self.outcomes_taken.load(Ordering::SeqCst),
+        })
+    }
 }
 
 /// The owner's delivery outcomes as followers read them: the stream, and how far this node's
@@ -739,6 +791,8 @@ async fn status(State(front): State<Arc<Front>>) -> Response {
         "owner": view.owner.as_ref().map(|(n, _)| n),
         "stream_leader": view.stream_leader,
         "config_version": view.shared_config,
+        // A standby's copy of the state, as it follows the stream (null on the owner).
+        "following": front.following.to_json(),
         "nodes": view.nodes.iter().map(|(n, p)| serde_json::json!({"node": n, "url": p.url, "config_version": p.config_version})).collect::<Vec<_>>(),
     });
     axum::Json(body).into_response()

@@ -808,6 +808,7 @@ pub fn start(
             writer: writer.clone(),
             cache: Cache::default(),
             pending: Pending::default(),
+            stored: stored.clone(),
             recovering: false,
             failed: None,
             last_prune_ms: 0,
@@ -849,6 +850,8 @@ struct Worker {
     cache: Cache,
     /// What is applied and logged but not yet in SQLite.
     pending: Pending,
+    /// The log position up to which each partition's state in SQLite includes the log.
+    stored: HashMap<Partition, Position>,
     /// Applying this worker's log records again after a batch failed.
     recovering: bool,
     /// Why this worker takes no more work: its state could not be derived again.
@@ -1100,6 +1103,12 @@ impl Worker {
                 tracing::warn!(partition = self.index, "work refused: {refused}");
                 Err(refused)
             }
+            // A record this copy applied already (a read that visited it twice, or a batch
+            // failed and applied again from the log) is not applied twice.
+            None if replayed.is_some_and(|(partition, position)| position <= self.applied_through(partition)) => {
+                tracing::debug!(partition = self.index, position = replayed.map(|r| r.1), "record applied already");
+                Ok((vec![IngestReport::default(); batch.len()], batch.iter().map(|_| Vec::new()).collect()))
+            }
             None => self.apply_batch(conn, &mut batch, now, replayed),
         };
         let p = &mut self.pending;
@@ -1122,6 +1131,12 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// The last position of `partition` this worker applied (written to SQLite or not).
+    fn applied_through(&self, partition: Partition) -> Position {
+        let stored = self.stored.get(&partition).copied().unwrap_or(0);
+        self.pending.positions.get(&partition).map_or(stored, |pending| stored.max(*pending))
     }
 
     /// Applies a batch onto what is held in memory, writes it all to SQLite when that is due,
@@ -1221,6 +1236,10 @@ impl Worker {
                     }
                 }
                 self.settle_cache(&mut p);
+                for (partition, position) in p.positions.iter() {
+                    let stored = self.stored.entry(*partition).or_default();
+                    *stored = (*stored).max(*position);
+                }
                 p.effects.writes.clear();
                 p.effects.fired.clear();
                 p.seen.clear();
@@ -1279,6 +1298,8 @@ impl Worker {
                 return;
             }
         };
+        // What is held in memory was forgotten: SQLite's positions are what is applied.
+        self.stored = stored.clone();
         let after: Vec<(Partition, Position)> = (0..starling_log::PARTITIONS)
             .filter(|vp| *vp as usize % self.partitions == self.index)
             .map(|vp| (vp, stored.get(&vp).copied().unwrap_or(0)))
@@ -2651,6 +2672,59 @@ mod tests {
         let merged = starling_store::load_profile(&conn, &survivor).unwrap().unwrap();
         assert_eq!(merged.event_count, 3, "the survivor's event and the absorbed profile's two");
         assert!(starling_store::load_profile(&conn, &absorbed).unwrap().is_none());
+        drop(ingest);
+        for worker in workers {
+            worker.join().unwrap();
+        }
+    }
+
+    /// A record applied a second time (a read that visited it twice, a batch applied again
+    /// from the log) changes nothing, whether the first time is still in memory or in SQLite.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_applied_again_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = dir.path().join("starling.db");
+        drop(starling_store::open(&database).unwrap());
+        let model = Arc::new(starling_core::config::parse("[server]\npartitions = 2\n").unwrap());
+        let plugins = Arc::new(PluginHost::new().unwrap());
+        let telemetry = Arc::new(Telemetry::new());
+        let clock: fn() -> i64 = || 1_700_000_000_000;
+        let shared = Shared {
+            config: Arc::new(crate::live::Live::new(model, None)),
+            plugins: plugins.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            lanes: Arc::new(crate::delivery::Lanes::new(plugins, database.clone(), clock, telemetry.clone())),
+            clock,
+            telemetry,
+            log: Arc::new(starling_log::MemoryLog::new()),
+            following: true,
+        };
+        let (ingest, workers) =
+            start(shared, 2, 16, || starling_store::open_writer(&database), || starling_store::open_reader(&database))
+                .unwrap();
+        let event = |n: u64| Event {
+            id: None,
+            name: "view".into(),
+            visitor_id: "visitor".into(),
+            source: None,
+            timestamp_ms: clock() + n as i64,
+            data: serde_json::Map::new(),
+        };
+        let record = |position: u64| {
+            let event = event(position);
+            let payload = serde_json::to_vec(&LoggedRef::Events { now_ms: clock(), events: vec![&event] }).unwrap();
+            Entry { position, partition: starling_log::partition_of("visitor"), payload }
+        };
+        let count = || {
+            let conn = starling_store::open(&database).unwrap();
+            starling_store::load_profile(&conn, "visitor").unwrap().map(|p| p.event_count)
+        };
+        ingest.apply_records(&[record(3), record(3)]).await.unwrap();
+        ingest.materialize().await.unwrap();
+        assert_eq!(count(), Some(1), "read twice in one go");
+        ingest.apply_records(&[record(3), record(5)]).await.unwrap();
+        ingest.materialize().await.unwrap();
+        assert_eq!(count(), Some(2), "the first already in SQLite, the second new");
         drop(ingest);
         for worker in workers {
             worker.join().unwrap();

@@ -1,8 +1,9 @@
 //! Starling nodes on a three-server NATS JetStream cluster: one node owns every partition and
 //! runs the engine on the replicated stream, the other stands by and forwards what it is asked.
 //! A dead owner's partitions move to the standby, which rebuilds their state from the stream and
-//! delivers what was pending, not what the owner had delivered; an owner paused past its lease
-//! cannot write once it wakes.
+//! delivers what was pending, not what the owner had delivered, having applied each record with
+//! the configuration the owner applied it with; an owner paused past its lease cannot write
+//! once it wakes.
 
 use crate::harness::{self, Receiver, Server, eventually, get_json, post_json};
 use serde_json::json;
@@ -102,6 +103,23 @@ async fn owner_and_standby(dir: &Path, nats: &LocalNats, receiver: &Receiver) ->
     let a = Server::start(&node_config(dir, "a", nats, &receiver.url));
     serving(&a, FIRST_START).await;
     let b = Server::start(&node_config(dir, "b", nats, &receiver.url));
+    standing_by(&b).await;
+    (a, b)
+}
+
+/// [`owner_and_standby`] with no snapshot stored within a test: the standby follows only the
+/// stream.
+async fn owner_and_standby_without_snapshots(dir: &Path, nats: &LocalNats, receiver: &Receiver) -> (Server, Server) {
+    let config = |node: &str| {
+        let path = node_config(dir, node, nats, &receiver.url);
+        let text =
+            std::fs::read_to_string(&path).unwrap().replace(r#"snapshot_every = "2s""#, r#"snapshot_every = "1h""#);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let a = Server::start(&config("a"));
+    serving(&a, FIRST_START).await;
+    let b = Server::start(&config("b"));
     standing_by(&b).await;
     (a, b)
 }
@@ -354,6 +372,9 @@ async fn an_owner_paused_past_its_lease_cannot_write_when_it_wakes() {
 /// node of the cluster only.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_call_forwarded_by_a_standby_keeps_its_senders_address() {
+    // One NATS cluster starting at a time: several electing their leaders at once on a busy
+    // machine have kept JetStream unavailable for minutes.
+    let _heavy = harness::exclusive().await;
     let nats = LocalNats::start(3).unwrap();
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -391,17 +412,7 @@ async fn a_node_taking_over_does_not_deliver_again_what_the_owner_delivered() {
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
     // No snapshot within the test: the standby's copy holds every action it applied as pending.
-    let config = |node: &str| {
-        let path = node_config(dir.path(), node, &nats, &receiver.url);
-        let text =
-            std::fs::read_to_string(&path).unwrap().replace(r#"snapshot_every = "2s""#, r#"snapshot_every = "1h""#);
-        std::fs::write(&path, text).unwrap();
-        path
-    };
-    let a = Server::start(&config("a"));
-    serving(&a, FIRST_START).await;
-    let b = Server::start(&config("b"));
-    standing_by(&b).await;
+    let (a, b) = owner_and_standby_without_snapshots(dir.path(), &nats, &receiver).await;
 
     let people = 20;
     for i in 0..people {
@@ -432,4 +443,59 @@ async fn a_node_taking_over_does_not_deliver_again_what_the_owner_delivered() {
     let welcomed = delivered["actions"].as_array().unwrap().iter().filter(|a| a["action"] == "welcome").count();
     assert_eq!(welcomed, people, "{delivered}");
     assert_eq!(welcomes(), people, "welcomes delivered again by the new owner\nb:\n{}", b.logs());
+}
+
+/// A standby applies each record with the configuration the owner applied it with: records the
+/// owner applied just after a change, which the standby reads before the change is published,
+/// wait for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_applies_each_record_with_the_configuration_the_owner_applied_it_with() {
+    let _heavy = harness::exclusive().await;
+    let nats = LocalNats::start(3).unwrap();
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // No snapshot to start the standby again from: it follows the stream alone.
+    let (a, b) = owner_and_standby_without_snapshots(dir.path(), &nats, &receiver).await;
+    let view = json!({"event": "page_view", "visitor_id": "counted", "data": {"category": "hats"}});
+    let events = format!("{}/v1/events", a.url);
+    assert_eq!(post_json(&events, &view).await.0, 202);
+    // The standby follows: where it is once it applied that first view.
+    let caught_up = async |after: u64| {
+        eventually("the standby to apply what the owner wrote", Duration::from_secs(30), async || {
+            let following = cluster_view(&b).await["following"].clone();
+            let applied = following["applied_position"].as_u64()?;
+            (applied > after && following["positions_behind"] == 0).then_some(applied)
+        })
+        .await
+    };
+    let before = caught_up(0).await;
+
+    let (_, running) = get_json(&format!("{}/v1/config", a.url)).await;
+    let changed = running["source"].as_str().unwrap().to_string()
+        + "\n[[attribute]]\nname = \"views_counted\"\nscope = \"visitor\"\ntype = \"number\"\n\n\
+           [[enrichment]]\nattribute = \"views_counted\"\nop = \"increment\"\nwhen = \"event:page_view\"\n";
+    let applied = harness::client().put(format!("{}/v1/config", a.url)).body(changed).send().await.unwrap();
+    assert_eq!(applied.status().as_u16(), 200);
+    let version = applied.json::<serde_json::Value>().await.unwrap()["version"].as_i64().unwrap();
+    // At once: the owner applies these with the new configuration before it is published.
+    for _ in 0..5 {
+        assert_eq!(post_json(&events, &view).await.0, 202);
+    }
+    let (_, owner) = get_json(&format!("{}/v1/profiles/counted", a.url)).await;
+    assert_eq!((owner["event_count"].as_u64(), owner["attributes"]["views_counted"].as_f64()), (Some(6), Some(5.0)));
+    caught_up(before + 4).await;
+    assert!(b.logs().contains("the stream goes on with a newer configuration"), "b:\n{}", b.logs());
+
+    a.kill9();
+    serving(&b, Duration::from_secs(30)).await;
+    let (_, taken_over) = get_json(&format!("{}/v1/profiles/counted", b.url)).await;
+    assert_eq!(
+        (taken_over["event_count"].as_u64(), taken_over["attributes"]["views_counted"].as_f64()),
+        (Some(6), Some(5.0)),
+        "{taken_over}\nb:\n{}",
+        b.logs()
+    );
+    // The new owner goes on with the cluster's numbering of configurations.
+    let (_, config) = get_json(&format!("{}/v1/config", b.url)).await;
+    assert_eq!(config["version"].as_i64(), Some(version), "{config}");
 }

@@ -78,10 +78,19 @@ impl Live {
         self.current.read().expect("configuration").1.clone()
     }
 
+    /// The model to use for one unit of work, and the version it was recorded under (0 until
+    /// the start has recorded it).
+    pub fn model_and_version(&self) -> (Arc<Model>, i64) {
+        let current = self.current.read().expect("configuration");
+        (current.0.clone(), self.active.lock().expect("configuration").version)
+    }
+
     /// Swaps `model` in; units of work started before go on with the model they took.
     pub fn swap(&self, model: Arc<Model>, active: Active) {
         let keys = Arc::new(Keys::new(&model, self.admin_token.as_deref()));
-        *self.current.write().expect("configuration") = (model, keys);
+        // Both under the model's lock: a reader never sees one without the other.
+        let mut current = self.current.write().expect("configuration");
+        *current = (model, keys);
         *self.active.lock().expect("configuration") = active;
     }
 

@@ -156,13 +156,13 @@ pub async fn serve(
     let feed = OutcomeFeed { stream: outcome_stream.clone(), read: Arc::default() };
     let snapshot_every = Duration::from_millis(settings.snapshot_every_ms as u64);
     let outcome = loop {
-        let (holds_all, overtaken, owner, shared_config) = {
+        let (holds_all, overtaken, owner) = {
             let view = view_rx.borrow_and_update();
-            (view.holds_all, view.overtaken, view.owner.clone(), view.shared_config)
+            (view.holds_all, view.overtaken, view.owner.clone())
         };
-        // Standing by, the node follows the stream (restarted when it stopped, and when the
-        // configuration it follows with is no longer the published one).
-        if let Some(follow) = following.take_if(|f| f.task.is_finished() || f.config_version != shared_config) {
+        // Standing by, the node follows the stream (started again when it stopped: behind the
+        // latest snapshot, or at the first record applied with a newer configuration).
+        if let Some(follow) = following.take_if(|f| f.task.is_finished()) {
             follow.stop().await;
         }
         let another_owner = owner.is_some_and(|(node, _)| node != front.node);
@@ -174,18 +174,19 @@ pub async fn serve(
             && let Some(start) = &options
         {
             let mut start = start.clone();
-            if let Err(e) = adopt_shared_config(&mut start, ownership.cluster()).await {
-                tracing::warn!("following the stream: {e}");
-            } else {
-                let progress = front.following.clone();
-                following = Some(Following::start(
-                    start,
-                    log.clone(),
-                    snapshots.clone(),
-                    feed.clone(),
-                    progress,
-                    shared_config,
-                ));
+            match adopt_shared_config(&mut start, ownership.cluster()).await {
+                Err(e) => tracing::warn!("following the stream: {e}"),
+                Ok(published) => {
+                    let sources = Sources {
+                        log: log.clone(),
+                        snapshots: snapshots.clone(),
+                        outcomes: feed.clone(),
+                        ownership: ownership.clone(),
+                    };
+                    let progress = front.following.clone();
+                    let version = published.map_or(0, |p| p.version);
+                    following = Some(Following::start(start, sources, progress, version));
+                }
             }
         }
         // A lease that lapsed without another node taking it (NATS unreachable for a while)
@@ -268,22 +269,23 @@ const FOLLOW_EVERY: Duration = Duration::from_millis(250);
 struct Following {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), ServerError>>,
-    /// The published configuration version it applies records with.
-    config_version: Option<i64>,
+}
+
+/// What a follower reads from the cluster.
+struct Sources {
+    log: Arc<JetStreamLog>,
+    snapshots: Arc<Snapshots>,
+    outcomes: OutcomeFeed,
+    /// For the configuration the owner published.
+    ownership: Arc<Ownership>,
 }
 
 impl Following {
-    fn start(
-        options: Options,
-        log: Arc<JetStreamLog>,
-        snapshots: Arc<Snapshots>,
-        feed: OutcomeFeed,
-        progress: Arc<FollowProgress>,
-        config_version: Option<i64>,
-    ) -> Following {
+    /// Follows with `options`, whose configuration is the published `version`.
+    fn start(options: Options, sources: Sources, progress: Arc<FollowProgress>, version: i64) -> Following {
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(follow(options, log, snapshots, feed, progress, stopped));
-        Following { stop, task, config_version }
+        let task = tokio::spawn(follow(options, sources, progress, version, stopped));
+        Following { stop, task }
     }
 
     /// Stops following once what was applied is written to the database.
@@ -303,12 +305,12 @@ impl Following {
 /// may be gone: the next start restores that snapshot).
 async fn follow(
     options: Options,
-    log: Arc<JetStreamLog>,
-    snapshots: Arc<Snapshots>,
-    feed: OutcomeFeed,
+    sources: Sources,
     progress: Arc<FollowProgress>,
+    version: i64,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ServerError> {
+    let Sources { log, snapshots, outcomes: feed, ownership } = sources;
     let started = std::time::Instant::now();
     let database = options.database.clone();
     restore(&database, &snapshots).await?;
@@ -345,7 +347,12 @@ async fn follow(
                 "the latest snapshot overtook the standby's copy; it starts again from it".into(),
             ));
         }
-        if let Err(e) = follower.apply(&entries).await {
+        // Records are applied with the configuration they were first applied with: at the
+        // first one applied with a newer version, the follower stops, to start again with it
+        // once it is published (it may not be yet).
+        let newer = entries.iter().position(|e| crate::pipeline::config_version_of(&e.payload) > version);
+        let (now, later) = entries.split_at(newer.unwrap_or(entries.len()));
+        if let Err(e) = follower.apply(now).await {
             break Err(e);
         }
         let last = starling_log::EventLog::next_position(&*stream).saturating_sub(1);
@@ -373,6 +380,17 @@ async fn follow(
                 progress.outcomes_taken.fetch_add(n as u64, Ordering::SeqCst);
             }
             Err(e) => tracing::warn!("taking the owner's delivery outcomes: {e}"),
+        }
+        if let Some(first) = later.first() {
+            let wanted = crate::pipeline::config_version_of(&first.payload);
+            match ownership.cluster().shared_config().await {
+                Ok(Some(published)) if published.version >= wanted => {
+                    tracing::info!(version = wanted, "the stream goes on with a newer configuration");
+                    break Ok(());
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("reading the published configuration: {e}"),
+            }
         }
     };
     progress.running.store(false, Ordering::SeqCst);
@@ -552,7 +570,16 @@ async fn activate(
         .await
         .map_err(|e| ServerError::Cluster(format!("fencing the partitions: {e}")))?;
     restore(&options.database, snapshots).await?;
-    adopt_shared_config(&mut options, cluster).await?;
+    if let Some(published) = adopt_shared_config(&mut options, cluster).await? {
+        let database = options.database.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = starling_store::open(&database)?;
+            let now = crate::system_clock();
+            starling_store::continue_numbering(&conn, published.version, &published.sha256, &published.text, now)
+        })
+        .await
+        .map_err(|e| ServerError::Cluster(e.to_string()))??;
+    }
     options.event_log = Some(log.clone());
     let mut engine = App::start(options).await?;
     engine.listening_on(addr)?;
@@ -567,12 +594,13 @@ async fn activate(
 
 /// Takes the configuration the last owner published, if there is one: it may have been changed
 /// while running since this node read its own file. (`[cluster]` stays this node's own.)
-async fn adopt_shared_config(options: &mut Options, cluster: &Cluster) -> Result<(), ServerError> {
+/// Returns the configuration published, if any.
+async fn adopt_shared_config(options: &mut Options, cluster: &Cluster) -> Result<Option<SharedConfig>, ServerError> {
     let Some(shared) = cluster.shared_config().await.map_err(|e| ServerError::Cluster(e.to_string()))? else {
-        return Ok(());
+        return Ok(None);
     };
     if shared.text == options.model.source_text() {
-        return Ok(());
+        return Ok(Some(shared));
     }
     let mut model = starling_core::parse(&shared.text).map_err(|e| {
         ServerError::Cluster(format!(
@@ -583,7 +611,7 @@ async fn adopt_shared_config(options: &mut Options, cluster: &Cluster) -> Result
     model.cluster = options.model.cluster.clone();
     tracing::info!(version = shared.version, "running the configuration the last owner published");
     options.model = model;
-    Ok(())
+    Ok(Some(shared))
 }
 
 /// Publishes the configuration the engine runs when it changed (at start, or applied live).

@@ -222,6 +222,26 @@ pub fn owner_record(node: &str) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({ "work": "owner", "node": node })).expect("a record serializes")
 }
 
+/// A record as written: its work, and the version of the configuration it was applied with
+/// (a standby following the stream applies it with the same one).
+#[derive(serde::Serialize)]
+struct Stamped<'a> {
+    #[serde(flatten)]
+    logged: LoggedRef<'a>,
+    config: i64,
+}
+
+/// The version of the configuration the record `payload` was applied with (0: not said, or a
+/// record from before records said it).
+pub fn config_version_of(payload: &[u8]) -> i64 {
+    #[derive(serde::Deserialize)]
+    struct Stamp {
+        #[serde(default)]
+        config: i64,
+    }
+    serde_json::from_slice::<Stamp>(payload).map_or(0, |stamp| stamp.config)
+}
+
 /// [`Logged`] as written, borrowing from the batch.
 #[derive(serde::Serialize)]
 #[serde(tag = "work", rename_all = "snake_case")]
@@ -800,6 +820,7 @@ pub fn start(
     for (index, rx) in receivers.into_iter().enumerate() {
         let worker = Worker {
             model: shared.config.model(),
+            version: 0,
             shared: shared.clone(),
             index,
             partitions: n,
@@ -838,8 +859,9 @@ pub fn start(
 }
 
 struct Worker {
-    /// The model the batch under way is applied with.
+    /// The model the batch under way is applied with, and its version (records say it).
     model: Arc<Model>,
+    version: i64,
     shared: Shared,
     index: usize,
     partitions: usize,
@@ -1090,10 +1112,11 @@ impl Worker {
         now: i64,
         replayed: Option<(Partition, Position)>,
     ) {
-        let current = self.shared.config.model();
+        let (current, version) = self.shared.config.model_and_version();
         if !Arc::ptr_eq(&current, &self.model) {
             self.adopt(current);
         }
+        self.version = version;
         // Work that reads the store as committed sees everything applied before it.
         if batch[0].reads_committed() {
             self.materialize(conn, &mut []);
@@ -1600,8 +1623,11 @@ impl Worker {
             }
             None if p.drafts.is_empty() || self.shared.following => Vec::new(),
             None => {
-                let payloads: Vec<Vec<u8>> =
-                    p.drafts.iter().map(|(job, _, draft)| encode(&batch[*job].work, draft, now)).collect();
+                let payloads: Vec<Vec<u8>> = p
+                    .drafts
+                    .iter()
+                    .map(|(job, _, draft)| encode(&batch[*job].work, draft, now, self.version))
+                    .collect();
                 let records: Vec<(Partition, &[u8])> =
                     p.drafts.iter().zip(&payloads).map(|((_, vp, _), bytes)| (*vp, bytes.as_slice())).collect();
                 if inflight.load(Ordering::SeqCst) == u64::MAX {
@@ -2403,7 +2429,7 @@ enum BatchError {
 }
 
 /// A draft as the log record it becomes.
-fn encode(work: &Work, draft: &Draft, now_ms: i64) -> Vec<u8> {
+fn encode(work: &Work, draft: &Draft, now_ms: i64, config: i64) -> Vec<u8> {
     let logged = match (draft, work) {
         (Draft::Events(indices), Work::Events(events)) => {
             LoggedRef::Events { now_ms, events: indices.iter().map(|i| &events[*i]).collect() }
@@ -2416,7 +2442,7 @@ fn encode(work: &Work, draft: &Draft, now_ms: i64) -> Vec<u8> {
         }
         _ => unreachable!("a draft is of its job's kind"),
     };
-    serde_json::to_vec(&logged).expect("log records serialize")
+    serde_json::to_vec(&Stamped { logged, config }).expect("log records serialize")
 }
 
 /// Granularity of the retention index on profiles: a profile's entry moves at most once per

@@ -14,7 +14,8 @@ pub struct ConfigRecord {
     #[serde(skip_serializing_if = "String::is_empty")]
     pub source: String,
     pub applied_ms: i64,
-    /// `start`, `apply` (over HTTP) or `reload` (SIGHUP).
+    /// `start`, `apply` (over HTTP), `reload` (SIGHUP) or `cluster` (run by a cluster's
+    /// previous owner).
     pub how: String,
     /// What the change did, as the plan's JSON.
     pub plan: Option<serde_json::Value>,
@@ -53,6 +54,24 @@ pub fn record_config(
     )?
     .execute(params![sha256, source, applied_ms, how, plan.map(|p| p.to_string()), backfilled.then_some(applied_ms)])?;
     Ok(conn.last_insert_rowid())
+}
+
+/// Records `source`, which a cluster's previous owner ran and published as `version`, as this
+/// database's configuration `version`, unless the database has that version or a later one:
+/// the node that takes the cluster over goes on with the cluster's numbering (records in the
+/// stream say which version applied them). Its backfill counts as not done, so the start
+/// backfills every audience: the previous owner's backfills changed memberships that the
+/// stream does not hold. Returns whether it was recorded.
+pub fn continue_numbering(conn: &Connection, version: i64, sha256: &str, source: &str, at_ms: i64) -> Result<bool> {
+    let _gate = write_gate();
+    let recorded = conn
+        .prepare_cached(
+            "INSERT INTO configurations (version, sha256, source, applied_ms, how, plan, backfilled_ms)
+             SELECT ?1, ?2, ?3, ?4, 'cluster', NULL, NULL
+             WHERE NOT EXISTS (SELECT 1 FROM configurations WHERE version >= ?1)",
+        )?
+        .execute(params![version, sha256, source, at_ms])?;
+    Ok(recorded == 1)
 }
 
 /// The configuration last applied, if any was recorded.

@@ -15,8 +15,8 @@ use std::path::Path;
 mod configs;
 pub mod outcomes;
 pub use configs::{
-    ConfigRecord, active_config, cancel_actions, config_history, count_profiles, events_since, finish_backfill,
-    profiles_after, read_profile, record_config, remove_memberships,
+    ConfigRecord, active_config, cancel_actions, config_history, continue_numbering, count_profiles, events_since,
+    finish_backfill, profiles_after, read_profile, record_config, remove_memberships,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -215,7 +215,7 @@ CREATE TABLE IF NOT EXISTS configurations (
     sha256        TEXT NOT NULL,
     source        TEXT NOT NULL,
     applied_ms    INTEGER NOT NULL,
-    -- 'start' | 'apply' | 'reload'
+    -- 'start' | 'apply' | 'reload' | 'cluster' (run by the cluster's previous owner)
     how           TEXT NOT NULL,
     plan          TEXT,
     backfilled_ms INTEGER
@@ -1675,6 +1675,19 @@ mod tests {
         assert!(due_actions(&conn, "hook", 20, 10).unwrap().is_empty(), "nothing left to deliver here");
         let row = list_actions(&conn, None, 10).unwrap().into_iter().find(|a| a.origin.as_deref() == Some("7.0"));
         assert_eq!(row.map(|r| (r.status, r.delivered_ms)), Some((OutboxStatus::Delivered, Some(9))));
+    }
+
+    #[test]
+    fn a_node_taking_a_cluster_over_goes_on_with_its_numbering_of_configurations() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open(&dir.path().join("s.db")).unwrap();
+        assert_eq!(record_config(&conn, "s1", "one", 1, "start", None, true).unwrap(), 1);
+        assert!(continue_numbering(&conn, 5, "s5", "five", 2).unwrap());
+        let active = active_config(&conn).unwrap().unwrap();
+        assert_eq!((active.version, active.how.as_str(), active.backfilled_ms), (5, "cluster", None));
+        assert!(!continue_numbering(&conn, 5, "s5", "five", 3).unwrap(), "recorded once");
+        assert!(!continue_numbering(&conn, 4, "s4", "four", 3).unwrap(), "never backwards");
+        assert_eq!(record_config(&conn, "s6", "six", 4, "apply", None, true).unwrap(), 6, "numbering goes on");
     }
 
     #[test]

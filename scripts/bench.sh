@@ -11,6 +11,7 @@
 #   PEOPLE=200000 EVENTS=1000000 scripts/bench.sh reconfigure   # backfills and a backtest after live changes
 #   scripts/bench.sh cluster         # embedded log vs JetStream vs through a standby; failover
 #                                    # (SNAPSHOT_EVERY=60s: the nodes' snapshot interval, default 10s)
+#   STARLING=path/to/starling scripts/bench.sh cluster   # the same with another build, for a comparison
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,8 +19,10 @@ what=${1:-throughput}
 people=${PEOPLE:-20000}
 events=${EVENTS:-200000}
 
-cargo build --release -p starling-cli
-starling=${CARGO_TARGET_DIR:-target}/release/starling
+if [[ -z ${STARLING:-} ]]; then
+    cargo build --release -p starling-cli
+fi
+starling=${STARLING:-${CARGO_TARGET_DIR:-target}/release/starling}
 # Only the two plugins the benchmark configuration uses, so that memory figures are the engine's.
 $starling plugin build connectors/webhook connectors/value-tier --out target/bench-plugins
 

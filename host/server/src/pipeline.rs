@@ -1,7 +1,8 @@
 //! The event pipeline. Profiles are spread over the event log's virtual partitions by a stable
 //! hash, and partitions over worker threads, so one profile is only ever updated by one worker.
 //! Each worker applies a group of queued requests onto the state it holds in memory, appends
-//! what it applied to the event log (one record per request and partition), and syncs the log
+//! what it applied to the event log (one record per partition the group touched: the events of
+//! all its requests together, in the order applied), and syncs the log
 //! (one sync shared by the workers); a request is answered only after every record holding its
 //! work is synced. The derived state is written to SQLite later, in larger transactions that
 //! record the log positions they include (at once for what other parts of the server must read
@@ -33,6 +34,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 /// Most requests applied as one batch (one log append, one answer).
 const MAX_JOBS_PER_BATCH: usize = 256;
+/// Most events in one log record: a batch's events for one partition beyond it start another.
+const MAX_EVENTS_PER_RECORD: usize = 1_000;
 /// How long applied state may stay in a worker's memory before it is written to SQLite, and
 /// how many events it may gather: a profile touched many times in between is written once, in
 /// one transaction. Work that other parts of the server read from SQLite at once (actions for
@@ -280,8 +283,8 @@ impl Logged {
 
 /// What a record of this batch will hold, by job and partition.
 enum Draft {
-    /// Indices into the job's events.
-    Events(Vec<usize>),
+    /// (job, index into its events), in the order applied.
+    Events(Vec<(usize, usize)>),
     Wakeups(Vec<String>),
     Merge(MergeRequest),
     Unstitch(String),
@@ -359,8 +362,8 @@ pub struct Ingest {
     materialized: Arc<Materialized>,
     /// The log position each partition's stored state included at start.
     stored: HashMap<Partition, Position>,
-    /// Merges handed over to another partition and not yet applied there, at start.
-    handed_over: Vec<MergeRequest>,
+    /// The workers' shared writer, for reading the merges handed over after a replay.
+    writer: Arc<Mutex<rusqlite::Connection>>,
 }
 
 impl Ingest {
@@ -473,9 +476,9 @@ impl Ingest {
 
     /// Applies again, in log order, every record after the position its partition's stored
     /// state includes: what was acknowledged but not yet committed to SQLite when the last run
-    /// stopped (see [`Ingest::apply_records`]), then sends again the merges handed over and not
-    /// yet applied. Returns how many records were read. Until it returns, the log is not
-    /// truncated.
+    /// stopped (see [`Ingest::apply_records`]), then sends the merges handed over and not
+    /// applied by their partition (the replay sends none itself). Returns how many records were
+    /// read. Until it returns, the log is not truncated.
     pub async fn replay(&self) -> Result<usize, IngestError> {
         let reading = std::time::Instant::now();
         let entries = self.read_after(self.stored_positions()).await?;
@@ -497,16 +500,16 @@ impl Ingest {
         }
         self.apply_records(&entries).await?;
         let n = self.partitions.len();
-        // Merges another partition had not applied when the last run stopped (one it has
-        // applied since, in the replay above, is recognised by its origin and skipped).
-        let resent = self.handed_over.len();
-        for merge in &self.handed_over {
+        self.queue((0..n).map(|_| Some(Work::Materialize)).collect(), false).await?;
+        // Merges whose partition had not logged them when the last run stopped.
+        let handed_over = self.handed_over()?;
+        for merge in &handed_over {
             let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
             jobs[worker_of(&merge.survivor, n)] = Some(Work::Merge(merge.clone()));
             self.dispatch(jobs, false)?.durable().await?;
         }
-        if resent > 0 {
-            tracing::info!(merges = resent, "merges handed over before the restart sent again");
+        if !handed_over.is_empty() {
+            tracing::info!(merges = handed_over.len(), "merges handed over before the restart sent again");
         }
         // What the replay applied is written before the log may forget anything.
         self.queue((0..n).map(|_| Some(Work::Materialize)).collect(), false).await?;
@@ -514,6 +517,22 @@ impl Ingest {
             inflight.store(u64::MAX, Ordering::SeqCst);
         }
         Ok(entries.len())
+    }
+
+    /// Merges handed over to another partition that it has not applied.
+    fn handed_over(&self) -> Result<Vec<MergeRequest>, IngestError> {
+        let writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stored = starling_store::handed_over(&writer).map_err(|e| IngestError::Failed(e.to_string()))?;
+        Ok(stored
+            .into_iter()
+            .filter_map(|(origin, request)| match serde_json::from_str::<MergeRequest>(&request) {
+                Ok(merge) => Some(merge),
+                Err(e) => {
+                    tracing::error!(origin, "a merge handed over is unreadable, not sent again: {e}");
+                    None
+                }
+            })
+            .collect())
     }
 
     /// Each partition's position its stored state included at start.
@@ -791,16 +810,6 @@ pub fn start(
     let writer = open_writer()?;
     let directory = Directory::load(&writer)?;
     let stored: HashMap<Partition, Position> = starling_store::log_positions(&writer)?.into_iter().collect();
-    let handed_over = starling_store::handed_over(&writer)?
-        .into_iter()
-        .filter_map(|(origin, request)| match serde_json::from_str::<MergeRequest>(&request) {
-            Ok(merge) => Some(merge),
-            Err(e) => {
-                tracing::error!(origin, "a merge handed over is unreadable, not sent again: {e}");
-                None
-            }
-        })
-        .collect();
     // Positions the store recorded are never handed out again, even if the log lost its tail.
     if let Some(last) = stored.values().max() {
         shared.log.continue_after(*last);
@@ -855,7 +864,7 @@ pub fn start(
     handles.push(handle);
     let room = (0..n).map(|_| Arc::new(Semaphore::new(queue))).collect();
     let log = shared.log.clone();
-    Ok((Ingest { partitions: senders, room, directory, log, materialized, stored, handed_over }, handles))
+    Ok((Ingest { partitions: senders, room, directory, log, materialized, stored, writer }, handles))
 }
 
 struct Worker {
@@ -1021,9 +1030,10 @@ struct Pending {
 }
 
 impl Pending {
-    /// Notes an item of `job` in its partition's record (`extend` adds it to the record so far,
-    /// if it is of the same kind; `fresh` starts one); actions decided from now on take their
-    /// origin from that record.
+    /// Notes an item of `job` in its partition's record (`extend` adds it to the partition's
+    /// last record of the batch, whichever job started it, if it is of the same kind; `fresh`
+    /// starts one): a partition's records keep the order its items were applied in. Actions
+    /// decided from now on take their origin from that record.
     fn draft(
         &mut self,
         job: usize,
@@ -1032,7 +1042,7 @@ impl Pending {
         fresh: impl FnOnce() -> Draft,
     ) {
         let partition = starling_log::partition_of(profile);
-        let last = self.drafts.iter().rposition(|(j, vp, _)| *j == job && *vp == partition);
+        let last = self.drafts.iter().rposition(|(_, vp, _)| *vp == partition);
         self.effects.record_index = match last {
             Some(i) if extend(&mut self.drafts[i].2) => i,
             _ => {
@@ -1359,6 +1369,13 @@ impl Worker {
         let merges = match pending.since {
             // Not yet written: the survivor's partition would read the absorbed profile stale.
             Some(_) => Vec::new(),
+            // Records applied again send no merge: the survivor's partition logged each merge
+            // it applied, and applies it again at that record, in its place (what it decides
+            // keeps its origin); the others are in `handed_over`, sent once a replay is done.
+            None if self.shared.following || self.materialized.replaying.load(Ordering::SeqCst) => {
+                pending.merges.clear();
+                Vec::new()
+            }
             None => pending.merges.drain(..).collect(),
         };
         let merges =
@@ -1440,13 +1457,13 @@ impl Worker {
                             j,
                             &pid,
                             |d| match d {
-                                Draft::Events(list) => {
-                                    list.push(e);
+                                Draft::Events(list) if list.len() < MAX_EVENTS_PER_RECORD => {
+                                    list.push((j, e));
                                     true
                                 }
                                 _ => false,
                             },
-                            || Draft::Events(vec![e]),
+                            || Draft::Events(vec![(j, e)]),
                         );
                         self.link_own_id(conn, p, &event.visitor_id, &pid)?;
                         let profile = load(&model, &mut self.cache, conn, &mut p.touched, now, &pid)?;
@@ -1626,7 +1643,7 @@ impl Worker {
                 let payloads: Vec<Vec<u8>> = p
                     .drafts
                     .iter()
-                    .map(|(job, _, draft)| encode(&batch[*job].work, draft, now, self.version))
+                    .map(|(job, _, draft)| encode(batch, *job, draft, now, self.version))
                     .collect();
                 let records: Vec<(Partition, &[u8])> =
                     p.drafts.iter().zip(&payloads).map(|((_, vp, _), bytes)| (*vp, bytes.as_slice())).collect();
@@ -2428,12 +2445,14 @@ enum BatchError {
     Log(#[from] starling_log::LogError),
 }
 
-/// A draft as the log record it becomes.
-fn encode(work: &Work, draft: &Draft, now_ms: i64, config: i64) -> Vec<u8> {
-    let logged = match (draft, work) {
-        (Draft::Events(indices), Work::Events(events)) => {
-            LoggedRef::Events { now_ms, events: indices.iter().map(|i| &events[*i]).collect() }
-        }
+/// A draft started by `batch[job]` as the log record it becomes.
+fn encode(batch: &[IngestJob], job: usize, draft: &Draft, now_ms: i64, config: i64) -> Vec<u8> {
+    let event = |(job, i): &(usize, usize)| match &batch[*job].work {
+        Work::Events(events) => &events[*i],
+        _ => unreachable!("an events draft names events"),
+    };
+    let logged = match (draft, &batch[job].work) {
+        (Draft::Events(items), _) => LoggedRef::Events { now_ms, events: items.iter().map(event).collect() },
         (Draft::Wakeups(profiles), _) => LoggedRef::Wakeups { now_ms, profiles },
         (Draft::Merge(merge), _) => LoggedRef::Merge { now_ms, merge },
         (Draft::Unstitch(id), _) => LoggedRef::Unstitch { now_ms, id },
@@ -2643,43 +2662,85 @@ mod tests {
         assert_eq!(woken.reschedule(&profile(None, Some(100))), Reschedule::Never);
     }
 
+    const CLOCK_MS: i64 = 1_700_000_000_000;
+
+    /// A pipeline on a fresh database, writing to (or, following, reading) `log`.
+    struct Running {
+        _dir: tempfile::TempDir,
+        database: std::path::PathBuf,
+        ingest: Ingest,
+        workers: Vec<std::thread::JoinHandle<()>>,
+    }
+
+    impl Running {
+        fn start(workers: usize, log: Arc<dyn EventLog>, following: bool) -> Running {
+            Running::with_config("[server]\npartitions = 2\n", workers, log, following)
+        }
+
+        fn with_config(config: &str, workers: usize, log: Arc<dyn EventLog>, following: bool) -> Running {
+            let dir = tempfile::tempdir().unwrap();
+            let database = dir.path().join("starling.db");
+            drop(starling_store::open(&database).unwrap());
+            let model = Arc::new(starling_core::config::parse(config).unwrap());
+            let plugins = Arc::new(PluginHost::new().unwrap());
+            let telemetry = Arc::new(Telemetry::new());
+            let clock: fn() -> i64 = || CLOCK_MS;
+            let shared = Shared {
+                config: Arc::new(crate::live::Live::new(model, None)),
+                plugins: plugins.clone(),
+                runtime: tokio::runtime::Handle::current(),
+                lanes: Arc::new(crate::delivery::Lanes::new(plugins, database.clone(), clock, telemetry.clone())),
+                clock,
+                telemetry,
+                log,
+                following,
+            };
+            let (ingest, workers) = start(
+                shared,
+                workers,
+                16,
+                || starling_store::open_writer(&database),
+                || starling_store::open_reader(&database),
+            )
+            .unwrap();
+            Running { _dir: dir, database, ingest, workers }
+        }
+
+        fn profile(&self, id: &str) -> Option<Profile> {
+            let conn = starling_store::open(&self.database).unwrap();
+            starling_store::load_profile(&conn, id).unwrap()
+        }
+
+        fn stop(self) {
+            drop(self.ingest);
+            for worker in self.workers {
+                worker.join().unwrap();
+            }
+        }
+    }
+
+    fn event(visitor: &str, n: i64) -> Event {
+        Event {
+            id: None,
+            name: "view".into(),
+            visitor_id: visitor.into(),
+            source: None,
+            timestamp_ms: CLOCK_MS + n,
+            data: serde_json::Map::new(),
+        }
+    }
+
     /// Two requests to merge one profile into another, with different origins (an id claimed by
     /// two partitions at once gives a merge from each side), reach the survivor before it writes
     /// the first: the absorbed profile is added once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_profile_merged_twice_before_it_is_written_is_added_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let database = dir.path().join("starling.db");
-        drop(starling_store::open(&database).unwrap());
-        let model = Arc::new(starling_core::config::parse("[server]\npartitions = 2\n").unwrap());
-        let plugins = Arc::new(PluginHost::new().unwrap());
-        let telemetry = Arc::new(Telemetry::new());
-        let clock: fn() -> i64 = || 1_700_000_000_000;
-        let shared = Shared {
-            config: Arc::new(crate::live::Live::new(model, None)),
-            plugins: plugins.clone(),
-            runtime: tokio::runtime::Handle::current(),
-            lanes: Arc::new(crate::delivery::Lanes::new(plugins, database.clone(), clock, telemetry.clone())),
-            clock,
-            telemetry,
-            log: Arc::new(starling_log::MemoryLog::new()),
-            following: false,
-        };
-        let (ingest, workers) =
-            start(shared, 2, 16, || starling_store::open_writer(&database), || starling_store::open_reader(&database))
-                .unwrap();
+        let running = Running::start(2, Arc::new(starling_log::MemoryLog::new()), false);
         // Two profiles on different workers.
         let absorbed = (0..).map(|i| format!("visitor-{i}")).find(|id| worker_of(id, 2) == 1).unwrap();
         let survivor = (0..).map(|i| format!("visitor-{i}")).find(|id| worker_of(id, 2) == 0).unwrap();
-        let event = |visitor: &str| Event {
-            id: None,
-            name: "view".into(),
-            visitor_id: visitor.into(),
-            source: None,
-            timestamp_ms: clock(),
-            data: serde_json::Map::new(),
-        };
-        ingest.submit(vec![event(&survivor), event(&absorbed), event(&absorbed)]).await.unwrap();
+        let ingest = &running.ingest;
+        ingest.submit(vec![event(&survivor, 0), event(&absorbed, 0), event(&absorbed, 0)]).await.unwrap();
         ingest.materialize().await.unwrap();
         let merge = |origin: &str| {
             Work::Merge(MergeRequest {
@@ -2694,67 +2755,178 @@ mod tests {
         ingest.queue(vec![Some(merge("7.0")), None], false).await.unwrap();
         ingest.queue(vec![Some(merge("7.claim0")), None], false).await.unwrap();
         ingest.materialize().await.unwrap();
-        let conn = starling_store::open(&database).unwrap();
-        let merged = starling_store::load_profile(&conn, &survivor).unwrap().unwrap();
+        let merged = running.profile(&survivor).unwrap();
         assert_eq!(merged.event_count, 3, "the survivor's event and the absorbed profile's two");
-        assert!(starling_store::load_profile(&conn, &absorbed).unwrap().is_none());
-        drop(ingest);
-        for worker in workers {
-            worker.join().unwrap();
-        }
+        assert!(running.profile(&absorbed).is_none());
+        running.stop();
     }
 
     /// A record applied a second time (a read that visited it twice, a batch applied again
     /// from the log) changes nothing, whether the first time is still in memory or in SQLite.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_record_applied_again_changes_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let database = dir.path().join("starling.db");
-        drop(starling_store::open(&database).unwrap());
-        let model = Arc::new(starling_core::config::parse("[server]\npartitions = 2\n").unwrap());
-        let plugins = Arc::new(PluginHost::new().unwrap());
-        let telemetry = Arc::new(Telemetry::new());
-        let clock: fn() -> i64 = || 1_700_000_000_000;
-        let shared = Shared {
-            config: Arc::new(crate::live::Live::new(model, None)),
-            plugins: plugins.clone(),
-            runtime: tokio::runtime::Handle::current(),
-            lanes: Arc::new(crate::delivery::Lanes::new(plugins, database.clone(), clock, telemetry.clone())),
-            clock,
-            telemetry,
-            log: Arc::new(starling_log::MemoryLog::new()),
-            following: true,
-        };
-        let (ingest, workers) =
-            start(shared, 2, 16, || starling_store::open_writer(&database), || starling_store::open_reader(&database))
-                .unwrap();
-        let event = |n: u64| Event {
-            id: None,
-            name: "view".into(),
-            visitor_id: "visitor".into(),
-            source: None,
-            timestamp_ms: clock() + n as i64,
-            data: serde_json::Map::new(),
-        };
+        let running = Running::start(2, Arc::new(starling_log::MemoryLog::new()), true);
         let record = |position: u64| {
-            let event = event(position);
-            let payload = serde_json::to_vec(&LoggedRef::Events { now_ms: clock(), events: vec![&event] }).unwrap();
+            let event = event("visitor", position as i64);
+            let payload = serde_json::to_vec(&LoggedRef::Events { now_ms: CLOCK_MS, events: vec![&event] }).unwrap();
             Entry { position, partition: starling_log::partition_of("visitor"), payload }
         };
-        let count = || {
-            let conn = starling_store::open(&database).unwrap();
-            starling_store::load_profile(&conn, "visitor").unwrap().map(|p| p.event_count)
-        };
-        ingest.apply_records(&[record(3), record(3)]).await.unwrap();
-        ingest.materialize().await.unwrap();
+        let count = || running.profile("visitor").map(|p| p.event_count);
+        running.ingest.apply_records(&[record(3), record(3)]).await.unwrap();
+        running.ingest.materialize().await.unwrap();
         assert_eq!(count(), Some(1), "read twice in one go");
-        ingest.apply_records(&[record(3), record(5)]).await.unwrap();
-        ingest.materialize().await.unwrap();
+        running.ingest.apply_records(&[record(3), record(5)]).await.unwrap();
+        running.ingest.materialize().await.unwrap();
         assert_eq!(count(), Some(2), "the first already in SQLite, the second new");
-        drop(ingest);
-        for worker in workers {
-            worker.join().unwrap();
+        running.stop();
+    }
+
+    /// A merge one worker hands to another is logged by the survivor's worker; applying the
+    /// log again (a restart, a node taking over) applies it there, in its place, and the
+    /// survivor's later records after it: the profile comes out as it was.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_merge_handed_to_another_worker_applies_again_in_its_place() {
+        let config = r#"
+            [server]
+            partitions = 2
+            [[attribute]]
+            name = "email_hash"
+            scope = "visitor"
+            type = "visitor_id"
+            [[enrichment]]
+            attribute = "email_hash"
+            op = "set"
+            event = "email_hash"
+            when = "event:login"
+        "#;
+        let log = Arc::new(starling_log::MemoryLog::new());
+        let live = Running::with_config(config, 2, log.clone(), false);
+        let absorbed = (0..).map(|i| format!("visitor-{i}")).find(|id| worker_of(id, 2) == 1).unwrap();
+        let survivor = (0..).map(|i| format!("visitor-{i}")).find(|id| worker_of(id, 2) == 0).unwrap();
+        let login = |visitor: &str, n: i64| {
+            let mut login = Event { name: "login".into(), ..event(visitor, n) };
+            login.data.insert("email_hash".into(), "b58996c504c5638798eb6b511e6f49af".into());
+            login
+        };
+        live.ingest.submit(vec![event(&survivor, 0), login(&survivor, 1)]).await.unwrap();
+        live.ingest.materialize().await.unwrap();
+        live.ingest.submit(vec![event(&absorbed, 2), login(&absorbed, 3)]).await.unwrap();
+        for n in 4..8 {
+            live.ingest.submit(vec![event(&survivor, n), event(&absorbed, n)]).await.unwrap();
         }
+        live.ingest.materialize().await.unwrap();
+        let merged = live.profile(&survivor).unwrap();
+        assert_eq!(merged.event_count, 12);
+        assert!(live.profile(&absorbed).is_none(), "merged into the survivor");
+        live.stop();
+
+        let restarted = Running::with_config(config, 2, log.clone(), false);
+        restarted.ingest.replay().await.unwrap();
+        let applied = restarted.profile(&survivor).unwrap();
+        assert_eq!(applied.to_json(), merged.to_json());
+        assert!(restarted.profile(&absorbed).is_none());
+        restarted.stop();
+    }
+
+    /// A log whose appends wait until the test opens it.
+    #[derive(Default)]
+    struct GatedLog {
+        log: starling_log::MemoryLog,
+        open: Mutex<bool>,
+        opened: std::sync::Condvar,
+        appends: AtomicU64,
+    }
+
+    impl GatedLog {
+        fn open(&self) {
+            *self.open.lock().unwrap() = true;
+            self.opened.notify_all();
+        }
+    }
+
+    impl EventLog for GatedLog {
+        fn append(&self, records: &[(Partition, &[u8])]) -> starling_log::Result<Vec<Position>> {
+            self.appends.fetch_add(1, Ordering::SeqCst);
+            let open = self.open.lock().unwrap();
+            drop(self.opened.wait_while(open, |open| !*open).unwrap());
+            self.log.append(records)
+        }
+        fn sync(&self, position: Position) -> starling_log::Result<()> {
+            self.log.sync(position)
+        }
+        fn read(&self, after: &[(Partition, Position)], visit: &mut dyn FnMut(Entry)) -> starling_log::Result<()> {
+            self.log.read(after, visit)
+        }
+        fn truncate_before(&self, position: Position) -> starling_log::Result<u64> {
+            self.log.truncate_before(position)
+        }
+        fn seal(&self) -> starling_log::Result<()> {
+            self.log.seal()
+        }
+        fn next_position(&self) -> Position {
+            self.log.next_position()
+        }
+        fn continue_after(&self, position: Position) {
+            self.log.continue_after(position)
+        }
+        fn size_bytes(&self) -> u64 {
+            self.log.size_bytes()
+        }
+    }
+
+    /// The requests a worker applies as one batch make one record per partition they touch,
+    /// holding their events in the order applied; applied again into another database (a
+    /// standby following, a restart), the records give the same profiles.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_of_requests_is_one_record_per_partition_and_applies_again_alike() {
+        let log = Arc::new(GatedLog::default());
+        let running = Running::start(1, log.clone(), false);
+        // Three visitors in three partitions.
+        let mut visitors: Vec<String> = Vec::new();
+        for id in (0..).map(|i| format!("visitor-{i}")) {
+            if visitors.iter().all(|v| starling_log::partition_of(v) != starling_log::partition_of(&id)) {
+                visitors.push(id);
+            }
+            if visitors.len() == 3 {
+                break;
+            }
+        }
+        let request = |n: i64| visitors.iter().map(|v| event(v, n)).collect::<Vec<_>>();
+        // The first request's batch waits in its append while four more are queued behind it.
+        let first = running.ingest.send(request(0)).unwrap();
+        while log.appends.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let queued: Vec<Queued> = (1..5).map(|n| running.ingest.send(request(n)).unwrap()).collect();
+        log.open();
+        first.durable().await.unwrap();
+        for answer in queued {
+            answer.durable().await.unwrap();
+        }
+        running.ingest.materialize().await.unwrap();
+
+        let mut entries = Vec::new();
+        let everything: Vec<(Partition, Position)> = (0..starling_log::PARTITIONS).map(|p| (p, 0)).collect();
+        log.read(&everything, &mut |entry| entries.push(entry)).unwrap();
+        let events_of = |entry: &Entry| match Logged::decode(&entry.payload, entry.position).unwrap() {
+            Some((Work::Events(events), _)) => events.iter().map(|e| e.timestamp_ms - CLOCK_MS).collect::<Vec<_>>(),
+            _ => panic!("record {} holds no events", entry.position),
+        };
+        assert_eq!(entries.len(), 6, "three records for the first batch, three for the four requests after it");
+        for entry in &entries[3..] {
+            assert_eq!(events_of(entry), vec![1, 2, 3, 4], "the batch's events of the partition, in order");
+        }
+
+        let copy = Running::start(2, log.clone(), true);
+        copy.ingest.apply_records(&entries).await.unwrap();
+        copy.ingest.materialize().await.unwrap();
+        for visitor in &visitors {
+            let (live, applied) = (running.profile(visitor).unwrap(), copy.profile(visitor).unwrap());
+            assert_eq!(applied.event_count, 5);
+            assert_eq!(applied.to_json(), live.to_json(), "{visitor}");
+        }
+        running.stop();
+        copy.stop();
     }
 
     #[test]

@@ -237,6 +237,13 @@ EOF
     sleep 2
     echo "== one node on JetStream (the owner)"
     load --prefix jetstream
+    # How far the standby's copy is behind the stream when the load ends, and a second later.
+    following() {
+        curl -s localhost:8081/v1/cluster | python3 -c 'import json, sys; print(json.load(sys.stdin)["following"])'
+    }
+    echo "the standby's copy at the end of the load: $(following)"
+    sleep 1
+    echo "a second later: $(following)"
     echo "== through a standby, which forwards to the owner"
     load --server http://127.0.0.1:8081 --prefix forwarded
     echo "== kill -9 the owner under load: time until the standby serves"

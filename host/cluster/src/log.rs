@@ -76,6 +76,11 @@ impl JetStreamLog {
         }
     }
 
+    /// The position of the stream's last record, in any partition, as the servers say now.
+    pub async fn last(&self) -> Result<Position, LogError> {
+        retried(|| self.stream.last()).await.map_err(remote)
+    }
+
     /// Whether another node wrote to a partition this node was writing.
     pub fn overtaken(&self) -> bool {
         self.overtaken.load(Ordering::SeqCst)

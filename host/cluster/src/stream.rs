@@ -90,6 +90,11 @@ impl EventStream {
         Ok(purged.purged)
     }
 
+    /// The position of the stream's last record, in any partition (0: none yet).
+    pub async fn last(&self) -> Result<Position> {
+        Ok(self.stream.get_info().await.map_err(nats)?.state.last_sequence)
+    }
+
     /// Bytes the stream holds (one copy).
     pub async fn size_bytes(&self) -> Result<u64> {
         Ok(self.stream.get_info().await.map_err(nats)?.state.bytes)

@@ -262,7 +262,8 @@ pub async fn serve(
     outcome
 }
 
-/// How often a standby applies what the stream gained.
+/// How often a standby applies what the stream gained (a round that took longer is followed
+/// by the next at once: the standby is behind).
 const FOLLOW_EVERY: Duration = Duration::from_millis(250);
 
 /// A standby following the stream into its database (see [`crate::follow`]).
@@ -324,11 +325,13 @@ async fn follow(
     let mut adopted = 0;
     // Outcomes of the owner's deliveries whose rows this copy does not hold yet.
     let (mut waiting, mut ended) = (Vec::new(), 0);
+    let mut round = Instant::now();
     let outcome = loop {
         tokio::select! {
             _ = stop.changed() => break Ok(()),
-            _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+            _ = tokio::time::sleep(FOLLOW_EVERY.saturating_sub(round.elapsed())) => {}
         }
+        round = Instant::now();
         let entries = match follower.read().await {
             Ok(entries) => entries,
             Err(e) => break Err(e),
@@ -355,7 +358,10 @@ async fn follow(
         if let Err(e) = follower.apply(now).await {
             break Err(e);
         }
-        let last = starling_log::EventLog::next_position(&*stream).saturating_sub(1);
+        let last = match stream.last().await {
+            Ok(last) => last,
+            Err(_) => starling_log::EventLog::next_position(&*stream).saturating_sub(1),
+        };
         progress.applied(follower.positions().values().max().copied().unwrap_or(0), last);
         // What the owner had delivered when it stored its latest snapshot is not delivered
         // again by this node if it takes over.

@@ -1640,11 +1640,8 @@ impl Worker {
             }
             None if p.drafts.is_empty() || self.shared.following => Vec::new(),
             None => {
-                let payloads: Vec<Vec<u8>> = p
-                    .drafts
-                    .iter()
-                    .map(|(job, _, draft)| encode(batch, *job, draft, now, self.version))
-                    .collect();
+                let payloads: Vec<Vec<u8>> =
+                    p.drafts.iter().map(|(job, _, draft)| encode(batch, *job, draft, now, self.version)).collect();
                 let records: Vec<(Partition, &[u8])> =
                     p.drafts.iter().zip(&payloads).map(|((_, vp, _), bytes)| (*vp, bytes.as_slice())).collect();
                 if inflight.load(Ordering::SeqCst) == u64::MAX {
@@ -2161,6 +2158,12 @@ impl Worker {
             },
         };
         let Some(mut absorbed_profile) = absorbed_profile else {
+            // Merged already (a merge of the same two from the other side, or sent again after
+            // a restart): the absorbed profile's own id is the survivor's.
+            if self.owner_of(conn, p, &absorbed)?.as_deref() == Some(survivor.as_str()) {
+                tracing::debug!(absorbed = %pseudonym(&absorbed), survivor = %pseudonym(&survivor), "merged already");
+                return Ok(true);
+            }
             tracing::warn!(absorbed = %pseudonym(&absorbed), survivor = %pseudonym(&survivor), "nothing to merge: profile not found");
             return Ok(false);
         };
@@ -2758,6 +2761,13 @@ mod tests {
         let merged = running.profile(&survivor).unwrap();
         assert_eq!(merged.event_count, 3, "the survivor's event and the absorbed profile's two");
         assert!(running.profile(&absorbed).is_none());
+        // Once written, the same merge sent again (after a restart) is recognised as done, so
+        // it is not kept to be sent again at every start.
+        ingest.queue(vec![Some(merge("9.0")), None], false).await.unwrap();
+        ingest.materialize().await.unwrap();
+        let conn = starling_store::open(&running.database).unwrap();
+        assert!(starling_store::handoff_applied(&conn, "9.0").unwrap());
+        assert_eq!(running.profile(&survivor).unwrap().event_count, 3);
         running.stop();
     }
 

@@ -246,6 +246,7 @@ EOF
     echo "a second later: $(following)"
     echo "== through a standby, which forwards to the owner"
     load --server http://127.0.0.1:8081 --prefix forwarded
+    echo "the standby's copy at the end of the load: $(following)"
     echo "== kill -9 the owner under load: time until the standby serves"
     load --server http://127.0.0.1:8081 --resend --prefix failover > target/bench/failover-load.log 2>&1 &
     loader=$!

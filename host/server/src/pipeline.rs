@@ -225,16 +225,13 @@ pub fn owner_record(node: &str) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({ "work": "owner", "node": node })).expect("a record serializes")
 }
 
-/// A record as written: its work, the version of the configuration it was applied with (a
-/// standby following the stream applies it with the same one), and whether it touched only
-/// its own worker's profiles (see [`Pending::fenced`]).
+/// A record as written: its work, and the version of the configuration it was applied with
+/// (a standby following the stream applies it with the same one).
 #[derive(serde::Serialize)]
 struct Stamped<'a> {
     #[serde(flatten)]
     logged: LoggedRef<'a>,
     config: i64,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    free: bool,
 }
 
 /// The version of the configuration the record `payload` was applied with (0: not said, or a
@@ -246,17 +243,6 @@ pub fn config_version_of(payload: &[u8]) -> i64 {
         config: i64,
     }
     serde_json::from_slice::<Stamp>(payload).map_or(0, |stamp| stamp.config)
-}
-
-/// Whether the record `payload` touched only its own worker's profiles: applied again, it
-/// needs no record of another worker before it (records from before records said so do).
-fn is_free(payload: &[u8]) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Stamp {
-        #[serde(default)]
-        free: bool,
-    }
-    serde_json::from_slice::<Stamp>(payload).is_ok_and(|stamp| stamp.free)
 }
 
 /// [`Logged`] as written, borrowing from the batch.
@@ -576,32 +562,29 @@ impl Ingest {
 
     async fn apply_in_order(&self, entries: &[Entry]) -> Result<(), IngestError> {
         let n = self.partitions.len();
-        // Each worker applies its records in order, queued without waiting for this loop. A
-        // record that touched only its worker's own profiles goes at once, beside the other
-        // workers'; before any other record, the loop waits for every earlier record of the
-        // other workers and the work they handed on.
-        let mut queued: Vec<VecDeque<Queued>> = (0..n).map(|_| VecDeque::new()).collect();
+        // Consecutive records of one worker are queued together: it applies them in order
+        // without waiting for this loop in between. Before a record of another worker, the
+        // loop waits for them and the work they handed on.
+        let mut queued: Vec<Queued> = Vec::new();
+        let mut last_worker = None;
         for entry in entries {
             let Some((work, now_ms)) = Logged::decode(&entry.payload, entry.position).map_err(IngestError::Failed)?
             else {
                 continue;
             };
             let worker = entry.partition as usize % n;
-            if !is_free(&entry.payload) {
-                for (other, applying) in queued.iter_mut().enumerate() {
-                    if other != worker {
-                        for applied in applying.drain(..) {
-                            applied.durable().await?;
-                        }
-                    }
+            if last_worker != Some(worker) {
+                for applied in queued.drain(..) {
+                    applied.durable().await?;
                 }
+                last_worker = Some(worker);
             }
             let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
             jobs[worker] = Some(work);
             let replay = ReplayOf { partition: entry.partition, position: entry.position, now_ms };
-            queued[worker].push_back(self.dispatch_replay(jobs, false, Some(replay))?);
+            queued.push(self.dispatch_replay(jobs, false, Some(replay))?);
         }
-        for applied in queued.into_iter().flatten() {
+        for applied in queued {
             applied.durable().await?;
         }
         Ok(())
@@ -1044,18 +1027,9 @@ struct Pending {
     deleted: Vec<(DeletionReply, Vec<serde_json::Value>)>,
     /// The log records this batch appends: (job, partition, what).
     drafts: Vec<(usize, Partition, Draft)>,
-    /// The drafts (by index) whose items read or wrote what other workers see (an id's
-    /// profile, claims, merges): applied again only after every earlier record of the other
-    /// workers. The others touch their own profiles alone, and are applied again side by side.
-    fenced: HashSet<usize>,
 }
 
 impl Pending {
-    /// Marks the record being drafted as reading or writing what other workers see.
-    fn fence(&mut self) {
-        self.fenced.insert(self.effects.record_index);
-    }
-
     /// Notes an item of `job` in its partition's record (`extend` adds it to the partition's
     /// last record of the batch, whichever job started it, if it is of the same kind; `fresh`
     /// starts one): a partition's records keep the order its items were applied in. Actions
@@ -1491,10 +1465,6 @@ impl Worker {
                             },
                             || Draft::Events(vec![(j, e)]),
                         );
-                        // The directory named another profile: a stitch (maybe another worker's).
-                        if pid != event.visitor_id {
-                            p.fence();
-                        }
                         self.link_own_id(conn, p, &event.visitor_id, &pid)?;
                         let profile = load(&model, &mut self.cache, conn, &mut p.touched, now, &pid)?;
                         let traced = telemetry.tracer.watches(&[&event.visitor_id, &pid]);
@@ -1567,7 +1537,6 @@ impl Worker {
                     };
                     if !applied {
                         p.draft(j, &request.survivor, |_| false, || Draft::Merge(request.clone()));
-                        p.fence();
                         let origin = request.origin.clone();
                         // A merge that found nothing may find it when its origin is replayed.
                         if self.merge(conn, p, &model, request, j, now)?
@@ -1595,7 +1564,6 @@ impl Worker {
                             },
                             || Draft::Delete(vec![id.clone()]),
                         );
-                        p.fence();
                         if let Some(record) = self.delete(conn, p, &model, id, reason, *inactive_before, now)? {
                             records.push(record);
                             report.accepted += 1;
@@ -1607,7 +1575,6 @@ impl Worker {
                     let (placeholder, _) = oneshot::channel();
                     let done = std::mem::replace(done, placeholder);
                     p.draft(j, &self.directory.profile_of(id), |_| false, || Draft::Unstitch(id.clone()));
-                    p.fence();
                     match self.unstitch(conn, p, &model, id, &mut enrichers, now)? {
                         Ok(result) => p.unstitched.push((done, result)),
                         Err(refusal) => {
@@ -1673,12 +1640,8 @@ impl Worker {
             }
             None if p.drafts.is_empty() || self.shared.following => Vec::new(),
             None => {
-                let payloads: Vec<Vec<u8>> = p
-                    .drafts
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (job, _, draft))| encode(batch, *job, draft, now, self.version, !p.fenced.contains(&i)))
-                    .collect();
+                let payloads: Vec<Vec<u8>> =
+                    p.drafts.iter().map(|(job, _, draft)| encode(batch, *job, draft, now, self.version)).collect();
                 let records: Vec<(Partition, &[u8])> =
                     p.drafts.iter().zip(&payloads).map(|((_, vp, _), bytes)| (*vp, bytes.as_slice())).collect();
                 if inflight.load(Ordering::SeqCst) == u64::MAX {
@@ -1731,7 +1694,6 @@ impl Worker {
             p.positions.insert(partition, position);
         }
         p.drafts.clear();
-        p.fenced.clear();
         p.events += reports.iter().map(|r| r.accepted).sum::<usize>();
         if p.since.is_none() && (!p.effects.writes.is_empty() || !p.touched.is_empty() || !p.positions.is_empty()) {
             p.since = Some(std::time::Instant::now());
@@ -1982,7 +1944,6 @@ impl Worker {
                 self.cache.identities.insert(visitor.to_string(), pid);
             }
             None => {
-                p.fence();
                 p.links.insert(visitor.to_string(), profile.to_string());
                 p.effects.writes.push(Write::Link {
                     visitor: visitor.to_string(),
@@ -2088,7 +2049,6 @@ impl Worker {
                 }
                 continue;
             }
-            p.fence();
             let owner = self.owner_of(conn, p, &id)?;
             if owner.as_deref() == Some(pid) {
                 self.cache.identities.insert(id, pid.to_string());
@@ -2489,7 +2449,7 @@ enum BatchError {
 }
 
 /// A draft started by `batch[job]` as the log record it becomes.
-fn encode(batch: &[IngestJob], job: usize, draft: &Draft, now_ms: i64, config: i64, free: bool) -> Vec<u8> {
+fn encode(batch: &[IngestJob], job: usize, draft: &Draft, now_ms: i64, config: i64) -> Vec<u8> {
     let event = |(job, i): &(usize, usize)| match &batch[*job].work {
         Work::Events(events) => &events[*i],
         _ => unreachable!("an events draft names events"),
@@ -2504,7 +2464,7 @@ fn encode(batch: &[IngestJob], job: usize, draft: &Draft, now_ms: i64, config: i
         }
         _ => unreachable!("a draft is of its job's kind"),
     };
-    serde_json::to_vec(&Stamped { logged, config, free }).expect("log records serialize")
+    serde_json::to_vec(&Stamped { logged, config }).expect("log records serialize")
 }
 
 /// Granularity of the retention index on profiles: a profile's entry moves at most once per
@@ -2966,10 +2926,6 @@ mod tests {
         for entry in &entries[3..] {
             assert_eq!(events_of(entry), vec![1, 2, 3, 4], "the batch's events of the partition, in order");
         }
-        // The first batch linked new ids, which other workers may read; the later ones touched
-        // only profiles of their own worker.
-        let free: Vec<bool> = entries.iter().map(|e| is_free(&e.payload)).collect();
-        assert_eq!(free, [false, false, false, true, true, true]);
 
         let copy = Running::start(2, log.clone(), true);
         copy.ingest.apply_records(&entries).await.unwrap();

@@ -96,6 +96,10 @@ struct ReplayOf {
     partition: Partition,
     position: Position,
     now_ms: i64,
+    /// Events the record's worker handed to this one (the directory named one of its
+    /// profiles): applied as part of the record, without a record of their own. Appended
+    /// anew, they would take a position past the records still to apply.
+    handed: bool,
 }
 
 /// What a partition worker is asked to do.
@@ -581,7 +585,7 @@ impl Ingest {
             }
             let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
             jobs[worker] = Some(work);
-            let replay = ReplayOf { partition: entry.partition, position: entry.position, now_ms };
+            let replay = ReplayOf { partition: entry.partition, position: entry.position, now_ms, handed: false };
             queued.push(self.dispatch_replay(jobs, false, Some(replay))?);
         }
         for applied in queued {
@@ -834,6 +838,7 @@ pub fn start(
             index,
             partitions: n,
             peers: peers.clone(),
+            replaying: None,
             directory: directory.clone(),
             writer: writer.clone(),
             cache: Cache::default(),
@@ -875,6 +880,8 @@ struct Worker {
     index: usize,
     partitions: usize,
     peers: Vec<mpsc::WeakUnboundedSender<IngestJob>>,
+    /// The record the batch under way applies again, if it does.
+    replaying: Option<ReplayOf>,
     directory: Directory,
     /// The connection every worker commits through.
     writer: Arc<Mutex<rusqlite::Connection>>,
@@ -1076,7 +1083,9 @@ impl Worker {
                 Some(r) => (r.now_ms, Some((r.partition, r.position))),
                 None => ((self.shared.clock)(), None),
             };
+            self.replaying = batch[0].replay;
             self.process(&mut conn, batch, now, replayed);
+            self.replaying = None;
             self.prune();
         }
         // Everything applied is in SQLite before the worker stops (the log has it anyway).
@@ -1138,7 +1147,9 @@ impl Worker {
             }
             // A record this copy applied already (a read that visited it twice, or a batch
             // failed and applied again from the log) is not applied twice.
-            None if replayed.is_some_and(|(partition, position)| position <= self.applied_through(partition)) => {
+            None if !self.replaying.is_some_and(|r| r.handed)
+                && replayed.is_some_and(|(partition, position)| position <= self.applied_through(partition)) =>
+            {
                 tracing::debug!(partition = self.index, position = replayed.map(|r| r.1), "record applied already");
                 Ok((vec![IngestReport::default(); batch.len()], batch.iter().map(|_| Vec::new()).collect()))
             }
@@ -1353,7 +1364,7 @@ impl Worker {
                 }
             };
             let (reply, _) = oneshot::channel();
-            let replay = ReplayOf { partition: entry.partition, position: entry.position, now_ms };
+            let replay = ReplayOf { partition: entry.partition, position: entry.position, now_ms, handed: false };
             let job = IngestJob { work, reply, _room: None, replay: Some(replay) };
             self.process(conn, vec![job], now_ms, Some((entry.partition, entry.position)));
         }
@@ -1381,10 +1392,13 @@ impl Worker {
         let merges =
             merges.into_iter().map(|(job, _, m)| (job, worker_of(&m.survivor, self.partitions), Work::Merge(m)));
         let forwards = pending.forwards.drain(..).map(|(job, to, events)| (Some(job), to, Work::Events(events)));
+        // Events a replayed record forwards are applied as part of it, at its time.
+        let replay = self.replaying.map(|r| ReplayOf { handed: true, ..r });
         for (job, to, work) in merges.collect::<Vec<_>>().into_iter().chain(forwards) {
             let (reply, answer) = oneshot::channel();
+            let replay = replay.filter(|_| matches!(work, Work::Events(_)));
             match self.peers[to].upgrade() {
-                Some(peer) if peer.send(IngestJob { work, reply, _room: None, replay: None }).is_ok() => {
+                Some(peer) if peer.send(IngestJob { work, reply, _room: None, replay }).is_ok() => {
                     if let Some(waiting) = job.and_then(|j| handed_on.get_mut(j)) {
                         waiting.push(answer);
                     }
@@ -1631,12 +1645,18 @@ impl Worker {
 
         // The log keeps everything from the first record whose state is not in SQLite.
         let inflight = &self.materialized.inflight[self.index];
+        let handed = self.replaying.is_some_and(|r| r.handed);
         let positions: Vec<Position> = match replayed {
             Some((_, position)) => {
                 if inflight.load(Ordering::SeqCst) == u64::MAX {
                     inflight.store(position, Ordering::SeqCst);
                 }
-                vec![position; p.drafts.len()]
+                // Handed on by the record's worker, which holds the record's position and
+                // names its actions.
+                match handed {
+                    true => Vec::new(),
+                    false => vec![position; p.drafts.len()],
+                }
             }
             None if p.drafts.is_empty() || self.shared.following => Vec::new(),
             None => {
@@ -1690,7 +1710,7 @@ impl Worker {
         for ((_, partition, _), position) in p.drafts.iter().zip(&positions) {
             p.positions.insert(*partition, *position);
         }
-        if let Some((partition, position)) = replayed {
+        if let Some((partition, position)) = replayed.filter(|_| !handed) {
             p.positions.insert(partition, position);
         }
         p.drafts.clear();
@@ -2722,6 +2742,27 @@ mod tests {
         }
     }
 
+    /// Profiles stitched by an email hash their logins carry.
+    const STITCHING: &str = r#"
+        [server]
+        partitions = 2
+        [[attribute]]
+        name = "email_hash"
+        scope = "visitor"
+        type = "visitor_id"
+        [[enrichment]]
+        attribute = "email_hash"
+        op = "set"
+        event = "email_hash"
+        when = "event:login"
+    "#;
+
+    fn login(visitor: &str, n: i64) -> Event {
+        let mut login = Event { name: "login".into(), ..event(visitor, n) };
+        login.data.insert("email_hash".into(), "b58996c504c5638798eb6b511e6f49af".into());
+        login
+    }
+
     fn event(visitor: &str, n: i64) -> Event {
         Event {
             id: None,
@@ -2796,28 +2837,11 @@ mod tests {
     /// survivor's later records after it: the profile comes out as it was.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_merge_handed_to_another_worker_applies_again_in_its_place() {
-        let config = r#"
-            [server]
-            partitions = 2
-            [[attribute]]
-            name = "email_hash"
-            scope = "visitor"
-            type = "visitor_id"
-            [[enrichment]]
-            attribute = "email_hash"
-            op = "set"
-            event = "email_hash"
-            when = "event:login"
-        "#;
+        let config = STITCHING;
         let log = Arc::new(starling_log::MemoryLog::new());
         let live = Running::with_config(config, 2, log.clone(), false);
         let absorbed = (0..).map(|i| format!("visitor-{i}")).find(|id| worker_of(id, 2) == 1).unwrap();
         let survivor = (0..).map(|i| format!("visitor-{i}")).find(|id| worker_of(id, 2) == 0).unwrap();
-        let login = |visitor: &str, n: i64| {
-            let mut login = Event { name: "login".into(), ..event(visitor, n) };
-            login.data.insert("email_hash".into(), "b58996c504c5638798eb6b511e6f49af".into());
-            login
-        };
         live.ingest.submit(vec![event(&survivor, 0), login(&survivor, 1)]).await.unwrap();
         live.ingest.materialize().await.unwrap();
         live.ingest.submit(vec![event(&absorbed, 2), login(&absorbed, 3)]).await.unwrap();
@@ -2835,6 +2859,34 @@ mod tests {
         let applied = restarted.profile(&survivor).unwrap();
         assert_eq!(applied.to_json(), merged.to_json());
         assert!(restarted.profile(&absorbed).is_none());
+        restarted.stop();
+    }
+
+    /// A record applied again after the directory changed (a merge its own worker decided
+    /// earlier in the replay) forwards its events to the survivor's worker, which applies them
+    /// as part of that record: that worker's later records are applied too. (Logged anew, the
+    /// forwarded events took a position past them, and they were skipped as applied.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_a_replayed_record_forwards_are_applied_as_part_of_it() {
+        let survivor = (0..).map(|i| format!("visitor-{i}")).find(|id| worker_of(id, 2) == 0).unwrap();
+        let visitor = (0..).map(|i| format!("visitor-{i}")).find(|id| worker_of(id, 2) == 1).unwrap();
+        let log = Arc::new(starling_log::MemoryLog::new());
+        let records = [
+            (&survivor, vec![event(&survivor, 0), login(&survivor, 1)]),
+            (&visitor, vec![login(&visitor, 2)]),
+            (&visitor, vec![event(&visitor, 3), event(&visitor, 4)]),
+            (&survivor, vec![event(&survivor, 5), event(&survivor, 6)]),
+        ];
+        for (profile, events) in &records {
+            let payload =
+                serde_json::to_vec(&LoggedRef::Events { now_ms: CLOCK_MS, events: events.iter().collect() }).unwrap();
+            log.append(&[(starling_log::partition_of(profile), &payload)]).unwrap();
+        }
+        let restarted = Running::with_config(STITCHING, 2, log.clone(), false);
+        restarted.ingest.replay().await.unwrap();
+        let merged = restarted.profile(&survivor).unwrap();
+        assert_eq!(merged.event_count, 7, "its own four, the two forwarded, and the visitor's login");
+        assert!(restarted.profile(&visitor).is_none());
         restarted.stop();
     }
 

@@ -505,18 +505,41 @@ impl Ingest {
         self.apply_records(&entries).await?;
         let n = self.partitions.len();
         self.queue((0..n).map(|_| Some(Work::Materialize)).collect(), false).await?;
-        // Merges whose partition had not logged them when the last run stopped.
+        // Merges whose partition had not logged them when the last run stopped. A worker's are
+        // queued at once, so that it applies them in batches; the workers take turns, so that
+        // two merges of one pair of profiles in opposite directions are never applied side by
+        // side (each would absorb the other).
         let handed_over = self.handed_over()?;
-        for merge in &handed_over {
-            let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
-            jobs[worker_of(&merge.survivor, n)] = Some(Work::Merge(merge.clone()));
-            self.dispatch(jobs, false)?.durable().await?;
+        let resent = handed_over.len();
+        let mut by_worker: Vec<Vec<MergeRequest>> = (0..n).map(|_| Vec::new()).collect();
+        for merge in handed_over {
+            by_worker[worker_of(&merge.survivor, n)].push(merge);
         }
-        if !handed_over.is_empty() {
-            tracing::info!(merges = handed_over.len(), "merges handed over before the restart sent again");
+        for (worker, merges) in by_worker.into_iter().enumerate() {
+            let mut sent = Vec::with_capacity(merges.len());
+            for merge in merges {
+                let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
+                jobs[worker] = Some(Work::Merge(merge));
+                sent.push(self.dispatch(jobs, false)?);
+            }
+            for merge in sent {
+                merge.durable().await?;
+            }
+        }
+        if resent > 0 {
+            tracing::info!(merges = resent, "merges handed over before the restart sent again");
         }
         // What the replay applied is written before the log may forget anything.
         self.queue((0..n).map(|_| Some(Work::Materialize)).collect(), false).await?;
+        // A merge sent again that found nothing to merge (its absorbed profile is not here)
+        // never will: it is forgotten, not sent again at every start.
+        let found_nothing: Vec<String> = self.handed_over()?.into_iter().filter_map(|m| m.origin).collect();
+        if !found_nothing.is_empty() {
+            let writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            starling_store::forget_handed_over(&writer, &found_nothing)
+                .map_err(|e| IngestError::Failed(e.to_string()))?;
+            tracing::warn!(merges = found_nothing.len(), "merges handed over found nothing to merge and are forgotten");
+        }
         for inflight in &self.materialized.inflight {
             inflight.store(u64::MAX, Ordering::SeqCst);
         }
@@ -2888,6 +2911,28 @@ mod tests {
         assert_eq!(merged.event_count, 7, "its own four, the two forwarded, and the visitor's login");
         assert!(restarted.profile(&visitor).is_none());
         restarted.stop();
+    }
+
+    /// A merge handed over whose absorbed profile is not here finds nothing when it is sent
+    /// again at start, and is forgotten rather than sent again at every start.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_merge_handed_over_that_finds_nothing_is_forgotten_at_start() {
+        let running = Running::start(2, Arc::new(starling_log::MemoryLog::new()), false);
+        let merge = MergeRequest {
+            survivor: "visitor-0".into(),
+            absorbed: "nobody".into(),
+            via: "h".into(),
+            attribute: "email_hash".into(),
+            event_id: None,
+            origin: Some("3.0".into()),
+        };
+        let mut conn = starling_store::open(&running.database).unwrap();
+        let tx = Batch::begin(&mut conn).unwrap();
+        tx.hand_over("3.0", &serde_json::to_string(&merge).unwrap()).unwrap();
+        tx.commit().unwrap();
+        running.ingest.replay().await.unwrap();
+        assert!(starling_store::handed_over(&conn).unwrap().is_empty());
+        running.stop();
     }
 
     /// A log whose appends wait until the test opens it.

@@ -326,6 +326,21 @@ pub fn handed_over(conn: &Connection) -> Result<Vec<(String, String)>> {
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
+/// Forgets merges handed over that will never be applied (their absorbed profile is gone).
+pub fn forget_handed_over(conn: &Connection, origins: &[String]) -> Result<usize> {
+    let _gate = write_gate();
+    let tx = conn.unchecked_transaction()?;
+    let mut forgotten = 0;
+    {
+        let mut delete = tx.prepare_cached("DELETE FROM handed_over WHERE origin = ?1")?;
+        for origin in origins {
+            forgotten += delete.execute([origin])?;
+        }
+    }
+    tx.commit()?;
+    Ok(forgotten)
+}
+
 /// Forgets merges handed over that were applied, then applied handoffs from records before
 /// `position`, which the log no longer holds.
 pub fn prune_handoffs(conn: &Connection, position: u64) -> Result<usize> {

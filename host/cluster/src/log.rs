@@ -76,9 +76,10 @@ impl JetStreamLog {
         }
     }
 
-    /// The position of the stream's last record, in any partition, as the servers say now.
+    /// The position of the stream's last record, in any partition, as the servers say now (one
+    /// try: it reports progress, and must not hold a follower's round through an election).
     pub async fn last(&self) -> Result<Position, LogError> {
-        retried(|| self.stream.last()).await.map_err(remote)
+        self.stream.last().await.map_err(remote)
     }
 
     /// Whether another node wrote to a partition this node was writing.

@@ -26,7 +26,7 @@ use starling_core::{
 };
 use starling_log::{Entry, EventLog, Partition, Position};
 use starling_runtime::{PluginHost, WasmEnrichers};
-use starling_store::{Batch, IdentityLink, StoreError};
+use starling_store::{Batch, Claimed, IdentityLink, StoreError};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -109,6 +109,8 @@ pub enum Work {
     Wakeups(Vec<String>),
     /// Stitch one profile into another this partition owns.
     Merge(MergeRequest),
+    /// A claim of one of this partition's profiles was overtaken by one earlier in the log.
+    Overtaken(Overtaken),
     /// Split a wrongly stitched id back out of its profile.
     Unstitch {
         id: String,
@@ -929,13 +931,13 @@ struct Worker {
 
 /// A write decided while applying events, performed at commit.
 enum Write {
-    /// `claim`: a known id this profile claims (with the job and the log record of the claim,
-    /// the job meaning something only while its batch is being applied). Two
-    /// partitions may claim one id at once; the one whose commit comes second merges instead.
+    /// `claim`: an id this profile's event named, not linked to any profile yet. Two
+    /// partitions may claim one id at once: the claim earlier in the log wins, whichever is
+    /// written first, as when the log is applied again; the other's profile merges into it.
     Link {
         visitor: String,
         profile: String,
-        claim: Option<(usize, Cause, IdentityLink)>,
+        claim: Option<Claim>,
     },
     /// An event for the profile's history, applied at `now_ms`.
     Event {
@@ -981,6 +983,44 @@ enum Write {
         detail: serde_json::Value,
         now_ms: i64,
     },
+}
+
+/// A claim overtaken by one earlier in the log, written after it (see [`Write::Link`]): the
+/// overtaken claim's profile merges into the winner's, as it does when the log is applied
+/// again and the claims are written in log order. Not logged: applied again, the two claims'
+/// records make it again.
+#[derive(Debug, Clone)]
+pub struct Overtaken {
+    /// The overtaken claim, as it was recorded.
+    claim: IdentityLink,
+    /// The profile that holds the id now.
+    winner: String,
+    /// The overtaken claim's log record and rank among that record's claims.
+    position: Position,
+    rank: usize,
+}
+
+/// A claim on an id (see [`Write::Link`]).
+struct Claim {
+    /// The job of the batch that made it, meaning something only while that batch is applied.
+    job: usize,
+    /// The log record that made it, and its rank among that record's claims (set with the
+    /// record's position).
+    cause: Cause,
+    rank: usize,
+    link: IdentityLink,
+}
+
+impl Claim {
+    fn at(&self) -> Option<(Position, usize)> {
+        self.cause.position().map(|position| (position, self.rank))
+    }
+}
+
+/// The name of the merge a claim that lost makes: the claim's record and rank, so that the
+/// merge is named alike however the claim learnt it lost (at its write, or overtaken later).
+fn lost_claim_origin(position: Position, rank: usize) -> String {
+    format!("{position}.claim{rank}")
 }
 
 /// The log record that decided a write: a draft of the batch being applied, then, once the
@@ -1047,6 +1087,9 @@ struct Pending {
     merges: Vec<(Option<usize>, Cause, MergeRequest)>,
     /// Events for profiles other partitions own, per job and partition.
     forwards: Vec<(usize, usize, Vec<Event>)>,
+    /// Claims of other partitions' profiles that claims of this partition overtook, sent
+    /// after they are written.
+    overtaken: Vec<Overtaken>,
     /// Profiles whose merge into another partition's profile is sent after commit.
     leaving: HashSet<String>,
     /// Unstitch results, sent after commit.
@@ -1415,9 +1458,13 @@ impl Worker {
         let merges =
             merges.into_iter().map(|(job, _, m)| (job, worker_of(&m.survivor, self.partitions), Work::Merge(m)));
         let forwards = pending.forwards.drain(..).map(|(job, to, events)| (Some(job), to, Work::Events(events)));
+        let overtaken = pending
+            .overtaken
+            .drain(..)
+            .map(|o| (None, worker_of(&o.claim.profile_id, self.partitions), Work::Overtaken(o)));
         // Events a replayed record forwards are applied as part of it, at its time.
         let replay = self.replaying.map(|r| ReplayOf { handed: true, ..r });
-        for (job, to, work) in merges.collect::<Vec<_>>().into_iter().chain(forwards) {
+        for (job, to, work) in merges.collect::<Vec<_>>().into_iter().chain(forwards).chain(overtaken) {
             let (reply, answer) = oneshot::channel();
             let replay = replay.filter(|_| matches!(work, Work::Events(_)));
             match self.peers[to].upgrade() {
@@ -1584,6 +1631,13 @@ impl Worker {
                         }
                     }
                 }
+                Work::Overtaken(overtaken) => {
+                    let Overtaken { claim, winner, position, rank } = overtaken.clone();
+                    let merge = self.lost_claim_merge(&claim, &winner, Some((position, rank)));
+                    p.merges.push((None, Cause::Record(Some(position)), merge));
+                    self.lost_claim(conn, p, claim, winner)?;
+                    p.urgent = true;
+                }
                 Work::Delete { ids, reason, inactive_before, done } => {
                     let (placeholder, _) = oneshot::channel();
                     let done = std::mem::replace(done, placeholder);
@@ -1708,6 +1762,7 @@ impl Worker {
                 *cause = Cause::Record(positions.get(i).copied());
             }
         };
+        let mut claims_per_position: HashMap<Position, usize> = HashMap::new();
         for write in &mut p.effects.writes[p.batch_start..] {
             match write {
                 Write::Event { event, .. } => {
@@ -1716,7 +1771,14 @@ impl Worker {
                     }
                 }
                 Write::Enqueue { cause, .. } => resolve(cause),
-                Write::Link { claim: Some((_, cause, _)), .. } => resolve(cause),
+                Write::Link { claim: Some(claim), .. } => {
+                    resolve(&mut claim.cause);
+                    if let Some(position) = claim.cause.position() {
+                        let n = claims_per_position.entry(position).or_default();
+                        claim.rank = *n;
+                        *n += 1;
+                    }
+                }
                 _ => {}
             }
         }
@@ -1756,39 +1818,31 @@ impl Worker {
         let mut writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let tx = Batch::begin(&mut writer)?;
         let mut actions_per_position = HashMap::new();
-        let mut claims_per_position: HashMap<Option<Position>, usize> = HashMap::new();
         let mut deleted = false;
         let mut lost_claims = Vec::new();
         let mut handed_over = Vec::new();
+        let mut overtook = Vec::new();
         for (index, write) in p.effects.writes.iter().enumerate() {
             match write {
-                Write::Link { visitor, profile, claim } => {
-                    let linked = tx.link_identity(visitor, profile)?;
-                    match claim {
-                        Some((_, _, record)) if linked => tx.record_identity(record)?,
-                        Some((job, cause, record)) => {
-                            let owner = starling_store::resolve_identity(tx.connection(), visitor)?;
-                            if let Some(owner) = owner.filter(|o| o != profile) {
-                                // Merged into the owner's profile, as if the link had been seen
-                                // before the claim; named apart from the merges its record
-                                // decided while being applied.
-                                let position = cause.position();
-                                let n = claims_per_position.entry(position).or_default();
-                                *n += 1;
-                                let merge = MergeRequest {
-                                    survivor: self.directory.profile_of(&owner),
-                                    absorbed: record.profile_id.clone(),
-                                    via: record.visitor_id.clone(),
-                                    attribute: record.attribute.clone().unwrap_or_default(),
-                                    event_id: record.event_id.clone(),
-                                    origin: position.map(|position| format!("{position}.claim{}", *n - 1)),
-                                };
-                                let job = (index >= p.batch_start).then_some(*job);
-                                handed_over.push((job, *cause, merge));
-                                lost_claims.push((record.clone(), owner));
-                            }
+                Write::Link { visitor, profile, claim: None } => {
+                    tx.link_identity(visitor, profile)?;
+                }
+                Write::Link { visitor, profile, claim: Some(claim) } => {
+                    match tx.claim_identity(visitor, profile, claim.at())? {
+                        Claimed::Linked => tx.record_identity(&claim.link)?,
+                        Claimed::Held => {}
+                        Claimed::Lost { owner } => {
+                            // Merged into the owner's profile, as if the link had been seen
+                            // before the claim.
+                            let merge = self.lost_claim_merge(&claim.link, &owner, claim.at());
+                            let job = (index >= p.batch_start).then_some(claim.job);
+                            handed_over.push((job, claim.cause, merge));
+                            lost_claims.push((claim.link.clone(), owner));
                         }
-                        None => {}
+                        Claimed::Overtook { overtaken, position, rank } => {
+                            tx.record_identity(&claim.link)?;
+                            overtook.push(Overtaken { claim: overtaken, winner: profile.clone(), position, rank });
+                        }
                     }
                 }
                 Write::Event { event: HistoryEvent::Taken(event), profile, now_ms } => {
@@ -1850,6 +1904,7 @@ impl Worker {
         }
         tx.commit()?;
         p.merges.extend(handed_over);
+        p.overtaken.extend(overtook);
         for (id, due) in rescheduled {
             if let Some((profile, _)) = p.touched.get_mut(&id) {
                 profile.scheduled_wakeup_ms = due;
@@ -1878,7 +1933,11 @@ impl Worker {
             write_early_in(&mut writer, early.iter().map(|i| &writes[*i]))
         };
         let done = match written {
-            Ok(done) => done,
+            Ok(Some(overtook)) => {
+                self.pending.overtaken.extend(overtook);
+                true
+            }
+            Ok(None) => false,
             Err(e) => {
                 tracing::warn!(partition = self.index, "actions and claims not written at once: {e}");
                 false
@@ -1931,6 +1990,18 @@ impl Worker {
         }
         p.gone.clear();
         p.moved.clear();
+    }
+
+    /// The merge of the profile whose claim (made at `at`) lost into the `owner` of the id.
+    fn lost_claim_merge(&self, claim: &IdentityLink, owner: &str, at: Option<(Position, usize)>) -> MergeRequest {
+        MergeRequest {
+            survivor: self.directory.profile_of(owner),
+            absorbed: claim.profile_id.clone(),
+            via: claim.visitor_id.clone(),
+            attribute: claim.attribute.clone().unwrap_or_default(),
+            event_id: claim.event_id.clone(),
+            origin: at.map(|(position, rank)| lost_claim_origin(position, rank)),
+        }
     }
 
     /// Another partition linked the id this batch's profile claimed, first: the profile is
@@ -2132,7 +2203,9 @@ impl Worker {
                 None => {
                     p.links.insert(id.clone(), pid.to_string());
                     let claim = match record("link", None, None) {
-                        Write::Identity(link) => Some((job, Cause::Draft(p.effects.record_index), link)),
+                        Write::Identity(link) => {
+                            Some(Claim { job, cause: Cause::Draft(p.effects.record_index), rank: 0, link })
+                        }
                         _ => unreachable!("record makes identity writes"),
                     };
                     p.effects.writes.push(Write::Link { visitor: id.clone(), profile: pid.to_string(), claim });
@@ -2444,30 +2517,36 @@ fn written_early(write: &Write) -> bool {
     matches!(write, Write::Enqueue { condition: None, .. } | Write::Link { .. })
 }
 
-/// Writes actions and ids linked in one transaction; `false` (and nothing written) when an id
-/// claimed is linked to another profile already.
+/// Writes actions and ids linked in one transaction; returns the claims of other profiles
+/// overtaken, or none (and nothing written) when an id claimed was linked to another profile
+/// first.
 fn write_early_in<'w>(
     writer: &mut rusqlite::Connection,
     writes: impl Iterator<Item = &'w Write>,
-) -> Result<bool, StoreError> {
+) -> Result<Option<Vec<Overtaken>>, StoreError> {
     let tx = Batch::begin(writer)?;
+    let mut overtook = Vec::new();
     let mut per_position = HashMap::new();
     for write in writes {
         match write {
-            Write::Link { visitor, profile, claim } => {
-                let linked = tx.link_identity(visitor, profile)?;
-                match claim {
-                    Some((_, _, record)) if linked => tx.record_identity(record)?,
-                    Some(_) => return Ok(false),
-                    None => {}
-                }
+            Write::Link { visitor, profile, claim: None } => {
+                tx.link_identity(visitor, profile)?;
             }
+            Write::Link { visitor, profile, claim: Some(claim) } => match tx.claim_identity(visitor, profile, claim.at())? {
+                Claimed::Linked => tx.record_identity(&claim.link)?,
+                Claimed::Held => {}
+                Claimed::Lost { .. } => return Ok(None),
+                Claimed::Overtook { overtaken, position, rank } => {
+                    tx.record_identity(&claim.link)?;
+                    overtook.push(Overtaken { claim: overtaken, winner: profile.clone(), position, rank });
+                }
+            },
             Write::Enqueue { .. } => enqueue(&tx, write, &mut per_position)?,
             _ => unreachable!("only actions and claims are written early"),
         }
     }
     tx.commit()?;
-    Ok(true)
+    Ok(Some(overtook))
 }
 
 /// Queues an event for the partition that owns its profile.
@@ -2935,10 +3014,12 @@ mod tests {
         running.stop();
     }
 
-    /// A log whose appends wait until the test opens it.
+    /// A log whose appends wait until the test opens it; with `held_in_log`, only appends to
+    /// that partition wait, once they are in the log (their positions taken).
     #[derive(Default)]
     struct GatedLog {
         log: starling_log::MemoryLog,
+        held_in_log: Option<Partition>,
         open: Mutex<bool>,
         opened: std::sync::Condvar,
         appends: AtomicU64,
@@ -2954,9 +3035,22 @@ mod tests {
     impl EventLog for GatedLog {
         fn append(&self, records: &[(Partition, &[u8])]) -> starling_log::Result<Vec<Position>> {
             self.appends.fetch_add(1, Ordering::SeqCst);
-            let open = self.open.lock().unwrap();
-            drop(self.opened.wait_while(open, |open| !*open).unwrap());
-            self.log.append(records)
+            let wait = || {
+                let open = self.open.lock().unwrap();
+                drop(self.opened.wait_while(open, |open| !*open).unwrap());
+            };
+            match self.held_in_log {
+                None => {
+                    wait();
+                    self.log.append(records)
+                }
+                Some(held) if records.iter().any(|(partition, _)| *partition == held) => {
+                    let appended = self.log.append(records);
+                    wait();
+                    appended
+                }
+                Some(_) => self.log.append(records),
+            }
         }
         fn sync(&self, position: Position) -> starling_log::Result<()> {
             self.log.sync(position)
@@ -2979,6 +3073,60 @@ mod tests {
         fn size_bytes(&self) -> u64 {
             self.log.size_bytes()
         }
+    }
+
+    /// Two workers claim one id at once, and the claim later in the log is written first: the
+    /// claim earlier in the log wins all the same, so that the log applied again (a standby, a
+    /// restart), where the claims are written in log order, stitches the two alike and decides
+    /// no merge the live run did not. (Before, the claim written first won: live, the first
+    /// visitor merged into the second; applied again, the second into the first, and that
+    /// merge was left to be sent again at a takeover.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_earlier_in_the_log_wins_though_written_second() {
+        let first = (0..).map(|i| format!("visitor-{i}")).find(|id| worker_of(id, 2) == 0).unwrap();
+        let second = (0..).map(|i| format!("visitor-{i}")).find(|id| worker_of(id, 2) == 1).unwrap();
+        let log = Arc::new(GatedLog { held_in_log: Some(starling_log::partition_of(&first)), ..Default::default() });
+        let live = Running::with_config(STITCHING, 2, log.clone(), false);
+        // The first login is appended and held before it is written; the second is appended
+        // after it and written first.
+        let held = live.ingest.send(vec![login(&first, 0)]).unwrap();
+        while log.appends.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        live.ingest.submit(vec![login(&second, 1)]).await.unwrap();
+        log.open();
+        held.durable().await.unwrap();
+        // The second visitor's worker learns its claim was overtaken and merges into the first.
+        for _ in 0..500 {
+            live.ingest.materialize().await.unwrap();
+            if live.profile(&second).is_none() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let email = "b58996c504c5638798eb6b511e6f49af";
+        let conn = starling_store::open(&live.database).unwrap();
+        assert_eq!(starling_store::resolve_identity(&conn, email).unwrap(), Some(first.clone()));
+        assert_eq!(starling_store::resolve_identity(&conn, &second).unwrap(), Some(first.clone()));
+        assert!(live.profile(&second).is_none(), "merged into the first");
+        let merged = live.profile(&first).unwrap();
+        assert_eq!(merged.event_count, 2);
+        assert!(starling_store::handed_over(&conn).unwrap().is_empty());
+        live.stop();
+
+        let mut entries = Vec::new();
+        let everything: Vec<(Partition, Position)> = (0..starling_log::PARTITIONS).map(|p| (p, 0)).collect();
+        log.read(&everything, &mut |entry| entries.push(entry)).unwrap();
+        let copy = Running::with_config(STITCHING, 2, log.clone(), true);
+        copy.ingest.apply_records(&entries).await.unwrap();
+        copy.ingest.materialize().await.unwrap();
+        assert_eq!(copy.profile(&first).unwrap().to_json(), merged.to_json());
+        assert!(copy.profile(&second).is_none());
+        let conn = starling_store::open(&copy.database).unwrap();
+        assert_eq!(starling_store::resolve_identity(&conn, email).unwrap(), Some(first.clone()));
+        let decided_apart = starling_store::handed_over(&conn).unwrap();
+        assert!(decided_apart.is_empty(), "merges the live run did not make: {decided_apart:?}");
+        copy.stop();
     }
 
     /// The requests a worker applies as one batch make one record per partition they touch,

@@ -70,7 +70,7 @@ pub fn check_integrity(path: &Path, level: Integrity, max_problems: usize) -> Re
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-const SCHEMA_VERSION: i64 = 7;
+const SCHEMA_VERSION: i64 = 8;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS profiles (
@@ -84,7 +84,13 @@ CREATE TABLE IF NOT EXISTS profiles (
 CREATE INDEX IF NOT EXISTS profiles_by_last_seen ON profiles(last_seen_ms);
 CREATE TABLE IF NOT EXISTS identities (
     visitor_id  TEXT PRIMARY KEY,
-    profile_id  TEXT NOT NULL
+    profile_id  TEXT NOT NULL,
+    -- A link made by a claim (an id a profile's event named first): the claim's log record and
+    -- its rank among that record's claims. Two partitions can claim one id at once; the claim
+    -- earlier in the log wins, as it does when the log is applied again. Cleared when the id
+    -- moves (merge, unstitch): only a claim still as made can be overtaken.
+    claimed_at  INTEGER,
+    claim_rank  INTEGER
 );
 CREATE INDEX IF NOT EXISTS identities_by_profile ON identities(profile_id);
 CREATE TABLE IF NOT EXISTS memberships (
@@ -451,6 +457,10 @@ pub fn open(path: &Path) -> Result<Connection> {
             add_column_if_missing(&conn, "outbox", "origin", "TEXT")?;
             add_column_if_missing(&conn, "dead_letters", "origin", "TEXT")?;
         }
+        if (1..8).contains(&version) {
+            add_column_if_missing(&conn, "identities", "claimed_at", "INTEGER")?;
+            add_column_if_missing(&conn, "identities", "claim_rank", "INTEGER")?;
+        }
         if (1..5).contains(&version) {
             conn.execute_batch(
                 "BEGIN;
@@ -716,6 +726,59 @@ impl<'c> Batch<'c> {
         Ok(inserted == 1)
     }
 
+    /// Links `visitor_id` to `profile_id` for a claim made by log record `at` (position, rank
+    /// among the record's claims; none for work not logged). An id linked already stays
+    /// linked, unless by a claim later in the log, which this one overtakes.
+    pub fn claim_identity(&self, visitor_id: &str, profile_id: &str, at: Option<(u64, usize)>) -> Result<Claimed> {
+        let existing: Option<(String, Option<i64>, Option<i64>)> = self
+            .tx
+            .prepare_cached("SELECT profile_id, claimed_at, claim_rank FROM identities WHERE visitor_id = ?1")?
+            .query_row([visitor_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        let (position, rank) = (at.map(|(p, _)| p as i64), at.map(|(_, r)| r as i64));
+        let overtaken = match existing {
+            None => {
+                self.tx
+                    .prepare_cached(
+                        "INSERT INTO identities (visitor_id, profile_id, claimed_at, claim_rank) VALUES (?1, ?2, ?3, ?4)",
+                    )?
+                    .execute(params![visitor_id, profile_id, position, rank])?;
+                return Ok(Claimed::Linked);
+            }
+            Some((owner, _, _)) if owner == profile_id => return Ok(Claimed::Held),
+            Some((owner, Some(claimed_at), Some(claim_rank)))
+                if position.is_some_and(|p| (p, rank.unwrap_or_default()) < (claimed_at, claim_rank)) =>
+            {
+                // The overtaken claim as it was recorded, for the merge its profile now makes.
+                let recorded: Option<(Option<String>, Option<String>, i64)> = self
+                    .tx
+                    .prepare_cached(
+                        "SELECT attribute, event_id, at_ms FROM identity_links
+                         WHERE visitor_id = ?1 AND profile_id = ?2 AND kind = 'link' ORDER BY seq DESC LIMIT 1",
+                    )?
+                    .query_row([visitor_id, &owner], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .optional()?;
+                let (attribute, event_id, at_ms) = recorded.unwrap_or((None, None, 0));
+                let overtaken = IdentityLink {
+                    profile_id: owner,
+                    visitor_id: visitor_id.to_string(),
+                    kind: "link",
+                    other_id: None,
+                    attribute,
+                    event_id,
+                    at_ms,
+                    detail: None,
+                };
+                Claimed::Overtook { overtaken, position: claimed_at as u64, rank: claim_rank as usize }
+            }
+            Some((owner, _, _)) => return Ok(Claimed::Lost { owner }),
+        };
+        self.tx
+            .prepare_cached("UPDATE identities SET profile_id = ?2, claimed_at = ?3, claim_rank = ?4 WHERE visitor_id = ?1")?
+            .execute(params![visitor_id, profile_id, position, rank])?;
+        Ok(overtaken)
+    }
+
     pub fn log_event(&self, event: &starling_core::Event, profile_id: &str, now_ms: i64) -> Result<()> {
         if let Some(key) = event.dedup_key() {
             self.tx
@@ -884,7 +947,7 @@ impl<'c> Batch<'c> {
     /// (the survivor's own rows win); then deletes the absorbed profile.
     pub fn merge_profiles(&self, absorbed: &str, survivor: &str) -> Result<()> {
         let tx = &self.tx;
-        tx.prepare_cached("UPDATE identities SET profile_id = ?2 WHERE profile_id = ?1")?
+        tx.prepare_cached("UPDATE identities SET profile_id = ?2, claimed_at = NULL, claim_rank = NULL WHERE profile_id = ?1")?
             .execute([absorbed, survivor])?;
         tx.prepare_cached("UPDATE events SET profile_id = ?2 WHERE profile_id = ?1")?.execute([absorbed, survivor])?;
         tx.prepare_cached(
@@ -902,7 +965,8 @@ impl<'c> Batch<'c> {
     /// id and the events sent with it move.
     pub fn split_identity(&self, id: &str, from: &str) -> Result<()> {
         let tx = &self.tx;
-        tx.prepare_cached("UPDATE identities SET profile_id = ?1 WHERE visitor_id = ?1")?.execute([id])?;
+        tx.prepare_cached("UPDATE identities SET profile_id = ?1, claimed_at = NULL, claim_rank = NULL WHERE visitor_id = ?1")?
+            .execute([id])?;
         tx.prepare_cached("UPDATE events SET profile_id = ?1 WHERE profile_id = ?2 AND visitor_id = ?1")?
             .execute([id, from])?;
         Ok(())
@@ -1282,6 +1346,20 @@ pub fn audience_sizes(conn: &Connection) -> Result<Vec<(String, i64)>> {
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
+/// What became of a claim on an id (see [`Batch::claim_identity`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claimed {
+    /// The id is linked to the claiming profile.
+    Linked,
+    /// The id was linked to the claiming profile already.
+    Held,
+    /// The id was linked to `owner` first.
+    Lost { owner: String },
+    /// The id was linked by a claim later in the log (`overtaken`, made by record `position`,
+    /// `rank` among its claims), which now has lost: it is linked to the claiming profile.
+    Overtook { overtaken: IdentityLink, position: u64, rank: usize },
+}
+
 /// One identity decision, as recorded in `identity_links`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct IdentityLink {
@@ -1568,6 +1646,45 @@ mod tests {
             batch.save_profile(&Profile::new("p1"), 1, Some(0)).unwrap();
         }
         assert!(find_profile(&conn, "anon-1").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_claim_earlier_in_the_log_overtakes_one_linked_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir.path().join("s.db")).unwrap();
+        let batch = Batch::begin(&mut conn).unwrap();
+        assert_eq!(batch.claim_identity("ann@x", "b", Some((20, 1))).unwrap(), Claimed::Linked);
+        assert_eq!(batch.claim_identity("ann@x", "b", Some((20, 1))).unwrap(), Claimed::Held);
+        // Later in the log, or not logged: lost to the first.
+        assert_eq!(batch.claim_identity("ann@x", "c", Some((20, 2))).unwrap(), Claimed::Lost { owner: "b".into() });
+        assert_eq!(batch.claim_identity("ann@x", "c", None).unwrap(), Claimed::Lost { owner: "b".into() });
+        let overtaken = |claimed| match claimed {
+            Claimed::Overtook { overtaken, position, rank } => (overtaken.profile_id, overtaken.attribute, position, rank),
+            other => panic!("not overtaken: {other:?}"),
+        };
+        let claim = IdentityLink {
+            profile_id: "b".into(),
+            visitor_id: "ann@x".into(),
+            kind: "link",
+            other_id: None,
+            attribute: Some("email".into()),
+            event_id: None,
+            at_ms: 5,
+            detail: None,
+        };
+        batch.record_identity(&claim).unwrap();
+        assert_eq!(
+            overtaken(batch.claim_identity("ann@x", "a", Some((20, 0))).unwrap()),
+            ("b".to_string(), Some("email".to_string()), 20, 1)
+        );
+        assert_eq!(overtaken(batch.claim_identity("ann@x", "z", Some((12, 3))).unwrap()).2, 20);
+        assert_eq!(resolve_identity(batch.connection(), "ann@x").unwrap().as_deref(), Some("z"));
+        // Moved by a merge, the id is no longer a claim as made: nothing overtakes it.
+        batch.merge_profiles("z", "y").unwrap();
+        assert_eq!(batch.claim_identity("ann@x", "a", Some((1, 0))).unwrap(), Claimed::Lost { owner: "y".into() });
+        // An id linked otherwise (a visitor's own) is never overtaken.
+        batch.link_identity("anon-1", "anon-1").unwrap();
+        assert_eq!(batch.claim_identity("anon-1", "a", Some((1, 0))).unwrap(), Claimed::Lost { owner: "anon-1".into() });
     }
 
     #[test]

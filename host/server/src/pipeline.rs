@@ -2532,15 +2532,17 @@ fn write_early_in<'w>(
             Write::Link { visitor, profile, claim: None } => {
                 tx.link_identity(visitor, profile)?;
             }
-            Write::Link { visitor, profile, claim: Some(claim) } => match tx.claim_identity(visitor, profile, claim.at())? {
-                Claimed::Linked => tx.record_identity(&claim.link)?,
-                Claimed::Held => {}
-                Claimed::Lost { .. } => return Ok(None),
-                Claimed::Overtook { overtaken, position, rank } => {
-                    tx.record_identity(&claim.link)?;
-                    overtook.push(Overtaken { claim: overtaken, winner: profile.clone(), position, rank });
+            Write::Link { visitor, profile, claim: Some(claim) } => {
+                match tx.claim_identity(visitor, profile, claim.at())? {
+                    Claimed::Linked => tx.record_identity(&claim.link)?,
+                    Claimed::Held => {}
+                    Claimed::Lost { .. } => return Ok(None),
+                    Claimed::Overtook { overtaken, position, rank } => {
+                        tx.record_identity(&claim.link)?;
+                        overtook.push(Overtaken { claim: overtaken, winner: profile.clone(), position, rank });
+                    }
                 }
-            },
+            }
             Write::Enqueue { .. } => enqueue(&tx, write, &mut per_position)?,
             _ => unreachable!("only actions and claims are written early"),
         }

@@ -774,7 +774,9 @@ impl<'c> Batch<'c> {
             Some((owner, _, _)) => return Ok(Claimed::Lost { owner }),
         };
         self.tx
-            .prepare_cached("UPDATE identities SET profile_id = ?2, claimed_at = ?3, claim_rank = ?4 WHERE visitor_id = ?1")?
+            .prepare_cached(
+                "UPDATE identities SET profile_id = ?2, claimed_at = ?3, claim_rank = ?4 WHERE visitor_id = ?1",
+            )?
             .execute(params![visitor_id, profile_id, position, rank])?;
         Ok(overtaken)
     }
@@ -947,8 +949,10 @@ impl<'c> Batch<'c> {
     /// (the survivor's own rows win); then deletes the absorbed profile.
     pub fn merge_profiles(&self, absorbed: &str, survivor: &str) -> Result<()> {
         let tx = &self.tx;
-        tx.prepare_cached("UPDATE identities SET profile_id = ?2, claimed_at = NULL, claim_rank = NULL WHERE profile_id = ?1")?
-            .execute([absorbed, survivor])?;
+        tx.prepare_cached(
+            "UPDATE identities SET profile_id = ?2, claimed_at = NULL, claim_rank = NULL WHERE profile_id = ?1",
+        )?
+        .execute([absorbed, survivor])?;
         tx.prepare_cached("UPDATE events SET profile_id = ?2 WHERE profile_id = ?1")?.execute([absorbed, survivor])?;
         tx.prepare_cached(
             "INSERT OR IGNORE INTO memberships (profile_id, audience, joined_ms)
@@ -965,8 +969,10 @@ impl<'c> Batch<'c> {
     /// id and the events sent with it move.
     pub fn split_identity(&self, id: &str, from: &str) -> Result<()> {
         let tx = &self.tx;
-        tx.prepare_cached("UPDATE identities SET profile_id = ?1, claimed_at = NULL, claim_rank = NULL WHERE visitor_id = ?1")?
-            .execute([id])?;
+        tx.prepare_cached(
+            "UPDATE identities SET profile_id = ?1, claimed_at = NULL, claim_rank = NULL WHERE visitor_id = ?1",
+        )?
+        .execute([id])?;
         tx.prepare_cached("UPDATE events SET profile_id = ?1 WHERE profile_id = ?2 AND visitor_id = ?1")?
             .execute([id, from])?;
         Ok(())
@@ -1659,7 +1665,9 @@ mod tests {
         assert_eq!(batch.claim_identity("ann@x", "c", Some((20, 2))).unwrap(), Claimed::Lost { owner: "b".into() });
         assert_eq!(batch.claim_identity("ann@x", "c", None).unwrap(), Claimed::Lost { owner: "b".into() });
         let overtaken = |claimed| match claimed {
-            Claimed::Overtook { overtaken, position, rank } => (overtaken.profile_id, overtaken.attribute, position, rank),
+            Claimed::Overtook { overtaken, position, rank } => {
+                (overtaken.profile_id, overtaken.attribute, position, rank)
+            }
             other => panic!("not overtaken: {other:?}"),
         };
         let claim = IdentityLink {
@@ -1684,7 +1692,10 @@ mod tests {
         assert_eq!(batch.claim_identity("ann@x", "a", Some((1, 0))).unwrap(), Claimed::Lost { owner: "y".into() });
         // An id linked otherwise (a visitor's own) is never overtaken.
         batch.link_identity("anon-1", "anon-1").unwrap();
-        assert_eq!(batch.claim_identity("anon-1", "a", Some((1, 0))).unwrap(), Claimed::Lost { owner: "anon-1".into() });
+        assert_eq!(
+            batch.claim_identity("anon-1", "a", Some((1, 0))).unwrap(),
+            Claimed::Lost { owner: "anon-1".into() }
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@
 
 use crate::logging::pseudonym;
 use crate::telemetry::{Telemetry, Written};
+use sha2::{Digest, Sha256};
 use starling_core::engine::rebuild;
 use starling_core::model::{ActionDef, Trigger};
 use starling_core::stitch::visitor_ids;
@@ -995,32 +996,26 @@ pub struct Overtaken {
     claim: IdentityLink,
     /// The profile that holds the id now.
     winner: String,
-    /// The overtaken claim's log record and rank among that record's claims.
+    /// The overtaken claim's log record.
     position: Position,
-    rank: usize,
 }
 
 /// A claim on an id (see [`Write::Link`]).
 struct Claim {
     /// The job of the batch that made it, meaning something only while that batch is applied.
     job: usize,
-    /// The log record that made it, and its rank among that record's claims (set with the
-    /// record's position).
+    /// The log record that made it.
     cause: Cause,
-    rank: usize,
     link: IdentityLink,
 }
 
-impl Claim {
-    fn at(&self) -> Option<(Position, usize)> {
-        self.cause.position().map(|position| (position, self.rank))
-    }
-}
-
-/// The name of the merge a claim that lost makes: the claim's record and rank, so that the
-/// merge is named alike however the claim learnt it lost (at its write, or overtaken later).
-fn lost_claim_origin(position: Position, rank: usize) -> String {
-    format!("{position}.claim{rank}")
+/// The name of a merge decided by the log record at `position`: what it merges, via which id,
+/// so that it is named alike however it was decided (an id found linked, a claim that lost at
+/// its write, a claim overtaken later), live or when the log is applied again; the survivor's
+/// partition applies a merge of one name once.
+fn merge_origin(position: Position, merge: &MergeRequest) -> String {
+    let digest = Sha256::digest(format!("{}\u{1f}{}", merge.via, merge.absorbed).as_bytes());
+    format!("{position}.{}", hex::encode(&digest[..8]))
 }
 
 /// The log record that decided a write: a draft of the batch being applied, then, once the
@@ -1632,8 +1627,8 @@ impl Worker {
                     }
                 }
                 Work::Overtaken(overtaken) => {
-                    let Overtaken { claim, winner, position, rank } = overtaken.clone();
-                    let merge = self.lost_claim_merge(&claim, &winner, Some((position, rank)));
+                    let Overtaken { claim, winner, position } = overtaken.clone();
+                    let merge = self.lost_claim_merge(&claim, &winner, Some(position));
                     p.merges.push((None, Cause::Record(Some(position)), merge));
                     self.lost_claim(conn, p, claim, winner)?;
                     p.urgent = true;
@@ -1762,7 +1757,6 @@ impl Worker {
                 *cause = Cause::Record(positions.get(i).copied());
             }
         };
-        let mut claims_per_position: HashMap<Position, usize> = HashMap::new();
         for write in &mut p.effects.writes[p.batch_start..] {
             match write {
                 Write::Event { event, .. } => {
@@ -1771,26 +1765,15 @@ impl Worker {
                     }
                 }
                 Write::Enqueue { cause, .. } => resolve(cause),
-                Write::Link { claim: Some(claim), .. } => {
-                    resolve(&mut claim.cause);
-                    if let Some(position) = claim.cause.position() {
-                        let n = claims_per_position.entry(position).or_default();
-                        claim.rank = *n;
-                        *n += 1;
-                    }
-                }
+                Write::Link { claim: Some(claim), .. } => resolve(&mut claim.cause),
                 _ => {}
             }
         }
-        let mut per_position: HashMap<Position, usize> = HashMap::new();
-        for (_, cause, merge) in p.merges.iter_mut() {
+        // The merges this batch decided are named after the record that caused them, so a
+        // replay of it hands on nothing twice (those named already keep their names).
+        for (_, cause, merge) in p.merges.iter_mut().filter(|(_, cause, _)| matches!(cause, Cause::Draft(_))) {
             resolve(cause);
-            // Named after the record that caused them, so a replay of it hands on nothing twice.
-            merge.origin = cause.position().map(|position| {
-                let n = per_position.entry(position).or_default();
-                *n += 1;
-                format!("{position}.{}", *n - 1)
-            });
+            merge.origin = cause.position().map(|position| merge_origin(position, merge));
         }
         for ((_, partition, _), position) in p.drafts.iter().zip(&positions) {
             p.positions.insert(*partition, *position);
@@ -1828,20 +1811,20 @@ impl Worker {
                     tx.link_identity(visitor, profile)?;
                 }
                 Write::Link { visitor, profile, claim: Some(claim) } => {
-                    match tx.claim_identity(visitor, profile, claim.at())? {
+                    match tx.claim_identity(visitor, profile, claim.cause.position())? {
                         Claimed::Linked => tx.record_identity(&claim.link)?,
                         Claimed::Held => {}
                         Claimed::Lost { owner } => {
                             // Merged into the owner's profile, as if the link had been seen
                             // before the claim.
-                            let merge = self.lost_claim_merge(&claim.link, &owner, claim.at());
+                            let merge = self.lost_claim_merge(&claim.link, &owner, claim.cause.position());
                             let job = (index >= p.batch_start).then_some(claim.job);
                             handed_over.push((job, claim.cause, merge));
                             lost_claims.push((claim.link.clone(), owner));
                         }
-                        Claimed::Overtook { overtaken, position, rank } => {
+                        Claimed::Overtook { overtaken, position } => {
                             tx.record_identity(&claim.link)?;
-                            overtook.push(Overtaken { claim: overtaken, winner: profile.clone(), position, rank });
+                            overtook.push(Overtaken { claim: overtaken, winner: profile.clone(), position });
                         }
                     }
                 }
@@ -1992,16 +1975,19 @@ impl Worker {
         p.moved.clear();
     }
 
-    /// The merge of the profile whose claim (made at `at`) lost into the `owner` of the id.
-    fn lost_claim_merge(&self, claim: &IdentityLink, owner: &str, at: Option<(Position, usize)>) -> MergeRequest {
-        MergeRequest {
+    /// The merge of the profile whose claim (made by the record at `position`) lost into the
+    /// `owner` of the id.
+    fn lost_claim_merge(&self, claim: &IdentityLink, owner: &str, position: Option<Position>) -> MergeRequest {
+        let mut merge = MergeRequest {
             survivor: self.directory.profile_of(owner),
             absorbed: claim.profile_id.clone(),
             via: claim.visitor_id.clone(),
             attribute: claim.attribute.clone().unwrap_or_default(),
             event_id: claim.event_id.clone(),
-            origin: at.map(|(position, rank)| lost_claim_origin(position, rank)),
-        }
+            origin: None,
+        };
+        merge.origin = position.map(|position| merge_origin(position, &merge));
+        merge
     }
 
     /// Another partition linked the id this batch's profile claimed, first: the profile is
@@ -2203,9 +2189,7 @@ impl Worker {
                 None => {
                     p.links.insert(id.clone(), pid.to_string());
                     let claim = match record("link", None, None) {
-                        Write::Identity(link) => {
-                            Some(Claim { job, cause: Cause::Draft(p.effects.record_index), rank: 0, link })
-                        }
+                        Write::Identity(link) => Some(Claim { job, cause: Cause::Draft(p.effects.record_index), link }),
                         _ => unreachable!("record makes identity writes"),
                     };
                     p.effects.writes.push(Write::Link { visitor: id.clone(), profile: pid.to_string(), claim });
@@ -2533,13 +2517,13 @@ fn write_early_in<'w>(
                 tx.link_identity(visitor, profile)?;
             }
             Write::Link { visitor, profile, claim: Some(claim) } => {
-                match tx.claim_identity(visitor, profile, claim.at())? {
+                match tx.claim_identity(visitor, profile, claim.cause.position())? {
                     Claimed::Linked => tx.record_identity(&claim.link)?,
                     Claimed::Held => {}
                     Claimed::Lost { .. } => return Ok(None),
-                    Claimed::Overtook { overtaken, position, rank } => {
+                    Claimed::Overtook { overtaken, position } => {
                         tx.record_identity(&claim.link)?;
-                        overtook.push(Overtaken { claim: overtaken, winner: profile.clone(), position, rank });
+                        overtook.push(Overtaken { claim: overtaken, winner: profile.clone(), position });
                     }
                 }
             }
@@ -3114,6 +3098,17 @@ mod tests {
         let merged = live.profile(&first).unwrap();
         assert_eq!(merged.event_count, 2);
         assert!(starling_store::handed_over(&conn).unwrap().is_empty());
+        // The merge is named after what the second record merges, as the log applied again
+        // names it: the record's other merges may not take that name.
+        let merge = MergeRequest {
+            survivor: first.clone(),
+            absorbed: second.clone(),
+            via: email.into(),
+            attribute: "email_hash".into(),
+            event_id: None,
+            origin: None,
+        };
+        assert!(starling_store::handoff_applied(&conn, &merge_origin(2, &merge)).unwrap());
         live.stop();
 
         let mut entries = Vec::new();

@@ -85,12 +85,11 @@ CREATE INDEX IF NOT EXISTS profiles_by_last_seen ON profiles(last_seen_ms);
 CREATE TABLE IF NOT EXISTS identities (
     visitor_id  TEXT PRIMARY KEY,
     profile_id  TEXT NOT NULL,
-    -- A link made by a claim (an id a profile's event named first): the claim's log record and
-    -- its rank among that record's claims. Two partitions can claim one id at once; the claim
-    -- earlier in the log wins, as it does when the log is applied again. Cleared when the id
-    -- moves (merge, unstitch): only a claim still as made can be overtaken.
-    claimed_at  INTEGER,
-    claim_rank  INTEGER
+    -- A link made by a claim (an id a profile's event named first): the claim's log record.
+    -- Two partitions can claim one id at once; the claim earlier in the log wins, as it does
+    -- when the log is applied again. Cleared when the id moves (merge, unstitch): only a claim
+    -- still as made can be overtaken.
+    claimed_at  INTEGER
 );
 CREATE INDEX IF NOT EXISTS identities_by_profile ON identities(profile_id);
 CREATE TABLE IF NOT EXISTS memberships (
@@ -459,7 +458,6 @@ pub fn open(path: &Path) -> Result<Connection> {
         }
         if (1..8).contains(&version) {
             add_column_if_missing(&conn, "identities", "claimed_at", "INTEGER")?;
-            add_column_if_missing(&conn, "identities", "claim_rank", "INTEGER")?;
         }
         if (1..5).contains(&version) {
             conn.execute_batch(
@@ -726,29 +724,25 @@ impl<'c> Batch<'c> {
         Ok(inserted == 1)
     }
 
-    /// Links `visitor_id` to `profile_id` for a claim made by log record `at` (position, rank
-    /// among the record's claims; none for work not logged). An id linked already stays
-    /// linked, unless by a claim later in the log, which this one overtakes.
-    pub fn claim_identity(&self, visitor_id: &str, profile_id: &str, at: Option<(u64, usize)>) -> Result<Claimed> {
-        let existing: Option<(String, Option<i64>, Option<i64>)> = self
+    /// Links `visitor_id` to `profile_id` for a claim made by the log record at `position`
+    /// (none for work not logged). An id linked already stays linked, unless by a claim later
+    /// in the log, which this one overtakes.
+    pub fn claim_identity(&self, visitor_id: &str, profile_id: &str, position: Option<u64>) -> Result<Claimed> {
+        let existing: Option<(String, Option<i64>)> = self
             .tx
-            .prepare_cached("SELECT profile_id, claimed_at, claim_rank FROM identities WHERE visitor_id = ?1")?
-            .query_row([visitor_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .prepare_cached("SELECT profile_id, claimed_at FROM identities WHERE visitor_id = ?1")?
+            .query_row([visitor_id], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
-        let (position, rank) = (at.map(|(p, _)| p as i64), at.map(|(_, r)| r as i64));
+        let position = position.map(|p| p as i64);
         let overtaken = match existing {
             None => {
                 self.tx
-                    .prepare_cached(
-                        "INSERT INTO identities (visitor_id, profile_id, claimed_at, claim_rank) VALUES (?1, ?2, ?3, ?4)",
-                    )?
-                    .execute(params![visitor_id, profile_id, position, rank])?;
+                    .prepare_cached("INSERT INTO identities (visitor_id, profile_id, claimed_at) VALUES (?1, ?2, ?3)")?
+                    .execute(params![visitor_id, profile_id, position])?;
                 return Ok(Claimed::Linked);
             }
-            Some((owner, _, _)) if owner == profile_id => return Ok(Claimed::Held),
-            Some((owner, Some(claimed_at), Some(claim_rank)))
-                if position.is_some_and(|p| (p, rank.unwrap_or_default()) < (claimed_at, claim_rank)) =>
-            {
+            Some((owner, _)) if owner == profile_id => return Ok(Claimed::Held),
+            Some((owner, Some(claimed_at))) if position.is_some_and(|p| p < claimed_at) => {
                 // The overtaken claim as it was recorded, for the merge its profile now makes.
                 let recorded: Option<(Option<String>, Option<String>, i64)> = self
                     .tx
@@ -769,15 +763,13 @@ impl<'c> Batch<'c> {
                     at_ms,
                     detail: None,
                 };
-                Claimed::Overtook { overtaken, position: claimed_at as u64, rank: claim_rank as usize }
+                Claimed::Overtook { overtaken, position: claimed_at as u64 }
             }
-            Some((owner, _, _)) => return Ok(Claimed::Lost { owner }),
+            Some((owner, _)) => return Ok(Claimed::Lost { owner }),
         };
         self.tx
-            .prepare_cached(
-                "UPDATE identities SET profile_id = ?2, claimed_at = ?3, claim_rank = ?4 WHERE visitor_id = ?1",
-            )?
-            .execute(params![visitor_id, profile_id, position, rank])?;
+            .prepare_cached("UPDATE identities SET profile_id = ?2, claimed_at = ?3 WHERE visitor_id = ?1")?
+            .execute(params![visitor_id, profile_id, position])?;
         Ok(overtaken)
     }
 
@@ -949,10 +941,8 @@ impl<'c> Batch<'c> {
     /// (the survivor's own rows win); then deletes the absorbed profile.
     pub fn merge_profiles(&self, absorbed: &str, survivor: &str) -> Result<()> {
         let tx = &self.tx;
-        tx.prepare_cached(
-            "UPDATE identities SET profile_id = ?2, claimed_at = NULL, claim_rank = NULL WHERE profile_id = ?1",
-        )?
-        .execute([absorbed, survivor])?;
+        tx.prepare_cached("UPDATE identities SET profile_id = ?2, claimed_at = NULL WHERE profile_id = ?1")?
+            .execute([absorbed, survivor])?;
         tx.prepare_cached("UPDATE events SET profile_id = ?2 WHERE profile_id = ?1")?.execute([absorbed, survivor])?;
         tx.prepare_cached(
             "INSERT OR IGNORE INTO memberships (profile_id, audience, joined_ms)
@@ -969,10 +959,8 @@ impl<'c> Batch<'c> {
     /// id and the events sent with it move.
     pub fn split_identity(&self, id: &str, from: &str) -> Result<()> {
         let tx = &self.tx;
-        tx.prepare_cached(
-            "UPDATE identities SET profile_id = ?1, claimed_at = NULL, claim_rank = NULL WHERE visitor_id = ?1",
-        )?
-        .execute([id])?;
+        tx.prepare_cached("UPDATE identities SET profile_id = ?1, claimed_at = NULL WHERE visitor_id = ?1")?
+            .execute([id])?;
         tx.prepare_cached("UPDATE events SET profile_id = ?1 WHERE profile_id = ?2 AND visitor_id = ?1")?
             .execute([id, from])?;
         Ok(())
@@ -1361,9 +1349,9 @@ pub enum Claimed {
     Held,
     /// The id was linked to `owner` first.
     Lost { owner: String },
-    /// The id was linked by a claim later in the log (`overtaken`, made by record `position`,
-    /// `rank` among its claims), which now has lost: it is linked to the claiming profile.
-    Overtook { overtaken: IdentityLink, position: u64, rank: usize },
+    /// The id was linked by a claim later in the log (`overtaken`, made by the record at
+    /// `position`), which now has lost: it is linked to the claiming profile.
+    Overtook { overtaken: IdentityLink, position: u64 },
 }
 
 /// One identity decision, as recorded in `identity_links`.
@@ -1659,15 +1647,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open(&dir.path().join("s.db")).unwrap();
         let batch = Batch::begin(&mut conn).unwrap();
-        assert_eq!(batch.claim_identity("ann@x", "b", Some((20, 1))).unwrap(), Claimed::Linked);
-        assert_eq!(batch.claim_identity("ann@x", "b", Some((20, 1))).unwrap(), Claimed::Held);
+        assert_eq!(batch.claim_identity("ann@x", "b", Some(20)).unwrap(), Claimed::Linked);
+        assert_eq!(batch.claim_identity("ann@x", "b", Some(20)).unwrap(), Claimed::Held);
         // Later in the log, or not logged: lost to the first.
-        assert_eq!(batch.claim_identity("ann@x", "c", Some((20, 2))).unwrap(), Claimed::Lost { owner: "b".into() });
+        assert_eq!(batch.claim_identity("ann@x", "c", Some(21)).unwrap(), Claimed::Lost { owner: "b".into() });
         assert_eq!(batch.claim_identity("ann@x", "c", None).unwrap(), Claimed::Lost { owner: "b".into() });
         let overtaken = |claimed| match claimed {
-            Claimed::Overtook { overtaken, position, rank } => {
-                (overtaken.profile_id, overtaken.attribute, position, rank)
-            }
+            Claimed::Overtook { overtaken, position } => (overtaken.profile_id, overtaken.attribute, position),
             other => panic!("not overtaken: {other:?}"),
         };
         let claim = IdentityLink {
@@ -1682,20 +1668,17 @@ mod tests {
         };
         batch.record_identity(&claim).unwrap();
         assert_eq!(
-            overtaken(batch.claim_identity("ann@x", "a", Some((20, 0))).unwrap()),
-            ("b".to_string(), Some("email".to_string()), 20, 1)
+            overtaken(batch.claim_identity("ann@x", "a", Some(19)).unwrap()),
+            ("b".to_string(), Some("email".to_string()), 20)
         );
-        assert_eq!(overtaken(batch.claim_identity("ann@x", "z", Some((12, 3))).unwrap()).2, 20);
+        assert_eq!(overtaken(batch.claim_identity("ann@x", "z", Some(12)).unwrap()).2, 19);
         assert_eq!(resolve_identity(batch.connection(), "ann@x").unwrap().as_deref(), Some("z"));
         // Moved by a merge, the id is no longer a claim as made: nothing overtakes it.
         batch.merge_profiles("z", "y").unwrap();
-        assert_eq!(batch.claim_identity("ann@x", "a", Some((1, 0))).unwrap(), Claimed::Lost { owner: "y".into() });
+        assert_eq!(batch.claim_identity("ann@x", "a", Some(1)).unwrap(), Claimed::Lost { owner: "y".into() });
         // An id linked otherwise (a visitor's own) is never overtaken.
         batch.link_identity("anon-1", "anon-1").unwrap();
-        assert_eq!(
-            batch.claim_identity("anon-1", "a", Some((1, 0))).unwrap(),
-            Claimed::Lost { owner: "anon-1".into() }
-        );
+        assert_eq!(batch.claim_identity("anon-1", "a", Some(1)).unwrap(), Claimed::Lost { owner: "anon-1".into() });
     }
 
     #[test]

@@ -169,7 +169,9 @@ impl EventLog for JetStreamLog {
         // Partitions are read side by side: each is a consumer of its own, and most of a read's
         // time is waiting for the servers.
         let reads = after.iter().map(|&(partition, from)| async move {
+            let started = Instant::now();
             let last = retried(|| self.stream.last_position(partition)).await.map_err(remote)?;
+            let last_ms = started.elapsed().as_millis() as u64;
             self.saw(partition, last);
             let read = retried(|| async {
                 let mut records = Vec::new();
@@ -178,6 +180,17 @@ impl EventLog for JetStreamLog {
             })
             .await
             .map_err(remote)?;
+            if started.elapsed() > Duration::from_secs(1) {
+                tracing::debug!(
+                    partition,
+                    from,
+                    last,
+                    records = read.len(),
+                    last_ms,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "slow read"
+                );
+            }
             Ok::<_, LogError>(read.into_iter().map(move |(position, payload)| Entry {
                 position,
                 partition,

@@ -139,14 +139,34 @@ pub(crate) async fn read_subject(
     if last <= after {
         return Ok(());
     }
+    let name = read_consumer_name();
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
+            name: Some(name.clone()),
             filter_subject: subject.to_string(),
             deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: after + 1 },
             ..Default::default()
         })
         .await
         .map_err(nats)?;
+    let read = visit_until(consumer, subject, after, last, visit).await;
+    // Left to lapse, each read's consumer would stay on the servers for the ordered consumer's
+    // inactivity threshold (30 s): a standby reading every partition several times a second
+    // piles up thousands, until the servers refuse new ones. (One the client recreated
+    // meanwhile, named `{name}_{n}`, lapses.)
+    if let Err(e) = stream.delete_consumer(&name).await {
+        tracing::debug!(consumer = %name, "a read's consumer not deleted: {e}");
+    }
+    read
+}
+
+async fn visit_until(
+    consumer: consumer::Consumer<consumer::pull::OrderedConfig>,
+    subject: &str,
+    after: u64,
+    last: u64,
+    visit: &mut (dyn FnMut(u64, Bytes) + Send),
+) -> Result<()> {
     let mut messages = consumer.messages().await.map_err(nats)?;
     let mut visited = after;
     while let Some(message) = messages.next().await {
@@ -166,4 +186,12 @@ pub(crate) async fn read_subject(
         }
     }
     Err(ClusterError::Nats(format!("the stream ended before sequence {last} of {subject}")))
+}
+
+/// A name for a read's consumer, unique across processes and reads.
+fn read_consumer_name() -> String {
+    static RUN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let run = RUN.get_or_init(|| format!("{}-{}", std::process::id(), crate::now_ms()));
+    format!("starling-read-{run}-{}", READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }

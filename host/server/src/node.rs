@@ -355,9 +355,16 @@ async fn follow(
         // once it is published (it may not be yet).
         let newer = entries.iter().position(|e| crate::pipeline::config_version_of(&e.payload) > version);
         let (now, later) = entries.split_at(newer.unwrap_or(entries.len()));
+        let read_ms = round.elapsed().as_millis() as u64;
         if let Err(e) = follower.apply(now).await {
             break Err(e);
         }
+        tracing::debug!(
+            records = now.len(),
+            read_ms,
+            elapsed_ms = round.elapsed().as_millis() as u64,
+            "records applied"
+        );
         let last = match stream.last().await {
             Ok(last) => last,
             Err(_) => starling_log::EventLog::next_position(&*stream).saturating_sub(1),

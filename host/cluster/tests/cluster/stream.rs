@@ -129,6 +129,32 @@ async fn records_a_snapshot_includes_are_forgotten_and_appends_go_on() {
     assert!(matches!(stale, Err(starling_cluster::ClusterError::Behind { partition: 2 })), "{stale:?}");
 }
 
+/// A read deletes the consumer it reads through once done: a standby reads every partition
+/// several times a second, and consumers left to lapse (after 30 s) piled up on the servers
+/// until they refused new ones. (Fails with the deletion left out: 20 consumers left.)
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_leave_no_consumer_behind() {
+    use futures_util::StreamExt;
+    let nats = LocalNats::start(3).unwrap();
+    let node = join(&nats, "a").await;
+    let events = node.cluster().events(Duration::from_secs(120)).await.unwrap();
+    let mut last = 0;
+    for i in 0..3 {
+        last = events.append_after(5, last, &format!("r{i}"), Bytes::from(format!("r{i}"))).await.unwrap();
+    }
+    for _ in 0..20 {
+        let mut visited = 0;
+        events.read(5, 0, &mut |_, _| visited += 1).await.unwrap();
+        assert_eq!(visited, 3);
+    }
+    let client = async_nats::connect(nats.urls.as_slice()).await.unwrap();
+    let stream = async_nats::jetstream::new(client).get_stream("STARLING_EVENTS").await.unwrap();
+    let consumers: Vec<String> = stream.consumer_names().filter_map(async |n| n.ok()).collect().await;
+    // One the client recreated during a read (`{name}_{n}`, rare) is left to lapse.
+    let left: Vec<&String> = consumers.iter().filter(|name| !name.contains('_')).collect();
+    assert!(left.is_empty(), "consumers left: {left:?}");
+}
+
 /// A read of a truncated partition visits only the records after the position it starts from,
 /// each once, even when its consumer is deleted under it and the client recreates it (as a
 /// busy machine's missed heartbeat does): recreated before it delivered anything, a consumer

@@ -369,8 +369,11 @@ pub struct Ingest {
     materialized: Arc<Materialized>,
     /// The log position each partition's stored state included at start.
     stored: HashMap<Partition, Position>,
-    /// The workers' shared writer, for reading the merges handed over after a replay.
+    /// The workers' shared writer, for reading the merges handed over after a replay and the
+    /// configurations records were applied with.
     writer: Arc<Mutex<rusqlite::Connection>>,
+    /// The configuration the workers apply with (a replay switches it record by record).
+    config: Arc<crate::live::Live>,
 }
 
 impl Ingest {
@@ -505,7 +508,17 @@ impl Ingest {
                 first.position
             );
         }
-        self.apply_records(&entries).await?;
+        // Each record is applied with the configuration it was first applied with, when this
+        // database recorded it (a restart on a changed file, a change just before a crash);
+        // the start's own goes on afterwards.
+        let starting = (self.config.model(), self.config.active());
+        self.materialized.replaying.store(true, Ordering::SeqCst);
+        let applied = self.apply_in_order(&entries, true).await;
+        self.materialized.replaying.store(false, Ordering::SeqCst);
+        if !Arc::ptr_eq(&self.config.model(), &starting.0) {
+            self.config.swap(starting.0, starting.1);
+        }
+        applied?;
         let n = self.partitions.len();
         self.queue((0..n).map(|_| Some(Work::Materialize)).collect(), false).await?;
         // Merges whose partition had not logged them when the last run stopped. A worker's are
@@ -549,6 +562,30 @@ impl Ingest {
         Ok(entries.len())
     }
 
+    /// The configuration this database recorded as `version`, if it did and it still parses.
+    fn recorded_config(&self, version: i64) -> Result<Option<(Arc<Model>, crate::live::Active)>, IngestError> {
+        let recorded = {
+            let writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            starling_store::config_version(&writer, version).map_err(|e| IngestError::Failed(e.to_string()))?
+        };
+        let Some(recorded) = recorded else { return Ok(None) };
+        match starling_core::parse(&recorded.source) {
+            Ok(model) => Ok(Some((
+                Arc::new(model),
+                crate::live::Active {
+                    version,
+                    sha256: recorded.sha256,
+                    applied_ms: recorded.applied_ms,
+                    how: recorded.how,
+                },
+            ))),
+            Err(e) => {
+                tracing::warn!(version, "records of configuration {version} are applied with this start's: {e}");
+                Ok(None)
+            }
+        }
+    }
+
     /// Merges handed over to another partition that it has not applied.
     fn handed_over(&self) -> Result<Vec<MergeRequest>, IngestError> {
         let writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -585,23 +622,49 @@ impl Ingest {
     /// partition's worker.
     pub async fn apply_records(&self, entries: &[Entry]) -> Result<(), IngestError> {
         self.materialized.replaying.store(true, Ordering::SeqCst);
-        let applied = self.apply_in_order(entries).await;
+        let applied = self.apply_in_order(entries, false).await;
         self.materialized.replaying.store(false, Ordering::SeqCst);
         applied
     }
 
-    async fn apply_in_order(&self, entries: &[Entry]) -> Result<(), IngestError> {
+    /// `by_version`: each record with the configuration it names, if this database recorded
+    /// it (workers take the configuration at each record, so the loop waits for the records
+    /// queued before switching).
+    async fn apply_in_order(&self, entries: &[Entry], by_version: bool) -> Result<(), IngestError> {
         let n = self.partitions.len();
         // Consecutive records of one worker are queued together: it applies them in order
         // without waiting for this loop in between. Before a record of another worker, the
         // loop waits for them and the work they handed on.
         let mut queued: Vec<Queued> = Vec::new();
         let mut last_worker = None;
+        let mut unrecorded = HashSet::new();
         for entry in entries {
             let Some((work, now_ms)) = Logged::decode(&entry.payload, entry.position).map_err(IngestError::Failed)?
             else {
                 continue;
             };
+            let version = config_version_of(&entry.payload);
+            if by_version
+                && version != self.config.active().version
+                && !unrecorded.contains(&version)
+                && let Some((model, active)) = match self.recorded_config(version)? {
+                    None => {
+                        unrecorded.insert(version);
+                        None
+                    }
+                    found => found,
+                }
+            {
+                for applied in queued.drain(..) {
+                    applied.durable().await?;
+                }
+                tracing::info!(
+                    version,
+                    position = entry.position,
+                    "records applied again with the configuration they were applied with"
+                );
+                self.config.swap(model, active);
+            }
             let worker = entry.partition as usize % n;
             if last_worker != Some(worker) {
                 for applied in queued.drain(..) {
@@ -895,7 +958,8 @@ pub fn start(
     handles.push(handle);
     let room = (0..n).map(|_| Arc::new(Semaphore::new(queue))).collect();
     let log = shared.log.clone();
-    Ok((Ingest { partitions: senders, room, directory, log, materialized, stored, writer }, handles))
+    let config = shared.config.clone();
+    Ok((Ingest { partitions: senders, room, directory, log, materialized, stored, writer, config }, handles))
 }
 
 struct Worker {
@@ -2975,6 +3039,52 @@ mod tests {
         let merged = restarted.profile(&survivor).unwrap();
         assert_eq!(merged.event_count, 7, "its own four, the two forwarded, and the visitor's login");
         assert!(restarted.profile(&visitor).is_none());
+        restarted.stop();
+    }
+
+    /// A restart on a changed configuration file applies the records after the stored state
+    /// with the configuration they were first applied with, which this database recorded;
+    /// the start's own applies from then on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_are_applied_again_with_the_configuration_they_name() {
+        const COUNTING: &str = r#"
+            [server]
+            partitions = 2
+            [[attribute]]
+            name = "views"
+            scope = "visitor"
+            type = "number"
+            [[enrichment]]
+            attribute = "views"
+            op = "increment"
+            when = "event:view"
+        "#;
+        const NOT_COUNTING: &str = r#"
+            [server]
+            partitions = 2
+            [[attribute]]
+            name = "views"
+            scope = "visitor"
+            type = "number"
+        "#;
+        let log = Arc::new(starling_log::MemoryLog::new());
+        let restarted = Running::with_config(NOT_COUNTING, 2, log.clone(), false);
+        let conn = starling_store::open(&restarted.database).unwrap();
+        let version = starling_store::record_config(&conn, "counting", COUNTING, 0, "start", None, true).unwrap();
+        // Two views applied with the counting configuration before a crash, not yet in SQLite.
+        let events = [event("visitor-0", 0), event("visitor-0", 1)];
+        let logged = LoggedRef::Events { now_ms: CLOCK_MS, events: events.iter().collect() };
+        let payload = serde_json::to_vec(&Stamped { logged, config: version }).unwrap();
+        log.append(&[(starling_log::partition_of("visitor-0"), &payload)]).unwrap();
+
+        restarted.ingest.replay().await.unwrap();
+        let views = |running: &Running| running.profile("visitor-0").unwrap().attributes.get("views").cloned();
+        assert_eq!(views(&restarted), Some(starling_core::Value::Number(2.0)), "counted as when first applied");
+        assert!(restarted.ingest.config.model().enrichments.is_empty(), "the start's configuration goes on");
+        restarted.ingest.submit(vec![event("visitor-0", 2)]).await.unwrap();
+        restarted.ingest.materialize().await.unwrap();
+        assert_eq!(views(&restarted), Some(starling_core::Value::Number(2.0)));
+        assert_eq!(restarted.profile("visitor-0").unwrap().event_count, 3);
         restarted.stop();
     }
 

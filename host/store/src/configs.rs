@@ -82,6 +82,14 @@ pub fn active_config(conn: &Connection) -> Result<Option<ConfigRecord>> {
         .optional()?)
 }
 
+/// The configuration recorded as `version`, with its text.
+pub fn config_version(conn: &Connection, version: i64) -> Result<Option<ConfigRecord>> {
+    Ok(conn
+        .prepare_cached(&format!("SELECT {COLUMNS} FROM configurations WHERE version = ?1"))?
+        .query_row([version], record)
+        .optional()?)
+}
+
 /// The configurations applied before the active one, newest first, without their text unless
 /// `with_source`.
 pub fn config_history(conn: &Connection, limit: usize, with_source: bool) -> Result<Vec<ConfigRecord>> {

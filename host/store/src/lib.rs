@@ -15,8 +15,8 @@ use std::path::Path;
 mod configs;
 pub mod outcomes;
 pub use configs::{
-    ConfigRecord, active_config, cancel_actions, config_history, continue_numbering, count_profiles, events_since,
-    finish_backfill, profiles_after, read_profile, record_config, remove_memberships,
+    ConfigRecord, active_config, cancel_actions, config_history, config_version, continue_numbering, count_profiles,
+    events_since, finish_backfill, profiles_after, read_profile, record_config, remove_memberships,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -177,8 +177,9 @@ pub struct MergeRequest {
     pub via: String,
     pub attribute: String,
     pub event_id: Option<String>,
-    /// The log record (`position.index`) of the partition that handed the merge on: a replay
-    /// of that record hands it on again, and the survivor's partition applies it once.
+    /// Its name (see [`merge_origin`]): the log record of the partition that handed the merge
+    /// on, and what it merges; a replay of that record hands it on again, and the survivor's
+    /// partition applies a merge of one name once.
     #[serde(default)]
     pub origin: Option<String>,
 }

@@ -1876,10 +1876,9 @@ impl Worker {
                     tx.link_identity(visitor, profile)?;
                 }
                 Write::Link { visitor, profile, claim: Some(claim) } => {
-                    match tx.claim_identity(visitor, profile, claim.cause.position())? {
-                        Claimed::Linked => tx.record_identity(&claim.link)?,
-                        Claimed::Held => {}
-                        Claimed::Lost { owner } => {
+                    match write_claim(&tx, visitor, profile, claim)? {
+                        ClaimWritten::Done => {}
+                        ClaimWritten::Lost(owner) => {
                             // Merged into the owner's profile, as if the link had been seen
                             // before the claim.
                             let merge = self.lost_claim_merge(&claim.link, &owner, claim.cause.position());
@@ -1887,10 +1886,7 @@ impl Worker {
                             handed_over.push((job, claim.cause, merge));
                             lost_claims.push((claim.link.clone(), owner));
                         }
-                        Claimed::Overtook { overtaken, position } => {
-                            tx.record_identity(&claim.link)?;
-                            overtook.push(Overtaken { claim: overtaken, winner: profile.clone(), position });
-                        }
+                        ClaimWritten::Overtook(overtaken) => overtook.push(overtaken),
                     }
                 }
                 Write::Event { event: HistoryEvent::Taken(event), profile, now_ms } => {
@@ -2566,6 +2562,31 @@ fn written_early(write: &Write) -> bool {
     matches!(write, Write::Enqueue { condition: None, .. } | Write::Link { .. })
 }
 
+/// What writing a claim left to do.
+enum ClaimWritten {
+    Done,
+    /// The claim overtook another, whose profile's worker is to be told.
+    Overtook(Overtaken),
+    /// The id was linked to this profile first: the claim lost.
+    Lost(String),
+}
+
+/// Writes `profile`'s claim on id `visitor`.
+fn write_claim(tx: &Batch, visitor: &str, profile: &str, claim: &Claim) -> Result<ClaimWritten, StoreError> {
+    Ok(match tx.claim_identity(visitor, profile, claim.cause.position())? {
+        Claimed::Linked => {
+            tx.record_identity(&claim.link)?;
+            ClaimWritten::Done
+        }
+        Claimed::Held => ClaimWritten::Done,
+        Claimed::Lost { owner } => ClaimWritten::Lost(owner),
+        Claimed::Overtook { overtaken, position } => {
+            tx.record_identity(&claim.link)?;
+            ClaimWritten::Overtook(Overtaken { claim: overtaken, winner: profile.to_string(), position })
+        }
+    })
+}
+
 /// Writes actions and ids linked in one transaction; returns the claims of other profiles
 /// overtaken, or none (and nothing written) when an id claimed was linked to another profile
 /// first.
@@ -2581,17 +2602,11 @@ fn write_early_in<'w>(
             Write::Link { visitor, profile, claim: None } => {
                 tx.link_identity(visitor, profile)?;
             }
-            Write::Link { visitor, profile, claim: Some(claim) } => {
-                match tx.claim_identity(visitor, profile, claim.cause.position())? {
-                    Claimed::Linked => tx.record_identity(&claim.link)?,
-                    Claimed::Held => {}
-                    Claimed::Lost { .. } => return Ok(None),
-                    Claimed::Overtook { overtaken, position } => {
-                        tx.record_identity(&claim.link)?;
-                        overtook.push(Overtaken { claim: overtaken, winner: profile.clone(), position });
-                    }
-                }
-            }
+            Write::Link { visitor, profile, claim: Some(claim) } => match write_claim(&tx, visitor, profile, claim)? {
+                ClaimWritten::Done => {}
+                ClaimWritten::Lost(_) => return Ok(None),
+                ClaimWritten::Overtook(overtaken) => overtook.push(overtaken),
+            },
             Write::Enqueue { .. } => enqueue(&tx, write, &mut per_position)?,
             _ => unreachable!("only actions and claims are written early"),
         }

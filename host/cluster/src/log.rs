@@ -127,6 +127,14 @@ impl JetStreamLog {
 
 impl EventLog for JetStreamLog {
     fn append(&self, records: &[(Partition, &[u8])]) -> starling_log::Result<Vec<Position>> {
+        // Once the stream refused an append for missing another node's records, this node is
+        // no longer the owner, whatever its view of the leases says yet: a read since (the
+        // failed batch's partition applied again) may have moved its last positions past the
+        // new owner's records, and an append on them would be taken.
+        if self.overtaken() {
+            let partition = records.first().map_or(0, |(partition, _)| *partition);
+            return Err(remote(crate::ClusterError::Fenced { partition }));
+        }
         // A lease that lapsed while the servers could not be reached (an election) is renewed
         // once they can: the append waits for that, as long as it would retry the stream.
         let waiting = Instant::now();

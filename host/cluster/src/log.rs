@@ -94,30 +94,35 @@ impl JetStreamLog {
 
     /// Appends a record that changes nothing to each of `partitions` (just gained): from then
     /// on the stream refuses any record from a former owner that has not seen it.
+    ///
+    /// A former owner's append can land between reading a partition's last position and the
+    /// fence after it (one it had in flight, or one from a paused owner past its lease check).
+    /// That record was acknowledged to its client, so it stays: the fence reads the last
+    /// position again and goes after it, and the engine applies the record like any other.
     pub async fn fence(&self, partitions: &[Partition], marker: &[u8]) -> Result<(), LogError> {
         for &partition in partitions {
-            let last = retried(|| self.stream.last_position(partition)).await.map_err(remote)?;
-            self.saw(partition, last);
-            self.append_in(partition, vec![Bytes::copy_from_slice(marker)]).await?;
+            let started = Instant::now();
+            loop {
+                let last = retried(|| self.stream.last_position(partition)).await.map_err(remote)?;
+                self.saw(partition, last);
+                match self.append_in(partition, vec![Bytes::copy_from_slice(marker)]).await {
+                    Ok(_) => break,
+                    Err(crate::ClusterError::Behind { .. }) if started.elapsed() < RETRY_FOR => {
+                        tracing::debug!(partition, "a former owner wrote while fencing; fencing after its record");
+                    }
+                    Err(e) => return Err(remote(e)),
+                }
+            }
         }
         Ok(())
     }
 
-    async fn append_in(&self, partition: Partition, payloads: Vec<Bytes>) -> Result<Vec<Position>, LogError> {
+    async fn append_in(&self, partition: Partition, payloads: Vec<Bytes>) -> crate::Result<Vec<Position>> {
         let mut positions = Vec::with_capacity(payloads.len());
         for payload in payloads {
             let last = self.last[partition as usize].load(Ordering::SeqCst);
             let id = format!("{}-{}", self.run, self.records.fetch_add(1, Ordering::SeqCst));
-            let appended = retried(|| self.stream.append_after(partition, last, &id, payload.clone())).await;
-            let position = match appended {
-                Ok(position) => position,
-                Err(e) => {
-                    if matches!(e, crate::ClusterError::Behind { .. }) {
-                        self.overtaken.store(true, Ordering::SeqCst);
-                    }
-                    return Err(remote(e));
-                }
-            };
+            let position = retried(|| self.stream.append_after(partition, last, &id, payload.clone())).await?;
             self.saw(partition, position);
             positions.push(position);
         }
@@ -162,7 +167,13 @@ impl EventLog for JetStreamLog {
         let done = self.runtime.block_on(futures_util::future::join_all(appends));
         let mut positions = vec![0; records.len()];
         for ((_, indices), result) in by_partition.iter().zip(done) {
-            for (&i, position) in indices.iter().zip(result?) {
+            let appended = result.map_err(|e| {
+                if matches!(e, crate::ClusterError::Behind { .. }) {
+                    self.overtaken.store(true, Ordering::SeqCst);
+                }
+                remote(e)
+            })?;
+            for (&i, position) in indices.iter().zip(appended) {
                 positions[i] = position;
             }
         }

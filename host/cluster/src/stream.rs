@@ -70,9 +70,7 @@ impl EventStream {
         let ack = self.js.send_publish(subject(partition), message).await.map_err(nats)?;
         match ack.await {
             Ok(ack) => Ok(ack.sequence),
-            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
-                Err(ClusterError::Behind { partition })
-            }
+            Err(e) if wrong_last_sequence(&e) => Err(ClusterError::Behind { partition }),
             Err(e) => Err(nats(e)),
         }
     }
@@ -136,6 +134,18 @@ pub(crate) async fn read_subject(
     visit: &mut (dyn FnMut(u64, Bytes) + Send),
 ) -> Result<()> {
     let last = last_of(stream, subject).await?;
+    read_through(stream, subject, after, last, visit).await
+}
+
+/// Calls `visit` with each message of `subjects` (a subject or a wildcard) in `stream` after
+/// sequence `after`, in order, up to sequence `last`, which the stream must hold.
+pub(crate) async fn read_through(
+    stream: &stream::Stream,
+    subject: &str,
+    after: u64,
+    last: u64,
+    visit: &mut (dyn FnMut(u64, Bytes) + Send),
+) -> Result<()> {
     if last <= after {
         return Ok(());
     }
@@ -194,4 +204,14 @@ fn read_consumer_name() -> String {
     static READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let run = RUN.get_or_init(|| format!("{}-{}", std::process::id(), crate::now_ms()));
     format!("starling-read-{run}-{}", READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Whether a publish was refused for not following the subject's last record. The servers
+/// this project pins (2.15) answer with the constant-message code (10164), which the client
+/// does not name as it does the older one (10071).
+fn wrong_last_sequence(e: &jetstream::context::PublishError) -> bool {
+    e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence
+        || std::error::Error::source(e)
+            .and_then(|source| source.downcast_ref::<jetstream::Error>())
+            .is_some_and(|refusal| refusal.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT)
 }

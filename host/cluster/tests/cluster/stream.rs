@@ -227,3 +227,59 @@ async fn outcomes_are_read_on_from_where_the_reader_left_off() {
     assert_eq!(rest.iter().map(|(s, _)| *s).collect::<Vec<_>>(), sequences[1..].to_vec());
     assert!(read(sequences[2]).await.is_empty(), "nothing after the last");
 }
+
+/// A node taking partitions over fences each one after the last record written there, even a
+/// record a former owner writes between the fence's read of the last position and its append:
+/// that record was acknowledged to its client, so it stays, before the fence. (Fails without
+/// the fence reading the last position again: the takeover is refused as behind.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fence_goes_after_records_a_former_owner_writes_meanwhile() {
+    use starling_cluster::ClusterError;
+    use starling_cluster::log::JetStreamLog;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const PARTITION: Partition = 7;
+    const FENCES: usize = 20;
+    let nats = LocalNats::start(3).unwrap();
+    let (former, taking) = (join(&nats, "former").await, join(&nats, "taking").await);
+    let written_by_former = former.cluster().events(Duration::from_secs(120)).await.unwrap();
+    let stream = Arc::new(taking.cluster().events(Duration::from_secs(120)).await.unwrap());
+    let log = JetStreamLog::new(stream.clone(), taking.clone(), tokio::runtime::Handle::current());
+
+    // The former owner writes without pause, each record after the partition's last.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let (mut written, mut last) = (0usize, 0);
+            while !stop.load(Ordering::SeqCst) {
+                let id = format!("former-{written}");
+                match written_by_former.append_after(PARTITION, last, &id, Bytes::from(id.clone())).await {
+                    Ok(position) => (last, written) = (position, written + 1),
+                    Err(ClusterError::Behind { .. }) => {
+                        last = written_by_former.last_position(PARTITION).await.unwrap()
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            written
+        }
+    });
+    for _ in 0..FENCES {
+        log.fence(&[PARTITION], b"fence").await.unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    let written = writer.await.unwrap();
+    assert!(!log.overtaken(), "fencing is not being overtaken");
+
+    let mut records = Vec::new();
+    stream
+        .read(PARTITION, 0, &mut |_, payload| records.push(String::from_utf8(payload.to_vec()).unwrap()))
+        .await
+        .unwrap();
+    let fences = records.iter().filter(|r| *r == "fence").count();
+    let former: Vec<&String> = records.iter().filter(|r| *r != "fence").collect();
+    assert_eq!(fences, FENCES);
+    assert_eq!(former.len(), written, "every acknowledged record is kept");
+    eprintln!("{written} records written by the former owner around {FENCES} fences");
+}

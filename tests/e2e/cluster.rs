@@ -232,12 +232,14 @@ async fn the_owner_dies_under_load_and_the_standby_serves_every_profile_with_not
     finished(loadgen(&b, "la", 3_000, 0.5).await).await;
     let stdout = finished(through_b).await;
     // The load through the standby went on through the owner's death: some requests were
-    // refused while no node served, or lost with their connection, and sent again.
+    // taken in while no node served, or refused (sent to the owner as it died), or lost with
+    // their connection and sent again.
     let count_before = |marker: &str| -> u64 {
         let head = stdout.split(marker).next().filter(|h| h.len() < stdout.len()).unwrap_or_else(|| panic!("{stdout}"));
         head.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{stdout}"))
     };
-    assert!(count_before(" refused with 503") + count_before(" sent again") > 0, "{stdout}");
+    let taken_in = b.logs().contains("applied the events taken in while no node served");
+    assert!(taken_in || count_before(" refused with 503") + count_before(" sent again") > 0, "{stdout}");
     assert!(failover < Duration::from_secs(10), "the standby served within {failover:?} of the owner's death");
     println!("failover: the standby served every partition {failover:?} after the owner was killed");
 
@@ -400,6 +402,56 @@ async fn a_call_forwarded_by_a_standby_keeps_its_senders_address() {
         assert_eq!(status, 200, "{export}");
         assert_eq!(export["events"][0]["data"]["context"]["ip"], address, "{who}: {export}");
     }
+}
+
+/// Events posted to a standby while no node serves (the owner was killed and its lease has not
+/// lapsed yet, then the standby takes over) are taken in and answered `202`, not `503`; the
+/// node that takes over applies them before it serves. An event sent again under its id is
+/// applied once, one without an id once, and bad input is refused as the engine refuses it.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_posted_during_a_failover_are_taken_in_and_applied_once() {
+    let _heavy = harness::exclusive().await;
+    let nats = LocalNats::start(3).unwrap();
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = owner_and_standby(dir.path(), &nats, &receiver).await;
+    let events = format!("{}/v1/events", b.url);
+    let page = |id: Option<&str>, visitor: &str| {
+        let mut event = json!({"event": "page_view", "visitor_id": visitor, "data": {}});
+        if let Some(id) = id {
+            event["id"] = json!(id);
+        }
+        event
+    };
+    let (status, answer) = post_json(&events, &page(Some("before"), "taken-1")).await;
+    assert_eq!((status, answer.get("queued")), (202, None), "forwarded to the owner: {answer}");
+
+    a.kill9();
+    let post = async |event: &serde_json::Value| {
+        let response = harness::client().post(&events).json(event).send().await.unwrap();
+        let node = response.headers().get("x-starling-node").map(|v| v.to_str().unwrap().to_string());
+        (response.status().as_u16(), node, response.json::<serde_json::Value>().await.unwrap())
+    };
+    let (status, node, answer) = post(&page(Some("during"), "taken-1")).await;
+    assert_eq!((status, node.as_deref()), (202, Some("b")), "{answer}");
+    assert_eq!((answer["queued"].clone(), answer["accepted"].clone()), (json!(true), json!(1)), "{answer}");
+    assert!(cluster_view(&b).await["serving"] == false, "taken in before the standby serves");
+    let (status, _, answer) = post(&page(Some("during"), "taken-1")).await;
+    assert_eq!((status, answer["duplicates"].clone()), (202, json!(1)), "sent again: {answer}");
+    let (status, _, answer) = post(&page(None, "taken-2")).await;
+    assert_eq!((status, answer["accepted"].clone()), (202, json!(1)), "{answer}");
+    let (status, _, answer) = post(&json!({"visitor_id": "taken-3"})).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("event"), "the error names the field: {answer}");
+
+    serving(&b, Duration::from_secs(30)).await;
+    for (who, expected) in [("taken-1", 2), ("taken-2", 1)] {
+        let (status, export) = get_json(&format!("{}/v1/profiles/{who}/export", b.url)).await;
+        assert_eq!(status, 200, "{export}");
+        assert_eq!(export["events"].as_array().map(Vec::len), Some(expected), "{who}: {export}");
+    }
+    let (status, _) = get_json(&format!("{}/v1/profiles/taken-3/export", b.url)).await;
+    assert_eq!(status, 404, "the refused event was not taken in");
 }
 
 /// What the owner delivered is not delivered again by the node that takes over, even with no

@@ -19,6 +19,7 @@
 //! [`Fenced`]: ClusterError::Fenced
 
 pub mod assign;
+pub mod intake;
 pub mod local;
 pub mod log;
 pub mod outcomes;
@@ -194,6 +195,12 @@ impl Cluster {
     /// `dedup`.
     pub async fn events(&self, dedup: Duration) -> Result<stream::EventStream> {
         stream::EventStream::open(self.js.clone(), self.settings.replicas, dedup).await
+    }
+
+    /// Opens the stream of events taken in while no node serves (see [`intake`]), keeping
+    /// repeated ids out for `dedup`.
+    pub async fn intake(&self, dedup: Duration) -> Result<intake::Intake> {
+        intake::Intake::open(self.js.clone(), self.settings.replicas, dedup).await
     }
 
     /// Opens the stream of delivery outcomes (see [`outcomes`]).

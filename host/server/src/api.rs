@@ -190,7 +190,7 @@ async fn require_admin(
     }
 }
 
-fn unauthorized(denied: &Denied, scheme: &'static str) -> impl IntoResponse {
+pub(crate) fn unauthorized(denied: &Denied, scheme: &'static str) -> impl IntoResponse {
     let mut response = ApiError::new(StatusCode::UNAUTHORIZED, denied.message()).into_response();
     response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(scheme));
     response
@@ -292,16 +292,9 @@ pub(crate) async fn admit(
         metrics.reject(reason, 1);
         ApiError::new(StatusCode::BAD_REQUEST, message)
     };
-    let model = state.config.model();
-    let (mut warnings, clamped) = starling_core::ingest::bound_times(&mut events, batch, received_ms, &model)
-        .map_err(|m| invalid("too_old", m))?;
-    let spec_warnings =
-        starling_core::ingest::check_events(&mut events, batch, key_source, &model).map_err(|m| invalid("spec", m))?;
-    let spec_warned = spec_warnings.len() as u64;
-    warnings.extend(spec_warnings);
-    for warning in &warnings {
-        tracing::warn!(source = key_source.unwrap_or("-"), "event accepted with a warning: {warning}");
-    }
+    let Checked { warnings, clamped, spec_warned } =
+        check(&state.config.model(), &mut events, batch, key_source, received_ms)
+            .map_err(|(reason, message)| invalid(reason, message))?;
     if dry_run {
         return Ok(serde_json::json!({ "valid": events.len(), "warnings": warnings }));
     }
@@ -332,7 +325,37 @@ pub(crate) async fn admit(
     Ok(answer)
 }
 
-fn body_error(rejection: BytesRejection) -> ApiError {
+/// What checking an ingestion request's events found.
+pub(crate) struct Checked {
+    pub warnings: Vec<String>,
+    /// Events whose times were brought within bounds.
+    pub clamped: u64,
+    pub spec_warned: u64,
+}
+
+/// Bounds the times of parsed events and checks them against their source and specs: what
+/// every ingestion format's events pass before they are queued. A refusal names its reason (a
+/// metric label) and the problem.
+pub(crate) fn check(
+    model: &starling_core::Model,
+    events: &mut [starling_core::Event],
+    batch: bool,
+    key_source: Option<&str>,
+    received_ms: i64,
+) -> Result<Checked, (&'static str, String)> {
+    let (mut warnings, clamped) =
+        starling_core::ingest::bound_times(events, batch, received_ms, model).map_err(|m| ("too_old", m))?;
+    let spec_warnings =
+        starling_core::ingest::check_events(events, batch, key_source, model).map_err(|m| ("spec", m))?;
+    let spec_warned = spec_warnings.len() as u64;
+    warnings.extend(spec_warnings);
+    for warning in &warnings {
+        tracing::warn!(source = key_source.unwrap_or("-"), "event accepted with a warning: {warning}");
+    }
+    Ok(Checked { warnings, clamped, spec_warned })
+}
+
+pub(crate) fn body_error(rejection: BytesRejection) -> ApiError {
     let status = rejection.status();
     if status == StatusCode::PAYLOAD_TOO_LARGE {
         return ApiError::new(status, format!("request body is larger than {MAX_BODY_BYTES} bytes"));

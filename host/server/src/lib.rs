@@ -7,6 +7,7 @@ pub mod delivery;
 pub mod follow;
 pub mod http;
 pub mod import;
+mod intake;
 pub mod live;
 pub mod logging;
 pub mod node;

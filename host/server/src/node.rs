@@ -21,6 +21,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use starling_cluster::intake::Intake;
 use starling_cluster::log::JetStreamLog;
 use starling_cluster::outcomes::OutcomeStream;
 use starling_cluster::snapshot::{Covered, Snapshots};
@@ -70,6 +71,9 @@ struct View {
 struct Front {
     node: String,
     engine: RwLock<Option<axum::Router>>,
+    /// The configuration events are checked with while no node serves (then taken in).
+    config: RwLock<Arc<crate::live::Live>>,
+    intake: Arc<Intake>,
     following: Arc<FollowProgress>,
     view: watch::Receiver<View>,
     client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, axum::body::Body>,
@@ -78,16 +82,23 @@ struct Front {
 /// How long a node waits before trying again to join a cluster it could not reach.
 const JOIN_RETRY: Duration = Duration::from_secs(1);
 
+/// What a node opens on the cluster.
+struct Joined {
+    cluster: Cluster,
+    stream: Arc<EventStream>,
+    snapshots: Arc<Snapshots>,
+    outcomes: Arc<OutcomeStream>,
+    intake: Arc<Intake>,
+}
+
 /// Connects to the NATS servers and opens the streams and the snapshot store.
-async fn join(
-    urls: &[String],
-    settings: Settings,
-) -> Result<(Cluster, Arc<EventStream>, Arc<Snapshots>, Arc<OutcomeStream>), starling_cluster::ClusterError> {
+async fn join(urls: &[String], settings: Settings) -> Result<Joined, starling_cluster::ClusterError> {
     let cluster = Cluster::connect(urls, settings).await?;
     let stream = Arc::new(cluster.events(DEDUP_WINDOW).await?);
     let snapshots = Arc::new(cluster.snapshots().await?);
     let outcomes = Arc::new(cluster.outcomes().await?);
-    Ok((cluster, stream, snapshots, outcomes))
+    let intake = Arc::new(cluster.intake(DEDUP_WINDOW).await?);
+    Ok(Joined { cluster, stream, snapshots, outcomes, intake })
 }
 
 /// Serves `listener` as a cluster node until `shutdown` resolves, or until this node loses the
@@ -110,7 +121,7 @@ pub async fn serve(
     };
     let mut shutdown = std::pin::pin!(shutdown);
     // NATS may still be starting, or electing its JetStream leader: the node waits for it.
-    let (cluster, stream, snapshots, outcome_stream) = loop {
+    let Joined { cluster, stream, snapshots, outcomes: outcome_stream, intake } = loop {
         match join(&settings.nats, node_settings.clone()).await {
             Ok(joined) => break joined,
             Err(e) => tracing::warn!("the cluster cannot be joined yet ({e}); trying again"),
@@ -129,11 +140,17 @@ pub async fn serve(
     let front = Arc::new(Front {
         node: settings.node.clone(),
         engine: RwLock::new(None),
+        config: RwLock::new(Arc::new(crate::live::Live::new(Arc::new(options.model.clone()), None))),
+        intake: intake.clone(),
         following: Arc::default(),
         view: view.clone(),
         client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http(),
     });
-    let router = axum::Router::new().route("/v1/cluster", get(status)).fallback(answer).with_state(front.clone());
+    let router = axum::Router::new()
+        .route("/v1/cluster", get(status))
+        .fallback(answer)
+        .layer(axum::extract::DefaultBodyLimit::max(crate::api::MAX_BODY_BYTES))
+        .with_state(front.clone());
 
     let limits = http::Limits {
         max_connections: options.model.server.max_connections.max(1),
@@ -177,6 +194,8 @@ pub async fn serve(
             match adopt_shared_config(&mut start, ownership.cluster()).await {
                 Err(e) => tracing::warn!("following the stream: {e}"),
                 Ok(published) => {
+                    *front.config.write().expect("configuration") =
+                        Arc::new(crate::live::Live::new(Arc::new(start.model.clone()), None));
                     let sources = Sources {
                         log: log.clone(),
                         snapshots: snapshots.clone(),
@@ -204,6 +223,11 @@ pub async fn serve(
                 }
                 match activate(start, ownership.cluster(), &log, &snapshots, &front.node, addr, &drain).await {
                     Ok(engine) => {
+                        // Events taken in while no node served are applied before this node
+                        // serves: a client that was answered `202` then reads them.
+                        if let Err(e) = crate::intake::apply(&engine, &intake).await {
+                            tracing::warn!("{e}");
+                        }
                         *front.engine.write().expect("engine") = Some(engine.router());
                         app = Some(engine);
                         passing_on = Some(tokio::spawn(pass_on_outcomes(reported.clone(), outcome_stream.clone())));
@@ -222,6 +246,10 @@ pub async fn serve(
         }
         if let Some(engine) = &app {
             publish_config(engine, ownership.cluster(), &mut published).await;
+            // Taken in since (by nodes that did not yet see this one serve).
+            if let Err(e) = crate::intake::apply(engine, &intake).await {
+                tracing::warn!("{e}");
+            }
         }
         tokio::select! {
             changed = view_rx.changed() => if changed.is_err() { break Err(ServerError::Cluster("ownership rounds stopped".into())) },
@@ -851,18 +879,53 @@ async fn answer(State(front): State<Arc<Front>>, request: Request) -> Response {
         return response;
     }
     let owner = front.view.borrow().owner.clone();
-    match owner {
-        Some((node, Some(url))) if node != front.node && !request.headers().contains_key(FORWARDED_HEADER) => {
-            forward(&front, &url, request).await
-        }
-        _ => unavailable("no node of the cluster serves yet: the partitions' owner is being chosen"),
+    let owner_url = match owner {
+        Some((node, Some(url))) if node != front.node && !request.headers().contains_key(FORWARDED_HEADER) => Some(url),
+        _ => None,
+    };
+    if crate::intake::takes(&request) {
+        return post_events(&front, owner_url.as_deref(), request).await;
+    }
+    match owner_url {
+        Some(url) => forward(&front, &url, request).await.unwrap_or_else(|e| owner_unreachable(&url, e)),
+        None => unavailable("no node of the cluster serves yet: the partitions' owner is being chosen"),
     }
 }
 
-async fn forward(front: &Front, base: &str, request: Request) -> Response {
+/// Events posted to a node whose engine does not run: forwarded to the owner; taken in when no
+/// owner can take them (none is known, or its node cannot be reached: it died and its lease has
+/// not lapsed yet), as a failover must not stop ingestion.
+async fn post_events(front: &Front, owner_url: Option<&str>, request: Request) -> Response {
+    let (parts, body) = match crate::intake::body(request).await {
+        Ok(read) => read,
+        Err(refused) => return refused,
+    };
+    if let Some(url) = owner_url {
+        let request = Request::from_parts(parts.clone(), axum::body::Body::from(body.clone()));
+        match forward(front, url, request).await {
+            Ok(response) => return response,
+            // Sent, the owner may have applied it: only the client can tell by sending it again.
+            Err(e) if !e.is_connect() => return owner_unreachable(url, e),
+            Err(e) => tracing::debug!("the owner at {url} cannot be reached ({e}); taking events in"),
+        }
+    }
+    let config = front.config.read().expect("configuration").clone();
+    let mut response = crate::intake::take_in(&config, &front.intake, &front.node, &parts, &body).await;
+    if let Ok(node) = HeaderValue::from_str(&front.node) {
+        response.headers_mut().insert(HeaderName::from_static(NODE_HEADER), node);
+    }
+    response
+}
+
+fn owner_unreachable(base: &str, e: hyper_util::client::legacy::Error) -> Response {
+    tracing::warn!("forwarding to the owner at {base}: {e}");
+    unavailable("the partitions' owner could not be reached; retry")
+}
+
+async fn forward(front: &Front, base: &str, request: Request) -> Result<Response, hyper_util::client::legacy::Error> {
     let (mut parts, body) = request.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let Ok(uri) = format!("{base}{path}").parse() else { return unavailable("the owner's URL is not usable") };
+    let Ok(uri) = format!("{base}{path}").parse() else { return Ok(unavailable("the owner's URL is not usable")) };
     parts.uri = uri;
     parts.headers.remove(header::HOST);
     if let Ok(node) = HeaderValue::from_str(&front.node) {
@@ -877,13 +940,8 @@ async fn forward(front: &Front, base: &str, request: Request) -> Response {
             parts.headers.remove(CLIENT_HEADER);
         }
     }
-    match front.client.request(Request::from_parts(parts, body)).await {
-        Ok(response) => response.map(axum::body::Body::new),
-        Err(e) => {
-            tracing::warn!("forwarding to the owner at {base}: {e}");
-            unavailable("the partitions' owner could not be reached; retry")
-        }
-    }
+    let response = front.client.request(Request::from_parts(parts, body)).await?;
+    Ok(response.map(axum::body::Body::new))
 }
 
 /// A request forwarded by a node of the cluster (its address is that of a live node's URL) is

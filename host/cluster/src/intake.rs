@@ -1,0 +1,66 @@
+//! Events taken in while no node serves the partitions (the moments of a failover): one
+//! JetStream stream, `STARLING_INTAKE`, with a subject per virtual partition
+//! (`starling.intake.<N>`), replicated and synced like the event stream. Any node publishes an
+//! event there under an id (`Nats-Msg-Id`: a client's retry is stored once) and acknowledges it
+//! once the stream has it; the node that takes the partitions applies what the intake holds
+//! before it serves, then has the intake forget it.
+
+use crate::stream::read_through;
+use crate::{Result, nats};
+use async_nats::jetstream::{self, message::PublishMessage, stream};
+use bytes::Bytes;
+use starling_log::Partition;
+use std::time::Duration;
+
+const STREAM: &str = "STARLING_INTAKE";
+const SUBJECT_PREFIX: &str = "starling.intake";
+
+/// A handle on the intake stream.
+pub struct Intake {
+    js: jetstream::Context,
+    stream: stream::Stream,
+}
+
+impl Intake {
+    /// Opens the stream, creating it the first time with `replicas` copies and a window of
+    /// `dedup` during which a repeated id is recognised.
+    pub async fn open(js: jetstream::Context, replicas: usize, dedup: Duration) -> Result<Intake> {
+        let config = stream::Config {
+            name: STREAM.to_string(),
+            subjects: vec![format!("{SUBJECT_PREFIX}.*")],
+            num_replicas: replicas,
+            storage: stream::StorageType::File,
+            duplicate_window: dedup,
+            ..Default::default()
+        };
+        let stream = js.get_or_create_stream(config).await.map_err(nats)?;
+        Ok(Intake { js, stream })
+    }
+
+    /// Publishes `payload` to `partition`'s subject under `id`; returns once the stream has it,
+    /// saying whether it held it already.
+    pub async fn publish(&self, partition: Partition, id: &str, payload: Bytes) -> Result<bool> {
+        let message = PublishMessage::build().payload(payload).message_id(id);
+        let subject = format!("{SUBJECT_PREFIX}.{partition}");
+        let ack = self.js.send_publish(subject, message).await.map_err(nats)?.await.map_err(nats)?;
+        Ok(ack.duplicate)
+    }
+
+    /// Calls `visit` with each message the intake holds, in the order taken in, up to the last
+    /// one when the read starts; returns that one's sequence (0: the intake held none).
+    pub async fn read(&self, visit: &mut (dyn FnMut(Bytes) + Send)) -> Result<u64> {
+        let state = self.stream.get_info().await.map_err(nats)?.state;
+        if state.messages == 0 {
+            return Ok(0);
+        }
+        let mut visit = |_, payload| visit(payload);
+        read_through(&self.stream, &format!("{SUBJECT_PREFIX}.>"), 0, state.last_sequence, &mut visit).await?;
+        Ok(state.last_sequence)
+    }
+
+    /// Forgets every message up to `sequence` (applied); returns how many.
+    pub async fn forget_through(&self, sequence: u64) -> Result<u64> {
+        let purged = self.stream.purge().sequence(sequence + 1).await.map_err(nats)?;
+        Ok(purged.purged)
+    }
+}

@@ -1,0 +1,141 @@
+//! Ingestion while no node of a cluster serves (see [`starling_cluster::intake`]): between an
+//! owner's death and a new owner serving, `POST /v1/events` on any node checks the events as
+//! the engine would (key, body, times, specs), publishes each to its partition's intake subject
+//! and answers `202` once the stream has them all, instead of `503`. The node that takes the
+//! partitions applies the intake before it serves, and again on each of its rounds (for events
+//! taken in while it was starting), then has the intake forget what it applied.
+//!
+//! An event is applied exactly once: the intake keeps a client's retry out by the event's id
+//! (its `Nats-Msg-Id`), and an event without an id is given one here, so that the engine keeps
+//! out a second application (a new owner that died after applying the intake, before it was
+//! forgotten).
+
+use crate::api::{ApiError, Checked};
+use crate::live::Live;
+use crate::{App, ServerError};
+use axum::extract::{FromRequest, Request};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use starling_cluster::intake::Intake;
+use starling_core::Event;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Events submitted to the engine at once when applying the intake.
+const APPLIED_AT_ONCE: usize = 500;
+
+/// Whether `request` is one the intake can take: events posted to the native API.
+pub(crate) fn takes(request: &Request) -> bool {
+    request.method() == Method::POST && request.uri().path() == "/v1/events"
+}
+
+/// The body of a request [`takes`] accepts, read once: it may be forwarded, then taken in.
+pub(crate) async fn body(request: Request) -> Result<(axum::http::request::Parts, Bytes), Response> {
+    let (parts, body) = request.into_parts();
+    let limited = Request::from_parts(parts.clone(), body);
+    match Bytes::from_request(limited, &()).await {
+        Ok(bytes) => Ok((parts, bytes)),
+        Err(rejection) => Err(crate::api::body_error(rejection).into_response()),
+    }
+}
+
+/// Checks the events of a `POST /v1/events` and publishes them to the intake; answers as the
+/// engine would (`202` with what was accepted, or the error naming the problem), saying
+/// `"queued": true`.
+pub(crate) async fn take_in(
+    config: &Live,
+    intake: &Intake,
+    node: &str,
+    parts: &axum::http::request::Parts,
+    body: &[u8],
+) -> Response {
+    let key_source = match config.keys().check_source(&parts.headers) {
+        Ok(source) => source,
+        Err(denied) => return crate::api::unauthorized(&denied, "ApiKey").into_response(),
+    };
+    let dry_run = parts.uri.query().is_some_and(|q| q.split('&').any(|p| p == "dry_run=true"));
+    let received_ms = crate::system_clock();
+    let (mut events, batch) = match starling_core::ingest::parse_request(body, received_ms) {
+        Ok(parsed) => parsed,
+        Err(message) => return ApiError::new(StatusCode::BAD_REQUEST, message).into_response(),
+    };
+    let Checked { warnings, .. } =
+        match crate::api::check(&config.model(), &mut events, batch, key_source.as_deref(), received_ms) {
+            Ok(checked) => checked,
+            Err((_, message)) => return ApiError::new(StatusCode::BAD_REQUEST, message).into_response(),
+        };
+    if dry_run {
+        let answer = serde_json::json!({ "valid": events.len(), "warnings": warnings });
+        return (StatusCode::OK, axum::Json(answer)).into_response();
+    }
+    let publishes = events.into_iter().map(|mut event| {
+        let id = intake_id(node, &mut event);
+        let partition = starling_log::partition_of(&event.visitor_id);
+        let payload = Bytes::from(serde_json::to_vec(&event).expect("an event serializes"));
+        async move { intake.publish(partition, &id, payload).await }
+    });
+    let published = futures_util::future::join_all(publishes).await;
+    let (mut accepted, mut duplicates) = (0, 0);
+    for result in published {
+        match result {
+            Ok(true) => duplicates += 1,
+            Ok(false) => accepted += 1,
+            // The client sends the request again; what the intake took is kept out then.
+            Err(e) => {
+                tracing::warn!("taking events in: {e}");
+                let message = "no node of the cluster serves yet, and the intake could not take every event; retry";
+                return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message).into_response();
+            }
+        }
+    }
+    let mut answer = serde_json::json!({ "accepted": accepted, "duplicates": duplicates, "queued": true });
+    if !warnings.is_empty() {
+        answer["warnings"] = serde_json::json!(warnings);
+    }
+    (StatusCode::ACCEPTED, axum::Json(answer)).into_response()
+}
+
+/// The intake id of `event`: a digest of what the engine deduplicates it by; an event without
+/// an id is given one first, unique to this node and process.
+fn intake_id(node: &str, event: &mut Event) -> String {
+    static TAKEN: AtomicU64 = AtomicU64::new(0);
+    static RUN: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    if event.id.is_none() {
+        let run = RUN.get_or_init(crate::system_clock);
+        event.id = Some(format!("intake-{node}-{run}-{}", TAKEN.fetch_add(1, Ordering::Relaxed)));
+    }
+    let key = event.dedup_key().expect("the event has an id");
+    let digest = Sha256::digest(key.as_bytes());
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Applies what the intake holds through `app`'s engine, then has the intake forget it.
+/// Returns how many events were applied.
+pub(crate) async fn apply(app: &App, intake: &Intake) -> Result<usize, ServerError> {
+    let cluster = |e: starling_cluster::ClusterError| ServerError::Cluster(format!("applying the intake: {e}"));
+    let mut events = Vec::new();
+    let mut unreadable = 0;
+    let last = intake
+        .read(&mut |payload| match serde_json::from_slice::<Event>(&payload) {
+            Ok(event) => events.push(event),
+            Err(_) => unreadable += 1,
+        })
+        .await
+        .map_err(cluster)?;
+    if last == 0 {
+        return Ok(0);
+    }
+    if unreadable > 0 {
+        tracing::warn!(unreadable, "intake messages that are not events were skipped");
+    }
+    let applied = events.len();
+    let mut pending = events.into_iter().peekable();
+    while pending.peek().is_some() {
+        let chunk: Vec<Event> = pending.by_ref().take(APPLIED_AT_ONCE).collect();
+        app.state.ingest.submit(chunk).await.map_err(|e| ServerError::Cluster(format!("applying the intake: {e}")))?;
+    }
+    intake.forget_through(last).await.map_err(cluster)?;
+    tracing::info!(events = applied, "applied the events taken in while no node served");
+    Ok(applied)
+}

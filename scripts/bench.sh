@@ -259,7 +259,7 @@ EOF
     wait $loader || true
     grep applied target/bench/failover-load.log
     grep -E 'snapshot stored' target/bench/node-a.log | tail -1
-    grep -E 'restored|replayed|owns every|outcomes taken' target/bench/node-b.log | tail -4
+    grep -E 'restored|replayed|owns every|outcomes taken|taken in' target/bench/node-b.log | tail -5
     load --server http://127.0.0.1:8081 --prefix failover --verify-only | grep -A10 verified
     echo "stream, buckets and snapshots on disk, three servers: $(du -sb "$dir" | cut -f1) bytes"
     kill "${nodes[@]}" 2>/dev/null || true

@@ -10,15 +10,20 @@ use crate::{Result, nats};
 use async_nats::jetstream::{self, message::PublishMessage, stream};
 use bytes::Bytes;
 use starling_log::Partition;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 const STREAM: &str = "STARLING_INTAKE";
 const SUBJECT_PREFIX: &str = "starling.intake";
+/// How long a reading of how many messages the intake holds is reused (with what this node
+/// published since added).
+const HELD_KEPT: Duration = Duration::from_millis(100);
 
 /// A handle on the intake stream.
 pub struct Intake {
     js: jetstream::Context,
     stream: stream::Stream,
+    held: Mutex<Option<(Instant, u64)>>,
 }
 
 impl Intake {
@@ -34,7 +39,7 @@ impl Intake {
             ..Default::default()
         };
         let stream = js.get_or_create_stream(config).await.map_err(nats)?;
-        Ok(Intake { js, stream })
+        Ok(Intake { js, stream, held: Mutex::new(None) })
     }
 
     /// Publishes `payload` to `partition`'s subject under `id`; returns once the stream has it,
@@ -43,7 +48,25 @@ impl Intake {
         let message = PublishMessage::build().payload(payload).message_id(id);
         let subject = format!("{SUBJECT_PREFIX}.{partition}");
         let ack = self.js.send_publish(subject, message).await.map_err(nats)?.await.map_err(nats)?;
+        if !ack.duplicate
+            && let Some((_, held)) = self.held.lock().expect("intake size").as_mut()
+        {
+            *held += 1;
+        }
         Ok(ack.duplicate)
+    }
+
+    /// How many messages the intake holds, as the servers said at most [`HELD_KEPT`] ago, with
+    /// what this node published since.
+    pub async fn held(&self) -> Result<u64> {
+        if let Some((at, held)) = *self.held.lock().expect("intake size")
+            && at.elapsed() < HELD_KEPT
+        {
+            return Ok(held);
+        }
+        let held = self.stream.get_info().await.map_err(nats)?.state.messages;
+        *self.held.lock().expect("intake size") = Some((Instant::now(), held));
+        Ok(held)
     }
 
     /// Calls `visit` with each message the intake holds, in the order taken in, up to the last
@@ -61,6 +84,7 @@ impl Intake {
     /// Forgets every message up to `sequence` (applied); returns how many.
     pub async fn forget_through(&self, sequence: u64) -> Result<u64> {
         let purged = self.stream.purge().sequence(sequence + 1).await.map_err(nats)?;
+        *self.held.lock().expect("intake size") = None;
         Ok(purged.purged)
     }
 }

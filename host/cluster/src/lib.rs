@@ -47,9 +47,11 @@ pub enum ClusterError {
     /// owner and must not write anything of the partition.
     #[error("partition {partition} is no longer this node's (another node holds its lease)")]
     Fenced { partition: Partition },
-    /// The partition's log has records this writer has not seen: another node wrote to it.
+    /// The partition's log does not end where this writer expected: another node wrote to it.
+    /// `last` is the id of the partition's last record (`None`: it holds none), which says
+    /// whose it is.
     #[error("partition {partition}'s log has records this node has not applied (another node wrote to it)")]
-    Behind { partition: Partition },
+    Behind { partition: Partition, last: Option<String> },
     /// Another node holds an unexpired lease on the partition.
     #[error("partition {partition} is held by node `{node}`")]
     Taken { partition: Partition, node: String },

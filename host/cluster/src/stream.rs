@@ -70,7 +70,23 @@ impl EventStream {
         let ack = self.js.send_publish(subject(partition), message).await.map_err(nats)?;
         match ack.await {
             Ok(ack) => Ok(ack.sequence),
-            Err(e) if wrong_last_sequence(&e) => Err(ClusterError::Behind { partition }),
+            // A publish sent again because its acknowledgement was lost (a busy server) can be
+            // refused as not following the last record when the first send was stored: that
+            // last record is then this one.
+            Err(e) if wrong_last_sequence(&e) => {
+                let last = match self.stream.get_last_raw_message_by_subject(&subject(partition)).await {
+                    Ok(stored) => {
+                        let stored_id = stored.headers.get(async_nats::header::NATS_MESSAGE_ID).map(|v| v.to_string());
+                        if stored_id.as_deref() == Some(id) {
+                            return Ok(stored.sequence);
+                        }
+                        stored_id
+                    }
+                    Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => None,
+                    Err(e) => return Err(nats(e)),
+                };
+                Err(ClusterError::Behind { partition, last })
+            }
             Err(e) => Err(nats(e)),
         }
     }
@@ -81,10 +97,15 @@ impl EventStream {
     }
 
     /// Forgets `partition`'s records before `position` (a snapshot includes them). The record at
-    /// `position` stays, so the partition's last position, on which every append is
-    /// conditional, never goes back to none. Returns how many records were forgotten.
+    /// `position`, and the partition's last record in any case, stay, so the partition's last
+    /// position, on which every append is conditional, never goes back to none. Returns how
+    /// many records were forgotten.
     pub async fn forget_before(&self, partition: Partition, position: Position) -> Result<u64> {
-        let purged = self.stream.purge().filter(subject(partition)).sequence(position).await.map_err(nats)?;
+        let last = self.last_position(partition).await?;
+        if last == 0 {
+            return Ok(0);
+        }
+        let purged = self.stream.purge().filter(subject(partition)).sequence(position.min(last)).await.map_err(nats)?;
         Ok(purged.purged)
     }
 

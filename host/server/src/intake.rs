@@ -24,6 +24,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Events submitted to the engine at once when applying the intake.
 const APPLIED_AT_ONCE: usize = 500;
+/// Most events the intake holds: the node taking over applies them all before it serves, so
+/// this bounds what they add to a failover (about a second here: BENCHMARKS.md). Beyond it,
+/// events are refused with `503` and `Retry-After`, as the engine refuses work beyond its
+/// queues.
+const MOST_HELD: u64 = 10_000;
 
 /// Whether `request` is one the intake can take: events posted to the native API.
 pub(crate) fn takes(request: &Request) -> bool {
@@ -68,6 +73,20 @@ pub(crate) async fn take_in(
     if dry_run {
         let answer = serde_json::json!({ "valid": events.len(), "warnings": warnings });
         return (StatusCode::OK, axum::Json(answer)).into_response();
+    }
+    match intake.held().await {
+        Ok(held) if held + events.len() as u64 <= MOST_HELD => {}
+        Ok(held) => {
+            let message = format!(
+                "no node of the cluster serves yet, and the intake holds {held} events (at most {MOST_HELD}); retry"
+            );
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message).into_response();
+        }
+        Err(e) => {
+            tracing::warn!("taking events in: {e}");
+            let message = "no node of the cluster serves yet, and the intake cannot be reached; retry";
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message).into_response();
+        }
     }
     let publishes = events.into_iter().map(|mut event| {
         let id = intake_id(node, &mut event);

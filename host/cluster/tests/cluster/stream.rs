@@ -126,7 +126,10 @@ async fn records_a_snapshot_includes_are_forgotten_and_appends_go_on() {
     let next = events.append_after(2, last_of_2, "after", Bytes::from_static(b"after")).await.unwrap();
     assert!(next > last_of_2);
     let stale = events.append_after(2, last_of_2, "stale", Bytes::from_static(b"stale")).await;
-    assert!(matches!(stale, Err(starling_cluster::ClusterError::Behind { partition: 2 })), "{stale:?}");
+    assert!(matches!(stale, Err(starling_cluster::ClusterError::Behind { partition: 2, .. })), "{stale:?}");
+    // Asked to forget past the partition's last record, the stream still keeps that record.
+    assert_eq!(events.forget_before(2, next + 1_000).await.unwrap(), 1);
+    assert_eq!(events.last_position(2).await.unwrap(), next);
 }
 
 /// A read deletes the consumer it reads through once done: a standby reads every partition
@@ -226,6 +229,25 @@ async fn outcomes_are_read_on_from_where_the_reader_left_off() {
     let rest = read(sequences[0]).await;
     assert_eq!(rest.iter().map(|(s, _)| *s).collect::<Vec<_>>(), sequences[1..].to_vec());
     assert!(read(sequences[2]).await.is_empty(), "nothing after the last");
+}
+
+/// A record sent again after the stream stored it (its acknowledgement was lost: a busy
+/// server) is not refused as behind the partition: it is the partition's last record. (Fails
+/// without that check: an owner would take its own record for another node's and stop.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_sent_again_after_it_was_stored_is_the_partitions_last() {
+    use starling_cluster::ClusterError;
+    let nats = LocalNats::start(3).unwrap();
+    let node = join(&nats, "a").await;
+    let events = node.cluster().events(Duration::from_secs(120)).await.unwrap();
+    let first = events.append_after(9, 0, "r1", Bytes::from_static(b"r1")).await.unwrap();
+    let again = events.append_after(9, 0, "r1", Bytes::from_static(b"r1")).await.unwrap();
+    assert_eq!(again, first, "the stored record's position");
+    let other = events.append_after(9, 0, "r2", Bytes::from_static(b"r2")).await;
+    assert!(
+        matches!(&other, Err(ClusterError::Behind { partition: 9, last }) if last.as_deref() == Some("r1")),
+        "{other:?}"
+    );
 }
 
 /// A node taking partitions over fences each one after the last record written there, even a

@@ -2,8 +2,9 @@
 //! owner's death and a new owner serving, `POST /v1/events` on any node checks the events as
 //! the engine would (key, body, times, specs), publishes each to its partition's intake subject
 //! and answers `202` once the stream has them all, instead of `503`. The node that takes the
-//! partitions applies the intake before it serves, and again on each of its rounds (for events
-//! taken in while it was starting), then has the intake forget what it applied.
+//! partitions queues what the intake holds on its engine before it serves (so whatever it is
+//! sent next, reads included, comes after), and again on each of its rounds (for events taken
+//! in while it was starting); once they are applied, the intake forgets them.
 //!
 //! An event is applied exactly once: the intake keeps a client's retry out by the event's id
 //! (its `Nats-Msg-Id`), and an event without an id is given one here, so that the engine keeps
@@ -20,15 +21,15 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use starling_cluster::intake::Intake;
 use starling_core::Event;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::task::JoinHandle;
 
-/// Events submitted to the engine at once when applying the intake.
-const APPLIED_AT_ONCE: usize = 500;
-/// Most events the intake holds: the node taking over applies them all before it serves, so
-/// this bounds what they add to a failover (about a second here: BENCHMARKS.md). Beyond it,
-/// events are refused with `503` and `Retry-After`, as the engine refuses work beyond its
-/// queues.
-const MOST_HELD: u64 = 10_000;
+/// Most events the intake holds: the node taking over applies them ahead of what it is sent
+/// next, so this bounds how long new requests wait behind them (about two and a half seconds
+/// here: BENCHMARKS.md). Beyond it, events are refused with `503` and `Retry-After`, as the
+/// engine refuses work beyond its queues.
+const MOST_HELD: u64 = 30_000;
 
 /// Whether `request` is one the intake can take: events posted to the native API.
 pub(crate) fn takes(request: &Request) -> bool {
@@ -129,9 +130,10 @@ fn intake_id(node: &str, event: &mut Event) -> String {
     digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Applies what the intake holds through `app`'s engine, then has the intake forget it.
-/// Returns how many events were applied.
-pub(crate) async fn apply(app: &App, intake: &Intake) -> Result<usize, ServerError> {
+/// Queues what the intake holds on `app`'s engine, ahead of anything sent to it after; the task
+/// returned waits until it is applied, then has the intake forget it. `None`: the intake was
+/// empty.
+pub(crate) async fn apply(app: &App, intake: Arc<Intake>) -> Result<Option<JoinHandle<()>>, ServerError> {
     let cluster = |e: starling_cluster::ClusterError| ServerError::Cluster(format!("applying the intake: {e}"));
     let mut events = Vec::new();
     let mut unreadable = 0;
@@ -143,18 +145,25 @@ pub(crate) async fn apply(app: &App, intake: &Intake) -> Result<usize, ServerErr
         .await
         .map_err(cluster)?;
     if last == 0 {
-        return Ok(0);
+        return Ok(None);
     }
     if unreadable > 0 {
         tracing::warn!(unreadable, "intake messages that are not events were skipped");
     }
-    let applied = events.len();
-    let mut pending = events.into_iter().peekable();
-    while pending.peek().is_some() {
-        let chunk: Vec<Event> = pending.by_ref().take(APPLIED_AT_ONCE).collect();
-        app.state.ingest.submit(chunk).await.map_err(|e| ServerError::Cluster(format!("applying the intake: {e}")))?;
-    }
-    intake.forget_through(last).await.map_err(cluster)?;
-    tracing::info!(events = applied, "applied the events taken in while no node served");
-    Ok(applied)
+    let (taken, started) = (events.len(), std::time::Instant::now());
+    let queued =
+        app.state.ingest.send(events).map_err(|e| ServerError::Cluster(format!("applying the intake: {e}")))?;
+    Ok(Some(tokio::spawn(async move {
+        // Not applied (the engine stopping, a failed commit): the intake keeps the events, and
+        // the next owner, or this one's next round, applies them; ids keep any applied out.
+        if let Err(e) = queued.durable().await {
+            tracing::warn!("applying the intake: {e}");
+            return;
+        }
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(events = taken, elapsed_ms, "applied the events taken in while no node served");
+        if let Err(e) = intake.forget_through(last).await {
+            tracing::warn!("the intake did not forget what was applied: {e}");
+        }
+    })))
 }

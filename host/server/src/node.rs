@@ -168,6 +168,8 @@ pub async fn serve(
     let mut snapshotting = None;
     let mut published = None;
     let mut following: Option<Following> = None;
+    // The intake's events queued on the engine, until they are applied.
+    let mut applying: Option<tokio::task::JoinHandle<()>> = None;
     // How the owner's deliveries ended: kept by its lanes, published, taken by the followers.
     let (reported, mut passing_on) = (Outcomes::default(), None);
     let feed = OutcomeFeed { stream: outcome_stream.clone(), read: Arc::default() };
@@ -223,10 +225,11 @@ pub async fn serve(
                 }
                 match activate(start, ownership.cluster(), &log, &snapshots, &front.node, addr, &drain).await {
                     Ok(engine) => {
-                        // Events taken in while no node served are applied before this node
+                        // Events taken in while no node served are queued before this node
                         // serves: a client that was answered `202` then reads them.
-                        if let Err(e) = crate::intake::apply(&engine, &intake).await {
-                            tracing::warn!("{e}");
+                        match crate::intake::apply(&engine, intake.clone()).await {
+                            Ok(task) => applying = task,
+                            Err(e) => tracing::warn!("{e}"),
                         }
                         *front.engine.write().expect("engine") = Some(engine.router());
                         app = Some(engine);
@@ -247,8 +250,11 @@ pub async fn serve(
         if let Some(engine) = &app {
             publish_config(engine, ownership.cluster(), &mut published).await;
             // Taken in since (by nodes that did not yet see this one serve).
-            if let Err(e) = crate::intake::apply(engine, &intake).await {
-                tracing::warn!("{e}");
+            if applying.as_ref().is_none_or(|task| task.is_finished()) {
+                match crate::intake::apply(engine, intake.clone()).await {
+                    Ok(task) => applying = task,
+                    Err(e) => tracing::warn!("{e}"),
+                }
             }
         }
         tokio::select! {

@@ -1350,6 +1350,7 @@ impl Worker {
                     self.failed = Some(format!("the partition's state could not be derived again: {e}"));
                 } else {
                     self.recover(conn);
+                    self.send_again(batch, replayed);
                 }
                 Err(e)
             }
@@ -1495,6 +1496,28 @@ impl Worker {
             self.process(conn, vec![job], now_ms, Some((entry.partition, entry.position)));
         }
         tracing::info!(partition = self.index, records = replayed, "state derived again from the log");
+    }
+
+    /// Sends this worker again the merges and overtaken claims of a batch it could not apply:
+    /// other workers handed them on once, and their clients' retries do not make them again
+    /// (only the next start would). Queued behind what waits; one applied since is skipped by
+    /// its origin.
+    fn send_again(&self, batch: &[IngestJob], replayed: Option<(Partition, Position)>) {
+        if replayed.is_some() || self.shared.following {
+            return;
+        }
+        let Some(this) = self.peers[self.index].upgrade() else { return };
+        for job in batch {
+            let work = match &job.work {
+                Work::Merge(merge) => Work::Merge(merge.clone()),
+                Work::Overtaken(overtaken) => Work::Overtaken(overtaken.clone()),
+                _ => continue,
+            };
+            let (reply, _) = oneshot::channel();
+            if this.send(IngestJob { work, reply, _room: None, replay: None }).is_err() {
+                return;
+            }
+        }
     }
 
     /// Publishes directory changes, then sends merges (once written to SQLite) and forwarded
@@ -3250,6 +3273,81 @@ mod tests {
         let decided_apart = starling_store::handed_over(&conn).unwrap();
         assert!(decided_apart.is_empty(), "merges the live run did not make: {decided_apart:?}");
         copy.stop();
+    }
+
+    /// A log that refuses one append to `partition` once armed.
+    #[derive(Default)]
+    struct RefusingLog {
+        log: starling_log::MemoryLog,
+        armed: Mutex<Option<Partition>>,
+    }
+
+    impl EventLog for RefusingLog {
+        fn append(&self, records: &[(Partition, &[u8])]) -> starling_log::Result<Vec<Position>> {
+            let mut armed = self.armed.lock().unwrap();
+            if let Some(partition) = *armed
+                && records.iter().any(|(p, _)| *p == partition)
+            {
+                *armed = None;
+                return Err(starling_log::LogError::Remote("refused once".into()));
+            }
+            self.log.append(records)
+        }
+        fn sync(&self, position: Position) -> starling_log::Result<()> {
+            self.log.sync(position)
+        }
+        fn read(&self, after: &[(Partition, Position)], visit: &mut dyn FnMut(Entry)) -> starling_log::Result<()> {
+            self.log.read(after, visit)
+        }
+        fn truncate_before(&self, position: Position) -> starling_log::Result<u64> {
+            self.log.truncate_before(position)
+        }
+        fn seal(&self) -> starling_log::Result<()> {
+            self.log.seal()
+        }
+        fn next_position(&self) -> Position {
+            self.log.next_position()
+        }
+        fn continue_after(&self, position: Position) {
+            self.log.continue_after(position)
+        }
+        fn size_bytes(&self) -> u64 {
+            self.log.size_bytes()
+        }
+    }
+
+    /// A merge handed to a worker whose batch then fails (its log append refused) is applied
+    /// once the worker has derived its state again, not at the next start only: the client's
+    /// retry is a duplicate and decides nothing. (Fails without the merge sent again: the
+    /// second visitor's profile stays apart.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_merge_whose_batch_failed_is_applied_again() {
+        let first = (0..).map(|i| format!("visitor-{i}")).find(|id| worker_of(id, 2) == 0).unwrap();
+        let second = (0..).map(|i| format!("visitor-{i}")).find(|id| worker_of(id, 2) == 1).unwrap();
+        let log = Arc::new(RefusingLog::default());
+        let running = Running::with_config(STITCHING, 2, log.clone(), false);
+        running.ingest.submit(vec![login(&first, 0)]).await.unwrap();
+        // The first visitor's next record, the merge of the second into it, is refused.
+        *log.armed.lock().unwrap() = Some(starling_log::partition_of(&first));
+        let second_login = Event { id: Some("second-login".into()), ..login(&second, 1) };
+        let refused = running.ingest.submit(vec![second_login.clone()]).await;
+        assert!(refused.is_err(), "the merge's batch failed: {refused:?}");
+        assert!(log.armed.lock().unwrap().is_none(), "the refusal was used");
+        // The client sends its request again: a duplicate; the merge comes from the worker.
+        let again = running.ingest.submit(vec![second_login]).await.unwrap();
+        assert_eq!(again.duplicates, 1);
+        for _ in 0..500 {
+            running.ingest.materialize().await.unwrap();
+            if running.profile(&second).is_none() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(running.profile(&second).is_none(), "merged into the first");
+        assert_eq!(running.profile(&first).unwrap().event_count, 2);
+        let conn = starling_store::open(&running.database).unwrap();
+        assert!(starling_store::handed_over(&conn).unwrap().is_empty());
+        running.stop();
     }
 
     /// The requests a worker applies as one batch make one record per partition they touch,

@@ -405,16 +405,21 @@ async fn a_call_forwarded_by_a_standby_keeps_its_senders_address() {
 }
 
 /// Events posted to a standby while no node serves (the owner was killed and its lease has not
-/// lapsed yet, then the standby takes over) are taken in and answered `202`, not `503`; the
-/// node that takes over applies them before it serves. An event sent again under its id is
-/// applied once, one without an id once, and bad input is refused as the engine refuses it.
+/// lapsed yet, then the standby takes over) are taken in and answered `202`, not `503`, in the
+/// native API and in the wire formats; the node that takes over applies them before what it is
+/// sent next. An event sent again under its id is applied once, one without an id once, and bad
+/// input or a wrong key is refused as the engine refuses it.
 #[tokio::test(flavor = "multi_thread")]
 async fn events_posted_during_a_failover_are_taken_in_and_applied_once() {
     let _heavy = harness::exclusive().await;
     let nats = LocalNats::start(3).unwrap();
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = owner_and_standby(dir.path(), &nats, &receiver).await;
+    let web = format!("[[source]]\nname = \"web\"\napi_key = \"{SEGMENT_KEY}\"\n[source.segment]\n");
+    let a = Server::start(&node_config_with(dir.path(), "a", &nats, &receiver.url, &web));
+    serving(&a, FIRST_START).await;
+    let b = Server::start(&node_config_with(dir.path(), "b", &nats, &receiver.url, &web));
+    standing_by(&b).await;
     let events = format!("{}/v1/events", b.url);
     let page = |id: Option<&str>, visitor: &str| {
         let mut event = json!({"event": "page_view", "visitor_id": visitor, "data": {}});
@@ -423,35 +428,46 @@ async fn events_posted_during_a_failover_are_taken_in_and_applied_once() {
         }
         event
     };
-    let (status, answer) = post_json(&events, &page(Some("before"), "taken-1")).await;
-    assert_eq!((status, answer.get("queued")), (202, None), "forwarded to the owner: {answer}");
-
-    a.kill9();
-    let post = async |event: &serde_json::Value| {
-        let response = harness::client().post(&events).json(event).send().await.unwrap();
+    let post = async |url: &str, key: &str, body: &serde_json::Value| {
+        let response = harness::client().post(url).header("x-api-key", key).json(body).send().await.unwrap();
         let node = response.headers().get("x-starling-node").map(|v| v.to_str().unwrap().to_string());
         (response.status().as_u16(), node, response.json::<serde_json::Value>().await.unwrap())
     };
-    let (status, node, answer) = post(&page(Some("during"), "taken-1")).await;
+    let (status, node, answer) = post(&events, SEGMENT_KEY, &page(Some("before"), "taken-1")).await;
+    assert_eq!((status, node.as_deref(), answer.get("queued")), (202, Some("a"), None), "forwarded: {answer}");
+
+    a.kill9();
+    let (status, node, answer) = post(&events, SEGMENT_KEY, &page(Some("during"), "taken-1")).await;
     assert_eq!((status, node.as_deref()), (202, Some("b")), "{answer}");
     assert_eq!((answer["queued"].clone(), answer["accepted"].clone()), (json!(true), json!(1)), "{answer}");
     assert!(cluster_view(&b).await["serving"] == false, "taken in before the standby serves");
-    let (status, _, answer) = post(&page(Some("during"), "taken-1")).await;
+    let (status, _, answer) = post(&events, SEGMENT_KEY, &page(Some("during"), "taken-1")).await;
     assert_eq!((status, answer["duplicates"].clone()), (202, json!(1)), "sent again: {answer}");
-    let (status, _, answer) = post(&page(None, "taken-2")).await;
+    let (status, _, answer) = post(&events, SEGMENT_KEY, &page(None, "taken-2")).await;
     assert_eq!((status, answer["accepted"].clone()), (202, json!(1)), "{answer}");
-    let (status, _, answer) = post(&json!({"visitor_id": "taken-3"})).await;
+    let (status, _, answer) = post(&events, SEGMENT_KEY, &json!({"visitor_id": "taken-3"})).await;
     assert_eq!(status, 400, "{answer}");
     assert!(answer["error"].as_str().unwrap().contains("event"), "the error names the field: {answer}");
+    let (status, _, answer) = post(&events, "not-a-key", &page(None, "taken-3")).await;
+    assert_eq!(status, 401, "{answer}");
+    // A Segment call: its write key checked, answered in Segment's shape.
+    let track = json!({"type": "track", "event": "Probe", "anonymousId": "taken-4", "properties": {}});
+    let segment =
+        |key: &str| harness::client().post(format!("{}/v1/track", b.url)).basic_auth(key, Some("")).json(&track).send();
+    let answer = segment(SEGMENT_KEY).await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.json::<serde_json::Value>().await.unwrap(), json!({"success": true}));
+    assert_eq!(segment("not-a-key").await.unwrap().status(), 401);
+    assert!(cluster_view(&b).await["serving"] == false, "taken in before the standby serves");
 
     serving(&b, Duration::from_secs(30)).await;
-    for (who, expected) in [("taken-1", 2), ("taken-2", 1)] {
+    for (who, expected) in [("taken-1", 2), ("taken-2", 1), ("taken-4", 1)] {
         let (status, export) = get_json(&format!("{}/v1/profiles/{who}/export", b.url)).await;
         assert_eq!(status, 200, "{export}");
         assert_eq!(export["events"].as_array().map(Vec::len), Some(expected), "{who}: {export}");
     }
     let (status, _) = get_json(&format!("{}/v1/profiles/taken-3/export", b.url)).await;
-    assert_eq!(status, 404, "the refused event was not taken in");
+    assert_eq!(status, 404, "the refused events were not taken in");
 }
 
 /// What the owner delivered is not delivered again by the node that takes over, even with no

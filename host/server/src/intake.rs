@@ -13,6 +13,7 @@
 
 use crate::api::{ApiError, Checked};
 use crate::live::Live;
+use crate::wire::Admission;
 use crate::{App, ServerError};
 use axum::extract::{FromRequest, Request};
 use axum::http::{Method, StatusCode};
@@ -21,8 +22,8 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use starling_cluster::intake::Intake;
 use starling_core::Event;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use tokio::task::JoinHandle;
 
 /// Most events the intake holds: the node taking over applies them ahead of what it is sent
@@ -31,9 +32,11 @@ use tokio::task::JoinHandle;
 /// engine refuses work beyond its queues.
 const MOST_HELD: u64 = 30_000;
 
-/// Whether `request` is one the intake can take: events posted to the native API.
+/// Whether `request` is one the intake can take: events posted to the native API or in a wire
+/// format (Segment, Tealium).
 pub(crate) fn takes(request: &Request) -> bool {
-    request.method() == Method::POST && request.uri().path() == "/v1/events"
+    let (method, path) = (request.method(), request.uri().path());
+    (method == Method::POST && path == "/v1/events") || crate::wire::routed(method, path)
 }
 
 /// The body of a request [`takes`] accepts, read once: it may be forwarded, then taken in.
@@ -46,74 +49,139 @@ pub(crate) async fn body(request: Request) -> Result<(axum::http::request::Parts
     }
 }
 
-/// Checks the events of a `POST /v1/events` and publishes them to the intake; answers as the
-/// engine would (`202` with what was accepted, or the error naming the problem), saying
-/// `"queued": true`.
-pub(crate) async fn take_in(
-    config: &Live,
-    intake: &Intake,
-    node: &str,
-    parts: &axum::http::request::Parts,
-    body: &[u8],
-) -> Response {
-    let key_source = match config.keys().check_source(&parts.headers) {
-        Ok(source) => source,
-        Err(denied) => return crate::api::unauthorized(&denied, "ApiKey").into_response(),
-    };
-    let dry_run = parts.uri.query().is_some_and(|q| q.split('&').any(|p| p == "dry_run=true"));
-    let received_ms = crate::system_clock();
-    let (mut events, batch) = match starling_core::ingest::parse_request(body, received_ms) {
-        Ok(parsed) => parsed,
-        Err(message) => return ApiError::new(StatusCode::BAD_REQUEST, message).into_response(),
-    };
-    let Checked { warnings, .. } =
-        match crate::api::check(&config.model(), &mut events, batch, key_source.as_deref(), received_ms) {
-            Ok(checked) => checked,
-            Err((_, message)) => return ApiError::new(StatusCode::BAD_REQUEST, message).into_response(),
+/// Taking events into the intake: what a cluster node's ingestion does while no node serves.
+#[derive(Clone)]
+pub(crate) struct Taking {
+    /// The configuration events are checked with: the one the node would start with.
+    config: Arc<RwLock<Arc<Live>>>,
+    intake: Arc<Intake>,
+    node: Arc<str>,
+    /// The names requests may address this node by, as the engine checks them.
+    hosts: Arc<crate::origin::Hosts>,
+}
+
+impl Taking {
+    pub(crate) fn new(config: Arc<Live>, intake: Arc<Intake>, node: &str, listening: std::net::SocketAddr) -> Taking {
+        let hosts = crate::origin::Hosts::new(&config.model().server.hostnames);
+        hosts.listening_on(listening);
+        Taking { config: Arc::new(RwLock::new(config)), intake, node: node.into(), hosts: Arc::new(hosts) }
+    }
+
+    pub(crate) fn set_config(&self, config: Arc<Live>) {
+        *self.config.write().expect("configuration") = config;
+    }
+
+    /// Answers a request [`takes`] accepts, with its body read: as the engine would, saying
+    /// `"queued": true` (the wire formats answer in their own shapes).
+    pub(crate) async fn take_in(&self, parts: axum::http::request::Parts, body: Bytes) -> Response {
+        if let Some(why) = crate::origin::refusal(&self.hosts, &parts.headers, false) {
+            return ApiError::new(StatusCode::FORBIDDEN, why).into_response();
+        }
+        if parts.uri.path() != "/v1/events" {
+            let request = Request::from_parts(parts, axum::body::Body::from(body));
+            let formats = crate::wire::routes().with_state(self.clone());
+            return tower::ServiceExt::oneshot(formats, request).await.unwrap_or_else(|e| match e {});
+        }
+        let config = self.config();
+        let key_source = match config.keys().check_source(&parts.headers) {
+            Ok(source) => source,
+            Err(denied) => return crate::api::unauthorized(&denied, "ApiKey").into_response(),
         };
-    if dry_run {
-        let answer = serde_json::json!({ "valid": events.len(), "warnings": warnings });
-        return (StatusCode::OK, axum::Json(answer)).into_response();
-    }
-    match intake.held().await {
-        Ok(held) if held + events.len() as u64 <= MOST_HELD => {}
-        Ok(held) => {
-            let message = format!(
-                "no node of the cluster serves yet, and the intake holds {held} events (at most {MOST_HELD}); retry"
-            );
-            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message).into_response();
+        let dry_run = parts.uri.query().is_some_and(|q| q.split('&').any(|p| p == "dry_run=true"));
+        let received_ms = crate::system_clock();
+        let (mut events, batch) = match starling_core::ingest::parse_request(&body, received_ms) {
+            Ok(parsed) => parsed,
+            Err(message) => return ApiError::new(StatusCode::BAD_REQUEST, message).into_response(),
+        };
+        if dry_run {
+            return match crate::api::check(&config.model(), &mut events, batch, key_source.as_deref(), received_ms) {
+                Ok(Checked { warnings, .. }) => {
+                    let answer = serde_json::json!({ "valid": events.len(), "warnings": warnings });
+                    (StatusCode::OK, axum::Json(answer)).into_response()
+                }
+                Err((_, message)) => ApiError::new(StatusCode::BAD_REQUEST, message).into_response(),
+            };
         }
-        Err(e) => {
-            tracing::warn!("taking events in: {e}");
-            let message = "no node of the cluster serves yet, and the intake cannot be reached; retry";
-            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message).into_response();
+        match self.admit(events, batch, key_source.as_deref(), received_ms).await {
+            Ok(answer) => (StatusCode::ACCEPTED, axum::Json(answer)).into_response(),
+            Err(refusal) => refusal.into_response(),
         }
     }
-    let publishes = events.into_iter().map(|mut event| {
-        let id = intake_id(node, &mut event);
-        let partition = starling_log::partition_of(&event.visitor_id);
-        let payload = Bytes::from(serde_json::to_vec(&event).expect("an event serializes"));
-        async move { intake.publish(partition, &id, payload).await }
-    });
-    let published = futures_util::future::join_all(publishes).await;
-    let (mut accepted, mut duplicates) = (0, 0);
-    for result in published {
-        match result {
-            Ok(true) => duplicates += 1,
-            Ok(false) => accepted += 1,
-            // The client sends the request again; what the intake took is kept out then.
+
+    /// Checks `events` and publishes each to its partition's intake subject.
+    async fn publish(
+        &self,
+        mut events: Vec<Event>,
+        batch: bool,
+        key_source: Option<&str>,
+        received_ms: i64,
+    ) -> Result<serde_json::Value, ApiError> {
+        let Checked { warnings, .. } =
+            crate::api::check(&self.config().model(), &mut events, batch, key_source, received_ms)
+                .map_err(|(_, message)| ApiError::new(StatusCode::BAD_REQUEST, message))?;
+        match self.intake.held().await {
+            Ok(held) if held + events.len() as u64 <= MOST_HELD => {}
+            Ok(held) => {
+                let message = format!(
+                    "no node of the cluster serves yet, and the intake holds {held} events (at most {MOST_HELD}); retry"
+                );
+                return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message));
+            }
             Err(e) => {
                 tracing::warn!("taking events in: {e}");
-                let message = "no node of the cluster serves yet, and the intake could not take every event; retry";
-                return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message).into_response();
+                let message = "no node of the cluster serves yet, and the intake cannot be reached; retry";
+                return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message));
             }
         }
+        let publishes = events.into_iter().map(|mut event| {
+            let id = intake_id(&self.node, &mut event);
+            let partition = starling_log::partition_of(&event.visitor_id);
+            let payload = Bytes::from(serde_json::to_vec(&event).expect("an event serializes"));
+            async move { self.intake.publish(partition, &id, payload).await }
+        });
+        let (mut accepted, mut duplicates) = (0, 0);
+        for published in futures_util::future::join_all(publishes).await {
+            match published {
+                Ok(true) => duplicates += 1,
+                Ok(false) => accepted += 1,
+                // The client sends the request again; what the intake took is kept out then.
+                Err(e) => {
+                    tracing::warn!("taking events in: {e}");
+                    let message = "no node of the cluster serves yet, and the intake could not take every event; retry";
+                    return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message));
+                }
+            }
+        }
+        let mut answer = serde_json::json!({ "accepted": accepted, "duplicates": duplicates, "queued": true });
+        if !warnings.is_empty() {
+            answer["warnings"] = serde_json::json!(warnings);
+        }
+        Ok(answer)
     }
-    let mut answer = serde_json::json!({ "accepted": accepted, "duplicates": duplicates, "queued": true });
-    if !warnings.is_empty() {
-        answer["warnings"] = serde_json::json!(warnings);
+}
+
+impl crate::wire::Admission for Taking {
+    fn config(&self) -> Arc<Live> {
+        self.config.read().expect("configuration").clone()
     }
-    (StatusCode::ACCEPTED, axum::Json(answer)).into_response()
+
+    fn now_ms(&self) -> i64 {
+        crate::system_clock()
+    }
+
+    fn reject(&self, reason: &str, events: u64) {
+        tracing::debug!(reason, events, "events refused while no node serves");
+    }
+
+    fn admit(
+        &self,
+        events: Vec<Event>,
+        batch: bool,
+        key_source: Option<&str>,
+        received_ms: i64,
+    ) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send {
+        self.publish(events, batch, key_source, received_ms)
+    }
 }
 
 /// The intake id of `event`: a digest of what the engine deduplicates it by; an event without

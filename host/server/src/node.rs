@@ -71,9 +71,10 @@ struct View {
 struct Front {
     node: String,
     engine: RwLock<Option<axum::Router>>,
-    /// The configuration events are checked with while no node serves (then taken in).
-    config: RwLock<Arc<crate::live::Live>>,
-    intake: Arc<Intake>,
+    /// Ingestion while no node serves.
+    taking: crate::intake::Taking,
+    /// Held (shared) while a request is taken in; held alone while the engine starts serving.
+    taking_in: tokio::sync::RwLock<()>,
     following: Arc<FollowProgress>,
     view: watch::Receiver<View>,
     client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, axum::body::Body>,
@@ -140,8 +141,13 @@ pub async fn serve(
     let front = Arc::new(Front {
         node: settings.node.clone(),
         engine: RwLock::new(None),
-        config: RwLock::new(Arc::new(crate::live::Live::new(Arc::new(options.model.clone()), None))),
-        intake: intake.clone(),
+        taking: crate::intake::Taking::new(
+            Arc::new(crate::live::Live::new(Arc::new(options.model.clone()), None)),
+            intake.clone(),
+            &settings.node,
+            addr,
+        ),
+        taking_in: tokio::sync::RwLock::new(()),
         following: Arc::default(),
         view: view.clone(),
         client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http(),
@@ -196,8 +202,7 @@ pub async fn serve(
             match adopt_shared_config(&mut start, ownership.cluster()).await {
                 Err(e) => tracing::warn!("following the stream: {e}"),
                 Ok(published) => {
-                    *front.config.write().expect("configuration") =
-                        Arc::new(crate::live::Live::new(Arc::new(start.model.clone()), None));
+                    front.taking.set_config(Arc::new(crate::live::Live::new(Arc::new(start.model.clone()), None)));
                     let sources = Sources {
                         log: log.clone(),
                         snapshots: snapshots.clone(),
@@ -225,13 +230,16 @@ pub async fn serve(
                 }
                 match activate(start, ownership.cluster(), &log, &snapshots, &front.node, addr, &drain).await {
                     Ok(engine) => {
-                        // Events taken in while no node served are queued before this node
-                        // serves: a client that was answered `202` then reads them.
+                        // Events taken in while no node served, those being taken in included,
+                        // are queued before this node serves: a client that was answered `202`
+                        // then reads them.
+                        let taken_in = front.taking_in.write().await;
                         match crate::intake::apply(&engine, intake.clone()).await {
                             Ok(task) => applying = task,
                             Err(e) => tracing::warn!("{e}"),
                         }
                         *front.engine.write().expect("engine") = Some(engine.router());
+                        drop(taken_in);
                         app = Some(engine);
                         passing_on = Some(tokio::spawn(pass_on_outcomes(reported.clone(), outcome_stream.clone())));
                         snapshotting = Some(tokio::spawn(take_snapshots(
@@ -877,12 +885,7 @@ async fn status(State(front): State<Arc<Front>>) -> Response {
 async fn answer(State(front): State<Arc<Front>>, request: Request) -> Response {
     let engine = front.engine.read().expect("engine").clone();
     if let Some(engine) = engine {
-        let request = with_client_address(&front, request);
-        let mut response = tower::ServiceExt::oneshot(engine, request).await.unwrap_or_else(|e| match e {});
-        if let Ok(node) = HeaderValue::from_str(&front.node) {
-            response.headers_mut().insert(HeaderName::from_static(NODE_HEADER), node);
-        }
-        return response;
+        return to_engine(&front, engine, request).await;
     }
     let owner = front.view.borrow().owner.clone();
     let owner_url = match owner {
@@ -915,8 +918,25 @@ async fn post_events(front: &Front, owner_url: Option<&str>, request: Request) -
             Err(e) => tracing::debug!("the owner at {url} cannot be reached ({e}); taking events in"),
         }
     }
-    let config = front.config.read().expect("configuration").clone();
-    let mut response = crate::intake::take_in(&config, &front.intake, &front.node, &parts, &body).await;
+    // Taken in, or (the engine started meanwhile) sent to the engine: a node that starts its
+    // engine waits for the requests it is taking in, so that it applies them before whatever
+    // comes next.
+    let _taking = front.taking_in.read().await;
+    let engine = front.engine.read().expect("engine").clone();
+    if let Some(engine) = engine {
+        return to_engine(front, engine, Request::from_parts(parts, axum::body::Body::from(body))).await;
+    }
+    let mut response = front.taking.take_in(parts, body).await;
+    if let Ok(node) = HeaderValue::from_str(&front.node) {
+        response.headers_mut().insert(HeaderName::from_static(NODE_HEADER), node);
+    }
+    response
+}
+
+/// Has this node's engine answer `request`.
+async fn to_engine(front: &Front, engine: axum::Router, request: Request) -> Response {
+    let request = with_client_address(front, request);
+    let mut response = tower::ServiceExt::oneshot(engine, request).await.unwrap_or_else(|e| match e {});
     if let Ok(node) = HeaderValue::from_str(&front.node) {
         response.headers_mut().insert(HeaderName::from_static(NODE_HEADER), node);
     }

@@ -1,9 +1,10 @@
 //! Ingestion in the wire formats tracking code already speaks: Segment's HTTP Tracking API
 //! (`/v1/batch`, `/v1/track`, `/v1/t`, ...) and Tealium's Collect API (`/event`, `/bulk-event`).
 //! Both read their requests into events (`starling_core::wire`) and hand them to the same
-//! admission as `POST /v1/events`.
+//! admission as `POST /v1/events`: the engine's ([`AppState`]), or, on a cluster node while no
+//! node serves, the intake's (`crate::intake`).
 
-use crate::api::{AppState, MAX_BODY_BYTES, admit};
+use crate::api::{ApiError, AppState, MAX_BODY_BYTES};
 use axum::Extension;
 use axum::Router;
 use axum::extract::rejection::BytesRejection;
@@ -16,22 +17,74 @@ use bytes::Bytes;
 use starling_core::wire::{segment, tealium};
 use std::io::Read;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 /// The paths of Segment's calls, with the short forms analytics.js uses.
 pub const SEGMENT_PATHS: [&str; 15] =
     ["batch", "b", "import", "track", "t", "identify", "i", "page", "p", "screen", "s", "group", "g", "alias", "a"];
 
+/// Where checked events go, and what they are checked against.
+pub(crate) trait Admission: Clone + Send + Sync + 'static {
+    /// The configuration events are checked against (keys, sources, specs).
+    fn config(&self) -> Arc<crate::live::Live>;
+    fn now_ms(&self) -> i64;
+    /// Counts events refused for `reason`.
+    fn reject(&self, reason: &str, events: u64);
+    /// Checks parsed events and takes them: the answer of `POST /v1/events`.
+    fn admit(
+        &self,
+        events: Vec<starling_core::Event>,
+        batch: bool,
+        key_source: Option<&str>,
+        received_ms: i64,
+    ) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send;
+}
+
+impl Admission for AppState {
+    fn config(&self) -> Arc<crate::live::Live> {
+        self.config.clone()
+    }
+
+    fn now_ms(&self) -> i64 {
+        (self.clock)()
+    }
+
+    fn reject(&self, reason: &str, events: u64) {
+        self.telemetry.metrics.reject(reason, events);
+    }
+
+    fn admit(
+        &self,
+        events: Vec<starling_core::Event>,
+        batch: bool,
+        key_source: Option<&str>,
+        received_ms: i64,
+    ) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send {
+        crate::api::admit(self, events, batch, key_source, received_ms, false)
+    }
+}
+
+/// The paths [`routes`] answers, and with which method.
+pub(crate) fn routed(method: &axum::http::Method, path: &str) -> bool {
+    let segment = path.strip_prefix("/v1/").is_some_and(|call| SEGMENT_PATHS.contains(&call));
+    match *method {
+        axum::http::Method::POST => segment || path == "/event" || path == "/bulk-event",
+        axum::http::Method::GET => path == "/event",
+        _ => false,
+    }
+}
+
 /// Routes of both formats. Pages on any site send to them (as to Segment's and Tealium's
 /// collectors), so they answer any origin; the write key or the Tealium data source decides
 /// what is taken.
-pub fn routes() -> Router<AppState> {
+pub(crate) fn routes<S: Admission>() -> Router<S> {
     let mut router = Router::new();
     for path in SEGMENT_PATHS {
         let call = segment::Call::from_path(path).expect("every path names a call");
         router = router.route(
             &format!("/v1/{path}"),
             post(
-                move |state: State<AppState>,
+                move |state: State<S>,
                       peer: Option<Extension<ConnectInfo<SocketAddr>>>,
                       headers: HeaderMap,
                       body: Result<Bytes, BytesRejection>| {
@@ -40,17 +93,20 @@ pub fn routes() -> Router<AppState> {
             ),
         );
     }
-    router.route("/event", post(tealium_event).get(tealium_pixel)).route("/bulk-event", post(tealium_bulk)).layer(
-        tower_http::cors::CorsLayer::new()
-            .allow_origin(tower_http::cors::Any)
-            .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
-            .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, header::CONTENT_ENCODING]),
-    )
+    router
+        .route("/event", post(tealium_event::<S>).get(tealium_pixel::<S>))
+        .route("/bulk-event", post(tealium_bulk::<S>))
+        .layer(
+            tower_http::cors::CorsLayer::new()
+                .allow_origin(tower_http::cors::Any)
+                .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+                .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, header::CONTENT_ENCODING]),
+        )
 }
 
 /// A refusal in the shape Segment's libraries read: `{"success": false, "error": ...}`.
-fn refuse(state: &AppState, status: StatusCode, reason: &str, message: impl Into<String>) -> Response {
-    state.telemetry.metrics.reject(reason, 1);
+fn refuse(state: &impl Admission, status: StatusCode, reason: &str, message: impl Into<String>) -> Response {
+    state.reject(reason, 1);
     let mut response =
         (status, axum::Json(serde_json::json!({"success": false, "error": message.into()}))).into_response();
     if status == StatusCode::UNAUTHORIZED {
@@ -105,8 +161,8 @@ fn basic_user(headers: &HeaderMap) -> Option<String> {
     Some(text.split_once(':').map_or(text.clone(), |(user, _)| user.to_string()))
 }
 
-async fn segment_call(
-    State(state): State<AppState>,
+async fn segment_call<S: Admission>(
+    State(state): State<S>,
     call: segment::Call,
     peer: Option<SocketAddr>,
     headers: HeaderMap,
@@ -118,7 +174,7 @@ async fn segment_call(
         Ok(body) => body,
         Err((status, reason, message)) => return refuse(&state, status, reason, message),
     };
-    let received_ms = (state.clock)();
+    let received_ms = state.now_ms();
     let mut request = match segment::parse(&body, call, received_ms) {
         Ok(request) => request,
         Err(message) => return refuse(&state, StatusCode::BAD_REQUEST, "invalid", message),
@@ -126,7 +182,7 @@ async fn segment_call(
     if let Some(peer) = peer {
         segment::fill_ip(&mut request.events, &peer.ip().to_string());
     }
-    let keys = state.config.keys();
+    let keys = state.config().keys();
     let key_source = match basic_user(&headers).or(request.write_key) {
         Some(key) => match keys.source_of(&key) {
             Ok(source) => source,
@@ -149,7 +205,7 @@ async fn segment_call(
         }
         None => None,
     };
-    match admit(&state, request.events, call == segment::Call::Batch, key_source.as_deref(), received_ms, false).await {
+    match state.admit(request.events, call == segment::Call::Batch, key_source.as_deref(), received_ms).await {
         Ok(_) => axum::Json(serde_json::json!({"success": true})).into_response(),
         Err(refusal) => {
             let message = in_format(refusal.message(), "batch");
@@ -163,23 +219,31 @@ async fn segment_call(
     }
 }
 
-async fn tealium_event(state: State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+async fn tealium_event<S: Admission>(
+    state: State<S>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     tealium_post(state, headers, body, tealium::parse_event, false).await
 }
 
-async fn tealium_bulk(state: State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+async fn tealium_bulk<S: Admission>(
+    state: State<S>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     tealium_post(state, headers, body, tealium::parse_bulk, true).await
 }
 
 /// A Collect POST: the body inflated, read with `parse`, taken as its data source's.
-async fn tealium_post(
-    State(state): State<AppState>,
+async fn tealium_post<S: Admission>(
+    State(state): State<S>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
     parse: fn(&[u8], i64) -> Result<tealium::Collect, String>,
     batch: bool,
 ) -> Response {
-    let received_ms = (state.clock)();
+    let received_ms = state.now_ms();
     match inflate(&headers, body, MAX_BODY_BYTES) {
         Ok(body) => collect(&state, parse(&body, received_ms), batch, received_ms).await,
         Err((status, reason, message)) => collect_refusal(&state, status, reason, message),
@@ -197,8 +261,8 @@ fn in_format(message: &str, list: &str) -> String {
 /// A 1×1 transparent GIF: what the pixel form answers, so an `<img>` loads.
 const PIXEL: &[u8] = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;";
 
-async fn tealium_pixel(State(state): State<AppState>, Query(pairs): Query<Vec<(String, String)>>) -> Response {
-    let received_ms = (state.clock)();
+async fn tealium_pixel<S: Admission>(State(state): State<S>, Query(pairs): Query<Vec<(String, String)>>) -> Response {
+    let received_ms = state.now_ms();
     let answer = collect(&state, tealium::parse_query(pairs, received_ms), false, received_ms).await;
     if !answer.status().is_success() {
         return answer;
@@ -206,14 +270,14 @@ async fn tealium_pixel(State(state): State<AppState>, Query(pairs): Query<Vec<(S
     ([(header::CONTENT_TYPE, "image/gif"), (header::CACHE_CONTROL, "no-store")], PIXEL).into_response()
 }
 
-fn collect_refusal(state: &AppState, status: StatusCode, reason: &str, message: String) -> Response {
-    state.telemetry.metrics.reject(reason, 1);
-    crate::api::ApiError::new(status, message).into_response()
+fn collect_refusal(state: &impl Admission, status: StatusCode, reason: &str, message: String) -> Response {
+    state.reject(reason, 1);
+    ApiError::new(status, message).into_response()
 }
 
 /// Takes a Collect request as the data source its account, profile and datasource name.
 async fn collect(
-    state: &AppState,
+    state: &impl Admission,
     parsed: Result<tealium::Collect, String>,
     batch: bool,
     received_ms: i64,
@@ -222,7 +286,7 @@ async fn collect(
         Ok(request) => request,
         Err(message) => return collect_refusal(state, StatusCode::BAD_REQUEST, "invalid", message),
     };
-    let model = state.config.model();
+    let model = state.config().model();
     let key_source = if model.sources.is_empty() {
         None
     } else {
@@ -245,11 +309,9 @@ async fn collect(
         }
     };
     drop(model);
-    match admit(state, request.events, batch, key_source.as_deref(), received_ms, false).await {
+    match state.admit(request.events, batch, key_source.as_deref(), received_ms).await {
         Ok(answer) => (StatusCode::OK, axum::Json(answer)).into_response(),
-        Err(refusal) => {
-            crate::api::ApiError::new(refusal.status(), in_format(refusal.message(), "events")).into_response()
-        }
+        Err(refusal) => ApiError::new(refusal.status(), in_format(refusal.message(), "events")).into_response(),
     }
 }
 

@@ -468,6 +468,11 @@ async fn events_posted_during_a_failover_are_taken_in_and_applied_once() {
     }
     let (status, _) = get_json(&format!("{}/v1/profiles/taken-3/export", b.url)).await;
     assert_eq!(status, 404, "the refused events were not taken in");
+    // Once applied, the intake forgets them.
+    eventually("the intake to forget what was applied", Duration::from_secs(20), async || {
+        (cluster_view(&b).await["intake_held"] == 0).then_some(())
+    })
+    .await;
 }
 
 /// What the owner delivered is not delivered again by the node that takes over, even with no

@@ -67,6 +67,11 @@ impl Taking {
         Taking { config: Arc::new(RwLock::new(config)), intake, node: node.into(), hosts: Arc::new(hosts) }
     }
 
+    /// How many events the intake holds (taken in, not yet applied and forgotten).
+    pub(crate) async fn held(&self) -> Option<u64> {
+        self.intake.held().await.ok()
+    }
+
     pub(crate) fn set_config(&self, config: Arc<Live>) {
         *self.config.write().expect("configuration") = config;
     }

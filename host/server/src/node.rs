@@ -866,6 +866,7 @@ async fn run_rounds(
 async fn status(State(front): State<Arc<Front>>) -> Response {
     let view = front.view.borrow().clone();
     let serving = front.engine.read().expect("engine").is_some();
+    let intake_held = front.taking.held().await;
     let body = serde_json::json!({
         "node": front.node,
         "placement": "whole",
@@ -874,6 +875,8 @@ async fn status(State(front): State<Arc<Front>>) -> Response {
         "owner": view.owner.as_ref().map(|(n, _)| n),
         "stream_leader": view.stream_leader,
         "config_version": view.shared_config,
+        // Events taken in while no node served, not yet applied (null: the intake is unreachable).
+        "intake_held": intake_held,
         // A standby's copy of the state, as it follows the stream (null on the owner).
         "following": front.following.to_json(),
         "nodes": view.nodes.iter().map(|(n, p)| serde_json::json!({"node": n, "url": p.url, "config_version": p.config_version})).collect::<Vec<_>>(),

@@ -107,6 +107,17 @@ async fn owner_and_standby(dir: &Path, nats: &LocalNats, receiver: &Receiver) ->
     (a, b)
 }
 
+/// [`owner_and_standby`] with a `web` source, whose key is [`SEGMENT_KEY`], taking Segment's
+/// calls.
+async fn owner_and_standby_of_the_web_source(dir: &Path, nats: &LocalNats, receiver: &Receiver) -> (Server, Server) {
+    let web = format!("[[source]]\nname = \"web\"\napi_key = \"{SEGMENT_KEY}\"\n[source.segment]\n");
+    let a = Server::start(&node_config_with(dir, "a", nats, &receiver.url, &web));
+    serving(&a, FIRST_START).await;
+    let b = Server::start(&node_config_with(dir, "b", nats, &receiver.url, &web));
+    standing_by(&b).await;
+    (a, b)
+}
+
 /// [`owner_and_standby`] with no snapshot stored within a test: the standby follows only the
 /// stream.
 async fn owner_and_standby_without_snapshots(dir: &Path, nats: &LocalNats, receiver: &Receiver) -> (Server, Server) {
@@ -380,11 +391,7 @@ async fn a_call_forwarded_by_a_standby_keeps_its_senders_address() {
     let nats = LocalNats::start(3).unwrap();
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let web = format!("[[source]]\nname = \"web\"\napi_key = \"{SEGMENT_KEY}\"\n[source.segment]\n");
-    let a = Server::start(&node_config_with(dir.path(), "a", &nats, &receiver.url, &web));
-    serving(&a, FIRST_START).await;
-    let b = Server::start(&node_config_with(dir.path(), "b", &nats, &receiver.url, &web));
-    standing_by(&b).await;
+    let (a, b) = owner_and_standby_of_the_web_source(dir.path(), &nats, &receiver).await;
     // The sender is 127.0.0.2; the standby reaches the owner from 127.0.0.1.
     let sender = reqwest::Client::builder().local_address(std::net::IpAddr::from([127, 0, 0, 2])).build().unwrap();
     let track = |who: &str| json!({"type": "track", "event": "Probe", "anonymousId": who, "properties": {}});
@@ -415,11 +422,7 @@ async fn events_posted_during_a_failover_are_taken_in_and_applied_once() {
     let nats = LocalNats::start(3).unwrap();
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let web = format!("[[source]]\nname = \"web\"\napi_key = \"{SEGMENT_KEY}\"\n[source.segment]\n");
-    let a = Server::start(&node_config_with(dir.path(), "a", &nats, &receiver.url, &web));
-    serving(&a, FIRST_START).await;
-    let b = Server::start(&node_config_with(dir.path(), "b", &nats, &receiver.url, &web));
-    standing_by(&b).await;
+    let (a, b) = owner_and_standby_of_the_web_source(dir.path(), &nats, &receiver).await;
     let events = format!("{}/v1/events", b.url);
     let page = |id: Option<&str>, visitor: &str| {
         let mut event = json!({"event": "page_view", "visitor_id": visitor, "data": {}});

@@ -5,7 +5,7 @@
 //! once the stream has it; the node that takes the partitions applies what the intake holds
 //! before it serves, then has the intake forget it.
 
-use crate::stream::read_through;
+use crate::stream::{open_partitioned, read_through};
 use crate::{Result, nats};
 use async_nats::jetstream::{self, message::PublishMessage, stream};
 use bytes::Bytes;
@@ -30,15 +30,7 @@ impl Intake {
     /// Opens the stream, creating it the first time with `replicas` copies and a window of
     /// `dedup` during which a repeated id is recognised.
     pub async fn open(js: jetstream::Context, replicas: usize, dedup: Duration) -> Result<Intake> {
-        let config = stream::Config {
-            name: STREAM.to_string(),
-            subjects: vec![format!("{SUBJECT_PREFIX}.*")],
-            num_replicas: replicas,
-            storage: stream::StorageType::File,
-            duplicate_window: dedup,
-            ..Default::default()
-        };
-        let stream = js.get_or_create_stream(config).await.map_err(nats)?;
+        let stream = open_partitioned(&js, STREAM, SUBJECT_PREFIX, replicas, dedup).await?;
         Ok(Intake { js, stream, held: Mutex::new(None) })
     }
 

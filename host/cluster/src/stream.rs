@@ -36,15 +36,7 @@ impl EventStream {
     /// Opens the stream, creating it the first time with `replicas` copies and a window of
     /// `dedup` during which a repeated record id is recognised.
     pub async fn open(js: jetstream::Context, replicas: usize, dedup: Duration) -> Result<EventStream> {
-        let config = stream::Config {
-            name: STREAM.to_string(),
-            subjects: vec![format!("{SUBJECT_PREFIX}.*")],
-            num_replicas: replicas,
-            storage: stream::StorageType::File,
-            duplicate_window: dedup,
-            ..Default::default()
-        };
-        let stream = js.get_or_create_stream(config).await.map_err(nats)?;
+        let stream = open_partitioned(&js, STREAM, SUBJECT_PREFIX, replicas, dedup).await?;
         Ok(EventStream { js, stream })
     }
 
@@ -135,6 +127,27 @@ impl EventStream {
         let info = self.stream.get_info().await.map_err(nats)?;
         Ok(info.cluster.and_then(|c| c.leader))
     }
+}
+
+/// Opens the stream `name`, with a subject per partition under `prefix`, creating it the first
+/// time on disk with `replicas` copies and a window of `dedup` during which a repeated id is
+/// recognised.
+pub(crate) async fn open_partitioned(
+    js: &jetstream::Context,
+    name: &str,
+    prefix: &str,
+    replicas: usize,
+    dedup: Duration,
+) -> Result<stream::Stream> {
+    let config = stream::Config {
+        name: name.to_string(),
+        subjects: vec![format!("{prefix}.*")],
+        num_replicas: replicas,
+        storage: stream::StorageType::File,
+        duplicate_window: dedup,
+        ..Default::default()
+    };
+    js.get_or_create_stream(config).await.map_err(nats)
 }
 
 /// The sequence of `subject`'s last message in `stream` (0: none).

@@ -3150,11 +3150,13 @@ mod tests {
     }
 
     /// A log whose appends wait until the test opens it; with `held_in_log`, only appends to
-    /// that partition wait, once they are in the log (their positions taken).
+    /// that partition wait, once they are in the log (their positions taken). With `refuse`
+    /// set, the next append to that partition is refused.
     #[derive(Default)]
     struct GatedLog {
         log: starling_log::MemoryLog,
         held_in_log: Option<Partition>,
+        refuse: Mutex<Option<Partition>>,
         open: Mutex<bool>,
         opened: std::sync::Condvar,
         appends: AtomicU64,
@@ -3170,6 +3172,12 @@ mod tests {
     impl EventLog for GatedLog {
         fn append(&self, records: &[(Partition, &[u8])]) -> starling_log::Result<Vec<Position>> {
             self.appends.fetch_add(1, Ordering::SeqCst);
+            let mut refuse = self.refuse.lock().unwrap();
+            if refuse.is_some_and(|partition| records.iter().any(|(p, _)| *p == partition)) {
+                *refuse = None;
+                return Err(starling_log::LogError::Remote("refused once".into()));
+            }
+            drop(refuse);
             let wait = || {
                 let open = self.open.lock().unwrap();
                 drop(self.opened.wait_while(open, |open| !*open).unwrap());
@@ -3275,47 +3283,6 @@ mod tests {
         copy.stop();
     }
 
-    /// A log that refuses one append to `partition` once armed.
-    #[derive(Default)]
-    struct RefusingLog {
-        log: starling_log::MemoryLog,
-        armed: Mutex<Option<Partition>>,
-    }
-
-    impl EventLog for RefusingLog {
-        fn append(&self, records: &[(Partition, &[u8])]) -> starling_log::Result<Vec<Position>> {
-            let mut armed = self.armed.lock().unwrap();
-            if let Some(partition) = *armed
-                && records.iter().any(|(p, _)| *p == partition)
-            {
-                *armed = None;
-                return Err(starling_log::LogError::Remote("refused once".into()));
-            }
-            self.log.append(records)
-        }
-        fn sync(&self, position: Position) -> starling_log::Result<()> {
-            self.log.sync(position)
-        }
-        fn read(&self, after: &[(Partition, Position)], visit: &mut dyn FnMut(Entry)) -> starling_log::Result<()> {
-            self.log.read(after, visit)
-        }
-        fn truncate_before(&self, position: Position) -> starling_log::Result<u64> {
-            self.log.truncate_before(position)
-        }
-        fn seal(&self) -> starling_log::Result<()> {
-            self.log.seal()
-        }
-        fn next_position(&self) -> Position {
-            self.log.next_position()
-        }
-        fn continue_after(&self, position: Position) {
-            self.log.continue_after(position)
-        }
-        fn size_bytes(&self) -> u64 {
-            self.log.size_bytes()
-        }
-    }
-
     /// A merge handed to a worker whose batch then fails (its log append refused) is applied
     /// once the worker has derived its state again, not at the next start only: the client's
     /// retry is a duplicate and decides nothing. (Fails without the merge sent again: the
@@ -3324,15 +3291,16 @@ mod tests {
     async fn a_merge_whose_batch_failed_is_applied_again() {
         let first = (0..).map(|i| format!("visitor-{i}")).find(|id| worker_of(id, 2) == 0).unwrap();
         let second = (0..).map(|i| format!("visitor-{i}")).find(|id| worker_of(id, 2) == 1).unwrap();
-        let log = Arc::new(RefusingLog::default());
+        let log = Arc::new(GatedLog::default());
+        log.open();
         let running = Running::with_config(STITCHING, 2, log.clone(), false);
         running.ingest.submit(vec![login(&first, 0)]).await.unwrap();
         // The first visitor's next record, the merge of the second into it, is refused.
-        *log.armed.lock().unwrap() = Some(starling_log::partition_of(&first));
+        *log.refuse.lock().unwrap() = Some(starling_log::partition_of(&first));
         let second_login = Event { id: Some("second-login".into()), ..login(&second, 1) };
         let refused = running.ingest.submit(vec![second_login.clone()]).await;
         assert!(refused.is_err(), "the merge's batch failed: {refused:?}");
-        assert!(log.armed.lock().unwrap().is_none(), "the refusal was used");
+        assert!(log.refuse.lock().unwrap().is_none(), "the refusal was used");
         // The client sends its request again: a duplicate; the merge comes from the worker.
         let again = running.ingest.submit(vec![second_login]).await.unwrap();
         assert_eq!(again.duplicates, 1);

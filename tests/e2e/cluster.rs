@@ -438,8 +438,33 @@ async fn events_posted_during_a_failover_are_taken_in_and_applied_once() {
     };
     let (status, node, answer) = post(&events, SEGMENT_KEY, &page(Some("before"), "taken-1")).await;
     assert_eq!((status, node.as_deref(), answer.get("queued")), (202, Some("a"), None), "forwarded: {answer}");
+    let read = async |path: &str| {
+        let response = harness::client().get(format!("{}{path}", b.url)).send().await.unwrap();
+        let header = |name: &str| response.headers().get(name).map(|v| v.to_str().unwrap().to_string());
+        let said = [header("x-starling-node"), header("x-starling-answered-from"), header("x-starling-copy-position")];
+        (response.status().as_u16(), said, response.json::<serde_json::Value>().await.unwrap())
+    };
+    let (status, [node, from, _], _) = read("/v1/profiles/taken-1").await;
+    assert_eq!((status, node.as_deref(), from.as_deref()), (200, Some("a"), Some("engine")), "forwarded to the owner");
+    eventually("the standby's copy to include the first event", Duration::from_secs(30), async || {
+        let following = cluster_view(&b).await["following"].clone();
+        (following["applied_position"].as_u64() > Some(64) && following["positions_behind"] == 0).then_some(())
+    })
+    .await;
 
     a.kill9();
+    // Profile reads are answered from the standby's copy, saying so; other reads wait.
+    let (status, [node, from, position], export) = read("/v1/profiles/taken-1/export").await;
+    assert_eq!((status, node.as_deref(), from.as_deref()), (200, Some("b"), Some("copy")), "{export}");
+    assert!(position.and_then(|p| p.parse::<u64>().ok()) > Some(64), "the copy says how far it goes");
+    assert_eq!(export["events"].as_array().map(Vec::len), Some(1), "{export}");
+    let (status, [_, from, _], identity) = read("/v1/profiles/taken-1/identity").await;
+    assert_eq!((status, from.as_deref(), identity["profile_id"].as_str()), (200, Some("copy"), Some("taken-1")));
+    let (status, [_, from, _], missing) = read("/v1/profiles/nobody").await;
+    assert_eq!((status, from.as_deref()), (404, Some("copy")), "{missing}");
+    let actions = harness::client().get(format!("{}/v1/actions", b.url)).send().await.unwrap();
+    assert_eq!(actions.status(), 503);
+    assert!(actions.headers().contains_key("retry-after"));
     let (status, node, answer) = post(&events, SEGMENT_KEY, &page(Some("during"), "taken-1")).await;
     assert_eq!((status, node.as_deref()), (202, Some("b")), "{answer}");
     assert_eq!((answer["queued"].clone(), answer["accepted"].clone()), (json!(true), json!(1)), "{answer}");

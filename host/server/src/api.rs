@@ -11,6 +11,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use rusqlite::Connection;
+use starling_core::Model;
 use starling_runtime::PluginHost;
 use starling_store::OutboxStatus;
 use std::sync::{Arc, Mutex};
@@ -436,15 +437,10 @@ async fn get_profile(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let lookup = id.clone();
-    match read(&state, move |c| starling_store::find_profile(c, &lookup)).await? {
-        Some(mut profile) => {
-            // As the running configuration has it, even before a backfill reached it.
-            starling_core::evolve::conform(&state.config.model(), &mut profile);
-            Ok(Json(profile.to_json()))
-        }
-        None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no profile for id `{id}`"))),
-    }
+    // As the running configuration has it, even before a backfill reached it.
+    let (lookup, model) = (id.clone(), state.config.model());
+    let profile = read(&state, move |c| profile_of(c, &model, &lookup)).await?;
+    profile.map(Json).ok_or_else(|| no_profile(&id))
 }
 
 async fn get_identity(
@@ -452,53 +448,66 @@ async fn get_identity(
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let lookup = id.clone();
-    let graph = read(&state, move |c| {
-        let Some(profile) = starling_store::resolve_identity(c, &lookup)? else { return Ok(None) };
-        let ids = starling_store::ids_of(c, &profile)?;
-        let history = starling_store::identity_history(c, &profile)?;
-        Ok(Some(serde_json::json!({ "profile_id": profile, "ids": ids, "history": history })))
-    })
-    .await?;
-    graph.map(Json).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no profile for id `{id}`")))
+    let graph = read(&state, move |c| identity_of(c, &lookup)).await?;
+    graph.map(Json).ok_or_else(|| no_profile(&id))
 }
 
-/// Everything held about the person an id belongs to, for an access request: the profile, its
-/// ids and their history, its events, memberships, and actions with the data each carries.
 async fn export_profile(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let lookup = id.clone();
-    let model = state.config.model();
-    let export = read(&state, move |c| {
-        let Some(profile_id) = starling_store::resolve_identity(c, &lookup)? else { return Ok(None) };
-        let Some(mut profile) = starling_store::load_profile(c, &profile_id)? else { return Ok(None) };
-        starling_core::evolve::conform(&model, &mut profile);
-        let date = starling_core::time::format_rfc3339;
-        let events: Vec<serde_json::Value> = starling_store::profile_events(c, &profile_id)?
-            .into_iter()
-            .map(|e| {
-                serde_json::json!({
-                    "id": e.id, "event": e.name, "visitor_id": e.visitor_id, "source": e.source,
-                    "timestamp": date(e.timestamp_ms), "data": e.data,
-                })
+    let (lookup, model) = (id.clone(), state.config.model());
+    let export = read(&state, move |c| export_of(c, &model, &lookup)).await?;
+    export.map(Json).ok_or_else(|| no_profile(&id))
+}
+
+pub(crate) fn no_profile(id: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no profile for id `{id}`"))
+}
+
+/// The profile an id belongs to, as `model` has it (even before a backfill reached it).
+pub(crate) fn profile_of(c: &Connection, model: &Model, id: &str) -> starling_store::Result<Option<serde_json::Value>> {
+    let Some(mut profile) = starling_store::find_profile(c, id)? else { return Ok(None) };
+    starling_core::evolve::conform(model, &mut profile);
+    Ok(Some(profile.to_json()))
+}
+
+/// The ids of the profile an id belongs to, and their history.
+pub(crate) fn identity_of(c: &Connection, id: &str) -> starling_store::Result<Option<serde_json::Value>> {
+    let Some(profile) = starling_store::resolve_identity(c, id)? else { return Ok(None) };
+    let ids = starling_store::ids_of(c, &profile)?;
+    let history = starling_store::identity_history(c, &profile)?;
+    Ok(Some(serde_json::json!({ "profile_id": profile, "ids": ids, "history": history })))
+}
+
+/// Everything held about the person an id belongs to, for an access request: the profile, its
+/// ids and their history, its events, memberships, and actions with the data each carries.
+pub(crate) fn export_of(c: &Connection, model: &Model, id: &str) -> starling_store::Result<Option<serde_json::Value>> {
+    let Some(profile_id) = starling_store::resolve_identity(c, id)? else { return Ok(None) };
+    let Some(mut profile) = starling_store::load_profile(c, &profile_id)? else { return Ok(None) };
+    starling_core::evolve::conform(model, &mut profile);
+    let date = starling_core::time::format_rfc3339;
+    let events: Vec<serde_json::Value> = starling_store::profile_events(c, &profile_id)?
+        .into_iter()
+        .map(|e| {
+            serde_json::json!({
+                "id": e.id, "event": e.name, "visitor_id": e.visitor_id, "source": e.source,
+                "timestamp": date(e.timestamp_ms), "data": e.data,
             })
-            .collect();
-        let memberships: Vec<serde_json::Value> = starling_store::memberships_of(c, &profile_id)?
-            .into_iter()
-            .map(|(audience, joined_ms)| serde_json::json!({ "audience": audience, "joined": date(joined_ms) }))
-            .collect();
-        Ok(Some(serde_json::json!({
-            "profile": profile.to_json(),
-            "ids": starling_store::ids_of(c, &profile_id)?,
-            "identity_history": starling_store::identity_history(c, &profile_id)?,
-            "events": events,
-            "memberships": memberships,
-            "actions": starling_store::actions_of(c, &profile_id)?,
-        })))
-    })
-    .await?;
-    export.map(Json).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no profile for id `{id}`")))
+        })
+        .collect();
+    let memberships: Vec<serde_json::Value> = starling_store::memberships_of(c, &profile_id)?
+        .into_iter()
+        .map(|(audience, joined_ms)| serde_json::json!({ "audience": audience, "joined": date(joined_ms) }))
+        .collect();
+    Ok(Some(serde_json::json!({
+        "profile": profile.to_json(),
+        "ids": starling_store::ids_of(c, &profile_id)?,
+        "identity_history": starling_store::identity_history(c, &profile_id)?,
+        "events": events,
+        "memberships": memberships,
+        "actions": starling_store::actions_of(c, &profile_id)?,
+    })))
 }
 
 async fn unstitch(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
@@ -571,7 +580,7 @@ async fn explain_membership(
     }
     let lookup = id.clone();
     let Some(mut profile) = read(&state, move |c| starling_store::find_profile(c, &lookup)).await? else {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no profile for id `{id}`")));
+        return Err(no_profile(&id));
     };
     starling_core::evolve::conform(&model, &mut profile);
     let explained =
@@ -637,7 +646,7 @@ async fn delete_profile(
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     match records.into_iter().next() {
         Some(record) => Ok(Json(serde_json::json!({ "deleted": true, "audit": record }))),
-        None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no profile for id `{id}`"))),
+        None => Err(no_profile(&id)),
     }
 }
 

@@ -72,6 +72,11 @@ impl Taking {
         self.intake.held().await.ok()
     }
 
+    /// The names requests may address this node by.
+    pub(crate) fn hosts(&self) -> &crate::origin::Hosts {
+        &self.hosts
+    }
+
     pub(crate) fn set_config(&self, config: Arc<Live>) {
         *self.config.write().expect("configuration") = config;
     }

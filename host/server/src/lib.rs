@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod auth;
+mod copy;
 pub mod delivery;
 pub mod follow;
 pub mod http;

@@ -14,6 +14,7 @@
 //! delivered again. An owner that finds it lost
 //! a lease (paused past it, cut off) stops at once: its appends are refused from then on.
 
+use crate::copy::ANSWERED_FROM_HEADER;
 use crate::delivery::Outcomes;
 use crate::follow::Follower;
 use crate::{App, Options, ServerError, http};
@@ -73,6 +74,8 @@ struct Front {
     engine: RwLock<Option<axum::Router>>,
     /// Ingestion while no node serves.
     taking: crate::intake::Taking,
+    /// Profile reads while no node serves.
+    copy: crate::copy::Copy,
     /// Held (shared) while a request is taken in; held alone while the engine starts serving.
     taking_in: tokio::sync::RwLock<()>,
     following: Arc<FollowProgress>,
@@ -138,15 +141,17 @@ pub async fn serve(
 
     let (view_tx, view) = watch::channel(View::default());
     let rounds = tokio::spawn(run_rounds(ownership.clone(), stream.clone(), log.clone(), lease, view_tx));
+    let taking = crate::intake::Taking::new(
+        Arc::new(crate::live::Live::new(Arc::new(options.model.clone()), None)),
+        intake.clone(),
+        &settings.node,
+        addr,
+    );
     let front = Arc::new(Front {
         node: settings.node.clone(),
         engine: RwLock::new(None),
-        taking: crate::intake::Taking::new(
-            Arc::new(crate::live::Live::new(Arc::new(options.model.clone()), None)),
-            intake.clone(),
-            &settings.node,
-            addr,
-        ),
+        copy: crate::copy::Copy { database: options.database.clone().into(), checks: taking.clone() },
+        taking,
         taking_in: tokio::sync::RwLock::new(()),
         following: Arc::default(),
         view: view.clone(),
@@ -898,9 +903,25 @@ async fn answer(State(front): State<Arc<Front>>, request: Request) -> Response {
     if crate::intake::takes(&request) {
         return post_events(&front, owner_url.as_deref(), request).await;
     }
-    match owner_url {
-        Some(url) => forward(&front, &url, request).await.unwrap_or_else(|e| owner_unreachable(&url, e)),
-        None => unavailable("no node of the cluster serves yet: the partitions' owner is being chosen"),
+    let reads_copy = crate::copy::answers(&request);
+    let Some(url) = owner_url else {
+        let why = "no node of the cluster serves yet: the partitions' owner is being chosen";
+        return if reads_copy { with_node(&front, front.copy.answer(request, why).await) } else { unavailable(why) };
+    };
+    if !reads_copy {
+        return forward(&front, &url, request).await.unwrap_or_else(|e| owner_unreachable(&url, e));
+    }
+    // A read has no body: it can be sent again to the copy if the owner cannot be reached.
+    let (parts, _) = request.into_parts();
+    let again = Request::from_parts(parts.clone(), axum::body::Body::empty());
+    match forward(&front, &url, Request::from_parts(parts, axum::body::Body::empty())).await {
+        Ok(response) => response,
+        Err(e) if e.is_connect() => {
+            tracing::debug!("the owner at {url} cannot be reached ({e}); reading this node's copy");
+            let why = "the partitions' owner cannot be reached (it died, or a failover is under way)";
+            with_node(&front, front.copy.answer(again, why).await)
+        }
+        Err(e) => owner_unreachable(&url, e),
     }
 }
 
@@ -929,17 +950,19 @@ async fn post_events(front: &Front, owner_url: Option<&str>, request: Request) -
     if let Some(engine) = engine {
         return to_engine(front, engine, Request::from_parts(parts, axum::body::Body::from(body))).await;
     }
-    let mut response = front.taking.take_in(parts, body).await;
-    if let Ok(node) = HeaderValue::from_str(&front.node) {
-        response.headers_mut().insert(HeaderName::from_static(NODE_HEADER), node);
-    }
-    response
+    with_node(front, front.taking.take_in(parts, body).await)
 }
 
 /// Has this node's engine answer `request`.
 async fn to_engine(front: &Front, engine: axum::Router, request: Request) -> Response {
     let request = with_client_address(front, request);
     let mut response = tower::ServiceExt::oneshot(engine, request).await.unwrap_or_else(|e| match e {});
+    response.headers_mut().insert(HeaderName::from_static(ANSWERED_FROM_HEADER), HeaderValue::from_static("engine"));
+    with_node(front, response)
+}
+
+/// Names this node on its answer.
+fn with_node(front: &Front, mut response: Response) -> Response {
     if let Ok(node) = HeaderValue::from_str(&front.node) {
         response.headers_mut().insert(HeaderName::from_static(NODE_HEADER), node);
     }

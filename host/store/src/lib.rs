@@ -6,7 +6,7 @@
 //! (`synchronous = NORMAL`): after a crash, the state is the last commit that reached the disk
 //! plus a replay of the log after the positions it recorded.
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 use starling_core::model::Trigger;
 use starling_core::{PendingAction, Profile};
 use std::collections::BTreeMap;
@@ -30,6 +30,10 @@ pub enum StoreError {
         problems.join("; ")
     )]
     Damaged { path: String, check: &'static str, problems: Vec<String> },
+    #[error(
+        "database schema version {found}; this build reads version {reads} (a read-only connection does not migrate)"
+    )]
+    Schema { found: i64, reads: i64 },
 }
 
 /// How thoroughly [`check_integrity`] reads the database.
@@ -260,6 +264,18 @@ pub fn open_reader(path: &Path) -> Result<Connection> {
     let conn = open(path)?;
     conn.pragma_update(None, "mmap_size", 0)?;
     conn.pragma_update(None, "cache_size", -16384)?;
+    Ok(conn)
+}
+
+/// Opens the database read-only, as it is: neither created nor migrated if it is not there or
+/// not current (another process's database being replaced, for instance), but an error.
+pub fn open_read_only(path: &Path) -> Result<Connection> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version != SCHEMA_VERSION {
+        return Err(StoreError::Schema { found: version, reads: SCHEMA_VERSION });
+    }
     Ok(conn)
 }
 

@@ -26,12 +26,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use tokio::task::JoinHandle;
 
-/// Most events the intake holds: the node taking over applies them ahead of what it is sent
-/// next, so this bounds how long new requests wait behind them (about two and a half seconds
-/// here: BENCHMARKS.md). Beyond it, events are refused with `503` and `Retry-After`, as the
-/// engine refuses work beyond its queues.
-const MOST_HELD: u64 = 30_000;
-
 /// Whether `request` is one the intake can take: events posted to the native API or in a wire
 /// format (Segment, Tealium).
 pub(crate) fn takes(request: &Request) -> bool {
@@ -129,11 +123,15 @@ impl Taking {
         let Checked { warnings, .. } =
             crate::api::check(&self.config().model(), &mut events, batch, key_source, received_ms)
                 .map_err(|(_, message)| ApiError::new(StatusCode::BAD_REQUEST, message))?;
+        // The node taking over applies what the intake holds ahead of what it is sent next: the
+        // limit (`cluster.intake_limit`) bounds how long new requests wait behind it. Beyond it,
+        // events are refused as the engine refuses work beyond its queues.
+        let limit = self.config().model().cluster.as_ref().map_or(0, |c| c.intake_limit);
         match self.intake.held().await {
-            Ok(held) if held + events.len() as u64 <= MOST_HELD => {}
+            Ok(held) if held + events.len() as u64 <= limit => {}
             Ok(held) => {
                 let message = format!(
-                    "no node of the cluster serves yet, and the intake holds {held} events (at most {MOST_HELD}); retry"
+                    "no node of the cluster serves yet, and the intake holds {held} events (at most {limit}); retry"
                 );
                 return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message));
             }

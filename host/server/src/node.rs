@@ -901,7 +901,7 @@ async fn answer(State(front): State<Arc<Front>>, request: Request) -> Response {
         _ => None,
     };
     if crate::intake::takes(&request) {
-        return post_events(&front, owner_url.as_deref(), request).await;
+        return forward_or_take_in(&front, owner_url.as_deref(), request).await;
     }
     let reads_copy = crate::copy::answers(&request);
     let Some(url) = owner_url else {
@@ -925,10 +925,10 @@ async fn answer(State(front): State<Arc<Front>>, request: Request) -> Response {
     }
 }
 
-/// Events posted to a node whose engine does not run: forwarded to the owner; taken in when no
-/// owner can take them (none is known, or its node cannot be reached: it died and its lease has
-/// not lapsed yet), as a failover must not stop ingestion.
-async fn post_events(front: &Front, owner_url: Option<&str>, request: Request) -> Response {
+/// Events posted to a node whose engine does not run (to `/v1/events` or in a wire format): forwarded
+/// to the owner; taken in when no owner can take them (none is known, or its node cannot be reached:
+/// it died and its lease has not lapsed yet), as a failover must not stop ingestion.
+async fn forward_or_take_in(front: &Front, owner_url: Option<&str>, request: Request) -> Response {
     let (parts, body) = match crate::intake::body(request).await {
         Ok(read) => read,
         Err(refused) => return refused,

@@ -1,4 +1,4 @@
-//! `[cluster]`: NATS servers, node name, lease, replicas, advertised address, snapshots.
+//! `[cluster]`: NATS servers, node name, lease, replicas, advertised address, snapshots, intake.
 
 use super::Validator;
 use super::raw::RawCluster;
@@ -8,6 +8,11 @@ use toml::Spanned;
 
 const DEFAULT_LEASE_MS: i64 = 5_000;
 const DEFAULT_SNAPSHOT_EVERY_MS: i64 = 60_000;
+/// The new owner applies what the intake holds before what it is sent next: 30,000 events take
+/// about two and a half seconds on a 2-core machine (BENCHMARKS.md).
+const DEFAULT_INTAKE_LIMIT: u64 = 30_000;
+/// A stream's messages beyond this would outgrow what one takeover applies in a lease period.
+const MOST_INTAKE_LIMIT: i64 = 10_000_000;
 const SNAPSHOT_RANGE_MS: std::ops::RangeInclusive<i64> = 1_000..=86_400_000;
 /// A lease shorter than this is renewed more often than a NATS round trip under load allows;
 /// a longer one leaves a dead node's partitions unserved for longer than clients wait.
@@ -64,6 +69,14 @@ impl Validator<'_> {
             "between 1s and 1d",
             DEFAULT_SNAPSHOT_EVERY_MS,
         );
+        let intake_limit = match &raw.intake_limit {
+            None => DEFAULT_INTAKE_LIMIT,
+            Some(n) if !(0..=MOST_INTAKE_LIMIT).contains(n.get_ref()) => {
+                self.error(n.span(), format!("cluster.intake_limit must be between 0 and {MOST_INTAKE_LIMIT} events"));
+                DEFAULT_INTAKE_LIMIT
+            }
+            Some(n) => *n.get_ref() as u64,
+        };
         (self.errors.len() == errors).then(|| ClusterSettings {
             nats: raw.nats.iter().map(|u| u.get_ref().clone()).collect(),
             node: node.clone(),
@@ -71,6 +84,7 @@ impl Validator<'_> {
             replicas,
             advertise: raw.advertise.as_ref().map(|u| u.get_ref().clone()),
             snapshot_every_ms,
+            intake_limit,
         })
     }
 

@@ -46,6 +46,7 @@ pub(super) struct RawCluster {
     pub(super) replicas: Option<Spanned<u32>>,
     pub(super) advertise: Option<Spanned<String>>,
     pub(super) snapshot_every: Option<Spanned<String>>,
+    pub(super) intake_limit: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]

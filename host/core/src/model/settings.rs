@@ -194,4 +194,6 @@ pub struct ClusterSettings {
     pub advertise: Option<String>,
     /// How often the owner stores a snapshot of its state for the next owner to start from.
     pub snapshot_every_ms: i64,
+    /// Most events the intake holds while no node serves (0: none is taken in, `503`).
+    pub intake_limit: u64,
 }

@@ -5,6 +5,7 @@
 
 use crate::telemetry::Telemetry;
 use crate::{Options, ServerError, delivery, live, pipeline};
+use starling_cluster::SharedConfig;
 use starling_log::{Entry, EventLog, LogError, Partition, Position};
 use starling_store::outcomes::{Outcome, Taken};
 use std::collections::HashMap;
@@ -58,11 +59,24 @@ pub struct Follower {
 
 impl Follower {
     /// Loads the plugins (compiling them into the cache a takeover loads them from) and starts
-    /// a pipeline on the database that follows `log`.
-    pub fn start(options: &Options, log: Arc<dyn EventLog>) -> Result<Follower, ServerError> {
+    /// a pipeline on the database that follows `log`. `published`: the configuration the
+    /// cluster runs, which `options` holds; the database records it, so that records applied
+    /// with it are applied with it again after the follower moved on to a newer one.
+    pub fn start(
+        options: &Options,
+        published: Option<&SharedConfig>,
+        log: Arc<dyn EventLog>,
+    ) -> Result<Follower, ServerError> {
         let model = Arc::new(options.model.clone());
         let database = options.database.clone();
-        drop(starling_store::open(&database)?);
+        let config = Arc::new(live::Live::new(model.clone(), None));
+        let conn = starling_store::open(&database)?;
+        if let Some(published) = published {
+            let SharedConfig { version, sha256, text } = published;
+            starling_store::continue_numbering(&conn, *version, sha256, text, crate::system_clock())?;
+            config.set_active(live::Active { version: *version, sha256: sha256.clone(), ..Default::default() });
+        }
+        drop(conn);
         let plugins =
             Arc::new(crate::plugin_host(&model, &starling_store::blob_dir(&database), &options.trusted_keys)?);
         if let Some(dir) = &options.plugins {
@@ -71,7 +85,7 @@ impl Follower {
         let telemetry = Arc::new(Telemetry::new());
         let clock = crate::system_clock;
         let shared = pipeline::Shared {
-            config: Arc::new(live::Live::new(model.clone(), None)),
+            config,
             plugins: plugins.clone(),
             runtime: tokio::runtime::Handle::current(),
             // No lane runs: the owner delivers.

@@ -215,8 +215,7 @@ pub async fn serve(
                         ownership: ownership.clone(),
                     };
                     let progress = front.following.clone();
-                    let version = published.map_or(0, |p| p.version);
-                    following = Some(Following::start(start, sources, progress, version));
+                    following = Some(Following::start(start, sources, progress, published));
                 }
             }
         }
@@ -329,10 +328,15 @@ struct Sources {
 }
 
 impl Following {
-    /// Follows with `options`, whose configuration is the published `version`.
-    fn start(options: Options, sources: Sources, progress: Arc<FollowProgress>, version: i64) -> Following {
+    /// Follows with `options`, whose configuration is the one `published` (if any).
+    fn start(
+        options: Options,
+        sources: Sources,
+        progress: Arc<FollowProgress>,
+        published: Option<SharedConfig>,
+    ) -> Following {
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(follow(options, sources, progress, version, stopped));
+        let task = tokio::spawn(follow(options, sources, progress, published, stopped));
         Following { stop, task }
     }
 
@@ -355,7 +359,7 @@ async fn follow(
     options: Options,
     sources: Sources,
     progress: Arc<FollowProgress>,
-    version: i64,
+    published: Option<SharedConfig>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ServerError> {
     let Sources { log, snapshots, outcomes: feed, ownership } = sources;
@@ -364,7 +368,8 @@ async fn follow(
     restore(&database, &snapshots).await?;
     let stream = log.clone();
     let log: Arc<dyn starling_log::EventLog> = log;
-    let mut follower = tokio::task::spawn_blocking(move || Follower::start(&options, log))
+    let version = published.as_ref().map_or(0, |p| p.version);
+    let mut follower = tokio::task::spawn_blocking(move || Follower::start(&options, published.as_ref(), log))
         .await
         .map_err(|e| ServerError::Cluster(e.to_string()))??;
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "following the stream");
@@ -399,7 +404,9 @@ async fn follow(
         }
         // Records are applied with the configuration they were first applied with: at the
         // first one applied with a newer version, the follower stops, to start again with it
-        // once it is published (it may not be yet).
+        // once it is published (it may not be yet). Records of the older version after it (an
+        // owner's workers switch at their next batch) are then applied with that version, which
+        // the database recorded when the follower started with it.
         let newer = entries.iter().position(|e| crate::pipeline::config_version_of(&e.payload) > version);
         let (now, later) = entries.split_at(newer.unwrap_or(entries.len()));
         let read_ms = round.elapsed().as_millis() as u64;

@@ -509,17 +509,9 @@ impl Ingest {
                 first.position
             );
         }
-        // Each record is applied with the configuration it was first applied with, when this
-        // database recorded it (a restart on a changed file, a change just before a crash);
-        // the start's own goes on afterwards.
-        let starting = (self.config.model(), self.config.active());
-        self.materialized.replaying.store(true, Ordering::SeqCst);
-        let applied = self.apply_in_order(&entries, true).await;
-        self.materialized.replaying.store(false, Ordering::SeqCst);
-        if !Arc::ptr_eq(&self.config.model(), &starting.0) {
-            self.config.swap(starting.0, starting.1);
-        }
-        applied?;
+        // A restart on a changed file, or after a change just before a crash: each record with
+        // the configuration it was first applied with.
+        self.apply_records(&entries).await?;
         let n = self.partitions.len();
         self.queue((0..n).map(|_| Some(Work::Materialize)).collect(), false).await?;
         // Merges whose partition had not logged them when the last run stopped. A worker's are
@@ -620,18 +612,24 @@ impl Ingest {
     }
 
     /// Applies log records again, in log order, each at the time it was first applied, by its
-    /// partition's worker.
+    /// partition's worker, and with the configuration it was first applied with when this
+    /// database recorded it (the current one goes on afterwards): records of a change's
+    /// moments, which workers applied some with the old configuration after others applied
+    /// some with the new one, come out as they first did.
     pub async fn apply_records(&self, entries: &[Entry]) -> Result<(), IngestError> {
+        let starting = (self.config.model(), self.config.active());
         self.materialized.replaying.store(true, Ordering::SeqCst);
-        let applied = self.apply_in_order(entries, false).await;
+        let applied = self.apply_in_order(entries).await;
         self.materialized.replaying.store(false, Ordering::SeqCst);
+        if !Arc::ptr_eq(&self.config.model(), &starting.0) {
+            self.config.swap(starting.0, starting.1);
+        }
         applied
     }
 
-    /// `by_version`: each record with the configuration it names, if this database recorded
-    /// it (workers take the configuration at each record, so the loop waits for the records
-    /// queued before switching).
-    async fn apply_in_order(&self, entries: &[Entry], by_version: bool) -> Result<(), IngestError> {
+    /// Workers take the configuration at each record, so the loop waits for the records queued
+    /// before switching.
+    async fn apply_in_order(&self, entries: &[Entry]) -> Result<(), IngestError> {
         let n = self.partitions.len();
         // Consecutive records of one worker are queued together: it applies them in order
         // without waiting for this loop in between. Before a record of another worker, the
@@ -645,8 +643,7 @@ impl Ingest {
                 continue;
             };
             let version = config_version_of(&entry.payload);
-            if by_version
-                && version != self.config.active().version
+            if version != self.config.active().version
                 && !unrecorded.contains(&version)
                 && let Some((model, active)) = match self.recorded_config(version)? {
                     None => {
@@ -3081,31 +3078,33 @@ mod tests {
         restarted.stop();
     }
 
+    /// A configuration counting `view` events into `views`, and the same without counting.
+    const COUNTING: &str = r#"
+        [server]
+        partitions = 2
+        [[attribute]]
+        name = "views"
+        scope = "visitor"
+        type = "number"
+        [[enrichment]]
+        attribute = "views"
+        op = "increment"
+        when = "event:view"
+    "#;
+    const NOT_COUNTING: &str = r#"
+        [server]
+        partitions = 2
+        [[attribute]]
+        name = "views"
+        scope = "visitor"
+        type = "number"
+    "#;
+
     /// A restart on a changed configuration file applies the records after the stored state
     /// with the configuration they were first applied with, which this database recorded;
     /// the start's own applies from then on.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn records_are_applied_again_with_the_configuration_they_name() {
-        const COUNTING: &str = r#"
-            [server]
-            partitions = 2
-            [[attribute]]
-            name = "views"
-            scope = "visitor"
-            type = "number"
-            [[enrichment]]
-            attribute = "views"
-            op = "increment"
-            when = "event:view"
-        "#;
-        const NOT_COUNTING: &str = r#"
-            [server]
-            partitions = 2
-            [[attribute]]
-            name = "views"
-            scope = "visitor"
-            type = "number"
-        "#;
         let log = Arc::new(starling_log::MemoryLog::new());
         let restarted = Running::with_config(NOT_COUNTING, 2, log.clone(), false);
         let conn = starling_store::open(&restarted.database).unwrap();
@@ -3125,6 +3124,38 @@ mod tests {
         assert_eq!(views(&restarted), Some(starling_core::Value::Number(2.0)));
         assert_eq!(restarted.profile("visitor-0").unwrap().event_count, 3);
         restarted.stop();
+    }
+
+    /// A standby applies each record with the configuration the owner applied it with, when
+    /// its database recorded that one: after a change, the owner's workers switch at their
+    /// next batch, so a record of the old configuration can follow one of the new.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_standby_applies_records_of_an_older_configuration_after_a_newer_with_the_older() {
+        let log = Arc::new(starling_log::MemoryLog::new());
+        let standby = Running::with_config(COUNTING, 2, log.clone(), true);
+        let conn = starling_store::open(&standby.database).unwrap();
+        let old = starling_store::record_config(&conn, "old", NOT_COUNTING, 0, "start", None, true).unwrap();
+        let new = starling_store::record_config(&conn, "new", COUNTING, 0, "change", None, true).unwrap();
+        standby.ingest.config.set_active(crate::live::Active { version: new, ..Default::default() });
+        let record = |visitor: &str, config: i64| {
+            let events = [event(visitor, 0)];
+            let logged = LoggedRef::Events { now_ms: CLOCK_MS, events: events.iter().collect() };
+            let payload = serde_json::to_vec(&Stamped { logged, config }).unwrap();
+            Entry { position: 0, partition: starling_log::partition_of(visitor), payload }
+        };
+        let entries: Vec<Entry> = [record("visitor-0", new), record("visitor-1", old), record("visitor-2", new)]
+            .into_iter()
+            .enumerate()
+            .map(|(i, entry)| Entry { position: i as u64 + 1, ..entry })
+            .collect();
+        standby.ingest.apply_records(&entries).await.unwrap();
+        standby.ingest.materialize().await.unwrap();
+        let views = |visitor: &str| standby.profile(visitor).unwrap().attributes.get("views").cloned();
+        assert_eq!(views("visitor-0"), Some(starling_core::Value::Number(1.0)));
+        assert_eq!(views("visitor-1"), None, "applied with the configuration that did not count");
+        assert_eq!(views("visitor-2"), Some(starling_core::Value::Number(1.0)));
+        assert!(!standby.ingest.config.model().enrichments.is_empty(), "the standby's configuration goes on");
+        standby.stop();
     }
 
     /// A merge handed over whose absorbed profile is not here finds nothing when it is sent

@@ -52,6 +52,12 @@ pub enum ClusterError {
     /// whose it is.
     #[error("partition {partition}'s log has records this node has not applied (another node wrote to it)")]
     Behind { partition: Partition, last: Option<String> },
+    /// The stream refused one of this node's appends for another node's record: this node is
+    /// no longer the owner, whatever its view of the leases says yet, and writes nothing more.
+    #[error(
+        "another node wrote to partition {partition}'s log: this node is no longer its owner and writes nothing more"
+    )]
+    Overtaken { partition: Partition },
     /// Another node holds an unexpired lease on the partition.
     #[error("partition {partition} is held by node `{node}`")]
     Taken { partition: Partition, node: String },

@@ -170,7 +170,7 @@ impl EventLog for JetStreamLog {
         // new owner's records, and an append on them would be taken.
         if self.overtaken() {
             let partition = records.first().map_or(0, |(partition, _)| *partition);
-            return Err(remote(crate::ClusterError::Fenced { partition }));
+            return Err(remote(crate::ClusterError::Overtaken { partition }));
         }
         // A lease that lapsed while the servers could not be reached (an election) is renewed
         // once they can: the append waits for that, as long as it would retry the stream.
@@ -178,7 +178,10 @@ impl EventLog for JetStreamLog {
         loop {
             let held = self.ownership.held();
             let Some((partition, _)) = records.iter().find(|(p, _)| !held.contains(p)) else { break };
-            if self.overtaken() || waiting.elapsed() >= RETRY_FOR {
+            if self.overtaken() {
+                return Err(remote(crate::ClusterError::Overtaken { partition: *partition }));
+            }
+            if waiting.elapsed() >= RETRY_FOR {
                 return Err(remote(crate::ClusterError::Fenced { partition: *partition }));
             }
             self.runtime.block_on(async { tokio::time::sleep(RETRY_EVERY).await });

@@ -109,11 +109,24 @@ async fn owner_and_standby(dir: &Path, nats: &LocalNats, receiver: &Receiver) ->
 
 /// [`owner_and_standby`] with a `web` source, whose key is [`SEGMENT_KEY`], taking Segment's
 /// calls.
-async fn owner_and_standby_of_the_web_source(dir: &Path, nats: &LocalNats, receiver: &Receiver) -> (Server, Server) {
+/// `cluster`: more `[cluster]` settings.
+async fn owner_and_standby_of_the_web_source(
+    dir: &Path,
+    nats: &LocalNats,
+    receiver: &Receiver,
+    cluster: &str,
+) -> (Server, Server) {
     let web = format!("[[source]]\nname = \"web\"\napi_key = \"{SEGMENT_KEY}\"\n[source.segment]\n");
-    let a = Server::start(&node_config_with(dir, "a", nats, &receiver.url, &web));
+    let config = |node: &str| {
+        let path = node_config_with(dir, node, nats, &receiver.url, &web);
+        // `[cluster]` is the file's last table.
+        let text = std::fs::read_to_string(&path).unwrap() + cluster;
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let a = Server::start(&config("a"));
     serving(&a, FIRST_START).await;
-    let b = Server::start(&node_config_with(dir, "b", nats, &receiver.url, &web));
+    let b = Server::start(&config("b"));
     standing_by(&b).await;
     (a, b)
 }
@@ -391,7 +404,7 @@ async fn a_call_forwarded_by_a_standby_keeps_its_senders_address() {
     let nats = LocalNats::start(3).unwrap();
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = owner_and_standby_of_the_web_source(dir.path(), &nats, &receiver).await;
+    let (a, b) = owner_and_standby_of_the_web_source(dir.path(), &nats, &receiver, "").await;
     // The sender is 127.0.0.2; the standby reaches the owner from 127.0.0.1.
     let sender = reqwest::Client::builder().local_address(std::net::IpAddr::from([127, 0, 0, 2])).build().unwrap();
     let track = |who: &str| json!({"type": "track", "event": "Probe", "anonymousId": who, "properties": {}});
@@ -422,7 +435,8 @@ async fn events_posted_during_a_failover_are_taken_in_and_applied_once() {
     let nats = LocalNats::start(3).unwrap();
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = owner_and_standby_of_the_web_source(dir.path(), &nats, &receiver).await;
+    // Room for the three events taken in below, and no more.
+    let (a, b) = owner_and_standby_of_the_web_source(dir.path(), &nats, &receiver, "intake_limit = 3\n").await;
     let events = format!("{}/v1/events", b.url);
     let page = |id: Option<&str>, visitor: &str| {
         let mut event = json!({"event": "page_view", "visitor_id": visitor, "data": {}});
@@ -486,6 +500,13 @@ async fn events_posted_during_a_failover_are_taken_in_and_applied_once() {
     assert_eq!(answer.status(), 200);
     assert_eq!(answer.json::<serde_json::Value>().await.unwrap(), json!({"success": true}));
     assert_eq!(segment("not-a-key").await.unwrap().status(), 401);
+    // The intake holds three events: at its limit, it takes no more.
+    let over = harness::client().post(&events).header("x-api-key", SEGMENT_KEY).json(&page(Some("over"), "taken-5"));
+    let over = over.send().await.unwrap();
+    assert_eq!(over.status(), 503);
+    assert!(over.headers().contains_key("retry-after"));
+    let refusal = over.json::<serde_json::Value>().await.unwrap();
+    assert!(refusal["error"].as_str().unwrap().contains("at most 3"), "{refusal}");
     assert!(cluster_view(&b).await["serving"] == false, "taken in before the standby serves");
 
     serving(&b, Duration::from_secs(30)).await;
@@ -494,8 +515,10 @@ async fn events_posted_during_a_failover_are_taken_in_and_applied_once() {
         assert_eq!(status, 200, "{export}");
         assert_eq!(export["events"].as_array().map(Vec::len), Some(expected), "{who}: {export}");
     }
-    let (status, _) = get_json(&format!("{}/v1/profiles/taken-3/export", b.url)).await;
-    assert_eq!(status, 404, "the refused events were not taken in");
+    for refused in ["taken-3", "taken-5"] {
+        let (status, _) = get_json(&format!("{}/v1/profiles/{refused}/export", b.url)).await;
+        assert_eq!(status, 404, "the refused events were not taken in");
+    }
     // Once applied, the intake forgets them.
     eventually("the intake to forget what was applied", Duration::from_secs(20), async || {
         (cluster_view(&b).await["intake_held"] == 0).then_some(())

@@ -3078,27 +3078,13 @@ mod tests {
         restarted.stop();
     }
 
-    /// A configuration counting `view` events into `views`, and the same without counting.
-    const COUNTING: &str = r#"
-        [server]
-        partitions = 2
-        [[attribute]]
-        name = "views"
-        scope = "visitor"
-        type = "number"
-        [[enrichment]]
-        attribute = "views"
-        op = "increment"
-        when = "event:view"
-    "#;
-    const NOT_COUNTING: &str = r#"
-        [server]
-        partitions = 2
-        [[attribute]]
-        name = "views"
-        scope = "visitor"
-        type = "number"
-    "#;
+    /// A configuration with a `views` attribute that nothing counts, and one counting `view`
+    /// events into it.
+    const NOT_COUNTING: &str =
+        "[server]\npartitions = 2\n[[attribute]]\nname = \"views\"\nscope = \"visitor\"\ntype = \"number\"\n";
+    fn counting() -> String {
+        format!("{NOT_COUNTING}[[enrichment]]\nattribute = \"views\"\nop = \"increment\"\nwhen = \"event:view\"\n")
+    }
 
     /// A restart on a changed configuration file applies the records after the stored state
     /// with the configuration they were first applied with, which this database recorded;
@@ -3108,7 +3094,7 @@ mod tests {
         let log = Arc::new(starling_log::MemoryLog::new());
         let restarted = Running::with_config(NOT_COUNTING, 2, log.clone(), false);
         let conn = starling_store::open(&restarted.database).unwrap();
-        let version = starling_store::record_config(&conn, "counting", COUNTING, 0, "start", None, true).unwrap();
+        let version = starling_store::record_config(&conn, "counting", &counting(), 0, "start", None, true).unwrap();
         // Two views applied with the counting configuration before a crash, not yet in SQLite.
         let events = [event("visitor-0", 0), event("visitor-0", 1)];
         let logged = LoggedRef::Events { now_ms: CLOCK_MS, events: events.iter().collect() };
@@ -3132,10 +3118,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_standby_applies_records_of_an_older_configuration_after_a_newer_with_the_older() {
         let log = Arc::new(starling_log::MemoryLog::new());
-        let standby = Running::with_config(COUNTING, 2, log.clone(), true);
+        let standby = Running::with_config(&counting(), 2, log.clone(), true);
         let conn = starling_store::open(&standby.database).unwrap();
         let old = starling_store::record_config(&conn, "old", NOT_COUNTING, 0, "start", None, true).unwrap();
-        let new = starling_store::record_config(&conn, "new", COUNTING, 0, "change", None, true).unwrap();
+        let new = starling_store::record_config(&conn, "new", &counting(), 0, "change", None, true).unwrap();
         standby.ingest.config.set_active(crate::live::Active { version: new, ..Default::default() });
         let record = |visitor: &str, config: i64| {
             let events = [event(visitor, 0)];

@@ -139,6 +139,23 @@ pub fn check_plugins_in(
     for enricher in &model.enrichers {
         check(&enricher.plugin, &enricher.span, Kind::Enricher);
     }
+    // A 0.1.0 enricher has no visit end to be called with: it would never run for one.
+    for enricher in &model.enrichers {
+        if enricher.when.contains(&starling_core::model::When::VisitEnded)
+            && let Ok(plugin) = get(&enricher.plugin)
+            && plugin.manifest.kind == Kind::Enricher
+            && plugin.manifest.api() == starling_runtime::Api::V0_1
+        {
+            problems.push(model.diagnostic(
+                &enricher.span,
+                format!(
+                    "plugin `{}` implements `{}`, whose enrichers are not called at a visit's end: \
+                     rebuild it against starling:plugin@0.2.0, or remove `visit_ended` from `when`",
+                    enricher.plugin, plugin.manifest.world
+                ),
+            ));
+        }
+    }
     problems
 }
 

@@ -615,6 +615,42 @@ fn hook_plugin(dir: &std::path::Path) -> std::path::PathBuf {
     plugins
 }
 
+/// An enricher built against `starling:plugin@0.1.0`, which has no visit end, named in a
+/// configuration that runs it at one: refused by name and position, not left never to run.
+#[test]
+fn an_enricher_of_the_first_interface_is_not_run_at_a_visits_end() {
+    const OLD_ENRICHER: &str = r#"(module
+      (memory (export "memory") 2)
+      (global $next (mut i32) (i32.const 8192))
+      (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32) (global.get $next))
+      (func (export "starling:plugin/enrich@0.1.0#enrich") (param i32) (result i32) (i32.const 1024)))"#;
+    let dir = tempfile::tempdir().unwrap();
+    let mut module = wat::parse_str(OLD_ENRICHER).unwrap();
+    let mut resolve = wit_parser::Resolve::default();
+    let (package, _) = resolve.push_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../wit")).unwrap();
+    let world = resolve.select_world(&[package], Some("starling:plugin/enricher@0.1.0")).unwrap();
+    wit_component::embed_component_metadata(&mut module, &resolve, world, wit_component::StringEncoding::UTF8).unwrap();
+    std::fs::write(dir.path().join("c.wasm"), starling_runtime::componentize(&module).unwrap()).unwrap();
+    let manifest = dir.path().join("plugin.toml");
+    std::fs::write(
+        &manifest,
+        "name = \"old\"\nversion = \"0.1.0\"\nkind = \"enricher\"\nworld = \"starling:plugin/enricher@0.1.0\"\ncomponent = \"c.wasm\"\n",
+    )
+    .unwrap();
+    let plugins = starling_runtime::PluginHost::new().unwrap();
+    plugins.load(&manifest, Default::default()).unwrap();
+    let config = |when: &str| {
+        starling_core::parse(&format!("[[attribute]]\nname = \"tier\"\nscope = \"visitor\"\ntype = \"string\"\n\n[[enricher]]\nplugin = \"old\"\nwhen = {when}\n"))
+            .unwrap()
+    };
+    let problems = starling_server::check_plugins(&config(r#"["any", "visit_ended"]"#), &plugins);
+    let messages: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    assert!(messages[0].starts_with("7:10: plugin `old` implements `starling:plugin/enricher@0.1.0`"), "{messages:?}");
+    assert!(messages[0].contains("visit_ended"), "{messages:?}");
+    assert!(starling_server::check_plugins(&config(r#"["any"]"#), &plugins).is_empty(), "run on events, it is fine");
+}
+
 const REPLAYED: &str = r#"
 [server]
 partitions = 2

@@ -121,7 +121,6 @@ event = "total"
 
 [[enricher]]
 plugin = "value-tier"
-# Asked for visit ends too: a 0.1.0 enricher knows only events and is not called for them.
 when = ["any", "visit_ended"]
 
 [[audience]]
@@ -149,6 +148,18 @@ settings = {{ url = "{url}/forget" }}
     let plugins = dir.path().join("plugins");
     install_fixture("webhook", &plugins);
     install_fixture("value-tier", &plugins);
+    // A 0.1.0 enricher knows only events: run at visit ends too, it is refused by name.
+    let checked = std::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args(["config", "check"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&checked.stderr);
+    assert!(!checked.status.success(), "{stderr}");
+    assert!(stderr.contains("plugin `value-tier` implements `starling:plugin/enricher@0.1.0`"), "{stderr}");
+    let text =
+        std::fs::read_to_string(&config).unwrap().replace(r#"when = ["any", "visit_ended"]"#, r#"when = ["any"]"#);
+    std::fs::write(&config, text).unwrap();
     let server = Server::start_with(&config, &["--test-clock"]);
 
     let (_, listed) = get_json(&format!("{}/v1/plugins", server.url)).await;
@@ -167,7 +178,7 @@ settings = {{ url = "{url}/forget" }}
     .await;
     assert_eq!((joined.header("x-starling-trigger"), &joined.body), ("joined", &json!({"tier": "gold"})));
 
-    // A visit end is not an occasion 0.1.0 knows: nothing fails, nothing changes.
+    // A visit ends: the 0.1.0 plugins go on, nothing fails.
     let (status, _) = post_json(&format!("{}/v1/test/clock", server.url), &json!({"advance": "31m"})).await;
     assert_eq!(status, 200);
     eventually("the visit's end", Duration::from_secs(20), async || {

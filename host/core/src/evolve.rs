@@ -282,11 +282,11 @@ impl Conformed {
 /// when nothing is to be done: it runs on every profile read from the store.
 pub fn conform(model: &Model, profile: &mut Profile) -> Conformed {
     let mut done = Conformed::default();
-    let stored = |name: &str| model.attribute(name).filter(|a| a.scope.is_stored());
-    if profile.attributes.iter().any(|(name, value)| stored(name).is_none_or(|def| !def.ty.admits(value))) {
+    let kept = Kept(model);
+    if profile.attributes.iter().any(|(name, value)| !kept.value(name, value)) {
         let names: Vec<String> = profile.attributes.keys().cloned().collect();
         for name in names {
-            let Some(def) = stored(&name) else {
+            let Some(def) = kept.stored(&name) else {
                 profile.clear(&name);
                 done.removed += 1;
                 continue;
@@ -305,21 +305,44 @@ pub fn conform(model: &Model, profile: &mut Profile) -> Conformed {
             }
         }
     }
-    let badge = |name: &String| stored(name).is_some_and(|def| def.ty == AttrType::Badge);
     let before = profile.badges.len();
-    profile.badges.retain(badge);
+    profile.badges.retain(|name| kept.badge(name));
     done.removed += before - profile.badges.len();
-    let id = |name: &String| stored(name).is_some_and(|def| def.ty == AttrType::VisitorId);
     let before = profile.held_ids.len();
-    profile.held_ids.retain(|name, _| id(name));
+    profile.held_ids.retain(|name, _| kept.id(name));
     done.removed += before - profile.held_ids.len();
     for derived in [&mut profile.rolling as &mut dyn Retain, &mut profile.frequencies] {
-        derived.retain_names(&|name| stored(name).is_some());
+        derived.retain_names(&|name| kept.stored(name).is_some());
     }
     let before = profile.audiences.len();
-    profile.audiences.retain(|a| model.audience(a).is_some());
+    profile.audiences.retain(|a| kept.audience(a));
     done.memberships_removed = before - profile.audiences.len();
     done
+}
+
+/// What [`conform`] keeps of a stored profile under a model; [`is_stale`] asks the same.
+struct Kept<'m>(&'m Model);
+
+impl Kept<'_> {
+    fn stored(&self, name: &str) -> Option<&AttributeDef> {
+        self.0.attribute(name).filter(|a| a.scope.is_stored())
+    }
+
+    fn value(&self, name: &str, value: &Value) -> bool {
+        self.stored(name).is_some_and(|def| def.ty.admits(value))
+    }
+
+    fn badge(&self, name: &str) -> bool {
+        self.stored(name).is_some_and(|def| def.ty == AttrType::Badge)
+    }
+
+    fn id(&self, name: &str) -> bool {
+        self.stored(name).is_some_and(|def| def.ty == AttrType::VisitorId)
+    }
+
+    fn audience(&self, name: &str) -> bool {
+        self.0.audience(name).is_some()
+    }
 }
 
 /// The maps of values attributes are computed from, by attribute name.
@@ -361,12 +384,12 @@ pub fn is_stale(model: &Model, profile: &Profile, audiences: &[usize], now: i64)
 }
 
 fn needs_conform(model: &Model, profile: &Profile) -> bool {
-    let stored = |name: &str| model.attribute(name).filter(|a| a.scope.is_stored());
-    profile.attributes.iter().any(|(name, value)| stored(name).is_none_or(|def| !def.ty.admits(value)))
-        || profile.badges.iter().any(|b| stored(b).is_none_or(|def| def.ty != AttrType::Badge))
-        || profile.held_ids.keys().any(|n| stored(n).is_none())
-        || profile.rolling.keys().chain(profile.frequencies.keys()).any(|n| stored(n).is_none())
-        || profile.audiences.iter().any(|a| model.audience(a).is_none())
+    let kept = Kept(model);
+    profile.attributes.iter().any(|(name, value)| !kept.value(name, value))
+        || profile.badges.iter().any(|b| !kept.badge(b))
+        || profile.held_ids.keys().any(|n| !kept.id(n))
+        || profile.rolling.keys().chain(profile.frequencies.keys()).any(|n| kept.stored(n).is_none())
+        || profile.audiences.iter().any(|a| !kept.audience(a))
 }
 
 /// A backfill's work on one profile: conform it, evaluate `audiences` (indexes into
@@ -541,6 +564,19 @@ connector = "webhook"
         assert!(!is_stale(&model, &p, &[any_a], 2_000));
         let old_shape = stored(&[("a", Value::Number(3.0))], &["any_a"]);
         assert!(is_stale(&model, &old_shape, &[], 0), "a value of the old type is stale");
+    }
+
+    /// A backfill sends a profile to be conformed exactly when conforming would change it:
+    /// ids held under an attribute that is no longer of type `visitor_id` included.
+    #[test]
+    fn a_profile_is_stale_exactly_when_conforming_changes_it() {
+        let model = parse(NEW).unwrap();
+        let mut p = stored(&[("a", Value::String("3".into()))], &[]);
+        assert!(!is_stale(&model, &p, &[], 0));
+        p.held_ids.insert("a".into(), ["x".to_string()].into());
+        assert!(is_stale(&model, &p, &[], 0), "`a` holds no ids");
+        assert!(conform(&model, &mut p).changed());
+        assert!(p.held_ids.is_empty() && !is_stale(&model, &p, &[], 0));
     }
 
     #[test]

@@ -474,6 +474,13 @@ async fn events_posted_during_a_failover_are_taken_in_and_applied_once() {
     assert_eq!(export["events"].as_array().map(Vec::len), Some(1), "{export}");
     let (status, [_, from, _], identity) = read("/v1/profiles/taken-1/identity").await;
     assert_eq!((status, from.as_deref(), identity["profile_id"].as_str()), (200, Some("copy"), Some("taken-1")));
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args(["profile", "show", "taken-1", "--server", &b.url])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&cli.stdout), String::from_utf8_lossy(&cli.stderr));
+    assert!(cli.status.success() && stdout.contains("taken-1"), "{stdout}{stderr}");
+    assert!(stderr.contains("answered from node b's copy of the state, through stream position"), "{stderr}");
     let (status, [_, from, _], missing) = read("/v1/profiles/nobody").await;
     assert_eq!((status, from.as_deref()), (404, Some("copy")), "{missing}");
     let actions = harness::client().get(format!("{}/v1/actions", b.url)).send().await.unwrap();

@@ -51,6 +51,17 @@ impl Client {
         let url = request.url().clone();
         let response = self.http.execute(request).await.with_context(|| format!("calling {url}"))?;
         let status = response.status();
+        // A cluster node answering from its own copy while no node serves says so: the answer
+        // may lack the latest writes.
+        let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        if header("x-starling-answered-from") == "copy" {
+            eprintln!(
+                "note: answered from node {}'s copy of the state, through stream position {} ({})",
+                header("x-starling-node"),
+                header("x-starling-copy-position"),
+                header("x-starling-copy-reason")
+            );
+        }
         let text = response.text().await.with_context(|| format!("reading the answer of {url}"))?;
         let body: serde_json::Value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
         if !status.is_success() {

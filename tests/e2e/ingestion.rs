@@ -311,6 +311,14 @@ async fn bad_tracking_requests_are_refused_with_the_reason_and_nothing_applied()
     assert_eq!(&r.bytes().await.unwrap()[..6], b"GIF89a");
     let (_, px) = get_json(&format!("{}/v1/profiles/px-1", server.url)).await;
     assert_eq!(px["attributes"]["page_views"], json!(1.0), "{px}");
+    // A Tealium request sent again (its events' `tealium_random` repeated) is applied once.
+    let view = json!({"tealium_account": "acme", "tealium_profile": "main", "tealium_datasource": DATASOURCE,
+        "tealium_event": "page_view", "tealium_visitor_id": "px-1", "tealium_random": "8304215967730412"});
+    for _ in 0..2 {
+        assert_eq!(post("/event", None, view.clone()).await.0, 200);
+    }
+    let (_, px) = get_json(&format!("{}/v1/profiles/px-1", server.url)).await;
+    assert_eq!(px["attributes"]["page_views"], json!(2.0), "the pixel's view and this one, once: {px}");
     server.stop();
 }
 

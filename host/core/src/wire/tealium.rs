@@ -4,6 +4,11 @@
 //! `tealium_account`, `tealium_profile` and `tealium_datasource` name the data source,
 //! `tealium_event` the event, `tealium_visitor_id` (or `tealium_vid`) the visitor, and
 //! `tealium_timestamp_epoch` (seconds) its time when given; every other key is an event field.
+//!
+//! Tealium's libraries give every event a random number, `tealium_random` (16 digits), which a
+//! retried request repeats: with the event's place in the request, it is the event's id, so a
+//! request sent again is applied once. A client sending its own data layer sends a fresh one per
+//! event, or none (its events then have no id).
 
 use super::optional_id;
 use crate::Event;
@@ -34,7 +39,7 @@ pub struct Collect {
 pub fn parse_event(body: &[u8], received_ms: i64) -> Result<Collect, String> {
     let layer = object(body)?;
     let (account, profile, datasource) = route(&layer, "")?;
-    let event = event(layer, "", received_ms)?;
+    let event = event(layer, 0, "", received_ms)?;
     Ok(Collect { account, profile, datasource, events: vec![event] })
 }
 
@@ -42,7 +47,7 @@ pub fn parse_event(body: &[u8], received_ms: i64) -> Result<Collect, String> {
 pub fn parse_query(pairs: impl IntoIterator<Item = (String, String)>, received_ms: i64) -> Result<Collect, String> {
     let layer: Map<String, Value> = pairs.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
     let (account, profile, datasource) = route(&layer, "")?;
-    let event = event(layer, "", received_ms)?;
+    let event = event(layer, 0, "", received_ms)?;
     Ok(Collect { account, profile, datasource, events: vec![event] })
 }
 
@@ -89,7 +94,7 @@ pub fn parse_bulk(body: &[u8], received_ms: i64) -> Result<Collect, String> {
             }
             Some(_) => {}
         }
-        events.push(event(layer, &at, received_ms)?);
+        events.push(event(layer, i, &at, received_ms)?);
     }
     let (account, profile, datasource) = first_route.expect("at least one event");
     Ok(Collect { account, profile, datasource, events })
@@ -113,7 +118,8 @@ fn route(layer: &Map<String, Value>, at: &str) -> Result<(String, String, Option
     Ok((required("tealium_account")?, required("tealium_profile")?, optional_id(layer, at, "tealium_datasource")?))
 }
 
-fn event(mut layer: Map<String, Value>, at: &str, received_ms: i64) -> Result<Event, String> {
+/// The event a data layer describes; `index`: its place in the request.
+fn event(mut layer: Map<String, Value>, index: usize, at: &str, received_ms: i64) -> Result<Event, String> {
     let name = optional_id(&layer, at, "tealium_event")?
         .ok_or_else(|| format!("{at}tealium_event: missing field (it names the event)"))?;
     let visitor_id = match optional_id(&layer, at, "tealium_visitor_id")? {
@@ -136,10 +142,11 @@ fn event(mut layer: Map<String, Value>, at: &str, received_ms: i64) -> Result<Ev
             ));
         }
     };
+    let id = optional_id(&layer, at, "tealium_random")?.map(|random| format!("tealium-{random}-{index}"));
     for key in ROUTING {
         layer.remove(key);
     }
-    Ok(Event { id: None, name, visitor_id, source: None, timestamp_ms, data: layer })
+    Ok(Event { id, name, visitor_id, source: None, timestamp_ms, data: layer })
 }
 
 #[cfg(test)]
@@ -158,6 +165,24 @@ mod tests {
         assert_eq!(e.data.get("order_total"), Some(&serde_json::json!(12.5)));
         assert_eq!(e.data.get("tealium_library_name"), Some(&"python".into()), "other tealium_ keys are fields");
         assert!(e.data.get("tealium_account").is_none() && e.data.get("tealium_event").is_none());
+        assert_eq!(e.id, None, "no tealium_random, no id");
+    }
+
+    #[test]
+    fn tealium_random_and_the_events_place_are_its_id() {
+        let body = br#"{"tealium_account": "acme", "tealium_profile": "main", "tealium_event": "view",
+            "tealium_visitor_id": "v1", "tealium_random": "4831904726153809"}"#;
+        let first = parse_event(body, 5).unwrap();
+        assert_eq!(first.events[0].id.as_deref(), Some("tealium-4831904726153809-0"));
+        assert_eq!(parse_event(body, 9).unwrap().events[0].id, first.events[0].id, "sent again, the same id");
+        // One random shared by a bulk request's events: each keeps its own id.
+        let bulk = br#"{"shared": {"tealium_account": "acme", "tealium_profile": "main", "tealium_visitor_id": "v3",
+            "tealium_random": 77}, "events": [{"tealium_event": "a"}, {"tealium_event": "b"}]}"#;
+        let ids: Vec<_> = parse_bulk(bulk, 9).unwrap().events.into_iter().map(|e| e.id.unwrap()).collect();
+        assert_eq!(ids, ["tealium-77-0", "tealium-77-1"]);
+        let wrong = br#"{"tealium_account": "acme", "tealium_profile": "main", "tealium_event": "view",
+            "tealium_visitor_id": "v1", "tealium_random": [1]}"#;
+        assert_eq!(parse_event(wrong, 0).unwrap_err(), "tealium_random: expected a string, found an array");
     }
 
     #[test]

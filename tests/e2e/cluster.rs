@@ -107,14 +107,17 @@ async fn owner_and_standby(dir: &Path, nats: &LocalNats, receiver: &Receiver) ->
     (a, b)
 }
 
+/// An admin token a test gives its nodes in their environment.
+const ADMIN_TOKEN: &str = "cluster-admin-token";
+
 /// [`owner_and_standby`] with a `web` source, whose key is [`SEGMENT_KEY`], taking Segment's
-/// calls.
-/// `cluster`: more `[cluster]` settings.
+/// calls; `cluster`: more `[cluster]` settings; `env`: the nodes' environment.
 async fn owner_and_standby_of_the_web_source(
     dir: &Path,
     nats: &LocalNats,
     receiver: &Receiver,
     cluster: &str,
+    env: &[(&str, &str)],
 ) -> (Server, Server) {
     let web = format!("[[source]]\nname = \"web\"\napi_key = \"{SEGMENT_KEY}\"\n[source.segment]\n");
     let config = |node: &str| {
@@ -124,9 +127,9 @@ async fn owner_and_standby_of_the_web_source(
         std::fs::write(&path, text).unwrap();
         path
     };
-    let a = Server::start(&config("a"));
+    let a = Server::start_with_env(&config("a"), &[], env);
     serving(&a, FIRST_START).await;
-    let b = Server::start(&config("b"));
+    let b = Server::start_with_env(&config("b"), &[], env);
     standing_by(&b).await;
     (a, b)
 }
@@ -404,7 +407,7 @@ async fn a_call_forwarded_by_a_standby_keeps_its_senders_address() {
     let nats = LocalNats::start(3).unwrap();
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = owner_and_standby_of_the_web_source(dir.path(), &nats, &receiver, "").await;
+    let (a, b) = owner_and_standby_of_the_web_source(dir.path(), &nats, &receiver, "", &[]).await;
     // The sender is 127.0.0.2; the standby reaches the owner from 127.0.0.1.
     let sender = reqwest::Client::builder().local_address(std::net::IpAddr::from([127, 0, 0, 2])).build().unwrap();
     let track = |who: &str| json!({"type": "track", "event": "Probe", "anonymousId": who, "properties": {}});
@@ -435,8 +438,10 @@ async fn events_posted_during_a_failover_are_taken_in_and_applied_once() {
     let nats = LocalNats::start(3).unwrap();
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    // Room for the three events taken in below, and no more.
-    let (a, b) = owner_and_standby_of_the_web_source(dir.path(), &nats, &receiver, "intake_limit = 3\n").await;
+    // Room for the three events taken in below, and no more; admin calls need a token from the
+    // environment, which the nodes' own checks (the intake's, the copy's) take too.
+    let env = [("STARLING_ADMIN_TOKEN", ADMIN_TOKEN)];
+    let (a, b) = owner_and_standby_of_the_web_source(dir.path(), &nats, &receiver, "intake_limit = 3\n", &env).await;
     let events = format!("{}/v1/events", b.url);
     let page = |id: Option<&str>, visitor: &str| {
         let mut event = json!({"event": "page_view", "visitor_id": visitor, "data": {}});
@@ -453,7 +458,7 @@ async fn events_posted_during_a_failover_are_taken_in_and_applied_once() {
     let (status, node, answer) = post(&events, SEGMENT_KEY, &page(Some("before"), "taken-1")).await;
     assert_eq!((status, node.as_deref(), answer.get("queued")), (202, Some("a"), None), "forwarded: {answer}");
     let read = async |path: &str| {
-        let response = harness::client().get(format!("{}{path}", b.url)).send().await.unwrap();
+        let response = harness::client().get(format!("{}{path}", b.url)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
         let header = |name: &str| response.headers().get(name).map(|v| v.to_str().unwrap().to_string());
         let said = [header("x-starling-node"), header("x-starling-answered-from"), header("x-starling-copy-position")];
         (response.status().as_u16(), said, response.json::<serde_json::Value>().await.unwrap())
@@ -467,23 +472,31 @@ async fn events_posted_during_a_failover_are_taken_in_and_applied_once() {
     .await;
 
     a.kill9();
-    // Profile reads are answered from the standby's copy, saying so; other reads wait.
-    let (status, [node, from, position], export) = read("/v1/profiles/taken-1/export").await;
+    // Profile reads are answered from the standby's copy, saying so; other reads wait. The copy
+    // is what the standby wrote to its database of what it applied (within half a second).
+    let (status, [node, from, position], export) =
+        eventually("the copy to hold the first event", Duration::from_secs(2), async || {
+            let read = read("/v1/profiles/taken-1/export").await;
+            (read.0 != 404).then_some(read)
+        })
+        .await;
     assert_eq!((status, node.as_deref(), from.as_deref()), (200, Some("b"), Some("copy")), "{export}");
     assert!(position.and_then(|p| p.parse::<u64>().ok()) > Some(64), "the copy says how far it goes");
     assert_eq!(export["events"].as_array().map(Vec::len), Some(1), "{export}");
     let (status, [_, from, _], identity) = read("/v1/profiles/taken-1/identity").await;
     assert_eq!((status, from.as_deref(), identity["profile_id"].as_str()), (200, Some("copy"), Some("taken-1")));
     let cli = std::process::Command::new(env!("CARGO_BIN_EXE_starling"))
-        .args(["profile", "show", "taken-1", "--server", &b.url])
+        .args(["profile", "show", "taken-1", "--server", &b.url, "--token", ADMIN_TOKEN])
         .output()
         .unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&cli.stdout), String::from_utf8_lossy(&cli.stderr));
     assert!(cli.status.success() && stdout.contains("taken-1"), "{stdout}{stderr}");
     assert!(stderr.contains("answered from node b's copy of the state, through stream position"), "{stderr}");
+    let anonymous = harness::client().get(format!("{}/v1/profiles/taken-1", b.url)).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401, "the copy is read with the admin token only");
     let (status, [_, from, _], missing) = read("/v1/profiles/nobody").await;
     assert_eq!((status, from.as_deref()), (404, Some("copy")), "{missing}");
-    let actions = harness::client().get(format!("{}/v1/actions", b.url)).send().await.unwrap();
+    let actions = harness::client().get(format!("{}/v1/actions", b.url)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
     assert_eq!(actions.status(), 503);
     assert!(actions.headers().contains_key("retry-after"));
     let (status, node, answer) = post(&events, SEGMENT_KEY, &page(Some("during"), "taken-1")).await;
@@ -518,12 +531,13 @@ async fn events_posted_during_a_failover_are_taken_in_and_applied_once() {
 
     serving(&b, Duration::from_secs(30)).await;
     for (who, expected) in [("taken-1", 2), ("taken-2", 1), ("taken-4", 1)] {
-        let (status, export) = get_json(&format!("{}/v1/profiles/{who}/export", b.url)).await;
+        let (status, [_, from, _], export) = read(&format!("/v1/profiles/{who}/export")).await;
+        assert_eq!(from.as_deref(), Some("engine"));
         assert_eq!(status, 200, "{export}");
         assert_eq!(export["events"].as_array().map(Vec::len), Some(expected), "{who}: {export}");
     }
     for refused in ["taken-3", "taken-5"] {
-        let (status, _) = get_json(&format!("{}/v1/profiles/{refused}/export", b.url)).await;
+        let (status, _, _) = read(&format!("/v1/profiles/{refused}/export")).await;
         assert_eq!(status, 404, "the refused events were not taken in");
     }
     // Once applied, the intake forgets them.

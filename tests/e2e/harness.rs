@@ -74,6 +74,11 @@ impl Server {
 
     /// Starts the server on `config` with extra `serve` arguments.
     pub(crate) fn start_with(config: &Path, extra: &[&str]) -> Server {
+        Server::start_with_env(config, extra, &[])
+    }
+
+    /// Starts the server on `config` with extra `serve` arguments and environment variables.
+    pub(crate) fn start_with_env(config: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let log = config.with_extension("log");
         let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         // Run from the configuration's directory with a relative path, as an operator would.
@@ -84,6 +89,7 @@ impl Server {
             .args(["--listen", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()

@@ -142,7 +142,8 @@ pub async fn serve(
     let (view_tx, view) = watch::channel(View::default());
     let rounds = tokio::spawn(run_rounds(ownership.clone(), stream.clone(), log.clone(), lease, view_tx));
     let taking = crate::intake::Taking::new(
-        Arc::new(crate::live::Live::new(Arc::new(options.model.clone()), None)),
+        // Checked as the engine checks requests: with `STARLING_ADMIN_TOKEN` too.
+        Arc::new(crate::live::Live::new(Arc::new(options.model.clone()), options.admin_token.clone())),
         intake.clone(),
         &settings.node,
         addr,
@@ -207,7 +208,8 @@ pub async fn serve(
             match adopt_shared_config(&mut start, ownership.cluster()).await {
                 Err(e) => tracing::warn!("following the stream: {e}"),
                 Ok(published) => {
-                    front.taking.set_config(Arc::new(crate::live::Live::new(Arc::new(start.model.clone()), None)));
+                    let model = Arc::new(start.model.clone());
+                    front.taking.set_config(Arc::new(crate::live::Live::new(model, start.admin_token.clone())));
                     let sources = Sources {
                         log: log.clone(),
                         snapshots: snapshots.clone(),

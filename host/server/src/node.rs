@@ -415,6 +415,14 @@ async fn follow(
         if let Err(e) = follower.apply(now).await {
             break Err(e);
         }
+        // Keeping up, the copy writes what it applied at once, so that reads of it (during a
+        // failover) see it; behind, its writes stay large (every half second), to catch up.
+        if !now.is_empty()
+            && round.elapsed() < FOLLOW_EVERY
+            && let Err(e) = follower.materialize().await
+        {
+            break Err(e);
+        }
         tracing::debug!(
             records = now.len(),
             read_ms,

@@ -15,19 +15,41 @@ pub fn parse_events(body: &[u8], now_ms: i64) -> Result<Vec<Event>, String> {
     parse_request(body, now_ms).map(|(events, _)| events)
 }
 
+/// How a request's format names its events' fields in refusals and warnings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Naming {
+    /// The events' array (`events`; Segment's `batch`), when the request holds several.
+    pub list: Option<&'static str>,
+    /// What an event's data fields are named under (`data.`; nothing where the event's data is
+    /// the message or data layer itself).
+    pub data: &'static str,
+}
+
+impl Naming {
+    /// `POST /v1/events`: `events[3].data.total`, or `data.total` for a single event.
+    pub fn native(batch: bool) -> Naming {
+        Naming { list: batch.then_some("events"), data: "data." }
+    }
+
+    /// Where event `i`'s fields are named from (`events[3].`; nothing for a single event).
+    pub fn event(&self, i: usize) -> String {
+        self.list.map_or_else(String::new, |list| format!("{list}[{i}]."))
+    }
+}
+
 /// Checks events against the data source their API key belongs to and against their event
 /// specs. Events without a `source` take the key's. Returns the warnings of specs that accept
-/// events breaking them, or the first reason to refuse the request; `batch` says how fields are
-/// named (`events[i].data.x`).
+/// events breaking them, or the first reason to refuse the request, its fields named as
+/// `naming` says.
 pub fn check_events(
     events: &mut [Event],
-    batch: bool,
+    naming: Naming,
     key_source: Option<&str>,
     model: &Model,
 ) -> Result<Vec<String>, String> {
     let mut warnings = Vec::new();
     for (i, event) in events.iter_mut().enumerate() {
-        let at = if batch { format!("events[{i}].") } else { String::new() };
+        let at = naming.event(i);
         if let Some(key_source) = key_source {
             match &event.source {
                 None => event.source = Some(key_source.to_string()),
@@ -38,7 +60,7 @@ pub fn check_events(
             }
         }
         if let Some(spec) = model.event_spec(&event.name) {
-            let problems = spec.violations(event);
+            let problems = spec.violations(event, naming.data);
             if problems.is_empty() {
                 continue;
             }
@@ -59,13 +81,13 @@ pub fn check_events(
 /// `server.max_event_age` is refused. Returns the warnings and how many times were clamped.
 pub fn bound_times(
     events: &mut [Event],
-    batch: bool,
+    naming: Naming,
     now_ms: i64,
     model: &Model,
 ) -> Result<(Vec<String>, u64), String> {
     let (mut warnings, mut clamped) = (Vec::new(), 0);
     for (i, event) in events.iter_mut().enumerate() {
-        let at = if batch { format!("events[{i}].") } else { String::new() };
+        let at = naming.event(i);
         let written = crate::time::format_rfc3339(event.timestamp_ms);
         if now_ms - event.timestamp_ms > model.max_event_age_ms {
             return Err(format!(
@@ -188,6 +210,37 @@ pub(crate) fn required_string(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each format names its fields its own way, and a field's name is never rewritten as text:
+    /// a data key that looks like a path stays as it was sent.
+    #[test]
+    fn refusals_and_warnings_name_fields_as_the_format_does() {
+        let model = crate::parse(
+            "[[event_spec]]\nevent = \"buy\"\nfields = { total = \"number\" }\n\n\
+             [[event_spec]]\nevent = \"look\"\non_violation = \"warn\"\nallow_other_fields = false\nfields = {}\n",
+        )
+        .unwrap();
+        let event = |name: &str, data: serde_json::Value| Event {
+            id: None,
+            name: name.into(),
+            visitor_id: "v".into(),
+            source: None,
+            timestamp_ms: 0,
+            data: data.as_object().unwrap().clone(),
+        };
+        let buys =
+            || vec![event("buy", serde_json::json!({"total": 1})), event("buy", serde_json::json!({"total": "1"}))];
+        let refusal = |naming: Naming| check_events(&mut buys(), naming, None, &model).unwrap_err();
+        let problem = "total: expected number by the `buy` spec, found a string";
+        assert_eq!(refusal(Naming::native(true)), format!("events[1].data.{problem}"));
+        assert_eq!(refusal(Naming { list: Some("batch"), data: "" }), format!("batch[1].{problem}"));
+        assert_eq!(refusal(Naming { list: Some("events"), data: "" }), format!("events[1].{problem}"));
+        let mut one = vec![event("buy", serde_json::json!({"total": "1"}))];
+        assert_eq!(check_events(&mut one, Naming::native(false), None, &model).unwrap_err(), format!("data.{problem}"));
+        let mut odd = vec![event("look", serde_json::json!({"events[0].data.x": 1}))];
+        let warnings = check_events(&mut odd, Naming { list: None, data: "" }, None, &model).unwrap();
+        assert_eq!(warnings, ["events[0].data.x: not a field of the `look` spec"]);
+    }
 
     #[test]
     fn one_event_or_a_batch() {

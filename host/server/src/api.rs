@@ -12,6 +12,7 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use rusqlite::Connection;
 use starling_core::Model;
+use starling_core::ingest::Naming;
 use starling_runtime::PluginHost;
 use starling_store::OutboxStatus;
 use std::sync::{Arc, Mutex};
@@ -271,7 +272,7 @@ async fn post_events(
     let received_ms = (state.clock)();
     let (events, batch) =
         starling_core::ingest::parse_request(&body, received_ms).map_err(|m| invalid("invalid", m))?;
-    let answer = admit(&state, events, batch, key_source.as_deref(), received_ms, query.dry_run)
+    let answer = admit(&state, events, Naming::native(batch), key_source.as_deref(), received_ms, query.dry_run)
         .await
         .map_err(IntoResponse::into_response)?;
     Ok((if query.dry_run { StatusCode::OK } else { StatusCode::ACCEPTED }, Json(answer)))
@@ -283,7 +284,7 @@ async fn post_events(
 pub(crate) async fn admit(
     state: &AppState,
     mut events: Vec<starling_core::Event>,
-    batch: bool,
+    naming: Naming,
     key_source: Option<&str>,
     received_ms: i64,
     dry_run: bool,
@@ -294,7 +295,7 @@ pub(crate) async fn admit(
         ApiError::new(StatusCode::BAD_REQUEST, message)
     };
     let Checked { warnings, clamped, spec_warned } =
-        check(&state.config.model(), &mut events, batch, key_source, received_ms)
+        check(&state.config.model(), &mut events, naming, key_source, received_ms)
             .map_err(|(reason, message)| invalid(reason, message))?;
     if dry_run {
         return Ok(serde_json::json!({ "valid": events.len(), "warnings": warnings }));
@@ -340,14 +341,14 @@ pub(crate) struct Checked {
 pub(crate) fn check(
     model: &starling_core::Model,
     events: &mut [starling_core::Event],
-    batch: bool,
+    naming: Naming,
     key_source: Option<&str>,
     received_ms: i64,
 ) -> Result<Checked, (&'static str, String)> {
     let (mut warnings, clamped) =
-        starling_core::ingest::bound_times(events, batch, received_ms, model).map_err(|m| ("too_old", m))?;
+        starling_core::ingest::bound_times(events, naming, received_ms, model).map_err(|m| ("too_old", m))?;
     let spec_warnings =
-        starling_core::ingest::check_events(events, batch, key_source, model).map_err(|m| ("spec", m))?;
+        starling_core::ingest::check_events(events, naming, key_source, model).map_err(|m| ("spec", m))?;
     let spec_warned = spec_warnings.len() as u64;
     warnings.extend(spec_warnings);
     for warning in &warnings {

@@ -22,6 +22,7 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use starling_cluster::intake::Intake;
 use starling_core::Event;
+use starling_core::ingest::Naming;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use tokio::task::JoinHandle;
@@ -98,7 +99,8 @@ impl Taking {
             Err(message) => return ApiError::new(StatusCode::BAD_REQUEST, message).into_response(),
         };
         if dry_run {
-            return match crate::api::check(&config.model(), &mut events, batch, key_source.as_deref(), received_ms) {
+            let naming = Naming::native(batch);
+            return match crate::api::check(&config.model(), &mut events, naming, key_source.as_deref(), received_ms) {
                 Ok(Checked { warnings, .. }) => {
                     let answer = serde_json::json!({ "valid": events.len(), "warnings": warnings });
                     (StatusCode::OK, axum::Json(answer)).into_response()
@@ -106,7 +108,7 @@ impl Taking {
                 Err((_, message)) => ApiError::new(StatusCode::BAD_REQUEST, message).into_response(),
             };
         }
-        match self.admit(events, batch, key_source.as_deref(), received_ms).await {
+        match self.admit(events, Naming::native(batch), key_source.as_deref(), received_ms).await {
             Ok(answer) => (StatusCode::ACCEPTED, axum::Json(answer)).into_response(),
             Err(refusal) => refusal.into_response(),
         }
@@ -116,12 +118,12 @@ impl Taking {
     async fn publish(
         &self,
         mut events: Vec<Event>,
-        batch: bool,
+        naming: Naming,
         key_source: Option<&str>,
         received_ms: i64,
     ) -> Result<serde_json::Value, ApiError> {
         let Checked { warnings, .. } =
-            crate::api::check(&self.config().model(), &mut events, batch, key_source, received_ms)
+            crate::api::check(&self.config().model(), &mut events, naming, key_source, received_ms)
                 .map_err(|(_, message)| ApiError::new(StatusCode::BAD_REQUEST, message))?;
         // The node taking over applies what the intake holds ahead of what it is sent next: the
         // limit (`cluster.intake_limit`) bounds how long new requests wait behind it. Beyond it,
@@ -184,11 +186,11 @@ impl crate::wire::Admission for Taking {
     fn admit(
         &self,
         events: Vec<Event>,
-        batch: bool,
+        naming: Naming,
         key_source: Option<&str>,
         received_ms: i64,
     ) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send {
-        self.publish(events, batch, key_source, received_ms)
+        self.publish(events, naming, key_source, received_ms)
     }
 }
 

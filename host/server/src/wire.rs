@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine;
 use bytes::Bytes;
+use starling_core::ingest::Naming;
 use starling_core::wire::{segment, tealium};
 use std::io::Read;
 use std::net::SocketAddr;
@@ -34,7 +35,7 @@ pub(crate) trait Admission: Clone + Send + Sync + 'static {
     fn admit(
         &self,
         events: Vec<starling_core::Event>,
-        batch: bool,
+        naming: Naming,
         key_source: Option<&str>,
         received_ms: i64,
     ) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send;
@@ -56,11 +57,11 @@ impl Admission for AppState {
     fn admit(
         &self,
         events: Vec<starling_core::Event>,
-        batch: bool,
+        naming: Naming,
         key_source: Option<&str>,
         received_ms: i64,
     ) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send {
-        crate::api::admit(self, events, batch, key_source, received_ms, false)
+        crate::api::admit(self, events, naming, key_source, received_ms, false)
     }
 }
 
@@ -205,10 +206,12 @@ async fn segment_call<S: Admission>(
         }
         None => None,
     };
-    match state.admit(request.events, call == segment::Call::Batch, key_source.as_deref(), received_ms).await {
+    // A message's fields are its own (`properties.total`), in `batch[3].` of a batch.
+    let naming = Naming { list: (call == segment::Call::Batch).then_some("batch"), data: "" };
+    match state.admit(request.events, naming, key_source.as_deref(), received_ms).await {
         Ok(_) => axum::Json(serde_json::json!({"success": true})).into_response(),
         Err(refusal) => {
-            let message = in_format(refusal.message(), "batch");
+            let message = refusal.message().to_string();
             let mut response =
                 (refusal.status(), axum::Json(serde_json::json!({"success": false, "error": message}))).into_response();
             if let Some(wait) = refusal.into_response().headers().get(header::RETRY_AFTER) {
@@ -248,14 +251,6 @@ async fn tealium_post<S: Admission>(
         Ok(body) => collect(&state, parse(&body, received_ms), batch, received_ms).await,
         Err((status, reason, message)) => collect_refusal(&state, status, reason, message),
     }
-}
-
-/// An admission refusal's message with fields named as the format names them: the events'
-/// array is `list` (`batch[3].` for Segment), and an event's data is the message or data layer
-/// itself (`properties.total`, not `data.properties.total`).
-fn in_format(message: &str, list: &str) -> String {
-    let named = message.replace("events[", &format!("{list}[")).replace("].data.", "].").replace("; data.", "; ");
-    named.strip_prefix("data.").map_or(named.clone(), str::to_string)
 }
 
 /// A 1×1 transparent GIF: what the pixel form answers, so an `<img>` loads.
@@ -309,26 +304,10 @@ async fn collect(
         }
     };
     drop(model);
-    match state.admit(request.events, batch, key_source.as_deref(), received_ms).await {
+    // A data layer's fields are its own (`order_total`), in `events[3].` of a bulk request.
+    let naming = Naming { list: batch.then_some("events"), data: "" };
+    match state.admit(request.events, naming, key_source.as_deref(), received_ms).await {
         Ok(answer) => (StatusCode::OK, axum::Json(answer)).into_response(),
-        Err(refusal) => ApiError::new(refusal.status(), in_format(refusal.message(), "events")).into_response(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::in_format;
-
-    #[test]
-    fn refusals_name_fields_as_the_format_does() {
-        assert_eq!(
-            in_format("events[2].data.order_total: required by the `purchase` spec, missing", "batch"),
-            "batch[2].order_total: required by the `purchase` spec, missing"
-        );
-        assert_eq!(
-            in_format("data.total: expected a number; data.id: missing", "batch"),
-            "total: expected a number; id: missing"
-        );
-        assert_eq!(in_format("events[0].timestamp: too old", "events"), "events[0].timestamp: too old");
+        Err(refusal) => refusal.into_response(),
     }
 }

@@ -86,17 +86,18 @@ pub struct EventSpec {
 
 impl EventSpec {
     /// Every way `event` breaks this spec, each naming the field.
-    pub fn violations(&self, event: &Event) -> Vec<String> {
+    /// `data`: what the event's data fields are named under (`data.`, or nothing).
+    pub fn violations(&self, event: &Event, data: &str) -> Vec<String> {
         let mut problems = Vec::new();
         for field in &self.fields {
             let name = field.path.join(".");
             match event.field(&field.path) {
                 None | Some(serde_json::Value::Null) if field.required => {
-                    problems.push(format!("data.{name}: required by the `{}` spec, missing", self.event))
+                    problems.push(format!("{data}{name}: required by the `{}` spec, missing", self.event))
                 }
                 None | Some(serde_json::Value::Null) => {}
                 Some(v) if !field.ty.matches(v) => problems.push(format!(
-                    "data.{name}: expected {} by the `{}` spec, found {}",
+                    "{data}{name}: expected {} by the `{}` spec, found {}",
                     field.ty.name(),
                     self.event,
                     json_kind_phrase(v)
@@ -107,7 +108,7 @@ impl EventSpec {
         if !self.allow_other_fields {
             for key in event.data.keys() {
                 if !self.fields.iter().any(|f| f.path[0] == *key) {
-                    problems.push(format!("data.{key}: not a field of the `{}` spec", self.event));
+                    problems.push(format!("{data}{key}: not a field of the `{}` spec", self.event));
                 }
             }
         }
@@ -223,9 +224,11 @@ mod tests {
             allow_other_fields: false,
             on_violation: OnViolation::Reject,
         };
-        assert!(spec.violations(&event(serde_json::json!({"order_id": "o1", "order": {"total": 5}}))).is_empty());
+        assert!(
+            spec.violations(&event(serde_json::json!({"order_id": "o1", "order": {"total": 5}})), "data.").is_empty()
+        );
         assert_eq!(
-            spec.violations(&event(serde_json::json!({"order": {"total": "5"}, "coupon": 3, "x": 1}))),
+            spec.violations(&event(serde_json::json!({"order": {"total": "5"}, "coupon": 3, "x": 1})), "data."),
             vec![
                 "data.order_id: required by the `purchase` spec, missing",
                 "data.order.total: expected number by the `purchase` spec, found a string",

@@ -360,7 +360,9 @@ async fn the_trace_command_follows_a_visitor_through_every_step() {
         json!({"event": "purchase", "visitor_id": "dee", "data": {"email": "dee@example.com", "total": 150}}),
     )
     .await;
+    // The delivery can be traced before the batch's commit is: each is waited for.
     wait_for("delivery of welcome", &mut seen);
+    wait_for("  stored", &mut seen);
     let _ = trace.kill();
     let _ = trace.wait();
     let text = seen.join("\n");

@@ -16,6 +16,7 @@ use starling_store::outcomes::Outcome;
 use starling_store::{Attempt, OutboxEntry};
 use std::collections::{BTreeMap, HashSet};
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore, watch};
@@ -60,6 +61,50 @@ pub struct Lane {
     pub clock: fn() -> i64,
     pub telemetry: Arc<Telemetry>,
     pub outcomes: Option<Outcomes>,
+    pub durable: Arc<Durable>,
+}
+
+/// How far the event log is on disk, as the pipeline's syncer last said. A worker writes a
+/// batch's actions to the outbox before the log is synced (so that the lanes need not wait for
+/// the batch to be written out): a lane scanning for another reason meanwhile leaves the rows
+/// whose deciding record may not be on disk yet, so no connector is called for an action whose
+/// cause could still be lost. The syncer wakes their lanes once it has synced.
+#[derive(Debug)]
+pub struct Durable {
+    /// The last position synced by this run (0: none yet). A sync covers every record appended
+    /// before it, so every position up to it is on disk, records read at start included.
+    synced: AtomicU64,
+    /// The first position this run appended (none: `u64::MAX`); before the first sync, the
+    /// records before it (read from disk at start) are on disk.
+    first_appended: AtomicU64,
+}
+
+impl Default for Durable {
+    fn default() -> Durable {
+        Durable { synced: AtomicU64::new(0), first_appended: AtomicU64::new(u64::MAX) }
+    }
+}
+
+impl Durable {
+    /// A worker appended records from `first` on (before writing what they decided).
+    pub fn appended(&self, first: u64) {
+        self.first_appended.fetch_min(first, Ordering::SeqCst);
+    }
+
+    /// The syncer has the log on disk through `position`.
+    pub fn synced(&self, position: u64) {
+        self.synced.fetch_max(position, Ordering::SeqCst);
+    }
+
+    /// Whether the action decided by the record at `position` (none: by work not logged) may
+    /// be delivered.
+    pub fn covers(&self, position: Option<u64>) -> bool {
+        let Some(position) = position else { return true };
+        match self.synced.load(Ordering::SeqCst) {
+            0 => position < self.first_appended.load(Ordering::SeqCst),
+            synced => position <= synced,
+        }
+    }
 }
 
 /// The running lanes, one per configured action; they follow configuration changes.
@@ -70,6 +115,7 @@ pub struct Lanes {
     pub telemetry: Arc<Telemetry>,
     outcomes: Option<Outcomes>,
     running: Mutex<std::collections::HashMap<String, Running>>,
+    pub durable: Arc<Durable>,
 }
 
 struct Running {
@@ -86,7 +132,15 @@ impl Lanes {
         clock: fn() -> i64,
         telemetry: Arc<Telemetry>,
     ) -> Lanes {
-        Lanes { plugins, database, clock, telemetry, outcomes: None, running: Mutex::default() }
+        Lanes {
+            plugins,
+            database,
+            clock,
+            telemetry,
+            outcomes: None,
+            running: Mutex::default(),
+            durable: Arc::default(),
+        }
     }
 
     /// Keeps how each action ended in `outcomes` too (see [`Outcomes`]).
@@ -129,6 +183,7 @@ impl Lanes {
                 clock: self.clock,
                 telemetry: self.telemetry.clone(),
                 outcomes: self.outcomes.clone(),
+                durable: self.durable.clone(),
             };
             let previous = ending.remove(&action.name);
             let task = tokio::spawn(async move {
@@ -209,7 +264,11 @@ impl Lane {
                 tracing::error!(action = %name, "reading the outbox: {e}");
                 Vec::new()
             });
-            let mut due: Vec<OutboxEntry> = due.into_iter().filter(|e| !busy.contains(&e.id)).take(limit).collect();
+            let mut due: Vec<OutboxEntry> = due
+                .into_iter()
+                .filter(|e| !busy.contains(&e.id) && self.durable.covers(e.cause_position()))
+                .take(limit)
+                .collect();
             if due.is_empty() {
                 let action = name.clone();
                 let next = self.db(move |c| starling_store::next_due(c, &action)).await.ok().flatten();
@@ -484,6 +543,22 @@ fn to_wit(entry: &OutboxEntry) -> types::Action {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_action_waits_until_the_record_that_decided_it_is_on_disk() {
+        let durable = Durable::default();
+        assert!(durable.covers(Some(40)), "nothing appended by this run: every record was read from disk");
+        durable.appended(41);
+        durable.appended(43);
+        assert!(durable.covers(Some(40)) && durable.covers(None));
+        assert!(!durable.covers(Some(41)) && !durable.covers(Some(43)), "appended, not synced");
+        durable.synced(42);
+        assert!(durable.covers(Some(42)) && !durable.covers(Some(43)));
+        durable.synced(41);
+        assert!(durable.covers(Some(42)), "a late sync of less does not go back");
+        durable.synced(43);
+        assert!(durable.covers(Some(43)));
+    }
 
     fn entry(attempts: i64) -> OutboxEntry {
         OutboxEntry {

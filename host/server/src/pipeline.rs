@@ -813,8 +813,9 @@ fn run_syncer(shared: Shared, batches: std::sync::mpsc::Receiver<(Position, Answ
             format!("event log not synced: {e}")
         });
         shared.telemetry.metrics.log_sync_seconds.observe(syncing.elapsed().as_secs_f64());
-        if let Err(e) = &synced {
-            tracing::error!("{e}");
+        match &synced {
+            Ok(()) => shared.lanes.durable.synced(upto),
+            Err(e) => tracing::error!("{e}"),
         }
         answers.send(synced, &shared);
     }
@@ -1825,6 +1826,9 @@ impl Worker {
                     inflight.store(self.shared.log.next_position(), Ordering::SeqCst);
                 }
                 let appended = self.shared.log.append(&records)?;
+                if let Some(first) = appended.iter().min() {
+                    self.shared.lanes.durable.appended(*first);
+                }
                 self.shared.telemetry.metrics.log_bytes_appended.inc_by(payloads.iter().map(|b| b.len() as u64).sum());
                 appended
             }

@@ -1136,6 +1136,12 @@ pub struct OutboxEntry {
 }
 
 impl OutboxEntry {
+    /// The log position of the record that decided the action (none: decided by work that is
+    /// not logged, a backfill's).
+    pub fn cause_position(&self) -> Option<u64> {
+        self.origin.as_deref()?.split('.').next()?.parse().ok()
+    }
+
     /// Stable across retries, restarts, replays of the log and dead-letter replays: the key a
     /// destination deduplicates on. Made of the log position that decided the action, so a
     /// row lost with the machine's power and rebuilt from the log keeps it.

@@ -39,12 +39,12 @@ pub(crate) fn answers(request: &Request) -> bool {
 
 /// A node's copy of the state, and how requests to it are checked (as the engine checks them).
 #[derive(Clone)]
-pub(crate) struct Copy {
+pub(crate) struct CopyReader {
     pub(crate) database: Arc<std::path::Path>,
     pub(crate) checks: Taking,
 }
 
-impl Copy {
+impl CopyReader {
     /// Answers a request [`answers`] accepts from the copy; `reason` says why the engine could
     /// not.
     pub(crate) async fn answer(&self, request: Request, reason: &str) -> Response {
@@ -106,15 +106,15 @@ fn unavailable() -> Response {
 /// Reads the copy: what a profile read finds for an id, as the model has it.
 type Reading = fn(&Connection, &Model, &str) -> starling_store::Result<Option<serde_json::Value>>;
 
-async fn profile(State(copy): State<Copy>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+async fn profile(State(copy): State<CopyReader>, Path(id): Path<String>, headers: HeaderMap) -> Response {
     copy.read(&headers, id, profile_of).await
 }
 
-async fn identity(State(copy): State<Copy>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+async fn identity(State(copy): State<CopyReader>, Path(id): Path<String>, headers: HeaderMap) -> Response {
     copy.read(&headers, id, |c, _, id| identity_of(c, id)).await
 }
 
-async fn export(State(copy): State<Copy>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+async fn export(State(copy): State<CopyReader>, Path(id): Path<String>, headers: HeaderMap) -> Response {
     copy.read(&headers, id, export_of).await
 }
 

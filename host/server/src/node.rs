@@ -75,7 +75,7 @@ struct Front {
     /// Ingestion while no node serves.
     taking: crate::intake::Taking,
     /// Profile reads while no node serves.
-    copy: crate::copy::Copy,
+    copy: crate::copy::CopyReader,
     /// Held (shared) while a request is taken in; held alone while the engine starts serving.
     taking_in: tokio::sync::RwLock<()>,
     following: Arc<FollowProgress>,
@@ -151,7 +151,7 @@ pub async fn serve(
     let front = Arc::new(Front {
         node: settings.node.clone(),
         engine: RwLock::new(None),
-        copy: crate::copy::Copy { database: options.database.clone().into(), checks: taking.clone() },
+        copy: crate::copy::CopyReader { database: options.database.clone().into(), checks: taking.clone() },
         taking,
         taking_in: tokio::sync::RwLock::new(()),
         following: Arc::default(),

@@ -471,6 +471,8 @@ async fn events_posted_during_a_failover_are_taken_in_and_applied_once() {
     })
     .await;
 
+    let (status, _, audiences_before) = read("/v1/audiences").await;
+    assert_eq!(status, 200, "{audiences_before}");
     a.kill9();
     // Profile reads are answered from the standby's copy, saying so; other reads wait. Keeping
     // up, the standby writes what it applies at once: the copy holds the first event.
@@ -491,9 +493,29 @@ async fn events_posted_during_a_failover_are_taken_in_and_applied_once() {
     assert_eq!(anonymous.status(), 401, "the copy is read with the admin token only");
     let (status, [_, from, _], missing) = read("/v1/profiles/nobody").await;
     assert_eq!((status, from.as_deref()), (404, Some("copy")), "{missing}");
-    let actions = harness::client().get(format!("{}/v1/actions", b.url)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
-    assert_eq!(actions.status(), 503);
-    assert!(actions.headers().contains_key("retry-after"));
+    // So are the other reads of stored state: a page's visitor (with its source key), the
+    // audiences, the actions.
+    let visitor =
+        harness::client().get(format!("{}/v1/visitor/taken-1", b.url)).header("x-api-key", SEGMENT_KEY).send().await;
+    let visitor = visitor.unwrap();
+    let from = visitor.headers().get("x-starling-answered-from").map(|v| v.to_str().unwrap().to_string());
+    let (status, view) = (visitor.status().as_u16(), visitor.json::<serde_json::Value>().await.unwrap());
+    assert_eq!((status, from.as_deref(), &view["known"]), (200, Some("copy"), &json!(true)), "{view}");
+    let (status, [_, from, _], audiences) = read("/v1/audiences").await;
+    assert_eq!((status, from.as_deref()), (200, Some("copy")), "{audiences}");
+    let names = |answer: &serde_json::Value| {
+        answer["audiences"].as_array().unwrap().iter().map(|a| a["name"].clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(names(&audiences), names(&audiences_before), "the copy's audiences are the configuration's");
+    let (status, [_, from, _], actions) = read("/v1/actions").await;
+    assert_eq!((status, from.as_deref()), (200, Some("copy")), "{actions}");
+    assert!(actions["actions"].is_array(), "{actions}");
+    // What would write waits for a node to serve, and nothing of it is applied (the profile is
+    // read whole below).
+    let deletion = harness::client().delete(format!("{}/v1/profiles/taken-1", b.url)).bearer_auth(ADMIN_TOKEN);
+    let deletion = deletion.send().await.unwrap();
+    assert_eq!(deletion.status(), 503);
+    assert!(deletion.headers().contains_key("retry-after"));
     let (status, node, answer) = post(&events, SEGMENT_KEY, &page(Some("during"), "taken-1")).await;
     assert_eq!((status, node.as_deref()), (202, Some("b")), "{answer}");
     assert_eq!((answer["queued"].clone(), answer["accepted"].clone()), (json!(true), json!(1)), "{answer}");

@@ -520,10 +520,15 @@ async fn unstitch(State(state): State<AppState>, Path(id): Path<String>) -> Resu
 }
 
 async fn get_audiences(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    let sizes = read(&state, starling_store::audience_sizes).await?;
-    let backfill = state.config.backfill();
-    let audiences: Vec<serde_json::Value> = state
-        .config
+    let live = state.config.clone();
+    Ok(Json(read(&state, move |c| audiences_of(c, &live)).await?))
+}
+
+/// The audiences the running configuration defines, with their sampled sizes.
+pub(crate) fn audiences_of(c: &Connection, live: &crate::live::Live) -> starling_store::Result<serde_json::Value> {
+    let sizes = starling_store::audience_sizes(c)?;
+    let backfill = live.backfill();
+    let audiences: Vec<serde_json::Value> = live
         .model()
         .audiences
         .iter()
@@ -539,13 +544,28 @@ async fn get_audiences(State(state): State<AppState>) -> Result<Json<serde_json:
             })
         })
         .collect();
-    Ok(Json(serde_json::json!({ "audiences": audiences })))
+    Ok(serde_json::json!({ "audiences": audiences }))
 }
 
 #[derive(serde::Deserialize)]
-struct HistoryQuery {
+pub(crate) struct HistoryQuery {
     /// RFC 3339; default: 24 hours ago.
     since: Option<String>,
+}
+
+impl HistoryQuery {
+    /// Since when the samples of audience `name` are asked for, at `now`.
+    pub(crate) fn since(&self, model: &Model, name: &str, now: i64) -> Result<i64, ApiError> {
+        if model.audience(name).is_none() {
+            return Err(crate::reconfigure::no_audience(name));
+        }
+        match &self.since {
+            None => Ok(now - 24 * 3_600_000),
+            Some(s) => starling_core::time::parse_rfc3339(s).ok_or_else(|| {
+                ApiError::new(StatusCode::BAD_REQUEST, format!("since: `{s}` is not an RFC 3339 timestamp"))
+            }),
+        }
+    }
 }
 
 async fn get_audience_history(
@@ -553,22 +573,17 @@ async fn get_audience_history(
     Path(name): Path<String>,
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if state.config.model().audience(&name).is_none() {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no audience named `{name}`")));
-    }
-    let since = match &q.since {
-        None => (state.clock)() - 24 * 3_600_000,
-        Some(s) => starling_core::time::parse_rfc3339(s).ok_or_else(|| {
-            ApiError::new(StatusCode::BAD_REQUEST, format!("since: `{s}` is not an RFC 3339 timestamp"))
-        })?,
-    };
-    let audience = name.clone();
-    let samples = read(&state, move |c| starling_store::audience_size_history(c, &audience, since)).await?;
-    let samples: Vec<_> = samples
+    let since = q.since(&state.config.model(), &name, (state.clock)())?;
+    Ok(Json(read(&state, move |c| audience_history_of(c, &name, since)).await?))
+}
+
+/// The sampled sizes of audience `name` since `since`.
+pub(crate) fn audience_history_of(c: &Connection, name: &str, since: i64) -> starling_store::Result<serde_json::Value> {
+    let samples: Vec<_> = starling_store::audience_size_history(c, name, since)?
         .into_iter()
         .map(|(at, size)| serde_json::json!({ "at": starling_core::time::format_rfc3339(at), "size": size }))
         .collect();
-    Ok(Json(serde_json::json!({ "audience": name, "samples": samples })))
+    Ok(serde_json::json!({ "audience": name, "samples": samples }))
 }
 
 async fn explain_membership(
@@ -606,34 +621,51 @@ async fn advance_clock(
 }
 
 #[derive(serde::Deserialize)]
-struct ActionsQuery {
+pub(crate) struct ActionsQuery {
     status: Option<String>,
     limit: Option<usize>,
+}
+
+impl ActionsQuery {
+    /// The status asked for, if one is, and how many rows at most.
+    pub(crate) fn parse(&self) -> Result<(Option<OutboxStatus>, usize), ApiError> {
+        let status = match &self.status {
+            None => None,
+            Some(s) => Some(OutboxStatus::parse(s).ok_or_else(|| {
+                let names: Vec<&str> = OutboxStatus::ALL.iter().map(|s| s.name()).collect();
+                ApiError::new(StatusCode::BAD_REQUEST, format!("status: `{s}` is not one of {}", names.join(", ")))
+            })?),
+        };
+        Ok((status, self.limit.unwrap_or(100).min(10_000)))
+    }
 }
 
 async fn get_actions(
     State(state): State<AppState>,
     Query(q): Query<ActionsQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let status = match &q.status {
-        None => None,
-        Some(s) => Some(OutboxStatus::parse(s).ok_or_else(|| {
-            let names: Vec<&str> = OutboxStatus::ALL.iter().map(|s| s.name()).collect();
-            ApiError::new(StatusCode::BAD_REQUEST, format!("status: `{s}` is not one of {}", names.join(", ")))
-        })?),
-    };
-    let limit = q.limit.unwrap_or(100).min(10_000);
-    let rows = read(&state, move |c| starling_store::list_actions(c, status, limit)).await?;
-    Ok(Json(serde_json::json!({ "actions": rows })))
+    let (status, limit) = q.parse()?;
+    Ok(Json(read(&state, move |c| actions_of(c, status, limit)).await?))
+}
+
+pub(crate) fn actions_of(
+    c: &Connection,
+    status: Option<OutboxStatus>,
+    limit: usize,
+) -> starling_store::Result<serde_json::Value> {
+    Ok(serde_json::json!({ "actions": starling_store::list_actions(c, status, limit)? }))
 }
 
 async fn get_dead_letters(
     State(state): State<AppState>,
-    Query(q): Query<ActionsQuery>,
+    Query(q): Query<LimitQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let limit = q.limit.unwrap_or(100).min(10_000);
-    let rows = read(&state, move |c| starling_store::dead_letters(c, limit)).await?;
-    Ok(Json(serde_json::json!({ "dead_letters": rows })))
+    let limit = q.limit();
+    Ok(Json(read(&state, move |c| dead_letters_of(c, limit)).await?))
+}
+
+pub(crate) fn dead_letters_of(c: &Connection, limit: usize) -> starling_store::Result<serde_json::Value> {
+    Ok(serde_json::json!({ "dead_letters": starling_store::dead_letters(c, limit)? }))
 }
 
 async fn delete_profile(
@@ -652,17 +684,26 @@ async fn delete_profile(
 }
 
 #[derive(serde::Deserialize)]
-struct LimitQuery {
+pub(crate) struct LimitQuery {
     limit: Option<usize>,
+}
+
+impl LimitQuery {
+    pub(crate) fn limit(&self) -> usize {
+        self.limit.unwrap_or(100).min(10_000)
+    }
 }
 
 async fn get_audit(
     State(state): State<AppState>,
     Query(q): Query<LimitQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let limit = q.limit.unwrap_or(100).min(10_000);
-    let records = read(&state, move |c| starling_store::audit_records(c, limit)).await?;
-    Ok(Json(serde_json::json!({ "audit": records })))
+    let limit = q.limit();
+    Ok(Json(read(&state, move |c| audit_of(c, limit)).await?))
+}
+
+pub(crate) fn audit_of(c: &Connection, limit: usize) -> starling_store::Result<serde_json::Value> {
+    Ok(serde_json::json!({ "audit": starling_store::audit_records(c, limit)? }))
 }
 
 async fn get_plugins(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {

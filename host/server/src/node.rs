@@ -151,7 +151,11 @@ pub async fn serve(
     let front = Arc::new(Front {
         node: settings.node.clone(),
         engine: RwLock::new(None),
-        copy: crate::copy::CopyReader { database: options.database.clone().into(), checks: taking.clone() },
+        copy: crate::copy::CopyReader {
+            database: options.database.clone().into(),
+            checks: taking.clone(),
+            personalization: Arc::default(),
+        },
         taking,
         taking_in: tokio::sync::RwLock::new(()),
         following: Arc::default(),

@@ -3,13 +3,15 @@
 //! with a data source's key, from the origins the configuration allows, at a bounded rate per key.
 
 use crate::api::{ApiError, AppState, read};
+use crate::live::Live;
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use starling_core::{Model, Profile};
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const WINDOW: Duration = Duration::from_secs(60);
@@ -40,50 +42,62 @@ impl RateLimits {
 }
 
 pub fn routes(state: &AppState) -> Router<AppState> {
-    let live = state.config.clone();
-    // The allowed origins are read from the running configuration at each request, so a
-    // reloaded list applies at once.
+    Router::new().route("/v1/visitor/{id}", get(get_visitor)).layer(cors(state.config.clone()))
+}
+
+/// Which pages may read their visitor: the allowed origins are read from the running
+/// configuration at each request, so a reloaded list applies at once.
+pub(crate) fn cors(live: Arc<Live>) -> tower_http::cors::CorsLayer {
     let origins = tower_http::cors::AllowOrigin::predicate(move |origin: &HeaderValue, _| {
         let origins = &live.model().personalization.origins;
         origins.iter().any(|o| o == "*" || origin.as_bytes() == o.as_bytes())
     });
-    Router::new().route("/v1/visitor/{id}", get(get_visitor)).layer(
-        tower_http::cors::CorsLayer::new()
-            .allow_origin(origins)
-            .allow_methods([axum::http::Method::GET])
-            .allow_headers([header::AUTHORIZATION, header::HeaderName::from_static("x-api-key")])
-            .max_age(Duration::from_secs(600)),
-    )
+    tower_http::cors::CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([axum::http::Method::GET])
+        .allow_headers([header::AUTHORIZATION, header::HeaderName::from_static("x-api-key")])
+        .max_age(Duration::from_secs(600))
 }
 
 async fn get_visitor(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    let keys = state.config.keys();
-    let key_source = match keys.check_source(&headers) {
+    if let Some(refused) = refusal(&state.config, &state.personalization, &headers) {
+        return refused;
+    }
+    let lookup = id.clone();
+    match read(&state, move |c| starling_store::find_profile(c, &lookup)).await {
+        Ok(profile) => view(&state.config.model(), &id, profile),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Checks a personalization request's source key and counts it against the key's minute: the
+/// answer refusing it, if it is refused.
+pub(crate) fn refusal(live: &Live, limits: &RateLimits, headers: &HeaderMap) -> Option<Response> {
+    let key_source = match live.keys().check_source(headers) {
         Ok(source) => source,
         Err(denied) => {
             let mut response = ApiError::new(StatusCode::UNAUTHORIZED, denied.message()).into_response();
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("ApiKey"));
-            return response;
+            return Some(response);
         }
     };
-    let per_minute = state.config.model().personalization.requests_per_minute;
-    if let Err(wait) = state.personalization.admit(key_source.as_deref().unwrap_or(""), per_minute, Instant::now()) {
+    let per_minute = live.model().personalization.requests_per_minute;
+    if let Err(wait) = limits.admit(key_source.as_deref().unwrap_or(""), per_minute, Instant::now()) {
         let message = format!("more than {per_minute} personalization requests this minute for this key");
         let mut response =
             (StatusCode::TOO_MANY_REQUESTS, axum::Json(serde_json::json!({"error": message}))).into_response();
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait));
-        return response;
+        return Some(response);
     }
-    let lookup = id.clone();
-    let profile = match read(&state, move |c| starling_store::find_profile(c, &lookup)).await {
-        Ok(profile) => profile,
-        Err(e) => return e.into_response(),
-    };
-    let model = state.config.model();
+    None
+}
+
+/// What a page may read of its visitor `id`, whose profile (if any) was read.
+pub(crate) fn view(model: &Model, id: &str, profile: Option<Profile>) -> Response {
     let view = match profile {
         None => serde_json::json!({"id": id, "known": false, "audiences": [], "badges": [], "attributes": {}}),
         Some(mut profile) => {
-            starling_core::evolve::conform(&model, &mut profile);
+            starling_core::evolve::conform(model, &mut profile);
             let attributes: serde_json::Map<String, serde_json::Value> = model
                 .personalization
                 .expose

@@ -7,7 +7,7 @@
 //! profile in the background (see `backfill`).
 
 use crate::api::{ApiError, AppState};
-use crate::live::{Active, Backfill};
+use crate::live::{Active, Backfill, Live};
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -412,13 +412,26 @@ pub async fn get_audience(
     State(state): State<AppState>,
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let model = state.config.model();
-    let Some(audience) = model.audience(&name) else {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no audience named `{name}`")));
-    };
-    let lookup = name.clone();
-    let size = crate::api::read(&state, move |c| starling_store::audience_size(c, &lookup)).await?;
-    let backfill = state.config.backfill_of(&name).map(|b: Arc<Backfill>| {
+    let (live, lookup) = (state.config.clone(), name.clone());
+    let audience = crate::api::read(&state, move |c| audience_of(c, &live, &lookup)).await?;
+    audience.map(Json).ok_or_else(|| no_audience(&name))
+}
+
+pub(crate) fn no_audience(name: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no audience named `{name}`"))
+}
+
+/// Audience `name` as the running configuration defines it, with its size and the backfill
+/// that concerns it; `None` if it defines none of that name.
+pub(crate) fn audience_of(
+    c: &rusqlite::Connection,
+    live: &Live,
+    name: &str,
+) -> starling_store::Result<Option<serde_json::Value>> {
+    let model = live.model();
+    let Some(audience) = model.audience(name) else { return Ok(None) };
+    let size = starling_store::audience_size(c, name)?;
+    let backfill = live.backfill_of(name).map(|b: Arc<Backfill>| {
         serde_json::json!({
             "version": b.version,
             "done": b.done.load(Ordering::Relaxed),
@@ -426,7 +439,7 @@ pub async fn get_audience(
             "finished": b.finished.load(Ordering::SeqCst),
         })
     });
-    Ok(Json(serde_json::json!({
+    Ok(Some(serde_json::json!({
         "name": audience.name,
         "size": size,
         "reads": audience.inputs,

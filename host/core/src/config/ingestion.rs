@@ -9,9 +9,6 @@ use crate::model::{
     DataSource, EventSpec, FieldSpec, FieldType, History, ImportDef, OnViolation, Personalization, Retention,
     TealiumKey,
 };
-
-/// Personalization reads one source key may make per minute unless the file says otherwise.
-const DEFAULT_PERSONALIZATION_RATE: u32 = 600;
 use crate::value::AttrType;
 use toml::Spanned;
 
@@ -170,7 +167,7 @@ impl Validator<'_> {
                 0
             }
             Some(n) => *n.get_ref(),
-            None => DEFAULT_PERSONALIZATION_RATE,
+            None => Personalization::DEFAULT_RATE,
         };
         Personalization {
             expose: raw.expose.iter().map(|a| a.get_ref().clone()).collect(),

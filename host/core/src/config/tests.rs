@@ -348,6 +348,13 @@ requests_per_minute = 0
 }
 
 #[test]
+fn without_a_personalization_table_pages_read_at_the_default_rate() {
+    let model = parse("[server]\n").unwrap();
+    assert_eq!(model.personalization.requests_per_minute, 600);
+    assert!(model.personalization.origins.is_empty() && model.personalization.expose.is_empty());
+}
+
+#[test]
 fn a_cluster_section_is_checked_with_positions() {
     let src = r#"
 [cluster]

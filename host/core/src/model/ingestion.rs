@@ -148,7 +148,7 @@ impl TealiumKey {
 }
 
 /// `[personalization]`: what a page may read of its own visitor's profile.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Personalization {
     /// Attributes shown besides audiences and badges.
     pub expose: Vec<String>,
@@ -156,6 +156,18 @@ pub struct Personalization {
     pub origins: Vec<String>,
     /// Reads one source key may make per minute.
     pub requests_per_minute: u32,
+}
+
+impl Personalization {
+    pub const DEFAULT_RATE: u32 = 600;
+}
+
+/// Without a `[personalization]` table: nothing exposed, same-origin pages only, at the default
+/// rate.
+impl Default for Personalization {
+    fn default() -> Personalization {
+        Personalization { expose: Vec::new(), origins: Vec::new(), requests_per_minute: Personalization::DEFAULT_RATE }
+    }
 }
 
 /// Profiles inactive for longer than `inactive_after_ms` are deleted, checked every `check_every_ms`.

@@ -473,6 +473,8 @@ async fn events_posted_during_a_failover_are_taken_in_and_applied_once() {
 
     let (status, _, audiences_before) = read("/v1/audiences").await;
     assert_eq!(status, 200, "{audiences_before}");
+    let (status, _, config_before) = read("/v1/config").await;
+    assert_eq!(status, 200, "{config_before}");
     a.kill9();
     // Profile reads are answered from the standby's copy, saying so; other reads wait. Keeping
     // up, the standby writes what it applies at once: the copy holds the first event.
@@ -494,7 +496,7 @@ async fn events_posted_during_a_failover_are_taken_in_and_applied_once() {
     let (status, [_, from, _], missing) = read("/v1/profiles/nobody").await;
     assert_eq!((status, from.as_deref()), (404, Some("copy")), "{missing}");
     // So are the other reads of stored state: a page's visitor (with its source key), the
-    // audiences, the actions.
+    // audiences, the configuration (the one the owner published), the actions.
     let visitor =
         harness::client().get(format!("{}/v1/visitor/taken-1", b.url)).header("x-api-key", SEGMENT_KEY).send().await;
     let visitor = visitor.unwrap();
@@ -507,6 +509,13 @@ async fn events_posted_during_a_failover_are_taken_in_and_applied_once() {
         answer["audiences"].as_array().unwrap().iter().map(|a| a["name"].clone()).collect::<Vec<_>>()
     };
     assert_eq!(names(&audiences), names(&audiences_before), "the copy's audiences are the configuration's");
+    let (status, [_, from, _], config) = read("/v1/config").await;
+    assert_eq!((status, from.as_deref()), (200, Some("copy")), "{config}");
+    assert_eq!(
+        (&config["version"], &config["sha256"]),
+        (&config_before["version"], &config_before["sha256"]),
+        "{config}"
+    );
     let (status, [_, from, _], actions) = read("/v1/actions").await;
     assert_eq!((status, from.as_deref()), (200, Some("copy")), "{actions}");
     assert!(actions["actions"].is_array(), "{actions}");

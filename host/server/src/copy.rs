@@ -11,7 +11,7 @@ use crate::api::{
 };
 use crate::intake::Taking;
 use crate::personalize::RateLimits;
-use crate::reconfigure::{audience_of, no_audience};
+use crate::reconfigure::{ConfigHistoryQuery, audience_of, config_history_of, config_json, no_audience};
 use crate::wire::Admission;
 use axum::Json;
 use axum::extract::{Path, Query, Request, State};
@@ -32,14 +32,15 @@ pub(crate) const COPY_REASON_HEADER: &str = "x-starling-copy-reason";
 /// Whether the copy can answer `request`: a read of stored state that neither writes nor
 /// evaluates: one profile (`GET /v1/profiles/{id}`, its `/identity` or `/export`), a page's
 /// visitor (`/v1/visitor/{id}`, and its CORS preflight), the audiences (`/v1/audiences`,
-/// `/v1/audiences/{name}` and its `/history`), actions, dead letters and the audit log.
+/// `/v1/audiences/{name}` and its `/history`), actions, dead letters, the audit log and the
+/// configuration (`/v1/config` and its `/history`).
 pub(crate) fn answers(request: &Request) -> bool {
     let segments: Vec<&str> = request.uri().path().strip_prefix("/v1/").unwrap_or_default().split('/').collect();
     let named = |name: &&str| !name.is_empty();
     let read = match segments.as_slice() {
         ["profiles", id] | ["profiles", id, "identity" | "export"] => named(id),
         ["visitor", id] => return named(id) && matches!(*request.method(), Method::GET | Method::OPTIONS),
-        ["audiences"] | ["actions"] | ["dead-letters"] | ["audit"] => true,
+        ["audiences"] | ["actions"] | ["dead-letters"] | ["audit"] | ["config"] | ["config", "history"] => true,
         // `preview` is an evaluation, posted.
         ["audiences", name] => named(name) && *name != "preview",
         ["audiences", name, "history"] => named(name),
@@ -71,6 +72,8 @@ impl CopyReader {
             .route("/v1/actions", get(actions))
             .route("/v1/dead-letters", get(dead_letters))
             .route("/v1/audit", get(audit))
+            .route("/v1/config", get(config))
+            .route("/v1/config/history", get(config_history))
             .route_layer(axum::middleware::from_fn_with_state(self.clone(), require_admin));
         let visitor = axum::Router::new()
             .route("/v1/visitor/{id}", get(visitor))
@@ -214,6 +217,30 @@ async fn audit(State(copy): State<CopyReader>, Query(q): Query<LimitQuery>) -> R
     copy.read(move |c| audit_of(c, limit), |found| Json(found).into_response()).await
 }
 
+/// The configuration this copy last applied records with (the owner's, as it published it).
+async fn config(State(copy): State<CopyReader>) -> Response {
+    let reading = |c: &Connection| starling_store::active_config(c);
+    copy.read(reading, |found| match found {
+        Some(record) => {
+            let active = crate::live::Active {
+                version: record.version,
+                sha256: record.sha256,
+                applied_ms: record.applied_ms,
+                how: record.how,
+            };
+            Json(config_json(&active, &record.source, None)).into_response()
+        }
+        None => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "this node's copy has recorded no configuration yet")
+            .into_response(),
+    })
+    .await
+}
+
+async fn config_history(State(copy): State<CopyReader>, Query(q): Query<ConfigHistoryQuery>) -> Response {
+    let with_source = q.with_source();
+    copy.read(move |c| config_history_of(c, with_source), |found| Json(found).into_response()).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +262,8 @@ mod tests {
             "/v1/actions?status=pending",
             "/v1/dead-letters",
             "/v1/audit",
+            "/v1/config",
+            "/v1/config/history?source=true",
         ];
         for path in reads {
             assert!(answers(&request(Method::GET, path)), "{path}");
@@ -247,7 +276,7 @@ mod tests {
             "/v1/visitor/",
             "/v1/audiences/",
             "/v1/audiences/preview",
-            "/v1/config",
+            "/v1/config/x",
             "/v1/trace/v1",
             "/v1/backup",
             "/metrics",
@@ -257,6 +286,7 @@ mod tests {
         }
         assert!(!answers(&request(Method::DELETE, "/v1/profiles/v1")), "a deletion waits for the engine");
         assert!(!answers(&request(Method::POST, "/v1/audiences/preview")), "an evaluation waits for the engine");
+        assert!(!answers(&request(Method::PUT, "/v1/config")), "a change waits for the engine");
         assert!(!answers(&request(Method::OPTIONS, "/v1/audiences")), "only a page's visitor has a preflight");
     }
 }

@@ -371,40 +371,52 @@ pub async fn put_config(State(state): State<AppState>, body: String) -> Result<J
 
 /// `GET /v1/config`: the active configuration, its sha256, version and when it was applied.
 pub async fn get_config(State(state): State<AppState>) -> Json<serde_json::Value> {
-    let active = state.config.active();
-    let model = state.config.model();
-    Json(serde_json::json!({
+    let file = state.config_path.as_ref().map(|p| p.display().to_string());
+    let mut config = config_json(&state.config.active(), state.config.model().source_text(), file);
+    config["backfill"] = serde_json::json!(state.config.backfill().map(|b| b.to_json()));
+    Json(config)
+}
+
+/// A configuration as `GET /v1/config` shows it; `file`: the one it was read from, if it was.
+pub(crate) fn config_json(active: &Active, source: &str, file: Option<String>) -> serde_json::Value {
+    serde_json::json!({
         "version": active.version,
         "sha256": active.sha256,
         "applied": starling_core::time::format_rfc3339(active.applied_ms),
         "applied_ms": active.applied_ms,
         "how": active.how,
-        "file": state.config_path.as_ref().map(|p| p.display().to_string()),
-        "source": model.source_text(),
-        "backfill": state.config.backfill().map(|b| b.to_json()),
-    }))
+        "file": file,
+        "source": source,
+        "backfill": null,
+    })
 }
 
 /// `GET /v1/config/history`: the configurations applied before the active one, newest first
 /// (`?source=true` with their text).
 pub async fn get_config_history(
     State(state): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<HistoryQuery>,
+    axum::extract::Query(q): axum::extract::Query<ConfigHistoryQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let database = state.database.clone();
-    let with_source = q.source.unwrap_or(false);
-    let history = tokio::task::spawn_blocking(move || {
-        let conn = starling_store::open(&database)?;
-        starling_store::config_history(&conn, 1_000, with_source)
-    })
-    .await
-    .expect("reading the configuration history")?;
-    Ok(Json(serde_json::json!({ "configurations": history })))
+    let with_source = q.with_source();
+    Ok(Json(crate::api::read(&state, move |c| config_history_of(c, with_source)).await?))
+}
+
+pub(crate) fn config_history_of(
+    c: &rusqlite::Connection,
+    with_source: bool,
+) -> starling_store::Result<serde_json::Value> {
+    Ok(serde_json::json!({ "configurations": starling_store::config_history(c, 1_000, with_source)? }))
 }
 
 #[derive(serde::Deserialize)]
-pub struct HistoryQuery {
+pub struct ConfigHistoryQuery {
     source: Option<bool>,
+}
+
+impl ConfigHistoryQuery {
+    pub(crate) fn with_source(&self) -> bool {
+        self.source.unwrap_or(false)
+    }
 }
 
 /// `GET /v1/audiences/{name}`: one audience, its size and the backfill that concerns it.

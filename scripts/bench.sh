@@ -12,6 +12,8 @@
 #   scripts/bench.sh cluster         # embedded log vs JetStream vs through a standby; failover
 #                                    # (SNAPSHOT_EVERY=60s: the nodes' snapshot interval, default 10s)
 #   STARLING=path/to/starling scripts/bench.sh cluster   # the same with another build, for a comparison
+#   RUST_LOG=info,starling_server::node=debug scripts/bench.sh catchup   # a standby following a
+#                                    # stream of EVENTS events from its start, the machine idle
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,6 +75,52 @@ load() {
 }
 
 : > target/bench/server.log
+# Three nats-server processes on loopback as one cluster (R3, every write synced), as in
+# docs/cluster.md; nodes started with `node` are killed with them on exit.
+start_cluster() {
+    nats=$(scripts/nats.sh)
+    dir=$PWD/target/bench/nats
+    rm -rf "$dir" target/bench/node-*
+    mkdir -p "$dir"
+    nats_pids=()
+    for i in 0 1 2; do
+        cat > "$dir/n$i.conf" <<EOF
+server_name: n$i
+listen: 127.0.0.1:1422$i
+jetstream { store_dir: "$dir/n$i", sync_interval: always }
+cluster {
+  name: starling-bench
+  listen: 127.0.0.1:1622$i
+  routes: [nats-route://127.0.0.1:16220, nats-route://127.0.0.1:16221, nats-route://127.0.0.1:16222]
+}
+EOF
+        "$nats" -c "$dir/n$i.conf" > "$dir/n$i.log" 2>&1 &
+        nats_pids+=($!)
+    done
+    nodes=()
+    trap 'kill $server ${nodes[*]:-} ${nats_pids[*]} 2>/dev/null || true' EXIT
+}
+
+# Node `$1` of the cluster, listening on port `$2` (lease 3 s, a snapshot every SNAPSHOT_EVERY).
+node() {
+    mkdir -p "target/bench/node-$1"
+    variant '' "$(printf '[cluster]\nnats = ["nats://127.0.0.1:14220", "nats://127.0.0.1:14221", "nats://127.0.0.1:14222"]\nnode = "%s"\nlease = "3s"\nsnapshot_every = "%s"' "$1" "${SNAPSHOT_EVERY:-10s}")" > /dev/null
+    cp target/bench/variant.toml "target/bench/node-$1/starling.toml"
+    $starling serve --config "target/bench/node-$1/starling.toml" --database "target/bench/node-$1/starling.db" \
+        --plugins target/bench-plugins --listen "127.0.0.1:$2" >> "target/bench/node-$1.log" 2>&1 &
+    nodes+=($!)
+}
+
+# Waits until the node on port `$1` serves.
+serving() {
+    for _ in $(seq 1 1200); do
+        curl -sf "localhost:$1/v1/cluster" | grep -q '"serving":true' && return
+        sleep 0.05
+    done
+    echo "the node on port $1 did not serve"
+    exit 1
+}
+
 case $what in
 reconfigure)
     start examples/benchmark.toml
@@ -188,49 +236,12 @@ recovery)
     grep -E 'replayed|cut' target/bench/server.log | tail -3
     ;;
 cluster)
-    # Three nats-server processes on loopback (R3, every write synced), as in docs/cluster.md.
-    nats=$(scripts/nats.sh)
-    dir=$PWD/target/bench/nats
-    rm -rf "$dir" target/bench/node-*
-    mkdir -p "$dir"
-    nats_pids=()
-    for i in 0 1 2; do
-        cat > "$dir/n$i.conf" <<EOF
-server_name: n$i
-listen: 127.0.0.1:1422$i
-jetstream { store_dir: "$dir/n$i", sync_interval: always }
-cluster {
-  name: starling-bench
-  listen: 127.0.0.1:1622$i
-  routes: [nats-route://127.0.0.1:16220, nats-route://127.0.0.1:16221, nats-route://127.0.0.1:16222]
-}
-EOF
-        "$nats" -c "$dir/n$i.conf" > "$dir/n$i.log" 2>&1 &
-        nats_pids+=($!)
-    done
-    nodes=()
-    trap 'kill $server ${nodes[*]:-} ${nats_pids[*]} 2>/dev/null || true' EXIT
+    start_cluster
     echo "== one node, embedded log"
     start examples/benchmark.toml
     load --prefix embedded
     stop
     # Node `$1` listening on port `$2`, with its own database.
-    node() {
-        mkdir -p "target/bench/node-$1"
-        variant '' "$(printf '[cluster]\nnats = ["nats://127.0.0.1:14220", "nats://127.0.0.1:14221", "nats://127.0.0.1:14222"]\nnode = "%s"\nlease = "3s"\nsnapshot_every = "%s"' "$1" "${SNAPSHOT_EVERY:-10s}")" > /dev/null
-        cp target/bench/variant.toml "target/bench/node-$1/starling.toml"
-        $starling serve --config "target/bench/node-$1/starling.toml" --database "target/bench/node-$1/starling.db" \
-            --plugins target/bench-plugins --listen "127.0.0.1:$2" >> "target/bench/node-$1.log" 2>&1 &
-        nodes+=($!)
-    }
-    serving() {
-        for _ in $(seq 1 1200); do
-            curl -sf "localhost:$1/v1/cluster" | grep -q '"serving":true' && return
-            sleep 0.05
-        done
-        echo "the node on port $1 did not serve"
-        exit 1
-    }
     node a 8080
     serving 8080
     node b 8081
@@ -263,6 +274,34 @@ EOF
     load --server http://127.0.0.1:8081 --prefix failover --verify-only | grep -A10 verified
     echo "stream, buckets and snapshots on disk, three servers: $(du -sb "$dir" | cut -f1) bytes"
     kill "${nodes[@]}" 2>/dev/null || true
+    ;;
+catchup)
+    # A standby started after the owner applied the load follows the whole stream (no snapshot
+    # within the run), on a machine otherwise idle: how fast a standby or a takeover applies
+    # records when it has the cores to itself.
+    start_cluster
+    SNAPSHOT_EVERY=1h
+    node a 8080
+    serving 8080
+    load --prefix catchup
+    node b 8081
+    started=$(date +%s.%N)
+    following() {
+        curl -sf localhost:8081/v1/cluster | python3 -c '
+import json, sys
+f = json.load(sys.stdin)["following"]
+print(f["applied_position"], f["positions_behind"]) if f else print(0, -1)' 2> /dev/null || echo "0 -1"
+    }
+    for _ in $(seq 1 12000); do
+        read -r applied behind <<< "$(following)"
+        [[ $applied -gt 0 && $behind -eq 0 ]] && break
+        sleep 0.05
+    done
+    caught=$(date +%s.%N)
+    records=$(grep -o 'records applied records=[0-9]*' target/bench/node-b.log | awk -F= '{ n += $2 } END { print n + 0 }')
+    elapsed=$(awk "BEGIN { print $caught - $started }")
+    echo "the standby applied $records records (stream position $applied) $elapsed s after it started: $(awk "BEGIN { printf \"%.0f\", $records / $elapsed }") records/s"
+    grep -E 'following the stream' target/bench/node-b.log | head -1
     ;;
 *)
     echo "unknown benchmark: $what" >&2

@@ -240,17 +240,37 @@ struct Stamped<'a> {
     #[serde(flatten)]
     logged: LoggedRef<'a>,
     config: i64,
+    /// See [`Stamp::independent`].
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    independent: bool,
+}
+
+/// What a record says of how it was applied.
+#[derive(serde::Deserialize, Default)]
+struct Stamp {
+    /// The version of the configuration it was applied with (0: not said, or a record from
+    /// before records said it).
+    #[serde(default)]
+    config: i64,
+    /// Applying it read and changed only its own worker's profiles and ids (and claimed ids no
+    /// profile held): its batch held only events and wake-ups, and its events stitched,
+    /// merged and handed on nothing.
+    /// Applied again, it may go side by side with other workers' independent records; any
+    /// other record waits for the records before it, and the records after it wait for it.
+    #[serde(default)]
+    independent: bool,
+}
+
+impl Stamp {
+    fn of(payload: &[u8]) -> Stamp {
+        serde_json::from_slice(payload).unwrap_or_default()
+    }
 }
 
 /// The version of the configuration the record `payload` was applied with (0: not said, or a
 /// record from before records said it).
 pub fn config_version_of(payload: &[u8]) -> i64 {
-    #[derive(serde::Deserialize)]
-    struct Stamp {
-        #[serde(default)]
-        config: i64,
-    }
-    serde_json::from_slice::<Stamp>(payload).map_or(0, |stamp| stamp.config)
+    Stamp::of(payload).config
 }
 
 /// [`Logged`] as written, borrowing from the batch.
@@ -286,6 +306,36 @@ impl Logged {
             }
             Logged::Owner { .. } => return Ok(None),
         }))
+    }
+}
+
+/// What applying an event did that other workers' work may depend on, counted before and after
+/// it: an event that left the counts as they were touched only its worker's profiles and ids.
+/// Claiming an id no profile holds is not counted: a later record that reads the id finds it
+/// held by another worker's profile and stitches (so it is not independent and waits), and one
+/// that claims it too (written side by side) is settled by log order as the first run settled it.
+struct Crossings {
+    /// Merges, events for other workers, overtaken claims, profiles leaving for another worker
+    /// or absorbed.
+    held: [usize; 5],
+    /// Where the writes made since start.
+    writes: usize,
+}
+
+impl Crossings {
+    fn at(p: &Pending) -> Crossings {
+        Crossings { held: Crossings::held(p), writes: p.effects.writes.len() }
+    }
+
+    fn held(p: &Pending) -> [usize; 5] {
+        [p.merges.len(), p.forwards.len(), p.overtaken.len(), p.leaving.len(), p.moved.len()]
+    }
+
+    /// Whether anything was stitched, merged, split or handed on since.
+    fn crossed_since(&self, p: &Pending) -> bool {
+        let crossing = |w: &Write| matches!(w, Write::Merge { .. } | Write::Split { .. });
+        self.held != Crossings::held(p)
+            || p.effects.writes.get(self.writes..).is_some_and(|new| new.iter().any(crossing))
     }
 }
 
@@ -631,18 +681,19 @@ impl Ingest {
     /// before switching.
     async fn apply_in_order(&self, entries: &[Entry]) -> Result<(), IngestError> {
         let n = self.partitions.len();
-        // Consecutive records of one worker are queued together: it applies them in order
-        // without waiting for this loop in between. Before a record of another worker, the
-        // loop waits for them and the work they handed on.
-        let mut queued: Vec<Queued> = Vec::new();
-        let mut last_worker = None;
+        // A worker applies the records queued to it in order, without waiting for this loop in
+        // between. Before a record of another worker, the loop waits for what is queued (and
+        // the work it handed on), unless both are independent (see `Stamp::independent`): then
+        // the workers apply them side by side.
+        let mut queued = Replaying::default();
         let mut unrecorded = HashSet::new();
         for entry in entries {
             let Some((work, now_ms)) = Logged::decode(&entry.payload, entry.position).map_err(IngestError::Failed)?
             else {
                 continue;
             };
-            let version = config_version_of(&entry.payload);
+            let stamp = Stamp::of(&entry.payload);
+            let version = stamp.config;
             if version != self.config.active().version
                 && !unrecorded.contains(&version)
                 && let Some((model, active)) = match self.recorded_config(version)? {
@@ -653,9 +704,7 @@ impl Ingest {
                     found => found,
                 }
             {
-                for applied in queued.drain(..) {
-                    applied.durable().await?;
-                }
+                queued.wait().await?;
                 tracing::info!(
                     version,
                     position = entry.position,
@@ -664,21 +713,20 @@ impl Ingest {
                 self.config.swap(model, active);
             }
             let worker = entry.partition as usize % n;
-            if last_worker != Some(worker) {
-                for applied in queued.drain(..) {
-                    applied.durable().await?;
-                }
-                last_worker = Some(worker);
+            let waits_for = if stamp.independent { &queued.dependent_to } else { &queued.to };
+            if waits_for.iter().any(|w| *w != worker) {
+                queued.wait().await?;
             }
             let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
             jobs[worker] = Some(work);
             let replay = ReplayOf { partition: entry.partition, position: entry.position, now_ms, handed: false };
-            queued.push(self.dispatch_replay(jobs, false, Some(replay))?);
+            queued.records.push(self.dispatch_replay(jobs, false, Some(replay))?);
+            queued.to.insert(worker);
+            if !stamp.independent {
+                queued.dependent_to.insert(worker);
+            }
         }
-        for applied in queued {
-            applied.durable().await?;
-        }
-        Ok(())
+        queued.wait().await
     }
 
     /// Requests queued on each partition, for the queue-depth metric.
@@ -732,6 +780,28 @@ impl Ingest {
             pending.push_back(answer);
         }
         Ok(Queued { pending })
+    }
+}
+
+/// Records queued to workers to be applied again, not yet waited for.
+#[derive(Default)]
+struct Replaying {
+    records: Vec<Queued>,
+    /// The workers they were queued to.
+    to: HashSet<usize>,
+    /// The workers a record not independent was queued to.
+    dependent_to: HashSet<usize>,
+}
+
+impl Replaying {
+    /// Waits until the records queued, and the work they handed on, are applied.
+    async fn wait(&mut self) -> Result<(), IngestError> {
+        for applied in self.records.drain(..) {
+            applied.durable().await?;
+        }
+        self.to.clear();
+        self.dependent_to.clear();
+        Ok(())
     }
 }
 
@@ -1600,6 +1670,8 @@ impl Worker {
         let mut enrichers = WasmEnrichers::new(&plugins, &runtime);
         let telemetry = self.shared.telemetry.clone();
         let mut reports = Vec::with_capacity(batch.len());
+        // The batch's records (by draft) whose events crossed to other workers' state.
+        let mut crossed: HashSet<usize> = HashSet::new();
 
         for (j, job) in batch.iter_mut().enumerate() {
             let mut report = IngestReport::default();
@@ -1630,6 +1702,7 @@ impl Worker {
                             },
                             || Draft::Events(vec![(j, e)]),
                         );
+                        let (record, crossings) = (p.effects.record_index, Crossings::at(p));
                         self.link_own_id(conn, p, &event.visitor_id, &pid)?;
                         let profile = load(&model, &mut self.cache, conn, &mut p.touched, now, &pid)?;
                         let traced = telemetry.tracer.watches(&[&event.visitor_id, &pid]);
@@ -1657,6 +1730,9 @@ impl Worker {
                         });
                         p.effects.record(conn, &model, &pid, outcome, now)?;
                         self.check_ids(conn, p, &model, &pid, event, j, now)?;
+                        if crossings.crossed_since(p) {
+                            crossed.insert(record);
+                        }
                         report.accepted += 1;
                     }
                 }
@@ -1818,8 +1894,15 @@ impl Worker {
             }
             None if p.drafts.is_empty() || self.shared.following => Vec::new(),
             None => {
-                let payloads: Vec<Vec<u8>> =
-                    p.drafts.iter().map(|(job, _, draft)| encode(batch, *job, draft, now, self.version)).collect();
+                let plain = batch.iter().all(|job| matches!(job.work, Work::Events(_) | Work::Wakeups(_)));
+                let payloads: Vec<Vec<u8>> = p
+                    .drafts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (job, _, draft))| {
+                        encode(batch, *job, draft, now, self.version, plain && !crossed.contains(&i))
+                    })
+                    .collect();
                 let records: Vec<(Partition, &[u8])> =
                     p.drafts.iter().zip(&payloads).map(|((_, vp, _), bytes)| (*vp, bytes.as_slice())).collect();
                 if inflight.load(Ordering::SeqCst) == u64::MAX {
@@ -2661,7 +2744,7 @@ enum BatchError {
 }
 
 /// A draft started by `batch[job]` as the log record it becomes.
-fn encode(batch: &[IngestJob], job: usize, draft: &Draft, now_ms: i64, config: i64) -> Vec<u8> {
+fn encode(batch: &[IngestJob], job: usize, draft: &Draft, now_ms: i64, config: i64, independent: bool) -> Vec<u8> {
     let event = |(job, i): &(usize, usize)| match &batch[*job].work {
         Work::Events(events) => &events[*i],
         _ => unreachable!("an events draft names events"),
@@ -2676,7 +2759,7 @@ fn encode(batch: &[IngestJob], job: usize, draft: &Draft, now_ms: i64, config: i
         }
         _ => unreachable!("a draft is of its job's kind"),
     };
-    serde_json::to_vec(&Stamped { logged, config }).expect("log records serialize")
+    serde_json::to_vec(&Stamped { logged, config, independent }).expect("log records serialize")
 }
 
 /// Granularity of the retention index on profiles: a profile's entry moves at most once per
@@ -3102,7 +3185,7 @@ mod tests {
         // Two views applied with the counting configuration before a crash, not yet in SQLite.
         let events = [event("visitor-0", 0), event("visitor-0", 1)];
         let logged = LoggedRef::Events { now_ms: CLOCK_MS, events: events.iter().collect() };
-        let payload = serde_json::to_vec(&Stamped { logged, config: version }).unwrap();
+        let payload = serde_json::to_vec(&Stamped { logged, config: version, independent: false }).unwrap();
         log.append(&[(starling_log::partition_of("visitor-0"), &payload)]).unwrap();
 
         restarted.ingest.replay().await.unwrap();
@@ -3130,7 +3213,7 @@ mod tests {
         let record = |visitor: &str, config: i64| {
             let events = [event(visitor, 0)];
             let logged = LoggedRef::Events { now_ms: CLOCK_MS, events: events.iter().collect() };
-            let payload = serde_json::to_vec(&Stamped { logged, config }).unwrap();
+            let payload = serde_json::to_vec(&Stamped { logged, config, independent: false }).unwrap();
             Entry { position: 0, partition: starling_log::partition_of(visitor), payload }
         };
         let entries: Vec<Entry> = [record("visitor-0", new), record("visitor-1", old), record("visitor-2", new)]

@@ -761,6 +761,126 @@ async fn the_same_log_applied_twice_from_scratch_gives_the_same_state() {
     }
 }
 
+/// Under concurrent load both workers apply side by side, and people's two devices stitch
+/// while events for both keep coming: the log then holds independent records (applied again
+/// side by side) and records that claimed or stitched ids (applied again in log order), and
+/// applied again from scratch it gives the state the live run derived.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_log_written_under_concurrent_load_applies_again_to_the_same_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = hook_plugin(dir.path());
+    let log: std::sync::Arc<KeepAll> = Default::default();
+    let start = |database: &str| {
+        App::start(Options {
+            model: starling_core::parse(REPLAYED).unwrap(),
+            database: dir.path().join(database),
+            plugins: Some(plugins.clone()),
+            test_clock: false,
+            admin_token: None,
+            event_log: Some(log.clone()),
+            config_path: None,
+            trusted_keys: None,
+            outcomes: None,
+        })
+    };
+    let live = start("live.db").await.unwrap();
+    let person = async |person: usize| {
+        let hash = format!("hash-{person:04}");
+        for round in 0..4 {
+            for device in ["web", "phone"] {
+                let visitor = format!("{device}-{person}");
+                let login = match round {
+                    1 => format!(
+                        r#",{{"event":"login","visitor_id":"{visitor}","id":"{visitor}-login","data":{{"email_hash":"{hash}"}}}}"#
+                    ),
+                    _ => String::new(),
+                };
+                let events = format!(
+                    r#"{{"events":[{{"event":"view","visitor_id":"{visitor}","id":"{visitor}-{round}","data":{{"total":3}}}}{login}]}}"#
+                );
+                assert_eq!(call(&live, "POST", "/v1/events", &events).await.0, StatusCode::ACCEPTED);
+            }
+        }
+    };
+    futures_util::future::join_all((0..40).map(person)).await;
+    live.stop().await;
+    let expected = state_of(&dir.path().join("live.db"));
+    assert_eq!(expected.iter().filter(|r| r.starts_with("profile ")).count(), 40, "each person's devices stitched");
+
+    let independent = independent_records(&log);
+    assert!(independent.0 > 0 && independent.1 > 0, "independent and other records: {independent:?}");
+
+    start("again.db").await.unwrap().stop().await;
+    assert_eq!(state_of(&dir.path().join("again.db")), expected, "rebuilt from the log");
+}
+
+/// A merge applied again reads the profile it absorbs from the database: it waits for every
+/// record before it, here a long run of another worker's records ending with the absorbed
+/// profile's own events, even though the merge's worker has nothing else to do.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_merge_applied_again_waits_for_the_records_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = hook_plugin(dir.path());
+    let log: std::sync::Arc<KeepAll> = Default::default();
+    let start = |database: &str| {
+        App::start(Options {
+            model: starling_core::parse(REPLAYED).unwrap(),
+            database: dir.path().join(database),
+            plugins: Some(plugins.clone()),
+            test_clock: false,
+            admin_token: None,
+            event_log: Some(log.clone()),
+            config_path: None,
+            trusted_keys: None,
+            outcomes: None,
+        })
+    };
+    let worker = |id: &str| starling_log::partition_of(id) as usize % 2;
+    // Two devices of one person, on different workers, and others on the phone's worker.
+    let (web, phone) = ("web-x", (0..).map(|i| format!("phone-{i}")).find(|p| worker(p) != worker("web-x")).unwrap());
+    let others: Vec<String> =
+        (0..).map(|i| format!("other-{i}")).filter(|o| worker(o) == worker(&phone)).take(300).collect();
+    let live = start("live.db").await.unwrap();
+    let post = async |visitor: &str, event: &str, data: &str| {
+        let events = format!(r#"{{"events":[{{"event":"{event}","visitor_id":"{visitor}","data":{data}}}]}}"#);
+        assert_eq!(call(&live, "POST", "/v1/events", &events).await.0, StatusCode::ACCEPTED);
+    };
+    for other in &others {
+        post(other, "view", r#"{"total":1}"#).await;
+    }
+    for _ in 0..4 {
+        post(&phone, "view", r#"{"total":3}"#).await;
+    }
+    post(web, "login", r#"{"email_hash":"hash-x"}"#).await;
+    post(&phone, "login", r#"{"email_hash":"hash-x"}"#).await;
+    live.stop().await;
+    let expected = state_of(&dir.path().join("live.db"));
+    let merged: Vec<&String> =
+        expected.iter().filter(|r| r.starts_with("profile ") && r.contains("\"spend\"")).collect();
+    assert!(merged.iter().any(|r| r.contains("12")), "the phone's spend reached the merged profile: {merged:#?}");
+    assert!(expected.iter().any(|r| r.starts_with("action welcome")), "{expected:#?}");
+    let (independent, other) = independent_records(&log);
+    assert!(independent >= others.len() && other > 0, "the others' views are independent: {independent}, {other}");
+
+    start("again.db").await.unwrap().stop().await;
+    assert_eq!(state_of(&dir.path().join("again.db")), expected, "rebuilt from the log");
+}
+
+/// How many of the log's records are marked independent, and how many are not.
+fn independent_records(log: &KeepAll) -> (usize, usize) {
+    let mut counts = (0, 0);
+    let everything: Vec<(u16, u64)> = (0..starling_log::PARTITIONS).map(|p| (p, 0)).collect();
+    starling_log::EventLog::read(&log.0, &everything, &mut |entry| {
+        let record: serde_json::Value = serde_json::from_slice(&entry.payload).unwrap();
+        match record["independent"] == true {
+            true => counts.0 += 1,
+            false => counts.1 += 1,
+        }
+    })
+    .unwrap();
+    counts
+}
+
 /// A batch the log refuses is answered with an error and applied nowhere. The worker may hold
 /// earlier batches' state in memory only (it writes SQLite later) and that state may be half
 /// changed by the refused batch, so it is derived again from SQLite and the log: nothing

@@ -692,6 +692,28 @@ trigger = "deleted"
 connector = "hook"
 "#;
 
+/// A server on `database` in `dir` running [`REPLAYED`] with `plugins`, over `log`.
+async fn replaying(
+    dir: &std::path::Path,
+    plugins: &std::path::Path,
+    log: &std::sync::Arc<KeepAll>,
+    database: &str,
+) -> App {
+    App::start(Options {
+        model: starling_core::parse(REPLAYED).unwrap(),
+        database: dir.join(database),
+        plugins: Some(plugins.to_path_buf()),
+        test_clock: false,
+        admin_token: None,
+        event_log: Some(log.clone()),
+        config_path: None,
+        trusted_keys: None,
+        outcomes: None,
+    })
+    .await
+    .unwrap()
+}
+
 /// Everything the state derived from the log holds, row by row, without what only says when
 /// or in which order rows were written (row ids, delivery attempts, and how early a profile's
 /// wake-up was scheduled, which depends on how its events fell into batches).
@@ -720,20 +742,8 @@ async fn the_same_log_applied_twice_from_scratch_gives_the_same_state() {
     let dir = tempfile::tempdir().unwrap();
     let plugins = hook_plugin(dir.path());
     let log: std::sync::Arc<KeepAll> = Default::default();
-    let start = |database: &str| {
-        App::start(Options {
-            model: starling_core::parse(REPLAYED).unwrap(),
-            database: dir.path().join(database),
-            plugins: Some(plugins.clone()),
-            test_clock: false,
-            admin_token: None,
-            event_log: Some(log.clone()),
-            config_path: None,
-            trusted_keys: None,
-            outcomes: None,
-        })
-    };
-    let live = start("live.db").await.unwrap();
+    let start = |database: &'static str| replaying(dir.path(), &plugins, &log, database);
+    let live = start("live.db").await;
     for person in 0..12 {
         let hash = format!("hash-{person:04}");
         for (device, total) in [("web", 4), ("phone", 9)] {
@@ -755,7 +765,7 @@ async fn the_same_log_applied_twice_from_scratch_gives_the_same_state() {
     assert!(expected.iter().filter(|r| r.starts_with("profile ")).count() < 24, "profiles were stitched");
 
     for database in ["first.db", "second.db"] {
-        start(database).await.unwrap().stop().await;
+        start(database).await.stop().await;
         let replayed = state_of(&dir.path().join(database));
         assert_eq!(replayed, expected, "{database} rebuilt from the log");
     }
@@ -770,20 +780,8 @@ async fn a_log_written_under_concurrent_load_applies_again_to_the_same_state() {
     let dir = tempfile::tempdir().unwrap();
     let plugins = hook_plugin(dir.path());
     let log: std::sync::Arc<KeepAll> = Default::default();
-    let start = |database: &str| {
-        App::start(Options {
-            model: starling_core::parse(REPLAYED).unwrap(),
-            database: dir.path().join(database),
-            plugins: Some(plugins.clone()),
-            test_clock: false,
-            admin_token: None,
-            event_log: Some(log.clone()),
-            config_path: None,
-            trusted_keys: None,
-            outcomes: None,
-        })
-    };
-    let live = start("live.db").await.unwrap();
+    let start = |database: &'static str| replaying(dir.path(), &plugins, &log, database);
+    let live = start("live.db").await;
     let person = async |person: usize| {
         let hash = format!("hash-{person:04}");
         for round in 0..4 {
@@ -810,7 +808,7 @@ async fn a_log_written_under_concurrent_load_applies_again_to_the_same_state() {
     let independent = independent_records(&log);
     assert!(independent.0 > 0 && independent.1 > 0, "independent and other records: {independent:?}");
 
-    start("again.db").await.unwrap().stop().await;
+    start("again.db").await.stop().await;
     assert_eq!(state_of(&dir.path().join("again.db")), expected, "rebuilt from the log");
 }
 
@@ -822,25 +820,13 @@ async fn a_merge_applied_again_waits_for_the_records_before_it() {
     let dir = tempfile::tempdir().unwrap();
     let plugins = hook_plugin(dir.path());
     let log: std::sync::Arc<KeepAll> = Default::default();
-    let start = |database: &str| {
-        App::start(Options {
-            model: starling_core::parse(REPLAYED).unwrap(),
-            database: dir.path().join(database),
-            plugins: Some(plugins.clone()),
-            test_clock: false,
-            admin_token: None,
-            event_log: Some(log.clone()),
-            config_path: None,
-            trusted_keys: None,
-            outcomes: None,
-        })
-    };
+    let start = |database: &'static str| replaying(dir.path(), &plugins, &log, database);
     let worker = |id: &str| starling_log::partition_of(id) as usize % 2;
     // Two devices of one person, on different workers, and others on the phone's worker.
     let (web, phone) = ("web-x", (0..).map(|i| format!("phone-{i}")).find(|p| worker(p) != worker("web-x")).unwrap());
     let others: Vec<String> =
         (0..).map(|i| format!("other-{i}")).filter(|o| worker(o) == worker(&phone)).take(300).collect();
-    let live = start("live.db").await.unwrap();
+    let live = start("live.db").await;
     let post = async |visitor: &str, event: &str, data: &str| {
         let events = format!(r#"{{"events":[{{"event":"{event}","visitor_id":"{visitor}","data":{data}}}]}}"#);
         assert_eq!(call(&live, "POST", "/v1/events", &events).await.0, StatusCode::ACCEPTED);
@@ -862,7 +848,7 @@ async fn a_merge_applied_again_waits_for_the_records_before_it() {
     let (independent, other) = independent_records(&log);
     assert!(independent >= others.len() && other > 0, "the others' views are independent: {independent}, {other}");
 
-    start("again.db").await.unwrap().stop().await;
+    start("again.db").await.stop().await;
     assert_eq!(state_of(&dir.path().join("again.db")), expected, "rebuilt from the log");
 }
 

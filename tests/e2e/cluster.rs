@@ -496,7 +496,8 @@ async fn events_posted_during_a_failover_are_taken_in_and_applied_once() {
     let (status, [_, from, _], missing) = read("/v1/profiles/nobody").await;
     assert_eq!((status, from.as_deref()), (404, Some("copy")), "{missing}");
     // So are the other reads of stored state: a page's visitor (with its source key), the
-    // audiences, the configuration (the one the owner published), the actions.
+    // audiences, the configuration (the one the owner published), why a profile is in an
+    // audience or not, the actions.
     let visitor =
         harness::client().get(format!("{}/v1/visitor/taken-1", b.url)).header("x-api-key", SEGMENT_KEY).send().await;
     let visitor = visitor.unwrap();
@@ -516,6 +517,9 @@ async fn events_posted_during_a_failover_are_taken_in_and_applied_once() {
         (&config_before["version"], &config_before["sha256"]),
         "{config}"
     );
+    let (status, [_, from, _], explained) = read("/v1/profiles/taken-1/explain/known").await;
+    assert_eq!((status, from.as_deref(), &explained["audience"]), (200, Some("copy"), &json!("known")), "{explained}");
+    assert!(explained["member"].is_boolean() && explained["rule"].is_object(), "{explained}");
     let (status, [_, from, _], actions) = read("/v1/actions").await;
     assert_eq!((status, from.as_deref()), (200, Some("copy")), "{actions}");
     assert!(actions["actions"].is_array(), "{actions}");

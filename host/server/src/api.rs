@@ -590,18 +590,27 @@ async fn explain_membership(
     State(state): State<AppState>,
     Path((id, audience)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let model = state.config.model();
+    let (model, now) = (state.config.model(), (state.clock)());
     if model.audience(&audience).is_none() {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no audience named `{audience}`")));
+        return Err(crate::reconfigure::no_audience(&audience));
     }
     let lookup = id.clone();
-    let Some(mut profile) = read(&state, move |c| starling_store::find_profile(c, &lookup)).await? else {
-        return Err(no_profile(&id));
-    };
-    starling_core::evolve::conform(&model, &mut profile);
-    let explained =
-        starling_core::engine::explain(&model, &profile, &audience, (state.clock)()).expect("audience checked above");
-    Ok(Json(explained))
+    let explained = read(&state, move |c| explanation_of(c, &model, &lookup, &audience, now)).await?;
+    explained.map(Json).ok_or_else(|| no_profile(&id))
+}
+
+/// Why the profile an id belongs to is in audience `audience` (which the model defines) or
+/// not, at `now`; `None` if no profile holds the id.
+pub(crate) fn explanation_of(
+    c: &Connection,
+    model: &Model,
+    id: &str,
+    audience: &str,
+    now: i64,
+) -> starling_store::Result<Option<serde_json::Value>> {
+    let Some(mut profile) = starling_store::find_profile(c, id)? else { return Ok(None) };
+    starling_core::evolve::conform(model, &mut profile);
+    Ok(starling_core::engine::explain(model, &profile, audience, now))
 }
 
 #[derive(serde::Deserialize)]

@@ -7,7 +7,7 @@
 
 use crate::api::{
     ActionsQuery, ApiError, HistoryQuery, LimitQuery, actions_of, audience_history_of, audiences_of, audit_of,
-    dead_letters_of, export_of, identity_of, no_profile, profile_of,
+    dead_letters_of, explanation_of, export_of, identity_of, no_profile, profile_of,
 };
 use crate::intake::Taking;
 use crate::personalize::RateLimits;
@@ -29,8 +29,8 @@ pub(crate) const COPY_POSITION_HEADER: &str = "x-starling-copy-position";
 /// On an answer from the copy: why the engine did not answer.
 pub(crate) const COPY_REASON_HEADER: &str = "x-starling-copy-reason";
 
-/// Whether the copy can answer `request`: a read of stored state that neither writes nor
-/// evaluates: one profile (`GET /v1/profiles/{id}`, its `/identity` or `/export`), a page's
+/// Whether the copy can answer `request`: a read of stored state that writes nothing: one
+/// profile (`GET /v1/profiles/{id}`, its `/identity`, `/export` and `/explain/{audience}`), a page's
 /// visitor (`/v1/visitor/{id}`, and its CORS preflight), the audiences (`/v1/audiences`,
 /// `/v1/audiences/{name}` and its `/history`), actions, dead letters, the audit log and the
 /// configuration (`/v1/config` and its `/history`).
@@ -39,6 +39,7 @@ pub(crate) fn answers(request: &Request) -> bool {
     let named = |name: &&str| !name.is_empty();
     let read = match segments.as_slice() {
         ["profiles", id] | ["profiles", id, "identity" | "export"] => named(id),
+        ["profiles", id, "explain", audience] => named(id) && named(audience),
         ["visitor", id] => return named(id) && matches!(*request.method(), Method::GET | Method::OPTIONS),
         ["audiences"] | ["actions"] | ["dead-letters"] | ["audit"] | ["config"] | ["config", "history"] => true,
         // `preview` is an evaluation, posted.
@@ -66,6 +67,7 @@ impl CopyReader {
             .route("/v1/profiles/{id}", get(profile))
             .route("/v1/profiles/{id}/identity", get(identity))
             .route("/v1/profiles/{id}/export", get(export))
+            .route("/v1/profiles/{id}/explain/{audience}", get(explanation))
             .route("/v1/audiences", get(audiences))
             .route("/v1/audiences/{name}", get(audience))
             .route("/v1/audiences/{name}/history", get(audience_history))
@@ -167,6 +169,16 @@ async fn export(State(copy): State<CopyReader>, Path(id): Path<String>) -> Respo
     copy.read(move |c| export_of(c, &model, &lookup), |found| json_or(found, no_profile(&id))).await
 }
 
+async fn explanation(State(copy): State<CopyReader>, Path((id, audience)): Path<(String, String)>) -> Response {
+    let model = copy.checks.config().model();
+    if model.audience(&audience).is_none() {
+        return no_audience(&audience).into_response();
+    }
+    let (lookup, now) = (id.clone(), crate::system_clock());
+    let reading = move |c: &Connection| explanation_of(c, &model, &lookup, &audience, now);
+    copy.read(reading, |found| json_or(found, no_profile(&id))).await
+}
+
 async fn visitor(State(copy): State<CopyReader>, Path(id): Path<String>, headers: HeaderMap) -> Response {
     let live = copy.checks.config();
     if let Some(refused) = crate::personalize::refusal(&live, &copy.personalization, &headers) {
@@ -255,6 +267,7 @@ mod tests {
             "/v1/profiles/v1",
             "/v1/profiles/v%201/identity",
             "/v1/profiles/v1/export",
+            "/v1/profiles/v1/explain/vip",
             "/v1/visitor/v1",
             "/v1/audiences",
             "/v1/audiences/vip",
@@ -271,7 +284,8 @@ mod tests {
         assert!(answers(&request(Method::OPTIONS, "/v1/visitor/v1")), "a page's preflight");
         let others = [
             "/v1/profiles/",
-            "/v1/profiles/v1/explain/a",
+            "/v1/profiles/v1/explain/",
+            "/v1/profiles/v1/explain/a/b",
             "/v1/profiles/v1/export/x",
             "/v1/visitor/",
             "/v1/audiences/",

@@ -253,10 +253,10 @@ struct Stamp {
     #[serde(default)]
     config: i64,
     /// Applying it read and changed only its own worker's profiles and ids (and claimed ids no
-    /// profile held): its batch held only events and wake-ups, and its events stitched,
-    /// merged and handed on nothing.
-    /// Applied again, it may go side by side with other workers' independent records; any
-    /// other record waits for the records before it, and the records after it wait for it.
+    /// profile held): its batch held only events and wake-ups, and its events stitched, merged
+    /// and handed on nothing. Applied again, it may go side by side with other workers'
+    /// independent records; any other record waits for the records before it, and the records
+    /// after it wait for it.
     #[serde(default)]
     independent: bool,
 }
@@ -318,7 +318,7 @@ struct Crossings {
     /// Merges, events for other workers, overtaken claims, profiles leaving for another worker
     /// or absorbed.
     held: [usize; 5],
-    /// Where the writes made since start.
+    /// How many writes were held when counting started.
     writes: usize,
 }
 

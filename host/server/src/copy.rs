@@ -143,7 +143,7 @@ async fn require_admin(State(copy): State<CopyReader>, request: Request, next: a
 }
 
 fn unavailable() -> Response {
-    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no node serves the profile yet and this node's copy cannot be read")
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no node serves yet and this node's copy cannot be read")
         .into_response()
 }
 

@@ -495,6 +495,7 @@ fn serve(config: &Path, overrides: ServeOverrides) -> Result<()> {
         trusted_keys,
         config_path: Some(config.to_path_buf()),
         outcomes: None,
+        spread: None,
     };
     runtime.block_on(async move {
         if options.model.cluster.is_some() {

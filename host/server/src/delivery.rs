@@ -5,6 +5,7 @@
 //! after the destination's Retry-After); failed for good on a permanent error; moved to the dead
 //! letters after the action's maximum attempts.
 
+use crate::owned::Owned;
 use crate::telemetry::{ActionLabel, ResultLabel, Telemetry};
 use rusqlite::Connection;
 use starling_core::Value;
@@ -62,6 +63,7 @@ pub struct Lane {
     pub telemetry: Arc<Telemetry>,
     pub outcomes: Option<Outcomes>,
     pub durable: Arc<Durable>,
+    pub owned: Arc<Owned>,
 }
 
 /// How far the event log is on disk, as the pipeline's syncer last said. A worker writes a
@@ -116,6 +118,8 @@ pub struct Lanes {
     outcomes: Option<Outcomes>,
     running: Mutex<std::collections::HashMap<String, Running>>,
     pub durable: Arc<Durable>,
+    /// The partitions whose actions these lanes deliver (another node's are that node's).
+    owned: Arc<Owned>,
 }
 
 struct Running {
@@ -140,7 +144,13 @@ impl Lanes {
             outcomes: None,
             running: Mutex::default(),
             durable: Arc::default(),
+            owned: Arc::new(Owned::all()),
         }
+    }
+
+    /// Delivers only the actions of the partitions `owned` (a node of a spread cluster).
+    pub fn owning(self, owned: Arc<Owned>) -> Lanes {
+        Lanes { owned, ..self }
     }
 
     /// Keeps how each action ended in `outcomes` too (see [`Outcomes`]).
@@ -184,6 +194,7 @@ impl Lanes {
                 telemetry: self.telemetry.clone(),
                 outcomes: self.outcomes.clone(),
                 durable: self.durable.clone(),
+                owned: self.owned.clone(),
             };
             let previous = ending.remove(&action.name);
             let task = tokio::spawn(async move {
@@ -259,11 +270,12 @@ impl Lane {
             // after the query: a call finishing in between would have been read as still
             // pending, and be delivered twice.
             let busy: HashSet<i64> = in_flight.lock().expect("in flight").clone();
-            let (action, scan) = (name.clone(), limit + busy.len());
-            let due = self.db(move |c| starling_store::due_actions(c, &action, now, scan)).await.unwrap_or_else(|e| {
-                tracing::error!(action = %name, "reading the outbox: {e}");
-                Vec::new()
-            });
+            let (action, scan, owned) = (name.clone(), limit + busy.len(), self.owned.bits());
+            let due =
+                self.db(move |c| starling_store::due_actions(c, &action, now, scan, owned)).await.unwrap_or_else(|e| {
+                    tracing::error!(action = %name, "reading the outbox: {e}");
+                    Vec::new()
+                });
             let mut due: Vec<OutboxEntry> = due
                 .into_iter()
                 .filter(|e| !busy.contains(&e.id) && self.durable.covers(e.cause_position()))
@@ -271,7 +283,7 @@ impl Lane {
                 .collect();
             if due.is_empty() {
                 let action = name.clone();
-                let next = self.db(move |c| starling_store::next_due(c, &action)).await.ok().flatten();
+                let next = self.db(move |c| starling_store::next_due(c, &action, owned)).await.ok().flatten();
                 let wait = match next {
                     Some(t) if t > now => Some(t - now),
                     Some(_) => Some(20),

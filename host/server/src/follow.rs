@@ -93,7 +93,8 @@ impl Follower {
             clock,
             telemetry,
             log: Arc::new(ReadOnly(log)),
-            following: true,
+            owned: Arc::new(crate::owned::Owned::none()),
+            elsewhere: None,
         };
         let (ingest, workers) = pipeline::start(
             shared,

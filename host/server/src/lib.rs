@@ -13,6 +13,7 @@ pub mod live;
 pub mod logging;
 pub mod node;
 pub mod origin;
+pub mod owned;
 pub mod personalize;
 pub mod pipeline;
 pub mod reconfigure;
@@ -75,6 +76,16 @@ pub struct Options {
     pub config_path: Option<PathBuf>,
     /// Where the delivery lanes keep how actions ended, for a cluster node to pass on.
     pub outcomes: Option<delivery::Outcomes>,
+    /// Set on a node of a cluster whose partitions are spread over the nodes.
+    pub spread: Option<Spread>,
+}
+
+/// What a node of a spread cluster runs with (see [`owned`]): the partitions it owns, and where
+/// events for the others' profiles go.
+#[derive(Clone)]
+pub struct Spread {
+    pub owned: Arc<owned::Owned>,
+    pub elsewhere: Arc<dyn owned::Elsewhere>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -191,6 +202,7 @@ pub struct App {
     stop_delivery: watch::Sender<bool>,
     pub plugins: Arc<PluginHost>,
     database: std::path::PathBuf,
+    taker: Option<owned::Taker>,
 }
 
 /// How long a stop waits for the deliveries under way; what is cut off stays pending in the
@@ -235,6 +247,11 @@ impl App {
         let telemetry = Arc::new(telemetry::Telemetry::new());
         let (stop_delivery, stopped) = watch::channel(false);
         let delivery = delivery::Lanes::new(plugins.clone(), database.clone(), clock, telemetry.clone());
+        let (owned, elsewhere) = match &options.spread {
+            Some(spread) => (spread.owned.clone(), Some(spread.elsewhere.clone())),
+            None => (Arc::new(owned::Owned::all()), None),
+        };
+        let delivery = delivery.owning(owned.clone());
         let delivery = Arc::new(match options.outcomes {
             Some(outcomes) => delivery.reporting_to(outcomes),
             None => delivery,
@@ -258,8 +275,9 @@ impl App {
             lanes: delivery.clone(),
             clock,
             telemetry: telemetry.clone(),
-            log,
-            following: false,
+            log: log.clone(),
+            owned: owned.clone(),
+            elsewhere,
         };
         let (ingest, workers) = pipeline::start(
             shared,
@@ -302,6 +320,12 @@ impl App {
             clock,
             feeders_stopped.clone(),
         ))];
+        let taker = options.spread.as_ref().map(|_| {
+            let (followed, following) = watch::channel(0);
+            let others = owned::follow_others(ingest.clone(), log, owned.clone(), followed, feeders_stopped.clone());
+            feeders.push(tokio::spawn(others));
+            owned::Taker { ingest: Arc::downgrade(&ingest), followed: following }
+        });
         feeders.push(tokio::spawn(run_retention(
             ingest.clone(),
             starling_store::open(&database)?,
@@ -333,7 +357,22 @@ impl App {
             feeders.push(tokio::spawn(reconfigure::reload_on_hangup(state.clone(), path, feeders_stopped)));
         }
 
-        Ok(App { state, workers, feeders, stop_feeders, lanes, stop_delivery, database: database.clone(), plugins })
+        Ok(App {
+            state,
+            workers,
+            feeders,
+            stop_feeders,
+            lanes,
+            stop_delivery,
+            database: database.clone(),
+            plugins,
+            taker,
+        })
+    }
+
+    /// On a node of a spread cluster: what takes the events other nodes hand this one.
+    pub fn taker(&self) -> Option<owned::Taker> {
+        self.taker.clone()
     }
 
     pub fn router(&self) -> axum::Router {

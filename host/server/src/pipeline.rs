@@ -16,6 +16,7 @@
 //! merge; events for the absorbed profile still queued on it are forwarded behind the merge.
 
 use crate::logging::pseudonym;
+use crate::owned::{Elsewhere, Owned};
 use crate::telemetry::{Telemetry, Written};
 use sha2::{Digest, Sha256};
 use starling_core::engine::rebuild;
@@ -192,6 +193,8 @@ pub enum IngestError {
     Closed,
     #[error("events not stored: {0}")]
     Failed(String),
+    #[error("the profile's partition ({0}) is another node's")]
+    Elsewhere(Partition),
 }
 
 /// A record of the event log: one piece of work as applied, with the time it was applied at,
@@ -425,6 +428,7 @@ pub struct Ingest {
     writer: Arc<Mutex<rusqlite::Connection>>,
     /// The configuration the workers apply with (a replay switches it record by record).
     config: Arc<crate::live::Live>,
+    owned: Arc<Owned>,
 }
 
 impl Ingest {
@@ -437,7 +441,8 @@ impl Ingest {
     pub async fn wake(&self, profiles: Vec<String>) -> Result<IngestReport, IngestError> {
         let n = self.partitions.len();
         let mut groups: Vec<Vec<String>> = (0..n).map(|_| Vec::new()).collect();
-        for id in profiles {
+        // Another node wakes its partitions' profiles.
+        for id in profiles.into_iter().filter(|id| self.owned.owns_profile(id)) {
             groups[worker_of(&id, n)].push(id);
         }
         self.queue(groups.into_iter().map(|g| (!g.is_empty()).then_some(Work::Wakeups(g))).collect(), false).await
@@ -446,9 +451,11 @@ impl Ingest {
     /// Splits `id` out of the profile it is stitched into, rebuilding both from their events.
     pub async fn unstitch(&self, id: &str) -> Result<serde_json::Value, IngestError> {
         let n = self.partitions.len();
+        let profile = self.directory.profile_of(id);
+        self.check_owned(&profile)?;
         let (done, result) = oneshot::channel();
         let mut work: Vec<Option<Work>> = (0..n).map(|_| None).collect();
-        work[worker_of(&self.directory.profile_of(id), n)] = Some(Work::Unstitch { id: id.to_string(), done });
+        work[worker_of(&profile, n)] = Some(Work::Unstitch { id: id.to_string(), done });
         self.queue(work, false).await?;
         result.await.map_err(|_| IngestError::Closed)?.map_err(IngestError::Failed)
     }
@@ -464,7 +471,9 @@ impl Ingest {
         let n = self.partitions.len();
         let mut groups: Vec<Vec<String>> = (0..n).map(|_| Vec::new()).collect();
         for id in ids {
-            groups[worker_of(&self.directory.profile_of(&id), n)].push(id);
+            let profile = self.directory.profile_of(&id);
+            self.check_owned(&profile)?;
+            groups[worker_of(&profile, n)].push(id);
         }
         let mut work: Vec<Option<Work>> = (0..n).map(|_| None).collect();
         let mut answers = Vec::new();
@@ -479,6 +488,14 @@ impl Ingest {
             records.extend(answer.await.map_err(|_| IngestError::Closed)?.map_err(IngestError::Failed)?);
         }
         Ok(records)
+    }
+
+    /// Work on a profile of a partition another node owns is that node's.
+    fn check_owned(&self, profile: &str) -> Result<(), IngestError> {
+        match self.owned.owns_profile(profile) {
+            true => Ok(()),
+            false => Err(IngestError::Elsewhere(starling_log::partition_of(profile))),
+        }
     }
 
     /// Waits until everything applied so far is written to SQLite, so that a read of the store
@@ -502,7 +519,8 @@ impl Ingest {
     pub async fn reconcile(&self, ids: Vec<String>, audiences: &[String]) -> Result<Reconciled, IngestError> {
         let n = self.partitions.len();
         let mut groups: Vec<Vec<String>> = (0..n).map(|_| Vec::new()).collect();
-        for id in ids {
+        // Another node reconciles its partitions' profiles.
+        for id in ids.into_iter().filter(|id| self.owned.owns_profile(id)) {
             groups[worker_of(&id, n)].push(id);
         }
         let mut results = Vec::new();
@@ -568,7 +586,9 @@ impl Ingest {
         // queued at once, so that it applies them in batches; the workers take turns, so that
         // two merges of one pair of profiles in opposite directions are never applied side by
         // side (each would absorb the other).
-        let handed_over = self.handed_over()?;
+        // Those for another node's partitions are that node's to apply (and log).
+        let handed_over: Vec<MergeRequest> =
+            self.handed_over()?.into_iter().filter(|m| self.owned.owns_profile(&m.survivor)).collect();
         let resent = handed_over.len();
         let mut by_worker: Vec<Vec<MergeRequest>> = (0..n).map(|_| Vec::new()).collect();
         for merge in handed_over {
@@ -592,7 +612,12 @@ impl Ingest {
         self.queue((0..n).map(|_| Some(Work::Materialize)).collect(), false).await?;
         // A merge sent again that found nothing to merge (its absorbed profile is not here)
         // never will: it is forgotten, not sent again at every start.
-        let found_nothing: Vec<String> = self.handed_over()?.into_iter().filter_map(|m| m.origin).collect();
+        let found_nothing: Vec<String> = self
+            .handed_over()?
+            .into_iter()
+            .filter(|m| self.owned.owns_profile(&m.survivor))
+            .filter_map(|m| m.origin)
+            .collect();
         if !found_nothing.is_empty() {
             let writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             starling_store::forget_handed_over(&writer, &found_nothing)
@@ -667,10 +692,22 @@ impl Ingest {
     /// moments, which workers applied some with the old configuration after others applied
     /// some with the new one, come out as they first did.
     pub async fn apply_records(&self, entries: &[Entry]) -> Result<(), IngestError> {
-        let starting = (self.config.model(), self.config.active());
         self.materialized.replaying.store(true, Ordering::SeqCst);
-        let applied = self.apply_in_order(entries).await;
+        let applied = self.apply_logged(entries).await;
         self.materialized.replaying.store(false, Ordering::SeqCst);
+        applied
+    }
+
+    /// Applies records other nodes wrote, of partitions this engine does not own, as
+    /// [`Ingest::apply_records`] does, while the owned partitions go on live: merges the records
+    /// hand to owned partitions are applied live, and logged.
+    pub async fn follow(&self, entries: &[Entry]) -> Result<(), IngestError> {
+        self.apply_logged(entries).await
+    }
+
+    async fn apply_logged(&self, entries: &[Entry]) -> Result<(), IngestError> {
+        let starting = (self.config.model(), self.config.active());
+        let applied = self.apply_in_order(entries).await;
         if !Arc::ptr_eq(&self.config.model(), &starting.0) {
             self.config.swap(starting.0, starting.1);
         }
@@ -952,10 +989,14 @@ pub struct Shared {
     pub clock: fn() -> i64,
     pub telemetry: Arc<Telemetry>,
     pub log: Arc<dyn EventLog>,
-    /// Set on a standby's pipeline, which applies a log another node writes: it appends
-    /// nothing. Work a record hands on (a merge, events whose profile moved) is applied as a
-    /// start's replay applies it, without a record of its own.
-    pub following: bool,
+    /// The partitions this engine applies live and logs. A standby's owns none: it applies a
+    /// log another node writes and appends nothing; work a record hands on (a merge, events
+    /// whose profile moved) is applied as a start's replay applies it, without a record of its
+    /// own. A node of a spread cluster owns some: records of the others are followed, merges
+    /// they hand to an owned partition are applied live, and events for their profiles go
+    /// `elsewhere`.
+    pub owned: Arc<Owned>,
+    pub elsewhere: Option<Arc<dyn Elsewhere>>,
 }
 
 /// Starts `n` workers, each reading through its own connection from `open_reader` and all
@@ -1028,7 +1069,8 @@ pub fn start(
     let room = (0..n).map(|_| Arc::new(Semaphore::new(queue))).collect();
     let log = shared.log.clone();
     let config = shared.config.clone();
-    Ok((Ingest { partitions: senders, room, directory, log, materialized, stored, writer, config }, handles))
+    let owned = shared.owned.clone();
+    Ok((Ingest { partitions: senders, room, directory, log, materialized, stored, writer, config, owned }, handles))
 }
 
 struct Worker {
@@ -1088,12 +1130,14 @@ enum Write {
         profile: String,
         audience: String,
     },
-    /// `cause`: the log record the action's origin is made of.
+    /// `cause`: the log record the action's origin is made of; `partition`: that record's
+    /// partition (the profile's until the record is known), whose owner delivers the action.
     Enqueue {
         action: PendingAction,
         due_ms: i64,
         condition: Option<&'static str>,
         cause: Cause,
+        partition: Partition,
     },
     Fired {
         action: String,
@@ -1215,6 +1259,9 @@ struct Pending {
     merges: Vec<(Option<usize>, Cause, MergeRequest)>,
     /// Events for profiles other partitions own, per job and partition.
     forwards: Vec<(usize, usize, Vec<Event>)>,
+    /// Events for profiles of partitions another node owns, per job: handed to it after the
+    /// batch is logged.
+    elsewhere: Vec<(usize, Event)>,
     /// Claims of other partitions' profiles that claims of this partition overtook, sent
     /// after they are written.
     overtaken: Vec<Overtaken>,
@@ -1571,7 +1618,7 @@ impl Worker {
     /// (only the next start would). Queued behind what waits; one applied since is skipped by
     /// its origin.
     fn send_again(&self, batch: &[IngestJob], replayed: Option<(Partition, Position)>) {
-        if replayed.is_some() || self.shared.following {
+        if replayed.is_some() || self.shared.owned.is_none() {
             return;
         }
         let Some(this) = self.peers[self.index].upgrade() else { return };
@@ -1597,14 +1644,20 @@ impl Worker {
         let merges = match pending.since {
             // Not yet written: the survivor's partition would read the absorbed profile stale.
             Some(_) => Vec::new(),
-            // Records applied again send no merge: the survivor's partition logged each merge
-            // it applied, and applies it again at that record, in its place (what it decides
-            // keeps its origin); the others are in `handed_over`, sent once a replay is done.
-            None if self.shared.following || self.materialized.replaying.load(Ordering::SeqCst) => {
+            // A start's replay sends no merge: the survivor's partition logged each merge it
+            // applied, and applies it again at that record, in its place (what it decides
+            // keeps its origin); the others are in `handed_over`, sent once the replay is done.
+            None if self.materialized.replaying.load(Ordering::SeqCst) => {
                 pending.merges.clear();
                 Vec::new()
             }
-            None => pending.merges.drain(..).collect(),
+            // Nor is a merge for a partition another node owns sent: that node applies it once
+            // it follows the record that handed it on, and logs it; this node applies it at
+            // that record (meanwhile it is in `handed_over`).
+            None => {
+                let owned = &self.shared.owned;
+                pending.merges.drain(..).filter(|(_, _, m)| owned.owns_profile(&m.survivor)).collect()
+            }
         };
         let merges =
             merges.into_iter().map(|(job, _, m)| (job, worker_of(&m.survivor, self.partitions), Work::Merge(m)));
@@ -1625,6 +1678,33 @@ impl Worker {
                     }
                 }
                 _ => tracing::warn!(partition = to, "shutting down: work for another partition dropped"),
+            }
+        }
+        if !pending.elsewhere.is_empty()
+            && let Some(elsewhere) = &self.shared.elsewhere
+        {
+            // The receiving node applies them after this batch's records, which it follows.
+            let after = self.shared.log.next_position().saturating_sub(1);
+            let mut by_job: Vec<(usize, Vec<Event>)> = Vec::new();
+            for (job, event) in pending.elsewhere.drain(..) {
+                match by_job.last_mut() {
+                    Some((j, events)) if *j == job => events.push(event),
+                    _ => by_job.push((job, vec![event])),
+                }
+            }
+            for (job, events) in by_job {
+                let (reply, answer) = oneshot::channel();
+                let handing = elsewhere.hand(events, after);
+                self.shared.runtime.spawn(async move {
+                    let answered = handing.await.map(|handed| Reply {
+                        report: IngestReport { accepted: handed.accepted, duplicates: handed.duplicates },
+                        handed_on: Vec::new(),
+                    });
+                    let _ = reply.send(answered);
+                });
+                if let Some(waiting) = handed_on.get_mut(job) {
+                    waiting.push(answer);
+                }
             }
         }
     }
@@ -1679,6 +1759,13 @@ impl Worker {
                 Work::Events(events) => {
                     for (e, event) in events.iter().enumerate() {
                         let pid = self.follow(p, &self.profile_of(p, &event.visitor_id));
+                        if replayed.is_none()
+                            && self.shared.elsewhere.is_some()
+                            && !self.shared.owned.owns_profile(&pid)
+                        {
+                            p.elsewhere.push((j, event.clone()));
+                            continue;
+                        }
                         let owner = worker_of(&pid, self.partitions);
                         if owner != self.index {
                             forward(p, j, owner, event.clone());
@@ -1892,7 +1979,12 @@ impl Worker {
                     false => vec![position; p.drafts.len()],
                 }
             }
-            None if p.drafts.is_empty() || self.shared.following => Vec::new(),
+            None if p.drafts.is_empty() || self.shared.owned.is_none() => Vec::new(),
+            None if let Some((_, partition, _)) = p.drafts.iter().find(|(_, vp, _)| !self.shared.owned.owns(*vp)) => {
+                return Err(BatchError::Log(starling_log::LogError::Remote(format!(
+                    "partition {partition} is another node's: its records are that node's to write"
+                ))));
+            }
             None => {
                 let plain = batch.iter().all(|job| matches!(job.work, Work::Events(_) | Work::Wakeups(_)));
                 let payloads: Vec<Vec<u8>> = p
@@ -1936,7 +2028,15 @@ impl Worker {
                         *event = HistoryEvent::Taken(events[job][e].take().expect("each event is kept once"));
                     }
                 }
-                Write::Enqueue { cause, .. } => resolve(cause),
+                Write::Enqueue { cause, partition, .. } => {
+                    if let Cause::Draft(i) = *cause {
+                        *partition = match replayed {
+                            Some((record, _)) => record,
+                            None => p.drafts.get(i).map_or(*partition, |(_, vp, _)| *vp),
+                        };
+                    }
+                    resolve(cause)
+                }
                 Write::Link { claim: Some(claim), .. } => resolve(&mut claim.cause),
                 _ => {}
             }
@@ -2223,6 +2323,17 @@ impl Worker {
         Ok(())
     }
 
+    /// The log position of the claim that linked `id`, if it was made by a logged record.
+    fn claimed_at(&self, conn: &rusqlite::Connection, p: &Pending, id: &str) -> Result<Option<Position>, StoreError> {
+        if p.links.contains_key(id) {
+            return Ok(p.effects.writes.iter().rev().find_map(|w| match w {
+                Write::Link { visitor, claim: Some(claim), .. } if visitor == id => claim.cause.position(),
+                _ => None,
+            }));
+        }
+        starling_store::claimed_at(conn, id)
+    }
+
     /// The profile an id is linked to, if any.
     fn owner_of(&self, conn: &rusqlite::Connection, p: &Pending, id: &str) -> Result<Option<String>, StoreError> {
         let owner = match p.links.get(id).or_else(|| self.cache.identities.get(id)) {
@@ -2317,7 +2428,16 @@ impl Worker {
                 }
                 continue;
             }
-            let owner = self.owner_of(conn, p, &id)?;
+            let mut owner = self.owner_of(conn, p, &id)?;
+            // A record applied again whose claim is earlier in the log than the one that linked
+            // the id here (a claim of another node's, or an independent record's applied side by
+            // side) claims it: at its write it overtakes the later claim, as it did live.
+            if let Some(replaying) = self.replaying
+                && owner.is_some()
+                && self.claimed_at(conn, p, &id)?.is_some_and(|claimed| claimed > replaying.position)
+            {
+                owner = None;
+            }
             if owner.as_deref() == Some(pid) {
                 self.cache.identities.insert(id, pid.to_string());
                 continue;
@@ -2651,13 +2771,13 @@ fn trace_steps(
 /// Writes an outbox row, keyed by the log position that decided it and its rank among the
 /// actions that position decided (all written in one transaction, in order).
 fn enqueue(tx: &Batch, write: &Write, per_position: &mut HashMap<Position, usize>) -> Result<(), StoreError> {
-    let Write::Enqueue { action, due_ms, condition, cause } = write else { return Ok(()) };
+    let Write::Enqueue { action, due_ms, condition, cause, partition } = write else { return Ok(()) };
     let origin = cause.position().map(|position| {
         let n = per_position.entry(position).or_default();
         *n += 1;
         format!("{position}.{}", *n - 1)
     });
-    tx.enqueue(action, &action_payload(action), *due_ms, *condition, origin.as_deref())?;
+    tx.enqueue(action, &action_payload(action), *due_ms, *condition, origin.as_deref(), *partition)?;
     Ok(())
 }
 
@@ -2896,7 +3016,9 @@ impl Effects {
             }
             let (due_ms, condition) = schedule(def, &action, now);
             self.woken.insert(action.action.clone());
-            self.writes.push(Write::Enqueue { action, due_ms, condition, cause: Cause::Draft(self.record_index) });
+            let partition = starling_log::partition_of(&action.profile_id);
+            let cause = Cause::Draft(self.record_index);
+            self.writes.push(Write::Enqueue { action, due_ms, condition, cause, partition });
         }
         Ok(())
     }
@@ -2991,7 +3113,8 @@ mod tests {
                 clock,
                 telemetry,
                 log,
-                following,
+                owned: Arc::new(if following { Owned::none() } else { Owned::all() }),
+                elsewhere: None,
             };
             let (ingest, workers) = start(
                 shared,

@@ -74,7 +74,7 @@ pub fn check_integrity(path: &Path, level: Integrity, max_problems: usize) -> Re
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-const SCHEMA_VERSION: i64 = 8;
+const SCHEMA_VERSION: i64 = 9;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS profiles (
@@ -151,7 +151,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     condition       TEXT,
     -- Where in the event log the action was decided (`position.index`): a replay of that
     -- record finds the row already there, and the idempotency key is made of it.
-    origin          TEXT
+    origin          TEXT,
+    -- The virtual partition of that record: its owner delivers the action.
+    log_partition   INTEGER
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(status, action, next_attempt_ms);
 CREATE UNIQUE INDEX IF NOT EXISTS outbox_by_origin ON outbox(origin) WHERE origin IS NOT NULL;
@@ -475,6 +477,9 @@ pub fn open(path: &Path) -> Result<Connection> {
         if (1..8).contains(&version) {
             add_column_if_missing(&conn, "identities", "claimed_at", "INTEGER")?;
         }
+        if (1..9).contains(&version) {
+            add_column_if_missing(&conn, "outbox", "log_partition", "INTEGER")?;
+        }
         if (1..5).contains(&version) {
             conn.execute_batch(
                 "BEGIN;
@@ -633,6 +638,16 @@ pub fn resolve_identity(conn: &Connection, visitor_id: &str) -> Result<Option<St
         .prepare_cached("SELECT profile_id FROM identities WHERE visitor_id = ?1")?
         .query_row([visitor_id], |r| r.get(0))
         .optional()?)
+}
+
+/// The log position of the claim that linked `visitor_id` to its profile, if it was claimed
+/// by a logged record.
+pub fn claimed_at(conn: &Connection, visitor_id: &str) -> Result<Option<u64>> {
+    let claimed: Option<Option<i64>> = conn
+        .prepare_cached("SELECT claimed_at FROM identities WHERE visitor_id = ?1")?
+        .query_row([visitor_id], |r| r.get(0))
+        .optional()?;
+    Ok(claimed.flatten().map(|p| p as u64))
 }
 
 pub fn load_profile(conn: &Connection, profile_id: &str) -> Result<Option<Profile>> {
@@ -861,12 +876,13 @@ impl<'c> Batch<'c> {
         due_ms: i64,
         condition: Option<&str>,
         origin: Option<&str>,
+        partition: u16,
     ) -> Result<Option<i64>> {
         let inserted = self
             .tx
             .prepare_cached(
-                "INSERT OR IGNORE INTO outbox (action, connector, trigger, audience, profile_id, occurred_ms, payload, next_attempt_ms, condition, origin)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT OR IGNORE INTO outbox (action, connector, trigger, audience, profile_id, occurred_ms, payload, next_attempt_ms, condition, origin, log_partition)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?
             .execute(params![
                 action.action,
@@ -879,6 +895,7 @@ impl<'c> Batch<'c> {
                 due_ms,
                 condition,
                 origin,
+                partition,
             ])?;
         Ok((inserted == 1).then(|| self.tx.last_insert_rowid()))
     }
@@ -1175,21 +1192,31 @@ impl OutboxEntry {
 
 const OUTBOX_COLUMNS: &str = "id, action, connector, trigger, audience, profile_id, occurred_ms, payload, status, attempts, next_attempt_ms, last_error, delivered_ms, condition, origin";
 
-/// Pending rows of one action due at `now_ms`, oldest first.
-pub fn due_actions(conn: &Connection, action: &str, now_ms: i64, limit: usize) -> Result<Vec<OutboxEntry>> {
+/// Whether a row's partition (`log_partition`) is one of those owned (a bit per partition,
+/// parameter `?{param}`); rows written before rows had one are everyone's.
+fn owned_row(param: usize) -> String {
+    format!("(log_partition IS NULL OR (?{param} >> log_partition) & 1 = 1)")
+}
+
+/// Pending rows of one action due at `now_ms` whose partitions are `owned` (a bit per
+/// partition), oldest first.
+pub fn due_actions(conn: &Connection, action: &str, now_ms: i64, limit: usize, owned: u64) -> Result<Vec<OutboxEntry>> {
     let sql = format!(
-        "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE status = 'pending' AND action = ?1 AND next_attempt_ms <= ?2 ORDER BY id LIMIT ?3"
+        "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE status = 'pending' AND action = ?1 AND next_attempt_ms <= ?2 AND {} ORDER BY id LIMIT ?3",
+        owned_row(4)
     );
     let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map(params![action, now_ms, limit as i64], OutboxEntry::from_row)?;
+    let rows = stmt.query_map(params![action, now_ms, limit as i64, owned as i64], OutboxEntry::from_row)?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-/// When the next pending row of `action` is due, if any.
-pub fn next_due(conn: &Connection, action: &str) -> Result<Option<i64>> {
-    Ok(conn
-        .prepare_cached("SELECT MIN(next_attempt_ms) FROM outbox WHERE status = 'pending' AND action = ?1")?
-        .query_row([action], |r| r.get(0))?)
+/// When the next pending row of `action` whose partition is `owned` is due, if any.
+pub fn next_due(conn: &Connection, action: &str, owned: u64) -> Result<Option<i64>> {
+    let sql = format!(
+        "SELECT MIN(next_attempt_ms) FROM outbox WHERE status = 'pending' AND action = ?1 AND {}",
+        owned_row(2)
+    );
+    Ok(conn.prepare_cached(&sql)?.query_row(params![action, owned as i64], |r| r.get(0))?)
 }
 
 /// A profile's memberships with when each began, by audience.
@@ -1601,18 +1628,18 @@ mod tests {
             let batch = Batch::begin(&mut conn).unwrap();
             batch.save_profile(&Profile::new("p1"), 0, Some(0)).unwrap();
             batch.delete_profile("p1").unwrap();
-            let id = batch.enqueue(&notice, &payload, 5, None, None).unwrap().unwrap();
+            let id = batch.enqueue(&notice, &payload, 5, None, None, 0).unwrap().unwrap();
             batch.commit().unwrap();
             id
         };
         // The id is reused, and its new profile deleted before the first notice went out.
         let batch = Batch::begin(&mut conn).unwrap();
         batch.save_profile(&Profile::new("p1"), 0, Some(0)).unwrap();
-        batch.enqueue(&action(), &serde_json::json!({}), 5, None, None).unwrap();
+        batch.enqueue(&action(), &serde_json::json!({}), 5, None, None, 0).unwrap();
         let removed = batch.delete_profile("p1").unwrap();
         batch.commit().unwrap();
         assert_eq!(removed["actions"], 1, "the joined action goes, the pending notice stays");
-        let pending = due_actions(&conn, "hook", 10, 10).unwrap();
+        let pending = due_actions(&conn, "hook", 10, 10, u64::MAX).unwrap();
         assert_eq!(pending.iter().map(|e| e.id).collect::<Vec<_>>(), vec![first]);
 
         record_attempt(&conn, first, &Attempt::Bury { error: "503 from the destination".into() }, 20).unwrap();
@@ -1641,15 +1668,35 @@ mod tests {
             batch.link_identity("anon-1", "p1").unwrap();
             batch.save_profile(&p, 10, Some(0)).unwrap();
             batch.join("p1", "vips", 10).unwrap();
-            batch.enqueue(&action(), &serde_json::json!({}), 5, None, None).unwrap();
+            batch.enqueue(&action(), &serde_json::json!({}), 5, None, None, 0).unwrap();
             batch.commit().unwrap();
         }
         let conn = open(&path).unwrap();
         let p = find_profile(&conn, "anon-1").unwrap().unwrap();
         assert_eq!(p.event_count, 3);
         assert_eq!(audience_sizes(&conn).unwrap(), vec![("vips".to_string(), 1)]);
-        assert_eq!(due_actions(&conn, "hook", 5, 10).unwrap().len(), 1);
-        assert_eq!(due_actions(&conn, "hook", 4, 10).unwrap().len(), 0);
+        assert_eq!(due_actions(&conn, "hook", 5, 10, u64::MAX).unwrap().len(), 1);
+        assert_eq!(due_actions(&conn, "hook", 4, 10, u64::MAX).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_node_reads_only_the_rows_of_the_partitions_it_owns() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir.path().join("s.db")).unwrap();
+        let batch = Batch::begin(&mut conn).unwrap();
+        for (origin, partition) in [("1.0", 0), ("2.0", 5), ("3.0", 63)] {
+            batch.enqueue(&action(), &serde_json::json!({}), 5, None, Some(origin), partition).unwrap();
+        }
+        batch.commit().unwrap();
+        conn.execute("INSERT INTO outbox (action, connector, trigger, audience, profile_id, occurred_ms, payload, next_attempt_ms, origin) SELECT action, connector, trigger, audience, profile_id, occurred_ms, payload, 7, '4.0' FROM outbox LIMIT 1", []).unwrap();
+        let origins = |owned: u64| -> Vec<String> {
+            due_actions(&conn, "hook", 10, 10, owned).unwrap().into_iter().filter_map(|e| e.origin).collect()
+        };
+        assert_eq!(origins(u64::MAX), ["1.0", "2.0", "3.0", "4.0"]);
+        assert_eq!(origins(1 << 5 | 1 << 63), ["2.0", "3.0", "4.0"], "a row from before partitions is everyone's");
+        assert_eq!(origins(0), ["4.0"]);
+        assert_eq!(next_due(&conn, "hook", 1 << 63).unwrap(), Some(5));
+        assert_eq!(next_due(&conn, "hook", 0).unwrap(), Some(7));
     }
 
     #[test]
@@ -1709,12 +1756,12 @@ mod tests {
         let mut conn = open(&dir.path().join("s.db")).unwrap();
         for _ in 0..2 {
             let batch = Batch::begin(&mut conn).unwrap();
-            batch.enqueue(&action(), &serde_json::json!({}), 5, None, Some("17.0")).unwrap();
+            batch.enqueue(&action(), &serde_json::json!({}), 5, None, Some("17.0"), 0).unwrap();
             batch.set_log_position(3, 17).unwrap();
             batch.set_log_position(3, 12).unwrap();
             batch.commit().unwrap();
         }
-        let rows = due_actions(&conn, "hook", 5, 10).unwrap();
+        let rows = due_actions(&conn, "hook", 5, 10, u64::MAX).unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].idempotency_key(), "hook-17.0");
         assert_eq!(log_positions(&conn).unwrap(), vec![(3, 17)]);
@@ -1751,15 +1798,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open(&dir.path().join("s.db")).unwrap();
         let batch = Batch::begin(&mut conn).unwrap();
-        let id = batch.enqueue(&action(), &serde_json::json!({}), 5, None, None).unwrap().unwrap();
+        let id = batch.enqueue(&action(), &serde_json::json!({}), 5, None, None, 0).unwrap().unwrap();
         batch.commit().unwrap();
         record_attempt(&conn, id, &Attempt::Retry { at_ms: 100, error: "HTTP 503".into() }, 6).unwrap();
-        assert!(due_actions(&conn, "hook", 99, 10).unwrap().is_empty());
-        let row = &due_actions(&conn, "hook", 100, 10).unwrap()[0];
+        assert!(due_actions(&conn, "hook", 99, 10, u64::MAX).unwrap().is_empty());
+        let row = &due_actions(&conn, "hook", 100, 10, u64::MAX).unwrap()[0];
         assert_eq!((row.attempts, row.last_error.as_deref()), (1, Some("HTTP 503")));
         record_attempt(&conn, id, &Attempt::Delivered, 101).unwrap();
         assert_eq!(list_actions(&conn, Some(OutboxStatus::Delivered), 10).unwrap()[0].delivered_ms, Some(101));
-        assert_eq!(next_due(&conn, "hook").unwrap(), None);
+        assert_eq!(next_due(&conn, "hook", u64::MAX).unwrap(), None);
     }
 
     #[test]
@@ -1767,7 +1814,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open(&dir.path().join("s.db")).unwrap();
         let batch = Batch::begin(&mut conn).unwrap();
-        let id = batch.enqueue(&action(), &serde_json::json!({"x": 1}), 5, None, None).unwrap().unwrap();
+        let id = batch.enqueue(&action(), &serde_json::json!({"x": 1}), 5, None, None, 0).unwrap().unwrap();
         batch.commit().unwrap();
         record_attempt(&conn, id, &Attempt::Bury { error: "HTTP 500".into() }, 9).unwrap();
         assert!(list_actions(&conn, None, 10).unwrap().is_empty());
@@ -1775,7 +1822,7 @@ mod tests {
         assert_eq!((dead[0].id, dead[0].attempts, dead[0].last_error.as_deref()), (id, 1, Some("HTTP 500")));
         assert_eq!(replay_dead_letters(&mut conn, None, 20).unwrap(), 1);
         assert!(dead_letters(&conn, 10).unwrap().is_empty());
-        let again = &due_actions(&conn, "hook", 20, 10).unwrap()[0];
+        let again = &due_actions(&conn, "hook", 20, 10, u64::MAX).unwrap()[0];
         assert_eq!((again.id, again.attempts, again.payload.as_str()), (id, 0, r#"{"x":1}"#));
     }
 
@@ -1788,15 +1835,17 @@ mod tests {
         for path in [&here, &there] {
             let mut conn = open(path).unwrap();
             let batch = Batch::begin(&mut conn).unwrap();
-            let first = batch.enqueue(&action(), &serde_json::json!({"n": 0}), 5, None, Some("7.0")).unwrap().unwrap();
-            batch.enqueue(&action(), &serde_json::json!({"n": 1}), 5, None, Some("7.1")).unwrap();
+            let first =
+                batch.enqueue(&action(), &serde_json::json!({"n": 0}), 5, None, Some("7.0"), 0).unwrap().unwrap();
+            batch.enqueue(&action(), &serde_json::json!({"n": 1}), 5, None, Some("7.1"), 0).unwrap();
             batch.commit().unwrap();
             ids.push(first);
         }
         record_attempt(&open(&there).unwrap(), ids[1], &Attempt::Delivered, 9).unwrap();
         let conn = open(&here).unwrap();
         assert_eq!(adopt_deliveries(&conn, &there).unwrap(), 1);
-        let due: Vec<String> = due_actions(&conn, "hook", 20, 10).unwrap().into_iter().map(|a| a.payload).collect();
+        let due: Vec<String> =
+            due_actions(&conn, "hook", 20, 10, u64::MAX).unwrap().into_iter().map(|a| a.payload).collect();
         assert_eq!(due, vec![r#"{"n":1}"#.to_string()], "only the action not delivered there is still due here");
         assert_eq!(adopt_deliveries(&conn, &there).unwrap(), 0, "adopted once");
     }
@@ -1807,8 +1856,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open(&dir.path().join("copy.db")).unwrap();
         let batch = Batch::begin(&mut conn).unwrap();
-        batch.enqueue(&action(), &serde_json::json!({"n": 0}), 5, None, Some("7.0")).unwrap();
-        batch.enqueue(&action(), &serde_json::json!({"n": 1}), 5, None, Some("7.1")).unwrap();
+        batch.enqueue(&action(), &serde_json::json!({"n": 0}), 5, None, Some("7.0"), 0).unwrap();
+        batch.enqueue(&action(), &serde_json::json!({"n": 1}), 5, None, Some("7.1"), 0).unwrap();
         batch.commit().unwrap();
         let outcome = |origin: &str, attempt: Attempt| Outcome { origin: origin.into(), attempt, at_ms: 9 };
         let delivered = outcome("7.0", Attempt::Delivered);
@@ -1820,7 +1869,7 @@ mod tests {
         assert_eq!(take(&conn, &buried).unwrap(), Taken::Ended);
         assert_eq!(take(&conn, &buried).unwrap(), Taken::Settled, "a dead letter is ended");
         assert_eq!(take(&conn, &outcome("8.0", Attempt::Delivered)).unwrap(), Taken::NotYet);
-        assert!(due_actions(&conn, "hook", 20, 10).unwrap().is_empty(), "nothing left to deliver here");
+        assert!(due_actions(&conn, "hook", 20, 10, u64::MAX).unwrap().is_empty(), "nothing left to deliver here");
         let row = list_actions(&conn, None, 10).unwrap().into_iter().find(|a| a.origin.as_deref() == Some("7.0"));
         assert_eq!(row.map(|r| (r.status, r.delivered_ms)), Some((OutboxStatus::Delivered, Some(9))));
     }

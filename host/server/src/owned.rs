@@ -1,0 +1,171 @@
+//! Which virtual partitions an engine applies live. On one server, all of them. On a cluster
+//! node whose partitions are spread over the nodes, those whose leases it holds: the others'
+//! records are written by their owners and followed here, so that every node holds the whole
+//! state (a merge reads the profile it absorbs from the node's own database, whichever node
+//! applied that profile's events), and events for their profiles are handed to their owners.
+
+use crate::pipeline::{Ingest, IngestReport};
+use futures_util::future::BoxFuture;
+use starling_core::Event;
+use starling_log::{EventLog, PARTITIONS, Partition, Position};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::watch;
+
+const _: () = assert!(PARTITIONS as u32 == u64::BITS, "one bit per virtual partition");
+
+/// The partitions owned, one bit each.
+#[derive(Debug)]
+pub struct Owned(AtomicU64);
+
+impl Owned {
+    pub fn all() -> Owned {
+        Owned(AtomicU64::new(u64::MAX))
+    }
+
+    pub fn none() -> Owned {
+        Owned(AtomicU64::new(0))
+    }
+
+    pub fn of(partitions: impl IntoIterator<Item = Partition>) -> Owned {
+        Owned(AtomicU64::new(mask(partitions)))
+    }
+
+    pub fn owns(&self, partition: Partition) -> bool {
+        self.0.load(Ordering::SeqCst) & (1 << partition) != 0
+    }
+
+    /// Whether the profile's partition is owned.
+    pub fn owns_profile(&self, profile_id: &str) -> bool {
+        self.owns(starling_log::partition_of(profile_id))
+    }
+
+    /// Owns nothing: the engine only follows (a standby).
+    pub fn is_none(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == 0
+    }
+
+    /// Owns every partition.
+    pub fn is_all(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == u64::MAX
+    }
+
+    pub fn set(&self, partitions: impl IntoIterator<Item = Partition>) {
+        self.0.store(mask(partitions), Ordering::SeqCst);
+    }
+
+    /// One bit per partition owned.
+    pub fn bits(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// The partitions owned.
+    pub fn partitions(&self) -> Vec<Partition> {
+        (0..PARTITIONS).filter(|p| self.owns(*p)).collect()
+    }
+
+    /// The partitions not owned.
+    pub fn others(&self) -> Vec<Partition> {
+        (0..PARTITIONS).filter(|p| !self.owns(*p)).collect()
+    }
+}
+
+fn mask(partitions: impl IntoIterator<Item = Partition>) -> u64 {
+    partitions.into_iter().fold(0, |mask, p| mask | (1 << p))
+}
+
+/// Where events for profiles of partitions another node owns go: to that node, which applies
+/// them once it has followed the log through `after` (the records that sent them there, a
+/// merge among them, are then applied on it too).
+pub trait Elsewhere: Send + Sync {
+    /// Resolves once the events are durable where they went (answered as an ingestion is).
+    fn hand(&self, events: Vec<Event>, after: Position) -> BoxFuture<'static, Result<HandedReport, String>>;
+}
+
+/// What the node events were handed to answered.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HandedReport {
+    pub accepted: usize,
+    pub duplicates: usize,
+}
+
+/// How often a node applies what the other nodes wrote.
+const FOLLOW_EVERY: Duration = Duration::from_millis(50);
+/// How long events handed to this node wait for it to follow the records before them.
+const FOLLOW_WAIT: Duration = Duration::from_secs(10);
+
+/// Applies the records of the partitions other nodes own as they are written, in log order,
+/// alongside this engine's own work; `followed` says the log position through which it has.
+pub(crate) async fn follow_others(
+    ingest: Arc<Ingest>,
+    log: Arc<dyn EventLog>,
+    owned: Arc<Owned>,
+    followed: watch::Sender<Position>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut positions: HashMap<Partition, Position> = ingest.stored_positions().into_iter().collect();
+    loop {
+        // Everything appended before this read is in it.
+        let through = log.next_position().saturating_sub(1);
+        let after = owned.others().into_iter().map(|p| (p, positions.get(&p).copied().unwrap_or(0))).collect();
+        let applied = match ingest.read_after(after).await {
+            Ok(entries) => ingest.follow(&entries).await.map(|()| entries),
+            Err(e) => Err(e),
+        };
+        match applied {
+            Ok(entries) => {
+                for entry in &entries {
+                    let last = positions.entry(entry.partition).or_default();
+                    *last = (*last).max(entry.position);
+                }
+                followed.send_replace(through);
+            }
+            Err(e) => tracing::warn!("applying the other nodes' records: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Takes events other nodes handed this one (see [`Elsewhere`]).
+#[derive(Clone)]
+pub struct Taker {
+    /// Weak, so that a node stopping stops its workers whoever holds this.
+    pub(crate) ingest: std::sync::Weak<Ingest>,
+    pub(crate) followed: watch::Receiver<Position>,
+}
+
+impl Taker {
+    /// Applies `events` once this node has followed the log through `after`, and answers as
+    /// an ingestion does.
+    pub async fn take(&self, events: Vec<Event>, after: Position) -> Result<IngestReport, String> {
+        let mut followed = self.followed.clone();
+        match tokio::time::timeout(FOLLOW_WAIT, followed.wait_for(|through| *through >= after)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return Err("this node is stopping".into()),
+            Err(_) => return Err(format!("this node has not followed the log through position {after} yet")),
+        }
+        let ingest = self.ingest.upgrade().ok_or("this node is stopping")?;
+        ingest.submit(events).await.map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_partition_is_one_bit() {
+        let owned = Owned::of([0, 5, 63]);
+        assert!(owned.owns(0) && owned.owns(5) && owned.owns(63) && !owned.owns(1));
+        assert_eq!(owned.partitions(), vec![0, 5, 63]);
+        assert_eq!(owned.others().len(), 61);
+        assert!(Owned::all().is_all() && Owned::none().is_none() && !owned.is_none() && !owned.is_all());
+        owned.set(0..PARTITIONS);
+        assert!(owned.is_all());
+    }
+}

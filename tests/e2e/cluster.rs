@@ -674,3 +674,157 @@ async fn a_standby_applies_each_record_with_the_configuration_the_owner_applied_
     let (_, config) = get_json(&format!("{}/v1/config", b.url)).await;
     assert_eq!(config["version"].as_i64(), Some(version), "{config}");
 }
+
+/// [`node_config`] with the partitions spread over the live nodes.
+fn spread_config(dir: &Path, node: &str, nats: &LocalNats, receiver: &str) -> PathBuf {
+    let path = node_config(dir, node, nats, receiver);
+    // `[cluster]` is the file's last table.
+    let text = std::fs::read_to_string(&path).unwrap() + "placement = \"spread\"\n";
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The partitions a node's engine applies and logs, as it says.
+async fn owned(server: &Server) -> BTreeSet<u64> {
+    let view = cluster_view(server).await;
+    view["owned"].as_array().into_iter().flatten().filter_map(|p| p.as_u64()).collect()
+}
+
+fn purchase(visitor: &str) -> serde_json::Value {
+    json!({ "event": "purchase", "visitor_id": visitor, "data": { "order_total": 1 } })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn partitions_spread_over_the_nodes_stitch_across_them_and_move_when_a_node_dies() {
+    let _heavy = harness::exclusive().await;
+    let nats = LocalNats::start(3).unwrap();
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = Server::start(&spread_config(dir.path(), "a", &nats, &receiver.url));
+    eventually("a to own every partition", FIRST_START, async || (owned(&a).await.len() == 64).then_some(())).await;
+
+    // (d) A node joins: half the partitions move to it, and none is owned by both nodes at any
+    // moment (the node receiving them is asked first: a partition moving between the two
+    // questions is seen by neither, never by both).
+    let b = Server::start(&spread_config(dir.path(), "b", &nats, &receiver.url));
+    let deadline = Instant::now() + FIRST_START;
+    let (on_a, on_b) = loop {
+        let on_b = owned(&b).await;
+        let on_a = owned(&a).await;
+        assert!(on_a.is_disjoint(&on_b), "owned by both: {:?}", on_a.intersection(&on_b).collect::<Vec<_>>());
+        if on_a.len() == 32 && on_b.len() == 32 {
+            break (on_a, on_b);
+        }
+        assert!(Instant::now() < deadline, "a owns {on_a:?}, b owns {on_b:?}\n{}", b.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Every node says who owns what (as of its last round).
+    for node in [&a, &b] {
+        let view = eventually("the node to see the partitions spread", Duration::from_secs(10), async || {
+            let view = cluster_view(node).await;
+            (view["partitions_per_node"] == json!({"a": 32, "b": 32})).then_some(view)
+        })
+        .await;
+        assert_eq!(view["placement"], "spread");
+    }
+
+    // Two devices of one person, in partitions of different nodes, send purchases through both
+    // nodes while they log in with one email hash, halfway.
+    let in_partitions = |prefix: &str, partitions: &BTreeSet<u64>| {
+        (0..)
+            .map(|i| format!("{prefix}-{i}"))
+            .find(|d| partitions.contains(&(starling_log::partition_of(d) as u64)))
+            .unwrap()
+    };
+    let (web, phone) = (in_partitions("web", &on_a), in_partitions("phone", &on_b));
+    let hash = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const PER_CLIENT: usize = 40;
+    let mut clients = Vec::new();
+    for (i, (device, node)) in [(&web, &a), (&phone, &b), (&web, &b), (&phone, &a)].into_iter().enumerate() {
+        let (events, device) = (format!("{}/v1/events", node.url), device.clone());
+        clients.push(tokio::spawn(async move {
+            for n in 0..PER_CLIENT {
+                if n == PER_CLIENT / 2 && i < 2 {
+                    let login = json!({"event": "login", "visitor_id": device, "data": {"email_hash": hash}});
+                    let (status, body) = post_json(&events, &login).await;
+                    assert_eq!(status, 202, "{body}");
+                }
+                let (status, body) = post_json(&events, &purchase(&device)).await;
+                assert_eq!(status, 202, "{body}");
+            }
+        }));
+    }
+    for client in clients {
+        client.await.unwrap();
+    }
+    // Read through either node, both devices are one profile holding every purchase once.
+    for node in [&a, &b] {
+        for device in [&web, &phone] {
+            let url = format!("{}/v1/profiles/{device}", node.url);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let profile = loop {
+                let (_, p) = get_json(&url).await;
+                if p["attributes"]["purchase_count"] == (4 * PER_CLIENT) as f64 {
+                    break p;
+                }
+                if Instant::now() > deadline {
+                    let trouble = |s: &Server| {
+                        s.logs()
+                            .lines()
+                            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    };
+                    panic!(
+                        "not every purchase in {device} through {}: {p}\na:\n{}\nb:\n{}",
+                        node.url,
+                        trouble(&a),
+                        trouble(&b)
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            assert_eq!(profile["event_count"], 4 * PER_CLIENT + 2, "{profile}");
+            let (_, other) =
+                get_json(&format!("{}/v1/profiles/{}", node.url, if device == &web { &phone } else { &web })).await;
+            assert_eq!(profile["id"], other["id"], "one profile: {profile} {other}");
+        }
+    }
+
+    // (a) Load through both nodes, many people stitching two devices across the nodes; one
+    // node dies under it and the other takes its partitions: nothing acknowledged is lost.
+    let through_a = loadgen(&a, "sa", 3_000, 0.5).await;
+    let mut through_b = loadgen(&b, "sb", 3_000, 0.5).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    b.kill9();
+    let killed = Instant::now();
+    eventually("a to own every partition again", Duration::from_secs(30), async || {
+        (owned(&a).await.len() == 64).then_some(())
+    })
+    .await;
+    let failover = killed.elapsed();
+    through_b.kill().await.unwrap();
+    finished(loadgen(&a, "sb", 3_000, 0.5).await).await;
+    finished(through_a).await;
+    assert!(failover < Duration::from_secs(10), "a owned b's partitions {failover:?} after b died");
+    println!("failover: a owned every partition {failover:?} after b was killed");
+    for prefix in ["sa", "sb"] {
+        verify(&a, prefix, 3_000, 0.5).await;
+    }
+    // Every action delivered, none under two keys.
+    eventually("every action to be delivered", Duration::from_secs(60), async || {
+        let (_, actions) = get_json(&format!("{}/v1/actions?status=pending&limit=1", a.url)).await;
+        actions["actions"].as_array().is_some_and(Vec::is_empty).then_some(())
+    })
+    .await;
+    let mut keys: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for hook in receiver.received().iter().filter(|r| r.path == "/welcome") {
+        keys.entry(hook.body["who"].as_str().unwrap().to_string())
+            .or_default()
+            .insert(hook.header("idempotency-key").to_string());
+    }
+    assert!(keys.len() > 100, "welcomes for the known people: {}", keys.len());
+    let twice: Vec<_> = keys.iter().filter(|(_, k)| k.len() > 1).collect();
+    assert!(twice.is_empty(), "profiles welcomed under two keys: {twice:?}");
+    a.stop();
+}

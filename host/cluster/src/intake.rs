@@ -5,7 +5,7 @@
 //! once the stream has it; the node that takes the partitions applies what the intake holds
 //! before it serves, then has the intake forget it.
 
-use crate::stream::{open_partitioned, read_through};
+use crate::stream::{open_partitioned, read_subject, read_through};
 use crate::{Result, nats};
 use async_nats::jetstream::{self, message::PublishMessage, stream};
 use bytes::Bytes;
@@ -71,6 +71,27 @@ impl Intake {
         let mut visit = |_, payload| visit(payload);
         read_through(&self.stream, &format!("{SUBJECT_PREFIX}.>"), 0, state.last_sequence, &mut visit).await?;
         Ok(state.last_sequence)
+    }
+
+    /// Calls `visit` with each message of `partition` the intake holds, in the order taken in;
+    /// returns the last one's sequence (0: none). A node owning some of the partitions takes
+    /// theirs.
+    pub async fn read_partition(&self, partition: Partition, visit: &mut (dyn FnMut(Bytes) + Send)) -> Result<u64> {
+        let mut last = 0;
+        let mut visit = |sequence, payload| {
+            last = sequence;
+            visit(payload)
+        };
+        read_subject(&self.stream, &format!("{SUBJECT_PREFIX}.{partition}"), 0, &mut visit).await?;
+        Ok(last)
+    }
+
+    /// Forgets `partition`'s messages up to `sequence` (applied); returns how many.
+    pub async fn forget_partition_through(&self, partition: Partition, sequence: u64) -> Result<u64> {
+        let subject = format!("{SUBJECT_PREFIX}.{partition}");
+        let purged = self.stream.purge().filter(subject).sequence(sequence + 1).await.map_err(nats)?;
+        *self.held.lock().expect("intake size") = None;
+        Ok(purged.purged)
     }
 
     /// Forgets every message up to `sequence` (applied); returns how many.

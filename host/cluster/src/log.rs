@@ -54,9 +54,9 @@ pub struct JetStreamLog {
     /// Numbers this process's records (with `run`, their ids in the stream).
     records: AtomicU64,
     run: String,
-    /// The stream refused an append because another node wrote to the partition: this node's
-    /// state is no longer the partition's.
-    overtaken: AtomicBool,
+    /// Per partition: the stream refused an append because another node wrote to the
+    /// partition, so this node's state is no longer the partition's (until it takes it again).
+    overtaken: Vec<AtomicBool>,
 }
 
 fn remote(e: impl std::fmt::Display) -> LogError {
@@ -75,7 +75,7 @@ impl JetStreamLog {
             size: Mutex::new(None),
             records: AtomicU64::new(0),
             run,
-            overtaken: AtomicBool::new(false),
+            overtaken: (0..PARTITIONS).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
@@ -87,7 +87,12 @@ impl JetStreamLog {
 
     /// Whether another node wrote to a partition this node was writing.
     pub fn overtaken(&self) -> bool {
-        self.overtaken.load(Ordering::SeqCst)
+        self.overtaken.iter().any(|o| o.load(Ordering::SeqCst))
+    }
+
+    /// The partitions another node wrote to while this node was writing them.
+    pub fn overtaken_partitions(&self) -> Vec<Partition> {
+        (0..PARTITIONS).filter(|p| self.overtaken[*p as usize].load(Ordering::SeqCst)).collect()
     }
 
     fn saw(&self, partition: Partition, position: Position) {
@@ -109,7 +114,10 @@ impl JetStreamLog {
                 let last = retried(|| self.stream.last_position(partition)).await.map_err(remote)?;
                 self.saw(partition, last);
                 match self.append_in(partition, vec![Bytes::copy_from_slice(marker)]).await {
-                    Ok(_) => break,
+                    Ok(_) => {
+                        self.overtaken[partition as usize].store(false, Ordering::SeqCst);
+                        break;
+                    }
                     Err(crate::ClusterError::Behind { .. }) if started.elapsed() < RETRY_FOR => {
                         tracing::debug!(partition, "a former owner wrote while fencing; fencing after its record");
                     }
@@ -165,12 +173,11 @@ impl JetStreamLog {
 impl EventLog for JetStreamLog {
     fn append(&self, records: &[(Partition, &[u8])]) -> starling_log::Result<Vec<Position>> {
         // Once the stream refused an append for missing another node's records, this node is
-        // no longer the owner, whatever its view of the leases says yet: a read since (the
-        // failed batch's partition applied again) may have moved its last positions past the
-        // new owner's records, and an append on them would be taken.
-        if self.overtaken() {
-            let partition = records.first().map_or(0, |(partition, _)| *partition);
-            return Err(remote(crate::ClusterError::Overtaken { partition }));
+        // no longer the partition's owner, whatever its view of the leases says yet: a read
+        // since (the failed batch's partition applied again) may have moved its last positions
+        // past the new owner's records, and an append on them would be taken.
+        if let Some((partition, _)) = records.iter().find(|(p, _)| self.overtaken[*p as usize].load(Ordering::SeqCst)) {
+            return Err(remote(crate::ClusterError::Overtaken { partition: *partition }));
         }
         // A lease that lapsed while the servers could not be reached (an election) is renewed
         // once they can: the append waits for that, as long as it would retry the stream.
@@ -178,7 +185,7 @@ impl EventLog for JetStreamLog {
         loop {
             let held = self.ownership.held();
             let Some((partition, _)) = records.iter().find(|(p, _)| !held.contains(p)) else { break };
-            if self.overtaken() {
+            if self.overtaken[*partition as usize].load(Ordering::SeqCst) {
                 return Err(remote(crate::ClusterError::Overtaken { partition: *partition }));
             }
             if waiting.elapsed() >= RETRY_FOR {
@@ -205,7 +212,7 @@ impl EventLog for JetStreamLog {
             let appended = result.map_err(|e| {
                 if let crate::ClusterError::Behind { partition, last } = &e {
                     if last.as_deref().is_some_and(|id| !self.written_here(id)) {
-                        self.overtaken.store(true, Ordering::SeqCst);
+                        self.overtaken[*partition as usize].store(true, Ordering::SeqCst);
                     } else {
                         // Its own record last, or none: the engine applies the partition again
                         // from the log.
@@ -278,6 +285,13 @@ impl EventLog for JetStreamLog {
 
     fn next_position(&self) -> Position {
         self.next.load(Ordering::SeqCst)
+    }
+
+    /// The stream's last position, as its servers say now: other nodes write to it too.
+    fn last_written(&self) -> starling_log::Result<Position> {
+        let last = self.runtime.block_on(retried(|| self.stream.last())).map_err(remote)?;
+        self.next.fetch_max(last + 1, Ordering::SeqCst);
+        Ok(last)
     }
 
     /// The stream numbers records itself, always upwards.

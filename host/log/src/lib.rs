@@ -74,6 +74,13 @@ pub trait EventLog: Send + Sync {
     /// The position the next record will get.
     fn next_position(&self) -> Position;
 
+    /// The position of the last record written, by anyone writing to the log: a read after
+    /// this call returns every record up to it. Where only this process writes, the one before
+    /// [`EventLog::next_position`].
+    fn last_written(&self) -> Result<Position> {
+        Ok(self.next_position().saturating_sub(1))
+    }
+
     /// Makes later records' positions greater than `position`: positions recorded elsewhere
     /// (in a materialized checkpoint) must never be handed out again, even if the log lost
     /// its tail.

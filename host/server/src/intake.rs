@@ -196,7 +196,7 @@ impl crate::wire::Admission for Taking {
 
 /// The intake id of `event`: a digest of what the engine deduplicates it by; an event without
 /// an id is given one first, unique to this node and process.
-fn intake_id(node: &str, event: &mut Event) -> String {
+pub(crate) fn intake_id(node: &str, event: &mut Event) -> String {
     static TAKEN: AtomicU64 = AtomicU64::new(0);
     static RUN: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
     if event.id.is_none() {

@@ -321,10 +321,19 @@ impl App {
             feeders_stopped.clone(),
         ))];
         let taker = options.spread.as_ref().map(|_| {
-            let (followed, following) = watch::channel(0);
-            let others = owned::follow_others(ingest.clone(), log, owned.clone(), followed, feeders_stopped.clone());
+            let (followed, through) = watch::channel(0);
+            let positions: owned::Followed =
+                Arc::new(tokio::sync::Mutex::new(ingest.stored_positions().into_iter().collect()));
+            let others = owned::follow_others(
+                ingest.clone(),
+                log,
+                owned.clone(),
+                positions.clone(),
+                followed,
+                feeders_stopped.clone(),
+            );
             feeders.push(tokio::spawn(others));
-            owned::Taker { ingest: Arc::downgrade(&ingest), followed: following }
+            owned::Taker { ingest: Arc::downgrade(&ingest), through, positions }
         });
         feeders.push(tokio::spawn(run_retention(
             ingest.clone(),

@@ -14,6 +14,8 @@
 //! delivered again. An owner that finds it lost
 //! a lease (paused past it, cut off) stops at once: its appends are refused from then on.
 
+mod spread;
+
 use crate::copy::ANSWERED_FROM_HEADER;
 use crate::delivery::Outcomes;
 use crate::follow::Follower;
@@ -113,6 +115,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let settings = options.model.cluster.clone().expect("a cluster node has [cluster] settings");
+    if settings.spread {
+        return spread::serve(options, listener, shutdown).await;
+    }
     let addr = listener.local_addr()?;
     let url = settings.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
     let lease = Duration::from_millis(settings.lease_ms as u64);
@@ -258,6 +263,7 @@ pub async fn serve(
                             stream.clone(),
                             ownership.clone(),
                             snapshot_every,
+                            Placement::Whole,
                         )));
                     }
                     Err(e) => break Err(e),
@@ -637,7 +643,7 @@ async fn adopt_deliveries(database: &Path, snapshots: &Snapshots) -> Result<usiz
 /// Fences every partition off from former owners, restores the latest snapshot if it is ahead
 /// of the local database, and starts the engine on the stream.
 async fn activate(
-    mut options: Options,
+    options: Options,
     cluster: &Cluster,
     log: &Arc<JetStreamLog>,
     snapshots: &Snapshots,
@@ -650,6 +656,22 @@ async fn activate(
     log.fence(&partitions, &crate::pipeline::owner_record(node))
         .await
         .map_err(|e| ServerError::Cluster(format!("fencing the partitions: {e}")))?;
+    let mut options = prepare(options, cluster, snapshots).await?;
+    options.event_log = Some(log.clone());
+    let mut engine = App::start(options).await?;
+    engine.listening_on(addr)?;
+    engine.state.drain = drain.clone();
+    tracing::info!(
+        node,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "this node owns every partition and serves them"
+    );
+    Ok(engine)
+}
+
+/// Restores the latest snapshot if it is ahead of the local database, and takes the
+/// configuration the cluster runs, numbered as the cluster numbers it.
+async fn prepare(mut options: Options, cluster: &Cluster, snapshots: &Snapshots) -> Result<Options, ServerError> {
     restore(&options.database, snapshots).await?;
     if let Some(published) = adopt_shared_config(&mut options, cluster).await? {
         let database = options.database.clone();
@@ -661,16 +683,7 @@ async fn activate(
         .await
         .map_err(|e| ServerError::Cluster(e.to_string()))??;
     }
-    options.event_log = Some(log.clone());
-    let mut engine = App::start(options).await?;
-    engine.listening_on(addr)?;
-    engine.state.drain = drain.clone();
-    tracing::info!(
-        node,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "this node owns every partition and serves them"
-    );
-    Ok(engine)
+    Ok(options)
 }
 
 /// Takes the configuration the last owner published, if there is one: it may have been changed
@@ -769,6 +782,7 @@ async fn take_snapshots(
     stream: Arc<EventStream>,
     ownership: Arc<Ownership>,
     every: Duration,
+    placement: Placement,
 ) {
     let mut last = 0;
     loop {
@@ -795,7 +809,13 @@ async fn take_snapshots(
         // A former owner (woken from a pause) must not replace a newer owner's snapshot.
         let covers = covered.last();
         let newer = snapshots.covers(SNAPSHOT).await.ok().flatten().is_some_and(|stored| stored.last() >= covers);
-        if covers > last && !newer && ownership.held().len() == PARTITIONS as usize {
+        // Placed whole, the owner stores it; spread, the owner of partition 0 (every node's copy
+        // holds every partition).
+        let stores = match placement {
+            Placement::Whole => ownership.held().len() == PARTITIONS as usize,
+            Placement::Spread => ownership.held().contains(&0),
+        };
+        if covers > last && !newer && stores {
             match snapshots.put(SNAPSHOT, &into, &covered).await {
                 Ok(()) => {
                     last = covers;
@@ -996,12 +1016,22 @@ fn owner_unreachable(base: &str, e: hyper_util::client::legacy::Error) -> Respon
 }
 
 async fn forward(front: &Front, base: &str, request: Request) -> Result<Response, hyper_util::client::legacy::Error> {
+    forward_to(&front.node, &front.client, base, request).await
+}
+
+/// Sends `request` to the node at `base` as node `node` forwarding it.
+async fn forward_to(
+    node: &str,
+    client: &hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, axum::body::Body>,
+    base: &str,
+    request: Request,
+) -> Result<Response, hyper_util::client::legacy::Error> {
     let (mut parts, body) = request.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let Ok(uri) = format!("{base}{path}").parse() else { return Ok(unavailable("the owner's URL is not usable")) };
     parts.uri = uri;
     parts.headers.remove(header::HOST);
-    if let Ok(node) = HeaderValue::from_str(&front.node) {
+    if let Ok(node) = HeaderValue::from_str(node) {
         parts.headers.insert(HeaderName::from_static(FORWARDED_HEADER), node);
     }
     match parts.extensions.get::<ConnectInfo<SocketAddr>>() {
@@ -1013,7 +1043,7 @@ async fn forward(front: &Front, base: &str, request: Request) -> Result<Response
             parts.headers.remove(CLIENT_HEADER);
         }
     }
-    let response = front.client.request(Request::from_parts(parts, body)).await?;
+    let response = client.request(Request::from_parts(parts, body)).await?;
     Ok(response.map(axum::body::Body::new))
 }
 

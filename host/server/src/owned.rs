@@ -52,6 +52,14 @@ impl Owned {
         self.0.load(Ordering::SeqCst) == u64::MAX
     }
 
+    pub fn add(&self, partition: Partition) {
+        self.0.fetch_or(1 << partition, Ordering::SeqCst);
+    }
+
+    pub fn remove(&self, partition: Partition) {
+        self.0.fetch_and(!(1 << partition), Ordering::SeqCst);
+    }
+
     pub fn set(&self, partitions: impl IntoIterator<Item = Partition>) {
         self.0.store(mask(partitions), Ordering::SeqCst);
     }
@@ -80,8 +88,14 @@ fn mask(partitions: impl IntoIterator<Item = Partition>) -> u64 {
 /// them once it has followed the log through `after` (the records that sent them there, a
 /// merge among them, are then applied on it too).
 pub trait Elsewhere: Send + Sync {
-    /// Resolves once the events are durable where they went (answered as an ingestion is).
-    fn hand(&self, events: Vec<Event>, after: Position) -> BoxFuture<'static, Result<HandedReport, String>>;
+    /// Hands on `events` for profiles of `partition`; resolves once they are durable where they
+    /// went (answered as an ingestion is).
+    fn hand(
+        &self,
+        partition: Partition,
+        events: Vec<Event>,
+        after: Position,
+    ) -> BoxFuture<'static, Result<HandedReport, String>>;
 }
 
 /// What the node events were handed to answered.
@@ -96,33 +110,35 @@ const FOLLOW_EVERY: Duration = Duration::from_millis(50);
 /// How long events handed to this node wait for it to follow the records before them.
 const FOLLOW_WAIT: Duration = Duration::from_secs(10);
 
+/// The last position applied of each partition followed; held while records are applied, so
+/// that a catch-up and a round of following apply one after the other.
+pub(crate) type Followed = Arc<tokio::sync::Mutex<HashMap<Partition, Position>>>;
+
 /// Applies the records of the partitions other nodes own as they are written, in log order,
-/// alongside this engine's own work; `followed` says the log position through which it has.
+/// alongside this engine's own work; `through` says the log position through which it has.
 pub(crate) async fn follow_others(
     ingest: Arc<Ingest>,
     log: Arc<dyn EventLog>,
     owned: Arc<Owned>,
-    followed: watch::Sender<Position>,
+    positions: Followed,
+    through: watch::Sender<Position>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut positions: HashMap<Partition, Position> = ingest.stored_positions().into_iter().collect();
     loop {
-        // Everything appended before this read is in it.
-        let through = log.next_position().saturating_sub(1);
-        let after = owned.others().into_iter().map(|p| (p, positions.get(&p).copied().unwrap_or(0))).collect();
-        let applied = match ingest.read_after(after).await {
-            Ok(entries) => ingest.follow(&entries).await.map(|()| entries),
-            Err(e) => Err(e),
+        let round = async {
+            let mut positions = positions.lock().await;
+            // Everything written before this is in the read after it.
+            let last = log.clone();
+            let end = tokio::task::spawn_blocking(move || last.last_written())
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            apply_after(&ingest, &mut positions, owned.others()).await?;
+            through.send_replace(end);
+            Ok::<(), String>(())
         };
-        match applied {
-            Ok(entries) => {
-                for entry in &entries {
-                    let last = positions.entry(entry.partition).or_default();
-                    *last = (*last).max(entry.position);
-                }
-                followed.send_replace(through);
-            }
-            Err(e) => tracing::warn!("applying the other nodes' records: {e}"),
+        if let Err(e) = round.await {
+            tracing::warn!("applying the other nodes' records: {e}");
         }
         tokio::select! {
             _ = tokio::time::sleep(FOLLOW_EVERY) => {}
@@ -131,26 +147,51 @@ pub(crate) async fn follow_others(
     }
 }
 
-/// Takes events other nodes handed this one (see [`Elsewhere`]).
+/// Reads and applies the records of `partitions` after the positions applied.
+async fn apply_after(
+    ingest: &Ingest,
+    positions: &mut HashMap<Partition, Position>,
+    partitions: Vec<Partition>,
+) -> Result<usize, String> {
+    let after = partitions.into_iter().map(|p| (p, positions.get(&p).copied().unwrap_or(0))).collect();
+    let entries = ingest.read_after(after).await.map_err(|e| e.to_string())?;
+    ingest.follow(&entries).await.map_err(|e| e.to_string())?;
+    for entry in &entries {
+        let last = positions.entry(entry.partition).or_default();
+        *last = (*last).max(entry.position);
+    }
+    Ok(entries.len())
+}
+
+/// Takes events other nodes handed this one (see [`Elsewhere`]), and partitions this node gains.
 #[derive(Clone)]
 pub struct Taker {
     /// Weak, so that a node stopping stops its workers whoever holds this.
     pub(crate) ingest: std::sync::Weak<Ingest>,
-    pub(crate) followed: watch::Receiver<Position>,
+    pub(crate) through: watch::Receiver<Position>,
+    pub(crate) positions: Followed,
 }
 
 impl Taker {
     /// Applies `events` once this node has followed the log through `after`, and answers as
     /// an ingestion does.
     pub async fn take(&self, events: Vec<Event>, after: Position) -> Result<IngestReport, String> {
-        let mut followed = self.followed.clone();
-        match tokio::time::timeout(FOLLOW_WAIT, followed.wait_for(|through| *through >= after)).await {
+        let mut through = self.through.clone();
+        match tokio::time::timeout(FOLLOW_WAIT, through.wait_for(|through| *through >= after)).await {
             Ok(Ok(_)) => {}
             Ok(Err(_)) => return Err("this node is stopping".into()),
             Err(_) => return Err(format!("this node has not followed the log through position {after} yet")),
         }
         let ingest = self.ingest.upgrade().ok_or("this node is stopping")?;
         ingest.submit(events).await.map_err(|e| e.to_string())
+    }
+
+    /// Applies what `partitions` (just taken, and fenced) hold that this node has not applied
+    /// yet: then they may be owned. Returns how many records it applied.
+    pub async fn catch_up(&self, partitions: Vec<Partition>) -> Result<usize, String> {
+        let ingest = self.ingest.upgrade().ok_or("this node is stopping")?;
+        let mut positions = self.positions.lock().await;
+        apply_after(&ingest, &mut positions, partitions).await
     }
 }
 

@@ -582,29 +582,8 @@ impl Ingest {
         self.apply_records(&entries).await?;
         let n = self.partitions.len();
         self.queue((0..n).map(|_| Some(Work::Materialize)).collect(), false).await?;
-        // Merges whose partition had not logged them when the last run stopped. A worker's are
-        // queued at once, so that it applies them in batches; the workers take turns, so that
-        // two merges of one pair of profiles in opposite directions are never applied side by
-        // side (each would absorb the other).
-        // Those for another node's partitions are that node's to apply (and log).
-        let handed_over: Vec<MergeRequest> =
-            self.handed_over()?.into_iter().filter(|m| self.owned.owns_profile(&m.survivor)).collect();
-        let resent = handed_over.len();
-        let mut by_worker: Vec<Vec<MergeRequest>> = (0..n).map(|_| Vec::new()).collect();
-        for merge in handed_over {
-            by_worker[worker_of(&merge.survivor, n)].push(merge);
-        }
-        for (worker, merges) in by_worker.into_iter().enumerate() {
-            let mut sent = Vec::with_capacity(merges.len());
-            for merge in merges {
-                let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
-                jobs[worker] = Some(Work::Merge(merge));
-                sent.push(self.dispatch(jobs, false)?);
-            }
-            for merge in sent {
-                merge.durable().await?;
-            }
-        }
+        // Merges whose partition had not logged them when the last run stopped.
+        let resent = self.send_handed_over(|_| true).await?;
         if resent > 0 {
             tracing::info!(merges = resent, "merges handed over before the restart sent again");
         }
@@ -628,6 +607,39 @@ impl Ingest {
             inflight.store(u64::MAX, Ordering::SeqCst);
         }
         Ok(entries.len())
+    }
+
+    /// Sends again the merges handed over to owned partitions that `partitions` accepts and
+    /// that they have not applied (a start, or a node taking partitions whose owner died before
+    /// it applied them); waits until they are applied. Returns how many were sent.
+    pub async fn send_handed_over(&self, partitions: impl Fn(Partition) -> bool) -> Result<usize, IngestError> {
+        let n = self.partitions.len();
+        // Those for another node's partitions are that node's to apply (and log).
+        let handed_over: Vec<MergeRequest> = self
+            .handed_over()?
+            .into_iter()
+            .filter(|m| self.owned.owns_profile(&m.survivor) && partitions(starling_log::partition_of(&m.survivor)))
+            .collect();
+        let resent = handed_over.len();
+        // A worker's are queued at once, so that it applies them in batches; the workers take
+        // turns, so that two merges of one pair of profiles in opposite directions are never
+        // applied side by side (each would absorb the other).
+        let mut by_worker: Vec<Vec<MergeRequest>> = (0..n).map(|_| Vec::new()).collect();
+        for merge in handed_over {
+            by_worker[worker_of(&merge.survivor, n)].push(merge);
+        }
+        for (worker, merges) in by_worker.into_iter().enumerate() {
+            let mut sent = Vec::with_capacity(merges.len());
+            for merge in merges {
+                let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
+                jobs[worker] = Some(Work::Merge(merge));
+                sent.push(self.dispatch(jobs, false)?);
+            }
+            for merge in sent {
+                merge.durable().await?;
+            }
+        }
+        Ok(resent)
     }
 
     /// The configuration this database recorded as `version`, if it did and it still parses.
@@ -1259,9 +1271,9 @@ struct Pending {
     merges: Vec<(Option<usize>, Cause, MergeRequest)>,
     /// Events for profiles other partitions own, per job and partition.
     forwards: Vec<(usize, usize, Vec<Event>)>,
-    /// Events for profiles of partitions another node owns, per job: handed to it after the
-    /// batch is logged.
-    elsewhere: Vec<(usize, Event)>,
+    /// Events for profiles of partitions another node owns, per job and partition: handed to
+    /// it after the batch is logged.
+    elsewhere: Vec<(usize, Partition, Event)>,
     /// Claims of other partitions' profiles that claims of this partition overtook, sent
     /// after they are written.
     overtaken: Vec<Overtaken>,
@@ -1685,16 +1697,16 @@ impl Worker {
         {
             // The receiving node applies them after this batch's records, which it follows.
             let after = self.shared.log.next_position().saturating_sub(1);
-            let mut by_job: Vec<(usize, Vec<Event>)> = Vec::new();
-            for (job, event) in pending.elsewhere.drain(..) {
-                match by_job.last_mut() {
-                    Some((j, events)) if *j == job => events.push(event),
-                    _ => by_job.push((job, vec![event])),
+            let mut handed: Vec<(usize, Partition, Vec<Event>)> = Vec::new();
+            for (job, partition, event) in pending.elsewhere.drain(..) {
+                match handed.iter_mut().find(|(j, p, _)| *j == job && *p == partition) {
+                    Some((_, _, events)) => events.push(event),
+                    None => handed.push((job, partition, vec![event])),
                 }
             }
-            for (job, events) in by_job {
+            for (job, partition, events) in handed {
                 let (reply, answer) = oneshot::channel();
-                let handing = elsewhere.hand(events, after);
+                let handing = elsewhere.hand(partition, events, after);
                 self.shared.runtime.spawn(async move {
                     let answered = handing.await.map(|handed| Reply {
                         report: IngestReport { accepted: handed.accepted, duplicates: handed.duplicates },
@@ -1763,7 +1775,7 @@ impl Worker {
                             && self.shared.elsewhere.is_some()
                             && !self.shared.owned.owns_profile(&pid)
                         {
-                            p.elsewhere.push((j, event.clone()));
+                            p.elsewhere.push((j, starling_log::partition_of(&pid), event.clone()));
                             continue;
                         }
                         let owner = worker_of(&pid, self.partitions);

@@ -863,6 +863,7 @@ struct Peer(std::sync::OnceLock<starling_server::owned::Taker>);
 impl starling_server::owned::Elsewhere for Peer {
     fn hand(
         &self,
+        _partition: u16,
         events: Vec<starling_core::Event>,
         after: u64,
     ) -> futures_util::future::BoxFuture<'static, Result<starling_server::owned::HandedReport, String>> {

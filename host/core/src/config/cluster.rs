@@ -1,4 +1,5 @@
-//! `[cluster]`: NATS servers, node name, lease, replicas, advertised address, snapshots, intake.
+//! `[cluster]`: NATS servers, node name, lease, replicas, advertised address, snapshots, intake,
+//! placement.
 
 use super::Validator;
 use super::raw::RawCluster;
@@ -77,6 +78,14 @@ impl Validator<'_> {
             }
             Some(n) => *n.get_ref() as u64,
         };
+        let spread = match raw.placement.as_ref().map(|p| (p, p.get_ref().as_str())) {
+            None | Some((_, "whole")) => false,
+            Some((_, "spread")) => true,
+            Some((p, other)) => {
+                self.error(p.span(), format!("cluster.placement: `{other}` is not `whole` or `spread`"));
+                false
+            }
+        };
         (self.errors.len() == errors).then(|| ClusterSettings {
             nats: raw.nats.iter().map(|u| u.get_ref().clone()).collect(),
             node: node.clone(),
@@ -85,6 +94,7 @@ impl Validator<'_> {
             advertise: raw.advertise.as_ref().map(|u| u.get_ref().clone()),
             snapshot_every_ms,
             intake_limit,
+            spread,
         })
     }
 

@@ -47,6 +47,7 @@ pub(super) struct RawCluster {
     pub(super) advertise: Option<Spanned<String>>,
     pub(super) snapshot_every: Option<Spanned<String>>,
     pub(super) intake_limit: Option<Spanned<i64>>,
+    pub(super) placement: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -365,6 +365,7 @@ replicas = 7
 advertise = "http://10.0.0.1:8080/"
 snapshot_every = "0s"
 intake_limit = -1
+placement = "halves"
 "#;
     let errs: Vec<String> = parse(src).unwrap_err().0.iter().map(ToString::to_string).collect();
     assert_eq!(
@@ -377,11 +378,14 @@ intake_limit = -1
             "7:13: cluster.advertise: `http://10.0.0.1:8080/` is not a base URL (http://host:port, no trailing `/`)",
             "8:18: cluster.snapshot_every: `0s` must be positive and not absurdly long",
             "9:16: cluster.intake_limit must be between 0 and 10000000 events",
+            "10:13: cluster.placement: `halves` is not `whole` or `spread`",
         ]
     );
     let model = parse("[cluster]\nnats = [\"nats://a:4222\", \"nats://b:4222\"]\nnode = \"a-1\"\n").unwrap();
     let cluster = model.cluster.unwrap();
     assert_eq!((cluster.node.as_str(), cluster.lease_ms, cluster.replicas), ("a-1", 5_000, 2));
-    assert_eq!((cluster.snapshot_every_ms, cluster.intake_limit), (60_000, 30_000));
+    assert_eq!((cluster.snapshot_every_ms, cluster.intake_limit, cluster.spread), (60_000, 30_000, false));
+    let spread = parse("[cluster]\nnats = [\"nats://a:4222\"]\nnode = \"a\"\nplacement = \"spread\"\n").unwrap();
+    assert!(spread.cluster.unwrap().spread);
     assert!(parse("").unwrap().cluster.is_none(), "a single server needs no cluster");
 }

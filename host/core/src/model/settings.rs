@@ -196,4 +196,6 @@ pub struct ClusterSettings {
     pub snapshot_every_ms: i64,
     /// Most events the intake holds while no node serves (0: none is taken in, `503`).
     pub intake_limit: u64,
+    /// Whether the partitions are spread over the live nodes (else one node holds them all).
+    pub spread: bool,
 }

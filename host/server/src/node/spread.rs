@@ -1,0 +1,609 @@
+//! A node of a cluster whose partitions are spread over the live nodes (`placement = "spread"`).
+//!
+//! Every node runs the engine on its own copy of the whole state: it applies live the
+//! partitions whose leases it holds, appending their records to the stream, and follows the
+//! other partitions' records as their owners write them (see [`crate::owned`]). Events for a
+//! profile of a partition another node owns are handed to that node, which applies them once it
+//! has followed the records before them (while no node owns the partition, they wait in the
+//! intake for the next owner). A merge of two profiles owned by different nodes goes through
+//! the log: the node owning the surviving profile applies it when it follows the record that
+//! handed it on, and logs it; of two claims of one id the one earlier in the log wins, on every
+//! node. When a node joins, the others release the partitions the target (even, sticky) gives
+//! it; it fences them, applies what it lacks of them, and from then on owns them. When a node
+//! dies, its leases lapse and the live nodes share its partitions alike. Each node delivers the
+//! actions its partitions' records decide and publishes how they ended; the others end their
+//! copies' rows alike, so that a new owner delivers only what was left pending.
+
+use super::{
+    CLIENT_HEADER, FORWARDED_HEADER, JOIN_RETRY, Joined, NODE_HEADER, OUTCOME_WAIT, OUTCOMES_WAITING, forward_to, join,
+    pass_on_outcomes, prepare, publish_config, publish_outcomes, take_snapshots, unavailable,
+};
+use crate::copy::{ANSWERED_FROM_HEADER, COPY_REASON_HEADER};
+use crate::delivery::Outcomes;
+use crate::owned::{Elsewhere, HandedReport, Owned, Taker};
+use crate::{App, Options, ServerError, Spread, http};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use starling_cluster::intake::Intake;
+use starling_cluster::log::JetStreamLog;
+use starling_cluster::outcomes::OutcomeStream;
+use starling_cluster::{Ownership, Peer, Placement, Settings};
+use starling_core::Event;
+use starling_log::{Partition, Position};
+use starling_store::outcomes::{Outcome, Taken};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+type Client = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, axum::body::Body>;
+
+/// What the ownership rounds last saw of the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Placed {
+    /// The partitions whose leases this node holds now.
+    held: Vec<Partition>,
+    /// Each partition's owner, as the leases say (none while a lease has lapsed).
+    owners: BTreeMap<Partition, String>,
+    /// Live nodes, as their heartbeats describe them.
+    nodes: BTreeMap<String, Peer>,
+    shared_config: Option<i64>,
+    stream_leader: Option<String>,
+}
+
+impl Placed {
+    /// The URL of the node owning `partition`, unless it is this node or none does.
+    fn owner_url(&self, me: &str, partition: Partition) -> Option<(String, String)> {
+        let node = self.owners.get(&partition).filter(|n| *n != me)?;
+        Some((node.clone(), self.nodes.get(node)?.url.clone()?))
+    }
+
+    /// Whether `address` is that of a live node's URL (nodes are recognised by the IP address
+    /// in their URLs).
+    fn is_node(&self, address: IpAddr) -> bool {
+        let url_address = |url: &str| url.parse::<axum::http::Uri>().ok()?.host()?.parse::<IpAddr>().ok();
+        self.nodes.values().any(|p| p.url.as_deref().and_then(url_address) == Some(address))
+    }
+}
+
+/// Hands events to the node owning their profiles' partition (see [`Elsewhere`]).
+struct Handing {
+    node: String,
+    placed: watch::Receiver<Placed>,
+    client: Client,
+    intake: Arc<Intake>,
+}
+
+/// The body of `POST /v1/cluster/handed`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Handed {
+    after: Position,
+    events: Vec<Event>,
+}
+
+impl Elsewhere for Handing {
+    fn hand(
+        &self,
+        partition: Partition,
+        events: Vec<Event>,
+        after: Position,
+    ) -> BoxFuture<'static, Result<HandedReport, String>> {
+        let owner = self.placed.borrow().owner_url(&self.node, partition);
+        let (node, client, intake) = (self.node.clone(), self.client.clone(), self.intake.clone());
+        Box::pin(async move {
+            if let Some((owner, url)) = owner {
+                match send_handed(&node, &client, &url, &Handed { after, events: events.clone() }).await {
+                    Ok(report) => return Ok(report),
+                    Err(Unsent::Unreachable(e)) => {
+                        tracing::debug!(%owner, "the owner cannot be reached ({e}); the events wait in the intake");
+                    }
+                    Err(Unsent::Refused(e)) => return Err(format!("node `{owner}` did not take the events: {e}")),
+                }
+            }
+            // No node owns the partition now (a failover, a rebalance under way, or this node
+            // taking it): its next owner applies the intake before it serves it.
+            into_intake(&node, &intake, partition, events).await
+        })
+    }
+}
+
+enum Unsent {
+    /// Not sent: the owner can be tried elsewhere.
+    Unreachable(String),
+    /// Sent, and refused or not answered: the client sends the events again.
+    Refused(String),
+}
+
+async fn send_handed(node: &str, client: &Client, url: &str, handed: &Handed) -> Result<HandedReport, Unsent> {
+    let body = serde_json::to_vec(handed).expect("events serialize");
+    let request = axum::http::Request::post(format!("{url}/v1/cluster/handed"))
+        .header(axum::http::header::CONTENT_TYPE, "application/json")
+        .header(FORWARDED_HEADER, node)
+        .body(axum::body::Body::from(body))
+        .map_err(|e| Unsent::Refused(e.to_string()))?;
+    let response = client.request(request).await.map_err(|e| match e.is_connect() {
+        true => Unsent::Unreachable(e.to_string()),
+        false => Unsent::Refused(e.to_string()),
+    })?;
+    let status = response.status();
+    let body = axum::body::to_bytes(axum::body::Body::new(response.into_body()), 64 * 1024)
+        .await
+        .map_err(|e| Unsent::Refused(e.to_string()))?;
+    let answer: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    if !status.is_success() {
+        return Err(Unsent::Refused(format!("{status}: {}", answer["error"].as_str().unwrap_or_default())));
+    }
+    let count = |key: &str| answer[key].as_u64().unwrap_or_default() as usize;
+    Ok(HandedReport { accepted: count("accepted"), duplicates: count("duplicates") })
+}
+
+async fn into_intake(
+    node: &str,
+    intake: &Intake,
+    partition: Partition,
+    events: Vec<Event>,
+) -> Result<HandedReport, String> {
+    let mut report = HandedReport::default();
+    for mut event in events {
+        let id = crate::intake::intake_id(node, &mut event);
+        let payload = Bytes::from(serde_json::to_vec(&event).expect("an event serializes"));
+        match intake.publish(partition, &id, payload).await {
+            Ok(true) => report.duplicates += 1,
+            Ok(false) => report.accepted += 1,
+            Err(e) => return Err(format!("the intake did not take the events: {e}")),
+        }
+    }
+    Ok(report)
+}
+
+struct Front {
+    node: String,
+    engine: axum::Router,
+    ingest: Arc<crate::pipeline::Ingest>,
+    owned: Arc<Owned>,
+    taker: Taker,
+    placed: watch::Receiver<Placed>,
+    client: Client,
+}
+
+/// Serves `listener` as a node of a spread cluster until `shutdown` resolves.
+pub(super) async fn serve(
+    options: Options,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let settings = options.model.cluster.clone().expect("a cluster node has [cluster] settings");
+    let addr = listener.local_addr()?;
+    let url = settings.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let lease = Duration::from_millis(settings.lease_ms as u64);
+    let node_settings = Settings {
+        node: settings.node.clone(),
+        lease,
+        replicas: settings.replicas,
+        url: Some(url.clone()),
+        placement: Placement::Spread,
+    };
+    let mut shutdown = std::pin::pin!(shutdown);
+    let Joined { cluster, stream, snapshots, outcomes: outcome_stream, intake } = loop {
+        match join(&settings.nats, node_settings.clone()).await {
+            Ok(joined) => break joined,
+            Err(e) => tracing::warn!("the cluster cannot be joined yet ({e}); trying again"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(JOIN_RETRY) => {}
+            _ = &mut shutdown => return Ok(()),
+        }
+    };
+    let ownership = Arc::new(Ownership::new(cluster));
+    let log = Arc::new(JetStreamLog::new(stream.clone(), ownership.clone(), tokio::runtime::Handle::current()));
+    tracing::info!(node = %settings.node, %url, "joined the cluster; its partitions are spread over the nodes");
+
+    let (placed_tx, placed) = watch::channel(Placed::default());
+    let rounds = tokio::spawn(run_rounds(ownership.clone(), stream.clone(), lease, placed_tx));
+    let client: Client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let mut options = prepare(options, ownership.cluster(), &snapshots).await?;
+    let owned = Arc::new(Owned::none());
+    let handing =
+        Handing { node: settings.node.clone(), placed: placed.clone(), client: client.clone(), intake: intake.clone() };
+    let reported = Outcomes::default();
+    options.event_log = Some(log.clone());
+    options.outcomes = Some(reported.clone());
+    options.spread = Some(Spread { owned: owned.clone(), elsewhere: Arc::new(handing) });
+    let database = options.database.clone();
+    let drain = http::Drain::default();
+    let mut engine = App::start(options).await?;
+    engine.listening_on(addr)?;
+    engine.state.drain = drain.clone();
+    let taker = engine.taker().expect("a spread node's engine takes handed events");
+    let front = Arc::new(Front {
+        node: settings.node.clone(),
+        engine: engine.router(),
+        ingest: engine.state.ingest.clone(),
+        owned: owned.clone(),
+        taker: taker.clone(),
+        placed: placed.clone(),
+        client,
+    });
+    let router = axum::Router::new()
+        .route("/v1/cluster", get(status))
+        .route("/v1/cluster/handed", post(take_handed))
+        .fallback(answer)
+        .layer(axum::extract::DefaultBodyLimit::max(crate::api::MAX_BODY_BYTES))
+        .with_state(front.clone());
+    let limits = http::Limits {
+        max_connections: engine.state.config.model().server.max_connections.max(1),
+        header_timeout: Duration::from_millis(engine.state.config.model().header_timeout_ms as u64),
+    };
+    let (stop_tx, mut stopping) = watch::channel(false);
+    let serving = tokio::spawn(http::serve(listener, router, limits, drain.clone(), async move {
+        let _ = stopping.wait_for(|s| *s).await;
+    }));
+    let passing_on = tokio::spawn(pass_on_outcomes(reported.clone(), outcome_stream.clone()));
+    let taking_outcomes = tokio::spawn(take_outcomes(database.clone(), outcome_stream.clone(), owned.clone()));
+    let snapshot_every = Duration::from_millis(settings.snapshot_every_ms as u64);
+    let snapshotting = tokio::spawn(take_snapshots(
+        database.clone(),
+        snapshots.clone(),
+        stream.clone(),
+        ownership.clone(),
+        snapshot_every,
+        Placement::Spread,
+    ));
+
+    let mut placed_rx = placed;
+    let mut published = None;
+    let mut applying: Option<tokio::task::JoinHandle<()>> = None;
+    loop {
+        let held = placed_rx.borrow_and_update().held.clone();
+        // A partition released (given to a node that joined), taken by another node, or whose
+        // lease this node could not renew in time, is no longer applied live here: events for
+        // it go to its owner from now on.
+        let overtaken = log.overtaken_partitions();
+        for partition in owned.partitions() {
+            if !held.contains(&partition) || overtaken.contains(&partition) {
+                owned.remove(partition);
+                tracing::info!(partition, "partition given up");
+            }
+        }
+        let gaining: Vec<Partition> = held.iter().copied().filter(|p| !owned.owns(*p)).collect();
+        if !gaining.is_empty() {
+            let started = Instant::now();
+            match gain(&log, &taker, &settings.node, &gaining).await {
+                Ok(applied) => {
+                    for &partition in &gaining {
+                        owned.add(partition);
+                    }
+                    // Merges handed to them that their last owner did not apply (it died).
+                    match front.ingest.send_handed_over(|p| gaining.contains(&p)).await {
+                        Ok(0) => {}
+                        Ok(merges) => tracing::info!(merges, "merges handed to the partitions taken applied"),
+                        Err(e) => tracing::warn!("applying the merges handed to the partitions taken: {e}"),
+                    }
+                    tracing::info!(
+                        partitions = ?gaining,
+                        records = applied,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "partitions taken: this node applies and logs them"
+                    );
+                }
+                Err(e) => tracing::warn!(partitions = ?gaining, "taking partitions: {e}"),
+            }
+        }
+        if held.contains(&0) {
+            publish_config(&engine, ownership.cluster(), &mut published).await;
+        }
+        // Events handed to the owned partitions while no node owned them.
+        if applying.as_ref().is_none_or(|task| task.is_finished()) && !owned.is_none() {
+            applying = Some(tokio::spawn(apply_intake(front.ingest.clone(), intake.clone(), owned.partitions())));
+        }
+        tokio::select! {
+            changed = placed_rx.changed() => if changed.is_err() { break },
+            _ = tokio::time::sleep(lease / 4) => {}
+            _ = &mut shutdown => break,
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = serving.await;
+    rounds.abort();
+    snapshotting.abort();
+    passing_on.abort();
+    taking_outcomes.abort();
+    if let Some(task) = applying {
+        task.abort();
+    }
+    drop(front);
+    engine.stop().await;
+    // What the lanes finished while stopping, for the next owners not to deliver again.
+    publish_outcomes(&reported, &outcome_stream).await;
+    if let Err(e) = ownership.release_all().await {
+        tracing::warn!("leaving the cluster: {e}");
+    }
+    Ok(())
+}
+
+/// Fences `partitions` (just taken) off from their former owners and applies what they hold
+/// that this node's copy lacks. Returns how many records it applied.
+async fn gain(log: &JetStreamLog, taker: &Taker, node: &str, partitions: &[Partition]) -> Result<usize, String> {
+    log.fence(partitions, &crate::pipeline::owner_record(node)).await.map_err(|e| format!("fencing: {e}"))?;
+    taker.catch_up(partitions.to_vec()).await
+}
+
+/// Applies the events the intake holds for `partitions`, then has it forget them.
+async fn apply_intake(ingest: Arc<crate::pipeline::Ingest>, intake: Arc<Intake>, partitions: Vec<Partition>) {
+    if intake.held().await.unwrap_or(0) == 0 {
+        return;
+    }
+    for partition in partitions {
+        let mut events = Vec::new();
+        let read = intake
+            .read_partition(partition, &mut |payload| {
+                if let Ok(event) = serde_json::from_slice::<Event>(&payload) {
+                    events.push(event);
+                }
+            })
+            .await;
+        let last = match read {
+            Ok(0) => continue,
+            Ok(last) => last,
+            Err(e) => {
+                tracing::warn!(partition, "reading the intake: {e}");
+                return;
+            }
+        };
+        let taken = events.len();
+        // Not applied (the engine stopping, a failed commit): the intake keeps them for the
+        // next round or owner; ids keep any applied out.
+        if let Err(e) = ingest.submit(events).await {
+            tracing::warn!(partition, "applying the intake: {e}");
+            return;
+        }
+        tracing::info!(partition, events = taken, "applied the events handed over while no node owned the partition");
+        if let Err(e) = intake.forget_partition_through(partition, last).await {
+            tracing::warn!(partition, "the intake did not forget what was applied: {e}");
+        }
+    }
+}
+
+/// Reads how the other nodes' deliveries ended and ends this copy's rows alike (those of the
+/// partitions this node owns are its own to end).
+async fn take_outcomes(database: std::path::PathBuf, stream: Arc<OutcomeStream>, owned: Arc<Owned>) {
+    let conn = match starling_store::open_relaxed(&database) {
+        Ok(conn) => Arc::new(std::sync::Mutex::new(conn)),
+        Err(e) => {
+            tracing::error!("delivery outcomes will not be taken: {e}");
+            return;
+        }
+    };
+    let (mut after, mut waiting): (u64, Vec<(Instant, Outcome)>) = (0, Vec::new());
+    loop {
+        tokio::time::sleep(super::FOLLOW_EVERY).await;
+        let mut messages = Vec::new();
+        let read = stream
+            .read(after, &mut |sequence, payload| {
+                after = sequence;
+                messages.push(payload);
+            })
+            .await;
+        if let Err(e) = read {
+            tracing::debug!("reading delivery outcomes: {e}");
+            continue;
+        }
+        let now = Instant::now();
+        for payload in messages {
+            if let Ok(outcomes) = serde_json::from_slice::<Vec<Outcome>>(&payload) {
+                waiting.extend(outcomes.into_iter().map(|outcome| (now, outcome)));
+            }
+        }
+        if waiting.is_empty() {
+            continue;
+        }
+        let (conn, pending, owns_all) = (conn.clone(), std::mem::take(&mut waiting), owned.is_all());
+        let taken = tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().expect("connection");
+            let mut not_yet = Vec::new();
+            for (read, outcome) in pending {
+                match starling_store::outcomes::take(&conn, &outcome) {
+                    Ok(Taken::NotYet) if !owns_all => not_yet.push((read, outcome)),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("ending a row as another node's delivery ended: {e}"),
+                }
+            }
+            not_yet
+        })
+        .await;
+        if let Ok(mut not_yet) = taken {
+            not_yet.retain(|(read, _)| read.elapsed() < OUTCOME_WAIT);
+            let excess = not_yet.len().saturating_sub(OUTCOMES_WAITING);
+            not_yet.drain(..excess);
+            waiting = not_yet;
+        }
+    }
+}
+
+/// Keeps this node's leases, a few rounds per lease period, and publishes what it sees.
+async fn run_rounds(
+    ownership: Arc<Ownership>,
+    stream: Arc<starling_cluster::stream::EventStream>,
+    lease: Duration,
+    placed: watch::Sender<Placed>,
+) {
+    let cluster = ownership.cluster();
+    loop {
+        if let Err(e) = ownership.tick().await {
+            tracing::warn!("ownership round: {e}");
+        }
+        let previous = placed.borrow().clone();
+        let next = Placed {
+            held: ownership.held(),
+            owners: match cluster.owners().await {
+                Ok(owners) => owners.into_iter().map(|(p, o)| (p, o.node)).collect(),
+                Err(_) => previous.owners,
+            },
+            nodes: cluster.live_peers().await.unwrap_or(previous.nodes),
+            shared_config: cluster
+                .shared_config()
+                .await
+                .map(|c| c.map(|c| c.version))
+                .unwrap_or(previous.shared_config),
+            stream_leader: stream.leader().await.unwrap_or_default(),
+        };
+        if let Some(version) = next.shared_config {
+            cluster.set_running_config(version);
+        }
+        placed.send_if_modified(|p| {
+            let changed = *p != next;
+            *p = next;
+            changed
+        });
+        tokio::time::sleep(lease / 4).await;
+    }
+}
+
+/// `GET /v1/cluster`: this node, which partitions it applies live, who owns the others.
+async fn status(State(front): State<Arc<Front>>) -> Response {
+    let placed = front.placed.borrow().clone();
+    let mut by_node: BTreeMap<&str, usize> = BTreeMap::new();
+    for node in placed.owners.values() {
+        *by_node.entry(node).or_default() += 1;
+    }
+    let body = serde_json::json!({
+        "node": front.node,
+        "placement": "spread",
+        "serving": true,
+        "partitions_held": placed.held.len(),
+        // The partitions this node's engine applies and logs.
+        "owned": front.owned.partitions(),
+        "owners": placed.owners,
+        "partitions_per_node": by_node,
+        "stream_leader": placed.stream_leader,
+        "config_version": placed.shared_config,
+        "nodes": placed.nodes.iter().map(|(n, p)| serde_json::json!({"node": n, "url": p.url, "config_version": p.config_version})).collect::<Vec<_>>(),
+    });
+    axum::Json(body).into_response()
+}
+
+/// `POST /v1/cluster/handed`: events another node handed this one (only from a live node).
+async fn take_handed(
+    State(front): State<Arc<Front>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    axum::Json(handed): axum::Json<Handed>,
+) -> Response {
+    if !front.placed.borrow().is_node(peer.ip()) {
+        let error = serde_json::json!({ "error": "only a node of the cluster hands events on" });
+        return (StatusCode::FORBIDDEN, axum::Json(error)).into_response();
+    }
+    match front.taker.take(handed.events, handed.after).await {
+        Ok(report) => {
+            let body = serde_json::json!({ "accepted": report.accepted, "duplicates": report.duplicates });
+            (StatusCode::ACCEPTED, axum::Json(body)).into_response()
+        }
+        Err(e) => unavailable(&e),
+    }
+}
+
+/// The profile id a request addresses (`/v1/profiles/{id}…`, `/v1/visitor/{id}`).
+fn addressed_profile(request: &Request) -> Option<String> {
+    let path = request.uri().path().strip_prefix("/v1/")?;
+    let mut segments = path.split('/');
+    match (segments.next(), segments.next()) {
+        (Some("profiles" | "visitor"), Some(id)) if !id.is_empty() => {
+            Some(percent_encoding::percent_decode_str(id).decode_utf8_lossy().into_owned())
+        }
+        _ => None,
+    }
+}
+
+/// Any other request: a profile's to the node owning its partition, the rest to this node's
+/// engine (whose copy holds every partition).
+async fn answer(State(front): State<Arc<Front>>, request: Request) -> Response {
+    let forwarded = request.headers().contains_key(FORWARDED_HEADER);
+    if let Some(id) = addressed_profile(&request).filter(|_| !forwarded) {
+        let partition = starling_log::partition_of(&front.ingest.profile_of(&id));
+        if !front.owned.owns(partition) {
+            let owner = front.placed.borrow().owner_url(&front.node, partition);
+            let read = matches!(*request.method(), Method::GET | Method::OPTIONS);
+            let Some((node, url)) = owner else {
+                return match read {
+                    true => {
+                        from_copy(
+                            &front,
+                            request,
+                            "no node owns the profile's partition yet (a failover or a rebalance is under way)",
+                        )
+                        .await
+                    }
+                    false => unavailable("no node owns the profile's partition yet; retry"),
+                };
+            };
+            if !read {
+                return forward_to(&front.node, &front.client, &url, request).await.unwrap_or_else(|e| {
+                    tracing::warn!(%node, "forwarding to the profile's owner: {e}");
+                    unavailable("the profile's owner could not be reached; retry")
+                });
+            }
+            let (parts, _) = request.into_parts();
+            let again = Request::from_parts(parts.clone(), axum::body::Body::empty());
+            return match forward_to(
+                &front.node,
+                &front.client,
+                &url,
+                Request::from_parts(parts, axum::body::Body::empty()),
+            )
+            .await
+            {
+                Ok(response) => response,
+                Err(e) if e.is_connect() => {
+                    from_copy(&front, again, "the node owning the profile's partition cannot be reached").await
+                }
+                Err(e) => {
+                    tracing::warn!(%node, "forwarding to the profile's owner: {e}");
+                    unavailable("the profile's owner could not be reached; retry")
+                }
+            };
+        }
+    }
+    to_engine(&front, request, None).await
+}
+
+/// Has this node's engine answer a read of a profile another node owns, from this node's copy.
+async fn from_copy(front: &Front, request: Request, reason: &'static str) -> Response {
+    to_engine(front, request, Some(reason)).await
+}
+
+/// Has this node's engine answer `request`; `copy`: why it answers a profile it does not own.
+async fn to_engine(front: &Front, request: Request, copy: Option<&'static str>) -> Response {
+    let request = with_client_address(front, request);
+    let mut response = tower::ServiceExt::oneshot(front.engine.clone(), request).await.unwrap_or_else(|e| match e {});
+    let headers = response.headers_mut();
+    match copy {
+        Some(reason) => {
+            headers.insert(HeaderName::from_static(ANSWERED_FROM_HEADER), HeaderValue::from_static("copy"));
+            headers.insert(HeaderName::from_static(COPY_REASON_HEADER), HeaderValue::from_static(reason));
+        }
+        None => {
+            headers.insert(HeaderName::from_static(ANSWERED_FROM_HEADER), HeaderValue::from_static("engine"));
+        }
+    }
+    if let Ok(node) = HeaderValue::from_str(&front.node) {
+        headers.insert(HeaderName::from_static(NODE_HEADER), node);
+    }
+    response
+}
+
+/// As the whole placement's: a request a node forwarded is seen as from the client it names.
+fn with_client_address(front: &Front, mut request: Request) -> Request {
+    let claimed = request.headers_mut().remove(CLIENT_HEADER);
+    let Some(&ConnectInfo(peer)) = request.extensions().get::<ConnectInfo<SocketAddr>>() else { return request };
+    let client = claimed.and_then(|value| value.to_str().ok()?.parse::<IpAddr>().ok());
+    if let Some(client) = client
+        && front.placed.borrow().is_node(peer.ip())
+    {
+        request.extensions_mut().insert(ConnectInfo(SocketAddr::new(client, 0)));
+    }
+    request
+}

@@ -1674,10 +1674,14 @@ impl Worker {
         let merges =
             merges.into_iter().map(|(job, _, m)| (job, worker_of(&m.survivor, self.partitions), Work::Merge(m)));
         let forwards = pending.forwards.drain(..).map(|(job, to, events)| (Some(job), to, Work::Events(events)));
+        // A record applied again (alone in its batch) waits for the claims it overtook to be
+        // given up: the records after it find the profiles as they were left (independent
+        // records applied side by side claim an id in another order than first written).
+        let overtaking = self.replaying.map(|_| 0);
         let overtaken = pending
             .overtaken
             .drain(..)
-            .map(|o| (None, worker_of(&o.claim.profile_id, self.partitions), Work::Overtaken(o)));
+            .map(|o| (overtaking, worker_of(&o.claim.profile_id, self.partitions), Work::Overtaken(o)));
         // Events a replayed record forwards are applied as part of it, at its time.
         let replay = self.replaying.map(|r| ReplayOf { handed: true, ..r });
         for (job, to, work) in merges.collect::<Vec<_>>().into_iter().chain(forwards).chain(overtaken) {

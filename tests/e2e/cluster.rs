@@ -690,8 +690,8 @@ async fn owned(server: &Server) -> BTreeSet<u64> {
     view["owned"].as_array().into_iter().flatten().filter_map(|p| p.as_u64()).collect()
 }
 
-fn purchase(visitor: &str) -> serde_json::Value {
-    json!({ "event": "purchase", "visitor_id": visitor, "data": { "order_total": 1 } })
+fn purchase(visitor: &str, id: &str) -> serde_json::Value {
+    json!({ "event": "purchase", "visitor_id": visitor, "id": id, "data": { "order_total": 1 } })
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -749,7 +749,7 @@ async fn partitions_spread_over_the_nodes_stitch_across_them_and_move_when_a_nod
                     let (status, body) = post_json(&events, &login).await;
                     assert_eq!(status, 202, "{body}");
                 }
-                let (status, body) = post_json(&events, &purchase(&device)).await;
+                let (status, body) = post_json(&events, &purchase(&device, &format!("c{i}-{n}"))).await;
                 assert_eq!(status, 202, "{body}");
             }
         }));
@@ -775,8 +775,15 @@ async fn partitions_spread_over_the_nodes_stitch_across_them_and_move_when_a_nod
                             .collect::<Vec<_>>()
                             .join("\n")
                     };
+                    let (_, export) = get_json(&format!("{}/v1/profiles/{device}/export", node.url)).await;
+                    let ids: BTreeSet<&str> =
+                        export["events"].as_array().into_iter().flatten().filter_map(|e| e["id"].as_str()).collect();
+                    let missing: Vec<String> = (0..4)
+                        .flat_map(|c| (0..PER_CLIENT).map(move |n| format!("c{c}-{n}")))
+                        .filter(|id| !ids.contains(id.as_str()))
+                        .collect();
                     panic!(
-                        "not every purchase in {device} through {}: {p}\na:\n{}\nb:\n{}",
+                        "not every purchase in {device} through {}: missing {missing:?}: {p}\na:\n{}\nb:\n{}",
                         node.url,
                         trouble(&a),
                         trouble(&b)

@@ -191,7 +191,10 @@ impl Taker {
     pub async fn catch_up(&self, partitions: Vec<Partition>) -> Result<usize, String> {
         let ingest = self.ingest.upgrade().ok_or("this node is stopping")?;
         let mut positions = self.positions.lock().await;
-        apply_after(&ingest, &mut positions, partitions).await
+        let applied = apply_after(&ingest, &mut positions, partitions).await?;
+        // Written, with the merges they handed over (to send those not yet applied).
+        ingest.materialize().await.map_err(|e| e.to_string())?;
+        Ok(applied)
     }
 }
 

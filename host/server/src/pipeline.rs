@@ -705,7 +705,7 @@ impl Ingest {
     /// some with the new one, come out as they first did.
     pub async fn apply_records(&self, entries: &[Entry]) -> Result<(), IngestError> {
         self.materialized.replaying.store(true, Ordering::SeqCst);
-        let applied = self.apply_logged(entries).await;
+        let applied = self.apply_logged(entries, false).await;
         self.materialized.replaying.store(false, Ordering::SeqCst);
         applied
     }
@@ -714,12 +714,13 @@ impl Ingest {
     /// [`Ingest::apply_records`] does, while the owned partitions go on live: merges the records
     /// hand to owned partitions are applied live, and logged.
     pub async fn follow(&self, entries: &[Entry]) -> Result<(), IngestError> {
-        self.apply_logged(entries).await
+        self.apply_logged(entries, true).await
     }
 
-    async fn apply_logged(&self, entries: &[Entry]) -> Result<(), IngestError> {
+    /// `live`: the owned partitions go on live meanwhile.
+    async fn apply_logged(&self, entries: &[Entry], live: bool) -> Result<(), IngestError> {
         let starting = (self.config.model(), self.config.active());
-        let applied = self.apply_in_order(entries).await;
+        let applied = self.apply_in_order(entries, live).await;
         if !Arc::ptr_eq(&self.config.model(), &starting.0) {
             self.config.swap(starting.0, starting.1);
         }
@@ -728,7 +729,7 @@ impl Ingest {
 
     /// Workers take the configuration at each record, so the loop waits for the records queued
     /// before switching.
-    async fn apply_in_order(&self, entries: &[Entry]) -> Result<(), IngestError> {
+    async fn apply_in_order(&self, entries: &[Entry], live: bool) -> Result<(), IngestError> {
         let n = self.partitions.len();
         // A worker applies the records queued to it in order, without waiting for this loop in
         // between. Before a record of another worker, the loop waits for what is queued (and
@@ -762,6 +763,13 @@ impl Ingest {
                 self.config.swap(model, active);
             }
             let worker = entry.partition as usize % n;
+            // Another node's merge may absorb a profile this node applies live: its worker
+            // writes what it holds first (the record that handed the merge on may be this
+            // node's own, still in memory), as a live merge waits for the absorbed side's commit.
+            if live && matches!(work, Work::Merge(_)) {
+                queued.wait().await?;
+                self.queue((0..n).map(|_| Some(Work::Materialize)).collect(), false).await?;
+            }
             let waits_for = if stamp.independent { &queued.dependent_to } else { &queued.to };
             if waits_for.iter().any(|w| *w != worker) {
                 queued.wait().await?;

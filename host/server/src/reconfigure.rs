@@ -150,6 +150,8 @@ pub async fn apply(state: &AppState, source: String, how: &'static str) -> Resul
 /// Server settings (`[server]`) take effect at the next start: a running server keeps its own.
 fn keep_server_settings(old: &Model, new: &mut Model) {
     new.server = old.server.clone();
+    // A node's place in a cluster is its own, whichever node's file the change came from.
+    new.cluster = old.cluster.clone();
     new.audience_size_interval_ms = old.audience_size_interval_ms;
     new.header_timeout_ms = old.header_timeout_ms;
     new.body_timeout_ms = old.body_timeout_ms;

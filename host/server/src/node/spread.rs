@@ -294,9 +294,14 @@ pub(super) async fn serve(
                 Err(e) => tracing::warn!(partitions = ?gaining, "taking partitions: {e}"),
             }
         }
+        // The owner of partition 0 publishes the configuration; the others run what it
+        // published (a change made through any node is made on that one).
         if held.contains(&0) {
             publish_config(&engine, ownership.cluster(), &mut published).await;
+        } else {
+            adopt_published(&engine, ownership.cluster(), placed_rx.borrow().shared_config).await;
         }
+        ownership.cluster().set_running_config(engine.state.config.active().version);
         // Events handed to the owned partitions while no node owned them.
         if applying.as_ref().is_none_or(|task| task.is_finished()) && !owned.is_none() {
             applying = Some(tokio::spawn(apply_intake(front.ingest.clone(), intake.clone(), owned.partitions())));
@@ -324,6 +329,34 @@ pub(super) async fn serve(
         tracing::warn!("leaving the cluster: {e}");
     }
     Ok(())
+}
+
+/// Applies the configuration the owner of partition 0 published, if it is not the one this node
+/// runs.
+async fn adopt_published(engine: &App, cluster: &starling_cluster::Cluster, published: Option<i64>) {
+    let active = engine.state.config.active();
+    if published.is_none_or(|version| version == active.version) {
+        return;
+    }
+    let shared = match cluster.shared_config().await {
+        Ok(Some(shared)) if shared.sha256 != active.sha256 => shared,
+        Ok(_) => return,
+        Err(e) => {
+            tracing::warn!("reading the published configuration: {e}");
+            return;
+        }
+    };
+    match crate::reconfigure::apply(&engine.state, shared.text, "cluster").await {
+        Ok(applied) => tracing::info!(
+            version = applied.version,
+            published = shared.version,
+            "running the configuration the cluster published"
+        ),
+        Err(e) => tracing::error!(
+            published = shared.version,
+            "the configuration the cluster published does not apply here: {e}"
+        ),
+    }
 }
 
 /// Fences `partitions` (just taken) off from their former owners and applies what they hold
@@ -452,9 +485,6 @@ async fn run_rounds(
                 .unwrap_or(previous.shared_config),
             stream_leader: stream.leader().await.unwrap_or_default(),
         };
-        if let Some(version) = next.shared_config {
-            cluster.set_running_config(version);
-        }
         placed.send_if_modified(|p| {
             let changed = *p != next;
             *p = next;
@@ -522,6 +552,16 @@ fn addressed_profile(request: &Request) -> Option<String> {
 /// engine (whose copy holds every partition).
 async fn answer(State(front): State<Arc<Front>>, request: Request) -> Response {
     let forwarded = request.headers().contains_key(FORWARDED_HEADER);
+    // A configuration change is made by the owner of partition 0, which publishes it.
+    if !forwarded && request.method() == Method::PUT && request.uri().path() == "/v1/config" {
+        let coordinator = front.placed.borrow().owner_url(&front.node, 0);
+        if let Some((node, url)) = coordinator {
+            return forward_to(&front.node, &front.client, &url, request).await.unwrap_or_else(|e| {
+                tracing::warn!(%node, "forwarding a configuration change: {e}");
+                unavailable("the node that changes the cluster's configuration could not be reached; retry")
+            });
+        }
+    }
     if let Some(id) = addressed_profile(&request).filter(|_| !forwarded) {
         let partition = starling_log::partition_of(&front.ingest.profile_of(&id));
         if !front.owned.owns(partition) {

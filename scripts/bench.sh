@@ -12,6 +12,8 @@
 #   scripts/bench.sh cluster         # embedded log vs JetStream vs through a standby; failover
 #                                    # (SNAPSHOT_EVERY=60s: the nodes' snapshot interval, default 10s)
 #   STARLING=path/to/starling scripts/bench.sh cluster   # the same with another build, for a comparison
+#   scripts/bench.sh spread          # one node owning every partition vs two nodes sharing
+#                                    # them, the load split over both (fresh NATS servers each)
 #   RUST_LOG=info,starling_server::node=debug scripts/bench.sh catchup   # a standby following a
 #                                    # stream of EVENTS events from its start, the machine idle
 set -euo pipefail
@@ -104,7 +106,7 @@ EOF
 # Node `$1` of the cluster, listening on port `$2` (lease 3 s, a snapshot every SNAPSHOT_EVERY).
 node() {
     mkdir -p "target/bench/node-$1"
-    variant '' "$(printf '[cluster]\nnats = ["nats://127.0.0.1:14220", "nats://127.0.0.1:14221", "nats://127.0.0.1:14222"]\nnode = "%s"\nlease = "3s"\nsnapshot_every = "%s"' "$1" "${SNAPSHOT_EVERY:-10s}")" > /dev/null
+    variant '' "$(printf '[cluster]\nnats = ["nats://127.0.0.1:14220", "nats://127.0.0.1:14221", "nats://127.0.0.1:14222"]\nnode = "%s"\nlease = "3s"\nsnapshot_every = "%s"\nplacement = "%s"' "$1" "${SNAPSHOT_EVERY:-10s}" "${PLACEMENT:-whole}")" > /dev/null
     cp target/bench/variant.toml "target/bench/node-$1/starling.toml"
     $starling serve --config "target/bench/node-$1/starling.toml" --database "target/bench/node-$1/starling.db" \
         --plugins target/bench-plugins --listen "127.0.0.1:$2" >> "target/bench/node-$1.log" 2>&1 &
@@ -273,6 +275,43 @@ cluster)
     grep -E 'restored|replayed|owns every|outcomes taken|taken in' target/bench/node-b.log | tail -5
     load --server http://127.0.0.1:8081 --prefix failover --verify-only | grep -A10 verified
     echo "stream, buckets and snapshots on disk, three servers: $(du -sb "$dir" | cut -f1) bytes"
+    kill "${nodes[@]}" 2>/dev/null || true
+    ;;
+spread)
+    # Placed whole, one node applies every event; spread, each of two nodes applies its share
+    # live and follows the other's (docs/cluster.md): the same load, split over both.
+    start_cluster
+    node a 8080
+    serving 8080
+    echo "== one node on JetStream owning every partition"
+    load --prefix whole
+    kill "${nodes[@]}" "${nats_pids[@]}" 2>/dev/null || true
+    wait "${nodes[@]}" "${nats_pids[@]}" 2>/dev/null || true
+    start_cluster
+    # How many partitions the node on port `$1` owns.
+    owned() {
+        curl -sf "localhost:$1/v1/cluster" | python3 -c 'import json, sys; print(len(json.load(sys.stdin).get("owned", [])))' 2> /dev/null || echo 0
+    }
+    PLACEMENT=spread node a 8080
+    until [[ $(owned 8080) -eq 64 ]]; do sleep 0.1; done
+    PLACEMENT=spread node b 8081
+    until [[ $(owned 8080) -eq 32 && $(owned 8081) -eq 32 ]]; do sleep 0.1; done
+    echo "== two nodes, the partitions spread, half the load through each"
+    started=$(date +%s.%N)
+    $starling loadgen --server http://127.0.0.1:8080 --people "$people" --events "$(( events / 2 ))" --batch 500 \
+        --connections 4 --prefix spread-a > target/bench/spread-a.log 2>&1 &
+    through_a=$!
+    $starling loadgen --server http://127.0.0.1:8081 --people "$people" --events "$(( events / 2 ))" --batch 500 \
+        --connections 4 --prefix spread-b > target/bench/spread-b.log 2>&1 &
+    through_b=$!
+    wait $through_a $through_b
+    elapsed=$(awk "BEGIN { print $(date +%s.%N) - $started }")
+    grep applied target/bench/spread-a.log target/bench/spread-b.log
+    echo "both loads applied in $elapsed s: $(awk "BEGIN { printf \"%.0f\", $events / $elapsed }") events/s together"
+    for prefix in spread-a spread-b; do
+        $starling loadgen --server http://127.0.0.1:8080 --people "$people" --events "$(( events / 2 ))" \
+            --prefix $prefix --verify-only | grep verified
+    done
     kill "${nodes[@]}" 2>/dev/null || true
     ;;
 catchup)

@@ -88,12 +88,12 @@ fn mask(partitions: impl IntoIterator<Item = Partition>) -> u64 {
 /// them once it has followed the log through `after` (the records that sent them there, a
 /// merge among them, are then applied on it too).
 pub trait Elsewhere: Send + Sync {
-    /// Hands on `events` for profiles of `partition`; resolves once they are durable where they
-    /// went (answered as an ingestion is).
+    /// Hands on `events`, each for a profile of the partition it is paired with; resolves once
+    /// they are durable where they went (answered as an ingestion is). `after`: 0 when they
+    /// need not wait for any record.
     fn hand(
         &self,
-        partition: Partition,
-        events: Vec<Event>,
+        events: Vec<(Partition, Event)>,
         after: Position,
     ) -> BoxFuture<'static, Result<HandedReport, String>>;
 }
@@ -105,8 +105,9 @@ pub struct HandedReport {
     pub duplicates: usize,
 }
 
-/// How often a node applies what the other nodes wrote.
-const FOLLOW_EVERY: Duration = Duration::from_millis(50);
+/// How often a node applies what the other nodes wrote (each round reads every partition it
+/// follows from the log: more often costs the log's servers more than it saves).
+const FOLLOW_EVERY: Duration = Duration::from_millis(100);
 /// How long events handed to this node wait for it to follow the records before them.
 const FOLLOW_WAIT: Duration = Duration::from_secs(10);
 

@@ -766,9 +766,14 @@ impl Ingest {
             // Another node's merge may absorb a profile this node applies live: its worker
             // writes what it holds first (the record that handed the merge on may be this
             // node's own, still in memory), as a live merge waits for the absorbed side's commit.
-            if live && matches!(work, Work::Merge(_)) {
+            if live
+                && let Work::Merge(merge) = &work
+                && self.owned.owns_profile(&merge.absorbed)
+            {
                 queued.wait().await?;
-                self.queue((0..n).map(|_| Some(Work::Materialize)).collect(), false).await?;
+                let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
+                jobs[worker_of(&merge.absorbed, n)] = Some(Work::Materialize);
+                self.queue(jobs, false).await?;
             }
             let waits_for = if stamp.independent { &queued.dependent_to } else { &queued.to };
             if waits_for.iter().any(|w| *w != worker) {
@@ -1279,9 +1284,10 @@ struct Pending {
     merges: Vec<(Option<usize>, Cause, MergeRequest)>,
     /// Events for profiles other partitions own, per job and partition.
     forwards: Vec<(usize, usize, Vec<Event>)>,
-    /// Events for profiles of partitions another node owns, per job and partition: handed to
-    /// it after the batch is logged.
-    elsewhere: Vec<(usize, Partition, Event)>,
+    /// Events for profiles of partitions another node owns, per job, with the partition and
+    /// whether the directory moved the event's id to another profile: handed on after the batch
+    /// is logged.
+    elsewhere: Vec<(usize, Partition, bool, Event)>,
     /// Claims of other partitions' profiles that claims of this partition overtook, sent
     /// after they are written.
     overtaken: Vec<Overtaken>,
@@ -1707,18 +1713,21 @@ impl Worker {
         if !pending.elsewhere.is_empty()
             && let Some(elsewhere) = &self.shared.elsewhere
         {
-            // The receiving node applies them after this batch's records, which it follows.
-            let after = self.shared.log.next_position().saturating_sub(1);
-            let mut handed: Vec<(usize, Partition, Vec<Event>)> = Vec::new();
-            for (job, partition, event) in pending.elsewhere.drain(..) {
-                match handed.iter_mut().find(|(j, p, _)| *j == job && *p == partition) {
-                    Some((_, _, events)) => events.push(event),
-                    None => handed.push((job, partition, vec![event])),
+            // An event whose id the directory moved to another profile (a merge in a record
+            // the receiving node may not have followed yet) is applied there after this
+            // batch's records; any other, at once (its id names its own profile everywhere).
+            let logged = self.shared.log.next_position().saturating_sub(1);
+            let mut handed: Vec<(usize, Position, Vec<(Partition, Event)>)> = Vec::new();
+            for (job, partition, moved, event) in pending.elsewhere.drain(..) {
+                let after = if moved { logged } else { 0 };
+                match handed.iter_mut().find(|(j, a, _)| *j == job && *a == after) {
+                    Some((_, _, events)) => events.push((partition, event)),
+                    None => handed.push((job, after, vec![(partition, event)])),
                 }
             }
-            for (job, partition, events) in handed {
+            for (job, after, events) in handed {
                 let (reply, answer) = oneshot::channel();
-                let handing = elsewhere.hand(partition, events, after);
+                let handing = elsewhere.hand(events, after);
                 self.shared.runtime.spawn(async move {
                     let answered = handing.await.map(|handed| Reply {
                         report: IngestReport { accepted: handed.accepted, duplicates: handed.duplicates },
@@ -1787,7 +1796,8 @@ impl Worker {
                             && self.shared.elsewhere.is_some()
                             && !self.shared.owned.owns_profile(&pid)
                         {
-                            p.elsewhere.push((j, starling_log::partition_of(&pid), event.clone()));
+                            let moved = pid != event.visitor_id;
+                            p.elsewhere.push((j, starling_log::partition_of(&pid), moved, event.clone()));
                             continue;
                         }
                         let owner = worker_of(&pid, self.partitions);

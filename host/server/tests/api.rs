@@ -863,14 +863,13 @@ struct Peer(std::sync::OnceLock<starling_server::owned::Taker>);
 impl starling_server::owned::Elsewhere for Peer {
     fn hand(
         &self,
-        _partition: u16,
-        events: Vec<starling_core::Event>,
+        events: Vec<(u16, starling_core::Event)>,
         after: u64,
     ) -> futures_util::future::BoxFuture<'static, Result<starling_server::owned::HandedReport, String>> {
         let taker = self.0.get().cloned();
         Box::pin(async move {
             let taker = taker.ok_or("the other node is not up")?;
-            let report = taker.take(events, after).await?;
+            let report = taker.take(events.into_iter().map(|(_, e)| e).collect(), after).await?;
             Ok(starling_server::owned::HandedReport { accepted: report.accepted, duplicates: report.duplicates })
         })
     }

@@ -89,25 +89,42 @@ struct Handed {
 impl Elsewhere for Handing {
     fn hand(
         &self,
-        partition: Partition,
-        events: Vec<Event>,
+        events: Vec<(Partition, Event)>,
         after: Position,
     ) -> BoxFuture<'static, Result<HandedReport, String>> {
-        let owner = self.placed.borrow().owner_url(&self.node, partition);
+        // One request per owner; events of a partition no other node owns now (a failover, a
+        // rebalance under way, or this node taking it) wait in the intake for its next owner.
+        let mut by_owner: BTreeMap<Option<(String, String)>, Vec<(Partition, Event)>> = BTreeMap::new();
+        {
+            let placed = self.placed.borrow();
+            for (partition, event) in events {
+                by_owner.entry(placed.owner_url(&self.node, partition)).or_default().push((partition, event));
+            }
+        }
         let (node, client, intake) = (self.node.clone(), self.client.clone(), self.intake.clone());
         Box::pin(async move {
-            if let Some((owner, url)) = owner {
-                match send_handed(&node, &client, &url, &Handed { after, events: events.clone() }).await {
-                    Ok(report) => return Ok(report),
-                    Err(Unsent::Unreachable(e)) => {
-                        tracing::debug!(%owner, "the owner cannot be reached ({e}); the events wait in the intake");
+            let mut report = HandedReport::default();
+            for (owner, events) in by_owner {
+                let taken = match owner {
+                    Some((owner, url)) => {
+                        let handed = Handed { after, events: events.iter().map(|(_, e)| e.clone()).collect() };
+                        match send_handed(&node, &client, &url, &handed).await {
+                            Ok(taken) => taken,
+                            Err(Unsent::Unreachable(e)) => {
+                                tracing::debug!(%owner, "the owner cannot be reached ({e}); the events wait in the intake");
+                                into_intake(&node, &intake, events).await?
+                            }
+                            Err(Unsent::Refused(e)) => {
+                                return Err(format!("node `{owner}` did not take the events: {e}"));
+                            }
+                        }
                     }
-                    Err(Unsent::Refused(e)) => return Err(format!("node `{owner}` did not take the events: {e}")),
-                }
+                    None => into_intake(&node, &intake, events).await?,
+                };
+                report.accepted += taken.accepted;
+                report.duplicates += taken.duplicates;
             }
-            // No node owns the partition now (a failover, a rebalance under way, or this node
-            // taking it): its next owner applies the intake before it serves it.
-            into_intake(&node, &intake, partition, events).await
+            Ok(report)
         })
     }
 }
@@ -142,14 +159,9 @@ async fn send_handed(node: &str, client: &Client, url: &str, handed: &Handed) ->
     Ok(HandedReport { accepted: count("accepted"), duplicates: count("duplicates") })
 }
 
-async fn into_intake(
-    node: &str,
-    intake: &Intake,
-    partition: Partition,
-    events: Vec<Event>,
-) -> Result<HandedReport, String> {
+async fn into_intake(node: &str, intake: &Intake, events: Vec<(Partition, Event)>) -> Result<HandedReport, String> {
     let mut report = HandedReport::default();
-    for mut event in events {
+    for (partition, mut event) in events {
         let id = crate::intake::intake_id(node, &mut event);
         let payload = Bytes::from(serde_json::to_vec(&event).expect("an event serializes"));
         match intake.publish(partition, &id, payload).await {

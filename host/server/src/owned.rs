@@ -87,15 +87,14 @@ fn mask(partitions: impl IntoIterator<Item = Partition>) -> u64 {
 /// Where events for profiles of partitions another node owns go: to that node, which applies
 /// them once it has followed the log through `after` (the records that sent them there, a
 /// merge among them, are then applied on it too).
+/// Events, each with the partition of the profile it is for.
+pub type PartitionedEvents = Vec<(Partition, Event)>;
+
 pub trait Elsewhere: Send + Sync {
     /// Hands on `events`, each for a profile of the partition it is paired with; resolves once
     /// they are durable where they went (answered as an ingestion is). `after`: 0 when they
     /// need not wait for any record.
-    fn hand(
-        &self,
-        events: Vec<(Partition, Event)>,
-        after: Position,
-    ) -> BoxFuture<'static, Result<HandedReport, String>>;
+    fn hand(&self, events: PartitionedEvents, after: Position) -> BoxFuture<'static, Result<HandedReport, String>>;
 }
 
 /// What the node events were handed to answered.

@@ -16,7 +16,7 @@
 //! merge; events for the absorbed profile still queued on it are forwarded behind the merge.
 
 use crate::logging::pseudonym;
-use crate::owned::{Elsewhere, Owned};
+use crate::owned::{Elsewhere, Owned, PartitionedEvents};
 use crate::telemetry::{Telemetry, Written};
 use sha2::{Digest, Sha256};
 use starling_core::engine::rebuild;
@@ -1717,7 +1717,7 @@ impl Worker {
             // the receiving node may not have followed yet) is applied there after this
             // batch's records; any other, at once (its id names its own profile everywhere).
             let logged = self.shared.log.next_position().saturating_sub(1);
-            let mut handed: Vec<(usize, Position, Vec<(Partition, Event)>)> = Vec::new();
+            let mut handed: Vec<(usize, Position, PartitionedEvents)> = Vec::new();
             for (job, partition, moved, event) in pending.elsewhere.drain(..) {
                 let after = if moved { logged } else { 0 };
                 match handed.iter_mut().find(|(j, a, _)| *j == job && *a == after) {

@@ -20,7 +20,7 @@ use super::{
 };
 use crate::copy::{ANSWERED_FROM_HEADER, COPY_REASON_HEADER};
 use crate::delivery::Outcomes;
-use crate::owned::{Elsewhere, HandedReport, Owned, Taker};
+use crate::owned::{Elsewhere, HandedReport, Owned, PartitionedEvents, Taker};
 use crate::{App, Options, ServerError, Spread, http};
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
@@ -87,14 +87,10 @@ struct Handed {
 }
 
 impl Elsewhere for Handing {
-    fn hand(
-        &self,
-        events: Vec<(Partition, Event)>,
-        after: Position,
-    ) -> BoxFuture<'static, Result<HandedReport, String>> {
+    fn hand(&self, events: PartitionedEvents, after: Position) -> BoxFuture<'static, Result<HandedReport, String>> {
         // One request per owner; events of a partition no other node owns now (a failover, a
         // rebalance under way, or this node taking it) wait in the intake for its next owner.
-        let mut by_owner: BTreeMap<Option<(String, String)>, Vec<(Partition, Event)>> = BTreeMap::new();
+        let mut by_owner: BTreeMap<Option<(String, String)>, PartitionedEvents> = BTreeMap::new();
         {
             let placed = self.placed.borrow();
             for (partition, event) in events {
@@ -159,7 +155,7 @@ async fn send_handed(node: &str, client: &Client, url: &str, handed: &Handed) ->
     Ok(HandedReport { accepted: count("accepted"), duplicates: count("duplicates") })
 }
 
-async fn into_intake(node: &str, intake: &Intake, events: Vec<(Partition, Event)>) -> Result<HandedReport, String> {
+async fn into_intake(node: &str, intake: &Intake, events: PartitionedEvents) -> Result<HandedReport, String> {
     let mut report = HandedReport::default();
     for (partition, mut event) in events {
         let id = crate::intake::intake_id(node, &mut event);

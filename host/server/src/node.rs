@@ -97,6 +97,37 @@ struct Joined {
     intake: Arc<Intake>,
 }
 
+/// This node's settings in the cluster, placing partitions by `placement`; other nodes reach it
+/// at the advertised URL, or at the address it listens on.
+fn settings_of(settings: &starling_core::model::ClusterSettings, addr: SocketAddr, placement: Placement) -> Settings {
+    Settings {
+        node: settings.node.clone(),
+        lease: Duration::from_millis(settings.lease_ms as u64),
+        replicas: settings.replicas,
+        url: Some(settings.advertise.clone().unwrap_or_else(|| format!("http://{addr}"))),
+        placement,
+    }
+}
+
+/// Joins the cluster at `urls`, trying again while NATS is still starting or electing its
+/// JetStream leader; `None` if `shutdown` resolves first.
+async fn join_when_ready<F: Future<Output = ()>>(
+    urls: &[String],
+    settings: &Settings,
+    shutdown: &mut std::pin::Pin<&mut F>,
+) -> Option<Joined> {
+    loop {
+        match join(urls, settings.clone()).await {
+            Ok(joined) => return Some(joined),
+            Err(e) => tracing::warn!("the cluster cannot be joined yet ({e}); trying again"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(JOIN_RETRY) => {}
+            _ = shutdown.as_mut() => return None,
+        }
+    }
+}
+
 /// Connects to the NATS servers and opens the streams and the snapshot store.
 async fn join(urls: &[String], settings: Settings) -> Result<Joined, starling_cluster::ClusterError> {
     let cluster = Cluster::connect(urls, settings).await?;
@@ -119,26 +150,13 @@ pub async fn serve(
         return spread::serve(options, listener, shutdown).await;
     }
     let addr = listener.local_addr()?;
-    let url = settings.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
-    let lease = Duration::from_millis(settings.lease_ms as u64);
-    let node_settings = Settings {
-        node: settings.node.clone(),
-        lease,
-        replicas: settings.replicas,
-        url: Some(url.clone()),
-        placement: Placement::Whole,
-    };
+    let node_settings = settings_of(&settings, addr, Placement::Whole);
+    let (url, lease) = (node_settings.url.clone().unwrap_or_default(), node_settings.lease);
     let mut shutdown = std::pin::pin!(shutdown);
-    // NATS may still be starting, or electing its JetStream leader: the node waits for it.
-    let Joined { cluster, stream, snapshots, outcomes: outcome_stream, intake } = loop {
-        match join(&settings.nats, node_settings.clone()).await {
-            Ok(joined) => break joined,
-            Err(e) => tracing::warn!("the cluster cannot be joined yet ({e}); trying again"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(JOIN_RETRY) => {}
-            _ = &mut shutdown => return Ok(()),
-        }
+    let Some(Joined { cluster, stream, snapshots, outcomes: outcome_stream, intake }) =
+        join_when_ready(&settings.nats, &node_settings, &mut shutdown).await
+    else {
+        return Ok(());
     };
     let ownership = Arc::new(Ownership::new(cluster));
     let log = Arc::new(JetStreamLog::new(stream.clone(), ownership.clone(), tokio::runtime::Handle::current()));

@@ -15,8 +15,8 @@
 //! copies' rows alike, so that a new owner delivers only what was left pending.
 
 use super::{
-    CLIENT_HEADER, FORWARDED_HEADER, JOIN_RETRY, Joined, NODE_HEADER, OUTCOME_WAIT, OUTCOMES_WAITING, forward_to, join,
-    pass_on_outcomes, prepare, publish_config, publish_outcomes, take_snapshots, unavailable,
+    CLIENT_HEADER, FORWARDED_HEADER, Joined, NODE_HEADER, OUTCOME_WAIT, OUTCOMES_WAITING, forward_to, join_when_ready,
+    pass_on_outcomes, prepare, publish_config, publish_outcomes, settings_of, take_snapshots, unavailable,
 };
 use crate::copy::{ANSWERED_FROM_HEADER, COPY_REASON_HEADER};
 use crate::delivery::Outcomes;
@@ -31,7 +31,7 @@ use futures_util::future::BoxFuture;
 use starling_cluster::intake::Intake;
 use starling_cluster::log::JetStreamLog;
 use starling_cluster::outcomes::OutcomeStream;
-use starling_cluster::{Ownership, Peer, Placement, Settings};
+use starling_cluster::{Ownership, Peer, Placement};
 use starling_core::Event;
 use starling_log::{Partition, Position};
 use starling_store::outcomes::{Outcome, Taken};
@@ -187,25 +187,13 @@ pub(super) async fn serve(
 ) -> Result<(), ServerError> {
     let settings = options.model.cluster.clone().expect("a cluster node has [cluster] settings");
     let addr = listener.local_addr()?;
-    let url = settings.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
-    let lease = Duration::from_millis(settings.lease_ms as u64);
-    let node_settings = Settings {
-        node: settings.node.clone(),
-        lease,
-        replicas: settings.replicas,
-        url: Some(url.clone()),
-        placement: Placement::Spread,
-    };
+    let node_settings = settings_of(&settings, addr, Placement::Spread);
+    let (url, lease) = (node_settings.url.clone().unwrap_or_default(), node_settings.lease);
     let mut shutdown = std::pin::pin!(shutdown);
-    let Joined { cluster, stream, snapshots, outcomes: outcome_stream, intake } = loop {
-        match join(&settings.nats, node_settings.clone()).await {
-            Ok(joined) => break joined,
-            Err(e) => tracing::warn!("the cluster cannot be joined yet ({e}); trying again"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(JOIN_RETRY) => {}
-            _ = &mut shutdown => return Ok(()),
-        }
+    let Some(Joined { cluster, stream, snapshots, outcomes: outcome_stream, intake }) =
+        join_when_ready(&settings.nats, &node_settings, &mut shutdown).await
+    else {
+        return Ok(());
     };
     let ownership = Arc::new(Ownership::new(cluster));
     let log = Arc::new(JetStreamLog::new(stream.clone(), ownership.clone(), tokio::runtime::Handle::current()));

@@ -1,8 +1,9 @@
 //! A server as one node of a cluster on NATS JetStream (`[cluster]` in the configuration).
 //!
 //! The event log is the cluster's replicated stream ([`JetStreamLog`]); the virtual
-//! partitions' leases say which node writes it. Partitions are placed whole
-//! ([`Placement::Whole`]): one node holds every lease and runs the engine, the others stand by.
+//! partitions' leases say which node writes it. By default partitions are placed whole
+//! ([`Placement::Whole`]): one node holds every lease and runs the engine, the others stand by
+//! (below). Spread over the live nodes, each node runs the engine on its share (`node::spread`).
 //! Every node answers the whole HTTP API: a standby forwards each request to the owner it reads
 //! from the leases (`X-Starling-Node` on every answer names the node whose engine answered), so
 //! that reads see exactly what the owner applied, not a copy that may lag. When the owner dies

@@ -60,10 +60,6 @@ impl Owned {
         self.0.fetch_and(!(1 << partition), Ordering::SeqCst);
     }
 
-    pub fn set(&self, partitions: impl IntoIterator<Item = Partition>) {
-        self.0.store(mask(partitions), Ordering::SeqCst);
-    }
-
     /// One bit per partition owned.
     pub fn bits(&self) -> u64 {
         self.0.load(Ordering::SeqCst)
@@ -209,7 +205,8 @@ mod tests {
         assert_eq!(owned.partitions(), vec![0, 5, 63]);
         assert_eq!(owned.others().len(), 61);
         assert!(Owned::all().is_all() && Owned::none().is_none() && !owned.is_none() && !owned.is_all());
-        owned.set(0..PARTITIONS);
-        assert!(owned.is_all());
+        owned.add(1);
+        owned.remove(5);
+        assert_eq!(owned.partitions(), vec![0, 1, 63]);
     }
 }

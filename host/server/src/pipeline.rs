@@ -2076,9 +2076,15 @@ impl Worker {
             }
         }
         // The merges this batch decided are named after the record that caused them, so a
-        // replay of it hands on nothing twice (those named already keep their names).
+        // replay of it hands on nothing twice (those named already keep their names). Events a
+        // replayed record handed here have no record of their own: theirs are named after it
+        // (unnamed, a merge for another node's partition would not be kept until applied).
+        let handed_by = self.replaying.filter(|r| r.handed).map(|r| r.position);
         for (_, cause, merge) in p.merges.iter_mut().filter(|(_, cause, _)| matches!(cause, Cause::Draft(_))) {
-            resolve(cause);
+            match handed_by {
+                Some(position) => *cause = Cause::Record(Some(position)),
+                None => resolve(cause),
+            }
             merge.origin = cause.position().map(|position| merge_origin(position, merge));
         }
         for ((_, partition, _), position) in p.drafts.iter().zip(&positions) {
@@ -3320,6 +3326,56 @@ mod tests {
         assert_eq!(merged.event_count, 7, "its own four, the two forwarded, and the visitor's login");
         assert!(restarted.profile(&visitor).is_none());
         restarted.stop();
+    }
+
+    /// Events a followed record hands to another worker (the follower moved their id since the
+    /// record was written) may stitch the profile they reach into one of another node's
+    /// partition: that merge is named after the record and kept until applied, as every merge
+    /// decided for another node's partition is (unnamed, it was lost when that node died before
+    /// deciding it too).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_merge_decided_by_events_a_followed_record_hands_on_is_kept_until_applied() {
+        let on = |w| (0..).map(|i| format!("visitor-{i}")).filter(move |id| worker_of(id, 2) == w);
+        let (claimer, moved) = (on(0).next().unwrap(), on(0).nth(1).unwrap());
+        let survivor = on(1).next().unwrap();
+        let login_as = |visitor: &str, n: i64, email: &str| {
+            let mut login = login(visitor, n);
+            login.data.insert("email_hash".into(), email.into());
+            login
+        };
+        let log = Arc::new(starling_log::MemoryLog::new());
+        let append = |profile: &str, events: &[Event]| {
+            let payload =
+                serde_json::to_vec(&LoggedRef::Events { now_ms: CLOCK_MS, events: events.iter().collect() }).unwrap();
+            log.append(&[(starling_log::partition_of(profile), &payload)]).unwrap()[0]
+        };
+        append(&claimer, &[event(&claimer, 0), login_as(&claimer, 1, "first")]);
+        append(&survivor, &[event(&survivor, 2), login_as(&survivor, 3, "second")]);
+        // The follower moves `moved` to `survivor` here (a merge for a partition it does not own).
+        append(&moved, &[event(&moved, 4), login_as(&moved, 5, "second")]);
+        // Written before its writer knew.
+        let login_position = append(&moved, &[login_as(&moved, 6, "first")]);
+
+        let follower = Running::with_config(STITCHING, 2, log.clone(), true);
+        let entries = follower.ingest.read_after(follower.ingest.stored_positions()).await.unwrap();
+        follower.ingest.follow(&entries).await.unwrap();
+        follower.ingest.materialize().await.unwrap();
+        assert_eq!(follower.profile(&survivor).unwrap().event_count, 3, "its own two and the login handed to it");
+        let conn = starling_store::open(&follower.database).unwrap();
+        let kept: Vec<MergeRequest> = starling_store::handed_over(&conn)
+            .unwrap()
+            .into_iter()
+            .map(|(_, request)| serde_json::from_str(&request).unwrap())
+            .collect();
+        let merged = |m: &MergeRequest| (m.survivor.clone(), m.absorbed.clone());
+        assert_eq!(
+            kept.iter().map(merged).collect::<Vec<_>>(),
+            [(survivor.clone(), moved.clone()), (claimer.clone(), survivor.clone())],
+            "{kept:?}"
+        );
+        let handed = MergeRequest { origin: None, ..kept[1].clone() };
+        assert_eq!(kept[1].origin, Some(merge_origin(login_position, &handed)));
+        follower.stop();
     }
 
     /// A configuration with a `views` attribute that nothing counts, and one counting `view`

@@ -2055,6 +2055,15 @@ impl Worker {
                 *cause = Cause::Record(positions.get(i).copied());
             }
         };
+        // Events a replayed record handed here have no record of their own: the claims and
+        // merges they decide are that record's (unplaced, a claim could not be overtaken, and a
+        // merge for another node's partition would not be kept until applied). Not their
+        // actions: the record's worker numbers its own under the record's position.
+        let handed_by = self.replaying.filter(|r| r.handed).map(|r| r.position);
+        let decided = |cause: &mut Cause| match handed_by {
+            Some(position) if matches!(cause, Cause::Draft(_)) => *cause = Cause::Record(Some(position)),
+            _ => resolve(cause),
+        };
         for write in &mut p.effects.writes[p.batch_start..] {
             match write {
                 Write::Event { event, .. } => {
@@ -2071,20 +2080,14 @@ impl Worker {
                     }
                     resolve(cause)
                 }
-                Write::Link { claim: Some(claim), .. } => resolve(&mut claim.cause),
+                Write::Link { claim: Some(claim), .. } => decided(&mut claim.cause),
                 _ => {}
             }
         }
         // The merges this batch decided are named after the record that caused them, so a
-        // replay of it hands on nothing twice (those named already keep their names). Events a
-        // replayed record handed here have no record of their own: theirs are named after it
-        // (unnamed, a merge for another node's partition would not be kept until applied).
-        let handed_by = self.replaying.filter(|r| r.handed).map(|r| r.position);
+        // replay of it hands on nothing twice (those named already keep their names).
         for (_, cause, merge) in p.merges.iter_mut().filter(|(_, cause, _)| matches!(cause, Cause::Draft(_))) {
-            match handed_by {
-                Some(position) => *cause = Cause::Record(Some(position)),
-                None => resolve(cause),
-            }
+            decided(cause);
             merge.origin = cause.position().map(|position| merge_origin(position, merge));
         }
         for ((_, partition, _), position) in p.drafts.iter().zip(&positions) {
@@ -3332,9 +3335,9 @@ mod tests {
     /// record was written) may stitch the profile they reach into one of another node's
     /// partition: that merge is named after the record and kept until applied, as every merge
     /// decided for another node's partition is (unnamed, it was lost when that node died before
-    /// deciding it too).
+    /// deciding it too); an id they claim is claimed at the record's position.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_merge_decided_by_events_a_followed_record_hands_on_is_kept_until_applied() {
+    async fn what_events_a_followed_record_hands_on_decide_is_the_records() {
         let on = |w| (0..).map(|i| format!("visitor-{i}")).filter(move |id| worker_of(id, 2) == w);
         let (claimer, moved) = (on(0).next().unwrap(), on(0).nth(1).unwrap());
         let survivor = on(1).next().unwrap();
@@ -3354,14 +3357,15 @@ mod tests {
         // The follower moves `moved` to `survivor` here (a merge for a partition it does not own).
         append(&moved, &[event(&moved, 4), login_as(&moved, 5, "second")]);
         // Written before its writer knew.
-        let login_position = append(&moved, &[login_as(&moved, 6, "first")]);
+        let login_position = append(&moved, &[login_as(&moved, 6, "third"), login_as(&moved, 7, "first")]);
 
         let follower = Running::with_config(STITCHING, 2, log.clone(), true);
         let entries = follower.ingest.read_after(follower.ingest.stored_positions()).await.unwrap();
         follower.ingest.follow(&entries).await.unwrap();
         follower.ingest.materialize().await.unwrap();
-        assert_eq!(follower.profile(&survivor).unwrap().event_count, 3, "its own two and the login handed to it");
+        assert_eq!(follower.profile(&survivor).unwrap().event_count, 4, "its own two and the logins handed to it");
         let conn = starling_store::open(&follower.database).unwrap();
+        assert_eq!(starling_store::claimed_at(&conn, "third").unwrap(), Some(login_position));
         let kept: Vec<MergeRequest> = starling_store::handed_over(&conn)
             .unwrap()
             .into_iter()

@@ -698,30 +698,50 @@ fn purchase(visitor: &str, id: &str) -> serde_json::Value {
     json!({ "event": "purchase", "visitor_id": visitor, "id": id, "data": { "order_total": 1 } })
 }
 
+/// Nodes `a` and `b` placing partitions spread: `a` starts and owns every partition, then `b`
+/// joins. (d) Half the partitions move to `b`, and none is owned by both nodes at any moment
+/// (the node receiving them is asked first: a partition moving between the two questions is
+/// seen by neither, never by both).
+async fn spread_pair(dir: &Path, nats: &LocalNats, receiver: &Receiver) -> (Server, Server) {
+    let a = Server::start(&spread_config(dir, "a", nats, &receiver.url));
+    eventually("a to own every partition", FIRST_START, async || (owned(&a).await.len() == 64).then_some(())).await;
+    let b = Server::start(&spread_config(dir, "b", nats, &receiver.url));
+    settled_half_each(&a, &b, FIRST_START).await;
+    (a, b)
+}
+
+/// Waits for `a` and `b` to own 32 partitions each, checking throughout that none is owned by
+/// both; returns what each owns.
+async fn settled_half_each(a: &Server, b: &Server, within: Duration) -> (BTreeSet<u64>, BTreeSet<u64>) {
+    let deadline = Instant::now() + within;
+    loop {
+        let on_b = owned(b).await;
+        let on_a = owned(a).await;
+        assert!(on_a.is_disjoint(&on_b), "owned by both: {:?}", on_a.intersection(&on_b).collect::<Vec<_>>());
+        if on_a.len() == 32 && on_b.len() == 32 {
+            return (on_a, on_b);
+        }
+        assert!(Instant::now() < deadline, "a owns {on_a:?}, b owns {on_b:?}\n{}", b.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The first id `prefix-N` whose partition is one of `partitions`.
+fn in_partitions(prefix: &str, partitions: &BTreeSet<u64>) -> String {
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|d| partitions.contains(&(starling_log::partition_of(d) as u64)))
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn partitions_spread_over_the_nodes_stitch_across_them_and_move_when_a_node_dies() {
     let _heavy = harness::exclusive().await;
     let nats = LocalNats::start(3).unwrap();
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let a = Server::start(&spread_config(dir.path(), "a", &nats, &receiver.url));
-    eventually("a to own every partition", FIRST_START, async || (owned(&a).await.len() == 64).then_some(())).await;
-
-    // (d) A node joins: half the partitions move to it, and none is owned by both nodes at any
-    // moment (the node receiving them is asked first: a partition moving between the two
-    // questions is seen by neither, never by both).
-    let b = Server::start(&spread_config(dir.path(), "b", &nats, &receiver.url));
-    let deadline = Instant::now() + FIRST_START;
-    let (on_a, on_b) = loop {
-        let on_b = owned(&b).await;
-        let on_a = owned(&a).await;
-        assert!(on_a.is_disjoint(&on_b), "owned by both: {:?}", on_a.intersection(&on_b).collect::<Vec<_>>());
-        if on_a.len() == 32 && on_b.len() == 32 {
-            break (on_a, on_b);
-        }
-        assert!(Instant::now() < deadline, "a owns {on_a:?}, b owns {on_b:?}\n{}", b.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (a, b) = spread_pair(dir.path(), &nats, &receiver).await;
+    let (on_a, on_b) = settled_half_each(&a, &b, Duration::ZERO).await;
     // Every node says who owns what (as of its last round).
     for node in [&a, &b] {
         let view = eventually("the node to see the partitions spread", Duration::from_secs(10), async || {
@@ -734,12 +754,6 @@ async fn partitions_spread_over_the_nodes_stitch_across_them_and_move_when_a_nod
 
     // Two devices of one person, in partitions of different nodes, send purchases through both
     // nodes while they log in with one email hash, halfway.
-    let in_partitions = |prefix: &str, partitions: &BTreeSet<u64>| {
-        (0..)
-            .map(|i| format!("{prefix}-{i}"))
-            .find(|d| partitions.contains(&(starling_log::partition_of(d) as u64)))
-            .unwrap()
-    };
     let (web, phone) = (in_partitions("web", &on_a), in_partitions("phone", &on_b));
     let hash = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
     const PER_CLIENT: usize = 40;
@@ -824,4 +838,87 @@ async fn partitions_spread_over_the_nodes_stitch_across_them_and_move_when_a_nod
     }
     every_action_delivered_once(&a, &receiver).await;
     a.stop();
+}
+
+/// Tests (b) and (c) with partitions spread: the stream leader dies under load through both
+/// nodes, then a node is paused past its leases while the other takes its partitions.
+#[tokio::test(flavor = "multi_thread")]
+async fn spread_nodes_lose_nothing_to_the_stream_leaders_death_and_a_paused_node_cannot_write() {
+    let _heavy = harness::exclusive().await;
+    let mut nats = LocalNats::start(3).unwrap();
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = spread_pair(dir.path(), &nats, &receiver).await;
+
+    // (b) Load through both nodes; the stream's leader dies under it: ingestion pauses for the
+    // election at most and goes on, nothing lost.
+    let through_a = loadgen(&a, "ta", 2_000, 0.5).await;
+    let through_b = loadgen(&b, "tb", 2_000, 0.5).await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    nats.kill9(nats_stream_leader(&a).await);
+    finished(through_a).await;
+    finished(through_b).await;
+    for (node, prefix) in [(&a, "ta"), (&b, "tb"), (&a, "tb"), (&b, "ta")] {
+        verify(node, prefix, 2_000, 0.5).await;
+    }
+
+    // (c) b is paused past its leases; a takes b's partitions and is sent events for them.
+    let (_, on_b) = settled_half_each(&a, &b, Duration::from_secs(30)).await;
+    let visitor = in_partitions("paused", &on_b);
+    let events = |node: &Server| format!("{}/v1/events", node.url);
+    let (status, body) = post_json(&events(&b), &purchase(&visitor, "before")).await;
+    assert_eq!(status, 202, "{body}");
+    let signal = |sig: &str| {
+        std::process::Command::new("kill").arg(sig).arg(b.pid().to_string()).status().unwrap();
+    };
+    signal("-STOP");
+    let paused = Instant::now();
+    eventually("a to own every partition", Duration::from_secs(30), async || {
+        (owned(&a).await.len() == 64).then_some(())
+    })
+    .await;
+    println!("a owned every partition {:?} after b was paused", paused.elapsed());
+    let (status, body) = post_json(&events(&a), &purchase(&visitor, "while-paused")).await;
+    assert_eq!(status, 202, "{body}");
+    // Woken, b is sent events for the partition at once, before it has seen its leases gone:
+    // whatever it answers, nothing it applied under a lapsed lease reaches the stream. What it
+    // acknowledged is applied once, by the partition's owner; what it refused, not at all.
+    signal("-CONT");
+    let mut acknowledged = vec!["before".to_string(), "while-paused".to_string()];
+    let mut refused = Vec::new();
+    for n in 0..20 {
+        let id = format!("after-waking-{n}");
+        let (status, _) = post_json(&events(&b), &purchase(&visitor, &id)).await;
+        match status {
+            202 => acknowledged.push(id),
+            _ => refused.push(id),
+        }
+    }
+    // b rejoins; the partitions spread again, never owned twice.
+    settled_half_each(&a, &b, Duration::from_secs(60)).await;
+    for node in [&a, &b] {
+        let url = format!("{}/v1/profiles/{visitor}/export", node.url);
+        let export = eventually("every acknowledged purchase to be applied", Duration::from_secs(20), async || {
+            let (_, export) = get_json(&url).await;
+            let ids: Vec<String> = export["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e["id"].as_str().map(String::from))
+                .collect();
+            acknowledged.iter().all(|id| ids.contains(id)).then_some((export, ids))
+        })
+        .await;
+        let (export, mut ids) = export;
+        let applied = ids.len();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), applied, "a purchase applied twice: {export}");
+        assert!(!ids.iter().any(|id| refused.contains(id)), "a refused purchase was applied: {export}");
+        assert_eq!(export["profile"]["attributes"]["purchase_count"], applied as f64, "{export}");
+    }
+    println!("b acknowledged {} of 20 events after waking, refused {}", acknowledged.len() - 2, refused.len());
+    every_action_delivered_once(&a, &receiver).await;
+    a.stop();
+    b.stop();
 }

@@ -89,8 +89,15 @@ pub type PartitionedEvents = Vec<(Partition, Event)>;
 pub trait Elsewhere: Send + Sync {
     /// Hands on `events`, each for a profile of the partition it is paired with; resolves once
     /// they are durable where they went (answered as an ingestion is). `after`: 0 when they
-    /// need not wait for any record.
-    fn hand(&self, events: PartitionedEvents, after: Position) -> BoxFuture<'static, Result<HandedReport, String>>;
+    /// need not wait for any record. `relayed`: another node handed them here, and no merge moved
+    /// them since: they are not handed to a node again (they wait for their partition's owner
+    /// where no node applies them).
+    fn hand(
+        &self,
+        events: PartitionedEvents,
+        after: Position,
+        relayed: bool,
+    ) -> BoxFuture<'static, Result<HandedReport, String>>;
 }
 
 /// What the node events were handed to answered.
@@ -179,7 +186,7 @@ impl Taker {
             Err(_) => return Err(format!("this node has not followed the log through position {after} yet")),
         }
         let ingest = self.ingest.upgrade().ok_or("this node is stopping")?;
-        ingest.submit(events).await.map_err(|e| e.to_string())
+        ingest.submit_relayed(events).await.map_err(|e| e.to_string())
     }
 
     /// Applies what `partitions` (just taken, and fenced) hold that this node has not applied

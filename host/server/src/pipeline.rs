@@ -77,6 +77,10 @@ pub struct IngestJob {
     _room: Option<OwnedSemaphorePermit>,
     /// The log record this job applies again, at start.
     replay: Option<ReplayOf>,
+    /// Events another node handed here: those for a partition this node does not own wait in
+    /// the intake for its owner rather than going on to a third node (two nodes whose views of
+    /// the owners differ for a moment would otherwise hand them back and forth).
+    relayed: bool,
 }
 
 impl IngestJob {
@@ -437,6 +441,11 @@ impl Ingest {
         self.send(events)?.durable().await
     }
 
+    /// [`Ingest::submit`] for events another node handed this one (see [`IngestJob::relayed`]).
+    pub async fn submit_relayed(&self, events: Vec<Event>) -> Result<IngestReport, IngestError> {
+        self.send_events(events, true)?.durable().await
+    }
+
     /// Queues due profiles on their partitions and waits until what time did to them is durable.
     pub async fn wake(&self, profiles: Vec<String>) -> Result<IngestReport, IngestError> {
         let n = self.partitions.len();
@@ -782,7 +791,7 @@ impl Ingest {
             let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
             jobs[worker] = Some(work);
             let replay = ReplayOf { partition: entry.partition, position: entry.position, now_ms, handed: false };
-            queued.records.push(self.dispatch_replay(jobs, false, Some(replay))?);
+            queued.records.push(self.dispatch_jobs(jobs, false, Some(replay), false)?);
             queued.to.insert(worker);
             if !stamp.independent {
                 queued.dependent_to.insert(worker);
@@ -804,25 +813,31 @@ impl Ingest {
     /// Queues `events` without waiting: work sent later for the same profiles is applied after
     /// it. Wait for the answer with [`Queued::durable`].
     pub fn send(&self, events: Vec<Event>) -> Result<Queued, IngestError> {
+        self.send_events(events, false)
+    }
+
+    fn send_events(&self, events: Vec<Event>, relayed: bool) -> Result<Queued, IngestError> {
         let n = self.partitions.len();
         let mut groups: Vec<Vec<Event>> = (0..n).map(|_| Vec::new()).collect();
         for event in events {
             groups[worker_of(&self.directory.profile_of(&event.visitor_id), n)].push(event);
         }
-        self.dispatch(groups.into_iter().map(|g| (!g.is_empty()).then_some(Work::Events(g))).collect(), true)
+        let work = groups.into_iter().map(|g| (!g.is_empty()).then_some(Work::Events(g))).collect();
+        self.dispatch_jobs(work, true, None, relayed)
     }
 
     /// Sends one piece of work per partition. Client work must find room on every partition it
     /// goes to, or none of it is queued.
     fn dispatch(&self, work: Vec<Option<Work>>, client: bool) -> Result<Queued, IngestError> {
-        self.dispatch_replay(work, client, None)
+        self.dispatch_jobs(work, client, None, false)
     }
 
-    fn dispatch_replay(
+    fn dispatch_jobs(
         &self,
         mut work: Vec<Option<Work>>,
         client: bool,
         replay: Option<ReplayOf>,
+        relayed: bool,
     ) -> Result<Queued, IngestError> {
         let mut rooms = Vec::new();
         for (i, w) in work.iter().enumerate() {
@@ -837,7 +852,7 @@ impl Ingest {
         let mut pending = VecDeque::with_capacity(rooms.len());
         for (i, room) in rooms {
             let (reply, answer) = oneshot::channel();
-            let job = IngestJob { work: work[i].take().expect("queued work"), reply, _room: room, replay };
+            let job = IngestJob { work: work[i].take().expect("queued work"), reply, _room: room, replay, relayed };
             self.partitions[i].send(job).map_err(|_| IngestError::Closed)?;
             pending.push_back(answer);
         }
@@ -1288,6 +1303,9 @@ struct Pending {
     /// whether the directory moved the event's id to another profile: handed on after the batch
     /// is logged.
     elsewhere: Vec<(usize, Partition, bool, Event)>,
+    /// The jobs of the batch being applied that hold events another node handed here (see
+    /// [`IngestJob::relayed`]): what they hand on goes with them.
+    relayed: HashSet<usize>,
     /// Claims of other partitions' profiles that claims of this partition overtook, sent
     /// after they are written.
     overtaken: Vec<Overtaken>,
@@ -1633,7 +1651,7 @@ impl Worker {
             };
             let (reply, _) = oneshot::channel();
             let replay = ReplayOf { partition: entry.partition, position: entry.position, now_ms, handed: false };
-            let job = IngestJob { work, reply, _room: None, replay: Some(replay) };
+            let job = IngestJob { work, reply, _room: None, replay: Some(replay), relayed: false };
             self.process(conn, vec![job], now_ms, Some((entry.partition, entry.position)));
         }
         tracing::info!(partition = self.index, records = replayed, "state derived again from the log");
@@ -1655,7 +1673,7 @@ impl Worker {
                 _ => continue,
             };
             let (reply, _) = oneshot::channel();
-            if this.send(IngestJob { work, reply, _room: None, replay: None }).is_err() {
+            if this.send(IngestJob { work, reply, _room: None, replay: None, relayed: false }).is_err() {
                 return;
             }
         }
@@ -1686,8 +1704,12 @@ impl Worker {
             }
         };
         let merges =
-            merges.into_iter().map(|(job, _, m)| (job, worker_of(&m.survivor, self.partitions), Work::Merge(m)));
-        let forwards = pending.forwards.drain(..).map(|(job, to, events)| (Some(job), to, Work::Events(events)));
+            merges.into_iter().map(|(job, _, m)| (job, worker_of(&m.survivor, self.partitions), Work::Merge(m), false));
+        let relayed = std::mem::take(&mut pending.relayed);
+        let forwards = pending
+            .forwards
+            .drain(..)
+            .map(|(job, to, events)| (Some(job), to, Work::Events(events), relayed.contains(&job)));
         // A record applied again (alone in its batch) waits for the claims it overtook to be
         // given up: the records after it find the profiles as they were left (independent
         // records applied side by side claim an id in another order than first written).
@@ -1695,14 +1717,14 @@ impl Worker {
         let overtaken = pending
             .overtaken
             .drain(..)
-            .map(|o| (overtaking, worker_of(&o.claim.profile_id, self.partitions), Work::Overtaken(o)));
+            .map(|o| (overtaking, worker_of(&o.claim.profile_id, self.partitions), Work::Overtaken(o), false));
         // Events a replayed record forwards are applied as part of it, at its time.
         let replay = self.replaying.map(|r| ReplayOf { handed: true, ..r });
-        for (job, to, work) in merges.collect::<Vec<_>>().into_iter().chain(forwards).chain(overtaken) {
+        for (job, to, work, relayed) in merges.collect::<Vec<_>>().into_iter().chain(forwards).chain(overtaken) {
             let (reply, answer) = oneshot::channel();
             let replay = replay.filter(|_| matches!(work, Work::Events(_)));
             match self.peers[to].upgrade() {
-                Some(peer) if peer.send(IngestJob { work, reply, _room: None, replay }).is_ok() => {
+                Some(peer) if peer.send(IngestJob { work, reply, _room: None, replay, relayed }).is_ok() => {
                     if let Some(waiting) = job.and_then(|j| handed_on.get_mut(j)) {
                         waiting.push(answer);
                     }
@@ -1727,7 +1749,9 @@ impl Worker {
             }
             for (job, after, events) in handed {
                 let (reply, answer) = oneshot::channel();
-                let handing = elsewhere.hand(events, after);
+                // An event another node handed here goes on to a node again only if the
+                // directory moved it (to a profile that node owns, as of the batch's records).
+                let handing = elsewhere.hand(events, after, relayed.contains(&job) && after == 0);
                 self.shared.runtime.spawn(async move {
                     let answered = handing.await.map(|handed| Reply {
                         report: IngestReport { accepted: handed.accepted, duplicates: handed.duplicates },
@@ -1788,6 +1812,9 @@ impl Worker {
 
         for (j, job) in batch.iter_mut().enumerate() {
             let mut report = IngestReport::default();
+            if job.relayed {
+                p.relayed.insert(j);
+            }
             match &mut job.work {
                 Work::Events(events) => {
                     for (e, event) in events.iter().enumerate() {

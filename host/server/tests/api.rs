@@ -865,9 +865,14 @@ impl starling_server::owned::Elsewhere for Peer {
         &self,
         events: Vec<(u16, starling_core::Event)>,
         after: u64,
+        relayed: bool,
     ) -> futures_util::future::BoxFuture<'static, Result<starling_server::owned::HandedReport, String>> {
         let taker = self.0.get().cloned();
         Box::pin(async move {
+            // Owners never change here: an event is handed on again only if a merge moved it.
+            if relayed {
+                return Err("an event handed here was handed on again".to_string());
+            }
             let taker = taker.ok_or("the other node is not up")?;
             let report = taker.take(events.into_iter().map(|(_, e)| e).collect(), after).await?;
             Ok(starling_server::owned::HandedReport { accepted: report.accepted, duplicates: report.duplicates })
@@ -882,7 +887,7 @@ async fn spread_node(
     log: &std::sync::Arc<KeepAll>,
     database: &str,
     owns: impl Fn(u16) -> bool,
-    peer: std::sync::Arc<Peer>,
+    peer: std::sync::Arc<dyn starling_server::owned::Elsewhere>,
 ) -> App {
     let owned = starling_server::owned::Owned::of((0..starling_log::PARTITIONS).filter(|p| owns(*p)));
     App::start(Options {
@@ -1516,4 +1521,51 @@ async fn a_key_holder_cannot_claim_someone_elses_identity() {
     assert!(metrics.contains("starling_identity_refusals_total{reason=\"unclaimed\"} 1"), "{metrics}");
     assert!(metrics.contains("starling_identity_refusals_total{reason=\"max_per_profile\"} 2"), "{metrics}");
     app.stop().await;
+}
+
+/// Records what a node hands on, answering that it was taken.
+#[derive(Default)]
+struct Recorded(std::sync::Mutex<Vec<(Vec<String>, bool)>>);
+
+impl starling_server::owned::Elsewhere for Recorded {
+    fn hand(
+        &self,
+        events: Vec<(u16, starling_core::Event)>,
+        _after: u64,
+        relayed: bool,
+    ) -> futures_util::future::BoxFuture<'static, Result<starling_server::owned::HandedReport, String>> {
+        let visitors = events.iter().map(|(_, e)| e.visitor_id.clone()).collect::<Vec<_>>();
+        let accepted = visitors.len();
+        self.0.lock().unwrap().push((visitors, relayed));
+        Box::pin(async move { Ok(starling_server::owned::HandedReport { accepted, duplicates: 0 }) })
+    }
+}
+
+/// An event for another node's partition is handed to that node; one another node handed here
+/// for a partition this node does not own (the two nodes' views of the owners differed for a
+/// moment) is said to be relayed, so that it waits for the partition's owner instead of going
+/// back and forth between the nodes.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_handed_here_for_a_partition_owned_elsewhere_is_not_handed_on_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = hook_plugin(dir.path());
+    let log: std::sync::Arc<KeepAll> = Default::default();
+    let recorded = std::sync::Arc::new(Recorded::default());
+    let node = spread_node(dir.path(), &plugins, &log, "a.db", |p| p.is_multiple_of(2), recorded.clone()).await;
+    let elsewhere = (0..).map(|i| format!("v-{i}")).find(|id| starling_log::partition_of(id) % 2 == 1).unwrap();
+    let events = format!(r#"{{"events":[{{"event":"view","visitor_id":"{elsewhere}","data":{{}}}}]}}"#);
+    let (status, body, _) = call(&node, "POST", "/v1/events", &events).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let event = starling_core::Event {
+        id: None,
+        name: "view".into(),
+        visitor_id: elsewhere.clone(),
+        source: None,
+        timestamp_ms: 1_700_000_000_000,
+        data: serde_json::Map::new(),
+    };
+    let report = node.taker().unwrap().take(vec![event], 0).await.unwrap();
+    assert_eq!(report.accepted, 1);
+    assert_eq!(*recorded.0.lock().unwrap(), [(vec![elsewhere.clone()], false), (vec![elsewhere], true)]);
+    node.stop().await;
 }

@@ -87,14 +87,21 @@ struct Handed {
 }
 
 impl Elsewhere for Handing {
-    fn hand(&self, events: PartitionedEvents, after: Position) -> BoxFuture<'static, Result<HandedReport, String>> {
+    fn hand(
+        &self,
+        events: PartitionedEvents,
+        after: Position,
+        relayed: bool,
+    ) -> BoxFuture<'static, Result<HandedReport, String>> {
         // One request per owner; events of a partition no other node owns now (a failover, a
-        // rebalance under way, or this node taking it) wait in the intake for its next owner.
+        // rebalance under way, or this node taking it), and events another node handed here,
+        // wait in the intake for the partition's next owner.
         let mut by_owner: BTreeMap<Option<(String, String)>, PartitionedEvents> = BTreeMap::new();
         {
             let placed = self.placed.borrow();
             for (partition, event) in events {
-                by_owner.entry(placed.owner_url(&self.node, partition)).or_default().push((partition, event));
+                let owner = placed.owner_url(&self.node, partition).filter(|_| !relayed);
+                by_owner.entry(owner).or_default().push((partition, event));
             }
         }
         let (node, client, intake) = (self.node.clone(), self.client.clone(), self.intake.clone());
@@ -132,7 +139,17 @@ enum Unsent {
     Refused(String),
 }
 
+/// How long a node waits for another to take events it handed: that node may first wait for
+/// its copy to follow the log (see [`crate::owned::Taker::take`]), then applies them.
+const HAND_TIMEOUT: Duration = Duration::from_secs(30);
+
 async fn send_handed(node: &str, client: &Client, url: &str, handed: &Handed) -> Result<HandedReport, Unsent> {
+    tokio::time::timeout(HAND_TIMEOUT, send_handed_once(node, client, url, handed))
+        .await
+        .unwrap_or_else(|_| Err(Unsent::Refused(format!("no answer within {} s", HAND_TIMEOUT.as_secs()))))
+}
+
+async fn send_handed_once(node: &str, client: &Client, url: &str, handed: &Handed) -> Result<HandedReport, Unsent> {
     let body = serde_json::to_vec(handed).expect("events serialize");
     let request = axum::http::Request::post(format!("{url}/v1/cluster/handed"))
         .header(axum::http::header::CONTENT_TYPE, "application/json")

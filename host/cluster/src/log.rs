@@ -239,7 +239,11 @@ impl EventLog for JetStreamLog {
             let started = Instant::now();
             let last = retried(|| self.stream.last_position(partition)).await.map_err(remote)?;
             let last_ms = started.elapsed().as_millis() as u64;
-            self.saw(partition, last);
+            // Where an append expects the partition to end is learnt from fencing it and from
+            // this node's own appends, never from reading it: a batch drafted before this node
+            // lost the partition, still waiting for its lease when the node takes the partition
+            // again, would otherwise be appended after records its state never saw.
+            self.next.fetch_max(last + 1, Ordering::SeqCst);
             let read = retried(|| async {
                 let mut records = Vec::new();
                 let mut visit = |position, payload: Bytes| records.push((position, payload));

@@ -839,7 +839,13 @@ async fn take_snapshots(
                 Ok(()) => {
                     last = covers;
                     tracing::info!(covers, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot stored");
-                    forget_snapshotted(&stream, &covered).await;
+                    // Spread, every node follows the others' partitions at its own pace (one
+                    // paused, or catching up after the stream's leader died, is behind this
+                    // copy): the stream keeps their records until truncation waits for every
+                    // node's copy.
+                    if placement == Placement::Whole {
+                        forget_snapshotted(&stream, &covered).await;
+                    }
                 }
                 Err(e) => tracing::warn!("storing a snapshot: {e}"),
             }

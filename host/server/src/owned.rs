@@ -4,7 +4,7 @@
 //! state (a merge reads the profile it absorbs from the node's own database, whichever node
 //! applied that profile's events), and events for their profiles are handed to their owners.
 
-use crate::pipeline::{Ingest, IngestReport};
+use crate::pipeline::{Ingest, IngestReport, Source};
 use futures_util::future::BoxFuture;
 use starling_core::Event;
 use starling_log::{EventLog, PARTITIONS, Partition, Position};
@@ -87,17 +87,31 @@ fn mask(partitions: impl IntoIterator<Item = Partition>) -> u64 {
 pub type PartitionedEvents = Vec<(Partition, Event)>;
 
 pub trait Elsewhere: Send + Sync {
-    /// Hands on `events`, each for a profile of the partition it is paired with; resolves once
-    /// they are durable where they went (answered as an ingestion is). `after`: 0 when they
-    /// need not wait for any record. `relayed`: another node handed them here, and no merge moved
-    /// them since: they are not handed to a node again (they wait for their partition's owner
-    /// where no node applies them).
+    /// Hands on `events`, each for a profile of the partition it is paired with, as `via`
+    /// allows; resolves once they are durable where they went (answered as an ingestion is).
+    /// `after`: 0 when they need not wait for any record.
     fn hand(
         &self,
         events: PartitionedEvents,
         after: Position,
-        relayed: bool,
+        via: Via,
     ) -> BoxFuture<'static, Result<HandedReport, String>>;
+}
+
+/// Where events for another node's partitions may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// To the partition's owner, or into the intake while no node owns it (events a client sent
+    /// here, or that a merge moved to another profile).
+    OwnerOrIntake,
+    /// Into the intake, for the partition's owner (events another node handed here: the two
+    /// nodes' views of the owners differed for a moment, and handed back they could go back
+    /// and forth).
+    Intake,
+    /// To the partition's owner only, refused while none can take them (events taken from the
+    /// intake, which keeps them until they are applied: put back, they would be kept out as
+    /// the same messages, then forgotten with them).
+    Owner,
 }
 
 /// What the node events were handed to answered.
@@ -186,7 +200,7 @@ impl Taker {
             Err(_) => return Err(format!("this node has not followed the log through position {after} yet")),
         }
         let ingest = self.ingest.upgrade().ok_or("this node is stopping")?;
-        ingest.submit_relayed(events).await.map_err(|e| e.to_string())
+        ingest.submit_from(events, Source::Node).await.map_err(|e| e.to_string())
     }
 
     /// Applies what `partitions` (just taken, and fenced) hold that this node has not applied

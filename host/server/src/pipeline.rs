@@ -16,7 +16,7 @@
 //! merge; events for the absorbed profile still queued on it are forwarded behind the merge.
 
 use crate::logging::pseudonym;
-use crate::owned::{Elsewhere, Owned, PartitionedEvents};
+use crate::owned::{Elsewhere, Owned, PartitionedEvents, Via};
 use crate::telemetry::{Telemetry, Written};
 use sha2::{Digest, Sha256};
 use starling_core::engine::rebuild;
@@ -77,10 +77,20 @@ pub struct IngestJob {
     _room: Option<OwnedSemaphorePermit>,
     /// The log record this job applies again, at start.
     replay: Option<ReplayOf>,
-    /// Events another node handed here: those for a partition this node does not own wait in
-    /// the intake for its owner rather than going on to a third node (two nodes whose views of
-    /// the owners differ for a moment would otherwise hand them back and forth).
-    relayed: bool,
+    /// Where the job's events came from, which says where those for another node's partition
+    /// may go (see [`crate::owned::Via`]).
+    source: Source,
+}
+
+/// Where events came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A client (or this node's own work).
+    Client,
+    /// Another node, which handed them here.
+    Node,
+    /// The intake, which keeps them until they are applied.
+    Intake,
 }
 
 impl IngestJob {
@@ -441,9 +451,9 @@ impl Ingest {
         self.send(events)?.durable().await
     }
 
-    /// [`Ingest::submit`] for events another node handed this one (see [`IngestJob::relayed`]).
-    pub async fn submit_relayed(&self, events: Vec<Event>) -> Result<IngestReport, IngestError> {
-        self.send_events(events, true)?.durable().await
+    /// [`Ingest::submit`] for events from `source`.
+    pub async fn submit_from(&self, events: Vec<Event>, source: Source) -> Result<IngestReport, IngestError> {
+        self.send_events(events, source)?.durable().await
     }
 
     /// Queues due profiles on their partitions and waits until what time did to them is durable.
@@ -791,7 +801,7 @@ impl Ingest {
             let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
             jobs[worker] = Some(work);
             let replay = ReplayOf { partition: entry.partition, position: entry.position, now_ms, handed: false };
-            queued.records.push(self.dispatch_jobs(jobs, false, Some(replay), false)?);
+            queued.records.push(self.dispatch_jobs(jobs, false, Some(replay), Source::Client)?);
             queued.to.insert(worker);
             if !stamp.independent {
                 queued.dependent_to.insert(worker);
@@ -813,23 +823,23 @@ impl Ingest {
     /// Queues `events` without waiting: work sent later for the same profiles is applied after
     /// it. Wait for the answer with [`Queued::durable`].
     pub fn send(&self, events: Vec<Event>) -> Result<Queued, IngestError> {
-        self.send_events(events, false)
+        self.send_events(events, Source::Client)
     }
 
-    fn send_events(&self, events: Vec<Event>, relayed: bool) -> Result<Queued, IngestError> {
+    fn send_events(&self, events: Vec<Event>, source: Source) -> Result<Queued, IngestError> {
         let n = self.partitions.len();
         let mut groups: Vec<Vec<Event>> = (0..n).map(|_| Vec::new()).collect();
         for event in events {
             groups[worker_of(&self.directory.profile_of(&event.visitor_id), n)].push(event);
         }
         let work = groups.into_iter().map(|g| (!g.is_empty()).then_some(Work::Events(g))).collect();
-        self.dispatch_jobs(work, true, None, relayed)
+        self.dispatch_jobs(work, true, None, source)
     }
 
     /// Sends one piece of work per partition. Client work must find room on every partition it
     /// goes to, or none of it is queued.
     fn dispatch(&self, work: Vec<Option<Work>>, client: bool) -> Result<Queued, IngestError> {
-        self.dispatch_jobs(work, client, None, false)
+        self.dispatch_jobs(work, client, None, Source::Client)
     }
 
     fn dispatch_jobs(
@@ -837,7 +847,7 @@ impl Ingest {
         mut work: Vec<Option<Work>>,
         client: bool,
         replay: Option<ReplayOf>,
-        relayed: bool,
+        source: Source,
     ) -> Result<Queued, IngestError> {
         let mut rooms = Vec::new();
         for (i, w) in work.iter().enumerate() {
@@ -852,7 +862,7 @@ impl Ingest {
         let mut pending = VecDeque::with_capacity(rooms.len());
         for (i, room) in rooms {
             let (reply, answer) = oneshot::channel();
-            let job = IngestJob { work: work[i].take().expect("queued work"), reply, _room: room, replay, relayed };
+            let job = IngestJob { work: work[i].take().expect("queued work"), reply, _room: room, replay, source };
             self.partitions[i].send(job).map_err(|_| IngestError::Closed)?;
             pending.push_back(answer);
         }
@@ -1303,9 +1313,9 @@ struct Pending {
     /// whether the directory moved the event's id to another profile: handed on after the batch
     /// is logged.
     elsewhere: Vec<(usize, Partition, bool, Event)>,
-    /// The jobs of the batch being applied that hold events another node handed here (see
-    /// [`IngestJob::relayed`]): what they hand on goes with them.
-    relayed: HashSet<usize>,
+    /// Where the events of the batch's jobs came from, for those not from a client (see
+    /// [`IngestJob::source`]): what they hand on goes with them.
+    sources: HashMap<usize, Source>,
     /// Claims of other partitions' profiles that claims of this partition overtook, sent
     /// after they are written.
     overtaken: Vec<Overtaken>,
@@ -1651,7 +1661,7 @@ impl Worker {
             };
             let (reply, _) = oneshot::channel();
             let replay = ReplayOf { partition: entry.partition, position: entry.position, now_ms, handed: false };
-            let job = IngestJob { work, reply, _room: None, replay: Some(replay), relayed: false };
+            let job = IngestJob { work, reply, _room: None, replay: Some(replay), source: Source::Client };
             self.process(conn, vec![job], now_ms, Some((entry.partition, entry.position)));
         }
         tracing::info!(partition = self.index, records = replayed, "state derived again from the log");
@@ -1673,7 +1683,7 @@ impl Worker {
                 _ => continue,
             };
             let (reply, _) = oneshot::channel();
-            if this.send(IngestJob { work, reply, _room: None, replay: None, relayed: false }).is_err() {
+            if this.send(IngestJob { work, reply, _room: None, replay: None, source: Source::Client }).is_err() {
                 return;
             }
         }
@@ -1703,13 +1713,13 @@ impl Worker {
                 pending.merges.drain(..).filter(|(_, _, m)| owned.owns_profile(&m.survivor)).collect()
             }
         };
-        let merges =
-            merges.into_iter().map(|(job, _, m)| (job, worker_of(&m.survivor, self.partitions), Work::Merge(m), false));
-        let relayed = std::mem::take(&mut pending.relayed);
-        let forwards = pending
-            .forwards
-            .drain(..)
-            .map(|(job, to, events)| (Some(job), to, Work::Events(events), relayed.contains(&job)));
+        let merges = merges
+            .into_iter()
+            .map(|(job, _, m)| (job, worker_of(&m.survivor, self.partitions), Work::Merge(m), Source::Client));
+        let sources = std::mem::take(&mut pending.sources);
+        let source = |job: usize| sources.get(&job).copied().unwrap_or(Source::Client);
+        let forwards =
+            pending.forwards.drain(..).map(|(job, to, events)| (Some(job), to, Work::Events(events), source(job)));
         // A record applied again (alone in its batch) waits for the claims it overtook to be
         // given up: the records after it find the profiles as they were left (independent
         // records applied side by side claim an id in another order than first written).
@@ -1717,14 +1727,14 @@ impl Worker {
         let overtaken = pending
             .overtaken
             .drain(..)
-            .map(|o| (overtaking, worker_of(&o.claim.profile_id, self.partitions), Work::Overtaken(o), false));
+            .map(|o| (overtaking, worker_of(&o.claim.profile_id, self.partitions), Work::Overtaken(o), Source::Client));
         // Events a replayed record forwards are applied as part of it, at its time.
         let replay = self.replaying.map(|r| ReplayOf { handed: true, ..r });
-        for (job, to, work, relayed) in merges.collect::<Vec<_>>().into_iter().chain(forwards).chain(overtaken) {
+        for (job, to, work, source) in merges.collect::<Vec<_>>().into_iter().chain(forwards).chain(overtaken) {
             let (reply, answer) = oneshot::channel();
             let replay = replay.filter(|_| matches!(work, Work::Events(_)));
             match self.peers[to].upgrade() {
-                Some(peer) if peer.send(IngestJob { work, reply, _room: None, replay, relayed }).is_ok() => {
+                Some(peer) if peer.send(IngestJob { work, reply, _room: None, replay, source }).is_ok() => {
                     if let Some(waiting) = job.and_then(|j| handed_on.get_mut(j)) {
                         waiting.push(answer);
                     }
@@ -1751,7 +1761,13 @@ impl Worker {
                 let (reply, answer) = oneshot::channel();
                 // An event another node handed here goes on to a node again only if the
                 // directory moved it (to a profile that node owns, as of the batch's records).
-                let handing = elsewhere.hand(events, after, relayed.contains(&job) && after == 0);
+                let via = match source(job) {
+                    Source::Client => Via::OwnerOrIntake,
+                    Source::Node if after > 0 => Via::OwnerOrIntake,
+                    Source::Node => Via::Intake,
+                    Source::Intake => Via::Owner,
+                };
+                let handing = elsewhere.hand(events, after, via);
                 self.shared.runtime.spawn(async move {
                     let answered = handing.await.map(|handed| Reply {
                         report: IngestReport { accepted: handed.accepted, duplicates: handed.duplicates },
@@ -1812,8 +1828,8 @@ impl Worker {
 
         for (j, job) in batch.iter_mut().enumerate() {
             let mut report = IngestReport::default();
-            if job.relayed {
-                p.relayed.insert(j);
+            if job.source != Source::Client {
+                p.sources.insert(j, job.source);
             }
             match &mut job.work {
                 Work::Events(events) => {

@@ -865,12 +865,12 @@ impl starling_server::owned::Elsewhere for Peer {
         &self,
         events: Vec<(u16, starling_core::Event)>,
         after: u64,
-        relayed: bool,
+        via: starling_server::owned::Via,
     ) -> futures_util::future::BoxFuture<'static, Result<starling_server::owned::HandedReport, String>> {
         let taker = self.0.get().cloned();
         Box::pin(async move {
             // Owners never change here: an event is handed on again only if a merge moved it.
-            if relayed {
+            if via != starling_server::owned::Via::OwnerOrIntake {
                 return Err("an event handed here was handed on again".to_string());
             }
             let taker = taker.ok_or("the other node is not up")?;
@@ -1525,18 +1525,18 @@ async fn a_key_holder_cannot_claim_someone_elses_identity() {
 
 /// Records what a node hands on, answering that it was taken.
 #[derive(Default)]
-struct Recorded(std::sync::Mutex<Vec<(Vec<String>, bool)>>);
+struct Recorded(std::sync::Mutex<Vec<(Vec<String>, starling_server::owned::Via)>>);
 
 impl starling_server::owned::Elsewhere for Recorded {
     fn hand(
         &self,
         events: Vec<(u16, starling_core::Event)>,
         _after: u64,
-        relayed: bool,
+        via: starling_server::owned::Via,
     ) -> futures_util::future::BoxFuture<'static, Result<starling_server::owned::HandedReport, String>> {
         let visitors = events.iter().map(|(_, e)| e.visitor_id.clone()).collect::<Vec<_>>();
         let accepted = visitors.len();
-        self.0.lock().unwrap().push((visitors, relayed));
+        self.0.lock().unwrap().push((visitors, via));
         Box::pin(async move { Ok(starling_server::owned::HandedReport { accepted, duplicates: 0 }) })
     }
 }
@@ -1566,6 +1566,10 @@ async fn an_event_handed_here_for_a_partition_owned_elsewhere_is_not_handed_on_a
     };
     let report = node.taker().unwrap().take(vec![event], 0).await.unwrap();
     assert_eq!(report.accepted, 1);
-    assert_eq!(*recorded.0.lock().unwrap(), [(vec![elsewhere.clone()], false), (vec![elsewhere], true)]);
+    use starling_server::owned::Via;
+    assert_eq!(
+        *recorded.0.lock().unwrap(),
+        [(vec![elsewhere.clone()], Via::OwnerOrIntake), (vec![elsewhere], Via::Intake)]
+    );
     node.stop().await;
 }

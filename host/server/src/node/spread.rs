@@ -20,7 +20,7 @@ use super::{
 };
 use crate::copy::{ANSWERED_FROM_HEADER, COPY_REASON_HEADER};
 use crate::delivery::Outcomes;
-use crate::owned::{Elsewhere, HandedReport, Owned, PartitionedEvents, Taker};
+use crate::owned::{Elsewhere, HandedReport, Owned, PartitionedEvents, Taker, Via};
 use crate::{App, Options, ServerError, Spread, http};
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
@@ -91,7 +91,7 @@ impl Elsewhere for Handing {
         &self,
         events: PartitionedEvents,
         after: Position,
-        relayed: bool,
+        via: Via,
     ) -> BoxFuture<'static, Result<HandedReport, String>> {
         // One request per owner; events of a partition no other node owns now (a failover, a
         // rebalance under way, or this node taking it), and events another node handed here,
@@ -100,7 +100,7 @@ impl Elsewhere for Handing {
         {
             let placed = self.placed.borrow();
             for (partition, event) in events {
-                let owner = placed.owner_url(&self.node, partition).filter(|_| !relayed);
+                let owner = placed.owner_url(&self.node, partition).filter(|_| via != Via::Intake);
                 by_owner.entry(owner).or_default().push((partition, event));
             }
         }
@@ -113,6 +113,9 @@ impl Elsewhere for Handing {
                         let handed = Handed { after, events: events.iter().map(|(_, e)| e.clone()).collect() };
                         match send_handed(&node, &client, &url, &handed).await {
                             Ok(taken) => taken,
+                            Err(Unsent::Unreachable(e)) if via == Via::Owner => {
+                                return Err(format!("node `{owner}` cannot be reached: {e}"));
+                            }
                             Err(Unsent::Unreachable(e)) => {
                                 tracing::debug!(%owner, "the owner cannot be reached ({e}); the events wait in the intake");
                                 into_intake(&node, &intake, events).await?
@@ -121,6 +124,9 @@ impl Elsewhere for Handing {
                                 return Err(format!("node `{owner}` did not take the events: {e}"));
                             }
                         }
+                    }
+                    None if via == Via::Owner => {
+                        return Err("no node owns the events' partition now; the intake keeps them".into());
                     }
                     None => into_intake(&node, &intake, events).await?,
                 };
@@ -404,7 +410,7 @@ async fn apply_intake(ingest: Arc<crate::pipeline::Ingest>, intake: Arc<Intake>,
         let taken = events.len();
         // Not applied (the engine stopping, a failed commit): the intake keeps them for the
         // next round or owner; ids keep any applied out.
-        if let Err(e) = ingest.submit(events).await {
+        if let Err(e) = ingest.submit_from(events, crate::pipeline::Source::Intake).await {
             tracing::warn!(partition, "applying the intake: {e}");
             return;
         }

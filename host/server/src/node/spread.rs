@@ -200,6 +200,7 @@ struct Front {
     taker: Taker,
     placed: watch::Receiver<Placed>,
     client: Client,
+    intake: Arc<Intake>,
 }
 
 /// Serves `listener` as a node of a spread cluster until `shutdown` resolves.
@@ -247,6 +248,7 @@ pub(super) async fn serve(
         taker: taker.clone(),
         placed: placed.clone(),
         client,
+        intake: intake.clone(),
     });
     let router = axum::Router::new()
         .route("/v1/cluster", get(status))
@@ -531,6 +533,9 @@ async fn status(State(front): State<Arc<Front>>) -> Response {
         "partitions_per_node": by_node,
         "stream_leader": placed.stream_leader,
         "config_version": placed.shared_config,
+        // Events handed to partitions while no node owned them, not yet applied (null: the
+        // intake is unreachable).
+        "intake_held": front.intake.held().await.ok(),
         "nodes": placed.nodes.iter().map(|(n, p)| serde_json::json!({"node": n, "url": p.url, "config_version": p.config_version})).collect::<Vec<_>>(),
     });
     axum::Json(body).into_response()

@@ -192,7 +192,7 @@ pub struct Taker {
 impl Taker {
     /// Applies `events` once this node has followed the log through `after`, and answers as
     /// an ingestion does.
-    pub async fn take(&self, events: Vec<Event>, after: Position) -> Result<IngestReport, String> {
+    pub async fn take(&self, events: Vec<Event>, after: Position, source: Source) -> Result<IngestReport, String> {
         let mut through = self.through.clone();
         match tokio::time::timeout(FOLLOW_WAIT, through.wait_for(|through| *through >= after)).await {
             Ok(Ok(_)) => {}
@@ -200,7 +200,7 @@ impl Taker {
             Err(_) => return Err(format!("this node has not followed the log through position {after} yet")),
         }
         let ingest = self.ingest.upgrade().ok_or("this node is stopping")?;
-        ingest.submit_from(events, Source::Node).await.map_err(|e| e.to_string())
+        ingest.submit_from(events, source).await.map_err(|e| e.to_string())
     }
 
     /// Applies what `partitions` (just taken, and fenced) hold that this node has not applied

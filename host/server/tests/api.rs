@@ -874,7 +874,8 @@ impl starling_server::owned::Elsewhere for Peer {
                 return Err("an event handed here was handed on again".to_string());
             }
             let taker = taker.ok_or("the other node is not up")?;
-            let report = taker.take(events.into_iter().map(|(_, e)| e).collect(), after).await?;
+            let events = events.into_iter().map(|(_, e)| e).collect();
+            let report = taker.take(events, after, starling_server::pipeline::Source::Node).await?;
             Ok(starling_server::owned::HandedReport { accepted: report.accepted, duplicates: report.duplicates })
         })
     }
@@ -1564,7 +1565,7 @@ async fn an_event_handed_here_for_a_partition_owned_elsewhere_is_not_handed_on_a
         timestamp_ms: 1_700_000_000_000,
         data: serde_json::Map::new(),
     };
-    let report = node.taker().unwrap().take(vec![event], 0).await.unwrap();
+    let report = node.taker().unwrap().take(vec![event], 0, starling_server::pipeline::Source::Node).await.unwrap();
     assert_eq!(report.accepted, 1);
     use starling_server::owned::Via;
     assert_eq!(

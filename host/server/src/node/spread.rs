@@ -21,6 +21,7 @@ use super::{
 use crate::copy::{ANSWERED_FROM_HEADER, COPY_REASON_HEADER};
 use crate::delivery::Outcomes;
 use crate::owned::{Elsewhere, HandedReport, Owned, PartitionedEvents, Taker, Via};
+use crate::pipeline::Source;
 use crate::{App, Options, ServerError, Spread, http};
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
@@ -84,6 +85,11 @@ struct Handing {
 struct Handed {
     after: Position,
     events: Vec<Event>,
+    /// Taken from the intake by the node handing them: the receiving node refuses those of
+    /// partitions it does not own rather than putting them back into the intake, where they
+    /// would be kept out as the messages being applied, then forgotten with them.
+    #[serde(default)]
+    from_intake: bool,
 }
 
 impl Elsewhere for Handing {
@@ -110,7 +116,8 @@ impl Elsewhere for Handing {
             for (owner, events) in by_owner {
                 let taken = match owner {
                     Some((owner, url)) => {
-                        let handed = Handed { after, events: events.iter().map(|(_, e)| e.clone()).collect() };
+                        let events_only = events.iter().map(|(_, e)| e.clone()).collect();
+                        let handed = Handed { after, events: events_only, from_intake: via == Via::Owner };
                         match send_handed(&node, &client, &url, &handed).await {
                             Ok(taken) => taken,
                             Err(Unsent::Unreachable(e)) if via == Via::Owner => {
@@ -412,7 +419,7 @@ async fn apply_intake(ingest: Arc<crate::pipeline::Ingest>, intake: Arc<Intake>,
         let taken = events.len();
         // Not applied (the engine stopping, a failed commit): the intake keeps them for the
         // next round or owner; ids keep any applied out.
-        if let Err(e) = ingest.submit_from(events, crate::pipeline::Source::Intake).await {
+        if let Err(e) = ingest.submit_from(events, Source::Intake).await {
             tracing::warn!(partition, "applying the intake: {e}");
             return;
         }
@@ -551,7 +558,8 @@ async fn take_handed(
         let error = serde_json::json!({ "error": "only a node of the cluster hands events on" });
         return (StatusCode::FORBIDDEN, axum::Json(error)).into_response();
     }
-    match front.taker.take(handed.events, handed.after).await {
+    let source = if handed.from_intake { Source::Intake } else { Source::Node };
+    match front.taker.take(handed.events, handed.after, source).await {
         Ok(report) => {
             let body = serde_json::json!({ "accepted": report.accepted, "duplicates": report.duplicates });
             (StatusCode::ACCEPTED, axum::Json(body)).into_response()

@@ -9,6 +9,22 @@ use std::time::{Duration, Instant};
 
 pub(crate) const LEASE: Duration = Duration::from_secs(3);
 
+/// Every test's three nats-servers fsync each write: on a two-core machine, all of this binary's
+/// clusters at once starve the lease timings the tests check, so at most two run at a time.
+static TURNS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// Three nats-servers as one cluster, once a turn is free (held until the returned permit drops).
+pub(crate) async fn three_servers() -> (LocalNats, tokio::sync::SemaphorePermit<'static>) {
+    let turn = TURNS.acquire().await.expect("the semaphore is never closed");
+    (LocalNats::start(3).expect("nats-server starts"), turn)
+}
+
+/// As [`three_servers`], with no other cluster running: for the test that times a failover.
+pub(crate) async fn three_servers_alone() -> (LocalNats, tokio::sync::SemaphorePermit<'static>) {
+    let turn = TURNS.acquire_many(2).await.expect("the semaphore is never closed");
+    (LocalNats::start(3).expect("nats-server starts"), turn)
+}
+
 /// Connects as `node`, waiting for the cluster to elect its JetStream leader.
 pub(crate) async fn join(nats: &LocalNats, node: &str) -> Arc<Ownership> {
     let settings = Settings { node: node.into(), lease: LEASE, replicas: 3, url: None, placement: Placement::Spread };

@@ -2,16 +2,15 @@
 //! owner is fenced once another node took over, a node that joins gets its share, and leases
 //! go on, never held twice, through the loss of the NATS server leading them.
 
-use crate::nats::{LEASE, counts, join, run, until};
+use crate::nats::{LEASE, counts, join, run, three_servers, three_servers_alone, until};
 use starling_cluster::ClusterError;
-use starling_cluster::local::LocalNats;
 use starling_log::PARTITIONS;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn partitions_spread_over_live_nodes_a_joiner_gets_its_share_and_none_is_owned_twice() {
-    let nats = LocalNats::start(3).unwrap();
+    let (nats, _turn) = three_servers().await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let a = join(&nats, "a").await;
     let running_a = run(a.clone(), stop.clone());
@@ -32,7 +31,7 @@ async fn partitions_spread_over_live_nodes_a_joiner_gets_its_share_and_none_is_o
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_paused_owner_is_fenced_once_another_node_took_its_partitions() {
-    let nats = LocalNats::start(3).unwrap();
+    let (nats, _turn) = three_servers_alone().await;
     let stop_a = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop_b = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let a = join(&nats, "a").await;
@@ -70,7 +69,7 @@ async fn a_paused_owner_is_fenced_once_another_node_took_its_partitions() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn leases_go_on_through_the_loss_of_the_nats_server_leading_them() {
-    let mut nats = LocalNats::start(3).unwrap();
+    let (mut nats, _turn) = three_servers().await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let a = join(&nats, "a").await;
     let b = join(&nats, "b").await;

@@ -2,9 +2,8 @@
 //! there afterwards, once each, in order within their partition; a record sent again under its
 //! id is stored once.
 
-use crate::nats::join;
+use crate::nats::{join, three_servers};
 use bytes::Bytes;
-use starling_cluster::local::LocalNats;
 use starling_log::Partition;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -13,7 +12,7 @@ const PER_SENDER: usize = 1_500;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn records_acknowledged_through_a_leader_failure_are_all_kept_once() {
-    let mut nats = LocalNats::start(3).unwrap();
+    let (mut nats, _turn) = three_servers().await;
     let (a, b) = (join(&nats, "a").await, join(&nats, "b").await);
     let (events_a, events_b) = (
         a.cluster().events(Duration::from_secs(120)).await.unwrap(),
@@ -95,7 +94,7 @@ async fn records_acknowledged_through_a_leader_failure_are_all_kept_once() {
 /// going on as before.
 #[tokio::test(flavor = "multi_thread")]
 async fn records_a_snapshot_includes_are_forgotten_and_appends_go_on() {
-    let nats = LocalNats::start(3).unwrap();
+    let (nats, _turn) = three_servers().await;
     let node = join(&nats, "a").await;
     let events = node.cluster().events(Duration::from_secs(120)).await.unwrap();
     let mut written: BTreeMap<Partition, Vec<u64>> = BTreeMap::new();
@@ -138,7 +137,7 @@ async fn records_a_snapshot_includes_are_forgotten_and_appends_go_on() {
 #[tokio::test(flavor = "multi_thread")]
 async fn reads_leave_no_consumer_behind() {
     use futures_util::StreamExt;
-    let nats = LocalNats::start(3).unwrap();
+    let (nats, _turn) = three_servers().await;
     let node = join(&nats, "a").await;
     let events = node.cluster().events(Duration::from_secs(120)).await.unwrap();
     let mut last = 0;
@@ -166,7 +165,7 @@ async fn reads_leave_no_consumer_behind() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_read_whose_consumer_is_recreated_visits_each_later_record_once() {
     use futures_util::StreamExt;
-    let nats = LocalNats::start(3).unwrap();
+    let (nats, _turn) = three_servers().await;
     let node = join(&nats, "a").await;
     let events = node.cluster().events(Duration::from_secs(120)).await.unwrap();
     let mut written = Vec::new();
@@ -209,7 +208,7 @@ async fn a_read_whose_consumer_is_recreated_visits_each_later_record_once() {
 /// Delivery outcomes published to their stream are read on from where a reader left off.
 #[tokio::test(flavor = "multi_thread")]
 async fn outcomes_are_read_on_from_where_the_reader_left_off() {
-    let nats = LocalNats::start(3).unwrap();
+    let (nats, _turn) = three_servers().await;
     let node = join(&nats, "a").await;
     let outcomes = node.cluster().outcomes().await.unwrap();
     let mut sequences = Vec::new();
@@ -237,7 +236,7 @@ async fn outcomes_are_read_on_from_where_the_reader_left_off() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_record_sent_again_after_it_was_stored_is_the_partitions_last() {
     use starling_cluster::ClusterError;
-    let nats = LocalNats::start(3).unwrap();
+    let (nats, _turn) = three_servers().await;
     let node = join(&nats, "a").await;
     let events = node.cluster().events(Duration::from_secs(120)).await.unwrap();
     let first = events.append_after(9, 0, "r1", Bytes::from_static(b"r1")).await.unwrap();
@@ -262,7 +261,7 @@ async fn a_fence_goes_after_records_a_former_owner_writes_meanwhile() {
     use std::sync::atomic::{AtomicBool, Ordering};
     const PARTITION: Partition = 7;
     const FENCES: usize = 20;
-    let nats = LocalNats::start(3).unwrap();
+    let (nats, _turn) = three_servers().await;
     let (former, taking) = (join(&nats, "former").await, join(&nats, "taking").await);
     let written_by_former = former.cluster().events(Duration::from_secs(120)).await.unwrap();
     let stream = Arc::new(taking.cluster().events(Duration::from_secs(120)).await.unwrap());

@@ -88,7 +88,8 @@ impl Server {
             .arg(config.file_name().unwrap())
             .args(["--listen", "127.0.0.1:0"])
             .args(extra)
-            .env("RUST_LOG", "info")
+            // `STARLING_TEST_LOG=info,starling_server::pipeline=debug` to follow a failing test.
+            .env("RUST_LOG", std::env::var("STARLING_TEST_LOG").unwrap_or("info".into()))
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)

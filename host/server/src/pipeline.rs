@@ -1431,8 +1431,11 @@ impl Worker {
             self.adopt(current);
         }
         self.version = version;
-        // Work that reads the store as committed sees everything applied before it.
-        if batch[0].reads_committed() {
+        // Work that reads the store as committed sees everything applied before it. On a node
+        // that follows other nodes' partitions, so does live work: a live batch that fails is
+        // forgotten with all this worker holds in memory, and only this node's own records are
+        // applied again (see `recover`), so what it followed must be in SQLite already.
+        if batch[0].reads_committed() || (replayed.is_none() && self.follows_others()) {
             self.materialize(conn, &mut []);
         }
         let outcome = match self.refusal(batch[0].reads_committed()) {
@@ -1472,6 +1475,19 @@ impl Worker {
         }
     }
 
+    /// Whether this engine applies, besides its own partitions' work, records other nodes
+    /// wrote (a spread node owning some partitions, not all).
+    fn follows_others(&self) -> bool {
+        let owned = &self.shared.owned;
+        !owned.is_all() && !owned.is_none()
+    }
+
+    /// Whether nothing is held in memory that SQLite lacks.
+    fn holds_nothing(&self) -> bool {
+        let p = &self.pending;
+        p.since.is_none() && p.effects.writes.is_empty() && p.touched.is_empty()
+    }
+
     /// The last position of `partition` this worker applied (written to SQLite or not).
     fn applied_through(&self, partition: Partition) -> Position {
         let stored = self.stored.get(&partition).copied().unwrap_or(0);
@@ -1489,6 +1505,9 @@ impl Worker {
         now: i64,
         replayed: Option<(Partition, Position)>,
     ) -> Result<(Vec<IngestReport>, Vec<Vec<Answer>>), String> {
+        // A live batch on a node following others starts from a state SQLite holds (or the
+        // followed records it holds in memory are derived again with the rest if it fails).
+        let own_records_only = replayed.is_none() && self.follows_others() && self.holds_nothing();
         let mut p = std::mem::take(&mut self.pending);
         p.batch_start = p.effects.writes.len();
         p.urgent = false;
@@ -1518,7 +1537,7 @@ impl Worker {
                 if self.recovering {
                     self.failed = Some(format!("the partition's state could not be derived again: {e}"));
                 } else {
-                    self.recover(conn);
+                    self.recover(conn, own_records_only);
                     self.send_again(batch, replayed);
                 }
                 Err(e)
@@ -1614,8 +1633,11 @@ impl Worker {
     /// After a batch that could not be applied whole: forgets what is held in memory and
     /// applies again, from the log, what this worker's partitions logged after the positions
     /// SQLite holds (its records hand nothing on: a record that does is written to SQLite
-    /// before its merge is sent).
-    fn recover(&mut self, conn: &mut rusqlite::Connection) {
+    /// before its merge is sent). `own_records_only`: SQLite holds everything applied of the
+    /// partitions other nodes own, whose later records are applied as they are followed, in
+    /// log order with the other workers' (applied here, a merge among them would find the
+    /// profile it absorbs without the other workers' records before it).
+    fn recover(&mut self, conn: &mut rusqlite::Connection, own_records_only: bool) {
         self.pending = Pending::default();
         self.cache = Cache::default();
         // Nothing is truncated from the log until the records are applied again.
@@ -1623,14 +1645,14 @@ impl Worker {
         let inflight = &materialized.inflight[self.index];
         inflight.store(0, Ordering::SeqCst);
         self.recovering = true;
-        self.apply_own_records(conn);
+        self.apply_own_records(conn, own_records_only);
         self.recovering = false;
         if self.failed.is_none() {
             self.materialize(conn, &mut []);
         }
     }
 
-    fn apply_own_records(&mut self, conn: &mut rusqlite::Connection) {
+    fn apply_own_records(&mut self, conn: &mut rusqlite::Connection, owned_only: bool) {
         let stored: HashMap<Partition, Position> = match starling_store::log_positions(conn) {
             Ok(positions) => positions.into_iter().collect(),
             Err(e) => {
@@ -1642,6 +1664,7 @@ impl Worker {
         self.stored = stored.clone();
         let after: Vec<(Partition, Position)> = (0..starling_log::PARTITIONS)
             .filter(|vp| *vp as usize % self.partitions == self.index)
+            .filter(|vp| !owned_only || self.shared.owned.owns(*vp))
             .map(|vp| (vp, stored.get(&vp).copied().unwrap_or(0)))
             .collect();
         let mut entries = Vec::new();
@@ -1676,10 +1699,16 @@ impl Worker {
             return;
         }
         let Some(this) = self.peers[self.index].upgrade() else { return };
+        // Of a partition another node took meanwhile, that node applies it (when it follows
+        // the record that handed it on, or from `handed_over` when it took the partition):
+        // sent again here, it would fail again, and again.
+        let owned = &self.shared.owned;
         for job in batch {
             let work = match &job.work {
-                Work::Merge(merge) => Work::Merge(merge.clone()),
-                Work::Overtaken(overtaken) => Work::Overtaken(overtaken.clone()),
+                Work::Merge(merge) if owned.owns_profile(&merge.survivor) => Work::Merge(merge.clone()),
+                Work::Overtaken(overtaken) if owned.owns_profile(&overtaken.claim.profile_id) => {
+                    Work::Overtaken(overtaken.clone())
+                }
                 _ => continue,
             };
             let (reply, _) = oneshot::channel();
@@ -2141,7 +2170,10 @@ impl Worker {
         }
         p.drafts.clear();
         p.events += reports.iter().map(|r| r.accepted).sum::<usize>();
-        if p.since.is_none() && (!p.effects.writes.is_empty() || !p.touched.is_empty() || !p.positions.is_empty()) {
+        // A merge alone (an overtaken claim's) is written too: one for another node's
+        // partition is only kept, in `handed_over`, until that node applies it.
+        let changed = !p.effects.writes.is_empty() || !p.touched.is_empty() || !p.positions.is_empty();
+        if p.since.is_none() && (changed || !p.merges.is_empty()) {
             p.since = Some(std::time::Instant::now());
         }
         // A merge for another partition needs the absorbed profile in SQLite; a delayed action
@@ -3176,6 +3208,8 @@ mod tests {
         database: std::path::PathBuf,
         ingest: Ingest,
         workers: Vec<std::thread::JoinHandle<()>>,
+        /// The partitions this engine applies live (all, or none when following).
+        owned: Arc<Owned>,
     }
 
     impl Running {
@@ -3191,6 +3225,7 @@ mod tests {
             let plugins = Arc::new(PluginHost::new().unwrap());
             let telemetry = Arc::new(Telemetry::new());
             let clock: fn() -> i64 = || CLOCK_MS;
+            let owned = Arc::new(if following { Owned::none() } else { Owned::all() });
             let shared = Shared {
                 config: Arc::new(crate::live::Live::new(model, None)),
                 plugins: plugins.clone(),
@@ -3199,7 +3234,7 @@ mod tests {
                 clock,
                 telemetry,
                 log,
-                owned: Arc::new(if following { Owned::none() } else { Owned::all() }),
+                owned: owned.clone(),
                 elsewhere: None,
             };
             let (ingest, workers) = start(
@@ -3210,7 +3245,7 @@ mod tests {
                 || starling_store::open_reader(&database),
             )
             .unwrap();
-            Running { _dir: dir, database, ingest, workers }
+            Running { _dir: dir, database, ingest, workers, owned }
         }
 
         fn profile(&self, id: &str) -> Option<Profile> {
@@ -3423,6 +3458,48 @@ mod tests {
         let handed = MergeRequest { origin: None, ..kept[1].clone() };
         assert_eq!(kept[1].origin, Some(merge_origin(login_position, &handed)));
         follower.stop();
+    }
+
+    /// On a node owning some partitions, a claim it made live that a followed record written
+    /// before it overtakes merges the claimer into the earlier claim's profile, of a partition
+    /// another node owns: that merge, all the overtaking decides here, is kept in
+    /// `handed_over` until that node applies it. (Unwritten, it was dropped: the node taking
+    /// that partition next found nothing to apply, and the two profiles stayed apart.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_overtaken_by_a_followed_record_keeps_its_merge_for_the_other_nodes_partition() {
+        let visitors = (0..).map(|i| format!("visitor-{i}"));
+        let claimer = visitors.clone().next().unwrap();
+        let claimer_partition = starling_log::partition_of(&claimer);
+        let earlier = visitors.skip(1).find(|id| starling_log::partition_of(id) != claimer_partition).unwrap();
+        let login_as = |visitor: &str, n: i64| {
+            let mut login = login(visitor, n);
+            login.data.insert("email_hash".into(), "shared".into());
+            login
+        };
+        let log = Arc::new(starling_log::MemoryLog::new());
+        // The other node's claim, written first; this node has not followed it yet.
+        let events = [event(&earlier, 0), login_as(&earlier, 1)];
+        let payload =
+            serde_json::to_vec(&LoggedRef::Events { now_ms: CLOCK_MS, events: events.iter().collect() }).unwrap();
+        log.append(&[(starling_log::partition_of(&earlier), &payload)]).unwrap();
+
+        let node = Running::with_config(STITCHING, 2, log.clone(), true);
+        node.owned.add(claimer_partition);
+        node.ingest.submit(vec![event(&claimer, 2), login_as(&claimer, 3)]).await.unwrap();
+        node.ingest.materialize().await.unwrap();
+        let entries = node.ingest.read_after(vec![(starling_log::partition_of(&earlier), 0)]).await.unwrap();
+        node.ingest.follow(&entries).await.unwrap();
+        node.ingest.materialize().await.unwrap();
+
+        let conn = starling_store::open(&node.database).unwrap();
+        let kept: Vec<(String, String)> = starling_store::handed_over(&conn)
+            .unwrap()
+            .into_iter()
+            .map(|(_, request)| serde_json::from_str::<MergeRequest>(&request).unwrap())
+            .map(|m| (m.survivor, m.absorbed))
+            .collect();
+        assert_eq!(kept, [(earlier.clone(), claimer.clone())], "the merge kept for the earlier claim's owner");
+        node.stop();
     }
 
     /// A configuration with a `views` attribute that nothing counts, and one counting `view`

@@ -450,9 +450,9 @@ async fn take_outcomes(database: std::path::PathBuf, stream: Arc<OutcomeStream>,
                 messages.push(payload);
             })
             .await;
+        // What was read before an error is taken all the same: `after` has gone past it.
         if let Err(e) = read {
             tracing::debug!("reading delivery outcomes: {e}");
-            continue;
         }
         let now = Instant::now();
         for payload in messages {

@@ -36,13 +36,18 @@ impl LocalNats {
         let clients: Vec<u16> = (0..count).map(|_| free_port()).collect::<Result<_>>()?;
         let routes: Vec<u16> = (0..count).map(|_| free_port()).collect::<Result<_>>()?;
         let route_list: Vec<String> = routes.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
+        // Named apart from any other cluster started at once: a port two of them were given
+        // in turn (free one moment, taken the next) cannot join them into one.
+        let name = format!("starling-local-{}", dir.path().file_name().unwrap_or_default().to_string_lossy());
+        let name: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect();
         let mut servers = Vec::new();
         for i in 0..count {
             let config = format!(
                 "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n\
-                 cluster {{\n  name: starling-local\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                 cluster {{\n  name: \"{}\"\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
                 clients[i],
                 dir.path().join(format!("n{i}")).display(),
+                name,
                 routes[i],
                 route_list.join(", ")
             );

@@ -28,7 +28,9 @@ pub(crate) async fn three_servers_alone() -> (LocalNats, tokio::sync::SemaphoreP
 /// Connects as `node`, waiting for the cluster to elect its JetStream leader.
 pub(crate) async fn join(nats: &LocalNats, node: &str) -> Arc<Ownership> {
     let settings = Settings { node: node.into(), lease: LEASE, replicas: 3, url: None, placement: Placement::Spread };
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // A fresh cluster elects its JetStream leader in seconds; on a loaded two-core machine it
+    // has taken more than 30.
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         match Cluster::connect(&nats.urls, settings.clone()).await {
             Ok(cluster) => return Arc::new(Ownership::new(cluster)),

@@ -858,6 +858,51 @@ async fn partitions_spread_over_the_nodes_stitch_across_them_and_move_when_a_nod
     a.stop();
 }
 
+/// Spread, the stream forgets what every node's database and the latest snapshot hold (each
+/// node says in its heartbeat how far its database goes), so it does not grow without end; a
+/// node joining afterwards starts from the snapshot (the stream no longer holds what came
+/// before it) and serves its share with every profile adding up.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_spread_stream_forgets_what_every_node_holds_and_a_node_joining_starts_from_the_snapshot() {
+    let _heavy = harness::exclusive().await;
+    let nats = LocalNats::start(3).unwrap();
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = spread_pair(dir.path(), &nats, &receiver).await;
+    let (through_a, through_b) = (loadgen(&a, "ka", 2_000, 0.5).await, loadgen(&b, "kb", 2_000, 0.5).await);
+    finished(through_a).await;
+    finished(through_b).await;
+    let written = cluster_view(&a).await["stream"]["last_position"].as_u64().unwrap();
+    assert!(written > 4 * 64, "{written} records written");
+    // Once a snapshot and both databases hold the last records, each partition keeps its last
+    // one (and what was written since: a few visits ending).
+    let held = eventually("the stream to forget what every node holds", Duration::from_secs(30), async || {
+        let records = cluster_view(&b).await["stream"]["records"].as_u64()?;
+        (records <= 2 * 64).then_some(records)
+    })
+    .await;
+    println!("the stream holds {held} of the {written} records written");
+    assert!(a.logs().contains("stream truncated before the snapshot"), "{}", a.logs());
+
+    let c = Server::start(&spread_config(dir.path(), "c", &nats, &receiver.url));
+    eventually("c to take its share", FIRST_START, async || {
+        let (on_a, on_b, on_c) = (owned(&a).await, owned(&b).await, owned(&c).await);
+        (on_c.len() >= 21 && on_a.len() + on_b.len() + on_c.len() == 64).then_some(())
+    })
+    .await;
+    assert!(c.logs().contains("state restored from the latest snapshot"), "{}", c.logs());
+    // Read through the node that joined: its partitions' profiles are its engine's own.
+    for prefix in ["ka", "kb"] {
+        verify(&c, prefix, 2_000, 0.5).await;
+    }
+    finished(loadgen(&c, "kc", 1_000, 0.5).await).await;
+    verify(&a, "kc", 1_000, 0.5).await;
+    every_action_delivered_once(&a, &receiver).await;
+    for node in [a, b, c] {
+        node.stop();
+    }
+}
+
 /// Test (c) with partitions spread: a node is paused past its leases while the other takes its
 /// partitions and goes on writing them; woken, the paused node writes nothing under its lapsed
 /// leases, catches up with what was written meanwhile, and the partitions spread again.

@@ -16,6 +16,10 @@
 //! waits two lease periods before taking partitions from nodes whose heartbeats lapsed, since
 //! those were most likely cut off the same way: ownership stays put through an outage.
 //!
+//! With spread placement a heartbeat also says which log position of each partition the node's
+//! database holds durably: the stream forgets only what every node holds, or has a snapshot of
+//! ([`Cluster::held_back`], [`Cluster::record_truncation`]).
+//!
 //! [`Fenced`]: ClusterError::Fenced
 
 pub mod assign;
@@ -38,6 +42,8 @@ const PARTITIONS_BUCKET: &str = "starling-partitions";
 const NODES_BUCKET: &str = "starling-nodes";
 const CONFIG_BUCKET: &str = "starling-config";
 const CONFIG_KEY: &str = "active";
+/// The key (in the configuration bucket) holding where the stream was last truncated.
+const TRUNCATED_KEY: &str = "truncated";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -100,6 +106,9 @@ struct Heartbeat {
     url: Option<String>,
     #[serde(default)]
     config_version: Option<i64>,
+    /// Each partition's log position the node's database holds durably (spread placement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stored: Option<Vec<Position>>,
 }
 
 /// A live node, as its heartbeat describes it.
@@ -167,6 +176,8 @@ pub struct Cluster {
     config: kv::Store,
     /// The configuration version this node runs, for its heartbeat.
     running: Mutex<Option<i64>>,
+    /// What this node's database holds durably of each partition, for its heartbeat.
+    stored: Mutex<Option<Vec<Position>>>,
 }
 
 impl Cluster {
@@ -192,7 +203,7 @@ impl Cluster {
         let partitions = js.create_or_update_key_value(bucket(PARTITIONS_BUCKET)).await.map_err(nats)?;
         let nodes = js.create_or_update_key_value(bucket(NODES_BUCKET)).await.map_err(nats)?;
         let config = js.create_or_update_key_value(bucket(CONFIG_BUCKET)).await.map_err(nats)?;
-        Ok(Cluster { settings, js, partitions, nodes, config, running: Mutex::new(None) })
+        Ok(Cluster { settings, js, partitions, nodes, config, running: Mutex::new(None), stored: Mutex::new(None) })
     }
 
     pub fn node(&self) -> &str {
@@ -233,6 +244,7 @@ impl Cluster {
             until_ms: now_ms() + self.settings.lease.as_millis() as i64,
             url: self.settings.url.clone(),
             config_version: *self.running.lock().expect("running configuration"),
+            stored: self.stored.lock().expect("stored positions").clone(),
         };
         let value = serde_json::to_vec(&beat).expect("a heartbeat serializes");
         self.nodes.put(&self.settings.node, Bytes::from(value)).await.map_err(nats)?;
@@ -242,7 +254,7 @@ impl Cluster {
     /// Says this node is gone (a heartbeat that has expired already): the others stop counting
     /// on it at once.
     pub async fn leave(&self) -> Result<()> {
-        let beat = Heartbeat { until_ms: 0, url: None, config_version: None };
+        let beat = Heartbeat { until_ms: 0, url: None, config_version: None, stored: None };
         let value = serde_json::to_vec(&beat).expect("a heartbeat serializes");
         self.nodes.put(&self.settings.node, Bytes::from(value)).await.map_err(nats)?;
         Ok(())
@@ -251,6 +263,59 @@ impl Cluster {
     /// Says which configuration version this node runs (in its next heartbeats).
     pub fn set_running_config(&self, version: i64) {
         *self.running.lock().expect("running configuration") = Some(version);
+    }
+
+    /// Says (in its next heartbeats) which log position of each partition this node's database
+    /// holds durably.
+    pub fn set_stored(&self, positions: &[(Partition, Position)]) {
+        let mut stored = vec![0; PARTITIONS as usize];
+        for &(partition, position) in positions {
+            stored[partition as usize] = position;
+        }
+        *self.stored.lock().expect("stored positions") = Some(stored);
+    }
+
+    /// For each partition, the log position every node's database holds durably: the nodes
+    /// live, and those whose heartbeat lapsed less than `absent_for` ago without leaving (paused,
+    /// cut off, or restarting after a crash), which go on from their last word. `None` while one
+    /// of them has not said (a node starting), or none has.
+    pub async fn held_back(&self, absent_for: Duration) -> Result<Option<Vec<Position>>> {
+        let since = now_ms() - absent_for.as_millis() as i64;
+        let mut held: Option<Vec<Position>> = None;
+        for (_, beat) in self.heartbeats().await? {
+            // A node that left cleanly restores the latest snapshot if it is behind it.
+            if beat.until_ms == 0 || beat.until_ms <= since {
+                continue;
+            }
+            let Some(stored) = beat.stored else { return Ok(None) };
+            let held = held.get_or_insert_with(|| vec![Position::MAX; PARTITIONS as usize]);
+            for (held, stored) in held.iter_mut().zip(stored) {
+                *held = (*held).min(stored);
+            }
+        }
+        Ok(held)
+    }
+
+    /// Records that the stream forgets each partition's records before `before` (never less
+    /// than it recorded already); recorded before the records go, so that a reader that finds
+    /// it behind this after a read knows the read may have missed records.
+    pub async fn record_truncation(&self, before: &[Position]) -> Result<()> {
+        let mut truncated = self.truncated().await?;
+        truncated.resize(PARTITIONS as usize, 0);
+        for (truncated, before) in truncated.iter_mut().zip(before) {
+            *truncated = (*truncated).max(*before);
+        }
+        let value = serde_json::to_vec(&truncated).expect("positions serialize");
+        self.config.put(TRUNCATED_KEY, Bytes::from(value)).await.map_err(nats)?;
+        Ok(())
+    }
+
+    /// Where the stream forgot each partition's records before (empty: nowhere yet).
+    pub async fn truncated(&self) -> Result<Vec<Position>> {
+        match self.config.get(TRUNCATED_KEY).await.map_err(nats)? {
+            Some(value) => serde_json::from_slice(&value).map_err(nats),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Publishes the configuration the owner runs.
@@ -268,21 +333,31 @@ impl Cluster {
         }
     }
 
-    /// The nodes whose heartbeat has not expired, by name.
-    pub async fn live_peers(&self) -> Result<BTreeMap<String, Peer>> {
+    /// Every node's last heartbeat, by name.
+    async fn heartbeats(&self) -> Result<BTreeMap<String, Heartbeat>> {
         use futures_util::TryStreamExt;
         let names: Vec<String> = self.nodes.keys().await.map_err(nats)?.try_collect().await.map_err(nats)?;
-        let now = now_ms();
-        let mut live = BTreeMap::new();
+        let mut beats = BTreeMap::new();
         for name in names {
             if let Some(value) = self.nodes.get(&name).await.map_err(nats)?
                 && let Ok(beat) = serde_json::from_slice::<Heartbeat>(&value)
-                && beat.until_ms > now
             {
-                live.insert(name, Peer { url: beat.url, config_version: beat.config_version });
+                beats.insert(name, beat);
             }
         }
-        Ok(live)
+        Ok(beats)
+    }
+
+    /// The nodes whose heartbeat has not expired, by name.
+    pub async fn live_peers(&self) -> Result<BTreeMap<String, Peer>> {
+        let now = now_ms();
+        Ok(self
+            .heartbeats()
+            .await?
+            .into_iter()
+            .filter(|(_, beat)| beat.until_ms > now)
+            .map(|(name, beat)| (name, Peer { url: beat.url, config_version: beat.config_version }))
+            .collect())
     }
 
     /// The nodes whose heartbeat has not expired, by name.

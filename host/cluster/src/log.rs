@@ -57,6 +57,11 @@ pub struct JetStreamLog {
     /// Per partition: the stream refused an append because another node wrote to the
     /// partition, so this node's state is no longer the partition's (until it takes it again).
     overtaken: Vec<AtomicBool>,
+    /// Whether reads check that the stream still holds every record after the positions read
+    /// from (see [`JetStreamLog::guard_truncation`]).
+    guarded: AtomicBool,
+    /// A read found that the stream forgot records after a position it read from.
+    forgotten: AtomicBool,
 }
 
 fn remote(e: impl std::fmt::Display) -> LogError {
@@ -76,7 +81,24 @@ impl JetStreamLog {
             records: AtomicU64::new(0),
             run,
             overtaken: (0..PARTITIONS).map(|_| AtomicBool::new(false)).collect(),
+            guarded: AtomicBool::new(false),
+            forgotten: AtomicBool::new(false),
         }
+    }
+
+    /// Has every read check, after it, where the stream was last truncated
+    /// ([`crate::Cluster::truncated`]), and fail if that is past a position it read from: the
+    /// records in between may be gone, and applying what follows them would build a wrong state.
+    /// For spread placement, where the stream is truncated behind every node's database but a
+    /// node away for long enough is not waited for.
+    pub fn guard_truncation(&self) {
+        self.guarded.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a read found the stream truncated past where it read from: this node's state
+    /// cannot be brought up to date from the stream any more, only from a snapshot.
+    pub fn forgotten(&self) -> bool {
+        self.forgotten.load(Ordering::SeqCst)
     }
 
     /// The position of the stream's last record, in any partition, as the servers say now (one
@@ -271,6 +293,20 @@ impl EventLog for JetStreamLog {
         let mut entries = Vec::new();
         for read in self.runtime.block_on(futures_util::future::join_all(reads)) {
             entries.extend(read?);
+        }
+        if self.guarded.load(Ordering::SeqCst) {
+            // After the read: the truncation is recorded before the records go.
+            let truncated = self.runtime.block_on(retried(|| self.ownership.cluster().truncated())).map_err(remote)?;
+            if let Some(&(partition, from)) =
+                after.iter().find(|(p, from)| truncated.get(*p as usize).is_some_and(|before| from < before))
+            {
+                self.forgotten.store(true, Ordering::SeqCst);
+                return Err(remote(format!(
+                    "the stream forgot partition {partition}'s records before position {}, and this node had \
+                     applied it only through {from}",
+                    truncated[partition as usize]
+                )));
+            }
         }
         entries.sort_by_key(|e| e.position);
         entries.into_iter().for_each(visit);

@@ -106,6 +106,11 @@ impl EventStream {
         Ok(self.stream.get_info().await.map_err(nats)?.state.last_sequence)
     }
 
+    /// How many records the stream holds (what it has not forgotten).
+    pub async fn records(&self) -> Result<u64> {
+        Ok(self.stream.get_info().await.map_err(nats)?.state.messages)
+    }
+
     /// Bytes the stream holds (one copy).
     pub async fn size_bytes(&self) -> Result<u64> {
         Ok(self.stream.get_info().await.map_err(nats)?.state.bytes)

@@ -53,6 +53,10 @@ pub enum ServerError {
     )]
     Fenced,
     #[error(
+        "the cluster's stream forgot records this node had not applied (it was paused or cut off for longer than the stream waits for a node); it stopped, and its next start restores the latest snapshot"
+    )]
+    Forgotten,
+    #[error(
         "refusing to listen on {0} without an admin token: set server.admin_token or STARLING_ADMIN_TOKEN, or listen on a loopback address"
     )]
     Exposed(std::net::SocketAddr),
@@ -575,8 +579,10 @@ async fn run_checkpoints(
             // Read before the checkpoint: every record before it is in a commit the checkpoint
             // syncs (SQLite syncs the WAL before copying it back).
             let safe = state.truncation_point();
+            let stored = starling_store::log_positions(&conn)?;
             let sealing = state.take_deletion();
             starling_store::checkpoint(&conn)?;
+            state.checkpointed(stored);
             if sealing {
                 log.seal()?;
                 wal_holds_deleted.store(true, Ordering::SeqCst);

@@ -31,7 +31,7 @@ use starling_cluster::outcomes::OutcomeStream;
 use starling_cluster::snapshot::{Covered, Snapshots};
 use starling_cluster::stream::EventStream;
 use starling_cluster::{Cluster, Ownership, Peer, Placement, Settings, SharedConfig};
-use starling_log::PARTITIONS;
+use starling_log::{PARTITIONS, Partition, Position};
 use starling_store::outcomes::Outcome;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -804,8 +804,19 @@ async fn take_snapshots(
     placement: Placement,
 ) {
     let mut last = 0;
+    // Spread: where this node last had the stream truncated.
+    let mut forgotten = Vec::new();
     loop {
         tokio::time::sleep(every).await;
+        // Placed whole, the owner stores it; spread, the owner of partition 0 (every node's copy
+        // holds every partition).
+        let stores = match placement {
+            Placement::Whole => ownership.held().len() == PARTITIONS as usize,
+            Placement::Spread => ownership.held().contains(&0),
+        };
+        if !stores {
+            continue;
+        }
         let started = std::time::Instant::now();
         let (from, into) = (database.clone(), database.with_extension("snapshot"));
         let copy = into.clone();
@@ -828,21 +839,17 @@ async fn take_snapshots(
         // A former owner (woken from a pause) must not replace a newer owner's snapshot.
         let covers = covered.last();
         let newer = snapshots.covers(SNAPSHOT).await.ok().flatten().is_some_and(|stored| stored.last() >= covers);
-        // Placed whole, the owner stores it; spread, the owner of partition 0 (every node's copy
-        // holds every partition).
-        let stores = match placement {
-            Placement::Whole => ownership.held().len() == PARTITIONS as usize,
-            Placement::Spread => ownership.held().contains(&0),
-        };
-        if covers > last && !newer && stores {
+        // Spread, a copy behind where the stream was truncated could not be brought up to date
+        // from it (the stream no longer has the records in between).
+        let usable = placement == Placement::Whole
+            || ownership.cluster().truncated().await.is_ok_and(|truncated| {
+                truncated.iter().enumerate().all(|(p, before)| covered.of(p as Partition) >= *before)
+            });
+        if covers > last && !newer && usable {
             match snapshots.put(SNAPSHOT, &into, &covered).await {
                 Ok(()) => {
                     last = covers;
                     tracing::info!(covers, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot stored");
-                    // Spread, every node follows the others' partitions at its own pace (one
-                    // paused, or catching up after the stream's leader died, is behind this
-                    // copy): the stream keeps their records until truncation waits for every
-                    // node's copy.
                     if placement == Placement::Whole {
                         forget_snapshotted(&stream, &covered).await;
                     }
@@ -851,13 +858,62 @@ async fn take_snapshots(
             }
         }
         let _ = std::fs::remove_file(&into);
+        // Spread, the nodes' databases catch up after the snapshot: truncation goes on with
+        // them even while nothing new is written (and so no new snapshot stored).
+        if placement == Placement::Spread
+            && let Ok(Some(latest)) = snapshots.covers(SNAPSHOT).await
+        {
+            forget_held_everywhere(&stream, ownership.cluster(), &latest, &mut forgotten).await;
+        }
+    }
+}
+
+/// How long a spread node whose heartbeat lapsed (paused, cut off, restarting after a crash)
+/// holds the stream's truncation back: back within it, it follows on from where it was; back
+/// after it, it finds records gone and stops, and its next start restores the latest snapshot.
+const ABSENT_FOR: Duration = Duration::from_secs(600);
+
+/// Spread, every node follows the others' partitions at its own pace (one paused, or catching
+/// up after the stream's leader died, is behind the snapshot's copy): the stream forgets each
+/// partition's records before the position both the snapshot and every node's database hold
+/// (as their heartbeats say), and records where, first, for readers to find out whether they
+/// missed records. `forgotten` is where it last did, not done again.
+async fn forget_held_everywhere(
+    stream: &EventStream,
+    cluster: &Cluster,
+    covered: &Covered,
+    forgotten: &mut Vec<Position>,
+) {
+    let held = match cluster.held_back(ABSENT_FOR).await {
+        Ok(Some(held)) => held,
+        Ok(None) => {
+            tracing::debug!("the stream is kept whole: a node has not said what its database holds yet");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!("the stream is kept whole: the nodes' heartbeats cannot be read: {e}");
+            return;
+        }
+    };
+    let before: Vec<Position> =
+        (0..PARTITIONS).map(|p| covered.of(p).min(held.get(p as usize).copied().unwrap_or(0))).collect();
+    if before == *forgotten {
+        return;
+    }
+    if let Err(e) = cluster.record_truncation(&before).await {
+        tracing::warn!("the stream is kept whole: where it is truncated cannot be recorded: {e}");
+        return;
+    }
+    let forgetting = (0..PARTITIONS).zip(before.iter().copied()).filter(|(_, position)| *position > 0).collect();
+    if forget_snapshotted(stream, &Covered(forgetting)).await {
+        *forgotten = before;
     }
 }
 
 /// Has the stream forget each partition's records before the position a stored snapshot
 /// includes: a new owner starts from the snapshot, so the stream's size follows the records
 /// written since, not every record ever written.
-async fn forget_snapshotted(stream: &EventStream, covered: &Covered) {
+async fn forget_snapshotted(stream: &EventStream, covered: &Covered) -> bool {
     let started = std::time::Instant::now();
     let mut forgotten = 0;
     for &(partition, position) in &covered.0 {
@@ -866,7 +922,7 @@ async fn forget_snapshotted(stream: &EventStream, covered: &Covered) {
             Err(e) => {
                 // Kept until the next snapshot: nothing is lost by keeping records longer.
                 tracing::warn!(partition, "the stream did not forget records a snapshot includes: {e}");
-                return;
+                return false;
             }
         }
     }
@@ -875,6 +931,7 @@ async fn forget_snapshotted(stream: &EventStream, covered: &Covered) {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "stream truncated before the snapshot"
     );
+    true
 }
 
 /// Keeps this node's leases, a few rounds per lease period, and publishes what it sees.

@@ -170,7 +170,16 @@ async fn apply_after(
     positions: &mut HashMap<Partition, Position>,
     partitions: Vec<Partition>,
 ) -> Result<usize, String> {
-    let after = partitions.into_iter().map(|p| (p, positions.get(&p).copied().unwrap_or(0))).collect();
+    // A partition this node owned until now was written here, not followed: its database
+    // holds it further than the last record followed of it.
+    let durable: HashMap<Partition, Position> = ingest.durable_positions().into_iter().collect();
+    let after = partitions
+        .into_iter()
+        .map(|p| {
+            let followed = positions.get(&p).copied().unwrap_or(0);
+            (p, followed.max(durable.get(&p).copied().unwrap_or(0)))
+        })
+        .collect();
     let entries = ingest.read_after(after).await.map_err(|e| e.to_string())?;
     ingest.follow(&entries).await.map_err(|e| e.to_string())?;
     for entry in &entries {

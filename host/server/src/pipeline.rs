@@ -376,6 +376,9 @@ pub struct Materialized {
     /// The start's replay is applying records: one at a time, so each worker waits on the
     /// others most of the time, and would otherwise write what it holds while it does.
     replaying: AtomicBool,
+    /// Each partition's position the database held at the last checkpoint, which made it
+    /// durable.
+    durable: Mutex<Vec<(Partition, Position)>>,
 }
 
 /// Ids whose profile is named differently (stitched ids) → their profile id, and back. Any
@@ -701,6 +704,11 @@ impl Ingest {
             .collect())
     }
 
+    /// Each partition's position the database holds durably (as of the last checkpoint).
+    pub fn durable_positions(&self) -> Vec<(Partition, Position)> {
+        self.materialized.durable.lock().expect("durable positions").clone()
+    }
+
     /// Each partition's position its stored state included at start.
     pub fn stored_positions(&self) -> Vec<(Partition, Position)> {
         (0..starling_log::PARTITIONS).map(|vp| (vp, self.stored.get(&vp).copied().unwrap_or(0))).collect()
@@ -996,6 +1004,12 @@ impl LogState {
         self.materialized.inflight.iter().map(|p| p.load(Ordering::SeqCst)).fold(end, Position::min)
     }
 
+    /// Records each partition's position the database held when a checkpoint, just done, made
+    /// what it held durable.
+    pub fn checkpointed(&self, positions: Vec<(Partition, Position)>) {
+        *self.materialized.durable.lock().expect("durable positions") = positions;
+    }
+
     /// Whether a deletion was committed since the last call: the log's open segment may hold
     /// the deleted person's events and should be sealed, so the next truncation removes it.
     pub fn take_deletion(&self) -> bool {
@@ -1073,6 +1087,7 @@ pub fn start(
         inflight: (0..n).map(|_| AtomicU64::new(0)).collect(),
         deleted: AtomicBool::new(false),
         replaying: AtomicBool::new(false),
+        durable: Mutex::new(stored.iter().map(|(p, position)| (*p, *position)).collect()),
     });
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
     // Workers hold weak handles to each other, so the queues close when the `Ingest` is dropped.

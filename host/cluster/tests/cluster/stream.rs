@@ -304,3 +304,76 @@ async fn a_fence_goes_after_records_a_former_owner_writes_meanwhile() {
     assert_eq!(former.len(), written, "every acknowledged record is kept");
     eprintln!("{written} records written by the former owner around {FENCES} fences");
 }
+
+/// Spread, the stream forgets only what every node's database holds, as their heartbeats say:
+/// a node that has not said yet holds the truncation back, one that left or has been away for
+/// longer than it is waited for does not. A node that was away that long finds, after its next
+/// read, that the stream forgot records it had not applied, instead of applying what follows
+/// them. (Without the guard, the read returns the records after the gap as if nothing were
+/// missing: the last read below.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_behind_the_truncation_fails_and_heartbeats_say_how_far_it_may_go() {
+    use starling_cluster::log::JetStreamLog;
+    use starling_log::{Entry, EventLog, Position};
+    use std::sync::Arc;
+    const PARTITION: Partition = 7;
+    const WAITED: Duration = Duration::from_secs(600);
+    let (nats, _turn) = three_servers().await;
+    let (a, b, c) = (join(&nats, "a").await, join(&nats, "b").await, join(&nats, "c").await);
+    for node in [&a, &b, &c] {
+        node.cluster().heartbeat().await.unwrap();
+    }
+    assert_eq!(a.cluster().held_back(WAITED).await.unwrap(), None, "no node said what it holds");
+    a.cluster().set_stored(&[(PARTITION, 40), (8, 10)]);
+    b.cluster().set_stored(&[(PARTITION, 30), (8, 20)]);
+    a.cluster().heartbeat().await.unwrap();
+    b.cluster().heartbeat().await.unwrap();
+    assert_eq!(a.cluster().held_back(WAITED).await.unwrap(), None, "c has not said what it holds");
+    c.cluster().set_stored(&[(PARTITION, 35), (8, 5)]);
+    c.cluster().heartbeat().await.unwrap();
+    let held = a.cluster().held_back(WAITED).await.unwrap().expect("every node said");
+    assert_eq!((held[PARTITION as usize], held[8], held[9]), (30, 5, 0));
+    b.cluster().leave().await.unwrap();
+    let held = a.cluster().held_back(WAITED).await.unwrap().unwrap();
+    assert_eq!((held[PARTITION as usize], held[8]), (35, 5), "a node that left is not waited for");
+    // c's heartbeat lapses; a's is renewed: with no time waited for absent nodes, c is not.
+    tokio::time::sleep(crate::nats::LEASE + Duration::from_millis(200)).await;
+    a.cluster().heartbeat().await.unwrap();
+    let held = a.cluster().held_back(Duration::ZERO).await.unwrap().unwrap();
+    assert_eq!((held[PARTITION as usize], held[8]), (40, 10), "c was away for longer than it is waited for");
+
+    let stream = Arc::new(a.cluster().events(Duration::from_secs(120)).await.unwrap());
+    let mut positions = Vec::new();
+    for i in 0..10 {
+        let id = format!("r{i}");
+        positions.push(stream.append(PARTITION, &id, Bytes::from(id.clone())).await.unwrap().position);
+    }
+    let mut truncated = vec![0; 64];
+    truncated[PARTITION as usize] = positions[5];
+    a.cluster().record_truncation(&truncated).await.unwrap();
+    assert!(stream.forget_before(PARTITION, positions[5]).await.unwrap() >= 5);
+    let read = |log: Arc<JetStreamLog>, after: Position| {
+        tokio::task::spawn_blocking(move || {
+            let mut read: Vec<Position> = Vec::new();
+            let result = log.read(&[(PARTITION, after)], &mut |entry: Entry| read.push(entry.position));
+            result.map(|()| read)
+        })
+    };
+    let guarded = || {
+        let log = Arc::new(JetStreamLog::new(stream.clone(), a.clone(), tokio::runtime::Handle::current()));
+        log.guard_truncation();
+        log
+    };
+
+    let behind = guarded();
+    let error = read(behind.clone(), positions[2]).await.unwrap().expect_err("records after it are gone");
+    assert!(error.to_string().contains("forgot partition 7's records"), "{error}");
+    assert!(behind.forgotten());
+
+    let level = guarded();
+    assert_eq!(read(level.clone(), positions[5]).await.unwrap().unwrap(), positions[6..].to_vec());
+    assert!(!level.forgotten());
+
+    let unguarded = Arc::new(JetStreamLog::new(stream.clone(), a.clone(), tokio::runtime::Handle::current()));
+    assert_eq!(read(unguarded, positions[2]).await.unwrap().unwrap(), positions[5..].to_vec(), "the gap unseen");
+}

@@ -32,6 +32,7 @@ use futures_util::future::BoxFuture;
 use starling_cluster::intake::Intake;
 use starling_cluster::log::JetStreamLog;
 use starling_cluster::outcomes::OutcomeStream;
+use starling_cluster::stream::EventStream;
 use starling_cluster::{Ownership, Peer, Placement};
 use starling_core::Event;
 use starling_log::{Partition, Position};
@@ -208,6 +209,7 @@ struct Front {
     placed: watch::Receiver<Placed>,
     client: Client,
     intake: Arc<Intake>,
+    stream: Arc<EventStream>,
 }
 
 /// Serves `listener` as a node of a spread cluster until `shutdown` resolves.
@@ -228,6 +230,7 @@ pub(super) async fn serve(
     };
     let ownership = Arc::new(Ownership::new(cluster));
     let log = Arc::new(JetStreamLog::new(stream.clone(), ownership.clone(), tokio::runtime::Handle::current()));
+    log.guard_truncation();
     tracing::info!(node = %settings.node, %url, "joined the cluster; its partitions are spread over the nodes");
 
     let (placed_tx, placed) = watch::channel(Placed::default());
@@ -256,6 +259,7 @@ pub(super) async fn serve(
         placed: placed.clone(),
         client,
         intake: intake.clone(),
+        stream: stream.clone(),
     });
     let router = axum::Router::new()
         .route("/v1/cluster", get(status))
@@ -286,7 +290,13 @@ pub(super) async fn serve(
     let mut placed_rx = placed;
     let mut published = None;
     let mut applying: Option<tokio::task::JoinHandle<()>> = None;
-    loop {
+    let outcome = loop {
+        if log.forgotten() {
+            tracing::error!(node = %settings.node, "the stream forgot records this node had not applied; stopping");
+            break Err(ServerError::Forgotten);
+        }
+        // What the stream must keep for this node (see `take_snapshots`).
+        ownership.cluster().set_stored(&front.ingest.durable_positions());
         let held = placed_rx.borrow_and_update().held.clone();
         // A partition released (given to a node that joined), taken by another node, or whose
         // lease this node could not renew in time, is no longer applied live here: events for
@@ -335,11 +345,11 @@ pub(super) async fn serve(
             applying = Some(tokio::spawn(apply_intake(front.ingest.clone(), intake.clone(), owned.partitions())));
         }
         tokio::select! {
-            changed = placed_rx.changed() => if changed.is_err() { break },
+            changed = placed_rx.changed() => if changed.is_err() { break Ok(()) },
             _ = tokio::time::sleep(lease / 4) => {}
-            _ = &mut shutdown => break,
+            _ = &mut shutdown => break Ok(()),
         }
-    }
+    };
     let _ = stop_tx.send(true);
     let _ = serving.await;
     rounds.abort();
@@ -353,10 +363,12 @@ pub(super) async fn serve(
     engine.stop().await;
     // What the lanes finished while stopping, for the next owners not to deliver again.
     publish_outcomes(&reported, &outcome_stream).await;
+    // Also after the stream forgot what this node lacks: its next start restores the latest
+    // snapshot, so it need not hold the stream's truncation back meanwhile.
     if let Err(e) = ownership.release_all().await {
         tracing::warn!("leaving the cluster: {e}");
     }
-    Ok(())
+    outcome
 }
 
 /// Applies the configuration the owner of partition 0 published, if it is not the one this node
@@ -543,6 +555,12 @@ async fn status(State(front): State<Arc<Front>>) -> Response {
         // Events handed to partitions while no node owned them, not yet applied (null: the
         // intake is unreachable).
         "intake_held": front.intake.held().await.ok(),
+        // What the stream holds: it forgets what every node's database and the latest snapshot
+        // hold (null: the stream is unreachable).
+        "stream": {
+            "records": front.stream.records().await.ok(),
+            "last_position": front.stream.last().await.ok(),
+        },
         "nodes": placed.nodes.iter().map(|(n, p)| serde_json::json!({"node": n, "url": p.url, "config_version": p.config_version})).collect::<Vec<_>>(),
     });
     axum::Json(body).into_response()

@@ -141,6 +141,18 @@ impl Server {
         panic!("starling did not exit within {limit:?} of SIGTERM:\n{}", self.logs());
     }
 
+    /// Waits up to `limit` for the server to exit on its own, and returns how it exited.
+    pub(crate) fn exits_within(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("starling did not exit within {limit:?}:\n{}", self.logs());
+    }
+
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }

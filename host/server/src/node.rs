@@ -214,6 +214,7 @@ pub async fn serve(
     let (reported, mut passing_on) = (Outcomes::default(), None);
     let feed = OutcomeFeed { stream: outcome_stream.clone(), read: Arc::default() };
     let snapshot_every = Duration::from_millis(settings.snapshot_every_ms as u64);
+    let wait_for_absent = Duration::from_millis(settings.wait_for_absent_ms as u64);
     let outcome = loop {
         let (holds_all, overtaken, owner) = {
             let view = view_rx.borrow_and_update();
@@ -283,6 +284,7 @@ pub async fn serve(
                             ownership.clone(),
                             snapshot_every,
                             Placement::Whole,
+                            wait_for_absent,
                         )));
                     }
                     Err(e) => break Err(e),
@@ -794,7 +796,8 @@ fn remove_database(database: &Path) -> std::io::Result<()> {
 }
 
 /// Stores a snapshot of the database every `every`, for the next owner to start from, then has
-/// the stream forget the records it includes.
+/// the stream forget the records it includes (spread, those every node holds too, waiting
+/// `wait_for_absent` for a node whose heartbeat lapsed).
 async fn take_snapshots(
     database: PathBuf,
     snapshots: Arc<Snapshots>,
@@ -802,6 +805,7 @@ async fn take_snapshots(
     ownership: Arc<Ownership>,
     every: Duration,
     placement: Placement,
+    wait_for_absent: Duration,
 ) {
     let mut last = 0;
     // Spread: where this node last had the stream truncated.
@@ -863,28 +867,27 @@ async fn take_snapshots(
         if placement == Placement::Spread
             && let Ok(Some(latest)) = snapshots.covers(SNAPSHOT).await
         {
-            forget_held_everywhere(&stream, ownership.cluster(), &latest, &mut forgotten).await;
+            forget_held_everywhere(&stream, ownership.cluster(), &latest, wait_for_absent, &mut forgotten).await;
         }
     }
 }
 
-/// How long a spread node whose heartbeat lapsed (paused, cut off, restarting after a crash)
-/// holds the stream's truncation back: back within it, it follows on from where it was; back
-/// after it, it finds records gone and stops, and its next start restores the latest snapshot.
-const ABSENT_FOR: Duration = Duration::from_secs(600);
-
 /// Spread, every node follows the others' partitions at its own pace (one paused, or catching
 /// up after the stream's leader died, is behind the snapshot's copy): the stream forgets each
 /// partition's records before the position both the snapshot and every node's database hold
-/// (as their heartbeats say), and records where, first, for readers to find out whether they
-/// missed records. `forgotten` is where it last did, not done again.
+/// (as their heartbeats say; a node whose heartbeat lapsed is waited for, at its last word, for
+/// `wait_for_absent`: back within it, it follows on from where it was, back after it, it finds
+/// records gone and stops, and its next start restores the latest snapshot), and records where,
+/// first, for readers to find out whether they missed records. `forgotten` is where it last
+/// did, not done again.
 async fn forget_held_everywhere(
     stream: &EventStream,
     cluster: &Cluster,
     covered: &Covered,
+    wait_for_absent: Duration,
     forgotten: &mut Vec<Position>,
 ) {
-    let held = match cluster.held_back(ABSENT_FOR).await {
+    let held = match cluster.held_back(wait_for_absent).await {
         Ok(Some(held)) => held,
         Ok(None) => {
             tracing::debug!("the stream is kept whole: a node has not said what its database holds yet");

@@ -1347,6 +1347,11 @@ struct Pending {
 }
 
 impl Pending {
+    /// Whether nothing is held that SQLite lacks.
+    fn is_clean(&self) -> bool {
+        self.since.is_none() && self.effects.writes.is_empty() && self.touched.is_empty()
+    }
+
     /// Notes an item of `job` in its partition's record (`extend` adds it to the partition's
     /// last record of the batch, whichever job started it, if it is of the same kind; `fresh`
     /// starts one): a partition's records keep the order its items were applied in. Actions
@@ -1497,12 +1502,6 @@ impl Worker {
         !owned.is_all() && !owned.is_none()
     }
 
-    /// Whether nothing is held in memory that SQLite lacks.
-    fn holds_nothing(&self) -> bool {
-        let p = &self.pending;
-        p.since.is_none() && p.effects.writes.is_empty() && p.touched.is_empty()
-    }
-
     /// The last position of `partition` this worker applied (written to SQLite or not).
     fn applied_through(&self, partition: Partition) -> Position {
         let stored = self.stored.get(&partition).copied().unwrap_or(0);
@@ -1522,7 +1521,7 @@ impl Worker {
     ) -> Result<(Vec<IngestReport>, Vec<Vec<Answer>>), String> {
         // A live batch on a node following others starts from a state SQLite holds (or the
         // followed records it holds in memory are derived again with the rest if it fails).
-        let own_records_only = replayed.is_none() && self.follows_others() && self.holds_nothing();
+        let own_records_only = replayed.is_none() && self.follows_others() && self.pending.is_clean();
         let mut p = std::mem::take(&mut self.pending);
         p.batch_start = p.effects.writes.len();
         p.urgent = false;
@@ -1592,7 +1591,7 @@ impl Worker {
     /// failure everything stays in memory (the log holds it) and is tried again later.
     fn materialize(&mut self, conn: &rusqlite::Connection, handed_on: &mut [Vec<Answer>]) {
         let mut p = std::mem::take(&mut self.pending);
-        if p.since.is_none() && p.effects.writes.is_empty() && p.touched.is_empty() {
+        if p.is_clean() {
             self.pending = p;
             if !self.recovering {
                 self.materialized.inflight[self.index].store(u64::MAX, Ordering::SeqCst);

@@ -1,5 +1,5 @@
 //! `[cluster]`: NATS servers, node name, lease, replicas, advertised address, snapshots, intake,
-//! placement.
+//! placement, how long the stream waits for an absent node.
 
 use super::Validator;
 use super::raw::RawCluster;
@@ -15,6 +15,10 @@ const DEFAULT_INTAKE_LIMIT: u64 = 30_000;
 /// A stream's messages beyond this would outgrow what one takeover applies in a lease period.
 const MOST_INTAKE_LIMIT: i64 = 10_000_000;
 const SNAPSHOT_RANGE_MS: std::ops::RangeInclusive<i64> = 1_000..=86_400_000;
+/// Long enough for a node's restart or a NATS election; a week of stream is the most kept for
+/// a node that may never come back.
+const DEFAULT_WAIT_FOR_ABSENT_MS: i64 = 600_000;
+const WAIT_FOR_ABSENT_RANGE_MS: std::ops::RangeInclusive<i64> = 1_000..=604_800_000;
 /// A lease shorter than this is renewed more often than a NATS round trip under load allows;
 /// a longer one leaves a dead node's partitions unserved for longer than clients wait.
 const LEASE_RANGE_MS: std::ops::RangeInclusive<i64> = 1_000..=60_000;
@@ -86,6 +90,13 @@ impl Validator<'_> {
                 false
             }
         };
+        let wait_for_absent_ms = self.bounded_duration(
+            &raw.wait_for_absent,
+            "wait_for_absent",
+            WAIT_FOR_ABSENT_RANGE_MS,
+            "between 1s and 7d",
+            DEFAULT_WAIT_FOR_ABSENT_MS,
+        );
         (self.errors.len() == errors).then(|| ClusterSettings {
             nats: raw.nats.iter().map(|u| u.get_ref().clone()).collect(),
             node: node.clone(),
@@ -95,6 +106,7 @@ impl Validator<'_> {
             snapshot_every_ms,
             intake_limit,
             spread,
+            wait_for_absent_ms,
         })
     }
 

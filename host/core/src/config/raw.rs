@@ -48,6 +48,7 @@ pub(super) struct RawCluster {
     pub(super) snapshot_every: Option<Spanned<String>>,
     pub(super) intake_limit: Option<Spanned<i64>>,
     pub(super) placement: Option<Spanned<String>>,
+    pub(super) wait_for_absent: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

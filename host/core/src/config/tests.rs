@@ -366,6 +366,7 @@ advertise = "http://10.0.0.1:8080/"
 snapshot_every = "0s"
 intake_limit = -1
 placement = "halves"
+wait_for_absent = "8d"
 "#;
     let errs: Vec<String> = parse(src).unwrap_err().0.iter().map(ToString::to_string).collect();
     assert_eq!(
@@ -379,12 +380,14 @@ placement = "halves"
             "8:18: cluster.snapshot_every: `0s` must be positive and not absurdly long",
             "9:16: cluster.intake_limit must be between 0 and 10000000 events",
             "10:13: cluster.placement: `halves` is not `whole` or `spread`",
+            "11:19: cluster.wait_for_absent must be between 1s and 7d",
         ]
     );
     let model = parse("[cluster]\nnats = [\"nats://a:4222\", \"nats://b:4222\"]\nnode = \"a-1\"\n").unwrap();
     let cluster = model.cluster.unwrap();
     assert_eq!((cluster.node.as_str(), cluster.lease_ms, cluster.replicas), ("a-1", 5_000, 2));
     assert_eq!((cluster.snapshot_every_ms, cluster.intake_limit, cluster.spread), (60_000, 30_000, false));
+    assert_eq!(cluster.wait_for_absent_ms, 600_000);
     let spread = parse("[cluster]\nnats = [\"nats://a:4222\"]\nnode = \"a\"\nplacement = \"spread\"\n").unwrap();
     assert!(spread.cluster.unwrap().spread);
     assert!(parse("").unwrap().cluster.is_none(), "a single server needs no cluster");

@@ -198,4 +198,7 @@ pub struct ClusterSettings {
     pub intake_limit: u64,
     /// Whether the partitions are spread over the live nodes (else one node holds them all).
     pub spread: bool,
+    /// Spread: how long the stream keeps, for a node whose heartbeat lapsed, the records it has
+    /// not applied (back later, it restores the latest snapshot instead).
+    pub wait_for_absent_ms: i64,
 }

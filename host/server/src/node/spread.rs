@@ -285,6 +285,7 @@ pub(super) async fn serve(
         ownership.clone(),
         snapshot_every,
         Placement::Spread,
+        Duration::from_millis(settings.wait_for_absent_ms as u64),
     ));
 
     let mut placed_rx = placed;

@@ -560,6 +560,7 @@ async fn status(State(front): State<Arc<Front>>) -> Response {
         // hold (null: the stream is unreachable).
         "stream": {
             "records": front.stream.records().await.ok(),
+            "bytes": front.stream.size_bytes().await.ok(),
             "last_position": front.stream.last().await.ok(),
         },
         "nodes": placed.nodes.iter().map(|(n, p)| serde_json::json!({"node": n, "url": p.url, "config_version": p.config_version})).collect::<Vec<_>>(),

@@ -64,6 +64,12 @@ pub enum ClusterError {
         "another node wrote to partition {partition}'s log: this node is no longer its owner and writes nothing more"
     )]
     Overtaken { partition: Partition },
+    /// The partition was taken again while an append waited for its lease: what the append
+    /// holds was drafted without the records written since it was lost.
+    #[error(
+        "partition {partition} was lost and taken again while this batch waited for its lease: the batch was drafted without what was written in between"
+    )]
+    Refenced { partition: Partition },
     /// Another node holds an unexpired lease on the partition.
     #[error("partition {partition} is held by node `{node}`")]
     Taken { partition: Partition, node: String },

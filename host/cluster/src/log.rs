@@ -57,6 +57,8 @@ pub struct JetStreamLog {
     /// Per partition: the stream refused an append because another node wrote to the
     /// partition, so this node's state is no longer the partition's (until it takes it again).
     overtaken: Vec<AtomicBool>,
+    /// Per partition: how many times this node fenced it (took it).
+    fences: Vec<AtomicU64>,
     /// Whether reads check that the stream still holds every record after the positions read
     /// from (see [`JetStreamLog::guard_truncation`]).
     guarded: AtomicBool,
@@ -81,6 +83,7 @@ impl JetStreamLog {
             records: AtomicU64::new(0),
             run,
             overtaken: (0..PARTITIONS).map(|_| AtomicBool::new(false)).collect(),
+            fences: (0..PARTITIONS).map(|_| AtomicU64::new(0)).collect(),
             guarded: AtomicBool::new(false),
             forgotten: AtomicBool::new(false),
         }
@@ -131,6 +134,9 @@ impl JetStreamLog {
     /// position again and goes after it, and the engine applies the record like any other.
     pub async fn fence(&self, partitions: &[Partition], marker: &[u8]) -> Result<(), LogError> {
         for &partition in partitions {
+            // Before the fence goes after the partition's last record: an append waiting for
+            // the lease meanwhile must not follow it (see `append`).
+            self.fences[partition as usize].fetch_add(1, Ordering::SeqCst);
             let started = Instant::now();
             loop {
                 let last = retried(|| self.stream.last_position(partition)).await.map_err(remote)?;
@@ -203,6 +209,7 @@ impl EventLog for JetStreamLog {
         }
         // A lease that lapsed while the servers could not be reached (an election) is renewed
         // once they can: the append waits for that, as long as it would retry the stream.
+        let fences: Vec<u64> = records.iter().map(|(p, _)| self.fences[*p as usize].load(Ordering::SeqCst)).collect();
         let waiting = Instant::now();
         loop {
             let held = self.ownership.held();
@@ -214,6 +221,16 @@ impl EventLog for JetStreamLog {
                 return Err(remote(crate::ClusterError::Fenced { partition: *partition }));
             }
             self.runtime.block_on(async { tokio::time::sleep(RETRY_EVERY).await });
+        }
+        // Lost and taken again while this append waited (a node paused past its leases that
+        // rejoins): the records were drafted on a state without what the other node wrote in
+        // between, and the fence would let them go after it.
+        if let Some(((partition, _), _)) = records
+            .iter()
+            .zip(&fences)
+            .find(|((p, _), fenced)| self.fences[*p as usize].load(Ordering::SeqCst) != **fenced)
+        {
+            return Err(remote(crate::ClusterError::Refenced { partition: *partition }));
         }
         // Records of one partition go one after another (each is conditional on the last);
         // partitions go side by side.

@@ -377,3 +377,43 @@ async fn a_read_behind_the_truncation_fails_and_heartbeats_say_how_far_it_may_go
     let unguarded = Arc::new(JetStreamLog::new(stream.clone(), a.clone(), tokio::runtime::Handle::current()));
     assert_eq!(read(unguarded, positions[2]).await.unwrap().unwrap(), positions[5..].to_vec(), "the gap unseen");
 }
+
+/// An append waiting for its partition's lease goes through once the lease is renewed (a NATS
+/// election outlasting it), but not once the partition was fenced meanwhile, as a node that
+/// lost it and takes it back does: the append was drafted before, without what was written in
+/// between, and would otherwise go after the fence.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_append_waiting_for_its_lease_is_refused_if_the_partition_was_taken_again_meanwhile() {
+    use starling_cluster::log::JetStreamLog;
+    use starling_log::EventLog;
+    use std::sync::Arc;
+    const PARTITION: Partition = 7;
+    let (nats, _turn) = three_servers().await;
+    let node = join(&nats, "a").await;
+    let stream = Arc::new(node.cluster().events(Duration::from_secs(120)).await.unwrap());
+    let log = Arc::new(JetStreamLog::new(stream, node.clone(), tokio::runtime::Handle::current()));
+    while !node.held().contains(&PARTITION) {
+        node.tick().await.unwrap();
+    }
+    log.fence(&[PARTITION], b"fence").await.unwrap();
+    let lapsed = async || {
+        while node.held().contains(&PARTITION) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let append = |log: Arc<JetStreamLog>| tokio::task::spawn_blocking(move || log.append(&[(PARTITION, b"record")]));
+
+    lapsed().await;
+    let waiting = append(log.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    node.tick().await.unwrap();
+    waiting.await.unwrap().expect("renewed, the lease lets the append through");
+
+    lapsed().await;
+    let waiting = append(log.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    log.fence(&[PARTITION], b"fence").await.unwrap();
+    node.tick().await.unwrap();
+    let refused = waiting.await.unwrap().expect_err("taken again, the partition refuses the append");
+    assert!(refused.to_string().contains("lost and taken again"), "{refused}");
+}

@@ -55,6 +55,8 @@ const PROFILE_CACHE_LIMIT: usize = 10_000;
 /// ids it looks at after each batch until it has been through them all.
 const PRUNE_EVERY_MS: i64 = 60_000;
 const PRUNE_CHUNK: usize = 2_000;
+/// How long a worker whose recovery could not read the log waits before it tries again.
+const RECOVER_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct IngestReport {
@@ -1110,6 +1112,7 @@ pub fn start(
             stored: stored.clone(),
             recovering: false,
             failed: None,
+            recover_again: None,
             last_prune_ms: 0,
             pruning: None,
             deletions: 0,
@@ -1160,6 +1163,10 @@ struct Worker {
     recovering: bool,
     /// Why this worker takes no more work: its state could not be derived again.
     failed: Option<String>,
+    /// A recovery that could not read what it needed (the log's servers electing a leader):
+    /// whether it applied its own records only, and when it failed. Tried again with the next
+    /// work after [`RECOVER_AGAIN_AFTER`]; meanwhile `failed` refuses work.
+    recover_again: Option<(bool, std::time::Instant)>,
     last_prune_ms: i64,
     /// The id after which the pass through seen event ids under way continues.
     pruning: Option<String>,
@@ -1451,6 +1458,13 @@ impl Worker {
             self.adopt(current);
         }
         self.version = version;
+        if let Some((own_records_only, failed_at)) = self.recover_again
+            && failed_at.elapsed() >= RECOVER_AGAIN_AFTER
+        {
+            self.recover_again = None;
+            self.failed = None;
+            self.recover(conn, own_records_only);
+        }
         // Work that reads the store as committed sees everything applied before it. On a node
         // that follows other nodes' partitions, so does live work: a live batch that fails is
         // forgotten with all this worker holds in memory, and only this node's own records are
@@ -1671,6 +1685,7 @@ impl Worker {
             Ok(positions) => positions.into_iter().collect(),
             Err(e) => {
                 self.failed = Some(format!("reading the stored log positions: {e}"));
+                self.recover_again = Some((owned_only, std::time::Instant::now()));
                 return;
             }
         };
@@ -1684,6 +1699,7 @@ impl Worker {
         let mut entries = Vec::new();
         if let Err(e) = self.shared.log.read(&after, &mut |entry| entries.push(entry)) {
             self.failed = Some(format!("reading the event log: {e}"));
+            self.recover_again = Some((owned_only, std::time::Instant::now()));
             return;
         }
         let replayed = entries.len();
@@ -3612,6 +3628,8 @@ mod tests {
         log: starling_log::MemoryLog,
         held_in_log: Option<Partition>,
         refuse: Mutex<Option<Partition>>,
+        /// Reads that fail before one succeeds.
+        unreadable: AtomicU64,
         open: Mutex<bool>,
         opened: std::sync::Condvar,
         appends: AtomicU64,
@@ -3654,6 +3672,9 @@ mod tests {
             self.log.sync(position)
         }
         fn read(&self, after: &[(Partition, Position)], visit: &mut dyn FnMut(Entry)) -> starling_log::Result<()> {
+            if self.unreadable.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                return Err(starling_log::LogError::Remote("unreadable for now".into()));
+            }
             self.log.read(after, visit)
         }
         fn truncate_before(&self, position: Position) -> starling_log::Result<u64> {
@@ -3770,6 +3791,29 @@ mod tests {
         assert_eq!(running.profile(&first).unwrap().event_count, 2);
         let conn = starling_store::open(&running.database).unwrap();
         assert!(starling_store::handed_over(&conn).unwrap().is_empty());
+        running.stop();
+    }
+
+    /// A worker whose batch failed and whose recovery then could not read the log (its servers
+    /// electing a leader) refuses work for a moment, then derives its state again and takes
+    /// work as before. (Before, it refused all work until the next start.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_recovery_that_could_not_read_the_log_is_tried_again() {
+        let visitor = "visitor-0";
+        let log = Arc::new(GatedLog::default());
+        log.open();
+        let running = Running::start(1, log.clone(), false);
+        running.ingest.submit(vec![event(visitor, 0)]).await.unwrap();
+        *log.refuse.lock().unwrap() = Some(starling_log::partition_of(visitor));
+        log.unreadable.store(1, Ordering::SeqCst);
+        assert!(running.ingest.submit(vec![event(visitor, 1)]).await.is_err(), "the batch failed");
+        assert_eq!(log.unreadable.load(Ordering::SeqCst), 0, "the recovery's read failed");
+        let refused = running.ingest.submit(vec![event(visitor, 2)]).await.unwrap_err();
+        assert!(refused.to_string().contains("reading the event log"), "{refused}");
+        tokio::time::sleep(RECOVER_AGAIN_AFTER).await;
+        running.ingest.submit(vec![event(visitor, 3)]).await.unwrap();
+        running.ingest.materialize().await.unwrap();
+        assert_eq!(running.profile(visitor).unwrap().event_count, 2, "the first event and the last");
         running.stop();
     }
 

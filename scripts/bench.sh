@@ -89,6 +89,7 @@ start_cluster() {
         cat > "$dir/n$i.conf" <<EOF
 server_name: n$i
 listen: 127.0.0.1:1422$i
+http: 127.0.0.1:822$i
 jetstream { store_dir: "$dir/n$i", sync_interval: always }
 cluster {
   name: starling-bench
@@ -111,6 +112,35 @@ node() {
     $starling serve --config "target/bench/node-$1/starling.toml" --database "target/bench/node-$1/starling.db" \
         --plugins target/bench-plugins --listen "127.0.0.1:$2" >> "target/bench/node-$1.log" 2>&1 &
     nodes+=($!)
+}
+
+# CPU seconds (user and system) the processes `$@` have used so far, added up.
+cpu_seconds() {
+    local ticks=0
+    for pid in "$@"; do
+        ticks=$(( ticks + $(awk '{ print $14 + $15 }' "/proc/$pid/stat") ))
+    done
+    awk "BEGIN { printf \"%.2f\", $ticks / $(getconf CLK_TCK) }"
+}
+
+# Messages the three NATS servers have taken in so far (from clients and from each other).
+nats_messages() {
+    local total=0
+    for i in 0 1 2; do
+        total=$(( total + $(curl -sf "localhost:822$i/varz" | python3 -c 'import json, sys; print(json.load(sys.stdin)["in_msgs"])') ))
+    done
+    echo $total
+}
+
+# What the Starling nodes and the NATS servers used of the CPU, and the messages the servers
+# took in, since `$1`, `$2` and `$3` (from `cpu_seconds` and `nats_messages`), per thousand of
+# `$4` events.
+cost_per_event() {
+    local starling_now nats_now messages_now
+    starling_now=$(cpu_seconds "${nodes[@]}")
+    nats_now=$(cpu_seconds "${nats_pids[@]}")
+    messages_now=$(nats_messages)
+    awk "BEGIN { printf \"per 1,000 events: CPU of the Starling nodes %.3f s, of the NATS servers %.3f s; %.0f messages into the NATS servers\\n\", ($starling_now - $1) * 1000 / $4, ($nats_now - $2) * 1000 / $4, ($messages_now - $3) * 1000 / $4 }"
 }
 
 # Waits until the node on port `$1` serves.
@@ -284,7 +314,9 @@ spread)
     node a 8080
     serving 8080
     echo "== one node on JetStream owning every partition"
+    starling_before=$(cpu_seconds "${nodes[@]}") nats_before=$(cpu_seconds "${nats_pids[@]}") messages_before=$(nats_messages)
     load --prefix whole
+    cost_per_event "$starling_before" "$nats_before" "$messages_before" "$events"
     kill "${nodes[@]}" "${nats_pids[@]}" 2>/dev/null || true
     wait "${nodes[@]}" "${nats_pids[@]}" 2>/dev/null || true
     start_cluster
@@ -297,6 +329,7 @@ spread)
     PLACEMENT=spread node b 8081
     until [[ $(owned 8080) -eq 32 && $(owned 8081) -eq 32 ]]; do sleep 0.1; done
     echo "== two nodes, the partitions spread, half the load through each"
+    starling_before=$(cpu_seconds "${nodes[@]}") nats_before=$(cpu_seconds "${nats_pids[@]}") messages_before=$(nats_messages)
     started=$(date +%s.%N)
     $starling loadgen --server http://127.0.0.1:8080 --people "$people" --events "$(( events / 2 ))" --batch 500 \
         --connections 4 --prefix spread-a > target/bench/spread-a.log 2>&1 &
@@ -308,6 +341,7 @@ spread)
     elapsed=$(awk "BEGIN { print $(date +%s.%N) - $started }")
     grep applied target/bench/spread-a.log target/bench/spread-b.log
     echo "both loads applied in $elapsed s: $(awk "BEGIN { printf \"%.0f\", $events / $elapsed }") events/s together"
+    cost_per_event "$starling_before" "$nats_before" "$messages_before" "$events"
     for prefix in spread-a spread-b; do
         $starling loadgen --server http://127.0.0.1:8080 --people "$people" --events "$(( events / 2 ))" \
             --prefix $prefix --verify-only | grep verified
@@ -323,6 +357,10 @@ spread)
         sleep 0.5
     done
     echo "the stream holds $records records ($bytes bytes, one copy) of the $written written"
+    # What two idle nodes cost the servers: heartbeats, leases, and follow rounds finding nothing.
+    starling_before=$(cpu_seconds "${nodes[@]}") nats_before=$(cpu_seconds "${nats_pids[@]}") messages_before=$(nats_messages)
+    sleep 10
+    awk "BEGIN { printf \"idle, per second: CPU of the Starling nodes %.3f s, of the NATS servers %.3f s; %.0f messages into the NATS servers\\n\", ($(cpu_seconds "${nodes[@]}") - $starling_before) / 10, ($(cpu_seconds "${nats_pids[@]}") - $nats_before) / 10, ($(nats_messages) - $messages_before) / 10 }"
     kill "${nodes[@]}" 2>/dev/null || true
     ;;
 catchup)

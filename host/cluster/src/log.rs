@@ -272,44 +272,31 @@ impl EventLog for JetStreamLog {
     }
 
     fn read(&self, after: &[(Partition, Position)], visit: &mut dyn FnMut(Entry)) -> starling_log::Result<()> {
-        // Partitions are read side by side: each is a consumer of its own, and most of a read's
-        // time is waiting for the servers.
-        let reads = after.iter().map(|&(partition, from)| async move {
-            let started = Instant::now();
-            let last = retried(|| self.stream.last_position(partition)).await.map_err(remote)?;
-            let last_ms = started.elapsed().as_millis() as u64;
-            // Where an append expects the partition to end is learnt from fencing it and from
-            // this node's own appends, never from reading it: a batch drafted before this node
-            // lost the partition, still waiting for its lease when the node takes the partition
+        let started = Instant::now();
+        let mut entries = self
+            .runtime
+            .block_on(retried(|| async {
+                let mut entries = Vec::new();
+                let mut visit = |partition, position, payload: Bytes| {
+                    entries.push(Entry { position, partition, payload: payload.to_vec() })
+                };
+                self.stream.read_partitions(after, &mut visit).await.map(|()| entries)
+            }))
+            .map_err(remote)?;
+        if let Some(last) = entries.iter().map(|e| e.position).max() {
+            // Where an append expects a partition to end is learnt from fencing it and from this
+            // node's own appends, never from reading it: a batch drafted before this node lost
+            // the partition, still waiting for its lease when the node takes the partition
             // again, would otherwise be appended after records its state never saw.
             self.next.fetch_max(last + 1, Ordering::SeqCst);
-            let read = retried(|| async {
-                let mut records = Vec::new();
-                let mut visit = |position, payload: Bytes| records.push((position, payload));
-                self.stream.read(partition, from, &mut visit).await.map(|()| records)
-            })
-            .await
-            .map_err(remote)?;
-            if started.elapsed() > Duration::from_secs(1) {
-                tracing::debug!(
-                    partition,
-                    from,
-                    last,
-                    records = read.len(),
-                    last_ms,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "slow read"
-                );
-            }
-            Ok::<_, LogError>(read.into_iter().map(move |(position, payload)| Entry {
-                position,
-                partition,
-                payload: payload.to_vec(),
-            }))
-        });
-        let mut entries = Vec::new();
-        for read in self.runtime.block_on(futures_util::future::join_all(reads)) {
-            entries.extend(read?);
+        }
+        if started.elapsed() > Duration::from_secs(1) {
+            tracing::debug!(
+                partitions = after.len(),
+                records = entries.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "slow read"
+            );
         }
         if self.guarded.load(Ordering::SeqCst) {
             // After the read: the truncation is recorded before the records go.

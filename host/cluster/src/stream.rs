@@ -14,6 +14,8 @@ use std::time::Duration;
 
 const STREAM: &str = "STARLING_EVENTS";
 const SUBJECT_PREFIX: &str = "starling.events";
+/// How long a read of the event stream waits for the records it expects.
+const READ_WITHIN: Duration = Duration::from_secs(10);
 
 fn subject(partition: Partition) -> String {
     format!("{SUBJECT_PREFIX}.{partition}")
@@ -24,6 +26,15 @@ fn subject(partition: Partition) -> String {
 pub struct Appended {
     pub position: Position,
     pub duplicate: bool,
+}
+
+/// What the stream holds, as its servers say: records and bytes (one copy), and the position of
+/// its last record in any partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Holds {
+    pub records: u64,
+    pub bytes: u64,
+    pub last_position: Position,
 }
 
 /// A handle on the event stream.
@@ -106,9 +117,10 @@ impl EventStream {
         Ok(self.stream.get_info().await.map_err(nats)?.state.last_sequence)
     }
 
-    /// How many records the stream holds (what it has not forgotten).
-    pub async fn records(&self) -> Result<u64> {
-        Ok(self.stream.get_info().await.map_err(nats)?.state.messages)
+    /// What the stream holds now (what it has not forgotten), one request.
+    pub async fn holds(&self) -> Result<Holds> {
+        let state = self.stream.get_info().await.map_err(nats)?.state;
+        Ok(Holds { records: state.messages, bytes: state.bytes, last_position: state.last_sequence })
     }
 
     /// Bytes the stream holds (one copy).
@@ -124,7 +136,59 @@ impl EventStream {
         after: Position,
         visit: &mut (dyn FnMut(Position, Bytes) + Send),
     ) -> Result<()> {
-        read_subject(&self.stream, &subject(partition), after, visit).await
+        self.read_partitions(&[(partition, after)], &mut |_, position, payload| visit(position, payload)).await
+    }
+
+    /// Calls `visit` with each record of the partitions `after` names, after the position given
+    /// for each, in the stream's order, up to the last one they hold when the read starts. One
+    /// consumer reads them all: a follower reads every partition it does not own several times
+    /// a second, and a consumer (and a last-position request) per partition and read cost the
+    /// servers more than the records themselves.
+    pub async fn read_partitions(
+        &self,
+        after: &[(Partition, Position)],
+        visit: &mut (dyn FnMut(Partition, Position, Bytes) + Send),
+    ) -> Result<()> {
+        let Some(start) = after.iter().map(|(_, from)| from + 1).min() else { return Ok(()) };
+        let mut from = [None; starling_log::PARTITIONS as usize];
+        for &(partition, position) in after {
+            from[partition as usize] = Some(position);
+        }
+        let name = read_consumer_name();
+        let mut subjects: Vec<String> = after.iter().map(|(partition, _)| subject(*partition)).collect();
+        let (filter_subject, filter_subjects) = match subjects.len() {
+            1 => (subjects.remove(0), Vec::new()),
+            _ => (String::new(), subjects),
+        };
+        let consumer = self
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                name: Some(name.clone()),
+                filter_subject,
+                filter_subjects,
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: start },
+                ..Default::default()
+            })
+            .await
+            .map_err(nats)?;
+        let pending = consumer.cached_info().num_pending;
+        let read = if pending == 0 {
+            Ok(())
+        } else {
+            // Records truncated away while the read waits for them (all of them before the
+            // positions read from) would leave it waiting: it fails, and is tried again.
+            tokio::time::timeout(READ_WITHIN, visit_pending(consumer, start, pending, &from, visit))
+                .await
+                .unwrap_or_else(|_| Err(ClusterError::Nats(format!("a read of {} partitions timed out", after.len()))))
+        };
+        // Left to lapse, each read's consumer would stay on the servers for the ordered
+        // consumer's inactivity threshold (30 s): a follower reading several times a second
+        // piles up thousands, until the servers refuse new ones. (One the client recreated
+        // meanwhile, named `{name}_{n}`, lapses.)
+        if let Err(e) = self.stream.delete_consumer(&name).await {
+            tracing::debug!(consumer = %name, "a read's consumer not deleted: {e}");
+        }
+        read
     }
 
     /// The NATS server leading the stream's replicas, if known.
@@ -235,6 +299,43 @@ async fn visit_until(
         }
     }
     Err(ClusterError::Nats(format!("the stream ended before sequence {last} of {subject}")))
+}
+
+/// Visits the `pending` messages from sequence `start` on that `consumer` had when it was created
+/// (or until none is left), each of a partition after the position `from` gives for it.
+async fn visit_pending(
+    consumer: consumer::Consumer<consumer::pull::OrderedConfig>,
+    start: u64,
+    mut pending: u64,
+    from: &[Option<Position>],
+    visit: &mut (dyn FnMut(Partition, Position, Bytes) + Send),
+) -> Result<()> {
+    let mut messages = consumer.messages().await.map_err(nats)?;
+    let mut visited = 0;
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(nats)?;
+        let info = message.info().map_err(nats)?;
+        let sequence = info.stream_sequence;
+        // A consumer the client recreated (a missed heartbeat on a busy machine) before it
+        // delivered anything starts again from the first message of its subjects, which a
+        // truncated partition keeps at the position a snapshot includes: a message before the
+        // start, or at or before one already visited, is not visited again.
+        if sequence < start || sequence <= visited {
+            continue;
+        }
+        visited = sequence;
+        pending = pending.saturating_sub(1).min(info.pending);
+        let partition = message.subject.rsplit('.').next().and_then(|p| p.parse::<Partition>().ok());
+        if let Some(partition) =
+            partition.filter(|p| from.get(*p as usize).copied().flatten().is_some_and(|f| sequence > f))
+        {
+            visit(partition, sequence, message.payload.clone());
+        }
+        if pending == 0 {
+            return Ok(());
+        }
+    }
+    Err(ClusterError::Nats("the stream ended before the read did".to_string()))
 }
 
 /// A name for a read's consumer, unique across processes and reads.

@@ -929,11 +929,13 @@ async fn forget_snapshotted(stream: &EventStream, covered: &Covered) -> bool {
             }
         }
     }
-    tracing::info!(
-        records = forgotten,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "stream truncated before the snapshot"
-    );
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    // The point also moves in partitions that had nothing left to forget.
+    if forgotten > 0 {
+        tracing::info!(records = forgotten, elapsed_ms, "stream truncated before the snapshot");
+    } else {
+        tracing::debug!(elapsed_ms, "the stream's truncation point moved; no record to forget");
+    }
     true
 }
 

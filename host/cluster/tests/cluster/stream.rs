@@ -205,6 +205,42 @@ async fn a_read_whose_consumer_is_recreated_visits_each_later_record_once() {
     assert!(finished >= 10, "only {finished} of 40 reads finished");
 }
 
+/// One read of several partitions, each from a position of its own, visits each partition's
+/// records after its position, once, in the stream's order, and nothing of the partitions it
+/// did not name; a read of partitions that hold nothing after their positions returns at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_of_several_partitions_visits_each_after_its_own_position() {
+    let (nats, _turn) = three_servers().await;
+    let node = join(&nats, "a").await;
+    let events = node.cluster().events(Duration::from_secs(120)).await.unwrap();
+    let mut written: BTreeMap<Partition, Vec<u64>> = BTreeMap::new();
+    for i in 0..30u64 {
+        let partition = [3, 9, 40][(i % 3) as usize];
+        let record = events.append(partition, &format!("r{i}"), Bytes::from(format!("r{i}"))).await.unwrap();
+        written.entry(partition).or_default().push(record.position);
+    }
+    let from = [(3, written[&3][6]), (40, 0)];
+    let mut visited = Vec::new();
+    events
+        .read_partitions(&from, &mut |partition, position, payload| visited.push((partition, position, payload)))
+        .await
+        .unwrap();
+    let mut expected: Vec<(Partition, u64)> = written[&3][7..].iter().map(|p| (3, *p)).collect();
+    expected.extend(written[&40].iter().map(|p| (40, *p)));
+    expected.sort_by_key(|(_, position)| *position);
+    let read: Vec<(Partition, u64)> = visited.iter().map(|(partition, position, _)| (*partition, *position)).collect();
+    assert_eq!(read, expected, "partitions 3 after {} and 40 from its start", from[0].1);
+    let first_of_40 = visited.iter().find(|(partition, _, _)| *partition == 40).unwrap();
+    assert_eq!(first_of_40.2, Bytes::from("r2"), "each record's own payload");
+
+    let through = [(3, *written[&3].last().unwrap()), (9, *written[&9].last().unwrap())];
+    let started = Instant::now();
+    let mut nothing = 0;
+    events.read_partitions(&through, &mut |_, _, _| nothing += 1).await.unwrap();
+    assert_eq!(nothing, 0, "nothing after the partitions' last records");
+    assert!(started.elapsed() < Duration::from_secs(2), "an empty read waited {:?}", started.elapsed());
+}
+
 /// Delivery outcomes published to their stream are read on from where a reader left off.
 #[tokio::test(flavor = "multi_thread")]
 async fn outcomes_are_read_on_from_where_the_reader_left_off() {

@@ -558,11 +558,7 @@ async fn status(State(front): State<Arc<Front>>) -> Response {
         "intake_held": front.intake.held().await.ok(),
         // What the stream holds: it forgets what every node's database and the latest snapshot
         // hold (null: the stream is unreachable).
-        "stream": {
-            "records": front.stream.records().await.ok(),
-            "bytes": front.stream.size_bytes().await.ok(),
-            "last_position": front.stream.last().await.ok(),
-        },
+        "stream": front.stream.holds().await.ok(),
         "nodes": placed.nodes.iter().map(|(n, p)| serde_json::json!({"node": n, "url": p.url, "config_version": p.config_version})).collect::<Vec<_>>(),
     });
     axum::Json(body).into_response()

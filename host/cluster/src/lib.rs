@@ -366,11 +366,6 @@ impl Cluster {
             .collect())
     }
 
-    /// The nodes whose heartbeat has not expired, by name.
-    pub async fn live_nodes(&self) -> Result<Vec<String>> {
-        Ok(self.live_peers().await?.into_keys().collect())
-    }
-
     async fn holding(&self, partition: Partition) -> Result<Option<(Holding, u64)>> {
         let Some(entry) = self.partitions.entry(key(partition)).await.map_err(nats)? else { return Ok(None) };
         if entry.operation != kv::Operation::Put {
@@ -518,6 +513,8 @@ pub struct Ownership {
     /// Until when (ms) this node, back in contact after being cut off, leaves alone the
     /// partitions of nodes whose heartbeats lapsed: they were most likely cut off too.
     settling_until_ms: AtomicI64,
+    /// The live nodes the last round read (none if it could not).
+    peers: Mutex<Option<BTreeMap<String, Peer>>>,
 }
 
 impl Ownership {
@@ -527,7 +524,14 @@ impl Ownership {
             held: Mutex::default(),
             cut_off: AtomicBool::new(false),
             settling_until_ms: AtomicI64::new(0),
+            peers: Mutex::default(),
         }
+    }
+
+    /// The live nodes as the last round read them, `None` if it could not: what a node
+    /// publishes of the cluster needs no second read of every heartbeat.
+    pub fn live_peers(&self) -> Option<BTreeMap<String, Peer>> {
+        self.peers.lock().expect("live peers").clone()
     }
 
     pub fn cluster(&self) -> &Cluster {
@@ -584,6 +588,7 @@ impl Ownership {
     }
 
     async fn round(&self) -> Result<Changes> {
+        *self.peers.lock().expect("live peers") = None;
         self.cluster.heartbeat().await?;
         if self.cut_off.load(Ordering::SeqCst) {
             // A node that could not reach the cluster cannot tell a dead node from one that lost
@@ -592,7 +597,9 @@ impl Ownership {
             let settle = 2 * self.cluster.settings.lease.as_millis() as i64;
             self.settling_until_ms.store(now_ms() + settle, Ordering::SeqCst);
         }
-        let live = self.cluster.live_nodes().await?;
+        let peers = self.cluster.live_peers().await?;
+        let live: Vec<String> = peers.keys().cloned().collect();
+        *self.peers.lock().expect("live peers") = Some(peers);
         let holders = self.cluster.holders().await?;
         let now = now_ms();
         let settling = now < self.settling_until_ms.load(Ordering::SeqCst);

@@ -959,7 +959,7 @@ async fn run_rounds(
             Err(e) => tracing::warn!("ownership round: {e}"),
         }
         let held = ownership.held().len();
-        let nodes = cluster.live_peers().await.unwrap_or_default();
+        let nodes = ownership.live_peers().unwrap_or_default();
         // Placed whole, the owner of partition 0 owns them all.
         let owner = match cluster.owner_of(0).await {
             Ok(owner) => owner.map(|o| (o.node.clone(), nodes.get(&o.node).and_then(|p| p.url.clone()))),

@@ -518,7 +518,7 @@ async fn run_rounds(
                 Ok(owners) => owners.into_iter().map(|(p, o)| (p, o.node)).collect(),
                 Err(_) => previous.owners,
             },
-            nodes: cluster.live_peers().await.unwrap_or(previous.nodes),
+            nodes: ownership.live_peers().unwrap_or(previous.nodes),
             shared_config: cluster
                 .shared_config()
                 .await

@@ -1089,3 +1089,64 @@ async fn spread_nodes_lose_nothing_when_the_stream_leader_dies() {
     a.stop();
     b.stop();
 }
+
+/// Spread, the NATS servers stop answering (paused: connections open, nothing answered). A
+/// node's ownership round then waits on the servers, yet each node stops applying its
+/// partitions live by its own clock as their leases lapse: reads of their profiles are
+/// answered from its copy, saying so, writes are refused, and `/v1/cluster` still answers.
+/// Once the servers answer again, the nodes take their partitions back, spread, and what was
+/// acknowledged before is there.
+#[tokio::test(flavor = "multi_thread")]
+async fn spread_nodes_cut_off_from_the_servers_give_up_their_partitions_as_their_leases_lapse() {
+    let _heavy = harness::exclusive().await;
+    let nats = LocalNats::start(3).unwrap();
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = spread_pair(dir.path(), &nats, &receiver).await;
+    let (on_a, _) = settled_half_each(&a, &b, Duration::from_secs(30)).await;
+    let visitor = in_partitions("cut", &on_a);
+    let events = format!("{}/v1/events", a.url);
+    let (status, body) = post_json(&events, &purchase(&visitor, "before")).await;
+    assert_eq!(status, 202, "{body}");
+    let read = async |node: &Server| {
+        let url = format!("{}/v1/profiles/{visitor}", node.url);
+        let response = harness::client().get(url).send().await.unwrap();
+        let from = response.headers().get("x-starling-answered-from").map(|v| v.to_str().unwrap().to_string());
+        (response.status().as_u16(), from, response.json::<serde_json::Value>().await.unwrap())
+    };
+    let (status, from, profile) = read(&a).await;
+    assert_eq!((status, from.as_deref()), (200, Some("engine")), "{profile}");
+
+    for i in 0..3 {
+        nats.pause(i);
+    }
+    let paused = Instant::now();
+    // A lease is renewed at the latest with a third of its period (1 s) left: within that and
+    // the node's check, each node gives up every partition, though no round returns meanwhile.
+    for node in [&a, &b] {
+        eventually("the node to give up its partitions", Duration::from_secs(4), async || {
+            owned(node).await.is_empty().then_some(())
+        })
+        .await;
+    }
+    println!("both nodes gave up their partitions {:?} after the servers stopped answering", paused.elapsed());
+    let (status, from, profile) = read(&a).await;
+    assert_eq!((status, from.as_deref()), (200, Some("copy")), "{profile}");
+    assert_eq!(profile["attributes"]["purchase_count"], 1.0, "{profile}");
+    let (status, body) = post_json(&events, &purchase(&visitor, "cut-off")).await;
+    assert_eq!(status, 503, "an event no server could store is refused: {body}");
+
+    for i in 0..3 {
+        nats.resume(i);
+    }
+    settled_half_each(&a, &b, Duration::from_secs(60)).await;
+    let (status, body) = post_json(&events, &purchase(&visitor, "after")).await;
+    assert_eq!(status, 202, "{body}");
+    for node in [&a, &b] {
+        let (status, from, profile) = read(node).await;
+        assert_eq!((status, from.as_deref()), (200, Some("engine")), "{profile}");
+        assert_eq!(profile["attributes"]["purchase_count"], 2.0, "{profile}");
+    }
+    a.stop();
+    b.stop();
+}

@@ -69,6 +69,24 @@ impl LocalNats {
         }
     }
 
+    /// Pauses server `n{i}` (SIGSTOP): its connections stay open and nothing on them is answered,
+    /// as with a server stalled or cut off behind a network that drops packets.
+    pub fn pause(&self, i: usize) {
+        self.signal(i, "-STOP");
+    }
+
+    /// Resumes server `n{i}` after [`LocalNats::pause`] (SIGCONT).
+    pub fn resume(&self, i: usize) {
+        self.signal(i, "-CONT");
+    }
+
+    fn signal(&self, i: usize, signal: &str) {
+        if let Some(child) = &self.servers[i] {
+            let sent = Command::new("kill").arg(signal).arg(child.id().to_string()).status();
+            assert!(sent.is_ok_and(|s| s.success()), "kill {signal} n{i}");
+        }
+    }
+
     /// Bytes the servers hold on disk.
     pub fn disk_bytes(&self) -> u64 {
         fn size(path: &Path) -> u64 {

@@ -210,6 +210,7 @@ struct Front {
     client: Client,
     intake: Arc<Intake>,
     stream: Arc<EventStream>,
+    ownership: Arc<Ownership>,
 }
 
 /// Serves `listener` as a node of a spread cluster until `shutdown` resolves.
@@ -260,6 +261,7 @@ pub(super) async fn serve(
         client,
         intake: intake.clone(),
         stream: stream.clone(),
+        ownership: ownership.clone(),
     });
     let router = axum::Router::new()
         .route("/v1/cluster", get(status))
@@ -276,6 +278,7 @@ pub(super) async fn serve(
         let _ = stopping.wait_for(|s| *s).await;
     }));
     let passing_on = tokio::spawn(pass_on_outcomes(reported.clone(), outcome_stream.clone()));
+    let lapsing = tokio::spawn(give_up_lapsed(ownership.clone(), owned.clone(), lease));
     let taking_outcomes = tokio::spawn(take_outcomes(database.clone(), outcome_stream.clone(), owned.clone()));
     let snapshot_every = Duration::from_millis(settings.snapshot_every_ms as u64);
     let snapshotting = tokio::spawn(take_snapshots(
@@ -298,7 +301,10 @@ pub(super) async fn serve(
         }
         // What the stream must keep for this node (see `take_snapshots`).
         ownership.cluster().set_stored(&front.ingest.durable_positions());
-        let held = placed_rx.borrow_and_update().held.clone();
+        placed_rx.borrow_and_update();
+        // As leases are now, by this node's clock: what the last round published may be
+        // older (a round waiting on servers that do not answer).
+        let held = ownership.held();
         // A partition released (given to a node that joined), taken by another node, or whose
         // lease this node could not renew in time, is no longer applied live here: events for
         // it go to its owner from now on.
@@ -354,6 +360,7 @@ pub(super) async fn serve(
     let _ = stop_tx.send(true);
     let _ = serving.await;
     rounds.abort();
+    lapsing.abort();
     snapshotting.abort();
     passing_on.abort();
     taking_outcomes.abort();
@@ -370,6 +377,31 @@ pub(super) async fn serve(
         tracing::warn!("leaving the cluster: {e}");
     }
     outcome
+}
+
+/// How often a node looks whether the leases of partitions it applies live are lapsing.
+fn lapse_check_every(lease: Duration) -> Duration {
+    lease / 10
+}
+
+/// Stops applying live, by this node's clock, each partition whose lease is about to lapse
+/// unrenewed, whether or not an ownership round is under way: a round waits on the servers
+/// (up to their request timeouts when they do not answer), and meanwhile another node may take
+/// the lease once it lapses. Events for such a partition go to the intake (or are refused while
+/// it cannot be reached), and reads of its profiles are answered from this node's copy, saying
+/// so, until a round renews the lease and the partition is taken again.
+async fn give_up_lapsed(ownership: Arc<Ownership>, owned: Arc<Owned>, lease: Duration) {
+    loop {
+        tokio::time::sleep(lapse_check_every(lease)).await;
+        let held = ownership.held();
+        let lapsed: Vec<Partition> = owned.partitions().into_iter().filter(|p| !held.contains(p)).collect();
+        for &partition in &lapsed {
+            owned.remove(partition);
+        }
+        if !lapsed.is_empty() {
+            tracing::warn!(partitions = ?lapsed, "leases lapsing unrenewed: partitions given up");
+        }
+    }
 }
 
 /// Applies the configuration the owner of partition 0 published, if it is not the one this node
@@ -538,6 +570,7 @@ async fn run_rounds(
 /// `GET /v1/cluster`: this node, which partitions it applies live, who owns the others.
 async fn status(State(front): State<Arc<Front>>) -> Response {
     let placed = front.placed.borrow().clone();
+    let (intake_held, stream) = tokio::join!(within_status(front.intake.held()), within_status(front.stream.holds()));
     let mut by_node: BTreeMap<&str, usize> = BTreeMap::new();
     for node in placed.owners.values() {
         *by_node.entry(node).or_default() += 1;
@@ -546,7 +579,7 @@ async fn status(State(front): State<Arc<Front>>) -> Response {
         "node": front.node,
         "placement": "spread",
         "serving": true,
-        "partitions_held": placed.held.len(),
+        "partitions_held": front.ownership.held().len(),
         // The partitions this node's engine applies and logs.
         "owned": front.owned.partitions(),
         "owners": placed.owners,
@@ -555,13 +588,23 @@ async fn status(State(front): State<Arc<Front>>) -> Response {
         "config_version": placed.shared_config,
         // Events handed to partitions while no node owned them, not yet applied (null: the
         // intake is unreachable).
-        "intake_held": front.intake.held().await.ok(),
+        "intake_held": intake_held,
         // What the stream holds: it forgets what every node's database and the latest snapshot
         // hold (null: the stream is unreachable).
-        "stream": front.stream.holds().await.ok(),
+        "stream": stream,
         "nodes": placed.nodes.iter().map(|(n, p)| serde_json::json!({"node": n, "url": p.url, "config_version": p.config_version})).collect::<Vec<_>>(),
     });
     axum::Json(body).into_response()
+}
+
+/// How long `GET /v1/cluster` waits for what it asks the servers: it answers during an outage
+/// too, with what the node knows itself.
+const STATUS_WAIT: Duration = Duration::from_secs(1);
+
+/// What the servers answered `GET /v1/cluster` within [`STATUS_WAIT`] (`None`: not in time, or
+/// an error).
+async fn within_status<T>(asked: impl Future<Output = starling_cluster::Result<T>>) -> Option<T> {
+    tokio::time::timeout(STATUS_WAIT, asked).await.ok()?.ok()
 }
 
 /// `POST /v1/cluster/handed`: events another node handed this one (only from a live node).

@@ -513,8 +513,11 @@ pub struct Ownership {
     /// Until when (ms) this node, back in contact after being cut off, leaves alone the
     /// partitions of nodes whose heartbeats lapsed: they were most likely cut off too.
     settling_until_ms: AtomicI64,
-    /// The live nodes the last round read (none if it could not).
+    /// The live nodes the last round read (none if it failed).
     peers: Mutex<Option<BTreeMap<String, Peer>>>,
+    /// Each partition's owner as the last round read the leases, with what the round itself
+    /// renewed, released and took (none if it failed).
+    owners: Mutex<Option<BTreeMap<Partition, Owner>>>,
 }
 
 impl Ownership {
@@ -525,13 +528,21 @@ impl Ownership {
             cut_off: AtomicBool::new(false),
             settling_until_ms: AtomicI64::new(0),
             peers: Mutex::default(),
+            owners: Mutex::default(),
         }
     }
 
-    /// The live nodes as the last round read them, `None` if it could not: what a node
+    /// The live nodes as the last round read them, `None` if it failed: what a node
     /// publishes of the cluster needs no second read of every heartbeat.
     pub fn live_peers(&self) -> Option<BTreeMap<String, Peer>> {
         self.peers.lock().expect("live peers").clone()
+    }
+
+    /// Each partition's owner whose lease had not expired as the last round read the leases,
+    /// with what the round changed itself; `None` if it failed. What a node
+    /// publishes of the cluster needs no second read of every lease.
+    pub fn owners(&self) -> Option<BTreeMap<Partition, Owner>> {
+        self.owners.lock().expect("owners").clone()
     }
 
     pub fn cluster(&self) -> &Cluster {
@@ -584,11 +595,14 @@ impl Ownership {
     pub async fn tick(&self) -> Result<Changes> {
         let round = self.round().await;
         self.cut_off.store(round.is_err(), Ordering::SeqCst);
+        if round.is_err() {
+            *self.peers.lock().expect("live peers") = None;
+            *self.owners.lock().expect("owners") = None;
+        }
         round
     }
 
     async fn round(&self) -> Result<Changes> {
-        *self.peers.lock().expect("live peers") = None;
         self.cluster.heartbeat().await?;
         if self.cut_off.load(Ordering::SeqCst) {
             // A node that could not reach the cluster cannot tell a dead node from one that lost
@@ -610,8 +624,10 @@ impl Ownership {
             .filter(|(_, o)| o.until_ms > now || live.contains(&o.node))
             .map(|(p, o)| (*p, o.node.clone()))
             .collect();
-        let owners: BTreeMap<Partition, Owner> =
+        let mut owners: BTreeMap<Partition, Owner> =
             holders.iter().filter(|(_, o)| o.until_ms > now).map(|(p, o)| (*p, o.clone())).collect();
+        // What the round does to the leases, laid over what it read of them.
+        let mut owned_now: BTreeMap<Partition, Option<Owner>> = BTreeMap::new();
         let target = match self.cluster.settings.placement {
             Placement::Spread => assign::assign(&live, &current),
             Placement::Whole => assign::whole(&live, &current),
@@ -640,12 +656,16 @@ impl Ownership {
             let mut held = self.held.lock().expect("held leases");
             match result {
                 Ok(Some(lease)) => {
+                    owned_now.insert(partition, Some(self.owner(&lease)));
                     held.insert(partition, lease);
                 }
                 Ok(None) => {
+                    owned_now.insert(partition, None);
                     held.remove(&partition);
                 }
                 Err(ClusterError::Fenced { .. }) => {
+                    // Another node's now; which one, the next round reads.
+                    owned_now.insert(partition, None);
                     held.remove(&partition);
                     changes.released.retain(|p| *p != partition);
                     changes.lost.push(partition);
@@ -661,6 +681,7 @@ impl Ownership {
             }
             match self.cluster.acquire(*partition).await {
                 Ok(lease) => {
+                    owned_now.insert(*partition, Some(self.owner(&lease)));
                     self.held.lock().expect("held leases").insert(*partition, lease);
                     changes.gained.push(*partition);
                 }
@@ -668,6 +689,23 @@ impl Ownership {
                 Err(e) => return Err(e),
             }
         }
+        for (partition, owner) in owned_now {
+            match owner {
+                Some(owner) => owners.insert(partition, owner),
+                None => owners.remove(&partition),
+            };
+        }
+        *self.owners.lock().expect("owners") = Some(owners);
         Ok(changes)
+    }
+
+    /// `lease` as its owner, this node.
+    fn owner(&self, lease: &Lease) -> Owner {
+        Owner {
+            node: self.cluster.node().to_string(),
+            until_ms: lease.until_ms,
+            applied: lease.applied,
+            revision: lease.revision,
+        }
     }
 }

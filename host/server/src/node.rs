@@ -961,9 +961,9 @@ async fn run_rounds(
         let held = ownership.held().len();
         let nodes = ownership.live_peers().unwrap_or_default();
         // Placed whole, the owner of partition 0 owns them all.
-        let owner = match cluster.owner_of(0).await {
-            Ok(owner) => owner.map(|o| (o.node.clone(), nodes.get(&o.node).and_then(|p| p.url.clone()))),
-            Err(_) => view.borrow().owner.clone(),
+        let owner = match ownership.owners() {
+            Some(owners) => owners.get(&0).map(|o| (o.node.clone(), nodes.get(&o.node).and_then(|p| p.url.clone()))),
+            None => view.borrow().owner.clone(),
         };
         let shared_config = match cluster.shared_config().await {
             Ok(shared) => shared.map(|c| c.version),

@@ -3,8 +3,10 @@
 //! go on, never held twice, through the loss of the NATS server leading them.
 
 use crate::nats::{LEASE, counts, join, run, three_servers, three_servers_alone, until};
-use starling_cluster::ClusterError;
+use starling_cluster::{ClusterError, Owner};
 use starling_log::PARTITIONS;
+use starling_log::Partition;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +15,12 @@ async fn partitions_spread_over_live_nodes_a_joiner_gets_its_share_and_none_is_o
     let (nats, _turn) = three_servers().await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let a = join(&nats, "a").await;
+    // The first round takes every partition, and says so of the owners without reading the
+    // leases again.
+    let first = a.tick().await.unwrap();
+    assert_eq!(first.gained.len(), PARTITIONS as usize);
+    let owners = a.owners().unwrap();
+    assert!(owners.len() == PARTITIONS as usize && owners.values().all(|o| o.node == "a"), "{owners:?}");
     let running_a = run(a.clone(), stop.clone());
     until("a to hold every partition", &[&a], Duration::from_secs(20), |h| h[0].len() == PARTITIONS as usize).await;
 
@@ -52,6 +60,18 @@ async fn a_paused_owner_is_fenced_once_another_node_took_its_partitions() {
     assert!(a.held().is_empty(), "an expired lease is not acted on");
     let owners = b.cluster().owners().await.unwrap();
     assert_eq!(owners[&partition].applied, 41, "the new owner starts from what a committed");
+    // What b's rounds say of the owners, the leases it took in them included, is what the
+    // bucket holds.
+    let nodes = |owners: BTreeMap<Partition, Owner>| -> Vec<(Partition, String)> {
+        owners.into_iter().map(|(p, o)| (p, o.node)).collect()
+    };
+    let read = nodes(owners.clone());
+    assert_eq!(read.len(), 64);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.owners().map(nodes) != Some(read.clone()) {
+        assert!(Instant::now() < deadline, "b's rounds saw {:?}, the bucket holds {read:?}", b.owners().map(nodes));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // `a` wakes up with its old lease: every write it tries is refused.
     let err = a.commit(partition, 42).await.unwrap_err();

@@ -546,9 +546,9 @@ async fn run_rounds(
         let previous = placed.borrow().clone();
         let next = Placed {
             held: ownership.held(),
-            owners: match cluster.owners().await {
-                Ok(owners) => owners.into_iter().map(|(p, o)| (p, o.node)).collect(),
-                Err(_) => previous.owners,
+            owners: match ownership.owners() {
+                Some(owners) => owners.into_iter().map(|(p, o)| (p, o.node)).collect(),
+                None => previous.owners,
             },
             nodes: ownership.live_peers().unwrap_or(previous.nodes),
             shared_config: cluster

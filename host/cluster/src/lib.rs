@@ -40,6 +40,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const PARTITIONS_BUCKET: &str = "starling-partitions";
 const NODES_BUCKET: &str = "starling-nodes";
+/// How long a heartbeat is kept after it was last written: longer than the longest a node
+/// may be told to wait for an absent one (`wait_for_absent`, at most 7 days).
+const HEARTBEATS_KEPT: Duration = Duration::from_secs(8 * 24 * 3600);
 const CONFIG_BUCKET: &str = "starling-config";
 const CONFIG_KEY: &str = "active";
 /// The key (in the configuration bucket) holding where the stream was last truncated.
@@ -207,7 +210,10 @@ impl Cluster {
             ..Default::default()
         };
         let partitions = js.create_or_update_key_value(bucket(PARTITIONS_BUCKET)).await.map_err(nats)?;
-        let nodes = js.create_or_update_key_value(bucket(NODES_BUCKET)).await.map_err(nats)?;
+        // A heartbeat not written for longer than any node waits for an absent one goes (names
+        // of nodes that never came back would otherwise pile up, and every round reads them).
+        let heartbeats = kv::Config { max_age: HEARTBEATS_KEPT, ..bucket(NODES_BUCKET) };
+        let nodes = js.create_or_update_key_value(heartbeats).await.map_err(nats)?;
         let config = js.create_or_update_key_value(bucket(CONFIG_BUCKET)).await.map_err(nats)?;
         Ok(Cluster { settings, js, partitions, nodes, config, running: Mutex::new(None), stored: Mutex::new(None) })
     }
@@ -257,13 +263,9 @@ impl Cluster {
         Ok(())
     }
 
-    /// Says this node is gone (a heartbeat that has expired already): the others stop counting
-    /// on it at once.
+    /// Says this node is gone, removing its heartbeat: the others stop counting on it at once.
     pub async fn leave(&self) -> Result<()> {
-        let beat = Heartbeat { until_ms: 0, url: None, config_version: None, stored: None };
-        let value = serde_json::to_vec(&beat).expect("a heartbeat serializes");
-        self.nodes.put(&self.settings.node, Bytes::from(value)).await.map_err(nats)?;
-        Ok(())
+        self.nodes.purge(&self.settings.node).await.map_err(nats)
     }
 
     /// Says which configuration version this node runs (in its next heartbeats).
@@ -289,8 +291,9 @@ impl Cluster {
         let since = now_ms() - absent_for.as_millis() as i64;
         let mut held: Option<Vec<Position>> = None;
         for (_, beat) in self.heartbeats().await? {
-            // A node that left cleanly restores the latest snapshot if it is behind it.
-            if beat.until_ms == 0 || beat.until_ms <= since {
+            // A node that left cleanly (its heartbeat removed) restores the latest snapshot if
+            // it is behind it.
+            if beat.until_ms <= since {
                 continue;
             }
             let Some(stored) = beat.stored else { return Ok(None) };

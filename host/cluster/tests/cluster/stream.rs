@@ -370,6 +370,10 @@ async fn a_read_behind_the_truncation_fails_and_heartbeats_say_how_far_it_may_go
     let held = a.cluster().held_back(WAITED).await.unwrap().expect("every node said");
     assert_eq!((held[PARTITION as usize], held[8], held[9]), (30, 5, 0));
     b.cluster().leave().await.unwrap();
+    let client = async_nats::connect(nats.urls[0].as_str()).await.unwrap();
+    let heartbeats = async_nats::jetstream::new(client).get_key_value("starling-nodes").await.unwrap();
+    assert_eq!(heartbeats.get("b").await.unwrap(), None, "a node that left leaves no heartbeat behind");
+    assert!(heartbeats.get("a").await.unwrap().is_some());
     let held = a.cluster().held_back(WAITED).await.unwrap().unwrap();
     assert_eq!((held[PARTITION as usize], held[8]), (35, 5), "a node that left is not waited for");
     // c's heartbeat lapses; a's is renewed: with no time waited for absent nodes, c is not.

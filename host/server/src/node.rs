@@ -411,15 +411,24 @@ async fn follow(
     // Outcomes of the owner's deliveries whose rows this copy does not hold yet.
     let (mut waiting, mut ended) = (Vec::new(), 0);
     let mut round = Instant::now();
+    // The stream's last position before the last read.
+    let mut read_through: Option<Position> = None;
     let outcome = loop {
         tokio::select! {
             _ = stop.changed() => break Ok(()),
             _ = tokio::time::sleep(FOLLOW_EVERY.saturating_sub(round.elapsed())) => {}
         }
         round = Instant::now();
-        let entries = match follower.read().await {
-            Ok(entries) => entries,
-            Err(e) => break Err(e),
+        // While the stream's last position has not moved since before the last read, nothing
+        // is new: no read (each asks the servers for a consumer, which costs them more than the
+        // rest of an idle round).
+        let end = stream.last().await.ok();
+        let entries = match end.is_some() && end == read_through {
+            true => Vec::new(),
+            false => match follower.read().await {
+                Ok(entries) => entries,
+                Err(e) => break Err(e),
+            },
         };
         // Checked after the read: a snapshot is stored before the stream forgets what it
         // includes, so one that overtook this read is seen here.
@@ -442,6 +451,8 @@ async fn follow(
         // the database recorded when the follower started with it.
         let newer = entries.iter().position(|e| crate::pipeline::config_version_of(&e.payload) > version);
         let (now, later) = entries.split_at(newer.unwrap_or(entries.len()));
+        // Records left for a newer configuration are read again next round.
+        read_through = if later.is_empty() { end } else { None };
         let read_ms = round.elapsed().as_millis() as u64;
         if let Err(e) = follower.apply(now).await {
             break Err(e);

@@ -141,6 +141,10 @@ pub(crate) async fn follow_others(
     through: watch::Sender<Position>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // The stream's last position before the last read, and the partitions it read: while
+    // neither moved, nothing is new to read. (A read asks the servers for a consumer, which
+    // costs them more than the rest of an idle round.)
+    let mut read_through: Option<(Position, Vec<Partition>)> = None;
     loop {
         let round = async {
             let mut positions = positions.lock().await;
@@ -150,7 +154,11 @@ pub(crate) async fn follow_others(
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
-            apply_after(&ingest, &mut positions, owned.others()).await?;
+            let others = owned.others();
+            if read_through.as_ref().is_none_or(|(through, read)| *through != end || *read != others) {
+                apply_after(&ingest, &mut positions, others.clone()).await?;
+                read_through = Some((end, others));
+            }
             through.send_replace(end);
             Ok::<(), String>(())
         };

@@ -59,6 +59,17 @@ snapshot_every = "2s"
     path
 }
 
+/// What `starling cluster status` prints of the cluster as `server` sees it.
+fn cluster_status(server: &Server) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args(["cluster", "status", "--server", &server.url])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
 /// What `server` says of the cluster (null while it cannot answer).
 async fn cluster_view(server: &Server) -> serde_json::Value {
     match harness::client().get(format!("{}/v1/cluster", server.url)).send().await {
@@ -447,6 +458,12 @@ async fn a_call_forwarded_by_a_standby_keeps_its_senders_address() {
         assert_eq!(status, 200, "{export}");
         assert_eq!(export["events"][0]["data"]["context"]["ip"], address, "{who}: {export}");
     }
+    let status = cluster_status(&b);
+    for line in ["node b, partitions placed whole", "this node stands by"] {
+        assert!(status.lines().any(|l| l == line), "no `{line}`:\n{status}");
+    }
+    let owner = format!("  a: {}, configuration version", a.url);
+    assert!(status.lines().any(|l| l.starts_with(&owner) && l.ends_with(", owns every partition")), "{status}");
 }
 
 /// Events posted to a standby while no node serves (the owner was killed and its lease has not
@@ -1116,6 +1133,11 @@ async fn spread_nodes_cut_off_from_the_servers_give_up_their_partitions_as_their
     };
     let (status, from, profile) = read(&a).await;
     assert_eq!((status, from.as_deref()), (200, Some("engine")), "{profile}");
+    let status = cluster_status(&a);
+    for (name, node, me) in [("a", &a, " (this node)"), ("b", &b, "")] {
+        let line = format!("  {name}{me}: {}, configuration version", node.url);
+        assert!(status.lines().any(|l| l.starts_with(&line) && l.ends_with(", owns 32 partitions")), "{status}");
+    }
 
     for i in 0..3 {
         nats.pause(i);
@@ -1130,6 +1152,13 @@ async fn spread_nodes_cut_off_from_the_servers_give_up_their_partitions_as_their
         .await;
     }
     println!("both nodes gave up their partitions {:?} after the servers stopped answering", paused.elapsed());
+    let status = cluster_status(&a);
+    for line in [
+        "this node applies 0 partitions live",
+        "events taken in, waiting to be applied: not known (the servers did not answer)",
+    ] {
+        assert!(status.lines().any(|l| l == line), "no `{line}`:\n{status}");
+    }
     let (status, from, profile) = read(&a).await;
     assert_eq!((status, from.as_deref()), (200, Some("copy")), "{profile}");
     assert_eq!(profile["attributes"]["purchase_count"], 1.0, "{profile}");

@@ -180,6 +180,10 @@ async fn deleting_a_person_fires_the_delete_action_and_retention_deletes_the_ina
     let out = starling(&["profile", "--server", &server.url, "delete", "ann"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("404 Not Found: no profile for id `ann`"));
+    // A single server is no cluster node: the cluster's status says so.
+    let out = starling(&["cluster", "status", "--server", &server.url]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a cluster node"), "{out:?}");
 
     // Two hours pass; bob is active again, cat is not: retention deletes cat only.
     let r = harness::client()

@@ -3,6 +3,7 @@
 mod backup;
 mod build;
 mod client;
+mod cluster;
 mod import;
 mod integrity;
 mod loadgen;
@@ -86,6 +87,11 @@ enum Command {
     Audience {
         #[command(subcommand)]
         command: AudienceCommand,
+    },
+    /// See a running cluster as one of its nodes sees it.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
     },
     /// Replay the events recorded in a window through the running configuration and through
     /// FILE, on a running server, delivering nothing; compare audience sizes and actions fired.
@@ -223,6 +229,19 @@ enum AudienceCommand {
 }
 
 #[derive(Subcommand)]
+enum ClusterCommand {
+    /// The nodes, who owns the partitions, the configuration each node runs, and what waits
+    /// to be applied, as the node at `--server` sees them.
+    Status {
+        /// Print the node's answer (`GET /v1/cluster`) as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: client::ServerArgs,
+    },
+}
+
+#[derive(Subcommand)]
 enum ConfigCommand {
     /// Check a configuration file and report every error with its line and column.
     Check {
@@ -320,6 +339,7 @@ fn main() -> std::process::ExitCode {
         Command::Audience { command: AudienceCommand::Preview { rule, json, server } } => {
             reconfigure::preview(&server, &rule, json)
         }
+        Command::Cluster { command: ClusterCommand::Status { json, server } } => cluster::status(&server, json),
         Command::Backtest { file, since, json, server } => reconfigure::backtest(&server, &file, &since, json),
         Command::Actions { db, command } => actions(&db, command),
         Command::Check { db } => db.path().and_then(|path| integrity::run(&path)),

@@ -653,8 +653,17 @@ async fn answer(State(front): State<Arc<Front>>, request: Request) -> Response {
             });
         }
     }
-    if let Some(id) = addressed_profile(&request).filter(|_| !forwarded) {
+    if let Some(id) = addressed_profile(&request) {
         let partition = starling_log::partition_of(&front.ingest.profile_of(&id));
+        // Forwarded by a node that took this one for the owner (its view is a round old): the
+        // engine answers; a read, from its copy if this node no longer owns the partition.
+        if forwarded {
+            let read = matches!(*request.method(), Method::GET | Method::OPTIONS);
+            let copy = (read && !front.owned.owns(partition)).then_some(
+                "the node that forwarded it took this node for the owner of the profile's partition, which it no longer is",
+            );
+            return to_engine(&front, request, copy).await;
+        }
         if !front.owned.owns(partition) {
             let owner = front.placed.borrow().owner_url(&front.node, partition);
             let read = matches!(*request.method(), Method::GET | Method::OPTIONS);

@@ -466,6 +466,57 @@ async fn a_call_forwarded_by_a_standby_keeps_its_senders_address() {
     assert!(status.lines().any(|l| l.starts_with(&owner) && l.ends_with(", owns every partition")), "{status}");
 }
 
+/// Placed whole, the NATS servers stop answering (paused): once the owner's leases are about
+/// to lapse by its own clock, it answers reads from its database, saying so (another node may
+/// serve once they lapse), through itself and through the standby; once the servers answer
+/// again it renews them and its engine answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_owner_cut_off_from_the_servers_answers_reads_from_its_copy_as_its_leases_lapse() {
+    let _heavy = harness::exclusive().await;
+    let nats = LocalNats::start(3).unwrap();
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = owner_and_standby(dir.path(), &nats, &receiver).await;
+    let (status, body) = post_json(&format!("{}/v1/events", a.url), &purchase("cut-whole", "before")).await;
+    assert_eq!(status, 202, "{body}");
+    let read = async |node: &Server| {
+        let response = harness::client().get(format!("{}/v1/profiles/cut-whole", node.url)).send().await.unwrap();
+        let header = |name: &str| response.headers().get(name).map(|v| v.to_str().unwrap().to_string());
+        let said = [header("x-starling-answered-from"), header("x-starling-copy-reason")];
+        (response.status().as_u16(), said, response.json::<serde_json::Value>().await.unwrap())
+    };
+    let (status, [from, _], profile) = read(&a).await;
+    assert_eq!((status, from.as_deref()), (200, Some("engine")), "{profile}");
+
+    for i in 0..3 {
+        nats.pause(i);
+    }
+    for node in [&a, &b] {
+        eventually("the owner to answer from its copy", Duration::from_secs(6), async || {
+            let (status, [from, reason], profile) = read(node).await;
+            (status == 200 && from.as_deref() == Some("copy")).then_some(())?;
+            assert!(reason.is_some_and(|r| r.contains("lapsing")), "{profile}");
+            assert_eq!(profile["attributes"]["purchase_count"], 1.0, "{profile}");
+            Some(())
+        })
+        .await;
+    }
+    for i in 0..3 {
+        nats.resume(i);
+    }
+    eventually("the owner's engine to answer again", Duration::from_secs(30), async || {
+        let (status, [from, _], _) = read(&a).await;
+        (status == 200 && from.as_deref() == Some("engine")).then_some(())
+    })
+    .await;
+    let (status, body) = post_json(&format!("{}/v1/events", b.url), &purchase("cut-whole", "after")).await;
+    assert_eq!(status, 202, "{body}");
+    let (status, [from, _], profile) = read(&a).await;
+    assert_eq!((status, from.as_deref(), &profile["attributes"]["purchase_count"]), (200, Some("engine"), &json!(2.0)));
+    a.stop();
+    b.stop();
+}
+
 /// Events posted to a standby while no node serves (the owner was killed and its lease has not
 /// lapsed yet, then the standby takes over) are taken in and answered `202`, not `503`, in the
 /// native API and in the wire formats; the node that takes over applies them before what it is

@@ -84,6 +84,7 @@ struct Front {
     following: Arc<FollowProgress>,
     view: watch::Receiver<View>,
     client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, axum::body::Body>,
+    ownership: Arc<Ownership>,
 }
 
 /// How long a node waits before trying again to join a cluster it could not reach.
@@ -185,6 +186,7 @@ pub async fn serve(
         following: Arc::default(),
         view: view.clone(),
         client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http(),
+        ownership: ownership.clone(),
     });
     let router = axum::Router::new()
         .route("/v1/cluster", get(status))
@@ -1032,6 +1034,14 @@ async fn status(State(front): State<Arc<Front>>) -> Response {
 async fn answer(State(front): State<Arc<Front>>, request: Request) -> Response {
     let engine = front.engine.read().expect("engine").clone();
     if let Some(engine) = engine {
+        // Leases about to lapse unrenewed (the servers do not answer this node): once they
+        // lapse another node may serve, and this one cannot tell. Reads are answered from the
+        // database the engine writes, saying so, until a round renews them; writes wait for
+        // that in the log (or are refused).
+        if crate::copy::answers(&request) && front.ownership.held().len() < PARTITIONS as usize {
+            let why = "this node's leases are lapsing unrenewed (the cluster's servers do not answer it)";
+            return with_node(&front, front.copy.answer(request, why).await);
+        }
         return to_engine(&front, engine, request).await;
     }
     let owner = front.view.borrow().owner.clone();

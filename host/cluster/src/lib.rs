@@ -521,6 +521,9 @@ pub struct Ownership {
     /// Each partition's owner as the last round read the leases, with what the round itself
     /// renewed, released and took (none if it failed).
     owners: Mutex<Option<BTreeMap<Partition, Owner>>>,
+    /// When (ms) the round under way started (0: none is), and how long the last one took.
+    round_started_ms: AtomicI64,
+    last_round_ms: AtomicI64,
 }
 
 impl Ownership {
@@ -532,6 +535,8 @@ impl Ownership {
             settling_until_ms: AtomicI64::new(0),
             peers: Mutex::default(),
             owners: Mutex::default(),
+            round_started_ms: AtomicI64::new(0),
+            last_round_ms: AtomicI64::new(0),
         }
     }
 
@@ -552,10 +557,22 @@ impl Ownership {
         &self.cluster
     }
 
+    /// Whether a round has been under way for longer than half a lease period: it waits on
+    /// servers that do not answer (a round takes milliseconds, a second on a loaded machine).
+    pub fn round_stuck(&self) -> bool {
+        let started = self.round_started_ms.load(Ordering::SeqCst);
+        started != 0 && now_ms() - started > self.cluster.settings.lease.as_millis() as i64 / 2
+    }
+
+    /// The margin before a lease expires within which `held` no longer counts it.
+    fn margin_ms(&self) -> i64 {
+        (self.cluster.settings.lease.as_millis() / 5) as i64
+    }
+
     /// The partitions this node may act for now: held, with a lease that has not expired by this
     /// node's clock (less a margin for the time a write to the bucket takes).
     pub fn held(&self) -> Vec<Partition> {
-        let margin = (self.cluster.settings.lease.as_millis() / 5) as i64;
+        let margin = self.margin_ms();
         let now = now_ms();
         let held = self.held.lock().expect("held leases");
         held.values().filter(|l| l.until_ms - margin > now).map(|l| l.partition).collect()
@@ -596,7 +613,11 @@ impl Ownership {
     /// One round: heartbeat, then renew what this node keeps, release what the target gives to
     /// another node, and take the free partitions the target gives this one.
     pub async fn tick(&self) -> Result<Changes> {
+        let started = now_ms();
+        self.round_started_ms.store(started, Ordering::SeqCst);
         let round = self.round().await;
+        self.round_started_ms.store(0, Ordering::SeqCst);
+        self.last_round_ms.store(now_ms() - started, Ordering::SeqCst);
         self.cut_off.store(round.is_err(), Ordering::SeqCst);
         if round.is_err() {
             *self.peers.lock().expect("live peers") = None;
@@ -636,17 +657,20 @@ impl Ownership {
             Placement::Whole => assign::whole(&live, &current),
         };
         let me = self.cluster.node().to_string();
-        let renew_within = 2 * self.cluster.settings.lease.as_millis() as i64 / 3;
+        // A lease is kept as it is if it will still have more than the margin of `held` (and a
+        // tenth of the period to spare) once the next round has renewed it: rounds come every
+        // quarter period plus their own time, and a round's renewal comes up to a round's time
+        // after it starts. Each renewal is a replicated, synced write: while rounds are quick, a
+        // lease is renewed every other round; on a loaded machine, every round.
+        let lease_ms = self.cluster.settings.lease.as_millis() as i64;
+        let last_round = self.last_round_ms.load(Ordering::SeqCst);
+        let renew_within = lease_ms / 4 + 2 * last_round + self.margin_ms() + lease_ms / 10;
         let mut changes = Changes::default();
         let held: Vec<Lease> = self.held.lock().expect("held leases").values().cloned().collect();
         for mut lease in held {
             let partition = lease.partition;
             let result = if target.get(&partition) == Some(&me) {
-                // A lease with more than two thirds of its period left is kept as it is: no other
-                // node may take it before it lapses, and each renewal is a replicated, synced
-                // write. Rounds come every quarter period (plus the round's own time), so a
-                // lease is renewed every other round while rounds are quick, with well over the
-                // margin of `held` left.
+                // No other node may take a lease before it lapses.
                 if lease.until_ms - now_ms() > renew_within {
                     Ok(Some(lease))
                 } else {

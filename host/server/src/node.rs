@@ -1034,11 +1034,14 @@ async fn status(State(front): State<Arc<Front>>) -> Response {
 async fn answer(State(front): State<Arc<Front>>, request: Request) -> Response {
     let engine = front.engine.read().expect("engine").clone();
     if let Some(engine) = engine {
-        // Leases about to lapse unrenewed (the servers do not answer this node): once they
-        // lapse another node may serve, and this one cannot tell. Reads are answered from the
-        // database the engine writes, saying so, until a round renews them; writes wait for
-        // that in the log (or are refused).
-        if crate::copy::answers(&request) && front.ownership.held().len() < PARTITIONS as usize {
+        // Leases about to lapse unrenewed while the round that would renew them is stuck (the
+        // servers do not answer this node): once they lapse another node may serve, and this
+        // one cannot tell. Reads are answered from the database the engine writes, saying so,
+        // until a round renews them; writes wait for that in the log (or are refused).
+        if crate::copy::answers(&request)
+            && front.ownership.round_stuck()
+            && front.ownership.held().len() < PARTITIONS as usize
+        {
             let why = "this node's leases are lapsing unrenewed (the cluster's servers do not answer it)";
             return with_node(&front, front.copy.answer(request, why).await);
         }

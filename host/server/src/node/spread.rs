@@ -301,10 +301,7 @@ pub(super) async fn serve(
         }
         // What the stream must keep for this node (see `take_snapshots`).
         ownership.cluster().set_stored(&front.ingest.durable_positions());
-        placed_rx.borrow_and_update();
-        // As leases are now, by this node's clock: what the last round published may be
-        // older (a round waiting on servers that do not answer).
-        let held = ownership.held();
+        let held = placed_rx.borrow_and_update().held.clone();
         // A partition released (given to a node that joined), taken by another node, or whose
         // lease this node could not renew in time, is no longer applied live here: events for
         // it go to its owner from now on.
@@ -384,15 +381,19 @@ fn lapse_check_every(lease: Duration) -> Duration {
     lease / 10
 }
 
-/// Stops applying live, by this node's clock, each partition whose lease is about to lapse
-/// unrenewed, whether or not an ownership round is under way: a round waits on the servers
-/// (up to their request timeouts when they do not answer), and meanwhile another node may take
-/// the lease once it lapses. Events for such a partition go to the intake (or are refused while
-/// it cannot be reached), and reads of its profiles are answered from this node's copy, saying
-/// so, until a round renews the lease and the partition is taken again.
+/// While an ownership round is stuck (it waits on servers that do not answer it, up to their
+/// request timeouts, longer than a lease), stops applying live, by this node's clock, each
+/// partition whose lease is about to lapse unrenewed: once it lapses, another node may take it.
+/// (Between rounds the node's loop does this with what each round published.) Events for such
+/// a partition go to the intake (or are refused while it cannot be reached), and reads of its
+/// profiles are answered from this node's copy, saying so, until a round renews the lease and
+/// the partition is taken again.
 async fn give_up_lapsed(ownership: Arc<Ownership>, owned: Arc<Owned>, lease: Duration) {
     loop {
         tokio::time::sleep(lapse_check_every(lease)).await;
+        if !ownership.round_stuck() {
+            continue;
+        }
         let held = ownership.held();
         let lapsed: Vec<Partition> = owned.partitions().into_iter().filter(|p| !held.contains(p)).collect();
         for &partition in &lapsed {

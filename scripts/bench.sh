@@ -136,11 +136,22 @@ nats_messages() {
 # took in, since `$1`, `$2` and `$3` (from `cpu_seconds` and `nats_messages`), per thousand of
 # `$4` events.
 cost_per_event() {
-    local starling_now nats_now messages_now
+    local starling_now nats_now messages_now commits_now
     starling_now=$(cpu_seconds "${nodes[@]}")
     nats_now=$(cpu_seconds "${nats_pids[@]}")
     messages_now=$(nats_messages)
-    awk "BEGIN { printf \"per 1,000 events: CPU of the Starling nodes %.3f s, of the NATS servers %.3f s; %.0f messages into the NATS servers\\n\", ($starling_now - $1) * 1000 / $4, ($nats_now - $2) * 1000 / $4, ($messages_now - $3) * 1000 / $4 }"
+    commits_now=$(sqlite_commits)
+    awk "BEGIN { printf \"per 1,000 events: CPU of the Starling nodes %.3f s, of the NATS servers %.3f s; %.0f messages into the NATS servers; %.1f SQLite commits\\n\", ($starling_now - $1) * 1000 / $4, ($nats_now - $2) * 1000 / $4, ($messages_now - $3) * 1000 / $4, ($commits_now - $5) * 1000 / $4 }"
+}
+
+# SQLite commits of applied state the nodes on ports 8080 and 8081 made so far, added up.
+sqlite_commits() {
+    local total=0 port count
+    for port in 8080 8081; do
+        count=$(curl -sf "localhost:$port/metrics" | awk '/^starling_commit_seconds_count/ { print $2 }')
+        total=$(( total + ${count:-0} ))
+    done
+    echo $total
 }
 
 # Waits until the node on port `$1` serves.
@@ -315,8 +326,9 @@ spread)
     serving 8080
     echo "== one node on JetStream owning every partition"
     starling_before=$(cpu_seconds "${nodes[@]}") nats_before=$(cpu_seconds "${nats_pids[@]}") messages_before=$(nats_messages)
+    commits_before=$(sqlite_commits)
     load --prefix whole
-    cost_per_event "$starling_before" "$nats_before" "$messages_before" "$events"
+    cost_per_event "$starling_before" "$nats_before" "$messages_before" "$events" "$commits_before"
     kill "${nodes[@]}" "${nats_pids[@]}" 2>/dev/null || true
     wait "${nodes[@]}" "${nats_pids[@]}" 2>/dev/null || true
     start_cluster
@@ -330,18 +342,19 @@ spread)
     until [[ $(owned 8080) -eq 32 && $(owned 8081) -eq 32 ]]; do sleep 0.1; done
     echo "== two nodes, the partitions spread, half the load through each"
     starling_before=$(cpu_seconds "${nodes[@]}") nats_before=$(cpu_seconds "${nats_pids[@]}") messages_before=$(nats_messages)
+    commits_before=$(sqlite_commits)
     started=$(date +%s.%N)
     $starling loadgen --server http://127.0.0.1:8080 --people "$people" --events "$(( events / 2 ))" --batch 500 \
-        --connections 4 --prefix spread-a > target/bench/spread-a.log 2>&1 &
+        --connections "${CONNECTIONS:-4}" --prefix spread-a > target/bench/spread-a.log 2>&1 &
     through_a=$!
     $starling loadgen --server http://127.0.0.1:8081 --people "$people" --events "$(( events / 2 ))" --batch 500 \
-        --connections 4 --prefix spread-b > target/bench/spread-b.log 2>&1 &
+        --connections "${CONNECTIONS:-4}" --prefix spread-b > target/bench/spread-b.log 2>&1 &
     through_b=$!
     wait $through_a $through_b
     elapsed=$(awk "BEGIN { print $(date +%s.%N) - $started }")
     grep applied target/bench/spread-a.log target/bench/spread-b.log
     echo "both loads applied in $elapsed s: $(awk "BEGIN { printf \"%.0f\", $events / $elapsed }") events/s together"
-    cost_per_event "$starling_before" "$nats_before" "$messages_before" "$events"
+    cost_per_event "$starling_before" "$nats_before" "$messages_before" "$events" "$commits_before"
     for prefix in spread-a spread-b; do
         $starling loadgen --server http://127.0.0.1:8080 --people "$people" --events "$(( events / 2 ))" \
             --prefix $prefix --verify-only | grep verified

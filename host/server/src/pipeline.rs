@@ -1351,6 +1351,9 @@ struct Pending {
     deleted: Vec<(DeletionReply, Vec<serde_json::Value>)>,
     /// The log records this batch appends: (job, partition, what).
     drafts: Vec<(usize, Partition, Draft)>,
+    /// Records applied again from the log (other nodes' records followed among them) are held
+    /// here: written to SQLite before the next live batch (see [`Worker::process`]).
+    replayed: bool,
 }
 
 impl Pending {
@@ -1466,10 +1469,11 @@ impl Worker {
             self.recover(conn, own_records_only);
         }
         // Work that reads the store as committed sees everything applied before it. On a node
-        // that follows other nodes' partitions, so does live work: a live batch that fails is
-        // forgotten with all this worker holds in memory, and only this node's own records are
-        // applied again (see `recover`), so what it followed must be in SQLite already.
-        if batch[0].reads_committed() || (replayed.is_none() && self.follows_others()) {
+        // that follows other nodes' partitions, live work sees everything followed: a live
+        // batch that fails is forgotten with all this worker holds in memory, and only this
+        // node's own records are applied again (see `recover`), so what it followed must be in
+        // SQLite already. What its own live batches applied may wait: the log holds it.
+        if batch[0].reads_committed() || (replayed.is_none() && self.follows_others() && self.pending.replayed) {
             self.materialize(conn, &mut []);
         }
         let outcome = match self.refusal(batch[0].reads_committed()) {
@@ -1533,9 +1537,10 @@ impl Worker {
         now: i64,
         replayed: Option<(Partition, Position)>,
     ) -> Result<(Vec<IngestReport>, Vec<Vec<Answer>>), String> {
-        // A live batch on a node following others starts from a state SQLite holds (or the
-        // followed records it holds in memory are derived again with the rest if it fails).
-        let own_records_only = replayed.is_none() && self.follows_others() && self.pending.is_clean();
+        // On a node following others, a live batch after no followed record held in memory
+        // starts from a state SQLite holds for the other nodes' partitions: if it fails, only
+        // this node's own records are derived again (otherwise everything is).
+        let own_records_only = replayed.is_none() && self.follows_others() && !self.pending.replayed;
         let mut p = std::mem::take(&mut self.pending);
         p.batch_start = p.effects.writes.len();
         p.urgent = false;
@@ -1547,6 +1552,7 @@ impl Worker {
         match result {
             Ok(reports) => {
                 self.shared.telemetry.storage.succeeded(Written::EventLog);
+                p.replayed |= replayed.is_some();
                 self.pending = p;
                 let mut handed_on: Vec<Vec<Answer>> = (0..batch.len()).map(|_| Vec::new()).collect();
                 self.settle_batch();
@@ -1636,6 +1642,7 @@ impl Worker {
                 p.events = 0;
                 p.since = None;
                 p.batch_start = 0;
+                p.replayed = false;
                 if !self.recovering {
                     self.materialized.inflight[self.index].store(u64::MAX, Ordering::SeqCst);
                 }
@@ -3529,6 +3536,40 @@ mod tests {
             .map(|m| (m.survivor, m.absorbed))
             .collect();
         assert_eq!(kept, [(earlier.clone(), claimer.clone())], "the merge kept for the earlier claim's owner");
+        node.stop();
+    }
+
+    /// On a node owning some partitions, what its live batches applied stays in memory until
+    /// due, but what it followed is written before its next live batch: a live batch that fails
+    /// then derives again only its own records, from the log, and neither is lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_live_batch_loses_neither_what_was_followed_nor_earlier_live_batches() {
+        let visitors = (0..).map(|i| format!("visitor-{i}"));
+        let mine = visitors.clone().next().unwrap();
+        let (my_partition, my_worker) = (starling_log::partition_of(&mine), worker_of(&mine, 2));
+        // Another node's profile, applied by the same worker.
+        let theirs = visitors
+            .skip(1)
+            .find(|id| starling_log::partition_of(id) != my_partition && worker_of(id, 2) == my_worker)
+            .unwrap();
+        let log = Arc::new(GatedLog::default());
+        log.open();
+        let node = Running::start(2, log.clone(), true);
+        node.owned.add(my_partition);
+        node.ingest.submit(vec![event(&mine, 0)]).await.unwrap();
+        let events = [event(&theirs, 1), event(&theirs, 2)];
+        let payload =
+            serde_json::to_vec(&LoggedRef::Events { now_ms: CLOCK_MS, events: events.iter().collect() }).unwrap();
+        log.append(&[(starling_log::partition_of(&theirs), &payload)]).unwrap();
+        let entries = node.ingest.read_after(vec![(starling_log::partition_of(&theirs), 0)]).await.unwrap();
+        node.ingest.follow(&entries).await.unwrap();
+        node.ingest.submit(vec![event(&mine, 3)]).await.unwrap();
+        node.ingest.submit(vec![event(&mine, 4)]).await.unwrap();
+        *log.refuse.lock().unwrap() = Some(my_partition);
+        assert!(node.ingest.submit(vec![event(&mine, 5)]).await.is_err(), "the batch failed");
+        node.ingest.materialize().await.unwrap();
+        assert_eq!(node.profile(&mine).unwrap().event_count, 3, "the live batches before the failed one");
+        assert_eq!(node.profile(&theirs).unwrap().event_count, 2, "what was followed");
         node.stop();
     }
 

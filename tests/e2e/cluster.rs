@@ -1185,10 +1185,12 @@ async fn spread_nodes_cut_off_from_the_servers_give_up_their_partitions_as_their
     let read = async |node: &Server| {
         let url = format!("{}/v1/profiles/{visitor}", node.url);
         let response = harness::client().get(url).send().await.unwrap();
-        let from = response.headers().get("x-starling-answered-from").map(|v| v.to_str().unwrap().to_string());
-        (response.status().as_u16(), from, response.json::<serde_json::Value>().await.unwrap())
+        let header =
+            |name| response.headers().get(name).map(|v: &reqwest::header::HeaderValue| v.to_str().unwrap().to_string());
+        let (from, reason) = (header("x-starling-answered-from"), header("x-starling-copy-reason"));
+        (response.status().as_u16(), from, reason, response.json::<serde_json::Value>().await.unwrap())
     };
-    let (status, from, profile) = read(&a).await;
+    let (status, from, _, profile) = read(&a).await;
     assert_eq!((status, from.as_deref()), (200, Some("engine")), "{profile}");
     // a's view of the owners catches up with b's last leases within a round.
     eventually("a's status to show each node's share", Duration::from_secs(10), async || {
@@ -1226,7 +1228,7 @@ async fn spread_nodes_cut_off_from_the_servers_give_up_their_partitions_as_their
     // Through either node: b, whose last round saw a own the partition, forwards the read to a,
     // which answers from its copy too.
     for node in [&a, &b] {
-        let (status, from, profile) = read(node).await;
+        let (status, from, _, profile) = read(node).await;
         assert_eq!((status, from.as_deref()), (200, Some("copy")), "{profile}");
         assert_eq!(profile["attributes"]["purchase_count"], 1.0, "{profile}");
     }
@@ -1240,10 +1242,19 @@ async fn spread_nodes_cut_off_from_the_servers_give_up_their_partitions_as_their
     let (status, body) = post_json(&events, &purchase(&visitor, "after")).await;
     assert_eq!(status, 202, "{body}");
     // A node that has not yet read the leases its peer took back answers from its copy, saying
-    // so, for a moment.
+    // so, for a moment (its first rounds after the outage may wait on a server still catching
+    // up: up to 30 s).
     for node in [&a, &b] {
-        eventually("the profile's owner to answer with both purchases", Duration::from_secs(10), async || {
-            let (status, from, profile) = read(node).await;
+        // What the node answered, printed when it changes (shown if the wait times out).
+        let answered = std::sync::Mutex::new(String::new());
+        eventually("the profile's owner to answer with both purchases", Duration::from_secs(30), async || {
+            let (status, from, reason, profile) = read(node).await;
+            let purchases = &profile["attributes"]["purchase_count"];
+            let seen = format!("{}: {status} from {from:?} ({reason:?}), purchases {purchases}", node.url);
+            if *answered.lock().unwrap() != seen {
+                println!("{seen}");
+                *answered.lock().unwrap() = seen;
+            }
             (status == 200 && from.as_deref() == Some("engine") && profile["attributes"]["purchase_count"] == 2.0)
                 .then_some(())
         })

@@ -13,7 +13,8 @@
 #                                    # (SNAPSHOT_EVERY=60s: the nodes' snapshot interval, default 10s)
 #   STARLING=path/to/starling scripts/bench.sh cluster   # the same with another build, for a comparison
 #   scripts/bench.sh spread          # one node owning every partition vs two nodes sharing
-#                                    # them, the load split over both (fresh NATS servers each)
+#                                    # them, the load split over both (fresh NATS servers each;
+#                                    # CONNECTIONS=16: connections through each node, default 4)
 #   RUST_LOG=info,starling_server::node=debug scripts/bench.sh catchup   # a standby following a
 #                                    # stream of EVENTS events from its start, the machine idle
 set -euo pipefail

@@ -391,20 +391,41 @@ pub struct Directory(Arc<RwLock<Stitched>>);
 
 #[derive(Default)]
 struct Stitched {
-    profile_of: HashMap<String, String>,
+    /// Each stitched id's profile, and a log position the records that stitched it there are
+    /// at or before.
+    profile_of: HashMap<String, (String, Position)>,
     ids_of: HashMap<String, HashSet<String>>,
 }
 
 impl Directory {
     pub fn load(conn: &rusqlite::Connection) -> Result<Directory, StoreError> {
         let directory = Directory::default();
-        directory.point(starling_store::stitched_ids(conn)?);
+        // Ids are linked in SQLite before the state with the positions it includes (see
+        // `Worker::write_early`): their records may be in the log only, until the start's
+        // replay (`Directory::settle`).
+        directory.point(starling_store::stitched_ids(conn)?, Position::MAX);
         Ok(directory)
+    }
+
+    /// Bounds the ids stitched by records not yet known at `through`, once the log was applied
+    /// through it.
+    fn settle(&self, through: Position) {
+        let mut stitched = self.0.write().expect("directory lock");
+        for (_, at) in stitched.profile_of.values_mut().filter(|(_, at)| *at == Position::MAX) {
+            *at = through;
+        }
     }
 
     /// The profile an id belongs to.
     pub fn profile_of(&self, id: &str) -> String {
-        self.0.read().expect("directory lock").profile_of.get(id).cloned().unwrap_or_else(|| id.to_string())
+        let stitched = self.0.read().expect("directory lock");
+        stitched.profile_of.get(id).map_or_else(|| id.to_string(), |(profile, _)| profile.clone())
+    }
+
+    /// A log position the records that stitched `id` to its profile are at or before; `None`
+    /// for an id naming its own profile.
+    fn stitched_through(&self, id: &str) -> Option<Position> {
+        self.0.read().expect("directory lock").profile_of.get(id).map(|(_, through)| *through)
     }
 
     /// The ids stitched into a profile (its own id aside).
@@ -413,11 +434,12 @@ impl Directory {
         stitched.ids_of.get(profile).map(|ids| ids.iter().cloned().collect()).unwrap_or_default()
     }
 
-    fn point(&self, ids: impl IntoIterator<Item = (String, String)>) {
+    /// Points `ids` at their profiles, stitched by records at or before `through`.
+    fn point(&self, ids: impl IntoIterator<Item = (String, String)>, through: Position) {
         let mut stitched = self.0.write().expect("directory lock");
         let Stitched { profile_of, ids_of } = &mut *stitched;
         for (id, profile) in ids {
-            if let Some(before) = profile_of.remove(&id)
+            if let Some((before, _)) = profile_of.remove(&id)
                 && let Some(set) = ids_of.get_mut(&before)
             {
                 set.remove(&id);
@@ -427,7 +449,7 @@ impl Directory {
             }
             if id != profile {
                 ids_of.entry(profile.clone()).or_default().insert(id.clone());
-                profile_of.insert(id, profile);
+                profile_of.insert(id, (profile, through));
             }
         }
     }
@@ -604,6 +626,7 @@ impl Ingest {
         // A restart on a changed file, or after a change just before a crash: each record with
         // the configuration it was first applied with.
         self.apply_records(&entries).await?;
+        self.directory.settle(self.log.next_position().saturating_sub(1));
         let n = self.partitions.len();
         self.queue((0..n).map(|_| Some(Work::Materialize)).collect(), false).await?;
         // Merges whose partition had not logged them when the last run stopped.
@@ -1294,6 +1317,16 @@ enum HistoryEvent {
 /// Where the audit records of a deletion request go.
 type DeletionReply = oneshot::Sender<Result<Vec<serde_json::Value>, String>>;
 
+/// Whether the directory moved an event's id to another profile, and by which records.
+#[derive(Debug, Clone, Copy)]
+enum Moved {
+    No,
+    /// By records at or before this position.
+    Through(Position),
+    /// By this worker's latest records (this batch's, or earlier ones not yet written).
+    ByThisWorker,
+}
+
 /// What a worker has applied and logged but not yet written to SQLite (the state its reads
 /// must see on top of the store's), and what the batch being applied hands on once appended.
 #[derive(Default)]
@@ -1334,7 +1367,7 @@ struct Pending {
     /// Events for profiles of partitions another node owns, per job, with the partition and
     /// whether the directory moved the event's id to another profile: handed on after the batch
     /// is logged.
-    elsewhere: Vec<(usize, Partition, bool, Event)>,
+    elsewhere: Vec<(usize, Partition, Moved, Event)>,
     /// Where the events of the batch's jobs came from, for those not from a client (see
     /// [`IngestJob::source`]): what they hand on goes with them.
     sources: HashMap<usize, Source>,
@@ -1760,7 +1793,9 @@ impl Worker {
     /// of the batch being answered (`handed_on`, by job).
     fn hand_on(&mut self, handed_on: &mut [Vec<Answer>]) {
         let pending = &mut self.pending;
-        self.directory.point(pending.directory.drain(..));
+        // The records that linked them are appended (or, followed, read) by now.
+        let logged = self.shared.log.next_position().saturating_sub(1);
+        self.directory.point(pending.directory.drain(..), logged);
         let merges = match pending.since {
             // Not yet written: the survivor's partition would read the absorbed profile stale.
             Some(_) => Vec::new(),
@@ -1811,13 +1846,17 @@ impl Worker {
         if !pending.elsewhere.is_empty()
             && let Some(elsewhere) = &self.shared.elsewhere
         {
-            // An event whose id the directory moved to another profile (a merge in a record
-            // the receiving node may not have followed yet) is applied there after this
-            // batch's records; any other, at once (its id names its own profile everywhere).
-            let logged = self.shared.log.next_position().saturating_sub(1);
+            // An event whose id the directory moved to another profile is applied there after
+            // the records that moved it (a merge in a record the receiving node may not have
+            // followed yet): this batch's, or those the directory names; any other, at once
+            // (its id names its own profile everywhere).
             let mut handed: Vec<(usize, Position, PartitionedEvents)> = Vec::new();
             for (job, partition, moved, event) in pending.elsewhere.drain(..) {
-                let after = if moved { logged } else { 0 };
+                let after = match moved {
+                    Moved::No => 0,
+                    Moved::Through(position) => position.clamp(1, logged),
+                    Moved::ByThisWorker => logged,
+                };
                 match handed.iter_mut().find(|(j, a, _)| *j == job && *a == after) {
                     Some((_, _, events)) => events.push((partition, event)),
                     None => handed.push((job, after, vec![(partition, event)])),
@@ -1900,12 +1939,20 @@ impl Worker {
             match &mut job.work {
                 Work::Events(events) => {
                     for (e, event) in events.iter().enumerate() {
-                        let pid = self.follow(p, &self.profile_of(p, &event.visitor_id));
+                        let named = self.profile_of(p, &event.visitor_id);
+                        let pid = self.follow(p, &named);
                         if replayed.is_none()
                             && self.shared.elsewhere.is_some()
                             && !self.shared.owned.owns_profile(&pid)
                         {
-                            let moved = pid != event.visitor_id;
+                            let id = &event.visitor_id;
+                            let moved = if pid == *id {
+                                Moved::No
+                            } else if pid != named || p.links.contains_key(id) {
+                                Moved::ByThisWorker
+                            } else {
+                                self.directory.stitched_through(id).map_or(Moved::ByThisWorker, Moved::Through)
+                            };
                             p.elsewhere.push((j, starling_log::partition_of(&pid), moved, event.clone()));
                             continue;
                         }
@@ -3255,6 +3302,17 @@ mod tests {
         }
 
         fn with_config(config: &str, workers: usize, log: Arc<dyn EventLog>, following: bool) -> Running {
+            Running::handing(config, workers, log, following, None)
+        }
+
+        /// `elsewhere`: where events for profiles of partitions this engine does not own go.
+        fn handing(
+            config: &str,
+            workers: usize,
+            log: Arc<dyn EventLog>,
+            following: bool,
+            elsewhere: Option<Arc<dyn Elsewhere>>,
+        ) -> Running {
             let dir = tempfile::tempdir().unwrap();
             let database = dir.path().join("starling.db");
             drop(starling_store::open(&database).unwrap());
@@ -3272,7 +3330,7 @@ mod tests {
                 telemetry,
                 log,
                 owned: owned.clone(),
-                elsewhere: None,
+                elsewhere,
             };
             let (ingest, workers) = start(
                 shared,
@@ -3495,6 +3553,61 @@ mod tests {
         let handed = MergeRequest { origin: None, ..kept[1].clone() };
         assert_eq!(kept[1].origin, Some(merge_origin(login_position, &handed)));
         follower.stop();
+    }
+
+    /// Where events handed to another node went, and the log position each hand waited for.
+    #[derive(Default)]
+    struct Handed(Mutex<Vec<(Position, Vec<String>)>>);
+
+    impl Elsewhere for Handed {
+        fn hand(
+            &self,
+            events: PartitionedEvents,
+            after: Position,
+            _via: Via,
+        ) -> futures_util::future::BoxFuture<'static, Result<crate::owned::HandedReport, String>> {
+            let ids = events.iter().map(|(_, event)| event.visitor_id.clone()).collect::<Vec<_>>();
+            let accepted = ids.len();
+            self.0.lock().unwrap().push((after, ids));
+            Box::pin(async move { Ok(crate::owned::HandedReport { accepted, duplicates: 0 }) })
+        }
+    }
+
+    /// An event whose id a merge moved to another node's profile is handed to that node to be
+    /// applied once it has followed the record that moved it, not the log's latest: an id
+    /// stitched long ago costs the receiving node no wait.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_for_an_id_stitched_earlier_waits_only_for_the_record_that_stitched_it() {
+        let visitors = (0..).map(|i| format!("visitor-{i}"));
+        let mine = visitors.clone().next().unwrap();
+        let others: Vec<String> = visitors
+            .skip(1)
+            .filter(|id| starling_log::partition_of(id) != starling_log::partition_of(&mine))
+            .take(3)
+            .collect();
+        let (survivor, moved, unrelated) = (&others[0], &others[1], &others[2]);
+        let log = Arc::new(starling_log::MemoryLog::new());
+        let append = |profile: &str, events: &[Event]| {
+            let payload =
+                serde_json::to_vec(&LoggedRef::Events { now_ms: CLOCK_MS, events: events.iter().collect() }).unwrap();
+            log.append(&[(starling_log::partition_of(profile), &payload)]).unwrap()[0]
+        };
+        // The other node's records: the second login claims the email the first claimed.
+        append(survivor, &[login(survivor, 0)]);
+        let stitched_at = append(moved, &[login(moved, 1)]);
+        let handed = Arc::new(Handed::default());
+        let node = Running::handing(STITCHING, 2, log.clone(), true, Some(handed.clone()));
+        node.owned.add(starling_log::partition_of(&mine));
+        let entries = node.ingest.read_after(node.ingest.stored_positions()).await.unwrap();
+        node.ingest.follow(&entries).await.unwrap();
+        assert_eq!(node.ingest.profile_of(moved), *survivor);
+        // The log goes on.
+        let latest = (0..3).map(|n| append(unrelated, &[event(unrelated, 2 + n)])).next_back().unwrap();
+        node.ingest.submit(vec![event(moved, 10), event(unrelated, 11)]).await.unwrap();
+        let mut handed = handed.0.lock().unwrap().clone();
+        handed.sort();
+        assert_eq!(handed, [(0, vec![unrelated.clone()]), (stitched_at, vec![moved.clone()])], "latest: {latest}");
+        node.stop();
     }
 
     /// On a node owning some partitions, a claim it made live that a followed record written

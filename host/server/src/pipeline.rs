@@ -15,9 +15,13 @@
 //! owns, it commits, points the directory at the surviving profile, and sends that worker a
 //! merge; events for the absorbed profile still queued on it are forwarded behind the merge.
 
+mod changes;
+
 use crate::logging::pseudonym;
 use crate::owned::{Elsewhere, Owned, PartitionedEvents, Via};
 use crate::telemetry::{Telemetry, Written};
+use changes::Changes;
+pub use changes::{Carried, IdChange};
 use sha2::{Digest, Sha256};
 use starling_core::engine::rebuild;
 use starling_core::model::{ActionDef, Trigger};
@@ -262,6 +266,9 @@ struct Stamped<'a> {
     /// See [`Stamp::independent`].
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     independent: bool,
+    /// What it changed of the ids other partitions' work reads (see [`Carried`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    changes: Vec<&'a IdChange>,
 }
 
 /// What a record says of how it was applied.
@@ -1384,6 +1391,8 @@ struct Pending {
     deleted: Vec<(DeletionReply, Vec<serde_json::Value>)>,
     /// The log records this batch appends: (job, partition, what).
     drafts: Vec<(usize, Partition, Draft)>,
+    /// What the batch's records changed of the ids, by draft.
+    changes: Changes,
     /// Records applied again from the log (other nodes' records followed among them) are held
     /// here: written to SQLite before the next live batch (see [`Worker::process`]).
     replayed: bool,
@@ -2182,7 +2191,8 @@ impl Worker {
                     .iter()
                     .enumerate()
                     .map(|(i, (job, _, draft))| {
-                        encode(batch, *job, draft, now, self.version, plain && !crossed.contains(&i))
+                        let stamp = (self.version, plain && !crossed.contains(&i), p.changes.of(i));
+                        encode(batch, *job, draft, now, stamp)
                     })
                     .collect();
                 let records: Vec<(Partition, &[u8])> =
@@ -2253,6 +2263,7 @@ impl Worker {
             p.positions.insert(partition, position);
         }
         p.drafts.clear();
+        p.changes.clear();
         p.events += reports.iter().map(|r| r.accepted).sum::<usize>();
         // A merge alone (an overtaken claim's) is written too: one for another node's
         // partition is only kept, in `handed_over`, until that node applies it.
@@ -2520,6 +2531,8 @@ impl Worker {
                     profile: profile.to_string(),
                     claim: None,
                 });
+                let linked = IdChange::Linked { id: visitor.to_string(), profile: profile.to_string(), claimed: false };
+                p.changes.push(p.effects.record_index, linked);
             }
         }
         Ok(())
@@ -2683,6 +2696,8 @@ impl Worker {
                         _ => unreachable!("record makes identity writes"),
                     };
                     p.effects.writes.push(Write::Link { visitor: id.clone(), profile: pid.to_string(), claim });
+                    let linked = IdChange::Linked { id: id.clone(), profile: pid.to_string(), claimed: true };
+                    p.changes.push(p.effects.record_index, linked);
                     p.directory.push((id, pid.to_string()));
                 }
                 Some(survivor) => {
@@ -2762,6 +2777,8 @@ impl Worker {
         let outcome = apply_merge(model, survivor_profile, absorbed_profile, now);
         tracing::debug!(survivor = %survivor, absorbed = %absorbed, via = %request.via, "profiles stitched");
         p.effects.writes.push(Write::Merge { absorbed: absorbed.clone(), survivor: survivor.clone() });
+        let merged = IdChange::Merged { absorbed: absorbed.clone(), survivor: survivor.clone() };
+        p.changes.push(p.effects.record_index, merged);
         p.effects.writes.push(Write::Identity(IdentityLink {
             profile_id: survivor.clone(),
             visitor_id: request.via.clone(),
@@ -2835,6 +2852,7 @@ impl Worker {
             "actions_fired": outcome.actions.iter().map(|a| a.action.clone()).collect::<Vec<_>>(),
         });
         p.effects.writes.push(Write::Delete { profile: pid.clone(), detail: detail.clone(), now_ms: now });
+        p.changes.push(p.effects.record_index, IdChange::Deleted { profile: pid.clone() });
         p.effects.record(conn, model, &pid, outcome, now)?;
         p.directory.extend(ids.iter().map(|id| (id.clone(), id.clone())));
         self.cache.identities.retain(|_, owner| *owner != pid);
@@ -2886,6 +2904,7 @@ impl Worker {
             "profiles": [kept.to_json(), split.to_json()],
         });
         p.effects.writes.push(Write::Split { id: id.to_string(), from: from.clone() });
+        p.changes.push(p.effects.record_index, IdChange::Split { id: id.to_string(), from: from.clone() });
         p.effects.writes.push(Write::Identity(IdentityLink {
             profile_id: id.to_string(),
             visitor_id: id.to_string(),
@@ -3066,7 +3085,9 @@ enum BatchError {
 }
 
 /// A draft started by `batch[job]` as the log record it becomes.
-fn encode(batch: &[IngestJob], job: usize, draft: &Draft, now_ms: i64, config: i64, independent: bool) -> Vec<u8> {
+/// `stamp`: the configuration's version, whether the record is independent, its id changes.
+fn encode(batch: &[IngestJob], job: usize, draft: &Draft, now_ms: i64, stamp: (i64, bool, Vec<&IdChange>)) -> Vec<u8> {
+    let (config, independent, changes) = stamp;
     let event = |(job, i): &(usize, usize)| match &batch[*job].work {
         Work::Events(events) => &events[*i],
         _ => unreachable!("an events draft names events"),
@@ -3081,7 +3102,7 @@ fn encode(batch: &[IngestJob], job: usize, draft: &Draft, now_ms: i64, config: i
         }
         _ => unreachable!("a draft is of its job's kind"),
     };
-    serde_json::to_vec(&Stamped { logged, config, independent }).expect("log records serialize")
+    serde_json::to_vec(&Stamped { logged, config, independent, changes }).expect("log records serialize")
 }
 
 /// Granularity of the retention index on profiles: a profile's entry moves at most once per
@@ -3426,6 +3447,41 @@ mod tests {
         running.stop();
     }
 
+    /// Each record carries what it changed of the ids: the ids it linked (claims marked), the
+    /// merge it applied, in the record of the partition that applied it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_carry_the_id_changes_they_made() {
+        let log = Arc::new(starling_log::MemoryLog::new());
+        let running = Running::with_config(STITCHING, 2, log.clone(), false);
+        let first = (0..).map(|i| format!("visitor-{i}")).find(|id| worker_of(id, 2) == 0).unwrap();
+        let second = (0..).map(|i| format!("visitor-{i}")).find(|id| worker_of(id, 2) == 1).unwrap();
+        running.ingest.submit(vec![event(&first, 0), login(&first, 1)]).await.unwrap();
+        running.ingest.submit(vec![event(&second, 2), login(&second, 3)]).await.unwrap();
+        running.ingest.materialize().await.unwrap();
+        let mut records = Vec::new();
+        let all: Vec<(Partition, Position)> = (0..starling_log::PARTITIONS).map(|p| (p, 0)).collect();
+        log.read(&all, &mut |entry| records.push(entry)).unwrap();
+        let changes: Vec<(Partition, IdChange)> = records
+            .iter()
+            .flat_map(|e| Carried::of(&e.payload, e.position).changes.into_iter().map(|c| (e.partition, c)))
+            .collect();
+        let email = "b58996c504c5638798eb6b511e6f49af".to_string();
+        let linked =
+            |id: &str, profile: &str, claimed| IdChange::Linked { id: id.into(), profile: profile.into(), claimed };
+        let of = starling_log::partition_of;
+        assert_eq!(
+            changes,
+            [
+                (of(&first), linked(&first, &first, false)),
+                (of(&first), linked(&email, &first, true)),
+                (of(&second), linked(&second, &second, false)),
+                (of(&first), IdChange::Merged { absorbed: second.clone(), survivor: first.clone() }),
+            ],
+            "{records:?}"
+        );
+        running.stop();
+    }
+
     /// A record applied a second time (a read that visited it twice, a batch applied again
     /// from the log) changes nothing, whether the first time is still in memory or in SQLite.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -3706,7 +3762,8 @@ mod tests {
         // Two views applied with the counting configuration before a crash, not yet in SQLite.
         let events = [event("visitor-0", 0), event("visitor-0", 1)];
         let logged = LoggedRef::Events { now_ms: CLOCK_MS, events: events.iter().collect() };
-        let payload = serde_json::to_vec(&Stamped { logged, config: version, independent: false }).unwrap();
+        let payload =
+            serde_json::to_vec(&Stamped { logged, config: version, independent: false, changes: Vec::new() }).unwrap();
         log.append(&[(starling_log::partition_of("visitor-0"), &payload)]).unwrap();
 
         restarted.ingest.replay().await.unwrap();
@@ -3734,7 +3791,8 @@ mod tests {
         let record = |visitor: &str, config: i64| {
             let events = [event(visitor, 0)];
             let logged = LoggedRef::Events { now_ms: CLOCK_MS, events: events.iter().collect() };
-            let payload = serde_json::to_vec(&Stamped { logged, config, independent: false }).unwrap();
+            let payload =
+                serde_json::to_vec(&Stamped { logged, config, independent: false, changes: Vec::new() }).unwrap();
             Entry { position: 0, partition: starling_log::partition_of(visitor), payload }
         };
         let entries: Vec<Entry> = [record("visitor-0", new), record("visitor-1", old), record("visitor-2", new)]

@@ -1,0 +1,60 @@
+//! What a record changed of the ids that other partitions' work reads (docs/capacity.md): a
+//! record carries its changes, so that a node following a partition it does not own applies
+//! them instead of the record's work.
+
+use starling_log::Position;
+
+/// One change to which profile an id belongs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum IdChange {
+    /// `id` was linked to `profile`; `claimed`: by a claim, which the record's position orders
+    /// against other partitions' claims on the id.
+    Linked {
+        id: String,
+        profile: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        claimed: bool,
+    },
+    /// Every id of `absorbed` moved to `survivor`, and `absorbed` is gone.
+    Merged { absorbed: String, survivor: String },
+    /// `id` was split out of `from` into a profile of its own.
+    Split { id: String, from: String },
+    /// Profile `profile` and its ids were removed.
+    Deleted { profile: String },
+}
+
+/// The changes of the record being applied, each with the draft (record) it belongs to.
+#[derive(Debug, Default)]
+pub(super) struct Changes(Vec<(usize, IdChange)>);
+
+impl Changes {
+    pub(super) fn push(&mut self, record: usize, change: IdChange) {
+        self.0.push((record, change));
+    }
+
+    /// The changes of draft `record`, in the order made.
+    pub(super) fn of(&self, record: usize) -> Vec<&IdChange> {
+        self.0.iter().filter(|(r, _)| *r == record).map(|(_, change)| change).collect()
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// The changes a record at `position` carries, as read back.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct Carried {
+    #[serde(default)]
+    pub changes: Vec<IdChange>,
+    #[serde(skip)]
+    pub position: Position,
+}
+
+impl Carried {
+    pub fn of(payload: &[u8], position: Position) -> Carried {
+        let carried: Carried = serde_json::from_slice(payload).unwrap_or_default();
+        Carried { position, ..carried }
+    }
+}

@@ -156,7 +156,7 @@ pub(crate) async fn follow_others(
                 .map_err(|e| e.to_string())?;
             let others = owned.others();
             if read_through.as_ref().is_none_or(|(through, read)| *through != end || *read != others) {
-                apply_after(&ingest, &mut positions, others.clone()).await?;
+                apply_after(&ingest, &mut positions, others.clone(), Applying::Follow).await?;
                 read_through = Some((end, others));
             }
             through.send_replace(end);
@@ -172,11 +172,20 @@ pub(crate) async fn follow_others(
     }
 }
 
+/// How records read are applied: the id changes of partitions followed, or the work of
+/// partitions taken.
+#[derive(Clone, Copy)]
+enum Applying {
+    Follow,
+    TakeOver,
+}
+
 /// Reads and applies the records of `partitions` after the positions applied.
 async fn apply_after(
     ingest: &Ingest,
     positions: &mut HashMap<Partition, Position>,
     partitions: Vec<Partition>,
+    applying: Applying,
 ) -> Result<usize, String> {
     // A partition this node owned until now was written here, not followed: its database
     // holds it further than the last record followed of it.
@@ -189,7 +198,11 @@ async fn apply_after(
         })
         .collect();
     let entries = ingest.read_after(after).await.map_err(|e| e.to_string())?;
-    ingest.follow(&entries).await.map_err(|e| e.to_string())?;
+    match applying {
+        Applying::Follow => ingest.follow(&entries).await,
+        Applying::TakeOver => ingest.take_over(&entries).await,
+    }
+    .map_err(|e| e.to_string())?;
     for entry in &entries {
         let last = positions.entry(entry.partition).or_default();
         *last = (*last).max(entry.position);
@@ -225,7 +238,7 @@ impl Taker {
     pub async fn catch_up(&self, partitions: Vec<Partition>) -> Result<usize, String> {
         let ingest = self.ingest.upgrade().ok_or("this node is stopping")?;
         let mut positions = self.positions.lock().await;
-        let applied = apply_after(&ingest, &mut positions, partitions).await?;
+        let applied = apply_after(&ingest, &mut positions, partitions, Applying::TakeOver).await?;
         // Written, with the merges they handed over (to send those not yet applied).
         ingest.materialize().await.map_err(|e| e.to_string())?;
         Ok(applied)

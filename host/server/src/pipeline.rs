@@ -146,6 +146,8 @@ pub enum Work {
         inactive_before: Option<i64>,
         done: DeletionReply,
     },
+    /// What a record of a partition another node owns changed of the ids (see [`Carried`]).
+    Follow(Carried),
     /// Write what the partition holds in memory to SQLite, so that reads see it.
     Materialize,
     /// A backfill's work on stored profiles after a configuration change: bring each in line
@@ -764,22 +766,27 @@ impl Ingest {
     /// some with the new one, come out as they first did.
     pub async fn apply_records(&self, entries: &[Entry]) -> Result<(), IngestError> {
         self.materialized.replaying.store(true, Ordering::SeqCst);
-        let applied = self.apply_logged(entries, false).await;
+        let applied = self.apply_logged(entries, Applying::Replay).await;
         self.materialized.replaying.store(false, Ordering::SeqCst);
         applied
     }
 
-    /// Applies records other nodes wrote, of partitions this engine does not own, as
-    /// [`Ingest::apply_records`] does, while the owned partitions go on live: merges the records
-    /// hand to owned partitions are applied live, and logged.
+    /// Applies what records other nodes wrote, of partitions this engine does not own, changed
+    /// of the ids (see [`Carried`]), while the owned partitions go on live.
     pub async fn follow(&self, entries: &[Entry]) -> Result<(), IngestError> {
-        self.apply_logged(entries, true).await
+        self.apply_logged(entries, Applying::Follow).await
     }
 
-    /// `live`: the owned partitions go on live meanwhile.
-    async fn apply_logged(&self, entries: &[Entry], live: bool) -> Result<(), IngestError> {
+    /// Applies the records of partitions this engine takes, as [`Ingest::apply_records`] does,
+    /// while the owned partitions go on live: merges the records hand to owned partitions are
+    /// applied live, and logged.
+    pub async fn take_over(&self, entries: &[Entry]) -> Result<(), IngestError> {
+        self.apply_logged(entries, Applying::TakeOver).await
+    }
+
+    async fn apply_logged(&self, entries: &[Entry], applying: Applying) -> Result<(), IngestError> {
         let starting = (self.config.model(), self.config.active());
-        let applied = self.apply_in_order(entries, live).await;
+        let applied = self.apply_in_order(entries, applying).await;
         if !Arc::ptr_eq(&self.config.model(), &starting.0) {
             self.config.swap(starting.0, starting.1);
         }
@@ -788,7 +795,8 @@ impl Ingest {
 
     /// Workers take the configuration at each record, so the loop waits for the records queued
     /// before switching.
-    async fn apply_in_order(&self, entries: &[Entry], live: bool) -> Result<(), IngestError> {
+    async fn apply_in_order(&self, entries: &[Entry], applying: Applying) -> Result<(), IngestError> {
+        let live = applying != Applying::Replay;
         let n = self.partitions.len();
         // A worker applies the records queued to it in order, without waiting for this loop in
         // between. Before a record of another worker, the loop waits for what is queued (and
@@ -800,6 +808,10 @@ impl Ingest {
             let Some((work, now_ms)) = Logged::decode(&entry.payload, entry.position).map_err(IngestError::Failed)?
             else {
                 continue;
+            };
+            let work = match applying {
+                Applying::Follow => Work::Follow(Carried::of(&entry.payload, entry.position)),
+                _ => work,
             };
             let stamp = Stamp::of(&entry.payload);
             let version = stamp.config;
@@ -825,13 +837,26 @@ impl Ingest {
             // Another node's merge may absorb a profile this node applies live: its worker
             // writes what it holds first (the record that handed the merge on may be this
             // node's own, still in memory), as a live merge waits for the absorbed side's commit.
-            if live
-                && let Work::Merge(merge) = &work
-                && self.owned.owns_profile(&merge.absorbed)
-            {
+            let absorbed_owned: Vec<&String> = match &work {
+                Work::Merge(merge) => vec![&merge.absorbed],
+                Work::Follow(carried) => carried
+                    .changes
+                    .iter()
+                    .filter_map(|change| match change {
+                        IdChange::Merged { absorbed, .. } => Some(absorbed),
+                        _ => None,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let absorbed_owned: Vec<&String> =
+                absorbed_owned.into_iter().filter(|absorbed| self.owned.owns_profile(absorbed)).collect();
+            if live && !absorbed_owned.is_empty() {
                 queued.wait().await?;
                 let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
-                jobs[worker_of(&merge.absorbed, n)] = Some(Work::Materialize);
+                for absorbed in absorbed_owned {
+                    jobs[worker_of(absorbed, n)] = Some(Work::Materialize);
+                }
                 self.queue(jobs, false).await?;
             }
             let waits_for = if stamp.independent { &queued.dependent_to } else { &queued.to };
@@ -908,6 +933,17 @@ impl Ingest {
         }
         Ok(Queued { pending })
     }
+}
+
+/// How log records are applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applying {
+    /// Again, by a start or a standby: every record's work.
+    Replay,
+    /// Another node's, of partitions this engine does not own: their id changes only.
+    Follow,
+    /// Of partitions this engine takes: their work, while the owned partitions go on live.
+    TakeOver,
 }
 
 /// Records queued to workers to be applied again, not yet waited for.
@@ -1257,6 +1293,8 @@ enum Write {
     },
     /// A merge handed on from another partition's log record, applied.
     Handoff(String),
+    /// Forget the ids of another node's profile, deleted there.
+    Forget(String),
     /// Remove the profile everywhere and leave an audit record (`detail` gains what was removed).
     Delete {
         profile: String,
@@ -1286,6 +1324,8 @@ struct Claim {
     /// The log record that made it.
     cause: Cause,
     link: IdentityLink,
+    /// Made by another node's record, followed: if it loses, that node merges its profile.
+    followed: bool,
 }
 
 /// The name of a merge decided by the log record at `position`: what it merges, via which id,
@@ -1834,10 +1874,14 @@ impl Worker {
         // given up: the records after it find the profiles as they were left (independent
         // records applied side by side claim an id in another order than first written).
         let overtaking = self.replaying.map(|_| 0);
-        let overtaken = pending
-            .overtaken
-            .drain(..)
-            .map(|o| (overtaking, worker_of(&o.claim.profile_id, self.partitions), Work::Overtaken(o), Source::Client));
+        // On a spread node, another node's profile whose claim was overtaken is that node's to
+        // merge (it follows the claim that overtook it).
+        let spread = !self.shared.owned.is_all() && !self.shared.owned.is_none();
+        let owned = self.shared.owned.clone();
+        let overtaken =
+            pending.overtaken.drain(..).filter(|o| !spread || owned.owns_profile(&o.claim.profile_id)).map(|o| {
+                (overtaking, worker_of(&o.claim.profile_id, self.partitions), Work::Overtaken(o), Source::Client)
+            });
         // Events a replayed record forwards are applied as part of it, at its time.
         let replay = self.replaying.map(|r| ReplayOf { handed: true, ..r });
         for (job, to, work, source) in merges.collect::<Vec<_>>().into_iter().chain(forwards).chain(overtaken) {
@@ -2116,6 +2160,14 @@ impl Worker {
                         }
                     }
                 }
+                Work::Follow(carried) => {
+                    // Written at once: a followed claim is settled at its write.
+                    p.urgent = true;
+                    let position = carried.position;
+                    for change in std::mem::take(&mut carried.changes) {
+                        self.follow_change(conn, p, change, position, j, now)?;
+                    }
+                }
                 Work::Materialize => p.urgent = true,
                 Work::Reconcile { ids, audiences, done } => {
                     // Written before it is answered: the backfill's progress counts it as done.
@@ -2295,6 +2347,18 @@ impl Worker {
                 Write::Link { visitor, profile, claim: None } => {
                     tx.link_identity(visitor, profile)?;
                 }
+                Write::Link { visitor, profile, claim: Some(claim) } if claim.followed => {
+                    // A followed claim that lost, lost on its own node too, which merges its
+                    // profile; one that overtook a claim of this node's makes that profile merge.
+                    match write_claim(&tx, visitor, profile, claim)? {
+                        ClaimWritten::Lost(_) => {}
+                        ClaimWritten::Done => p.directory.push((visitor.clone(), profile.clone())),
+                        ClaimWritten::Overtook(overtaken) => {
+                            p.directory.push((visitor.clone(), profile.clone()));
+                            overtook.push(overtaken);
+                        }
+                    }
+                }
                 Write::Link { visitor, profile, claim: Some(claim) } => {
                     match write_claim(&tx, visitor, profile, claim)? {
                         ClaimWritten::Done => {}
@@ -2323,6 +2387,9 @@ impl Worker {
                 Write::Merge { absorbed, survivor } => tx.merge_profiles(absorbed, survivor)?,
                 Write::Split { id, from } => tx.split_identity(id, from)?,
                 Write::Handoff(origin) => tx.record_handoff(origin)?,
+                Write::Forget(profile) => {
+                    tx.forget_ids(profile)?;
+                }
                 Write::Delete { profile, detail, now_ms } => {
                     deleted = true;
                     let removed = tx.delete_profile(profile)?;
@@ -2692,7 +2759,9 @@ impl Worker {
                 None => {
                     p.links.insert(id.clone(), pid.to_string());
                     let claim = match record("link", None, None) {
-                        Write::Identity(link) => Some(Claim { job, cause: Cause::Draft(p.effects.record_index), link }),
+                        Write::Identity(link) => {
+                            Some(Claim { job, cause: Cause::Draft(p.effects.record_index), link, followed: false })
+                        }
                         _ => unreachable!("record makes identity writes"),
                     };
                     p.effects.writes.push(Write::Link { visitor: id.clone(), profile: pid.to_string(), claim });
@@ -2800,6 +2869,62 @@ impl Worker {
         p.absorbed.insert(absorbed.clone());
         p.gone.insert(absorbed);
         Ok(true)
+    }
+
+    /// Applies a change another node's record made to the ids (see [`Carried`]): the profile
+    /// an id belongs to moves as it did there; claims are settled at their write, by log order.
+    fn follow_change(
+        &mut self,
+        conn: &rusqlite::Connection,
+        p: &mut Pending,
+        change: IdChange,
+        position: Position,
+        job: usize,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let identity = |profile: &str, id: &str, kind, other: Option<String>| IdentityLink {
+            profile_id: profile.to_string(),
+            visitor_id: id.to_string(),
+            kind,
+            other_id: other,
+            attribute: None,
+            event_id: None,
+            at_ms: now,
+            detail: None,
+        };
+        match change {
+            IdChange::Linked { id, profile, claimed: false } => {
+                p.effects.writes.push(Write::Link { visitor: id, profile, claim: None });
+            }
+            IdChange::Linked { id, profile, claimed: true } => {
+                let link = identity(&profile, &id, "link", None);
+                let claim = Claim { job, cause: Cause::Record(Some(position)), link, followed: true };
+                p.effects.writes.push(Write::Link { visitor: id, profile, claim: Some(claim) });
+            }
+            IdChange::Merged { absorbed, survivor } => {
+                let mut ids: BTreeSet<String> = starling_store::ids_of(conn, &absorbed)?.into_iter().collect();
+                ids.extend(self.directory.stitched_into(&absorbed));
+                ids.insert(absorbed.clone());
+                // This node's profile, absorbed by the survivor's owner: its rows go.
+                p.touched.remove(&absorbed);
+                self.cache.profiles.remove(&absorbed);
+                p.effects.writes.push(Write::Merge { absorbed: absorbed.clone(), survivor: survivor.clone() });
+                p.directory.extend(ids.into_iter().map(|id| (id, survivor.clone())));
+                p.gone.insert(absorbed);
+            }
+            IdChange::Split { id, from } => {
+                p.effects.writes.push(Write::Split { id: id.clone(), from: from.clone() });
+                p.effects.writes.push(Write::Identity(identity(&id, &id, "unstitched", Some(from))));
+                p.directory.push((id.clone(), id));
+            }
+            IdChange::Deleted { profile } => {
+                let mut ids: BTreeSet<String> = starling_store::ids_of(conn, &profile)?.into_iter().collect();
+                ids.extend(self.directory.stitched_into(&profile));
+                p.effects.writes.push(Write::Forget(profile));
+                p.directory.extend(ids.into_iter().map(|id| (id.clone(), id)));
+            }
+        }
+        Ok(())
     }
 
     /// Deletes the profile `id` belongs to: `deleted` actions are queued with what they need
@@ -3023,13 +3148,17 @@ enum ClaimWritten {
 fn write_claim(tx: &Batch, visitor: &str, profile: &str, claim: &Claim) -> Result<ClaimWritten, StoreError> {
     Ok(match tx.claim_identity(visitor, profile, claim.cause.position())? {
         Claimed::Linked => {
-            tx.record_identity(&claim.link)?;
+            if !claim.followed {
+                tx.record_identity(&claim.link)?;
+            }
             ClaimWritten::Done
         }
         Claimed::Held => ClaimWritten::Done,
         Claimed::Lost { owner } => ClaimWritten::Lost(owner),
         Claimed::Overtook { overtaken, position } => {
-            tx.record_identity(&claim.link)?;
+            if !claim.followed {
+                tx.record_identity(&claim.link)?;
+            }
             ClaimWritten::Overtook(Overtaken { claim: overtaken, winner: profile.to_string(), position })
         }
     })
@@ -3480,6 +3609,51 @@ mod tests {
             "{records:?}"
         );
         running.stop();
+    }
+
+    /// A node following partitions it does not own applies only what their records changed of
+    /// the ids: it finds each id's profile as the node that wrote them does, claims at their
+    /// records' positions, and holds none of their profiles.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_follower_applies_only_the_id_changes() {
+        let log = Arc::new(starling_log::MemoryLog::new());
+        let writer = Running::with_config(STITCHING, 2, log.clone(), false);
+        let on = |w| (0..).map(|i| format!("visitor-{i}")).filter(move |id| worker_of(id, 2) == w);
+        let (first, second, gone) = (on(0).next().unwrap(), on(1).next().unwrap(), on(1).nth(1).unwrap());
+        writer.ingest.submit(vec![event(&first, 0), login(&first, 1), event(&gone, 2)]).await.unwrap();
+        writer.ingest.submit(vec![event(&second, 3), login(&second, 4)]).await.unwrap();
+        writer.ingest.delete(vec![gone.clone()], "request", None).await.unwrap();
+        writer.ingest.materialize().await.unwrap();
+
+        let follower = Running::with_config(STITCHING, 2, log.clone(), true);
+        let elsewhere = (0..).map(|i| format!("mine-{i}")).find(|id| {
+            ![&first, &second, &gone].iter().any(|p| starling_log::partition_of(p) == starling_log::partition_of(id))
+        });
+        follower.owned.add(starling_log::partition_of(&elsewhere.unwrap()));
+        let entries = follower.ingest.read_after(follower.ingest.stored_positions()).await.unwrap();
+        follower.ingest.follow(&entries).await.unwrap();
+        follower.ingest.materialize().await.unwrap();
+
+        let email = "b58996c504c5638798eb6b511e6f49af";
+        assert!(follower.profile(&first).is_none() && follower.profile(&second).is_none(), "no copies");
+        assert_eq!(follower.ingest.profile_of(&second), first);
+        assert_eq!(follower.ingest.profile_of(email), first);
+        let (written, followed) =
+            (starling_store::open(&writer.database).unwrap(), starling_store::open(&follower.database).unwrap());
+        for id in [&first, &second, &gone, &email.to_string()] {
+            assert_eq!(
+                starling_store::resolve_identity(&followed, id).unwrap(),
+                starling_store::resolve_identity(&written, id).unwrap(),
+                "{id}"
+            );
+        }
+        assert_eq!(
+            starling_store::claimed_at(&followed, email).unwrap(),
+            starling_store::claimed_at(&written, email).unwrap()
+        );
+        assert_eq!(starling_store::resolve_identity(&followed, &gone).unwrap(), None, "deleted there");
+        writer.stop();
+        follower.stop();
     }
 
     /// A record applied a second time (a read that visited it twice, a batch applied again

@@ -999,6 +999,11 @@ impl<'c> Batch<'c> {
         Ok(())
     }
 
+    /// Forgets the ids of profile `profile_id`, another node's that was deleted there.
+    pub fn forget_ids(&self, profile_id: &str) -> Result<usize> {
+        Ok(self.tx.prepare_cached("DELETE FROM identities WHERE profile_id = ?1")?.execute([profile_id])?)
+    }
+
     /// Removes every row about profile `profile_id`: the profile, its ids and their history,
     /// event log, memberships, actions (pending or done) and dead letters, frequency caps and
     /// wake-ups. Returns how many rows of each went, for the audit record.

@@ -21,7 +21,7 @@ use crate::logging::pseudonym;
 use crate::owned::{Elsewhere, Owned, PartitionedEvents, Via};
 use crate::telemetry::{Telemetry, Written};
 use changes::Changes;
-pub use changes::{Carried, IdChange};
+pub use changes::{Absorbed, Carried, IdChange};
 use sha2::{Digest, Sha256};
 use starling_core::engine::rebuild;
 use starling_core::model::{ActionDef, Trigger};
@@ -205,6 +205,9 @@ pub struct MergeRequest {
     /// partition applies a merge of one name once.
     #[serde(default)]
     pub origin: Option<String>,
+    /// The absorbed profile's state, when the survivor is of another node's partition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub absorbed_state: Option<Box<Absorbed>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +249,12 @@ enum Logged {
         reason: String,
         inactive_before: Option<i64>,
     },
+    /// A merge into a profile of another node's partition, with the absorbed profile's state:
+    /// that node applies it when it follows this record; nothing to apply again here.
+    Hand {
+        #[serde(rename = "merge")]
+        _merge: serde::de::IgnoredAny,
+    },
     /// A node took the partition (a replicated log's fence): nothing to apply.
     Owner {
         #[serde(rename = "node")]
@@ -256,6 +265,22 @@ enum Logged {
 /// The record a node appends to each partition it takes, in a replicated log.
 pub fn owner_record(node: &str) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({ "work": "owner", "node": node })).expect("a record serializes")
+}
+
+/// The record handing `merge` (with the absorbed profile's state) to another node's partition.
+fn hand_record(merge: &MergeRequest) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "work": "hand", "merge": merge })).expect("a record serializes")
+}
+
+/// The merge a hand record carries (`None`: another kind of record).
+fn handed_merge(payload: &[u8]) -> Option<MergeRequest> {
+    #[derive(serde::Deserialize)]
+    struct Hand {
+        work: String,
+        merge: Option<MergeRequest>,
+    }
+    let hand: Hand = serde_json::from_slice(payload).ok()?;
+    (hand.work == "hand").then_some(hand.merge).flatten()
 }
 
 /// A record as written: its work, and the version of the configuration it was applied with
@@ -332,7 +357,7 @@ impl Logged {
             Logged::Delete { now_ms, ids, reason: r, inactive_before } => {
                 (Work::Delete { ids, reason: reason(&r), inactive_before, done: oneshot::channel().0 }, now_ms)
             }
-            Logged::Owner { .. } => return Ok(None),
+            Logged::Owner { .. } | Logged::Hand { .. } => return Ok(None),
         }))
     }
 }
@@ -805,6 +830,21 @@ impl Ingest {
         let mut queued = Replaying::default();
         let mut unrecorded = HashSet::new();
         for entry in entries {
+            // A merge another node hands to a profile this one owns is applied here, live, and
+            // logged in the survivor's partition with the state it carries.
+            if applying == Applying::Follow
+                && let Some(merge) = handed_merge(&entry.payload)
+            {
+                if self.owned.owns_profile(&merge.survivor) {
+                    queued.wait().await?;
+                    let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
+                    let to = worker_of(&merge.survivor, n);
+                    jobs[to] = Some(Work::Merge(merge));
+                    queued.records.push(self.dispatch_jobs(jobs, false, None, Source::Client)?);
+                    queued.wait().await?;
+                }
+                continue;
+            }
             let Some((work, now_ms)) = Logged::decode(&entry.payload, entry.position).map_err(IngestError::Failed)?
             else {
                 continue;
@@ -1295,6 +1335,12 @@ enum Write {
     Handoff(String),
     /// Forget the ids of another node's profile, deleted there.
     Forget(String),
+    /// Keep the history and memberships of a profile of another node's partition, merged into
+    /// `survivor`.
+    Adopt {
+        survivor: String,
+        state: Box<Absorbed>,
+    },
     /// Remove the profile everywhere and leave an audit record (`detail` gains what was removed).
     Delete {
         profile: String,
@@ -1837,10 +1883,56 @@ impl Worker {
         }
     }
 
+    /// On a spread node, appends each merge written for another node's partition as a hand
+    /// record in the absorbed profile's partition, with that profile's state; the survivor's
+    /// owner applies it when it follows the record. The merge stays in `handed_over` (sent
+    /// again at start) until then.
+    fn hand_to_other_nodes(&mut self) {
+        let owned = self.shared.owned.clone();
+        let spread = !owned.is_all() && !owned.is_none();
+        if !spread
+            || self.pending.since.is_some()
+            || self.materialized.replaying.load(Ordering::SeqCst)
+            || self.replaying.is_some()
+        {
+            return;
+        }
+        let (theirs, ours): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending.merges)
+            .into_iter()
+            .partition(|(_, _, m)| !owned.owns_profile(&m.survivor));
+        self.pending.merges = ours;
+        if theirs.is_empty() {
+            return;
+        }
+        let writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut records = Vec::new();
+        for (_, _, mut merge) in theirs {
+            let state = (|| -> Result<Option<Absorbed>, StoreError> {
+                let Some(profile) = starling_store::load_profile(&writer, &merge.absorbed)? else { return Ok(None) };
+                let events = starling_store::profile_events(&writer, &merge.absorbed)?;
+                let memberships = starling_store::memberships_of(&writer, &merge.absorbed)?;
+                Ok(Some(Absorbed { profile, events, memberships }))
+            })();
+            match state {
+                Ok(state) => {
+                    merge.absorbed_state = state.map(Box::new);
+                    records.push((starling_log::partition_of(&merge.absorbed), hand_record(&merge)));
+                }
+                Err(e) => tracing::error!(partition = self.index, "reading a profile merged into another node's: {e}"),
+            }
+        }
+        drop(writer);
+        let records: Vec<(Partition, &[u8])> = records.iter().map(|(p, r)| (*p, r.as_slice())).collect();
+        if let Err(e) = self.shared.log.append(&records) {
+            tracing::error!(partition = self.index, "merges for another node's partitions not handed on: {e}");
+        }
+    }
+
     /// Publishes directory changes, then sends merges (once written to SQLite) and forwarded
     /// events to the partitions that own their profiles; the answers to wait for go to the jobs
     /// of the batch being answered (`handed_on`, by job).
     fn hand_on(&mut self, handed_on: &mut [Vec<Answer>]) {
+        self.hand_to_other_nodes();
         let pending = &mut self.pending;
         // The records that linked them are appended (or, followed, read) by now.
         let logged = self.shared.log.next_position().saturating_sub(1);
@@ -2390,6 +2482,14 @@ impl Worker {
                 Write::Forget(profile) => {
                     tx.forget_ids(profile)?;
                 }
+                Write::Adopt { survivor, state } => {
+                    for event in &state.events {
+                        tx.log_event(event, survivor, event.timestamp_ms)?;
+                    }
+                    for (audience, joined_ms) in &state.memberships {
+                        tx.join(survivor, audience, *joined_ms)?;
+                    }
+                }
                 Write::Delete { profile, detail, now_ms } => {
                     deleted = true;
                     let removed = tx.delete_profile(profile)?;
@@ -2533,6 +2633,7 @@ impl Worker {
             attribute: claim.attribute.clone().unwrap_or_default(),
             event_id: claim.event_id.clone(),
             origin: None,
+            absorbed_state: None,
         };
         merge.origin = position.map(|position| merge_origin(position, &merge));
         merge
@@ -2777,6 +2878,7 @@ impl Worker {
                         attribute,
                         event_id: event.id.clone(),
                         origin: None,
+                        absorbed_state: None,
                     };
                     self.merge(conn, p, model, request, job, now)?;
                     return Ok(());
@@ -2806,7 +2908,9 @@ impl Worker {
         ids.extend(p.links.iter().filter(|(_, o)| **o == absorbed).map(|(id, _)| id.clone()));
         ids.extend(self.directory.stitched_into(&absorbed));
         ids.insert(absorbed.clone());
-        if worker_of(&survivor, self.partitions) != self.index {
+        let owned = &self.shared.owned;
+        let spread = !owned.is_all() && !owned.is_none();
+        if worker_of(&survivor, self.partitions) != self.index || (spread && !owned.owns_profile(&survivor)) {
             // The survivor's partition merges, after this batch (holding the absorbed
             // profile's last state) commits; from then on its ids route there.
             p.leaving.insert(absorbed.clone());
@@ -2831,6 +2935,12 @@ impl Worker {
                 },
             },
         };
+        // The absorbed profile of another node's partition comes with the merge.
+        let carried = match absorbed_profile {
+            Some(_) => None,
+            None => request.absorbed_state.clone(),
+        };
+        let absorbed_profile = absorbed_profile.or_else(|| carried.as_ref().map(|state| state.profile.clone()));
         let Some(mut absorbed_profile) = absorbed_profile else {
             // Merged already (a merge of the same two from the other side, or sent again after
             // a restart): the absorbed profile's own id is the survivor's.
@@ -2845,6 +2955,9 @@ impl Worker {
         let survivor_profile = load(model, &mut self.cache, conn, &mut p.touched, now, &survivor)?;
         let outcome = apply_merge(model, survivor_profile, absorbed_profile, now);
         tracing::debug!(survivor = %survivor, absorbed = %absorbed, via = %request.via, "profiles stitched");
+        if let Some(state) = carried {
+            p.effects.writes.push(Write::Adopt { survivor: survivor.clone(), state });
+        }
         p.effects.writes.push(Write::Merge { absorbed: absorbed.clone(), survivor: survivor.clone() });
         let merged = IdChange::Merged { absorbed: absorbed.clone(), survivor: survivor.clone() };
         p.changes.push(p.effects.record_index, merged);
@@ -3558,6 +3671,7 @@ mod tests {
                 attribute: "email_hash".into(),
                 event_id: None,
                 origin: Some(origin.into()),
+                absorbed_state: None,
             })
         };
         ingest.queue(vec![Some(merge("7.0")), None], false).await.unwrap();
@@ -3654,6 +3768,48 @@ mod tests {
         assert_eq!(starling_store::resolve_identity(&followed, &gone).unwrap(), None, "deleted there");
         writer.stop();
         follower.stop();
+    }
+
+    /// Follows every partition `node` does not own from the log's start, and writes it.
+    async fn follow_others(node: &Running) {
+        let others: Vec<(Partition, Position)> = node.owned.others().into_iter().map(|p| (p, 0)).collect();
+        let entries = node.ingest.read_after(others).await.unwrap();
+        node.ingest.follow(&entries).await.unwrap();
+        node.ingest.materialize().await.unwrap();
+    }
+
+    /// Stitching across two nodes: the node whose profile's event names an id the other
+    /// node's profile claimed hands the merge on with the profile's state; the survivor's owner
+    /// applies it from that state, and the first node's rows go once it follows the merge.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_merge_into_another_nodes_profile_carries_the_absorbed_state() {
+        let log = Arc::new(starling_log::MemoryLog::new());
+        let ids = (0..).map(|i| format!("visitor-{i}"));
+        let first = ids.clone().next().unwrap();
+        let second =
+            ids.skip(1).find(|id| starling_log::partition_of(id) != starling_log::partition_of(&first)).unwrap();
+        let (a, b) = (
+            Running::with_config(STITCHING, 2, log.clone(), true),
+            Running::with_config(STITCHING, 2, log.clone(), true),
+        );
+        a.owned.add(starling_log::partition_of(&first));
+        b.owned.add(starling_log::partition_of(&second));
+        a.ingest.submit(vec![event(&first, 0), login(&first, 1)]).await.unwrap();
+        a.ingest.materialize().await.unwrap();
+        follow_others(&b).await;
+        b.ingest.submit(vec![event(&second, 2), event(&second, 3), login(&second, 4)]).await.unwrap();
+        b.ingest.materialize().await.unwrap();
+        follow_others(&a).await;
+        let merged = a.profile(&first).unwrap();
+        assert_eq!(merged.event_count, 5, "its own two and the three of the profile it absorbed");
+        let conn = starling_store::open(&a.database).unwrap();
+        assert_eq!(starling_store::profile_events(&conn, &first).unwrap().len(), 5, "the absorbed history kept");
+        follow_others(&b).await;
+        assert!(b.profile(&second).is_none(), "gone from the node that handed it on");
+        assert_eq!(b.ingest.profile_of(&second), first);
+        assert!(a.profile(&second).is_none() && b.profile(&first).is_none(), "no copies");
+        a.stop();
+        b.stop();
     }
 
     /// A record applied a second time (a read that visited it twice, a batch applied again
@@ -3996,6 +4152,7 @@ mod tests {
             attribute: "email_hash".into(),
             event_id: None,
             origin: Some("3.0".into()),
+            absorbed_state: None,
         };
         let mut conn = starling_store::open(&running.database).unwrap();
         let tx = Batch::begin(&mut conn).unwrap();
@@ -4126,6 +4283,7 @@ mod tests {
             attribute: "email_hash".into(),
             event_id: None,
             origin: None,
+            absorbed_state: None,
         };
         assert!(starling_store::handoff_applied(&conn, &merge_origin(2, &merge)).unwrap());
         live.stop();

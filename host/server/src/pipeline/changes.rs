@@ -58,3 +58,14 @@ impl Carried {
         Carried { position, ..carried }
     }
 }
+
+/// The state of a profile merged into one of another node's partitions, which holds none of
+/// it: carried with the merge.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Absorbed {
+    pub profile: starling_core::Profile,
+    /// Its history, oldest first.
+    pub events: Vec<starling_core::Event>,
+    /// Its audiences, with when it joined each.
+    pub memberships: Vec<(String, i64)>,
+}

@@ -4014,10 +4014,9 @@ mod tests {
         };
         let log = Arc::new(starling_log::MemoryLog::new());
         // The other node's claim, written first; this node has not followed it yet.
-        let events = [event(&earlier, 0), login_as(&earlier, 1)];
-        let payload =
-            serde_json::to_vec(&LoggedRef::Events { now_ms: CLOCK_MS, events: events.iter().collect() }).unwrap();
-        log.append(&[(starling_log::partition_of(&earlier), &payload)]).unwrap();
+        let other = Running::with_config(STITCHING, 2, log.clone(), true);
+        other.owned.add(starling_log::partition_of(&earlier));
+        other.ingest.submit(vec![event(&earlier, 0), login_as(&earlier, 1)]).await.unwrap();
 
         let node = Running::with_config(STITCHING, 2, log.clone(), true);
         node.owned.add(claimer_partition);
@@ -4035,7 +4034,11 @@ mod tests {
             .map(|m| (m.survivor, m.absorbed))
             .collect();
         assert_eq!(kept, [(earlier.clone(), claimer.clone())], "the merge kept for the earlier claim's owner");
+        // That node applies it when it follows the hand record.
+        follow_others(&other).await;
+        assert_eq!(other.profile(&earlier).unwrap().event_count, 4, "its two and the claimer's two");
         node.stop();
+        other.stop();
     }
 
     /// On a node owning some partitions, what its live batches applied stays in memory until

@@ -1116,18 +1116,20 @@ async fn a_paused_spread_node_cannot_write_when_it_wakes_and_catches_up() {
         assert!(!ids.iter().any(|id| refused.contains(id)), "a refused purchase was applied: {export}");
         assert_eq!(export["profile"]["attributes"]["purchase_count"], applied as f64, "{export}");
     }
-    // Each node's own copy holds them too (reads above went to the partition's owner): b's
-    // copy followed what a wrote while b was paused.
-    for node in ["a", "b"] {
-        let database = dir.path().join(node).join("starling.db");
-        eventually("each copy to hold every acknowledged purchase", Duration::from_secs(20), async || {
-            let conn = starling_store::open_reader(&database).ok()?;
-            let ids: Vec<String> =
-                starling_store::profile_events(&conn, &visitor).ok()?.into_iter().filter_map(|e| e.id).collect();
-            acknowledged.iter().all(|id| ids.contains(id)).then_some(())
-        })
-        .await;
-    }
+    // The partition's owner holds them in its database (restored from a's snapshot and the
+    // stream after it, if b took the partition back); the other node holds none of the profile.
+    let partition = starling_log::partition_of(&visitor) as u64;
+    let (owner, other) = if owned(&a).await.contains(&partition) { ("a", "b") } else { ("b", "a") };
+    let events_in = |node: &str| {
+        let conn = starling_store::open_reader(&dir.path().join(node).join("starling.db")).unwrap();
+        starling_store::profile_events(&conn, &visitor).unwrap().into_iter().filter_map(|e| e.id).collect::<Vec<_>>()
+    };
+    let held = events_in(owner);
+    assert!(acknowledged.iter().all(|id| held.contains(id)), "{owner} holds {held:?} of {acknowledged:?}");
+    eventually("the other node to hold none of the profile", Duration::from_secs(10), async || {
+        events_in(other).is_empty().then_some(())
+    })
+    .await;
     println!("b acknowledged {} of 20 events after waking, refused {}", 20 - refused.len(), refused.len());
     a.stop();
     b.stop();
@@ -1166,8 +1168,9 @@ async fn spread_nodes_lose_nothing_when_the_stream_leader_dies() {
 
 /// Spread, the NATS servers stop answering (paused: connections open, nothing answered). A
 /// node's ownership round then waits on the servers, yet each node stops applying its
-/// partitions live by its own clock as their leases lapse: reads of their profiles are
-/// answered from its copy, saying so, writes are refused, and `/v1/cluster` still answers.
+/// partitions live by its own clock as their leases lapse: reads and writes of their profiles
+/// are refused with `503` and `Retry-After` (no node keeps a copy of another's profiles), and
+/// `/v1/cluster` still answers.
 /// Once the servers answer again, the nodes take their partitions back, spread, and what was
 /// acknowledged before is there.
 #[tokio::test(flavor = "multi_thread")]
@@ -1187,8 +1190,8 @@ async fn spread_nodes_cut_off_from_the_servers_give_up_their_partitions_as_their
         let response = harness::client().get(url).send().await.unwrap();
         let header =
             |name| response.headers().get(name).map(|v: &reqwest::header::HeaderValue| v.to_str().unwrap().to_string());
-        let (from, reason) = (header("x-starling-answered-from"), header("x-starling-copy-reason"));
-        (response.status().as_u16(), from, reason, response.json::<serde_json::Value>().await.unwrap())
+        let (from, retry) = (header("x-starling-answered-from"), header("retry-after"));
+        (response.status().as_u16(), from, retry, response.json::<serde_json::Value>().await.unwrap())
     };
     let (status, from, _, profile) = read(&a).await;
     assert_eq!((status, from.as_deref()), (200, Some("engine")), "{profile}");
@@ -1225,12 +1228,12 @@ async fn spread_nodes_cut_off_from_the_servers_give_up_their_partitions_as_their
     ] {
         assert!(status.lines().any(|l| l == line), "no `{line}`:\n{status}");
     }
-    // Through either node: b, whose last round saw a own the partition, forwards the read to a,
-    // which answers from its copy too.
+    // Through either node (b, whose last round saw a own the partition, forwards the read to a),
+    // the read is refused until a node owns the partition again.
     for node in [&a, &b] {
-        let (status, from, _, profile) = read(node).await;
-        assert_eq!((status, from.as_deref()), (200, Some("copy")), "{profile}");
-        assert_eq!(profile["attributes"]["purchase_count"], 1.0, "{profile}");
+        let (status, _, retry, answer) = read(node).await;
+        assert_eq!((status, retry.as_deref()), (503, Some("1")), "{answer}");
+        assert!(answer["error"].as_str().is_some_and(|e| e.contains("retry")), "{answer}");
     }
     let (status, body) = post_json(&events, &purchase(&visitor, "cut-off")).await;
     assert_eq!(status, 503, "an event no server could store is refused: {body}");
@@ -1241,16 +1244,15 @@ async fn spread_nodes_cut_off_from_the_servers_give_up_their_partitions_as_their
     settled_half_each(&a, &b, Duration::from_secs(60)).await;
     let (status, body) = post_json(&events, &purchase(&visitor, "after")).await;
     assert_eq!(status, 202, "{body}");
-    // A node that has not yet read the leases its peer took back answers from its copy, saying
-    // so, for a moment (its first rounds after the outage may wait on a server still catching
-    // up: up to 30 s).
+    // A node that has not yet read the leases its peer took back refuses the read for a moment
+    // (its first rounds after the outage may wait on a server still catching up: up to 30 s).
     for node in [&a, &b] {
         // What the node answered, printed when it changes (shown if the wait times out).
         let answered = std::sync::Mutex::new(String::new());
         eventually("the profile's owner to answer with both purchases", Duration::from_secs(30), async || {
-            let (status, from, reason, profile) = read(node).await;
+            let (status, from, retry, profile) = read(node).await;
             let purchases = &profile["attributes"]["purchase_count"];
-            let seen = format!("{}: {status} from {from:?} ({reason:?}), purchases {purchases}", node.url);
+            let seen = format!("{}: {status} from {from:?} (retry after {retry:?}), purchases {purchases}", node.url);
             if *answered.lock().unwrap() != seen {
                 println!("{seen}");
                 *answered.lock().unwrap() = seen;

@@ -357,6 +357,22 @@ fn percentiles(samples: &mut [Duration]) -> String {
 
 /// Reads every person's profile (through each of their devices) and compares it with what was
 /// sent: one profile per person, event count, purchase count and spend.
+/// Reads `url`, sending the read again while it is refused for now (503, 429: a partition
+/// moving between nodes), as long as a refused event is sent again.
+async fn read_retrying(client: &reqwest::Client, url: &str) -> Result<reqwest::Response> {
+    let first_sent = Instant::now();
+    loop {
+        let response = client.get(url).send().await?;
+        let status = response.status().as_u16();
+        if (status == 503 || status == 429) && first_sent.elapsed() < RESEND_FOR {
+            let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok());
+            tokio::time::sleep(Duration::from_secs(retry_after.unwrap_or(1))).await;
+            continue;
+        }
+        return Ok(response);
+    }
+}
+
 async fn verify(o: &Options, people: &[Expected]) -> Result<()> {
     let client = reqwest::Client::new();
     let base = o.server.trim_end_matches('/').to_string();
@@ -374,7 +390,7 @@ async fn verify(o: &Options, people: &[Expected]) -> Result<()> {
                 let Some(person) = people.get(i) else { break };
                 let mut ids = Vec::new();
                 for device in &person.devices {
-                    let response = client.get(format!("{base}/v1/profiles/{device}")).send().await?;
+                    let response = read_retrying(&client, &format!("{base}/v1/profiles/{device}")).await?;
                     if response.status() == 404 {
                         continue; // a device that sent nothing
                     }

@@ -13,6 +13,11 @@ const BUCKET: &str = "starling-snapshots";
 const COVERS: &str = "covers";
 /// The metadata key holding each partition's position (`partition:position,...`).
 const POSITIONS: &str = "positions";
+/// The metadata key holding the partitions whose whole state a snapshot holds (`1,2,...`):
+/// spread, a node's snapshot holds its own partitions whole and of the others the ids only.
+const WHOLE: &str = "whole";
+/// The prefix of the names of spread nodes' snapshots (then the node's name).
+const NODE_PREFIX: &str = "node.";
 
 /// The log positions a snapshot includes, by partition.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -45,6 +50,20 @@ impl Covered {
     }
 }
 
+/// A snapshot stored by a spread node.
+#[derive(Debug, Clone)]
+pub struct NodeSnapshot {
+    pub name: String,
+    pub covered: Covered,
+    /// The partitions whose whole state it holds.
+    pub whole: Vec<Partition>,
+}
+
+/// The name of node `node`'s snapshot.
+pub fn node_snapshot(node: &str) -> String {
+    format!("{NODE_PREFIX}{node}")
+}
+
 pub struct Snapshots {
     store: object_store::ObjectStore,
 }
@@ -66,13 +85,19 @@ impl Snapshots {
         Ok(Snapshots { store })
     }
 
-    /// Stores the file at `path` as snapshot `name`, which includes the log up to `covered`.
-    pub async fn put(&self, name: &str, path: &Path, covered: &Covered) -> Result<()> {
+    /// Stores the file at `path` as snapshot `name`, which includes the log up to `covered`
+    /// and holds the whole state of partitions `whole`.
+    pub async fn put(&self, name: &str, path: &Path, covered: &Covered, whole: &[Partition]) -> Result<()> {
         let mut file = tokio::fs::File::open(path).await.map_err(nats)?;
+        let whole = whole.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
         let meta = object_store::ObjectMetadata {
             name: name.to_string(),
-            metadata: [(COVERS.to_string(), covered.last().to_string()), (POSITIONS.to_string(), covered.encode())]
-                .into(),
+            metadata: [
+                (COVERS.to_string(), covered.last().to_string()),
+                (POSITIONS.to_string(), covered.encode()),
+                (WHOLE.to_string(), whole),
+            ]
+            .into(),
             ..Default::default()
         };
         self.store.put(meta, &mut file).await.map_err(nats)?;
@@ -88,6 +113,24 @@ impl Snapshots {
             Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => Ok(None),
             Err(e) => Err(nats(e)),
         }
+    }
+
+    /// The spread nodes' snapshots.
+    pub async fn of_nodes(&self) -> Result<Vec<NodeSnapshot>> {
+        use futures_util::StreamExt;
+        let mut listed = self.store.list().await.map_err(nats)?;
+        let mut found = Vec::new();
+        while let Some(info) = listed.next().await {
+            let info = info.map_err(nats)?;
+            if info.deleted || !info.name.starts_with(NODE_PREFIX) {
+                continue;
+            }
+            let Some(positions) = info.metadata.get(POSITIONS) else { continue };
+            let whole = info.metadata.get(WHOLE).map(String::as_str).unwrap_or_default();
+            let whole = whole.split(',').filter_map(|p| p.parse().ok()).collect();
+            found.push(NodeSnapshot { name: info.name.clone(), covered: Covered::decode(positions)?, whole });
+        }
+        Ok(found)
     }
 
     /// Writes snapshot `name` into the new file `to`; returns the positions it includes.

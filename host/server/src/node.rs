@@ -216,7 +216,6 @@ pub async fn serve(
     let (reported, mut passing_on) = (Outcomes::default(), None);
     let feed = OutcomeFeed { stream: outcome_stream.clone(), read: Arc::default() };
     let snapshot_every = Duration::from_millis(settings.snapshot_every_ms as u64);
-    let wait_for_absent = Duration::from_millis(settings.wait_for_absent_ms as u64);
     let outcome = loop {
         let (holds_all, overtaken, owner) = {
             let view = view_rx.borrow_and_update();
@@ -285,8 +284,6 @@ pub async fn serve(
                             stream.clone(),
                             ownership.clone(),
                             snapshot_every,
-                            Placement::Whole,
-                            wait_for_absent,
                         )));
                     }
                     Err(e) => break Err(e),
@@ -400,7 +397,7 @@ async fn follow(
     let Sources { log, snapshots, outcomes: feed, ownership } = sources;
     let started = std::time::Instant::now();
     let database = options.database.clone();
-    restore(&database, &snapshots).await?;
+    restore(&database, &snapshots, Placement::Whole, ownership.cluster()).await?;
     let stream = log.clone();
     let log: Arc<dyn starling_log::EventLog> = log;
     let version = published.as_ref().map_or(0, |p| p.version);
@@ -690,7 +687,7 @@ async fn activate(
     log.fence(&partitions, &crate::pipeline::owner_record(node))
         .await
         .map_err(|e| ServerError::Cluster(format!("fencing the partitions: {e}")))?;
-    let mut options = prepare(options, cluster, snapshots).await?;
+    let mut options = prepare(options, cluster, snapshots, Placement::Whole).await?;
     options.event_log = Some(log.clone());
     let mut engine = App::start(options).await?;
     engine.listening_on(addr)?;
@@ -705,8 +702,13 @@ async fn activate(
 
 /// Restores the latest snapshot if it is ahead of the local database, and takes the
 /// configuration the cluster runs, numbered as the cluster numbers it.
-async fn prepare(mut options: Options, cluster: &Cluster, snapshots: &Snapshots) -> Result<Options, ServerError> {
-    restore(&options.database, snapshots).await?;
+async fn prepare(
+    mut options: Options,
+    cluster: &Cluster,
+    snapshots: &Snapshots,
+    placement: Placement,
+) -> Result<Options, ServerError> {
+    restore(&options.database, snapshots, placement, cluster).await?;
     if let Some(published) = adopt_shared_config(&mut options, cluster).await? {
         let database = options.database.clone();
         tokio::task::spawn_blocking(move || {
@@ -764,9 +766,34 @@ async fn publish_config(app: &App, cluster: &Cluster, published: &mut Option<i64
 /// partition's log (a node that never owned the partitions, or did long ago): the stream no
 /// longer holds the records before the snapshot's positions. The engine then applies only the
 /// records after them.
-async fn restore(database: &Path, snapshots: &Snapshots) -> Result<(), ServerError> {
-    let cluster = |e: starling_cluster::ClusterError| ServerError::Cluster(format!("restoring a snapshot: {e}"));
-    let Some(covered) = snapshots.covers(SNAPSHOT).await.map_err(cluster)? else { return Ok(()) };
+async fn restore(
+    database: &Path,
+    snapshots: &Snapshots,
+    placement: Placement,
+    cluster: &Cluster,
+) -> Result<(), ServerError> {
+    let failed = |e: starling_cluster::ClusterError| ServerError::Cluster(format!("restoring a snapshot: {e}"));
+    let (name, covered) = match placement {
+        Placement::Whole => (SNAPSHOT.to_string(), snapshots.covers(SNAPSHOT).await.map_err(failed)?),
+        // Spread, the freshest node's snapshot that the stream goes on from.
+        Placement::Spread => {
+            let truncated = cluster.truncated().await.map_err(failed)?;
+            let usable =
+                |covered: &Covered| truncated.iter().enumerate().all(|(p, t)| covered.of(p as Partition) >= *t);
+            let freshest = snapshots
+                .of_nodes()
+                .await
+                .map_err(failed)?
+                .into_iter()
+                .filter(|s| usable(&s.covered))
+                .max_by_key(|s| s.covered.last());
+            match freshest {
+                Some(s) => (s.name, Some(s.covered)),
+                None => (String::new(), None),
+            }
+        }
+    };
+    let Some(covered) = covered else { return Ok(()) };
     let path = database.to_path_buf();
     let local = tokio::task::spawn_blocking(move || -> Result<Covered, ServerError> {
         if !path.exists() {
@@ -783,13 +810,14 @@ async fn restore(database: &Path, snapshots: &Snapshots) -> Result<(), ServerErr
     let (covers, local) = (covered.last(), local.last());
     let started = std::time::Instant::now();
     let restoring = database.with_extension("restoring");
-    snapshots.fetch(SNAPSHOT, &restoring).await.map_err(cluster)?;
+    snapshots.fetch(&name, &restoring).await.map_err(failed)?;
     remove_database(database)?;
     std::fs::rename(&restoring, database)?;
     tracing::info!(
         covers,
         local,
         elapsed_ms = started.elapsed().as_millis() as u64,
+        snapshot = %name,
         "state restored from the latest snapshot; the log after it is applied next"
     );
     Ok(())
@@ -808,79 +836,59 @@ fn remove_database(database: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Stores a snapshot of the database every `every`, for the next owner to start from, then has
-/// the stream forget the records it includes (spread, those every node holds too, waiting
-/// `wait_for_absent` for a node whose heartbeat lapsed).
+/// Placed whole: stores a snapshot of the database every `every`, for the next owner to start
+/// from, then has the stream forget the records it includes.
 async fn take_snapshots(
     database: PathBuf,
     snapshots: Arc<Snapshots>,
     stream: Arc<EventStream>,
     ownership: Arc<Ownership>,
     every: Duration,
-    placement: Placement,
-    wait_for_absent: Duration,
 ) {
     let mut last = 0;
-    // Spread: where this node last had the stream truncated.
-    let mut forgotten = Vec::new();
     loop {
         tokio::time::sleep(every).await;
-        // Placed whole, the owner stores it; spread, the owner of partition 0 (every node's copy
-        // holds every partition).
-        let stores = match placement {
-            Placement::Whole => ownership.held().len() == PARTITIONS as usize,
-            Placement::Spread => ownership.held().contains(&0),
-        };
-        if !stores {
+        if ownership.held().len() != PARTITIONS as usize {
             continue;
         }
         let started = std::time::Instant::now();
-        let (from, into) = (database.clone(), database.with_extension("snapshot"));
-        let copy = into.clone();
-        let taken = tokio::task::spawn_blocking(move || {
-            let _ = std::fs::remove_file(&copy);
-            starling_store::snapshot(&from, &copy)
-        })
-        .await;
-        let covered = match taken {
-            Ok(Ok(positions)) => Covered(positions),
-            Ok(Err(e)) => {
-                tracing::warn!("taking a snapshot: {e}");
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!("taking a snapshot: {e}");
-                continue;
-            }
-        };
+        let Some((covered, into)) = snapshot_of(&database).await else { continue };
         // A former owner (woken from a pause) must not replace a newer owner's snapshot.
         let covers = covered.last();
         let newer = snapshots.covers(SNAPSHOT).await.ok().flatten().is_some_and(|stored| stored.last() >= covers);
-        // Spread, a copy behind where the stream was truncated could not be brought up to date
-        // from it (the stream no longer has the records in between).
-        let usable = placement == Placement::Whole
-            || ownership.cluster().truncated().await.is_ok_and(|truncated| {
-                truncated.iter().enumerate().all(|(p, before)| covered.of(p as Partition) >= *before)
-            });
-        if covers > last && !newer && usable {
-            match snapshots.put(SNAPSHOT, &into, &covered).await {
+        if covers > last && !newer {
+            let all: Vec<Partition> = (0..PARTITIONS).collect();
+            match snapshots.put(SNAPSHOT, &into, &covered, &all).await {
                 Ok(()) => {
                     last = covers;
                     tracing::info!(covers, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot stored");
-                    if placement == Placement::Whole {
-                        forget_snapshotted(&stream, &covered).await;
-                    }
+                    forget_snapshotted(&stream, &covered).await;
                 }
                 Err(e) => tracing::warn!("storing a snapshot: {e}"),
             }
         }
         let _ = std::fs::remove_file(&into);
-        // Spread, the nodes' databases catch up after the snapshot: truncation goes on with
-        // them even while nothing new is written (and so no new snapshot stored).
-        if placement == Placement::Spread
-            && let Ok(Some(latest)) = snapshots.covers(SNAPSHOT).await
-        {
-            forget_held_everywhere(&stream, ownership.cluster(), &latest, wait_for_absent, &mut forgotten).await;
+    }
+}
+
+/// A consistent copy of the database, next to it, and the log positions it includes.
+pub(super) async fn snapshot_of(database: &Path) -> Option<(Covered, PathBuf)> {
+    let (from, into) = (database.to_path_buf(), database.with_extension("snapshot"));
+    let copy = into.clone();
+    let taken = tokio::task::spawn_blocking(move || {
+        let _ = std::fs::remove_file(&copy);
+        starling_store::snapshot(&from, &copy)
+    })
+    .await;
+    match taken {
+        Ok(Ok(positions)) => Some((Covered(positions), into)),
+        Ok(Err(e)) => {
+            tracing::warn!("taking a snapshot: {e}");
+            None
+        }
+        Err(e) => {
+            tracing::warn!("taking a snapshot: {e}");
+            None
         }
     }
 }
@@ -893,7 +901,7 @@ async fn take_snapshots(
 /// records gone and stops, and its next start restores the latest snapshot), and records where,
 /// first, for readers to find out whether they missed records. `forgotten` is where it last
 /// did, not done again.
-async fn forget_held_everywhere(
+pub(super) async fn forget_held_everywhere(
     stream: &EventStream,
     cluster: &Cluster,
     covered: &Covered,

@@ -1,9 +1,8 @@
 //! Which virtual partitions an engine applies live. On one server, all of them. On a cluster
-//! node whose partitions are spread over the nodes, those whose leases it holds: the others'
-//! records are written by their owners and followed here, so that every node holds the whole
-//! state (a merge reads the profile it absorbs from the node's own database, whichever node
-//! applied that profile's events), and events for their profiles are handed to their owners.
-
+//! node whose partitions are spread over the nodes, those whose leases it holds: of the others,
+//! written by their owners, it follows only what their records changed of the ids (a claim, a
+//! merge, a split, a deletion), which its own work reads; events for their profiles are handed
+//! to their owners, and a partition it takes is restored from a snapshot and the stream.
 use crate::pipeline::{Ingest, IngestReport, Source};
 use futures_util::future::BoxFuture;
 use starling_core::Event;
@@ -131,8 +130,9 @@ const FOLLOW_WAIT: Duration = Duration::from_secs(10);
 /// that a catch-up and a round of following apply one after the other.
 pub(crate) type Followed = Arc<tokio::sync::Mutex<HashMap<Partition, Position>>>;
 
-/// Applies the records of the partitions other nodes own as they are written, in log order,
-/// alongside this engine's own work; `through` says the log position through which it has.
+/// Applies the id changes of the partitions other nodes own as their records are written, in
+/// log order, alongside this engine's own work; `through` says the log position through which
+/// it has.
 pub(crate) async fn follow_others(
     ingest: Arc<Ingest>,
     log: Arc<dyn EventLog>,
@@ -156,7 +156,7 @@ pub(crate) async fn follow_others(
                 .map_err(|e| e.to_string())?;
             let others = owned.others();
             if read_through.as_ref().is_none_or(|(through, read)| *through != end || *read != others) {
-                apply_after(&ingest, &mut positions, others.clone(), Applying::Follow).await?;
+                apply_after(&ingest, &mut positions, others.clone()).await?;
                 read_through = Some((end, others));
             }
             through.send_replace(end);
@@ -172,20 +172,12 @@ pub(crate) async fn follow_others(
     }
 }
 
-/// How records read are applied: the id changes of partitions followed, or the work of
-/// partitions taken.
-#[derive(Clone, Copy)]
-enum Applying {
-    Follow,
-    TakeOver,
-}
-
-/// Reads and applies the records of `partitions` after the positions applied.
+/// Reads the records of `partitions` after the positions followed, and applies their id
+/// changes.
 async fn apply_after(
     ingest: &Ingest,
     positions: &mut HashMap<Partition, Position>,
     partitions: Vec<Partition>,
-    applying: Applying,
 ) -> Result<usize, String> {
     // A partition this node owned until now was written here, not followed: its database
     // holds it further than the last record followed of it.
@@ -198,11 +190,7 @@ async fn apply_after(
         })
         .collect();
     let entries = ingest.read_after(after).await.map_err(|e| e.to_string())?;
-    match applying {
-        Applying::Follow => ingest.follow(&entries).await,
-        Applying::TakeOver => ingest.take_over(&entries).await,
-    }
-    .map_err(|e| e.to_string())?;
+    ingest.follow(&entries).await.map_err(|e| e.to_string())?;
     for entry in &entries {
         let last = positions.entry(entry.partition).or_default();
         *last = (*last).max(entry.position);
@@ -233,12 +221,37 @@ impl Taker {
         ingest.submit_from(events, source).await.map_err(|e| e.to_string())
     }
 
-    /// Applies what `partitions` (just taken, and fenced) hold that this node has not applied
-    /// yet: then they may be owned. Returns how many records it applied.
-    pub async fn catch_up(&self, partitions: Vec<Partition>) -> Result<usize, String> {
+    /// Restores partitions just taken (and fenced) as `restoring` says (each from a snapshot
+    /// file, as of its position in it, or from nothing), then applies their records after
+    /// that: then they may be owned. Returns how many records it applied.
+    pub async fn take_partitions(
+        &self,
+        restoring: Vec<(Partition, Option<std::path::PathBuf>, Position)>,
+    ) -> Result<usize, String> {
         let ingest = self.ingest.upgrade().ok_or("this node is stopping")?;
         let mut positions = self.positions.lock().await;
-        let applied = apply_after(&ingest, &mut positions, partitions, Applying::TakeOver).await?;
+        let mut after = Vec::new();
+        for (partition, snapshot, position) in restoring {
+            let restored = ingest.restore(partition, snapshot, Some(position)).await.map_err(|e| e.to_string())?;
+            tracing::debug!(
+                partition,
+                position,
+                dropped = restored.dropped,
+                profiles = restored.profiles,
+                "partition restored"
+            );
+            after.push((partition, position));
+        }
+        let entries = ingest.read_after(after).await.map_err(|e| e.to_string())?;
+        ingest.take_over(&entries).await.map_err(|e| e.to_string())?;
+        // Written, so that the merges sent next (see `Ingest::send_handed_over`) read the
+        // profiles they absorb as the records left them.
+        ingest.materialize().await.map_err(|e| e.to_string())?;
+        for entry in &entries {
+            let last = positions.entry(entry.partition).or_default();
+            *last = (*last).max(entry.position);
+        }
+        let applied = entries.len();
         // Written, with the merges they handed over (to send those not yet applied).
         ingest.materialize().await.map_err(|e| e.to_string())?;
         Ok(applied)

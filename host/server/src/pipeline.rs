@@ -108,7 +108,7 @@ impl IngestJob {
 
     /// Work that reads what SQLite holds (a profile's history, its ids) as the whole truth.
     fn reads_committed(&self) -> bool {
-        matches!(self.work, Work::Unstitch { .. } | Work::Delete { .. })
+        matches!(self.work, Work::Unstitch { .. } | Work::Delete { .. } | Work::Restore { .. })
     }
 }
 
@@ -148,6 +148,18 @@ pub enum Work {
     },
     /// What a record of a partition another node owns changed of the ids (see [`Carried`]).
     Follow(Carried),
+    /// Merges of this partition's profiles into other nodes' profiles, kept and not applied
+    /// yet: handed on again (see [`Worker::hand_to_other_nodes`]).
+    Hand(Vec<MergeRequest>),
+    /// Take the state of a partition this engine takes from a snapshot (none: from the log's
+    /// start), as of the partition's `position` in it; the records after it are applied next.
+    /// Without a position, drop the partition's state (given up: its ids are followed on).
+    Restore {
+        partition: Partition,
+        snapshot: Option<std::path::PathBuf>,
+        position: Option<Position>,
+        done: oneshot::Sender<Result<starling_store::RestoredPartition, String>>,
+    },
     /// Write what the partition holds in memory to SQLite, so that reads see it.
     Materialize,
     /// A backfill's work on stored profiles after a configuration change: bring each in line
@@ -208,6 +220,10 @@ pub struct MergeRequest {
     /// The absorbed profile's state, when the survivor is of another node's partition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub absorbed_state: Option<Box<Absorbed>>,
+    /// Applied again from its record: whether its first application merged (the record says
+    /// so in its changes). Then it does again whatever the ids say now.
+    #[serde(skip)]
+    pub merged_first: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -352,7 +368,14 @@ impl Logged {
         Ok(Some(match logged {
             Logged::Events { now_ms, events } => (Work::Events(events), now_ms),
             Logged::Wakeups { now_ms, profiles } => (Work::Wakeups(profiles), now_ms),
-            Logged::Merge { now_ms, merge } => (Work::Merge(merge), now_ms),
+            Logged::Merge { now_ms, mut merge } => {
+                let merged = Carried::of(payload, position)
+                    .changes
+                    .iter()
+                    .any(|change| matches!(change, IdChange::Merged { absorbed, .. } if *absorbed == merge.absorbed));
+                merge.merged_first = Some(merged);
+                (Work::Merge(merge), now_ms)
+            }
             Logged::Unstitch { now_ms, id } => (Work::Unstitch { id, done: oneshot::channel().0 }, now_ms),
             Logged::Delete { now_ms, ids, reason: r, inactive_before } => {
                 (Work::Delete { ids, reason: reason(&r), inactive_before, done: oneshot::channel().0 }, now_ms)
@@ -723,6 +746,24 @@ impl Ingest {
         Ok(resent)
     }
 
+    /// Hands on again the merges kept for other nodes' profiles of profiles in `partitions`
+    /// (just taken): their last owner may have stopped before it did, or the survivor's owner
+    /// before applying them. Returns how many.
+    pub async fn hand_kept(&self, partitions: impl Fn(Partition) -> bool) -> Result<usize, IngestError> {
+        let n = self.partitions.len();
+        let mut by_worker: Vec<Vec<MergeRequest>> = (0..n).map(|_| Vec::new()).collect();
+        let mut kept = 0;
+        for merge in self.handed_over()? {
+            if partitions(starling_log::partition_of(&merge.absorbed)) && !self.owned.owns_profile(&merge.survivor) {
+                by_worker[worker_of(&merge.absorbed, n)].push(merge);
+                kept += 1;
+            }
+        }
+        let work = by_worker.into_iter().map(|m| (!m.is_empty()).then_some(Work::Hand(m))).collect();
+        self.queue(work, false).await?;
+        Ok(kept)
+    }
+
     /// The configuration this database recorded as `version`, if it did and it still parses.
     fn recorded_config(&self, version: i64) -> Result<Option<(Arc<Model>, crate::live::Active)>, IngestError> {
         let recorded = {
@@ -796,6 +837,23 @@ impl Ingest {
         applied
     }
 
+    /// Takes the state of `partition` (which this engine takes) from `snapshot` as of
+    /// `position` (no snapshot: none, and the partition's records from the log's start); with
+    /// no position, drops it (given up: only its ids are followed from now on).
+    pub async fn restore(
+        &self,
+        partition: Partition,
+        snapshot: Option<std::path::PathBuf>,
+        position: Option<Position>,
+    ) -> Result<starling_store::RestoredPartition, IngestError> {
+        let n = self.partitions.len();
+        let (done, restored) = oneshot::channel();
+        let mut work: Vec<Option<Work>> = (0..n).map(|_| None).collect();
+        work[partition as usize % n] = Some(Work::Restore { partition, snapshot, position, done });
+        self.queue(work, false).await?;
+        restored.await.map_err(|_| IngestError::Closed)?.map_err(IngestError::Failed)
+    }
+
     /// Applies what records other nodes wrote, of partitions this engine does not own, changed
     /// of the ids (see [`Carried`]), while the owned partitions go on live.
     pub async fn follow(&self, entries: &[Entry]) -> Result<(), IngestError> {
@@ -835,6 +893,25 @@ impl Ingest {
             if applying == Applying::Follow
                 && let Some(merge) = handed_merge(&entry.payload)
             {
+                // Kept until applied, by this node or whichever owns the survivor's partition
+                // next (taking it, a node applies the merges kept for it).
+                // From now on the absorbed profile's ids route to the survivor, as on the node
+                // that handed the merge on (otherwise an event for them would go back and forth
+                // between the two).
+                let ids = {
+                    let writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if let Some(origin) = &merge.origin {
+                        let request = serde_json::to_string(&merge).expect("merges serialize");
+                        starling_store::keep_handed_over(&writer, origin, &request)
+                            .map_err(|e| IngestError::Failed(e.to_string()))?;
+                    }
+                    starling_store::ids_of(&writer, &merge.absorbed).map_err(|e| IngestError::Failed(e.to_string()))?
+                };
+                let moved = ids
+                    .into_iter()
+                    .chain(self.directory.stitched_into(&merge.absorbed))
+                    .chain([merge.absorbed.clone()]);
+                self.directory.point(moved.map(|id| (id, merge.survivor.clone())).collect::<Vec<_>>(), entry.position);
                 if self.owned.owns_profile(&merge.survivor) {
                     queued.wait().await?;
                     let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
@@ -1883,47 +1960,57 @@ impl Worker {
         }
     }
 
-    /// On a spread node, appends each merge written for another node's partition as a hand
-    /// record in the absorbed profile's partition, with that profile's state; the survivor's
-    /// owner applies it when it follows the record. The merge stays in `handed_over` (sent
-    /// again at start) until then.
+    /// On a spread node, gives each merge into another partition's profile the absorbed
+    /// profile's state (read from SQLite, written by now), so that the survivor's partition
+    /// logs a merge that needs no other partition applied again (the partition may move to a
+    /// node that holds no other). A merge for another node's partition is appended as a hand
+    /// record in the absorbed profile's partition; the survivor's owner applies it when it
+    /// follows the record. The merge stays in `handed_over` (sent again at start) until then.
     fn hand_to_other_nodes(&mut self) {
-        let owned = self.shared.owned.clone();
-        let spread = !owned.is_all() && !owned.is_none();
-        if !spread
+        if self.shared.elsewhere.is_none()
             || self.pending.since.is_some()
             || self.materialized.replaying.load(Ordering::SeqCst)
             || self.replaying.is_some()
+            || self.pending.merges.is_empty()
         {
             return;
         }
-        let (theirs, ours): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending.merges)
-            .into_iter()
-            .partition(|(_, _, m)| !owned.owns_profile(&m.survivor));
-        self.pending.merges = ours;
-        if theirs.is_empty() {
-            return;
-        }
-        let writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let owned = self.shared.owned.clone();
+        let mut merges = std::mem::take(&mut self.pending.merges);
         let mut records = Vec::new();
-        for (_, _, mut merge) in theirs {
-            let state = (|| -> Result<Option<Absorbed>, StoreError> {
-                let Some(profile) = starling_store::load_profile(&writer, &merge.absorbed)? else { return Ok(None) };
-                let events = starling_store::profile_events(&writer, &merge.absorbed)?;
-                let memberships = starling_store::memberships_of(&writer, &merge.absorbed)?;
-                Ok(Some(Absorbed { profile, events, memberships }))
-            })();
-            match state {
-                Ok(state) => {
-                    merge.absorbed_state = state.map(Box::new);
-                    records.push((starling_log::partition_of(&merge.absorbed), hand_record(&merge)));
+        {
+            let writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (_, _, merge) in merges.iter_mut().filter(|(_, _, m)| m.absorbed_state.is_none()) {
+                let state = (|| -> Result<Option<Absorbed>, StoreError> {
+                    let Some(profile) = starling_store::load_profile(&writer, &merge.absorbed)? else {
+                        return Ok(None);
+                    };
+                    let events = starling_store::profile_events(&writer, &merge.absorbed)?;
+                    let memberships = starling_store::memberships_of(&writer, &merge.absorbed)?;
+                    Ok(Some(Absorbed { profile, events, memberships }))
+                })();
+                match state {
+                    Ok(state) => merge.absorbed_state = state.map(Box::new),
+                    Err(e) => tracing::error!(partition = self.index, "reading a profile merged into another: {e}"),
                 }
-                Err(e) => tracing::error!(partition = self.index, "reading a profile merged into another node's: {e}"),
             }
         }
-        drop(writer);
+        // Of a partition this node no longer owns, the next owner hands them on (they are kept
+        // in `handed_over`, which it restores): appended here, they would wait for a lease.
+        merges.retain(|(_, _, merge)| match owned.owns_profile(&merge.survivor) {
+            true => true,
+            false => {
+                if owned.owns_profile(&merge.absorbed) {
+                    records.push((starling_log::partition_of(&merge.absorbed), hand_record(merge)));
+                }
+                false
+            }
+        });
+        self.pending.merges = merges;
         let records: Vec<(Partition, &[u8])> = records.iter().map(|(p, r)| (*p, r.as_slice())).collect();
-        if let Err(e) = self.shared.log.append(&records) {
+        if !records.is_empty()
+            && let Err(e) = self.shared.log.append(&records)
+        {
             tracing::error!(partition = self.index, "merges for another node's partitions not handed on: {e}");
         }
     }
@@ -2086,10 +2173,38 @@ impl Worker {
                     for (e, event) in events.iter().enumerate() {
                         let named = self.profile_of(p, &event.visitor_id);
                         let pid = self.follow(p, &named);
+                        // Spread, a record's events were applied to its partition's profiles. One
+                        // whose id the directory now gives another partition's profile was applied
+                        // to a profile of the record's partition that a merge since decided to move
+                        // there: once that merge is applied (the ids say so), the hand record that
+                        // moved the profile carried the event with it, and it is not applied
+                        // twice; until then it goes to that profile, as it first did.
+                        let pid = match replayed {
+                            Some((partition, _))
+                                if self.shared.elsewhere.is_some() && starling_log::partition_of(&pid) != partition =>
+                            {
+                                match starling_store::resolve_identity(conn, &event.visitor_id)? {
+                                    Some(holder) if starling_log::partition_of(&holder) == partition => holder,
+                                    None if starling_log::partition_of(&event.visitor_id) == partition => {
+                                        event.visitor_id.clone()
+                                    }
+                                    _ => continue,
+                                }
+                            }
+                            _ => pid,
+                        };
                         if replayed.is_none()
                             && self.shared.elsewhere.is_some()
                             && !self.shared.owned.owns_profile(&pid)
                         {
+                            // Applied here before its profile merged into another node's (which
+                            // the merge carried it to): sent again, it is a duplicate.
+                            if let Some(key) = event.dedup_key()
+                                && (p.seen.contains(&key) || starling_store::event_seen(conn, &key, dedup_since)?)
+                            {
+                                report.duplicates += 1;
+                                continue;
+                            }
                             let id = &event.visitor_id;
                             let moved = if pid == *id {
                                 Moved::No
@@ -2106,8 +2221,12 @@ impl Worker {
                             forward(p, j, owner, event.clone());
                             continue;
                         }
+                        // A record holds no duplicate (its first application left them out): applied
+                        // again, its events are not checked against the ids seen, which may hold
+                        // them already (a partition taken again, restored to before them).
                         if let Some(key) = event.dedup_key()
-                            && (!p.seen.insert(key.clone()) || starling_store::event_seen(conn, &key, dedup_since)?)
+                            && (!p.seen.insert(key.clone())
+                                || (replayed.is_none() && starling_store::event_seen(conn, &key, dedup_since)?))
                         {
                             report.duplicates += 1;
                             continue;
@@ -2259,6 +2378,33 @@ impl Worker {
                     for change in std::mem::take(&mut carried.changes) {
                         self.follow_change(conn, p, change, position, j, now)?;
                     }
+                }
+                Work::Hand(merges) => {
+                    p.urgent = true;
+                    p.merges.extend(std::mem::take(merges).into_iter().map(|m| (None, Cause::Record(None), m)));
+                }
+                Work::Restore { partition, snapshot, position, done } => {
+                    let (placeholder, _) = oneshot::channel();
+                    let done = std::mem::replace(done, placeholder);
+                    let restored = {
+                        let mut writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        let is_of = |id: &str| starling_log::partition_of(id) == *partition;
+                        starling_store::restore_partition(
+                            &mut writer,
+                            snapshot.as_deref(),
+                            *partition,
+                            *position,
+                            &is_of,
+                        )
+                    };
+                    if restored.is_ok() {
+                        // What this worker knew of the partition is what the restored state says.
+                        self.cache.profiles.retain(|id, _| starling_log::partition_of(id) != *partition);
+                        if let Some(position) = position {
+                            self.stored.insert(*partition, *position);
+                        }
+                    }
+                    let _ = done.send(restored.map_err(|e| e.to_string()));
                 }
                 Work::Materialize => p.urgent = true,
                 Work::Reconcile { ids, audiences, done } => {
@@ -2634,6 +2780,7 @@ impl Worker {
             event_id: claim.event_id.clone(),
             origin: None,
             absorbed_state: None,
+            merged_first: None,
         };
         merge.origin = position.map(|position| merge_origin(position, &merge));
         merge
@@ -2879,6 +3026,7 @@ impl Worker {
                         event_id: event.id.clone(),
                         origin: None,
                         absorbed_state: None,
+                        merged_first: None,
                     };
                     self.merge(conn, p, model, request, job, now)?;
                     return Ok(());
@@ -2935,10 +3083,17 @@ impl Worker {
                 },
             },
         };
-        // The absorbed profile of another node's partition comes with the merge.
-        let carried = match absorbed_profile {
-            Some(_) => None,
-            None => request.absorbed_state.clone(),
+        // The absorbed profile of another node's partition comes with the merge, unless it was
+        // merged already (two merges of one pair: a claim that lost, and a later event naming
+        // the id), as its merge's identity record says (the ids are no guide: an event for the
+        // absorbed profile's id applied to the survivor before the merge links the id there).
+        let merged_already = |p: &Pending| -> Result<bool, StoreError> {
+            Ok(p.absorbed.contains(&absorbed) || starling_store::was_merged_away(conn, &absorbed)?)
+        };
+        let carried = match (&absorbed_profile, request.merged_first) {
+            (Some(_), _) | (None, Some(false)) => None,
+            (None, None) if merged_already(p)? => None,
+            (None, _) => request.absorbed_state.clone(),
         };
         let absorbed_profile = absorbed_profile.or_else(|| carried.as_ref().map(|state| state.profile.clone()));
         let Some(mut absorbed_profile) = absorbed_profile else {
@@ -2956,10 +3111,13 @@ impl Worker {
         let outcome = apply_merge(model, survivor_profile, absorbed_profile, now);
         tracing::debug!(survivor = %survivor, absorbed = %absorbed, via = %request.via, "profiles stitched");
         if let Some(state) = carried {
+            // Its events are seen here from now on: one sent again is a duplicate.
+            p.seen.extend(state.events.iter().filter_map(Event::dedup_key));
             p.effects.writes.push(Write::Adopt { survivor: survivor.clone(), state });
         }
         p.effects.writes.push(Write::Merge { absorbed: absorbed.clone(), survivor: survivor.clone() });
-        let merged = IdChange::Merged { absorbed: absorbed.clone(), survivor: survivor.clone() };
+        let merged =
+            IdChange::Merged { absorbed: absorbed.clone(), survivor: survivor.clone(), origin: request.origin.clone() };
         p.changes.push(p.effects.record_index, merged);
         p.effects.writes.push(Write::Identity(IdentityLink {
             profile_id: survivor.clone(),
@@ -3014,7 +3172,10 @@ impl Worker {
                 let claim = Claim { job, cause: Cause::Record(Some(position)), link, followed: true };
                 p.effects.writes.push(Write::Link { visitor: id, profile, claim: Some(claim) });
             }
-            IdChange::Merged { absorbed, survivor } => {
+            IdChange::Merged { absorbed, survivor, origin } => {
+                if let Some(origin) = origin {
+                    p.effects.writes.push(Write::Handoff(origin));
+                }
                 let mut ids: BTreeSet<String> = starling_store::ids_of(conn, &absorbed)?.into_iter().collect();
                 ids.extend(self.directory.stitched_into(&absorbed));
                 ids.insert(absorbed.clone());
@@ -3672,6 +3833,7 @@ mod tests {
                 event_id: None,
                 origin: Some(origin.into()),
                 absorbed_state: None,
+                merged_first: None,
             })
         };
         ingest.queue(vec![Some(merge("7.0")), None], false).await.unwrap();
@@ -3704,9 +3866,17 @@ mod tests {
         let mut records = Vec::new();
         let all: Vec<(Partition, Position)> = (0..starling_log::PARTITIONS).map(|p| (p, 0)).collect();
         log.read(&all, &mut |entry| records.push(entry)).unwrap();
+        // The merge handed from one worker to the other is named; the name aside.
+        let unnamed = |change| match change {
+            IdChange::Merged { absorbed, survivor, origin } => {
+                assert!(origin.is_some(), "a merge handed on is named");
+                IdChange::Merged { absorbed, survivor, origin: None }
+            }
+            change => change,
+        };
         let changes: Vec<(Partition, IdChange)> = records
             .iter()
-            .flat_map(|e| Carried::of(&e.payload, e.position).changes.into_iter().map(|c| (e.partition, c)))
+            .flat_map(|e| Carried::of(&e.payload, e.position).changes.into_iter().map(|c| (e.partition, unnamed(c))))
             .collect();
         let email = "b58996c504c5638798eb6b511e6f49af".to_string();
         let linked =
@@ -3718,7 +3888,7 @@ mod tests {
                 (of(&first), linked(&first, &first, false)),
                 (of(&first), linked(&email, &first, true)),
                 (of(&second), linked(&second, &second, false)),
-                (of(&first), IdChange::Merged { absorbed: second.clone(), survivor: first.clone() }),
+                (of(&first), IdChange::Merged { absorbed: second.clone(), survivor: first.clone(), origin: None }),
             ],
             "{records:?}"
         );
@@ -3788,10 +3958,8 @@ mod tests {
         let first = ids.clone().next().unwrap();
         let second =
             ids.skip(1).find(|id| starling_log::partition_of(id) != starling_log::partition_of(&first)).unwrap();
-        let (a, b) = (
-            Running::with_config(STITCHING, 2, log.clone(), true),
-            Running::with_config(STITCHING, 2, log.clone(), true),
-        );
+        let node = || Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
+        let (a, b) = (node(), node());
         a.owned.add(starling_log::partition_of(&first));
         b.owned.add(starling_log::partition_of(&second));
         a.ingest.submit(vec![event(&first, 0), login(&first, 1)]).await.unwrap();
@@ -3890,13 +4058,13 @@ mod tests {
         restarted.stop();
     }
 
-    /// Events a followed record hands to another worker (the follower moved their id since the
-    /// record was written) may stitch the profile they reach into one of another node's
-    /// partition: that merge is named after the record and kept until applied, as every merge
-    /// decided for another node's partition is (unnamed, it was lost when that node died before
-    /// deciding it too); an id they claim is claimed at the record's position.
+    /// Events a record of a partition being taken hands to another worker (the directory moved
+    /// their id since the record was written) may stitch the profile they reach into one of
+    /// another node's partition: that merge is named after the record and kept until applied,
+    /// as every merge decided for another node's partition is; an id they claim is claimed at
+    /// the record's position.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn what_events_a_followed_record_hands_on_decide_is_the_records() {
+    async fn what_events_a_record_taken_over_hands_on_decide_is_the_records() {
         let on = |w| (0..).map(|i| format!("visitor-{i}")).filter(move |id| worker_of(id, 2) == w);
         let (claimer, moved) = (on(0).next().unwrap(), on(0).nth(1).unwrap());
         let survivor = on(1).next().unwrap();
@@ -3920,7 +4088,7 @@ mod tests {
 
         let follower = Running::with_config(STITCHING, 2, log.clone(), true);
         let entries = follower.ingest.read_after(follower.ingest.stored_positions()).await.unwrap();
-        follower.ingest.follow(&entries).await.unwrap();
+        follower.ingest.take_over(&entries).await.unwrap();
         follower.ingest.materialize().await.unwrap();
         assert_eq!(follower.profile(&survivor).unwrap().event_count, 4, "its own two and the logins handed to it");
         let conn = starling_store::open(&follower.database).unwrap();
@@ -3973,14 +4141,30 @@ mod tests {
             .collect();
         let (survivor, moved, unrelated) = (&others[0], &others[1], &others[2]);
         let log = Arc::new(starling_log::MemoryLog::new());
-        let append = |profile: &str, events: &[Event]| {
-            let payload =
-                serde_json::to_vec(&LoggedRef::Events { now_ms: CLOCK_MS, events: events.iter().collect() }).unwrap();
-            log.append(&[(starling_log::partition_of(profile), &payload)]).unwrap()[0]
+        let record = |profile: &str, logged: LoggedRef, changes: &[IdChange]| {
+            let stamped = Stamped { logged, config: 0, independent: false, changes: changes.iter().collect() };
+            log.append(&[(starling_log::partition_of(profile), &serde_json::to_vec(&stamped).unwrap())]).unwrap()[0]
         };
-        // The other node's records: the second login claims the email the first claimed.
+        let append = |profile: &str, events: &[Event]| {
+            let own = IdChange::Linked { id: profile.into(), profile: profile.into(), claimed: false };
+            record(profile, LoggedRef::Events { now_ms: CLOCK_MS, events: events.iter().collect() }, &[own])
+        };
+        // The other node's records: the second login names the email the first claimed, and the
+        // survivor's partition merges the second profile into the first.
         append(survivor, &[login(survivor, 0)]);
-        let stitched_at = append(moved, &[login(moved, 1)]);
+        append(moved, &[login(moved, 1)]);
+        let merge = MergeRequest {
+            survivor: survivor.clone(),
+            absorbed: moved.clone(),
+            via: "email".into(),
+            attribute: "email_hash".into(),
+            event_id: None,
+            origin: None,
+            absorbed_state: None,
+            merged_first: None,
+        };
+        let merged = IdChange::Merged { absorbed: moved.clone(), survivor: survivor.clone(), origin: None };
+        let stitched_at = record(survivor, LoggedRef::Merge { now_ms: CLOCK_MS, merge: &merge }, &[merged]);
         let handed = Arc::new(Handed::default());
         let node = Running::handing(STITCHING, 2, log.clone(), true, Some(handed.clone()));
         node.owned.add(starling_log::partition_of(&mine));
@@ -4014,11 +4198,12 @@ mod tests {
         };
         let log = Arc::new(starling_log::MemoryLog::new());
         // The other node's claim, written first; this node has not followed it yet.
-        let other = Running::with_config(STITCHING, 2, log.clone(), true);
+        let spread = || Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
+        let other = spread();
         other.owned.add(starling_log::partition_of(&earlier));
         other.ingest.submit(vec![event(&earlier, 0), login_as(&earlier, 1)]).await.unwrap();
 
-        let node = Running::with_config(STITCHING, 2, log.clone(), true);
+        let node = spread();
         node.owned.add(claimer_partition);
         node.ingest.submit(vec![event(&claimer, 2), login_as(&claimer, 3)]).await.unwrap();
         node.ingest.materialize().await.unwrap();
@@ -4042,8 +4227,8 @@ mod tests {
     }
 
     /// On a node owning some partitions, what its live batches applied stays in memory until
-    /// due, but what it followed is written before its next live batch: a live batch that fails
-    /// then derives again only its own records, from the log, and neither is lost.
+    /// due, but the id changes it followed are written before its next live batch: a live batch
+    /// that fails then derives again only its own records, from the log, and neither is lost.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_live_batch_loses_neither_what_was_followed_nor_earlier_live_batches() {
         let visitors = (0..).map(|i| format!("visitor-{i}"));
@@ -4059,10 +4244,12 @@ mod tests {
         let node = Running::start(2, log.clone(), true);
         node.owned.add(my_partition);
         node.ingest.submit(vec![event(&mine, 0)]).await.unwrap();
-        let events = [event(&theirs, 1), event(&theirs, 2)];
+        let events = [event(&theirs, 1), login(&theirs, 2)];
+        let claim = IdChange::Linked { id: "their-email".into(), profile: theirs.clone(), claimed: true };
+        let logged = LoggedRef::Events { now_ms: CLOCK_MS, events: events.iter().collect() };
         let payload =
-            serde_json::to_vec(&LoggedRef::Events { now_ms: CLOCK_MS, events: events.iter().collect() }).unwrap();
-        log.append(&[(starling_log::partition_of(&theirs), &payload)]).unwrap();
+            serde_json::to_vec(&Stamped { logged, config: 0, independent: false, changes: vec![&claim] }).unwrap();
+        let claimed = log.append(&[(starling_log::partition_of(&theirs), &payload)]).unwrap()[0];
         let entries = node.ingest.read_after(vec![(starling_log::partition_of(&theirs), 0)]).await.unwrap();
         node.ingest.follow(&entries).await.unwrap();
         node.ingest.submit(vec![event(&mine, 3)]).await.unwrap();
@@ -4071,7 +4258,10 @@ mod tests {
         assert!(node.ingest.submit(vec![event(&mine, 5)]).await.is_err(), "the batch failed");
         node.ingest.materialize().await.unwrap();
         assert_eq!(node.profile(&mine).unwrap().event_count, 3, "the live batches before the failed one");
-        assert_eq!(node.profile(&theirs).unwrap().event_count, 2, "what was followed");
+        let conn = starling_store::open(&node.database).unwrap();
+        assert_eq!(starling_store::resolve_identity(&conn, "their-email").unwrap(), Some(theirs.clone()), "followed");
+        assert_eq!(starling_store::claimed_at(&conn, "their-email").unwrap(), Some(claimed));
+        assert!(node.profile(&theirs).is_none(), "their profile is theirs only");
         node.stop();
     }
 
@@ -4156,6 +4346,7 @@ mod tests {
             event_id: None,
             origin: Some("3.0".into()),
             absorbed_state: None,
+            merged_first: None,
         };
         let mut conn = starling_store::open(&running.database).unwrap();
         let tx = Batch::begin(&mut conn).unwrap();
@@ -4287,6 +4478,7 @@ mod tests {
             event_id: None,
             origin: None,
             absorbed_state: None,
+            merged_first: None,
         };
         assert!(starling_store::handoff_applied(&conn, &merge_origin(2, &merge)).unwrap());
         live.stop();

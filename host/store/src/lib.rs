@@ -200,6 +200,7 @@ CREATE TABLE IF NOT EXISTS identity_links (
 );
 CREATE INDEX IF NOT EXISTS identity_links_by_profile ON identity_links(profile_id, seq);
 CREATE INDEX IF NOT EXISTS identity_links_by_visitor ON identity_links(visitor_id, kind);
+CREATE INDEX IF NOT EXISTS identity_links_by_merged ON identity_links(other_id) WHERE kind = 'merge';
 -- Sampled audience sizes, for plotting.
 CREATE TABLE IF NOT EXISTS audience_sizes (
     at_ms       INTEGER NOT NULL,
@@ -315,6 +316,128 @@ pub fn snapshot(database: &Path, into: &Path) -> Result<Vec<(u16, u64)>> {
     log_positions(&copy)
 }
 
+/// What restoring one partition did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RestoredPartition {
+    /// Profiles of the partition this database held before, removed.
+    pub dropped: usize,
+    /// Profiles taken from the snapshot.
+    pub profiles: usize,
+}
+
+/// Makes the state of virtual partition `partition` (the profiles `is_of` accepts, the
+/// actions its records decided) the state the database at `snapshot` holds of it, or none
+/// without a snapshot, and records `position` as the partition's (none: left as it is): its
+/// records after that are applied next. The ids stay as they are (every partition's are kept
+/// up to date here); a profile the snapshot holds whose own id a profile of another partition
+/// holds now (merged into it since, its state carried there) is not taken; one merged into a
+/// profile of the partition is (the partition's records after the snapshot merge it again).
+pub fn restore_partition(
+    conn: &mut Connection,
+    snapshot: Option<&Path>,
+    partition: u16,
+    position: Option<u64>,
+    is_of: &dyn Fn(&str) -> bool,
+) -> Result<RestoredPartition> {
+    if let Some(snapshot) = snapshot {
+        conn.execute("ATTACH DATABASE ?1 AS snap", [snapshot.to_string_lossy()])?;
+    }
+    let restored = restore_partition_in(conn, snapshot.is_some(), partition, position, is_of);
+    if snapshot.is_some() {
+        conn.execute("DETACH DATABASE snap", [])?;
+    }
+    restored
+}
+
+fn restore_partition_in(
+    conn: &mut Connection,
+    from_snapshot: bool,
+    partition: u16,
+    position: Option<u64>,
+    is_of: &dyn Fn(&str) -> bool,
+) -> Result<RestoredPartition> {
+    const PER_PROFILE: [&str; 6] =
+        ["events", "memberships", "wakeups", "action_fired", "identity_links", "dead_letters"];
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let ids_of = |table: &str| -> Result<Vec<String>> {
+        let mut stmt = tx.prepare(&format!("SELECT id FROM {table}"))?;
+        let ids = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<String>>>()?;
+        Ok(ids.into_iter().filter(|id| is_of(id)).collect())
+    };
+    let mut restored = RestoredPartition::default();
+    for id in ids_of("main.profiles")? {
+        for table in PER_PROFILE {
+            tx.execute(&format!("DELETE FROM main.{table} WHERE profile_id = ?1"), [&id])?;
+        }
+        tx.execute("DELETE FROM main.profiles WHERE id = ?1", [&id])?;
+        restored.dropped += 1;
+    }
+    tx.execute("DELETE FROM main.outbox WHERE log_partition = ?1", [partition])?;
+    if from_snapshot {
+        // Columns named, without the row ids, which are this database's own.
+        let columns = |table: &str| -> Result<String> {
+            let mut stmt = tx.prepare(&format!("SELECT name, pk FROM pragma_table_info('{table}')"))?;
+            let names = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let rowid = |name: &str| {
+                matches!((table, name), ("events" | "identity_links", "seq") | ("dead_letters" | "outbox", "id"))
+            };
+            Ok(names.into_iter().filter(|(name, _)| !rowid(name)).map(|(name, _)| name).collect::<Vec<_>>().join(", "))
+        };
+        for id in ids_of("snap.profiles")? {
+            let moved: Option<String> = tx
+                .query_row("SELECT profile_id FROM main.identities WHERE visitor_id = ?1", [&id], |r| r.get(0))
+                .optional()?;
+            if moved.is_some_and(|owner| !is_of(&owner)) {
+                continue;
+            }
+            tx.execute("INSERT INTO main.profiles SELECT * FROM snap.profiles WHERE id = ?1", [&id])?;
+            for table in PER_PROFILE {
+                let cols = columns(table)?;
+                tx.execute(
+                    &format!("INSERT OR IGNORE INTO main.{table} ({cols}) SELECT {cols} FROM snap.{table} WHERE profile_id = ?1"),
+                    [&id],
+                )?;
+            }
+            restored.profiles += 1;
+        }
+        let cols = columns("outbox")?;
+        tx.execute(
+            &format!(
+                "INSERT OR IGNORE INTO main.outbox ({cols}) SELECT {cols} FROM snap.outbox WHERE log_partition = ?1"
+            ),
+            [partition],
+        )?;
+        tx.execute("INSERT OR IGNORE INTO main.seen_events SELECT * FROM snap.seen_events", [])?;
+        tx.execute("INSERT OR IGNORE INTO main.handoffs SELECT * FROM snap.handoffs", [])?;
+        let handed: Vec<(String, String)> = {
+            let mut stmt = tx.prepare("SELECT origin, request FROM snap.handed_over")?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?
+        };
+        for (origin, request) in handed {
+            let absorbed = serde_json::from_str::<serde_json::Value>(&request)
+                .ok()
+                .and_then(|r| r["absorbed"].as_str().map(str::to_string));
+            if absorbed.is_some_and(|absorbed| is_of(&absorbed)) {
+                tx.execute(
+                    "INSERT OR IGNORE INTO main.handed_over (origin, request) VALUES (?1, ?2)",
+                    [&origin, &request],
+                )?;
+            }
+        }
+    }
+    if let Some(position) = position {
+        tx.execute(
+            "INSERT INTO main.log_positions (partition, position) VALUES (?1, ?2)
+             ON CONFLICT(partition) DO UPDATE SET position = excluded.position",
+            rusqlite::params![partition, position],
+        )?;
+    }
+    tx.commit()?;
+    Ok(restored)
+}
+
 /// Takes the delivery states of actions from the database at `snapshot` (a copy another node
 /// wrote while delivering them): a row pending here that the copy holds as delivered, failed or
 /// cancelled takes its state. Rows are matched by origin (the log position that decided them),
@@ -347,6 +470,15 @@ pub fn handed_over(conn: &Connection) -> Result<Vec<(String, String)>> {
     )?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Keeps a merge another node handed to a partition (see [`handed_over`]) until it is applied:
+/// whichever node owns the partition when, applies it.
+pub fn keep_handed_over(conn: &Connection, origin: &str, request: &str) -> Result<()> {
+    let _gate = write_gate();
+    conn.prepare_cached("INSERT OR IGNORE INTO handed_over (origin, request) VALUES (?1, ?2)")?
+        .execute([origin, request])?;
+    Ok(())
 }
 
 /// Forgets merges handed over that will never be applied (their absorbed profile is gone).
@@ -1447,6 +1579,15 @@ pub fn was_unstitched(conn: &Connection, id: &str, profile_id: &str) -> Result<b
         .is_some())
 }
 
+/// Whether profile `absorbed` was merged into another here (its merge's identity record).
+pub fn was_merged_away(conn: &Connection, absorbed: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM identity_links WHERE kind = 'merge' AND other_id = ?1 LIMIT 1")?
+        .query_row([absorbed], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
 /// The identity history of a profile, oldest first.
 pub fn identity_history(conn: &Connection, profile_id: &str) -> Result<Vec<serde_json::Value>> {
     let mut stmt = conn.prepare_cached(
@@ -1529,6 +1670,77 @@ pub fn audience_size_history(conn: &Connection, audience: &str, since_ms: i64) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A partition restored from another node's snapshot: its profiles, their history and
+    /// memberships and the actions its records decided become the snapshot's; what this
+    /// database held of it goes; other partitions and the ids stay; a profile merged into another
+    /// partition's since the snapshot is not taken, one merged within the partition is.
+    #[test]
+    fn a_partition_restored_from_a_snapshot_is_the_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let event = |visitor: &str, id: &str| starling_core::Event {
+            id: Some(id.into()),
+            name: "view".into(),
+            visitor_id: visitor.into(),
+            source: None,
+            timestamp_ms: 5,
+            data: Default::default(),
+        };
+        let write = |path: &Path, profiles: &[(&str, &str)], outbox_partition: u16| {
+            let mut conn = open(path).unwrap();
+            let tx = Batch::begin(&mut conn).unwrap();
+            for (profile, event_id) in profiles {
+                tx.save_profile(&Profile::new(profile.to_string()), 0, Some(0)).unwrap();
+                tx.log_event(&event(profile, event_id), profile, 5).unwrap();
+                tx.join(profile, "everyone", 5).unwrap();
+                tx.link_identity(profile, profile).unwrap();
+            }
+            tx.commit().unwrap();
+            conn.execute(
+                "INSERT INTO outbox (action, connector, trigger, audience, profile_id, occurred_ms, payload,
+                 next_attempt_ms, origin, log_partition) VALUES ('a', 'c', 'joined', 'everyone', ?1, 5, '{}', 5, ?2, ?3)",
+                params![profiles[0].0, format!("9.{outbox_partition}"), outbox_partition],
+            )
+            .unwrap();
+        };
+        let of_p = |id: &str| id.starts_with('p');
+        let (snapshot, local) = (dir.path().join("snapshot.db"), dir.path().join("local.db"));
+        write(&snapshot, &[("p-kept", "e1"), ("p-merged", "e2"), ("q-other", "e3"), ("p-inner", "e6")], 7);
+        write(&local, &[("p-stale", "e4"), ("q-mine", "e5")], 7);
+        let mut conn = open(&local).unwrap();
+        {
+            let tx = Batch::begin(&mut conn).unwrap();
+            tx.link_identity("p-merged", "q-mine").unwrap();
+            tx.link_identity("p-inner", "p-kept").unwrap();
+            tx.commit().unwrap();
+        }
+        let restored = restore_partition(&mut conn, Some(&snapshot), 7, Some(42), &of_p).unwrap();
+        assert_eq!(restored, RestoredPartition { dropped: 1, profiles: 2 });
+        assert!(load_profile(&conn, "p-inner").unwrap().is_some(), "merged within the partition: merged again");
+        assert!(load_profile(&conn, "p-kept").unwrap().is_some());
+        assert!(load_profile(&conn, "p-stale").unwrap().is_none(), "what this database held of the partition goes");
+        assert!(load_profile(&conn, "p-merged").unwrap().is_none(), "merged away since the snapshot");
+        assert!(load_profile(&conn, "q-mine").unwrap().is_some() && load_profile(&conn, "q-other").unwrap().is_none());
+        assert_eq!(profile_events(&conn, "p-kept").unwrap().len(), 1);
+        assert_eq!(memberships_of(&conn, "p-kept").unwrap().len(), 1);
+        assert!(event_seen(&conn, "e1", 0).unwrap());
+        let outbox: Vec<String> = conn
+            .prepare("SELECT profile_id FROM outbox WHERE log_partition = 7")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(outbox, ["p-kept"], "the partition's actions are the snapshot's");
+        assert_eq!(log_positions(&conn).unwrap(), [(7, 42)]);
+        assert_eq!(resolve_identity(&conn, "p-stale").unwrap().as_deref(), Some("p-stale"), "ids stay");
+
+        // Given up: dropped, its position left as it is.
+        let dropped = restore_partition(&mut conn, None, 7, None, &of_p).unwrap();
+        assert_eq!(dropped, RestoredPartition { dropped: 2, profiles: 0 });
+        assert!(load_profile(&conn, "p-kept").unwrap().is_none());
+        assert_eq!(log_positions(&conn).unwrap(), [(7, 42)]);
+    }
 
     #[test]
     fn a_version_4_database_keeps_its_seen_event_ids_in_the_new_table() {

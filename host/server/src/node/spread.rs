@@ -1,24 +1,27 @@
 //! A node of a cluster whose partitions are spread over the live nodes (`placement = "spread"`).
 //!
-//! Every node runs the engine on its own copy of the whole state: it applies live the
-//! partitions whose leases it holds, appending their records to the stream, and follows the
-//! other partitions' records as their owners write them (see [`crate::owned`]). Events for a
-//! profile of a partition another node owns are handed to that node, which applies them once it
-//! has followed the records before them (while no node owns the partition, they wait in the
-//! intake for the next owner). A merge of two profiles owned by different nodes goes through
-//! the log: the node owning the surviving profile applies it when it follows the record that
-//! handed it on, and logs it; of two claims of one id the one earlier in the log wins, on every
-//! node. When a node joins, the others release the partitions the target (even, sticky) gives
-//! it; it fences them, applies what it lacks of them, and from then on owns them. When a node
-//! dies, its leases lapse and the live nodes share its partitions alike. Each node delivers the
-//! actions its partitions' records decide and publishes how they ended; the others end their
-//! copies' rows alike, so that a new owner delivers only what was left pending.
+//! Each node holds and applies live the partitions whose leases it holds, appending their
+//! records to the stream; of the other partitions it follows only what their records changed of
+//! the ids (see [`crate::owned`]), so that its own work finds which profile every id belongs to.
+//! Events for a profile of a partition another node owns are handed to that node, which applies
+//! them once it has followed the records before them (while no node owns the partition, they
+//! wait in the intake for the next owner); reads of such a profile are forwarded to it, and
+//! reads over every profile gathered from every node. A merge into another node's profile goes
+//! through the stream as a hand record carrying the absorbed profile's state, which the
+//! survivor's owner applies; of two claims of one id the one earlier in the log wins, on every
+//! node. Each node stores a snapshot of its database; a node taking a partition (one joined,
+//! one died) restores it from the snapshot holding it furthest and applies its records after
+//! that, and drops a partition it gives up. Each node delivers the actions its partitions'
+//! records decide and publishes how they ended.
 
 use super::{
     CLIENT_HEADER, FORWARDED_HEADER, Joined, NODE_HEADER, OUTCOME_WAIT, OUTCOMES_WAITING, forward_to, join_when_ready,
-    pass_on_outcomes, prepare, publish_config, publish_outcomes, settings_of, take_snapshots, unavailable,
+    pass_on_outcomes, prepare, publish_config, publish_outcomes, settings_of, unavailable,
 };
-use crate::copy::{ANSWERED_FROM_HEADER, COPY_REASON_HEADER};
+
+mod gather;
+mod snapshots;
+use crate::copy::ANSWERED_FROM_HEADER;
 use crate::delivery::Outcomes;
 use crate::owned::{Elsewhere, HandedReport, Owned, PartitionedEvents, Taker, Via};
 use crate::pipeline::Source;
@@ -237,7 +240,7 @@ pub(super) async fn serve(
     let (placed_tx, placed) = watch::channel(Placed::default());
     let rounds = tokio::spawn(run_rounds(ownership.clone(), stream.clone(), lease, placed_tx));
     let client: Client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-    let mut options = prepare(options, ownership.cluster(), &snapshots).await?;
+    let mut options = prepare(options, ownership.cluster(), &snapshots, Placement::Spread).await?;
     let owned = Arc::new(Owned::none());
     let handing =
         Handing { node: settings.node.clone(), placed: placed.clone(), client: client.clone(), intake: intake.clone() };
@@ -281,18 +284,21 @@ pub(super) async fn serve(
     let lapsing = tokio::spawn(give_up_lapsed(ownership.clone(), owned.clone(), lease));
     let taking_outcomes = tokio::spawn(take_outcomes(database.clone(), outcome_stream.clone(), owned.clone()));
     let snapshot_every = Duration::from_millis(settings.snapshot_every_ms as u64);
-    let snapshotting = tokio::spawn(take_snapshots(
+    let snapshotting = tokio::spawn(snapshots::take_node_snapshots(
+        settings.node.clone(),
         database.clone(),
         snapshots.clone(),
         stream.clone(),
         ownership.clone(),
+        owned.clone(),
         snapshot_every,
-        Placement::Spread,
         Duration::from_millis(settings.wait_for_absent_ms as u64),
     ));
 
     let mut placed_rx = placed;
     let mut published = None;
+    // The partitions applied live as of the last turn: one given up since is dropped here.
+    let mut applied_live = 0u64;
     let mut applying: Option<tokio::task::JoinHandle<()>> = None;
     let outcome = loop {
         if log.forgotten() {
@@ -312,19 +318,38 @@ pub(super) async fn serve(
                 tracing::info!(partition, "partition given up");
             }
         }
+        // A partition given up (here, or as its lease lapsed) is not kept: its profiles are
+        // its owner's, and this node follows only its ids; taken again, it is restored.
+        let given_up = applied_live & !owned.bits();
+        for partition in (0..starling_log::PARTITIONS).filter(|p| given_up & (1 << p) != 0) {
+            match front.ingest.restore(partition, None, None).await {
+                Ok(dropped) => tracing::debug!(partition, profiles = dropped.dropped, "partition given up dropped"),
+                Err(e) => tracing::warn!(partition, "dropping a partition given up: {e}"),
+            }
+        }
+        applied_live = owned.bits();
         let gaining: Vec<Partition> = held.iter().copied().filter(|p| !owned.owns(*p)).collect();
         if !gaining.is_empty() {
             let started = Instant::now();
-            match gain(&log, &taker, &settings.node, &gaining).await {
+            match gain(&log, &taker, &settings.node, &gaining, &snapshots, &database).await {
                 Ok(applied) => {
                     for &partition in &gaining {
                         owned.add(partition);
                     }
-                    // Merges handed to them that their last owner did not apply (it died).
-                    match front.ingest.send_handed_over(|p| gaining.contains(&p)).await {
+                    applied_live = owned.bits();
+                    // Merges kept for this node's partitions and not applied: handed to the
+                    // partitions taken, or restored with them (their profiles were to go into
+                    // this node's).
+                    match front.ingest.send_handed_over(|_| true).await {
                         Ok(0) => {}
                         Ok(merges) => tracing::info!(merges, "merges handed to the partitions taken applied"),
                         Err(e) => tracing::warn!("applying the merges handed to the partitions taken: {e}"),
+                    }
+                    // And merges their profiles were to go through, into other nodes' profiles.
+                    match front.ingest.hand_kept(|p| gaining.contains(&p)).await {
+                        Ok(0) => {}
+                        Ok(merges) => tracing::info!(merges, "merges of the partitions taken handed on again"),
+                        Err(e) => tracing::warn!("handing on the merges of the partitions taken: {e}"),
                     }
                     tracing::info!(
                         partitions = ?gaining,
@@ -433,11 +458,25 @@ async fn adopt_published(engine: &App, cluster: &starling_cluster::Cluster, publ
     }
 }
 
-/// Fences `partitions` (just taken) off from their former owners and applies what they hold
-/// that this node's copy lacks. Returns how many records it applied.
-async fn gain(log: &JetStreamLog, taker: &Taker, node: &str, partitions: &[Partition]) -> Result<usize, String> {
+/// Fences `partitions` (just taken) off from their former owners, restores each from the
+/// snapshot holding it furthest and applies its records after that. Returns how many records
+/// it applied.
+async fn gain(
+    log: &JetStreamLog,
+    taker: &Taker,
+    node: &str,
+    partitions: &[Partition],
+    stored: &starling_cluster::snapshot::Snapshots,
+    database: &std::path::Path,
+) -> Result<usize, String> {
     log.fence(partitions, &crate::pipeline::owner_record(node)).await.map_err(|e| format!("fencing: {e}"))?;
-    taker.catch_up(partitions.to_vec()).await
+    let restoring = snapshots::fetch_for(stored, database, partitions).await?;
+    let files: Vec<std::path::PathBuf> = restoring.iter().filter_map(|(_, file, _)| file.clone()).collect();
+    let taken = taker.take_partitions(restoring).await;
+    for file in files {
+        let _ = std::fs::remove_file(file);
+    }
+    taken
 }
 
 /// Applies the events the intake holds for `partitions`, then has it forget them.
@@ -640,8 +679,8 @@ fn addressed_profile(request: &Request) -> Option<String> {
     }
 }
 
-/// Any other request: a profile's to the node owning its partition, the rest to this node's
-/// engine (whose copy holds every partition).
+/// Any other request: a profile's to the node owning its partition, a read over every profile
+/// to every node (see [`gather`]), the rest to this node's engine.
 async fn answer(State(front): State<Arc<Front>>, request: Request) -> Response {
     let forwarded = request.headers().contains_key(FORWARDED_HEADER);
     // A configuration change is made by the owner of partition 0, which publishes it.
@@ -654,82 +693,45 @@ async fn answer(State(front): State<Arc<Front>>, request: Request) -> Response {
             });
         }
     }
+    // A read over every profile: each node answers for its own partitions.
+    if let Some(how) = gather::gathered(&request) {
+        return gather::gather(&front, request, how).await;
+    }
     if let Some(id) = addressed_profile(&request) {
         let partition = starling_log::partition_of(&front.ingest.profile_of(&id));
         // Forwarded by a node that took this one for the owner (its view is a round old): the
-        // engine answers; a read, from its copy if this node no longer owns the partition.
+        // engine answers if this node owns the partition; it holds no other partition's
+        // profiles.
         if forwarded {
-            let read = matches!(*request.method(), Method::GET | Method::OPTIONS);
-            let copy = (read && !front.owned.owns(partition)).then_some(
-                "the node that forwarded it took this node for the owner of the profile's partition, which it no longer is",
-            );
-            return to_engine(&front, request, copy).await;
+            if !front.owned.owns(partition) {
+                return unavailable("the profile's partition moved to another node; retry");
+            }
+            return to_engine(&front, request).await;
         }
         if !front.owned.owns(partition) {
             let owner = front.placed.borrow().owner_url(&front.node, partition);
-            let read = matches!(*request.method(), Method::GET | Method::OPTIONS);
+            // No node holds a copy of another's profiles: until one owns the partition, or
+            // while its owner cannot be reached, the client retries.
             let Some((node, url)) = owner else {
-                return match read {
-                    true => {
-                        from_copy(
-                            &front,
-                            request,
-                            "no node owns the profile's partition yet (a failover or a rebalance is under way)",
-                        )
-                        .await
-                    }
-                    false => unavailable("no node owns the profile's partition yet; retry"),
-                };
+                return unavailable(
+                    "no node owns the profile's partition yet (a failover or a rebalance is under way); retry",
+                );
             };
-            if !read {
-                return forward_to(&front.node, &front.client, &url, request).await.unwrap_or_else(|e| {
-                    tracing::warn!(%node, "forwarding to the profile's owner: {e}");
-                    unavailable("the profile's owner could not be reached; retry")
-                });
-            }
-            let (parts, _) = request.into_parts();
-            let again = Request::from_parts(parts.clone(), axum::body::Body::empty());
-            return match forward_to(
-                &front.node,
-                &front.client,
-                &url,
-                Request::from_parts(parts, axum::body::Body::empty()),
-            )
-            .await
-            {
-                Ok(response) => response,
-                Err(e) if e.is_connect() => {
-                    from_copy(&front, again, "the node owning the profile's partition cannot be reached").await
-                }
-                Err(e) => {
-                    tracing::warn!(%node, "forwarding to the profile's owner: {e}");
-                    unavailable("the profile's owner could not be reached; retry")
-                }
-            };
+            return forward_to(&front.node, &front.client, &url, request).await.unwrap_or_else(|e| {
+                tracing::warn!(%node, "forwarding to the profile's owner: {e}");
+                unavailable("the profile's owner could not be reached; retry")
+            });
         }
     }
-    to_engine(&front, request, None).await
+    to_engine(&front, request).await
 }
 
-/// Has this node's engine answer a read of a profile another node owns, from this node's copy.
-async fn from_copy(front: &Front, request: Request, reason: &'static str) -> Response {
-    to_engine(front, request, Some(reason)).await
-}
-
-/// Has this node's engine answer `request`; `copy`: why it answers a profile it does not own.
-async fn to_engine(front: &Front, request: Request, copy: Option<&'static str>) -> Response {
+/// Has this node's engine answer `request`.
+async fn to_engine(front: &Front, request: Request) -> Response {
     let request = with_client_address(front, request);
     let mut response = tower::ServiceExt::oneshot(front.engine.clone(), request).await.unwrap_or_else(|e| match e {});
     let headers = response.headers_mut();
-    match copy {
-        Some(reason) => {
-            headers.insert(HeaderName::from_static(ANSWERED_FROM_HEADER), HeaderValue::from_static("copy"));
-            headers.insert(HeaderName::from_static(COPY_REASON_HEADER), HeaderValue::from_static(reason));
-        }
-        None => {
-            headers.insert(HeaderName::from_static(ANSWERED_FROM_HEADER), HeaderValue::from_static("engine"));
-        }
-    }
+    headers.insert(HeaderName::from_static(ANSWERED_FROM_HEADER), HeaderValue::from_static("engine"));
     if let Ok(node) = HeaderValue::from_str(&front.node) {
         headers.insert(HeaderName::from_static(NODE_HEADER), node);
     }

@@ -16,8 +16,14 @@ pub enum IdChange {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         claimed: bool,
     },
-    /// Every id of `absorbed` moved to `survivor`, and `absorbed` is gone.
-    Merged { absorbed: String, survivor: String },
+    /// Every id of `absorbed` moved to `survivor`, and `absorbed` is gone; `origin`: the name
+    /// of the merge handed on, if it was (applied: not to be applied again).
+    Merged {
+        absorbed: String,
+        survivor: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        origin: Option<String>,
+    },
     /// `id` was split out of `from` into a profile of its own.
     Split { id: String, from: String },
     /// Profile `profile` and its ids were removed.

@@ -1,0 +1,142 @@
+//! Spread, each node stores a snapshot of its database (its own partitions whole, the others'
+//! ids), named after it. A node taking a partition restores it from the snapshot that holds it
+//! furthest, then applies the partition's records after it; the stream forgets each
+//! partition's records before that snapshot, the freshest snapshot, and every node hold.
+
+use crate::node::{forget_held_everywhere, snapshot_of};
+use crate::owned::Owned;
+use starling_cluster::Ownership;
+use starling_cluster::snapshot::{Covered, NodeSnapshot, Snapshots, node_snapshot};
+use starling_cluster::stream::EventStream;
+use starling_log::{PARTITIONS, Partition, Position};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Stores this node's snapshot every `every` while it owns partitions; on the owner of
+/// partition 0, has the stream forget what every partition's restore no longer needs.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn take_node_snapshots(
+    node: String,
+    database: PathBuf,
+    snapshots: Arc<Snapshots>,
+    stream: Arc<EventStream>,
+    ownership: Arc<Ownership>,
+    owned: Arc<Owned>,
+    every: Duration,
+    wait_for_absent: Duration,
+) {
+    let name = node_snapshot(&node);
+    let mut last = 0;
+    let mut forgotten = Vec::new();
+    loop {
+        tokio::time::sleep(every).await;
+        let before = owned.bits();
+        if before != 0
+            && let Some((covered, into)) = snapshot_of(&database).await
+        {
+            // Whole only what this node owned all along: a partition it gave up meanwhile
+            // holds only ids from then on.
+            let bits = before & owned.bits();
+            let whole: Vec<Partition> = (0..PARTITIONS).filter(|p| bits & (1 << p) != 0).collect();
+            let usable = ownership.cluster().truncated().await.is_ok_and(|truncated| {
+                truncated.iter().enumerate().all(|(p, before)| covered.of(p as Partition) >= *before)
+            });
+            if covered.last() > last && usable && !whole.is_empty() {
+                match snapshots.put(&name, &into, &covered, &whole).await {
+                    Ok(()) => {
+                        last = covered.last();
+                        tracing::info!(covers = last, partitions = whole.len(), "snapshot stored");
+                    }
+                    Err(e) => tracing::warn!("storing this node's snapshot: {e}"),
+                }
+            }
+            let _ = std::fs::remove_file(&into);
+        }
+        if ownership.held().contains(&0) {
+            match snapshots.of_nodes().await {
+                Ok(stored) => {
+                    let kept = kept_from(&stored);
+                    forget_held_everywhere(&stream, ownership.cluster(), &kept, wait_for_absent, &mut forgotten).await;
+                }
+                Err(e) => tracing::warn!("the stream is kept whole: the snapshots cannot be listed: {e}"),
+            }
+        }
+    }
+}
+
+/// Where each partition's records are needed from: the snapshot holding the partition whole
+/// furthest (a new owner restores it from there), and the freshest snapshot (a node starting
+/// restores it whole, then follows every partition from it). Nothing of a partition no
+/// snapshot holds whole is forgotten.
+fn kept_from(stored: &[NodeSnapshot]) -> Covered {
+    let freshest = stored.iter().max_by_key(|s| s.covered.last());
+    Covered(
+        (0..PARTITIONS)
+            .map(|p| {
+                let whole = holding(stored, p).map_or(0, |s| s.covered.of(p));
+                (p, whole.min(freshest.map_or(0, |s| s.covered.of(p))))
+            })
+            .collect(),
+    )
+}
+
+/// The snapshot holding partition `p` whole furthest.
+fn holding(stored: &[NodeSnapshot], p: Partition) -> Option<&NodeSnapshot> {
+    stored.iter().filter(|s| s.whole.contains(&p)).max_by_key(|s| s.covered.of(p))
+}
+
+/// The snapshots to restore `partitions` from, fetched next to `database`: for each partition,
+/// the file and the partition's position in it (none: no snapshot holds it; its records are
+/// applied from the log's start).
+pub(super) async fn fetch_for(
+    snapshots: &Snapshots,
+    database: &Path,
+    partitions: &[Partition],
+) -> Result<Vec<(Partition, Option<PathBuf>, Position)>, String> {
+    let stored = snapshots.of_nodes().await.map_err(|e| format!("listing the snapshots: {e}"))?;
+    let mut fetched: HashMap<String, PathBuf> = HashMap::new();
+    let mut restoring = Vec::new();
+    for &p in partitions {
+        let Some(snapshot) = holding(&stored, p) else {
+            restoring.push((p, None, 0));
+            continue;
+        };
+        let path = match fetched.get(&snapshot.name) {
+            Some(path) => path.clone(),
+            None => {
+                let path = database.with_extension(format!("{}.restoring", snapshot.name));
+                let _ = std::fs::remove_file(&path);
+                snapshots.fetch(&snapshot.name, &path).await.map_err(|e| format!("fetching {}: {e}", snapshot.name))?;
+                fetched.insert(snapshot.name.clone(), path.clone());
+                path
+            }
+        };
+        restoring.push((p, Some(path), snapshot.covered.of(p)));
+    }
+    Ok(restoring)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(name: &str, positions: &[(Partition, Position)], whole: &[Partition]) -> NodeSnapshot {
+        NodeSnapshot { name: name.into(), covered: Covered(positions.to_vec()), whole: whole.to_vec() }
+    }
+
+    #[test]
+    fn each_partition_is_kept_from_its_furthest_whole_snapshot_and_the_freshest() {
+        let stored = [
+            snapshot("node.a", &[(0, 40), (1, 10), (2, 12)], &[0]),
+            snapshot("node.b", &[(0, 30), (1, 50), (2, 20)], &[1]),
+        ];
+        let kept = kept_from(&stored);
+        assert_eq!(kept.of(0), 30, "held whole by a at 40, but the freshest (b) is at 30");
+        assert_eq!(kept.of(1), 50);
+        assert_eq!(kept.of(2), 0, "no snapshot holds it whole");
+        assert_eq!(holding(&stored, 1).map(|s| s.name.as_str()), Some("node.b"));
+        assert!(holding(&stored, 2).is_none());
+    }
+}

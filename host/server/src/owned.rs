@@ -230,6 +230,11 @@ impl Taker {
     ) -> Result<usize, String> {
         let ingest = self.ingest.upgrade().ok_or("this node is stopping")?;
         let mut positions = self.positions.lock().await;
+        // The ids are not restored with the partition: they are this node's, followed. Followed
+        // to the partition's end first, so that those its records changed before the snapshot
+        // are here too.
+        let partitions: Vec<Partition> = restoring.iter().map(|(p, _, _)| *p).collect();
+        apply_after(&ingest, &mut positions, partitions).await?;
         let mut after = Vec::new();
         for (partition, snapshot, position) in restoring {
             let restored = ingest.restore(partition, snapshot, Some(position)).await.map_err(|e| e.to_string())?;

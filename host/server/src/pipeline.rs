@@ -1400,9 +1400,12 @@ enum Write {
         at_ms: i64,
     },
     Identity(IdentityLink),
+    /// `carried`: the absorbed profile's state came with the merge (what is held of it here is
+    /// a copy, and goes).
     Merge {
         absorbed: String,
         survivor: String,
+        carried: bool,
     },
     Split {
         id: String,
@@ -1970,11 +1973,14 @@ impl Worker {
         if self.shared.elsewhere.is_none()
             || self.pending.since.is_some()
             || self.materialized.replaying.load(Ordering::SeqCst)
-            || self.replaying.is_some()
             || self.pending.merges.is_empty()
         {
             return;
         }
+        // A partition taken applies its records again: the merges they decide for this node's
+        // partitions are sent live, with the state; those for another node's are handed on once
+        // the partition is taken (see `Ingest::hand_kept`).
+        let replaying = self.replaying.is_some();
         let owned = self.shared.owned.clone();
         let mut merges = std::mem::take(&mut self.pending.merges);
         let mut records = Vec::new();
@@ -2000,7 +2006,7 @@ impl Worker {
         merges.retain(|(_, _, merge)| match owned.owns_profile(&merge.survivor) {
             true => true,
             false => {
-                if owned.owns_profile(&merge.absorbed) {
+                if owned.owns_profile(&merge.absorbed) && !replaying {
                     records.push((starling_log::partition_of(&merge.absorbed), hand_record(merge)));
                 }
                 false
@@ -2622,7 +2628,8 @@ impl Worker {
                 Write::Enqueue { .. } => enqueue(&tx, write, &mut actions_per_position)?,
                 Write::Fired { action, profile, at_ms } => tx.mark_fired(action, profile, *at_ms)?,
                 Write::Identity(link) => tx.record_identity(link)?,
-                Write::Merge { absorbed, survivor } => tx.merge_profiles(absorbed, survivor)?,
+                Write::Merge { absorbed, survivor, carried: false } => tx.merge_profiles(absorbed, survivor)?,
+                Write::Merge { absorbed, survivor, carried: true } => tx.merge_carried(absorbed, survivor)?,
                 Write::Split { id, from } => tx.split_identity(id, from)?,
                 Write::Handoff(origin) => tx.record_handoff(origin)?,
                 Write::Forget(profile) => {
@@ -2833,6 +2840,12 @@ impl Worker {
         profile: &str,
     ) -> Result<(), StoreError> {
         if self.cache.identities.contains_key(visitor) || p.links.contains_key(visitor) {
+            return Ok(());
+        }
+        // Spread, an id routed to another profile (merged into it on another node, whose
+        // merge this node has not applied yet) is linked by the node owning it, and moves with
+        // the merge: linked here, it would say the merge was applied.
+        if visitor != profile && self.shared.elsewhere.is_some() {
             return Ok(());
         }
         match starling_store::resolve_identity(conn, visitor)? {
@@ -3090,12 +3103,17 @@ impl Worker {
         let merged_already = |p: &Pending| -> Result<bool, StoreError> {
             Ok(p.absorbed.contains(&absorbed) || starling_store::was_merged_away(conn, &absorbed)?)
         };
-        let carried = match (&absorbed_profile, request.merged_first) {
-            (Some(_), _) | (None, Some(false)) => None,
-            (None, None) if merged_already(p)? => None,
-            (None, _) => request.absorbed_state.clone(),
+        let carried = match request.merged_first {
+            Some(false) => None,
+            None if merged_already(p)? => None,
+            _ => request.absorbed_state.clone(),
         };
-        let absorbed_profile = absorbed_profile.or_else(|| carried.as_ref().map(|state| state.profile.clone()));
+        // What the merge carried is what it moved the first time: it goes before a copy held
+        // here (restored with a partition taken, its events since applied elsewhere).
+        let absorbed_profile = match &carried {
+            Some(state) => Some(state.profile.clone()),
+            None => absorbed_profile,
+        };
         let Some(mut absorbed_profile) = absorbed_profile else {
             // Merged already (a merge of the same two from the other side, or sent again after
             // a restart): the absorbed profile's own id is the survivor's.
@@ -3110,12 +3128,17 @@ impl Worker {
         let survivor_profile = load(model, &mut self.cache, conn, &mut p.touched, now, &survivor)?;
         let outcome = apply_merge(model, survivor_profile, absorbed_profile, now);
         tracing::debug!(survivor = %survivor, absorbed = %absorbed, via = %request.via, "profiles stitched");
+        let was_carried = carried.is_some();
         if let Some(state) = carried {
             // Its events are seen here from now on: one sent again is a duplicate.
             p.seen.extend(state.events.iter().filter_map(Event::dedup_key));
             p.effects.writes.push(Write::Adopt { survivor: survivor.clone(), state });
         }
-        p.effects.writes.push(Write::Merge { absorbed: absorbed.clone(), survivor: survivor.clone() });
+        p.effects.writes.push(Write::Merge {
+            absorbed: absorbed.clone(),
+            survivor: survivor.clone(),
+            carried: was_carried,
+        });
         let merged =
             IdChange::Merged { absorbed: absorbed.clone(), survivor: survivor.clone(), origin: request.origin.clone() };
         p.changes.push(p.effects.record_index, merged);
@@ -3182,7 +3205,11 @@ impl Worker {
                 // This node's profile, absorbed by the survivor's owner: its rows go.
                 p.touched.remove(&absorbed);
                 self.cache.profiles.remove(&absorbed);
-                p.effects.writes.push(Write::Merge { absorbed: absorbed.clone(), survivor: survivor.clone() });
+                p.effects.writes.push(Write::Merge {
+                    absorbed: absorbed.clone(),
+                    survivor: survivor.clone(),
+                    carried: true,
+                });
                 p.directory.extend(ids.into_iter().map(|id| (id, survivor.clone())));
                 p.gone.insert(absorbed);
             }

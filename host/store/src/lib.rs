@@ -1120,6 +1120,20 @@ impl<'c> Batch<'c> {
         Ok(())
     }
 
+    /// As [`Batch::merge_profiles`], for a merge that carried the absorbed profile's state
+    /// (kept for `survivor` separately): the ids move; what this database held of `absorbed`
+    /// (a copy) goes.
+    pub fn merge_carried(&self, absorbed: &str, survivor: &str) -> Result<()> {
+        let tx = &self.tx;
+        tx.prepare_cached("UPDATE identities SET profile_id = ?2, claimed_at = NULL WHERE profile_id = ?1")?
+            .execute([absorbed, survivor])?;
+        for table in ["events", "memberships", "wakeups"] {
+            tx.prepare_cached(&format!("DELETE FROM {table} WHERE profile_id = ?1"))?.execute([absorbed])?;
+        }
+        tx.prepare_cached("DELETE FROM profiles WHERE id = ?1")?.execute([absorbed])?;
+        Ok(())
+    }
+
     /// Splits visitor id `id` out of profile `from` into a profile of its own (named `id`): the
     /// id and the events sent with it move.
     pub fn split_identity(&self, id: &str, from: &str) -> Result<()> {

@@ -3098,8 +3098,8 @@ impl Worker {
         };
         // The absorbed profile of another node's partition comes with the merge, unless it was
         // merged already (two merges of one pair: a claim that lost, and a later event naming
-        // the id), as its merge's identity record says (the ids are no guide: an event for the
-        // absorbed profile's id applied to the survivor before the merge links the id there).
+        // the id), as the profiles merged away say (kept through a partition's restore; the
+        // ids are no guide: they move to the survivor's when the hand record is followed).
         let merged_already = |p: &Pending| -> Result<bool, StoreError> {
             Ok(p.absorbed.contains(&absorbed) || starling_store::was_merged_away(conn, &absorbed)?)
         };

@@ -200,7 +200,12 @@ CREATE TABLE IF NOT EXISTS identity_links (
 );
 CREATE INDEX IF NOT EXISTS identity_links_by_profile ON identity_links(profile_id, seq);
 CREATE INDEX IF NOT EXISTS identity_links_by_visitor ON identity_links(visitor_id, kind);
-CREATE INDEX IF NOT EXISTS identity_links_by_merged ON identity_links(other_id) WHERE kind = 'merge';
+-- Profiles merged into another (of any partition, as the ids followed say): a second merge of
+-- one (two decisions for one pair) finds it merged. Kept when a partition is restored.
+CREATE TABLE IF NOT EXISTS merged_away (
+    absorbed    TEXT PRIMARY KEY,
+    survivor    TEXT NOT NULL
+) WITHOUT ROWID;
 -- Sampled audience sizes, for plotting.
 CREATE TABLE IF NOT EXISTS audience_sizes (
     at_ms       INTEGER NOT NULL,
@@ -1106,6 +1111,8 @@ impl<'c> Batch<'c> {
     /// (the survivor's own rows win); then deletes the absorbed profile.
     pub fn merge_profiles(&self, absorbed: &str, survivor: &str) -> Result<()> {
         let tx = &self.tx;
+        tx.prepare_cached("INSERT OR REPLACE INTO merged_away (absorbed, survivor) VALUES (?1, ?2)")?
+            .execute([absorbed, survivor])?;
         tx.prepare_cached("UPDATE identities SET profile_id = ?2, claimed_at = NULL WHERE profile_id = ?1")?
             .execute([absorbed, survivor])?;
         tx.prepare_cached("UPDATE events SET profile_id = ?2 WHERE profile_id = ?1")?.execute([absorbed, survivor])?;
@@ -1125,6 +1132,8 @@ impl<'c> Batch<'c> {
     /// (a copy) goes.
     pub fn merge_carried(&self, absorbed: &str, survivor: &str) -> Result<()> {
         let tx = &self.tx;
+        tx.prepare_cached("INSERT OR REPLACE INTO merged_away (absorbed, survivor) VALUES (?1, ?2)")?
+            .execute([absorbed, survivor])?;
         tx.prepare_cached("UPDATE identities SET profile_id = ?2, claimed_at = NULL WHERE profile_id = ?1")?
             .execute([absorbed, survivor])?;
         for table in ["events", "memberships", "wakeups"] {
@@ -1138,6 +1147,8 @@ impl<'c> Batch<'c> {
     /// id and the events sent with it move.
     pub fn split_identity(&self, id: &str, from: &str) -> Result<()> {
         let tx = &self.tx;
+        // A profile of its own again: it may be merged anew.
+        tx.prepare_cached("DELETE FROM merged_away WHERE absorbed = ?1")?.execute([id])?;
         tx.prepare_cached("UPDATE identities SET profile_id = ?1, claimed_at = NULL WHERE visitor_id = ?1")?
             .execute([id])?;
         tx.prepare_cached("UPDATE events SET profile_id = ?1 WHERE profile_id = ?2 AND visitor_id = ?1")?
@@ -1593,10 +1604,10 @@ pub fn was_unstitched(conn: &Connection, id: &str, profile_id: &str) -> Result<b
         .is_some())
 }
 
-/// Whether profile `absorbed` was merged into another here (its merge's identity record).
+/// Whether profile `absorbed` was merged into another (see `merged_away`).
 pub fn was_merged_away(conn: &Connection, absorbed: &str) -> Result<bool> {
     Ok(conn
-        .prepare_cached("SELECT 1 FROM identity_links WHERE kind = 'merge' AND other_id = ?1 LIMIT 1")?
+        .prepare_cached("SELECT 1 FROM merged_away WHERE absorbed = ?1")?
         .query_row([absorbed], |_| Ok(()))
         .optional()?
         .is_some())

@@ -74,7 +74,7 @@ pub fn check_integrity(path: &Path, level: Integrity, max_problems: usize) -> Re
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-const SCHEMA_VERSION: i64 = 9;
+const SCHEMA_VERSION: i64 = 10;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS profiles (

@@ -3072,6 +3072,21 @@ impl Worker {
         let owned = &self.shared.owned;
         let spread = !owned.is_all() && !owned.is_none();
         if worker_of(&survivor, self.partitions) != self.index || (spread && !owned.owns_profile(&survivor)) {
+            // Spread, a record applied again decides no merge the stream holds already (its
+            // hand record, kept here, or the survivor's record applying it): the partition
+            // taken is replayed on ids ahead of its restored state, and a merge decided again
+            // would read the absorbed profile as the replay left it.
+            if let Some(replaying) = self.replaying
+                && self.shared.elsewhere.is_some()
+            {
+                let origin = merge_origin(replaying.position, &MergeRequest { origin: None, ..request.clone() });
+                if starling_store::handoff_applied(conn, &origin)?
+                    || starling_store::is_handed_over(conn, &origin)?
+                    || starling_store::was_merged_away(conn, &absorbed)?
+                {
+                    return Ok(true);
+                }
+            }
             // The survivor's partition merges, after this batch (holding the absorbed
             // profile's last state) commits; from then on its ids route there.
             p.leaving.insert(absorbed.clone());

@@ -468,6 +468,11 @@ pub fn handoff_applied(conn: &Connection, origin: &str) -> Result<bool> {
     Ok(conn.prepare_cached("SELECT 1 FROM handoffs WHERE origin = ?1")?.exists([origin])?)
 }
 
+/// Whether the merge named `origin` is kept here, handed over (applied or not).
+pub fn is_handed_over(conn: &Connection, origin: &str) -> Result<bool> {
+    Ok(conn.prepare_cached("SELECT 1 FROM handed_over WHERE origin = ?1")?.exists([origin])?)
+}
+
 /// Merges handed over and not yet applied: (origin, request).
 pub fn handed_over(conn: &Connection) -> Result<Vec<(String, String)>> {
     let mut stmt = conn.prepare_cached(

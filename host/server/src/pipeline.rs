@@ -1999,6 +1999,16 @@ impl Worker {
                     Ok(state) => merge.absorbed_state = state.map(Box::new),
                     Err(e) => tracing::error!(partition = self.index, "reading a profile merged into another: {e}"),
                 }
+                // Kept with its state: sent again (at a start, by a node taking the survivor's
+                // partition), it needs no copy of the absorbed profile.
+                if let Some(origin) = &merge.origin
+                    && merge.absorbed_state.is_some()
+                {
+                    let request = serde_json::to_string(&*merge).expect("merges serialize");
+                    if let Err(e) = starling_store::keep_handed_over(&writer, origin, &request) {
+                        tracing::error!(partition = self.index, "keeping a merge with its state: {e}");
+                    }
+                }
             }
         }
         // Of a partition this node no longer owns, the next owner hands them on (they are kept

@@ -483,10 +483,11 @@ pub fn handed_over(conn: &Connection) -> Result<Vec<(String, String)>> {
 }
 
 /// Keeps a merge another node handed to a partition (see [`handed_over`]) until it is applied:
-/// whichever node owns the partition when, applies it.
+/// whichever node owns the partition when, applies it. The request replaces one kept under its
+/// origin (it now carries the absorbed profile's state).
 pub fn keep_handed_over(conn: &Connection, origin: &str, request: &str) -> Result<()> {
     let _gate = write_gate();
-    conn.prepare_cached("INSERT OR IGNORE INTO handed_over (origin, request) VALUES (?1, ?2)")?
+    conn.prepare_cached("INSERT OR REPLACE INTO handed_over (origin, request) VALUES (?1, ?2)")?
         .execute([origin, request])?;
     Ok(())
 }

@@ -15,21 +15,27 @@ use tokio::sync::watch;
 
 const _: () = assert!(PARTITIONS as u32 == u64::BITS, "one bit per virtual partition");
 
-/// The partitions owned, one bit each.
+/// The partitions owned, one bit each, and how many times they changed.
 #[derive(Debug)]
-pub struct Owned(AtomicU64);
+pub struct Owned(AtomicU64, AtomicU64);
 
 impl Owned {
     pub fn all() -> Owned {
-        Owned(AtomicU64::new(u64::MAX))
+        Owned(AtomicU64::new(u64::MAX), AtomicU64::new(0))
     }
 
     pub fn none() -> Owned {
-        Owned(AtomicU64::new(0))
+        Owned(AtomicU64::new(0), AtomicU64::new(0))
     }
 
     pub fn of(partitions: impl IntoIterator<Item = Partition>) -> Owned {
-        Owned(AtomicU64::new(mask(partitions)))
+        Owned(AtomicU64::new(mask(partitions)), AtomicU64::new(0))
+    }
+
+    /// How many times a partition was added or removed: unchanged between two reads, the
+    /// partitions owned were owned all along.
+    pub fn changes(&self) -> u64 {
+        self.1.load(Ordering::SeqCst)
     }
 
     pub fn owns(&self, partition: Partition) -> bool {
@@ -52,10 +58,12 @@ impl Owned {
     }
 
     pub fn add(&self, partition: Partition) {
+        self.1.fetch_add(1, Ordering::SeqCst);
         self.0.fetch_or(1 << partition, Ordering::SeqCst);
     }
 
     pub fn remove(&self, partition: Partition) {
+        self.1.fetch_add(1, Ordering::SeqCst);
         self.0.fetch_and(!(1 << partition), Ordering::SeqCst);
     }
 

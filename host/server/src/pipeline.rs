@@ -1411,10 +1411,12 @@ enum Write {
         id: String,
         from: String,
     },
-    /// A merge handed on from another partition's log record, applied.
-    Handoff(String),
+    /// A merge handed on from another partition's log record, applied in the partition.
+    Handoff(String, Partition),
     /// Forget the ids of another node's profile, deleted there.
     Forget(String),
+    /// Forget a merge kept until applied (see `handed_over`): another node applied it.
+    Unkeep(String),
     /// Keep the history and memberships of a profile of another node's partition, merged into
     /// `survivor`.
     Adopt {
@@ -1996,7 +1998,15 @@ impl Worker {
                     Ok(Some(Absorbed { profile, events, memberships }))
                 })();
                 match state {
-                    Ok(state) => merge.absorbed_state = state.map(Box::new),
+                    Ok(state) => {
+                        tracing::debug!(
+                            absorbed = %merge.absorbed,
+                            events = state.as_ref().map_or(0, |s| s.events.len()),
+                            origin = ?merge.origin,
+                            "a merge into another partition carries the absorbed profile's state"
+                        );
+                        merge.absorbed_state = state.map(Box::new)
+                    }
                     Err(e) => tracing::error!(partition = self.index, "reading a profile merged into another: {e}"),
                 }
                 // Kept with its state: sent again (at a start, by a node taking the survivor's
@@ -2335,13 +2345,14 @@ impl Worker {
                     };
                     if !applied {
                         p.draft(j, &request.survivor, |_| false, || Draft::Merge(request.clone()));
-                        let origin = request.origin.clone();
+                        let (origin, request_survivor) = (request.origin.clone(), request.survivor.clone());
                         // A merge that found nothing may find it when its origin is replayed.
                         if self.merge(conn, p, &model, request, j, now)?
                             && let Some(origin) = origin
                         {
                             p.handoffs.insert(origin.clone());
-                            p.effects.writes.push(Write::Handoff(origin));
+                            let partition = starling_log::partition_of(&request_survivor);
+                            p.effects.writes.push(Write::Handoff(origin, partition));
                         }
                     }
                 }
@@ -2641,10 +2652,11 @@ impl Worker {
                 Write::Merge { absorbed, survivor, carried: false } => tx.merge_profiles(absorbed, survivor)?,
                 Write::Merge { absorbed, survivor, carried: true } => tx.merge_carried(absorbed, survivor)?,
                 Write::Split { id, from } => tx.split_identity(id, from)?,
-                Write::Handoff(origin) => tx.record_handoff(origin)?,
+                Write::Handoff(origin, partition) => tx.record_handoff(origin, *partition)?,
                 Write::Forget(profile) => {
                     tx.forget_ids(profile)?;
                 }
+                Write::Unkeep(origin) => tx.unkeep(origin)?,
                 Write::Adopt { survivor, state } => {
                     for event in &state.events {
                         tx.log_event(event, survivor, event.timestamp_ms)?;
@@ -3152,7 +3164,14 @@ impl Worker {
         starling_core::evolve::conform(model, &mut absorbed_profile);
         let survivor_profile = load(model, &mut self.cache, conn, &mut p.touched, now, &survivor)?;
         let outcome = apply_merge(model, survivor_profile, absorbed_profile, now);
-        tracing::debug!(survivor = %survivor, absorbed = %absorbed, via = %request.via, "profiles stitched");
+        tracing::debug!(
+            survivor = %survivor,
+            absorbed = %absorbed,
+            via = %request.via,
+            origin = ?request.origin,
+            carried_events = ?carried.as_ref().map(|state| state.events.len()),
+            "profiles stitched"
+        );
         let was_carried = carried.is_some();
         if let Some(state) = carried {
             // Its events are seen here from now on: one sent again is a duplicate.
@@ -3221,8 +3240,11 @@ impl Worker {
                 p.effects.writes.push(Write::Link { visitor: id, profile, claim: Some(claim) });
             }
             IdChange::Merged { absorbed, survivor, origin } => {
+                // Applied by the survivor's owner: not to be sent again from here. (Not marked
+                // applied here: this node's state holds none of it, and a node that takes the
+                // survivor's partition later applies that record again.)
                 if let Some(origin) = origin {
-                    p.effects.writes.push(Write::Handoff(origin));
+                    p.effects.writes.push(Write::Unkeep(origin));
                 }
                 let mut ids: BTreeSet<String> = starling_store::ids_of(conn, &absorbed)?.into_iter().collect();
                 ids.extend(self.directory.stitched_into(&absorbed));

@@ -74,7 +74,7 @@ pub fn check_integrity(path: &Path, level: Integrity, max_problems: usize) -> Re
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-const SCHEMA_VERSION: i64 = 10;
+const SCHEMA_VERSION: i64 = 11;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS profiles (
@@ -120,7 +120,9 @@ CREATE INDEX IF NOT EXISTS events_by_profile ON events(profile_id, seq);
 -- replay of that record hands them on again.
 CREATE TABLE IF NOT EXISTS handoffs (
     origin      TEXT PRIMARY KEY,
-    position    INTEGER NOT NULL
+    position    INTEGER NOT NULL,
+    -- The partition whose state holds the merge (the survivor's): restored with it.
+    partition   INTEGER
 ) WITHOUT ROWID;
 -- Merges this node's partitions handed over to another partition (the request as JSON), kept
 -- until that partition has applied them (`handoffs`), so that a crash cannot lose one.
@@ -378,6 +380,7 @@ fn restore_partition_in(
         restored.dropped += 1;
     }
     tx.execute("DELETE FROM main.outbox WHERE log_partition = ?1", [partition])?;
+    tx.execute("DELETE FROM main.handoffs WHERE partition = ?1", [partition])?;
     if from_snapshot {
         // Columns named, without the row ids, which are this database's own.
         let columns = |table: &str| -> Result<String> {
@@ -415,7 +418,11 @@ fn restore_partition_in(
             [partition],
         )?;
         tx.execute("INSERT OR IGNORE INTO main.seen_events SELECT * FROM snap.seen_events", [])?;
-        tx.execute("INSERT OR IGNORE INTO main.handoffs SELECT * FROM snap.handoffs", [])?;
+        tx.execute(
+            "INSERT OR IGNORE INTO main.handoffs (origin, position, partition)
+             SELECT origin, position, partition FROM snap.handoffs WHERE partition = ?1",
+            [partition],
+        )?;
         let handed: Vec<(String, String)> = {
             let mut stmt = tx.prepare("SELECT origin, request FROM snap.handed_over")?;
             stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?
@@ -622,6 +629,9 @@ pub fn open(path: &Path) -> Result<Connection> {
         }
         if (1..9).contains(&version) {
             add_column_if_missing(&conn, "outbox", "log_partition", "INTEGER")?;
+        }
+        if (1..11).contains(&version) {
+            add_column_if_missing(&conn, "handoffs", "partition", "INTEGER")?;
         }
         if (1..5).contains(&version) {
             conn.execute_batch(
@@ -1044,11 +1054,11 @@ impl<'c> Batch<'c> {
     }
 
     /// Records that the merge handed on from log record `origin` (`position.index`) is applied.
-    pub fn record_handoff(&self, origin: &str) -> Result<()> {
+    pub fn record_handoff(&self, origin: &str, partition: u16) -> Result<()> {
         let position: i64 = origin.split('.').next().and_then(|p| p.parse().ok()).unwrap_or_default();
         self.tx
-            .prepare_cached("INSERT OR IGNORE INTO handoffs (origin, position) VALUES (?1, ?2)")?
-            .execute(params![origin, position])?;
+            .prepare_cached("INSERT OR IGNORE INTO handoffs (origin, position, partition) VALUES (?1, ?2, ?3)")?
+            .execute(params![origin, position, partition])?;
         Ok(())
     }
 
@@ -1159,6 +1169,12 @@ impl<'c> Batch<'c> {
             .execute([id])?;
         tx.prepare_cached("UPDATE events SET profile_id = ?1 WHERE profile_id = ?2 AND visitor_id = ?1")?
             .execute([id, from])?;
+        Ok(())
+    }
+
+    /// Forgets the merge named `origin` kept until applied: another node applied it.
+    pub fn unkeep(&self, origin: &str) -> Result<()> {
+        self.tx.prepare_cached("DELETE FROM handed_over WHERE origin = ?1")?.execute([origin])?;
         Ok(())
     }
 

@@ -32,13 +32,13 @@ pub(super) async fn take_node_snapshots(
     let mut forgotten = Vec::new();
     loop {
         tokio::time::sleep(every).await;
-        let before = owned.bits();
+        let (before, changes) = (owned.bits(), owned.changes());
         if before != 0
             && let Some((covered, into)) = snapshot_of(&database).await
         {
-            // Whole only what this node owned all along: a partition it gave up meanwhile
-            // holds only ids from then on.
-            let bits = before & owned.bits();
+            // Whole only if this node owned its partitions all along: one given up and taken
+            // again meanwhile may be caught between its drop and its restore.
+            let bits = if owned.changes() == changes { before } else { 0 };
             let whole: Vec<Partition> = (0..PARTITIONS).filter(|p| bits & (1 << p) != 0).collect();
             let usable = ownership.cluster().truncated().await.is_ok_and(|truncated| {
                 truncated.iter().enumerate().all(|(p, before)| covered.of(p as Partition) >= *before)

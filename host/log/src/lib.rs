@@ -15,7 +15,7 @@ pub mod partition;
 mod segment;
 
 pub use memory::MemoryLog;
-pub use partition::{PARTITIONS, Partition, partition_of};
+pub use partition::{PARTITIONS, Partition, partition_of, profile_hash};
 pub use segment::{LogCheck, SegmentLog};
 
 /// A record's place in the log. Positions grow within a partition; this crate's backends number

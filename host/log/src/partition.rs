@@ -10,10 +10,14 @@ pub type Partition = u16;
 /// The virtual partition of a profile id: FNV-1a (64 bit), which, unlike std's
 /// `DefaultHasher`, is specified and cannot change with the Rust release.
 pub fn partition_of(profile_id: &str) -> Partition {
+    (profile_hash(profile_id) % u64::from(PARTITIONS)) as Partition
+}
+
+/// The profile id's 64-bit FNV-1a hash: stable across builds and machines.
+pub fn profile_hash(profile_id: &str) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let hash = profile_id.bytes().fold(OFFSET, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME));
-    (hash % u64::from(PARTITIONS)) as Partition
+    profile_id.bytes().fold(OFFSET, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME))
 }
 
 #[cfg(test)]

@@ -15,21 +15,49 @@ use tokio::sync::watch;
 
 const _: () = assert!(PARTITIONS as u32 == u64::BITS, "one bit per virtual partition");
 
-/// The partitions owned, one bit each, and how many times they changed.
+/// The partitions owned, one bit each, and how many times they changed; and the partitions
+/// being taken (their records applied again before they are owned).
 #[derive(Debug)]
-pub struct Owned(AtomicU64, AtomicU64);
+pub struct Owned(AtomicU64, AtomicU64, AtomicU64);
 
 impl Owned {
     pub fn all() -> Owned {
-        Owned(AtomicU64::new(u64::MAX), AtomicU64::new(0))
+        Owned(AtomicU64::new(u64::MAX), AtomicU64::new(0), AtomicU64::new(0))
     }
 
     pub fn none() -> Owned {
-        Owned(AtomicU64::new(0), AtomicU64::new(0))
+        Owned(AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0))
     }
 
     pub fn of(partitions: impl IntoIterator<Item = Partition>) -> Owned {
-        Owned(AtomicU64::new(mask(partitions)), AtomicU64::new(0))
+        Owned(AtomicU64::new(mask(partitions)), AtomicU64::new(0), AtomicU64::new(0))
+    }
+
+    /// Marks `partitions` as being taken: their records are applied again here, as their
+    /// owner's, and what that decides for their profiles (a merge into one, a claim of one
+    /// overtaken) is this engine's to apply and log, though events for them are not taken live
+    /// until they are owned ([`Owned::add`]) or given up ([`Owned::stop_taking`]).
+    pub fn start_taking(&self, partitions: &[Partition]) {
+        self.2.fetch_or(mask(partitions.iter().copied()), Ordering::SeqCst);
+    }
+
+    pub fn stop_taking(&self, partitions: &[Partition]) {
+        self.2.fetch_and(!mask(partitions.iter().copied()), Ordering::SeqCst);
+    }
+
+    /// The partitions being taken.
+    pub fn taking(&self) -> Vec<Partition> {
+        (0..PARTITIONS).filter(|p| self.2.load(Ordering::SeqCst) & (1 << p) != 0).collect()
+    }
+
+    /// Whether the partition is owned or being taken: its work is this engine's to apply and log.
+    pub fn applies(&self, partition: Partition) -> bool {
+        (self.0.load(Ordering::SeqCst) | self.2.load(Ordering::SeqCst)) & (1 << partition) != 0
+    }
+
+    /// Whether the profile's partition is owned or being taken.
+    pub fn applies_profile(&self, profile_id: &str) -> bool {
+        self.applies(starling_log::partition_of(profile_id))
     }
 
     /// How many times a partition was added or removed: unchanged between two reads, the
@@ -57,14 +85,18 @@ impl Owned {
         self.0.load(Ordering::SeqCst) == u64::MAX
     }
 
+    /// Owns the partition (taken: no longer being taken).
     pub fn add(&self, partition: Partition) {
         self.1.fetch_add(1, Ordering::SeqCst);
         self.0.fetch_or(1 << partition, Ordering::SeqCst);
+        self.2.fetch_and(!(1 << partition), Ordering::SeqCst);
     }
 
+    /// Neither owns nor takes the partition any more.
     pub fn remove(&self, partition: Partition) {
         self.1.fetch_add(1, Ordering::SeqCst);
         self.0.fetch_and(!(1 << partition), Ordering::SeqCst);
+        self.2.fetch_and(!(1 << partition), Ordering::SeqCst);
     }
 
     /// One bit per partition owned.
@@ -256,6 +288,7 @@ impl Taker {
             after.push((partition, position));
         }
         let entries = ingest.read_after(after).await.map_err(|e| e.to_string())?;
+        tracing::debug!(records = entries.len(), first = ?entries.first().map(|e| e.position), last = ?entries.last().map(|e| e.position), "DBG take replays");
         ingest.take_over(&entries).await.map_err(|e| e.to_string())?;
         // Written, so that the merges sent next (see `Ingest::send_handed_over`) read the
         // profiles they absorb as the records left them.
@@ -285,5 +318,10 @@ mod tests {
         owned.add(1);
         owned.remove(5);
         assert_eq!(owned.partitions(), vec![0, 1, 63]);
+        owned.start_taking(&[7, 8]);
+        assert!(owned.applies(7) && !owned.owns(7) && owned.applies(0) && !owned.applies(9));
+        owned.add(7);
+        owned.remove(8);
+        assert!(owned.taking().is_empty() && owned.owns(7) && !owned.applies(8));
     }
 }

@@ -1460,6 +1460,27 @@ struct Claim {
 /// so that it is named alike however it was decided (an id found linked, a claim that lost at
 /// its write, a claim overtaken later), live or when the log is applied again; the survivor's
 /// partition applies a merge of one name once.
+/// The merge of a profile whose claim on an id lost to `owner`'s (see [`Overtaken`]).
+fn lost_claim_merge(
+    directory: &Directory,
+    claim: &IdentityLink,
+    owner: &str,
+    position: Option<Position>,
+) -> MergeRequest {
+    let mut merge = MergeRequest {
+        survivor: directory.profile_of(owner),
+        absorbed: claim.profile_id.clone(),
+        via: claim.visitor_id.clone(),
+        attribute: claim.attribute.clone().unwrap_or_default(),
+        event_id: claim.event_id.clone(),
+        origin: None,
+        absorbed_state: None,
+        merged_first: None,
+    };
+    merge.origin = position.map(|position| merge_origin(position, &merge));
+    merge
+}
+
 fn merge_origin(position: Position, merge: &MergeRequest) -> String {
     let digest = Sha256::digest(format!("{}\u{1f}{}", merge.via, merge.absorbed).as_bytes());
     format!("{position}.{}", hex::encode(&digest[..8]))
@@ -1683,7 +1704,7 @@ impl Worker {
         // batch that fails is forgotten with all this worker holds in memory, and only this
         // node's own records are applied again (see `recover`), so what it followed must be in
         // SQLite already. What its own live batches applied may wait: the log holds it.
-        if batch[0].reads_committed() || (replayed.is_none() && self.follows_others() && self.pending.replayed) {
+        if batch[0].reads_committed() || (replayed.is_none() && self.spread() && self.pending.replayed) {
             self.materialize(conn, &mut []);
         }
         let outcome = match self.refusal(batch[0].reads_committed()) {
@@ -1723,11 +1744,11 @@ impl Worker {
         }
     }
 
-    /// Whether this engine applies, besides its own partitions' work, records other nodes
-    /// wrote (a spread node owning some partitions, not all).
-    fn follows_others(&self) -> bool {
-        let owned = &self.shared.owned;
-        !owned.is_all() && !owned.is_none()
+    /// Whether this engine is a node whose partitions are spread over the nodes (owning some,
+    /// all, or for a moment none of them): of the records other nodes write, it applies only
+    /// what they changed of the ids.
+    fn spread(&self) -> bool {
+        self.shared.elsewhere.is_some()
     }
 
     /// The last position of `partition` this worker applied (written to SQLite or not).
@@ -1750,7 +1771,7 @@ impl Worker {
         // On a node following others, a live batch after no followed record held in memory
         // starts from a state SQLite holds for the other nodes' partitions: if it fails, only
         // this node's own records are derived again (otherwise everything is).
-        let own_records_only = replayed.is_none() && self.follows_others() && !self.pending.replayed;
+        let own_records_only = replayed.is_none() && self.spread() && !self.pending.replayed;
         let mut p = std::mem::take(&mut self.pending);
         p.batch_start = p.effects.writes.len();
         p.urgent = false;
@@ -1910,7 +1931,7 @@ impl Worker {
         self.stored = stored.clone();
         let after: Vec<(Partition, Position)> = (0..starling_log::PARTITIONS)
             .filter(|vp| *vp as usize % self.partitions == self.index)
-            .filter(|vp| !owned_only || self.shared.owned.owns(*vp))
+            .filter(|vp| !owned_only || self.shared.owned.applies(*vp))
             .map(|vp| (vp, stored.get(&vp).copied().unwrap_or(0)))
             .collect();
         let mut entries = Vec::new();
@@ -1972,7 +1993,7 @@ impl Worker {
     /// record in the absorbed profile's partition; the survivor's owner applies it when it
     /// follows the record. The merge stays in `handed_over` (sent again at start) until then.
     fn hand_to_other_nodes(&mut self) {
-        if self.shared.elsewhere.is_none()
+        if !self.spread()
             || self.pending.since.is_some()
             || self.materialized.replaying.load(Ordering::SeqCst)
             || self.pending.merges.is_empty()
@@ -1988,10 +2009,13 @@ impl Worker {
         let mut records = Vec::new();
         {
             let writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            for (_, _, merge) in merges.iter_mut().filter(|(_, _, m)| m.absorbed_state.is_none()) {
+            // The absorbed profile's state as this node holds it now: a state kept with the merge
+            // earlier may lack what a partition taken since applied again; one this node no
+            // longer holds is carried as kept.
+            for (_, _, merge) in merges.iter_mut() {
                 let state = (|| -> Result<Option<Absorbed>, StoreError> {
                     let Some(profile) = starling_store::load_profile(&writer, &merge.absorbed)? else {
-                        return Ok(None);
+                        return Ok(merge.absorbed_state.take().map(|state| *state));
                     };
                     let events = starling_store::profile_events(&writer, &merge.absorbed)?;
                     let memberships = starling_store::memberships_of(&writer, &merge.absorbed)?;
@@ -2079,14 +2103,28 @@ impl Worker {
         // given up: the records after it find the profiles as they were left (independent
         // records applied side by side claim an id in another order than first written).
         let overtaking = self.replaying.map(|_| 0);
-        // On a spread node, another node's profile whose claim was overtaken is that node's to
-        // merge (it follows the claim that overtook it).
-        let spread = !self.shared.owned.is_all() && !self.shared.owned.is_none();
+        // On a spread node, a profile whose claim was overtaken is merged by the node owning
+        // its partition: this one if it owns or takes it. Otherwise the merge is kept, and the
+        // partition's next taker hands it on (see `Ingest::hand_kept`): the owner may be another
+        // node (which follows the claim that overtook it, and names the merge alike), or none
+        // for the moment (this node's lease lapsed).
+        let spread = self.shared.elsewhere.is_some();
         let owned = self.shared.owned.clone();
-        let overtaken =
-            pending.overtaken.drain(..).filter(|o| !spread || owned.owns_profile(&o.claim.profile_id)).map(|o| {
-                (overtaking, worker_of(&o.claim.profile_id, self.partitions), Work::Overtaken(o), Source::Client)
-            });
+        let (overtaken, kept): (Vec<Overtaken>, Vec<Overtaken>) =
+            pending.overtaken.drain(..).partition(|o| !spread || owned.applies_profile(&o.claim.profile_id));
+        let overtaken = overtaken.into_iter().map(|o| {
+            (overtaking, worker_of(&o.claim.profile_id, self.partitions), Work::Overtaken(o), Source::Client)
+        });
+        if !kept.is_empty() {
+            let writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for o in &kept {
+                let merge = lost_claim_merge(&self.directory, &o.claim, &o.winner, Some(o.position));
+                let (origin, request) = (merge.origin.clone().unwrap_or_default(), serde_json::to_string(&merge));
+                if let Err(e) = starling_store::keep_handed_over(&writer, &origin, &request.expect("merges serialize")) {
+                    tracing::error!(partition = self.index, "keeping the merge of a claim overtaken: {e}");
+                }
+            }
+        }
         // Events a replayed record forwards are applied as part of it, at its time.
         let replay = self.replaying.map(|r| ReplayOf { handed: true, ..r });
         for (job, to, work, source) in merges.collect::<Vec<_>>().into_iter().chain(forwards).chain(overtaken) {
@@ -2207,7 +2245,7 @@ impl Worker {
                         // twice; until then it goes to that profile, as it first did.
                         let pid = match replayed {
                             Some((partition, _))
-                                if self.shared.elsewhere.is_some() && starling_log::partition_of(&pid) != partition =>
+                                if self.spread() && starling_log::partition_of(&pid) != partition =>
                             {
                                 match starling_store::resolve_identity(conn, &event.visitor_id)? {
                                     Some(holder) if starling_log::partition_of(&holder) == partition => holder,
@@ -2220,7 +2258,7 @@ impl Worker {
                             _ => pid,
                         };
                         if replayed.is_none()
-                            && self.shared.elsewhere.is_some()
+                            && self.spread()
                             && !self.shared.owned.owns_profile(&pid)
                         {
                             // Applied here before its profile merged into another node's (which
@@ -2339,10 +2377,27 @@ impl Worker {
                 }
                 Work::Merge(request) => {
                     let request = request.clone();
+                    // Sent while the survivor's partition was this node's, which it is no longer
+                    // (its lease lapsed): it could not be logged. Kept, it is sent again when the
+                    // partition is taken (here or by another node).
+                    if replayed.is_none() && self.spread() && !self.shared.owned.applies_profile(&request.survivor) {
+                        tracing::debug!(origin = ?request.origin, "a merge for a partition no longer owned is left kept");
+                        reports.push(report);
+                        continue;
+                    }
                     let applied = match &request.origin {
                         Some(origin) => p.handoffs.contains(origin) || starling_store::handoff_applied(conn, origin)?,
                         None => false,
                     };
+                    tracing::debug!(
+                        origin = ?request.origin,
+                        absorbed = %request.absorbed,
+                        replaying = ?self.replaying.map(|r| r.position),
+                        applied,
+                        merged_first = ?request.merged_first,
+                        state = request.absorbed_state.is_some(),
+                        "DBG merge work"
+                    );
                     if !applied {
                         p.draft(j, &request.survivor, |_| false, || Draft::Merge(request.clone()));
                         let (origin, request_survivor) = (request.origin.clone(), request.survivor.clone());
@@ -2358,7 +2413,7 @@ impl Worker {
                 }
                 Work::Overtaken(overtaken) => {
                     let Overtaken { claim, winner, position } = overtaken.clone();
-                    let merge = self.lost_claim_merge(&claim, &winner, Some(position));
+                    let merge = lost_claim_merge(&self.directory, &claim, &winner, Some(position));
                     p.merges.push((None, Cause::Record(Some(position)), merge));
                     self.lost_claim(conn, p, claim, winner)?;
                     p.urgent = true;
@@ -2408,6 +2463,16 @@ impl Worker {
                 }
                 Work::Hand(merges) => {
                     p.urgent = true;
+                    // From the hand record on, the absorbed profile's ids go to the survivor (an
+                    // event applied here after its state is read would not go with it).
+                    for merge in merges.iter() {
+                        let mut ids: BTreeSet<String> =
+                            starling_store::ids_of(conn, &merge.absorbed)?.into_iter().collect();
+                        ids.extend(self.directory.stitched_into(&merge.absorbed));
+                        ids.insert(merge.absorbed.clone());
+                        p.leaving.insert(merge.absorbed.clone());
+                        p.directory.extend(ids.into_iter().map(|id| (id, merge.survivor.clone())));
+                    }
                     p.merges.extend(std::mem::take(merges).into_iter().map(|m| (None, Cause::Record(None), m)));
                 }
                 Work::Restore { partition, snapshot, position, done } => {
@@ -2495,8 +2560,12 @@ impl Worker {
                     false => vec![position; p.drafts.len()],
                 }
             }
-            None if p.drafts.is_empty() || self.shared.owned.is_none() => Vec::new(),
-            None if let Some((_, partition, _)) = p.drafts.iter().find(|(_, vp, _)| !self.shared.owned.owns(*vp)) => {
+            // A standby logs nothing of its own; a spread node that owns nothing at the moment
+            // (its leases lapsed) writes nothing it could not log.
+            None if p.drafts.is_empty() || (self.shared.owned.is_none() && !self.spread()) => {
+                Vec::new()
+            }
+            None if let Some((_, partition, _)) = p.drafts.iter().find(|(_, vp, _)| !self.shared.owned.applies(*vp)) => {
                 return Err(BatchError::Log(starling_log::LogError::Remote(format!(
                     "partition {partition} is another node's: its records are that node's to write"
                 ))));
@@ -2518,6 +2587,11 @@ impl Worker {
                     inflight.store(self.shared.log.next_position(), Ordering::SeqCst);
                 }
                 let appended = self.shared.log.append(&records)?;
+                for ((_, vp, draft), position) in p.drafts.iter().zip(&appended) {
+                    if let Draft::Merge(m) = draft {
+                        tracing::debug!(partition = vp, position, absorbed = %m.absorbed, "DBG merge record appended");
+                    }
+                }
                 if let Some(first) = appended.iter().min() {
                     self.shared.lanes.durable.appended(*first);
                 }
@@ -2630,7 +2704,7 @@ impl Worker {
                         ClaimWritten::Lost(owner) => {
                             // Merged into the owner's profile, as if the link had been seen
                             // before the claim.
-                            let merge = self.lost_claim_merge(&claim.link, &owner, claim.cause.position());
+                            let merge = lost_claim_merge(&self.directory, &claim.link, &owner, claim.cause.position());
                             let job = (index >= p.batch_start).then_some(claim.job);
                             handed_over.push((job, claim.cause, merge));
                             lost_claims.push((claim.link.clone(), owner));
@@ -2800,20 +2874,6 @@ impl Worker {
 
     /// The merge of the profile whose claim (made by the record at `position`) lost into the
     /// `owner` of the id.
-    fn lost_claim_merge(&self, claim: &IdentityLink, owner: &str, position: Option<Position>) -> MergeRequest {
-        let mut merge = MergeRequest {
-            survivor: self.directory.profile_of(owner),
-            absorbed: claim.profile_id.clone(),
-            via: claim.visitor_id.clone(),
-            attribute: claim.attribute.clone().unwrap_or_default(),
-            event_id: claim.event_id.clone(),
-            origin: None,
-            absorbed_state: None,
-            merged_first: None,
-        };
-        merge.origin = position.map(|position| merge_origin(position, &merge));
-        merge
-    }
 
     /// Another partition linked the id this batch's profile claimed, first: the profile is
     /// merged into that one, as if the link had been seen before the claim.
@@ -2867,7 +2927,7 @@ impl Worker {
         // Spread, an id routed to another profile (merged into it on another node, whose
         // merge this node has not applied yet) is linked by the node owning it, and moves with
         // the merge: linked here, it would say the merge was applied.
-        if visitor != profile && self.shared.elsewhere.is_some() {
+        if visitor != profile && self.spread() {
             return Ok(());
         }
         match starling_store::resolve_identity(conn, visitor)? {
@@ -3091,15 +3151,16 @@ impl Worker {
         ids.extend(p.links.iter().filter(|(_, o)| **o == absorbed).map(|(id, _)| id.clone()));
         ids.extend(self.directory.stitched_into(&absorbed));
         ids.insert(absorbed.clone());
-        let owned = &self.shared.owned;
-        let spread = !owned.is_all() && !owned.is_none();
-        if worker_of(&survivor, self.partitions) != self.index || (spread && !owned.owns_profile(&survivor)) {
+        // Spread, the survivor is this node's to merge into if it owns the survivor's partition
+        // or is taking it.
+        let ours = self.shared.owned.applies_profile(&survivor);
+        if worker_of(&survivor, self.partitions) != self.index || (self.spread() && !ours) {
             // Spread, a record applied again decides no merge the stream holds already (its
             // hand record, kept here, or the survivor's record applying it): the partition
             // taken is replayed on ids ahead of its restored state, and a merge decided again
             // would read the absorbed profile as the replay left it.
             if let Some(replaying) = self.replaying
-                && self.shared.elsewhere.is_some()
+                && self.spread()
             {
                 let origin = merge_origin(replaying.position, &MergeRequest { origin: None, ..request.clone() });
                 if starling_store::handoff_applied(conn, &origin)?
@@ -3462,14 +3523,21 @@ fn trace_steps(
     ]
 }
 
-/// Writes an outbox row, keyed by the log position that decided it and its rank among the
-/// actions that position decided (all written in one transaction, in order).
-fn enqueue(tx: &Batch, write: &Write, per_position: &mut HashMap<Position, usize>) -> Result<(), StoreError> {
+/// Writes an outbox row, keyed by the log position that decided it, its profile and its rank
+/// among the actions that position decided for the profile (all written in one transaction, in
+/// order). Ranked per profile, a key does not depend on what the record did to other profiles,
+/// which a record applied again on a partition taken over may do otherwise (an event whose
+/// profile was merged away since is not applied there).
+fn enqueue(
+    tx: &Batch,
+    write: &Write,
+    per_position: &mut HashMap<(Position, String), usize>,
+) -> Result<(), StoreError> {
     let Write::Enqueue { action, due_ms, condition, cause, partition } = write else { return Ok(()) };
     let origin = cause.position().map(|position| {
-        let n = per_position.entry(position).or_default();
+        let n = per_position.entry((position, action.profile_id.clone())).or_default();
         *n += 1;
-        format!("{position}.{}", *n - 1)
+        format!("{position}.{:016x}.{}", starling_log::profile_hash(&action.profile_id), *n - 1)
     });
     tx.enqueue(action, &action_payload(action), *due_ms, *condition, origin.as_deref(), *partition)?;
     Ok(())

@@ -284,16 +284,16 @@ pub(super) async fn serve(
     let lapsing = tokio::spawn(give_up_lapsed(ownership.clone(), owned.clone(), lease));
     let taking_outcomes = tokio::spawn(take_outcomes(database.clone(), outcome_stream.clone(), owned.clone()));
     let snapshot_every = Duration::from_millis(settings.snapshot_every_ms as u64);
-    let snapshotting = tokio::spawn(snapshots::take_node_snapshots(
-        settings.node.clone(),
-        database.clone(),
-        snapshots.clone(),
-        stream.clone(),
-        ownership.clone(),
-        owned.clone(),
-        snapshot_every,
-        Duration::from_millis(settings.wait_for_absent_ms as u64),
-    ));
+    let snapshotting = tokio::spawn(snapshots::take_node_snapshots(snapshots::NodeSnapshots {
+        node: settings.node.clone(),
+        database: database.clone(),
+        snapshots: snapshots.clone(),
+        stream: stream.clone(),
+        ownership: ownership.clone(),
+        owned: owned.clone(),
+        every: snapshot_every,
+        wait_for_absent: Duration::from_millis(settings.wait_for_absent_ms as u64),
+    }));
 
     let mut placed_rx = placed;
     let mut published = None;
@@ -331,9 +331,12 @@ pub(super) async fn serve(
         let gaining: Vec<Partition> = held.iter().copied().filter(|p| !owned.owns(*p)).collect();
         if !gaining.is_empty() {
             let started = Instant::now();
+            owned.start_taking(&gaining);
             match gain(&log, &taker, &settings.node, &gaining, &snapshots, &database).await {
                 Ok(applied) => {
-                    for &partition in &gaining {
+                    // One whose lease lapsed meanwhile is taken again once it is held again.
+                    let still = owned.taking();
+                    for &partition in gaining.iter().filter(|p| still.contains(p)) {
                         owned.add(partition);
                     }
                     applied_live = owned.bits();
@@ -358,7 +361,10 @@ pub(super) async fn serve(
                         "partitions taken: this node applies and logs them"
                     );
                 }
-                Err(e) => tracing::warn!(partitions = ?gaining, "taking partitions: {e}"),
+                Err(e) => {
+                    owned.stop_taking(&gaining);
+                    tracing::warn!(partitions = ?gaining, "taking partitions: {e}")
+                }
             }
         }
         // The owner of partition 0 publishes the configuration; the others run what it
@@ -420,7 +426,9 @@ async fn give_up_lapsed(ownership: Arc<Ownership>, owned: Arc<Owned>, lease: Dur
             continue;
         }
         let held = ownership.held();
-        let lapsed: Vec<Partition> = owned.partitions().into_iter().filter(|p| !held.contains(p)).collect();
+        // Owned, or being taken (its records are logged as they are applied again).
+        let lapsed: Vec<Partition> =
+            owned.partitions().into_iter().chain(owned.taking()).filter(|p| !held.contains(p)).collect();
         for &partition in &lapsed {
             owned.remove(partition);
         }

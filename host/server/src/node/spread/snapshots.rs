@@ -14,19 +14,25 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// What a spread node's snapshots are made of and stored in.
+pub(super) struct NodeSnapshots {
+    pub node: String,
+    pub database: PathBuf,
+    pub snapshots: Arc<Snapshots>,
+    pub stream: Arc<EventStream>,
+    pub ownership: Arc<Ownership>,
+    pub owned: Arc<Owned>,
+    /// How often one is stored.
+    pub every: Duration,
+    /// How long the stream keeps records for a node that is away (see
+    /// [`forget_held_everywhere`]).
+    pub wait_for_absent: Duration,
+}
+
 /// Stores this node's snapshot every `every` while it owns partitions; on the owner of
 /// partition 0, has the stream forget what every partition's restore no longer needs.
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn take_node_snapshots(
-    node: String,
-    database: PathBuf,
-    snapshots: Arc<Snapshots>,
-    stream: Arc<EventStream>,
-    ownership: Arc<Ownership>,
-    owned: Arc<Owned>,
-    every: Duration,
-    wait_for_absent: Duration,
-) {
+pub(super) async fn take_node_snapshots(taking: NodeSnapshots) {
+    let NodeSnapshots { node, database, snapshots, stream, ownership, owned, every, wait_for_absent } = taking;
     let name = node_snapshot(&node);
     let mut last = 0;
     let mut forgotten = Vec::new();
@@ -43,7 +49,19 @@ pub(super) async fn take_node_snapshots(
             let usable = ownership.cluster().truncated().await.is_ok_and(|truncated| {
                 truncated.iter().enumerate().all(|(p, before)| covered.of(p as Partition) >= *before)
             });
-            if covered.last() > last && usable && !whole.is_empty() {
+            // The stream may have forgotten a partition's records before this node's last
+            // snapshot of it: that snapshot is not replaced until another holds it as far.
+            let sole = match snapshots.of_nodes().await {
+                Ok(stored) => held_only_here(&stored, &name, &whole),
+                Err(e) => {
+                    tracing::debug!("listing the snapshots: {e}");
+                    vec![Partition::MAX]
+                }
+            };
+            if !sole.is_empty() {
+                tracing::debug!(partitions = ?sole, "this node's snapshot is kept: it alone holds these whole");
+            }
+            if covered.last() > last && usable && !whole.is_empty() && sole.is_empty() {
                 match snapshots.put(&name, &into, &covered, &whole).await {
                     Ok(()) => {
                         last = covered.last();
@@ -80,6 +98,22 @@ fn kept_from(stored: &[NodeSnapshot]) -> Covered {
             })
             .collect(),
     )
+}
+
+/// The partitions snapshot `name` holds whole that a replacement holding only `whole` would
+/// lose: no other snapshot holds them whole as far (the stream may have forgotten their
+/// records before it).
+fn held_only_here(stored: &[NodeSnapshot], name: &str, whole: &[Partition]) -> Vec<Partition> {
+    let Some(previous) = stored.iter().find(|s| s.name == name) else { return Vec::new() };
+    previous
+        .whole
+        .iter()
+        .copied()
+        .filter(|p| !whole.contains(p))
+        .filter(|&p| {
+            !stored.iter().any(|s| s.name != name && s.whole.contains(&p) && s.covered.of(p) >= previous.covered.of(p))
+        })
+        .collect()
 }
 
 /// The snapshot holding partition `p` whole furthest.
@@ -138,5 +172,27 @@ mod tests {
         assert_eq!(kept.of(2), 0, "no snapshot holds it whole");
         assert_eq!(holding(&stored, 1).map(|s| s.name.as_str()), Some("node.b"));
         assert!(holding(&stored, 2).is_none());
+    }
+
+    #[test]
+    fn a_snapshot_is_not_replaced_by_one_losing_a_partition_only_it_holds_whole() {
+        let stored = [
+            snapshot("node.a", &[(0, 40), (1, 10), (2, 12)], &[0, 2]),
+            snapshot("node.b", &[(0, 30), (1, 50), (2, 20)], &[1]),
+        ];
+        assert_eq!(held_only_here(&stored, "node.a", &[0]), vec![2], "no other snapshot holds 2 whole");
+        assert!(held_only_here(&stored, "node.a", &[0, 2]).is_empty());
+        assert_eq!(held_only_here(&stored, "node.b", &[]), vec![1]);
+        let taken = [
+            snapshot("node.a", &[(0, 40), (2, 12)], &[0, 2]),
+            snapshot("node.b", &[(0, 30), (1, 50), (2, 20)], &[1, 2]),
+        ];
+        assert!(held_only_here(&taken, "node.a", &[0]).is_empty(), "b holds 2 whole further");
+        let behind = [
+            snapshot("node.a", &[(0, 40), (2, 12)], &[0, 2]),
+            snapshot("node.b", &[(0, 30), (1, 50), (2, 8)], &[1, 2]),
+        ];
+        assert_eq!(held_only_here(&behind, "node.a", &[0]), vec![2], "b's copy of 2 is older than a's");
+        assert!(held_only_here(&stored, "node.c", &[]).is_empty(), "a node's first snapshot replaces nothing");
     }
 }

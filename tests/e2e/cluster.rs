@@ -1142,9 +1142,8 @@ async fn spread_nodes_lose_nothing_when_the_stream_leader_dies() {
     let _heavy = harness::exclusive().await;
     let mut nats = LocalNats::start(3).unwrap();
     let receiver = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap().keep();
-    std::fs::write("/tmp/lose-dir", dir.to_str().unwrap()).unwrap();
-    let (a, b) = spread_pair(&dir, &nats, &receiver).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = spread_pair(dir.path(), &nats, &receiver).await;
     let through_a = loadgen(&a, "ta", 2_000, 0.5).await;
     let through_b = loadgen(&b, "tb", 2_000, 0.5).await;
     tokio::time::sleep(Duration::from_millis(1_000)).await;

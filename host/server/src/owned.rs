@@ -288,7 +288,6 @@ impl Taker {
             after.push((partition, position));
         }
         let entries = ingest.read_after(after).await.map_err(|e| e.to_string())?;
-        tracing::debug!(records = entries.len(), first = ?entries.first().map(|e| e.position), last = ?entries.last().map(|e| e.position), "DBG take replays");
         ingest.take_over(&entries).await.map_err(|e| e.to_string())?;
         // Written, so that the merges sent next (see `Ingest::send_handed_over`) read the
         // profiles they absorb as the records left them.

@@ -1460,7 +1460,8 @@ struct Claim {
 /// so that it is named alike however it was decided (an id found linked, a claim that lost at
 /// its write, a claim overtaken later), live or when the log is applied again; the survivor's
 /// partition applies a merge of one name once.
-/// The merge of a profile whose claim on an id lost to `owner`'s (see [`Overtaken`]).
+/// The merge of the profile whose claim (made by the record at `position`) lost into the
+/// `owner` of the id (see [`Overtaken`]).
 fn lost_claim_merge(
     directory: &Directory,
     claim: &IdentityLink,
@@ -1572,6 +1573,9 @@ struct Pending {
     overtaken: Vec<Overtaken>,
     /// Profiles whose merge into another partition's profile is sent after commit.
     leaving: HashSet<String>,
+    /// Events a merge of a pair merged already carried beyond what the survivor holds, for the
+    /// survivor (see [`Worker::merge`]).
+    late: Vec<(String, Event)>,
     /// Unstitch results, sent after commit.
     unstitched: Vec<(oneshot::Sender<Result<serde_json::Value, String>>, serde_json::Value)>,
     /// Trace steps for traced visitors (the ids they are traced by), sent after commit.
@@ -2112,15 +2116,16 @@ impl Worker {
         let owned = self.shared.owned.clone();
         let (overtaken, kept): (Vec<Overtaken>, Vec<Overtaken>) =
             pending.overtaken.drain(..).partition(|o| !spread || owned.applies_profile(&o.claim.profile_id));
-        let overtaken = overtaken.into_iter().map(|o| {
-            (overtaking, worker_of(&o.claim.profile_id, self.partitions), Work::Overtaken(o), Source::Client)
-        });
+        let overtaken = overtaken
+            .into_iter()
+            .map(|o| (overtaking, worker_of(&o.claim.profile_id, self.partitions), Work::Overtaken(o), Source::Client));
         if !kept.is_empty() {
             let writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             for o in &kept {
                 let merge = lost_claim_merge(&self.directory, &o.claim, &o.winner, Some(o.position));
                 let (origin, request) = (merge.origin.clone().unwrap_or_default(), serde_json::to_string(&merge));
-                if let Err(e) = starling_store::keep_handed_over(&writer, &origin, &request.expect("merges serialize")) {
+                if let Err(e) = starling_store::keep_handed_over(&writer, &origin, &request.expect("merges serialize"))
+                {
                     tracing::error!(partition = self.index, "keeping the merge of a claim overtaken: {e}");
                 }
             }
@@ -2244,9 +2249,7 @@ impl Worker {
                         // moved the profile carried the event with it, and it is not applied
                         // twice; until then it goes to that profile, as it first did.
                         let pid = match replayed {
-                            Some((partition, _))
-                                if self.spread() && starling_log::partition_of(&pid) != partition =>
-                            {
+                            Some((partition, _)) if self.spread() && starling_log::partition_of(&pid) != partition => {
                                 match starling_store::resolve_identity(conn, &event.visitor_id)? {
                                     Some(holder) if starling_log::partition_of(&holder) == partition => holder,
                                     None if starling_log::partition_of(&event.visitor_id) == partition => {
@@ -2257,10 +2260,7 @@ impl Worker {
                             }
                             _ => pid,
                         };
-                        if replayed.is_none()
-                            && self.spread()
-                            && !self.shared.owned.owns_profile(&pid)
-                        {
+                        if replayed.is_none() && self.spread() && !self.shared.owned.owns_profile(&pid) {
                             // Applied here before its profile merged into another node's (which
                             // the merge carried it to): sent again, it is a duplicate.
                             if let Some(key) = event.dedup_key()
@@ -2389,15 +2389,6 @@ impl Worker {
                         Some(origin) => p.handoffs.contains(origin) || starling_store::handoff_applied(conn, origin)?,
                         None => false,
                     };
-                    tracing::debug!(
-                        origin = ?request.origin,
-                        absorbed = %request.absorbed,
-                        replaying = ?self.replaying.map(|r| r.position),
-                        applied,
-                        merged_first = ?request.merged_first,
-                        state = request.absorbed_state.is_some(),
-                        "DBG merge work"
-                    );
                     if !applied {
                         p.draft(j, &request.survivor, |_| false, || Draft::Merge(request.clone()));
                         let (origin, request_survivor) = (request.origin.clone(), request.survivor.clone());
@@ -2542,6 +2533,19 @@ impl Worker {
                     let _ = done.send(result);
                 }
             }
+            // Events a merge carried beyond what the survivor held (see `Worker::merge`), as
+            // part of the work that merged.
+            for (survivor, event) in std::mem::take(&mut p.late) {
+                let profile = load(&model, &mut self.cache, conn, &mut p.touched, now, &survivor)?;
+                let outcome = apply_event(&model, profile, &event, &mut enrichers);
+                p.seen.extend(event.dedup_key());
+                p.effects.writes.push(Write::Event {
+                    event: HistoryEvent::Taken(event),
+                    profile: survivor.clone(),
+                    now_ms: now,
+                });
+                p.effects.record(conn, &model, &survivor, outcome, now)?;
+            }
             reports.push(report);
         }
 
@@ -2562,10 +2566,10 @@ impl Worker {
             }
             // A standby logs nothing of its own; a spread node that owns nothing at the moment
             // (its leases lapsed) writes nothing it could not log.
-            None if p.drafts.is_empty() || (self.shared.owned.is_none() && !self.spread()) => {
-                Vec::new()
-            }
-            None if let Some((_, partition, _)) = p.drafts.iter().find(|(_, vp, _)| !self.shared.owned.applies(*vp)) => {
+            None if p.drafts.is_empty() || (self.shared.owned.is_none() && !self.spread()) => Vec::new(),
+            None if let Some((_, partition, _)) =
+                p.drafts.iter().find(|(_, vp, _)| !self.shared.owned.applies(*vp)) =>
+            {
                 return Err(BatchError::Log(starling_log::LogError::Remote(format!(
                     "partition {partition} is another node's: its records are that node's to write"
                 ))));
@@ -2587,11 +2591,6 @@ impl Worker {
                     inflight.store(self.shared.log.next_position(), Ordering::SeqCst);
                 }
                 let appended = self.shared.log.append(&records)?;
-                for ((_, vp, draft), position) in p.drafts.iter().zip(&appended) {
-                    if let Draft::Merge(m) = draft {
-                        tracing::debug!(partition = vp, position, absorbed = %m.absorbed, "DBG merge record appended");
-                    }
-                }
                 if let Some(first) = appended.iter().min() {
                     self.shared.lanes.durable.appended(*first);
                 }
@@ -2871,9 +2870,6 @@ impl Worker {
         p.gone.clear();
         p.moved.clear();
     }
-
-    /// The merge of the profile whose claim (made by the record at `position`) lost into the
-    /// `owner` of the id.
 
     /// Another partition linked the id this batch's profile claimed, first: the profile is
     /// merged into that one, as if the link had been seen before the claim.
@@ -3217,6 +3213,14 @@ impl Worker {
             // a restart): the absorbed profile's own id is the survivor's.
             if self.owner_of(conn, p, &absorbed)?.as_deref() == Some(survivor.as_str()) {
                 tracing::debug!(absorbed = %pseudonym(&absorbed), survivor = %pseudonym(&survivor), "merged already");
+                // The pair merged from an earlier state of the absorbed profile (a partition
+                // taken applied its records again, deciding the merge a second time on a later
+                // event): the events this state carries beyond it go to the survivor.
+                if let Some(state) = &request.absorbed_state {
+                    let held = self.history_ids(conn, p, &survivor)?;
+                    let beyond = state.events.iter().filter(|e| e.id.as_ref().is_some_and(|id| !held.contains(id)));
+                    p.late.extend(beyond.map(|e| (survivor.clone(), e.clone())));
+                }
                 return Ok(true);
             }
             tracing::warn!(absorbed = %pseudonym(&absorbed), survivor = %pseudonym(&survivor), "nothing to merge: profile not found");
@@ -3268,6 +3272,30 @@ impl Worker {
         p.absorbed.insert(absorbed.clone());
         p.gone.insert(absorbed);
         Ok(true)
+    }
+
+    /// The ids of the events in `profile`'s history, stored or carried to it in this batch.
+    fn history_ids(
+        &self,
+        conn: &rusqlite::Connection,
+        p: &Pending,
+        profile: &str,
+    ) -> Result<HashSet<String>, StoreError> {
+        let mut ids: HashSet<String> =
+            starling_store::profile_events(conn, profile)?.into_iter().filter_map(|e| e.id).collect();
+        for write in &p.effects.writes {
+            match write {
+                Write::Adopt { survivor, state } if survivor == profile => {
+                    ids.extend(state.events.iter().filter_map(|e| e.id.clone()))
+                }
+                Write::Event { event: HistoryEvent::Taken(event), profile: to, .. } if to == profile => {
+                    ids.extend(event.id.clone())
+                }
+                _ => {}
+            }
+        }
+        ids.extend(p.late.iter().filter(|(to, _)| to == profile).filter_map(|(_, e)| e.id.clone()));
+        Ok(ids)
     }
 
     /// Applies a change another node's record made to the ids (see [`Carried`]): the profile
@@ -3528,11 +3556,7 @@ fn trace_steps(
 /// order). Ranked per profile, a key does not depend on what the record did to other profiles,
 /// which a record applied again on a partition taken over may do otherwise (an event whose
 /// profile was merged away since is not applied there).
-fn enqueue(
-    tx: &Batch,
-    write: &Write,
-    per_position: &mut HashMap<(Position, String), usize>,
-) -> Result<(), StoreError> {
+fn enqueue(tx: &Batch, write: &Write, per_position: &mut HashMap<(Position, String), usize>) -> Result<(), StoreError> {
     let Write::Enqueue { action, due_ms, condition, cause, partition } = write else { return Ok(()) };
     let origin = cause.position().map(|position| {
         let n = per_position.entry((position, action.profile_id.clone())).or_default();
@@ -4120,6 +4144,57 @@ mod tests {
         assert!(a.profile(&second).is_none() && b.profile(&first).is_none(), "no copies");
         a.stop();
         b.stop();
+    }
+
+    /// One pair merged twice, from two states of the absorbed profile (a node taking its
+    /// partition decided the merge again on a later event, applied to the absorbed profile as it
+    /// first was): the survivor takes the events the later state carries beyond the earlier.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_merge_of_a_pair_brings_the_events_the_first_lacked() {
+        let ids = (0..).map(|i| format!("visitor-{i}"));
+        let survivor = ids.clone().next().unwrap();
+        let absorbed =
+            ids.skip(1).find(|id| starling_log::partition_of(id) != starling_log::partition_of(&survivor)).unwrap();
+        let with_id = |visitor: &str, n: i64| Event { id: Some(format!("e-{n}")), ..event(visitor, n) };
+        // The absorbed profile as the node owning it held it, after one event, then two.
+        let other = Running::start(2, Arc::new(starling_log::MemoryLog::new()), false);
+        let mut states = Vec::new();
+        for n in 0..2 {
+            other.ingest.submit(vec![with_id(&absorbed, n)]).await.unwrap();
+            other.ingest.materialize().await.unwrap();
+            let conn = starling_store::open(&other.database).unwrap();
+            let events = starling_store::profile_events(&conn, &absorbed).unwrap();
+            states.push(Absorbed { profile: other.profile(&absorbed).unwrap(), events, memberships: Vec::new() });
+        }
+        other.stop();
+        let log = Arc::new(starling_log::MemoryLog::new());
+        let node = Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
+        node.owned.add(starling_log::partition_of(&survivor));
+        node.ingest.submit(vec![with_id(&survivor, 10)]).await.unwrap();
+        node.ingest.materialize().await.unwrap();
+        for (record, state) in (100..).zip(states) {
+            let mut merge = MergeRequest {
+                survivor: survivor.clone(),
+                absorbed: absorbed.clone(),
+                via: "b58996c504c5638798eb6b511e6f49af".into(),
+                attribute: "email_hash".into(),
+                event_id: None,
+                origin: None,
+                absorbed_state: Some(Box::new(state)),
+                merged_first: None,
+            };
+            merge.origin = Some(merge_origin(record, &merge));
+            log.append(&[(starling_log::partition_of(&absorbed), &hand_record(&merge))]).unwrap();
+        }
+        follow_others(&node).await;
+        node.ingest.materialize().await.unwrap();
+        let merged = node.profile(&survivor).unwrap();
+        assert_eq!(merged.event_count, 3, "its own, the first state's, and the one only the second carried");
+        let conn = starling_store::open(&node.database).unwrap();
+        let history: Vec<_> =
+            starling_store::profile_events(&conn, &survivor).unwrap().into_iter().filter_map(|e| e.id).collect();
+        assert_eq!(history, ["e-0", "e-1", "e-10"]);
+        node.stop();
     }
 
     /// A record applied a second time (a read that visited it twice, a batch applied again

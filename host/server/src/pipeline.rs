@@ -2400,6 +2400,28 @@ impl Worker {
                             let partition = starling_log::partition_of(&request_survivor);
                             p.effects.writes.push(Write::Handoff(origin, partition));
                         }
+                    } else if self.spread()
+                        && let Some(state) = &request.absorbed_state
+                    {
+                        // Applied already, from another state of the absorbed profile (a node
+                        // taking its partition handed it on again from there): what this state
+                        // carries beyond the survivor's history goes to the survivor.
+                        let survivor = self.follow(p, &self.directory.profile_of(&request.survivor));
+                        if worker_of(&survivor, self.partitions) == self.index
+                            && self.shared.owned.applies_profile(&survivor)
+                        {
+                            let held = self.history_ids(conn, p, &survivor)?;
+                            let beyond: Vec<Event> = state
+                                .events
+                                .iter()
+                                .filter(|e| e.id.as_ref().is_some_and(|id| !held.contains(id)))
+                                .cloned()
+                                .collect();
+                            if !beyond.is_empty() {
+                                p.draft(j, &survivor, |_| false, || Draft::Merge(request.clone()));
+                                p.late.extend(beyond.into_iter().map(|e| (survivor.clone(), e)));
+                            }
+                        }
                     }
                 }
                 Work::Overtaken(overtaken) => {
@@ -4148,7 +4170,8 @@ mod tests {
 
     /// One pair merged twice, from two states of the absorbed profile (a node taking its
     /// partition decided the merge again on a later event, applied to the absorbed profile as it
-    /// first was): the survivor takes the events the later state carries beyond the earlier.
+    /// first was), then the first merge handed on again from a third state: the survivor takes
+    /// the events each later state carries beyond what it holds.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_second_merge_of_a_pair_brings_the_events_the_first_lacked() {
         let ids = (0..).map(|i| format!("visitor-{i}"));
@@ -4159,7 +4182,7 @@ mod tests {
         // The absorbed profile as the node owning it held it, after one event, then two.
         let other = Running::start(2, Arc::new(starling_log::MemoryLog::new()), false);
         let mut states = Vec::new();
-        for n in 0..2 {
+        for n in 0..3 {
             other.ingest.submit(vec![with_id(&absorbed, n)]).await.unwrap();
             other.ingest.materialize().await.unwrap();
             let conn = starling_store::open(&other.database).unwrap();
@@ -4172,7 +4195,7 @@ mod tests {
         node.owned.add(starling_log::partition_of(&survivor));
         node.ingest.submit(vec![with_id(&survivor, 10)]).await.unwrap();
         node.ingest.materialize().await.unwrap();
-        for (record, state) in (100..).zip(states) {
+        for (record, state) in [100, 101, 100].into_iter().zip(states) {
             let mut merge = MergeRequest {
                 survivor: survivor.clone(),
                 absorbed: absorbed.clone(),
@@ -4189,11 +4212,11 @@ mod tests {
         follow_others(&node).await;
         node.ingest.materialize().await.unwrap();
         let merged = node.profile(&survivor).unwrap();
-        assert_eq!(merged.event_count, 3, "its own, the first state's, and the one only the second carried");
+        assert_eq!(merged.event_count, 4, "its own, the first state's, and one more from each later state");
         let conn = starling_store::open(&node.database).unwrap();
         let history: Vec<_> =
             starling_store::profile_events(&conn, &survivor).unwrap().into_iter().filter_map(|e| e.id).collect();
-        assert_eq!(history, ["e-0", "e-1", "e-10"]);
+        assert_eq!(history, ["e-0", "e-1", "e-2", "e-10"]);
         node.stop();
     }
 

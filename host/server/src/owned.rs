@@ -18,19 +18,27 @@ const _: () = assert!(PARTITIONS as u32 == u64::BITS, "one bit per virtual parti
 /// The partitions owned, one bit each, and how many times they changed; and the partitions
 /// being taken (their records applied again before they are owned).
 #[derive(Debug)]
-pub struct Owned(AtomicU64, AtomicU64, AtomicU64);
+pub struct Owned {
+    owned: AtomicU64,
+    changes: AtomicU64,
+    taking: AtomicU64,
+}
 
 impl Owned {
     pub fn all() -> Owned {
-        Owned(AtomicU64::new(u64::MAX), AtomicU64::new(0), AtomicU64::new(0))
+        Owned::with(u64::MAX)
     }
 
     pub fn none() -> Owned {
-        Owned(AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0))
+        Owned::with(0)
     }
 
     pub fn of(partitions: impl IntoIterator<Item = Partition>) -> Owned {
-        Owned(AtomicU64::new(mask(partitions)), AtomicU64::new(0), AtomicU64::new(0))
+        Owned::with(mask(partitions))
+    }
+
+    fn with(owned: u64) -> Owned {
+        Owned { owned: AtomicU64::new(owned), changes: AtomicU64::new(0), taking: AtomicU64::new(0) }
     }
 
     /// Marks `partitions` as being taken: their records are applied again here, as their
@@ -38,21 +46,21 @@ impl Owned {
     /// overtaken) is this engine's to apply and log, though events for them are not taken live
     /// until they are owned ([`Owned::add`]) or given up ([`Owned::stop_taking`]).
     pub fn start_taking(&self, partitions: &[Partition]) {
-        self.2.fetch_or(mask(partitions.iter().copied()), Ordering::SeqCst);
+        self.taking.fetch_or(mask(partitions.iter().copied()), Ordering::SeqCst);
     }
 
     pub fn stop_taking(&self, partitions: &[Partition]) {
-        self.2.fetch_and(!mask(partitions.iter().copied()), Ordering::SeqCst);
+        self.taking.fetch_and(!mask(partitions.iter().copied()), Ordering::SeqCst);
     }
 
     /// The partitions being taken.
     pub fn taking(&self) -> Vec<Partition> {
-        (0..PARTITIONS).filter(|p| self.2.load(Ordering::SeqCst) & (1 << p) != 0).collect()
+        (0..PARTITIONS).filter(|p| self.taking.load(Ordering::SeqCst) & (1 << p) != 0).collect()
     }
 
     /// Whether the partition is owned or being taken: its work is this engine's to apply and log.
     pub fn applies(&self, partition: Partition) -> bool {
-        (self.0.load(Ordering::SeqCst) | self.2.load(Ordering::SeqCst)) & (1 << partition) != 0
+        (self.owned.load(Ordering::SeqCst) | self.taking.load(Ordering::SeqCst)) & (1 << partition) != 0
     }
 
     /// Whether the profile's partition is owned or being taken.
@@ -63,11 +71,11 @@ impl Owned {
     /// How many times a partition was added or removed: unchanged between two reads, the
     /// partitions owned were owned all along.
     pub fn changes(&self) -> u64 {
-        self.1.load(Ordering::SeqCst)
+        self.changes.load(Ordering::SeqCst)
     }
 
     pub fn owns(&self, partition: Partition) -> bool {
-        self.0.load(Ordering::SeqCst) & (1 << partition) != 0
+        self.owned.load(Ordering::SeqCst) & (1 << partition) != 0
     }
 
     /// Whether the profile's partition is owned.
@@ -77,31 +85,31 @@ impl Owned {
 
     /// Owns nothing: the engine only follows (a standby).
     pub fn is_none(&self) -> bool {
-        self.0.load(Ordering::SeqCst) == 0
+        self.owned.load(Ordering::SeqCst) == 0
     }
 
     /// Owns every partition.
     pub fn is_all(&self) -> bool {
-        self.0.load(Ordering::SeqCst) == u64::MAX
+        self.owned.load(Ordering::SeqCst) == u64::MAX
     }
 
     /// Owns the partition (taken: no longer being taken).
     pub fn add(&self, partition: Partition) {
-        self.1.fetch_add(1, Ordering::SeqCst);
-        self.0.fetch_or(1 << partition, Ordering::SeqCst);
-        self.2.fetch_and(!(1 << partition), Ordering::SeqCst);
+        self.changes.fetch_add(1, Ordering::SeqCst);
+        self.owned.fetch_or(1 << partition, Ordering::SeqCst);
+        self.taking.fetch_and(!(1 << partition), Ordering::SeqCst);
     }
 
     /// Neither owns nor takes the partition any more.
     pub fn remove(&self, partition: Partition) {
-        self.1.fetch_add(1, Ordering::SeqCst);
-        self.0.fetch_and(!(1 << partition), Ordering::SeqCst);
-        self.2.fetch_and(!(1 << partition), Ordering::SeqCst);
+        self.changes.fetch_add(1, Ordering::SeqCst);
+        self.owned.fetch_and(!(1 << partition), Ordering::SeqCst);
+        self.taking.fetch_and(!(1 << partition), Ordering::SeqCst);
     }
 
     /// One bit per partition owned.
     pub fn bits(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
+        self.owned.load(Ordering::SeqCst)
     }
 
     /// The partitions owned.

@@ -1123,14 +1123,22 @@ impl<'c> Batch<'c> {
         Ok(())
     }
 
+    /// Records `absorbed` as merged into `survivor`, and moves its ids there.
+    fn merged_away(&self, absorbed: &str, survivor: &str) -> Result<()> {
+        self.tx
+            .prepare_cached("INSERT OR REPLACE INTO merged_away (absorbed, survivor) VALUES (?1, ?2)")?
+            .execute([absorbed, survivor])?;
+        self.tx
+            .prepare_cached("UPDATE identities SET profile_id = ?2, claimed_at = NULL WHERE profile_id = ?1")?
+            .execute([absorbed, survivor])?;
+        Ok(())
+    }
+
     /// Moves everything of profile `absorbed` to `survivor`: its ids, event log and memberships
     /// (the survivor's own rows win); then deletes the absorbed profile.
     pub fn merge_profiles(&self, absorbed: &str, survivor: &str) -> Result<()> {
         let tx = &self.tx;
-        tx.prepare_cached("INSERT OR REPLACE INTO merged_away (absorbed, survivor) VALUES (?1, ?2)")?
-            .execute([absorbed, survivor])?;
-        tx.prepare_cached("UPDATE identities SET profile_id = ?2, claimed_at = NULL WHERE profile_id = ?1")?
-            .execute([absorbed, survivor])?;
+        self.merged_away(absorbed, survivor)?;
         tx.prepare_cached("UPDATE events SET profile_id = ?2 WHERE profile_id = ?1")?.execute([absorbed, survivor])?;
         tx.prepare_cached(
             "INSERT OR IGNORE INTO memberships (profile_id, audience, joined_ms)
@@ -1148,10 +1156,7 @@ impl<'c> Batch<'c> {
     /// (a copy) goes.
     pub fn merge_carried(&self, absorbed: &str, survivor: &str) -> Result<()> {
         let tx = &self.tx;
-        tx.prepare_cached("INSERT OR REPLACE INTO merged_away (absorbed, survivor) VALUES (?1, ?2)")?
-            .execute([absorbed, survivor])?;
-        tx.prepare_cached("UPDATE identities SET profile_id = ?2, claimed_at = NULL WHERE profile_id = ?1")?
-            .execute([absorbed, survivor])?;
+        self.merged_away(absorbed, survivor)?;
         for table in ["events", "memberships", "wakeups"] {
             tx.prepare_cached(&format!("DELETE FROM {table} WHERE profile_id = ?1"))?.execute([absorbed])?;
         }

@@ -51,17 +51,20 @@ pub(super) async fn take_node_snapshots(taking: NodeSnapshots) {
             });
             // The stream may have forgotten a partition's records before this node's last
             // snapshot of it: that snapshot is not replaced until another holds it as far.
-            let sole = match snapshots.of_nodes().await {
-                Ok(stored) => held_only_here(&stored, &name, &whole),
+            let replaceable = match snapshots.of_nodes().await {
+                Ok(stored) => {
+                    let sole = held_only_here(&stored, &name, &whole);
+                    if !sole.is_empty() {
+                        tracing::debug!(partitions = ?sole, "this node's snapshot is kept: it alone holds these whole");
+                    }
+                    sole.is_empty()
+                }
                 Err(e) => {
-                    tracing::debug!("listing the snapshots: {e}");
-                    vec![Partition::MAX]
+                    tracing::debug!("this node's snapshot is kept: listing the snapshots: {e}");
+                    false
                 }
             };
-            if !sole.is_empty() {
-                tracing::debug!(partitions = ?sole, "this node's snapshot is kept: it alone holds these whole");
-            }
-            if covered.last() > last && usable && !whole.is_empty() && sole.is_empty() {
+            if covered.last() > last && usable && !whole.is_empty() && replaceable {
                 match snapshots.put(&name, &into, &covered, &whole).await {
                     Ok(()) => {
                         last = covered.last();

@@ -578,6 +578,12 @@ impl Ownership {
         held.values().filter(|l| l.until_ms - margin > now).map(|l| l.partition).collect()
     }
 
+    /// The partitions whose leases this node holds, expired by its clock or not: a lease
+    /// another node took (found at a renewal) or released is no longer among them.
+    pub fn leased(&self) -> Vec<Partition> {
+        self.held.lock().expect("held leases").keys().copied().collect()
+    }
+
     /// The lease of a held partition, for committing progress.
     pub fn lease(&self, partition: Partition) -> Option<Lease> {
         self.held.lock().expect("held leases").get(&partition).cloned()

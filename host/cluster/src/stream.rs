@@ -282,7 +282,10 @@ async fn visit_until(
 ) -> Result<()> {
     let mut messages = consumer.messages().await.map_err(nats)?;
     let mut visited = after;
-    while let Some(message) = messages.next().await {
+    // Messages forgotten while the read waits for them (an intake partition another node
+    // applied and purged) would leave it waiting: it fails once none comes for a while.
+    let idle = || ClusterError::Nats(format!("no message of {subject} came within {READ_WITHIN:?}, up to {last}"));
+    while let Some(message) = tokio::time::timeout(READ_WITHIN, messages.next()).await.map_err(|_| idle())? {
         let message = message.map_err(nats)?;
         let sequence = message.info().map_err(nats)?.stream_sequence;
         // An ordered consumer that the client recreates (a missed heartbeat on a busy machine)

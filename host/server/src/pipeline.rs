@@ -527,6 +527,7 @@ pub struct Ingest {
     /// The configuration the workers apply with (a replay switches it record by record).
     config: Arc<crate::live::Live>,
     owned: Arc<Owned>,
+    clock: fn() -> i64,
 }
 
 impl Ingest {
@@ -903,6 +904,14 @@ impl Ingest {
                     if let Some(origin) = &merge.origin {
                         let request = serde_json::to_string(&merge).expect("merges serialize");
                         starling_store::keep_handed_over(&writer, origin, &request)
+                            .map_err(|e| IngestError::Failed(e.to_string()))?;
+                    }
+                    // The events the merge carries reach the survivor with it: one sent here
+                    // again before the merge is applied (an ingestion retried after the
+                    // absorbed profile's owner applied it) is a duplicate, not a new event.
+                    if let Some(state) = &merge.absorbed_state {
+                        let keys: Vec<String> = state.events.iter().filter_map(Event::dedup_key).collect();
+                        starling_store::mark_seen(&writer, &keys, (self.clock)())
                             .map_err(|e| IngestError::Failed(e.to_string()))?;
                     }
                     starling_store::ids_of(&writer, &merge.absorbed).map_err(|e| IngestError::Failed(e.to_string()))?
@@ -1321,7 +1330,11 @@ pub fn start(
     let log = shared.log.clone();
     let config = shared.config.clone();
     let owned = shared.owned.clone();
-    Ok((Ingest { partitions: senders, room, directory, log, materialized, stored, writer, config, owned }, handles))
+    let clock = shared.clock;
+    Ok((
+        Ingest { partitions: senders, room, directory, log, materialized, stored, writer, config, owned, clock },
+        handles,
+    ))
 }
 
 struct Worker {
@@ -1970,21 +1983,27 @@ impl Worker {
         if replayed.is_some() || self.shared.owned.is_none() {
             return;
         }
-        let Some(this) = self.peers[self.index].upgrade() else { return };
-        // Of a partition another node took meanwhile, that node applies it (when it follows
-        // the record that handed it on, or from `handed_over` when it took the partition):
-        // sent again here, it would fail again, and again.
         let owned = &self.shared.owned;
         for job in batch {
-            let work = match &job.work {
-                Work::Merge(merge) if owned.owns_profile(&merge.survivor) => Work::Merge(merge.clone()),
+            let (to, work) = match &job.work {
+                Work::Merge(merge) if owned.owns_profile(&merge.survivor) => (self.index, Work::Merge(merge.clone())),
+                // The survivor's partition was taken by another node meanwhile, which never saw
+                // this merge (this node applied it live, as the owner of both partitions): it is
+                // handed on from the absorbed profile's partition, as a merge into another
+                // node's profile is. (Of partitions this node owns neither of now, the absorbed
+                // profile's next owner hands it on: kept in `handed_over`, restored with the
+                // partition's snapshot, or decided again from its records.)
+                Work::Merge(merge) if self.spread() && owned.owns_profile(&merge.absorbed) => {
+                    (worker_of(&merge.absorbed, self.partitions), Work::Hand(vec![merge.clone()]))
+                }
                 Work::Overtaken(overtaken) if owned.owns_profile(&overtaken.claim.profile_id) => {
-                    Work::Overtaken(overtaken.clone())
+                    (self.index, Work::Overtaken(overtaken.clone()))
                 }
                 _ => continue,
             };
+            let Some(worker) = self.peers[to].upgrade() else { return };
             let (reply, _) = oneshot::channel();
-            if this.send(IngestJob { work, reply, _room: None, replay: None, source: Source::Client }).is_err() {
+            if worker.send(IngestJob { work, reply, _room: None, replay: None, source: Source::Client }).is_err() {
                 return;
             }
         }
@@ -4220,6 +4239,60 @@ mod tests {
         node.stop();
     }
 
+    /// An event the absorbed profile's node applied reaches the survivor's node with the merge
+    /// carrying it. Sent there again while the merge is kept, before it is applied (an
+    /// ingestion retried after the first node applied it and its answer was lost), it is a
+    /// duplicate: the survivor holds it once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_a_kept_merge_carries_is_a_duplicate_when_sent_again() {
+        let ids = (0..).map(|i| format!("visitor-{i}"));
+        let survivor = ids.clone().next().unwrap();
+        let absorbed =
+            ids.skip(1).find(|id| starling_log::partition_of(id) != starling_log::partition_of(&survivor)).unwrap();
+        let with_id = |visitor: &str, n: i64| Event { id: Some(format!("e-{n}")), ..event(visitor, n) };
+        let other = Running::start(2, Arc::new(starling_log::MemoryLog::new()), false);
+        other.ingest.submit(vec![with_id(&absorbed, 0)]).await.unwrap();
+        other.ingest.materialize().await.unwrap();
+        let conn = starling_store::open(&other.database).unwrap();
+        let events = starling_store::profile_events(&conn, &absorbed).unwrap();
+        let state = Absorbed { profile: other.profile(&absorbed).unwrap(), events, memberships: Vec::new() };
+        other.stop();
+        let log = Arc::new(starling_log::MemoryLog::new());
+        let node = Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
+        let survivors = starling_log::partition_of(&survivor);
+        node.owned.add(survivors);
+        node.ingest.submit(vec![with_id(&survivor, 10)]).await.unwrap();
+        node.ingest.materialize().await.unwrap();
+        // The hand record is followed while the survivor's lease has lapsed: the merge is kept.
+        node.owned.remove(survivors);
+        let mut merge = MergeRequest {
+            survivor: survivor.clone(),
+            absorbed: absorbed.clone(),
+            via: "b58996c504c5638798eb6b511e6f49af".into(),
+            attribute: "email_hash".into(),
+            event_id: None,
+            origin: None,
+            absorbed_state: Some(Box::new(state)),
+            merged_first: None,
+        };
+        merge.origin = Some(merge_origin(100, &merge));
+        let absorbeds = starling_log::partition_of(&absorbed);
+        log.append(&[(absorbeds, &hand_record(&merge))]).unwrap();
+        let entries = node.ingest.read_after(vec![(absorbeds, 0)]).await.unwrap();
+        node.ingest.follow(&entries).await.unwrap();
+        node.owned.add(survivors);
+        let again = node.ingest.submit(vec![with_id(&absorbed, 0)]).await.unwrap();
+        assert_eq!((again.accepted, again.duplicates), (0, 1), "the event the kept merge carries");
+        assert_eq!(node.ingest.send_handed_over(|_| true).await.unwrap(), 1);
+        node.ingest.materialize().await.unwrap();
+        assert_eq!(node.profile(&survivor).unwrap().event_count, 2, "its own, and the one carried, once");
+        let conn = starling_store::open(&node.database).unwrap();
+        let history: Vec<_> =
+            starling_store::profile_events(&conn, &survivor).unwrap().into_iter().filter_map(|e| e.id).collect();
+        assert_eq!(history, ["e-0", "e-10"]);
+        node.stop();
+    }
+
     /// A record applied a second time (a read that visited it twice, a batch applied again
     /// from the log) changes nothing, whether the first time is still in memory or in SQLite.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -4599,12 +4672,14 @@ mod tests {
 
     /// A log whose appends wait until the test opens it; with `held_in_log`, only appends to
     /// that partition wait, once they are in the log (their positions taken). With `refuse`
-    /// set, the next append to that partition is refused.
+    /// set, the next append to that partition is refused; with `losing` set too, the partition
+    /// is no longer owned there (as when another node took it: the stream refuses the append).
     #[derive(Default)]
     struct GatedLog {
         log: starling_log::MemoryLog,
         held_in_log: Option<Partition>,
         refuse: Mutex<Option<Partition>>,
+        losing: Mutex<Option<Arc<Owned>>>,
         /// Reads that fail before one succeeds.
         unreadable: AtomicU64,
         open: Mutex<bool>,
@@ -4623,8 +4698,13 @@ mod tests {
         fn append(&self, records: &[(Partition, &[u8])]) -> starling_log::Result<Vec<Position>> {
             self.appends.fetch_add(1, Ordering::SeqCst);
             let mut refuse = self.refuse.lock().unwrap();
-            if refuse.is_some_and(|partition| records.iter().any(|(p, _)| *p == partition)) {
+            if let Some(partition) = *refuse
+                && records.iter().any(|(p, _)| *p == partition)
+            {
                 *refuse = None;
+                if let Some(owned) = self.losing.lock().unwrap().take() {
+                    owned.remove(partition);
+                }
                 return Err(starling_log::LogError::Remote("refused once".into()));
             }
             drop(refuse);
@@ -4771,6 +4851,43 @@ mod tests {
         let conn = starling_store::open(&running.database).unwrap();
         assert!(starling_store::handed_over(&conn).unwrap().is_empty());
         running.stop();
+    }
+
+    /// Spread, a merge this node applied live as the owner of both profiles' partitions, whose
+    /// batch the stream then refused (another node took the survivor's partition meanwhile),
+    /// is handed on from the absorbed profile's partition, with its state, for the survivor's
+    /// new owner, which never saw it. (Before, it was dropped: the two profiles stayed apart.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_merge_refused_as_its_survivors_partition_was_taken_is_handed_on() {
+        let ids = (0..).map(|i| format!("visitor-{i}"));
+        let first = ids.clone().find(|id| worker_of(id, 2) == 0).unwrap();
+        let second = ids.clone().find(|id| worker_of(id, 2) == 1).unwrap();
+        let (survivors, absorbeds) = (starling_log::partition_of(&first), starling_log::partition_of(&second));
+        let log = Arc::new(GatedLog::default());
+        log.open();
+        let node = Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
+        node.owned.add(survivors);
+        node.owned.add(absorbeds);
+        node.ingest.submit(vec![login(&first, 0)]).await.unwrap();
+        *log.losing.lock().unwrap() = Some(node.owned.clone());
+        *log.refuse.lock().unwrap() = Some(survivors);
+        let _ = node.ingest.submit(vec![login(&second, 1)]).await;
+        let mut handed = None;
+        for _ in 0..500 {
+            let mut records = Vec::new();
+            log.read(&[(absorbeds, 0)], &mut |entry| records.push(entry)).unwrap();
+            handed = records.iter().find_map(|entry| handed_merge(&entry.payload));
+            if handed.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let handed = handed.expect("a hand record in the absorbed profile's partition");
+        assert!(!node.owned.owns(survivors), "the refusal took the survivor's partition");
+        assert_eq!((handed.survivor.as_str(), handed.absorbed.as_str()), (first.as_str(), second.as_str()));
+        let state = handed.absorbed_state.expect("the absorbed profile's state");
+        assert_eq!(state.events.len(), 1, "the second visitor's login");
+        node.stop();
     }
 
     /// A worker whose batch failed and whose recovery then could not read the log (its servers

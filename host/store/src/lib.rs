@@ -499,6 +499,21 @@ pub fn keep_handed_over(conn: &Connection, origin: &str, request: &str) -> Resul
     Ok(())
 }
 
+/// Marks the event ids `keys` as seen at `seen_ms` (events applied on another node, on
+/// their way here): the same ids sent again are duplicates.
+pub fn mark_seen(conn: &Connection, keys: &[String], seen_ms: i64) -> Result<()> {
+    let _gate = write_gate();
+    let tx = conn.unchecked_transaction()?;
+    {
+        let mut insert = tx.prepare_cached("INSERT OR IGNORE INTO seen_events (event_id, seen_ms) VALUES (?1, ?2)")?;
+        for key in keys {
+            insert.execute(params![key, seen_ms])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
 /// Forgets merges handed over that will never be applied (their absorbed profile is gone).
 pub fn forget_handed_over(conn: &Connection, origins: &[String]) -> Result<usize> {
     let _gate = write_gate();

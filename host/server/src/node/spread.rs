@@ -412,28 +412,33 @@ fn lapse_check_every(lease: Duration) -> Duration {
     lease / 10
 }
 
-/// While an ownership round is stuck (it waits on servers that do not answer it, up to their
-/// request timeouts, longer than a lease), stops applying live, by this node's clock, each
-/// partition whose lease is about to lapse unrenewed: once it lapses, another node may take it.
-/// (Between rounds the node's loop does this with what each round published.) Events for such
-/// a partition go to the intake (or are refused while it cannot be reached), and reads of its
-/// profiles are answered from this node's copy, saying so, until a round renews the lease and
-/// the partition is taken again.
+/// Stops applying live each partition whose lease a round found another node had taken, or
+/// released; and, while an ownership round is stuck (it waits on servers that do not answer
+/// it, up to their request timeouts, longer than a lease), each whose lease is about to lapse
+/// unrenewed by this node's clock: once it lapses, another node may take it. (The node's loop
+/// does the same with what each round published, but it may be busy taking partitions for
+/// longer than a lease.) Events for such a partition go to its owner or the intake (or are
+/// refused while it cannot be reached), and reads of its profiles are refused, until a round
+/// renews the lease and the partition is taken again.
 async fn give_up_lapsed(ownership: Arc<Ownership>, owned: Arc<Owned>, lease: Duration) {
     loop {
         tokio::time::sleep(lapse_check_every(lease)).await;
-        if !ownership.round_stuck() {
-            continue;
-        }
-        let held = ownership.held();
+        let stuck = ownership.round_stuck();
+        let (leased, held) = (ownership.leased(), ownership.held());
         // Owned, or being taken (its records are logged as they are applied again).
-        let lapsed: Vec<Partition> =
-            owned.partitions().into_iter().chain(owned.taking()).filter(|p| !held.contains(p)).collect();
+        let lapsed: Vec<Partition> = owned
+            .partitions()
+            .into_iter()
+            .chain(owned.taking())
+            .filter(|p| !leased.contains(p) || (stuck && !held.contains(p)))
+            .collect();
         for &partition in &lapsed {
             owned.remove(partition);
         }
-        if !lapsed.is_empty() {
-            tracing::warn!(partitions = ?lapsed, "leases lapsing unrenewed: partitions given up");
+        match (lapsed.is_empty(), stuck) {
+            (true, _) => {}
+            (false, true) => tracing::warn!(partitions = ?lapsed, "leases lapsing unrenewed: partitions given up"),
+            (false, false) => tracing::info!(partitions = ?lapsed, "leases taken or released: partitions given up"),
         }
     }
 }

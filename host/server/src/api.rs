@@ -314,7 +314,15 @@ pub(crate) async fn admit(
             return ApiError::new(StatusCode::INSUFFICIENT_STORAGE, message);
         }
         metrics.reject("unavailable", n);
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        let message = match e {
+            // A write the log did not acknowledge may still be stored (a stalled server stores
+            // what it was sent once it resumes): the repeat is what ids are for.
+            crate::pipeline::IngestError::Failed(_) => {
+                format!("{e}; they may be stored all the same: send them again (an event's `id` keeps a repeat out)")
+            }
+            e => e.to_string(),
+        };
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
     })?;
     metrics.events_accepted.inc_by(report.accepted as u64);
     metrics.events_duplicate.inc_by(report.duplicates as u64);

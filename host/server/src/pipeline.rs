@@ -232,7 +232,7 @@ pub enum IngestError {
     Busy,
     #[error("shutting down")]
     Closed,
-    #[error("events not stored: {0}")]
+    #[error("events not acknowledged: {0}")]
     Failed(String),
     #[error("the profile's partition ({0}) is another node's")]
     Elsewhere(Partition),

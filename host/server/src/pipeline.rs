@@ -97,6 +97,9 @@ pub enum Source {
     Node,
     /// The intake, which keeps them until they are applied.
     Intake,
+    /// Another node, which took them from the intake: the intake keeps them until they are
+    /// applied, and they are not handed on again (see [`Worker::hand_on`]).
+    HandedIntake,
 }
 
 impl IngestJob {
@@ -528,6 +531,8 @@ pub struct Ingest {
     config: Arc<crate::live::Live>,
     owned: Arc<Owned>,
     clock: fn() -> i64,
+    /// Which records' actions may be delivered: a record read from the log is durable.
+    durable: Arc<crate::delivery::Durable>,
 }
 
 impl Ingest {
@@ -821,9 +826,17 @@ impl Ingest {
         let log = self.log.clone();
         let read =
             tokio::task::spawn_blocking(move || log.read(&after, &mut |entry| entries.push(entry)).map(|()| entries));
-        read.await
+        let entries = read
+            .await
             .map_err(|e| IngestError::Failed(e.to_string()))?
-            .map_err(|e| IngestError::Failed(format!("reading the event log: {e}")))
+            .map_err(|e| IngestError::Failed(format!("reading the event log: {e}")))?;
+        // Records another node appended (a partition taken, a hand record followed) are as
+        // durable as this node's synced ones: the actions they decide need not wait for this
+        // node's next append to pass their positions.
+        if let Some(last) = entries.iter().map(|e| e.position).max() {
+            self.durable.synced(last);
+        }
+        Ok(entries)
     }
 
     /// Applies log records again, in log order, each at the time it was first applied, by its
@@ -1331,8 +1344,21 @@ pub fn start(
     let config = shared.config.clone();
     let owned = shared.owned.clone();
     let clock = shared.clock;
+    let durable = shared.lanes.durable.clone();
     Ok((
-        Ingest { partitions: senders, room, directory, log, materialized, stored, writer, config, owned, clock },
+        Ingest {
+            partitions: senders,
+            room,
+            directory,
+            log,
+            materialized,
+            stored,
+            writer,
+            config,
+            owned,
+            clock,
+            durable,
+        },
         handles,
     ))
 }
@@ -2001,12 +2027,26 @@ impl Worker {
                 }
                 _ => continue,
             };
-            let Some(worker) = self.peers[to].upgrade() else { return };
-            let (reply, _) = oneshot::channel();
-            if worker.send(IngestJob { work, reply, _room: None, replay: None, source: Source::Client }).is_err() {
+            if !self.send_to(to, work) {
                 return;
             }
         }
+    }
+
+    /// Hands `merge` on from the absorbed profile's partition: its worker appends a hand record
+    /// there, which the survivor's owner follows and applies.
+    fn hand_from_absorbed(&self, merge: MergeRequest) {
+        let to = worker_of(&merge.absorbed, self.partitions);
+        if !self.send_to(to, Work::Hand(vec![merge])) {
+            tracing::warn!(partition = to, "shutting down: a merge to hand on dropped");
+        }
+    }
+
+    /// Queues `work` on worker `to` (this one included), answering nobody; false once it stopped.
+    fn send_to(&self, to: usize, work: Work) -> bool {
+        let Some(worker) = self.peers[to].upgrade() else { return false };
+        let (reply, _) = oneshot::channel();
+        worker.send(IngestJob { work, reply, _room: None, replay: None, source: Source::Client }).is_ok()
     }
 
     /// On a spread node, gives each merge into another partition's profile the absorbed
@@ -2191,6 +2231,19 @@ impl Worker {
                     Source::Node if after > 0 => Via::OwnerOrIntake,
                     Source::Node => Via::Intake,
                     Source::Intake => Via::Owner,
+                    // Handed on again, they could go back and forth between two nodes whose
+                    // directories differ (one not yet past a merge the other decided): refused,
+                    // they are tried again from the intake, once the directories agree.
+                    Source::HandedIntake => {
+                        let (reply, answer) = oneshot::channel();
+                        let _ = reply.send(Err("the events' ids belong to another node's profiles, as this node \
+                            has them; the intake keeps them"
+                            .to_string()));
+                        if let Some(waiting) = handed_on.get_mut(job) {
+                            waiting.push(answer);
+                        }
+                        continue;
+                    }
                 };
                 let handing = elsewhere.hand(events, after, via);
                 self.shared.runtime.spawn(async move {
@@ -2397,10 +2450,18 @@ impl Worker {
                 Work::Merge(request) => {
                     let request = request.clone();
                     // Sent while the survivor's partition was this node's, which it is no longer
-                    // (its lease lapsed): it could not be logged. Kept, it is sent again when the
-                    // partition is taken (here or by another node).
+                    // (its lease lapsed): it could not be logged. Its next owner never saw it, and
+                    // this node's directory already sends the absorbed profile's events there: it
+                    // is handed on from the absorbed profile's partition, as a merge into another
+                    // node's profile is. (Kept, it is sent again when the absorbed profile's
+                    // partition is taken, if this node does not own that either.)
                     if replayed.is_none() && self.spread() && !self.shared.owned.applies_profile(&request.survivor) {
-                        tracing::debug!(origin = ?request.origin, "a merge for a partition no longer owned is left kept");
+                        if self.shared.owned.owns_profile(&request.absorbed) {
+                            tracing::debug!(origin = ?request.origin, "a merge for a partition no longer owned is handed on");
+                            self.hand_from_absorbed(request);
+                        } else {
+                            tracing::debug!(origin = ?request.origin, "a merge for a partition no longer owned is left kept");
+                        }
                         reports.push(report);
                         continue;
                     }
@@ -4147,6 +4208,29 @@ mod tests {
         follower.stop();
     }
 
+    /// The actions of records another node appended are delivered without waiting for this
+    /// node's next append: a record read from the log is durable, though this node's last
+    /// synced append comes before it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_read_from_the_log_are_durable() {
+        let log = Arc::new(starling_log::MemoryLog::new());
+        let node = Running::start(2, log.clone(), true);
+        let writer = Running::start(2, log.clone(), false);
+        let (mine, theirs) = ("visitor-0", "visitor-1");
+        assert_ne!(starling_log::partition_of(mine), starling_log::partition_of(theirs));
+        node.owned.add(starling_log::partition_of(mine));
+        node.ingest.submit(vec![event(mine, 0)]).await.unwrap();
+        writer.ingest.submit(vec![event(theirs, 1)]).await.unwrap();
+        let last = log.next_position() - 1;
+        assert!(!node.ingest.durable.covers(Some(last)), "past this node's own appends");
+
+        let entries = node.ingest.read_after(vec![(starling_log::partition_of(theirs), 0)]).await.unwrap();
+        assert_eq!(entries.iter().map(|e| e.position).max(), Some(last));
+        assert!(node.ingest.durable.covers(Some(last)));
+        node.stop();
+        writer.stop();
+    }
+
     /// Follows every partition `node` does not own from the log's start, and writes it.
     async fn follow_others(node: &Running) {
         let others: Vec<(Partition, Position)> = node.owned.others().into_iter().map(|p| (p, 0)).collect();
@@ -4887,6 +4971,100 @@ mod tests {
         assert_eq!((handed.survivor.as_str(), handed.absorbed.as_str()), (first.as_str(), second.as_str()));
         let state = handed.absorbed_state.expect("the absorbed profile's state");
         assert_eq!(state.events.len(), 1, "the second visitor's login");
+        node.stop();
+    }
+
+    /// Spread, a merge kept for a partition this node was taking, sent to it once taken, while
+    /// another node took the partition back: it is handed on from the absorbed profile's
+    /// partition, which this node owns, for the survivor's owner, which never saw it. (Before,
+    /// it stayed kept here while this node's directory sent the absorbed profile's events to
+    /// that node, which sent them back.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_kept_merge_whose_survivors_partition_was_taken_back_is_handed_on() {
+        let ids = (0..).map(|i| format!("visitor-{i}"));
+        let survivor = ids.clone().find(|id| worker_of(id, 2) == 0).unwrap();
+        let absorbed = ids.clone().find(|id| worker_of(id, 2) == 1).unwrap();
+        let (survivors, absorbeds) = (starling_log::partition_of(&survivor), starling_log::partition_of(&absorbed));
+        let blocker = ids.clone().filter(|id| starling_log::partition_of(id) == survivors).nth(1).unwrap();
+        let log = Arc::new(GatedLog::default());
+        log.open();
+        let node = Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
+        node.owned.add(survivors);
+        node.owned.add(absorbeds);
+        node.ingest.submit(vec![event(&survivor, 0), event(&absorbed, 1)]).await.unwrap();
+        node.ingest.materialize().await.unwrap();
+        let merge = MergeRequest {
+            survivor: survivor.clone(),
+            absorbed: absorbed.clone(),
+            via: "b58996c504c5638798eb6b511e6f49af".into(),
+            attribute: "email_hash".into(),
+            event_id: None,
+            origin: Some("7.kept".into()),
+            absorbed_state: None,
+            merged_first: None,
+        };
+        let request = serde_json::to_string(&merge).unwrap();
+        starling_store::keep_handed_over(&starling_store::open(&node.database).unwrap(), "7.kept", &request).unwrap();
+
+        // The survivor's worker waits in an append while the kept merge is queued behind it,
+        // and the survivor's partition is lost meanwhile.
+        *log.open.lock().unwrap() = false;
+        let appended = log.appends.load(Ordering::SeqCst);
+        let _blocked = node.ingest.send(vec![event(&blocker, 2)]).unwrap();
+        for _ in 0..500 {
+            if log.appends.load(Ordering::SeqCst) > appended {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(log.appends.load(Ordering::SeqCst) > appended, "the survivor's worker appends");
+        let ingest = &node.ingest;
+        let sending = ingest.send_handed_over(|_| true);
+        let losing = async {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            node.owned.remove(survivors);
+            log.open();
+        };
+        let (sent, ()) = tokio::join!(sending, losing);
+        assert_eq!(sent.unwrap(), 1, "sent while the survivor's partition was owned");
+
+        let mut handed = None;
+        for _ in 0..500 {
+            let mut records = Vec::new();
+            log.read(&[(absorbeds, 0)], &mut |entry| records.push(entry)).unwrap();
+            handed = records.iter().find_map(|entry| handed_merge(&entry.payload));
+            if handed.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let handed = handed.expect("a hand record in the absorbed profile's partition");
+        assert_eq!((handed.survivor.as_str(), handed.origin.as_deref()), (survivor.as_str(), Some("7.kept")));
+        let state = handed.absorbed_state.expect("the absorbed profile's state");
+        assert_eq!(state.events.len(), 1, "the absorbed profile's event");
+        node.stop();
+    }
+
+    /// Spread, events another node took from the intake and handed here go no further when this
+    /// node's directory puts them on yet another node's profile: refused, they stay in the
+    /// intake for the next try. (Handed on, they went back and forth between two nodes whose
+    /// directories differed, each hop waiting on the next.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_handed_from_the_intake_are_not_handed_on_again() {
+        let handed = Arc::new(Handed::default());
+        let node = Running::handing(STITCHING, 2, Arc::new(starling_log::MemoryLog::new()), true, Some(handed.clone()));
+        let (mine, theirs) = ("visitor-0", "visitor-1");
+        node.owned.add(starling_log::partition_of(mine));
+        assert!(!node.owned.owns_profile(theirs));
+
+        let refused = node.ingest.submit_from(vec![event(mine, 0), event(theirs, 1)], Source::HandedIntake).await;
+        assert!(refused.unwrap_err().to_string().contains("the intake keeps them"));
+        assert!(handed.0.lock().unwrap().is_empty(), "handed to no node");
+        // From this node's own intake, or a client, they go on to their owner.
+        node.ingest.submit_from(vec![event(theirs, 2)], Source::Intake).await.unwrap();
+        assert_eq!(handed.0.lock().unwrap().len(), 1);
+        node.ingest.materialize().await.unwrap();
+        assert_eq!(node.profile(mine).unwrap().event_count, 1, "its own profile's event is applied");
         node.stop();
     }
 

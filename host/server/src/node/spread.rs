@@ -90,8 +90,9 @@ struct Handed {
     after: Position,
     events: Vec<Event>,
     /// Taken from the intake by the node handing them: the receiving node refuses those of
-    /// partitions it does not own rather than putting them back into the intake, where they
-    /// would be kept out as the messages being applied, then forgotten with them.
+    /// profiles it does not own, rather than putting them back into the intake (where they
+    /// would be kept out as the messages being applied, then forgotten with them) or handing
+    /// them on (two nodes whose directories differ would hand them back and forth).
     #[serde(default)]
     from_intake: bool,
 }
@@ -321,12 +322,7 @@ pub(super) async fn serve(
         // A partition given up (here, or as its lease lapsed) is not kept: its profiles are
         // its owner's, and this node follows only its ids; taken again, it is restored.
         let given_up = applied_live & !owned.bits();
-        for partition in (0..starling_log::PARTITIONS).filter(|p| given_up & (1 << p) != 0) {
-            match front.ingest.restore(partition, None, None).await {
-                Ok(dropped) => tracing::debug!(partition, profiles = dropped.dropped, "partition given up dropped"),
-                Err(e) => tracing::warn!(partition, "dropping a partition given up: {e}"),
-            }
-        }
+        drop_partitions(&front.ingest, (0..starling_log::PARTITIONS).filter(|p| given_up & (1 << p) != 0)).await;
         applied_live = owned.bits();
         let gaining: Vec<Partition> = held.iter().copied().filter(|p| !owned.owns(*p)).collect();
         if !gaining.is_empty() {
@@ -366,6 +362,10 @@ pub(super) async fn serve(
                     tracing::warn!(partitions = ?gaining, "taking partitions: {e}")
                 }
             }
+            // One not taken after all (its lease lapsed during the take, or the take failed) is
+            // dropped as one given up is: what the take restored and applied of it (profiles,
+            // actions to deliver) is its owner's.
+            drop_partitions(&front.ingest, gaining.iter().copied().filter(|p| !owned.owns(*p))).await;
         }
         // The owner of partition 0 publishes the configuration; the others run what it
         // published (a change made through any node is made on that one).
@@ -439,6 +439,17 @@ async fn give_up_lapsed(ownership: Arc<Ownership>, owned: Arc<Owned>, lease: Dur
             (true, _) => {}
             (false, true) => tracing::warn!(partitions = ?lapsed, "leases lapsing unrenewed: partitions given up"),
             (false, false) => tracing::info!(partitions = ?lapsed, "leases taken or released: partitions given up"),
+        }
+    }
+}
+
+/// Drops what this node holds of `partitions`, which it does not own: its profiles are their
+/// owner's, and this node follows only their ids; taken again, each is restored.
+async fn drop_partitions(ingest: &crate::pipeline::Ingest, partitions: impl Iterator<Item = Partition>) {
+    for partition in partitions {
+        match ingest.restore(partition, None, None).await {
+            Ok(dropped) => tracing::debug!(partition, profiles = dropped.dropped, "partition not owned dropped"),
+            Err(e) => tracing::warn!(partition, "dropping a partition not owned: {e}"),
         }
     }
 }
@@ -670,7 +681,7 @@ async fn take_handed(
         let error = serde_json::json!({ "error": "only a node of the cluster hands events on" });
         return (StatusCode::FORBIDDEN, axum::Json(error)).into_response();
     }
-    let source = if handed.from_intake { Source::Intake } else { Source::Node };
+    let source = if handed.from_intake { Source::HandedIntake } else { Source::Node };
     match front.taker.take(handed.events, handed.after, source).await {
         Ok(report) => {
             let body = serde_json::json!({ "accepted": report.accepted, "duplicates": report.duplicates });

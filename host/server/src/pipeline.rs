@@ -4271,6 +4271,23 @@ mod tests {
         b.stop();
     }
 
+    /// Appends the hand record of a merge of `absorbed` into `survivor` (decided by the record
+    /// at `record`, by an email hash) that carries `state`, in the absorbed profile's partition.
+    fn append_hand_record(log: &dyn EventLog, survivor: &str, absorbed: &str, record: Position, state: Absorbed) {
+        let mut merge = MergeRequest {
+            survivor: survivor.to_string(),
+            absorbed: absorbed.to_string(),
+            via: "b58996c504c5638798eb6b511e6f49af".into(),
+            attribute: "email_hash".into(),
+            event_id: None,
+            origin: None,
+            absorbed_state: Some(Box::new(state)),
+            merged_first: None,
+        };
+        merge.origin = Some(merge_origin(record, &merge));
+        log.append(&[(starling_log::partition_of(absorbed), &hand_record(&merge))]).unwrap();
+    }
+
     /// One pair merged twice, from two states of the absorbed profile (a node taking its
     /// partition decided the merge again on a later event, applied to the absorbed profile as it
     /// first was), then the first merge handed on again from a third state: the survivor takes
@@ -4299,18 +4316,7 @@ mod tests {
         node.ingest.submit(vec![with_id(&survivor, 10)]).await.unwrap();
         node.ingest.materialize().await.unwrap();
         for (record, state) in [100, 101, 100].into_iter().zip(states) {
-            let mut merge = MergeRequest {
-                survivor: survivor.clone(),
-                absorbed: absorbed.clone(),
-                via: "b58996c504c5638798eb6b511e6f49af".into(),
-                attribute: "email_hash".into(),
-                event_id: None,
-                origin: None,
-                absorbed_state: Some(Box::new(state)),
-                merged_first: None,
-            };
-            merge.origin = Some(merge_origin(record, &merge));
-            log.append(&[(starling_log::partition_of(&absorbed), &hand_record(&merge))]).unwrap();
+            append_hand_record(&*log, &survivor, &absorbed, record, state);
         }
         follow_others(&node).await;
         node.ingest.materialize().await.unwrap();
@@ -4349,19 +4355,8 @@ mod tests {
         node.ingest.materialize().await.unwrap();
         // The hand record is followed while the survivor's lease has lapsed: the merge is kept.
         node.owned.remove(survivors);
-        let mut merge = MergeRequest {
-            survivor: survivor.clone(),
-            absorbed: absorbed.clone(),
-            via: "b58996c504c5638798eb6b511e6f49af".into(),
-            attribute: "email_hash".into(),
-            event_id: None,
-            origin: None,
-            absorbed_state: Some(Box::new(state)),
-            merged_first: None,
-        };
-        merge.origin = Some(merge_origin(100, &merge));
+        append_hand_record(&*log, &survivor, &absorbed, 100, state);
         let absorbeds = starling_log::partition_of(&absorbed);
-        log.append(&[(absorbeds, &hand_record(&merge))]).unwrap();
         let entries = node.ingest.read_after(vec![(absorbeds, 0)]).await.unwrap();
         node.ingest.follow(&entries).await.unwrap();
         node.owned.add(survivors);

@@ -4271,6 +4271,19 @@ mod tests {
         b.stop();
     }
 
+    /// The merge of the first hand record in `partition`, waiting up to 5 s for one.
+    async fn hand_record_in(log: &dyn EventLog, partition: Partition) -> Option<MergeRequest> {
+        for _ in 0..500 {
+            let mut records = Vec::new();
+            log.read(&[(partition, 0)], &mut |entry| records.push(entry)).unwrap();
+            if let Some(handed) = records.iter().find_map(|entry| handed_merge(&entry.payload)) {
+                return Some(handed);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        None
+    }
+
     /// Appends the hand record of a merge of `absorbed` into `survivor` (decided by the record
     /// at `record`, by an email hash) that carries `state`, in the absorbed profile's partition.
     fn append_hand_record(log: &dyn EventLog, survivor: &str, absorbed: &str, record: Position, state: Absorbed) {
@@ -4951,17 +4964,7 @@ mod tests {
         *log.losing.lock().unwrap() = Some(node.owned.clone());
         *log.refuse.lock().unwrap() = Some(survivors);
         let _ = node.ingest.submit(vec![login(&second, 1)]).await;
-        let mut handed = None;
-        for _ in 0..500 {
-            let mut records = Vec::new();
-            log.read(&[(absorbeds, 0)], &mut |entry| records.push(entry)).unwrap();
-            handed = records.iter().find_map(|entry| handed_merge(&entry.payload));
-            if handed.is_some() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        let handed = handed.expect("a hand record in the absorbed profile's partition");
+        let handed = hand_record_in(&*log, absorbeds).await.expect("a hand record in the absorbed profile's partition");
         assert!(!node.owned.owns(survivors), "the refusal took the survivor's partition");
         assert_eq!((handed.survivor.as_str(), handed.absorbed.as_str()), (first.as_str(), second.as_str()));
         let state = handed.absorbed_state.expect("the absorbed profile's state");
@@ -5023,17 +5026,7 @@ mod tests {
         let (sent, ()) = tokio::join!(sending, losing);
         assert_eq!(sent.unwrap(), 1, "sent while the survivor's partition was owned");
 
-        let mut handed = None;
-        for _ in 0..500 {
-            let mut records = Vec::new();
-            log.read(&[(absorbeds, 0)], &mut |entry| records.push(entry)).unwrap();
-            handed = records.iter().find_map(|entry| handed_merge(&entry.payload));
-            if handed.is_some() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        let handed = handed.expect("a hand record in the absorbed profile's partition");
+        let handed = hand_record_in(&*log, absorbeds).await.expect("a hand record in the absorbed profile's partition");
         assert_eq!((handed.survivor.as_str(), handed.origin.as_deref()), (survivor.as_str(), Some("7.kept")));
         let state = handed.absorbed_state.expect("the absorbed profile's state");
         assert_eq!(state.events.len(), 1, "the absorbed profile's event");

@@ -4945,21 +4945,28 @@ mod tests {
         running.stop();
     }
 
+    /// A spread node over an open gated log, owning the partitions of two visitors, one on
+    /// each of its two workers: (node, log, the first visitor, the second).
+    fn owning_two_partitions() -> (Running, Arc<GatedLog>, String, String) {
+        let ids = (0..).map(|i| format!("visitor-{i}"));
+        let first = ids.clone().find(|id| worker_of(id, 2) == 0).unwrap();
+        let second = ids.clone().find(|id| worker_of(id, 2) == 1).unwrap();
+        let log = Arc::new(GatedLog::default());
+        log.open();
+        let node = Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
+        node.owned.add(starling_log::partition_of(&first));
+        node.owned.add(starling_log::partition_of(&second));
+        (node, log, first, second)
+    }
+
     /// Spread, a merge this node applied live as the owner of both profiles' partitions, whose
     /// batch the stream then refused (another node took the survivor's partition meanwhile),
     /// is handed on from the absorbed profile's partition, with its state, for the survivor's
     /// new owner, which never saw it. (Before, it was dropped: the two profiles stayed apart.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_merge_refused_as_its_survivors_partition_was_taken_is_handed_on() {
-        let ids = (0..).map(|i| format!("visitor-{i}"));
-        let first = ids.clone().find(|id| worker_of(id, 2) == 0).unwrap();
-        let second = ids.clone().find(|id| worker_of(id, 2) == 1).unwrap();
+        let (node, log, first, second) = owning_two_partitions();
         let (survivors, absorbeds) = (starling_log::partition_of(&first), starling_log::partition_of(&second));
-        let log = Arc::new(GatedLog::default());
-        log.open();
-        let node = Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
-        node.owned.add(survivors);
-        node.owned.add(absorbeds);
         node.ingest.submit(vec![login(&first, 0)]).await.unwrap();
         *log.losing.lock().unwrap() = Some(node.owned.clone());
         *log.refuse.lock().unwrap() = Some(survivors);
@@ -4979,16 +4986,12 @@ mod tests {
     /// that node, which sent them back.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_kept_merge_whose_survivors_partition_was_taken_back_is_handed_on() {
-        let ids = (0..).map(|i| format!("visitor-{i}"));
-        let survivor = ids.clone().find(|id| worker_of(id, 2) == 0).unwrap();
-        let absorbed = ids.clone().find(|id| worker_of(id, 2) == 1).unwrap();
+        let (node, log, survivor, absorbed) = owning_two_partitions();
         let (survivors, absorbeds) = (starling_log::partition_of(&survivor), starling_log::partition_of(&absorbed));
-        let blocker = ids.clone().filter(|id| starling_log::partition_of(id) == survivors).nth(1).unwrap();
-        let log = Arc::new(GatedLog::default());
-        log.open();
-        let node = Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
-        node.owned.add(survivors);
-        node.owned.add(absorbeds);
+        // Another visitor of the survivor's partition.
+        let mut of_survivors =
+            (0..).map(|i| format!("visitor-{i}")).filter(|id| starling_log::partition_of(id) == survivors);
+        let blocker = of_survivors.nth(1).unwrap();
         node.ingest.submit(vec![event(&survivor, 0), event(&absorbed, 1)]).await.unwrap();
         node.ingest.materialize().await.unwrap();
         let merge = MergeRequest {

@@ -4301,22 +4301,31 @@ mod tests {
         log.append(&[(starling_log::partition_of(absorbed), &hand_record(&merge))]).unwrap();
     }
 
+    /// Two visitors whose profiles are in two partitions.
+    fn in_two_partitions() -> (String, String) {
+        let ids = (0..).map(|i| format!("visitor-{i}"));
+        let first = ids.clone().next().unwrap();
+        let second = ids.skip(1).find(|id| starling_log::partition_of(id) != starling_log::partition_of(&first));
+        (first, second.unwrap())
+    }
+
+    /// An event of `visitor` with the id `e-{n}`.
+    fn event_with_id(visitor: &str, n: i64) -> Event {
+        Event { id: Some(format!("e-{n}")), ..event(visitor, n) }
+    }
+
     /// One pair merged twice, from two states of the absorbed profile (a node taking its
     /// partition decided the merge again on a later event, applied to the absorbed profile as it
     /// first was), then the first merge handed on again from a third state: the survivor takes
     /// the events each later state carries beyond what it holds.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_second_merge_of_a_pair_brings_the_events_the_first_lacked() {
-        let ids = (0..).map(|i| format!("visitor-{i}"));
-        let survivor = ids.clone().next().unwrap();
-        let absorbed =
-            ids.skip(1).find(|id| starling_log::partition_of(id) != starling_log::partition_of(&survivor)).unwrap();
-        let with_id = |visitor: &str, n: i64| Event { id: Some(format!("e-{n}")), ..event(visitor, n) };
+        let (survivor, absorbed) = in_two_partitions();
         // The absorbed profile as the node owning it held it, after one event, then two.
         let other = Running::start(2, Arc::new(starling_log::MemoryLog::new()), false);
         let mut states = Vec::new();
         for n in 0..3 {
-            other.ingest.submit(vec![with_id(&absorbed, n)]).await.unwrap();
+            other.ingest.submit(vec![event_with_id(&absorbed, n)]).await.unwrap();
             other.ingest.materialize().await.unwrap();
             let conn = starling_store::open(&other.database).unwrap();
             let events = starling_store::profile_events(&conn, &absorbed).unwrap();
@@ -4326,7 +4335,7 @@ mod tests {
         let log = Arc::new(starling_log::MemoryLog::new());
         let node = Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
         node.owned.add(starling_log::partition_of(&survivor));
-        node.ingest.submit(vec![with_id(&survivor, 10)]).await.unwrap();
+        node.ingest.submit(vec![event_with_id(&survivor, 10)]).await.unwrap();
         node.ingest.materialize().await.unwrap();
         for (record, state) in [100, 101, 100].into_iter().zip(states) {
             append_hand_record(&*log, &survivor, &absorbed, record, state);
@@ -4348,13 +4357,9 @@ mod tests {
     /// duplicate: the survivor holds it once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_event_a_kept_merge_carries_is_a_duplicate_when_sent_again() {
-        let ids = (0..).map(|i| format!("visitor-{i}"));
-        let survivor = ids.clone().next().unwrap();
-        let absorbed =
-            ids.skip(1).find(|id| starling_log::partition_of(id) != starling_log::partition_of(&survivor)).unwrap();
-        let with_id = |visitor: &str, n: i64| Event { id: Some(format!("e-{n}")), ..event(visitor, n) };
+        let (survivor, absorbed) = in_two_partitions();
         let other = Running::start(2, Arc::new(starling_log::MemoryLog::new()), false);
-        other.ingest.submit(vec![with_id(&absorbed, 0)]).await.unwrap();
+        other.ingest.submit(vec![event_with_id(&absorbed, 0)]).await.unwrap();
         other.ingest.materialize().await.unwrap();
         let conn = starling_store::open(&other.database).unwrap();
         let events = starling_store::profile_events(&conn, &absorbed).unwrap();
@@ -4364,7 +4369,7 @@ mod tests {
         let node = Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
         let survivors = starling_log::partition_of(&survivor);
         node.owned.add(survivors);
-        node.ingest.submit(vec![with_id(&survivor, 10)]).await.unwrap();
+        node.ingest.submit(vec![event_with_id(&survivor, 10)]).await.unwrap();
         node.ingest.materialize().await.unwrap();
         // The hand record is followed while the survivor's lease has lapsed: the merge is kept.
         node.owned.remove(survivors);
@@ -4373,7 +4378,7 @@ mod tests {
         let entries = node.ingest.read_after(vec![(absorbeds, 0)]).await.unwrap();
         node.ingest.follow(&entries).await.unwrap();
         node.owned.add(survivors);
-        let again = node.ingest.submit(vec![with_id(&absorbed, 0)]).await.unwrap();
+        let again = node.ingest.submit(vec![event_with_id(&absorbed, 0)]).await.unwrap();
         assert_eq!((again.accepted, again.duplicates), (0, 1), "the event the kept merge carries");
         assert_eq!(node.ingest.send_handed_over(|_| true).await.unwrap(), 1);
         node.ingest.materialize().await.unwrap();

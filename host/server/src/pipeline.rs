@@ -21,7 +21,7 @@ use crate::logging::pseudonym;
 use crate::owned::{Elsewhere, Owned, PartitionedEvents, Via};
 use crate::telemetry::{Telemetry, Written};
 use changes::Changes;
-pub use changes::{Absorbed, Carried, IdChange};
+pub use changes::{Absorbed, Adoption, Carried, IdChange};
 use sha2::{Digest, Sha256};
 use starling_core::engine::rebuild;
 use starling_core::model::{ActionDef, Trigger};
@@ -111,7 +111,7 @@ impl IngestJob {
 
     /// Work that reads what SQLite holds (a profile's history, its ids) as the whole truth.
     fn reads_committed(&self) -> bool {
-        matches!(self.work, Work::Unstitch { .. } | Work::Delete { .. } | Work::Restore { .. })
+        matches!(self.work, Work::Unstitch { .. } | Work::Adopt(_) | Work::Delete { .. } | Work::Restore { .. })
     }
 }
 
@@ -136,6 +136,8 @@ pub enum Work {
     Merge(MergeRequest),
     /// A claim of one of this partition's profiles was overtaken by one earlier in the log.
     Overtaken(Overtaken),
+    /// Adopt a profile another node split out into this partition.
+    Adopt(Adoption),
     /// Split a wrongly stitched id back out of its profile.
     Unstitch {
         id: String,
@@ -262,6 +264,10 @@ enum Logged {
         now_ms: i64,
         id: String,
     },
+    Adopt {
+        now_ms: i64,
+        adoption: Adoption,
+    },
     Delete {
         now_ms: i64,
         ids: Vec<String>,
@@ -353,6 +359,7 @@ enum LoggedRef<'a> {
     Wakeups { now_ms: i64, profiles: &'a [String] },
     Merge { now_ms: i64, merge: &'a MergeRequest },
     Unstitch { now_ms: i64, id: &'a str },
+    Adopt { now_ms: i64, adoption: &'a Adoption },
     Delete { now_ms: i64, ids: &'a [String], reason: &'a str, inactive_before: Option<i64> },
 }
 
@@ -380,6 +387,7 @@ impl Logged {
                 (Work::Merge(merge), now_ms)
             }
             Logged::Unstitch { now_ms, id } => (Work::Unstitch { id, done: oneshot::channel().0 }, now_ms),
+            Logged::Adopt { now_ms, adoption } => (Work::Adopt(adoption), now_ms),
             Logged::Delete { now_ms, ids, reason: r, inactive_before } => {
                 (Work::Delete { ids, reason: reason(&r), inactive_before, done: oneshot::channel().0 }, now_ms)
             }
@@ -412,7 +420,7 @@ impl Crossings {
 
     /// Whether anything was stitched, merged, split or handed on since.
     fn crossed_since(&self, p: &Pending) -> bool {
-        let crossing = |w: &Write| matches!(w, Write::Merge { .. } | Write::Split { .. });
+        let crossing = |w: &Write| matches!(w, Write::Merge { .. } | Write::Split { .. } | Write::SplitAway { .. });
         self.held != Crossings::held(p)
             || p.effects.writes.get(self.writes..).is_some_and(|new| new.iter().any(crossing))
     }
@@ -425,6 +433,7 @@ enum Draft {
     Wakeups(Vec<String>),
     Merge(MergeRequest),
     Unstitch(String),
+    Adopt(Adoption),
     Delete(Vec<String>),
 }
 
@@ -695,7 +704,7 @@ impl Ingest {
         // Merges whose partition had not logged them when the last run stopped.
         let resent = self.send_handed_over(|_| true).await?;
         if resent > 0 {
-            tracing::info!(merges = resent, "merges handed over before the restart sent again");
+            tracing::info!(resent, "merges and split-out profiles handed over before the restart sent again");
         }
         // What the replay applied is written before the log may forget anything.
         self.queue((0..n).map(|_| Some(Work::Materialize)).collect(), false).await?;
@@ -721,7 +730,8 @@ impl Ingest {
 
     /// Sends again the merges handed over to owned partitions that `partitions` accepts and
     /// that they have not applied (a start, or a node taking partitions whose owner died before
-    /// it applied them); waits until they are applied. Returns how many were sent.
+    /// it applied them), and the profiles split out into them not adopted yet; waits until they
+    /// are applied. Returns how many were sent.
     pub async fn send_handed_over(&self, partitions: impl Fn(Partition) -> bool) -> Result<usize, IngestError> {
         let n = self.partitions.len();
         // Those for another node's partitions are that node's to apply (and log).
@@ -748,6 +758,20 @@ impl Ingest {
             for merge in sent {
                 merge.durable().await?;
             }
+        }
+        // So are the profiles split out into them: adopted once (a partition's state says
+        // which it adopted).
+        let adoptions: Vec<Adoption> = self
+            .kept_adoptions()?
+            .into_iter()
+            .filter(|a| self.owned.owns_profile(&a.id) && partitions(starling_log::partition_of(&a.id)))
+            .collect();
+        let resent = resent + adoptions.len();
+        for adoption in adoptions {
+            let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
+            let to = worker_of(&adoption.id, n);
+            jobs[to] = Some(Work::Adopt(adoption));
+            self.queue(jobs, false).await?;
         }
         Ok(resent)
     }
@@ -800,10 +824,28 @@ impl Ingest {
         let stored = starling_store::handed_over(&writer).map_err(|e| IngestError::Failed(e.to_string()))?;
         Ok(stored
             .into_iter()
+            .filter(|(origin, _)| !is_split_origin(origin))
             .filter_map(|(origin, request)| match serde_json::from_str::<MergeRequest>(&request) {
                 Ok(merge) => Some(merge),
                 Err(e) => {
                     tracing::error!(origin, "a merge handed over is unreadable, not sent again: {e}");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// Profiles split out into another partition that it has not adopted.
+    fn kept_adoptions(&self) -> Result<Vec<Adoption>, IngestError> {
+        let writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stored = starling_store::handed_over(&writer).map_err(|e| IngestError::Failed(e.to_string()))?;
+        Ok(stored
+            .into_iter()
+            .filter(|(origin, _)| is_split_origin(origin))
+            .filter_map(|(origin, kept)| match serde_json::from_str::<Adoption>(&kept) {
+                Ok(adoption) => Some(adoption),
+                Err(e) => {
+                    tracing::error!(origin, "a split-out profile kept is unreadable, not adopted: {e}");
                     None
                 }
             })
@@ -952,6 +994,10 @@ impl Ingest {
                 Applying::Follow => Work::Follow(Carried::of(&entry.payload, entry.position)),
                 _ => work,
             };
+            let adoptions = match &work {
+                Work::Follow(carried) => self.keep_adoptions(carried)?,
+                _ => Vec::new(),
+            };
             let stamp = Stamp::of(&entry.payload);
             let version = stamp.config;
             if version != self.config.active().version
@@ -1010,8 +1056,45 @@ impl Ingest {
             if !stamp.independent {
                 queued.dependent_to.insert(worker);
             }
+            // A profile split out into a partition this node owns is adopted here, live, and
+            // logged in that partition.
+            for adoption in adoptions.into_iter().filter(|a| self.owned.owns_profile(&a.id)) {
+                queued.wait().await?;
+                let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
+                let to = worker_of(&adoption.id, n);
+                jobs[to] = Some(Work::Adopt(adoption));
+                queued.records.push(self.dispatch_jobs(jobs, false, None, Source::Client)?);
+                queued.wait().await?;
+            }
         }
         queued.wait().await
+    }
+
+    /// The profiles split out into other nodes' partitions by the followed record `carried`,
+    /// kept until adopted, by whichever node owns the partition (now, or when it takes it).
+    fn keep_adoptions(&self, carried: &Carried) -> Result<Vec<Adoption>, IngestError> {
+        let adoptions: Vec<Adoption> = carried
+            .changes
+            .iter()
+            .filter_map(|change| match change {
+                IdChange::Split { id, from, events: Some(events) } => Some(Adoption {
+                    id: id.clone(),
+                    from: from.clone(),
+                    origin: split_origin(carried.position, id),
+                    events: events.clone(),
+                }),
+                _ => None,
+            })
+            .collect();
+        if !adoptions.is_empty() {
+            let writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for adoption in &adoptions {
+                let kept = serde_json::to_string(adoption).expect("adoptions serialize");
+                starling_store::keep_handed_over(&writer, &adoption.origin, &kept)
+                    .map_err(|e| IngestError::Failed(e.to_string()))?;
+            }
+        }
+        Ok(adoptions)
     }
 
     /// Requests queued on each partition, for the queue-depth metric.
@@ -1450,6 +1533,11 @@ enum Write {
         id: String,
         from: String,
     },
+    /// [`Write::Split`] of an id whose profile is another node's: its events go from here.
+    SplitAway {
+        id: String,
+        from: String,
+    },
     /// A merge handed on from another partition's log record, applied in the partition.
     Handoff(String, Partition),
     /// Forget the ids of another node's profile, deleted there.
@@ -1524,6 +1612,16 @@ fn lost_claim_merge(
 fn merge_origin(position: Position, merge: &MergeRequest) -> String {
     let digest = Sha256::digest(format!("{}\u{1f}{}", merge.via, merge.absorbed).as_bytes());
     format!("{position}.{}", hex::encode(&digest[..8]))
+}
+
+/// The name of the adoption of the profile `id` split out by the record at `position`: kept
+/// with the merges handed over (`handed_over`), applied once (`handoffs`).
+fn split_origin(position: Position, id: &str) -> String {
+    format!("{position}.split-{}", hex::encode(&Sha256::digest(id.as_bytes())[..8]))
+}
+
+fn is_split_origin(origin: &str) -> bool {
+    origin.contains(".split-")
 }
 
 /// The log record that decided a write: a draft of the batch being applied, then, once the
@@ -2546,6 +2644,16 @@ impl Worker {
                         }
                     }
                 }
+                Work::Adopt(adoption) => {
+                    let applied = p.handoffs.contains(&adoption.origin)
+                        || starling_store::handoff_applied(conn, &adoption.origin)?;
+                    // A partition given up since is its next owner's to adopt into (kept).
+                    if !applied && self.shared.owned.applies_profile(&adoption.id) {
+                        p.draft(j, &adoption.id, |_| false, || Draft::Adopt(adoption.clone()));
+                        self.adopt_split(conn, p, &model, adoption, &mut enrichers, now)?;
+                        report.accepted += 1;
+                    }
+                }
                 Work::Follow(carried) => {
                     // Written at once: a followed claim is settled at its write.
                     p.urgent = true;
@@ -2827,6 +2935,7 @@ impl Worker {
                 Write::Merge { absorbed, survivor, carried: false } => tx.merge_profiles(absorbed, survivor)?,
                 Write::Merge { absorbed, survivor, carried: true } => tx.merge_carried(absorbed, survivor)?,
                 Write::Split { id, from } => tx.split_identity(id, from)?,
+                Write::SplitAway { id, from } => tx.split_identity_away(id, from)?,
                 Write::Handoff(origin, partition) => tx.record_handoff(origin, *partition)?,
                 Write::Forget(profile) => {
                     tx.forget_ids(profile)?;
@@ -3451,11 +3560,13 @@ impl Worker {
                 p.directory.extend(ids.into_iter().map(|id| (id, survivor.clone())));
                 p.gone.insert(absorbed);
             }
-            IdChange::Split { id, from } => {
+            IdChange::Split { id, from, .. } => {
                 p.effects.writes.push(Write::Split { id: id.clone(), from: from.clone() });
                 p.effects.writes.push(Write::Identity(identity(&id, &id, "unstitched", Some(from))));
                 p.directory.push((id.clone(), id));
             }
+            // Adopted by the partition's owner: not to be adopted again from here.
+            IdChange::Adopted { origin, .. } => p.effects.writes.push(Write::Unkeep(origin)),
             IdChange::Deleted { profile } => {
                 let mut ids: BTreeSet<String> = starling_store::ids_of(conn, &profile)?.into_iter().collect();
                 ids.extend(self.directory.stitched_into(&profile));
@@ -3567,26 +3678,74 @@ impl Worker {
             "events": { from.as_str(): kept_events.len(), id: split_events.len() },
             "profiles": [kept.to_json(), split.to_json()],
         });
-        p.effects.writes.push(Write::Split { id: id.to_string(), from: from.clone() });
-        p.changes.push(p.effects.record_index, IdChange::Split { id: id.to_string(), from: from.clone() });
-        p.effects.writes.push(Write::Identity(IdentityLink {
-            profile_id: id.to_string(),
-            visitor_id: id.to_string(),
-            kind: "unstitched",
-            other_id: Some(from.clone()),
-            attribute: None,
-            event_id: None,
-            at_ms: now,
-            detail: Some(format!("{} event(s) moved", split_events.len())),
-        }));
         p.effects.record(conn, model, &from, kept_outcome, now)?;
-        p.effects.record(conn, model, id, split_outcome, now)?;
         p.touched.get_mut(&from).expect("loaded above").0 = kept;
-        p.touched.insert(id.to_string(), (split, Loaded { now_ms: now, ..Loaded::default() }));
+        // Spread, a profile split out into another node's partition is that node's: the events
+        // that moved go to it with the record, and it adopts them (rebuilding the profile and
+        // firing what it joins). Here the id moves and those events go.
+        if self.spread() && !self.shared.owned.applies_profile(id) {
+            p.effects.writes.push(Write::SplitAway { id: id.to_string(), from: from.clone() });
+            let change = IdChange::Split { id: id.to_string(), from: from.clone(), events: Some(split_events) };
+            p.changes.push(p.effects.record_index, change);
+        } else {
+            p.effects.writes.push(Write::Split { id: id.to_string(), from: from.clone() });
+            let change = IdChange::Split { id: id.to_string(), from: from.clone(), events: None };
+            p.changes.push(p.effects.record_index, change);
+            p.effects.writes.push(Write::Identity(IdentityLink {
+                profile_id: id.to_string(),
+                visitor_id: id.to_string(),
+                kind: "unstitched",
+                other_id: Some(from.clone()),
+                attribute: None,
+                event_id: None,
+                at_ms: now,
+                detail: Some(format!("{} event(s) moved", split_events.len())),
+            }));
+            p.effects.record(conn, model, id, split_outcome, now)?;
+            p.touched.insert(id.to_string(), (split, Loaded { now_ms: now, ..Loaded::default() }));
+        }
         p.directory.push((id.to_string(), id.to_string()));
         self.cache.identities.insert(id.to_string(), id.to_string());
         tracing::debug!(id = %id, from = %from, "id unstitched");
         Ok(Ok(result))
+    }
+
+    /// Adopts the profile another node split out into this partition (see [`Adoption`]): rebuilt
+    /// from the events that moved with its id and any sent here since, its audience changes
+    /// fire here, where its actions are delivered.
+    fn adopt_split(
+        &mut self,
+        conn: &rusqlite::Connection,
+        p: &mut Pending,
+        model: &Model,
+        adoption: &Adoption,
+        enrichers: &mut dyn CustomEnrichers,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let Adoption { id, origin, .. } = adoption;
+        let before = load(model, &mut self.cache, conn, &mut p.touched, now, id)?.audiences.clone();
+        let held = starling_store::profile_events(conn, id)?;
+        let held_ids: HashSet<&String> = held.iter().filter_map(|e| e.id.as_ref()).collect();
+        let carried: Vec<Event> = adoption
+            .events
+            .iter()
+            .filter(|e| e.id.as_ref().is_none_or(|event_id| !held_ids.contains(event_id)))
+            .cloned()
+            .collect();
+        let mut history: Vec<Event> = held.iter().chain(&carried).cloned().collect();
+        history.sort_by_key(|e| e.timestamp_ms);
+        let (profile, outcome) = rebuild(model, id, &history, &before, enrichers, now);
+        tracing::debug!(id = %id, from = %adoption.from, events = carried.len(), "split-out profile adopted");
+        p.seen.extend(carried.iter().filter_map(Event::dedup_key));
+        let state = Absorbed { profile: profile.clone(), events: carried, memberships: Vec::new() };
+        p.effects.writes.push(Write::Adopt { survivor: id.clone(), state: Box::new(state) });
+        p.effects.record(conn, model, id, outcome, now)?;
+        p.touched.get_mut(id).expect("loaded above").0 = profile;
+        p.handoffs.insert(origin.clone());
+        p.effects.writes.push(Write::Handoff(origin.clone(), starling_log::partition_of(id)));
+        p.changes.push(p.effects.record_index, IdChange::Adopted { id: id.clone(), origin: origin.clone() });
+        p.directory.push((id.clone(), id.clone()));
+        Ok(())
     }
 }
 
@@ -3768,6 +3927,7 @@ fn encode(batch: &[IngestJob], job: usize, draft: &Draft, now_ms: i64, stamp: (i
         (Draft::Wakeups(profiles), _) => LoggedRef::Wakeups { now_ms, profiles },
         (Draft::Merge(merge), _) => LoggedRef::Merge { now_ms, merge },
         (Draft::Unstitch(id), _) => LoggedRef::Unstitch { now_ms, id },
+        (Draft::Adopt(adoption), _) => LoggedRef::Adopt { now_ms, adoption },
         (Draft::Delete(ids), Work::Delete { reason, inactive_before, .. }) => {
             LoggedRef::Delete { now_ms, ids, reason, inactive_before: *inactive_before }
         }
@@ -4269,6 +4429,65 @@ mod tests {
         assert!(a.profile(&second).is_none() && b.profile(&first).is_none(), "no copies");
         a.stop();
         b.stop();
+    }
+
+    /// An unstitch whose split-out id is of another node's partition: the record carries the
+    /// events that move, the node owning that partition adopts them (and logs it there), the
+    /// splitting node keeps no copy; a node taking the partition before its owner adopted
+    /// them adopts them from what it kept, and a node following the adoption forgets it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_profile_split_out_into_another_nodes_partition_is_adopted_there() {
+        let log = Arc::new(starling_log::MemoryLog::new());
+        let (first, second) = in_two_partitions();
+        let node = || Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
+        let (a, b, c, d) = (node(), node(), node(), node());
+        a.owned.add(starling_log::partition_of(&first));
+        b.owned.add(starling_log::partition_of(&second));
+        a.ingest.submit(vec![event(&first, 0), login(&first, 1)]).await.unwrap();
+        a.ingest.materialize().await.unwrap();
+        follow_others(&b).await;
+        b.ingest.submit(vec![event(&second, 2), event(&second, 3), login(&second, 4)]).await.unwrap();
+        b.ingest.materialize().await.unwrap();
+        follow_others(&a).await;
+        assert_eq!(a.profile(&first).unwrap().event_count, 5);
+
+        let answer = a.ingest.unstitch(&second).await.unwrap();
+        assert_eq!(answer["events"][&second], 3, "{answer}");
+        a.ingest.materialize().await.unwrap();
+        assert_eq!(a.profile(&first).unwrap().event_count, 2);
+        let split_here = starling_store::open(&a.database).unwrap();
+        assert!(a.profile(&second).is_none(), "no copy on the node that split it");
+        assert!(starling_store::profile_events(&split_here, &second).unwrap().is_empty());
+
+        // c follows the split, not owning the partition: it keeps it.
+        follow_others(&c).await;
+        assert!(c.profile(&second).is_none());
+        follow_others(&b).await;
+        let adopted = b.profile(&second).unwrap();
+        assert_eq!(adopted.event_count, 3);
+        assert_eq!(b.ingest.profile_of(&second), second);
+        let conn = starling_store::open(&b.database).unwrap();
+        assert_eq!(starling_store::profile_events(&conn, &second).unwrap().len(), 3);
+        let mut records = Vec::new();
+        log.read(&[(starling_log::partition_of(&second), 0)], &mut |entry| records.push(entry)).unwrap();
+        let adopt = |e: &Entry| serde_json::from_slice::<serde_json::Value>(&e.payload).unwrap()["work"] == "adopt";
+        assert_eq!(records.iter().filter(|e| adopt(e)).count(), 1, "logged in the partition adopted into");
+
+        // c takes the partition as if b had not adopted it: it adopts what it kept, once.
+        c.owned.add(starling_log::partition_of(&second));
+        let take = |p: Partition| p == starling_log::partition_of(&second);
+        assert_eq!(c.ingest.send_handed_over(take).await.unwrap(), 1);
+        assert_eq!(c.ingest.send_handed_over(take).await.unwrap(), 0, "adopted once");
+        assert_eq!(c.profile(&second).unwrap().event_count, 3);
+
+        // d follows both records: the split, then its adoption; nothing is left kept.
+        follow_others(&d).await;
+        let kept = starling_store::handed_over(&starling_store::open(&d.database).unwrap()).unwrap();
+        assert!(kept.is_empty(), "{kept:?}");
+        assert!(d.profile(&second).is_none());
+        for node in [a, b, c, d] {
+            node.stop();
+        }
     }
 
     /// The merge of the first hand record in `partition`, waiting up to 5 s for one.

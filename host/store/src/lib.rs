@@ -1192,6 +1192,14 @@ impl<'c> Batch<'c> {
         Ok(())
     }
 
+    /// Splits visitor id `id` out of profile `from` into a profile of its own held elsewhere
+    /// (another node's partition): the id moves, and the events sent with it go from here.
+    pub fn split_identity_away(&self, id: &str, from: &str) -> Result<()> {
+        self.split_identity(id, from)?;
+        self.tx.prepare_cached("DELETE FROM events WHERE profile_id = ?1")?.execute([id])?;
+        Ok(())
+    }
+
     /// Forgets the merge named `origin` kept until applied: another node applied it.
     pub fn unkeep(&self, origin: &str) -> Result<()> {
         self.tx.prepare_cached("DELETE FROM handed_over WHERE origin = ?1")?.execute([origin])?;

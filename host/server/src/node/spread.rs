@@ -336,12 +336,15 @@ pub(super) async fn serve(
                         owned.add(partition);
                     }
                     applied_live = owned.bits();
-                    // Merges kept for this node's partitions and not applied: handed to the
-                    // partitions taken, or restored with them (their profiles were to go into
-                    // this node's).
+                    // Merges and split-out profiles kept for this node's partitions and not
+                    // applied: handed to the partitions taken, or restored with them (their
+                    // profiles were to go into this node's).
                     match front.ingest.send_handed_over(|_| true).await {
                         Ok(0) => {}
-                        Ok(merges) => tracing::info!(merges, "merges handed to the partitions taken applied"),
+                        Ok(resent) => tracing::info!(
+                            resent,
+                            "merges and split-out profiles kept for the partitions taken applied"
+                        ),
                         Err(e) => tracing::warn!("applying the merges handed to the partitions taken: {e}"),
                     }
                     // And merges their profiles were to go through, into other nodes' profiles.

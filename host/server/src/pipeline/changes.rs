@@ -5,7 +5,7 @@
 use starling_log::Position;
 
 /// One change to which profile an id belongs.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "change", rename_all = "snake_case")]
 pub enum IdChange {
     /// `id` was linked to `profile`; `claimed`: by a claim, which the record's position orders
@@ -24,8 +24,16 @@ pub enum IdChange {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         origin: Option<String>,
     },
-    /// `id` was split out of `from` into a profile of its own.
-    Split { id: String, from: String },
+    /// `id` was split out of `from` into a profile of its own; `events`: those that moved with
+    /// it, when its partition is another node's, which adopts them (see [`Adoption`]).
+    Split {
+        id: String,
+        from: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        events: Option<Vec<starling_core::Event>>,
+    },
+    /// The profile split out on another node by the adoption named `origin` was adopted here.
+    Adopted { id: String, origin: String },
     /// Profile `profile` and its ids were removed.
     Deleted { profile: String },
 }
@@ -74,4 +82,16 @@ pub struct Absorbed {
     pub events: Vec<starling_core::Event>,
     /// Its audiences, with when it joined each.
     pub memberships: Vec<(String, i64)>,
+}
+
+/// A profile split out by another node's record into a partition it does not own: the events
+/// that moved with the id, which the partition's owner adopts (rebuilding the profile from
+/// them), once: `origin` names it (see `split_origin`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Adoption {
+    pub id: String,
+    pub from: String,
+    pub origin: String,
+    /// Oldest first.
+    pub events: Vec<starling_core::Event>,
 }

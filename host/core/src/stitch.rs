@@ -5,7 +5,7 @@ use crate::attribute::{AttributeDef, MergeRule};
 use crate::model::Model;
 use crate::profile::Profile;
 use crate::value::{AttrType, FunnelState, MAX_SET_MEMBERS, MAX_TALLY_KEYS, Scope, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Merges `absorbed` into `survivor`, attribute by attribute, by each attribute's rule. The
 /// survivor keeps its id; audiences are left for the caller to re-evaluate.
@@ -154,16 +154,33 @@ fn most_advanced(a: FunnelState, b: FunnelState) -> FunnelState {
 /// Why profiles `a` and `b` may not be stitched: together they would hold more values of a
 /// visitor-id attribute than its `max_per_profile` (two people's email hashes, say).
 pub fn held_ids_conflict(model: &Model, a: &Profile, b: &Profile) -> Option<String> {
-    model.attributes.iter().find_map(|def| {
-        let max = def.max_per_profile?;
-        let held = |p: &Profile| {
-            let mut ids = p.held_ids.get(&def.name).cloned().unwrap_or_default();
-            if let Some(Value::String(s)) = p.attributes.get(&def.name) {
+    held_values_conflict(model, a, &capped_values(model, b))
+}
+
+/// The values `profile` holds of each visitor-id attribute with a `max_per_profile`.
+pub fn capped_values(model: &Model, profile: &Profile) -> BTreeMap<String, BTreeSet<String>> {
+    model
+        .attributes
+        .iter()
+        .filter(|def| def.max_per_profile.is_some())
+        .map(|def| {
+            let mut ids = profile.held_ids.get(&def.name).cloned().unwrap_or_default();
+            if let Some(Value::String(s)) = profile.attributes.get(&def.name) {
                 ids.insert(s.clone());
             }
-            ids
-        };
-        let together = held(a).union(&held(b)).count();
+            (def.name.clone(), ids)
+        })
+        .collect()
+}
+
+/// [`held_ids_conflict`] with a profile known only by the values it holds of each capped
+/// attribute, `other` (one another node holds).
+pub fn held_values_conflict(model: &Model, a: &Profile, other: &BTreeMap<String, BTreeSet<String>>) -> Option<String> {
+    let held = capped_values(model, a);
+    model.attributes.iter().find_map(|def| {
+        let max = def.max_per_profile?;
+        let (mine, theirs) = (held.get(&def.name)?, other.get(&def.name));
+        let together = mine.union(theirs.unwrap_or(&BTreeSet::new())).count();
         (together > max)
             .then(|| format!("the two profiles hold {together} different `{}` ids (max_per_profile = {max})", def.name))
     })

@@ -1533,6 +1533,11 @@ enum Write {
         id: String,
         from: String,
     },
+    /// `id` is a value of the capped visitor-id attribute `attribute` (see `IdChange::Capped`).
+    Capped {
+        id: String,
+        attribute: String,
+    },
     /// [`Write::Split`] of an id whose profile is another node's: its events go from here.
     SplitAway {
         id: String,
@@ -2936,6 +2941,7 @@ impl Worker {
                 Write::Merge { absorbed, survivor, carried: true } => tx.merge_carried(absorbed, survivor)?,
                 Write::Split { id, from } => tx.split_identity(id, from)?,
                 Write::SplitAway { id, from } => tx.split_identity_away(id, from)?,
+                Write::Capped { id, attribute } => tx.mark_capped(id, attribute)?,
                 Write::Handoff(origin, partition) => tx.record_handoff(origin, *partition)?,
                 Write::Forget(profile) => {
                     tx.forget_ids(profile)?;
@@ -3200,7 +3206,11 @@ impl Worker {
                     stored = o;
                     &stored
                 }
-                None => return Ok(None),
+                // Another node's: the capped values linked to it, as its records said.
+                None => {
+                    let capped = starling_store::capped_ids_of(conn, owner)?;
+                    return Ok(starling_core::stitch::held_values_conflict(model, profile, &capped));
+                }
             },
         };
         Ok(starling_core::stitch::held_ids_conflict(model, profile, other))
@@ -3317,6 +3327,10 @@ impl Worker {
                     p.effects.writes.push(Write::Link { visitor: id.clone(), profile: pid.to_string(), claim });
                     let linked = IdChange::Linked { id: id.clone(), profile: pid.to_string(), claimed: true };
                     p.changes.push(p.effects.record_index, linked);
+                    if model.attribute(&attribute).is_some_and(|def| def.max_per_profile.is_some()) {
+                        p.effects.writes.push(Write::Capped { id: id.clone(), attribute: attribute.clone() });
+                        p.changes.push(p.effects.record_index, IdChange::Capped { id: id.clone(), attribute });
+                    }
                     p.directory.push((id, pid.to_string()));
                 }
                 Some(survivor) => {
@@ -3565,6 +3579,7 @@ impl Worker {
                 p.effects.writes.push(Write::Identity(identity(&id, &id, "unstitched", Some(from))));
                 p.directory.push((id.clone(), id));
             }
+            IdChange::Capped { id, attribute } => p.effects.writes.push(Write::Capped { id, attribute }),
             // Adopted by the partition's owner: not to be adopted again from here.
             IdChange::Adopted { origin, .. } => p.effects.writes.push(Write::Unkeep(origin)),
             IdChange::Deleted { profile } => {
@@ -4488,6 +4503,68 @@ mod tests {
         for node in [a, b, c, d] {
             node.stop();
         }
+    }
+
+    /// An email hash capped at one per profile; a customer id that stitches.
+    const CAPPED: &str = r#"
+        [server]
+        partitions = 2
+        [[attribute]]
+        name = "email_hash"
+        scope = "visitor"
+        type = "visitor_id"
+        max_per_profile = 1
+        [[attribute]]
+        name = "customer_id"
+        scope = "visitor"
+        type = "visitor_id"
+        [[enrichment]]
+        attribute = "email_hash"
+        op = "set"
+        event = "email_hash"
+        when = "event:login"
+        [[enrichment]]
+        attribute = "customer_id"
+        op = "set"
+        event = "customer_id"
+        when = "event:order"
+    "#;
+
+    /// `max_per_profile` across nodes: a profile whose event names an id another node's
+    /// profile holds is not stitched to it when the two would hold more capped values than
+    /// allowed, known here from the capped ids that node's records linked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_profiles_of_two_nodes_holding_different_capped_ids_are_not_stitched() {
+        let log = Arc::new(starling_log::MemoryLog::new());
+        let (first, second) = in_two_partitions();
+        let node = || Running::handing(CAPPED, 2, log.clone(), true, Some(Arc::new(Handed::default())));
+        let (a, b) = (node(), node());
+        a.owned.add(starling_log::partition_of(&first));
+        b.owned.add(starling_log::partition_of(&second));
+        let with = |visitor: &str, name: &str, field: &str, value: &str, n| {
+            let mut e = Event { name: name.into(), ..event(visitor, n) };
+            e.data.insert(field.into(), value.into());
+            e
+        };
+        a.ingest.submit(vec![with(&first, "login", "email_hash", "first-email", 0)]).await.unwrap();
+        a.ingest.submit(vec![with(&first, "order", "customer_id", "customer-7", 1)]).await.unwrap();
+        a.ingest.materialize().await.unwrap();
+        follow_others(&b).await;
+        b.ingest.submit(vec![with(&second, "login", "email_hash", "second-email", 2)]).await.unwrap();
+        b.ingest.submit(vec![with(&second, "order", "customer_id", "customer-7", 3)]).await.unwrap();
+        b.ingest.materialize().await.unwrap();
+
+        assert_eq!(b.ingest.profile_of(&second), second, "not stitched");
+        assert!(b.profile(&second).is_some());
+        let mut records = Vec::new();
+        log.read(&[(starling_log::partition_of(&second), 0)], &mut |entry| records.push(entry)).unwrap();
+        assert!(records.iter().all(|e| handed_merge(&e.payload).is_none()), "no merge handed on");
+        let conn = starling_store::open(&b.database).unwrap();
+        let history = starling_store::identity_history(&conn, &second).unwrap();
+        let refused = history.iter().find(|h| h["kind"] == "refused").expect("a refusal recorded");
+        assert!(refused.to_string().contains("max_per_profile = 1"), "{refused}");
+        a.stop();
+        b.stop();
     }
 
     /// The merge of the first hand record in `partition`, waiting up to 5 s for one.

@@ -9,7 +9,7 @@
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 use starling_core::model::Trigger;
 use starling_core::{PendingAction, Profile};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 mod configs;
@@ -74,7 +74,7 @@ pub fn check_integrity(path: &Path, level: Integrity, max_problems: usize) -> Re
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-const SCHEMA_VERSION: i64 = 11;
+const SCHEMA_VERSION: i64 = 12;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS profiles (
@@ -93,7 +93,10 @@ CREATE TABLE IF NOT EXISTS identities (
     -- Two partitions can claim one id at once; the claim earlier in the log wins, as it does
     -- when the log is applied again. Cleared when the id moves (merge, unstitch): only a claim
     -- still as made can be overtaken.
-    claimed_at  INTEGER
+    claimed_at  INTEGER,
+    -- The visitor-id attribute with a `max_per_profile` the id is a value of: what a node
+    -- knows of the capped values of a profile another node holds.
+    attribute   TEXT
 );
 CREATE INDEX IF NOT EXISTS identities_by_profile ON identities(profile_id);
 CREATE TABLE IF NOT EXISTS memberships (
@@ -648,6 +651,9 @@ pub fn open(path: &Path) -> Result<Connection> {
         if (1..11).contains(&version) {
             add_column_if_missing(&conn, "handoffs", "partition", "INTEGER")?;
         }
+        if (1..12).contains(&version) {
+            add_column_if_missing(&conn, "identities", "attribute", "TEXT")?;
+        }
         if (1..5).contains(&version) {
             conn.execute_batch(
                 "BEGIN;
@@ -921,6 +927,15 @@ impl<'c> Batch<'c> {
             .prepare_cached("INSERT OR IGNORE INTO identities (visitor_id, profile_id) VALUES (?1, ?2)")?
             .execute([visitor_id, profile_id])?;
         Ok(inserted == 1)
+    }
+
+    /// Marks `visitor_id` a value of the capped visitor-id attribute `attribute` (see
+    /// [`capped_ids_of`]).
+    pub fn mark_capped(&self, visitor_id: &str, attribute: &str) -> Result<()> {
+        self.tx
+            .prepare_cached("UPDATE identities SET attribute = ?2 WHERE visitor_id = ?1")?
+            .execute([visitor_id, attribute])?;
+        Ok(())
     }
 
     /// Links `visitor_id` to `profile_id` for a claim made by the log record at `position`
@@ -1641,6 +1656,20 @@ pub fn stitched_ids(conn: &Connection) -> Result<Vec<(String, String)>> {
     let mut stmt = conn.prepare("SELECT visitor_id, profile_id FROM identities WHERE visitor_id <> profile_id")?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// The ids linked to `profile_id` that are values of a capped visitor-id attribute, by
+/// attribute: the values a profile another node holds is known to hold here.
+pub fn capped_ids_of(conn: &Connection, profile_id: &str) -> Result<BTreeMap<String, BTreeSet<String>>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT attribute, visitor_id FROM identities WHERE profile_id = ?1 AND attribute IS NOT NULL",
+    )?;
+    let mut capped: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for row in stmt.query_map([profile_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+        let (attribute, id) = row?;
+        capped.entry(attribute).or_default().insert(id);
+    }
+    Ok(capped)
 }
 
 /// Whether profile `id` was split out of profile `profile_id` (they may not stitch again).

@@ -32,6 +32,10 @@ pub enum IdChange {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         events: Option<Vec<starling_core::Event>>,
     },
+    /// `id` is a value of the visitor-id attribute `attribute`, which has a `max_per_profile`:
+    /// whichever profile holds it holds that value (checked when stitching with a profile of
+    /// another node's partition).
+    Capped { id: String, attribute: String },
     /// The profile split out on another node by the adoption named `origin` was adopted here.
     Adopted { id: String, origin: String },
     /// Profile `profile` and its ids were removed.

@@ -24,7 +24,7 @@ mod snapshots;
 use crate::copy::ANSWERED_FROM_HEADER;
 use crate::delivery::Outcomes;
 use crate::owned::{Elsewhere, HandedReport, Owned, PartitionedEvents, Taker, Via};
-use crate::pipeline::Source;
+use crate::pipeline::{IngestError, Source};
 use crate::{App, Options, ServerError, Spread, http};
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
@@ -529,11 +529,16 @@ async fn apply_intake(ingest: Arc<crate::pipeline::Ingest>, intake: Arc<Intake>,
             }
         };
         let taken = events.len();
-        // Not applied (the engine stopping, a failed commit): the intake keeps them for the
-        // next round or owner; ids keep any applied out.
-        if let Err(e) = ingest.submit_from(events, Source::Intake).await {
-            tracing::warn!(partition, "applying the intake: {e}");
-            return;
+        // Not applied (a failed commit, some refused by the node they were handed to, the
+        // engine stopping): the intake keeps them for the next round or owner; ids keep any
+        // applied out. The other partitions' go on, unless the engine is stopping.
+        match ingest.submit_from(events, Source::Intake).await {
+            Ok(_) => {}
+            Err(IngestError::Closed) => return,
+            Err(e) => {
+                tracing::warn!(partition, "applying the intake: {e}");
+                continue;
+            }
         }
         tracing::info!(partition, events = taken, "applied the events handed over while no node owned the partition");
         if let Err(e) = intake.forget_partition_through(partition, last).await {

@@ -4,6 +4,7 @@
 
 use crate::nats::{join, three_servers};
 use bytes::Bytes;
+use starling_cluster::stream::EventStream;
 use starling_log::Partition;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -68,15 +69,12 @@ async fn records_acknowledged_through_a_leader_failure_are_all_kept_once() {
     let mut stored: BTreeMap<String, (Partition, u64)> = BTreeMap::new();
     for partition in 0..64 {
         let mut last = 0;
-        reader
-            .read(partition, 0, &mut |position, payload| {
-                assert!(position > last, "positions grow within partition {partition}");
-                last = position;
-                let id = String::from_utf8(payload.to_vec()).unwrap();
-                assert!(stored.insert(id.clone(), (partition, position)).is_none(), "{id} stored twice");
-            })
-            .await
-            .unwrap();
+        for (position, payload) in read_after_election(&reader, partition).await {
+            assert!(position > last, "positions grow within partition {partition}");
+            last = position;
+            let id = String::from_utf8(payload.to_vec()).unwrap();
+            assert!(stored.insert(id.clone(), (partition, position)).is_none(), "{id} stored twice");
+        }
     }
     stored.remove("probe");
     assert_eq!(stored.len(), 2 * PER_SENDER, "every acknowledged record, no other");
@@ -87,6 +85,24 @@ async fn records_acknowledged_through_a_leader_failure_are_all_kept_once() {
     let mut after = Vec::new();
     reader.read(partition, position, &mut |p, _| after.push(p)).await.unwrap();
     assert!(after.iter().all(|p| *p > position) && !after.is_empty());
+}
+
+/// Every record of `partition`, read again (for up to 30 s) when a read fails: right after an
+/// election the new leader may not answer a read in time, and a reader tries again, as a
+/// node's next round does.
+async fn read_after_election(reader: &EventStream, partition: Partition) -> Vec<(u64, Bytes)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut records = Vec::new();
+        match reader.read(partition, 0, &mut |position, payload| records.push((position, payload))).await {
+            Ok(()) => return records,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("reading partition {partition} after the election: {e}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("partition {partition} not readable within 30 s of the election: {e}"),
+        }
+    }
 }
 
 /// Forgetting a partition's records before a snapshot's position leaves that record and the

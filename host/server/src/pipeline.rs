@@ -141,6 +141,9 @@ pub enum Work {
     /// Split a wrongly stitched id back out of its profile.
     Unstitch {
         id: String,
+        /// Applied again: the profile its record split it out of (the directory may have
+        /// followed the split already, on a node taking the partition).
+        from: Option<String>,
         done: oneshot::Sender<Result<serde_json::Value, String>>,
     },
     /// Delete the profiles these ids belong to, everywhere; with `inactive_before`, only those
@@ -386,7 +389,13 @@ impl Logged {
                 merge.merged_first = Some(merged);
                 (Work::Merge(merge), now_ms)
             }
-            Logged::Unstitch { now_ms, id } => (Work::Unstitch { id, done: oneshot::channel().0 }, now_ms),
+            Logged::Unstitch { now_ms, id } => {
+                let from = Carried::of(payload, position).changes.into_iter().find_map(|change| match change {
+                    IdChange::Split { id: split, from, .. } if split == id => Some(from),
+                    _ => None,
+                });
+                (Work::Unstitch { id, from, done: oneshot::channel().0 }, now_ms)
+            }
             Logged::Adopt { now_ms, adoption } => (Work::Adopt(adoption), now_ms),
             Logged::Delete { now_ms, ids, reason: r, inactive_before } => {
                 (Work::Delete { ids, reason: reason(&r), inactive_before, done: oneshot::channel().0 }, now_ms)
@@ -573,7 +582,7 @@ impl Ingest {
         self.check_owned(&profile)?;
         let (done, result) = oneshot::channel();
         let mut work: Vec<Option<Work>> = (0..n).map(|_| None).collect();
-        work[worker_of(&profile, n)] = Some(Work::Unstitch { id: id.to_string(), done });
+        work[worker_of(&profile, n)] = Some(Work::Unstitch { id: id.to_string(), from: None, done });
         self.queue(work, false).await?;
         result.await.map_err(|_| IngestError::Closed)?.map_err(IngestError::Failed)
     }
@@ -2638,11 +2647,12 @@ impl Worker {
                     }
                     p.deleted.push((done, records));
                 }
-                Work::Unstitch { id, done } => {
+                Work::Unstitch { id, from, done } => {
                     let (placeholder, _) = oneshot::channel();
                     let done = std::mem::replace(done, placeholder);
-                    p.draft(j, &self.directory.profile_of(id), |_| false, || Draft::Unstitch(id.clone()));
-                    match self.unstitch(conn, p, &model, id, &mut enrichers, now)? {
+                    let profile = from.clone().unwrap_or_else(|| self.directory.profile_of(id));
+                    p.draft(j, &profile, |_| false, || Draft::Unstitch(id.clone()));
+                    match self.unstitch(conn, p, &model, id, from.as_deref(), &mut enrichers, now)? {
                         Ok(result) => p.unstitched.push((done, result)),
                         Err(refusal) => {
                             let _ = done.send(Err(refusal));
@@ -3661,18 +3671,24 @@ impl Worker {
         Ok(Some(detail))
     }
 
-    /// Splits `id` out of its profile: both are rebuilt from their logged events, and the
-    /// resulting audience changes fire. `Ok(Err(..))` when there is nothing to split.
+    /// Splits `id` out of its profile (`recorded`: the one its record split it out of, applied
+    /// again): both are rebuilt from their logged events, and the resulting audience changes
+    /// fire. `Ok(Err(..))` when there is nothing to split.
+    #[allow(clippy::too_many_arguments)]
     fn unstitch(
         &mut self,
         conn: &rusqlite::Connection,
         p: &mut Pending,
         model: &Model,
         id: &str,
+        recorded: Option<&str>,
         enrichers: &mut dyn CustomEnrichers,
         now: i64,
     ) -> Result<Result<serde_json::Value, String>, StoreError> {
-        let from = self.follow(p, &self.directory.profile_of(id));
+        let from = match recorded {
+            Some(from) => from.to_string(),
+            None => self.follow(p, &self.directory.profile_of(id)),
+        };
         if from == id {
             return Ok(Err(match starling_store::resolve_identity(conn, id)? {
                 None => format!("no profile has the id `{id}`"),
@@ -4453,23 +4469,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_profile_split_out_into_another_nodes_partition_is_adopted_there() {
         let log = Arc::new(starling_log::MemoryLog::new());
-        let (first, second) = in_two_partitions();
+        let (a, b, first, second) = stitched_across_two_nodes(&log).await;
+        unstitch_on(&a, &first, &second).await;
         let node = || Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
-        let (a, b, c, d) = (node(), node(), node(), node());
-        a.owned.add(starling_log::partition_of(&first));
-        b.owned.add(starling_log::partition_of(&second));
-        a.ingest.submit(vec![event(&first, 0), login(&first, 1)]).await.unwrap();
-        a.ingest.materialize().await.unwrap();
-        follow_others(&b).await;
-        b.ingest.submit(vec![event(&second, 2), event(&second, 3), login(&second, 4)]).await.unwrap();
-        b.ingest.materialize().await.unwrap();
-        follow_others(&a).await;
-        assert_eq!(a.profile(&first).unwrap().event_count, 5);
-
-        let answer = a.ingest.unstitch(&second).await.unwrap();
-        assert_eq!(answer["events"][&second], 3, "{answer}");
-        a.ingest.materialize().await.unwrap();
-        assert_eq!(a.profile(&first).unwrap().event_count, 2);
+        let (c, d) = (node(), node());
         let split_here = starling_store::open(&a.database).unwrap();
         assert!(a.profile(&second).is_none(), "no copy on the node that split it");
         assert!(starling_store::profile_events(&split_here, &second).unwrap().is_empty());
@@ -4501,6 +4504,61 @@ mod tests {
         assert!(kept.is_empty(), "{kept:?}");
         assert!(d.profile(&second).is_none());
         for node in [a, b, c, d] {
+            node.stop();
+        }
+    }
+
+    /// Nodes `a` and `b`, owning the partitions of `first` and `second`: the two profiles were
+    /// stitched across them (into `first`, on `a`).
+    async fn stitched_across_two_nodes(log: &Arc<starling_log::MemoryLog>) -> (Running, Running, String, String) {
+        let (first, second) = in_two_partitions();
+        let node = || Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
+        let (a, b) = (node(), node());
+        a.owned.add(starling_log::partition_of(&first));
+        b.owned.add(starling_log::partition_of(&second));
+        a.ingest.submit(vec![event(&first, 0), login(&first, 1)]).await.unwrap();
+        a.ingest.materialize().await.unwrap();
+        follow_others(&b).await;
+        b.ingest.submit(vec![event(&second, 2), event(&second, 3), login(&second, 4)]).await.unwrap();
+        b.ingest.materialize().await.unwrap();
+        follow_others(&a).await;
+        assert_eq!(a.profile(&first).unwrap().event_count, 5);
+        (a, b, first, second)
+    }
+
+    /// Unstitches `second` on `a`: its three events go.
+    async fn unstitch_on(a: &Running, first: &str, second: &str) {
+        let answer = a.ingest.unstitch(second).await.unwrap();
+        assert_eq!(answer["events"][second], 3, "{answer}");
+        a.ingest.materialize().await.unwrap();
+        assert_eq!(a.profile(first).unwrap().event_count, 2);
+    }
+
+    /// An unstitch applied again by a node taking the partition from a snapshot of the stitched
+    /// profile (its ids followed the split already: the id is a profile of its own there)
+    /// splits what its record split.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unstitch_applied_again_by_a_node_taking_the_partition_splits_what_it_split() {
+        let log = Arc::new(starling_log::MemoryLog::new());
+        let (a, b, first, second) = stitched_across_two_nodes(&log).await;
+        let snapshots = tempfile::tempdir().unwrap();
+        let snapshot = snapshots.path().join("a.db");
+        let partition = starling_log::partition_of(&first);
+        let positions = starling_store::snapshot(&a.database, &snapshot).unwrap();
+        let position = positions.iter().find(|(p, _)| *p == partition).map(|(_, at)| *at).unwrap();
+        unstitch_on(&a, &first, &second).await;
+        let c = Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
+        follow_others(&c).await;
+        assert_eq!(c.ingest.profile_of(&second), second, "the split followed");
+        // c takes a's partition from the snapshot, then its records after it: the unstitch.
+        c.owned.add(partition);
+        c.ingest.restore(partition, Some(snapshot), Some(position)).await.unwrap();
+        let entries = c.ingest.read_after(vec![(partition, position)]).await.unwrap();
+        c.ingest.take_over(&entries).await.unwrap();
+        c.ingest.materialize().await.unwrap();
+        assert_eq!(c.profile(&first).unwrap().event_count, 2, "as on a: {:?}", a.profile(&first));
+        assert!(c.profile(&second).is_none(), "b's");
+        for node in [a, b, c] {
             node.stop();
         }
     }

@@ -62,18 +62,34 @@ impl Changes {
 }
 
 /// The changes a record at `position` carries, as read back.
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(Debug, Default)]
 pub struct Carried {
-    #[serde(default)]
     pub changes: Vec<IdChange>,
-    #[serde(skip)]
     pub position: Position,
 }
 
 impl Carried {
+    /// A change of a kind this version does not know (written by a newer node) is skipped:
+    /// the others still apply.
     pub fn of(payload: &[u8], position: Position) -> Carried {
-        let carried: Carried = serde_json::from_slice(payload).unwrap_or_default();
-        Carried { position, ..carried }
+        #[derive(serde::Deserialize, Default)]
+        struct Written {
+            #[serde(default)]
+            changes: Vec<serde_json::Value>,
+        }
+        let written: Written = serde_json::from_slice(payload).unwrap_or_default();
+        let changes = written
+            .changes
+            .into_iter()
+            .filter_map(|change| match serde_json::from_value(change) {
+                Ok(change) => Some(change),
+                Err(e) => {
+                    tracing::warn!(position, "a change of a record skipped: {e}");
+                    None
+                }
+            })
+            .collect();
+        Carried { changes, position }
     }
 }
 
@@ -98,4 +114,29 @@ pub struct Adoption {
     pub origin: String,
     /// Oldest first.
     pub events: Vec<starling_core::Event>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record of a newer node may carry a change this version does not know: the ones it
+    /// knows still apply.
+    #[test]
+    fn a_change_of_an_unknown_kind_is_skipped_and_the_others_kept() {
+        let payload = br#"{"work":"events","changes":[
+            {"change":"linked","id":"laptop","profile":"phone"},
+            {"change":"from_a_later_version","id":"laptop"},
+            {"change":"deleted","profile":"tablet"}
+        ]}"#;
+        let carried = Carried::of(payload, 7);
+        assert_eq!(carried.position, 7);
+        assert_eq!(
+            carried.changes,
+            [
+                IdChange::Linked { id: "laptop".into(), profile: "phone".into(), claimed: false },
+                IdChange::Deleted { profile: "tablet".into() },
+            ]
+        );
+    }
 }

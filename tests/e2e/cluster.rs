@@ -324,11 +324,7 @@ async fn every_action_delivered_once(server: &Server, receiver: &Receiver) {
 /// [`every_action_delivered_once`], but for the profiles `rejoined`, which joined `known`
 /// twice (split out of another after a merge), and were welcomed twice.
 async fn every_action_delivered_once_but(server: &Server, receiver: &Receiver, rejoined: &[&str]) {
-    eventually("every action to be delivered", Duration::from_secs(60), async || {
-        let (_, actions) = get_json(&format!("{}/v1/actions?status=pending&limit=1", server.url)).await;
-        actions["actions"].as_array().is_some_and(Vec::is_empty).then_some(())
-    })
-    .await;
+    none_pending(server).await;
     let mut keys: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for hook in receiver.received().iter().filter(|r| r.path == "/welcome") {
         keys.entry(hook.body["who"].as_str().unwrap().to_string())
@@ -338,6 +334,15 @@ async fn every_action_delivered_once_but(server: &Server, receiver: &Receiver, r
     assert!(keys.len() > 100, "welcomes for the known people: {}", keys.len());
     let twice: Vec<_> = keys.iter().filter(|(who, k)| k.len() > 1 && !rejoined.contains(&who.as_str())).collect();
     assert!(twice.is_empty(), "profiles welcomed under two keys: {twice:?}");
+}
+
+/// Waits until no action is pending, as `server` sees them (gathered from every node).
+async fn none_pending(server: &Server) {
+    eventually("every action to be delivered", Duration::from_secs(60), async || {
+        let (_, actions) = get_json(&format!("{}/v1/actions?status=pending&limit=1", server.url)).await;
+        actions["actions"].as_array().is_some_and(Vec::is_empty).then_some(())
+    })
+    .await;
 }
 
 /// The NATS server (its index) leading the event stream, as the `nats` CLI-free way: the node's
@@ -923,6 +928,8 @@ async fn partitions_spread_over_the_nodes_stitch_across_them_and_move_when_a_nod
     let through = if split == web { &a } else { &b };
     let welcomed =
         |who: &str| receiver.received().iter().filter(|r| r.path == "/welcome" && r.body["who"] == who).count();
+    // Counted once every earlier welcome is delivered.
+    none_pending(&a).await;
     let welcomed_before = welcomed(&split);
     let (status, answer) = post_json(&format!("{}/v1/profiles/{split}/unstitch", through.url), &json!({})).await;
     assert_eq!(status, 200, "{answer}");

@@ -1547,6 +1547,12 @@ enum Write {
         id: String,
         attribute: String,
     },
+    /// Keep the adoption of a profile split out into another node's partition until that node
+    /// adopts it (named after its record, once the record's position is known: `cause`).
+    KeepAdoption {
+        cause: Cause,
+        adoption: Adoption,
+    },
     /// [`Write::Split`] of an id whose profile is another node's: its events go from here.
     SplitAway {
         id: String,
@@ -2862,6 +2868,12 @@ impl Worker {
                     resolve(cause)
                 }
                 Write::Link { claim: Some(claim), .. } => decided(&mut claim.cause),
+                Write::KeepAdoption { cause, adoption } => {
+                    resolve(cause);
+                    if let Some(position) = cause.position() {
+                        adoption.origin = split_origin(position, &adoption.id);
+                    }
+                }
                 _ => {}
             }
         }
@@ -2952,6 +2964,10 @@ impl Worker {
                 Write::Split { id, from } => tx.split_identity(id, from)?,
                 Write::SplitAway { id, from } => tx.split_identity_away(id, from)?,
                 Write::Capped { id, attribute } => tx.mark_capped(id, attribute)?,
+                Write::KeepAdoption { adoption, .. } if !adoption.origin.is_empty() => {
+                    tx.hand_over(&adoption.origin, &serde_json::to_string(adoption).expect("adoptions serialize"))?
+                }
+                Write::KeepAdoption { .. } => {}
                 Write::Handoff(origin, partition) => tx.record_handoff(origin, *partition)?,
                 Write::Forget(profile) => {
                     tx.forget_ids(profile)?;
@@ -3716,6 +3732,17 @@ impl Worker {
         // firing what it joins). Here the id moves and those events go.
         if self.spread() && !self.shared.owned.applies_profile(id) {
             p.effects.writes.push(Write::SplitAway { id: id.to_string(), from: from.clone() });
+            // Kept here too, with the split: should the id's owner stop before it adopts them,
+            // this node may be the one taking its partition (it does not follow its own).
+            if self.replaying.is_none() {
+                let adoption = Adoption {
+                    id: id.to_string(),
+                    from: from.clone(),
+                    origin: String::new(),
+                    events: split_events.clone(),
+                };
+                p.effects.writes.push(Write::KeepAdoption { cause: Cause::Draft(p.effects.record_index), adoption });
+            }
             let change = IdChange::Split { id: id.to_string(), from: from.clone(), events: Some(split_events) };
             p.changes.push(p.effects.record_index, change);
         } else {
@@ -4532,6 +4559,36 @@ mod tests {
         assert_eq!(answer["events"][second], 3, "{answer}");
         a.ingest.materialize().await.unwrap();
         assert_eq!(a.profile(first).unwrap().event_count, 2);
+    }
+
+    /// The node that split a profile out into another node's partition keeps it too: taking
+    /// that partition before its owner adopted it, it adopts it, and keeps it no longer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_node_that_split_a_profile_out_adopts_it_if_it_takes_the_partition_first() {
+        let log = Arc::new(starling_log::MemoryLog::new());
+        let (a, b, first, second) = stitched_across_two_nodes(&log).await;
+        // b follows the merge (its rows of `second` go) and stores a snapshot.
+        follow_others(&b).await;
+        let snapshots = tempfile::tempdir().unwrap();
+        let snapshot = snapshots.path().join("b.db");
+        let partition = starling_log::partition_of(&second);
+        let positions = starling_store::snapshot(&b.database, &snapshot).unwrap();
+        let position = positions.iter().find(|(p, _)| *p == partition).map(|(_, at)| *at).unwrap();
+        unstitch_on(&a, &first, &second).await;
+        let kept =
+            |node: &Running| starling_store::handed_over(&starling_store::open(&node.database).unwrap()).unwrap();
+        assert_eq!(kept(&a).len(), 1, "kept with the split");
+        // b stops before it follows the split; a takes its partition from b's snapshot.
+        b.stop();
+        a.owned.add(partition);
+        a.ingest.restore(partition, Some(snapshot), Some(position)).await.unwrap();
+        let entries = a.ingest.read_after(vec![(partition, position)]).await.unwrap();
+        a.ingest.take_over(&entries).await.unwrap();
+        assert_eq!(a.ingest.send_handed_over(|p| p == partition).await.unwrap(), 1);
+        a.ingest.materialize().await.unwrap();
+        assert_eq!(a.profile(&second).unwrap().event_count, 3);
+        assert!(kept(&a).is_empty(), "adopted: no longer kept");
+        a.stop();
     }
 
     /// An unstitch applied again by a node taking the partition from a snapshot of the stitched

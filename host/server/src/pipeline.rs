@@ -829,32 +829,26 @@ impl Ingest {
 
     /// Merges handed over to another partition that it has not applied.
     fn handed_over(&self) -> Result<Vec<MergeRequest>, IngestError> {
-        let writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let stored = starling_store::handed_over(&writer).map_err(|e| IngestError::Failed(e.to_string()))?;
-        Ok(stored
-            .into_iter()
-            .filter(|(origin, _)| !is_split_origin(origin))
-            .filter_map(|(origin, request)| match serde_json::from_str::<MergeRequest>(&request) {
-                Ok(merge) => Some(merge),
-                Err(e) => {
-                    tracing::error!(origin, "a merge handed over is unreadable, not sent again: {e}");
-                    None
-                }
-            })
-            .collect())
+        self.kept(false)
     }
 
     /// Profiles split out into another partition that it has not adopted.
     fn kept_adoptions(&self) -> Result<Vec<Adoption>, IngestError> {
+        self.kept(true)
+    }
+
+    /// What is kept until another partition applies it (`handed_over`): the profiles split out
+    /// (`adoptions`) or the merges.
+    fn kept<T: serde::de::DeserializeOwned>(&self, adoptions: bool) -> Result<Vec<T>, IngestError> {
         let writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let stored = starling_store::handed_over(&writer).map_err(|e| IngestError::Failed(e.to_string()))?;
         Ok(stored
             .into_iter()
-            .filter(|(origin, _)| is_split_origin(origin))
-            .filter_map(|(origin, kept)| match serde_json::from_str::<Adoption>(&kept) {
-                Ok(adoption) => Some(adoption),
+            .filter(|(origin, _)| is_split_origin(origin) == adoptions)
+            .filter_map(|(origin, kept)| match serde_json::from_str::<T>(&kept) {
+                Ok(kept) => Some(kept),
                 Err(e) => {
-                    tracing::error!(origin, "a split-out profile kept is unreadable, not adopted: {e}");
+                    tracing::error!(origin, "kept for another partition and unreadable, not sent again: {e}");
                     None
                 }
             })
@@ -4463,22 +4457,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_merge_into_another_nodes_profile_carries_the_absorbed_state() {
         let log = Arc::new(starling_log::MemoryLog::new());
-        let ids = (0..).map(|i| format!("visitor-{i}"));
-        let first = ids.clone().next().unwrap();
-        let second =
-            ids.skip(1).find(|id| starling_log::partition_of(id) != starling_log::partition_of(&first)).unwrap();
-        let node = || Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
-        let (a, b) = (node(), node());
-        a.owned.add(starling_log::partition_of(&first));
-        b.owned.add(starling_log::partition_of(&second));
-        a.ingest.submit(vec![event(&first, 0), login(&first, 1)]).await.unwrap();
-        a.ingest.materialize().await.unwrap();
-        follow_others(&b).await;
-        b.ingest.submit(vec![event(&second, 2), event(&second, 3), login(&second, 4)]).await.unwrap();
-        b.ingest.materialize().await.unwrap();
-        follow_others(&a).await;
-        let merged = a.profile(&first).unwrap();
-        assert_eq!(merged.event_count, 5, "its own two and the three of the profile it absorbed");
+        // Its own two events and the three of the profile it absorbed.
+        let (a, b, first, second) = stitched_across_two_nodes(&log).await;
         let conn = starling_store::open(&a.database).unwrap();
         assert_eq!(starling_store::profile_events(&conn, &first).unwrap().len(), 5, "the absorbed history kept");
         follow_others(&b).await;

@@ -138,6 +138,12 @@ pub enum Work {
     Overtaken(Overtaken),
     /// Adopt a profile another node split out into this partition.
     Adopt(Adoption),
+    /// A hand record applied again: the absorbed profile left the partition with the merge
+    /// named `origin`.
+    HandedAway {
+        absorbed: String,
+        origin: Option<String>,
+    },
     /// Split a wrongly stitched id back out of its profile.
     Unstitch {
         id: String,
@@ -278,16 +284,24 @@ enum Logged {
         inactive_before: Option<i64>,
     },
     /// A merge into a profile of another node's partition, with the absorbed profile's state:
-    /// that node applies it when it follows this record; nothing to apply again here.
+    /// that node applies it when it follows this record; applied again here, the absorbed
+    /// profile leaves (see [`Work::HandedAway`]).
     Hand {
-        #[serde(rename = "merge")]
-        _merge: serde::de::IgnoredAny,
+        merge: HandedProfile,
     },
     /// A node took the partition (a replicated log's fence): nothing to apply.
     Owner {
         #[serde(rename = "node")]
         _node: String,
     },
+}
+
+/// Of a hand record's merge, the profile handed away and the merge's name.
+#[derive(serde::Deserialize)]
+struct HandedProfile {
+    absorbed: String,
+    #[serde(default)]
+    origin: Option<String>,
 }
 
 /// The record a node appends to each partition it takes, in a replicated log.
@@ -400,7 +414,9 @@ impl Logged {
             Logged::Delete { now_ms, ids, reason: r, inactive_before } => {
                 (Work::Delete { ids, reason: reason(&r), inactive_before, done: oneshot::channel().0 }, now_ms)
             }
-            Logged::Owner { .. } | Logged::Hand { .. } => return Ok(None),
+            // Its merge is the survivor's node's; its time is of no matter here.
+            Logged::Hand { merge } => (Work::HandedAway { absorbed: merge.absorbed, origin: merge.origin }, 0),
+            Logged::Owner { .. } => return Ok(None),
         }))
     }
 }
@@ -1556,6 +1572,8 @@ enum Write {
     Handoff(String, Partition),
     /// Forget the ids of another node's profile, deleted there.
     Forget(String),
+    /// Remove what is held of a profile merged into another node's (not its ids).
+    DropCopy(String),
     /// Forget a merge kept until applied (see `handed_over`): another node applied it.
     Unkeep(String),
     /// Keep the history and memberships of a profile of another node's partition, merged into
@@ -2669,6 +2687,21 @@ impl Worker {
                         report.accepted += 1;
                     }
                 }
+                Work::HandedAway { absorbed, origin } => {
+                    // Once the survivor's node applied the merge (this node no longer keeps
+                    // it), the absorbed profile's rows go, as they went from the node that
+                    // handed it; until then they stay, the state it is handed on again with.
+                    let applied = match origin {
+                        Some(origin) => !starling_store::is_handed_over(conn, origin)?,
+                        None => false,
+                    };
+                    if applied && !p.gone.contains(absorbed) {
+                        p.touched.remove(absorbed);
+                        self.cache.profiles.remove(absorbed);
+                        p.effects.writes.push(Write::DropCopy(absorbed.clone()));
+                        p.gone.insert(absorbed.clone());
+                    }
+                }
                 Work::Follow(carried) => {
                     // Written at once: a followed claim is settled at its write.
                     p.urgent = true;
@@ -2967,6 +3000,7 @@ impl Worker {
                     tx.forget_ids(profile)?;
                 }
                 Write::Unkeep(origin) => tx.unkeep(origin)?,
+                Write::DropCopy(profile) => tx.drop_copy(profile)?,
                 Write::Adopt { survivor, state } => {
                     for event in &state.events {
                         tx.log_event(event, survivor, event.timestamp_ms)?;
@@ -4569,6 +4603,34 @@ mod tests {
         assert_eq!(a.profile(&second).unwrap().event_count, 3);
         assert!(kept(&a).is_empty(), "adopted: no longer kept");
         a.stop();
+    }
+
+    /// A node taking a partition from the log's start (no snapshot yet) applies again the
+    /// events of a profile merged into another node's, split out again and adopted back: at
+    /// its hand record the profile leaves, as it left the node that handed it on, and the
+    /// adoption brings its events back once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_profile_handed_away_leaves_a_partition_taken_from_the_logs_start() {
+        let log = Arc::new(starling_log::MemoryLog::new());
+        let (a, b, first, second) = stitched_across_two_nodes(&log).await;
+        follow_others(&b).await;
+        unstitch_on(&a, &first, &second).await;
+        follow_others(&b).await;
+        assert_eq!(b.profile(&second).unwrap().event_count, 3, "adopted");
+        let c = Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
+        follow_others(&c).await;
+        let partition = starling_log::partition_of(&second);
+        c.owned.add(partition);
+        c.ingest.restore(partition, None, Some(0)).await.unwrap();
+        let entries = c.ingest.read_after(vec![(partition, 0)]).await.unwrap();
+        c.ingest.take_over(&entries).await.unwrap();
+        c.ingest.materialize().await.unwrap();
+        assert_eq!(c.profile(&second).unwrap().event_count, 3, "as on b");
+        let conn = starling_store::open(&c.database).unwrap();
+        assert_eq!(starling_store::profile_events(&conn, &second).unwrap().len(), 3);
+        for node in [a, b, c] {
+            node.stop();
+        }
     }
 
     /// An unstitch applied again by a node taking the partition from a snapshot of the stitched

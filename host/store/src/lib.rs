@@ -1185,12 +1185,18 @@ impl<'c> Batch<'c> {
     /// (kept for `survivor` separately): the ids move; what this database held of `absorbed`
     /// (a copy) goes.
     pub fn merge_carried(&self, absorbed: &str, survivor: &str) -> Result<()> {
-        let tx = &self.tx;
         self.merged_away(absorbed, survivor)?;
+        self.drop_copy(absorbed)
+    }
+
+    /// Removes what this database holds of profile `profile_id` (its row, history, memberships
+    /// and wake-ups), and nothing else: a copy of a profile merged into another node's.
+    pub fn drop_copy(&self, profile_id: &str) -> Result<()> {
+        let tx = &self.tx;
         for table in ["events", "memberships", "wakeups"] {
-            tx.prepare_cached(&format!("DELETE FROM {table} WHERE profile_id = ?1"))?.execute([absorbed])?;
+            tx.prepare_cached(&format!("DELETE FROM {table} WHERE profile_id = ?1"))?.execute([profile_id])?;
         }
-        tx.prepare_cached("DELETE FROM profiles WHERE id = ?1")?.execute([absorbed])?;
+        tx.prepare_cached("DELETE FROM profiles WHERE id = ?1")?.execute([profile_id])?;
         Ok(())
     }
 

@@ -145,12 +145,14 @@ cost_per_event() {
     awk "BEGIN { printf \"per 1,000 events: CPU of the Starling nodes %.3f s, of the NATS servers %.3f s; %.0f messages into the NATS servers; %.1f SQLite commits\\n\", ($starling_now - $1) * 1000 / $4, ($nats_now - $2) * 1000 / $4, ($messages_now - $3) * 1000 / $4, ($commits_now - $5) * 1000 / $4 }"
 }
 
-# SQLite commits of applied state the nodes on ports 8080 and 8081 made so far, added up.
+# SQLite transactions of applied state the nodes on ports 8080 and 8081 made so far, added up:
+# the state's commits and the claims and actions written ahead of it.
 sqlite_commits() {
     local total=0 port count
     for port in 8080 8081; do
         # A port with no node (8081 while one node runs) counts nothing.
-        count=$(curl -sf "localhost:$port/metrics" | awk '/^starling_commit_seconds_count/ { print $2 }') || true
+        count=$(curl -sf "localhost:$port/metrics" \
+            | awk '/^starling_(commit|early_write)_seconds_count/ { n += $2 } END { print n + 0 }') || true
         total=$(( total + ${count:-0} ))
     done
     echo $total

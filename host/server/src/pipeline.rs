@@ -3078,10 +3078,12 @@ impl Worker {
             self.pending.effects.writes = writes;
             return true;
         }
+        let writing = std::time::Instant::now();
         let written = {
             let mut writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             write_early_in(&mut writer, early.iter().map(|i| &writes[*i]))
         };
+        self.shared.telemetry.metrics.early_write_seconds.observe(writing.elapsed().as_secs_f64());
         let done = match written {
             Ok(Some(overtook)) => {
                 self.pending.overtaken.extend(overtook);

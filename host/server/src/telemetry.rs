@@ -56,6 +56,7 @@ pub struct Metrics {
     pub identity_refusals: Family<ReasonLabel, Counter>,
     pub event_apply_seconds: Histogram,
     pub commit_seconds: Histogram,
+    pub early_write_seconds: Histogram,
     pub log_sync_seconds: Histogram,
     pub log_bytes_appended: Counter,
     pub log_records_replayed: Counter,
@@ -101,6 +102,7 @@ impl Default for Metrics {
             identity_refusals: Family::default(),
             event_apply_seconds: latency(),
             commit_seconds: latency(),
+            early_write_seconds: latency(),
             log_sync_seconds: latency(),
             log_bytes_appended: Counter::default(),
             log_records_replayed: Counter::default(),
@@ -147,6 +149,11 @@ impl Default for Metrics {
             "commit_seconds",
             "Time to store one batch: event log append, SQLite commit, log sync",
             m.commit_seconds.clone(),
+        );
+        r.register(
+            "early_write_seconds",
+            "Time to write a batch's id claims and actions ahead of its state, in a SQLite transaction of their own",
+            m.early_write_seconds.clone(),
         );
         r.register(
             "log_sync_seconds",

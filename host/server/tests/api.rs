@@ -332,6 +332,7 @@ async fn event_specs_reject_or_warn_naming_the_field() {
     }
     assert!(metrics.contains("starling_event_apply_seconds_count 2"), "{metrics}");
     assert!(metrics.contains("# TYPE starling_commit_seconds histogram"), "{metrics}");
+    assert!(metrics.contains("# TYPE starling_early_write_seconds histogram"), "{metrics}");
     app.stop().await;
 }
 

@@ -921,8 +921,8 @@ async fn partitions_spread_over_the_nodes_stitch_across_them_and_move_when_a_nod
 
     // The device that was not the survivor is unstitched, through the node owning its
     // partition (which forwards it to the profile's owner): it is split out into that node's
-    // partition, which adopts it. Read through either node, each device is a profile of its
-    // own again, with its purchases.
+    // partition, which adopts it before the answer. Read at once through either node, each
+    // device is a profile of its own again, with its purchases.
     let (_, merged) = get_json(&format!("{}/v1/profiles/{web}", a.url)).await;
     let split = if merged["id"] == web.as_str() { phone.clone() } else { web.clone() };
     let through = if split == web { &a } else { &b };
@@ -934,6 +934,15 @@ async fn partitions_spread_over_the_nodes_stitch_across_them_and_move_when_a_nod
     let (status, answer) = post_json(&format!("{}/v1/profiles/{split}/unstitch", through.url), &json!({})).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["events"][&split], (2 * PER_CLIENT + 1) as f64, "{answer}");
+    assert_eq!(answer["adopted"], true, "{answer}");
+    for node in [&a, &b] {
+        for device in [&web, &phone] {
+            let (status, profile) = get_json(&format!("{}/v1/profiles/{device}", node.url)).await;
+            assert_eq!((status, &profile["id"]), (200, &json!(device)), "{device} through {}: {profile}", node.url);
+            assert_eq!(profile["event_count"], 2 * PER_CLIENT + 1, "{profile}");
+            assert_eq!(profile["attributes"]["purchase_count"], (2 * PER_CLIENT) as f64, "{profile}");
+        }
+    }
     let apart = async |node: &Server, device: &String| {
         let url = format!("{}/v1/profiles/{device}", node.url);
         let what = format!("{device} a profile of its own through {}", node.url);
@@ -944,11 +953,6 @@ async fn partitions_spread_over_the_nodes_stitch_across_them_and_move_when_a_nod
         .await;
         assert_eq!(profile["event_count"], 2 * PER_CLIENT + 1, "{profile}");
     };
-    for node in [&a, &b] {
-        for device in [&web, &phone] {
-            apart(node, device).await;
-        }
-    }
     // It joined `known` again: welcomed once more, by the node that adopted it.
     eventually("the split-out profile to be welcomed", Duration::from_secs(20), async || {
         (welcomed(&split) == welcomed_before + 1).then_some(())

@@ -519,8 +519,20 @@ pub(crate) fn export_of(c: &Connection, model: &Model, id: &str) -> starling_sto
     })))
 }
 
+/// How long an unstitch's answer waits for another node to adopt the profile split out: a
+/// partition's new owner serves within this after its last owner died.
+const ADOPTED_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn unstitch(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
     match state.ingest.unstitch(&id).await {
+        // Spread, a profile split out into another node's partition is that node's to adopt:
+        // answered once it has, a read through any node finds it.
+        Ok(mut result) if state.ingest.adopted_elsewhere(&id) => {
+            let adopted = state.ingest.adopted(&id, ADOPTED_WITHIN).await;
+            result["adopted"] =
+                adopted.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?.into();
+            Ok(Json(result))
+        }
         Ok(result) => Ok(Json(result)),
         Err(crate::pipeline::IngestError::Failed(reason)) => Err(ApiError::new(StatusCode::CONFLICT, reason)),
         Err(e) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),

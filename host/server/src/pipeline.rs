@@ -603,6 +603,36 @@ impl Ingest {
         result.await.map_err(|_| IngestError::Closed)?.map_err(IngestError::Failed)
     }
 
+    /// Whether a profile split out for `id` is another node's to adopt (its partition is).
+    pub fn adopted_elsewhere(&self, id: &str) -> bool {
+        !self.owned.owns_profile(id)
+    }
+
+    /// Waits, for at most `within`, until no adoption of the profile split out for `id` is kept
+    /// here unapplied (the node adopting it logged it, and this one followed that record).
+    /// Whether none is.
+    pub async fn adopted(&self, id: &str, within: std::time::Duration) -> Result<bool, IngestError> {
+        let suffix = split_suffix(id);
+        let started = std::time::Instant::now();
+        loop {
+            let (writer, suffix) = (self.writer.clone(), suffix.clone());
+            let kept = tokio::task::spawn_blocking(move || {
+                let writer = writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                starling_store::keeps_unapplied_ending(&writer, &suffix)
+            })
+            .await
+            .map_err(|_| IngestError::Closed)?
+            .map_err(|e| IngestError::Failed(e.to_string()))?;
+            if !kept {
+                return Ok(true);
+            }
+            if started.elapsed() >= within {
+                return Ok(false);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Deletes the profiles `ids` belong to, with everything about them; fires `deleted` actions.
     /// Answers one audit record per profile deleted (none for an unknown id).
     pub async fn delete(
@@ -1649,7 +1679,12 @@ fn merge_origin(position: Position, merge: &MergeRequest) -> String {
 /// The name of the adoption of the profile `id` split out by the record at `position`: kept
 /// with the merges handed over (`handed_over`), applied once (`handoffs`).
 fn split_origin(position: Position, id: &str) -> String {
-    format!("{position}.split-{}", hex::encode(&Sha256::digest(id.as_bytes())[..8]))
+    format!("{position}{}", split_suffix(id))
+}
+
+/// What every adoption of the profile split out for `id` is named with, after its position.
+fn split_suffix(id: &str) -> String {
+    format!(".split-{}", hex::encode(&Sha256::digest(id.as_bytes())[..8]))
 }
 
 fn is_split_origin(origin: &str) -> bool {
@@ -4549,6 +4584,25 @@ mod tests {
         for node in [a, b, c, d] {
             node.stop();
         }
+    }
+
+    /// The node that split a profile out into another node's partition sees it adopted once
+    /// it follows that node's `adopt` record (an unstitch's answer waits for it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_splitting_node_sees_the_adoption_once_it_follows_the_adopt_record() {
+        let log = Arc::new(starling_log::MemoryLog::new());
+        let (a, b, first, second) = stitched_across_two_nodes(&log).await;
+        unstitch_on(&a, &first, &second).await;
+        assert!(a.ingest.adopted_elsewhere(&second) && !a.ingest.adopted_elsewhere(&first));
+        let moment = std::time::Duration::from_millis(100);
+        assert!(!a.ingest.adopted(&second, moment).await.unwrap(), "not adopted yet");
+        follow_others(&b).await;
+        assert!(!a.ingest.adopted(&second, moment).await.unwrap(), "its adoption not followed here yet");
+        let (adopted, ()) =
+            tokio::join!(a.ingest.adopted(&second, std::time::Duration::from_secs(10)), follow_others(&a));
+        assert!(adopted.unwrap(), "followed");
+        a.stop();
+        b.stop();
     }
 
     /// Nodes `a` and `b`, owning the partitions of `first` and `second`: the two profiles were

@@ -483,6 +483,17 @@ pub fn is_handed_over(conn: &Connection, origin: &str) -> Result<bool> {
     Ok(conn.prepare_cached("SELECT 1 FROM handed_over WHERE origin = ?1")?.exists([origin])?)
 }
 
+/// Whether a merge or adoption whose origin ends with `suffix` is kept here and not applied.
+pub fn keeps_unapplied_ending(conn: &Connection, suffix: &str) -> Result<bool> {
+    let pattern = format!("%{}", suffix.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+    Ok(conn
+        .prepare_cached(
+            "SELECT 1 FROM handed_over WHERE origin LIKE ?1 ESCAPE '\\' \
+             AND origin NOT IN (SELECT origin FROM handoffs)",
+        )?
+        .exists([pattern])?)
+}
+
 /// Merges handed over and not yet applied: (origin, request).
 pub fn handed_over(conn: &Connection) -> Result<Vec<(String, String)>> {
     let mut stmt = conn.prepare_cached(

@@ -1607,10 +1607,11 @@ enum Write {
     /// Forget a merge kept until applied (see `handed_over`): another node applied it.
     Unkeep(String),
     /// Keep the history and memberships of a profile of another node's partition, merged into
-    /// `survivor`.
+    /// `survivor` (or split out for it).
     Adopt {
         survivor: String,
-        state: Box<Absorbed>,
+        events: Vec<Event>,
+        memberships: Vec<(String, i64)>,
     },
     /// Remove the profile everywhere and leave an audit record (`detail` gains what was removed).
     Delete {
@@ -3036,11 +3037,11 @@ impl Worker {
                 }
                 Write::Unkeep(origin) => tx.unkeep(origin)?,
                 Write::DropCopy(profile) => tx.drop_copy(profile)?,
-                Write::Adopt { survivor, state } => {
-                    for event in &state.events {
+                Write::Adopt { survivor, events, memberships } => {
+                    for event in events {
                         tx.log_event(event, survivor, event.timestamp_ms)?;
                     }
-                    for (audience, joined_ms) in &state.memberships {
+                    for (audience, joined_ms) in memberships {
                         tx.join(survivor, audience, *joined_ms)?;
                     }
                 }
@@ -3557,7 +3558,8 @@ impl Worker {
         if let Some(state) = carried {
             // Its events are seen here from now on: one sent again is a duplicate.
             p.seen.extend(state.events.iter().filter_map(Event::dedup_key));
-            p.effects.writes.push(Write::Adopt { survivor: survivor.clone(), state });
+            let Absorbed { events, memberships, .. } = *state;
+            p.effects.writes.push(Write::Adopt { survivor: survivor.clone(), events, memberships });
         }
         p.effects.writes.push(Write::Merge {
             absorbed: absorbed.clone(),
@@ -3601,8 +3603,8 @@ impl Worker {
             starling_store::profile_events(conn, profile)?.into_iter().filter_map(|e| e.id).collect();
         for write in &p.effects.writes {
             match write {
-                Write::Adopt { survivor, state } if survivor == profile => {
-                    ids.extend(state.events.iter().filter_map(|e| e.id.clone()))
+                Write::Adopt { survivor, events, .. } if survivor == profile => {
+                    ids.extend(events.iter().filter_map(|e| e.id.clone()))
                 }
                 Write::Event { event: HistoryEvent::Taken(event), profile: to, .. } if to == profile => {
                     ids.extend(event.id.clone())
@@ -3860,8 +3862,7 @@ impl Worker {
         let (profile, outcome) = rebuild(model, id, &history, &before, enrichers, now);
         tracing::debug!(id = %id, from = %adoption.from, events = carried.len(), "split-out profile adopted");
         p.seen.extend(carried.iter().filter_map(Event::dedup_key));
-        let state = Absorbed { profile: profile.clone(), events: carried, memberships: Vec::new() };
-        p.effects.writes.push(Write::Adopt { survivor: id.clone(), state: Box::new(state) });
+        p.effects.writes.push(Write::Adopt { survivor: id.clone(), events: carried, memberships: Vec::new() });
         p.effects.record(conn, model, id, outcome, now)?;
         p.touched.get_mut(id).expect("loaded above").0 = profile;
         p.handoffs.insert(origin.clone());

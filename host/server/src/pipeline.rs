@@ -803,6 +803,9 @@ impl Ingest {
         for merge in handed_over {
             by_worker[worker_of(&merge.survivor, n)].push(merge);
         }
+        // One not applied (its batch held a record of a partition lost meanwhile, say) stays
+        // kept: the others are sent all the same, and the caller sends the kept ones again.
+        let mut failed = Failed::default();
         for (worker, merges) in by_worker.into_iter().enumerate() {
             let mut sent = Vec::with_capacity(merges.len());
             for merge in merges {
@@ -811,7 +814,7 @@ impl Ingest {
                 sent.push(self.dispatch(jobs, false)?);
             }
             for merge in sent {
-                merge.durable().await?;
+                failed.note(merge.durable().await);
             }
         }
         // So are the profiles split out into them: adopted once (a partition's state says
@@ -826,9 +829,9 @@ impl Ingest {
             let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
             let to = worker_of(&adoption.id, n);
             jobs[to] = Some(Work::Adopt(adoption));
-            self.queue(jobs, false).await?;
+            failed.note(self.queue(jobs, false).await);
         }
-        Ok(resent)
+        failed.into_result(resent)
     }
 
     /// Hands on again the merges kept for other nodes' profiles of profiles in `partitions`
@@ -1236,6 +1239,34 @@ impl Replaying {
         self.to.clear();
         self.dependent_to.clear();
         Ok(())
+    }
+}
+
+/// Pieces of work sent one after another whatever becomes of each: how many failed, and why
+/// the first did.
+#[derive(Default)]
+struct Failed {
+    count: usize,
+    first: Option<IngestError>,
+}
+
+impl Failed {
+    fn note<T>(&mut self, outcome: Result<T, IngestError>) {
+        if let Err(e) = outcome {
+            self.count += 1;
+            self.first.get_or_insert(e);
+        }
+    }
+
+    /// `done` when none failed; otherwise the first failure, a shutdown as it is.
+    fn into_result(self, done: usize) -> Result<usize, IngestError> {
+        match self.first {
+            None => Ok(done),
+            Some(IngestError::Failed(e)) => {
+                Err(IngestError::Failed(format!("{} of {done} not applied: {e}", self.count)))
+            }
+            Some(e) => Err(e),
+        }
     }
 }
 
@@ -4897,6 +4928,66 @@ mod tests {
         let history: Vec<_> =
             starling_store::profile_events(&conn, &survivor).unwrap().into_iter().filter_map(|e| e.id).collect();
         assert_eq!(history, ["e-0", "e-10"]);
+        node.stop();
+    }
+
+    /// The merges kept for the partitions a node takes are all sent, whatever becomes of one:
+    /// a batch refused (its partition lost meanwhile) does not keep the other workers' merges
+    /// from being applied. (It did: the first failure ended the sending, and a merge never sent
+    /// stayed kept, its absorbed profile's events missing from the survivor until a next take.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_merges_kept_for_partitions_taken_are_all_sent_when_one_fails() {
+        let visitors = (0..).map(|i| format!("visitor-{i}"));
+        let on = |worker| visitors.clone().filter(move |id| worker_of(id, 2) == worker);
+        let (lost, survivor) = (on(0).next().unwrap(), on(1).next().unwrap());
+        let partitions = [&lost, &survivor].map(|id| starling_log::partition_of(id));
+        let absorbed: Vec<String> =
+            visitors.clone().filter(|id| !partitions.contains(&starling_log::partition_of(id))).take(2).collect();
+        // The two absorbed profiles, as another node held them.
+        let other = Running::start(2, Arc::new(starling_log::MemoryLog::new()), false);
+        let events = absorbed.iter().zip(0..).map(|(id, n)| event_with_id(id, n)).collect();
+        other.ingest.submit(events).await.unwrap();
+        other.ingest.materialize().await.unwrap();
+        let conn = starling_store::open(&other.database).unwrap();
+        let state = |id: &String| Absorbed {
+            profile: other.profile(id).unwrap(),
+            events: starling_store::profile_events(&conn, id).unwrap(),
+            memberships: Vec::new(),
+        };
+        let states = [state(&absorbed[0]), state(&absorbed[1])];
+        other.stop();
+
+        let log = Arc::new(GatedLog::default());
+        log.open();
+        let node = Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
+        partitions.iter().for_each(|p| node.owned.add(*p));
+        node.ingest.submit(vec![event_with_id(&lost, 10), event_with_id(&survivor, 11)]).await.unwrap();
+        node.ingest.materialize().await.unwrap();
+        // The hand records are followed while the survivors' leases have lapsed: kept.
+        partitions.iter().for_each(|p| node.owned.remove(*p));
+        for ((to, from), (state, record)) in
+            [&lost, &survivor].into_iter().zip(&absorbed).zip(states.into_iter().zip(100..))
+        {
+            append_hand_record(&*log, to, from, record, state);
+        }
+        let absorbeds = absorbed.iter().map(|id| (starling_log::partition_of(id), 0)).collect();
+        let entries = node.ingest.read_after(absorbeds).await.unwrap();
+        node.ingest.follow(&entries).await.unwrap();
+        // Taken again; the first worker's partition is lost as its merge is logged.
+        partitions.iter().for_each(|p| node.owned.add(*p));
+        *log.losing.lock().unwrap() = Some(node.owned.clone());
+        *log.refuse.lock().unwrap() = Some(partitions[0]);
+        let sent = node.ingest.send_handed_over(|_| true).await;
+        assert!(matches!(&sent, Err(IngestError::Failed(e)) if e.starts_with("1 of 2 not applied")), "{sent:?}");
+        node.ingest.materialize().await.unwrap();
+        assert_eq!(node.profile(&survivor).unwrap().event_count, 2, "its own, and the one its merge carried");
+        let conn = starling_store::open(&node.database).unwrap();
+        let kept: Vec<String> = starling_store::handed_over(&conn)
+            .unwrap()
+            .into_iter()
+            .map(|(_, request)| serde_json::from_str::<MergeRequest>(&request).unwrap().survivor)
+            .collect();
+        assert_eq!(kept, [lost], "the lost partition's, for its next owner");
         node.stop();
     }
 

@@ -301,6 +301,9 @@ pub(super) async fn serve(
     // The partitions applied live as of the last turn: one given up since is dropped here.
     let mut applied_live = 0u64;
     let mut applying: Option<tokio::task::JoinHandle<()>> = None;
+    // What is kept for other partitions and was not applied or handed on at a take: sent
+    // again at the next rounds until it is.
+    let mut kept = Kept::default();
     let outcome = loop {
         if log.forgotten() {
             tracing::error!(node = %settings.node, "the stream forgot records this node had not applied; stopping");
@@ -336,23 +339,8 @@ pub(super) async fn serve(
                         owned.add(partition);
                     }
                     applied_live = owned.bits();
-                    // Merges and split-out profiles kept for this node's partitions and not
-                    // applied: handed to the partitions taken, or restored with them (their
-                    // profiles were to go into this node's).
-                    match front.ingest.send_handed_over(|_| true).await {
-                        Ok(0) => {}
-                        Ok(resent) => tracing::info!(
-                            resent,
-                            "merges and split-out profiles kept for the partitions taken applied"
-                        ),
-                        Err(e) => tracing::warn!("applying the merges handed to the partitions taken: {e}"),
-                    }
-                    // And merges their profiles were to go through, into other nodes' profiles.
-                    match front.ingest.hand_kept(|p| gaining.contains(&p)).await {
-                        Ok(0) => {}
-                        Ok(merges) => tracing::info!(merges, "merges of the partitions taken handed on again"),
-                        Err(e) => tracing::warn!("handing on the merges of the partitions taken: {e}"),
-                    }
+                    kept.to_apply = true;
+                    kept.to_hand.extend(gaining.iter().copied());
                     tracing::info!(
                         partitions = ?gaining,
                         records = applied,
@@ -370,6 +358,7 @@ pub(super) async fn serve(
             // actions to deliver) is its owner's.
             drop_partitions(&front.ingest, gaining.iter().copied().filter(|p| !owned.owns(*p))).await;
         }
+        kept.send(&front.ingest, &owned).await;
         // The owner of partition 0 publishes the configuration; the others run what it
         // published (a change made through any node is made on that one).
         if held.contains(&0) {
@@ -696,6 +685,46 @@ async fn take_handed(
             (StatusCode::ACCEPTED, axum::Json(body)).into_response()
         }
         Err(e) => unavailable(&e),
+    }
+}
+
+/// What is kept for other partitions (`handed_over`) and was not sent since this node took
+/// partitions: sent again every round until it is.
+#[derive(Default)]
+struct Kept {
+    /// Merges and split-out profiles kept for this node's partitions, not applied: handed to
+    /// the partitions taken, or restored with them (their profiles were to go into this node's).
+    to_apply: bool,
+    /// Partitions taken whose profiles' merges into other nodes' profiles are kept.
+    to_hand: std::collections::BTreeSet<Partition>,
+}
+
+impl Kept {
+    async fn send(&mut self, ingest: &crate::pipeline::Ingest, owned: &Owned) {
+        if self.to_apply {
+            match ingest.send_handed_over(|_| true).await {
+                Ok(resent) => {
+                    self.to_apply = false;
+                    if resent > 0 {
+                        tracing::info!(resent, "merges and split-out profiles kept for the partitions taken applied");
+                    }
+                }
+                Err(e) => tracing::warn!("applying the merges handed to the partitions taken (again next round): {e}"),
+            }
+        }
+        // A partition given up since is its next owner's to hand on.
+        self.to_hand.retain(|p| owned.owns(*p));
+        if !self.to_hand.is_empty() {
+            match ingest.hand_kept(|p| self.to_hand.contains(&p)).await {
+                Ok(merges) => {
+                    self.to_hand.clear();
+                    if merges > 0 {
+                        tracing::info!(merges, "merges of the partitions taken handed on again");
+                    }
+                }
+                Err(e) => tracing::warn!("handing on the merges of the partitions taken (again next round): {e}"),
+            }
+        }
     }
 }
 

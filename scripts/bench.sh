@@ -6,6 +6,7 @@
 #   scripts/bench.sh lean            # the same with wrk (scripts/wrk-events.lua) as a lean client
 #   scripts/bench.sh latency         # event -> connector at 1,000 events/s for 5 minutes
 #   PEOPLE=10000000 scripts/bench.sh memory   # resident memory per million people loaded
+#   PEOPLE=500000 scripts/bench.sh stitched   # resident memory with every profile stitched
 #   scripts/bench.sh disk            # 10 minutes at 20,000 events/s: sizes on disk each minute
 #   PEOPLE=1000000 scripts/bench.sh recovery   # kill -9 under load, time until serving again
 #   PEOPLE=200000 EVENTS=1000000 scripts/bench.sh reconfigure   # backfills and a backtest after live changes
@@ -240,6 +241,22 @@ memory)
     stop
     sqlite_bytes=$(( $(stat -c %s $db) + $(stat -c %s $db-wal 2>/dev/null || echo 0) ))
     echo "database: $sqlite_bytes bytes for $profiles profiles (with their history); $(sizes)"
+    ;;
+stitched)
+    # Resident memory by stitched ids: people on two devices who log in on each (an email hash
+    # and the second device's id stitched to every profile), against as many people on one
+    # device; read after a restart, which loads what the database holds.
+    for two_devices in 0 1; do
+        start examples/benchmark.toml
+        $starling loadgen --people "$people" --events "$(( people * 4 ))" --batch 1000 --connections 8 \
+            --two-devices $two_devices --prefix "stitched-$two_devices" | grep applied
+        stop
+        start examples/benchmark.toml keep
+        profiles=$(sqlite3 "file:$db?mode=ro" 'SELECT count(*) FROM profiles')
+        stitched=$(sqlite3 "file:$db?mode=ro" 'SELECT count(*) FROM identities WHERE visitor_id <> profile_id')
+        echo "two devices: $two_devices; $profiles profiles, $stitched stitched ids: resident after a restart $(rss)"
+        stop
+    done
     ;;
 disk)
     # A short per-profile history, so that 10 minutes reach the cap: the plateau is

@@ -61,6 +61,8 @@ const PRUNE_EVERY_MS: i64 = 60_000;
 const PRUNE_CHUNK: usize = 2_000;
 /// How long a worker whose recovery could not read the log waits before it tries again.
 const RECOVER_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+/// How many merges decided again a worker remembers (see `Worker::note_decided_again`).
+const DECIDED_AGAIN_LIMIT: usize = 100_000;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct IngestReport {
@@ -1464,6 +1466,7 @@ pub fn start(
     let peers: Vec<_> = senders.iter().map(mpsc::UnboundedSender::downgrade).collect();
     let mut handles = Vec::with_capacity(n + 1);
     let (syncer, batches) = std::sync::mpsc::channel();
+    let decided_again = Arc::new(Mutex::new(HashSet::new()));
     for (index, rx) in receivers.into_iter().enumerate() {
         let worker = Worker {
             model: shared.config.model(),
@@ -1473,6 +1476,7 @@ pub fn start(
             partitions: n,
             peers: peers.clone(),
             replaying: None,
+            decided_again: decided_again.clone(),
             directory: directory.clone(),
             writer: writer.clone(),
             cache: Cache::default(),
@@ -1536,6 +1540,10 @@ struct Worker {
     peers: Vec<mpsc::WeakUnboundedSender<IngestJob>>,
     /// The record the batch under way applies again, if it does.
     replaying: Option<ReplayOf>,
+    /// Spread, profiles whose merge into another partition's profile a worker decided while
+    /// applying records again (see `Worker::note_decided_again`); shared, as the events that go
+    /// to the survivor pass through its worker.
+    decided_again: Arc<Mutex<HashSet<String>>>,
     directory: Directory,
     /// The connection every worker commits through.
     writer: Arc<Mutex<rusqlite::Connection>>,
@@ -2516,10 +2524,18 @@ impl Worker {
                         // to a profile of the record's partition that a merge since decided to move
                         // there: once that merge is applied (the ids say so), the hand record that
                         // moved the profile carried the event with it, and it is not applied
-                        // twice; until then it goes to that profile, as it first did.
+                        // twice; until then it goes to that profile, as it first did. A merge
+                        // this worker decided again, at an earlier record applied again (its
+                        // first run decided it later, or not at all), carried none of this
+                        // record's events: they go to its survivor, when this node's.
                         let pid = match replayed {
                             Some((partition, _)) if self.spread() && starling_log::partition_of(&pid) != partition => {
                                 match starling_store::resolve_identity(conn, &event.visitor_id)? {
+                                    Some(holder)
+                                        if self.shared.owned.owns_profile(&pid) && self.was_decided_again(&holder) =>
+                                    {
+                                        pid
+                                    }
                                     Some(holder) if starling_log::partition_of(&holder) == partition => holder,
                                     None if starling_log::partition_of(&event.visitor_id) == partition => {
                                         event.visitor_id.clone()
@@ -3229,10 +3245,29 @@ impl Worker {
         ids.push(absorbed.clone());
         // The claim may have been published already.
         ids.push(id.clone());
+        self.note_decided_again(&absorbed);
         p.leaving.insert(absorbed.clone());
         p.directory.extend(ids.into_iter().map(|i| (i, survivor.clone())));
         tracing::debug!(id = %id, profile = %absorbed, owner = %survivor, "id claimed concurrently; merging");
         Ok(())
+    }
+
+    /// Notes a merge of `absorbed` into another partition's profile decided while applying a
+    /// record again: the records after it that its first run applied to `absorbed` (deciding
+    /// the merge later, or not at all) hold events the merge did not carry. Held until the
+    /// engine stops, a few per partition taken; bounded all the same.
+    fn note_decided_again(&self, absorbed: &str) {
+        if self.replaying.is_some() && self.spread() {
+            let mut decided = self.decided_again.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if decided.len() >= DECIDED_AGAIN_LIMIT {
+                decided.clear();
+            }
+            decided.insert(absorbed.to_string());
+        }
+    }
+
+    fn was_decided_again(&self, absorbed: &str) -> bool {
+        self.decided_again.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(absorbed)
     }
 
     /// The profile an id belongs to, as far as this batch knows.
@@ -3516,6 +3551,7 @@ impl Worker {
             }
             // The survivor's partition merges, after this batch (holding the absorbed
             // profile's last state) commits; from then on its ids route there.
+            self.note_decided_again(&absorbed);
             p.leaving.insert(absorbed.clone());
             p.directory.extend(ids.into_iter().map(|id| (id, survivor.clone())));
             let record = p.effects.record_index;
@@ -4719,6 +4755,44 @@ mod tests {
         for node in [a, b, c] {
             node.stop();
         }
+    }
+
+    /// A node taking a partition decides again a merge its last owner had not decided (that
+    /// node had not followed the earlier claim of the id yet): the events the last owner applied
+    /// to the absorbed profile after the claim's record were not carried with the merge, and go
+    /// to the survivor. (They were skipped as if carried, and lost.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_after_a_merge_decided_again_on_a_take_go_to_the_survivor() {
+        let log = Arc::new(starling_log::MemoryLog::new());
+        let (first, second) = in_two_partitions();
+        let node = || Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
+        let (a, b) = (node(), node());
+        a.owned.add(starling_log::partition_of(&first));
+        b.owned.add(starling_log::partition_of(&second));
+        a.ingest.submit(vec![event_with_id(&first, 0), login(&first, 1)]).await.unwrap();
+        a.ingest.materialize().await.unwrap();
+        // b has not followed a's claim: its login links the email to `second`, and so does the
+        // event after it.
+        b.ingest.submit(vec![event_with_id(&second, 2), login(&second, 3)]).await.unwrap();
+        b.ingest.submit(vec![event_with_id(&second, 4)]).await.unwrap();
+        b.ingest.materialize().await.unwrap();
+        assert_eq!(b.profile(&second).unwrap().event_count, 3);
+        b.stop();
+        // a takes b's partition from the log's start: there the claim loses to a's, earlier.
+        follow_others(&a).await;
+        let partition = starling_log::partition_of(&second);
+        a.owned.add(partition);
+        a.ingest.restore(partition, None, Some(0)).await.unwrap();
+        let entries = a.ingest.read_after(vec![(partition, 0)]).await.unwrap();
+        a.ingest.take_over(&entries).await.unwrap();
+        a.ingest.materialize().await.unwrap();
+        assert_eq!(a.ingest.profile_of(&second), first);
+        let conn = starling_store::open(&a.database).unwrap();
+        let history: BTreeSet<String> =
+            starling_store::profile_events(&conn, &first).unwrap().into_iter().filter_map(|e| e.id).collect();
+        assert_eq!(history, ["e-0", "e-2", "e-4"].map(String::from).into(), "each event with an id, once");
+        assert_eq!(a.profile(&first).unwrap().event_count, 5);
+        a.stop();
     }
 
     /// An unstitch applied again by a node taking the partition from a snapshot of the stitched

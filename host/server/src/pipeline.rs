@@ -4673,14 +4673,31 @@ mod tests {
         b.stop();
     }
 
-    /// Nodes `a` and `b`, owning the partitions of `first` and `second`: the two profiles were
-    /// stitched across them (into `first`, on `a`).
-    async fn stitched_across_two_nodes(log: &Arc<starling_log::MemoryLog>) -> (Running, Running, String, String) {
+    /// `node` follows the other partitions, then takes `partition` with no snapshot: its records
+    /// from the log's start, applied again.
+    async fn take_from_the_logs_start(node: &Running, partition: Partition) {
+        follow_others(node).await;
+        node.owned.add(partition);
+        node.ingest.restore(partition, None, Some(0)).await.unwrap();
+        let entries = node.ingest.read_after(vec![(partition, 0)]).await.unwrap();
+        node.ingest.take_over(&entries).await.unwrap();
+        node.ingest.materialize().await.unwrap();
+    }
+
+    /// Nodes `a` and `b` on `config`, owning the partitions of `first` and `second`.
+    fn two_nodes(config: &str, log: &Arc<starling_log::MemoryLog>) -> (Running, Running, String, String) {
         let (first, second) = in_two_partitions();
-        let node = || Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
+        let node = || Running::handing(config, 2, log.clone(), true, Some(Arc::new(Handed::default())));
         let (a, b) = (node(), node());
         a.owned.add(starling_log::partition_of(&first));
         b.owned.add(starling_log::partition_of(&second));
+        (a, b, first, second)
+    }
+
+    /// Nodes `a` and `b`, owning the partitions of `first` and `second`: the two profiles were
+    /// stitched across them (into `first`, on `a`).
+    async fn stitched_across_two_nodes(log: &Arc<starling_log::MemoryLog>) -> (Running, Running, String, String) {
+        let (a, b, first, second) = two_nodes(STITCHING, log);
         a.ingest.submit(vec![event(&first, 0), login(&first, 1)]).await.unwrap();
         a.ingest.materialize().await.unwrap();
         follow_others(&b).await;
@@ -4742,13 +4759,7 @@ mod tests {
         follow_others(&b).await;
         assert_eq!(b.profile(&second).unwrap().event_count, 3, "adopted");
         let c = Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
-        follow_others(&c).await;
-        let partition = starling_log::partition_of(&second);
-        c.owned.add(partition);
-        c.ingest.restore(partition, None, Some(0)).await.unwrap();
-        let entries = c.ingest.read_after(vec![(partition, 0)]).await.unwrap();
-        c.ingest.take_over(&entries).await.unwrap();
-        c.ingest.materialize().await.unwrap();
+        take_from_the_logs_start(&c, starling_log::partition_of(&second)).await;
         assert_eq!(c.profile(&second).unwrap().event_count, 3, "as on b");
         let conn = starling_store::open(&c.database).unwrap();
         assert_eq!(starling_store::profile_events(&conn, &second).unwrap().len(), 3);
@@ -4764,11 +4775,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn events_after_a_merge_decided_again_on_a_take_go_to_the_survivor() {
         let log = Arc::new(starling_log::MemoryLog::new());
-        let (first, second) = in_two_partitions();
-        let node = || Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
-        let (a, b) = (node(), node());
-        a.owned.add(starling_log::partition_of(&first));
-        b.owned.add(starling_log::partition_of(&second));
+        let (a, b, first, second) = two_nodes(STITCHING, &log);
         a.ingest.submit(vec![event_with_id(&first, 0), login(&first, 1)]).await.unwrap();
         a.ingest.materialize().await.unwrap();
         // b has not followed a's claim: its login links the email to `second`, and so does the
@@ -4779,13 +4786,7 @@ mod tests {
         assert_eq!(b.profile(&second).unwrap().event_count, 3);
         b.stop();
         // a takes b's partition from the log's start: there the claim loses to a's, earlier.
-        follow_others(&a).await;
-        let partition = starling_log::partition_of(&second);
-        a.owned.add(partition);
-        a.ingest.restore(partition, None, Some(0)).await.unwrap();
-        let entries = a.ingest.read_after(vec![(partition, 0)]).await.unwrap();
-        a.ingest.take_over(&entries).await.unwrap();
-        a.ingest.materialize().await.unwrap();
+        take_from_the_logs_start(&a, starling_log::partition_of(&second)).await;
         assert_eq!(a.ingest.profile_of(&second), first);
         let conn = starling_store::open(&a.database).unwrap();
         let history: BTreeSet<String> =
@@ -4855,11 +4856,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_profiles_of_two_nodes_holding_different_capped_ids_are_not_stitched() {
         let log = Arc::new(starling_log::MemoryLog::new());
-        let (first, second) = in_two_partitions();
-        let node = || Running::handing(CAPPED, 2, log.clone(), true, Some(Arc::new(Handed::default())));
-        let (a, b) = (node(), node());
-        a.owned.add(starling_log::partition_of(&first));
-        b.owned.add(starling_log::partition_of(&second));
+        let (a, b, first, second) = two_nodes(CAPPED, &log);
         let with = |visitor: &str, name: &str, field: &str, value: &str, n| {
             let mut e = Event { name: name.into(), ..event(visitor, n) };
             e.data.insert(field.into(), value.into());

@@ -2531,8 +2531,12 @@ impl Worker {
                         let pid = match replayed {
                             Some((partition, _)) if self.spread() && starling_log::partition_of(&pid) != partition => {
                                 match starling_store::resolve_identity(conn, &event.visitor_id)? {
+                                    // (Holding it, SQLite names the absorbed profile until the
+                                    // survivor's worker writes the merge, then the survivor.)
                                     Some(holder)
-                                        if self.shared.owned.owns_profile(&pid) && self.was_decided_again(&holder) =>
+                                        if self.shared.owned.owns_profile(&pid)
+                                            && (self.was_decided_again(&holder)
+                                                || self.was_decided_again(&event.visitor_id)) =>
                                     {
                                         pid
                                     }
@@ -4774,6 +4778,13 @@ mod tests {
     /// to the survivor. (They were skipped as if carried, and lost.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn events_after_a_merge_decided_again_on_a_take_go_to_the_survivor() {
+        // The later record applied before the survivor's worker wrote the merge, then after.
+        for written_between in [false, true] {
+            merge_decided_again_on_a_take(written_between).await;
+        }
+    }
+
+    async fn merge_decided_again_on_a_take(written_between: bool) {
         let log = Arc::new(starling_log::MemoryLog::new());
         let (a, b, first, second) = two_nodes(STITCHING, &log);
         a.ingest.submit(vec![event_with_id(&first, 0), login(&first, 1)]).await.unwrap();
@@ -4786,7 +4797,20 @@ mod tests {
         assert_eq!(b.profile(&second).unwrap().event_count, 3);
         b.stop();
         // a takes b's partition from the log's start: there the claim loses to a's, earlier.
-        take_from_the_logs_start(&a, starling_log::partition_of(&second)).await;
+        let partition = starling_log::partition_of(&second);
+        match written_between {
+            false => take_from_the_logs_start(&a, partition).await,
+            true => {
+                follow_others(&a).await;
+                a.owned.add(partition);
+                a.ingest.restore(partition, None, Some(0)).await.unwrap();
+                let entries = a.ingest.read_after(vec![(partition, 0)]).await.unwrap();
+                a.ingest.take_over(&entries[..1]).await.unwrap();
+                a.ingest.materialize().await.unwrap();
+                a.ingest.take_over(&entries[1..]).await.unwrap();
+                a.ingest.materialize().await.unwrap();
+            }
+        }
         assert_eq!(a.ingest.profile_of(&second), first);
         let conn = starling_store::open(&a.database).unwrap();
         let history: BTreeSet<String> =

@@ -311,6 +311,31 @@ pub fn owner_record(node: &str) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({ "work": "owner", "node": node })).expect("a record serializes")
 }
 
+/// The history this node holds of `profile`: stored, and applied since (by this batch or
+/// earlier ones not yet written).
+fn copy_history(
+    conn: &rusqlite::Connection,
+    p: &Pending,
+    batch: &[IngestJob],
+    profile: &str,
+) -> Result<Vec<Event>, StoreError> {
+    let mut events = starling_store::profile_events(conn, profile)?;
+    for write in &p.effects.writes {
+        match write {
+            Write::Event { event: HistoryEvent::Taken(event), profile: to, .. } if to == profile => {
+                events.push(event.clone())
+            }
+            Write::Event { event: HistoryEvent::InBatch { job, event }, profile: to, .. } if to == profile => {
+                if let Work::Events(list) = &batch[*job].work {
+                    events.extend(list.get(*event).cloned());
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(events)
+}
+
 /// The record handing `merge` (with the absorbed profile's state) to another node's partition.
 fn hand_record(merge: &MergeRequest) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({ "work": "hand", "merge": merge })).expect("a record serializes")
@@ -808,11 +833,19 @@ impl Ingest {
         // One not applied (its batch held a record of a partition lost meanwhile, say) stays
         // kept: the others are sent all the same, and the caller sends the kept ones again.
         let mut failed = Failed::default();
-        for (worker, merges) in by_worker.into_iter().enumerate() {
+        for merges in by_worker {
             let mut sent = Vec::with_capacity(merges.len());
             for merge in merges {
                 let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
-                jobs[worker] = Some(Work::Merge(merge));
+                // One whose absorbed profile is of a partition this node owns goes through that
+                // profile's worker: from then on the profile's ids go to the survivor, and the
+                // merge carries the profile as it is by then (what was applied to it since the
+                // state was kept: a live event after a take, before this).
+                let (absorbeds, survivors) = (worker_of(&merge.absorbed, n), worker_of(&merge.survivor, n));
+                match self.owned.owns_profile(&merge.absorbed) {
+                    true => jobs[absorbeds] = Some(Work::Hand(vec![merge])),
+                    false => jobs[survivors] = Some(Work::Merge(merge)),
+                }
                 sent.push(self.dispatch(jobs, false)?);
             }
             for merge in sent {
@@ -1820,6 +1853,10 @@ struct Pending {
     /// Events a merge of a pair merged already carried beyond what the survivor holds, for the
     /// survivor (see [`Worker::merge`]).
     late: Vec<(String, Event)>,
+    /// Merges that carried the absorbed profile's state while this node held a copy of it:
+    /// (survivor, absorbed). The copy's events the state lacks go to the survivor (see
+    /// [`Worker::merge`]).
+    outgrown: Vec<(String, String)>,
     /// Unstitch results, sent after commit.
     unstitched: Vec<(oneshot::Sender<Result<serde_json::Value, String>>, serde_json::Value)>,
     /// Trace steps for traced visitors (the ids they are traced by), sent after commit.
@@ -2509,7 +2546,8 @@ impl Worker {
         // The batch's records (by draft) whose events crossed to other workers' state.
         let mut crossed: HashSet<usize> = HashSet::new();
 
-        for (j, job) in batch.iter_mut().enumerate() {
+        for j in 0..batch.len() {
+            let job = &mut batch[j];
             let mut report = IngestReport::default();
             if job.source != Source::Client {
                 p.sources.insert(j, job.source);
@@ -2809,7 +2847,8 @@ impl Worker {
                         p.leaving.insert(merge.absorbed.clone());
                         p.directory.extend(ids.into_iter().map(|id| (id, merge.survivor.clone())));
                     }
-                    p.merges.extend(std::mem::take(merges).into_iter().map(|m| (None, Cause::Record(None), m)));
+                    // The job waits for those merged here (see `Ingest::send_handed_over`).
+                    p.merges.extend(std::mem::take(merges).into_iter().map(|m| (Some(j), Cause::Record(None), m)));
                 }
                 Work::Restore { partition, snapshot, position, done } => {
                     let (placeholder, _) = oneshot::channel();
@@ -2877,6 +2916,13 @@ impl Worker {
                     }
                     let _ = done.send(result);
                 }
+            }
+            for (survivor, absorbed) in std::mem::take(&mut p.outgrown) {
+                let held = self.history_ids(conn, p, &survivor)?;
+                let beyond = copy_history(conn, p, batch, &absorbed)?
+                    .into_iter()
+                    .filter(|e| e.id.as_ref().is_some_and(|id| !held.contains(id)));
+                p.late.extend(beyond.map(|e| (survivor.clone(), e)));
             }
             // Events a merge carried beyond what the survivor held (see `Worker::merge`), as
             // part of the work that merged.
@@ -3591,9 +3637,17 @@ impl Worker {
             _ => request.absorbed_state.clone(),
         };
         // What the merge carried is what it moved the first time: it goes before a copy held
-        // here (restored with a partition taken, its events since applied elsewhere).
+        // here (restored with a partition taken, its events since applied elsewhere). The
+        // copy may hold events the state lacks all the same: applied live here between a take
+        // of its partition and the merge kept for it, or by a record applied again after the
+        // one that decided the merge. Those the survivor lacks go to it once this work is done.
         let absorbed_profile = match &carried {
-            Some(state) => Some(state.profile.clone()),
+            Some(state) => {
+                if absorbed_profile.is_some() {
+                    p.outgrown.push((survivor.clone(), absorbed.clone()));
+                }
+                Some(state.profile.clone())
+            }
             None => absorbed_profile,
         };
         let Some(mut absorbed_profile) = absorbed_profile else {
@@ -5734,6 +5788,65 @@ mod tests {
         assert_eq!((handed.survivor.as_str(), handed.origin.as_deref()), (survivor.as_str(), Some("7.kept")));
         let state = handed.absorbed_state.expect("the absorbed profile's state");
         assert_eq!(state.events.len(), 1, "the absorbed profile's event");
+        node.stop();
+    }
+
+    /// Spread, a merge kept with the absorbed profile's state for a partition this node took is
+    /// sent once the take is done; meanwhile an event for the absorbed profile was applied to
+    /// its copy here. The survivor gets that event too: when this node owns the absorbed
+    /// profile's partition, the merge goes through its worker and carries the copy as it is by
+    /// then; when not (a copy it holds all the same), the copy's events the state lacks go to
+    /// the survivor. (Before, the carried state replaced the copy, and the event was lost.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_applied_to_the_absorbed_copy_before_its_kept_merge_goes_to_the_survivor() {
+        for absorbeds_owned in [true, false] {
+            event_before_a_kept_merge(absorbeds_owned).await;
+        }
+    }
+
+    async fn event_before_a_kept_merge(absorbeds_owned: bool) {
+        let (node, _log, survivor, absorbed) = owning_two_partitions();
+        node.ingest.submit(vec![event_with_id(&survivor, 0), event_with_id(&absorbed, 1)]).await.unwrap();
+        node.ingest.materialize().await.unwrap();
+        let state = {
+            let conn = starling_store::open(&node.database).unwrap();
+            Absorbed {
+                profile: starling_store::load_profile(&conn, &absorbed).unwrap().unwrap(),
+                events: starling_store::profile_events(&conn, &absorbed).unwrap(),
+                memberships: starling_store::memberships_of(&conn, &absorbed).unwrap(),
+            }
+        };
+        let merge = MergeRequest {
+            survivor: survivor.clone(),
+            absorbed: absorbed.clone(),
+            via: "b58996c504c5638798eb6b511e6f49af".into(),
+            attribute: "email_hash".into(),
+            event_id: None,
+            origin: Some("7.kept".into()),
+            absorbed_state: Some(Box::new(state)),
+            merged_first: None,
+        };
+        let request = serde_json::to_string(&merge).unwrap();
+        starling_store::keep_handed_over(&starling_store::open(&node.database).unwrap(), "7.kept", &request).unwrap();
+        node.ingest.submit(vec![event_with_id(&absorbed, 2)]).await.unwrap();
+        if !absorbeds_owned {
+            node.ingest.materialize().await.unwrap();
+            node.owned.remove(starling_log::partition_of(&absorbed));
+        }
+
+        assert_eq!(node.ingest.send_handed_over(|_| true).await.unwrap(), 1);
+        node.ingest.materialize().await.unwrap();
+        let conn = starling_store::open(&node.database).unwrap();
+        let history = |profile: &str| -> BTreeSet<String> {
+            starling_store::profile_events(&conn, profile).unwrap().into_iter().filter_map(|e| e.id).collect()
+        };
+        assert!(history(&absorbed).is_empty(), "absorbed's partition owned: {absorbeds_owned}");
+        assert_eq!(
+            history(&survivor),
+            BTreeSet::from(["e-0".to_string(), "e-1".into(), "e-2".into()]),
+            "absorbed's partition owned: {absorbeds_owned}"
+        );
+        assert_eq!(node.profile(&survivor).unwrap().event_count, 3);
         node.stop();
     }
 

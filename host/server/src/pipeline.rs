@@ -837,12 +837,12 @@ impl Ingest {
             let mut sent = Vec::with_capacity(merges.len());
             for merge in merges {
                 let mut jobs: Vec<Option<Work>> = (0..n).map(|_| None).collect();
-                // One whose absorbed profile is of a partition this node owns goes through that
-                // profile's worker: from then on the profile's ids go to the survivor, and the
-                // merge carries the profile as it is by then (what was applied to it since the
-                // state was kept: a live event after a take, before this).
+                // One whose absorbed profile is of a partition this node owns (and not merged
+                // already) goes through that profile's worker: from then on the profile's ids go
+                // to the survivor, and the merge carries the profile as it is by then (what was
+                // applied to it since the state was kept: a live event after a take, before this).
                 let (absorbeds, survivors) = (worker_of(&merge.absorbed, n), worker_of(&merge.survivor, n));
-                match self.owned.owns_profile(&merge.absorbed) {
+                match self.owned.owns_profile(&merge.absorbed) && !self.was_merged_away(&merge.absorbed)? {
                     true => jobs[absorbeds] = Some(Work::Hand(vec![merge])),
                     false => jobs[survivors] = Some(Work::Merge(merge)),
                 }
@@ -909,6 +909,11 @@ impl Ingest {
                 Ok(None)
             }
         }
+    }
+
+    fn was_merged_away(&self, profile: &str) -> Result<bool, IngestError> {
+        let writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        starling_store::was_merged_away(&writer, profile).map_err(|e| IngestError::Failed(e.to_string()))
     }
 
     /// Merges handed over to another partition that it has not applied.
@@ -5714,6 +5719,23 @@ mod tests {
         (node, log, first, second)
     }
 
+    /// Keeps a merge of `absorbed` into `survivor` (origin `7.kept`) on `node`, as one decided
+    /// for a partition it takes.
+    fn keep_merge(node: &Running, survivor: &str, absorbed: &str, state: Option<Absorbed>) {
+        let merge = MergeRequest {
+            survivor: survivor.into(),
+            absorbed: absorbed.into(),
+            via: "b58996c504c5638798eb6b511e6f49af".into(),
+            attribute: "email_hash".into(),
+            event_id: None,
+            origin: Some("7.kept".into()),
+            absorbed_state: state.map(Box::new),
+            merged_first: None,
+        };
+        let request = serde_json::to_string(&merge).unwrap();
+        starling_store::keep_handed_over(&starling_store::open(&node.database).unwrap(), "7.kept", &request).unwrap();
+    }
+
     /// Spread, a merge this node applied live as the owner of both profiles' partitions, whose
     /// batch the stream then refused (another node took the survivor's partition meanwhile),
     /// is handed on from the absorbed profile's partition, with its state, for the survivor's
@@ -5749,18 +5771,7 @@ mod tests {
         let blocker = of_survivors.nth(1).unwrap();
         node.ingest.submit(vec![event(&survivor, 0), event(&absorbed, 1)]).await.unwrap();
         node.ingest.materialize().await.unwrap();
-        let merge = MergeRequest {
-            survivor: survivor.clone(),
-            absorbed: absorbed.clone(),
-            via: "b58996c504c5638798eb6b511e6f49af".into(),
-            attribute: "email_hash".into(),
-            event_id: None,
-            origin: Some("7.kept".into()),
-            absorbed_state: None,
-            merged_first: None,
-        };
-        let request = serde_json::to_string(&merge).unwrap();
-        starling_store::keep_handed_over(&starling_store::open(&node.database).unwrap(), "7.kept", &request).unwrap();
+        keep_merge(&node, &survivor, &absorbed, None);
 
         // The survivor's worker waits in an append while the kept merge is queued behind it,
         // and the survivor's partition is lost meanwhile.
@@ -5816,18 +5827,7 @@ mod tests {
                 memberships: starling_store::memberships_of(&conn, &absorbed).unwrap(),
             }
         };
-        let merge = MergeRequest {
-            survivor: survivor.clone(),
-            absorbed: absorbed.clone(),
-            via: "b58996c504c5638798eb6b511e6f49af".into(),
-            attribute: "email_hash".into(),
-            event_id: None,
-            origin: Some("7.kept".into()),
-            absorbed_state: Some(Box::new(state)),
-            merged_first: None,
-        };
-        let request = serde_json::to_string(&merge).unwrap();
-        starling_store::keep_handed_over(&starling_store::open(&node.database).unwrap(), "7.kept", &request).unwrap();
+        keep_merge(&node, &survivor, &absorbed, Some(state));
         node.ingest.submit(vec![event_with_id(&absorbed, 2)]).await.unwrap();
         if !absorbeds_owned {
             node.ingest.materialize().await.unwrap();
@@ -5847,6 +5847,30 @@ mod tests {
             "absorbed's partition owned: {absorbeds_owned}"
         );
         assert_eq!(node.profile(&survivor).unwrap().event_count, 3);
+        node.stop();
+    }
+
+    /// Spread, a merge kept for a partition taken, sent through its absorbed profile's worker,
+    /// whose survivor's partition is lost as the merge is logged: the survivor's next owner
+    /// never saw it, and this node, owning the absorbed profile's partition, hands it on from
+    /// there, with the absorbed profile's state.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_kept_merge_refused_as_its_survivors_partition_is_lost_is_handed_on() {
+        let (node, log, survivor, absorbed) = owning_two_partitions();
+        let (survivors, absorbeds) = (starling_log::partition_of(&survivor), starling_log::partition_of(&absorbed));
+        node.ingest.submit(vec![event_with_id(&survivor, 0), event_with_id(&absorbed, 1)]).await.unwrap();
+        node.ingest.materialize().await.unwrap();
+        keep_merge(&node, &survivor, &absorbed, None);
+        *log.losing.lock().unwrap() = Some(node.owned.clone());
+        *log.refuse.lock().unwrap() = Some(survivors);
+
+        let sent = node.ingest.send_handed_over(|_| true).await;
+        assert!(matches!(&sent, Err(IngestError::Failed(e)) if e.starts_with("1 of 1 not applied")), "{sent:?}");
+        assert!(!node.owned.owns(survivors), "the refusal took the survivor's partition");
+        let handed = hand_record_in(&*log, absorbeds).await.expect("a hand record in the absorbed profile's partition");
+        assert_eq!((handed.survivor.as_str(), handed.origin.as_deref()), (survivor.as_str(), Some("7.kept")));
+        let state = handed.absorbed_state.expect("the absorbed profile's state");
+        assert_eq!(state.events.len(), 1, "the absorbed profile's event");
         node.stop();
     }
 

@@ -4879,6 +4879,35 @@ mod tests {
         a.stop();
     }
 
+    /// As above, with the survivor of a third node's partition: the node taking the partition
+    /// keeps the merge it decided again, applies the later event to the absorbed profile as the
+    /// first run did, and hands the merge on once the take is done, with the absorbed profile
+    /// as it is then; the survivor's owner gets every event.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_after_a_merge_decided_again_on_a_take_go_to_another_nodes_survivor() {
+        let log = Arc::new(starling_log::MemoryLog::new());
+        let (a, b, first, second) = two_nodes(STITCHING, &log);
+        a.ingest.submit(vec![event_with_id(&first, 0), login(&first, 1)]).await.unwrap();
+        a.ingest.materialize().await.unwrap();
+        b.ingest.submit(vec![event_with_id(&second, 2), login(&second, 3)]).await.unwrap();
+        b.ingest.submit(vec![event_with_id(&second, 4)]).await.unwrap();
+        b.ingest.materialize().await.unwrap();
+        b.stop();
+        let c = Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
+        let partition = starling_log::partition_of(&second);
+        take_from_the_logs_start(&c, partition).await;
+        c.ingest.hand_kept(|p| p == partition).await.unwrap();
+        c.ingest.materialize().await.unwrap();
+        follow_others(&a).await;
+        let conn = starling_store::open(&a.database).unwrap();
+        let history: BTreeSet<String> =
+            starling_store::profile_events(&conn, &first).unwrap().into_iter().filter_map(|e| e.id).collect();
+        assert_eq!(history, ["e-0", "e-2", "e-4"].map(String::from).into(), "each event with an id, once");
+        assert_eq!(a.profile(&first).unwrap().event_count, 5);
+        a.stop();
+        c.stop();
+    }
+
     /// An unstitch applied again by a node taking the partition from a snapshot of the stitched
     /// profile (its ids followed the split already: the id is a profile of its own there)
     /// splits what its record split.

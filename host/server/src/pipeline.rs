@@ -510,12 +510,15 @@ pub struct Materialized {
 #[derive(Clone, Default)]
 pub struct Directory(Arc<RwLock<Stitched>>);
 
+/// Held for every stitched id, on every node: kept small. Each id's text is held once (shared
+/// by both maps), and each profile's once; a profile's stitched ids (one or two, mostly) are a
+/// list sized to fit.
 #[derive(Default)]
 struct Stitched {
     /// Each stitched id's profile, and a log position the records that stitched it there are
     /// at or before.
-    profile_of: HashMap<String, (String, Position)>,
-    ids_of: HashMap<String, HashSet<String>>,
+    profile_of: HashMap<Arc<str>, (Arc<str>, Position)>,
+    ids_of: HashMap<Arc<str>, Vec<Arc<str>>>,
 }
 
 impl Directory {
@@ -540,7 +543,7 @@ impl Directory {
     /// The profile an id belongs to.
     pub fn profile_of(&self, id: &str) -> String {
         let stitched = self.0.read().expect("directory lock");
-        stitched.profile_of.get(id).map_or_else(|| id.to_string(), |(profile, _)| profile.clone())
+        stitched.profile_of.get(id).map_or_else(|| id.to_string(), |(profile, _)| profile.to_string())
     }
 
     /// A log position the records that stitched `id` to its profile are at or before; `None`
@@ -552,7 +555,7 @@ impl Directory {
     /// The ids stitched into a profile (its own id aside).
     fn stitched_into(&self, profile: &str) -> Vec<String> {
         let stitched = self.0.read().expect("directory lock");
-        stitched.ids_of.get(profile).map(|ids| ids.iter().cloned().collect()).unwrap_or_default()
+        stitched.ids_of.get(profile).map(|ids| ids.iter().map(|id| id.to_string()).collect()).unwrap_or_default()
     }
 
     /// Points `ids` at their profiles, stitched by records at or before `through`.
@@ -560,17 +563,30 @@ impl Directory {
         let mut stitched = self.0.write().expect("directory lock");
         let Stitched { profile_of, ids_of } = &mut *stitched;
         for (id, profile) in ids {
-            if let Some((before, _)) = profile_of.remove(&id)
-                && let Some(set) = ids_of.get_mut(&before)
-            {
-                set.remove(&id);
-                if set.is_empty() {
-                    ids_of.remove(&before);
+            let held = match profile_of.remove_entry(id.as_str()) {
+                Some((held, (before, _))) => {
+                    if let Some(list) = ids_of.get_mut(&before) {
+                        list.retain(|other| *other != held);
+                        if list.is_empty() {
+                            ids_of.remove(&before);
+                        } else {
+                            list.shrink_to_fit();
+                        }
+                    }
+                    held
                 }
-            }
-            if id != profile {
-                ids_of.entry(profile.clone()).or_default().insert(id.clone());
-                profile_of.insert(id, (profile, through));
+                None => Arc::from(id.as_str()),
+            };
+            if *held != *profile {
+                // The profile's text, held once: the key of its list.
+                let profile = match ids_of.get_key_value(profile.as_str()) {
+                    Some((key, _)) => key.clone(),
+                    None => Arc::from(profile.as_str()),
+                };
+                let list = ids_of.entry(profile.clone()).or_default();
+                list.reserve_exact(1);
+                list.push(held.clone());
+                profile_of.insert(held, (profile, through));
             }
         }
     }
@@ -4372,6 +4388,43 @@ mod tests {
         assert_eq!(worker_of("anon-1", 4), worker_of("anon-1", 4));
         let used: HashSet<usize> = (0..100).map(|i| worker_of(&format!("v{i}"), 4)).collect();
         assert_eq!(used.len(), 4);
+    }
+
+    /// The directory routes stitched ids to their profiles and back as they move, holding each
+    /// id's text and each profile's once.
+    #[test]
+    fn the_directory_follows_ids_as_they_move_and_holds_each_text_once() {
+        let directory = Directory::default();
+        let pairs =
+            |pairs: &[(&str, &str)]| pairs.iter().map(|(i, p)| (i.to_string(), p.to_string())).collect::<Vec<_>>();
+        directory.point(pairs(&[("phone", "web"), ("email", "web")]), 7);
+        assert_eq!(directory.profile_of("phone"), "web");
+        assert_eq!(directory.profile_of("web"), "web", "an id not stitched names its own profile");
+        assert_eq!(directory.stitched_through("email"), Some(7));
+        assert_eq!(directory.stitched_through("web"), None);
+        let mut into = directory.stitched_into("web");
+        into.sort();
+        assert_eq!(into, ["email", "phone"]);
+        {
+            let stitched = directory.0.read().unwrap();
+            let (id, (profile, _)) = stitched.profile_of.get_key_value("phone").unwrap();
+            assert_eq!(Arc::strong_count(id), 2, "the id's text, in both maps");
+            assert_eq!(Arc::strong_count(profile), 3, "the profile's text: its list's key and its two ids'");
+        }
+        // Merged on: both ids and the profile move; the profile's own id is stitched now.
+        directory.point(pairs(&[("phone", "tablet"), ("email", "tablet"), ("web", "tablet")]), 9);
+        assert!(directory.stitched_into("web").is_empty());
+        assert_eq!(directory.stitched_into("tablet").len(), 3);
+        assert_eq!(directory.profile_of("web"), "tablet");
+        // Split out: the id names its own profile again.
+        directory.point(pairs(&[("phone", "phone")]), 11);
+        assert_eq!(directory.profile_of("phone"), "phone");
+        assert_eq!(directory.stitched_through("phone"), None);
+        let mut into = directory.stitched_into("tablet");
+        into.sort();
+        assert_eq!(into, ["email", "web"]);
+        let stitched = directory.0.read().unwrap();
+        assert_eq!((stitched.profile_of.len(), stitched.ids_of.len()), (2, 1));
     }
 
     #[test]

@@ -61,6 +61,8 @@ const PRUNE_EVERY_MS: i64 = 60_000;
 const PRUNE_CHUNK: usize = 2_000;
 /// How long a worker whose recovery could not read the log waits before it tries again.
 const RECOVER_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+/// How many stitched ids the directory loads at a time at start.
+const LOAD_CHUNK: usize = 10_000;
 /// How many merges decided again a worker remembers (see `Worker::note_decided_again`).
 const DECIDED_AGAIN_LIMIT: usize = 100_000;
 
@@ -527,7 +529,15 @@ impl Directory {
         // Ids are linked in SQLite before the state with the positions it includes (see
         // `Worker::write_early`): their records may be in the log only, until the start's
         // replay (`Directory::settle`).
-        directory.point(starling_store::stitched_ids(conn)?, Position::MAX);
+        // A chunk at a time: the whole list at once would leave its memory behind.
+        let mut chunk = Vec::with_capacity(LOAD_CHUNK);
+        starling_store::each_stitched_id(conn, |id, profile| {
+            chunk.push((id, profile));
+            if chunk.len() == LOAD_CHUNK {
+                directory.point(chunk.drain(..), Position::MAX);
+            }
+        })?;
+        directory.point(chunk, Position::MAX);
         Ok(directory)
     }
 
@@ -4425,6 +4435,33 @@ mod tests {
         assert_eq!(into, ["email", "web"]);
         let stitched = directory.0.read().unwrap();
         assert_eq!((stitched.profile_of.len(), stitched.ids_of.len()), (2, 1));
+    }
+
+    /// At start the directory loads every stitched id SQLite holds, a chunk at a time.
+    #[test]
+    fn the_directory_loads_every_stitched_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = starling_store::open(&dir.path().join("starling.db")).unwrap();
+        let stitched = LOAD_CHUNK + 1;
+        let tx = conn.unchecked_transaction().unwrap();
+        for i in 0..stitched {
+            let profile = format!("profile-{}", i / 2);
+            tx.execute("INSERT INTO identities (visitor_id, profile_id) VALUES (?1, ?2)", [format!("id-{i}"), profile])
+                .unwrap();
+        }
+        tx.execute("INSERT INTO identities (visitor_id, profile_id) VALUES ('own', 'own')", []).unwrap();
+        tx.commit().unwrap();
+        let directory = Directory::load(&conn).unwrap();
+        assert_eq!(directory.profile_of("id-0"), "profile-0");
+        assert_eq!(directory.profile_of(&format!("id-{}", stitched - 1)), format!("profile-{}", (stitched - 1) / 2));
+        assert_eq!(directory.profile_of("own"), "own");
+        let mut into = directory.stitched_into("profile-1");
+        into.sort();
+        assert_eq!(into, ["id-2", "id-3"]);
+        assert_eq!(directory.0.read().unwrap().profile_of.len(), stitched);
+        assert_eq!(directory.stitched_through("id-0"), Some(Position::MAX), "until the start's replay settles it");
+        directory.settle(41);
+        assert_eq!(directory.stitched_through("id-0"), Some(41));
     }
 
     #[test]

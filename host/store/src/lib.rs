@@ -1668,11 +1668,15 @@ pub fn ids_of(conn: &Connection, profile_id: &str) -> Result<Vec<String>> {
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-/// Every id linked to a profile other than the one named after it: (visitor id, profile id).
-pub fn stitched_ids(conn: &Connection) -> Result<Vec<(String, String)>> {
+/// Visits every id linked to a profile other than the one named after it: (visitor id,
+/// profile id), one row at a time (there may be millions).
+pub fn each_stitched_id(conn: &Connection, mut visit: impl FnMut(String, String)) -> Result<()> {
     let mut stmt = conn.prepare("SELECT visitor_id, profile_id FROM identities WHERE visitor_id <> profile_id")?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        visit(row.get(0)?, row.get(1)?);
+    }
+    Ok(())
 }
 
 /// The ids linked to `profile_id` that are values of a capped visitor-id attribute, by

@@ -104,6 +104,9 @@ pub enum Source {
     /// Another node, which took them from the intake: the intake keeps them until they are
     /// applied, and they are not handed on again (see [`Worker::hand_on`]).
     HandedIntake,
+    /// A take, which found them in a record applied again but no longer of that record's
+    /// partition (see [`Ingest::take_over`]): seen already, they are new to their profile.
+    Redirected,
 }
 
 impl IngestJob {
@@ -620,6 +623,8 @@ pub struct Ingest {
     clock: fn() -> i64,
     /// Which records' actions may be delivered: a record read from the log is durable.
     durable: Arc<crate::delivery::Durable>,
+    /// See `Worker::redirected`.
+    redirected: Arc<Mutex<Vec<Event>>>,
 }
 
 impl Ingest {
@@ -1038,7 +1043,16 @@ impl Ingest {
     /// while the owned partitions go on live: merges the records hand to owned partitions are
     /// applied live, and logged.
     pub async fn take_over(&self, entries: &[Entry]) -> Result<(), IngestError> {
-        self.apply_logged(entries, Applying::TakeOver).await
+        self.apply_logged(entries, Applying::TakeOver).await?;
+        // Applied anew, not as part of the records they were in: logged in their profiles'
+        // partitions, which a later take applies again.
+        let redirected =
+            std::mem::take(&mut *self.redirected.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        if !redirected.is_empty() {
+            tracing::debug!(events = redirected.len(), "events after merges decided again applied to their survivors");
+            self.submit_from(redirected, Source::Redirected).await?;
+        }
+        Ok(())
     }
 
     async fn apply_logged(&self, entries: &[Entry], applying: Applying) -> Result<(), IngestError> {
@@ -1531,6 +1545,7 @@ pub fn start(
     let mut handles = Vec::with_capacity(n + 1);
     let (syncer, batches) = std::sync::mpsc::channel();
     let decided_again = Arc::new(Mutex::new(HashSet::new()));
+    let redirected = Arc::new(Mutex::new(Vec::new()));
     for (index, rx) in receivers.into_iter().enumerate() {
         let worker = Worker {
             model: shared.config.model(),
@@ -1541,6 +1556,7 @@ pub fn start(
             peers: peers.clone(),
             replaying: None,
             decided_again: decided_again.clone(),
+            redirected: redirected.clone(),
             directory: directory.clone(),
             writer: writer.clone(),
             cache: Cache::default(),
@@ -1589,6 +1605,7 @@ pub fn start(
             owned,
             clock,
             durable,
+            redirected,
         },
         handles,
     ))
@@ -1608,6 +1625,9 @@ struct Worker {
     /// applying records again (see `Worker::note_decided_again`); shared, as the events that go
     /// to the survivor pass through its worker.
     decided_again: Arc<Mutex<HashSet<String>>>,
+    /// Events a take redirects to the survivor of a merge it decided again, applied once the
+    /// take is done (see `Ingest::take_over`).
+    redirected: Arc<Mutex<Vec<Event>>>,
     directory: Directory,
     /// The connection every worker commits through.
     writer: Arc<Mutex<rusqlite::Connection>>,
@@ -2500,7 +2520,7 @@ impl Worker {
                 // An event another node handed here goes on to a node again only if the
                 // directory moved it (to a profile that node owns, as of the batch's records).
                 let via = match source(job) {
-                    Source::Client => Via::OwnerOrIntake,
+                    Source::Client | Source::Redirected => Via::OwnerOrIntake,
                     Source::Node if after > 0 => Via::OwnerOrIntake,
                     Source::Node => Via::Intake,
                     Source::Intake => Via::Owner,
@@ -2579,6 +2599,7 @@ impl Worker {
 
         for j in 0..batch.len() {
             let job = &mut batch[j];
+            let source = job.source;
             let mut report = IngestReport::default();
             if job.source != Source::Client {
                 p.sources.insert(j, job.source);
@@ -2596,7 +2617,10 @@ impl Worker {
                         // twice; until then it goes to that profile, as it first did. A merge
                         // this worker decided again, at an earlier record applied again (its
                         // first run decided it later, or not at all), carried none of this
-                        // record's events: they go to its survivor, when this node's.
+                        // record's events: they go to its survivor, when this node's, once the
+                        // take is done, in a record of the survivor's partition (applied here
+                        // as part of this record, they would be in no record of that partition,
+                        // and a later take of it would lose them).
                         let pid = match replayed {
                             Some((partition, _)) if self.spread() && starling_log::partition_of(&pid) != partition => {
                                 match starling_store::resolve_identity(conn, &event.visitor_id)? {
@@ -2607,7 +2631,11 @@ impl Worker {
                                             && (self.was_decided_again(&holder)
                                                 || self.was_decided_again(&event.visitor_id)) =>
                                     {
-                                        pid
+                                        self.redirected
+                                            .lock()
+                                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                            .push(event.clone());
+                                        continue;
                                     }
                                     Some(holder) if starling_log::partition_of(&holder) == partition => holder,
                                     None if starling_log::partition_of(&event.visitor_id) == partition => {
@@ -2622,6 +2650,7 @@ impl Worker {
                             // Applied here before its profile merged into another node's (which
                             // the merge carried it to): sent again, it is a duplicate.
                             if let Some(key) = event.dedup_key()
+                                && source != Source::Redirected
                                 && (p.seen.contains(&key) || starling_store::event_seen(conn, &key, dedup_since)?)
                             {
                                 report.duplicates += 1;
@@ -2646,9 +2675,16 @@ impl Worker {
                         // A record holds no duplicate (its first application left them out): applied
                         // again, its events are not checked against the ids seen, which may hold
                         // them already (a partition taken again, restored to before them).
+                        // One redirected by a take was seen already: it is a duplicate only if
+                        // its profile holds it.
+                        let seen = |key: &str, p: &Pending| match source {
+                            Source::Redirected => self
+                                .history_ids(conn, p, &pid)
+                                .map(|held| event.id.as_ref().is_some_and(|id| held.contains(id))),
+                            _ => starling_store::event_seen(conn, key, dedup_since),
+                        };
                         if let Some(key) = event.dedup_key()
-                            && (!p.seen.insert(key.clone())
-                                || (replayed.is_none() && starling_store::event_seen(conn, &key, dedup_since)?))
+                            && (!p.seen.insert(key.clone()) || (replayed.is_none() && seen(&key, p)?))
                         {
                             report.duplicates += 1;
                             continue;
@@ -4966,7 +5002,17 @@ mod tests {
             starling_store::profile_events(&conn, &first).unwrap().into_iter().filter_map(|e| e.id).collect();
         assert_eq!(history, ["e-0", "e-2", "e-4"].map(String::from).into(), "each event with an id, once");
         assert_eq!(a.profile(&first).unwrap().event_count, 5);
+        // What a holds is in the survivor's partition's records: a node taking that partition
+        // from the log's start finds it too.
+        let c = Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
+        take_from_the_logs_start(&c, starling_log::partition_of(&first)).await;
+        let conn = starling_store::open(&c.database).unwrap();
+        let history: BTreeSet<String> =
+            starling_store::profile_events(&conn, &first).unwrap().into_iter().filter_map(|e| e.id).collect();
+        assert_eq!(history, ["e-0", "e-2", "e-4"].map(String::from).into(), "taken again from the log");
+        assert_eq!(c.profile(&first).unwrap().event_count, 5);
         a.stop();
+        c.stop();
     }
 
     /// As above, with the survivor of a third node's partition: the node taking the partition

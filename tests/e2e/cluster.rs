@@ -959,6 +959,39 @@ async fn partitions_spread_over_the_nodes_stitch_across_them_and_move_when_a_nod
     })
     .await;
 
+    // Another person's second device logs in through the node owning its partition, the
+    // first device's profile being the other node's: read at once through that node, the
+    // device is the first device's profile with both devices' events. (The read is forwarded
+    // with the position of the records that stitched the device, and the owner answers once
+    // it has followed them; before, it answered `503` until it had.)
+    for (i, (first_node, second_node, second_on)) in [(&a, &b, &on_b), (&b, &a, &on_a)].into_iter().enumerate() {
+        let first_on = if i == 0 { &on_a } else { &on_b };
+        let (laptop, tablet) =
+            (in_partitions(&format!("laptop{i}"), first_on), in_partitions(&format!("tablet{i}"), second_on));
+        // Its partition is the second node's: that node answers for it only once it knows it
+        // as the first device's id.
+        let email = in_partitions(&format!("email{i}"), second_on);
+        let login = |device: &str| json!({"event": "login", "visitor_id": device, "data": {"email_hash": email}});
+        for (node, event) in [(first_node, purchase(&laptop, &format!("l{i}"))), (first_node, login(&laptop))] {
+            let (status, body) = post_json(&format!("{}/v1/events", node.url), &event).await;
+            assert_eq!(status, 202, "{body}");
+        }
+        let by_email = format!("{}/v1/profiles/{email}", second_node.url);
+        eventually("the second node to know the email as the first device's", Duration::from_secs(10), async || {
+            let (_, p) = get_json(&by_email).await;
+            (p["id"] == laptop.as_str()).then_some(())
+        })
+        .await;
+        for event in [purchase(&tablet, &format!("t{i}")), login(&tablet)] {
+            let (status, body) = post_json(&format!("{}/v1/events", second_node.url), &event).await;
+            assert_eq!(status, 202, "{body}");
+        }
+        let (status, profile) = get_json(&format!("{}/v1/profiles/{tablet}", second_node.url)).await;
+        assert_eq!((status, &profile["id"]), (200, &json!(laptop)), "{tablet} read at once: {profile}");
+        assert_eq!(profile["event_count"], 4, "{profile}");
+        assert_eq!(profile["attributes"]["purchase_count"], 2.0, "{profile}");
+    }
+
     // (a) Load through both nodes, many people stitching two devices across the nodes; one
     // node dies under it and the other takes its partitions: nothing acknowledged is lost.
     let through_a = loadgen(&a, "sa", 3_000, 0.5).await;

@@ -259,14 +259,19 @@ impl Taker {
     /// Applies `events` once this node has followed the log through `after`, and answers as
     /// an ingestion does.
     pub async fn take(&self, events: Vec<Event>, after: Position, source: Source) -> Result<IngestReport, String> {
-        let mut through = self.through.clone();
-        match tokio::time::timeout(FOLLOW_WAIT, through.wait_for(|through| *through >= after)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => return Err("this node is stopping".into()),
-            Err(_) => return Err(format!("this node has not followed the log through position {after} yet")),
-        }
+        self.followed_through(after).await?;
         let ingest = self.ingest.upgrade().ok_or("this node is stopping")?;
         ingest.submit_from(events, source).await.map_err(|e| e.to_string())
+    }
+
+    /// Waits until this node has followed the log through `after` (at most [`FOLLOW_WAIT`]).
+    pub async fn followed_through(&self, after: Position) -> Result<(), String> {
+        let mut through = self.through.clone();
+        match tokio::time::timeout(FOLLOW_WAIT, through.wait_for(|through| *through >= after)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err("this node is stopping".into()),
+            Err(_) => Err(format!("this node has not followed the log through position {after} yet")),
+        }
     }
 
     /// Restores partitions just taken (and fenced) as `restoring` says (each from a snapshot

@@ -778,6 +778,12 @@ impl Ingest {
         self.directory.profile_of(id)
     }
 
+    /// A log position the records that stitched `id` to its profile are at or before; `None`
+    /// for an id naming its own profile.
+    pub fn stitched_through(&self, id: &str) -> Option<Position> {
+        self.directory.stitched_through(id)
+    }
+
     /// What the checkpoint task needs to trim the log; it holds no queue, so it does not keep
     /// the workers running.
     pub fn log_state(&self) -> LogState {

@@ -161,6 +161,10 @@ enum Unsent {
 /// its copy to follow the log (see [`crate::owned::Taker::take`]), then applies them.
 const HAND_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// On a read forwarded to a profile's owner: the log position through which the forwarding
+/// node's directory stitched the id addressed.
+const STITCHED_THROUGH_HEADER: &str = "x-starling-stitched-through";
+
 async fn send_handed(node: &str, client: &Client, url: &str, handed: &Handed) -> Result<HandedReport, Unsent> {
     tokio::time::timeout(HAND_TIMEOUT, send_handed_once(node, client, url, handed))
         .await
@@ -759,6 +763,20 @@ async fn answer(State(front): State<Arc<Front>>, request: Request) -> Response {
         return gather::gather(&front, request, how).await;
     }
     if let Some(id) = addressed_profile(&request) {
+        // Forwarded by a node whose directory stitched the id through a log position: once
+        // this node has followed the records through it (a merge into one of its profiles
+        // among them), it answers as that node would, not with the profiles still apart.
+        let stitched_through = request
+            .headers()
+            .get(STITCHED_THROUGH_HEADER)
+            .and_then(|v| v.to_str().ok()?.parse::<Position>().ok())
+            .filter(|_| forwarded);
+        if let Some(after) = stitched_through
+            && let Err(e) = front.taker.followed_through(after).await
+        {
+            tracing::debug!(id, "a read forwarded for a stitched id: {e}");
+            return unavailable("the records that stitched the profile are not applied here yet; retry");
+        }
         let partition = starling_log::partition_of(&front.ingest.profile_of(&id));
         // Forwarded by a node that took this one for the owner (its view is a round old): the
         // engine answers if this node owns the partition; it holds no other partition's
@@ -778,6 +796,12 @@ async fn answer(State(front): State<Arc<Front>>, request: Request) -> Response {
                     "no node owns the profile's partition yet (a failover or a rebalance is under way); retry",
                 );
             };
+            let mut request = request;
+            let headers = request.headers_mut();
+            headers.remove(STITCHED_THROUGH_HEADER);
+            if let Some(through) = front.ingest.stitched_through(&id) {
+                headers.insert(HeaderName::from_static(STITCHED_THROUGH_HEADER), through.into());
+            }
             return forward_to(&front.node, &front.client, &url, request).await.unwrap_or_else(|e| {
                 tracing::warn!(%node, "forwarding to the profile's owner: {e}");
                 unavailable("the profile's owner could not be reached; retry")

@@ -335,7 +335,7 @@ pub(super) async fn serve(
         if !gaining.is_empty() {
             let started = Instant::now();
             owned.start_taking(&gaining);
-            match gain(&log, &taker, &settings.node, &gaining, &snapshots, &database).await {
+            match gain(&log, &taker, &settings.node, &gaining, (&snapshots, ownership.cluster()), &database).await {
                 Ok(applied) => {
                     // One whose lease lapsed meanwhile is taken again once it is held again.
                     let still = owned.taking();
@@ -486,13 +486,32 @@ async fn gain(
     taker: &Taker,
     node: &str,
     partitions: &[Partition],
-    stored: &starling_cluster::snapshot::Snapshots,
+    (stored, cluster): (&starling_cluster::snapshot::Snapshots, &starling_cluster::Cluster),
     database: &std::path::Path,
 ) -> Result<usize, String> {
     log.fence(partitions, &crate::pipeline::owner_record(node)).await.map_err(|e| format!("fencing: {e}"))?;
     let restoring = snapshots::fetch_for(stored, database, partitions).await?;
     let files: Vec<std::path::PathBuf> = restoring.iter().filter_map(|(_, file, _)| file.clone()).collect();
-    let taken = taker.take_partitions(restoring).await;
+    // The stream forgets records only once a stored snapshot holds them. Forgotten past where
+    // a partition is restored from, the listing was behind the store (a server catching up
+    // after an election answered it), or a newer snapshot was stored since: the take is tried
+    // again next round. (Reading the partition, the node would find records gone and stop, as
+    // a node that fell behind the stream does.)
+    let overtaken = match cluster.truncated().await {
+        Ok(truncated) => match snapshots::overtaken(&restoring, &truncated) {
+            Some((p, from)) => Err(format!(
+                "the stream forgot partition {p}'s records before position {}, past the snapshot listed for it \
+                 (at {from}); tried again next round",
+                truncated[p as usize]
+            )),
+            None => Ok(()),
+        },
+        Err(e) => Err(format!("reading where the stream was truncated: {e}")),
+    };
+    let taken = match overtaken {
+        Ok(()) => taker.take_partitions(restoring).await,
+        Err(e) => Err(e),
+    };
     for file in files {
         let _ = std::fs::remove_file(file);
     }

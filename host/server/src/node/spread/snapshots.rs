@@ -155,6 +155,18 @@ pub(super) async fn fetch_for(
     Ok(restoring)
 }
 
+/// The first partition `restoring` would restore from a position before which the stream
+/// has forgotten its records (`truncated`), with that position, if any.
+pub(super) fn overtaken(
+    restoring: &[(Partition, Option<PathBuf>, Position)],
+    truncated: &[Position],
+) -> Option<(Partition, Position)> {
+    restoring
+        .iter()
+        .find(|(p, _, from)| truncated.get(*p as usize).is_some_and(|before| from < before))
+        .map(|(p, _, from)| (*p, *from))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,5 +209,14 @@ mod tests {
         ];
         assert_eq!(held_only_here(&behind, "node.a", &[0]), vec![2], "b's copy of 2 is older than a's");
         assert!(held_only_here(&stored, "node.c", &[]).is_empty(), "a node's first snapshot replaces nothing");
+    }
+
+    #[test]
+    fn a_partition_restored_from_before_the_streams_truncation_is_overtaken() {
+        let restoring = [(0, Some(PathBuf::from("a")), 40), (1, None, 0)];
+        assert_eq!(overtaken(&restoring, &[40]), None, "the stream starts right after the snapshot");
+        assert_eq!(overtaken(&restoring, &[]), None, "nothing forgotten");
+        assert_eq!(overtaken(&restoring, &[41]), Some((0, 40)), "forgotten past the snapshot");
+        assert_eq!(overtaken(&restoring, &[40, 1]), Some((1, 0)), "no snapshot listed, yet records forgotten");
     }
 }

@@ -34,6 +34,8 @@ pub(super) struct NodeSnapshots {
 pub(super) async fn take_node_snapshots(taking: NodeSnapshots) {
     let NodeSnapshots { node, database, snapshots, stream, ownership, owned, every, wait_for_absent } = taking;
     let name = node_snapshot(&node);
+    // What this process last stored, as it stored it.
+    let mut stored_here: Option<NodeSnapshot> = None;
     let mut last = 0;
     let mut forgotten = Vec::new();
     loop {
@@ -53,6 +55,7 @@ pub(super) async fn take_node_snapshots(taking: NodeSnapshots) {
             // snapshot of it: that snapshot is not replaced until another holds it as far.
             let replaceable = match snapshots.of_nodes().await {
                 Ok(stored) => {
+                    let stored = with_own(stored, stored_here.as_ref());
                     let sole = held_only_here(&stored, &name, &whole);
                     if !sole.is_empty() {
                         tracing::debug!(partitions = ?sole, "this node's snapshot is kept: it alone holds these whole");
@@ -68,6 +71,8 @@ pub(super) async fn take_node_snapshots(taking: NodeSnapshots) {
                 match snapshots.put(&name, &into, &covered, &whole).await {
                     Ok(()) => {
                         last = covered.last();
+                        stored_here =
+                            Some(NodeSnapshot { name: name.clone(), covered: covered.clone(), whole: whole.clone() });
                         tracing::info!(covers = last, partitions = whole.len(), "snapshot stored");
                     }
                     Err(e) => tracing::warn!("storing this node's snapshot: {e}"),
@@ -117,6 +122,18 @@ fn held_only_here(stored: &[NodeSnapshot], name: &str, whole: &[Partition]) -> V
             !stored.iter().any(|s| s.name != name && s.whole.contains(&p) && s.covered.of(p) >= previous.covered.of(p))
         })
         .collect()
+}
+
+/// The snapshots listed, with this node's own as it last stored it (`own`) in place of the
+/// one listed: a listing answered by a server behind the others (right after an election) may
+/// lack it, or hold an older one, and would let it be replaced by one losing a partition only
+/// it holds whole.
+fn with_own(mut stored: Vec<NodeSnapshot>, own: Option<&NodeSnapshot>) -> Vec<NodeSnapshot> {
+    if let Some(own) = own {
+        stored.retain(|s| s.name != own.name);
+        stored.push(own.clone());
+    }
+    stored
 }
 
 /// The snapshot holding partition `p` whole furthest.
@@ -209,6 +226,14 @@ mod tests {
         ];
         assert_eq!(held_only_here(&behind, "node.a", &[0]), vec![2], "b's copy of 2 is older than a's");
         assert!(held_only_here(&stored, "node.c", &[]).is_empty(), "a node's first snapshot replaces nothing");
+        // A listing that lacks a's snapshot (a server behind the others answered it): a's own
+        // record of it keeps partition 2 from being dropped.
+        let listed = with_own(vec![stored[1].clone()], Some(&stored[0]));
+        assert_eq!(held_only_here(&listed, "node.a", &[0]), vec![2]);
+        let older = snapshot("node.a", &[(0, 20), (2, 12)], &[0]);
+        let listed = with_own(vec![older, stored[1].clone()], Some(&stored[0]));
+        assert_eq!(listed.iter().filter(|s| s.name == "node.a").count(), 1, "{listed:?}");
+        assert_eq!(held_only_here(&listed, "node.a", &[0]), vec![2], "the older one listed is not a's latest");
     }
 
     #[test]

@@ -335,7 +335,7 @@ pub(super) async fn serve(
         if !gaining.is_empty() {
             let started = Instant::now();
             owned.start_taking(&gaining);
-            match gain(&log, &taker, &settings.node, &gaining, (&snapshots, ownership.cluster()), &database).await {
+            match gain(&log, &taker, &settings.node, &gaining, &snapshots, ownership.cluster(), &database).await {
                 Ok(applied) => {
                     // One whose lease lapsed meanwhile is taken again once it is held again.
                     let still = owned.taking();
@@ -486,7 +486,8 @@ async fn gain(
     taker: &Taker,
     node: &str,
     partitions: &[Partition],
-    (stored, cluster): (&starling_cluster::snapshot::Snapshots, &starling_cluster::Cluster),
+    stored: &starling_cluster::snapshot::Snapshots,
+    cluster: &starling_cluster::Cluster,
     database: &std::path::Path,
 ) -> Result<usize, String> {
     log.fence(partitions, &crate::pipeline::owner_record(node)).await.map_err(|e| format!("fencing: {e}"))?;

@@ -159,6 +159,11 @@ pub enum Via {
     /// intake, which keeps them until they are applied: put back, they would be kept out as
     /// the same messages, then forgotten with them).
     Owner,
+    /// To the partition's owner only, refused while none can take them, to be checked there
+    /// against the profile's history rather than the events that node has seen (events a take
+    /// redirected to a survivor: seen already, by that node too, maybe; the node that
+    /// redirected them keeps them until they are applied).
+    Redirected,
 }
 
 /// What the node events were handed to answered.

@@ -107,6 +107,10 @@ pub enum Source {
     /// A take, which found them in a record applied again but no longer of that record's
     /// partition (see [`Ingest::take_over`]): seen already, they are new to their profile.
     Redirected,
+    /// Another node, whose take redirected them (see [`Source::Redirected`]) to a profile this
+    /// node owns: checked against the profile's history, and not handed on again (that node
+    /// keeps them and sends them again).
+    HandedRedirected,
 }
 
 impl IngestJob {
@@ -1050,15 +1054,41 @@ impl Ingest {
     /// applied live, and logged.
     pub async fn take_over(&self, entries: &[Entry]) -> Result<(), IngestError> {
         self.apply_logged(entries, Applying::TakeOver).await?;
-        // Applied anew, not as part of the records they were in: logged in their profiles'
-        // partitions, which a later take applies again.
+        self.apply_redirected().await;
+        Ok(())
+    }
+
+    /// Applies the events takes redirected to the survivors of merges they decided again:
+    /// anew, not as part of the records they were in, so that they are logged in their
+    /// profiles' partitions, which a later take applies again. Those not applied (a survivor's
+    /// partition moved since, and its owner could not take them) are kept, to be sent again at
+    /// the node's next round.
+    pub async fn apply_redirected(&self) {
         let redirected =
             std::mem::take(&mut *self.redirected.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        if !redirected.is_empty() {
-            tracing::debug!(events = redirected.len(), "events after merges decided again applied to their survivors");
-            self.submit_from(redirected, Source::Redirected).await?;
+        if redirected.is_empty() {
+            return;
         }
-        Ok(())
+        // Once each: a take may redirect again an event kept to be sent again. (Those without
+        // an id cannot be told apart.)
+        let mut once = HashSet::new();
+        let redirected: Vec<Event> = redirected
+            .into_iter()
+            .filter(|e| e.dedup_key().is_none_or(|key| once.insert((e.visitor_id.clone(), key))))
+            .collect();
+        let events = redirected.len();
+        match self.submit_from(redirected.clone(), Source::Redirected).await {
+            Ok(_) => tracing::debug!(events, "events after merges decided again applied to their survivors"),
+            Err(e) => {
+                // Those applied meanwhile are in their profiles' histories: sent again, they
+                // are duplicates there.
+                tracing::warn!(
+                    events,
+                    "events after merges decided again not applied to their survivors (again next round): {e}"
+                );
+                self.redirected.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(redirected);
+            }
+        }
     }
 
     async fn apply_logged(&self, entries: &[Entry], applying: Applying) -> Result<(), IngestError> {
@@ -2526,18 +2556,24 @@ impl Worker {
                 // An event another node handed here goes on to a node again only if the
                 // directory moved it (to a profile that node owns, as of the batch's records).
                 let via = match source(job) {
-                    Source::Client | Source::Redirected => Via::OwnerOrIntake,
+                    Source::Client => Via::OwnerOrIntake,
+                    Source::Redirected => Via::Redirected,
                     Source::Node if after > 0 => Via::OwnerOrIntake,
                     Source::Node => Via::Intake,
                     Source::Intake => Via::Owner,
                     // Handed on again, they could go back and forth between two nodes whose
                     // directories differ (one not yet past a merge the other decided): refused,
-                    // they are tried again from the intake, once the directories agree.
-                    Source::HandedIntake => {
+                    // they are tried again from the intake, or by the node that redirected
+                    // them, once the directories agree.
+                    Source::HandedIntake | Source::HandedRedirected => {
                         let (reply, answer) = oneshot::channel();
-                        let _ = reply.send(Err("the events' ids belong to another node's profiles, as this node \
-                            has them; the intake keeps them"
-                            .to_string()));
+                        let again = match source(job) {
+                            Source::HandedIntake => "the intake keeps them",
+                            _ => "the node that redirected them sends them again",
+                        };
+                        let _ = reply.send(Err(format!(
+                            "the events' ids belong to another node's profiles, as this node has them; {again}"
+                        )));
                         if let Some(waiting) = handed_on.get_mut(job) {
                             waiting.push(answer);
                         }
@@ -2656,7 +2692,7 @@ impl Worker {
                             // Applied here before its profile merged into another node's (which
                             // the merge carried it to): sent again, it is a duplicate.
                             if let Some(key) = event.dedup_key()
-                                && source != Source::Redirected
+                                && !matches!(source, Source::Redirected | Source::HandedRedirected)
                                 && (p.seen.contains(&key) || starling_store::event_seen(conn, &key, dedup_since)?)
                             {
                                 report.duplicates += 1;
@@ -2681,16 +2717,20 @@ impl Worker {
                         // A record holds no duplicate (its first application left them out): applied
                         // again, its events are not checked against the ids seen, which may hold
                         // them already (a partition taken again, restored to before them).
-                        // One redirected by a take was seen already: it is a duplicate only if
+                        // One redirected by a take was seen already (here too, maybe, applied to
+                        // the absorbed profile since the last write): it is a duplicate only if
                         // its profile holds it.
-                        let seen = |key: &str, p: &Pending| match source {
-                            Source::Redirected => self
-                                .history_ids(conn, p, &pid)
-                                .map(|held| event.id.as_ref().is_some_and(|id| held.contains(id))),
-                            _ => starling_store::event_seen(conn, key, dedup_since),
+                        let duplicate = |key: String, p: &mut Pending| match source {
+                            Source::Redirected | Source::HandedRedirected => {
+                                p.seen.insert(key);
+                                self.history_ids(conn, p, &pid)
+                                    .map(|held| event.id.as_ref().is_some_and(|id| held.contains(id)))
+                            }
+                            _ => Ok(!p.seen.insert(key.clone())
+                                || (replayed.is_none() && starling_store::event_seen(conn, &key, dedup_since)?)),
                         };
                         if let Some(key) = event.dedup_key()
-                            && (!p.seen.insert(key.clone()) || (replayed.is_none() && seen(&key, p)?))
+                            && duplicate(key, p)?
                         {
                             report.duplicates += 1;
                             continue;
@@ -5050,6 +5090,67 @@ mod tests {
         c.stop();
     }
 
+    /// Events a take redirected to a survivor whose partition this node no longer owns when the
+    /// take is done go to the survivor's owner as redirected (checked there against the
+    /// profile's history: that node may have seen them); while no node takes them, they are
+    /// kept and sent again, and applied here once the partition is this node's again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_a_take_redirected_to_a_survivor_it_lost_are_handed_on_or_kept() {
+        let log = Arc::new(starling_log::MemoryLog::new());
+        let (first, second) = in_two_partitions();
+        let handed = Arc::new(Handed::default());
+        let a = Running::handing(STITCHING, 2, log.clone(), true, Some(handed.clone()));
+        a.owned.add(starling_log::partition_of(&first));
+        let redirect = |n| a.ingest.redirected.lock().unwrap().push(event_with_id(&second, n));
+        redirect(0);
+        a.ingest.apply_redirected().await;
+        assert_eq!(*handed.vias.lock().unwrap(), [Via::Redirected], "to the owner only, as redirected");
+        assert!(a.ingest.redirected.lock().unwrap().is_empty());
+
+        handed.refusing.store(true, Ordering::SeqCst);
+        redirect(1);
+        a.ingest.apply_redirected().await;
+        assert_eq!(a.ingest.redirected.lock().unwrap().len(), 1, "kept while no node takes it");
+        a.owned.add(starling_log::partition_of(&second));
+        // Redirected again by a later take meanwhile.
+        redirect(1);
+        a.ingest.apply_redirected().await;
+        assert!(a.ingest.redirected.lock().unwrap().is_empty());
+        a.ingest.materialize().await.unwrap();
+        let conn = starling_store::open(&a.database).unwrap();
+        let history: Vec<String> =
+            starling_store::profile_events(&conn, &second).unwrap().into_iter().filter_map(|e| e.id).collect();
+        assert_eq!(history, ["e-1"], "applied here, once, once the partition is this node's");
+        a.stop();
+    }
+
+    /// Events another node's take redirected here are checked against their profile's history,
+    /// not the events this node has seen (it may have applied them to the absorbed profile, which
+    /// it no longer holds); not owning their profile, this node refuses them rather than hand
+    /// them on again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_redirected_here_are_checked_against_the_profiles_history() {
+        let log = Arc::new(starling_log::MemoryLog::new());
+        let (a, _, first, second) = two_nodes(STITCHING, &log);
+        // Seen here: applied to another profile of this node's partition.
+        let other = (0..)
+            .map(|i| format!("other-{i}"))
+            .find(|id| starling_log::partition_of(id) == starling_log::partition_of(&first))
+            .unwrap();
+        a.ingest.submit(vec![event_with_id(&other, 0)]).await.unwrap();
+        let seen = a.ingest.submit_from(vec![event_with_id(&first, 0)], Source::Node).await.unwrap();
+        assert_eq!(seen.duplicates, 1, "handed as any event, it is a duplicate");
+        let taken = a.ingest.submit_from(vec![event_with_id(&first, 0)], Source::HandedRedirected).await.unwrap();
+        assert_eq!((taken.accepted, taken.duplicates), (1, 0), "new to its profile");
+        let again = a.ingest.submit_from(vec![event_with_id(&first, 0)], Source::HandedRedirected).await.unwrap();
+        assert_eq!(again.duplicates, 1, "held by its profile now");
+        a.ingest.materialize().await.unwrap();
+        assert_eq!(a.profile(&first).unwrap().event_count, 1);
+        let refused = a.ingest.submit_from(vec![event_with_id(&second, 1)], Source::HandedRedirected).await;
+        assert!(refused.unwrap_err().to_string().contains("the node that redirected them sends them again"));
+        a.stop();
+    }
+
     /// An unstitch applied again by a node taking the partition from a snapshot of the stitched
     /// profile (its ids followed the split already: the id is a profile of its own there)
     /// splits what its record split.
@@ -5445,20 +5546,29 @@ mod tests {
         follower.stop();
     }
 
-    /// Where events handed to another node went, and the log position each hand waited for.
+    /// Where events handed to another node went, the log position each hand waited for, and
+    /// how they were to go; while `refusing`, no node takes them.
     #[derive(Default)]
-    struct Handed(Mutex<Vec<(Position, Vec<String>)>>);
+    struct Handed {
+        hands: Mutex<Vec<(Position, Vec<String>)>>,
+        vias: Mutex<Vec<Via>>,
+        refusing: AtomicBool,
+    }
 
     impl Elsewhere for Handed {
         fn hand(
             &self,
             events: PartitionedEvents,
             after: Position,
-            _via: Via,
+            via: Via,
         ) -> futures_util::future::BoxFuture<'static, Result<crate::owned::HandedReport, String>> {
+            if self.refusing.load(Ordering::SeqCst) {
+                return Box::pin(async { Err("no node owns the events' partition now".to_string()) });
+            }
             let ids = events.iter().map(|(_, event)| event.visitor_id.clone()).collect::<Vec<_>>();
             let accepted = ids.len();
-            self.0.lock().unwrap().push((after, ids));
+            self.hands.lock().unwrap().push((after, ids));
+            self.vias.lock().unwrap().push(via);
             Box::pin(async move { Ok(crate::owned::HandedReport { accepted, duplicates: 0 }) })
         }
     }
@@ -5510,7 +5620,7 @@ mod tests {
         // The log goes on.
         let latest = (0..3).map(|n| append(unrelated, &[event(unrelated, 2 + n)])).next_back().unwrap();
         node.ingest.submit(vec![event(moved, 10), event(unrelated, 11)]).await.unwrap();
-        let mut handed = handed.0.lock().unwrap().clone();
+        let mut handed = handed.hands.lock().unwrap().clone();
         handed.sort();
         assert_eq!(handed, [(0, vec![unrelated.clone()]), (stitched_at, vec![moved.clone()])], "latest: {latest}");
         node.stop();
@@ -6059,10 +6169,10 @@ mod tests {
 
         let refused = node.ingest.submit_from(vec![event(mine, 0), event(theirs, 1)], Source::HandedIntake).await;
         assert!(refused.unwrap_err().to_string().contains("the intake keeps them"));
-        assert!(handed.0.lock().unwrap().is_empty(), "handed to no node");
+        assert!(handed.hands.lock().unwrap().is_empty(), "handed to no node");
         // From this node's own intake, or a client, they go on to their owner.
         node.ingest.submit_from(vec![event(theirs, 2)], Source::Intake).await.unwrap();
-        assert_eq!(handed.0.lock().unwrap().len(), 1);
+        assert_eq!(handed.hands.lock().unwrap().len(), 1);
         node.ingest.materialize().await.unwrap();
         assert_eq!(node.profile(mine).unwrap().event_count, 1, "its own profile's event is applied");
         node.stop();

@@ -95,6 +95,9 @@ struct Handed {
     /// them on (two nodes whose directories differ would hand them back and forth).
     #[serde(default)]
     from_intake: bool,
+    /// Redirected by a take (see [`Via::Redirected`]): checked against their profiles' histories.
+    #[serde(default)]
+    redirected: bool,
 }
 
 impl Elsewhere for Handing {
@@ -122,10 +125,15 @@ impl Elsewhere for Handing {
                 let taken = match owner {
                     Some((owner, url)) => {
                         let events_only = events.iter().map(|(_, e)| e.clone()).collect();
-                        let handed = Handed { after, events: events_only, from_intake: via == Via::Owner };
+                        let handed = Handed {
+                            after,
+                            events: events_only,
+                            from_intake: via == Via::Owner,
+                            redirected: via == Via::Redirected,
+                        };
                         match send_handed(&node, &client, &url, &handed).await {
                             Ok(taken) => taken,
-                            Err(Unsent::Unreachable(e)) if via == Via::Owner => {
+                            Err(Unsent::Unreachable(e)) if matches!(via, Via::Owner | Via::Redirected) => {
                                 return Err(format!("node `{owner}` cannot be reached: {e}"));
                             }
                             Err(Unsent::Unreachable(e)) => {
@@ -139,6 +147,9 @@ impl Elsewhere for Handing {
                     }
                     None if via == Via::Owner => {
                         return Err("no node owns the events' partition now; the intake keeps them".into());
+                    }
+                    None if via == Via::Redirected => {
+                        return Err("no node owns the events' partition now; they are sent again".into());
                     }
                     None => into_intake(&node, &intake, events).await?,
                 };
@@ -702,7 +713,11 @@ async fn take_handed(
         let error = serde_json::json!({ "error": "only a node of the cluster hands events on" });
         return (StatusCode::FORBIDDEN, axum::Json(error)).into_response();
     }
-    let source = if handed.from_intake { Source::HandedIntake } else { Source::Node };
+    let source = match (handed.redirected, handed.from_intake) {
+        (true, _) => Source::HandedRedirected,
+        (false, true) => Source::HandedIntake,
+        (false, false) => Source::Node,
+    };
     match front.taker.take(handed.events, handed.after, source).await {
         Ok(report) => {
             let body = serde_json::json!({ "accepted": report.accepted, "duplicates": report.duplicates });
@@ -749,6 +764,8 @@ impl Kept {
                 Err(e) => tracing::warn!("handing on the merges of the partitions taken (again next round): {e}"),
             }
         }
+        // Events a take redirected to survivors that another node owns, not taken there yet.
+        ingest.apply_redirected().await;
     }
 }
 

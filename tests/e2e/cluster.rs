@@ -963,7 +963,8 @@ async fn partitions_spread_over_the_nodes_stitch_across_them_and_move_when_a_nod
     // first device's profile being the other node's: read at once through that node, the
     // device is the first device's profile with both devices' events. (The read is forwarded
     // with the position of the records that stitched the device, and the owner answers once
-    // it has followed them; before, it answered `503` until it had.)
+    // it has followed them; before, it answered `503` until it had.) Read through the other
+    // node after the position the login was answered with, it is too.
     for (i, (first_node, second_node, second_on)) in [(&a, &b, &on_b), (&b, &a, &on_a)].into_iter().enumerate() {
         let first_on = if i == 0 { &on_a } else { &on_b };
         let (laptop, tablet) =
@@ -982,10 +983,23 @@ async fn partitions_spread_over_the_nodes_stitch_across_them_and_move_when_a_nod
             (p["id"] == laptop.as_str()).then_some(())
         })
         .await;
+        let mut position = 0;
         for event in [purchase(&tablet, &format!("t{i}")), login(&tablet)] {
             let (status, body) = post_json(&format!("{}/v1/events", second_node.url), &event).await;
             assert_eq!(status, 202, "{body}");
+            position = body["position"].as_u64().unwrap_or_else(|| panic!("no stream position answered: {body}"));
         }
+        // Through the first device's node, after the position the login was answered with: the
+        // merge is applied there, for either device's id.
+        for id in [&laptop, &tablet] {
+            let url = format!("{}/v1/profiles/{id}?after={position}", first_node.url);
+            let (status, profile) = get_json(&url).await;
+            assert_eq!((status, &profile["id"]), (200, &json!(laptop)), "{id} read after {position}: {profile}");
+            assert_eq!(profile["event_count"], 4, "{profile}");
+        }
+        let (status, answer) = get_json(&format!("{}/v1/profiles/{tablet}?after=soon", first_node.url)).await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer["error"].as_str().unwrap_or_default().contains("`after`"), "{answer}");
         let (status, profile) = get_json(&format!("{}/v1/profiles/{tablet}", second_node.url)).await;
         assert_eq!((status, &profile["id"]), (200, &json!(laptop)), "{tablet} read at once: {profile}");
         assert_eq!(profile["event_count"], 4, "{profile}");

@@ -171,6 +171,8 @@ pub enum Via {
 pub struct HandedReport {
     pub accepted: usize,
     pub duplicates: usize,
+    /// The stream position through which the node that took them wrote their records.
+    pub position: Option<Position>,
 }
 
 /// How often a node applies what the other nodes wrote (each round reads every partition it

@@ -70,6 +70,10 @@ const DECIDED_AGAIN_LIMIT: usize = 100_000;
 pub struct IngestReport {
     pub accepted: usize,
     pub duplicates: usize,
+    /// On a spread node, the stream position through which the request's records (and the
+    /// records they handed on) are: a read sent to any node `after` it finds them applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<Position>,
 }
 
 /// A worker's answer to a job.
@@ -1516,6 +1520,7 @@ impl Queued {
             let reply = answer.await.map_err(|_| IngestError::Closed)?.map_err(IngestError::Failed)?;
             total.accepted += reply.report.accepted;
             total.duplicates += reply.report.duplicates;
+            total.position = total.position.max(reply.report.position);
             self.pending.extend(reply.handed_on);
         }
         Ok(total)
@@ -2095,7 +2100,7 @@ impl Worker {
             None => self.apply_batch(conn, &mut batch, now, replayed),
         };
         let p = &mut self.pending;
-        let answers = Answers {
+        let mut answers = Answers {
             batch,
             outcome,
             woken: std::mem::take(&mut p.effects.woken),
@@ -2109,6 +2114,11 @@ impl Worker {
             // before the records it depends on are on disk.
             None => {
                 let upto = self.shared.log.next_position().saturating_sub(1);
+                if self.spread()
+                    && let Ok((reports, _)) = &mut answers.outcome
+                {
+                    reports.iter_mut().for_each(|report| report.position = Some(upto));
+                }
                 if let Err(unsent) = self.syncer.send((upto, answers)) {
                     unsent.0.1.send(Err("shutting down".into()), &self.shared);
                 }
@@ -2583,7 +2593,11 @@ impl Worker {
                 let handing = elsewhere.hand(events, after, via);
                 self.shared.runtime.spawn(async move {
                     let answered = handing.await.map(|handed| Reply {
-                        report: IngestReport { accepted: handed.accepted, duplicates: handed.duplicates },
+                        report: IngestReport {
+                            accepted: handed.accepted,
+                            duplicates: handed.duplicates,
+                            position: handed.position,
+                        },
                         handed_on: Vec::new(),
                     });
                     let _ = reply.send(answered);
@@ -5569,7 +5583,7 @@ mod tests {
             let accepted = ids.len();
             self.hands.lock().unwrap().push((after, ids));
             self.vias.lock().unwrap().push(via);
-            Box::pin(async move { Ok(crate::owned::HandedReport { accepted, duplicates: 0 }) })
+            Box::pin(async move { Ok(crate::owned::HandedReport { accepted, duplicates: 0, position: None }) })
         }
     }
 

@@ -877,7 +877,11 @@ impl starling_server::owned::Elsewhere for Peer {
             let taker = taker.ok_or("the other node is not up")?;
             let events = events.into_iter().map(|(_, e)| e).collect();
             let report = taker.take(events, after, starling_server::pipeline::Source::Node).await?;
-            Ok(starling_server::owned::HandedReport { accepted: report.accepted, duplicates: report.duplicates })
+            Ok(starling_server::owned::HandedReport {
+                accepted: report.accepted,
+                duplicates: report.duplicates,
+                position: report.position,
+            })
         })
     }
 }
@@ -1551,7 +1555,7 @@ impl starling_server::owned::Elsewhere for Recorded {
         let visitors = events.iter().map(|(_, e)| e.visitor_id.clone()).collect::<Vec<_>>();
         let accepted = visitors.len();
         self.0.lock().unwrap().push((visitors, via));
-        Box::pin(async move { Ok(starling_server::owned::HandedReport { accepted, duplicates: 0 }) })
+        Box::pin(async move { Ok(starling_server::owned::HandedReport { accepted, duplicates: 0, position: None }) })
     }
 }
 

@@ -155,6 +155,7 @@ impl Elsewhere for Handing {
                 };
                 report.accepted += taken.accepted;
                 report.duplicates += taken.duplicates;
+                report.position = report.position.max(taken.position);
             }
             Ok(report)
         })
@@ -172,9 +173,21 @@ enum Unsent {
 /// its copy to follow the log (see [`crate::owned::Taker::take`]), then applies them.
 const HAND_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// On a read forwarded to a profile's owner: the log position through which the forwarding
-/// node's directory stitched the id addressed.
-const STITCHED_THROUGH_HEADER: &str = "x-starling-stitched-through";
+/// On a request forwarded to a profile's owner: the stream position to have followed before
+/// answering (see [`answer`]).
+const READ_AFTER_HEADER: &str = "x-starling-read-after";
+
+/// The `after` query parameter of a request for a profile: a stream position, as an ingestion
+/// answered it.
+fn read_after(uri: &axum::http::Uri) -> Result<Option<Position>, String> {
+    #[derive(serde::Deserialize)]
+    struct Query {
+        after: Option<Position>,
+    }
+    axum::extract::Query::<Query>::try_from_uri(uri).map(|query| query.0.after).map_err(|e| {
+        format!("query parameter `after`: expected a stream position (an ingestion's `position`): {}", e.body_text())
+    })
+}
 
 async fn send_handed(node: &str, client: &Client, url: &str, handed: &Handed) -> Result<HandedReport, Unsent> {
     tokio::time::timeout(HAND_TIMEOUT, send_handed_once(node, client, url, handed))
@@ -202,7 +215,11 @@ async fn send_handed_once(node: &str, client: &Client, url: &str, handed: &Hande
         return Err(Unsent::Refused(format!("{status}: {}", answer["error"].as_str().unwrap_or_default())));
     }
     let count = |key: &str| answer[key].as_u64().unwrap_or_default() as usize;
-    Ok(HandedReport { accepted: count("accepted"), duplicates: count("duplicates") })
+    Ok(HandedReport {
+        accepted: count("accepted"),
+        duplicates: count("duplicates"),
+        position: answer["position"].as_u64(),
+    })
 }
 
 async fn into_intake(node: &str, intake: &Intake, events: PartitionedEvents) -> Result<HandedReport, String> {
@@ -719,10 +736,7 @@ async fn take_handed(
         (false, false) => Source::Node,
     };
     match front.taker.take(handed.events, handed.after, source).await {
-        Ok(report) => {
-            let body = serde_json::json!({ "accepted": report.accepted, "duplicates": report.duplicates });
-            (StatusCode::ACCEPTED, axum::Json(body)).into_response()
-        }
+        Ok(report) => (StatusCode::ACCEPTED, axum::Json(report)).into_response(),
         Err(e) => unavailable(&e),
     }
 }
@@ -800,19 +814,26 @@ async fn answer(State(front): State<Arc<Front>>, request: Request) -> Response {
         return gather::gather(&front, request, how).await;
     }
     if let Some(id) = addressed_profile(&request) {
-        // Forwarded by a node whose directory stitched the id through a log position: once
-        // this node has followed the records through it (a merge into one of its profiles
-        // among them), it answers as that node would, not with the profiles still apart.
-        let stitched_through = request
-            .headers()
-            .get(STITCHED_THROUGH_HEADER)
-            .and_then(|v| v.to_str().ok()?.parse::<Position>().ok())
-            .filter(|_| forwarded);
-        if let Some(after) = stitched_through
+        // A stream position to have followed first: the client's (the `position` an ingestion
+        // answered, as `?after=`) or, forwarded, the forwarding node's (the client's, or where
+        // its directory stitched the id, if later). Followed through it (a merge into one of
+        // this node's profiles among the records), the node answers with those records
+        // applied, not with two profiles still apart.
+        let after = match forwarded {
+            true => request.headers().get(READ_AFTER_HEADER).and_then(|v| v.to_str().ok()?.parse::<Position>().ok()),
+            false => match read_after(request.uri()) {
+                Ok(after) => after,
+                Err(e) => {
+                    let error = serde_json::json!({ "error": e });
+                    return (StatusCode::BAD_REQUEST, axum::Json(error)).into_response();
+                }
+            },
+        };
+        if let Some(after) = after
             && let Err(e) = front.taker.followed_through(after).await
         {
-            tracing::debug!(id, "a read forwarded for a stitched id: {e}");
-            return unavailable("the records that stitched the profile are not applied here yet; retry");
+            tracing::debug!(id, "a request for a profile after position {after}: {e}");
+            return unavailable(&format!("the records through position {after} are not applied here yet; retry"));
         }
         let partition = starling_log::partition_of(&front.ingest.profile_of(&id));
         // Forwarded by a node that took this one for the owner (its view is a round old): the
@@ -835,9 +856,9 @@ async fn answer(State(front): State<Arc<Front>>, request: Request) -> Response {
             };
             let mut request = request;
             let headers = request.headers_mut();
-            headers.remove(STITCHED_THROUGH_HEADER);
-            if let Some(through) = front.ingest.stitched_through(&id) {
-                headers.insert(HeaderName::from_static(STITCHED_THROUGH_HEADER), through.into());
+            headers.remove(READ_AFTER_HEADER);
+            if let Some(after) = after.max(front.ingest.stitched_through(&id)) {
+                headers.insert(HeaderName::from_static(READ_AFTER_HEADER), after.into());
             }
             return forward_to(&front.node, &front.client, &url, request).await.unwrap_or_else(|e| {
                 tracing::warn!(%node, "forwarding to the profile's owner: {e}");

@@ -165,10 +165,21 @@ async fn owner_and_standby_without_snapshots(dir: &Path, nats: &LocalNats, recei
 /// A load of `events` from 200 people, `two_devices` of whom stitch two devices, at 400 events
 /// a second (so that it is under way when a node or server is killed).
 async fn loadgen(server: &Server, prefix: &str, events: usize, two_devices: f64) -> tokio::process::Child {
+    loadgen_with(server, prefix, events, two_devices, &[]).await
+}
+
+async fn loadgen_with(
+    server: &Server,
+    prefix: &str,
+    events: usize,
+    two_devices: f64,
+    more: &[&str],
+) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
         .args(["loadgen", "--server", &server.url, "--people", "200", "--events", &events.to_string()])
         .args(["--batch", "25", "--connections", "4", "--rate", "400", "--resend", "--prefix", prefix])
         .args(["--two-devices", &two_devices.to_string()])
+        .args(more)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -1005,6 +1016,13 @@ async fn partitions_spread_over_the_nodes_stitch_across_them_and_move_when_a_nod
         assert_eq!(profile["event_count"], 4, "{profile}");
         assert_eq!(profile["attributes"]["purchase_count"], 2.0, "{profile}");
     }
+
+    // Through one node, people stitching two devices across both: `--verify` reads each
+    // device through that node at once, after the stream position its last write was
+    // answered, and finds every merge applied, the other node's too.
+    let verified = finished(loadgen_with(&b, "sv", 1_000, 0.5, &["--verify"]).await).await;
+    assert!(verified.contains(" 0 mismatches"), "{verified}");
+    println!("through b: {}", verified.lines().find(|l| l.starts_with("verified")).unwrap_or_default());
 
     // (a) Load through both nodes, many people stitching two devices across the nodes; one
     // node dies under it and the other takes its partitions: nothing acknowledged is lost.

@@ -245,11 +245,13 @@ memory)
 stitched)
     # Resident memory by stitched ids: people on two devices who log in on each (an email hash
     # and the second device's id stitched to every profile), against as many people on one
-    # device; read after a restart, which loads what the database holds.
+    # device; read at the end of the load and after a restart, which loads what the database
+    # holds.
     for two_devices in 0 1; do
         start examples/benchmark.toml
         $starling loadgen --people "$people" --events "$(( people * 4 ))" --batch 1000 --connections 8 \
             --two-devices $two_devices --prefix "stitched-$two_devices" | grep applied
+        echo "two devices: $two_devices; resident after the load $(rss)"
         stop
         start examples/benchmark.toml keep
         profiles=$(sqlite3 "file:$db?mode=ro" 'SELECT count(*) FROM profiles')

@@ -799,13 +799,18 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
 async fn trace(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> axum::response::sse::Sse<
-    impl futures_core::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+) -> Result<
+    axum::response::sse::Sse<
+        impl futures_core::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+    >,
+    ApiError,
 > {
     use axum::response::sse::{Event as Sse, KeepAlive};
     use tokio_stream::StreamExt;
     use tokio_stream::wrappers::BroadcastStream;
-    let profile = state.ingest.profile_of(&id);
+    let profile = state.ingest.profile_of(&id).map_err(|e| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("reading which profile the id belongs to: {e}"))
+    })?;
     let rx = state.telemetry.tracer.subscribe(&[id.clone(), profile.clone()]);
     let started = serde_json::json!({ "step": "tracing", "id": id, "profile_id": profile });
     let first = tokio_stream::once(Ok(Sse::default().event("tracing").data(started.to_string())));
@@ -817,7 +822,7 @@ async fn trace(
             }
         })
     });
-    axum::response::sse::Sse::new(first.chain(steps)).keep_alive(KeepAlive::default())
+    Ok(axum::response::sse::Sse::new(first.chain(steps)).keep_alive(KeepAlive::default()))
 }
 
 #[derive(serde::Deserialize)]

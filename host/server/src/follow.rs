@@ -96,13 +96,8 @@ impl Follower {
             owned: Arc::new(crate::owned::Owned::none()),
             elsewhere: None,
         };
-        let (ingest, workers) = pipeline::start(
-            shared,
-            crate::workers(&model),
-            model.server.ingest_queue.max(1),
-            || starling_store::open_writer(&database),
-            || starling_store::open_reader(&database),
-        )?;
+        let (ingest, workers) =
+            pipeline::start(shared, crate::workers(&model), model.server.ingest_queue.max(1), &database)?;
         let positions = ingest.stored_positions().into_iter().collect();
         let conn = Arc::new(Mutex::new(starling_store::open_relaxed(&database)?));
         Ok(Follower { ingest, workers, positions, conn })

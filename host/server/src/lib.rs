@@ -283,13 +283,7 @@ impl App {
             owned: owned.clone(),
             elsewhere,
         };
-        let (ingest, workers) = pipeline::start(
-            shared,
-            workers(&model),
-            model.server.ingest_queue.max(1),
-            || starling_store::open_writer(&database),
-            || starling_store::open_reader(&database),
-        )?;
+        let (ingest, workers) = pipeline::start(shared, workers(&model), model.server.ingest_queue.max(1), &database)?;
 
         // Checkpoints run during the replay too: a long one would otherwise grow the WAL, and
         // every commit into new WAL pages costs more than one into pages a checkpoint freed.

@@ -10,18 +10,20 @@
 //! each worker replays its partitions' records after the stored positions.
 //!
 //! Stitching moves ids between profiles, and so between partitions. A shared directory maps
-//! every id whose profile is named differently to that profile; the router and the workers
-//! consult it. When a worker finds that an id it applied belongs to a profile another worker
+//! every id whose profile is named differently to that profile (SQLite's, with what the
+//! workers linked lately held in memory); the router and the workers consult it. When a worker finds that an id it applied belongs to a profile another worker
 //! owns, it commits, points the directory at the surviving profile, and sends that worker a
 //! merge; events for the absorbed profile still queued on it are forwarded behind the merge.
 
 mod changes;
+mod directory;
 
 use crate::logging::pseudonym;
 use crate::owned::{Elsewhere, Owned, PartitionedEvents, Via};
 use crate::telemetry::{Telemetry, Written};
 use changes::Changes;
 pub use changes::{Absorbed, Adoption, Carried, IdChange};
+use directory::Directory;
 use sha2::{Digest, Sha256};
 use starling_core::engine::rebuild;
 use starling_core::model::{ActionDef, Trigger};
@@ -35,7 +37,7 @@ use starling_runtime::{PluginHost, WasmEnrichers};
 use starling_store::{Batch, Claimed, IdentityLink, StoreError};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 /// Most requests applied as one batch (one log append, one answer).
@@ -61,8 +63,6 @@ const PRUNE_EVERY_MS: i64 = 60_000;
 const PRUNE_CHUNK: usize = 2_000;
 /// How long a worker whose recovery could not read the log waits before it tries again.
 const RECOVER_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
-/// How many stitched ids the directory loads at a time at start.
-const LOAD_CHUNK: usize = 10_000;
 /// How many merges decided again a worker remembers (see `Worker::note_decided_again`).
 const DECIDED_AGAIN_LIMIT: usize = 100_000;
 
@@ -517,100 +517,8 @@ pub struct Materialized {
     durable: Mutex<Vec<(Partition, Position)>>,
 }
 
-/// Ids whose profile is named differently (stitched ids) → their profile id, and back. Any
-/// other id names its own profile. Published after each batch, so it is ahead of SQLite while
-/// workers hold state in memory.
-#[derive(Clone, Default)]
-pub struct Directory(Arc<RwLock<Stitched>>);
-
-/// Held for every stitched id, on every node: kept small. Each id's text is held once (shared
-/// by both maps), and each profile's once; a profile's stitched ids (one or two, mostly) are a
-/// list sized to fit.
-#[derive(Default)]
-struct Stitched {
-    /// Each stitched id's profile, and a log position the records that stitched it there are
-    /// at or before.
-    profile_of: HashMap<Arc<str>, (Arc<str>, Position)>,
-    ids_of: HashMap<Arc<str>, Vec<Arc<str>>>,
-}
-
-impl Directory {
-    pub fn load(conn: &rusqlite::Connection) -> Result<Directory, StoreError> {
-        let directory = Directory::default();
-        // Ids are linked in SQLite before the state with the positions it includes (see
-        // `Worker::write_early`): their records may be in the log only, until the start's
-        // replay (`Directory::settle`).
-        // A chunk at a time: the whole list at once would leave its memory behind.
-        let mut chunk = Vec::with_capacity(LOAD_CHUNK);
-        starling_store::each_stitched_id(conn, |id, profile| {
-            chunk.push((id, profile));
-            if chunk.len() == LOAD_CHUNK {
-                directory.point(chunk.drain(..), Position::MAX);
-            }
-        })?;
-        directory.point(chunk, Position::MAX);
-        Ok(directory)
-    }
-
-    /// Bounds the ids stitched by records not yet known at `through`, once the log was applied
-    /// through it.
-    fn settle(&self, through: Position) {
-        let mut stitched = self.0.write().expect("directory lock");
-        for (_, at) in stitched.profile_of.values_mut().filter(|(_, at)| *at == Position::MAX) {
-            *at = through;
-        }
-    }
-
-    /// The profile an id belongs to.
-    pub fn profile_of(&self, id: &str) -> String {
-        let stitched = self.0.read().expect("directory lock");
-        stitched.profile_of.get(id).map_or_else(|| id.to_string(), |(profile, _)| profile.to_string())
-    }
-
-    /// A log position the records that stitched `id` to its profile are at or before; `None`
-    /// for an id naming its own profile.
-    fn stitched_through(&self, id: &str) -> Option<Position> {
-        self.0.read().expect("directory lock").profile_of.get(id).map(|(_, through)| *through)
-    }
-
-    /// The ids stitched into a profile (its own id aside).
-    fn stitched_into(&self, profile: &str) -> Vec<String> {
-        let stitched = self.0.read().expect("directory lock");
-        stitched.ids_of.get(profile).map(|ids| ids.iter().map(|id| id.to_string()).collect()).unwrap_or_default()
-    }
-
-    /// Points `ids` at their profiles, stitched by records at or before `through`.
-    fn point(&self, ids: impl IntoIterator<Item = (String, String)>, through: Position) {
-        let mut stitched = self.0.write().expect("directory lock");
-        let Stitched { profile_of, ids_of } = &mut *stitched;
-        for (id, profile) in ids {
-            let held = match profile_of.remove_entry(id.as_str()) {
-                Some((held, (before, _))) => {
-                    if let Some(list) = ids_of.get_mut(&before) {
-                        list.retain(|other| *other != held);
-                        if list.is_empty() {
-                            ids_of.remove(&before);
-                        } else {
-                            list.shrink_to_fit();
-                        }
-                    }
-                    held
-                }
-                None => Arc::from(id.as_str()),
-            };
-            if *held != *profile {
-                // The profile's text, held once: the key of its list.
-                let profile = match ids_of.get_key_value(profile.as_str()) {
-                    Some((key, _)) => key.clone(),
-                    None => Arc::from(profile.as_str()),
-                };
-                let list = ids_of.entry(profile.clone()).or_default();
-                list.reserve_exact(1);
-                list.push(held.clone());
-                profile_of.insert(held, (profile, through));
-            }
-        }
-    }
+fn directory_unread(e: StoreError) -> IngestError {
+    IngestError::Failed(format!("reading which profile an id belongs to: {e}"))
 }
 
 /// The front of the pipeline: routes work to the partition that owns its profile.
@@ -660,7 +568,7 @@ impl Ingest {
     /// Splits `id` out of the profile it is stitched into, rebuilding both from their events.
     pub async fn unstitch(&self, id: &str) -> Result<serde_json::Value, IngestError> {
         let n = self.partitions.len();
-        let profile = self.directory.profile_of(id);
+        let profile = self.profile_of(id).map_err(directory_unread)?;
         self.check_owned(&profile)?;
         let (done, result) = oneshot::channel();
         let mut work: Vec<Option<Work>> = (0..n).map(|_| None).collect();
@@ -710,7 +618,7 @@ impl Ingest {
         let n = self.partitions.len();
         let mut groups: Vec<Vec<String>> = (0..n).map(|_| Vec::new()).collect();
         for id in ids {
-            let profile = self.directory.profile_of(&id);
+            let profile = self.profile_of(&id).map_err(directory_unread)?;
             self.check_owned(&profile)?;
             groups[worker_of(&profile, n)].push(id);
         }
@@ -782,13 +690,13 @@ impl Ingest {
     }
 
     /// The profile an id belongs to now.
-    pub fn profile_of(&self, id: &str) -> String {
+    pub fn profile_of(&self, id: &str) -> Result<String, StoreError> {
         self.directory.profile_of(id)
     }
 
     /// A log position the records that stitched `id` to its profile are at or before; `None`
     /// for an id naming its own profile.
-    pub fn stitched_through(&self, id: &str) -> Option<Position> {
+    pub fn stitched_through(&self, id: &str) -> Result<Option<Position>, StoreError> {
         self.directory.stitched_through(id)
     }
 
@@ -1289,7 +1197,7 @@ impl Ingest {
         let n = self.partitions.len();
         let mut groups: Vec<Vec<Event>> = (0..n).map(|_| Vec::new()).collect();
         for event in events {
-            groups[worker_of(&self.directory.profile_of(&event.visitor_id), n)].push(event);
+            groups[worker_of(&self.profile_of(&event.visitor_id).map_err(directory_unread)?, n)].push(event);
         }
         let work = groups.into_iter().map(|g| (!g.is_empty()).then_some(Work::Events(g))).collect();
         self.dispatch_jobs(work, true, None, source)
@@ -1554,19 +1462,18 @@ pub struct Shared {
     pub elsewhere: Option<Arc<dyn Elsewhere>>,
 }
 
-/// Starts `n` workers, each reading through its own connection from `open_reader` and all
-/// committing through one from `open_writer`. SQLite drops a connection's page cache whenever
-/// another connection has committed, so one connection for every worker's commits keeps the
-/// B-tree pages they write to warm (commits take turns on SQLite's one write lock anyway).
+/// Starts `n` workers on `database`, each reading through its own connection and all
+/// committing through one. SQLite drops a connection's page cache whenever another connection
+/// has committed, so one connection for every worker's commits keeps the B-tree pages they
+/// write to warm (commits take turns on SQLite's one write lock anyway).
 pub fn start(
     shared: Shared,
     n: usize,
     queue: usize,
-    open_writer: impl Fn() -> Result<rusqlite::Connection, StoreError>,
-    open_reader: impl Fn() -> Result<rusqlite::Connection, StoreError>,
+    database: &std::path::Path,
 ) -> Result<(Ingest, Vec<std::thread::JoinHandle<()>>), StoreError> {
-    let writer = open_writer()?;
-    let directory = Directory::load(&writer)?;
+    let writer = starling_store::open_writer(database)?;
+    let directory = Directory::load(&writer, database.to_path_buf())?;
     let stored: HashMap<Partition, Position> = starling_store::log_positions(&writer)?.into_iter().collect();
     // Positions the store recorded are never handed out again, even if the log lost its tail.
     if let Some(last) = stored.values().max() {
@@ -1612,7 +1519,7 @@ pub fn start(
             materialized: materialized.clone(),
             syncer: syncer.clone(),
         };
-        let conn = open_reader()?;
+        let conn = starling_store::open_reader(database)?;
         let handle = std::thread::Builder::new()
             .name(format!("starling-ingest-{index}"))
             .spawn(move || worker.run(conn, rx))
@@ -1821,9 +1728,9 @@ fn lost_claim_merge(
     claim: &IdentityLink,
     owner: &str,
     position: Option<Position>,
-) -> MergeRequest {
+) -> Result<MergeRequest, StoreError> {
     let mut merge = MergeRequest {
-        survivor: directory.profile_of(owner),
+        survivor: directory.profile_of(owner)?,
         absorbed: claim.profile_id.clone(),
         via: claim.visitor_id.clone(),
         attribute: claim.attribute.clone().unwrap_or_default(),
@@ -1833,7 +1740,7 @@ fn lost_claim_merge(
         merged_first: None,
     };
     merge.origin = position.map(|position| merge_origin(position, &merge));
-    merge
+    Ok(merge)
 }
 
 fn merge_origin(position: Position, merge: &MergeRequest) -> String {
@@ -1923,7 +1830,7 @@ struct Pending {
     /// until then, but they are gone, and a second merge of one must not add it twice.
     absorbed: HashSet<String>,
     effects: Effects,
-    /// Directory changes to publish after commit.
+    /// Directory changes to publish after the batch, or before SQLite holds them if sooner.
     directory: Vec<(String, String)>,
     /// Merges for other partitions, sent after commit, with the job (if it is in the batch
     /// being applied) and the log record that caused them.
@@ -2261,6 +2168,10 @@ impl Worker {
                 }
                 self.pending = p;
                 self.hand_on(handed_on);
+                // What this commit linked is in SQLite now: memory need not hold it.
+                if let Err(e) = self.directory.prune(directory::HELD_FOR) {
+                    tracing::warn!(partition = self.index, "the directory of ids kept what SQLite holds: {e}");
+                }
             }
             Err(e) => {
                 self.shared.telemetry.storage.failed(Written::Database, &e);
@@ -2467,15 +2378,22 @@ impl Worker {
         }
     }
 
+    /// Points the directory at the profiles `changes` link ids to.
+    fn publish(&self, changes: Vec<(String, String)>) {
+        // The records that linked them are appended (or, followed, read) by now.
+        let logged = self.shared.log.next_position().saturating_sub(1);
+        self.directory.point(changes, logged);
+    }
+
     /// Publishes directory changes, then sends merges (once written to SQLite) and forwarded
     /// events to the partitions that own their profiles; the answers to wait for go to the jobs
     /// of the batch being answered (`handed_on`, by job).
     fn hand_on(&mut self, handed_on: &mut [Vec<Answer>]) {
         self.hand_to_other_nodes();
+        let changes = std::mem::take(&mut self.pending.directory);
+        self.publish(changes);
         let pending = &mut self.pending;
-        // The records that linked them are appended (or, followed, read) by now.
         let logged = self.shared.log.next_position().saturating_sub(1);
-        self.directory.point(pending.directory.drain(..), logged);
         let merges = match pending.since {
             // Not yet written: the survivor's partition would read the absorbed profile stale.
             Some(_) => Vec::new(),
@@ -2520,7 +2438,13 @@ impl Worker {
         if !kept.is_empty() {
             let writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             for o in &kept {
-                let merge = lost_claim_merge(&self.directory, &o.claim, &o.winner, Some(o.position));
+                let merge = match lost_claim_merge(&self.directory, &o.claim, &o.winner, Some(o.position)) {
+                    Ok(merge) => merge,
+                    Err(e) => {
+                        tracing::error!(partition = self.index, "keeping the merge of a claim overtaken: {e}");
+                        continue;
+                    }
+                };
                 let (origin, request) = (merge.origin.clone().unwrap_or_default(), serde_json::to_string(&merge));
                 if let Err(e) = starling_store::keep_handed_over(&writer, &origin, &request.expect("merges serialize"))
                 {
@@ -2663,7 +2587,7 @@ impl Worker {
             match &mut job.work {
                 Work::Events(events) => {
                     for (e, event) in events.iter().enumerate() {
-                        let named = self.profile_of(p, &event.visitor_id);
+                        let named = self.profile_of(p, &event.visitor_id)?;
                         let pid = self.follow(p, &named);
                         // Spread, a record's events were applied to its partition's profiles. One
                         // whose id the directory now gives another partition's profile was applied
@@ -2718,7 +2642,7 @@ impl Worker {
                             } else if pid != named || p.links.contains_key(id) {
                                 Moved::ByThisWorker
                             } else {
-                                self.directory.stitched_through(id).map_or(Moved::ByThisWorker, Moved::Through)
+                                self.directory.stitched_through(id)?.map_or(Moved::ByThisWorker, Moved::Through)
                             };
                             p.elsewhere.push((j, starling_log::partition_of(&pid), moved, event.clone()));
                             continue;
@@ -2868,7 +2792,7 @@ impl Worker {
                         // Applied already, from another state of the absorbed profile (a node
                         // taking its partition handed it on again from there): what this state
                         // carries beyond the survivor's history goes to the survivor.
-                        let survivor = self.follow(p, &self.directory.profile_of(&request.survivor));
+                        let survivor = self.follow(p, &self.directory.profile_of(&request.survivor)?);
                         if worker_of(&survivor, self.partitions) == self.index
                             && self.shared.owned.applies_profile(&survivor)
                         {
@@ -2888,7 +2812,7 @@ impl Worker {
                 }
                 Work::Overtaken(overtaken) => {
                     let Overtaken { claim, winner, position } = overtaken.clone();
-                    let merge = lost_claim_merge(&self.directory, &claim, &winner, Some(position));
+                    let merge = lost_claim_merge(&self.directory, &claim, &winner, Some(position))?;
                     p.merges.push((None, Cause::Record(Some(position)), merge));
                     self.lost_claim(conn, p, claim, winner)?;
                     p.urgent = true;
@@ -2900,7 +2824,7 @@ impl Worker {
                     for id in ids.iter() {
                         p.draft(
                             j,
-                            &self.directory.profile_of(id),
+                            &self.directory.profile_of(id)?,
                             |d| match d {
                                 Draft::Delete(list) => {
                                     list.push(id.clone());
@@ -2920,7 +2844,10 @@ impl Worker {
                 Work::Unstitch { id, from, done } => {
                     let (placeholder, _) = oneshot::channel();
                     let done = std::mem::replace(done, placeholder);
-                    let profile = from.clone().unwrap_or_else(|| self.directory.profile_of(id));
+                    let profile = match from {
+                        Some(from) => from.clone(),
+                        None => self.directory.profile_of(id)?,
+                    };
                     p.draft(j, &profile, |_| false, || Draft::Unstitch(id.clone()));
                     match self.unstitch(conn, p, &model, id, from.as_deref(), &mut enrichers, now)? {
                         Ok(result) => p.unstitched.push((done, result)),
@@ -3227,7 +3154,7 @@ impl Worker {
                         ClaimWritten::Lost(owner) => {
                             // Merged into the owner's profile, as if the link had been seen
                             // before the claim.
-                            let merge = lost_claim_merge(&self.directory, &claim.link, &owner, claim.cause.position());
+                            let merge = lost_claim_merge(&self.directory, &claim.link, &owner, claim.cause.position())?;
                             let job = (index >= p.batch_start).then_some(claim.job);
                             handed_over.push((job, claim.cause, merge));
                             lost_claims.push((claim.link.clone(), owner));
@@ -3246,8 +3173,16 @@ impl Worker {
                 Write::Enqueue { .. } => enqueue(&tx, write, &mut actions_per_position)?,
                 Write::Fired { action, profile, at_ms } => tx.mark_fired(action, profile, *at_ms)?,
                 Write::Identity(link) => tx.record_identity(link)?,
-                Write::Merge { absorbed, survivor, carried: false } => tx.merge_profiles(absorbed, survivor)?,
-                Write::Merge { absorbed, survivor, carried: true } => tx.merge_carried(absorbed, survivor)?,
+                Write::Merge { absorbed, survivor, carried } => {
+                    // Every id SQLite moves, pointed before it does (see `Directory::prune`):
+                    // ids linked since the merge was decided move too.
+                    let moved = starling_store::ids_of(tx.connection(), absorbed)?;
+                    p.directory.extend(moved.into_iter().map(|id| (id, survivor.clone())));
+                    match carried {
+                        false => tx.merge_profiles(absorbed, survivor)?,
+                        true => tx.merge_carried(absorbed, survivor)?,
+                    }
+                }
                 Write::Split { id, from } => tx.split_identity(id, from)?,
                 Write::SplitAway { id, from } => tx.split_identity_away(id, from)?,
                 Write::Capped { id, attribute } => tx.mark_capped(id, attribute)?,
@@ -3257,6 +3192,8 @@ impl Worker {
                 Write::KeepAdoption { .. } => {}
                 Write::Handoff(origin, partition) => tx.record_handoff(origin, *partition)?,
                 Write::Forget(profile) => {
+                    let forgotten = starling_store::ids_of(tx.connection(), profile)?;
+                    p.directory.extend(forgotten.into_iter().map(|id| (id.clone(), id)));
                     tx.forget_ids(profile)?;
                 }
                 Write::Unkeep(origin) => tx.unkeep(origin)?,
@@ -3271,6 +3208,8 @@ impl Worker {
                 }
                 Write::Delete { profile, detail, now_ms } => {
                     deleted = true;
+                    let forgotten = starling_store::ids_of(tx.connection(), profile)?;
+                    p.directory.extend(forgotten.into_iter().map(|id| (id.clone(), id)));
                     let removed = tx.delete_profile(profile)?;
                     let mut detail = detail.clone();
                     detail["removed"] = serde_json::json!(removed);
@@ -3312,6 +3251,8 @@ impl Worker {
         for (partition, position) in &p.positions {
             tx.set_log_position(*partition, *position)?;
         }
+        // Published before SQLite holds them (see `Directory::prune`).
+        self.publish(std::mem::take(&mut p.directory));
         tx.commit()?;
         p.merges.extend(handed_over);
         p.overtaken.extend(overtook);
@@ -3339,6 +3280,9 @@ impl Worker {
             return true;
         }
         let writing = std::time::Instant::now();
+        // Published before SQLite holds them (see `Directory::prune`).
+        let changes = std::mem::take(&mut self.pending.directory);
+        self.publish(changes);
         let written = {
             let mut writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             write_early_in(&mut writer, early.iter().map(|i| &writes[*i]))
@@ -3417,7 +3361,7 @@ impl Worker {
         p.links.remove(&id);
         p.directory.retain(|(d, _)| *d != id);
         self.cache.identities.insert(id.clone(), owner.clone());
-        let survivor = self.directory.profile_of(&owner);
+        let survivor = self.directory.profile_of(&owner)?;
         let mut ids = starling_store::ids_of(conn, &absorbed)?;
         ids.push(absorbed.clone());
         // The claim may have been published already.
@@ -3448,8 +3392,11 @@ impl Worker {
     }
 
     /// The profile an id belongs to, as far as this batch knows.
-    fn profile_of(&self, p: &Pending, id: &str) -> String {
-        p.links.get(id).cloned().unwrap_or_else(|| self.directory.profile_of(id))
+    fn profile_of(&self, p: &Pending, id: &str) -> Result<String, StoreError> {
+        match p.links.get(id) {
+            Some(profile) => Ok(profile.clone()),
+            None => self.directory.profile_of(id),
+        }
     }
 
     /// Follows profiles absorbed in this batch to their survivor.
@@ -3513,7 +3460,10 @@ impl Worker {
             Some(o) => Some(o.clone()),
             None => starling_store::resolve_identity(conn, id)?,
         };
-        Ok(owner.map(|o| self.follow(p, &self.directory.profile_of(&o))))
+        match owner {
+            Some(owner) => Ok(Some(self.follow(p, &self.directory.profile_of(&owner)?))),
+            None => Ok(None),
+        }
     }
 
     /// How many ids are linked to a profile: those SQLite holds, and those linked or stitched
@@ -3698,7 +3648,7 @@ impl Worker {
         job: usize,
         now: i64,
     ) -> Result<bool, StoreError> {
-        let survivor = self.follow(p, &self.directory.profile_of(&request.survivor));
+        let survivor = self.follow(p, &self.directory.profile_of(&request.survivor)?);
         let absorbed = self.follow(p, &request.absorbed);
         if survivor == absorbed {
             return Ok(true);
@@ -3951,7 +3901,7 @@ impl Worker {
         inactive_before: Option<i64>,
         now: i64,
     ) -> Result<Option<serde_json::Value>, StoreError> {
-        let pid = self.follow(p, &self.directory.profile_of(id));
+        let pid = self.follow(p, &self.directory.profile_of(id)?);
         if worker_of(&pid, self.partitions) != self.index || p.gone.contains(&pid) {
             return Ok(None);
         }
@@ -4022,7 +3972,7 @@ impl Worker {
     ) -> Result<Result<serde_json::Value, String>, StoreError> {
         let from = match recorded {
             Some(from) => from.to_string(),
-            None => self.follow(p, &self.directory.profile_of(id)),
+            None => self.follow(p, &self.directory.profile_of(id)?),
         };
         if from == id {
             return Ok(Err(match starling_store::resolve_identity(conn, id)? {
@@ -4496,70 +4446,6 @@ mod tests {
         assert_eq!(used.len(), 4);
     }
 
-    /// The directory routes stitched ids to their profiles and back as they move, holding each
-    /// id's text and each profile's once.
-    #[test]
-    fn the_directory_follows_ids_as_they_move_and_holds_each_text_once() {
-        let directory = Directory::default();
-        let pairs =
-            |pairs: &[(&str, &str)]| pairs.iter().map(|(i, p)| (i.to_string(), p.to_string())).collect::<Vec<_>>();
-        directory.point(pairs(&[("phone", "web"), ("email", "web")]), 7);
-        assert_eq!(directory.profile_of("phone"), "web");
-        assert_eq!(directory.profile_of("web"), "web", "an id not stitched names its own profile");
-        assert_eq!(directory.stitched_through("email"), Some(7));
-        assert_eq!(directory.stitched_through("web"), None);
-        let mut into = directory.stitched_into("web");
-        into.sort();
-        assert_eq!(into, ["email", "phone"]);
-        {
-            let stitched = directory.0.read().unwrap();
-            let (id, (profile, _)) = stitched.profile_of.get_key_value("phone").unwrap();
-            assert_eq!(Arc::strong_count(id), 2, "the id's text, in both maps");
-            assert_eq!(Arc::strong_count(profile), 3, "the profile's text: its list's key and its two ids'");
-        }
-        // Merged on: both ids and the profile move; the profile's own id is stitched now.
-        directory.point(pairs(&[("phone", "tablet"), ("email", "tablet"), ("web", "tablet")]), 9);
-        assert!(directory.stitched_into("web").is_empty());
-        assert_eq!(directory.stitched_into("tablet").len(), 3);
-        assert_eq!(directory.profile_of("web"), "tablet");
-        // Split out: the id names its own profile again.
-        directory.point(pairs(&[("phone", "phone")]), 11);
-        assert_eq!(directory.profile_of("phone"), "phone");
-        assert_eq!(directory.stitched_through("phone"), None);
-        let mut into = directory.stitched_into("tablet");
-        into.sort();
-        assert_eq!(into, ["email", "web"]);
-        let stitched = directory.0.read().unwrap();
-        assert_eq!((stitched.profile_of.len(), stitched.ids_of.len()), (2, 1));
-    }
-
-    /// At start the directory loads every stitched id SQLite holds, a chunk at a time.
-    #[test]
-    fn the_directory_loads_every_stitched_id() {
-        let dir = tempfile::tempdir().unwrap();
-        let conn = starling_store::open(&dir.path().join("starling.db")).unwrap();
-        let stitched = LOAD_CHUNK + 1;
-        let tx = conn.unchecked_transaction().unwrap();
-        for i in 0..stitched {
-            let profile = format!("profile-{}", i / 2);
-            tx.execute("INSERT INTO identities (visitor_id, profile_id) VALUES (?1, ?2)", [format!("id-{i}"), profile])
-                .unwrap();
-        }
-        tx.execute("INSERT INTO identities (visitor_id, profile_id) VALUES ('own', 'own')", []).unwrap();
-        tx.commit().unwrap();
-        let directory = Directory::load(&conn).unwrap();
-        assert_eq!(directory.profile_of("id-0"), "profile-0");
-        assert_eq!(directory.profile_of(&format!("id-{}", stitched - 1)), format!("profile-{}", (stitched - 1) / 2));
-        assert_eq!(directory.profile_of("own"), "own");
-        let mut into = directory.stitched_into("profile-1");
-        into.sort();
-        assert_eq!(into, ["id-2", "id-3"]);
-        assert_eq!(directory.0.read().unwrap().profile_of.len(), stitched);
-        assert_eq!(directory.stitched_through("id-0"), Some(Position::MAX), "until the start's replay settles it");
-        directory.settle(41);
-        assert_eq!(directory.stitched_through("id-0"), Some(41));
-    }
-
     #[test]
     fn a_later_wakeup_waits_for_the_scheduled_one_and_an_earlier_one_replaces_it() {
         let profile = |wakeup_ms, scheduled_wakeup_ms| Profile { wakeup_ms, scheduled_wakeup_ms, ..Profile::new("p") };
@@ -4624,14 +4510,7 @@ mod tests {
                 owned: owned.clone(),
                 elsewhere,
             };
-            let (ingest, workers) = start(
-                shared,
-                workers,
-                16,
-                || starling_store::open_writer(&database),
-                || starling_store::open_reader(&database),
-            )
-            .unwrap();
+            let (ingest, workers) = start(shared, workers, 16, &database).unwrap();
             Running { _dir: dir, database, ingest, workers, owned }
         }
 
@@ -4788,8 +4667,8 @@ mod tests {
 
         let email = "b58996c504c5638798eb6b511e6f49af";
         assert!(follower.profile(&first).is_none() && follower.profile(&second).is_none(), "no copies");
-        assert_eq!(follower.ingest.profile_of(&second), first);
-        assert_eq!(follower.ingest.profile_of(email), first);
+        assert_eq!(follower.ingest.profile_of(&second).unwrap(), first);
+        assert_eq!(follower.ingest.profile_of(email).unwrap(), first);
         let (written, followed) =
             (starling_store::open(&writer.database).unwrap(), starling_store::open(&follower.database).unwrap());
         for id in [&first, &second, &gone, &email.to_string()] {
@@ -4851,7 +4730,7 @@ mod tests {
         assert_eq!(starling_store::profile_events(&conn, &first).unwrap().len(), 5, "the absorbed history kept");
         follow_others(&b).await;
         assert!(b.profile(&second).is_none(), "gone from the node that handed it on");
-        assert_eq!(b.ingest.profile_of(&second), first);
+        assert_eq!(b.ingest.profile_of(&second).unwrap(), first);
         assert!(a.profile(&second).is_none() && b.profile(&first).is_none(), "no copies");
         a.stop();
         b.stop();
@@ -4878,7 +4757,7 @@ mod tests {
         follow_others(&b).await;
         let adopted = b.profile(&second).unwrap();
         assert_eq!(adopted.event_count, 3);
-        assert_eq!(b.ingest.profile_of(&second), second);
+        assert_eq!(b.ingest.profile_of(&second).unwrap(), second);
         let conn = starling_store::open(&b.database).unwrap();
         assert_eq!(starling_store::profile_events(&conn, &second).unwrap().len(), 3);
         let mut records = Vec::new();
@@ -5056,7 +4935,7 @@ mod tests {
                 a.ingest.materialize().await.unwrap();
             }
         }
-        assert_eq!(a.ingest.profile_of(&second), first);
+        assert_eq!(a.ingest.profile_of(&second).unwrap(), first);
         let conn = starling_store::open(&a.database).unwrap();
         let history: BTreeSet<String> =
             starling_store::profile_events(&conn, &first).unwrap().into_iter().filter_map(|e| e.id).collect();
@@ -5180,7 +5059,7 @@ mod tests {
         unstitch_on(&a, &first, &second).await;
         let c = Running::handing(STITCHING, 2, log.clone(), true, Some(Arc::new(Handed::default())));
         follow_others(&c).await;
-        assert_eq!(c.ingest.profile_of(&second), second, "the split followed");
+        assert_eq!(c.ingest.profile_of(&second).unwrap(), second, "the split followed");
         // c takes a's partition from the snapshot, then its records after it: the unstitch.
         c.owned.add(partition);
         c.ingest.restore(partition, Some(snapshot), Some(position)).await.unwrap();
@@ -5239,7 +5118,7 @@ mod tests {
         b.ingest.submit(vec![with(&second, "order", "customer_id", "customer-7", 3)]).await.unwrap();
         b.ingest.materialize().await.unwrap();
 
-        assert_eq!(b.ingest.profile_of(&second), second, "not stitched");
+        assert_eq!(b.ingest.profile_of(&second).unwrap(), second, "not stitched");
         assert!(b.profile(&second).is_some());
         let mut records = Vec::new();
         log.read(&[(starling_log::partition_of(&second), 0)], &mut |entry| records.push(entry)).unwrap();
@@ -5630,7 +5509,7 @@ mod tests {
         node.owned.add(starling_log::partition_of(&mine));
         let entries = node.ingest.read_after(node.ingest.stored_positions()).await.unwrap();
         node.ingest.follow(&entries).await.unwrap();
-        assert_eq!(node.ingest.profile_of(moved), *survivor);
+        assert_eq!(node.ingest.profile_of(moved).unwrap(), *survivor);
         // The log goes on.
         let latest = (0..3).map(|n| append(unrelated, &[event(unrelated, 2 + n)])).next_back().unwrap();
         node.ingest.submit(vec![event(moved, 10), event(unrelated, 11)]).await.unwrap();

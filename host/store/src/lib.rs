@@ -280,6 +280,14 @@ pub fn open_reader(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
+/// Opens the database for point lookups made between other connections' commits (which drop
+/// its page cache): SQLite's default 2 MiB cache, no memory map.
+pub fn open_lookup(path: &Path) -> Result<Connection> {
+    let conn = open(path)?;
+    conn.pragma_update(None, "mmap_size", 0)?;
+    Ok(conn)
+}
+
 /// Opens the database read-only, as it is: neither created nor migrated if it is not there or
 /// not current (another process's database being replaced, for instance), but an error.
 pub fn open_read_only(path: &Path) -> Result<Connection> {
@@ -1668,13 +1676,13 @@ pub fn ids_of(conn: &Connection, profile_id: &str) -> Result<Vec<String>> {
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-/// Visits every id linked to a profile other than the one named after it: (visitor id,
-/// profile id), one row at a time (there may be millions).
-pub fn each_stitched_id(conn: &Connection, mut visit: impl FnMut(String, String)) -> Result<()> {
-    let mut stmt = conn.prepare("SELECT visitor_id, profile_id FROM identities WHERE visitor_id <> profile_id")?;
+/// Visits every id linked to a profile other than the one named after it, one row at a time
+/// (there may be millions).
+pub fn each_stitched_id(conn: &Connection, mut visit: impl FnMut(String)) -> Result<()> {
+    let mut stmt = conn.prepare("SELECT visitor_id FROM identities WHERE visitor_id <> profile_id")?;
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
-        visit(row.get(0)?, row.get(1)?);
+        visit(row.get(0)?);
     }
     Ok(())
 }

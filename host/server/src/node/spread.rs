@@ -835,7 +835,11 @@ async fn answer(State(front): State<Arc<Front>>, request: Request) -> Response {
             tracing::debug!(id, "a request for a profile after position {after}: {e}");
             return unavailable(&format!("the records through position {after} are not applied here yet; retry"));
         }
-        let partition = starling_log::partition_of(&front.ingest.profile_of(&id));
+        let profile = match front.ingest.profile_of(&id) {
+            Ok(profile) => profile,
+            Err(e) => return unavailable(&format!("reading which profile the id belongs to: {e}")),
+        };
+        let partition = starling_log::partition_of(&profile);
         // Forwarded by a node that took this one for the owner (its view is a round old): the
         // engine answers if this node owns the partition; it holds no other partition's
         // profiles.
@@ -857,7 +861,11 @@ async fn answer(State(front): State<Arc<Front>>, request: Request) -> Response {
             let mut request = request;
             let headers = request.headers_mut();
             headers.remove(READ_AFTER_HEADER);
-            if let Some(after) = after.max(front.ingest.stitched_through(&id)) {
+            let through = match front.ingest.stitched_through(&id) {
+                Ok(through) => through,
+                Err(e) => return unavailable(&format!("reading which profile the id belongs to: {e}")),
+            };
+            if let Some(after) = after.max(through) {
                 headers.insert(HeaderName::from_static(READ_AFTER_HEADER), after.into());
             }
             return forward_to(&front.node, &front.client, &url, request).await.unwrap_or_else(|e| {

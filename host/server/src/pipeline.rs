@@ -3134,23 +3134,30 @@ impl Worker {
         for (index, write) in p.effects.writes.iter().enumerate() {
             match write {
                 Write::Link { visitor, profile, claim: None } => {
-                    tx.link_identity(visitor, profile)?;
+                    let linked = starling_store::survivor_of(tx.connection(), profile)?;
+                    if tx.link_identity(visitor, &linked)? && linked != *profile {
+                        p.directory.push((visitor.clone(), linked));
+                    }
                 }
                 Write::Link { visitor, profile, claim: Some(claim) } if claim.followed => {
                     // A followed claim that lost, lost on its own node too, which merges its
                     // profile; one that overtook a claim of this node's makes that profile merge.
                     match write_claim(&tx, visitor, profile, claim)? {
                         ClaimWritten::Lost(_) => {}
-                        ClaimWritten::Done => p.directory.push((visitor.clone(), profile.clone())),
+                        ClaimWritten::Done { linked } => p.directory.push((visitor.clone(), linked)),
                         ClaimWritten::Overtook(overtaken) => {
-                            p.directory.push((visitor.clone(), profile.clone()));
+                            p.directory.push((visitor.clone(), overtaken.winner.clone()));
                             overtook.push(overtaken);
                         }
                     }
                 }
                 Write::Link { visitor, profile, claim: Some(claim) } => {
                     match write_claim(&tx, visitor, profile, claim)? {
-                        ClaimWritten::Done => {}
+                        ClaimWritten::Done { linked } => {
+                            if linked != *profile {
+                                p.directory.push((visitor.clone(), linked));
+                            }
+                        }
                         ClaimWritten::Lost(owner) => {
                             // Merged into the owner's profile, as if the link had been seen
                             // before the claim.
@@ -3159,7 +3166,12 @@ impl Worker {
                             handed_over.push((job, claim.cause, merge));
                             lost_claims.push((claim.link.clone(), owner));
                         }
-                        ClaimWritten::Overtook(overtaken) => overtook.push(overtaken),
+                        ClaimWritten::Overtook(overtaken) => {
+                            if overtaken.winner != *profile {
+                                p.directory.push((visitor.clone(), overtaken.winner.clone()));
+                            }
+                            overtook.push(overtaken);
+                        }
                     }
                 }
                 Write::Event { event: HistoryEvent::Taken(event), profile, now_ms } => {
@@ -4164,7 +4176,9 @@ fn written_early(write: &Write) -> bool {
 
 /// What writing a claim left to do.
 enum ClaimWritten {
-    Done,
+    /// The id is linked to `linked`: the claiming profile, or the profile it was merged into
+    /// here already (see `starling_store::survivor_of`).
+    Done { linked: String },
     /// The claim overtook another, whose profile's worker is to be told.
     Overtook(Overtaken),
     /// The id was linked to this profile first: the claim lost.
@@ -4173,27 +4187,29 @@ enum ClaimWritten {
 
 /// Writes `profile`'s claim on id `visitor`.
 fn write_claim(tx: &Batch, visitor: &str, profile: &str, claim: &Claim) -> Result<ClaimWritten, StoreError> {
-    Ok(match tx.claim_identity(visitor, profile, claim.cause.position())? {
+    let linked = starling_store::survivor_of(tx.connection(), profile)?;
+    Ok(match tx.claim_identity(visitor, &linked, claim.cause.position())? {
         Claimed::Linked => {
             if !claim.followed {
                 tx.record_identity(&claim.link)?;
             }
-            ClaimWritten::Done
+            ClaimWritten::Done { linked }
         }
-        Claimed::Held => ClaimWritten::Done,
+        Claimed::Held => ClaimWritten::Done { linked },
         Claimed::Lost { owner } => ClaimWritten::Lost(owner),
         Claimed::Overtook { overtaken, position } => {
             if !claim.followed {
                 tx.record_identity(&claim.link)?;
             }
-            ClaimWritten::Overtook(Overtaken { claim: overtaken, winner: profile.to_string(), position })
+            ClaimWritten::Overtook(Overtaken { claim: overtaken, winner: linked, position })
         }
     })
 }
 
 /// Writes actions and ids linked in one transaction; returns the claims of other profiles
 /// overtaken, or none (and nothing written) when an id claimed was linked to another profile
-/// first.
+/// first, or is to be linked to the profile its own was merged into (the directory is pointed
+/// at that before the write, at commit).
 fn write_early_in<'w>(
     writer: &mut rusqlite::Connection,
     writes: impl Iterator<Item = &'w Write>,
@@ -4204,12 +4220,15 @@ fn write_early_in<'w>(
     for write in writes {
         match write {
             Write::Link { visitor, profile, claim: None } => {
+                if starling_store::survivor_of(tx.connection(), profile)? != *profile {
+                    return Ok(None);
+                }
                 tx.link_identity(visitor, profile)?;
             }
             Write::Link { visitor, profile, claim: Some(claim) } => match write_claim(&tx, visitor, profile, claim)? {
-                ClaimWritten::Done => {}
-                ClaimWritten::Lost(_) => return Ok(None),
-                ClaimWritten::Overtook(overtaken) => overtook.push(overtaken),
+                ClaimWritten::Done { linked } if linked == *profile => {}
+                ClaimWritten::Overtook(overtaken) if overtaken.winner == *profile => overtook.push(overtaken),
+                ClaimWritten::Done { .. } | ClaimWritten::Overtook(_) | ClaimWritten::Lost(_) => return Ok(None),
             },
             Write::Enqueue { .. } => enqueue(&tx, write, &mut per_position)?,
             _ => unreachable!("only actions and claims are written early"),

@@ -9,7 +9,7 @@
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 use starling_core::model::Trigger;
 use starling_core::{PendingAction, Profile};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
 
 mod configs;
@@ -74,7 +74,7 @@ pub fn check_integrity(path: &Path, level: Integrity, max_problems: usize) -> Re
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-const SCHEMA_VERSION: i64 = 12;
+const SCHEMA_VERSION: i64 = 13;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS profiles (
@@ -211,6 +211,7 @@ CREATE TABLE IF NOT EXISTS merged_away (
     absorbed    TEXT PRIMARY KEY,
     survivor    TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS merged_away_by_survivor ON merged_away(survivor);
 -- Sampled audience sizes, for plotting.
 CREATE TABLE IF NOT EXISTS audience_sizes (
     at_ms       INTEGER NOT NULL,
@@ -1248,7 +1249,22 @@ impl<'c> Batch<'c> {
 
     /// Forgets the ids of profile `profile_id`, another node's that was deleted there.
     pub fn forget_ids(&self, profile_id: &str) -> Result<usize> {
+        self.forget_merges_into(profile_id)?;
         Ok(self.tx.prepare_cached("DELETE FROM identities WHERE profile_id = ?1")?.execute([profile_id])?)
+    }
+
+    /// Forgets the merges into deleted profile `profile_id`, and into those merged into it: an
+    /// id of theirs seen again starts a profile of its own (see [`survivor_of`]).
+    fn forget_merges_into(&self, profile_id: &str) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "WITH RECURSIVE merged_into(absorbed) AS (
+                     SELECT absorbed FROM merged_away WHERE survivor = ?1
+                     UNION SELECT m.absorbed FROM merged_away m JOIN merged_into i ON m.survivor = i.absorbed)
+                 DELETE FROM merged_away WHERE absorbed IN merged_into",
+            )?
+            .execute([profile_id])?;
+        Ok(())
     }
 
     /// Removes every row about profile `profile_id`: the profile, its ids and their history,
@@ -1256,6 +1272,7 @@ impl<'c> Batch<'c> {
     /// wake-ups. Returns how many rows of each went, for the audit record.
     pub fn delete_profile(&self, profile_id: &str) -> Result<BTreeMap<&'static str, usize>> {
         let tx = &self.tx;
+        self.forget_merges_into(profile_id)?;
         let mut removed = BTreeMap::new();
         for (what, sql) in [
             ("profile", "DELETE FROM profiles WHERE id = ?1"),
@@ -1712,6 +1729,27 @@ pub fn was_unstitched(conn: &Connection, id: &str, profile_id: &str) -> Result<b
         .is_some())
 }
 
+/// The profile whose ids `profile`'s are here: `profile`, or, merged away (see
+/// `merged_away`), the profile it was merged into, followed through the merges of that one.
+/// A link to a profile merged away (its claim or own link applied after the merge, by another
+/// worker following another partition) goes there, as it would have moved with the merge.
+pub fn survivor_of(conn: &Connection, profile: &str) -> Result<String> {
+    let mut survivor = profile.to_string();
+    // Merges make no cycle; a database holding one all the same is not followed round it.
+    let mut seen = HashSet::new();
+    while seen.insert(survivor.clone()) {
+        let next: Option<String> = conn
+            .prepare_cached("SELECT survivor FROM merged_away WHERE absorbed = ?1")?
+            .query_row([&survivor], |r| r.get(0))
+            .optional()?;
+        match next {
+            Some(next) => survivor = next,
+            None => break,
+        }
+    }
+    Ok(survivor)
+}
+
 /// Whether profile `absorbed` was merged into another (see `merged_away`).
 pub fn was_merged_away(conn: &Connection, absorbed: &str) -> Result<bool> {
     Ok(conn
@@ -2059,6 +2097,40 @@ mod tests {
             batch.save_profile(&Profile::new("p1"), 1, Some(0)).unwrap();
         }
         assert!(find_profile(&conn, "anon-1").unwrap().is_none());
+    }
+
+    /// A profile merged away leads to the profile holding its ids now, through later merges;
+    /// deleting that profile forgets the merges into it, so that an id of theirs seen again
+    /// starts a profile of its own.
+    #[test]
+    fn a_profile_merged_away_leads_to_its_survivor_until_that_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir.path().join("s.db")).unwrap();
+        let batch = Batch::begin(&mut conn).unwrap();
+        for profile in ["phone", "laptop", "tablet", "other"] {
+            batch.link_identity(profile, profile).unwrap();
+        }
+        batch.merge_carried("phone", "laptop").unwrap();
+        batch.merge_carried("laptop", "tablet").unwrap();
+        assert_eq!(survivor_of(batch.connection(), "phone").unwrap(), "tablet");
+        assert_eq!(survivor_of(batch.connection(), "laptop").unwrap(), "tablet");
+        assert_eq!(survivor_of(batch.connection(), "tablet").unwrap(), "tablet");
+        assert_eq!(survivor_of(batch.connection(), "unknown").unwrap(), "unknown");
+        // A cycle no merge makes is not followed round.
+        batch.merge_carried("other", "cycle").unwrap();
+        batch.merge_carried("cycle", "other").unwrap();
+        assert!(["other", "cycle"].contains(&survivor_of(batch.connection(), "other").unwrap().as_str()));
+        batch.delete_profile("tablet").unwrap();
+        for profile in ["phone", "laptop", "tablet"] {
+            assert_eq!(survivor_of(batch.connection(), profile).unwrap(), profile, "{profile}");
+        }
+        batch.merge_carried("cycle", "away").unwrap();
+        batch.forget_ids("away").unwrap();
+        assert_eq!(
+            survivor_of(batch.connection(), "cycle").unwrap(),
+            "cycle",
+            "forgotten on another node's deletion too"
+        );
     }
 
     #[test]

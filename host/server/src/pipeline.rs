@@ -3186,13 +3186,19 @@ impl Worker {
                 Write::Fired { action, profile, at_ms } => tx.mark_fired(action, profile, *at_ms)?,
                 Write::Identity(link) => tx.record_identity(link)?,
                 Write::Merge { absorbed, survivor, carried } => {
+                    // Followed, the survivor may be merged away here already (by another
+                    // worker, following its partition): the ids go where the survivor's went.
+                    let survivor = match starling_store::survivor_of(tx.connection(), survivor)? {
+                        now if now != *absorbed => now,
+                        _ => survivor.clone(),
+                    };
                     // Every id SQLite moves, pointed before it does (see `Directory::prune`):
                     // ids linked since the merge was decided move too.
                     let moved = starling_store::ids_of(tx.connection(), absorbed)?;
                     p.directory.extend(moved.into_iter().map(|id| (id, survivor.clone())));
                     match carried {
-                        false => tx.merge_profiles(absorbed, survivor)?,
-                        true => tx.merge_carried(absorbed, survivor)?,
+                        false => tx.merge_profiles(absorbed, &survivor)?,
+                        true => tx.merge_carried(absorbed, &survivor)?,
                     }
                 }
                 Write::Split { id, from } => tx.split_identity(id, from)?,

@@ -1729,8 +1729,8 @@ pub fn was_unstitched(conn: &Connection, id: &str, profile_id: &str) -> Result<b
         .is_some())
 }
 
-/// The profile whose ids `profile`'s are here: `profile`, or, merged away (see
-/// `merged_away`), the profile it was merged into, followed through the merges of that one.
+/// The profile holding `profile`'s ids here: `profile` itself, or, merged away (see
+/// `merged_away`), the profile it was merged into, followed through that one's merges.
 /// A link to a profile merged away (its claim or own link applied after the merge, by another
 /// worker following another partition) goes there, as it would have moved with the merge.
 pub fn survivor_of(conn: &Connection, profile: &str) -> Result<String> {

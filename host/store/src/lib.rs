@@ -1224,8 +1224,10 @@ impl<'c> Batch<'c> {
     /// id and the events sent with it move.
     pub fn split_identity(&self, id: &str, from: &str) -> Result<()> {
         let tx = &self.tx;
-        // A profile of its own again: it may be merged anew.
+        // A profile of its own again: it may be merged anew. What was merged into it before
+        // stays in `from` (only the id and its events move), and so do later links to those.
         tx.prepare_cached("DELETE FROM merged_away WHERE absorbed = ?1")?.execute([id])?;
+        tx.prepare_cached("UPDATE merged_away SET survivor = ?2 WHERE survivor = ?1")?.execute([id, from])?;
         tx.prepare_cached("UPDATE identities SET profile_id = ?1, claimed_at = NULL WHERE visitor_id = ?1")?
             .execute([id])?;
         tx.prepare_cached("UPDATE events SET profile_id = ?1 WHERE profile_id = ?2 AND visitor_id = ?1")?
@@ -2131,6 +2133,24 @@ mod tests {
             "cycle",
             "forgotten on another node's deletion too"
         );
+    }
+
+    /// An id split out of a profile leaves behind what was merged into its old profile: a late
+    /// link to one of those goes to the profile split from, where its ids are.
+    #[test]
+    fn a_split_leaves_the_profiles_merged_into_the_split_id_with_the_profile_split_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir.path().join("s.db")).unwrap();
+        let batch = Batch::begin(&mut conn).unwrap();
+        for profile in ["phone", "laptop", "tablet"] {
+            batch.link_identity(profile, profile).unwrap();
+        }
+        batch.merge_profiles("tablet", "laptop").unwrap();
+        batch.merge_profiles("laptop", "phone").unwrap();
+        batch.split_identity("laptop", "phone").unwrap();
+        assert_eq!(survivor_of(batch.connection(), "laptop").unwrap(), "laptop");
+        assert_eq!(survivor_of(batch.connection(), "tablet").unwrap(), "phone");
+        assert_eq!(resolve_identity(batch.connection(), "tablet").unwrap().as_deref(), Some("phone"));
     }
 
     #[test]

@@ -3210,8 +3210,7 @@ impl Worker {
                 Write::KeepAdoption { .. } => {}
                 Write::Handoff(origin, partition) => tx.record_handoff(origin, *partition)?,
                 Write::Forget(profile) => {
-                    let forgotten = starling_store::ids_of(tx.connection(), profile)?;
-                    p.directory.extend(forgotten.into_iter().map(|id| (id.clone(), id)));
+                    point_ids_at_themselves(&tx, profile, &mut p.directory)?;
                     tx.forget_ids(profile)?;
                 }
                 Write::Unkeep(origin) => tx.unkeep(origin)?,
@@ -3226,8 +3225,7 @@ impl Worker {
                 }
                 Write::Delete { profile, detail, now_ms } => {
                     deleted = true;
-                    let forgotten = starling_store::ids_of(tx.connection(), profile)?;
-                    p.directory.extend(forgotten.into_iter().map(|id| (id.clone(), id)));
+                    point_ids_at_themselves(&tx, profile, &mut p.directory)?;
                     let removed = tx.delete_profile(profile)?;
                     let mut detail = detail.clone();
                     detail["removed"] = serde_json::json!(removed);
@@ -4178,6 +4176,14 @@ fn enqueue(tx: &Batch, write: &Write, per_position: &mut HashMap<(Position, Stri
 /// written later or replayed.
 fn written_early(write: &Write) -> bool {
     matches!(write, Write::Enqueue { condition: None, .. } | Write::Link { .. })
+}
+
+/// Points each id of `profile` at itself in the directory before SQLite forgets the links
+/// (see `Directory::prune`): the profile is deleted, here or on another node.
+fn point_ids_at_themselves(tx: &Batch, profile: &str, directory: &mut Vec<(String, String)>) -> Result<(), StoreError> {
+    let forgotten = starling_store::ids_of(tx.connection(), profile)?;
+    directory.extend(forgotten.into_iter().map(|id| (id.clone(), id)));
+    Ok(())
 }
 
 /// What writing a claim left to do.

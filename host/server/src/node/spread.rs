@@ -21,6 +21,7 @@ use super::{
 
 mod gather;
 mod snapshots;
+use crate::api::ApiError;
 use crate::copy::ANSWERED_FROM_HEADER;
 use crate::delivery::Outcomes;
 use crate::owned::{Elsewhere, HandedReport, Owned, PartitionedEvents, Taker, Via};
@@ -179,13 +180,17 @@ const READ_AFTER_HEADER: &str = "x-starling-read-after";
 
 /// The `after` query parameter of a request for a profile: a stream position, as an ingestion
 /// answered it.
-fn read_after(uri: &axum::http::Uri) -> Result<Option<Position>, String> {
+fn read_after(uri: &axum::http::Uri) -> Result<Option<Position>, ApiError> {
     #[derive(serde::Deserialize)]
     struct Query {
         after: Option<Position>,
     }
     axum::extract::Query::<Query>::try_from_uri(uri).map(|query| query.0.after).map_err(|e| {
-        format!("query parameter `after`: expected a stream position (an ingestion's `position`): {}", e.body_text())
+        let why = e.body_text();
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("query parameter `after`: expected a stream position (an ingestion's `position`): {why}"),
+        )
     })
 }
 
@@ -823,10 +828,7 @@ async fn answer(State(front): State<Arc<Front>>, request: Request) -> Response {
             true => request.headers().get(READ_AFTER_HEADER).and_then(|v| v.to_str().ok()?.parse::<Position>().ok()),
             false => match read_after(request.uri()) {
                 Ok(after) => after,
-                Err(e) => {
-                    let error = serde_json::json!({ "error": e });
-                    return (StatusCode::BAD_REQUEST, axum::Json(error)).into_response();
-                }
+                Err(e) => return e.into_response(),
             },
         };
         if let Some(after) = after

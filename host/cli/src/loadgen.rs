@@ -47,7 +47,7 @@ pub(crate) struct Options {
     #[arg(long)]
     verify: bool,
     /// Send nothing: only check the profiles a run with the same options sent (against another
-    /// node, after a restart).
+    /// node, after a restart). On a spread cluster, reads after where the stream ends now.
     #[arg(long, conflicts_with = "verify")]
     verify_only: bool,
     /// Mark one event in N as traced (`data.trace = true`, `data.sent_us` = send time); with
@@ -207,7 +207,10 @@ pub(crate) fn run(o: Options) -> Result<()> {
     );
     let runtime = tokio::runtime::Runtime::new()?;
     if o.verify_only {
-        return runtime.block_on(verify(&o, &people, None));
+        return runtime.block_on(async {
+            let position = stream_position(&o.server).await?;
+            verify(&o, &people, position).await
+        });
     }
     runtime.block_on(drive(o, events, people))
 }
@@ -357,6 +360,32 @@ fn percentiles(samples: &mut [Duration]) -> String {
         ms(at(0.99)),
         ms(samples[samples.len() - 1])
     )
+}
+
+/// Where a spread cluster's stream ends now (`GET /v1/cluster`): every event answered before is
+/// in the stream through it, so `--verify-only` reads after it as `--verify` reads after the
+/// latest position its run was answered. `None` for a single node or a cluster placed whole,
+/// whose one engine applies every event it answered.
+async fn stream_position(server: &str) -> Result<Option<u64>> {
+    let url = format!("{}/v1/cluster", server.trim_end_matches('/'));
+    let response = read_retrying(&reqwest::Client::new(), &url).await.with_context(|| format!("reading {url}"))?;
+    if response.status() == 404 {
+        return Ok(None);
+    }
+    let status = response.status();
+    let cluster: serde_json::Value = response.json().await.with_context(|| format!("reading {url}"))?;
+    if !status.is_success() {
+        bail!("{url} answered {status}: {cluster}");
+    }
+    if cluster["placement"] != "spread" {
+        return Ok(None);
+    }
+    // Null while the node cannot reach the stream: a position is needed, so say so.
+    let Some(position) = cluster["stream"]["last_position"].as_u64() else {
+        bail!("{url}: the node cannot reach the stream to say where it ends ({})", cluster["stream"]);
+    };
+    println!("verifying after stream position {position}, where the stream ends now");
+    Ok(Some(position))
 }
 
 /// Reads `url`, sending the read again while it is refused for now (503, 429: a partition

@@ -193,31 +193,17 @@ async fn finished(child: tokio::process::Child) -> String {
     stdout
 }
 
+/// Checks through `server` that every person of a loadgen run with these options adds up
+/// (`starling loadgen --verify-only`: on a spread cluster it reads after where the stream ends,
+/// so the node has applied every event answered before, merges handed through the log among
+/// them).
 async fn verify(server: &Server, prefix: &str, events: usize, two_devices: f64) {
-    verify_within(server, prefix, events, two_devices, Duration::ZERO).await
-}
-
-async fn verify_output(server: &Server, prefix: &str, events: usize, two_devices: f64) -> std::process::Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
         .args(["loadgen", "--server", &server.url, "--people", "200", "--events", &events.to_string()])
         .args(["--two-devices", &two_devices.to_string(), "--prefix", prefix, "--verify-only"])
         .output()
         .await
-        .unwrap()
-}
-
-/// As [`verify`], checking again for up to `within` while profiles do not add up yet (a merge
-/// decided by the last events applied is handed through the log to its survivor's owner, and
-/// a read in between finds the two profiles apart).
-async fn verify_within(server: &Server, prefix: &str, events: usize, two_devices: f64, within: Duration) {
-    let deadline = Instant::now() + within;
-    let adds_up =
-        |o: &std::process::Output| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(": 0 mismatches");
-    let mut output = verify_output(server, prefix, events, two_devices).await;
-    while !adds_up(&output) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        output = verify_output(server, prefix, events, two_devices).await;
-    }
+        .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let trouble = || {
         let logs = server.logs();
@@ -239,6 +225,9 @@ async fn verify_within(server: &Server, prefix: &str, events: usize, two_devices
         panic!("{stdout}\n{histories}\n{}", trouble());
     }
     assert!(output.status.success(), "{stdout}\n{}\n{}", String::from_utf8_lossy(&output.stderr), trouble());
+    if cluster_view(server).await["placement"] == "spread" {
+        assert!(stdout.contains("verifying after stream position"), "{stdout}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -797,7 +786,12 @@ async fn a_standby_applies_each_record_with_the_configuration_the_owner_applied_
 fn spread_config(dir: &Path, node: &str, nats: &LocalNats, receiver: &str) -> PathBuf {
     let path = node_config(dir, node, nats, receiver);
     // `[cluster]` is the file's last table.
-    let text = std::fs::read_to_string(&path).unwrap() + "placement = \"spread\"\n";
+    // Audience sizes sampled each second, for their history gathered from every node.
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "[server]\n",
+        "[server]\naudience_size_interval = \"1s\"\n",
+        1,
+    ) + "placement = \"spread\"\n";
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -1094,10 +1088,80 @@ async fn the_spread_stream_forgets_what_every_node_holds_and_a_node_joining_star
         (cluster_view(&a).await["intake_held"] == 0).then_some(())
     })
     .await;
-    verify_within(&a, "kc", 1_000, 0.5, Duration::from_secs(10)).await;
+    verify(&a, "kc", 1_000, 0.5).await;
     every_action_delivered_once(&a, &receiver).await;
+    reads_over_every_profile_add_up(&b, &[&a, &b, &c]).await;
     for node in [a, b, c] {
         node.stop();
+    }
+}
+
+/// Reads over every stored profile through `through` (an audience, a preview, a backtest) are
+/// gathered from `nodes`: they add up what each node answers for its own partitions (asked as
+/// a node gathering them asks), and name every node.
+async fn reads_over_every_profile_add_up(through: &Server, nodes: &[&Server]) {
+    let ask = async |server: &Server, own: bool, post: Option<&str>, path: &str| {
+        let url = format!("{}{path}", server.url);
+        let request = match post {
+            Some(body) => harness::client().post(url).body(body.to_string()),
+            None => harness::client().get(url),
+        };
+        let request = if own { request.header("x-starling-forwarded-by", "test") } else { request };
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let from = response.headers().get("x-starling-gathered-from").map(|v| v.to_str().unwrap().to_string());
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(status, 200, "{path}: {body}");
+        assert_eq!(from.map(|f| f.split(',').count()), (!own).then_some(nodes.len()), "{path}");
+        body
+    };
+    let (_, config) = get_json(&format!("{}/v1/config", through.url)).await;
+    let config = config["source"].as_str().unwrap().to_string();
+    let rule = r#"rule = { attribute = "category_views", key = "shoes", op = ">=", value = 3 }"#;
+    let reads = [
+        (None, "/v1/audiences/shoes_fans"),
+        (Some(rule), "/v1/audiences/preview"),
+        (Some(&config), "/v1/backtest"),
+        (None, "/v1/audiences/shoes_fans/history"),
+    ];
+    for (body, path) in reads {
+        let whole = ask(through, false, body, path).await;
+        let mut shares = Vec::new();
+        for node in nodes {
+            shares.push(ask(node, true, body, path).await);
+        }
+        let total = |f: &dyn Fn(&serde_json::Value) -> Option<u64>| {
+            shares.iter().map(|share| f(share).unwrap_or_else(|| panic!("{path}: {share}"))).sum::<u64>()
+        };
+        let counts: Vec<(&str, u64, u64)> = match path {
+            "/v1/audiences/shoes_fans" => {
+                vec![("size", whole["size"].as_u64().unwrap(), total(&|s| s["size"].as_u64()))]
+            }
+            "/v1/audiences/preview" => vec![
+                ("size", whole["size"].as_u64().unwrap(), total(&|s| s["size"].as_u64())),
+                ("profiles", whole["profiles"].as_u64().unwrap(), total(&|s| s["profiles"].as_u64())),
+            ],
+            // The sizes sampled last, at the latest moment any node sampled (every node has
+            // sampled since the load: each does every second).
+            "/v1/audiences/shoes_fans/history" => {
+                let last = |b: &serde_json::Value| b["samples"].as_array()?.last()?["size"].as_u64();
+                vec![("latest sampled size", last(&whole).unwrap(), total(&last))]
+            }
+            _ => {
+                let fans = |b: &serde_json::Value| {
+                    b["audiences"].as_array()?.iter().find(|a| a["audience"] == "shoes_fans")?["stored_size"].as_u64()
+                };
+                vec![
+                    ("events", whole["events"].as_u64().unwrap(), total(&|s| s["events"].as_u64())),
+                    ("profiles", whole["profiles"].as_u64().unwrap(), total(&|s| s["profiles"].as_u64())),
+                    ("shoes_fans stored", fans(&whole).unwrap(), total(&fans)),
+                ]
+            }
+        };
+        for (count, gathered, summed) in counts {
+            assert!(summed > 0, "{path}: {count} is 0 on every node");
+            assert_eq!(gathered, summed, "{path}: {count} gathered against each node's added up\n{whole}\n{shares:?}");
+        }
     }
 }
 
@@ -1283,7 +1347,7 @@ async fn spread_nodes_lose_nothing_when_the_stream_leader_dies() {
     .await;
     println!("the intake was applied {:?} after the load ended", loaded.elapsed());
     for (node, prefix) in [(&a, "ta"), (&b, "tb"), (&a, "tb"), (&b, "ta")] {
-        verify_within(node, prefix, 2_000, 0.5, Duration::from_secs(10)).await;
+        verify(node, prefix, 2_000, 0.5).await;
     }
     every_action_delivered_once(&a, &receiver).await;
     a.stop();

@@ -27,7 +27,7 @@ pub mod backtest;
 mod preview;
 
 pub use backtest::post_backtest;
-pub use preview::post_preview;
+pub use preview::{SAMPLE as PREVIEW_SAMPLE, post_preview};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {

@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use std::sync::Arc;
 
 /// Profiles whose ids a preview answers.
-const SAMPLE: usize = 10;
+pub const SAMPLE: usize = 10;
 
 /// `POST /v1/audiences/preview`: the body is a rule as written in the configuration file (TOML,
 /// `rule = { ... }` or the inline table alone) or as JSON.

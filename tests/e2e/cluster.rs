@@ -1011,6 +1011,39 @@ async fn partitions_spread_over_the_nodes_stitch_across_them_and_move_when_a_nod
         assert_eq!(profile["attributes"]["purchase_count"], 2.0, "{profile}");
     }
 
+    // The person of the first round (both devices and the email, in a's profile) is deleted
+    // through b by the device in b's partitions: a, the profile's owner, deletes it, and no id
+    // of theirs is found through either node. The deletion's audit record is a's: read through
+    // b, the audit log is gathered from both nodes.
+    let (laptop, tablet, email) =
+        (in_partitions("laptop0", &on_a), in_partitions("tablet0", &on_b), in_partitions("email0", &on_b));
+    let deletion = harness::client().delete(format!("{}/v1/profiles/{tablet}", b.url)).send().await.unwrap();
+    let deleted: serde_json::Value = deletion.json().await.unwrap();
+    assert_eq!(deleted["deleted"], true, "{deleted}");
+    assert_eq!(deleted["audit"]["reason"], "request", "{deleted}");
+    for node in [&a, &b] {
+        for id in [&laptop, &tablet, &email] {
+            let (status, answer) = get_json(&format!("{}/v1/profiles/{id}", node.url)).await;
+            assert_eq!(status, 404, "{id} through {} after its deletion: {answer}", node.url);
+        }
+    }
+    let audit = |own: bool| {
+        let request = harness::client().get(format!("{}/v1/audit", b.url));
+        let request = if own { request.header("x-starling-forwarded-by", "test") } else { request };
+        async move {
+            let response = request.send().await.unwrap();
+            let from = response.headers().get("x-starling-gathered-from").map(|v| v.to_str().unwrap().to_string());
+            (from, response.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let (from, gathered) = audit(false).await;
+    assert_eq!(from.as_deref().map(|f| f.split(',').count()), Some(2), "{gathered}");
+    let holds_the_deletion =
+        |log: &serde_json::Value| log["audit"].as_array().unwrap().iter().any(|r| r["detail"] == deleted["audit"]);
+    assert!(holds_the_deletion(&gathered), "{} not in the audit log through b: {gathered}", deleted["audit"]);
+    let (_, own) = audit(true).await;
+    assert!(!holds_the_deletion(&own), "b's own audit log: {own}");
+
     // Through one node, people stitching two devices across both: `--verify` reads each
     // device through that node at once, after the stream position its last write was
     // answered, and finds every merge applied, the other node's too.

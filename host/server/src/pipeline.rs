@@ -694,10 +694,11 @@ impl Ingest {
         self.directory.profile_of(id)
     }
 
-    /// A log position the records that stitched `id` to its profile are at or before; `None`
-    /// for an id naming its own profile.
-    pub fn stitched_through(&self, id: &str) -> Result<Option<Position>, StoreError> {
-        self.directory.stitched_through(id)
+    /// A log position the records that last pointed `id` (into a profile, or back at itself)
+    /// are at or before; `None` for an id naming its own profile since longer than memory
+    /// holds it.
+    pub fn pointed_through(&self, id: &str) -> Result<Option<Position>, StoreError> {
+        self.directory.pointed_through(id)
     }
 
     /// What the checkpoint task needs to trim the log; it holds no queue, so it does not keep

@@ -821,9 +821,10 @@ async fn answer(State(front): State<Arc<Front>>, request: Request) -> Response {
     if let Some(id) = addressed_profile(&request) {
         // A stream position to have followed first: the client's (the `position` an ingestion
         // answered, as `?after=`) or, forwarded, the forwarding node's (the client's, or where
-        // its directory stitched the id, if later). Followed through it (a merge into one of
-        // this node's profiles among the records), the node answers with those records
-        // applied, not with two profiles still apart.
+        // its directory last pointed the id, if later: stitched, split out or its profile
+        // deleted). Followed through it (a merge into one of this node's profiles among the
+        // records, or a deletion), the node answers with those records applied, not with two
+        // profiles still apart or with a profile the forwarding node knows is gone.
         let after = match forwarded {
             true => request.headers().get(READ_AFTER_HEADER).and_then(|v| v.to_str().ok()?.parse::<Position>().ok()),
             false => match read_after(request.uri()) {
@@ -863,7 +864,7 @@ async fn answer(State(front): State<Arc<Front>>, request: Request) -> Response {
             let mut request = request;
             let headers = request.headers_mut();
             headers.remove(READ_AFTER_HEADER);
-            let through = match front.ingest.stitched_through(&id) {
+            let through = match front.ingest.pointed_through(&id) {
                 Ok(through) => through,
                 Err(e) => return unavailable(&format!("reading which profile the id belongs to: {e}")),
             };

@@ -111,6 +111,20 @@ impl Directory {
         Ok(self.find(id)?.map(|(_, through)| through))
     }
 
+    /// A log position the records that last pointed `id` are at or before: into its profile, or
+    /// back at itself (split out, its profile deleted) lately; `None` for an id naming its own
+    /// profile since longer than memory holds it. A node that has not followed those records
+    /// may still point it elsewhere.
+    pub(super) fn pointed_through(&self, id: &str) -> Result<Option<Position>, StoreError> {
+        {
+            let held = self.0.held.read().expect("directory lock");
+            if let Some(pointed) = held.profile_of.get(id) {
+                return Ok(Some(pointed.at));
+            }
+        }
+        self.stitched_through(id)
+    }
+
     /// The ids held in memory as stitched into a profile: with those SQLite links to it, the
     /// ids stitched into it (its own id aside).
     pub(super) fn stitched_into(&self, profile: &str) -> Vec<String> {
@@ -300,6 +314,11 @@ mod tests {
         directory.point(pairs(&[("phone", "phone")]), 11);
         assert_eq!(directory.profile_of("phone").unwrap(), "phone");
         assert_eq!(directory.stitched_through("phone").unwrap(), None);
+        // A node that has not followed the split may still point it at "tablet": a read
+        // forwarded from here waits for the split's records.
+        assert_eq!(directory.pointed_through("phone").unwrap(), Some(11));
+        assert_eq!(directory.pointed_through("email").unwrap(), Some(9));
+        assert_eq!(directory.pointed_through("never-stitched").unwrap(), None);
         let mut into = directory.stitched_into("tablet");
         into.sort();
         assert_eq!(into, ["email", "web"]);

@@ -1,7 +1,7 @@
 //! Reads over every profile on a spread node. Each node holds only its own partitions'
-//! profiles, histories, memberships, actions and dead letters, so the node asked gathers every
-//! live node's answer for its own share: sizes and counts add up, lists go together (newest
-//! first, as long as the limit asked).
+//! profiles, histories, memberships, actions, dead letters and audit records, so the node
+//! asked gathers every live node's answer for its own share: sizes and counts add up, lists go
+//! together (newest first, as long as the limit asked).
 
 use super::{Front, to_engine};
 use crate::api::ApiError;
@@ -48,6 +48,8 @@ pub(super) fn gathered(request: &Request) -> Option<Gathered> {
             "/v1/audiences" => Some(Gathered::Sizes),
             "/v1/actions" => Some(Gathered::Rows { key: "actions", time: "occurred_ms" }),
             "/v1/dead-letters" => Some(Gathered::Rows { key: "dead_letters", time: "died_ms" }),
+            // Each node audits what it does to its own partitions' profiles (deletions).
+            "/v1/audit" => Some(Gathered::Rows { key: "audit", time: "at_ms" }),
             _ => match path.strip_prefix("/v1/audiences/")?.split_once('/') {
                 None => Some(Gathered::Audience),
                 Some((_, "history")) => Some(Gathered::SizeHistory),

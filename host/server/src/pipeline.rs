@@ -3433,7 +3433,13 @@ impl Worker {
         visitor: &str,
         profile: &str,
     ) -> Result<(), StoreError> {
-        if self.cache.identities.contains_key(visitor) || p.links.contains_key(visitor) {
+        // An id stitched once that names its own profile again (split out, or its profile
+        // deleted, by another worker or node) may be cached as linked before that: SQLite says.
+        // Linked there to another profile, it is linked again: that profile's deletion is not
+        // written yet (see `Batch::forget_ids` for one written after this).
+        let once_stitched = visitor == profile && self.directory.maybe_stitched(visitor);
+        let linked_elsewhere = |linked: &str| visitor == profile && linked != profile;
+        if p.links.contains_key(visitor) || (!once_stitched && self.cache.identities.contains_key(visitor)) {
             return Ok(());
         }
         // Spread, an id routed to another profile (merged into it on another node, whose
@@ -3443,10 +3449,11 @@ impl Worker {
             return Ok(());
         }
         match starling_store::resolve_identity(conn, visitor)? {
-            Some(pid) => {
+            Some(pid) if !linked_elsewhere(&pid) => {
                 self.cache.identities.insert(visitor.to_string(), pid);
             }
-            None => {
+            _ => {
+                self.cache.identities.remove(visitor);
                 p.links.insert(visitor.to_string(), profile.to_string());
                 p.effects.writes.push(Write::Link {
                     visitor: visitor.to_string(),
@@ -4671,6 +4678,29 @@ mod tests {
             ],
             "{records:?}"
         );
+        running.stop();
+    }
+
+    /// An id merged into another profile, seen again once that profile is deleted, starts a
+    /// profile of its own that its id finds (the worker that first linked the id to itself
+    /// does not take that for the link now).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_id_seen_again_after_its_profile_was_deleted_finds_its_new_profile() {
+        let log = Arc::new(starling_log::MemoryLog::new());
+        let running = Running::with_config(STITCHING, 2, log, false);
+        let on = |w| (0..).map(|i| format!("visitor-{i}")).find(|id| worker_of(id, 2) == w).unwrap();
+        let (first, second) = (on(0), on(1));
+        running.ingest.submit(vec![event(&first, 0), login(&first, 1)]).await.unwrap();
+        running.ingest.submit(vec![event(&second, 2), login(&second, 3)]).await.unwrap();
+        assert_eq!(running.ingest.profile_of(&second).unwrap(), first);
+        running.ingest.delete(vec![second.clone()], "request", None).await.unwrap();
+        running.ingest.submit(vec![event(&second, 4)]).await.unwrap();
+        running.ingest.materialize().await.unwrap();
+        let conn = starling_store::open(&running.database).unwrap();
+        assert_eq!(starling_store::resolve_identity(&conn, &second).unwrap().as_deref(), Some(second.as_str()));
+        let profile = starling_store::find_profile(&conn, &second).unwrap().expect("found by its id");
+        assert_eq!(profile.event_count, 1);
+        assert!(starling_store::find_profile(&conn, &first).unwrap().is_none(), "deleted");
         running.stop();
     }
 

@@ -1252,7 +1252,22 @@ impl<'c> Batch<'c> {
     /// Forgets the ids of profile `profile_id`, another node's that was deleted there.
     pub fn forget_ids(&self, profile_id: &str) -> Result<usize> {
         self.forget_merges_into(profile_id)?;
+        self.keep_profiles_started_since(profile_id)?;
         Ok(self.tx.prepare_cached("DELETE FROM identities WHERE profile_id = ?1")?.execute([profile_id])?)
+    }
+
+    /// Of the ids linked to deleted profile `profile_id`, those that started a profile of their
+    /// own since (another worker applied an event for one once the directory had pointed it
+    /// at itself, before this deletion was written, and its own link did not replace this
+    /// one) stay linked, to that profile.
+    fn keep_profiles_started_since(&self, profile_id: &str) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "UPDATE identities SET profile_id = visitor_id, claimed_at = NULL, attribute = NULL
+                 WHERE profile_id = ?1 AND visitor_id <> ?1 AND visitor_id IN (SELECT id FROM profiles)",
+            )?
+            .execute([profile_id])?;
+        Ok(())
     }
 
     /// Forgets the merges into deleted profile `profile_id`, and into those merged into it: an
@@ -1275,6 +1290,7 @@ impl<'c> Batch<'c> {
     pub fn delete_profile(&self, profile_id: &str) -> Result<BTreeMap<&'static str, usize>> {
         let tx = &self.tx;
         self.forget_merges_into(profile_id)?;
+        self.keep_profiles_started_since(profile_id)?;
         let mut removed = BTreeMap::new();
         for (what, sql) in [
             ("profile", "DELETE FROM profiles WHERE id = ?1"),
@@ -2133,6 +2149,34 @@ mod tests {
             "cycle",
             "forgotten on another node's deletion too"
         );
+    }
+
+    /// An id of a deleted profile that started a profile of its own before the deletion was
+    /// written (its own link ignored, as the old one was still there) keeps it: deleting,
+    /// or forgetting another node's deletion, leaves it linked to its own profile.
+    #[test]
+    fn an_id_that_started_its_own_profile_before_its_old_one_was_deleted_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir.path().join("s.db")).unwrap();
+        let batch = Batch::begin(&mut conn).unwrap();
+        for (id, profile) in [("laptop", "laptop"), ("tablet", "laptop"), ("email", "laptop")] {
+            batch.link_identity(id, profile).unwrap();
+        }
+        batch.save_profile(&Profile::new("laptop".to_string()), 0, Some(0)).unwrap();
+        batch.save_profile(&Profile::new("tablet".to_string()), 0, Some(0)).unwrap();
+        assert!(!batch.link_identity("tablet", "tablet").unwrap(), "linked already");
+        batch.delete_profile("laptop").unwrap();
+        assert_eq!(resolve_identity(batch.connection(), "tablet").unwrap().as_deref(), Some("tablet"));
+        assert_eq!(resolve_identity(batch.connection(), "email").unwrap(), None);
+        assert_eq!(resolve_identity(batch.connection(), "laptop").unwrap(), None);
+        // Another node's deletion, followed: the ids are forgotten alike.
+        for (id, profile) in [("phone", "web"), ("watch", "web")] {
+            batch.link_identity(id, profile).unwrap();
+        }
+        batch.save_profile(&Profile::new("watch".to_string()), 0, Some(0)).unwrap();
+        batch.forget_ids("web").unwrap();
+        assert_eq!(resolve_identity(batch.connection(), "watch").unwrap().as_deref(), Some("watch"));
+        assert_eq!(resolve_identity(batch.connection(), "phone").unwrap(), None);
     }
 
     /// An id split out of a profile leaves behind what was merged into its old profile: a late

@@ -125,6 +125,12 @@ impl Directory {
         self.stitched_through(id)
     }
 
+    /// Whether `id` may have been stitched into another profile at some time (the Bloom
+    /// filter's answer: now and then yes for one never stitched).
+    pub(super) fn maybe_stitched(&self, id: &str) -> bool {
+        self.0.held.read().expect("directory lock").stitched.contains(id)
+    }
+
     /// The ids held in memory as stitched into a profile: with those SQLite links to it, the
     /// ids stitched into it (its own id aside).
     pub(super) fn stitched_into(&self, profile: &str) -> Vec<String> {

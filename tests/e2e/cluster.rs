@@ -1043,6 +1043,18 @@ async fn partitions_spread_over_the_nodes_stitch_across_them_and_move_when_a_nod
     assert!(holds_the_deletion(&gathered), "{} not in the audit log through b: {gathered}", deleted["audit"]);
     let (_, own) = audit(true).await;
     assert!(!holds_the_deletion(&own), "b's own audit log: {own}");
+    // Seen again through either node right after, each device starts a profile of its own.
+    for (node, device) in [(&a, &tablet), (&b, &laptop)] {
+        let (status, body) =
+            post_json(&format!("{}/v1/events", node.url), &purchase(device, &format!("again-{device}"))).await;
+        assert_eq!(status, 202, "{body}");
+        let position = body["position"].as_u64().unwrap();
+        for reader in [&a, &b] {
+            let (status, profile) = get_json(&format!("{}/v1/profiles/{device}?after={position}", reader.url)).await;
+            assert_eq!((status, &profile["id"]), (200, &json!(device)), "{device} through {}: {profile}", reader.url);
+            assert_eq!(profile["event_count"], 1, "{profile}");
+        }
+    }
 
     // Through one node, people stitching two devices across both: `--verify` reads each
     // device through that node at once, after the stream position its last write was
